@@ -1,0 +1,144 @@
+"""Defaults, paths and the parsing of option values: pure rules plus small, local file checks.
+
+Paths follow the usual conventions: as root the system locations (``/data``, ``/var/cache``,
+``/run``, ``/var/log``), otherwise the XDG ones. Each can be overridden (options, or the
+``S3DATAFS_*`` environment variables, which tests use to isolate themselves).
+"""
+
+from __future__ import annotations
+
+import configparser
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, UsageError
+
+DEFAULT_BLOCK_SIZE = 1024 * 1024
+DEFAULT_MEMORY_CACHE = 256 * 1024 * 1024
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("S3DATAFS_DATA_ROOT") or "/data")
+
+
+def default_cache_dir() -> Path:
+    if env := os.environ.get("S3DATAFS_CACHE_DIR"):
+        return Path(env)
+    if _is_root():
+        return Path("/var/cache/s3datafs")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "s3datafs"
+
+
+def runtime_dir() -> Path:
+    """Where live mounts leave their state files (small; tmpfs is fine)."""
+    if env := os.environ.get("S3DATAFS_RUNTIME_DIR"):
+        return Path(env)
+    if _is_root():
+        return Path("/run/s3datafs")
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "s3datafs"
+    return Path(f"/tmp/s3datafs-{os.getuid()}")
+
+
+def default_log_dir() -> Path:
+    if env := os.environ.get("S3DATAFS_LOG_DIR"):
+        return Path(env)
+    if _is_root():
+        return Path("/var/log/s3datafs")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "s3datafs"
+
+
+def parse_mode(text: str, option: str) -> int:
+    """An octal permission value such as ``0444`` or ``444``."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not an octal mode such as 0444") from None
+    if not 0 <= mode <= 0o7777:
+        raise UsageError(f"{option} {text!r} is out of range (0000-7777)")
+    return mode
+
+
+def parse_id(text: str, option: str) -> int:
+    """A numeric user or group id."""
+    if not text.isdigit() or int(text) >= 2**32 - 1:
+        raise UsageError(f"{option} {text!r} is not a numeric id (0 to 4294967294)")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key_id: str = field(repr=False)
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+def read_credentials_file(path: Path, profile: str | None) -> Credentials:
+    """Keys from an AWS-style credentials file that only its owner may read (mode 0600)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read credentials file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"credentials file {path} is not a regular file")
+    if mode & 0o077:
+        raise ConfigError(
+            f"credentials file {path} is accessible by others (mode {stat.S_IMODE(mode):04o}): "
+            f"run chmod 600 {path}"
+        )
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(path.read_text(encoding="utf-8"), source=str(path))
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(f"cannot parse credentials file {path}: {reason}") from None
+    section = profile or "default"
+    if not parser.has_section(section):
+        raise ConfigError(f"credentials file {path} has no [{section}] section")
+    values = parser[section]
+    try:
+        return Credentials(
+            values["aws_access_key_id"],
+            values["aws_secret_access_key"],
+            values.get("aws_session_token"),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"credentials file {path} [{section}] lacks {exc.args[0]}") from None
+
+
+def prepare_mountpoint(path: Path) -> bool:
+    """Check ``path`` can be mounted on, creating it if missing; return True if we created it."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        try:
+            path.mkdir(parents=True, mode=0o755)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create mount point {path}: {exc.strerror}: "
+                f"choose another with --data-root or a MOUNTPOINT argument"
+            ) from None
+        return True
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise ConfigError(
+                f"{path} is a dead mount (transport endpoint is not connected): "
+                f"run 's3datafs unmount {path}' first"
+            ) from None
+        raise ConfigError(f"cannot use mount point {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise ConfigError(f"{path} is already a mount point: unmount it or choose another")
+    if any(os.scandir(path)):
+        raise ConfigError(f"mount point {path} is not empty: choose an empty directory")
+    return False

@@ -1,0 +1,90 @@
+"""Run a mount in the background the way mount tools do: fork first, report over a pipe.
+
+Protocol:
+- The parent forks *before* trio, boto3 clients or threads exist (forking a threaded process is
+  unsafe). The child starts a new session and does all the work: resolve, catalog, mount.
+- The child writes exactly one JSON line to the pipe: ``{"ok": true, ...summary}`` once the mount
+  is usable, or ``{"ok": false, "error": "...", "exit": N}`` when it failed. It then closes the pipe
+  and, on success, points stdin/stdout/stderr at /dev/null so that whoever ran ``s3datafs mount``
+  (a shell, a test's ``subprocess.run``) is not kept waiting on inherited descriptors.
+- The parent returns the child's verdict; a child that dies without a word is a failure that
+  points at the log file. Only the child ever touches the mount.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from . import logsetup
+from .errors import S3DataFSError
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict], None]
+
+
+def spawn(child_main: Callable[[Report], None], *, log_hint: str) -> dict:
+    """Fork; run ``child_main(report)`` in a detached child; return the child's report."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, observed through the tests' mounts
+        os.close(read_fd)
+        os._exit(_child(child_main, write_fd))
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        line = pipe.readline()
+    try:
+        verdict = json.loads(line)
+    except ValueError:
+        verdict = None
+    if not isinstance(verdict, dict) or "ok" not in verdict:
+        os.waitpid(pid, 0)
+        return {"ok": False, "exit": 1, "error": f"the mount daemon died during start: {log_hint}"}
+    if not verdict["ok"]:
+        os.waitpid(pid, 0)  # it exits right after reporting; reap it
+    return verdict
+
+
+def _child(child_main: Callable[[Report], None], write_fd: int) -> int:
+    os.setsid()
+    os.chdir("/")
+    pipe = os.fdopen(write_fd, "w", encoding="utf-8")
+
+    def report_ready(summary: dict) -> None:
+        _send(pipe, {"ok": True, **summary})
+        logsetup.detach_console()
+        _detach_stdio()
+
+    try:
+        child_main(report_ready)
+        return 0
+    except S3DataFSError as exc:
+        log.debug("mount failed", exc_info=True)
+        _send(pipe, {"ok": False, "error": str(exc), "exit": exc.exit_code})
+    except BaseException as exc:
+        log.exception("mount daemon failed")
+        _send(pipe, {"ok": False, "exit": 1, "error": f"internal error: {type(exc).__name__}"})
+    return 1
+
+
+def _send(pipe, message: dict) -> None:  # a text file object
+    if pipe.closed:
+        return
+    try:
+        pipe.write(json.dumps(message) + "\n")
+        pipe.close()
+    except OSError:  # the parent is gone (killed); nothing to tell
+        pass
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)

@@ -1,0 +1,227 @@
+"""The FUSE adapter: the only ``pyfuse3.Operations``. Thin by design: it translates, never decides.
+
+Invariants:
+- The namespace is the immutable catalog, so inode numbers are catalog rowids, ``forget`` has
+  nothing to do, and the kernel may cache entries, attributes and pages for a long time
+  (``keep_cache`` on open, timeouts of a day).
+- Errors cross the FUSE boundary here only: typed ``S3DataFSError``s become their ``errno``;
+  anything unexpected is logged once with its traceback and becomes ``EIO``. Only
+  ``pyfuse3.FUSEError`` leaves a handler.
+- Every write-like operation answers ``EROFS`` (the mount is also ``ro``, so the kernel usually
+  refuses first; these handlers make the answer the same if it ever asks).
+- All handlers run on the trio thread; the open-file table needs no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from .catalog import Catalog, Entry
+from .errors import S3DataFSError, StaleObjectError
+from .model import ObjectRef
+from .reader import BlockReader
+
+log = logging.getLogger(__name__)
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+_XATTR_PREFIX = b"user.s3datafs."
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FsSettings:
+    uid: int
+    gid: int
+    file_mode: int = 0o444
+    dir_mode: int = 0o555
+    cache_timeout: float = 24 * 3600.0  # immutable data: let the kernel keep what it learns
+
+
+def _translate_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Map every exception a handler raises to a ``FUSEError`` (see module invariants)."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Operations, *args: Any) -> T:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except S3DataFSError as exc:
+            self._report(exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def _read_only(*_args: Any) -> None:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, catalog: Catalog, reader: BlockReader, settings: FsSettings) -> None:
+        super().__init__()
+        self._catalog = catalog
+        self._reader = reader
+        self._settings = settings
+        self._open_files: dict[int, ObjectRef] = {}
+        self._next_fh = 1
+        self._reported_stale: set[str] = set()
+
+    # -- namespace ------------------------------------------------------------------------------
+
+    @_translate_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        entry = self._catalog.lookup(parent_inode, os.fsdecode(name))
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attributes(entry)
+
+    @_translate_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self._attributes(self._entry(inode))
+
+    @_translate_errors
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        if not self._entry(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_translate_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        # next_id is the child's inode: children are listed in inode order, so resuming after
+        # the last reported inode neither repeats nor skips an entry.
+        for entry in self._catalog.children(fh, after_inode=start_id):
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(entry.name), self._attributes(entry), entry.inode
+            ):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_translate_errors
+    async def statfs(self, ctx: Any = None) -> Any:
+        meta = self._catalog.meta
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = -(-meta.total_bytes // data.f_frsize)
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = meta.object_count + meta.dir_count
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    # -- file data ------------------------------------------------------------------------------
+
+    @_translate_errors
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> Any:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        entry = self._entry(inode)
+        if entry.ref is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._open_files[fh] = entry.ref
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_translate_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        ref = self._open_files.get(fh)
+        if ref is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self._reader.read(ref, off, size)
+
+    async def release(self, fh: int) -> None:
+        self._open_files.pop(fh, None)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None  # nothing is ever dirty
+
+    # -- extended attributes --------------------------------------------------------------------
+
+    @_translate_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        value = self._xattrs(self._entry(inode)).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @_translate_errors
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        return list(self._xattrs(self._entry(inode)))
+
+    def _xattrs(self, entry: Entry) -> dict[bytes, bytes]:
+        values: dict[str, str] = {}
+        if entry.inode == pyfuse3.ROOT_INODE:
+            meta = self._catalog.meta
+            values = {
+                "uri": meta.uri,
+                "object_count": str(meta.object_count),
+                "stats": json.dumps(self._reader.stats.as_dict(), sort_keys=True),
+            }
+        elif entry.ref is not None:
+            values = {"uri": entry.ref.uri, "etag": entry.ref.etag.strip('"')}
+            if entry.ref.version_id is not None:
+                values["version_id"] = entry.ref.version_id
+        return {_XATTR_PREFIX + k.encode(): v.encode() for k, v in values.items()}
+
+    # -- read-only: every change is refused ----------------------------------------------------
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    write = create = setxattr = removexattr = _read_only
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _entry(self, inode: int) -> Entry:
+        entry = self._catalog.get(inode)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return entry
+
+    def _attributes(self, entry: Entry) -> Any:
+        settings = self._settings
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = entry.inode
+        if entry.is_dir:
+            attrs.st_mode = stat.S_IFDIR | settings.dir_mode
+            attrs.st_nlink = 2
+        else:
+            attrs.st_mode = stat.S_IFREG | settings.file_mode
+            attrs.st_nlink = 1
+        attrs.st_size = entry.size
+        attrs.st_blksize = 128 * 1024
+        attrs.st_blocks = -(-entry.size // 512)
+        attrs.st_uid, attrs.st_gid = settings.uid, settings.gid
+        mtime_ns = int(entry.mtime * 1e9)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime_ns
+        attrs.attr_timeout = attrs.entry_timeout = settings.cache_timeout
+        return attrs
+
+    def _report(self, exc: S3DataFSError) -> None:
+        """Log a read failure; a stale object is reported once, not once per read."""
+        if isinstance(exc, StaleObjectError):
+            if str(exc) in self._reported_stale:
+                return
+            self._reported_stale.add(str(exc))
+        log.error("%s", exc)

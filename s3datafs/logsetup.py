@@ -1,0 +1,71 @@
+"""Logging for the command and the daemon.
+
+- In the foreground (and in the daemon until it reports ready) records go to stderr, so the user
+  sees mount-time warnings such as skipped keys; the daemon also writes to its log file, and once
+  detached to the file only.
+- botocore, boto3 and urllib3 stay at WARNING even with ``--debug``: their DEBUG output contains
+  signed headers.
+- A redacting filter replaces every known secret value (secret key, session token) in any record,
+  as a last line of defence: no code path is supposed to log one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+_CHATTY = ("botocore", "boto3", "urllib3", "s3transfer", "pyfuse3")
+
+
+class RedactSecrets(logging.Filter):
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self._secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secrets:
+            message = record.getMessage()
+            for secret in self._secrets:
+                message = message.replace(secret, "***")
+            record.msg, record.args = message, None
+        return True
+
+
+def setup(
+    *, debug: bool, verbose: bool, log_file: Path | None, secrets: Iterable[str] = ()
+) -> None:
+    """Configure the root logger: stderr always, plus ``log_file`` when given."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    redactor = RedactSecrets(secrets)
+
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("s3datafs: %(levelname)s: %(message)s"))
+    console.addFilter(redactor)
+    console.set_name("console")
+    root.addHandler(console)
+
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        os.chmod(log_file, 0o600)
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.addFilter(redactor)
+        root.addHandler(handler)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def detach_console() -> None:
+    """Stop logging to stderr (the daemon is about to close it)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() == "console":
+            root.removeHandler(handler)

@@ -1,0 +1,70 @@
+"""Plain values shared by every ring: what a pinned S3 object is.
+
+Invariants:
+- An ``ObjectRef`` is immutable and complete: once resolved at mount time it names exactly one
+  sequence of bytes (bucket, key, VersionId when the bucket is versioned, ETag always).
+- ``etag`` is kept exactly as S3 sends it, quotes included (``"<hex>"`` or ``"<hex>-<parts>"``),
+  because that is what ``If-Match`` must carry back. ``normalize_etag`` is the one place that
+  accepts the user's spelling (quotes optional).
+- ``version_id`` is ``None`` on an unversioned bucket and the literal string ``"null"`` for an
+  object written to a versioned bucket before versioning was enabled: S3 distinguishes the two,
+  and so do we.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """One pinned S3 object version."""
+
+    bucket: str
+    key: str
+    version_id: str | None
+    etag: str
+    size: int
+    last_modified: float  # seconds since the epoch, UTC
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def normalize_etag(etag: str) -> str:
+    """Return ``etag`` in S3's quoted form, whether or not the user quoted it."""
+    bare = etag.strip().strip('"')
+    return f'"{bare}"'
+
+
+def http_range(start: int, end: int) -> str:
+    """Convert the half-open ``[start, end)`` used everywhere inside to an HTTP ``Range`` value."""
+    if not 0 <= start < end:
+        raise ValueError(f"empty or negative range [{start}, {end})")
+    return f"bytes={start}-{end - 1}"
+
+
+class ObjectSource(Protocol):
+    """What the core needs from S3; ``s3source.S3Source`` is the real one, tests use fakes.
+
+    All methods are blocking and thread-safe: async callers run them in worker threads.
+    """
+
+    def bucket_versioning(self, bucket: str) -> bool | None:
+        """True if versioning is (or was) enabled, False if never, None if we may not ask."""
+        ...
+
+    def head(self, bucket: str, key: str, version_id: str | None = None) -> ObjectRef:
+        """Resolve one object (latest, or ``version_id``); raise ``NotFoundError`` if absent."""
+        ...
+
+    def list_latest(self, bucket: str, prefix: str, *, versioned: bool) -> Iterator[ObjectRef]:
+        """Every current object under ``prefix``, in S3's key order, pinned."""
+        ...
+
+    def get_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        """Exactly the bytes ``[start, end)`` of the pinned ``ref``, or an error; never others."""
+        ...

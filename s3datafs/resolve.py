@@ -1,0 +1,104 @@
+"""Resolve what a URI names into pinned ``ObjectRef``s: the mount-time half of pinning.
+
+Rules (issue: core mount):
+- ``s3://b/key`` that names an object (HEAD succeeds) is a single-object dataset; ``--version-id``
+  picks a version (an older one too) and ``--etag`` must equal the chosen version's ETag.
+- ``s3://b/prefix/``, ``s3://b`` and ``s3://b/prefix`` that is not an object are prefix datasets:
+  every current key under ``prefix/``. Pins make no sense there and are refused.
+- A versioned bucket (versioning Enabled or Suspended) is listed with ListObjectVersions so every
+  ref carries its VersionId (``"null"`` for objects written before versioning); an unversioned
+  bucket is listed with ListObjectsV2 and pinned by ETag alone. When we may not ask for the
+  bucket's versioning state we fall back to ETag pinning and say so.
+- The listing is streamed, never held whole: the caller feeds it to the catalog builder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import NotFoundError, PinMismatchError, UsageError
+from .model import ObjectRef, ObjectSource, normalize_etag
+from .uri import S3Uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What the user pinned explicitly; both apply to single-object datasets only."""
+
+    version_id: str | None = None
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    uri: S3Uri
+    versioned: bool
+    prefix: str  # stripped from every key to place it in the tree
+    single_object: bool
+    refs: Iterator[ObjectRef]
+
+
+def resolve(source: ObjectSource, uri: S3Uri, pins: Pins = Pins()) -> Resolution:
+    """Resolve ``uri`` against S3, or raise a user-facing error; see the module rules."""
+    if uri.is_explicit_prefix:
+        _refuse_pins_on_prefix(uri, pins)
+    versioned = source.bucket_versioning(uri.bucket)
+    if versioned is None:
+        log.warning(
+            "may not read the versioning state of bucket %r (GetBucketVersioning denied): "
+            "pinning by ETag only",
+            uri.bucket,
+        )
+        versioned = False
+    if not uri.is_explicit_prefix:
+        ref = _head_or_none(source, uri, pins)
+        if ref is not None:
+            _check_etag(ref, pins)
+            if versioned and ref.version_id is None:
+                ref = _with_version(ref, "null")
+            parent = uri.key.rpartition("/")[0]
+            prefix = parent + "/" if parent else ""
+            return Resolution(uri, versioned, prefix, True, iter([ref]))
+    _refuse_pins_on_prefix(uri, pins)
+    prefix = uri.as_prefix()
+    refs = source.list_latest(uri.bucket, prefix, versioned=versioned)
+    first = next(refs, None)
+    if first is None:
+        raise NotFoundError(f"no such object or prefix: {uri}")
+    return Resolution(uri, versioned, prefix, False, itertools.chain([first], refs))
+
+
+def _refuse_pins_on_prefix(uri: S3Uri, pins: Pins) -> None:
+    if pins.version_id is not None or pins.etag is not None:
+        raise UsageError(
+            f"--version-id and --etag pin a single object, but {uri} is a prefix: "
+            f"drop them, or name one object"
+        )
+
+
+def _head_or_none(source: ObjectSource, uri: S3Uri, pins: Pins) -> ObjectRef | None:
+    try:
+        return source.head(uri.bucket, uri.key, pins.version_id)
+    except NotFoundError:
+        if pins.version_id is not None:
+            raise NotFoundError(
+                f"version {pins.version_id!r} of {uri} does not exist: check --version-id"
+            ) from None
+        return None
+
+
+def _check_etag(ref: ObjectRef, pins: Pins) -> None:
+    if pins.etag is not None and normalize_etag(pins.etag) != ref.etag:
+        raise PinMismatchError(
+            f"ETag mismatch for {ref.uri}: expected {normalize_etag(pins.etag)}, "
+            f"S3 has {ref.etag}: the object changed, or --etag/--version-id is wrong"
+        )
+
+
+def _with_version(ref: ObjectRef, version_id: str) -> ObjectRef:
+    return ObjectRef(ref.bucket, ref.key, version_id, ref.etag, ref.size, ref.last_modified)

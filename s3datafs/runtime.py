@@ -1,0 +1,108 @@
+"""What is mounted right now: the kernel's mount table joined with our state files.
+
+- The mount table (``/proc/self/mountinfo``) is the truth about what is mounted; our mounts have
+  filesystem type ``fuse.s3datafs``.
+- Each daemon writes a small JSON state file (mount point, URI, counts, pid, log file) into the
+  runtime directory when it is ready and removes it when it exits. A state file whose mount is
+  gone, or whose pid is dead, is stale; ``status`` and ``unmount`` say so and clean up.
+- State files are written atomically (temp file + ``os.replace``) and never hold secrets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import runtime_dir
+
+FSTYPE = "fuse.s3datafs"
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def mount_table() -> list[MountEntry]:
+    """Every mount in this mount namespace (fields decoded from the kernel's octal escapes)."""
+    entries = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            fields = line.split()
+            separator = fields.index("-")
+            entries.append(
+                MountEntry(
+                    mountpoint=_unescape(fields[4]),
+                    fstype=fields[separator + 1],
+                    source=_unescape(fields[separator + 2]),
+                )
+            )
+    return entries
+
+
+def our_mounts() -> list[MountEntry]:
+    return [entry for entry in mount_table() if entry.fstype == FSTYPE]
+
+
+def _unescape(text: str) -> str:
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), text)
+
+
+def state_path(mountpoint: str) -> Path:
+    digest = hashlib.sha256(os.path.abspath(mountpoint).encode("utf-8", "surrogateescape"))
+    return runtime_dir() / f"{digest.hexdigest()[:20]}.json"
+
+
+def write_state(mountpoint: str, state: dict) -> None:
+    directory = runtime_dir()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".state-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(state, out)
+        os.replace(temp, state_path(mountpoint))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def read_state(mountpoint: str) -> dict | None:
+    try:
+        return json.loads(state_path(mountpoint).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def remove_state(mountpoint: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        state_path(mountpoint).unlink()
+
+
+def all_states() -> list[dict]:
+    states = []
+    for path in sorted(runtime_dir().glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            states.append(json.loads(path.read_text(encoding="utf-8")))
+    return states
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
