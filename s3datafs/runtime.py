@@ -97,12 +97,12 @@ def all_states() -> list[dict]:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """True if ``pid`` runs; a zombie (dead, not yet reaped by its new parent) counts as dead."""
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat_file:
+            state = stat_file.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state not in ("Z", "X")

@@ -1,0 +1,411 @@
+"""The catalog: the pinned listing as a namespace, stored in SQLite so it costs disk, not RAM.
+
+Schema (one file per snapshot)::
+
+    entries(inode INTEGER PRIMARY KEY,   -- rowid = inode number, fixed for the snapshot's life
+            parent INTEGER NOT NULL,     -- inode of the containing directory
+            name TEXT NOT NULL,          -- one safe path segment (see keypath); "" for the root
+            is_dir INTEGER NOT NULL,     -- 1 directory, 0 regular file
+            size INTEGER NOT NULL,       -- bytes; 0 for directories
+            mtime REAL,                  -- seconds since the epoch (LastModified / newest child)
+            key TEXT, version_id TEXT, etag TEXT)   -- the pinned object; NULL for directories
+    UNIQUE INDEX entries_by_name(parent, name)      -- lookup()
+    INDEX entries_by_parent(parent)                 -- children(): (parent, rowid) order, paged
+    meta(name TEXT PRIMARY KEY, value)              -- format_version, uri, bucket, prefix, ...
+
+The root directory is inode 1 (``ROOT_INODE``, equal to ``pyfuse3.ROOT_INODE``), its own parent,
+named ``""``. Inodes are handed out in arrival order (S3 lists keys in UTF-8 byte order, so a
+directory's children come back from ``children()`` in that order too); gaps are possible where a
+file lost to a directory of the same name.
+
+Building (``CatalogBuilder`` / ``build_catalog``) streams: rows are inserted in batches with
+``executemany`` inside one transaction; the only per-key state kept in memory is a dict
+``directory path -> inode`` (directories are few) and the current batch. Rules:
+- unsafe keys (``keypath.split_key``) and keys outside the prefix are skipped, one WARNING each;
+- a key ending in ``"/"`` is a directory marker (any size; a non-zero size is warned about and
+  its bytes are not shown); parent directories are created implicitly;
+- a file whose name is also a directory loses, whichever arrives first: one WARNING, skipped,
+  and left out of object_count/total_bytes; a repeated key keeps its first ref, the same way;
+- at finish a directory's mtime becomes the newest mtime among its direct children, computed
+  bottom-up (so it is the newest in its subtree); an empty directory keeps its marker's
+  LastModified; an empty root takes the ``prefix/`` marker's, else the build time.
+The database is written to a temporary file next to ``path`` and moved into place with
+``os.replace`` only when complete: a reader never sees a half-built catalog, and a failed build
+leaves nothing behind. A builder belongs to the thread that created it.
+
+Reading (``Catalog``): the file is opened read-only and ``immutable`` (it never changes once in
+place; a rebuild replaces the file, and an open catalog keeps reading the old one). Every method is
+one short query run under a lock, so a ``Catalog`` may be shared by the trio thread and worker
+threads. ``children()`` fetches pages (growing from ``_FIRST_PAGE`` to ``_MAX_PAGE`` rows) and
+holds no cursor between them, so a readdir that stops early costs at most one page and a huge
+directory is never materialised at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .keypath import Unsafe, split_key, strip_prefix
+from .model import ObjectRef
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ROOT_INODE = 1  # == pyfuse3.ROOT_INODE; not imported: pyfuse3 stays in the FUSE ring
+_BATCH = 10_000  # rows per executemany: amortises the call, keeps the batch a few MiB at most
+_FIRST_PAGE = 128  # children(): a readdir buffer holds roughly this many names
+_MAX_PAGE = 4096
+_BUILD_CACHE_KIB = 8 * 1024  # SQLite page cache while building: bounds RSS; speed barely moves
+_COLUMNS = "inode, parent, name, is_dir, size, mtime, key, version_id, etag"
+_SCHEMA = """
+CREATE TABLE entries (
+    inode INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL,
+    is_dir INTEGER NOT NULL, size INTEGER NOT NULL, mtime REAL,
+    key TEXT, version_id TEXT, etag TEXT);
+CREATE UNIQUE INDEX entries_by_name ON entries(parent, name);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
+INSERT INTO entries VALUES (1, 1, '', 1, 0, NULL, NULL, NULL, NULL);  -- the root, ROOT_INODE
+"""
+
+_Row = tuple[int, int, str, int, int, float | None, str | None, str | None, str | None]
+
+
+class CatalogError(ConfigError):
+    """The catalog file is missing, unreadable, or from another format version: rebuild it."""
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSummary:
+    """What a build produced. ``dir_count`` excludes the root; skips include lost files."""
+
+    object_count: int
+    total_bytes: int
+    dir_count: int
+    skipped_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogMeta:
+    """The snapshot's identity and totals, as stored in the ``meta`` table."""
+
+    uri: str
+    bucket: str
+    prefix: str
+    versioned: bool
+    object_count: int
+    total_bytes: int
+    dir_count: int
+    skipped_count: int
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One name in the mounted tree; ``ref`` is the pinned object (``None`` for directories)."""
+
+    inode: int
+    parent: int
+    name: str
+    is_dir: bool
+    size: int
+    mtime: float
+    ref: ObjectRef | None
+
+
+class CatalogBuilder:
+    """Builds one catalog file: ``add()`` each ref, then ``finish()`` (or ``abort()``).
+
+    ``prefix`` ("" or ending in "/") is stripped from every key; a single-object mount passes the
+    key's parent. Use it as a context manager (it aborts on exit unless ``finish()`` succeeded),
+    or call ``abort()`` yourself if ``add()`` or ``finish()`` raises.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, uri: str, bucket: str, prefix: str, versioned: bool
+    ) -> None:
+        strip_prefix("", prefix)  # validates prefix before any file is created
+        self._path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self._path.name}.", suffix=".tmp",
+                                   dir=self._path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._done = False
+        self._meta = {"format_version": FORMAT_VERSION, "uri": uri, "bucket": bucket,
+                      "prefix": prefix, "versioned": int(versioned), "created": time.time()}
+        self._prefix = prefix
+        self._dirs: dict[str, int] = {"": ROOT_INODE}
+        self._marker_mtime: dict[int, float] = {}
+        self._pending: list[_Row | None] = []
+        self._pending_files: dict[tuple[int, str], int] = {}  # (parent, name) -> batch index
+        self._next_inode = ROOT_INODE + 1
+        self._objects = self._bytes = self._skipped = 0
+        self._db: sqlite3.Connection | None = None
+        try:
+            self._db = sqlite3.connect(self._tmp, isolation_level=None)
+            self._db.executescript(
+                f"PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA locking_mode=EXCLUSIVE;"
+                f"PRAGMA cache_size=-{_BUILD_CACHE_KIB}; {_SCHEMA} BEGIN;")
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> CatalogBuilder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.abort()
+
+    def add(self, ref: ObjectRef) -> None:
+        """Add one listed object; skips (with a WARNING) what cannot be shown."""
+        if ref.bucket != self._meta["bucket"]:
+            raise ValueError(f"{ref.uri} is not in bucket {self._meta['bucket']!r}")
+        if not ref.key.startswith(self._prefix):
+            self._skip(ref.key, "outside the mounted prefix")
+            return
+        rel = ref.key[len(self._prefix) :]
+        split = split_key(rel)
+        if isinstance(split, Unsafe):
+            self._skip(ref.key, split.reason)
+        elif split.is_dir:
+            self._add_marker(ref, split.path)
+        elif rel in self._dirs:
+            self._skip(ref.key, "a directory has the same name")
+        else:
+            parent_path, _, name = rel.rpartition("/")
+            parent = self._ensure_dir(parent_path)
+            if (parent, name) in self._pending_files:
+                self._skip(ref.key, "key listed twice")
+                return
+            self._pending_files[(parent, name)] = len(self._pending)
+            self._append((self._next_inode, parent, name, 0, ref.size, ref.last_modified,
+                          ref.key, ref.version_id, ref.etag))
+            self._objects += 1
+            self._bytes += ref.size
+
+    def finish(self) -> CatalogSummary:
+        """Complete the catalog, move it into place, and return its totals."""
+        db = self._connection()
+        self._flush()
+        db.execute("CREATE INDEX entries_by_parent ON entries(parent)")
+        self._set_dir_mtimes(db)
+        summary = CatalogSummary(self._objects, self._bytes, len(self._dirs) - 1, self._skipped)
+        meta = {**self._meta, "object_count": summary.object_count, "dir_count": summary.dir_count,
+                "total_bytes": summary.total_bytes, "skipped_count": summary.skipped_count}
+        db.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", meta.items())
+        db.execute("COMMIT")
+        db.close()
+        self._db = None
+        with open(self._tmp, "rb") as built:  # synchronous=OFF: make it durable before it counts
+            os.fsync(built.fileno())
+        os.replace(self._tmp, self._path)
+        self._done = True
+        return summary
+
+    def abort(self) -> None:
+        """Drop the unfinished build (no-op after ``finish()``); ``path`` is left untouched."""
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        if not self._done:
+            self._done = True
+            self._tmp.unlink(missing_ok=True)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None or self._done:
+            raise RuntimeError("catalog builder already finished or aborted")
+        return self._db
+
+    def _skip(self, key: str, reason: str) -> None:
+        log.warning("skipping key %r: %s", key, reason)
+        self._skipped += 1
+
+    def _add_marker(self, ref: ObjectRef, path: str) -> None:
+        if ref.size > 0:
+            log.warning("directory marker %r has %d bytes; they are not shown", ref.key, ref.size)
+        inode = ROOT_INODE if not path else self._ensure_dir(path)
+        self._marker_mtime[inode] = ref.last_modified
+
+    def _append(self, row: _Row) -> None:
+        self._pending.append(row)
+        self._next_inode += 1
+        if len(self._pending) >= _BATCH:
+            self._flush()
+
+    def _ensure_dir(self, path: str) -> int:
+        """Return the inode of directory ``path`` (safe, relative), creating it and its parents."""
+        inode = self._dirs.get(path)
+        if inode is not None:
+            return inode
+        missing = [path]
+        parent_path = path.rpartition("/")[0]
+        while parent_path not in self._dirs:
+            missing.append(parent_path)
+            parent_path = parent_path.rpartition("/")[0]
+        parent = self._dirs[parent_path]
+        for dir_path in reversed(missing):
+            name = dir_path.rpartition("/")[2]
+            self._evict_file(parent, name)
+            inode = self._next_inode
+            self._append((inode, parent, name, 1, 0, None, None, None, None))
+            self._dirs[dir_path] = parent = inode
+        return parent
+
+    def _evict_file(self, parent: int, name: str) -> None:
+        """Remove the file ``name`` in ``parent`` (pending or stored), if any: a directory wins."""
+        index = self._pending_files.pop((parent, name), None)
+        pending = None if index is None else self._pending[index]
+        if pending is not None:
+            self._pending[index] = None
+            self._drop(pending)
+        # Also look in the database: a key listed twice may sit in both places.
+        db = self._connection()
+        row = db.execute(
+            f"SELECT {_COLUMNS} FROM entries WHERE parent = ? AND name = ? AND is_dir = 0",
+            (parent, name)).fetchone()
+        if row is not None:
+            db.execute("DELETE FROM entries WHERE inode = ?", (row[0],))
+            self._drop(row)
+
+    def _drop(self, row: _Row, reason: str = "a directory has the same name") -> None:
+        """Take a file row that will not be stored out of the totals, with its warning."""
+        self._objects -= 1
+        self._bytes -= row[4]
+        self._skip(row[6] or "", reason)
+
+    def _flush(self) -> None:
+        rows = [row for row in self._pending if row is not None]
+        self._pending.clear()
+        self._pending_files.clear()
+        if not rows:
+            return
+        db = self._connection()
+        changed = db.executemany(
+            f"INSERT OR IGNORE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+        ).rowcount
+        if changed != len(rows):
+            self._forget_duplicates(db, rows)
+
+    def _forget_duplicates(self, db: sqlite3.Connection, rows: list[_Row]) -> None:
+        """Account for file rows the unique index refused: the same key listed twice."""
+        for row in rows:
+            if db.execute("SELECT 1 FROM entries WHERE inode = ?", (row[0],)).fetchone():
+                continue
+            if row[3]:
+                raise RuntimeError(f"catalog invariant broken: directory {row[2]!r} not stored")
+            self._drop(row, "key listed twice")
+
+    def _set_dir_mtimes(self, db: sqlite3.Connection) -> None:
+        """Give every directory the newest mtime of its direct children, deepest first."""
+        db.executemany("UPDATE entries SET mtime = ? WHERE inode = ?",
+                       ((mtime, inode) for inode, mtime in self._marker_mtime.items()))
+        by_depth = sorted(self._dirs.items(), key=lambda item: -item[0].count("/") - bool(item[0]))
+        db.executemany(
+            "UPDATE entries SET mtime = coalesce((SELECT max(mtime) FROM entries INDEXED BY "
+            "entries_by_parent WHERE parent = ?1 AND inode != ?2), mtime, ?3) WHERE inode = ?1",
+            ((inode, ROOT_INODE, self._meta["created"]) for _, inode in by_depth),
+        )
+
+
+def build_catalog(
+    path: str | os.PathLike[str], refs: Iterable[ObjectRef], *,
+    uri: str, bucket: str, prefix: str, versioned: bool,
+) -> CatalogSummary:
+    """Build the catalog for ``refs`` at ``path`` (replacing any file there) and return totals."""
+    with CatalogBuilder(path, uri=uri, bucket=bucket, prefix=prefix, versioned=versioned) as b:
+        for ref in refs:
+            b.add(ref)
+        return b.finish()
+
+
+class Catalog:
+    """Read-only view of a built catalog; see the module docstring for threading."""
+
+    def __init__(self, db: sqlite3.Connection, meta: CatalogMeta) -> None:
+        self._db = db
+        self._lock = threading.Lock()
+        self.meta = meta
+        self._bucket = meta.bucket
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Catalog:
+        """Open the catalog at ``path``; ``CatalogError`` if it is missing or not one of ours."""
+        uri = Path(path).absolute().as_uri() + "?mode=ro&immutable=1"
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise CatalogError(f"catalog {path} has format {meta.get('format_version')!r}, "
+                                   f"expected {FORMAT_VERSION}: rebuild it")
+            fields = {k: meta[k] for k in CatalogMeta.__dataclass_fields__}
+        except (sqlite3.Error, KeyError, CatalogError) as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, CatalogError):
+                raise
+            raise CatalogError(f"cannot read catalog {path}: {exc}") from exc
+        fields["versioned"] = bool(fields["versioned"])
+        return cls(db, CatalogMeta(**fields))
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def get(self, inode: int) -> Entry | None:
+        """The entry with inode number ``inode``, or ``None``."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM entries WHERE inode = ?", (inode,)).fetchone()
+        return None if row is None else self._entry(row)
+
+    def lookup(self, parent: int, name: str) -> Entry | None:
+        """The entry called ``name`` in directory ``parent``, or ``None`` (also for ``""``)."""
+        if not name:
+            return None  # the root is named "" and is its own parent: never a child of itself
+        try:
+            with self._lock:
+                row = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM entries WHERE parent = ? AND name = ?",
+                    (parent, name)).fetchone()
+        except UnicodeEncodeError:  # a name that is not valid UTF-8 cannot be in the catalog
+            return None
+        return None if row is None else self._entry(row)
+
+    def children(self, parent: int, after_inode: int = 0) -> Iterator[Entry]:
+        """The entries of directory ``parent`` with inode > ``after_inode``, by inode."""
+        page = _FIRST_PAGE
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM entries INDEXED BY entries_by_parent "
+                    "WHERE parent = ? AND inode > ? AND inode != ? ORDER BY inode LIMIT ?",
+                    (parent, after_inode, ROOT_INODE, page)).fetchall()
+            for row in rows:
+                yield self._entry(row)
+            if len(rows) < page:
+                return
+            after_inode = rows[-1][0]
+            page = min(page * 2, _MAX_PAGE)
+
+    def close(self) -> None:
+        """Close the database; the catalog must not be used afterwards."""
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+    def _entry(self, row: _Row) -> Entry:
+        inode, parent, name, is_dir, size, mtime, key, version_id, etag = row
+        ref = None if is_dir else ObjectRef(self._bucket, key, version_id, etag, size, mtime)
+        return Entry(inode, parent, name, bool(is_dir), size, mtime or 0.0, ref)

@@ -1,0 +1,163 @@
+"""Shared fixtures: a real S3 server process, isolated s3datafs environments, real FUSE mounts.
+
+- ``s3server`` is one moto server process on 127.0.0.1 for the whole session; tests isolate
+  themselves with their own bucket (``make_bucket``) and read server-side counters from it.
+- ``cli`` runs the real ``s3datafs`` command as a subprocess, with every path (data root, cache,
+  runtime state, logs) inside the test's tmp dir and a clean AWS environment. Its teardown
+  *always* unmounts whatever is mounted below the tmp dir: graceful unmount, then
+  ``fusermount3 -u -z``, then SIGKILL of any daemon left, so no test can leave a mount behind.
+- The teardown also fails the test on any WARNING or ERROR in the daemon logs that the test did
+  not declare with ``cli.expect_log(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devtools.s3server import S3Server, clean_aws_env  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fuse: needs /dev/fuse and mounts for real")
+
+
+@pytest.fixture(scope="session")
+def s3server() -> Iterator[S3Server]:
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3server: S3Server):  # a boto3 client; botocore has no static type
+    return s3server.client()
+
+
+@pytest.fixture
+def make_bucket(s3):
+    """Create a fresh bucket (optionally versioned) and return its name."""
+
+    def make(*, versioned: bool = False) -> str:
+        name = f"t-{uuid.uuid4().hex[:16]}"
+        s3.create_bucket(Bucket=name)
+        if versioned:
+            s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+        return name
+
+    return make
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def errno_of(action: Callable[[], object]) -> int:
+    """The errno of the OSError ``action`` raises; fails the test if it raises none."""
+    try:
+        action()
+    except OSError as exc:
+        return exc.errno
+    pytest.fail("expected an OSError, got success")
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Cli:
+    """The real command in an isolated environment; remembers what it mounted."""
+
+    def __init__(self, root: Path, endpoint: str) -> None:
+        self.root = root
+        self.data_root = root / "data"
+        self.log_dir = root / "log"
+        self.env = clean_aws_env()
+        self.env.update(
+            AWS_ENDPOINT_URL=endpoint,
+            S3DATAFS_DATA_ROOT=str(self.data_root),
+            S3DATAFS_CACHE_DIR=str(root / "cache"),
+            S3DATAFS_RUNTIME_DIR=str(root / "run"),
+            S3DATAFS_LOG_DIR=str(self.log_dir),
+        )
+        self._expected_logs: list[re.Pattern[str]] = []
+
+    def run(self, *args: str, timeout: float = 60, env: dict | None = None) -> CliResult:
+        completed = subprocess.run(
+            [sys.executable, "-m", "s3datafs", *args],
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+    def mount(self, *args: str) -> Path:
+        """Mount (``args`` as for ``s3datafs mount``), assert success, return the mount point."""
+        result = self.run("mount", *args)
+        assert result.returncode == 0, result.stderr
+        mountpoint = Path(result.stdout.rsplit(" at ", 1)[1].split(" (", 1)[0])
+        assert os.path.ismount(mountpoint)
+        return mountpoint
+
+    def unmount(self, mountpoint: Path) -> CliResult:
+        return self.run("unmount", str(mountpoint))
+
+    def expect_log(self, pattern: str) -> None:
+        """Declare a WARNING/ERROR log line this test provokes on purpose."""
+        self._expected_logs.append(re.compile(pattern))
+
+    def unexpected_log_lines(self) -> list[str]:
+        lines = []
+        for log_file in self.log_dir.glob("*.log"):
+            for line in log_file.read_text(errors="replace").splitlines():
+                if (" WARNING " in line or " ERROR " in line) and not any(
+                    p.search(line) for p in self._expected_logs
+                ):
+                    lines.append(line)
+        return lines
+
+    def mounts_below_root(self) -> list[str]:
+        with open("/proc/self/mountinfo", encoding="utf-8") as table:
+            points = [line.split()[4] for line in table]
+        prefix = str(self.root) + "/"
+        return [p for p in points if p.startswith(prefix)]
+
+    def cleanup(self) -> None:
+        """Leave nothing mounted and no daemon running, whatever the test did."""
+        for point in reversed(self.mounts_below_root()):
+            if self.run("unmount", point, timeout=30).returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", point], check=False)
+        for state in (self.root / "run").glob("*.json"):
+            with contextlib.suppress(Exception):
+                pid = int(re.search(r'"pid": (\d+)', state.read_text())[1])
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def cli(s3server: S3Server, tmp_path: Path) -> Iterator[Cli]:
+    runner = Cli(tmp_path, s3server.endpoint)
+    try:
+        yield runner
+    finally:
+        runner.cleanup()
+    assert not runner.mounts_below_root(), "a mount survived the test's cleanup"
+    unexpected = runner.unexpected_log_lines()
+    assert not unexpected, "unexpected warnings in the daemon log:\n" + "\n".join(unexpected)

@@ -1,0 +1,529 @@
+"""The catalog: building the namespace from a pinned listing, and reading it back."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from s3datafs import catalog as catalog_module
+from s3datafs.catalog import (
+    ROOT_INODE,
+    Catalog,
+    CatalogBuilder,
+    CatalogError,
+    CatalogSummary,
+    Entry,
+    build_catalog,
+)
+from s3datafs.model import ObjectRef
+
+BUCKET = "bkt"
+
+
+def ref(key: str, size: int = 1, mtime: float = 1000.0, version_id: str | None = None) -> ObjectRef:
+    return ObjectRef(BUCKET, key, version_id, f'"etag-{key}"', size, mtime)
+
+
+def build(
+    path: Path, refs: Iterable[ObjectRef | str], prefix: str = "", versioned: bool = False
+) -> tuple[CatalogSummary, Catalog]:
+    items = [r if isinstance(r, ObjectRef) else ref(r) for r in refs]
+    summary = build_catalog(
+        path, items, uri=f"s3://{BUCKET}/{prefix}", bucket=BUCKET, prefix=prefix,
+        versioned=versioned,
+    )
+    return summary, Catalog.open(path)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "catalog.sqlite"
+
+
+def resolve(cat: Catalog, path: str) -> Entry | None:
+    entry = cat.get(ROOT_INODE)
+    for name in filter(None, path.split("/")):
+        assert entry is not None
+        entry = cat.lookup(entry.inode, name)
+        if entry is None:
+            return None
+    return entry
+
+
+def tree(cat: Catalog, inode: int = ROOT_INODE, base: str = "") -> dict[str, Entry]:
+    """Every entry below ``inode`` by path; directories end with '/'."""
+    out: dict[str, Entry] = {}
+    for entry in cat.children(inode):
+        path = base + entry.name
+        if entry.is_dir:
+            out[path + "/"] = entry
+            out.update(tree(cat, entry.inode, path + "/"))
+        else:
+            out[path] = entry
+    return out
+
+
+def skipped_keys(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.args[0] for r in caplog.records if r.levelno == logging.WARNING
+            and r.getMessage().startswith("skipping key")]
+
+
+def test_nested_tree_and_refs(db: Path) -> None:
+    refs = [ref("p/a/b/c.bin", 10, 5.0, "v1"), ref("p/a/d", 20, 7.0, "null"), ref("p/top", 3, 2.0)]
+    summary, cat = build(db, refs, prefix="p/", versioned=True)
+    assert summary == CatalogSummary(object_count=3, total_bytes=33, dir_count=2, skipped_count=0)
+    assert set(tree(cat)) == {"a/", "a/b/", "a/b/c.bin", "a/d", "top"}
+    entry = resolve(cat, "a/b/c.bin")
+    assert entry is not None
+    assert entry.ref == refs[0]
+    assert (entry.size, entry.mtime, entry.is_dir) == (10, 5.0, False)
+    d = resolve(cat, "a/d")
+    assert d is not None
+    assert d.ref is not None
+    assert d.ref.version_id == "null"  # the literal string, not None
+    a = resolve(cat, "a")
+    assert a is not None
+    assert a.is_dir
+    assert a.ref is None
+    assert a.size == 0
+    assert cat.meta.versioned is True
+    assert (cat.meta.bucket, cat.meta.prefix, cat.meta.uri) == (BUCKET, "p/", "s3://bkt/p/")
+    assert (cat.meta.object_count, cat.meta.total_bytes, cat.meta.dir_count) == (3, 33, 2)
+    assert cat.meta.skipped_count == 0
+    assert time.time() - 60 < cat.meta.created <= time.time()
+
+
+def test_root_entry(db: Path) -> None:
+    _, cat = build(db, ["x"])
+    root = cat.get(ROOT_INODE)
+    assert root == Entry(ROOT_INODE, ROOT_INODE, "", True, 0, 1000.0, None)
+    assert cat.lookup(ROOT_INODE, "") is None
+    assert [e.name for e in cat.children(ROOT_INODE)] == ["x"]  # the root is not its own child
+
+
+def test_missing_things_are_none(db: Path) -> None:
+    _, cat = build(db, ["d/f"])
+    f = resolve(cat, "d/f")
+    assert f is not None
+    assert cat.get(10**9) is None
+    assert cat.get(0) is None
+    assert cat.lookup(ROOT_INODE, "nope") is None
+    assert cat.lookup(f.inode, "child-of-a-file") is None
+    assert cat.lookup(10**9, "f") is None
+    assert cat.lookup(ROOT_INODE, "bad\udcffname") is None  # undecodable kernel name
+    assert list(cat.children(f.inode)) == []
+    assert list(cat.children(10**9)) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("a//b", "empty path segment"),
+        ("/lead", "empty path segment"),
+        ("a/./b", "'.' path segment"),
+        ("a/../../etc", "'..' path segment"),
+        ("..", "'..' path segment"),
+        ("n" * 256, "256 bytes"),
+        ("nul\0", "NUL"),
+        ("x//", "empty path segment"),
+    ],
+)
+def test_unsafe_keys_are_skipped_with_a_warning(
+    db: Path, caplog: pytest.LogCaptureFixture, key: str, reason: str
+) -> None:
+    summary, cat = build(db, ["ok", key])
+    assert summary.skipped_count == 1
+    assert summary.object_count == 1
+    assert set(tree(cat)) == {"ok"}
+    assert skipped_keys(caplog) == [key]
+    assert reason in caplog.records[-1].getMessage()
+
+
+def test_keys_outside_prefix_are_skipped(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    summary, cat = build(db, ["data/in", "database", "other/x"], prefix="data/")
+    assert summary.skipped_count == 2
+    assert set(tree(cat)) == {"in"}
+    assert skipped_keys(caplog) == ["database", "other/x"]
+
+
+def test_prefix_must_end_with_slash(db: Path) -> None:
+    with pytest.raises(ValueError, match="end with '/'"):
+        build(db, ["data/x"], prefix="data")
+    assert not db.exists()
+
+
+def test_prefix_marker_is_ignored_silently(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    summary, cat = build(db, [ref("p/", 0, 50.0), ref("p/f", 1, 60.0)], prefix="p/")
+    assert summary == CatalogSummary(1, 1, 0, 0)
+    assert set(tree(cat)) == {"f"}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_markers_make_directories(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    refs = [ref("empty/", 0, 42.0), ref("deep/er/", 0, 43.0), ref("full/", 0, 1.0),
+            ref("full/f", 5, 99.0)]
+    summary, cat = build(db, refs)
+    assert summary == CatalogSummary(object_count=1, total_bytes=5, dir_count=4, skipped_count=0)
+    assert set(tree(cat)) == {"empty/", "deep/", "deep/er/", "full/", "full/f"}
+    empty = resolve(cat, "empty")
+    assert empty is not None
+    assert empty.mtime == 42.0
+    assert list(cat.children(empty.inode)) == []
+    full = resolve(cat, "full")
+    assert full is not None
+    assert full.mtime == 99.0  # children win over the marker's own date
+    assert not caplog.records
+
+
+def test_marker_with_bytes_is_a_directory_and_warned(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    summary, cat = build(db, [ref("m/", 100, 7.0)])
+    assert summary == CatalogSummary(object_count=0, total_bytes=0, dir_count=1, skipped_count=0)
+    m = resolve(cat, "m")
+    assert m is not None
+    assert m.is_dir
+    assert m.size == 0
+    assert "'m/' has 100 bytes" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ["a", "a!x", "a/b"],  # S3's own order: 'a' < 'a!x' < 'a/b'
+        ["a/b", "a!x", "a"],
+        ["a", "a/"],
+        ["a/", "a"],
+        ["a", "a/b/c/d"],
+        ["a/b/c/d", "a"],
+    ],
+)
+def test_directory_wins_over_file_in_either_order(
+    db: Path, caplog: pytest.LogCaptureFixture, keys: list[str]
+) -> None:
+    sizes = {k: 10 ** i for i, k in enumerate(keys)}
+    summary, cat = build(db, [ref(k, sizes[k]) for k in keys])
+    assert skipped_keys(caplog) == ["a"]
+    assert "a directory has the same name" in caplog.text
+    winners = [k for k in keys if k != "a" and not k.endswith("/")]
+    assert summary.object_count == len(winners)
+    assert summary.total_bytes == sum(sizes[k] for k in winners)
+    assert summary.skipped_count == 1
+    a = resolve(cat, "a")
+    assert a is not None
+    assert a.is_dir
+    for key in winners:
+        entry = resolve(cat, key)
+        assert entry is not None
+        assert entry.ref == ref(key, sizes[key])
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 10_000])
+def test_conflicts_and_duplicates_across_batches(
+    db: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    monkeypatch.setattr(catalog_module, "_BATCH", batch)
+    refs = [ref("a", 1), ref("b", 2), ref("c", 4), ref("b", 8), ref("a/x", 16), ref("b/", 32),
+            ref("c", 64), ref("d/e", 128), ref("d/e/f", 256)]
+    summary, cat = build(db, refs)
+    assert sorted(skipped_keys(caplog)) == ["a", "b", "b", "c", "d/e"]
+    assert summary == CatalogSummary(object_count=3, total_bytes=4 + 16 + 256, dir_count=4,
+                                     skipped_count=5)
+    assert set(tree(cat)) == {"a/", "a/x", "b/", "c", "d/", "d/e/", "d/e/f"}
+    c = resolve(cat, "c")
+    assert c is not None
+    assert c.size == 4  # the first listing of a repeated key is kept
+
+
+def test_directory_mtimes_are_newest_child_bottom_up(db: Path) -> None:
+    refs = [ref("x/old", 1, 10.0), ref("x/y/new", 1, 30.0), ref("x/y/mid", 1, 20.0),
+            ref("z/", 0, 5.0), ref("top", 1, 15.0)]
+    _, cat = build(db, refs)
+    mtimes = {path: e.mtime for path, e in tree(cat).items()}
+    assert mtimes == {"x/": 30.0, "x/old": 10.0, "x/y/": 30.0, "x/y/new": 30.0,
+                      "x/y/mid": 20.0, "z/": 5.0, "top": 15.0}
+    root = cat.get(ROOT_INODE)
+    assert root is not None
+    assert root.mtime == 30.0
+
+
+def test_empty_root_mtime(tmp_path: Path) -> None:
+    _, cat = build(tmp_path / "a.db", [ref("p/", 0, 77.0)], prefix="p/")
+    root = cat.get(ROOT_INODE)
+    assert root is not None
+    assert root.mtime == 77.0
+    _, cat = build(tmp_path / "b.db", [])
+    root = cat.get(ROOT_INODE)
+    assert root is not None
+    assert root.mtime == cat.meta.created
+    assert cat.meta.object_count == 0
+
+
+def test_strange_names_are_kept_as_names(db: Path) -> None:
+    names = ["sp ace", "new\nline", "100%", "%2F", "back\\slash", "日本語", "😀", "e\u0301",
+             "\u00e9", "Case", "case", "CASE", "...", ".hidden", "t\tab"]
+    summary, cat = build(db, [f"dir/{n}" for n in names])
+    assert summary.object_count == len(names)
+    d = resolve(cat, "dir")
+    assert d is not None
+    assert [e.name for e in cat.children(d.inode)] == names
+    for n in names:
+        entry = cat.lookup(d.inode, n)
+        assert entry is not None
+        assert entry.ref is not None
+        assert entry.ref.key == f"dir/{n}"
+
+
+def test_hundred_level_deep_key(db: Path) -> None:
+    key = "/".join(f"d{i}" for i in range(100)) + "/leaf"
+    summary, cat = build(db, [key])
+    assert summary.dir_count == 100
+    entry = resolve(cat, key)
+    assert entry is not None
+    assert entry.ref == ref(key)
+    depth = 0
+    while entry.inode != ROOT_INODE:
+        entry = cat.get(entry.parent)
+        assert entry is not None
+        depth += 1
+    assert depth == 101
+
+
+@pytest.mark.parametrize(("key", "prefix"), [("dir/sub/file.bin", "dir/sub/"), ("file", "")])
+def test_single_object_catalog(db: Path, key: str, prefix: str) -> None:
+    obj = ref(key, 123, 9.0, "ver")
+    summary, cat = build(db, [obj], prefix=prefix, versioned=True)
+    assert summary == CatalogSummary(object_count=1, total_bytes=123, dir_count=0, skipped_count=0)
+    (entry,) = cat.children(ROOT_INODE)
+    assert entry.name == key.rsplit("/", 1)[-1]
+    assert entry.ref == obj
+    assert cat.lookup(ROOT_INODE, entry.name) == entry
+
+
+def test_children_pages_a_large_directory(db: Path) -> None:
+    n = 10_000
+    _, cat = build(db, (f"big/{i:05d}" for i in range(n)))
+    big = resolve(cat, "big")
+    assert big is not None
+    listed = list(cat.children(big.inode))
+    assert [e.name for e in listed] == [f"{i:05d}" for i in range(n)]
+    inodes = [e.inode for e in listed]
+    assert inodes == sorted(set(inodes))
+    # Resume like readdir does: take a few, stop, continue after the last inode returned.
+    resumed: list[int] = []
+    after = 0
+    while True:
+        chunk = []
+        for entry in cat.children(big.inode, after_inode=after):
+            chunk.append(entry.inode)
+            if len(chunk) == 333:
+                break
+        if not chunk:
+            break
+        resumed.extend(chunk)
+        after = chunk[-1]
+    assert resumed == inodes
+
+
+def test_catalog_is_shared_between_threads(db: Path) -> None:
+    _, cat = build(db, (f"d{i % 7}/f{i}" for i in range(700)))
+    errors: list[Exception] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(20):
+                assert len(tree(cat)) == 707
+        except Exception as exc:  # reported to the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_failed_build_leaves_old_catalog_and_no_temp(db: Path) -> None:
+    build(db, ["old"])
+
+    def refs() -> Iterator[ObjectRef]:
+        yield ref("new")
+        raise OSError("listing broke")
+
+    with pytest.raises(OSError, match="listing broke"):
+        build_catalog(db, refs(), uri="s3://bkt/", bucket=BUCKET, prefix="", versioned=False)
+    assert sorted(p.name for p in db.parent.iterdir()) == [db.name]
+    assert set(tree(Catalog.open(db))) == {"old"}
+
+
+def test_builder_api_and_rebuild_while_open(db: Path) -> None:
+    _, old = build(db, ["one"])
+    with CatalogBuilder(db, uri="s3://bkt/", bucket=BUCKET, prefix="", versioned=False) as b:
+        b.add(ref("two"))
+        assert b.finish() == CatalogSummary(1, 1, 0, 0)
+        with pytest.raises(RuntimeError):
+            b.add(ref("three/x"))
+    assert set(tree(old)) == {"one"}  # an open catalog keeps reading its own snapshot
+    with Catalog.open(db) as new:
+        assert set(tree(new)) == {"two"}
+
+
+def test_ref_from_another_bucket_is_a_caller_error(db: Path) -> None:
+    other = ObjectRef("other", "k", None, '"e"', 1, 1.0)
+    with pytest.raises(ValueError, match="not in bucket"):
+        build(db, [other])
+    assert list(db.parent.iterdir()) == []
+
+
+def test_open_errors(tmp_path: Path, db: Path) -> None:
+    with pytest.raises(CatalogError):
+        Catalog.open(tmp_path / "missing.db")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(CatalogError):
+        Catalog.open(garbage)
+    build(db, ["x"])
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = 999 WHERE name = 'format_version'")
+    with pytest.raises(CatalogError, match="format 999"):
+        Catalog.open(db)
+
+
+# --- property: whatever the keys, the tree is safe and every showable file is reachable ---
+
+_SEGMENTS = st.sampled_from(
+    ["a", "b", "A", "a b", "é", "%", "\\", "\n", "", ".", "..", "\0", "x" * 256, ".h", "日"]
+)
+_REL_KEYS = st.builds(
+    lambda segs, slash: "/".join(segs) + slash,
+    st.lists(_SEGMENTS, min_size=1, max_size=4),
+    st.sampled_from(["", "", "/"]),
+)
+_KEYS = st.builds(lambda pre, rel: pre + rel, st.sampled_from(["p/", "p/", "q/"]), _REL_KEYS)
+
+
+def _safe(segment: str) -> bool:
+    return segment not in ("", ".", "..") and "\0" not in segment and len(segment.encode()) <= 255
+
+
+def _expected(keys: list[str]) -> tuple[set[tuple[str, ...]], dict[tuple[str, ...], str], int]:
+    """An independent model: (directories, files -> key, skipped count) for prefix 'p/'."""
+    dirs: set[tuple[str, ...]] = set()
+    files: dict[tuple[str, ...], str] = {}
+    skipped = 0
+    for key in keys:
+        rel = key[2:] if key.startswith("p/") else None
+        if rel == "":
+            continue
+        body = rel[:-1] if rel is not None and rel.endswith("/") else rel
+        segs = tuple(body.split("/")) if body is not None else ()
+        if body is None or not all(map(_safe, segs)):
+            skipped += 1
+            continue
+        stop = len(segs) + 1 if rel is not None and rel.endswith("/") else len(segs)
+        dirs.update(segs[:i] for i in range(1, stop))
+        if stop == len(segs):
+            files[segs] = key
+    lost = [segs for segs in files if segs in dirs]
+    for segs in lost:
+        del files[segs]
+    return dirs, files, skipped + len(lost)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_KEYS, unique=True, max_size=25), st.booleans())
+def test_property_tree_is_safe_and_complete(keys: list[str], s3_order: bool) -> None:
+    if s3_order:
+        keys = sorted(keys, key=lambda k: k.encode())
+    logging.disable(logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "c.db"
+            summary, cat = build(path, [ref(k, len(k), float(i)) for i, k in enumerate(keys)],
+                                 prefix="p/")
+            with cat, sqlite3.connect(path) as raw:
+                inodes = [row[0] for row in raw.execute("SELECT inode FROM entries")]
+                _check_catalog(cat, inodes, keys, summary)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _check_catalog(cat: Catalog, inodes: list[int], keys: list[str], summary: CatalogSummary
+                   ) -> None:
+    dirs, files, skipped = _expected(keys)
+    paths: set[tuple[str, ...]] = set()
+    for inode in inodes:  # every row, reachable or not, must walk up to the root safely
+        entry, names = cat.get(inode), []
+        while entry is not None and entry.inode != ROOT_INODE and len(names) <= 10:
+            names.append(entry.name)
+            entry = cat.get(entry.parent)
+        assert entry is not None
+        assert entry.inode == ROOT_INODE
+        assert all(map(_safe, names))
+        if names:
+            paths.add(tuple(reversed(names)))
+    assert paths == dirs | set(files)
+    for segs, key in files.items():
+        entry = resolve(cat, "/".join(segs))
+        assert entry is not None
+        assert entry.ref == ref(key, len(key), float(keys.index(key)))
+    assert summary == CatalogSummary(len(files), sum(len(k) for k in files.values()), len(dirs),
+                                     skipped)
+
+
+# --- scale smoke test ---
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return False
+    return True
+
+
+def test_scale_smoke_200k_keys(db: Path) -> None:
+    n = 200_000
+
+    def refs() -> Iterator[ObjectRef]:
+        for i in range(n):
+            yield ObjectRef(BUCKET, f"train/shard-{i // 1000:04d}/sample-{i:07d}.tar", "v" * 32,
+                            '"0123456789abcdef0123456789abcdef"', 1000, 1.7e9 + i)
+
+    before = _rss_kib("VmRSS")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    exact = _reset_peak_rss()
+    start = time.perf_counter()
+    summary = build_catalog(db, refs(), uri="s3://bkt/", bucket=BUCKET, prefix="", versioned=True)
+    elapsed = time.perf_counter() - start
+    if exact:
+        growth_kib = _rss_kib("VmHWM") - before
+    else:  # ru_maxrss only shows growth beyond the process's earlier peak
+        growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    assert summary == CatalogSummary(n, 1000 * n, 201, 0)
+    assert elapsed < 15, elapsed  # ~1 s on a 2-core machine; lenient for loaded CI
+    assert growth_kib < 50 * 1024, growth_kib
+    with Catalog.open(db) as cat:
+        entry = resolve(cat, "train/shard-0123/sample-0123456.tar")
+        assert entry is not None
+        assert entry.mtime == 1.7e9 + 123456

@@ -1,0 +1,305 @@
+"""End to end: the real command, a real FUSE mount, a real S3 server process on 127.0.0.1.
+
+Files are read for the first time only *after* S3 was changed where a test is about pinning, so
+the kernel page cache cannot hide a daemon that serves the wrong version.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Cli, errno_of, sha256
+
+from s3datafs.runtime import pid_alive
+
+pytestmark = pytest.mark.fuse
+
+NESTED = {
+    "train/a/1.txt": b"first file\n",
+    "train/a/2.txt": b"second file\n",
+    "train/b/deep/er/3.bin": bytes(range(256)) * 100,
+    "train/big.bin": os.urandom(3 * 1024 * 1024 + 12345),  # spans several blocks
+    "train/empty.txt": b"",
+    "train/with space & ü.txt": b"unicode name\n",
+    "train/dirmarker/": b"",
+}
+
+
+def put_all(s3, bucket: str, objects: dict[str, bytes]) -> None:
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 for every file below ``root`` (directories as 'dir')."""
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(directory, name), root)] = "dir"
+        for name in files:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, root)] = sha256(Path(path).read_bytes())
+    return found
+
+
+def expected_tree(objects: dict[str, bytes], prefix: str) -> dict[str, str]:
+    expected = {}
+    for key, body in objects.items():
+        relative = key[len(prefix) :]
+        parts = relative.rstrip("/").split("/")
+        for depth in range(1, len(parts)):
+            expected["/".join(parts[:depth])] = "dir"
+        expected[relative.rstrip("/")] = "dir" if key.endswith("/") else sha256(body)
+    return expected
+
+
+def test_prefix_reads_back_byte_identical(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, NESTED)
+    put_all(s3, bucket, {"trainer.txt": b"not under train/\n"})
+    mountpoint = cli.mount(f"s3://{bucket}/train/")
+    assert mountpoint == cli.data_root / "train"
+    assert tree(mountpoint) == expected_tree(NESTED, "train/")
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="train/")["Contents"]
+    for item in listing:
+        if item["Key"].endswith("/"):
+            continue
+        info = os.stat(mountpoint / item["Key"][len("train/") :])
+        assert info.st_size == item["Size"]
+        assert info.st_mtime == pytest.approx(item["LastModified"].timestamp(), abs=1)
+        assert oct(info.st_mode & 0o777) == oct(0o444)
+    assert oct(os.stat(mountpoint / "a").st_mode & 0o777) == oct(0o555)
+    find = subprocess.run(["find", str(mountpoint)], capture_output=True, text=True, check=True)
+    assert len(find.stdout.splitlines()) == len(expected_tree(NESTED, "train/")) + 1
+
+
+def test_prefix_without_slash_and_whole_bucket(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, NESTED)
+    by_prefix = cli.mount(f"s3://{bucket}/train", str(cli.root / "by-prefix"))
+    assert tree(by_prefix) == expected_tree(NESTED, "train/")
+    whole = cli.mount(f"s3://{bucket}")
+    assert whole == cli.data_root / bucket
+    assert tree(whole) == expected_tree(NESTED, "")
+
+
+def test_single_object_mount(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    body = os.urandom(2 * 1024 * 1024 + 3)
+    s3.put_object(Bucket=bucket, Key="models/weights.tar.gz", Body=body)
+    mountpoint = cli.mount(f"s3://{bucket}/models/weights.tar.gz")
+    assert mountpoint == cli.data_root / "weights"
+    assert os.listdir(mountpoint) == ["weights.tar.gz"]
+    assert sha256((mountpoint / "weights.tar.gz").read_bytes()) == sha256(body)
+
+
+def test_versioned_bucket_serves_pinned_bytes_after_overwrite_and_delete(
+    cli: Cli, s3, make_bucket
+) -> None:
+    bucket = make_bucket(versioned=True)
+    put_all(s3, bucket, NESTED)
+    mountpoint = cli.mount(f"s3://{bucket}/train/")
+    s3.put_object(Bucket=bucket, Key="train/big.bin", Body=b"new version")
+    s3.delete_object(Bucket=bucket, Key="train/a/1.txt")
+    s3.put_object(Bucket=bucket, Key="train/added-later.txt", Body=b"late")
+    assert tree(mountpoint) == expected_tree(NESTED, "train/")
+    assert os.getxattr(mountpoint / "big.bin", "user.s3datafs.version_id")
+
+
+def test_single_object_version_and_etag_pins(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket(versioned=True)
+    first = s3.put_object(Bucket=bucket, Key="d.csv", Body=b"v1\n")
+    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"v2\n")
+    mountpoint = cli.mount(
+        f"s3://{bucket}/d.csv", "--version-id", first["VersionId"], "--etag", first["ETag"]
+    )
+    assert (mountpoint / "d.csv").read_bytes() == b"v1\n"
+    assert (
+        os.getxattr(mountpoint / "d.csv", "user.s3datafs.version_id").decode() == first["VersionId"]
+    )
+
+
+def test_null_version_of_object_written_before_versioning(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="p/old.txt", Body=b"before versioning\n")
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    s3.put_object(Bucket=bucket, Key="p/old.txt", Body=b"after\n")
+    assert os.getxattr(mountpoint / "old.txt", "user.s3datafs.version_id") == b"null"
+    assert (mountpoint / "old.txt").read_bytes() == b"before versioning\n"
+
+
+def test_unversioned_overwrite_fails_reads_and_never_returns_new_bytes(
+    cli: Cli, s3, make_bucket
+) -> None:
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="p/f.bin", Body=b"A" * 5000)
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    cli.expect_log(r"changed or was deleted after mount")
+    s3.put_object(Bucket=bucket, Key="p/f.bin", Body=b"B" * 5000)
+    assert errno_of((mountpoint / "f.bin").read_bytes) in (errno.EIO, errno.ESTALE)
+    assert not any(n.endswith("version_id") for n in os.listxattr(mountpoint / "f.bin"))
+    log = (cli.log_dir / "p.log").read_text()
+    assert f"s3://{bucket}/p/f.bin" in log
+
+
+def test_after_mount_no_list_or_head_and_every_get_is_pinned(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    bucket = make_bucket(versioned=True)
+    put_all(s3, bucket, NESTED)
+    mountpoint = cli.mount(f"s3://{bucket}/train/")
+    s3server.reset_stats()
+    for directory, dirs, files in os.walk(mountpoint):
+        for name in dirs + files:
+            os.stat(os.path.join(directory, name))
+            os.listxattr(os.path.join(directory, name))
+    subprocess.run(["ls", "-laR", str(mountpoint)], capture_output=True, check=True)
+    assert s3server.ops() == {}
+    tree(mountpoint)
+    ops = s3server.ops()
+    assert set(ops) == {"GetObject"}
+    for request in s3server.stats()["requests"]:
+        assert request["range"].startswith("bytes=")
+        assert request["if_match"]
+        assert request["version_id"]
+
+
+def test_writes_of_every_kind_fail_with_erofs(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/f.txt": b"data", "p/d/g.txt": b"more"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    target = mountpoint / "f.txt"
+    attempts = {
+        "open for write": lambda: open(target, "r+b"),  # noqa: SIM115
+        "append": lambda: open(target, "ab"),  # noqa: SIM115
+        "create": lambda: open(mountpoint / "new.txt", "wb"),  # noqa: SIM115
+        "mkdir": lambda: os.mkdir(mountpoint / "newdir"),
+        "unlink": lambda: os.unlink(target),
+        "rmdir": lambda: os.rmdir(mountpoint / "d"),
+        "rename": lambda: os.rename(target, mountpoint / "moved.txt"),
+        "chmod": lambda: os.chmod(target, 0o777),
+        "chown": lambda: os.chown(target, 1, 1),
+        "truncate": lambda: os.truncate(target, 0),
+        "utime": lambda: os.utime(target, (0, 0)),
+        "symlink": lambda: os.symlink("f.txt", mountpoint / "link"),
+        "link": lambda: os.link(target, mountpoint / "hard"),
+        "setxattr": lambda: os.setxattr(target, "user.x", b"1"),
+        "removexattr": lambda: os.removexattr(target, "user.s3datafs.etag"),
+    }
+    for what, attempt in attempts.items():
+        assert errno_of(attempt) == errno.EROFS, what
+    assert target.read_bytes() == b"data"
+
+
+def test_xattrs_statfs_and_status(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x" * 1000, "p/y.bin": b"y" * 3000})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    etag = s3.head_object(Bucket=bucket, Key="p/x.bin")["ETag"].strip('"')
+    assert (
+        os.getxattr(mountpoint / "x.bin", "user.s3datafs.uri") == f"s3://{bucket}/p/x.bin".encode()
+    )
+    assert os.getxattr(mountpoint / "x.bin", "user.s3datafs.etag").decode() == etag
+    assert os.getxattr(mountpoint, "user.s3datafs.uri") == f"s3://{bucket}/p/".encode()
+    assert os.getxattr(mountpoint, "user.s3datafs.object_count") == b"2"
+    fs = os.statvfs(mountpoint)
+    assert fs.f_blocks * fs.f_frsize >= 4000
+    status = cli.run("status")
+    assert status.returncode == 0
+    assert str(mountpoint) in status.stdout
+    assert f"s3://{bucket}/p/" in status.stdout
+    with open("/proc/self/mountinfo", encoding="utf-8") as table:
+        line = next(row for row in table if f" {mountpoint} " in row)
+    assert "fuse.s3datafs" in line
+    assert " ro," in line or " ro " in line
+
+
+def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    pid = int(cli.run("status", "--json").stdout.split('"pid": ')[1].split(",")[0])
+    assert cli.unmount(mountpoint).returncode == 0
+    assert not os.path.ismount(mountpoint)
+    assert not pid_alive(pid), "unmount returned before the daemon exited"
+
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    pid = int(cli.run("status", "--json").stdout.split('"pid": ')[1].split(",")[0])
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert "dead" in cli.run("status").stdout
+    assert errno_of(lambda: os.listdir(mountpoint)) == errno.ENOTCONN
+    result = cli.unmount(mountpoint)
+    assert result.returncode == 0, result.stderr
+    assert not os.path.ismount(mountpoint)
+
+
+def test_sigterm_unmounts_cleanly(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    pid = int(cli.run("status", "--json").stdout.split('"pid": ')[1].split(",")[0])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.ismount(mountpoint)
+    assert cli.run("status").stdout.strip() == "no s3datafs mounts"
+
+
+def test_foreground_mount_stays_attached(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"hello"})
+    mountpoint = cli.root / "fg"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "s3datafs", "mount", "-f", f"s3://{bucket}/p/", str(mountpoint)],
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "mounted" in process.stdout.readline()
+        assert (mountpoint / "x.bin").read_bytes() == b"hello"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+        assert not os.path.ismount(mountpoint)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_credentials_file_is_used_and_must_be_private(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    secret = "s3cr3t-value-never-logged"
+    credentials = cli.root / "creds"
+    credentials.write_text(
+        f"[default]\naws_access_key_id = AKIDTEST\naws_secret_access_key = {secret}\n"
+    )
+    credentials.chmod(0o644)
+    loose = cli.run("mount", f"s3://{bucket}/p/", "--credentials-file", str(credentials))
+    assert loose.returncode != 0
+    assert "chmod 600" in loose.stderr
+    credentials.chmod(0o600)
+    mountpoint = cli.mount(f"s3://{bucket}/p/", "--credentials-file", str(credentials))
+    assert (mountpoint / "x.bin").read_bytes() == b"x"
+    with open("/proc/self/mountinfo", encoding="utf-8") as table:
+        assert secret not in table.read()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert secret.encode() not in cmdline.read_bytes()
+        except OSError:
+            continue
+    for path in cli.root.rglob("*"):
+        if path.is_file() and path != credentials and not path.is_relative_to(mountpoint):
+            assert secret.encode() not in path.read_bytes(), path
