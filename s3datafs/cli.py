@@ -269,13 +269,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         print("no s3datafs mounts")
         return 0
-    print(f"{'MOUNTPOINT':<28} {'URI':<36} {'OBJECTS':>8} {'SIZE':>10} {'PID':>7}  STATE")
+    table = [("MOUNTPOINT", "URI", "OBJECTS", "SIZE", "PID", "STATE")]
     for row in rows:
         size = _human(row["total_bytes"]) if row["total_bytes"] is not None else "?"
-        print(
-            f"{row['mountpoint']:<28} {row['uri']:<36} {row['object_count'] or '?':>8} "
-            f"{size:>10} {row['pid'] or '?':>7}  {row['state']}"
+        count = row["object_count"] if row["object_count"] is not None else "?"
+        table.append(
+            (row["mountpoint"], row["uri"], str(count), size, str(row["pid"] or "?"), row["state"])
         )
+    widths = [max(len(line[column]) for line in table) for column in range(5)]
+    for line in table:
+        left = [cell.ljust(width) for cell, width in zip(line[:2], widths[:2], strict=True)]
+        right = [cell.rjust(width) for cell, width in zip(line[2:5], widths[2:], strict=True)]
+        print("  ".join([*left, *right, line[5]]))
     return 0
 
 

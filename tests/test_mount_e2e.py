@@ -303,3 +303,43 @@ def test_credentials_file_is_used_and_must_be_private(cli: Cli, s3, make_bucket)
     for path in cli.root.rglob("*"):
         if path.is_file() and path != credentials and not path.is_relative_to(mountpoint):
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_unsafe_keys_are_skipped_with_a_warning_each_and_safe_ones_kept(
+    cli: Cli, s3, make_bucket
+) -> None:
+    bucket = make_bucket()
+    unsafe = ["p/a//b", "p/../x", "p/./y", "p/" + "z" * 256, "p/f"]  # p/f loses to directory p/f/
+    safe = {"p/f/g": b"g", "p/%41": b"pct", "p/back\\slash": b"bs", "p/Case": b"C", "p/case": b"c"}
+    put_all(s3, bucket, dict.fromkeys(unsafe, b"unsafe") | safe)
+    for reason in ("empty path segment", r"'\.\.'", r"'\.'", "limit 255", "directory"):
+        cli.expect_log(reason)
+    result = cli.run("mount", f"s3://{bucket}/p/")
+    assert result.returncode == 0, result.stderr
+    assert "5 unsafe keys skipped" in result.stdout
+    mountpoint = cli.data_root / "p"
+    assert tree(mountpoint) == expected_tree(safe, "p/")
+    assert len([line for line in result.stderr.splitlines() if "WARNING" in line]) == 5
+
+
+def test_concurrent_random_reads_match_the_reference(cli: Cli, s3, make_bucket) -> None:
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    bucket = make_bucket(versioned=True)
+    body = os.urandom(6 * 1024 * 1024 + 999)
+    s3.put_object(Bucket=bucket, Key="p/big.bin", Body=body)
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    s3.put_object(Bucket=bucket, Key="p/big.bin", Body=os.urandom(len(body)))  # pinning holds
+    rng = random.Random(1234)
+    reads = [(rng.randrange(len(body)), rng.choice([1, 4096, 65536, 1 << 20])) for _ in range(200)]
+
+    def read(offset_size: tuple[int, int]) -> bool:
+        offset, size = offset_size
+        with open(mountpoint / "big.bin", "rb", buffering=0) as handle:
+            handle.seek(offset)
+            return handle.read(size) == body[offset : offset + size]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(read, reads))
+    assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
