@@ -10,7 +10,6 @@ Secrets are never taken from argv: keys come from the environment, a profile or 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, config, daemon, logsetup, runtime
+from . import __version__, config, daemon, logsetup, runtime, s3source
 from .errors import ConfigError, S3DataFSError, UsageError
 from .fuse_ops import FsSettings
 from .model import normalize_etag
@@ -163,6 +162,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     logsetup.setup(
         debug=args.debug, verbose=args.verbose, log_file=plan.log_file, secrets=plan.s3.secrets()
     )
+    s3source.check_settings(plan.s3)
+    config.prepare_cache_dir(plan.cache_dir)
     created = config.prepare_mountpoint(plan.mountpoint)
     try:
         if args.foreground:
@@ -174,10 +175,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
             log_hint=hint,
         )
     except BaseException:
-        _remove_if_created(plan.mountpoint, created)
+        config.remove_created(plan.mountpoint, created)
         raise
     if not verdict["ok"]:
-        _remove_if_created(plan.mountpoint, created)
+        config.remove_created(plan.mountpoint, created)
         print(f"s3datafs: {verdict['error']}", file=sys.stderr)
         return int(verdict.get("exit", 1))
     _announce(plan, verdict)
@@ -192,12 +193,6 @@ def _announce(plan: MountPlan, summary: dict) -> None:
         f"({summary['object_count']} objects, {_human(summary['total_bytes'])}{note})",
         flush=True,
     )
-
-
-def _remove_if_created(path: Path, created: bool) -> None:
-    if created:
-        with contextlib.suppress(OSError):
-            path.rmdir()
 
 
 def _human(size: int) -> str:

@@ -115,30 +115,70 @@ def read_credentials_file(path: Path, profile: str | None) -> Credentials:
         raise ConfigError(f"credentials file {path} [{section}] lacks {exc.args[0]}") from None
 
 
-def prepare_mountpoint(path: Path) -> bool:
-    """Check ``path`` can be mounted on, creating it if missing; return True if we created it."""
+def prepare_mountpoint(path: Path) -> Path | None:
+    """Check ``path`` can be mounted on, creating it if missing.
+
+    Returns the highest directory this call created (``path`` itself or one of its parents), so a
+    failed mount can remove exactly what it made; None if ``path`` existed.
+    """
     try:
         info = path.stat()
     except FileNotFoundError:
-        try:
-            path.mkdir(parents=True, mode=0o755)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create mount point {path}: {exc.strerror}: "
-                f"choose another with --data-root or a MOUNTPOINT argument"
-            ) from None
-        return True
+        return _make_directories(path)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             raise ConfigError(
                 f"{path} is a dead mount (transport endpoint is not connected): "
                 f"run 's3datafs unmount {path}' first"
             ) from None
-        raise ConfigError(f"cannot use mount point {path}: {exc.strerror}") from None
+        raise ConfigError(
+            f"cannot use mount point {path}: {exc.strerror}: choose another mount point"
+        ) from None
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"mount point {path} is not a directory")
     if os.path.ismount(path):
         raise ConfigError(f"{path} is already a mount point: unmount it or choose another")
     if any(os.scandir(path)):
         raise ConfigError(f"mount point {path} is not empty: choose an empty directory")
-    return False
+    return None
+
+
+def _make_directories(path: Path) -> Path:
+    highest_missing = path
+    while not highest_missing.parent.exists() and highest_missing.parent != highest_missing:
+        highest_missing = highest_missing.parent
+    try:
+        path.mkdir(parents=True, mode=0o755)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create mount point {path}: {exc.strerror}: "
+            f"choose another with --data-root or a MOUNTPOINT argument"
+        ) from None
+    return highest_missing
+
+
+def remove_created(path: Path, highest_created: Path | None) -> None:
+    """Undo ``prepare_mountpoint``: remove ``path`` and its parents up to ``highest_created``."""
+    if highest_created is None:
+        return
+    current = path
+    while True:
+        try:
+            current.rmdir()
+        except OSError:
+            return
+        if current == highest_created:
+            return
+        current = current.parent
+
+
+def prepare_cache_dir(path: Path) -> None:
+    """Create the cache directory (private: 0700) or explain why it cannot be used."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use cache directory {path}: {exc.strerror}: choose another with --cache-dir"
+        ) from None

@@ -17,8 +17,28 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import ConfigError
+
 _FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 _CHATTY = ("botocore", "boto3", "urllib3", "s3transfer", "pyfuse3")
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """One line per record on the terminal; tracebacks go to the log file (or with --debug)."""
+
+    def __init__(self, *, tracebacks: bool) -> None:
+        super().__init__("s3datafs: %(levelname)s: %(message)s")
+        self._tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._tracebacks:
+            return super().format(record)
+        return self.formatMessage(_with_message(record))
+
+
+def _with_message(record: logging.LogRecord) -> logging.LogRecord:
+    record.message = record.getMessage()
+    return record
 
 
 class RedactSecrets(logging.Filter):
@@ -47,15 +67,20 @@ def setup(
 
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
-    console.setFormatter(logging.Formatter("s3datafs: %(levelname)s: %(message)s"))
+    console.setFormatter(_ConsoleFormatter(tracebacks=debug))
     console.addFilter(redactor)
     console.set_name("console")
     root.addHandler(console)
 
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-        os.chmod(log_file, 0o600)
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            handler = logging.FileHandler(log_file, encoding="utf-8")
+            os.chmod(log_file, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write log file {log_file}: {exc.strerror}: choose another with --log-file"
+            ) from None
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler.addFilter(redactor)
         root.addHandler(handler)

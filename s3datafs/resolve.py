@@ -47,14 +47,8 @@ def resolve(source: ObjectSource, uri: S3Uri, pins: Pins = Pins()) -> Resolution
     """Resolve ``uri`` against S3, or raise a user-facing error; see the module rules."""
     if uri.is_explicit_prefix:
         _refuse_pins_on_prefix(uri, pins)
-    versioned = source.bucket_versioning(uri.bucket)
-    if versioned is None:
-        log.warning(
-            "may not read the versioning state of bucket %r (GetBucketVersioning denied): "
-            "pinning by ETag only",
-            uri.bucket,
-        )
-        versioned = False
+    versioning = source.bucket_versioning(uri.bucket)
+    versioned = bool(versioning)
     if not uri.is_explicit_prefix:
         ref = _head_or_none(source, uri, pins)
         if ref is not None:
@@ -63,6 +57,7 @@ def resolve(source: ObjectSource, uri: S3Uri, pins: Pins = Pins()) -> Resolution
                 ref = _with_version(ref, "null")
             parent = uri.key.rpartition("/")[0]
             prefix = parent + "/" if parent else ""
+            _warn_if_versioning_unknown(versioning, uri, ref.version_id)
             return Resolution(uri, versioned, prefix, True, iter([ref]))
     _refuse_pins_on_prefix(uri, pins)
     prefix = uri.as_prefix()
@@ -70,7 +65,22 @@ def resolve(source: ObjectSource, uri: S3Uri, pins: Pins = Pins()) -> Resolution
     first = next(refs, None)
     if first is None:
         raise NotFoundError(f"no such object or prefix: {uri}")
+    _warn_if_versioning_unknown(versioning, uri, None)
     return Resolution(uri, versioned, prefix, False, itertools.chain([first], refs))
+
+
+def _warn_if_versioning_unknown(versioning: bool | None, uri: S3Uri, version: str | None) -> None:
+    """Say so when we could not learn the bucket's versioning state and pin by ETag alone.
+
+    Called only once resolution has succeeded, so a failing mount prints its error alone.
+    """
+    if versioning is None and version is None:
+        log.warning(
+            "may not read the versioning state of bucket %r (GetBucketVersioning denied): "
+            "pinning %s by ETag only",
+            uri.bucket,
+            uri,
+        )
 
 
 def _refuse_pins_on_prefix(uri: S3Uri, pins: Pins) -> None:

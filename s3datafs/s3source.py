@@ -31,11 +31,13 @@ from botocore import UNSIGNED
 
 from .errors import (
     AccessDeniedError,
+    ConfigError,
     NotFoundError,
     S3DataFSError,
     S3RequestError,
     StaleObjectError,
     TransientS3Error,
+    UsageError,
 )
 from .model import ObjectRef, http_range
 
@@ -107,7 +109,7 @@ class S3Source:
         try:
             response = self._client.get_bucket_versioning(Bucket=bucket)
         except botocore.exceptions.ClientError as exc:
-            if _code(exc) in _ACCESS_DENIED:
+            if _code(exc) in ("AccessDenied", "403"):  # valid keys, no permission for this call
                 return None
             raise _map_client_error(exc, f"s3://{bucket}") from None
         except botocore.exceptions.BotoCoreError as exc:
@@ -236,14 +238,15 @@ def _ref_from_listing(bucket: str, item: dict, *, version_id: str | None) -> Obj
     )
 
 
+def check_settings(settings: S3Settings) -> None:
+    """Reject settings boto3 itself refuses (profile, endpoint, region) without any request.
+
+    The CLI calls this before it forks, so such mistakes are usage errors with no daemon started.
+    """
+    _make_client(settings)
+
+
 def _make_client(settings: S3Settings):  # botocore clients have no static type
-    session = boto3.session.Session(
-        profile_name=settings.profile,
-        aws_access_key_id=settings.access_key_id,
-        aws_secret_access_key=settings.secret_access_key,
-        aws_session_token=settings.session_token,
-        region_name=settings.region,
-    )
     config = botocore.config.Config(
         max_pool_connections=settings.max_connections,
         connect_timeout=settings.connect_timeout,
@@ -254,13 +257,27 @@ def _make_client(settings: S3Settings):  # botocore clients have no static type
         user_agent_extra="s3datafs",
     )
     try:
+        session = boto3.session.Session(
+            profile_name=settings.profile,
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key,
+            aws_session_token=settings.session_token,
+            region_name=settings.region,
+        )
         return session.client("s3", endpoint_url=settings.endpoint_url, config=config)
     except botocore.exceptions.ProfileNotFound:
-        raise S3RequestError(
-            f"AWS profile {settings.profile!r} not found: check ~/.aws/config or --profile"
+        raise ConfigError(
+            f"AWS profile {settings.profile!r} not found: check ~/.aws/config, "
+            f"~/.aws/credentials or --profile"
         ) from None
-    except ValueError as exc:  # e.g. a malformed endpoint URL
-        raise S3RequestError(f"cannot use the S3 endpoint: {exc}") from None
+    except botocore.exceptions.InvalidRegionError:
+        raise UsageError(
+            f"invalid --region {settings.region!r}: use a name such as us-east-1"
+        ) from None
+    except ValueError as exc:  # botocore's message for a malformed endpoint URL
+        raise UsageError(
+            f"invalid --endpoint-url {settings.endpoint_url!r}: {exc}; use e.g. https://host:port"
+        ) from None
 
 
 def _code(exc: botocore.exceptions.ClientError) -> str:
@@ -272,7 +289,9 @@ def _map_client_error(exc: botocore.exceptions.ClientError, uri: str) -> S3DataF
     message = exc.response.get("Error", {}).get("Message") or code
     if code == "NoSuchBucket":
         bucket = uri[len("s3://") :].split("/", 1)[0]
-        return NotFoundError(f"bucket {bucket!r} does not exist (s3://{bucket})")
+        return NotFoundError(
+            f"bucket {bucket!r} does not exist: check the name, --endpoint-url and --region"
+        )
     if code in _ACCESS_DENIED:
         return AccessDeniedError(
             f"access denied to {uri} ({code}): check the credentials, --profile or "
