@@ -1,0 +1,55 @@
+"""``s3datafs status``: our mounts from the kernel's mount table, joined with their state files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .. import runtime
+from ..units import human_size
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("status", help="list active s3datafs mounts")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    states = {state.get("mountpoint"): state for state in runtime.all_states()}
+    rows = []
+    for entry in runtime.our_mounts():
+        state = states.get(entry.mountpoint, {})
+        pid = state.get("pid")
+        alive = runtime.pid_alive(pid)
+        rows.append(
+            {
+                "mountpoint": entry.mountpoint,
+                "uri": state.get("uri", entry.source),
+                "object_count": state.get("object_count"),
+                "total_bytes": state.get("total_bytes"),
+                "pid": pid,
+                "state": "mounted" if alive else "dead: run s3datafs unmount",
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no s3datafs mounts")
+        return 0
+    table = [("MOUNTPOINT", "URI", "OBJECTS", "SIZE", "PID", "STATE")]
+    for row in rows:
+        size = human_size(row["total_bytes"]) if row["total_bytes"] is not None else "?"
+        count = row["object_count"] if row["object_count"] is not None else "?"
+        table.append(
+            (row["mountpoint"], row["uri"], str(count), size, str(row["pid"] or "?"), row["state"])
+        )
+    widths = [max(len(line[column]) for line in table) for column in range(5)]
+    for line in table:
+        left = [cell.ljust(width) for cell, width in zip(line[:2], widths[:2], strict=True)]
+        right = [cell.rjust(width) for cell, width in zip(line[2:5], widths[2:], strict=True)]
+        print("  ".join([*left, *right, line[5]]))
+    return 0
+
+
