@@ -58,3 +58,11 @@ class TransientS3Error(S3DataFSError):
 
 class S3RequestError(S3DataFSError):
     """S3 failed in a way that retrying will not fix."""
+
+
+class MountFailed(S3DataFSError):
+    """A background mount reported failure; carries the daemon's message and exit status."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import config, daemon, logsetup, s3source
-from ..errors import UsageError
+from ..errors import MountFailed, UsageError
 from ..fuse_ops import FsSettings
 from ..model import normalize_etag
 from ..mount import MountPlan, mount_dataset
@@ -30,8 +30,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def add_mount_options(mount: argparse.ArgumentParser) -> None:
+def add_mount_options(parser: argparse.ArgumentParser) -> None:
     """Every option of a mount except the URI and mount point."""
+    add_source_options(parser)
+    add_filesystem_options(parser)
+    add_process_options(parser)
+
+
+def add_source_options(mount: argparse.ArgumentParser) -> None:
+    """What to mount and how to reach S3: also what resolving a dataset without mounting needs."""
     what = mount.add_argument_group("what to mount")
     what.add_argument("--name", help="dataset name (default: from the URI, e.g. mnist.zip→mnist)")
     what.add_argument("--data-root", type=Path, help="root of default mount points (/data)")
@@ -43,6 +50,9 @@ def add_mount_options(mount: argparse.ArgumentParser) -> None:
     s3.add_argument("--profile", help="AWS profile from the shared config files")
     s3.add_argument("--no-sign-request", action="store_true", help="anonymous (public bucket)")
     s3.add_argument("--credentials-file", type=Path, help="AWS-style credentials file, mode 0600")
+
+
+def add_filesystem_options(mount: argparse.ArgumentParser) -> None:
     fs = mount.add_argument_group("filesystem")
     fs.add_argument("--uid", default=str(os.getuid()), help="owner of every entry")
     fs.add_argument("--gid", default=str(os.getgid()), help="group of every entry")
@@ -50,6 +60,9 @@ def add_mount_options(mount: argparse.ArgumentParser) -> None:
     fs.add_argument("--dir-mode", default="0555", help="permission bits of directories")
     fs.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     fs.add_argument("--cache-dir", type=Path, help="where catalogs and cache blocks live")
+
+
+def add_process_options(mount: argparse.ArgumentParser) -> None:
     process = mount.add_argument_group("process")
     process.add_argument("-f", "--foreground", action="store_true", help="stay attached")
     process.add_argument("--log-file", type=Path, help="daemon log (default: LOG_DIR/NAME.log)")
@@ -120,27 +133,42 @@ def run(args: argparse.Namespace) -> int:
     logsetup.setup(
         debug=args.debug, verbose=args.verbose, log_file=plan.log_file, secrets=plan.s3.secrets()
     )
+    if args.foreground:
+        start_mount(plan, foreground=True, on_ready=lambda summary: _announce(plan, summary))
+    else:
+        _announce(plan, start_mount(plan, foreground=False))
+    return 0
+
+
+def start_mount(
+    plan: MountPlan, *, foreground: bool, on_ready: Callable[[dict], None] | None = None
+) -> dict:
+    """Mount ``plan``; return the daemon's summary once the mount is usable.
+
+    In the background (the default) the mount runs in a forked daemon and this returns as soon as
+    it is ready; in the foreground it serves in this process and returns only after unmount
+    (``on_ready`` is called when it is usable). On failure it raises, having removed any mount
+    point directory it created; nothing is left mounted.
+    """
     s3source.check_settings(plan.s3)
     config.prepare_cache_dir(plan.cache_dir)
     created = config.prepare_mountpoint(plan.mountpoint)
     try:
-        if args.foreground:
-            mount_dataset(plan, lambda summary: _announce(plan, summary.as_dict()))
-            return 0
+        if foreground:
+            ready = on_ready or (lambda _summary: None)
+            mount_dataset(plan, lambda summary: ready(summary.as_dict()))
+            return {}
         hint = f"see {plan.log_file}" if plan.log_file else "run with --foreground to see why"
         verdict = daemon.spawn(
             lambda report: mount_dataset(plan, lambda summary: report(summary.as_dict())),
             log_hint=hint,
         )
+        if not verdict["ok"]:
+            raise MountFailed(verdict["error"], int(verdict.get("exit", 1)))
     except BaseException:
         config.remove_created(plan.mountpoint, created)
         raise
-    if not verdict["ok"]:
-        config.remove_created(plan.mountpoint, created)
-        print(f"s3datafs: {verdict['error']}", file=sys.stderr)
-        return int(verdict.get("exit", 1))
-    _announce(plan, verdict)
-    return 0
+    return verdict
 
 
 def _announce(plan: MountPlan, summary: dict) -> None:
