@@ -29,6 +29,7 @@ import pyfuse3
 from .catalog import Catalog, Entry
 from .errors import S3DataFSError, StaleObjectError
 from .model import ObjectRef
+from .prefetch import Readahead
 from .reader import BlockReader
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class FsSettings:
     file_mode: int = 0o444
     dir_mode: int = 0o555
     cache_timeout: float = 24 * 3600.0  # immutable data: let the kernel keep what it learns
+    readahead_initial: int = 1024 * 1024  # first window of a sequential reader (as Mountpoint)
+    readahead_max: int = 32 * 1024 * 1024  # per handle; the reader bounds the total
 
 
 def _translate_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -80,9 +83,13 @@ class Operations(pyfuse3.Operations):
         self._catalog = catalog
         self._reader = reader
         self._settings = settings
-        self._open_files: dict[int, ObjectRef] = {}
+        self._open_files: dict[int, tuple[ObjectRef, Readahead]] = {}
         self._next_fh = 1
         self._reported_stale: set[str] = set()
+        self.on_init: Callable[[], None] = lambda: None  # told when the kernel's INIT arrives
+
+    def init(self) -> None:
+        self.on_init()
 
     # -- namespace ------------------------------------------------------------------------------
 
@@ -139,15 +146,17 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         fh = self._next_fh
         self._next_fh += 1
-        self._open_files[fh] = entry.ref
+        readahead = Readahead(self._settings.readahead_initial, self._settings.readahead_max)
+        self._open_files[fh] = (entry.ref, readahead)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_translate_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        ref = self._open_files.get(fh)
-        if ref is None:
+        handle = self._open_files.get(fh)
+        if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await self._reader.read(ref, off, size)
+        ref, readahead = handle
+        return await self._reader.read(ref, off, size, readahead)
 
     async def release(self, fh: int) -> None:
         self._open_files.pop(fh, None)
@@ -178,6 +187,7 @@ class Operations(pyfuse3.Operations):
             values = {
                 "uri": meta.uri,
                 "object_count": str(meta.object_count),
+                "fingerprint": meta.fingerprint,
                 "stats": json.dumps(self._reader.stats.as_dict(), sort_keys=True),
             }
         elif entry.ref is not None:
@@ -213,7 +223,7 @@ class Operations(pyfuse3.Operations):
         attrs.st_blksize = 128 * 1024
         attrs.st_blocks = -(-entry.size // 512)
         attrs.st_uid, attrs.st_gid = settings.uid, settings.gid
-        mtime_ns = int(entry.mtime * 1e9)
+        mtime_ns = round(entry.mtime * 1e6) * 1000  # S3 has milliseconds; floats blur nanoseconds
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime_ns
         attrs.attr_timeout = attrs.entry_timeout = settings.cache_timeout
         return attrs

@@ -1,34 +1,56 @@
-"""Block-aligned reads of pinned objects: memory cache, single-flight, coalesced ranged GETs.
+"""Block reads of pinned objects: memory → disk cache → S3, single-flight, coalesced, prefetched.
 
 Design:
-- An object is read in fixed blocks of ``block_size`` bytes (the last one may be short). A read of
-  ``[offset, offset + length)`` is served from the blocks it spans.
-- Blocks live in a byte-counted LRU (``cachetools.LRUCache`` with ``getsizeof=len``). It is safe to
-  cache forever because a block is keyed by the pinned ``ObjectRef`` (bucket, key, VersionId, ETag):
-  the bytes behind that key can never change.
-- Single-flight: a block being fetched is registered in ``_inflight``; a second reader of the same
-  block waits on the same ``trio.Event`` instead of sending its own GET.
-- Runs of adjacent missing blocks are coalesced into one block-aligned ranged GET; separate runs are
-  fetched concurrently. GETs run in worker threads under one ``CapacityLimiter`` sized to the S3
-  connection pool, so no request waits for a connection while holding a thread.
+- An object is cached in blocks of ``block_size`` bytes (the last may be short). The block size
+  is the cache's granularity only; a GET covers a whole run of missing blocks, up to
+  ``max_request_bytes``. So a random 4 KiB read fetches one block, while a sequential reader's
+  readahead fetches many blocks per GET, several GETs in parallel.
+- Blocks are keyed by the pinned ``ObjectRef`` (bucket, key, VersionId, ETag): their bytes can
+  never change, so they may be cached in memory and on disk forever.
+- Single-flight: every missing block belongs to at most one ``_Flight`` at a time. A flight first
+  looks in the disk cache (one worker-thread call for the run), then GETs what is still missing.
+  Readers of a block that is in flight wait on that flight; they never send their own GET.
+- Fetched blocks go to the memory LRU at once and to the disk cache behind the reader's back
+  (write-behind, in the mount's nursery, bounded by ``write_budget`` bytes pending). A cache
+  failure is logged (rate-limited) and never fails a read.
+- Prefetch flights run in the mount's nursery under ``prefetch_budget`` (bytes in flight, total
+  across handles); when the budget is spent, prefetch is skipped, never waited for, so foreground
+  reads never queue behind readahead.
 
-Threading: every method runs on the trio thread; only ``ObjectSource.get_range`` runs in workers.
-State (cache, in-flight table, counters) is therefore touched by one thread only and needs no lock.
+- Bounded waits: with ``read_timeout`` no GET is waited for longer than that, slot wait included
+  (``--read-timeout``); past it the flight fails with ``TransientS3Error`` (EIO) and the next read
+  of those blocks starts a new flight - except within ``_FAILED_TTL`` of a *slow* failure, which
+  fails again at once, so the kernel's immediate retry of a failed read does not double the wait.
+  The abandoned GET keeps its limiter slot until its thread ends, so a stalled S3 cannot make the
+  daemon start unbounded threads.
+
+Threading: everything here runs on the trio thread except ``ObjectSource.get_range`` and the
+``DiskCache`` calls, which run in worker threads under their limiters. Shared state (LRU, flight
+table, counters) is touched by the trio thread only, so it needs no lock.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cachetools
 import trio
 
+from .cache.blockfile import object_digest
+from .cache.disk import DiskCache
+from .errors import S3DataFSError, TransientS3Error
 from .model import ObjectRef, ObjectSource
+from .prefetch import Readahead
 
 log = logging.getLogger(__name__)
 
 BlockKey = tuple[ObjectRef, int]
+_WARN_INTERVAL = 60.0
+_FAILED_TTL = 1.0  # seconds a slow failure is repeated at once (covers the kernel's own retry)
 
 
 @dataclass
@@ -37,21 +59,53 @@ class ReadStats:
 
     s3_requests: int = 0
     s3_bytes: int = 0
-    block_hits: int = 0
-    block_misses: int = 0
+    memory_hits: int = 0
+    disk_hits: int = 0
+    disk_bytes: int = 0
+    misses: int = 0
+    prefetched_blocks: int = 0
+    prefetch_skipped: int = 0
+    cache_write_errors: int = 0
     bytes_served: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
 
 
-class _InFlight:
-    """One GET covering some blocks; waiters read its result, not the (evictable) cache."""
+class ByteBudget:
+    """An async semaphore counted in bytes (for bytes in flight or pending writes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed = trio.Event()
+
+    def try_take(self, amount: int) -> bool:
+        if self.used + amount > self.capacity and self.used > 0:
+            return False
+        self.used += amount
+        return True
+
+    async def take(self, amount: int) -> None:
+        while not self.try_take(amount):
+            await self._changed.wait()
+
+    def give(self, amount: int) -> None:
+        self.used -= amount
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class _Flight:
+    """One load of a run of blocks; waiters read its result, not the (evictable) cache."""
+
+    def __init__(self, ref: ObjectRef, run: range) -> None:
+        self.ref = ref
+        self.run = run
         self.done = trio.Event()
         self.blocks: dict[int, bytes] = {}
         self.error: BaseException | None = None
+        self.started = time.monotonic()
 
 
 class BlockReader:
@@ -61,95 +115,318 @@ class BlockReader:
         *,
         block_size: int,
         memory_cache_bytes: int,
-        limiter: trio.CapacityLimiter,
+        s3_limiter: trio.CapacityLimiter,
+        disk: DiskCache | None = None,
+        disk_limiter: trio.CapacityLimiter | None = None,
+        max_request_bytes: int = 8 * 1024 * 1024,
+        prefetch_budget: ByteBudget | None = None,
+        write_budget: ByteBudget | None = None,
         stats: ReadStats | None = None,
+        read_timeout: float | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError("block_size must be positive")
+        self.block_size = block_size
         self._source = source
-        self._block_size = block_size
-        self._cache: cachetools.LRUCache[BlockKey, bytes] = cachetools.LRUCache(
+        self._memory: cachetools.LRUCache[BlockKey, bytes] = cachetools.LRUCache(
             maxsize=max(memory_cache_bytes, 1), getsizeof=len
         )
-        self._limiter = limiter
-        self._inflight: dict[BlockKey, _InFlight] = {}
+        self._s3_limiter = s3_limiter
+        self._disk = disk
+        self._disk_limiter = disk_limiter or trio.CapacityLimiter(4)
+        self._request_blocks = max(1, max_request_bytes // block_size)
+        self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
+        self._write_budget = write_budget or ByteBudget(128 * 1024 * 1024)
+        self._inflight: dict[BlockKey, _Flight] = {}
+        self._digests: cachetools.LRUCache[ObjectRef, str] = cachetools.LRUCache(maxsize=4096)
+        self._nursery: trio.Nursery | None = None
+        self._write_nursery: trio.Nursery | None = None
+        self._last_warning = 0.0
+        self._read_timeout = read_timeout
+        # Blocks whose load just failed slowly, with the error: see ``_remember_slow_failure``.
+        self._failed: cachetools.TTLCache[BlockKey, BaseException] = cachetools.TTLCache(
+            maxsize=4096, ttl=_FAILED_TTL, timer=time.monotonic
+        )
         self.stats = stats or ReadStats()
 
-    async def read(self, ref: ObjectRef, offset: int, length: int) -> bytes:
-        """Return the pinned bytes ``[offset, offset + length)`` of ``ref``, clamped to its size."""
+    def attach(self, tasks: trio.Nursery, writes: trio.Nursery | None = None) -> None:
+        """Give the reader the mount's nurseries: flights and prefetch, and cache writes."""
+        self._nursery = tasks
+        self._write_nursery = writes or tasks
+
+    # -- public reads ---------------------------------------------------------------------------
+
+    async def read(
+        self, ref: ObjectRef, offset: int, length: int, readahead: Readahead | None = None
+    ) -> bytes:
+        """The pinned bytes ``[offset, offset + length)`` of ``ref``, clamped to its size."""
         end = min(offset + length, ref.size)
         if offset < 0 or offset >= end:
             return b""
-        first, last = offset // self._block_size, (end - 1) // self._block_size
-        blocks = await self._blocks(ref, range(first, last + 1))
-        data = b"".join(blocks[i] for i in range(first, last + 1))
-        start = offset - first * self._block_size
-        result = data[start : start + (end - offset)]
+        if readahead is not None and (ahead := readahead.on_read(offset, end - offset, ref.size)):
+            self.prefetch(ref, *ahead)
+        first, last = offset // self.block_size, (end - 1) // self.block_size
+        blocks = await self._load(ref, range(first, last + 1))
+        start = offset - first * self.block_size
+        if first == last:
+            result = blocks[first][start : start + (end - offset)]
+        else:
+            joined = b"".join(blocks[i] for i in range(first, last + 1))
+            result = joined[start : start + (end - offset)]
         self.stats.bytes_served += len(result)
         return result
 
-    async def _blocks(self, ref: ObjectRef, indices: range) -> dict[int, bytes]:
+    def prefetch(self, ref: ObjectRef, start: int, end: int) -> None:
+        """Start loading ``[start, end)`` in the background, as far as the budget allows."""
+        if self._nursery is None:
+            return
+        first, last = start // self.block_size, (end - 1) // self.block_size
+        missing = [i for i in range(first, last + 1) if self._absent(ref, i)]
+        for run in _runs(missing, self._request_blocks):
+            cost = len(run) * self.block_size
+            if not self._prefetch_budget.try_take(cost):
+                self.stats.prefetch_skipped += len(run)
+                return
+            flight = self._register(ref, run)
+            self.stats.prefetched_blocks += len(run)
+            self._nursery.start_soon(self._fly_then_release, flight, cost)
+
+    async def warm(self, ref: ObjectRef, parallel: int = 2) -> None:
+        """Make sure every block of ``ref`` is cached (for ``s3datafs prefetch``).
+
+        ``parallel`` request-sized runs are loaded at a time, which bounds the memory it takes.
+        """
+        blocks = -(-ref.size // self.block_size)
+        starts = iter(range(0, blocks, self._request_blocks))
+
+        async def worker() -> None:
+            for first in starts:  # shared: each run is taken by one worker
+                await self._load(ref, range(first, min(first + self._request_blocks, blocks)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(parallel):
+                nursery.start_soon(worker)
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def _absent(self, ref: ObjectRef, index: int) -> bool:
+        key = (ref, index)  # a block that just failed slowly is not prefetched again at once
+        return key not in self._memory and key not in self._inflight and key not in self._failed
+
+    async def _load(self, ref: ObjectRef, indices: range) -> dict[int, bytes]:
         found: dict[int, bytes] = {}
-        waiting: dict[int, _InFlight] = {}
+        wanted = list(indices)
+        while wanted:  # more than once only if a flight we waited on was cancelled midway
+            waiting = await self._start_or_join(ref, wanted, found)
+            wanted = []
+            for index, flight in waiting.items():
+                await flight.done.wait()
+                if flight.error is not None:
+                    raise flight.error
+                if index in flight.blocks:
+                    found[index] = flight.blocks[index]
+                else:
+                    wanted.append(index)
+        return found
+
+    async def _start_or_join(
+        self, ref: ObjectRef, indices: list[int], found: dict[int, bytes]
+    ) -> dict[int, _Flight]:
+        """Take what memory has; join flights in progress; start flights for the rest."""
+        waiting: dict[int, _Flight] = {}
         missing: list[int] = []
         for index in indices:
             key = (ref, index)
-            if (block := self._cache.get(key)) is not None:
+            if (block := self._memory.get(key)) is not None:
                 found[index] = block
-                self.stats.block_hits += 1
+                self.stats.memory_hits += 1
             elif (flight := self._inflight.get(key)) is not None:
                 waiting[index] = flight
             else:
                 missing.append(index)
+        for index in missing:
+            if (error := self._failed.get((ref, index))) is not None:
+                raise error
         if missing:
-            self.stats.block_misses += len(missing)
-            async with trio.open_nursery() as nursery:
-                for run in _contiguous_runs(missing):
-                    flight = self._start_flight(ref, run)
+            # Flights run in the mount's nursery when there is one, so a reader waits for its
+            # bytes only, never for the write-behind that follows them.
+            async with trio.open_nursery() as local:
+                nursery = self._nursery or local
+                for run in _runs(missing, self._request_blocks):
+                    flight = self._register(ref, run)
                     waiting.update(dict.fromkeys(run, flight))
-                    nursery.start_soon(self._fetch, ref, run, flight)
-        for index, flight in waiting.items():
-            await flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            found[index] = flight.blocks[index]
-        return found
+                    nursery.start_soon(self._fly, flight)
+        return waiting
 
-    def _start_flight(self, ref: ObjectRef, run: range) -> _InFlight:
-        flight = _InFlight()
+    def _register(self, ref: ObjectRef, run: range) -> _Flight:
+        flight = _Flight(ref, run)
         for index in run:
             self._inflight[(ref, index)] = flight
         return flight
 
-    async def _fetch(self, ref: ObjectRef, run: range, flight: _InFlight) -> None:
-        start = run.start * self._block_size
-        end = min(run.stop * self._block_size, ref.size)
+    async def _fly_then_release(self, flight: _Flight, cost: int) -> None:
         try:
-            data = await trio.to_thread.run_sync(
-                self._source.get_range, ref, start, end, limiter=self._limiter
-            )
-            self.stats.s3_requests += 1
-            self.stats.s3_bytes += len(data)
-            for index in run:
-                offset = (index - run.start) * self._block_size
-                block = data[offset : offset + self._block_size]
-                flight.blocks[index] = block
-                if len(block) <= self._cache.maxsize:  # LRUCache refuses larger values
-                    self._cache[(ref, index)] = block
-        except Exception as exc:  # handed to every waiter; the waiters decide what it means
-            flight.error = exc
+            await self._fly(flight)
         finally:
-            for index in run:
-                self._inflight.pop((ref, index), None)
+            self._prefetch_budget.give(cost)
+
+    async def _fly(self, flight: _Flight) -> None:
+        """Fill ``flight`` from disk, then S3, then cache what S3 sent.
+
+        Never raises: waiters get ``flight.error``. ``done`` is set before any cache write.
+        """
+        fetched: list[tuple[int, list[bytes]]] = []
+        try:
+            if self._disk is not None:
+                await self._from_disk(flight)
+            missing = [i for i in flight.run if i not in flight.blocks]
+            if missing:
+                self.stats.misses += len(missing)
+                async with trio.open_nursery() as nursery:
+                    for run in _runs(missing, self._request_blocks):
+                        nursery.start_soon(self._from_s3, flight, run, fetched)
+            for index, block in flight.blocks.items():
+                if len(block) <= self._memory.maxsize:
+                    self._memory[(flight.ref, index)] = block
+        except Exception as exc:  # handed to every waiter; they decide what it means
+            flight.error = _root_cause(exc)
+            fetched.clear()
+            self._remember_slow_failure(flight)
+        finally:
+            for index in flight.run:
+                if self._inflight.get((flight.ref, index)) is flight:
+                    del self._inflight[(flight.ref, index)]
             flight.done.set()
+        if self._disk is not None:
+            for first, blocks in fetched:
+                await self._write_behind(flight.ref, first, blocks)
+
+    async def _from_disk(self, flight: _Flight) -> None:
+        ref, digest = flight.ref, self._digest(flight.ref)
+        try:
+            hits = await trio.to_thread.run_sync(
+                self._disk.read_run, digest, ref.size, flight.run, limiter=self._disk_limiter
+            )
+        except OSError as exc:
+            self._warn(f"cannot read the block cache ({exc}); reading from S3")
+            return
+        for index, block in hits.items():
+            if index in flight.run:
+                flight.blocks[index] = block
+                self.stats.disk_hits += 1
+                self.stats.disk_bytes += len(block)
+            elif (ref, index) not in self._memory:  # the rest of a chunk: keep it at hand
+                self._memory[(ref, index)] = block
+
+    async def _from_s3(
+        self, flight: _Flight, run: range, fetched: list[tuple[int, list[bytes]]]
+    ) -> None:
+        ref = flight.ref
+        start = run.start * self.block_size
+        end = min(run.stop * self.block_size, ref.size)
+        # The hard bound of --read-timeout: it counts the wait for a connection slot, and a GET
+        # that outlives it is abandoned (its thread ends on its own socket timeout and deadline,
+        # and only then gives its slot back), so no reader ever waits on S3 longer than this.
+        with trio.move_on_after(self._read_timeout or math.inf) as bound:
+            data = await trio.to_thread.run_sync(
+                self._source.get_range,
+                ref,
+                start,
+                end,
+                limiter=self._s3_limiter,
+                abandon_on_cancel=True,
+            )
+        if bound.cancelled_caught:
+            raise TransientS3Error(
+                f"no answer from S3 for {ref.uri} bytes {start}-{end - 1} within "
+                f"{self._read_timeout:g}s (--read-timeout)"
+            )
+        self.stats.s3_requests += 1
+        self.stats.s3_bytes += len(data)
+        view, size = memoryview(data), self.block_size
+        blocks = [bytes(view[o : o + size]) for o in range(0, len(data), size)]
+        flight.blocks.update(zip(run, blocks, strict=True))
+        fetched.append((run.start, blocks))
+
+    async def _write_behind(self, ref: ObjectRef, first: int, blocks: list[bytes]) -> None:
+        cost = sum(map(len, blocks))
+        await self._write_budget.take(cost)  # backpressure when the disk falls behind
+        if self._write_nursery is None:
+            await self._write(ref, first, blocks, cost)
+        else:
+            self._write_nursery.start_soon(self._write, ref, first, blocks, cost)
+
+    async def _write(self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int) -> None:
+        try:
+            digest = self._digest(ref)
+            await trio.to_thread.run_sync(
+                self._disk.write, ref, digest, first, blocks, limiter=self._disk_limiter
+            )
+        except OSError as exc:
+            self.stats.cache_write_errors += 1
+            self._warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+        finally:
+            self._write_budget.give(cost)
+
+    def _remember_slow_failure(self, flight: _Flight) -> None:
+        """Fail the same blocks at once for ``_FAILED_TTL`` after a load failed *slowly*.
+
+        When a read fails, the kernel retries it at once (the readahead request fails, then it
+        reads the page synchronously), so without this a read against a stalled S3 would return
+        EIO only after twice ``--read-timeout``. Only transient failures that took at least half
+        the bound are remembered: fast failures cost nothing to retry, and are retried.
+        """
+        slow = self._read_timeout is not None and (
+            time.monotonic() - flight.started >= self._read_timeout / 2
+        )
+        if slow and isinstance(flight.error, TransientS3Error):
+            for index in flight.run:
+                if index not in flight.blocks:
+                    self._failed[(flight.ref, index)] = flight.error
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _digest(self, ref: ObjectRef) -> str:
+        digest = self._digests.get(ref)
+        if digest is None:
+            digest = self._digests[ref] = object_digest(ref)
+        return digest
+
+    def _warn(self, message: str) -> None:
+        """Cache trouble is logged at most once a minute: it must not flood the log."""
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_INTERVAL:
+            self._last_warning = now
+            log.warning("%s", message)
 
 
-def _contiguous_runs(indices: list[int]) -> list[range]:
-    """Split sorted block indices into maximal runs of consecutive numbers."""
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first real error inside (possibly nested) exception groups from parallel GETs.
+
+    Typed errors (stale object, access denied) win over others, so the reader sees what the
+    kernel should be told.
+    """
+    leaves = list(_leaves(exc))
+    typed = [leaf for leaf in leaves if isinstance(leaf, S3DataFSError)]
+    return (typed or leaves or [exc])[0]
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _runs(indices: list[int], longest: int) -> list[range]:
+    """Split sorted block indices into runs of consecutive numbers, each at most ``longest``."""
     runs: list[range] = []
+    if not indices:
+        return runs
     run_start = previous = indices[0]
     for index in indices[1:]:
-        if index != previous + 1:
+        if index != previous + 1 or index - run_start >= longest:
             runs.append(range(run_start, previous + 1))
             run_start = index
         previous = index

@@ -30,6 +30,7 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    device: str = ""  # "major:minor", as the kernel names the mount's backing device
 
 
 def mount_table() -> list[MountEntry]:
@@ -44,6 +45,7 @@ def mount_table() -> list[MountEntry]:
                     mountpoint=_unescape(fields[4]),
                     fstype=fields[separator + 1],
                     source=_unescape(fields[separator + 2]),
+                    device=fields[2],
                 )
             )
     return entries

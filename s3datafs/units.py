@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import UsageError
+
 
 def human_size(size: int) -> str:
     """``1536`` -> ``1.5 KiB``; whole bytes below 1 KiB."""
@@ -11,3 +13,32 @@ def human_size(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str, option: str) -> int:
+    """``20G``, ``500M``, ``1.5G``, ``4096`` -> bytes (binary units; ``KiB``/``KB`` too)."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = value, ""
+    if value and value[-1] in _UNITS:
+        number, unit = value[:-1], value[-1]
+    try:
+        size = float(number)
+    except ValueError:
+        size = -1.0
+    if not number or size < 0 or size != size or size == float("inf"):
+        raise UsageError(f"{option} {text!r} is not a size such as 512M, 20G or 0")
+    return int(size * _UNITS[unit])
+
+
+def parse_percent(text: str, option: str) -> float:
+    """``10%`` (or ``10``) -> 0.10, between 0 and 100 %."""
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 100:
+        raise UsageError(f"{option} {text!r} is not a percentage such as 10%")
+    return value / 100

@@ -1,0 +1,1 @@
+"""The persistent block cache (``disk``) and its on-disk block format (``blockfile``)."""

@@ -1,0 +1,144 @@
+"""``s3datafs prefetch URI|--snapshot FILE``: warm the block cache for a dataset before a job.
+
+It pins the dataset exactly as ``mount`` would (``pinning.pin``: same options, same catalog; from
+S3 or from a snapshot file), then
+reads every object through the same ``BlockReader`` a mount uses, so the blocks it stores are
+the ones the mount will look for. Several objects are warmed at once; the bytes in flight are
+bounded by the reader's request size times ``PARALLEL_OBJECTS``. On a terminal a progress line
+shows bytes, rate and ETA; otherwise only the final summary is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+
+from .. import config, pinning, s3source
+from ..cache.disk import DiskCache
+from ..catalog import Catalog
+from ..errors import UsageError
+from ..model import ObjectRef
+from ..reader import BlockReader
+from ..units import human_size
+from . import mount as mount_command
+
+PARALLEL_OBJECTS = 8
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("prefetch", help="warm the block cache for a dataset")
+    parser.add_argument("uri", nargs="?", help="s3://bucket/prefix/ or s3://bucket/key")
+    mount_command.add_source_options(parser)
+    parser.add_argument("--snapshot", type=Path, metavar="FILE", help="warm what this file pins")
+    mount_command.add_cache_options(parser)
+    parser.set_defaults(
+        handler=run,
+        mountpoint=None,
+        uid="0",
+        gid="0",
+        file_mode="0444",
+        dir_mode="0555",
+        allow_other=False,
+        foreground=True,
+        log_file=None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = mount_command.build_plan(args)
+    if plan.disk_cache_bytes <= 0:
+        raise UsageError("prefetch fills the disk cache: --no-cache and --cache-size 0 defeat it")
+    s3source.check_settings(plan.s3)
+    config.prepare_cache_dir(plan.cache_dir)
+    source = s3source.S3Source(plan.s3)
+    started = time.monotonic()
+    with pinning.scratch_catalog(plan.cache_dir) as catalog_path:
+        built = pinning.pin(
+            source,
+            catalog_path,
+            uri=plan.uri,
+            pins=plan.pins,
+            as_of=plan.as_of,
+            snapshot=plan.snapshot,
+        )
+        disk = DiskCache(
+            plan.cache_dir,
+            block_size=plan.block_size,
+            capacity=plan.disk_cache_bytes,
+            min_free_ratio=plan.cache_min_free,
+            dataset=str(plan.uri),
+        )
+        reader = BlockReader(
+            source,
+            block_size=plan.block_size,
+            memory_cache_bytes=plan.memory_cache_bytes,
+            s3_limiter=trio.CapacityLimiter(plan.s3.max_connections),
+            disk=disk,
+        )
+        progress = _Progress(built.total_bytes)
+        with contextlib.closing(Catalog.open(catalog_path)) as catalog:
+            pinning.check_fingerprint(catalog.meta, plan.expect_fingerprint)
+            trio.run(_warm_all, reader, catalog.objects(), progress)
+    progress.finish()
+    elapsed = time.monotonic() - started
+    print(
+        f"s3datafs: prefetched {built.object_count} objects of {plan.uri}, "
+        f"{human_size(built.total_bytes)} in {elapsed:.1f}s "
+        f"({human_size(int(reader.stats.s3_bytes))} from S3)"
+    )
+    return 0
+
+
+async def _warm_all(reader: BlockReader, refs: Iterator[ObjectRef], progress: _Progress) -> None:
+    """Warm every object, ``PARALLEL_OBJECTS`` at a time; returns once the writes are on disk."""
+    slots = trio.Semaphore(PARALLEL_OBJECTS)
+    async with trio.open_nursery() as background:
+        reader.attach(background)
+        async with trio.open_nursery() as workers:
+            for ref in refs:
+                await slots.acquire()
+                workers.start_soon(_warm_one, reader, ref, slots, progress)
+
+
+async def _warm_one(
+    reader: BlockReader, ref: ObjectRef, slots: trio.Semaphore, progress: _Progress
+) -> None:
+    try:
+        if ref.size:
+            await reader.warm(ref)
+        progress.advance(ref.size)
+    finally:
+        slots.release()
+
+
+class _Progress:
+    """A progress line on a terminal (bytes, rate, ETA), silent otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self._total, self._done = total, 0
+        self._started = self._shown = time.monotonic()
+        self._tty = sys.stderr.isatty()
+
+    def advance(self, size: int) -> None:
+        self._done += size
+        now = time.monotonic()
+        if self._tty and now - self._shown >= 0.2:
+            self._shown = now
+            rate = self._done / max(now - self._started, 1e-6)
+            eta = (self._total - self._done) / rate if rate else 0
+            percent = 100 * self._done / self._total if self._total else 100
+            sys.stderr.write(
+                f"\rprefetch: {human_size(self._done)} / {human_size(self._total)} "
+                f"({percent:.0f}%) {human_size(int(rate))}/s ETA {eta:.0f}s   "
+            )
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self._tty:
+            sys.stderr.write("\n")

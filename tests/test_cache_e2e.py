@@ -1,0 +1,166 @@
+"""The block cache through real mounts: warm remounts, small random fetches, memory-only mounts.
+
+Byte counts are the S3 server's own (``s3server.stats()``), not the daemon's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+from conftest import Cli, sha256
+
+pytestmark = pytest.mark.fuse
+
+MiB = 1024 * 1024
+
+
+def drop_page_cache() -> None:
+    with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as knob:
+        knob.write("3")
+
+
+def put_big(s3, bucket: str, size: int = 6 * MiB + 12345) -> bytes:
+    body = os.urandom(size)
+    s3.put_object(Bucket=bucket, Key="p/big.bin", Body=body)
+    return body
+
+
+def test_a_remount_starts_warm_with_zero_s3_bytes(cli: Cli, s3, s3server, make_bucket) -> None:
+    bucket = make_bucket(versioned=True)
+    body = put_big(s3, bucket)
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
+    assert cli.unmount(mountpoint).returncode == 0
+    drop_page_cache()
+    other = cli.mount(f"s3://{bucket}/p/", str(cli.root / "elsewhere"))  # another mount point
+    s3server.reset_stats()
+    assert sha256((other / "big.bin").read_bytes()) == sha256(body)
+    assert s3server.ops().get("GetObject", 0) == 0
+    assert s3server.stats()["get_bytes"] == 0
+    stats = json.loads(os.getxattr(other, "user.s3datafs.stats"))
+    assert stats["disk_bytes"] >= len(body)
+    assert stats["s3_bytes"] == 0
+
+
+def test_random_4k_reads_fetch_at_most_16x_and_stay_correct(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    bucket = make_bucket()
+    body = put_big(s3, bucket, 32 * MiB)
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    s3server.reset_stats()
+    rng = random.Random(7)
+    reads = 100
+    with open(mountpoint / "big.bin", "rb", buffering=0) as handle:
+        for _ in range(reads):
+            offset = rng.randrange(len(body) // 4096) * 4096
+            handle.seek(offset)
+            assert handle.read(4096) == body[offset : offset + 4096]
+    assert s3server.stats()["get_bytes"] <= 16 * 4096 * reads
+
+
+def test_sequential_reads_use_few_large_gets(cli: Cli, s3, s3server, make_bucket) -> None:
+    bucket = make_bucket()
+    body = put_big(s3, bucket, 48 * MiB)
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    s3server.reset_stats()
+    with open(mountpoint / "big.bin", "rb") as handle:
+        data = b"".join(iter(lambda: handle.read(MiB), b""))
+    assert data == body
+    ops = s3server.ops()
+    assert s3server.stats()["get_bytes"] == len(body)  # every byte fetched exactly once
+    assert ops["GetObject"] <= 24  # 48 MiB in requests averaging at least 2 MiB
+
+
+def test_no_cache_mounts_in_memory_only(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    body = put_big(s3, bucket)
+    mountpoint = cli.mount(f"s3://{bucket}/p/", "--no-cache")
+    assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
+    assert not list((cli.root / "cache").glob("blocks/*/*/*/*"))
+
+
+def test_cache_size_bounds_the_disk_cache(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    body = put_big(s3, bucket, 24 * MiB)
+    mountpoint = cli.mount(f"s3://{bucket}/p/", "--cache-size", "4M")
+    assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
+    assert cli.unmount(mountpoint).returncode == 0
+    on_disk = sum(p.stat().st_size for p in (cli.root / "cache").rglob("c*") if p.is_file())
+    assert on_disk <= 4 * MiB + 16 * MiB  # the bound, plus at most one sync interval
+
+
+def test_status_shows_the_mounts_counters(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    body = put_big(s3, bucket, MiB)
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    assert (mountpoint / "big.bin").read_bytes() == body
+    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    assert stats["s3_bytes"] == len(body)
+    assert stats["bytes_served"] >= len(body)
+
+
+def test_prefetch_warms_the_cache_so_a_mount_reads_nothing_from_s3(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    bucket = make_bucket(versioned=True)
+    body = put_big(s3, bucket, 5 * MiB)
+    s3.put_object(Bucket=bucket, Key="p/small.txt", Body=b"small")
+    result = cli.run("prefetch", f"s3://{bucket}/p/")
+    assert result.returncode == 0, result.stderr
+    assert "prefetched 2 objects" in result.stdout
+    stats = cli.run("cache", "stats", "--json")
+    assert json.loads(stats.stdout)["by_dataset"] == {
+        f"s3://{bucket}/p/": pytest.approx(len(body) + 5, rel=0.01)
+    }
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    s3server.reset_stats()
+    assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
+    assert (mountpoint / "small.txt").read_bytes() == b"small"
+    assert s3server.stats()["get_bytes"] == 0
+
+
+def test_cache_clear_empties_the_cache(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put_big(s3, bucket, MiB)
+    assert cli.run("prefetch", f"s3://{bucket}/p/").returncode == 0
+    assert json.loads(cli.run("cache", "stats", "--json").stdout)["bytes"] > MiB
+    cleared = cli.run("cache", "clear", f"s3://{bucket}/p/")
+    assert cleared.returncode == 0, cleared.stderr
+    assert json.loads(cli.run("cache", "stats", "--json").stdout)["bytes"] == 0
+
+
+def test_status_lists_the_counters_published_by_the_daemon(cli: Cli, s3, make_bucket) -> None:
+    import time
+
+    bucket = make_bucket()
+    body = put_big(s3, bucket, MiB)
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    assert (mountpoint / "big.bin").read_bytes() == body
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rows = json.loads(cli.run("status", "--json").stdout)
+        stats = next(r for r in rows if r["mountpoint"] == str(mountpoint))["stats"]
+        if stats.get("s3_bytes") == len(body):
+            break
+        time.sleep(0.2)
+    assert stats["s3_bytes"] == len(body)
+    assert f"{mountpoint}: " in cli.run("status").stdout
+
+
+def test_prefetch_from_a_snapshot_file(cli: Cli, s3, s3server, make_bucket) -> None:
+    bucket = make_bucket(versioned=True)
+    body = put_big(s3, bucket, 3 * MiB)
+    snapshot_file = cli.root / "dataset.snap"
+    made = cli.run("snapshot", f"s3://{bucket}/p/", "-o", str(snapshot_file))
+    assert made.returncode == 0, made.stderr
+    s3.put_object(Bucket=bucket, Key="p/big.bin", Body=b"overwritten after the snapshot")
+    warmed = cli.run("prefetch", "--snapshot", str(snapshot_file))
+    assert warmed.returncode == 0, warmed.stderr
+    mountpoint = cli.mount("--snapshot", str(snapshot_file))
+    s3server.reset_stats()
+    assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
+    assert s3server.stats()["get_bytes"] == 0

@@ -1,0 +1,493 @@
+"""Operations called directly, without a kernel (s3ql's t3_fs_api style).
+
+A real catalog is built in ``tmp_path`` from what ``resolve`` reports for a FakeSource bucket, a
+real BlockReader reads through the fake, and each handler coroutine is awaited under
+``trio.run``. ``pyfuse3.readdir_reply`` needs a kernel buffer, so it is replaced by a collector
+that can refuse entries the way a full buffer does.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+from fakes import FakeSource, trio_test
+
+from s3datafs.catalog import Catalog, build_catalog
+from s3datafs.errors import AccessDeniedError, TransientS3Error
+from s3datafs.fuse_ops import FsSettings, Operations
+from s3datafs.model import ObjectRef
+from s3datafs.reader import BlockReader
+from s3datafs.resolve import resolve
+from s3datafs.uri import parse_s3_uri
+
+ROOT = pyfuse3.ROOT_INODE
+UID, GID = 1234, 5678
+MANY = 300  # files in many/: more than one catalog page (_FIRST_PAGE = 128)
+
+
+@dataclass
+class Mounted:
+    ops: Operations
+    source: FakeSource
+    catalog: Catalog
+    refs: dict[str, ObjectRef]  # by path inside the mount
+
+    async def inode(self, path: str) -> int:
+        inode = ROOT
+        for name in path.split("/"):
+            inode = (await self.ops.lookup(inode, name.encode())).st_ino
+        return inode
+
+    async def open(self, path: str) -> int:
+        return (await self.ops.open(await self.inode(path), os.O_RDONLY)).fh
+
+
+def mount(tmp_path: Path, source: FakeSource, uri: str) -> Mounted:
+    resolution = resolve(source, parse_s3_uri(uri))
+    refs = list(resolution.refs)
+    path = tmp_path / f"{resolution.uri.bucket}.catalog"
+    build_catalog(path, refs, uri=str(resolution.uri), bucket=resolution.uri.bucket,
+                  prefix=resolution.prefix, versioned=resolution.versioned)
+    catalog = Catalog.open(path)
+    reader = BlockReader(source, block_size=64, memory_cache_bytes=1 << 20,
+                         s3_limiter=trio.CapacityLimiter(4))
+    ops = Operations(catalog, reader, FsSettings(uid=UID, gid=GID))
+    by_path = {ref.key[len(resolution.prefix) :]: ref for ref in refs}
+    return Mounted(ops, source, catalog, by_path)
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> Iterator[Mounted]:
+    """s3://bkt/data/ on a versioned bucket; old.txt predates versioning (VersionId "null")."""
+    source = FakeSource()
+    source.create_bucket("bkt")
+    source.put("bkt", "data/old.txt", b"written before versioning\n")
+    source.enable_versioning("bkt")
+    source.put("bkt", "data/a.txt", bytes(range(256)) * 3)
+    source.put("bkt", "data/sub/b.bin", b"b" * 100)
+    source.put("bkt", "data/sub/deeper/c.bin", b"")
+    for index in range(MANY):
+        source.put("bkt", f"data/many/f{index:03d}", b"%d" % index)
+    source.put("bkt", "outside.txt", b"not mounted")
+    mounted = mount(tmp_path, source, "s3://bkt/data/")
+    yield mounted
+    mounted.catalog.close()
+
+
+@pytest.fixture
+def plain_fs(tmp_path: Path) -> Iterator[Mounted]:
+    """A single object on an unversioned bucket."""
+    source = FakeSource()
+    source.create_bucket("plain")
+    source.put("plain", "dir/file.csv", b"x,y\n1,2\n")
+    mounted = mount(tmp_path, source, "s3://plain/dir/file.csv")
+    yield mounted
+    mounted.catalog.close()
+
+
+def assert_errno(caught: pytest.ExceptionInfo[pyfuse3.FUSEError], expected: int) -> None:
+    assert caught.value.errno == expected, errno.errorcode.get(caught.value.errno)
+
+
+# -- namespace ------------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_lookup_of_a_file_reports_its_pinned_attributes(fs: Mounted) -> None:
+    ref = fs.refs["a.txt"]
+    attrs = await fs.ops.lookup(ROOT, b"a.txt")
+    assert attrs.st_mode == stat.S_IFREG | 0o444
+    assert attrs.st_size == ref.size == 768
+    assert attrs.st_nlink == 1
+    assert (attrs.st_uid, attrs.st_gid) == (UID, GID)
+    assert attrs.st_mtime_ns == int(ref.last_modified) * 10**9
+    assert attrs.st_ctime_ns == attrs.st_atime_ns == attrs.st_mtime_ns
+    assert attrs.st_blocks == 2
+    assert attrs.entry_timeout == attrs.attr_timeout == FsSettings(0, 0).cache_timeout
+    assert (await fs.ops.getattr(attrs.st_ino)).st_size == ref.size
+
+
+@trio_test
+async def test_directories_are_0555_with_the_newest_child_mtime(fs: Mounted) -> None:
+    sub = await fs.ops.lookup(ROOT, b"sub")
+    assert sub.st_mode == stat.S_IFDIR | 0o555
+    assert (sub.st_uid, sub.st_gid) == (UID, GID)
+    assert sub.st_size == 0
+    newest = max(fs.refs["sub/b.bin"].last_modified, fs.refs["sub/deeper/c.bin"].last_modified)
+    assert sub.st_mtime_ns == int(newest) * 10**9
+    root = await fs.ops.getattr(ROOT)
+    assert root.st_mode == stat.S_IFDIR | 0o555
+    assert root.st_ino == ROOT
+
+
+@trio_test
+async def test_nested_lookup_and_empty_file(fs: Mounted) -> None:
+    inode = await fs.inode("sub/deeper/c.bin")
+    attrs = await fs.ops.getattr(inode)
+    assert attrs.st_size == 0
+    assert stat.S_ISREG(attrs.st_mode)
+
+
+@pytest.mark.parametrize("name", [b"missing", b"outside.txt", b"", b"\xff\xfe", b"A.TXT"])
+@trio_test
+async def test_lookup_of_an_unknown_name_is_enoent(fs: Mounted, name: bytes) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.ops.lookup(ROOT, name)
+    assert_errno(caught, errno.ENOENT)
+
+
+@trio_test
+async def test_getattr_of_an_unknown_inode_is_enoent(fs: Mounted) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.ops.getattr(10**9)
+    assert_errno(caught, errno.ENOENT)
+
+
+@trio_test
+async def test_millisecond_last_modified_is_exact_in_nanoseconds(tmp_path: Path) -> None:
+    ref = ObjectRef("bkt", "f", None, '"e"', 1, 1_700_000_001.123)
+    build_catalog(tmp_path / "c", [ref], uri="s3://bkt/", bucket="bkt", prefix="",
+                  versioned=False)
+    with Catalog.open(tmp_path / "c") as catalog:
+        reader = BlockReader(FakeSource(), block_size=64, memory_cache_bytes=64,
+                             s3_limiter=trio.CapacityLimiter(1))
+        ops = Operations(catalog, reader, FsSettings(uid=0, gid=0))
+        attrs = await ops.lookup(ROOT, b"f")
+    assert attrs.st_mtime_ns == 1_700_000_001_123_000_000
+
+
+# -- readdir --------------------------------------------------------------------------------------
+
+
+class ReaddirBuffer:
+    """Stands in for the kernel's buffer: holds ``capacity`` entries per readdir call."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.calls: list[list[tuple[str, int]]] = []
+
+    def reply(self, token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
+        assert token is self
+        assert attrs.st_ino > 0
+        if len(self.calls[-1]) == self.capacity:
+            return False
+        self.calls[-1].append((os.fsdecode(name), next_id))
+        return True
+
+    async def list(self, ops: Operations, fh: int) -> list[str]:
+        """Call readdir until it returns nothing new, resuming like the kernel does."""
+        start_id, names = 0, []
+        while True:
+            if len(names) > 10 * MANY:
+                pytest.fail(f"readdir does not end: {names[-5:]} after {len(names)} entries")
+            self.calls.append([])
+            await ops.readdir(fh, start_id, self)
+            if not self.calls[-1]:
+                return names
+            names += [name for name, _ in self.calls[-1]]
+            start_id = self.calls[-1][-1][1]
+
+
+@pytest.mark.parametrize("capacity", [1, 7, 128, 129, 1000])
+@trio_test
+async def test_readdir_resumes_without_duplicates_or_omissions(
+    fs: Mounted, monkeypatch: pytest.MonkeyPatch, capacity: int
+) -> None:
+    buffer = ReaddirBuffer(capacity)
+    monkeypatch.setattr(pyfuse3, "readdir_reply", buffer.reply)
+    fh = await fs.ops.opendir(await fs.inode("many"))
+    names = await buffer.list(fs.ops, fh)
+    assert names == [f"f{index:03d}" for index in range(MANY)]
+    assert all(len(call) <= capacity for call in buffer.calls)
+    await fs.ops.releasedir(fh)
+
+
+@trio_test
+async def test_readdir_of_the_root_lists_each_child_once(
+    fs: Mounted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    buffer = ReaddirBuffer(2)
+    monkeypatch.setattr(pyfuse3, "readdir_reply", buffer.reply)
+    names = await buffer.list(fs.ops, await fs.ops.opendir(ROOT))
+    assert sorted(names) == ["a.txt", "many", "old.txt", "sub"]
+
+
+@trio_test
+async def test_opendir_of_a_file_is_enotdir(fs: Mounted) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.ops.opendir(await fs.inode("a.txt"))
+    assert_errno(caught, errno.ENOTDIR)
+
+
+# -- open and read --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_APPEND, os.O_RDONLY | os.O_TRUNC,
+     os.O_RDONLY | os.O_CREAT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC],
+)
+@trio_test
+async def test_open_for_writing_is_erofs(fs: Mounted, flags: int) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.ops.open(await fs.inode("a.txt"), flags)
+    assert_errno(caught, errno.EROFS)
+
+
+@trio_test
+async def test_open_of_a_directory_is_eisdir(fs: Mounted) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.ops.open(await fs.inode("sub"), os.O_RDONLY)
+    assert_errno(caught, errno.EISDIR)
+
+
+@trio_test
+async def test_open_keeps_the_page_cache_and_hands_out_distinct_handles(fs: Mounted) -> None:
+    inode = await fs.inode("a.txt")
+    first = await fs.ops.open(inode, os.O_RDONLY)
+    second = await fs.ops.open(inode, os.O_RDONLY | os.O_NOATIME)
+    assert first.keep_cache
+    assert first.fh != second.fh
+
+
+@trio_test
+async def test_read_returns_the_pinned_bytes(fs: Mounted) -> None:
+    data = bytes(range(256)) * 3
+    fh = await fs.open("a.txt")
+    assert await fs.ops.read(fh, 0, 4096) == data
+    assert await fs.ops.read(fh, 60, 10) == data[60:70]
+    assert await fs.ops.read(fh, 700, 4096) == data[700:]
+    assert await fs.ops.read(fh, 768, 10) == b""
+    assert await fs.ops.read(await fs.open("old.txt"), 0, 100) == b"written before versioning\n"
+    assert await fs.ops.read(await fs.open("sub/deeper/c.bin"), 0, 100) == b""
+    await fs.ops.flush(fh)
+    await fs.ops.fsync(fh, True)
+    await fs.ops.release(fh)
+
+
+@trio_test
+async def test_reads_pin_version_and_etag(fs: Mounted) -> None:
+    await fs.ops.read(await fs.open("old.txt"), 0, 10)
+    await fs.ops.read(await fs.open("a.txt"), 0, 10)
+    sent = {ref.key: (ref.version_id, ref.etag) for ref, _, _ in fs.source.ranges}
+    assert sent["data/old.txt"] == ("null", fs.refs["old.txt"].etag)
+    assert sent["data/a.txt"] == (fs.refs["a.txt"].version_id, fs.refs["a.txt"].etag)
+
+
+@trio_test
+async def test_read_after_release_is_ebadf(fs: Mounted) -> None:
+    fh = await fs.open("a.txt")
+    await fs.ops.release(fh)
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.ops.read(fh, 0, 10)
+    assert_errno(caught, errno.EBADF)
+
+
+@trio_test
+async def test_read_of_an_overwritten_object_is_estale_and_logged_once(
+    plain_fs: Mounted, caplog: pytest.LogCaptureFixture
+) -> None:
+    fh = await plain_fs.open("file.csv")
+    plain_fs.source.put("plain", "dir/file.csv", b"different bytes")
+    with caplog.at_level(logging.ERROR, logger="s3datafs.fuse_ops"):
+        for _ in range(3):
+            with pytest.raises(pyfuse3.FUSEError) as caught:
+                await plain_fs.ops.read(fh, 0, 100)
+            assert_errno(caught, errno.ESTALE)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "s3://plain/dir/file.csv" in errors[0].getMessage()
+
+
+@trio_test
+async def test_read_of_a_removed_version_is_estale(fs: Mounted) -> None:
+    ref = fs.refs["sub/b.bin"]
+    fs.source.put("bkt", ref.key, b"newer")
+    fh = await fs.open("sub/b.bin")
+    assert await fs.ops.read(fh, 0, 3) == b"bbb"  # the pinned version, not the newer one
+    fs.source.delete_version("bkt", ref.key, ref.version_id or "")
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.ops.read(fh, 64, 10)
+    assert_errno(caught, errno.ESTALE)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [(AccessDeniedError("denied"), errno.EACCES), (TransientS3Error("SlowDown"), errno.EIO)],
+)
+@trio_test
+async def test_typed_source_errors_become_their_errno(
+    fs: Mounted, exc: Exception, expected: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    fh = await fs.open("a.txt")
+    fs.source.fail_next(1, exc)
+    with caplog.at_level(logging.ERROR, logger="s3datafs.fuse_ops"), pytest.raises(
+        pyfuse3.FUSEError
+    ) as caught:
+        await fs.ops.read(fh, 0, 10)
+    assert_errno(caught, expected)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [str(exc)]
+    assert await fs.ops.read(fh, 0, 3) == b"\x00\x01\x02"  # and the next read retries
+
+
+# -- unexpected errors ----------------------------------------------------------------------------
+
+
+@trio_test
+async def test_an_unexpected_exception_becomes_eio_and_is_logged_with_its_traceback(
+    fs: Mounted, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(inode: int) -> None:
+        raise RuntimeError("catalog exploded")
+
+    monkeypatch.setattr(fs.catalog, "get", broken)
+    with caplog.at_level(logging.ERROR, logger="s3datafs.fuse_ops"), pytest.raises(
+        pyfuse3.FUSEError
+    ) as caught:
+        await fs.ops.getattr(ROOT)
+    assert_errno(caught, errno.EIO)
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "getattr" in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
+
+
+@trio_test
+async def test_an_unexpected_error_from_the_source_becomes_eio(
+    fs: Mounted, caplog: pytest.LogCaptureFixture
+) -> None:
+    fh = await fs.open("a.txt")
+    fs.source.fail_next(1, KeyError("surprise"))
+    with caplog.at_level(logging.ERROR, logger="s3datafs.fuse_ops"), pytest.raises(
+        pyfuse3.FUSEError
+    ) as caught:
+        await fs.ops.read(fh, 0, 10)
+    assert_errno(caught, errno.EIO)
+    assert any(r.exc_info and "read" in r.getMessage() for r in caplog.records)
+
+
+# -- read-only ------------------------------------------------------------------------------------
+
+
+def write_like_calls(file_inode: int) -> dict[str, tuple[Any, ...]]:
+    """Each write-like handler with arguments of the shape pyfuse3 passes."""
+    ctx = None
+    return {
+        "setattr": (file_inode, pyfuse3.EntryAttributes(), pyfuse3.SetattrFields(), None, ctx),
+        "mknod": (ROOT, b"node", stat.S_IFREG | 0o644, 0, ctx),
+        "mkdir": (ROOT, b"newdir", 0o755, ctx),
+        "unlink": (ROOT, b"a.txt", ctx),
+        "rmdir": (ROOT, b"sub", ctx),
+        "symlink": (ROOT, b"link", b"a.txt", ctx),
+        "rename": (ROOT, b"a.txt", ROOT, b"b.txt", 0, ctx),
+        "link": (file_inode, ROOT, b"hard", ctx),
+        "create": (ROOT, b"new.txt", 0o644, os.O_WRONLY | os.O_CREAT, ctx),
+        "write": (1, 0, b"data"),
+        "setxattr": (file_inode, b"user.x", b"1", ctx),
+        "removexattr": (file_inode, b"user.s3datafs.uri", ctx),
+    }
+
+
+@pytest.mark.parametrize("handler", list(write_like_calls(0)))
+@trio_test
+async def test_every_write_like_handler_is_erofs(fs: Mounted, handler: str) -> None:
+    args = write_like_calls(await fs.inode("a.txt"))[handler]
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await getattr(fs.ops, handler)(*args)
+    assert_errno(caught, errno.EROFS)
+    assert (await fs.ops.lookup(ROOT, b"a.txt")).st_size == 768  # nothing changed
+
+
+# -- extended attributes --------------------------------------------------------------------------
+
+
+async def xattrs(mounted: Mounted, inode: int) -> dict[str, str]:
+    names = await mounted.ops.listxattr(inode)
+    return {name.decode(): (await mounted.ops.getxattr(inode, name)).decode() for name in names}
+
+
+@trio_test
+async def test_file_xattrs_name_the_pinned_object(fs: Mounted) -> None:
+    ref = fs.refs["a.txt"]
+    assert await xattrs(fs, await fs.inode("a.txt")) == {
+        "user.s3datafs.uri": "s3://bkt/data/a.txt",
+        "user.s3datafs.etag": ref.etag.strip('"'),
+        "user.s3datafs.version_id": ref.version_id,
+    }
+    assert '"' not in ref.etag.strip('"')
+
+
+@trio_test
+async def test_pre_versioning_file_has_the_null_version_xattr(fs: Mounted) -> None:
+    values = await xattrs(fs, await fs.inode("old.txt"))
+    assert values["user.s3datafs.version_id"] == "null"
+
+
+@trio_test
+async def test_unversioned_file_has_no_version_xattr(plain_fs: Mounted) -> None:
+    inode = await plain_fs.inode("file.csv")
+    values = await xattrs(plain_fs, inode)
+    assert set(values) == {"user.s3datafs.uri", "user.s3datafs.etag"}
+    assert values["user.s3datafs.uri"] == "s3://plain/dir/file.csv"
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await plain_fs.ops.getxattr(inode, b"user.s3datafs.version_id")
+    assert_errno(caught, pyfuse3.ENOATTR)
+
+
+@trio_test
+async def test_root_xattrs_describe_the_snapshot(fs: Mounted) -> None:
+    values = await xattrs(fs, ROOT)
+    assert values["user.s3datafs.uri"] == "s3://bkt/data/"
+    assert values["user.s3datafs.object_count"] == str(MANY + 4)
+    stats = json.loads(values["user.s3datafs.stats"])
+    assert set(stats) >= {"s3_requests", "bytes_served"}
+
+
+@trio_test
+async def test_plain_directories_have_no_xattrs(fs: Mounted) -> None:
+    assert await fs.ops.listxattr(await fs.inode("sub")) == []
+
+
+@pytest.mark.parametrize(
+    "name", [b"user.s3datafs.nope", b"user.other", b"security.selinux", b"user.s3datafs."]
+)
+@trio_test
+async def test_unknown_xattr_is_enoattr(fs: Mounted, name: bytes) -> None:
+    for inode in (ROOT, await fs.inode("a.txt")):
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await fs.ops.getxattr(inode, name)
+        assert_errno(caught, pyfuse3.ENOATTR)
+
+
+@trio_test
+async def test_xattrs_of_an_unknown_inode_are_enoent(fs: Mounted) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.ops.listxattr(10**9)
+    assert_errno(caught, errno.ENOENT)
+
+
+# -- statfs ---------------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_statfs_reports_total_bytes_and_counts(fs: Mounted) -> None:
+    total = sum(ref.size for ref in fs.refs.values())
+    meta = fs.catalog.meta
+    assert meta.total_bytes == total
+    data = await fs.ops.statfs()
+    assert data.f_frsize == 4096
+    assert data.f_blocks * data.f_frsize >= total > (data.f_blocks - 1) * data.f_frsize
+    assert data.f_files == len(fs.refs) + 3  # files and sub, sub/deeper, many (root not counted)
+    assert (data.f_bfree, data.f_bavail, data.f_ffree) == (0, 0, 0)
+    assert data.f_namemax == 255

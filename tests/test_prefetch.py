@@ -1,0 +1,72 @@
+"""The readahead policy: grows on sequential reads, resets on seeks, stays bounded, asks once."""
+
+from __future__ import annotations
+
+import pytest
+
+from s3datafs.prefetch import Readahead
+
+MiB = 1024 * 1024
+SIZE = 1024 * MiB
+
+
+def sequential(readahead: Readahead, reads: int, size: int = 128 * 1024, start: int = 0) -> list:
+    return [readahead.on_read(start + i * size, size, SIZE) for i in range(reads)]
+
+
+def test_window_grows_by_doubling_up_to_the_cap() -> None:
+    readahead = Readahead(initial=MiB, maximum=8 * MiB)
+    windows = []
+    for i in range(8):
+        readahead.on_read(i * MiB, MiB, SIZE)
+        windows.append(readahead.window)
+    assert windows == [MiB, 2 * MiB, 4 * MiB, 8 * MiB, 8 * MiB, 8 * MiB, 8 * MiB, 8 * MiB]
+
+
+def test_requests_never_overlap_and_stay_ahead_of_the_reader() -> None:
+    readahead = Readahead(initial=MiB, maximum=16 * MiB)
+    asked = [r for r in sequential(readahead, 400) if r is not None]
+    for (_, previous_end), (start, _) in zip(asked, asked[1:], strict=False):
+        assert start >= previous_end
+    assert all(stop - start >= MiB // 2 for start, stop in asked[1:])  # no slivers
+    assert asked[-1][1] > 400 * 128 * 1024  # ahead of the last read
+
+
+def test_a_seek_resets_the_window_and_random_reads_fetch_nothing_ahead() -> None:
+    readahead = Readahead(initial=MiB, maximum=16 * MiB)
+    sequential(readahead, 20, size=MiB)
+    assert readahead.window == 16 * MiB
+    assert readahead.on_read(500 * MiB, 4096, SIZE) is None
+    assert readahead.window == MiB
+    offsets = [700 * MiB, 3 * MiB, 900 * MiB, 100 * MiB, 901 * MiB, 50 * MiB]
+    assert [readahead.on_read(o, 4096, SIZE) for o in offsets] == [None] * len(offsets)
+
+
+def test_a_random_read_landing_near_the_last_one_does_not_start_readahead() -> None:
+    readahead = Readahead(initial=MiB, maximum=16 * MiB)
+    readahead.on_read(300 * MiB, 4096, SIZE)
+    assert readahead.on_read(300 * MiB + 200 * 1024, 4096, SIZE) is None  # near by chance
+    assert readahead.on_read(300 * MiB + 204 * 1024 + 4096, 4096, SIZE) is not None  # a streak
+
+
+def test_the_start_of_a_file_reads_ahead_at_once_and_clamps_to_the_size() -> None:
+    readahead = Readahead(initial=MiB, maximum=16 * MiB)
+    assert readahead.on_read(0, 128 * 1024, SIZE) == (128 * 1024, 128 * 1024 + MiB)
+    small = Readahead(initial=MiB, maximum=16 * MiB)
+    assert small.on_read(0, 65536, 65536) is None  # a small file read whole: nothing ahead
+
+
+def test_kernel_reordering_within_the_window_stays_sequential() -> None:
+    readahead = Readahead(initial=MiB, maximum=16 * MiB)
+    sequential(readahead, 6, size=MiB)
+    window = readahead.window
+    readahead.on_read(7 * MiB, MiB, SIZE)  # 6 MiB arrives after 7 MiB
+    readahead.on_read(6 * MiB, MiB, SIZE)
+    assert readahead.window >= window
+
+
+def test_bad_bounds_are_refused() -> None:
+    with pytest.raises(ValueError, match="initial"):
+        Readahead(initial=0, maximum=MiB)
+    with pytest.raises(ValueError, match="initial"):
+        Readahead(initial=2 * MiB, maximum=MiB)

@@ -1,0 +1,495 @@
+"""BlockReader against FakeSource: exact bytes, pinned block-aligned GETs, caching, single-flight.
+
+Objects are small and blocks are 16 bytes, so every boundary case is a few bytes away. Each test
+runs its own ``trio.run`` (``trio_test``); concurrency is made deterministic with the fake's gate:
+every GET is held until the test has lined up all its readers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+import trio
+import trio.testing
+from fakes import FakeSource, trio_test
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from s3datafs.errors import StaleObjectError, TransientS3Error
+from s3datafs.model import ObjectRef
+from s3datafs.prefetch import Readahead
+from s3datafs.reader import BlockReader
+
+BUCKET = "data"
+BLOCK = 16
+DATA = bytes((i * 7 + i // 13) % 256 for i in range(100))  # 6 full blocks and 4 bytes
+BOUNDARY_OFFSETS = [0, 1, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 79, 80, 95, 96, 99, 100, 101, 164]
+LENGTHS = [0, 1, 2, 15, 16, 17, 31, 32, 33, 48, 99, 100, 101, 1000]
+
+
+def make_source(data: bytes = DATA, *, versioned: bool = False) -> tuple[FakeSource, ObjectRef]:
+    source = FakeSource()
+    source.create_bucket(BUCKET, versioned=versioned)
+    return source, source.put(BUCKET, "obj.bin", data)
+
+
+def make_reader(
+    source: FakeSource,
+    *,
+    memory_cache_bytes: int = 1 << 20,
+    connections: int = 8,
+    max_request_bytes: int = 1 << 20,
+) -> BlockReader:
+    return BlockReader(
+        source,
+        block_size=BLOCK,
+        memory_cache_bytes=memory_cache_bytes,
+        s3_limiter=trio.CapacityLimiter(connections),
+        max_request_bytes=max_request_bytes,
+    )
+
+
+def expected(offset: int, length: int, data: bytes = DATA) -> bytes:
+    """The reference answer: the object's bytes, clamped at EOF, empty for a negative offset."""
+    return b"" if offset < 0 or length <= 0 else data[offset : offset + length]
+
+
+def blocks_spanned(offset: int, length: int, size: int = len(DATA)) -> int:
+    end = min(offset + length, size)
+    return 0 if offset < 0 or offset >= end else (end - 1) // BLOCK - offset // BLOCK + 1
+
+
+# -- bytes ----------------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_reads_equal_reference_bytes_across_block_boundaries() -> None:
+    source, ref = make_source()
+    reader = make_reader(source)
+    for offset, length in itertools.product(BOUNDARY_OFFSETS, LENGTHS):
+        assert await reader.read(ref, offset, length) == expected(offset, length), (offset, length)
+
+
+@trio_test
+async def test_reads_equal_reference_bytes_with_a_cold_cache_every_time() -> None:
+    source, ref = make_source()
+    for offset, length in itertools.product(BOUNDARY_OFFSETS, LENGTHS):
+        reader = make_reader(source)
+        assert await reader.read(ref, offset, length) == expected(offset, length), (offset, length)
+
+
+@trio_test
+async def test_empty_past_eof_and_negative_reads_return_nothing_without_a_get() -> None:
+    source, ref = make_source()
+    reader = make_reader(source)
+    assert await reader.read(ref, 0, 0) == b""
+    assert await reader.read(ref, 50, 0) == b""
+    assert await reader.read(ref, len(DATA), 10) == b""
+    assert await reader.read(ref, len(DATA) + 1000, 10) == b""
+    assert await reader.read(ref, -1, 10) == b""
+    assert await reader.read(ref, 10, -5) == b""
+    assert source.calls["get_range"] == 0
+
+
+@trio_test
+async def test_empty_object_reads_as_empty_without_a_get() -> None:
+    source, ref = make_source(b"")
+    reader = make_reader(source)
+    assert await reader.read(ref, 0, 4096) == b""
+    assert source.calls["get_range"] == 0
+
+
+@trio_test
+async def test_object_of_exactly_one_block_and_of_one_byte() -> None:
+    for data in (DATA[:BLOCK], DATA[:1], DATA[: 2 * BLOCK]):
+        source, ref = make_source(data)
+        reader = make_reader(source)
+        assert await reader.read(ref, 0, 1000) == data
+        assert source.ranges == [(ref, 0, len(data))]
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_gets_are_block_aligned_and_clamped_to_the_object() -> None:
+    source, ref = make_source()
+    reader = make_reader(source)
+    await reader.read(ref, 20, 30)  # bytes 20..49 span blocks 1..3
+    assert source.ranges == [(ref, 16, 64)]
+    await reader.read(ref, 90, 50)  # blocks 5..6; the last one is short
+    assert source.ranges[1:] == [(ref, 80, 100)]
+
+
+@trio_test
+async def test_gets_carry_the_pinned_version_and_etag() -> None:
+    source, ref = make_source(versioned=True)
+    reader = make_reader(source)
+    assert ref.version_id is not None
+    await reader.read(ref, 0, 10)
+    (sent, _, _), = source.ranges
+    assert (sent.version_id, sent.etag) == (ref.version_id, ref.etag)
+    assert sent.etag.startswith('"')
+    assert sent.etag.endswith('"')
+
+
+@trio_test
+async def test_missing_blocks_are_coalesced_into_one_get_per_run() -> None:
+    source, ref = make_source()
+    reader = make_reader(source)
+    await reader.read(ref, 2 * BLOCK, 1)  # block 2 cached
+    await reader.read(ref, 5 * BLOCK, 1)  # block 5 cached
+    source.ranges.clear()
+    assert await reader.read(ref, 0, len(DATA)) == DATA
+    runs = sorted((start, end) for _, start, end in source.ranges)
+    assert runs == [(0, 32), (48, 80), (96, 100)]  # blocks 0-1, 3-4, 6
+
+
+@trio_test
+async def test_second_read_of_the_same_bytes_makes_zero_gets() -> None:
+    source, ref = make_source()
+    reader = make_reader(source)
+    first = await reader.read(ref, 7, 60)
+    gets = source.calls["get_range"]
+    assert await reader.read(ref, 7, 60) == first
+    assert await reader.read(ref, 20, 10) == DATA[20:30]  # any subrange of cached blocks, too
+    assert source.calls["get_range"] == gets == 1
+
+
+@trio_test
+async def test_blocks_are_keyed_by_pin_not_by_key() -> None:
+    source, old = make_source(versioned=True)
+    new = source.put(BUCKET, old.key, DATA[::-1])
+    reader = make_reader(source)
+    assert await reader.read(old, 0, 100) == DATA
+    assert await reader.read(new, 0, 100) == DATA[::-1]
+    assert source.calls["get_range"] == 2
+
+
+# -- single-flight --------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_concurrent_reads_of_one_block_make_exactly_one_get() -> None:
+    source, ref = make_source()
+    reader = make_reader(source)
+    source.gate = gate = threading.Event()
+    results: dict[int, bytes] = {}
+
+    async def read_at(offset: int) -> None:
+        results[offset] = await reader.read(ref, offset, 3)
+
+    async with trio.open_nursery() as nursery:
+        for offset in range(0, BLOCK - 2):
+            nursery.start_soon(read_at, offset)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert results == {offset: DATA[offset : offset + 3] for offset in range(BLOCK - 2)}
+    assert source.calls["get_range"] == 1
+
+
+@trio_test
+async def test_overlapping_concurrent_reads_share_blocks_and_fetch_only_the_rest() -> None:
+    source, ref = make_source()
+    reader = make_reader(source)
+    source.gate = gate = threading.Event()
+    results = {}
+
+    async def read(name: str, offset: int, length: int) -> None:
+        results[name] = await reader.read(ref, offset, length)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, "a", 0, 4 * BLOCK)  # blocks 0-3
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(read, "b", 2 * BLOCK, 4 * BLOCK)  # blocks 2-5: 2-3 are in flight
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert results == {"a": DATA[: 4 * BLOCK], "b": DATA[2 * BLOCK : 6 * BLOCK]}
+    assert sorted((s, e) for _, s, e in source.ranges) == [(0, 64), (64, 96)]
+
+
+@trio_test
+async def test_an_error_reaches_every_waiter_and_a_later_read_retries() -> None:
+    source, ref = make_source()
+    reader = make_reader(source)
+    source.gate = gate = threading.Event()
+    source.fail_next(1, TransientS3Error("SlowDown"))
+    errors: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            await reader.read(ref, 3, 5)
+        except TransientS3Error as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert len(errors) == 5
+    assert all(str(exc) == "SlowDown" for exc in errors)
+    assert source.calls["get_range"] == 1
+    # The failed flight is gone: the next read sends a new GET and succeeds.
+    assert await reader.read(ref, 3, 5) == DATA[3:8]
+    assert source.calls["get_range"] == 2
+
+
+@trio_test
+async def test_a_failed_run_does_not_poison_other_runs_of_the_same_read() -> None:
+    source, ref = make_source()
+    reader = make_reader(source)
+    await reader.read(ref, 2 * BLOCK, 1)  # splits a full read into two runs
+    source.fail_next(1, TransientS3Error("boom"))
+    with pytest.raises(TransientS3Error):
+        await reader.read(ref, 0, len(DATA))
+    assert await reader.read(ref, 0, len(DATA)) == DATA
+
+
+@trio_test
+async def test_a_waiter_survives_the_cancellation_of_the_reader_that_started_the_flight() -> None:
+    # The first reader's GET waits for a connection (the limiter's only token is taken by a GET
+    # of another object) and is then cancelled, as a prefetch or an interrupted request may be.
+    # The second reader, already waiting on the same block, must still get the bytes (or a typed
+    # error), never an internal KeyError.
+    source, ref = make_source()
+    other = source.put(BUCKET, "other.bin", DATA)
+    reader = make_reader(source, connections=1)
+    source.gate = gate = threading.Event()
+    first_reader = trio.CancelScope()
+    outcome: dict[str, object] = {}
+
+    async def first() -> None:
+        with first_reader:
+            await reader.read(ref, 0, 4)  # starts the flight, waits for the connection
+
+    async def second() -> None:
+        try:
+            outcome["second"] = await reader.read(ref, 0, 4)  # joins the flight
+        except Exception as exc:  # recorded, so the assertion below shows it
+            outcome["second"] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader.read, other, 0, 4)  # holds the only connection
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        first_reader.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert first_reader.cancelled_caught
+    assert outcome["second"] == DATA[:4]
+    assert source.calls["get_range"] == 2  # other.bin, then ref once, by the waiter
+
+
+@trio_test
+async def test_an_attached_flight_survives_the_cancellation_of_the_reader_that_started_it() -> None:
+    # As mounted: flights run in the mount's nursery, so a cancelled reader leaves its flight
+    # running for everyone else waiting on it.
+    source, ref = make_source()
+    reader = make_reader(source)
+    source.gate = gate = threading.Event()
+    first_reader = trio.CancelScope()
+    outcome: dict[str, bytes] = {}
+
+    async def first() -> None:
+        with first_reader:
+            await reader.read(ref, 0, 4)
+
+    async def second() -> None:
+        outcome["second"] = await reader.read(ref, 0, 4)
+
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        async with trio.open_nursery() as readers:
+            readers.start_soon(first)
+            await trio.testing.wait_all_tasks_blocked()
+            readers.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            first_reader.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert first_reader.cancelled_caught
+    assert outcome == {"second": DATA[:4]}
+    assert source.calls["get_range"] == 1
+
+
+@trio_test
+async def test_long_runs_are_split_at_max_request_bytes() -> None:
+    source, ref = make_source()
+    reader = make_reader(source, max_request_bytes=2 * BLOCK)
+    assert await reader.read(ref, 0, len(DATA)) == DATA
+    assert sorted((s, e) for _, s, e in source.ranges) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+
+
+@trio_test
+async def test_sequential_reads_prefetch_ahead_and_foreground_reads_join_prefetch() -> None:
+    data = DATA * 10  # 1000 bytes
+    source, ref = make_source(data)
+    reader = make_reader(source)
+    readahead = Readahead(initial=4 * BLOCK, maximum=8 * BLOCK)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        assert await reader.read(ref, 0, BLOCK, readahead) == data[:BLOCK]
+        ahead = reader.stats.prefetched_blocks * BLOCK
+        assert ahead > 0
+        # Whether the prefetch has landed or is still in flight, this read sends no GET.
+        assert await reader.read(ref, BLOCK, ahead) == data[BLOCK : BLOCK + ahead]
+        mount_tasks.cancel_scope.cancel()
+    assert sorted((s, e) for _, s, e in source.ranges) == [(0, BLOCK), (BLOCK, BLOCK + ahead)]
+
+
+# -- pinning --------------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_overwritten_unversioned_object_fails_stale_and_never_returns_new_bytes() -> None:
+    source, ref = make_source()
+    reader = make_reader(source)
+    assert await reader.read(ref, 0, BLOCK) == DATA[:BLOCK]  # block 0 cached before the change
+    source.put(BUCKET, ref.key, b"X" * len(DATA))
+    for offset, length in [(BLOCK, 1), (0, len(DATA)), (50, 10), (95, 100)]:
+        with pytest.raises(StaleObjectError):
+            await reader.read(ref, offset, length)
+    # Blocks fetched before the change are the pinned bytes and may still be served.
+    assert await reader.read(ref, 0, BLOCK) == DATA[:BLOCK]
+
+
+@trio_test
+async def test_overwritten_object_with_the_same_bytes_is_still_served() -> None:
+    source, ref = make_source()
+    source.put(BUCKET, ref.key, DATA)  # same ETag: IfMatch still holds
+    assert await make_reader(source).read(ref, 0, 200) == DATA
+
+
+@trio_test
+async def test_deleted_object_fails_stale() -> None:
+    for versioned in (False, True):
+        source, ref = make_source(versioned=versioned)
+        source.delete(BUCKET, ref.key)
+        reader = make_reader(source)
+        if versioned:  # the pinned version survives a delete marker
+            assert await reader.read(ref, 0, 200) == DATA
+        else:
+            with pytest.raises(StaleObjectError):
+                await reader.read(ref, 0, 200)
+
+
+@trio_test
+async def test_pinned_version_is_served_after_an_overwrite_and_stale_once_removed() -> None:
+    source, ref = make_source(versioned=True)
+    source.put(BUCKET, ref.key, b"new bytes")
+    reader = make_reader(source)
+    assert await reader.read(ref, 0, 32) == DATA[:32]
+    source.delete_version(BUCKET, ref.key, ref.version_id or "")
+    with pytest.raises(StaleObjectError):
+        await reader.read(ref, 32, 32)
+    assert all(sent == ref for sent, _, _ in source.ranges)
+
+
+@trio_test
+async def test_etag_only_pin_on_a_versioned_bucket_fails_stale_after_an_overwrite() -> None:
+    source, versioned_ref = make_source(versioned=True)
+    ref = ObjectRef(BUCKET, versioned_ref.key, None, versioned_ref.etag, len(DATA), 0.0)
+    source.put(BUCKET, ref.key, b"Y" * 200)
+    with pytest.raises(StaleObjectError):
+        await make_reader(source).read(ref, 0, 10)
+
+
+# -- memory bound ---------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_lru_evicts_the_least_recently_used_block_and_refetches_it() -> None:
+    source, ref = make_source()
+    reader = make_reader(source, memory_cache_bytes=2 * BLOCK)
+
+    async def read_block(index: int) -> int:
+        """Read block ``index``; return how many GETs that took."""
+        before = source.calls["get_range"]
+        assert await reader.read(ref, index * BLOCK, BLOCK) == DATA[index * BLOCK :][:BLOCK]
+        return source.calls["get_range"] - before
+
+    assert [await read_block(i) for i in (0, 1)] == [1, 1]
+    assert await read_block(0) == 0  # hit: block 0 becomes most recently used
+    assert await read_block(2) == 1  # evicts block 1, not block 0
+    assert await read_block(0) == 0
+    assert await read_block(1) == 1  # refetched
+
+
+@trio_test
+async def test_a_read_larger_than_the_cache_is_still_served_whole() -> None:
+    source, ref = make_source()
+    reader = make_reader(source, memory_cache_bytes=BLOCK)
+    assert await reader.read(ref, 0, len(DATA)) == DATA
+    assert await reader.read(ref, 0, len(DATA)) == DATA
+
+
+@trio_test
+async def test_a_cache_smaller_than_one_block_caches_nothing_but_reads_work() -> None:
+    source, ref = make_source()
+    reader = make_reader(source, memory_cache_bytes=BLOCK // 2)
+    for _ in range(3):
+        assert await reader.read(ref, 10, 20) == DATA[10:30]
+    assert source.calls["get_range"] == 3
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_read_stats_add_up() -> None:
+    source, ref = make_source()
+    reader = make_reader(source, memory_cache_bytes=3 * BLOCK)
+    requests = [(0, 10), (5, 40), (90, 50), (0, 100), (200, 5), (33, 0), (64, 16), (0, 100)]
+    served = 0
+    for offset, length in requests:
+        served += len(await reader.read(ref, offset, length))
+    stats = reader.stats
+    assert stats.s3_requests == source.calls["get_range"] == len(source.ranges)
+    assert stats.s3_bytes == sum(end - start for _, start, end in source.ranges)
+    assert stats.bytes_served == served
+    assert stats.memory_hits + stats.misses == sum(blocks_spanned(*r) for r in requests)
+    assert stats.misses == sum(-(-(end - start) // BLOCK) for _, start, end in source.ranges)
+    assert stats.memory_hits > 0
+    assert (stats.disk_hits, stats.disk_bytes, stats.cache_write_errors) == (0, 0, 0)
+    assert stats.as_dict() == vars(stats)
+
+
+# -- property -------------------------------------------------------------------------------------
+
+_reads = st.lists(
+    st.tuples(st.integers(-3, len(DATA) + 20), st.integers(0, 4 * BLOCK + 3)), max_size=25
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(reads=_reads, cache_blocks=st.integers(0, 8), concurrent=st.booleans())
+def test_any_sequence_of_reads_equals_the_reference(
+    reads: list[tuple[int, int]], cache_blocks: int, concurrent: bool
+) -> None:
+    source, ref = make_source()
+    reader = make_reader(source, memory_cache_bytes=cache_blocks * BLOCK, connections=3)
+    results: dict[int, bytes] = {}
+
+    async def read(index: int, offset: int, length: int) -> None:
+        results[index] = await reader.read(ref, offset, length)
+
+    async def main() -> None:
+        if concurrent:
+            async with trio.open_nursery() as nursery:
+                for index, (offset, length) in enumerate(reads):
+                    nursery.start_soon(read, index, offset, length)
+        else:
+            for index, (offset, length) in enumerate(reads):
+                await read(index, offset, length)
+
+    trio.run(main)
+    assert results == {i: expected(offset, length) for i, (offset, length) in enumerate(reads)}
+    for _, start, end in source.ranges:
+        assert start % BLOCK == 0
+        assert end % BLOCK == 0 or end == len(DATA)
