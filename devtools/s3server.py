@@ -12,6 +12,17 @@ of successful GetObject responses and keeps the last 2000 request records.  ``GE
 never counted.  Stats also carry ``fast_gets``, the number of GETs the fast path answered.
 werkzeug's per-request access log is off (the stats are the record); errors still go to stderr.
 
+Keep-alive: werkzeug's dev server speaks HTTP/1.1 but sends ``Connection: close`` on every
+response, and after each response drains whatever the socket holds (which, on a persistent
+connection, would swallow the client's next request).  S3 keeps connections open, and a new TCP
+connection per request penalises every client, the more so behind injected latency.  So the
+request handler (:func:`keepalive_handler`) keeps connections open: werkzeug's drain reads an empty
+buffer, the app reads the body through a stream limited to Content-Length, the unread rest of a
+body (up to 1 MiB) is drained after the response, and the connection is closed instead when the
+request body was chunked, the client asked for ``close``, or the app failed after the response
+started (:class:`FailureMark` notices; a truncated body must end the connection).  Every
+response carries Content-Length or is chunked (werkzeug chunks a body of unknown length).
+
 Fast ranges (default on): stock moto copies the whole object for every ranged GET.  For a plain
 GetObject with a single ``Range: bytes=a-b`` (or ``a-``, ``-n``) the middleware looks the key up in
 moto's in-process backend and streams just the slice from ``FakeKey._value_buffer``.  Invariant:
@@ -24,6 +35,12 @@ virtual-host requests, IAM auth - is handed to moto unchanged, so error response
 Buffer reads happen under ``FakeKey.lock`` in bounded chunks; the first chunk is read under the
 same lock as the size/ETag snapshot, so ranges up to one chunk are atomic.
 
+Big buckets (``devtools/s3fastlist.py``): ``--fast-listing`` (default on) replaces moto's
+ListObjectsV2 and ListObjectVersions with equivalents that walk a sorted key index instead of
+scanning the bucket per page, and ``POST /__s3server__/populate`` (JSON ``{"bucket": B,
+"objects": [[key, size], ...]}``, :meth:`S3Server.populate`) creates objects in moto's in-process
+backend at ~40,000/s, so a million-key bucket takes seconds to fill and to list.
+
 Client side: :class:`S3Server` starts the script as a subprocess with a clean dummy AWS
 environment (:func:`clean_aws_env`), stderr to a log file in a temp dir.  moto is imported only in
 the server process, never by importing this module.
@@ -34,7 +51,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import io
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -46,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -60,6 +80,8 @@ def _names(text: str) -> frozenset[str]:
 CONTROL_PREFIX = "/__s3server__/"
 HISTORY = 2000
 CHUNK = 1 << 20
+KEEPALIVE_DRAIN = 1 << 20  # unread request-body bytes drained to keep a connection; more: close
+FAILED = "s3server.failed"  # environ key set by FailureMark
 READY_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 LIST_PARAMS = _names(
@@ -372,6 +394,8 @@ class S3Middleware:
         elif action == ("POST", "reset"):
             self.stats.reset()
             status, payload = "200 OK", {"reset": True}
+        elif action == ("POST", "populate"):
+            status, payload = _populate(environ)
         else:
             status, payload = "404 Not Found", {"error": f"unknown control request {action}"}
         body = json.dumps(payload).encode()
@@ -379,6 +403,110 @@ class S3Middleware:
             status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         )
         return [body]
+
+
+def _fastlist() -> Any:
+    """devtools/s3fastlist.py, whether this file runs as a script or as ``devtools.s3server``."""
+    import importlib
+
+    return importlib.import_module(f"{__package__}.s3fastlist" if __package__ else "s3fastlist")
+
+
+def _populate(environ: Environ) -> tuple[str, dict[str, Any]]:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        request = json.loads(environ["wsgi.input"].read(length))
+        return "200 OK", _fastlist().populate(request)
+    except Exception as exc:  # a missing bucket, a malformed request: say so, keep serving
+        return "400 Bad Request", {"error": f"{type(exc).__name__}: {exc}"}
+
+
+# ---------------------------------------------------------------- HTTP/1.1 keep-alive
+
+
+class FailureMark:
+    """WSGI wrapper: sets ``environ[FAILED]`` when the app raises, before or while streaming."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            body = self.app(environ, start_response)
+        except BaseException:
+            environ[FAILED] = True
+            raise
+        return self._iterate(body, environ)
+
+    @staticmethod
+    def _iterate(body: Iterable[bytes], environ: Environ) -> Iterator[bytes]:
+        try:
+            yield from body
+        except BaseException:
+            environ[FAILED] = True
+            raise
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+
+def keepalive_handler(base: type) -> type:
+    """A subclass of werkzeug request handler ``base`` with persistent connections (see top)."""
+    from werkzeug.serving import DechunkedInput
+    from werkzeug.wsgi import LimitedStream
+
+    class KeepAliveHandler(base):  # type: ignore[misc, valid-type]
+        protocol_version = "HTTP/1.1"
+        # Headers and body go out in separate writes: with Nagle on, a small body waits for the
+        # client's delayed ACK of the headers (40 ms per request on a reused connection).
+        disable_nagle_algorithm = True
+        _socket_in: Any = None
+        _body: Any = None
+        _keep = False
+
+        def log_request(self, *args: Any, **kwargs: Any) -> None:  # no per-request access log
+            pass
+
+        def run_wsgi(self) -> None:
+            # werkzeug drains self.rfile after the response: give it an empty buffer instead.
+            self._socket_in, self.rfile = self.rfile, io.BytesIO()
+            try:
+                super().run_wsgi()
+            finally:
+                self.rfile = self._socket_in
+            environ = getattr(self, "environ", {})
+            if not (self._keep and not environ.get(FAILED) and self._drain()):
+                self.close_connection = True
+
+        def make_environ(self) -> Environ:
+            environ = super().make_environ()
+            self._keep, self._body = not self.close_connection, None
+            if environ.get("wsgi.input_terminated"):  # chunked request body: read it, then close
+                environ["wsgi.input"] = DechunkedInput(self._socket_in)
+                self._keep = False
+            else:
+                length = int(environ.get("CONTENT_LENGTH") or 0)
+                self._body = environ["wsgi.input"] = LimitedStream(self._socket_in, length)
+            return environ
+
+        def send_header(self, keyword: str, value: str) -> None:
+            if keyword.lower() == "connection" and self._keep:
+                return  # werkzeug always says close; whether to close is decided above
+            super().send_header(keyword, value)
+
+        def _drain(self) -> bool:
+            """Read the unread rest of the request body; False if too long or it fails."""
+            body = self._body
+            if body is None or body.limit - body.tell() > KEEPALIVE_DRAIN:
+                return False
+            try:
+                body.exhaust()
+            except Exception:
+                return False
+            return True
+
+    return KeepAliveHandler
 
 
 # ---------------------------------------------------------------- the server process
@@ -408,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file")
     parser.add_argument("--fast-ranges", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fast-listing", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     try:
         host = loopback_host(args.host)
@@ -417,14 +546,13 @@ def main(argv: list[str] | None = None) -> int:
     from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
-    class QuietHandler(MotoRequestHandler):
-        def log_request(self, *args: Any, **kwargs: Any) -> None:  # no per-request access log
-            pass
-
+    if args.fast_listing:
+        _fastlist().install()
     app = S3Middleware(
         DomainDispatcherApplication(create_backend_app), fast_ranges=args.fast_ranges
     )
-    server = make_server(host, args.port, app, threaded=True, request_handler=QuietHandler)
+    handler = keepalive_handler(MotoRequestHandler)
+    server = make_server(host, args.port, FailureMark(app), threaded=True, request_handler=handler)
     url = f"http://{f'[{host}]' if ':' in host else host}:{server.server_port}"
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
@@ -470,8 +598,12 @@ def _pump(stream: IO[bytes], ready: queue.Queue[str | None], log: IO[bytes]) -> 
 class S3Server:
     """The server script as a subprocess; a context manager. See the module docstring."""
 
-    def __init__(self, *, fast_ranges: bool = True, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *, fast_ranges: bool = True, env: dict[str, str] | None = None,
+        fast_listing: bool = True,
+    ) -> None:
         self.fast_ranges, self.extra_env = fast_ranges, dict(env or {})
+        self.fast_listing = fast_listing
         self.endpoint = ""
         self.log_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -488,6 +620,7 @@ class S3Server:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--host", "127.0.0.1", "--port", "0"]
         cmd += [] if self.fast_ranges else ["--no-fast-ranges"]
+        cmd += [] if self.fast_listing else ["--no-fast-listing"]
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -552,6 +685,36 @@ class S3Server:
 
     def ops(self) -> dict[str, int]:
         return self.stats()["ops"]
+
+    @property
+    def pid(self) -> int:
+        """The server process's pid (benchmarks read its CPU time)."""
+        if self._proc is None:
+            raise RuntimeError("S3Server is not running")
+        return self._proc.pid
+
+    def populate(
+        self, bucket: str, objects: Iterable[tuple[str, int]], *, batch: int = 100_000
+    ) -> int:
+        """Create ``(key, size)`` objects in ``bucket`` in process (see s3fastlist); the count.
+
+        Each object's bytes are ``s3fastlist.content(key, size)``. The bucket must exist.
+        """
+        created = 0
+        items = iter(objects)
+        while chunk := [[key, size] for key, size in itertools.islice(items, batch)]:
+            body = json.dumps({"bucket": bucket, "objects": chunk}).encode()
+            request = urllib.request.Request(
+                f"{self.endpoint}{CONTROL_PREFIX}populate", data=body, method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with self._opener.open(request, timeout=600) as response:
+                    created += json.load(response)["created"]
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")
+                raise RuntimeError(f"populate failed: {detail}") from None
+        return created
 
     def client(self) -> Any:
         """A boto3 S3 client for this server, blind to AWS_PROFILE and the ~/.aws files."""

@@ -11,7 +11,10 @@ Schema (one file per snapshot)::
             key TEXT, version_id TEXT, etag TEXT)   -- the pinned object; NULL for directories
     UNIQUE INDEX entries_by_name(parent, name)      -- lookup()
     INDEX entries_by_parent(parent)                 -- children(): (parent, rowid) order, paged
+    markers(inode INTEGER PRIMARY KEY,   -- the directory a "dir/" marker object made
+            key, version_id, etag, size, mtime)     -- the marker object itself, as pinned
     meta(name TEXT PRIMARY KEY, value)              -- format_version, uri, bucket, prefix, ...
+                                                    -- fingerprint, single_object, as_of, ...
 
 The root directory is inode 1 (``ROOT_INODE``, equal to ``pyfuse3.ROOT_INODE``), its own parent,
 named ``""``. Inodes are handed out in arrival order (S3 lists keys in UTF-8 byte order, so a
@@ -29,6 +32,11 @@ Building (``CatalogBuilder`` / ``build_catalog``) streams: rows are inserted in 
 - at finish a directory's mtime becomes the newest mtime among its direct children, computed
   bottom-up (so it is the newest in its subtree); an empty directory keeps its marker's
   LastModified; an empty root takes the ``prefix/`` marker's, else the build time.
+When the build finishes, the catalog computes the dataset ``fingerprint`` (see ``fingerprint``)
+over what it stores: every file row and every marker, in key order (SQLite's BINARY collation
+compares UTF-8 bytes, the order the fingerprint is defined in); ``objects()`` streams the same
+rows in the same order, which is what a snapshot file is written from. So the fingerprint, a
+snapshot and the mount always describe the same objects: exactly those that are shown.
 The database is written to a temporary file next to ``path`` and moved into place with
 ``os.replace`` only when complete: a reader never sees a half-built catalog, and a failed build
 leaves nothing behind. A builder belongs to the thread that created it.
@@ -55,12 +63,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .fingerprint import Fingerprinter
 from .keypath import Unsafe, split_key, strip_prefix
 from .model import ObjectRef
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: markers table; fingerprint, single_object, as_of, marker_count
 ROOT_INODE = 1  # == pyfuse3.ROOT_INODE; not imported: pyfuse3 stays in the FUSE ring
 _BATCH = 10_000  # rows per executemany: amortises the call, keeps the batch a few MiB at most
 _FIRST_PAGE = 128  # children(): a readdir buffer holds roughly this many names
@@ -73,15 +82,28 @@ CREATE TABLE entries (
     is_dir INTEGER NOT NULL, size INTEGER NOT NULL, mtime REAL,
     key TEXT, version_id TEXT, etag TEXT);
 CREATE UNIQUE INDEX entries_by_name ON entries(parent, name);
+CREATE TABLE markers (
+    inode INTEGER PRIMARY KEY, key TEXT NOT NULL, version_id TEXT, etag TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime REAL);
 CREATE TABLE meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 INSERT INTO entries VALUES (1, 1, '', 1, 0, NULL, NULL, NULL, NULL);  -- the root, ROOT_INODE
 """
 
 _Row = tuple[int, int, str, int, int, float | None, str | None, str | None, str | None]
+# Every object shown (files and directory markers) in key order: fingerprint and snapshots.
+_OBJECTS_BY_KEY = """
+SELECT key, version_id, etag, size, mtime FROM entries WHERE is_dir = 0
+UNION ALL SELECT key, version_id, etag, size, mtime FROM markers
+ORDER BY key"""
+_OBJECTS_FETCH = 4096
 
 
 class CatalogError(ConfigError):
     """The catalog file is missing, unreadable, or from another format version: rebuild it."""
+
+
+class UnshowableKey(ValueError):
+    """A strict builder was given a key it would have skipped (the message says why)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +129,10 @@ class CatalogMeta:
     dir_count: int
     skipped_count: int
     created: float
+    fingerprint: str = ""
+    single_object: bool = False
+    as_of: float | None = None  # the point in time the listing was taken at (--as-of)
+    marker_count: int = 0  # directory markers shown (not in object_count / total_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +152,19 @@ class CatalogBuilder:
     """Builds one catalog file: ``add()`` each ref, then ``finish()`` (or ``abort()``).
 
     ``prefix`` ("" or ending in "/") is stripped from every key; a single-object mount passes the
-    key's parent. Use it as a context manager (it aborts on exit unless ``finish()`` succeeded),
-    or call ``abort()`` yourself if ``add()`` or ``finish()`` raises.
+    key's parent and ``single_object=True``; ``as_of`` records a point-in-time listing. A
+    ``strict`` builder raises ``UnshowableKey`` instead of skipping a key with a warning (a
+    snapshot file lists only keys that can be shown, so a skip there means an edited file). Use it
+    as a context manager (it aborts on exit unless ``finish()`` succeeded), or call ``abort()``
+    yourself if ``add()`` or ``finish()`` raises.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, uri: str, bucket: str, prefix: str, versioned: bool
+        self, path: str | os.PathLike[str], *, uri: str, bucket: str, prefix: str, versioned: bool,
+        single_object: bool = False, as_of: float | None = None, strict: bool = False,
     ) -> None:
         strip_prefix("", prefix)  # validates prefix before any file is created
+        self._strict = strict
         self._path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{self._path.name}.", suffix=".tmp",
                                    dir=self._path.parent)
@@ -141,10 +172,11 @@ class CatalogBuilder:
         self._tmp = Path(tmp)
         self._done = False
         self._meta = {"format_version": FORMAT_VERSION, "uri": uri, "bucket": bucket,
-                      "prefix": prefix, "versioned": int(versioned), "created": time.time()}
+                      "prefix": prefix, "versioned": int(versioned), "created": time.time(),
+                      "single_object": int(single_object), "as_of": as_of}
         self._prefix = prefix
         self._dirs: dict[str, int] = {"": ROOT_INODE}
-        self._marker_mtime: dict[int, float] = {}
+        self._markers: dict[int, ObjectRef] = {}  # directory inode -> its marker object
         self._pending: list[_Row | None] = []
         self._pending_files: dict[tuple[int, str], int] = {}  # (parent, name) -> batch index
         self._next_inode = ROOT_INODE + 1
@@ -197,10 +229,14 @@ class CatalogBuilder:
         db = self._connection()
         self._flush()
         db.execute("CREATE INDEX entries_by_parent ON entries(parent)")
+        db.executemany("INSERT INTO markers VALUES (?, ?, ?, ?, ?, ?)",
+                       ((inode, r.key, r.version_id, r.etag, r.size, r.last_modified)
+                        for inode, r in self._markers.items()))
         self._set_dir_mtimes(db)
         summary = CatalogSummary(self._objects, self._bytes, len(self._dirs) - 1, self._skipped)
         meta = {**self._meta, "object_count": summary.object_count, "dir_count": summary.dir_count,
-                "total_bytes": summary.total_bytes, "skipped_count": summary.skipped_count}
+                "total_bytes": summary.total_bytes, "skipped_count": summary.skipped_count,
+                "marker_count": len(self._markers), "fingerprint": _fingerprint(db)}
         db.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", meta.items())
         db.execute("COMMIT")
         db.close()
@@ -227,6 +263,8 @@ class CatalogBuilder:
         return self._db
 
     def _skip(self, key: str, reason: str) -> None:
+        if self._strict:
+            raise UnshowableKey(f"key {key!r} cannot be shown: {reason}")
         log.warning("skipping key %r: %s", key, reason)
         self._skipped += 1
 
@@ -234,7 +272,10 @@ class CatalogBuilder:
         if ref.size > 0:
             log.warning("directory marker %r has %d bytes; they are not shown", ref.key, ref.size)
         inode = ROOT_INODE if not path else self._ensure_dir(path)
-        self._marker_mtime[inode] = ref.last_modified
+        if inode in self._markers:  # cannot happen with S3 (keys are unique); keep the first
+            self._skip(ref.key, "key listed twice")
+            return
+        self._markers[inode] = ref
 
     def _append(self, row: _Row) -> None:
         self._pending.append(row)
@@ -308,7 +349,7 @@ class CatalogBuilder:
     def _set_dir_mtimes(self, db: sqlite3.Connection) -> None:
         """Give every directory the newest mtime of its direct children, deepest first."""
         db.executemany("UPDATE entries SET mtime = ? WHERE inode = ?",
-                       ((mtime, inode) for inode, mtime in self._marker_mtime.items()))
+                       ((ref.last_modified, inode) for inode, ref in self._markers.items()))
         by_depth = sorted(self._dirs.items(), key=lambda item: -item[0].count("/") - bool(item[0]))
         db.executemany(
             "UPDATE entries SET mtime = coalesce((SELECT max(mtime) FROM entries INDEXED BY "
@@ -317,12 +358,22 @@ class CatalogBuilder:
         )
 
 
+def _fingerprint(db: sqlite3.Connection) -> str:
+    """The fingerprint of every object the catalog shows (see module ``fingerprint``)."""
+    digest = Fingerprinter()
+    for key, version_id, etag, size, _mtime in db.execute(_OBJECTS_BY_KEY):
+        digest.add(key, version_id, etag, size)
+    return digest.hexdigest()
+
+
 def build_catalog(
     path: str | os.PathLike[str], refs: Iterable[ObjectRef], *,
     uri: str, bucket: str, prefix: str, versioned: bool,
+    single_object: bool = False, as_of: float | None = None,
 ) -> CatalogSummary:
     """Build the catalog for ``refs`` at ``path`` (replacing any file there) and return totals."""
-    with CatalogBuilder(path, uri=uri, bucket=bucket, prefix=prefix, versioned=versioned) as b:
+    with CatalogBuilder(path, uri=uri, bucket=bucket, prefix=prefix, versioned=versioned,
+                        single_object=single_object, as_of=as_of) as b:
         for ref in refs:
             b.add(ref)
         return b.finish()
@@ -356,6 +407,7 @@ class Catalog:
                 raise
             raise CatalogError(f"cannot read catalog {path}: {exc}") from exc
         fields["versioned"] = bool(fields["versioned"])
+        fields["single_object"] = bool(fields["single_object"])
         return cls(db, CatalogMeta(**fields))
 
     def __enter__(self) -> Catalog:
@@ -399,6 +451,26 @@ class Catalog:
                 return
             after_inode = rows[-1][0]
             page = min(page * 2, _MAX_PAGE)
+
+    def objects(self) -> Iterator[ObjectRef]:
+        """Every object shown (files and directory markers), in key order (UTF-8 bytes).
+
+        One query, fetched in pages under the lock; meant for writing snapshots and diffs, not
+        for the FUSE path (it sorts the whole catalog once, in SQLite's temporary storage).
+        """
+        with self._lock:
+            cursor = self._db.execute(_OBJECTS_BY_KEY)
+        try:
+            while True:
+                with self._lock:
+                    rows = cursor.fetchmany(_OBJECTS_FETCH)
+                if not rows:
+                    return
+                for key, version_id, etag, size, mtime in rows:
+                    yield ObjectRef(self._bucket, key, version_id, etag, size, mtime or 0.0)
+        finally:
+            with self._lock:
+                cursor.close()
 
     def close(self) -> None:
         """Close the database; the catalog must not be used afterwards."""

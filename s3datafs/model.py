@@ -65,6 +65,18 @@ class ObjectSource(Protocol):
         """Every current object under ``prefix``, in S3's key order, pinned."""
         ...
 
+    def list_as_of(self, bucket: str, prefix: str, as_of: float) -> Iterator[ObjectRef]:
+        """Every key under ``prefix`` as it was at ``as_of`` (epoch seconds), in key order.
+
+        Per key the newest version with LastModified <= ``as_of``; a delete marker there hides
+        the key; keys first written later are absent. Versioned buckets only.
+        """
+        ...
+
+    def head_as_of(self, bucket: str, key: str, as_of: float) -> ObjectRef:
+        """The version of one object current at ``as_of``; ``NotFoundError`` if there was none."""
+        ...
+
     def get_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
         """Exactly the bytes ``[start, end)`` of the pinned ``ref``, or an error; never others."""
         ...

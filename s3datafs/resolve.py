@@ -9,6 +9,12 @@ Rules (issue: core mount):
   ref carries its VersionId (``"null"`` for objects written before versioning); an unversioned
   bucket is listed with ListObjectsV2 and pinned by ETag alone. When we may not ask for the
   bucket's versioning state we fall back to ETag pinning and say so.
+- ``as_of`` (epoch seconds) resolves the URI as it was then: the object (or every key under the
+  prefix) in the version current at that time, deleted keys absent, later keys absent. It needs
+  a versioned bucket and is refused, before any listing, on one that is not (or whose
+  versioning state we may not read): the past of an unversioned bucket is gone. It excludes
+  ``--version-id`` (both name a version). Whether ``s3://b/name`` is an object or a prefix is
+  decided at that time too.
 - The listing is streamed, never held whole: the caller feeds it to the catalog builder.
 """
 
@@ -19,7 +25,8 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import NotFoundError, PinMismatchError, UsageError
+from .config import format_time
+from .errors import NotFoundError, PinMismatchError, UnsupportedError, UsageError
 from .model import ObjectRef, ObjectSource, normalize_etag
 from .uri import S3Uri
 
@@ -41,13 +48,20 @@ class Resolution:
     prefix: str  # stripped from every key to place it in the tree
     single_object: bool
     refs: Iterator[ObjectRef]
+    as_of: float | None = None
 
 
-def resolve(source: ObjectSource, uri: S3Uri, pins: Pins = Pins()) -> Resolution:
+def resolve(
+    source: ObjectSource, uri: S3Uri, pins: Pins = Pins(), as_of: float | None = None
+) -> Resolution:
     """Resolve ``uri`` against S3, or raise a user-facing error; see the module rules."""
     if uri.is_explicit_prefix:
         _refuse_pins_on_prefix(uri, pins)
+    if as_of is not None and pins.version_id is not None:
+        raise UsageError("--as-of and --version-id both choose a version: give only one")
     versioning = source.bucket_versioning(uri.bucket)
+    if as_of is not None:
+        return _resolve_as_of(source, uri, pins, as_of, versioning)
     versioned = bool(versioning)
     if not uri.is_explicit_prefix:
         ref = _head_or_none(source, uri, pins)
@@ -59,14 +73,50 @@ def resolve(source: ObjectSource, uri: S3Uri, pins: Pins = Pins()) -> Resolution
             prefix = parent + "/" if parent else ""
             _warn_if_versioning_unknown(versioning, uri, ref.version_id)
             return Resolution(uri, versioned, prefix, True, iter([ref]))
-    _refuse_pins_on_prefix(uri, pins)
     prefix = uri.as_prefix()
     refs = source.list_latest(uri.bucket, prefix, versioned=versioned)
     first = next(refs, None)
     if first is None:
         raise NotFoundError(f"no such object or prefix: {uri}")
+    _refuse_pins_on_prefix(uri, pins)  # only now do we know it is a prefix, not nothing
     _warn_if_versioning_unknown(versioning, uri, None)
     return Resolution(uri, versioned, prefix, False, itertools.chain([first], refs))
+
+
+def _resolve_as_of(
+    source: ObjectSource, uri: S3Uri, pins: Pins, as_of: float, versioning: bool | None
+) -> Resolution:
+    when = format_time(as_of)
+    if versioning is None:
+        raise UnsupportedError(
+            f"--as-of needs the versioning state of bucket {uri.bucket!r}, and "
+            f"GetBucketVersioning was denied: allow it, or drop --as-of"
+        )
+    if not versioning:
+        raise UnsupportedError(
+            f"bucket {uri.bucket!r} is not versioned, so its past is gone: --as-of cannot be "
+            f"honoured; drop it"
+        )
+    if not uri.is_explicit_prefix:
+        ref = _head_as_of_or_none(source, uri, as_of)
+        if ref is not None:
+            _check_etag(ref, pins)
+            parent = uri.key.rpartition("/")[0]
+            return Resolution(uri, True, parent + "/" if parent else "", True, iter([ref]), as_of)
+    prefix = uri.as_prefix()
+    refs = source.list_as_of(uri.bucket, prefix, as_of)
+    first = next(refs, None)
+    if first is None:
+        raise NotFoundError(f"no such object or prefix as of {when}: {uri}")
+    _refuse_pins_on_prefix(uri, pins)
+    return Resolution(uri, True, prefix, False, itertools.chain([first], refs), as_of)
+
+
+def _head_as_of_or_none(source: ObjectSource, uri: S3Uri, as_of: float) -> ObjectRef | None:
+    try:
+        return source.head_as_of(uri.bucket, uri.key, as_of)
+    except NotFoundError:
+        return None
 
 
 def _warn_if_versioning_unknown(versioning: bool | None, uri: S3Uri, version: str | None) -> None:

@@ -1,0 +1,77 @@
+"""The dataset fingerprint: one sha256 that names exactly which bytes a mount shows.
+
+Definition (version 1, documented in the README; changing it needs a new snapshot format):
+
+    fingerprint = sha256( line(o1) + line(o2) + ... ) as 64 lowercase hex digits
+    line(o)     = json.dumps([key, version_id, etag, size], ensure_ascii=False,
+                             separators=(",", ":")) + "\\n", encoded as UTF-8
+
+over every object the mount shows (its files, and the directory markers ``dir/`` that give
+directories their existence and mtime), sorted by key in UTF-8 byte order (keys are unique).
+``key`` is the full S3 key, ``version_id`` the pinned VersionId or ``null`` on an unversioned
+bucket, ``etag`` the ETag *without* its quotes, ``size`` the object's size in bytes. Keys that
+were skipped as unsafe, and files that lost to a directory of the same name, are not shown and
+so not covered: the fingerprint describes what is mounted, nothing else.
+
+Properties: the same objects give the same fingerprint whoever lists them and in whatever order
+(the input is sorted first); changing any key, version, ETag or size changes it. LastModified is
+deliberately not covered: it is not part of an object's identity (S3 never changes it for a
+version, and a mirror of the data would have other times).
+
+``Fingerprinter`` is fed in key order and refuses anything else, so callers cannot get an
+order-dependent digest by mistake. It is a plain object: one thread at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+HEX_LENGTH = 64
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+_FLUSH_BYTES = 1 << 16  # hash in chunks: one update() per line would dominate for 1M objects
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # == json.dumps(...)
+
+
+class OrderError(ValueError):
+    """Objects were fed out of key order (or a key twice)."""
+
+
+def canonical_line(key: str, version_id: str | None, etag: str, size: int) -> bytes:
+    """The canonical encoding of one object (``etag`` with or without quotes)."""
+    record = [key, version_id, etag.strip('"'), size]
+    return (_ENCODER.encode(record) + "\n").encode("utf-8")
+
+
+class Fingerprinter:
+    """Accumulates the fingerprint of objects given in strictly increasing key order."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._buffer = bytearray()
+        self._last_key: str | None = None
+        self.count = 0
+
+    def add(self, key: str, version_id: str | None, etag: str, size: int) -> None:
+        # Python compares str by code point, which is UTF-8 byte order for valid strings.
+        if self._last_key is not None and key <= self._last_key:
+            raise OrderError(f"key {key!r} does not sort after {self._last_key!r}")
+        self._last_key = key
+        self._buffer += canonical_line(key, version_id, etag, size)
+        self.count += 1
+        if len(self._buffer) >= _FLUSH_BYTES:
+            self._flush()
+
+    def hexdigest(self) -> str:
+        self._flush()
+        return self._hash.hexdigest()
+
+    def _flush(self) -> None:
+        self._hash.update(self._buffer)
+        self._buffer.clear()
+
+
+def is_fingerprint(text: str) -> bool:
+    """True if ``text`` has the form of a fingerprint (64 lowercase hex digits)."""
+    return bool(_HEX.match(text))

@@ -1,0 +1,193 @@
+"""Snapshot files without FUSE: the round trip, and every way a file is refused.
+
+Every refusal is a ``SnapshotError`` whose message is one line naming the file; no catalog is
+left behind (the builder writes a temporary file and removes it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from s3datafs.catalog import Catalog, build_catalog
+from s3datafs.model import ObjectRef
+from s3datafs.snapshot import FORMAT, SnapshotError, load_snapshot, read_header, write_snapshot
+
+BUCKET = "bkt"
+
+
+def refs(versioned: bool = True) -> list[ObjectRef]:
+    def r(key: str, size: int, n: int) -> ObjectRef:
+        return ObjectRef(
+            BUCKET,
+            key,
+            f"v{n}" if versioned else None,
+            f'"{n:032x}"',
+            size,
+            1_700_000_000.0 + n / 1000,
+        )
+
+    return [
+        r("data/", 0, 0),  # the prefix's own marker
+        r("data/a.bin", 1000, 1),
+        r("data/dir/", 0, 2),
+        r("data/dir/b.bin", 0, 3),
+        r("data/empty/", 0, 4),
+        r("data/multi.bin", 99, 5),
+        r("data/ü ñ/c\nd.txt", 7, 6),
+    ]
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    path = tmp_path / "source.db"
+    build_catalog(
+        path,
+        refs(),
+        uri=f"s3://{BUCKET}/data/",
+        bucket=BUCKET,
+        prefix="data/",
+        versioned=True,
+        as_of=1_700_000_100.25,
+    )
+    with Catalog.open(path) as opened:
+        yield opened
+
+
+@pytest.fixture
+def snapshot_file(tmp_path: Path, catalog: Catalog) -> Path:
+    path = tmp_path / "snap.jsonl.gz"
+    write_snapshot(catalog, path, name="train")
+    return path
+
+
+def test_round_trip_keeps_every_ref_and_the_fingerprint(
+    tmp_path: Path, catalog: Catalog, snapshot_file: Path
+) -> None:
+    loaded = load_snapshot(snapshot_file, tmp_path / "copy.db")
+    with Catalog.open(tmp_path / "copy.db") as copy:
+        assert list(copy.objects()) == list(catalog.objects())
+        assert copy.meta.fingerprint == catalog.meta.fingerprint == loaded.header.fingerprint
+        assert copy.meta.as_of == catalog.meta.as_of == 1_700_000_100.25
+        assert (copy.meta.object_count, copy.meta.total_bytes) == (4, 1106)
+    assert loaded.first_file is not None
+    assert loaded.first_file.key == "data/a.bin"
+    assert loaded.header.name == "train"
+    assert loaded.header.marker_count == 3
+
+
+def test_the_file_is_the_documented_format(snapshot_file: Path) -> None:
+    lines = gzip.decompress(snapshot_file.read_bytes()).decode().splitlines()
+    header = json.loads(lines[0])
+    assert header["format"] == FORMAT == "s3datafs-snapshot/1"
+    assert header["fields"] == ["key", "version_id", "etag", "size", "last_modified"]
+    assert header["as_of"] == "2023-11-14T22:15:00.250Z"
+    assert (header["uri"], header["prefix"], header["versioned"]) == ("s3://bkt/data/", "data/", 1)
+    assert json.loads(lines[2]) == ["data/a.bin", "v1", f"{1:032x}", 1000, 1_700_000_000.001]
+    assert len(lines) == 1 + 7
+    assert read_header(snapshot_file).fingerprint == header["fingerprint"]
+
+
+def test_unversioned_round_trip(tmp_path: Path) -> None:
+    build_catalog(
+        tmp_path / "u.db",
+        refs(False),
+        uri="s3://bkt/data/",
+        bucket=BUCKET,
+        prefix="data/",
+        versioned=False,
+    )
+    with Catalog.open(tmp_path / "u.db") as catalog:
+        write_snapshot(catalog, tmp_path / "u.gz", name="u")
+    loaded = load_snapshot(tmp_path / "u.gz", tmp_path / "u2.db")
+    assert loaded.first_file is not None
+    assert loaded.first_file.version_id is None
+
+
+def rewrite(path: Path, edit) -> None:  # edit(list of lines) -> list of lines
+    lines = gzip.decompress(path.read_bytes()).decode().split("\n")
+    path.write_bytes(gzip.compress("\n".join(edit(lines)).encode()))
+
+
+def edit_header(**changes):
+    def edit(lines: list[str]) -> list[str]:
+        return [json.dumps({**json.loads(lines[0]), **changes}), *lines[1:]]
+
+    return edit
+
+
+def edit_line(number: int, index: int, value):
+    def edit(lines: list[str]) -> list[str]:
+        record = json.loads(lines[number])
+        record[index] = value
+        return [*lines[:number], json.dumps(record), *lines[number + 1 :]]
+
+    return edit
+
+
+BAD_EDITS = {
+    "changed-etag": (edit_line(2, 2, "f" * 32), "fingerprint"),
+    "changed-size": (edit_line(2, 3, 1001), "it lists 1107 bytes, its header says 1106"),
+    "changed-count": (edit_header(object_count=5), "it lists 4 objects, its header says 5"),
+    "changed-fingerprint": (edit_header(fingerprint="0" * 64), "its header says 000"),
+    "unknown-format": (edit_header(format="s3datafs-snapshot/2"), "has format"),
+    "not-a-snapshot": (lambda lines: ["{}", *lines[1:]], "not an s3datafs snapshot"),
+    "dropped-line": (lambda lines: [*lines[:2], *lines[3:]], "it lists 3 objects"),
+    "swapped-lines": (lambda lines: [lines[0], lines[2], lines[1], *lines[3:]], "out of order"),
+    "key-outside-prefix": (edit_line(2, 0, "other/a.bin"), "not under the prefix"),
+    "unsafe-key": (edit_line(2, 0, "data/../a.bin"), "cannot be shown"),
+    "missing-version": (edit_line(2, 1, None), "has no version id"),
+    "string-size": (edit_line(2, 3, "1000"), "invalid size"),
+    "garbage-line": (lambda lines: [*lines[:2], "not json", *lines[3:]], "not an object record"),
+    "empty": (lambda lines: [], "it is empty"),
+    "header-missing-field": (
+        lambda lines: [
+            json.dumps({k: v for k, v in json.loads(lines[0]).items() if k != "bucket"}),
+            *lines[1:],
+        ],
+        "lacks 'bucket'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EDITS))
+def test_edited_files_are_refused(tmp_path: Path, snapshot_file: Path, case: str) -> None:
+    edit, fragment = BAD_EDITS[case]
+    rewrite(snapshot_file, edit)
+    assert_refused(tmp_path, snapshot_file, fragment)
+
+
+def test_a_truncated_file_is_refused(tmp_path: Path, snapshot_file: Path) -> None:
+    data = snapshot_file.read_bytes()
+    snapshot_file.write_bytes(data[: len(data) * 2 // 3])
+    assert_refused(tmp_path, snapshot_file, "truncated")
+
+
+def test_flipped_bytes_inside_the_gzip_are_refused(tmp_path: Path, snapshot_file: Path) -> None:
+    data = bytearray(snapshot_file.read_bytes())
+    for offset in (len(data) // 2, len(data) // 2 + 7):
+        data[offset] ^= 0xFF
+    snapshot_file.write_bytes(bytes(data))
+    assert_refused(tmp_path, snapshot_file, "snapshot")
+
+
+def test_a_file_that_is_not_gzip_or_missing_is_refused(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.json"
+    plain.write_text('{"format": "s3datafs-snapshot/1"}\n')
+    assert_refused(tmp_path, plain, "not gzip")
+    assert_refused(tmp_path, tmp_path / "missing.gz", "does not exist")
+
+
+def assert_refused(tmp_path: Path, path: Path, fragment: str) -> None:
+    target = tmp_path / "refused.db"
+    with pytest.raises(SnapshotError) as refused:
+        load_snapshot(path, target)
+    message = str(refused.value)
+    assert fragment in message
+    assert "\n" not in message
+    assert str(path) in message
+    assert not target.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".refused.db")]
