@@ -1,0 +1,244 @@
+"""``mount.s3datafs``: the helper mount(8) runs for ``mount -t s3datafs`` and fstab lines.
+
+mount(8) (libmount) looks for ``/sbin/mount.<type>`` (also ``/sbin/fs.d``, ``/sbin/fs``) and
+calls it as ``mount.s3datafs SOURCE DIR [-sfnv] [-o OPTIONS] [-t TYPE]``; systemd ``.mount`` units
+go through mount(8) the same way. Installing is one symlink (``make install-helper``).
+
+How ``-o`` is read:
+- Every long option of ``s3datafs mount`` is an ``-o`` option, its dashes as ``_`` or ``-``
+  (``endpoint_url=URL`` and ``endpoint-url=URL`` are ``--endpoint-url URL``). The table is made
+  from the ``mount`` command's own parser, so an option added there is usable here at once.
+  Options taking a value need ``=VALUE``; flags (``allow_other``) refuse one. ``foreground`` and
+  ``data_root`` are not options here: the helper must return once mounted, and DIR is given.
+- Generic options mount(8) and fstab use are accepted and ignored: ``_netdev``, ``nofail``,
+  ``auto``, ``noauto``, ``user``, ``nouser``, ``users``, ``defaults``, ``x-*``, ``comment=*``;
+  ``nodev``, ``nosuid`` and ``noexec`` too (mount(8) adds them for ``user``/``users``; a dataset
+  holds no device nodes, and its files are 0444 unless ``file_mode`` says otherwise). ``ro`` and
+  ``noatime`` are what every s3datafs mount is anyway. ``rw`` is refused: the mount is read-only.
+- Anything else is refused in one line, unless ``-s`` (sloppy) asks to ignore it with a warning.
+- Credentials are never option values: the options are visible in ``ps`` and, for mount(8), the
+  fstab. Keys come from the environment, a profile, a role or ``credentials_file=FILE`` (0600);
+  ``aws_secret_access_key=`` and friends are refused by name, even with ``-s``.
+
+Exit status follows mount(8)'s helper convention: 0 mounted, 1 bad invocation or options, 32 the
+mount failed. Nothing is printed on success unless ``-v``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import io
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import S3DataFSError, UsageError
+
+PROG = "mount.s3datafs"
+EXIT_USAGE, EXIT_FAILURE = 1, 32
+IGNORED = frozenset(
+    {
+        "_netdev",
+        "nofail",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "defaults",
+        "nodev",
+        "nosuid",
+        "noexec",
+        "ro",
+        "noatime",
+    }
+)
+IGNORED_PREFIXES = ("x-", "comment=")
+NOT_OPTIONS = frozenset({"help", "foreground", "data_root"})  # the helper's own business
+SECRET_OPTIONS = frozenset(
+    {
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "access_key_id",
+        "secret_access_key",
+        "session_token",
+        "access_key",
+        "secret_key",
+        "secret",
+        "password",
+        "passwd",
+        "token",
+    }
+)
+CREDENTIALS_HELP = (
+    "credentials are never mount options (ps and fstab would show them): use "
+    "credentials_file=FILE (mode 0600), profile=NAME, the environment or an instance role"
+)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    long: str  # e.g. "--endpoint-url"
+    takes_value: bool
+
+
+@dataclass(frozen=True)
+class Translation:
+    args: list[str] = field(default_factory=list)  # long options for ``s3datafs mount``
+    ignored: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HelperCall:
+    source: str
+    directory: str
+    options: str
+    sloppy: bool
+    fake: bool
+    verbose: bool
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def option_table() -> dict[str, OptionSpec]:
+    """``-o`` name (dashes as ``_``) -> the ``s3datafs mount`` option it stands for."""
+    table = {}
+    for action in _mount_parser()._actions:  # argparse has no public list of actions
+        longs = [option for option in action.option_strings if option.startswith("--")]
+        if not longs:
+            continue
+        key = longs[0][2:].replace("-", "_")
+        if key not in NOT_OPTIONS:
+            table[key] = OptionSpec(longs[0], takes_value=action.nargs != 0)
+    return table
+
+
+def _mount_parser() -> argparse.ArgumentParser:
+    from .cli import build_parser  # the command line this helper translates into
+
+    commands = next(
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    return commands.choices["mount"]
+
+
+def translate_options(
+    text: str, *, sloppy: bool = False, table: dict[str, OptionSpec] | None = None
+) -> Translation:
+    """Turn a mount(8) option string into ``s3datafs mount`` long options (see module doc)."""
+    table = option_table() if table is None else table
+    result = Translation()
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            _translate_one(item, table, sloppy, result)
+    return result
+
+
+def _translate_one(
+    item: str, table: dict[str, OptionSpec], sloppy: bool, result: Translation
+) -> None:
+    name, has_value, value = item.partition("=")
+    key = name.replace("-", "_")
+    if key in SECRET_OPTIONS:
+        raise UsageError(f"option {name!r} refused: {CREDENTIALS_HELP}")
+    if item == "rw":
+        raise UsageError("option 'rw' refused: s3datafs mounts are read-only (use ro)")
+    if item in IGNORED or item.startswith(IGNORED_PREFIXES):
+        result.ignored.append(item)
+        return
+    spec = table.get(key)
+    if spec is None:
+        if sloppy:
+            result.warnings.append(f"ignoring unknown option {item!r} (sloppy mode)")
+            return
+        raise UsageError(f"unknown option {name!r}{_did_you_mean(key, table)}")
+    if spec.takes_value and not (has_value and value):
+        raise UsageError(f"option {name!r} needs a value: {name}=VALUE")
+    if not spec.takes_value and has_value:
+        raise UsageError(f"option {name!r} takes no value: write just {name}")
+    result.args.append(f"{spec.long}={value}" if spec.takes_value else spec.long)
+
+
+def _did_you_mean(key: str, table: dict[str, OptionSpec]) -> str:
+    close = difflib.get_close_matches(key, [*table, *IGNORED], n=1)
+    return f": did you mean {close[0]!r}?" if close else ""
+
+
+def parse_call(argv: Sequence[str]) -> HelperCall:
+    """mount(8)'s calling convention: SOURCE DIR [-sfnv] [-o OPTIONS] [-t TYPE]."""
+    parser = _Parser(prog=PROG, add_help=False)
+    parser.add_argument("source")
+    parser.add_argument("directory")
+    parser.add_argument("-s", dest="sloppy", action="store_true")
+    parser.add_argument("-f", dest="fake", action="store_true")
+    parser.add_argument("-n", dest="no_mtab", action="store_true")
+    parser.add_argument("-v", dest="verbose", action="store_true")
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    parser.add_argument("-t", dest="type")
+    args = parser.parse_args(list(argv))
+    return HelperCall(
+        source=args.source,
+        directory=args.directory,
+        options=",".join(args.options),
+        sloppy=args.sloppy,
+        fake=args.fake,
+        verbose=args.verbose,
+    )
+
+
+def mount(call: HelperCall) -> None:
+    """Run ``s3datafs mount SOURCE DIR --option...`` in the background; return once usable.
+
+    The ``mount`` command itself runs, so whatever it does with its options, the helper does too;
+    its one-line report is shown only with ``-v`` (mount helpers are quiet).
+    """
+    from .commands import mount as mount_command
+
+    translation = translate_options(call.options, sloppy=call.sloppy)
+    for warning in translation.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    args = _mount_parser().parse_args([call.source, call.directory, *translation.args])
+    if call.fake:
+        plan = mount_command.build_plan(args)
+        _say(call, f"{PROG}: would mount {plan.uri} at {plan.mountpoint} (-f: nothing done)")
+        return
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        mount_command.run(args)
+    _say(call, report.getvalue().rstrip("\n"))
+
+
+def _say(call: HelperCall, message: str) -> None:
+    if call.verbose and message:
+        print(message, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        mount(parse_call(argv))
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except S3DataFSError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:
+        if any("debug" in arg for arg in argv):
+            raise
+        print(f"{PROG}: internal error: {exc!r} (add -o debug for details)", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Dataset specs (``s3datafs.datasets``): all spellings, all bad input, no I/O but the spec."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from s3datafs.datasets import (
+    ALIASES,
+    ENV_VAR,
+    FIELDS,
+    SpecError,
+    load_specs,
+    parse_specs,
+)
+from s3datafs.errors import ConfigError
+
+GRADIENT_EXAMPLE = """\
+datasets: [
+    {
+        "uri": "s3://my-bucket/mnist-modified.zip",
+        "awsSecretAccessKey": "<KEY>",
+        "awsAccessKeyId": "<ID>",
+        "name": "mnist",
+    },
+]
+"""
+
+
+def parse(text: str, fmt: str | None = None, base_dir: Path | None = None):
+    return parse_specs(text, origin="spec", fmt=fmt, base_dir=base_dir)
+
+
+def parse_one(**fields: object):
+    (spec,) = parse(json.dumps([fields]), fmt="json")
+    return spec
+
+
+def test_gradient_example_parses_as_written() -> None:
+    (spec,) = parse(GRADIENT_EXAMPLE)
+    assert str(spec.uri) == "s3://my-bucket/mnist-modified.zip"
+    assert spec.name == "mnist"
+    assert (spec.access_key_id, spec.secret_access_key) == ("<ID>", "<KEY>")
+
+
+def test_every_camel_case_field() -> None:
+    spec = parse_one(
+        uri="s3://b-1/d.csv",
+        name="d",
+        etag="ee1d4fd1",
+        versionId="v1",
+        endpointUrl="http://127.0.0.1:9000",
+        region="eu-west-1",
+        awsAccessKeyId="AKID",
+        awsSecretAccessKey="SECRET",
+        awsSessionToken="TOKEN",
+        noSignRequest=False,
+    )
+    assert (spec.name, spec.etag, spec.version_id) == ("d", '"ee1d4fd1"', "v1")
+    assert (spec.endpoint_url, spec.region) == ("http://127.0.0.1:9000", "eu-west-1")
+    assert (spec.access_key_id, spec.secret_access_key, spec.session_token) == (
+        "AKID",
+        "SECRET",
+        "TOKEN",
+    )
+    assert spec.no_sign_request is False
+    assert spec.secrets() == ["AKID", "SECRET", "TOKEN"]
+
+
+def test_snake_case_aliases_mean_the_same() -> None:
+    snake = parse_one(
+        uri="s3://b-1/d.csv",
+        version_id="v1",
+        endpoint_url="http://e:1",
+        aws_access_key_id="AKID",
+        aws_secret_access_key="SECRET",
+        aws_session_token="TOKEN",
+    )
+    camel = parse_one(
+        uri="s3://b-1/d.csv",
+        versionId="v1",
+        endpointUrl="http://e:1",
+        awsAccessKeyId="AKID",
+        awsSecretAccessKey="SECRET",
+        awsSessionToken="TOKEN",
+    )
+    assert snake == camel
+    assert set(ALIASES.values()) <= set(FIELDS)
+    assert parse_one(uri="s3://b-1/p/", as_of="2024-01-01").as_of == "2024-01-01"
+    assert parse_one(uri="s3://b-1/p/", no_sign_request=True).no_sign_request is True
+
+
+def test_names_follow_the_gradient_rule_and_secrets_stay_out_of_repr() -> None:
+    specs = parse(
+        "- uri: s3://my-bucket/mnist.zip\n"
+        "- uri: s3://my-bucket\n"
+        "- uri: s3://my-bucket/a/train/\n"
+        "- {uri: s3://my-bucket/x.tar.gz, name: custom, awsAccessKeyId: ID, "
+        "awsSecretAccessKey: TOPSECRET}\n"
+    )
+    assert [spec.name for spec in specs] == ["mnist", "my-bucket", "train", "custom"]
+    assert [spec.index for spec in specs] == [1, 2, 3, 4]
+    assert "TOPSECRET" not in repr(specs)
+
+
+def test_yaml_scalars_stay_strings_and_nulls_mean_absent() -> None:
+    (spec,) = parse(
+        "- uri: s3://b-1/d.csv\n  etag: 0123456789\n  versionId: 1e10\n"
+        "  noSignRequest: yes\n  region: ~\n  name:\n"
+    )
+    assert (spec.etag, spec.version_id) == ('"0123456789"', "1e10")
+    assert spec.no_sign_request is True
+    assert spec.region is None
+    assert spec.name == "d"
+    (quoted,) = parse("- {uri: s3://b-1/d.csv, region: 'null'}\n")
+    assert quoted.region == "null"
+    (from_json,) = parse('[{"uri": "s3://b-1/d.csv", "etag": null, "region": ""}]', fmt="json")
+    assert from_json.etag is None
+    assert from_json.region is None
+
+
+def test_relative_snapshot_paths_are_relative_to_the_spec_file(tmp_path: Path) -> None:
+    (spec,) = parse("- {uri: s3://b-1/p/, snapshot: snaps/p.jsonl.gz}", base_dir=tmp_path)
+    assert spec.snapshot == tmp_path / "snaps/p.jsonl.gz"
+    (absolute,) = parse("- {uri: s3://b-1/p/, snapshot: /x/p.gz}", base_dir=tmp_path)
+    assert absolute.snapshot == Path("/x/p.gz")
+
+
+def test_sources_file_stdin_and_environment(tmp_path: Path) -> None:
+    text = '[{"uri": "s3://b-1/a.bin"}]'
+    for name in ("spec.json", "spec.yaml", "spec"):
+        (tmp_path / name).write_text(text)
+        assert load_specs(str(tmp_path / name))[0].name == "a"
+    assert load_specs("-", stdin=io.StringIO("- uri: s3://b-1/b.bin\n"))[0].name == "b"
+    assert load_specs(None, environ={ENV_VAR: "- uri: s3://b-1/c.bin"})[0].name == "c"
+    assert parse("[]") == []
+
+
+def bad(id_: str, text: str, fragment: str, fmt: str | None = None):
+    return pytest.param(text, fmt, fragment, id=id_)
+
+
+BAD_SPECS = [
+    bad("json", '[{"uri": "s3://b-1/a",}]', "line 1, column 23: invalid JSON", "json"),
+    bad("json-guess", '[\n  {"uri": "s3://b-1/a"\n  "name": "x"}\n]', "line 3, column 3"),
+    bad("yaml", "- uri: s3://b-1/a\n  name: [x\n", "line 3, column 1: invalid YAML"),
+    bad("tab", "- uri: s3://b-1/a\n\tname: x\n", "line 2, column 1: invalid YAML", "yaml"),
+    bad("two-docs", "- uri: a\n- uri: b\n---\n- uri: c\n", "line 3, column 1"),
+    bad(
+        "dup-key-yaml",
+        "- {uri: s3://b-1/a, uri: s3://b-1/b}",
+        "line 1, column 21: invalid YAML: field 'uri' is given twice",
+    ),
+    bad(
+        "dup-key-json",
+        '[{"uri": "s3://b-1/a", "uri": "s3://b-1/b"}]',
+        "field 'uri' is given twice",
+        "json",
+    ),
+    bad("empty", "", "is empty: expected a list"),
+    bad("mapping", "uri: s3://b-1/a\n", "is not a list: expected a list of datasets"),
+    bad("datasets-not-list", '{"datasets": "s3://b-1/a"}', "is not a list"),
+    bad("string", '"s3://b-1/a"', "got a string", "json"),
+    bad("item-string", "- s3://b-1/a\n", "dataset #1 is a string, not an object"),
+    bad("no-uri", "- name: x\n", "dataset #1 has no 'uri' (required)"),
+    bad("null-uri", "- {uri: ~}\n", "dataset #1 has no 'uri'"),
+    bad("bad-uri", "- uri: http://b-1/a\n", "dataset #1: not an S3 URI"),
+    bad("bad-bucket", "- uri: s3://B/a\n", "dataset #1: invalid bucket name"),
+    bad("bad-name", "- {uri: s3://b-1/a, name: ..}\n", "invalid dataset name '..'"),
+    bad(
+        "typo-case",
+        "- {uri: s3://b-1/a, versionid: v}\n",
+        "unknown field 'versionid': did you mean 'versionId'?",
+    ),
+    bad(
+        "typo-snake",
+        "- {uri: s3://b-1/a, aws_secret_key: v}\n",
+        "did you mean 'aws_secret_access_key'?",
+    ),
+    bad(
+        "typo-plural",
+        "- {uri: s3://b-1/a, etags: v}\n",
+        "unknown field 'etags': did you mean 'etag'?",
+    ),
+    bad(
+        "unknown",
+        "- {uri: s3://b-1/a, colour: red}\n",
+        "unknown field 'colour': known fields are uri, name",
+    ),
+    bad(
+        "both-spellings",
+        "- {uri: s3://b-1/a, versionId: a, version_id: b}\n",
+        "'versionId' is given twice (as 'versionId' and 'version_id')",
+    ),
+    bad("list-value", "- {uri: s3://b-1/a, name: [x]}\n", "'name' must be a string, not a list"),
+    bad(
+        "number",
+        '[{"uri": "s3://b-1/a", "etag": 12}]',
+        "'etag' must be a string, not a number",
+        "json",
+    ),
+    bad(
+        "bool",
+        "- {uri: s3://b-1/a, noSignRequest: maybe}\n",
+        "'noSignRequest' must be true or false",
+    ),
+    bad(
+        "etag-prefix",
+        "- {uri: s3://b-1/p/, etag: abc}\n",
+        "'etag' pins a single object but s3://b-1/p/ is a prefix",
+    ),
+    bad("version-bucket", "- {uri: s3://b-1, versionId: v}\n", "'versionId' pins a single object"),
+    bad(
+        "asof-version",
+        "- {uri: s3://b-1/a, asOf: 7d, versionId: v}\n",
+        "'asOf' and 'versionId' both choose the version",
+    ),
+    bad(
+        "snapshot-asof",
+        "- {uri: s3://b-1/p/, snapshot: s.gz, asOf: 7d}\n",
+        "'snapshot' already pins every object: remove 'asOf'",
+    ),
+    bad(
+        "id-only",
+        "- {uri: s3://b-1/a, awsAccessKeyId: ID}\n",
+        "'awsAccessKeyId' is given without 'awsSecretAccessKey'",
+    ),
+    bad(
+        "secret-only",
+        "- {uri: s3://b-1/a, aws_secret_access_key: S}\n",
+        "'awsSecretAccessKey' is given without 'awsAccessKeyId'",
+    ),
+    bad("token-only", "- {uri: s3://b-1/a, awsSessionToken: T}\n", "'awsSessionToken' needs"),
+    bad(
+        "keys-unsigned",
+        "- {uri: s3://b-1/a, awsAccessKeyId: I, awsSecretAccessKey: S, noSignRequest: true}\n",
+        "'noSignRequest' and AWS keys contradict",
+    ),
+    bad(
+        "dup-derived",
+        "- uri: s3://b-1/x/mnist.zip\n- uri: s3://b-2/mnist.tar.gz\n",
+        "datasets #1 and #2 are both named 'mnist'",
+    ),
+    bad(
+        "dup-explicit",
+        "- {uri: s3://b-1/a, name: n}\n- {uri: s3://b-1/b}\n- {uri: s3://b-1/c, name: n}\n",
+        "datasets #1 and #3 are both named 'n'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "fmt", "fragment"), BAD_SPECS)
+def test_bad_specs_give_one_line_errors(text: str, fmt: str | None, fragment: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse(text, fmt=fmt)
+    message = str(caught.value)
+    assert fragment in message
+    assert message.startswith("datasets spec spec")
+    assert "\n" not in message
+    assert caught.value.exit_code == 2
+
+
+def test_errors_never_show_secrets() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse("- {uri: s3://b-1/a, awsSecretAccessKey: TOPSECRET, noSignRequest: maybe}\n")
+    assert "TOPSECRET" not in str(caught.value)
+
+
+def test_missing_unreadable_and_unset_sources(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read datasets spec .*No such file"):
+        load_specs(str(tmp_path / "absent.yaml"))
+    (tmp_path / "latin1.yaml").write_bytes(b"- uri: s3://b-1/\xe9\n")
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        load_specs(str(tmp_path / "latin1.yaml"))
+    with pytest.raises(SpecError, match=f"no datasets spec: .*{ENV_VAR}"):
+        load_specs(None, environ={})

@@ -1,0 +1,348 @@
+"""``mount-all`` and ``unmount --all`` end to end: the real command, FUSE mounts, moto on 127.0.0.1.
+
+- Three datasets (an object, a prefix, an older version pinned by VersionId and ETag) land at
+  the right names with the right bytes; a fourth that cannot mount leaves nothing mounted.
+- Per-dataset credentials against a moto server that enforces IAM: each dataset can only be
+  read with its own keys, and the keys appear in no process's command line or environment, not in
+  the mount table, not in any log or file s3datafs wrote.
+- ``unmount --all`` runs in a private mount namespace, so it cannot touch mounts of other
+  processes on this machine (its own copies of them are all it may unmount).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+from conftest import Cli, CliResult
+
+from devtools.s3server import S3Server
+from s3datafs.cli import main
+
+pytestmark = pytest.mark.fuse
+
+TRAIN = {"train/a/1.txt": b"one\n", "train/b.bin": os.urandom(200_000), "train/c.txt": b""}
+
+
+def run_cli(cli: Cli, *args: str, stdin: str | None = None, env: dict | None = None) -> CliResult:
+    done = subprocess.run(
+        [sys.executable, "-m", "s3datafs", *args],
+        input=stdin if stdin is not None else "",
+        env=env or cli.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    found = {}
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(directory, name)
+            found[str(path.relative_to(root))] = path.read_bytes()
+    return found
+
+
+@dataclass(frozen=True)
+class Three:
+    bucket: str
+    spec: list[dict]
+    expected: dict[str, dict[str, bytes]]  # dataset name -> relative path -> bytes
+
+
+@pytest.fixture
+def three(s3, make_bucket) -> Three:
+    bucket = make_bucket(versioned=True)
+    mnist = os.urandom(300_000)
+    s3.put_object(Bucket=bucket, Key="sets/mnist.zip", Body=mnist)
+    for key, body in TRAIN.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    old = s3.put_object(Bucket=bucket, Key="models/weights.bin", Body=b"version one")
+    s3.put_object(Bucket=bucket, Key="models/weights.bin", Body=b"version two!")
+    spec = [
+        {"uri": f"s3://{bucket}/sets/mnist.zip"},
+        {"uri": f"s3://{bucket}/train/"},
+        {
+            "uri": f"s3://{bucket}/models/weights.bin",
+            "name": "weights-v1",
+            "version_id": old["VersionId"],
+            "etag": old["ETag"].strip('"'),
+        },
+    ]
+    expected = {
+        "mnist": {"mnist.zip": mnist},
+        "train": {key.removeprefix("train/"): body for key, body in TRAIN.items()},
+        "weights-v1": {"weights.bin": b"version one"},
+    }
+    return Three(bucket, spec, expected)
+
+
+def assert_nothing_left(cli: Cli) -> None:
+    assert cli.mounts_below_root() == []
+    assert not list((cli.root / "run").glob("*.json")), "a state file survived"
+    assert not cli.data_root.exists() or not any(cli.data_root.iterdir())
+
+
+def test_mount_all_mounts_every_dataset_at_its_name(cli: Cli, three: Three) -> None:
+    spec_file = cli.root / "datasets.yaml"
+    spec_file.write_text(json.dumps(three.spec))  # JSON is YAML too
+    result = run_cli(cli, "mount-all", str(spec_file))
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
+    assert sorted(os.listdir(cli.data_root)) == ["mnist", "train", "weights-v1"]
+    for name, files in three.expected.items():
+        assert os.path.ismount(cli.data_root / name)
+        assert read_tree(cli.data_root / name) == files
+    status = json.loads(run_cli(cli, "status", "--json").stdout)
+    assert {row["uri"] for row in status} >= {item["uri"] for item in three.spec}
+
+
+def test_a_failing_fourth_dataset_leaves_nothing_mounted(cli: Cli, three: Three) -> None:
+    broken = {"uri": three.spec[0]["uri"], "name": "broken", "etag": "0" * 32}
+    result = run_cli(cli, "mount-all", "-", stdin=json.dumps([*three.spec, broken]))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("s3datafs: dataset 'broken': ETag mismatch")
+    assert "unmounted 'mnist', 'train', 'weights-v1' again" in line
+    assert_nothing_left(cli)
+
+
+def test_snapshot_and_as_of_fields_reach_the_mount(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket(versioned=True)
+    s3.put_object(Bucket=bucket, Key="p/a.txt", Body=b"recorded\n")
+    snapshot = cli.root / "specs" / "p.jsonl.gz"
+    snapshot.parent.mkdir()
+    made = run_cli(cli, "snapshot", f"s3://{bucket}/p/", "-o", str(snapshot))
+    assert made.returncode == 0, made.stderr
+    s3.put_object(Bucket=bucket, Key="p/a.txt", Body=b"overwritten\n")
+    spec_file = snapshot.parent / "datasets.yaml"
+    future = f"- {{uri: s3://{bucket}/p/, name: later, asOf: '2999-01-01'}}\n"
+    spec_file.write_text(future)
+    refused = run_cli(cli, "mount-all", str(spec_file))
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("s3datafs: dataset 'later': ")
+    assert "future" in refused.stderr
+    spec_file.write_text(f"- {{uri: s3://{bucket}/p/, snapshot: p.jsonl.gz}}\n")  # relative
+    result = run_cli(cli, "mount-all", str(spec_file))
+    assert result.returncode == 0, result.stderr
+    assert (cli.data_root / "p" / "a.txt").read_bytes() == b"recorded\n"
+
+
+BAD_SPECS = [
+    pytest.param((), "- {uri: s3://b-1/x, verson_id: v}", "did you mean 'version_id'", id="typo"),
+    pytest.param(("--etag", "abc"), "[]", "--etag describes a single dataset", id="global-etag"),
+    pytest.param(("--uid", "x"), "- uri: s3://b-1/x", "dataset 'x': --uid 'x' is not", id="uid"),
+    pytest.param((), "[{uri: s3://b-1/x", "line 1, column 18", id="syntax"),
+]
+
+
+@pytest.mark.parametrize(("args", "spec", "fragment"), BAD_SPECS)
+def test_bad_specs_mount_nothing_and_contact_nothing(
+    cli: Cli, s3server: S3Server, args: tuple[str, ...], spec: str, fragment: str
+) -> None:
+    before = sum(s3server.ops().values())
+    result = run_cli(cli, "mount-all", "-", *args, stdin=spec)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert fragment in line
+    assert "Traceback" not in result.stderr
+    assert_nothing_left(cli)
+    assert sum(s3server.ops().values()) == before, "a bad spec reached S3"
+
+
+def test_unmount_all_unmounts_every_s3datafs_mount(cli: Cli, three: Three) -> None:
+    """In a private mount namespace: what ``--all`` sees there is ours, or copies of others'."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare for a private mount namespace")
+    spec = json.dumps(three.spec[:2])
+    script = f"""
+import json, os, subprocess, sys
+def s3datafs(*args):
+    return subprocess.run([sys.executable, "-m", "s3datafs", *args], input={spec!r},
+                          capture_output=True, text=True)
+mounted = s3datafs("mount-all", "-")
+before = [os.path.ismount(p) for p in {[str(cli.data_root / n) for n in ("mnist", "train")]!r}]
+try:
+    result = s3datafs("unmount", "--all")
+finally:
+    for name in ("mnist", "train"):
+        subprocess.run(["fusermount3", "-u", "-z", {str(cli.data_root)!r} + "/" + name],
+                       capture_output=True)
+left = [line for line in open("/proc/self/mountinfo") if " fuse.s3datafs " in line]
+print(json.dumps({{"mount": mounted.returncode, "stderr": mounted.stderr + result.stderr,
+                  "before": before, "unmount": result.returncode, "left": left}}))
+"""
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["mount"] == 0, report["stderr"]
+    assert report["before"] == [True, True]
+    assert report["unmount"] == 0, report["stderr"]
+    assert report["left"] == []
+    assert not list((cli.root / "run").glob("*.json")), "unmount --all left a daemon's state"
+
+
+def test_unmount_needs_a_mount_point_or_all(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["unmount"]) == 2
+    assert "required: mountpoint (or --all)" in capsys.readouterr().err
+    assert main(["unmount", "--all", "/data/x"]) == 2
+    assert "give either MOUNTPOINT or --all, not both" in capsys.readouterr().err
+
+
+# -- per-dataset credentials, against a moto server that enforces IAM -------------------------
+
+
+@dataclass(frozen=True)
+class Keys:
+    key_id: str
+    secret: str
+
+
+@dataclass(frozen=True)
+class IamWorld:
+    server: S3Server
+    buckets: dict[str, str]  # user -> the bucket only that user may read
+    keys: dict[str, Keys]  # user -> keys
+
+
+def _policy(bucket: str) -> str:
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Action": "s3:*",
+                    "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+                }
+            ],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def iam_world() -> Iterator[IamWorld]:
+    """An admin bootstraps in the three unauthenticated requests; then two users, a bucket each."""
+    with S3Server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as server:
+        setup = {"endpoint_url": server.endpoint, "region_name": "us-east-1"}
+        anonymous_iam = boto3.client(
+            "iam", aws_access_key_id="testing", aws_secret_access_key="testing", **setup
+        )
+        anonymous_iam.create_user(UserName="admin")
+        anonymous_iam.put_user_policy(
+            UserName="admin",
+            PolicyName="all",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+                }  # noqa: E501
+            ),
+        )
+        admin_key = anonymous_iam.create_access_key(UserName="admin")["AccessKey"]
+        admin = {
+            "aws_access_key_id": admin_key["AccessKeyId"],
+            "aws_secret_access_key": admin_key["SecretAccessKey"],
+            **setup,
+        }
+        iam, s3 = boto3.client("iam", **admin), boto3.client("s3", **admin)
+        buckets, keys = {}, {}
+        for user in ("alice", "bob"):
+            bucket = f"{user}-{uuid.uuid4().hex[:12]}"
+            s3.create_bucket(Bucket=bucket)
+            s3.put_object(Bucket=bucket, Key=f"{user}.txt", Body=f"{user}'s data\n".encode())
+            iam.create_user(UserName=user)
+            iam.put_user_policy(UserName=user, PolicyName="own", PolicyDocument=_policy(bucket))
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            buckets[user], keys[user] = bucket, Keys(key["AccessKeyId"], key["SecretAccessKey"])
+        yield IamWorld(server, buckets, keys)
+
+
+def _keyed_spec(world: IamWorld, keys_of: dict[str, str]) -> list[dict]:
+    return [
+        {
+            "uri": f"s3://{world.buckets[user]}/{user}.txt",
+            "endpointUrl": world.server.endpoint,
+            "aws_access_key_id": world.keys[keys_of[user]].key_id,
+            "aws_secret_access_key": world.keys[keys_of[user]].secret,
+        }
+        for user in ("alice", "bob")
+    ]
+
+
+def _files_written(cli: Cli) -> list[Path]:
+    return [path for path in cli.root.rglob("*") if path.is_file() and not path.is_mount()]
+
+
+def _daemon_pids(cli: Cli) -> list[int]:
+    return [json.loads(path.read_text())["pid"] for path in (cli.root / "run").glob("*.json")]
+
+
+def _proc_texts(name: str) -> Iterator[tuple[str, bytes]]:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                yield entry.name, Path(entry.path, name).read_bytes()
+            except OSError:
+                continue
+
+
+def test_each_dataset_uses_its_own_keys_and_they_leak_nowhere(
+    cli: Cli, iam_world: IamWorld
+) -> None:
+    spec_file = cli.root / "keyed.json"
+    spec_file.write_text(json.dumps(_keyed_spec(iam_world, {"alice": "alice", "bob": "bob"})))
+    spec_file.chmod(0o600)
+    result = run_cli(cli, "mount-all", str(spec_file), "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert (cli.data_root / "alice" / "alice.txt").read_bytes() == b"alice's data\n"
+    assert (cli.data_root / "bob" / "bob.txt").read_bytes() == b"bob's data\n"
+
+    secrets = [value.encode() for k in iam_world.keys.values() for value in (k.key_id, k.secret)]
+    daemons = _daemon_pids(cli)
+    assert len(daemons) == 2
+    for pid, cmdline in _proc_texts("cmdline"):
+        assert not any(secret in cmdline for secret in secrets), f"a key is in pid {pid}'s argv"
+    for pid in daemons:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert not any(secret in environ for secret in secrets), "a key is in a daemon's env"
+    mountinfo = Path("/proc/self/mountinfo").read_bytes()
+    assert not any(secret in mountinfo for secret in secrets)
+    assert not any(secret.decode() in result.stdout + result.stderr for secret in secrets)
+    written = [path for path in _files_written(cli) if path != spec_file]
+    assert any(path.suffix == ".log" for path in written)
+    for path in written:
+        content = path.read_bytes()
+        assert not any(secret in content for secret in secrets), f"a key is in {path}"
+
+
+def test_keys_of_another_dataset_are_refused_and_nothing_stays(
+    cli: Cli, iam_world: IamWorld
+) -> None:
+    swapped = _keyed_spec(iam_world, {"alice": "alice", "bob": "alice"})
+    result = run_cli(cli, "mount-all", "-", stdin=json.dumps(swapped))
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("s3datafs: dataset 'bob': access denied")
+    assert "(unmounted 'alice' again)" in line
+    assert_nothing_left(cli)

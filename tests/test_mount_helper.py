@@ -1,0 +1,233 @@
+"""``mount.s3datafs``: the ``-o`` translation table, and the real mount(8) calling the helper.
+
+mount(8) only looks for helpers in ``/sbin`` (``/sbin/fs.d``, ``/sbin/fs``), so the end-to-end
+tests link ``/sbin/mount.s3datafs`` to this checkout's helper for their duration, under a lock
+(concurrent test runs take turns), and put back whatever was there before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Cli, sha256
+
+from s3datafs.errors import UsageError
+from s3datafs.mount_helper import main, option_table, parse_call, translate_options
+from s3datafs.runtime import pid_alive
+
+SBIN_HELPER = Path("/sbin/mount.s3datafs")
+LOCK = Path(tempfile.gettempdir()) / "s3datafs-sbin-helper.lock"
+
+
+# -- the translation table -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ("ro", []),
+        ("endpoint_url=http://h:1", ["--endpoint-url=http://h:1"]),
+        ("endpoint-url=http://h:1", ["--endpoint-url=http://h:1"]),
+        ("version_id=3HL4k.x,etag=ee1d", ["--version-id=3HL4k.x", "--etag=ee1d"]),
+        ("allow_other,no-sign-request", ["--allow-other", "--no-sign-request"]),
+        ("uid=1000,gid=1000,file_mode=0440", ["--uid=1000", "--gid=1000", "--file-mode=0440"]),
+        ("credentials_file=/etc/s3datafs/c", ["--credentials-file=/etc/s3datafs/c"]),
+        ("name=-odd,profile=p,region=r", ["--name=-odd", "--profile=p", "--region=r"]),
+        ("cache_dir=/c,log_file=/tmp/l", ["--cache-dir=/c", "--log-file=/tmp/l"]),
+        ("_netdev,nofail,auto,noauto,user,nouser,users,defaults", []),
+        ("nodev,nosuid,noexec,noatime,x-systemd.automount,x-foo=1,comment=systemd.x", []),
+        ("ro,,allow_other,", ["--allow-other"]),
+        ("", []),
+    ],
+)  # fmt: skip
+def test_options_translate_to_long_options(options: str, expected: list[str]) -> None:
+    assert translate_options(options).args == expected
+
+
+def test_every_mount_option_but_the_helpers_own_is_an_o_option() -> None:
+    table = option_table()
+    assert {"endpoint_url", "version_id", "etag", "allow_other", "credentials_file"} <= set(table)
+    assert not {"foreground", "data_root", "help"} & set(table)
+    assert table["allow_other"].takes_value is False
+    assert table["region"].takes_value is True
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ("rw", "option 'rw' refused: s3datafs mounts are read-only"),
+        ("ro,rw", "option 'rw' refused"),
+        ("colour=red", "unknown option 'colour'"),
+        ("allow_othr", "unknown option 'allow_othr': did you mean 'allow_other'?"),
+        ("foreground", "unknown option 'foreground'"),
+        ("data_root=/x", "unknown option 'data_root'"),
+        ("version_id", "option 'version_id' needs a value: version_id=VALUE"),
+        ("version_id=", "option 'version_id' needs a value"),
+        ("allow_other=1", "option 'allow_other' takes no value"),
+        ("aws_secret_access_key=s3cr3t", "option 'aws_secret_access_key' refused: credentials"),
+        ("aws-access-key-id=AKID", "option 'aws-access-key-id' refused: credentials"),
+        ("secret_access_key=s3cr3t", "refused: credentials are never mount options"),
+        ("aws_session_token=t", "refused: credentials"),
+    ],
+)
+def test_bad_options_are_refused_in_one_line(options: str, fragment: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        translate_options(options)
+    assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert "s3cr3t" not in str(caught.value)
+
+
+def test_sloppy_ignores_unknown_options_but_never_rw_or_keys() -> None:
+    translation = translate_options("colour=red,allow_other", sloppy=True)
+    assert translation.args == ["--allow-other"]
+    assert translation.warnings == ["ignoring unknown option 'colour=red' (sloppy mode)"]
+    for refused in ("rw", "aws_secret_access_key=x"):
+        with pytest.raises(UsageError):
+            translate_options(refused, sloppy=True)
+
+
+def test_the_mount8_calling_convention() -> None:
+    argv = ["s3://b-1/p/", "/data/p", "-s", "-f", "-n", "-v", "-o", "ro,uid=1", "-t", "s3datafs"]
+    call = parse_call(argv)
+    assert (call.source, call.directory, call.options) == ("s3://b-1/p/", "/data/p", "ro,uid=1")
+    assert (call.sloppy, call.fake, call.verbose) == (True, True, True)
+    assert parse_call(["s3://b-1", "/d", "-o", "ro", "-o", "uid=1"]).options == "ro,uid=1"
+
+
+def test_helper_errors_are_one_line_with_mount8_exit_codes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["s3://b-1/x", str(tmp_path), "-o", "rw"]) == 1
+    assert capsys.readouterr().err == (
+        "mount.s3datafs: option 'rw' refused: s3datafs mounts are read-only (use ro)\n"
+    )
+    assert main(["s3://b-1/x"]) == 1
+    assert capsys.readouterr().err.startswith("mount.s3datafs: the following arguments")
+    assert main(["s3://b-1/x", str(tmp_path), "-f", "-v", "-o", "ro,uid=7"]) == 0
+    assert "would mount s3://b-1/x" in capsys.readouterr().out
+
+
+# -- the real mount(8) ---------------------------------------------------------------------------
+
+
+def _helper_program(tmp_path: Path) -> Path:
+    """The installed console script, or a stand-in when the package was installed without it."""
+    script = Path(sys.executable).parent / "mount.s3datafs"
+    if script.exists():
+        return script
+    wrapper = tmp_path / "mount.s3datafs"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m s3datafs.mount_helper "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.fixture
+def installed_helper(tmp_path: Path) -> Iterator[Path]:
+    """``/sbin/mount.s3datafs`` -> this checkout's helper, restored afterwards."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and util-linux mount to install a mount helper")
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = tmp_path / "saved-helper"
+        had_one = os.path.lexists(SBIN_HELPER)
+        if had_one:
+            os.rename(SBIN_HELPER, saved)
+        try:
+            SBIN_HELPER.symlink_to(_helper_program(tmp_path))
+            yield SBIN_HELPER
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                SBIN_HELPER.unlink()
+            if had_one:
+                os.rename(saved, SBIN_HELPER)
+
+
+def _mount8(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["mount", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _without_endpoint(cli: Cli) -> dict:
+    """The endpoint must come from ``-o`` in these tests, to prove the translation."""
+    return {k: v for k, v in cli.env.items() if not k.startswith("AWS_ENDPOINT_URL")}
+
+
+def test_mount_t_s3datafs_mounts_reads_and_umount_stops_the_daemon(
+    cli: Cli, s3, make_bucket, installed_helper: Path, s3server
+) -> None:
+    bucket = make_bucket()
+    body = os.urandom(150_000)
+    s3.put_object(Bucket=bucket, Key="p/a.bin", Body=body)
+    s3.put_object(Bucket=bucket, Key="p/sub/b.txt", Body=b"b\n")
+    target = cli.root / "mnt" / "p"
+    target.mkdir(parents=True)
+    options = f"ro,_netdev,nofail,x-test=1,endpoint-url={s3server.endpoint},uid=4321,allow_other"
+    source = f"s3://{bucket}/p/"
+    done = _mount8("-t", "s3datafs", source, str(target), "-o", options, env=_without_endpoint(cli))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""  # mount helpers are quiet
+    assert sha256((target / "a.bin").read_bytes()) == sha256(body)
+    assert (target / "sub" / "b.txt").read_bytes() == b"b\n"
+    assert os.stat(target / "a.bin").st_uid == 4321
+    table = Path("/proc/self/mountinfo").read_text().splitlines()
+    entry = next(line for line in table if f" {target} " in line)
+    assert f" - fuse.s3datafs s3://{bucket}/p/ " in entry
+    assert "allow_other" in entry
+    (state,) = (cli.root / "run").glob("*.json")
+    pid = int(state.read_text().split('"pid": ')[1].split(",")[0].rstrip("}"))
+    assert subprocess.run(["umount", str(target)], check=False).returncode == 0
+    for _ in range(200):
+        if not pid_alive(pid):
+            break
+        subprocess.run(["sleep", "0.05"], check=False)
+    assert not pid_alive(pid), "the daemon outlived umount(8)"
+
+
+def test_an_fstab_line_mounts_with_mount_T(
+    cli: Cli, s3, make_bucket, installed_helper: Path, s3server
+) -> None:
+    bucket = make_bucket(versioned=True)
+    first = s3.put_object(Bucket=bucket, Key="d.csv", Body=b"v1\n")
+    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"v2\n")
+    target = cli.root / "fstab-mnt"
+    target.mkdir()
+    fstab = cli.root / "fstab"
+    options = (
+        f"_netdev,ro,endpoint_url={s3server.endpoint},version_id={first['VersionId']},"
+        f"etag={first['ETag'].strip(chr(34))},nofail,x-systemd.automount,cache-dir={cli.root}/c2"
+    )
+    fstab.write_text(f"# test fstab\ns3://{bucket}/d.csv  {target}  s3datafs  {options}  0 0\n")
+    done = _mount8("-T", str(fstab), str(target), env=_without_endpoint(cli))
+    assert done.returncode == 0, done.stderr
+    assert (target / "d.csv").read_bytes() == b"v1\n"
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ("rw", "mount.s3datafs: option 'rw' refused"),
+        ("ro,aws_secret_access_key=s3cr3t", "option 'aws_secret_access_key' refused"),
+        ("ro,bogus=1", "mount.s3datafs: unknown option 'bogus'"),
+    ],
+)
+def test_mount8_refuses_bad_options_and_mounts_nothing(
+    cli: Cli, installed_helper: Path, options: str, fragment: str
+) -> None:
+    target = cli.root / "refused"
+    target.mkdir()
+    done = _mount8("-t", "s3datafs", "s3://b-1/x", str(target), "-o", options, env=cli.env)
+    assert done.returncode != 0
+    assert fragment in done.stderr
+    assert "s3cr3t" not in done.stderr
+    assert not os.path.ismount(target)

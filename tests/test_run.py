@@ -1,0 +1,276 @@
+"""``s3datafs run``: mount, run the job, pass its status through, always unmount.
+
+Each case runs the real command around a real job against the moto server, then checks that
+nothing is mounted any more, no daemon state is left and no mount point directory it made stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Cli
+
+from s3datafs import supervisor
+from s3datafs.runtime import pid_alive
+
+pytestmark = pytest.mark.fuse
+
+BODY = os.urandom(100_000)
+
+
+@pytest.fixture
+def bucket(s3, make_bucket) -> str:
+    name = make_bucket()
+    s3.put_object(Bucket=name, Key="sets/mnist.zip", Body=BODY)
+    s3.put_object(Bucket=name, Key="train/x.txt", Body=b"x\n")
+    return name
+
+
+@pytest.fixture
+def spec(bucket: str) -> str:
+    """One dataset: each mount costs time, and one is enough to see it unmounted."""
+    return json.dumps([{"uri": f"s3://{bucket}/sets/mnist.zip"}])
+
+
+def run(cli: Cli, spec: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "s3datafs", "run", "--datasets", "-", *args],
+        input=spec,
+        env=env or cli.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def assert_all_unmounted(cli: Cli) -> None:
+    assert cli.mounts_below_root() == []
+    assert not list((cli.root / "run").glob("*.json"))
+    assert not cli.data_root.exists(), "run left the mount point directories it created"
+
+
+def test_success_runs_the_job_on_the_mounted_data_then_unmounts(cli: Cli, bucket: str) -> None:
+    """Spec from S3DATAFS_DATASETS (not passed on to the job); options apply to every dataset."""
+    out = cli.root / "copy.bin"
+    job = (
+        f'test -z "$S3DATAFS_DATASETS" && cp {cli.data_root}/mnist/mnist.zip {out} && '
+        f"stat -c %a {cli.data_root}/train/x.txt && echo job-output"
+    )
+    spec = [{"uri": f"s3://{bucket}/sets/mnist.zip"}, {"uri": f"s3://{bucket}/train/"}]
+    env = {**cli.env, "S3DATAFS_DATASETS": json.dumps(spec)}
+    done = subprocess.run(
+        [sys.executable, "-m", "s3datafs", "run", "--file-mode", "0440", "--", "sh", "-c", job],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "440\njob-output\n"  # the job's output alone
+    assert out.read_bytes() == BODY
+    assert done.stderr.count("s3datafs: mounted ") == 2
+    assert_all_unmounted(cli)
+
+
+@pytest.mark.parametrize(
+    ("job", "status"),
+    [
+        pytest.param("exit 7", 7, id="exit-7"),
+        pytest.param("kill -KILL $$", 128 + signal.SIGKILL, id="killed-by-signal-9"),
+    ],
+)
+def test_the_job_status_is_passed_through(cli: Cli, spec: str, job: str, status: int) -> None:
+    done = run(cli, spec, "--", "sh", "-c", job)
+    assert done.returncode == status
+    assert_all_unmounted(cli)
+
+
+def test_a_mount_kept_busy_by_a_leftover_process_is_detached(cli: Cli, spec: str) -> None:
+    """A job may leave a background process reading a dataset: run still unmounts (lazily)."""
+    leftover = f"exec 3< {cli.data_root}/mnist/mnist.zip; sleep 3 >/dev/null 2>&1 & exit 0"
+    started = time.monotonic()
+    done = run(cli, spec, "--", "sh", "-c", leftover)
+    assert done.returncode == 0, done.stderr
+    assert "is busy: detaching it lazily" in done.stderr
+    assert time.monotonic() - started < 30
+    assert cli.mounts_below_root() == []
+
+
+def test_a_missing_command_is_127_and_unmounts(cli: Cli, spec: str) -> None:
+    done = run(cli, spec, "--", "no-such-command-s3datafs")
+    assert done.returncode == 127
+    assert done.stderr.splitlines()[-1] == "s3datafs: command not found: no-such-command-s3datafs"
+    assert_all_unmounted(cli)
+
+
+def test_a_mount_failure_runs_nothing(cli: Cli, spec: str) -> None:
+    marker = cli.root / "ran"
+    broken = json.dumps([*json.loads(spec), {"uri": "s3://no-such-bucket-s3datafs/x"}])
+    done = run(cli, broken, "--", "touch", str(marker))
+    assert done.returncode == 1
+    assert "dataset 'x': bucket 'no-such-bucket-s3datafs' does not exist" in done.stderr
+    assert not marker.exists()
+    assert_all_unmounted(cli)
+
+
+def test_sigterm_is_forwarded_and_everything_is_unmounted(cli: Cli, spec: str) -> None:
+    marker = cli.root / "job-started"
+    job = (
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(42))\n"
+        f"pathlib.Path({str(marker)!r}).write_text('up')\n"
+        "time.sleep(60)\n"
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "s3datafs",
+            "run",
+            "--datasets",
+            "-",
+            "--",
+            sys.executable,
+            "-c",
+            job,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=cli.env,
+        text=True,
+    )
+    try:
+        process.stdin.write(spec)
+        process.stdin.close()
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.05)
+        assert len(cli.mounts_below_root()) == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 42  # the job saw SIGTERM and chose its status
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert_all_unmounted(cli)
+
+
+def test_no_command_is_a_usage_error(cli: Cli, spec: str) -> None:
+    done = run(cli, spec)
+    assert done.returncode == 2
+    assert "no command to run" in done.stderr
+    assert_all_unmounted(cli)
+
+
+def test_daemons_are_reaped(cli: Cli, spec: str) -> None:
+    """The job sees the daemons; once run returns they are gone (not zombies of a live parent)."""
+    pids = cli.root / "pids"
+    done = run(cli, spec, "--", "sh", "-c", f"cat {cli.root}/run/*.json > {pids}")
+    assert done.returncode == 0, done.stderr
+    daemons = [int(part.split(",")[0]) for part in pids.read_text().split('"pid": ')[1:]]
+    assert len(daemons) == 1
+    assert not any(pid_alive(pid) for pid in daemons)
+    assert not Path(f"/proc/{daemons[0]}").exists()
+
+
+# -- the supervisor alone (no mounts) -------------------------------------------------------------
+
+
+NO_BLOCKED_SIGNALS = 'test "$(grep SigBlk /proc/self/status)" = "SigBlk:\t0000000000000000"'
+
+
+@pytest.fixture(autouse=False)
+def quick_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In pytest, a helper thread may take SIGCHLD: poll often instead of waiting a second."""
+    monkeypatch.setattr(supervisor, "POLL_SECONDS", 0.02)
+
+
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [
+        pytest.param(["true"], 0, id="success"),
+        pytest.param(["sh", "-c", "exit 3"], 3, id="exit-3"),
+        pytest.param(["sh", "-c", "kill -TERM $$"], 128 + signal.SIGTERM, id="sigterm"),
+        pytest.param(["sh", "-c", "kill -PIPE $$"], 128 + signal.SIGPIPE, id="sigpipe-not-ignored"),
+        pytest.param(["sh", "-c", NO_BLOCKED_SIGNALS], 0, id="no-blocked-signals"),
+    ],
+)
+@pytest.mark.usefixtures("quick_poll")
+def test_run_command_reports_status_as_a_shell_does(argv: list[str], status: int) -> None:
+    assert supervisor.run_command(argv, os.environ) == status
+
+
+@pytest.mark.usefixtures("quick_poll")
+def test_run_command_refuses_what_cannot_start_and_honours_pending_signals() -> None:
+    with pytest.raises(supervisor.CommandNotRunnable) as missing:
+        supervisor.run_command(["no-such-command-s3datafs"], os.environ)
+    assert missing.value.exit_code == 127
+    with pytest.raises(supervisor.CommandNotRunnable) as not_executable:
+        supervisor.run_command(["/etc/hostname"], os.environ)
+    assert not_executable.value.exit_code == 126
+    assert supervisor.run_command(["false"], os.environ, pending=[signal.SIGTERM]) == 143
+
+
+def test_a_terminal_ctrl_c_reaches_the_job_once(cli: Cli) -> None:
+    """Ctrl-C signals the whole foreground process group: run must not forward it again."""
+    marker, count = cli.root / "ready", cli.root / "count"
+    job = (
+        "import pathlib, signal, time\n"
+        "seen = []\n"
+        "signal.signal(signal.SIGINT, lambda *_: seen.append(1))\n"
+        f"pathlib.Path({str(marker)!r}).write_text('up')\n"
+        "deadline = time.monotonic() + 20\n"
+        "while not seen and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        "time.sleep(0.5)\n"  # time for a second, forwarded SIGINT to arrive
+        f"pathlib.Path({str(count)!r}).write_text(str(len(seen)))\n"
+    )
+    master, slave = os.openpty()
+    argv = [sys.executable, "-m", "s3datafs", "run", "-v", "--", sys.executable, "-c", job]
+    env = {**cli.env, "S3DATAFS_DATASETS": "[]"}
+    with subprocess.Popen(
+        ["setsid", "--ctty", *argv], stdin=slave, stdout=slave, stderr=slave, env=env
+    ) as process:
+        os.close(slave)
+        try:
+            deadline = time.monotonic() + 20
+            while not marker.exists():
+                assert process.poll() is None, "run ended before the job started"
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            os.write(master, b"\x03")  # the terminal's Ctrl-C
+            assert process.wait(timeout=30) == 0
+            terminal = _drain(master)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            os.close(master)
+    # Two SIGINTs close together may merge into one, so the count alone cannot prove it: the
+    # log says what run did.
+    assert "SIGINT from the terminal: the command received it too" in terminal
+    assert "forwarding" not in terminal
+    assert count.read_text() == "1"
+
+
+def _drain(master: int) -> str:
+    chunks = []
+    while select.select([master], [], [], 0.2)[0]:
+        try:
+            chunks.append(os.read(master, 65536))
+        except OSError:  # EIO: every slave end is closed
+            break
+    return b"".join(chunks).decode(errors="replace")

@@ -1,0 +1,123 @@
+"""sd_notify: datagrams to ``NOTIFY_SOCKET``, and READY=1/STOPPING=1 from a foreground mount."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Cli
+
+from s3datafs import sdnotify
+
+
+@pytest.fixture
+def abstract_socket() -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket in the abstract namespace (no path length or cleanup issues)."""
+    name = f"s3datafs-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(30)
+        yield sock, "@" + name
+
+
+def test_notify_sends_one_datagram_to_an_abstract_socket(abstract_socket) -> None:
+    sock, address = abstract_socket
+    assert sdnotify.notify("READY=1", "STATUS=ok", environ={"NOTIFY_SOCKET": address})
+    assert sock.recv(4096) == b"READY=1\nSTATUS=ok"
+
+
+def test_notify_sends_to_a_socket_path() -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "notify")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            assert sdnotify.notify("STOPPING=1", environ={"NOTIFY_SOCKET": path})
+            assert sock.recv(4096) == b"STOPPING=1"
+
+
+@pytest.mark.parametrize("value", ["", "relative/path", "vsock:2:1234", "/nonexistent/socket"])
+def test_notify_without_a_usable_socket_does_nothing(value: str) -> None:
+    assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": value}) is False
+    assert sdnotify.notify("READY=1", environ={}) is False
+
+
+@pytest.mark.fuse
+def test_a_foreground_mount_says_ready_then_stopping(
+    cli: Cli, s3, make_bucket, abstract_socket
+) -> None:
+    sock, address = abstract_socket
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="p/a.txt", Body=b"a\n")
+    target = cli.root / "fg"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "s3datafs",
+            "mount",
+            "--foreground",
+            f"s3://{bucket}/p/",
+            str(target),
+        ],
+        env={**cli.env, "NOTIFY_SOCKET": address},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        message = sock.recv(4096).decode()
+        assert message.splitlines() == ["READY=1", f"STATUS=serving s3://{bucket}/p/ at {target}"]
+        assert os.path.ismount(target)  # ready means usable
+        assert (target / "a.txt").read_bytes() == b"a\n"
+        assert cli.unmount(target).returncode == 0  # what ExecStop does: unmount and wait
+        assert sock.recv(4096) == b"STOPPING=1"
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+        process.stderr.close()
+    assert not os.path.ismount(target)
+
+
+@pytest.mark.fuse
+def test_mount_all_foreground_says_ready_once_all_are_mounted(
+    cli: Cli, s3, make_bucket, abstract_socket
+) -> None:
+    sock, address = abstract_socket
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="a.bin", Body=b"A")
+    s3.put_object(Bucket=bucket, Key="b.bin", Body=b"B")
+    spec = f'[{{"uri": "s3://{bucket}/a.bin"}}, {{"uri": "s3://{bucket}/b.bin"}}]'
+    process = subprocess.Popen(
+        [sys.executable, "-m", "s3datafs", "mount-all", "--foreground", "-"],
+        env={**cli.env, "NOTIFY_SOCKET": address},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        process.stdin.write(spec)
+        process.stdin.close()
+        assert sock.recv(4096).decode().startswith("READY=1\nSTATUS=serving 2 datasets: a, b")
+        assert (cli.data_root / "a" / "a.bin").read_bytes() == b"A"
+        assert (cli.data_root / "b" / "b.bin").read_bytes() == b"B"
+        process.terminate()
+        assert sock.recv(4096) == b"STOPPING=1"
+        assert process.wait(timeout=30) == 0  # stopping on request is a clean exit
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert cli.mounts_below_root() == []
+    assert not Path(cli.data_root / "a").exists()
