@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := fuse3 libfuse3-dev pkg-config
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint system-deps clean
+.PHONY: demo test lint system-deps install-helper bench bench-deps clean
 
 demo: $(STAMP)
 	$(VENV)/bin/python devtools/demo.py
@@ -31,6 +31,34 @@ $(STAMP): pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# mount(8) looks for mount.<type> helpers in /sbin only: link ours there (mount -t s3datafs, fstab).
+HELPER ?= $(abspath $(VENV))/bin/mount.s3datafs
+install-helper: $(STAMP)
+	$(SUDO) ln -sf $(HELPER) /sbin/mount.s3datafs
+	@echo "installed /sbin/mount.s3datafs -> $(HELPER)"
+
+# Read benchmark against s3fs-fuse and rclone (bench/RESULTS.md). Needs root: it mounts and drops
+# the page cache. A quick run: make bench BENCH_ARGS=--quick
+BENCH_ARGS ?=
+BENCH_PACKAGES := rclone s3fs
+BENCH_STAMP := $(VENV)/.bench-installed
+
+bench: $(BENCH_STAMP)
+	$(VENV)/bin/python -m bench.bench_reads $(BENCH_ARGS)
+	$(VENV)/bin/python -m bench.chart
+
+bench-deps:
+	@missing=$$(for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(BENCH_STAMP): $(STAMP) | bench-deps
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	touch $@
 
 clean:

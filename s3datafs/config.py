@@ -8,16 +8,21 @@ Paths follow the usual conventions: as root the system locations (``/data``, ``/
 from __future__ import annotations
 
 import configparser
+import datetime
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, UsageError
 
-DEFAULT_BLOCK_SIZE = 1024 * 1024
-DEFAULT_MEMORY_CACHE = 256 * 1024 * 1024
+DEFAULT_BLOCK_SIZE = 64 * 1024  # cache granularity; see README "Block size" for the measurements
+DEFAULT_MEMORY_CACHE = 64 * 1024 * 1024
+DEFAULT_DISK_CACHE = 20 * 1024**3
+DEFAULT_CACHE_MIN_FREE = 0.05  # never fill the cache filesystem beyond 95 %
+DEFAULT_MAX_PREFETCH = 128 * 1024 * 1024  # readahead bytes in flight, all handles together
 
 
 def _is_root() -> bool:
@@ -73,6 +78,48 @@ def parse_id(text: str, option: str) -> int:
     if not text.isdigit() or int(text) >= 2**32 - 1:
         raise UsageError(f"{option} {text!r} is not a numeric id (0 to 4294967294)")
     return int(text)
+
+
+_RELATIVE_TIME = re.compile(r"^(\d+)([smhdw])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+AS_OF_FORMS = "ISO 8601 (2024-05-01, 2024-05-01T12:00:00Z, naive means UTC) or 30m, 12h, 7d"
+
+
+def parse_as_of(text: str, now: float) -> float:
+    """``--as-of``: an ISO 8601 time (naive = UTC) or a time ago (``30m``, ``12h``, ``7d``).
+
+    Returns seconds since the epoch. A time after ``now`` is refused: the view it names could
+    still change, so it would not be a point in time.
+    """
+    relative = _RELATIVE_TIME.match(text.strip())
+    if relative:
+        when = now - int(relative[1]) * _SECONDS[relative[2]]
+    else:
+        try:
+            when = parse_time(text.strip())
+        except ValueError:
+            raise UsageError(f"--as-of {text!r} is not a time: use {AS_OF_FORMS}") from None
+    if when > now:
+        raise UsageError(
+            f"--as-of {text!r} is in the future ({format_time(when)}, now {format_time(now)}): "
+            f"a view of the future could still change"
+        )
+    return parse_time(format_time(when))  # whole milliseconds, exactly as recorded in files
+
+
+def parse_time(text: str) -> float:
+    """The inverse of ``format_time`` (any ISO 8601 time; naive means UTC)."""
+    parsed = datetime.datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
+
+
+def format_time(seconds: float) -> str:
+    """An epoch time as ISO 8601 in UTC with a ``Z``, to the millisecond if it has any."""
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    spec = "milliseconds" if moment.microsecond else "seconds"
+    return moment.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,10 @@ class PinMismatchError(S3DataFSError):
     """The data in S3 is not the data the user pinned (ETag or version)."""
 
 
+class UnsupportedError(S3DataFSError):
+    """What was asked cannot be honoured on this bucket (``--as-of`` without versioning)."""
+
+
 class StaleObjectError(S3DataFSError):
     """A pinned object changed or vanished after mount; its bytes can no longer be served."""
 

@@ -1,5 +1,9 @@
 """Lifecycle of one mount: pyfuse3 init, the trio main loop, signals, and an always-complete close.
 
+Before anything is mounted the dataset is pinned into a catalog (``pinning.pin``: from S3, or
+from a ``--snapshot`` file), checked against ``--expect-fingerprint`` and, with
+``--save-snapshot``, written down; a failure in any of these leaves nothing mounted.
+
 Order (and why):
 1. ``pyfuse3.init`` mounts; from here on the kernel may queue requests.
 2. ``on_ready`` runs (the daemon tells its parent, or systemd, that the mount is usable). Requests
@@ -20,21 +24,26 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from . import runtime
-from .catalog import Catalog, build_catalog
+from . import config, pinning, runtime
+from .cache.disk import DiskCache
+from .catalog import Catalog
 from .fuse_ops import FsSettings, Operations
-from .reader import BlockReader
-from .resolve import Pins, resolve
+from .reader import BlockReader, ByteBudget
+from .resolve import Pins
 from .s3source import S3Settings, S3Source
+from .snapshot import write_snapshot
 from .uri import S3Uri
 
 log = logging.getLogger(__name__)
 
+STATS_INTERVAL = 2.0  # seconds between refreshes of the counters in the state file
+KERNEL_READAHEAD_KB = 1024
 _FSNAME_UNSAFE = frozenset(",\\ \t")  # option separators and escapes in the mount table
 
 
@@ -53,6 +62,13 @@ class MountPlan:
     memory_cache_bytes: int
     allow_other: bool
     log_file: Path | None
+    disk_cache_bytes: int = config.DEFAULT_DISK_CACHE
+    cache_min_free: float = config.DEFAULT_CACHE_MIN_FREE
+    max_prefetch_bytes: int = config.DEFAULT_MAX_PREFETCH
+    as_of: float | None = None  # --as-of: the dataset as it was then (epoch seconds)
+    snapshot: Path | None = None  # --snapshot: mount what this file lists (absolute; no LIST)
+    save_snapshot: Path | None = None  # --save-snapshot: write what was pinned (absolute)
+    expect_fingerprint: str | None = None  # refuse to mount other data
 
 
 @dataclass(frozen=True)
@@ -61,8 +77,9 @@ class MountSummary:
     total_bytes: int
     skipped_count: int
     pid: int
+    fingerprint: str = ""
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | str]:
         return dict(vars(self))
 
 
@@ -74,27 +91,20 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
     _sweep_dead_catalogs(catalogs)
     catalog_path = catalogs / f"{runtime.state_path(str(plan.mountpoint)).stem}-{os.getpid()}.db"
     try:
-        started = time.monotonic()
-        resolution = resolve(source, plan.uri, plan.pins)
-        built = build_catalog(
-            catalog_path,
-            resolution.refs,
-            uri=str(plan.uri),
-            bucket=plan.uri.bucket,
-            prefix=resolution.prefix,
-            versioned=resolution.versioned,
-        )
-        log.info("pinned %d objects in %.2fs", built.object_count, time.monotonic() - started)
-        summary = MountSummary(
-            built.object_count, built.total_bytes, built.skipped_count, os.getpid()
+        built = pinning.pin(
+            source, catalog_path, uri=plan.uri, pins=plan.pins, as_of=plan.as_of,
+            snapshot=plan.snapshot,
         )
         with contextlib.closing(Catalog.open(catalog_path)) as catalog:
-            reader = BlockReader(
-                source,
-                block_size=plan.block_size,
-                memory_cache_bytes=plan.memory_cache_bytes,
-                limiter=trio.CapacityLimiter(plan.s3.max_connections),
+            pinning.check_fingerprint(catalog.meta, plan.expect_fingerprint)
+            if plan.save_snapshot is not None:
+                write_snapshot(catalog, plan.save_snapshot, name=plan.name)
+            summary = MountSummary(
+                built.object_count, built.total_bytes, built.skipped_count, os.getpid(),
+                catalog.meta.fingerprint,
             )
+            disk = _disk_cache(plan)
+            reader = _reader(plan, source, disk)
             operations = Operations(catalog, reader, plan.fs)
             options = fuse_options(fsname=_fsname(plan.uri), allow_other=plan.allow_other)
 
@@ -102,13 +112,81 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                 runtime.write_state(str(plan.mountpoint), _state(plan, summary))
                 on_ready(summary)
 
+            def start(tasks: trio.Nursery, writes: trio.Nursery) -> None:
+                reader.attach(tasks, writes)
+                initialized = trio.Event()
+                operations.on_init = initialized.set
+                tasks.start_soon(tune_kernel_readahead, plan.mountpoint, initialized)
+                if disk is not None:  # learn what other mounts cached; sweep stray temps
+                    tasks.start_soon(
+                        partial(trio.to_thread.run_sync, disk.sync, abandon_on_cancel=True)
+                    )
+                tasks.start_soon(_publish_stats, plan, summary, reader)
+
             try:
-                serve(operations, plan.mountpoint, options, ready)
+                serve(operations, plan.mountpoint, options, ready, start)
             finally:
                 runtime.remove_state(str(plan.mountpoint))
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             catalog_path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # a cache dir gone read-only: the next mount sweeps the file
+            log.info("cannot remove the catalog %s: %s", catalog_path, exc.strerror)
+
+
+def _disk_cache(plan: MountPlan) -> DiskCache | None:
+    if plan.disk_cache_bytes <= 0:
+        return None
+    return DiskCache(
+        plan.cache_dir,
+        block_size=plan.block_size,
+        capacity=plan.disk_cache_bytes,
+        min_free_ratio=plan.cache_min_free,
+        dataset=str(plan.uri),
+    )
+
+
+def _reader(plan: MountPlan, source: S3Source, disk: DiskCache | None) -> BlockReader:
+    return BlockReader(
+        source,
+        block_size=plan.block_size,
+        memory_cache_bytes=plan.memory_cache_bytes,
+        s3_limiter=trio.CapacityLimiter(plan.s3.max_connections),
+        disk=disk,
+        prefetch_budget=ByteBudget(plan.max_prefetch_bytes),
+        read_timeout=plan.s3.read_deadline,  # --read-timeout: the hard bound of every read
+    )
+
+
+async def _publish_stats(plan: MountPlan, summary: MountSummary, reader: BlockReader) -> None:
+    """Refresh the state file's counters so ``s3datafs status`` can show them."""
+    while True:
+        await trio.sleep(STATS_INTERVAL)
+        state = {**_state(plan, summary), "stats": reader.stats.as_dict()}
+        await trio.to_thread.run_sync(runtime.write_state, str(plan.mountpoint), state)
+
+
+async def tune_kernel_readahead(mountpoint: Path, initialized: trio.Event) -> None:
+    """Let the kernel read ahead ``KERNEL_READAHEAD_KB`` (FUSE's default is 128 KiB).
+
+    Larger kernel readahead means fewer, larger FUSE reads (1 MiB instead of 128 KiB) for
+    sequential readers. It is set through the mount's backing device in sysfs, and only after the
+    kernel's INIT has been answered: that answer clamps it back to 128 KiB. The device comes from
+    the mount table (a stat() of the mount point could wait on this very daemon). Only root may
+    change it, so failure is logged at debug level and otherwise ignored.
+    """
+    await initialized.wait()
+    await trio.sleep(0.05)  # the INIT reply is processed once the handler has returned
+    devices = [e.device for e in runtime.mount_table() if e.mountpoint == str(mountpoint)]
+    knob = f"/sys/class/bdi/{devices[-1]}/read_ahead_kb" if devices else None
+    try:
+        if knob is None:
+            raise OSError(f"{mountpoint} is not in the mount table")
+        await trio.Path(knob).write_text(str(KERNEL_READAHEAD_KB), encoding="ascii")
+    except OSError as exc:
+        log.debug("kernel readahead left as is: %s", exc)
 
 
 def _state(plan: MountPlan, summary: MountSummary) -> dict:
@@ -137,6 +215,7 @@ def _sweep_dead_catalogs(directory: Path) -> None:
             with contextlib.suppress(OSError):
                 path.unlink()
 
+
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -153,22 +232,29 @@ def serve(
     mountpoint: Path,
     options: Iterable[str],
     on_ready: Callable[[], None],
+    start: Callable[[trio.Nursery, trio.Nursery], None] = lambda tasks, writes: None,
 ) -> None:
-    """Mount, report ready, serve until unmounted or signalled, then always unmount."""
+    """Mount, report ready, serve until unmounted or signalled, then always unmount.
+
+    ``start(tasks, writes)`` receives the two nurseries background work belongs to: ``tasks`` is
+    cancelled when the mount ends; ``writes`` (cache write-behind) is drained first, so a remount
+    right after finds everything that was read.
+    """
     pyfuse3.init(operations, str(mountpoint), set(options))
     try:
         on_ready()
-        trio.run(_main_loop)
+        trio.run(_main_loop, start)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
 
 
-async def _main_loop() -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_terminate_on_signal)
+async def _main_loop(start: Callable[[trio.Nursery, trio.Nursery], None]) -> None:
+    async with trio.open_nursery() as writes, trio.open_nursery() as tasks:
+        start(tasks, writes)
+        tasks.start_soon(_terminate_on_signal)
         await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+        tasks.cancel_scope.cancel()
 
 
 async def _terminate_on_signal() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
@@ -29,6 +30,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devtools.s3server import S3Server, clean_aws_env  # noqa: E402
+from s3datafs.runtime import mount_table  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -135,10 +137,13 @@ class Cli:
         return lines
 
     def mounts_below_root(self) -> list[str]:
-        with open("/proc/self/mountinfo", encoding="utf-8") as table:
-            points = [line.split()[4] for line in table]
         prefix = str(self.root) + "/"
-        return [p for p in points if p.startswith(prefix)]
+        return [e.mountpoint for e in mount_table() if e.mountpoint.startswith(prefix)]
+
+    def daemon_pid(self, mountpoint: Path) -> int:
+        """The daemon serving ``mountpoint`` (other tests' mounts may be listed too)."""
+        rows = json.loads(self.run("status", "--json").stdout)
+        return next(row["pid"] for row in rows if row["mountpoint"] == str(mountpoint))
 
     def cleanup(self) -> None:
         """Leave nothing mounted and no daemon running, whatever the test did."""

@@ -226,13 +226,13 @@ def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make
     bucket = make_bucket()
     put_all(s3, bucket, {"p/x.bin": b"x"})
     mountpoint = cli.mount(f"s3://{bucket}/p/")
-    pid = int(cli.run("status", "--json").stdout.split('"pid": ')[1].split(",")[0])
+    pid = cli.daemon_pid(mountpoint)
     assert cli.unmount(mountpoint).returncode == 0
     assert not os.path.ismount(mountpoint)
     assert not pid_alive(pid), "unmount returned before the daemon exited"
 
     mountpoint = cli.mount(f"s3://{bucket}/p/")
-    pid = int(cli.run("status", "--json").stdout.split('"pid": ')[1].split(",")[0])
+    pid = cli.daemon_pid(mountpoint)
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
     assert "dead" in cli.run("status").stdout
@@ -246,7 +246,7 @@ def test_sigterm_unmounts_cleanly(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket()
     put_all(s3, bucket, {"p/x.bin": b"x"})
     mountpoint = cli.mount(f"s3://{bucket}/p/")
-    pid = int(cli.run("status", "--json").stdout.split('"pid": ')[1].split(",")[0])
+    pid = cli.daemon_pid(mountpoint)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while os.path.ismount(mountpoint) and time.monotonic() < deadline:

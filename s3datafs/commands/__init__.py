@@ -5,6 +5,6 @@ To add a command, write its module here and list it in ``COMMANDS`` (the order i
 
 from __future__ import annotations
 
-from . import mount, status, unmount
+from . import cache, diff, mount, mount_all, prefetch, run, snapshot, status, unmount
 
-COMMANDS = (mount, unmount, status)
+COMMANDS = (mount, mount_all, run, unmount, status, snapshot, diff, prefetch, cache)

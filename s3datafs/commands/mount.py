@@ -1,30 +1,41 @@
 """``s3datafs mount``: validate everything locally, then fork a daemon that resolves and serves.
 
 The options are shared with the commands that mount several datasets at once: they call
-``add_mount_options`` and ``build_plan`` too, so every mount is described the same way.
+``add_mount_options`` and ``build_plan`` too, so every mount is described the same way;
+``add_source_options`` (what to pin and how to reach S3) is also what ``snapshot`` takes.
+
+``mount --snapshot FILE [MOUNTPOINT]``: the URI positional is optional, and a lone positional
+that is not an ``s3://`` URI is the mount point. The file's header is read (and checked) here,
+before the fork, for the URI and the default name; the daemon verifies the whole file. Paths of
+``--snapshot`` and ``--save-snapshot`` are made absolute here: the daemon runs in ``/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import config, daemon, logsetup, s3source
-from ..errors import MountFailed, UsageError
+from .. import config, daemon, logsetup, pinning, s3source, sdnotify, snapshot
+from ..errors import ConfigError, MountFailed, UsageError
 from ..fuse_ops import FsSettings
 from ..model import normalize_etag
-from ..mount import MountPlan, mount_dataset
+from ..mount import MountPlan, MountSummary, mount_dataset
 from ..resolve import Pins
 from ..s3source import S3Settings
-from ..units import human_size
+from ..units import human_size, parse_percent, parse_size
 from ..uri import dataset_name, parse_s3_uri, validate_name
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("mount", help="mount an S3 object or prefix, pinned")
-    parser.add_argument("uri", help="s3://bucket, s3://bucket/prefix/ or s3://bucket/key")
+    parser.add_argument(
+        "uri", nargs="?", help="s3://bucket, s3://bucket/prefix/ or s3://bucket/key "
+        "(none with --snapshot: the file names it)"
+    )
     parser.add_argument("mountpoint", nargs="?", type=Path, help="default: DATA_ROOT/NAME")
     add_mount_options(parser)
     parser.set_defaults(handler=run)
@@ -33,6 +44,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def add_mount_options(parser: argparse.ArgumentParser) -> None:
     """Every option of a mount except the URI and mount point."""
     add_source_options(parser)
+    add_snapshot_file_options(parser)
     add_filesystem_options(parser)
     add_process_options(parser)
 
@@ -44,12 +56,35 @@ def add_source_options(mount: argparse.ArgumentParser) -> None:
     what.add_argument("--data-root", type=Path, help="root of default mount points (/data)")
     what.add_argument("--version-id", help="pin this version of a single object")
     what.add_argument("--etag", help="require this ETag of a single object (quotes optional)")
+    what.add_argument("--as-of", metavar="TIME", help="as it was at TIME (versioned buckets): "
+                      "ISO 8601, naive = UTC, or 30m, 12h, 7d ago")
+    what.add_argument("--expect-fingerprint", metavar="F",
+                      help="refuse unless the data has this fingerprint")
+    add_s3_access_options(mount)
+
+
+def add_s3_access_options(mount: argparse.ArgumentParser) -> None:
+    """How to reach S3 (credentials, endpoint, region)."""
     s3 = mount.add_argument_group("S3 access")
     s3.add_argument("--region")
     s3.add_argument("--endpoint-url", help="S3-compatible endpoint (also AWS_ENDPOINT_URL)")
     s3.add_argument("--profile", help="AWS profile from the shared config files")
     s3.add_argument("--no-sign-request", action="store_true", help="anonymous (public bucket)")
     s3.add_argument("--credentials-file", type=Path, help="AWS-style credentials file, mode 0600")
+    s3.add_argument(
+        "--read-timeout",
+        metavar="SECONDS",
+        help=f"most time one read of object data may take, retries included; then EIO "
+        f"(default {S3Settings.read_deadline:g})",
+    )
+
+
+def add_snapshot_file_options(mount: argparse.ArgumentParser) -> None:
+    files = mount.add_argument_group("snapshot files")
+    files.add_argument("--snapshot", type=Path, metavar="FILE",
+                       help="mount exactly what FILE lists (no listing; URI and name from FILE)")
+    files.add_argument("--save-snapshot", type=Path, metavar="FILE",
+                       help="write what this mount pinned to FILE")
 
 
 def add_filesystem_options(mount: argparse.ArgumentParser) -> None:
@@ -59,7 +94,18 @@ def add_filesystem_options(mount: argparse.ArgumentParser) -> None:
     fs.add_argument("--file-mode", default="0444", help="permission bits of files")
     fs.add_argument("--dir-mode", default="0555", help="permission bits of directories")
     fs.add_argument("--allow-other", action="store_true", help="let other users see the mount")
-    fs.add_argument("--cache-dir", type=Path, help="where catalogs and cache blocks live")
+    add_cache_options(mount)
+
+
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    cache = parser.add_argument_group("cache")
+    cache.add_argument("--cache-dir", type=Path, help="where catalogs and cache blocks live")
+    cache.add_argument("--cache-size", help="bound of the disk cache, e.g. 20G (default 20G)")
+    cache.add_argument("--cache-min-free", help="keep this much of the cache filesystem free (5%%)")
+    cache.add_argument("--no-cache", action="store_true", help="memory only (= --cache-size 0)")
+    cache.add_argument("--block-size", help="cache block size (default 64K)")
+    cache.add_argument("--memory-cache-size", help="in-memory block cache (default 64M)")
+    cache.add_argument("--max-prefetch-memory", help="readahead bytes in flight (default 128M)")
 
 
 def add_process_options(mount: argparse.ArgumentParser) -> None:
@@ -72,10 +118,19 @@ def add_process_options(mount: argparse.ArgumentParser) -> None:
 
 def build_plan(args: argparse.Namespace) -> MountPlan:
     """Validate everything that needs no network; the mount point is checked last."""
-    uri = parse_s3_uri(args.uri)
-    name = validate_name(args.name if args.name is not None else dataset_name(uri))
-    if args.mountpoint is not None:
-        mountpoint = args.mountpoint
+    snapshot_file = _absolute(getattr(args, "snapshot", None))
+    if snapshot_file is not None:
+        header, mountpoint_arg = _from_snapshot(args, snapshot_file)
+        uri, default_name = parse_s3_uri(header.uri), header.name
+    else:
+        if args.uri is None:
+            raise UsageError("the following arguments are required: uri (see 's3datafs mount "
+                             "--help')")
+        uri, mountpoint_arg = parse_s3_uri(args.uri), args.mountpoint
+        default_name = dataset_name(uri)
+    name = validate_name(args.name if args.name is not None else default_name)
+    if mountpoint_arg is not None:
+        mountpoint = mountpoint_arg
     else:
         mountpoint = (args.data_root or config.default_data_root()) / name
     fs = FsSettings(
@@ -84,7 +139,7 @@ def build_plan(args: argparse.Namespace) -> MountPlan:
         file_mode=config.parse_mode(args.file_mode, "--file-mode"),
         dir_mode=config.parse_mode(args.dir_mode, "--dir-mode"),
     )
-    pins = Pins(args.version_id, normalize_etag(args.etag) if args.etag is not None else None)
+    pins, as_of = source_pins(args)
     default_log = None if args.foreground else config.default_log_dir() / f"{name}.log"
     log_file = args.log_file or default_log
     return MountPlan(
@@ -95,11 +150,93 @@ def build_plan(args: argparse.Namespace) -> MountPlan:
         s3=_s3_settings(args),
         fs=fs,
         cache_dir=args.cache_dir or config.default_cache_dir(),
-        block_size=config.DEFAULT_BLOCK_SIZE,
-        memory_cache_bytes=config.DEFAULT_MEMORY_CACHE,
+        **cache_settings(args),
         allow_other=args.allow_other,
         log_file=log_file,
+        as_of=as_of,
+        snapshot=snapshot_file,
+        save_snapshot=writable_file(getattr(args, "save_snapshot", None), "--save-snapshot"),
+        expect_fingerprint=pinning.parse_expected(getattr(args, "expect_fingerprint", None)),
     )
+
+
+def source_pins(args: argparse.Namespace) -> tuple[Pins, float | None]:
+    """``--version-id``/``--etag`` pins and the ``--as-of`` time, checked against each other."""
+    pins = Pins(args.version_id, normalize_etag(args.etag) if args.etag is not None else None)
+    text = getattr(args, "as_of", None)
+    if text is None:
+        return pins, None
+    if pins.version_id is not None:
+        raise UsageError("--as-of and --version-id both choose a version: give only one")
+    return pins, config.parse_as_of(text, time.time())
+
+
+def _from_snapshot(args: argparse.Namespace, path: Path) -> tuple[snapshot.Header, Path | None]:
+    """The snapshot's header, and the mount point given (``mount --snapshot FILE [MOUNTPOINT]``)."""
+    for attribute, option in (("version_id", "--version-id"), ("etag", "--etag"),
+                              ("as_of", "--as-of")):
+        if getattr(args, attribute, None) is not None:
+            raise UsageError(f"--snapshot already pins every object: drop {option}")
+    header = snapshot.read_header(path)
+    positional, mountpoint = args.uri, args.mountpoint
+    if positional is not None and positional.startswith("s3://"):
+        if parse_s3_uri(positional) != parse_s3_uri(header.uri):
+            raise UsageError(f"snapshot {path} records {header.uri}, not {positional}")
+    elif positional is not None:
+        if mountpoint is not None:
+            raise UsageError("with --snapshot, give only the MOUNTPOINT (the file names the URI)")
+        mountpoint = Path(positional)
+    return header, mountpoint
+
+
+def writable_file(path: Path | None, option: str) -> Path | None:
+    """``path`` made absolute (the daemon runs in /), if a file can be created there."""
+    target = _absolute(path)
+    if target is None:
+        return None
+    if target.is_dir():
+        raise ConfigError(f"{option} {target} is a directory: name a file")
+    if not target.parent.is_dir():
+        raise ConfigError(f"{option} {target}: directory {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {target}: directory {target.parent} is not writable")
+    return target
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(os.path.abspath(path))
+
+
+def cache_settings(args: argparse.Namespace) -> dict:
+    """The cache fields of a ``MountPlan`` from the cache options, with their defaults."""
+
+    def size(value: str | None, option: str, default: int) -> int:
+        return default if value is None else parse_size(value, option)
+
+    block_size = size(args.block_size, "--block-size", config.DEFAULT_BLOCK_SIZE)
+    if not 4096 <= block_size <= 64 * 1024 * 1024 or block_size % 4096:
+        raise UsageError("--block-size must be a multiple of 4K between 4K and 64M")
+    disk = size(args.cache_size, "--cache-size", config.DEFAULT_DISK_CACHE)
+    min_free = config.DEFAULT_CACHE_MIN_FREE
+    if args.cache_min_free is not None:
+        min_free = parse_percent(args.cache_min_free, "--cache-min-free")
+    return {
+        "block_size": block_size,
+        "memory_cache_bytes": size(
+            args.memory_cache_size, "--memory-cache-size", config.DEFAULT_MEMORY_CACHE
+        ),
+        "disk_cache_bytes": 0 if args.no_cache else disk,
+        "cache_min_free": min_free,
+        "max_prefetch_bytes": max(
+            block_size,
+            size(args.max_prefetch_memory, "--max-prefetch-memory", config.DEFAULT_MAX_PREFETCH),
+        ),
+    }
+
+
+def s3_settings(args: argparse.Namespace) -> S3Settings:
+    """How to reach S3, from the S3 access options (shared with snapshot and diff)."""
+    return _s3_settings(args)
 
 
 def _s3_settings(args: argparse.Namespace) -> S3Settings:
@@ -124,8 +261,28 @@ def _s3_settings(args: argparse.Namespace) -> S3Settings:
         endpoint_url=endpoint or None,
         profile=profile,
         no_sign_request=args.no_sign_request,
+        read_deadline=_read_timeout(getattr(args, "read_timeout", None)),
         **keys,
     )
+
+
+MAX_READ_TIMEOUT = 24 * 3600.0
+
+
+def _read_timeout(text: str | None) -> float:
+    """``--read-timeout``: seconds (``30``, ``2.5``, ``30s``), above 0 and at most a day."""
+    if text is None:
+        return S3Settings.read_deadline
+    try:
+        seconds = float(text.strip().removesuffix("s"))
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_READ_TIMEOUT:  # also refuses nan
+        raise UsageError(
+            f"--read-timeout {text!r} is not a number of seconds above 0 (at most "
+            f"{MAX_READ_TIMEOUT:g}), such as 30"
+        )
+    return seconds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,8 +312,7 @@ def start_mount(
     created = config.prepare_mountpoint(plan.mountpoint)
     try:
         if foreground:
-            ready = on_ready or (lambda _summary: None)
-            mount_dataset(plan, lambda summary: ready(summary.as_dict()))
+            _serve_in_foreground(plan, on_ready or (lambda _summary: None))
             return {}
         hint = f"see {plan.log_file}" if plan.log_file else "run with --foreground to see why"
         verdict = daemon.spawn(
@@ -171,9 +327,26 @@ def start_mount(
     return verdict
 
 
+def _serve_in_foreground(plan: MountPlan, on_ready: Callable[[dict], None]) -> None:
+    """Serve in this process; tell the service manager (``NOTIFY_SOCKET``) when ready and done."""
+
+    def ready(summary: MountSummary) -> None:
+        on_ready(summary.as_dict())
+        sdnotify.notify("READY=1", f"STATUS=serving {plan.uri} at {plan.mountpoint}")
+
+    try:
+        mount_dataset(plan, ready)
+    finally:
+        sdnotify.notify("STOPPING=1")
+
+
 def _announce(plan: MountPlan, summary: dict) -> None:
     skipped = summary.get("skipped_count", 0)
     note = f", {skipped} unsafe keys skipped" if skipped else ""
+    if plan.as_of is not None:
+        note += f", as of {config.format_time(plan.as_of)}"
+    if summary.get("fingerprint"):
+        note += f", fingerprint {summary['fingerprint']}"
     print(
         f"s3datafs: mounted {plan.uri} at {plan.mountpoint} "
         f"({summary['object_count']} objects, {human_size(summary['total_bytes'])}{note})",

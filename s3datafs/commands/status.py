@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
                 "uri": state.get("uri", entry.source),
                 "object_count": state.get("object_count"),
                 "total_bytes": state.get("total_bytes"),
+                "fingerprint": state.get("fingerprint"),
+                "stats": state.get("stats", {}),
                 "pid": pid,
                 "state": "mounted" if alive else "dead: run s3datafs unmount",
             }
@@ -38,18 +40,32 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         print("no s3datafs mounts")
         return 0
-    table = [("MOUNTPOINT", "URI", "OBJECTS", "SIZE", "PID", "STATE")]
+    table = [("MOUNTPOINT", "URI", "OBJECTS", "SIZE", "PID", "FINGERPRINT", "STATE")]
     for row in rows:
         size = human_size(row["total_bytes"]) if row["total_bytes"] is not None else "?"
         count = row["object_count"] if row["object_count"] is not None else "?"
         table.append(
-            (row["mountpoint"], row["uri"], str(count), size, str(row["pid"] or "?"), row["state"])
+            (row["mountpoint"], row["uri"], str(count), size, str(row["pid"] or "?"),
+             row["fingerprint"] or "?", row["state"])
         )
-    widths = [max(len(line[column]) for line in table) for column in range(5)]
+    widths = [max(len(line[column]) for line in table) for column in range(6)]
     for line in table:
         left = [cell.ljust(width) for cell, width in zip(line[:2], widths[:2], strict=True)]
-        right = [cell.rjust(width) for cell, width in zip(line[2:5], widths[2:], strict=True)]
-        print("  ".join([*left, *right, line[5]]))
+        right = [cell.rjust(width) for cell, width in zip(line[2:5], widths[2:5], strict=True)]
+        print("  ".join([*left, *right, line[5].ljust(widths[5]), line[6]]))
+    for row in rows:
+        if row["stats"]:
+            print(f"{row['mountpoint']}: {_counters(row['stats'])}")
     return 0
+
+
+def _counters(stats: dict[str, int]) -> str:
+    """One line of a mount's read counters (refreshed by the daemon every few seconds)."""
+    return (
+        f"{stats.get('s3_requests', 0)} S3 requests, {human_size(stats.get('s3_bytes', 0))} "
+        f"from S3, {human_size(stats.get('disk_bytes', 0))} from the disk cache; block hits: "
+        f"{stats.get('memory_hits', 0)} memory, {stats.get('disk_hits', 0)} disk, "
+        f"{stats.get('misses', 0)} misses; {human_size(stats.get('bytes_served', 0))} served"
+    )
 
 

@@ -1,28 +1,61 @@
-"""``s3datafs unmount``: unmount, then wait for the daemon to exit; dead mounts are cleaned up."""
+"""``s3datafs unmount``: unmount, then wait for the daemon to exit; dead mounts are cleaned up.
+
+``unmount_path`` is the one way every command unmounts (``mount-all`` rolling back, ``run``
+cleaning up); ``--all`` applies it to every ``fuse.s3datafs`` entry of the mount table.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from .. import runtime
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 
 UNMOUNT_WAIT_SECONDS = 30.0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("unmount", aliases=["umount"], help="unmount and wait")
-    parser.add_argument("mountpoint", type=Path)
+    parser.add_argument("mountpoint", type=Path, nargs="?")
     parser.add_argument("--lazy", action="store_true", help="detach now even if busy")
+    parser.add_argument("--all", action="store_true", help="unmount every s3datafs mount")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
+    if args.all and args.mountpoint is not None:
+        raise UsageError("give either MOUNTPOINT or --all, not both")
+    if not args.all and args.mountpoint is None:
+        raise UsageError(
+            "the following arguments are required: mountpoint (or --all) "
+            "(see 's3datafs unmount --help')"
+        )
+    if args.all:
+        return unmount_all(lazy=args.lazy)
+    unmount_path(args.mountpoint, lazy=args.lazy)
+    return 0
+
+
+def unmount_all(*, lazy: bool) -> int:
+    """Unmount every s3datafs mount of this mount namespace; 1 if any could not be unmounted."""
+    status = 0
+    for entry in reversed(runtime.our_mounts()):  # the newest first, so nested mounts go first
+        try:
+            unmount_path(entry.mountpoint, lazy=lazy)
+        except ConfigError as exc:
+            print(f"s3datafs: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def unmount_path(path: str | os.PathLike[str], *, lazy: bool) -> None:
+    """Unmount one s3datafs mount and wait for its daemon to exit (unless ``lazy``)."""
+    mountpoint = os.path.abspath(path)
     state = runtime.read_state(mountpoint)
     table = {entry.mountpoint: entry for entry in runtime.mount_table()}
     entry = table.get(mountpoint)
@@ -31,17 +64,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{mountpoint} is not mounted")
     if entry.fstype != runtime.FSTYPE:
         raise ConfigError(f"{mountpoint} is not an s3datafs mount (it is {entry.fstype})")
-    command = ["fusermount3", "-u", *(["-z"] if args.lazy else []), mountpoint]
+    command = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         if "busy" in reason.lower():
             raise ConfigError(f"{mountpoint} is busy: close the files using it, or use --lazy")
         raise ConfigError(f"cannot unmount {mountpoint}: {reason}")
-    if state is not None and not args.lazy:
+    if state is not None and not lazy:
         _wait_for_exit(int(state.get("pid") or 0))
     runtime.remove_state(mountpoint)
-    return 0
 
 
 def _wait_for_exit(pid: int) -> None:
