@@ -252,7 +252,7 @@ def test_sigterm_unmounts_cleanly(cli: Cli, s3, make_bucket) -> None:
     while os.path.ismount(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.ismount(mountpoint)
-    assert cli.run("status").stdout.strip() == "no s3datafs mounts"
+    assert str(mountpoint) not in cli.run("status").stdout
 
 
 def test_foreground_mount_stays_attached(cli: Cli, s3, make_bucket) -> None:
