@@ -48,7 +48,9 @@ def test_blockfile_round_trip_and_every_mismatch_is_a_miss() -> None:
 
 def test_digest_names_the_pinned_version() -> None:
     assert blockfile.object_digest(make_ref(1)) == blockfile.object_digest(make_ref(1))
-    assert blockfile.object_digest(make_ref(1)) != blockfile.object_digest(make_ref(1, version="v2"))
+    assert blockfile.object_digest(make_ref(1)) != blockfile.object_digest(
+        make_ref(1, version="v2")
+    )
     assert blockfile.object_digest(make_ref(1)) != blockfile.object_digest(make_ref(1, key="x"))
 
 

@@ -1,0 +1,381 @@
+"""Bad input for every other command, sizes and unusable files: the same promise and checks as
+``test_bad_input.py`` (whose machinery this reuses: ``run_case`` checks the exit status, one
+``s3datafs: `` line on stderr with the expected fragment, no traceback, nothing on stdout, no
+mount, path, state file, catalog or daemon left, and no S3 request unless the case needs one).
+
+Covered here: ``status``, ``unmount``, ``cache``, ``prefetch``, ``snapshot``, ``diff``,
+``mount-all`` and ``run`` (whose command must not run when mounting fails); sizes with bad units,
+negative or non-finite numbers (``--cache-size 10X``, ``--cache-size=-5G``, ``1e400``,
+``--read-timeout nan``); and files that are binary garbage, empty, truncated, directories or
+dangling symlinks where a credentials file, a snapshot or a datasets spec is expected.
+(As root every file is readable, so "unreadable" is a directory or a dangling symlink here.)
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from conftest import Cli
+from test_bad_input import (  # noqa: F401 - ``world`` is a fixture used by name
+    CREDENTIALS,
+    FAILURE,
+    USAGE,
+    Case,
+    World,
+    case,
+    make_dir,
+    make_file,
+    run_case,
+    world,
+)
+
+from devtools.s3server import S3Server
+
+pytestmark = pytest.mark.fuse
+
+DIFF_TROUBLE = 2  # diff: 1 means "they differ", so every failure is 2
+GARBAGE = b"\x00\xff\xfe\x89PNG\r\n\x1a\n\x00 binary garbage \xc3\x28\x00"
+
+
+def make_bytes(relative: str, data: bytes, mode: int = 0o600):
+    def setup(cli: Cli, state: World) -> None:
+        path = cli.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(mode)
+
+    return setup
+
+
+def make_link(relative: str, target: str = "/nonexistent/target"):
+    def setup(cli: Cli, state: World) -> None:
+        (cli.root / relative).symlink_to(target)
+
+    return setup
+
+
+def make_spec(relative: str, bucket_field: str = "b"):
+    """A valid datasets spec naming ``p/`` of the world's bucket ``bucket_field``."""
+
+    def setup(cli: Cli, state: World) -> None:
+        bucket = getattr(state, bucket_field)
+        path = cli.root / relative
+        path.write_text(json.dumps([{"uri": f"s3://{bucket}/p/"}]))
+        path.chmod(0o600)
+
+    return setup
+
+
+TRUNCATED_GZIP = gzip.compress(b'{"format":"s3datafs-snapshot/1"}\n' * 100)[:40]
+GZIP_OF_GARBAGE = gzip.compress(b"\x00 not json at all\n")
+
+STATUS_UNMOUNT_CACHE_PREFETCH = [
+    case("status-extra-argument", ["status", "extra"], USAGE, "unrecognized arguments: extra"),
+    case(
+        "unmount-all-and-path",
+        ["unmount", "--all", "{root}/adir"],
+        USAGE,
+        "give either MOUNTPOINT or --all",
+        setup=make_dir("adir"),
+    ),
+    case(
+        "unmount-a-file",
+        ["unmount", "{root}/afile"],
+        FAILURE,
+        "{root}/afile is not mounted",
+        setup=make_file("afile"),
+    ),
+    case("cache-without-action", ["cache"], USAGE, "required: action"),
+    case("cache-unknown-action", ["cache", "frob"], USAGE, "invalid choice: 'frob'"),
+    case(
+        "cache-stats-dir-is-a-file",
+        ["cache", "stats", "--cache-dir", "{root}/afile"],
+        FAILURE,
+        "cache directory {root}/afile is not a directory",
+        setup=make_file("afile"),
+    ),
+    case(
+        "cache-clear-dir-is-a-file",
+        ["cache", "clear", "--cache-dir", "{root}/afile"],
+        FAILURE,
+        "cache directory {root}/afile is not a directory",
+        setup=make_file("afile"),
+    ),
+    case("cache-clear-not-a-uri", ["cache", "clear", "http://x/y"], USAGE, "not an S3 URI"),
+    case("prefetch-without-uri", ["prefetch"], USAGE, "required: uri"),
+    case(
+        "prefetch-size-unit",
+        ["prefetch", "s3://{b}/p/", "--cache-size", "10X"],
+        USAGE,
+        "--cache-size '10X' is not a size",
+    ),
+    case("prefetch-no-cache", ["prefetch", "s3://{b}/p/", "--no-cache"], USAGE, "defeat it"),
+    case(
+        "prefetch-bucket-missing",
+        ["prefetch", "s3://{missing}/p/"],
+        FAILURE,
+        "bucket '{missing}' does not exist",
+        s3=True,
+    ),
+]
+
+SNAPSHOT = [
+    case("snapshot-without-output", ["snapshot", "s3://{b}/p/"], USAGE, "required: -o/--output"),
+    case(
+        "snapshot-output-is-a-directory",
+        ["snapshot", "s3://{b}/p/", "-o", "{root}/adir"],
+        FAILURE,
+        "--output {root}/adir is a directory",
+        setup=make_dir("adir"),
+    ),
+    case(
+        "snapshot-as-of-not-a-time",
+        ["snapshot", "s3://{b}/p/", "-o", "{root}/x.snap", "--as-of", "yesterday"],
+        USAGE,
+        "--as-of 'yesterday' is not a time",
+    ),
+    case(
+        "snapshot-bad-fingerprint",
+        ["snapshot", "s3://{b}/p/", "-o", "{root}/x.snap", "--expect-fingerprint", "zz"],
+        USAGE,
+        "is not a fingerprint",
+    ),
+    case(
+        "snapshot-bucket-missing",
+        ["snapshot", "s3://{missing}/p/", "-o", "{root}/x.snap"],
+        FAILURE,
+        "bucket '{missing}' does not exist",
+        s3=True,
+    ),
+]
+
+DIFF_MOUNT_ALL_RUN = [
+    case("diff-one-operand", ["diff", "{root}/a.snap"], USAGE, "required: B"),
+    case(
+        "diff-binary-garbage",
+        ["diff", "{root}/garbage", "s3://{b}/p/"],
+        DIFF_TROUBLE,
+        "{root}/garbage is not an s3datafs snapshot (not gzip)",
+        setup=make_bytes("garbage", GARBAGE),
+    ),
+    case(
+        "diff-empty-file",
+        ["diff", "{root}/empty", "s3://{b}/p/"],
+        DIFF_TROUBLE,
+        "it is empty",
+        setup=make_bytes("empty", b""),
+    ),
+    case(
+        "diff-truncated-gzip",
+        ["diff", "{root}/t.snap.gz", "s3://{b}/p/"],
+        DIFF_TROUBLE,
+        "truncated or corrupted",
+        setup=make_bytes("t.snap.gz", TRUNCATED_GZIP),
+    ),
+    case(
+        "diff-gzip-of-garbage",
+        ["diff", "{root}/g.snap.gz", "s3://{b}/p/"],
+        DIFF_TROUBLE,
+        "is not an s3datafs snapshot",
+        setup=make_bytes("g.snap.gz", GZIP_OF_GARBAGE),
+    ),
+    case(
+        "diff-dangling-symlink",
+        ["diff", "{root}/link", "s3://{b}/p/"],
+        DIFF_TROUBLE,
+        "does not exist",
+        setup=make_link("link"),
+    ),
+    case(
+        "diff-directory",
+        ["diff", "{root}/adir", "s3://{b}/p/"],
+        DIFF_TROUBLE,
+        "is a directory",
+        setup=make_dir("adir"),
+    ),
+    case(
+        "mount-all-binary-garbage",
+        ["mount-all", "{root}/garbage"],
+        FAILURE,
+        "is not UTF-8 text",
+        setup=make_bytes("garbage", GARBAGE),
+    ),
+    case(
+        "mount-all-bad-yaml",
+        ["mount-all", "{root}/bad.yaml"],
+        USAGE,
+        "line 2, column 1: invalid YAML",
+        setup=make_file("bad.yaml", "datasets: [\n"),
+    ),
+    case(
+        "mount-all-unknown-field",
+        ["mount-all", "{root}/typo.json"],
+        USAGE,
+        "did you mean 'versionId'",
+        setup=make_file("typo.json", '[{"uri": "s3://bucket/p/", "versionid": "x"}]'),
+    ),
+    case(
+        "mount-all-dangling-symlink",
+        ["mount-all", "{root}/link"],
+        FAILURE,
+        "cannot read datasets spec {root}/link",
+        setup=make_link("link"),
+    ),
+    case(
+        "mount-all-per-dataset-option",
+        ["mount-all", "{root}/ok.json", "--name", "x"],
+        USAGE,
+        "--name describes a single dataset",
+        setup=make_spec("ok.json"),
+    ),
+    case(
+        "mount-all-size-unit",
+        ["mount-all", "{root}/ok.json", "--cache-size", "10X"],
+        USAGE,
+        "--cache-size '10X' is not a size",
+        setup=make_spec("ok.json"),
+    ),
+    case(
+        "mount-all-bucket-missing",
+        ["mount-all", "{root}/missing.json"],
+        FAILURE,
+        "does not exist",
+        setup=make_spec("missing.json", "missing"),
+        s3=True,
+    ),
+    case(
+        "run-binary-garbage",
+        ["run", "--datasets", "{root}/garbage", "--", "touch", "{root}/ran"],
+        FAILURE,
+        "is not UTF-8 text",
+        setup=make_bytes("garbage", GARBAGE),
+    ),
+    case(
+        "run-without-command",
+        ["run", "--datasets", "{root}/ok.json"],
+        USAGE,
+        "no command to run",
+        setup=make_spec("ok.json"),
+    ),
+    case(
+        "run-bucket-missing-never-runs-the-command",
+        ["run", "--datasets", "{root}/missing.json", "--", "touch", "{root}/ran"],
+        FAILURE,
+        "does not exist",
+        setup=make_spec("missing.json", "missing"),
+        s3=True,
+    ),
+]
+
+SIZES_AND_NUMBERS = [
+    case("cache-size-unit", ["mount", "s3://{b}/p/", "--cache-size", "10X"], USAGE, "'10X'"),
+    case("cache-size-negative", ["mount", "s3://{b}/p/", "--cache-size=-5G"], USAGE, "'-5G'"),
+    case(
+        "prefetch-memory-infinite",
+        ["mount", "s3://{b}/p/", "--max-prefetch-memory", "1e400"],
+        USAGE,
+        "'1e400' is not a size",
+    ),
+    case("uid-negative", ["mount", "s3://{b}/p/", "--uid=-5"], USAGE, "--uid '-5'"),
+    case(
+        "cache-min-free-over-100",
+        ["mount", "s3://{b}/p/", "--cache-min-free", "150%"],
+        USAGE,
+        "'150%' is not a percentage",
+    ),
+    case("read-timeout-negative", ["mount", "s3://{b}/p/", "--read-timeout=-3"], USAGE, "'-3'"),
+    case("read-timeout-nan", ["mount", "s3://{b}/p/", "--read-timeout", "nan"], USAGE, "'nan'"),
+]
+
+FILES = [
+    case(
+        "credentials-binary-garbage",
+        ["mount", "s3://{b}/p/", "--credentials-file", "{root}/creds"],
+        FAILURE,
+        "cannot parse credentials file {root}/creds",
+        setup=make_bytes("creds", GARBAGE),
+    ),
+    case(
+        "credentials-empty",
+        ["mount", "s3://{b}/p/", "--credentials-file", "{root}/creds"],
+        FAILURE,
+        "has no [default] section",
+        setup=make_bytes("creds", b""),
+    ),
+    case(
+        "credentials-dangling-symlink",
+        ["mount", "s3://{b}/p/", "--credentials-file", "{root}/creds"],
+        FAILURE,
+        "cannot read credentials file {root}/creds",
+        setup=make_link("creds"),
+    ),
+    case(
+        "credentials-on-snapshot",
+        ["snapshot", "s3://{b}/p/", "-o", "{root}/x.snap", "--credentials-file", "{root}/c"],
+        FAILURE,
+        "(mode 0644): run chmod 600",
+        setup=make_file("c", CREDENTIALS, 0o644),
+    ),
+    case(
+        "snapshot-file-binary-garbage",
+        ["mount", "--snapshot", "{root}/garbage"],
+        FAILURE,
+        "is not an s3datafs snapshot (not gzip)",
+        setup=make_bytes("garbage", GARBAGE),
+    ),
+    case(
+        "snapshot-file-truncated",
+        ["mount", "--snapshot", "{root}/t.snap.gz"],
+        FAILURE,
+        "truncated or corrupted",
+        setup=make_bytes("t.snap.gz", TRUNCATED_GZIP),
+    ),
+    case(
+        "snapshot-file-is-a-directory",
+        ["mount", "--snapshot", "{root}/adir"],
+        FAILURE,
+        "is a directory",
+        setup=make_dir("adir"),
+    ),
+    case(
+        "cache-dir-is-a-file",
+        ["mount", "s3://{b}/p/", "--cache-dir", "{root}/afile"],
+        FAILURE,
+        "cannot use cache directory {root}/afile",
+        setup=make_file("afile"),
+    ),
+    case(
+        "log-file-is-a-directory",
+        ["mount", "s3://{b}/p/", "--log-file", "{root}/adir"],
+        FAILURE,
+        "cannot write log file {root}/adir",
+        setup=make_dir("adir"),
+    ),
+    case(
+        "save-snapshot-is-a-directory",
+        ["mount", "s3://{b}/p/", "--save-snapshot", "{root}/adir"],
+        FAILURE,
+        "--save-snapshot {root}/adir is a directory",
+        setup=make_dir("adir"),
+    ),
+]
+
+CASES = STATUS_UNMOUNT_CACHE_PREFETCH + SNAPSHOT + DIFF_MOUNT_ALL_RUN + SIZES_AND_NUMBERS + FILES
+
+
+@pytest.mark.parametrize("bad", CASES)
+def test_bad_input_of_every_command_fails_cleanly(
+    cli: Cli,
+    s3server: S3Server,
+    world: World,  # noqa: F811 - the fixture imported above
+    bad: Case,
+) -> None:
+    run_case(cli, bad, values=world.values(cli), world=world, s3server=s3server)
+    assert not Path(cli.root, "ran").exists()  # ``run`` never started its command
+
+
+def test_the_table_is_large_enough() -> None:
+    assert len(CASES) >= 40

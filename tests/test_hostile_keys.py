@@ -1,0 +1,270 @@
+"""Hostile keys and names, secrets and permissions, through real mounts.
+
+Keys: every key moto stores is either shown byte for byte (spaces, tabs, CR, newlines, ``%``,
+``\\``, control characters, any Unicode - NFC and NFD spellings are two files, names differing
+only in case are two files, 255-byte names, 100 levels of directories) or skipped with one
+warning and counted, as the README documents (empty, ``.`` and ``..`` segments, NUL, segments over
+255 bytes, a file whose name is also a directory). Nothing resolves outside the mount root: the
+tree holds exactly the expected entries, no symlink, and no skipped key's bytes anywhere.
+
+Objects are created with ``S3Server.populate`` (moto's backend, no HTTP PUT), because moto's HTTP
+front refuses a PUT of a key with a newline; listing and ranged GETs of such keys work. Each
+object's bytes are ``s3fastlist.content(key, size)``, unique per key.
+
+Secrets and permissions: the cache directory is 0700 all the way down and its files 0600, the
+log 0600; ``allow_other`` only when asked; a secret key and session token given in a credentials
+file appear in no log (even with ``--debug``), no error, no state or cache file, not in the mount
+table and not in the daemon's command line or environment; no signature material is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import Cli, errno_of
+from faultproxy import FaultProxy
+
+from devtools.s3fastlist import content
+from devtools.s3server import S3Server
+
+pytestmark = pytest.mark.fuse
+
+SHOWN = [
+    "sp ace/file name.txt",
+    "tab\there",
+    "new\nline",
+    "cr\rret",
+    "pct%41.txt",
+    "%2F",
+    "back\\slash",
+    "a\\..\\b",
+    "日本語/ファイル.txt",
+    "emoji😀.bin",
+    "nfc-\u00e9",
+    "nfd-e\u0301",
+    "Case.txt",
+    "case.txt",
+    "CASE.TXT",
+    "x" * 255,
+    "é" * 127,  # 254 bytes
+    "d/" * 100 + "leaf",
+    "-rf",
+    " lead",
+    "trail ",
+    "dot.",
+    "...",
+    ".hidden",
+    "ctl\x01\x1f",
+    "del\x7f",
+    "q?uery#frag",
+    "amp&plus+eq=;",
+    "\u202eRTL",
+    "\ufeffbom",
+    "fd/child",
+    "empty-marker/",
+]
+SKIPPED = [
+    "y" * 256,
+    "é" * 128,  # 256 bytes
+    "a" * 1024,
+    "a//b",
+    "../escape",
+    "a/../../etc/passwd",
+    "./dot",
+    "a/./b",
+    "/lead-slash",
+    "trailing/..",
+    "nul\0byte",
+    "fd",  # a file whose name is also a directory: the directory wins
+]
+PREFIX = "p/"
+
+
+def expected_tree(keys: list[str]) -> dict[str, bytes | None]:
+    """Relative path -> bytes (None for a directory) of what the mount must show."""
+    tree: dict[str, bytes | None] = {}
+    for key in keys:
+        parts = key.rstrip("/").split("/")
+        for depth in range(1, len(parts)):
+            tree["/".join(parts[:depth])] = None
+        tree[key.rstrip("/")] = None if key.endswith("/") else content(PREFIX + key, size_of(key))
+    return tree
+
+
+def size_of(key: str) -> int:
+    return 0 if key.endswith("/") else 100 + len(key.encode("utf-8")) % 97
+
+
+def mounted_tree(root: Path) -> dict[str, bytes | None]:
+    found: dict[str, bytes | None] = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            assert not stat.S_ISLNK(info.st_mode), path
+            assert os.path.realpath(path).startswith(str(root) + "/"), path
+            relative = os.path.relpath(path, root)
+            found[relative] = None if stat.S_ISDIR(info.st_mode) else Path(path).read_bytes()
+    return found
+
+
+def test_hostile_keys_are_shown_exactly_or_skipped_and_nothing_escapes(
+    cli: Cli, s3server: S3Server, make_bucket
+) -> None:
+    bucket = make_bucket()
+    keys = SHOWN + SKIPPED
+    assert s3server.populate(bucket, [(PREFIX + k, size_of(k)) for k in keys]) == len(keys)
+    s3server.populate(bucket, [("p2/outside.txt", 10)])  # a sibling prefix: never shown
+    cli.expect_log("skipping key")
+    result = cli.run("mount", f"s3://{bucket}/p/")
+    assert result.returncode == 0, result.stderr
+    assert f", {len(SKIPPED)} unsafe keys skipped" in result.stdout
+    mountpoint = cli.data_root / "p"
+    shown = mounted_tree(mountpoint)
+    assert shown == expected_tree(SHOWN)
+    assert "nfc-\u00e9" in shown
+    assert "nfd-e\u0301" in shown  # not normalised: two names
+    skipped_bytes = {content(PREFIX + k, size_of(k)) for k in SKIPPED}
+    assert not skipped_bytes & {v for v in shown.values() if v is not None}
+    assert sorted(os.listdir(cli.root)) == ["cache", "data", "log", "run"]  # nothing escaped
+    assert sorted(os.listdir(cli.data_root)) == ["p"]
+    assert errno_of(lambda: os.stat(mountpoint / "escape")) == 2
+    log = (cli.log_dir / "p.log").read_text(errors="replace")
+    assert log.count("skipping key") == len(SKIPPED)  # one warning each
+
+
+def test_a_hostile_prefix_and_mount_point_survive_the_mount_table(
+    cli: Cli, s3server: S3Server, make_bucket
+) -> None:
+    """Spaces, commas, a backslash and a tab in the URI and the mount point: the mount table's
+    escapes are undone, so ``status`` and ``unmount`` find the mount."""
+    bucket = make_bucket()
+    prefix = "we ird,pre\\fix\t%20/"
+    s3server.populate(bucket, [(prefix + "f.txt", 5)])
+    mountpoint = cli.root / "mount point, with\\odd\tname"
+    result = cli.run("mount", f"s3://{bucket}/{prefix}", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert (mountpoint / "f.txt").read_bytes() == content(prefix + "f.txt", 5)
+    rows = json.loads(cli.run("status", "--json").stdout)
+    row = next(r for r in rows if r["mountpoint"] == str(mountpoint))
+    assert row["uri"] == f"s3://{bucket}/{prefix}"
+    assert row["state"] == "mounted"
+    assert cli.unmount(mountpoint).returncode == 0
+    assert not os.path.ismount(mountpoint)
+
+
+# -- permissions and secrets -----------------------------------------------------------------------
+
+
+def mount_options(mountpoint: Path) -> set[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                separator = fields.index("-")
+                return set(fields[5].split(",")) | set(fields[separator + 3].split(","))
+    raise AssertionError(f"{mountpoint} is not mounted")
+
+
+def test_allow_other_is_off_unless_asked(cli: Cli, s3server: S3Server, make_bucket) -> None:
+    bucket = make_bucket()
+    s3server.populate(bucket, [("p/f.txt", 5)])
+    private = cli.mount(f"s3://{bucket}/p/")
+    assert "allow_other" not in mount_options(private)
+    assert {"ro", "default_permissions"} <= mount_options(private)
+    shared = cli.mount(f"s3://{bucket}/p/", str(cli.root / "shared"), "--allow-other")
+    assert "allow_other" in mount_options(shared)
+
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYDISTINCTSECRET"
+TOKEN = "FQoGZXIvYXdzEDISTINCTSESSIONTOKEN0123456789abcdef"
+KEY_ID = "AKIADISTINCTKEYID0001"
+
+
+def test_no_secret_in_logs_errors_files_or_the_process_table(
+    cli: Cli, s3server: S3Server, make_bucket
+) -> None:
+    bucket = make_bucket()
+    s3server.populate(bucket, [("p/f.bin", 300_000)])
+    creds = cli.root / "creds"
+    creds.write_text(
+        f"[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"
+        f"aws_session_token = {TOKEN}\n"
+    )
+    creds.chmod(0o600)
+    outputs: list[str] = []
+    with FaultProxy(s3server.endpoint) as proxy:
+        mountpoint = cli.mount(
+            f"s3://{bucket}/p/",
+            "--credentials-file",
+            str(creds),
+            "--debug",
+            "--endpoint-url",
+            proxy.endpoint,
+        )
+        pid = cli.daemon_pid(mountpoint)
+        # Errors in the daemon log, with --debug: access denied, then a read that gives up.
+        cli.expect_log("access denied to")
+        proxy.inject("error", status=403, code="AccessDenied", times=None)
+        assert errno_of(lambda: (mountpoint / "f.bin").read_bytes()) == 13
+        proxy.clear()
+        assert (mountpoint / "f.bin").read_bytes() == content("p/f.bin", 300_000)
+        process = [
+            Path(f"/proc/{pid}/cmdline").read_bytes(),
+            Path(f"/proc/{pid}/environ").read_bytes(),
+        ]
+        outputs.append(Path("/proc/self/mountinfo").read_text(errors="replace"))
+        outputs.append(cli.run("status", "--json").stdout)
+        assert cli.unmount(mountpoint).returncode == 0
+    # Errors on the command line, with --debug: a bucket that does not exist, S3 unreachable.
+    for uri, endpoint in (
+        (f"s3://{bucket}-nope/p/", s3server.endpoint),
+        (f"s3://{bucket}/p/", "http://127.0.0.1:1"),
+    ):
+        failed = cli.run(
+            "mount",
+            uri,
+            str(cli.root / "m2"),
+            "--credentials-file",
+            str(creds),
+            "--endpoint-url",
+            endpoint,
+            "--debug",
+            "--foreground",
+        )
+        assert failed.returncode != 0
+        outputs += [failed.stdout, failed.stderr]
+    cli.expect_log("mount daemon failed|does not exist|cannot reach S3")
+    for path in cli.root.rglob("*"):
+        if path.is_file() and path != creds:
+            outputs.append(path.read_bytes().decode("utf-8", "replace"))
+    text = "\n".join(outputs) + "\n".join(p.decode("utf-8", "replace") for p in process)
+    for secret in (SECRET, TOKEN):
+        assert secret not in text
+    for material in ("X-Amz-Signature", "Signature=", "AWS4-HMAC-SHA256", "x-amz-security-token"):
+        assert material not in text
+
+
+def test_cache_and_log_files_are_private(cli: Cli, s3server: S3Server, make_bucket) -> None:
+    bucket = make_bucket()
+    s3server.populate(bucket, [("p/f.bin", 3 * 1024 * 1024), ("p/g.bin", 1000)])
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    assert len((mountpoint / "f.bin").read_bytes()) == 3 * 1024 * 1024
+    (mountpoint / "g.bin").read_bytes()
+    assert cli.unmount(mountpoint).returncode == 0
+    cache = cli.root / "cache"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    files = 0
+    for directory, _dirs, names in os.walk(cache):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+        for name in names:
+            mode = stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
+            assert mode & 0o077 == 0, (directory, name, oct(mode))
+            files += 1
+    assert files >= 4  # meta.json and block files of two objects
+    for log in cli.log_dir.glob("*.log"):
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600, log
