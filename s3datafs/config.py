@@ -19,10 +19,10 @@ from pathlib import Path
 from .errors import ConfigError, UsageError
 
 DEFAULT_BLOCK_SIZE = 64 * 1024  # cache granularity; see README "Block size" for the measurements
-DEFAULT_MEMORY_CACHE = 64 * 1024 * 1024
+DEFAULT_MEMORY_CACHE = 32 * 1024 * 1024  # a staging area: the page cache keeps what was read
 DEFAULT_DISK_CACHE = 20 * 1024**3
 DEFAULT_CACHE_MIN_FREE = 0.05  # never fill the cache filesystem beyond 95 %
-DEFAULT_MAX_PREFETCH = 128 * 1024 * 1024  # readahead bytes in flight, all handles together
+DEFAULT_MAX_PREFETCH = 64 * 1024 * 1024  # readahead bytes in flight, all handles together
 
 
 def _is_root() -> bool:

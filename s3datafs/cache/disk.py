@@ -161,7 +161,7 @@ class DiskCache:
     def _split(self, first: int, payload: bytes) -> Iterator[tuple[int, bytes]]:
         view, size = memoryview(payload), self.block_size
         for offset in range(0, len(payload), size):
-            yield first + offset // size, bytes(view[offset : offset + size])
+            yield first + offset // size, view[offset : offset + size]  # views: no copy
 
     # -- writes ---------------------------------------------------------------------------------
 
