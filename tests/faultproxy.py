@@ -67,25 +67,7 @@ from urllib.parse import parse_qs, urlparse
 
 from devtools.s3server import classify, request_target
 
-ACTIONS = frozenset(
-    [
-        "reset",
-        "delay",
-        "stall",
-        "error",
-        "garbage",
-        "truncate",
-        "reset_body",
-        "stall_body",
-        "short",
-        "long",
-        "shift_range",
-        "drop_range",
-        "flip",
-        "throttle",
-    ]
-)
-_BODY_ACTIONS = frozenset(
+_BODY_ACTIONS = frozenset(  # rules that rewrite the response body, so it cannot be streamed
     [
         "truncate",
         "reset_body",
@@ -98,6 +80,7 @@ _BODY_ACTIONS = frozenset(
         "throttle",
     ]
 )
+ACTIONS = _BODY_ACTIONS | {"reset", "delay", "stall", "error", "garbage"}
 CHUNK = 256 * 1024
 DEFAULT_STALL = 120.0
 _REASONS = {
