@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import ConfigError, UsageError
 
-DEFAULT_BLOCK_SIZE = 64 * 1024  # cache granularity; see README "Block size" for the measurements
+DEFAULT_BLOCK_SIZE = 64 * 1024  # cache granularity: why 64K, see README "Caching and reads"
 DEFAULT_MEMORY_CACHE = 32 * 1024 * 1024  # a staging area: the page cache keeps what was read
 DEFAULT_DISK_CACHE = 20 * 1024**3
 DEFAULT_CACHE_MIN_FREE = 0.05  # never fill the cache filesystem beyond 95 %

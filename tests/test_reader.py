@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from s3datafs.errors import StaleObjectError, TransientS3Error
 from s3datafs.model import ObjectRef
 from s3datafs.prefetch import Readahead
-from s3datafs.reader import BlockReader
+from s3datafs.reader import BlockReader, ByteBudget
 
 BUCKET = "data"
 BLOCK = 16
@@ -493,3 +493,31 @@ def test_any_sequence_of_reads_equals_the_reference(
     for _, start, end in source.ranges:
         assert start % BLOCK == 0
         assert end % BLOCK == 0 or end == len(DATA)
+
+
+@trio_test
+async def test_prefetch_in_flight_stays_within_the_budget_across_many_open_files() -> None:
+    source = FakeSource()
+    source.create_bucket(BUCKET)
+    refs = [source.put(BUCKET, f"f{i}", DATA) for i in range(100)]  # 100 files read at once
+    budget = ByteBudget(3 * 7 * BLOCK)  # room for three whole-file readaheads (7 blocks each)
+    reader = BlockReader(
+        source,
+        block_size=BLOCK,
+        memory_cache_bytes=1 << 20,
+        s3_limiter=trio.CapacityLimiter(8),
+        prefetch_budget=budget,
+    )
+    source.gate = threading.Event()  # hold every GET: nothing in flight can finish
+    async with trio.open_nursery() as nursery:
+        reader.attach(nursery)
+        for ref in refs:
+            reader.prefetch(ref, 0, ref.size)
+            assert budget.used <= budget.capacity
+        assert reader.stats.prefetch_skipped == 97 * 7  # skipped, not queued
+        source.gate.set()
+    assert budget.used == 0  # every flight gave its bytes back
+    assert source.calls["get_range"] == 3
+    got = await reader.read(refs[0], 0, len(DATA))
+    assert got == DATA
+    assert source.calls["get_range"] == 3  # served from what readahead fetched
