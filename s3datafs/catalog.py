@@ -13,8 +13,11 @@ Schema (one file per snapshot)::
     INDEX entries_by_parent(parent)                 -- children(): (parent, rowid) order, paged
     markers(inode INTEGER PRIMARY KEY,   -- the directory a "dir/" marker object made
             key, version_id, etag, size, mtime)     -- the marker object itself, as pinned
+    members(inode INTEGER PRIMARY KEY,   -- archive catalogs only: where a file's bytes are
+            header_offset, data_limit, method, flags, compressed_size, crc32)
     meta(name TEXT PRIMARY KEY, value)              -- format_version, uri, bucket, prefix, ...
                                                     -- fingerprint, single_object, as_of, ...
+                                                    -- archive (JSON of the pinned zip, or NULL)
 
 The root directory is inode 1 (``ROOT_INODE``, equal to ``pyfuse3.ROOT_INODE``), its own parent,
 named ``""``. Inodes are handed out in arrival order (S3 lists keys in UTF-8 byte order, so a
@@ -32,6 +35,14 @@ Building (``CatalogBuilder`` / ``build_catalog``) streams: rows are inserted in 
 - at finish a directory's mtime becomes the newest mtime among its direct children, computed
   bottom-up (so it is the newest in its subtree); an empty directory keeps its marker's
   LastModified; an empty root takes the ``prefix/`` marker's, else the build time.
+An *archive catalog* (``archive=`` the pinned zip object) holds the members of one zip instead
+of objects: ``add_member`` takes central directory entries (``archive.zipformat.Member``), with
+the same path rules plus the archive-only ones (drive letters, backslashes); a member's row keeps
+its name in ``key`` and its place in the archive in ``members``, and ``Entry.ref`` is then a
+``MemberRef``. Its identity is the archive's: ``objects()`` yields the archive object alone and
+the fingerprint is the archive's (given to the builder), so snapshots and ``--expect-fingerprint``
+pin the archive. Archive catalogs are persistent (``archive.index``): a remount needs no index read.
+
 When the build finishes, the catalog computes the dataset ``fingerprint`` (see ``fingerprint``)
 over what it stores: every file row and every marker, in key order (SQLite's BINARY collation
 compares UTF-8 bytes, the order the fingerprint is defined in); ``objects()`` streams the same
@@ -52,6 +63,7 @@ directory is never materialised at once.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -62,14 +74,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .archive.zipformat import Member, member_path_problem
 from .errors import ConfigError
 from .fingerprint import Fingerprinter
 from .keypath import Unsafe, split_key, strip_prefix
-from .model import ObjectRef
+from .model import MemberRef, ObjectRef, PinnedRef
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: markers table; fingerprint, single_object, as_of, marker_count
+FORMAT_VERSION = 3  # 2: markers, fingerprint, single_object, as_of; 3: members, archive
 ROOT_INODE = 1  # == pyfuse3.ROOT_INODE; not imported: pyfuse3 stays in the FUSE ring
 _BATCH = 10_000  # rows per executemany: amortises the call, keeps the batch a few MiB at most
 _FIRST_PAGE = 128  # children(): a readdir buffer holds roughly this many names
@@ -85,11 +98,17 @@ CREATE UNIQUE INDEX entries_by_name ON entries(parent, name);
 CREATE TABLE markers (
     inode INTEGER PRIMARY KEY, key TEXT NOT NULL, version_id TEXT, etag TEXT NOT NULL,
     size INTEGER NOT NULL, mtime REAL);
+CREATE TABLE members (
+    inode INTEGER PRIMARY KEY, header_offset INTEGER NOT NULL, data_limit INTEGER NOT NULL,
+    method INTEGER NOT NULL, flags INTEGER NOT NULL, compressed_size INTEGER NOT NULL,
+    crc32 INTEGER NOT NULL);
 CREATE TABLE meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 INSERT INTO entries VALUES (1, 1, '', 1, 0, NULL, NULL, NULL, NULL);  -- the root, ROOT_INODE
 """
 
+_MEMBER_COLUMNS = "header_offset, data_limit, method, flags, compressed_size, crc32"
 _Row = tuple[int, int, str, int, int, float | None, str | None, str | None, str | None]
+_MemberRow = tuple[int, int, int, int, int, int]
 # Every object shown (files and directory markers) in key order: fingerprint and snapshots.
 _OBJECTS_BY_KEY = """
 SELECT key, version_id, etag, size, mtime FROM entries WHERE is_dir = 0
@@ -133,6 +152,7 @@ class CatalogMeta:
     single_object: bool = False
     as_of: float | None = None  # the point in time the listing was taken at (--as-of)
     marker_count: int = 0  # directory markers shown (not in object_count / total_bytes)
+    archive: ObjectRef | None = None  # an archive catalog: the zip whose members it holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +165,7 @@ class Entry:
     is_dir: bool
     size: int
     mtime: float
-    ref: ObjectRef | None
+    ref: PinnedRef | None
 
 
 class CatalogBuilder:
@@ -154,7 +174,9 @@ class CatalogBuilder:
     ``prefix`` ("" or ending in "/") is stripped from every key; a single-object mount passes the
     key's parent and ``single_object=True``; ``as_of`` records a point-in-time listing. A
     ``strict`` builder raises ``UnshowableKey`` instead of skipping a key with a warning (a
-    snapshot file lists only keys that can be shown, so a skip there means an edited file). Use it
+    snapshot file lists only keys that can be shown, so a skip there means an edited file). An
+    archive catalog passes ``archive`` (the pinned zip) and its ``fingerprint``, and is filled with
+    ``add_member`` instead of ``add``. Use it
     as a context manager (it aborts on exit unless ``finish()`` succeeded), or call ``abort()``
     yourself if ``add()`` or ``finish()`` raises.
     """
@@ -162,9 +184,15 @@ class CatalogBuilder:
     def __init__(
         self, path: str | os.PathLike[str], *, uri: str, bucket: str, prefix: str, versioned: bool,
         single_object: bool = False, as_of: float | None = None, strict: bool = False,
+        archive: ObjectRef | None = None, fingerprint: str | None = None,
     ) -> None:
         strip_prefix("", prefix)  # validates prefix before any file is created
+        if (archive is None) != (fingerprint is None):
+            raise ValueError("an archive catalog needs both archive and fingerprint")
         self._strict = strict
+        self._archive = archive
+        self._fingerprint = fingerprint
+        self._members: dict[int, _MemberRow] = {}  # file inode -> where it is in the archive
         self._path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{self._path.name}.", suffix=".tmp",
                                    dir=self._path.parent)
@@ -173,7 +201,8 @@ class CatalogBuilder:
         self._done = False
         self._meta = {"format_version": FORMAT_VERSION, "uri": uri, "bucket": bucket,
                       "prefix": prefix, "versioned": int(versioned), "created": time.time(),
-                      "single_object": int(single_object), "as_of": as_of}
+                      "single_object": int(single_object), "as_of": as_of,
+                      "archive": None if archive is None else _ref_to_json(archive)}
         self._prefix = prefix
         self._dirs: dict[str, int] = {"": ROOT_INODE}
         self._markers: dict[int, ObjectRef] = {}  # directory inode -> its marker object
@@ -224,6 +253,36 @@ class CatalogBuilder:
             self._objects += 1
             self._bytes += ref.size
 
+    def add_member(self, member: Member) -> None:
+        """Add one central directory entry of the archive; skips (WARNING) what cannot be shown."""
+        if self._archive is None:
+            raise RuntimeError("add_member() is for archive catalogs")
+        if (problem := member_path_problem(member.name)) is not None:
+            self._skip(member.name, problem)
+            return
+        split = split_key(member.name)
+        if isinstance(split, Unsafe):
+            self._skip(member.name, split.reason)
+        elif split.is_dir:
+            marker = ObjectRef(self._archive.bucket, member.name, None, "", 0, member.mtime)
+            self._add_marker(marker, split.path)
+        elif split.path in self._dirs:
+            self._skip(member.name, "a directory has the same name")
+        else:
+            parent_path, _, name = split.path.rpartition("/")
+            parent = self._ensure_dir(parent_path)
+            if (parent, name) in self._pending_files:
+                self._skip(member.name, "the name is in the archive twice")
+                return
+            inode = self._next_inode
+            self._pending_files[(parent, name)] = len(self._pending)
+            self._members[inode] = (member.header_offset, member.data_limit, member.method,
+                                    member.flags, member.compressed_size, member.crc32)
+            self._append((inode, parent, name, 0, member.size, member.mtime, member.name,
+                          None, None))
+            self._objects += 1
+            self._bytes += member.size
+
     def finish(self) -> CatalogSummary:
         """Complete the catalog, move it into place, and return its totals."""
         db = self._connection()
@@ -232,11 +291,16 @@ class CatalogBuilder:
         db.executemany("INSERT INTO markers VALUES (?, ?, ?, ?, ?, ?)",
                        ((inode, r.key, r.version_id, r.etag, r.size, r.last_modified)
                         for inode, r in self._markers.items()))
+        # Members whose file row lost to a directory or a duplicate have no entry: not stored.
+        db.executemany(f"INSERT INTO members (inode, {_MEMBER_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ? "
+                       "WHERE EXISTS (SELECT 1 FROM entries WHERE inode = ?1)",
+                       ((inode, *row) for inode, row in self._members.items()))
         self._set_dir_mtimes(db)
         summary = CatalogSummary(self._objects, self._bytes, len(self._dirs) - 1, self._skipped)
         meta = {**self._meta, "object_count": summary.object_count, "dir_count": summary.dir_count,
                 "total_bytes": summary.total_bytes, "skipped_count": summary.skipped_count,
-                "marker_count": len(self._markers), "fingerprint": _fingerprint(db)}
+                "marker_count": len(self._markers),
+                "fingerprint": self._fingerprint or _fingerprint(db)}
         db.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", meta.items())
         db.execute("COMMIT")
         db.close()
@@ -263,9 +327,12 @@ class CatalogBuilder:
         return self._db
 
     def _skip(self, key: str, reason: str) -> None:
-        if self._strict:
+        if self._archive is not None:
+            log.warning("skipping member %r of %s: %s", key, self._archive.uri, reason)
+        elif self._strict:
             raise UnshowableKey(f"key {key!r} cannot be shown: {reason}")
-        log.warning("skipping key %r: %s", key, reason)
+        else:
+            log.warning("skipping key %r: %s", key, reason)
         self._skipped += 1
 
     def _add_marker(self, ref: ObjectRef, path: str) -> None:
@@ -358,6 +425,15 @@ class CatalogBuilder:
         )
 
 
+def _ref_to_json(ref: ObjectRef) -> str:
+    return json.dumps([ref.bucket, ref.key, ref.version_id, ref.etag, ref.size, ref.last_modified])
+
+
+def _ref_from_json(text: str) -> ObjectRef:
+    bucket, key, version_id, etag, size, last_modified = json.loads(text)
+    return ObjectRef(bucket, key, version_id, etag, size, last_modified)
+
+
 def _fingerprint(db: sqlite3.Connection) -> str:
     """The fingerprint of every object the catalog shows (see module ``fingerprint``)."""
     digest = Fingerprinter()
@@ -387,6 +463,10 @@ class Catalog:
         self._lock = threading.Lock()
         self.meta = meta
         self._bucket = meta.bucket
+        self._archive = meta.archive
+        # Every entry query reads FROM this: an archive catalog joins where each member lies.
+        self._columns = _COLUMNS if meta.archive is None else f"{_COLUMNS}, {_MEMBER_COLUMNS}"
+        self._join = "" if meta.archive is None else " LEFT JOIN members USING (inode)"
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Catalog:
@@ -408,6 +488,8 @@ class Catalog:
             raise CatalogError(f"cannot read catalog {path}: {exc}") from exc
         fields["versioned"] = bool(fields["versioned"])
         fields["single_object"] = bool(fields["single_object"])
+        if fields["archive"] is not None:
+            fields["archive"] = _ref_from_json(fields["archive"])
         return cls(db, CatalogMeta(**fields))
 
     def __enter__(self) -> Catalog:
@@ -420,7 +502,8 @@ class Catalog:
         """The entry with inode number ``inode``, or ``None``."""
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM entries WHERE inode = ?", (inode,)).fetchone()
+                f"SELECT {self._columns} FROM entries{self._join} WHERE inode = ?", (inode,)
+            ).fetchone()
         return None if row is None else self._entry(row)
 
     def lookup(self, parent: int, name: str) -> Entry | None:
@@ -430,8 +513,8 @@ class Catalog:
         try:
             with self._lock:
                 row = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM entries WHERE parent = ? AND name = ?",
-                    (parent, name)).fetchone()
+                    f"SELECT {self._columns} FROM entries{self._join} "
+                    "WHERE parent = ? AND name = ?", (parent, name)).fetchone()
         except UnicodeEncodeError:  # a name that is not valid UTF-8 cannot be in the catalog
             return None
         return None if row is None else self._entry(row)
@@ -442,8 +525,9 @@ class Catalog:
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM entries INDEXED BY entries_by_parent "
-                    "WHERE parent = ? AND inode > ? AND inode != ? ORDER BY inode LIMIT ?",
+                    f"SELECT {self._columns} FROM entries INDEXED BY entries_by_parent"
+                    f"{self._join} WHERE parent = ? AND inode > ? AND inode != ? "
+                    "ORDER BY inode LIMIT ?",
                     (parent, after_inode, ROOT_INODE, page)).fetchall()
             for row in rows:
                 yield self._entry(row)
@@ -457,7 +541,11 @@ class Catalog:
 
         One query, fetched in pages under the lock; meant for writing snapshots and diffs, not
         for the FUSE path (it sorts the whole catalog once, in SQLite's temporary storage).
+        An archive catalog's one object is the archive.
         """
+        if self._archive is not None:
+            yield self._archive
+            return
         with self._lock:
             cursor = self._db.execute(_OBJECTS_BY_KEY)
         try:
@@ -477,7 +565,15 @@ class Catalog:
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.close()
 
-    def _entry(self, row: _Row) -> Entry:
-        inode, parent, name, is_dir, size, mtime, key, version_id, etag = row
-        ref = None if is_dir else ObjectRef(self._bucket, key, version_id, etag, size, mtime)
+    def _entry(self, row: tuple) -> Entry:
+        inode, parent, name, is_dir, size, mtime, key, version_id, etag = row[:9]
+        ref: PinnedRef | None = None
+        if is_dir:
+            pass
+        elif self._archive is None:
+            ref = ObjectRef(self._bucket, key, version_id, etag, size, mtime)
+        else:
+            header_offset, data_limit, method, flags, compressed_size, crc32 = row[9:]
+            ref = MemberRef(self._archive, key, header_offset, data_limit, method, flags,
+                            compressed_size, size, crc32, mtime or 0.0)
         return Entry(inode, parent, name, bool(is_dir), size, mtime or 0.0, ref)

@@ -64,6 +64,10 @@ class S3RequestError(S3DataFSError):
     """S3 failed in a way that retrying will not fix."""
 
 
+class ArchiveError(S3DataFSError):
+    """A zip archive (or one of its members) is malformed or cannot be read as pinned."""
+
+
 class MountFailed(S3DataFSError):
     """A background mount reported failure; carries the daemon's message and exit status."""
 

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from .catalog import Catalog, Entry
-from .errors import S3DataFSError, StaleObjectError
-from .model import ObjectRef
+from .errors import ArchiveError, S3DataFSError, StaleObjectError
+from .model import MemberRef, PinnedRef
 from .prefetch import Readahead
 from .reader import BlockReader
 
@@ -83,7 +83,7 @@ class Operations(pyfuse3.Operations):
         self._catalog = catalog
         self._reader = reader
         self._settings = settings
-        self._open_files: dict[int, tuple[ObjectRef, Readahead]] = {}
+        self._open_files: dict[int, tuple[PinnedRef, Readahead]] = {}
         self._next_fh = 1
         self._reported_stale: set[str] = set()
         self.on_init: Callable[[], None] = lambda: None  # told when the kernel's INIT arrives
@@ -194,6 +194,9 @@ class Operations(pyfuse3.Operations):
             values = {"uri": entry.ref.uri, "etag": entry.ref.etag.strip('"')}
             if entry.ref.version_id is not None:
                 values["version_id"] = entry.ref.version_id
+            if isinstance(entry.ref, MemberRef):  # the pin is the archive's; say which member
+                values["member"] = entry.ref.path
+                values["member_crc32"] = f"{entry.ref.crc32:08x}"
         return {_XATTR_PREFIX + k.encode(): v.encode() for k, v in values.items()}
 
     # -- read-only: every change is refused ----------------------------------------------------
@@ -229,8 +232,8 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     def _report(self, exc: S3DataFSError) -> None:
-        """Log a read failure; a stale object is reported once, not once per read."""
-        if isinstance(exc, StaleObjectError):
+        """Log a read failure; a stale object or bad member is reported once, not per read."""
+        if isinstance(exc, StaleObjectError | ArchiveError):
             if str(exc) in self._reported_stale:
                 return
             self._reported_stale.add(str(exc))

@@ -33,6 +33,62 @@ class ObjectRef:
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
 
+    @property
+    def cache_identity(self) -> str:
+        """What names these bytes in the block cache (hashed there): the pin, nothing else."""
+        return "\0".join((self.bucket, self.key, self.version_id or "", self.etag))
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRef:
+    """One member of a pinned zip archive: bytes that never change, like an ``ObjectRef``'s.
+
+    ``size`` is the member's uncompressed size (what a reader sees); ``compressed_size`` bytes
+    follow its local header, which starts at ``header_offset`` in the archive. ``data_limit`` is
+    where the next member (or the central directory) starts: the member's data must end there.
+    ``bucket``/``key``/``version_id``/``etag`` describe it for the block cache's bookkeeping;
+    ``key`` and ``uri`` use the ``archive!/member`` spelling of jar URLs.
+    """
+
+    archive: ObjectRef
+    path: str
+    header_offset: int
+    data_limit: int
+    method: int
+    flags: int
+    compressed_size: int
+    size: int
+    crc32: int
+    last_modified: float
+
+    @property
+    def bucket(self) -> str:
+        return self.archive.bucket
+
+    @property
+    def key(self) -> str:
+        return f"{self.archive.key}!/{self.path}"
+
+    @property
+    def version_id(self) -> str | None:
+        return self.archive.version_id
+
+    @property
+    def etag(self) -> str:
+        return self.archive.etag
+
+    @property
+    def uri(self) -> str:
+        return f"{self.archive.uri}!/{self.path}"
+
+    @property
+    def cache_identity(self) -> str:
+        # The offset makes it unique within the archive; "zip" keeps it apart from any S3 key.
+        return "\0".join((self.archive.cache_identity, "zip", str(self.header_offset), self.path))
+
+
+PinnedRef = ObjectRef | MemberRef  # what the block reader and cache serve bytes of
+
 
 def normalize_etag(etag: str) -> str:
     """Return ``etag`` in S3's quoted form, whether or not the user quoted it."""

@@ -2,7 +2,8 @@
 
 Before anything is mounted the dataset is pinned into a catalog (``pinning.pin``: from S3, or
 from a ``--snapshot`` file), checked against ``--expect-fingerprint`` and, with
-``--save-snapshot``, written down; a failure in any of these leaves nothing mounted.
+``--save-snapshot``, written down; a zip single object is then swapped for the catalog of its
+members (``archive.index``). A failure in any of these leaves nothing mounted.
 
 Order (and why):
 1. ``pyfuse3.init`` mounts; from here on the kernel may queue requests.
@@ -32,9 +33,12 @@ import pyfuse3
 import trio
 
 from . import config, pinning, runtime
+from .archive.index import archive_catalog
+from .archive.members import MemberSource
 from .cache.disk import DiskCache
 from .catalog import Catalog
 from .fuse_ops import FsSettings, Operations
+from .model import ObjectSource
 from .reader import BlockReader, ByteBudget
 from .resolve import Pins
 from .s3source import S3Settings, S3Source
@@ -71,6 +75,7 @@ class MountPlan:
     snapshot: Path | None = None  # --snapshot: mount what this file lists (absolute; no LIST)
     save_snapshot: Path | None = None  # --save-snapshot: write what was pinned (absolute)
     expect_fingerprint: str | None = None  # refuse to mount other data
+    archive: str = "auto"  # --archive: a zip single object as its members (auto) or as a file
 
 
 @dataclass(frozen=True)
@@ -98,16 +103,22 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
             source, catalog_path, uri=plan.uri, pins=plan.pins, as_of=plan.as_of,
             snapshot=plan.snapshot,
         )
-        with contextlib.closing(Catalog.open(catalog_path)) as catalog:
-            pinning.check_fingerprint(catalog.meta, plan.expect_fingerprint)
+        with contextlib.ExitStack() as closing:
+            pinned = closing.enter_context(contextlib.closing(Catalog.open(catalog_path)))
+            pinning.check_fingerprint(pinned.meta, plan.expect_fingerprint)
             if plan.save_snapshot is not None:
-                write_snapshot(catalog, plan.save_snapshot, name=plan.name)
+                write_snapshot(pinned, plan.save_snapshot, name=plan.name)
+            # A zip single object is mounted as its members, from its persistent member catalog.
+            members = archive_catalog(source, pinned, plan.archive, plan.cache_dir)
+            catalog = pinned if members is None else closing.enter_context(
+                contextlib.closing(members))
             summary = MountSummary(
-                built.object_count, built.total_bytes, built.skipped_count, os.getpid(),
-                catalog.meta.fingerprint,
+                catalog.meta.object_count, catalog.meta.total_bytes,
+                built.skipped_count + (members.meta.skipped_count if members else 0),
+                os.getpid(), catalog.meta.fingerprint,
             )
             disk = _disk_cache(plan)
-            reader = _reader(plan, source, disk)
+            reader = _reader(plan, MemberSource(source), disk)
             operations = Operations(catalog, reader, plan.fs)
             options = fuse_options(fsname=_fsname(plan.uri), allow_other=plan.allow_other)
 
@@ -163,7 +174,7 @@ def _disk_cache(plan: MountPlan) -> DiskCache | None:
     )
 
 
-def _reader(plan: MountPlan, source: S3Source, disk: DiskCache | None) -> BlockReader:
+def _reader(plan: MountPlan, source: ObjectSource, disk: DiskCache | None) -> BlockReader:
     return BlockReader(
         source,
         block_size=plan.block_size,

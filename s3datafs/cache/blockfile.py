@@ -24,7 +24,7 @@ import hashlib
 import struct
 import zlib
 
-from ..model import ObjectRef
+from ..model import PinnedRef
 
 MAGIC = b"S3DB"
 FORMAT_VERSION = 1
@@ -32,10 +32,9 @@ _HEADER = struct.Struct("<4sHHQII32s8x")
 HEADER_SIZE = _HEADER.size
 
 
-def object_digest(ref: ObjectRef) -> str:
-    """Hex digest naming one pinned object version: stable across mounts and processes."""
-    identity = "\0".join((ref.bucket, ref.key, ref.version_id or "", ref.etag))
-    return hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
+def object_digest(ref: PinnedRef) -> str:
+    """Hex digest naming one pinned object version (or archive member): stable across mounts."""
+    return hashlib.sha256(ref.cache_identity.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def encode(digest: str, index: int, payload: bytes) -> bytes:

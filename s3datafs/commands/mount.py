@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import config, daemon, logsetup, pinning, s3source, sdnotify, snapshot
+from ..archive.index import parse_archive_mode
 from ..errors import ConfigError, MountFailed, UsageError
 from ..fuse_ops import FsSettings
 from ..model import normalize_etag
@@ -94,6 +95,8 @@ def add_filesystem_options(mount: argparse.ArgumentParser) -> None:
     fs.add_argument("--file-mode", default="0444", help="permission bits of files")
     fs.add_argument("--dir-mode", default="0555", help="permission bits of directories")
     fs.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    fs.add_argument("--archive", metavar="MODE", help="a single .zip object (or one whose bytes "
+                    "are a zip): auto = show its members (default), file = show the object")
     add_cache_options(mount)
 
 
@@ -157,6 +160,7 @@ def build_plan(args: argparse.Namespace) -> MountPlan:
         snapshot=snapshot_file,
         save_snapshot=writable_file(getattr(args, "save_snapshot", None), "--save-snapshot"),
         expect_fingerprint=pinning.parse_expected(getattr(args, "expect_fingerprint", None)),
+        archive=parse_archive_mode(getattr(args, "archive", None)),
     )
 
 

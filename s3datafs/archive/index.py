@@ -1,0 +1,145 @@
+"""Which datasets are zip archives, and their member catalogs: read once, kept for every remount.
+
+``archive_catalog`` is called by a mount once its dataset is pinned. A single-object dataset is
+mounted as the tree of its members when ``--archive=auto`` (the default) and the key ends in
+``.zip`` or the object's last bytes hold a zip end record; ``--archive=file`` keeps the object a
+plain file. A ``.zip`` key that is not a readable zip fails the mount, naming the way out.
+
+Reading the index costs ranged GETs of the archive's end, pinned like every read (VersionId and
+If-Match travel with them, through ``ObjectSource.get_range``): one GET of the last ``TAIL_BYTES``
+finds the end record and, for most archives, holds the whole central directory; a larger
+directory costs one more GET of the rest, a ZIP64 record out of reach one more.
+
+Persistence: the member tree is an archive catalog (see ``catalog``) stored as
+``<cache-dir>/archives/<digest>.db``, where ``digest`` is the archive's pinned identity
+(``blockfile.object_digest``), built to a temporary file and moved into place. The file never
+changes once there (a pinned archive never changes), so any later mount of the same pin, by any
+process, opens it and reads no index at all. A file that cannot be opened, or that describes
+another object, is rebuilt. Concurrent builders each replace the file with identical content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from ..cache.blockfile import object_digest
+from ..catalog import Catalog, CatalogBuilder, CatalogError
+from ..errors import ArchiveError, UsageError
+from ..model import ObjectRef, ObjectSource
+from . import zipformat
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_MODES = ("auto", "file")
+TAIL_BYTES = 1024 * 1024  # one GET: the end record and, usually, the whole central directory
+_ZIP_SUFFIX = ".zip"
+
+
+def parse_archive_mode(text: str | None) -> str:
+    """``--archive``: ``auto`` (default) or ``file``."""
+    mode = (text or "auto").strip().lower()
+    if mode not in ARCHIVE_MODES:
+        raise UsageError(f"--archive {text!r} is not one of {', '.join(ARCHIVE_MODES)}")
+    return mode
+
+
+def archive_catalog(
+    source: ObjectSource, pinned: Catalog, mode: str, cache_dir: Path
+) -> Catalog | None:
+    """The member catalog to mount instead of ``pinned``, or ``None`` to mount it as it is."""
+    ref = single_object(pinned) if mode == "auto" else None
+    if ref is None:
+        return None
+    path = cache_dir / "archives" / f"{object_digest(ref)}.db"
+    catalog = _open_existing(path, ref)
+    if catalog is not None:
+        log.info("member index of %s from %s: no index read", ref.uri, path)
+        return catalog
+    if ref.key.lower().endswith(_ZIP_SUFFIX):
+        tail = None
+    else:  # any other single object: a zip only if its end says so (one small GET)
+        tail = _tail(source, ref, min(ref.size, zipformat.END_SEARCH))
+        if not zipformat.looks_like_zip(tail, ref.size):
+            return None
+    build_index(source, ref, path, pinned.meta.fingerprint, tail=tail)
+    return Catalog.open(path)
+
+
+def single_object(pinned: Catalog) -> ObjectRef | None:
+    """The object of a single-object dataset (``None`` for a prefix, or without a file)."""
+    if not pinned.meta.single_object or pinned.meta.object_count != 1:
+        return None
+    return next((ref for ref in pinned.objects() if not ref.key.endswith("/")), None)
+
+
+def build_index(
+    source: ObjectSource, ref: ObjectRef, path: Path, fingerprint: str, *,
+    tail: bytes | None = None,
+) -> None:
+    """Read the central directory of ``ref`` and store its member catalog at ``path``."""
+    started = time.monotonic()
+    members, skipped = read_index(source, ref, tail=tail)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with CatalogBuilder(
+        path, uri=ref.uri, bucket=ref.bucket, prefix="", versioned=ref.version_id is not None,
+        single_object=True, archive=ref, fingerprint=fingerprint,
+    ) as builder:
+        for entry in skipped:
+            log.warning("skipping member %r of %s: %s", entry.name, ref.uri, entry.reason)
+        for member in members:
+            builder.add_member(member)
+        summary = builder.finish()
+    log.info("indexed %s: %d members (%d skipped) in %.2fs", ref.uri, summary.object_count,
+             summary.skipped_count + len(skipped), time.monotonic() - started)
+
+
+def read_index(
+    source: ObjectSource, ref: ObjectRef, *, tail: bytes | None = None
+) -> tuple[list[zipformat.Member], list[zipformat.Skipped]]:
+    """The members of the zip ``ref`` (ranged GETs of its end; ``tail`` if already read)."""
+    what = ref.uri
+    if ref.size == 0:
+        raise ArchiveError(f"{what} is not a zip archive: it is empty{_AS_FILE}")
+    if tail is None or len(tail) < min(ref.size, TAIL_BYTES):
+        tail = _tail(source, ref, min(ref.size, TAIL_BYTES))
+    tail_start = ref.size - len(tail)
+    try:
+        found = zipformat.locate(tail, ref.size, what)
+        if isinstance(found, zipformat.Zip64Needed):
+            record = source.get_range(ref, found.offset, found.offset + found.length)
+            found = zipformat.locate_zip64(record, found.offset, what)
+        if found.start >= tail_start:
+            data = tail[found.start - tail_start: found.start - tail_start + found.size]
+        else:
+            head = source.get_range(ref, found.start, tail_start)
+            data = head + tail[: found.start + found.size - tail_start]
+        return zipformat.parse_central_directory(data, found, ref.size, what)
+    except ArchiveError as exc:
+        raise ArchiveError(f"{exc}{_AS_FILE}") from None
+
+
+_AS_FILE = "; mount it with --archive=file to see the object as one file"
+
+
+def _tail(source: ObjectSource, ref: ObjectRef, length: int) -> bytes:
+    return source.get_range(ref, ref.size - length, ref.size) if length > 0 else b""
+
+
+def _open_existing(path: Path, ref: ObjectRef) -> Catalog | None:
+    try:
+        catalog = Catalog.open(path)
+    except CatalogError:
+        if path.exists():
+            log.info("rebuilding the member index %s", path)
+        return None
+    stored = catalog.meta.archive
+    if stored is None or (stored.cache_identity, stored.size) != (ref.cache_identity, ref.size):
+        # Not this pin (LastModified may differ in precision between HEAD and LIST: ignored).
+        catalog.close()
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    return catalog

@@ -1,0 +1,372 @@
+"""Bytes of zip members: ``MemberSource`` serves ``MemberRef`` ranges from the pinned archive.
+
+``MemberSource`` wraps the real ``ObjectSource``; the block reader asks it for ranges of plain
+objects (passed straight through) and of members, so members are cached in the block cache like
+objects (keyed by the member's own identity, in uncompressed offsets): a second read of a member,
+compressed or not, is a cache hit, across remounts too. Every byte comes from ranged GETs of the
+archive through the wrapped source, so each carries the archive's VersionId and If-Match.
+
+- Local headers: a member's data starts after its local header, whose length only the header
+  itself tells. The first GET of a member fetches the header together with the start of the data
+  (a guess of the header's length, corrected by a second GET if wrong); the data offset is then
+  remembered. The header must be a local header and the data must end before ``data_limit``.
+- Stored members are the archive's bytes at the data offset: one ranged GET per range.
+- Compressed members (deflate; also bzip2 and lzma) are decompressed from their start. A member
+  asked for whole in one range (most members) is one GET and one decompression, nothing kept.
+  Otherwise the member keeps *positions*: the decompressor paused where the last range ended
+  (so a sequential reader continues where it stopped) and, for deflate, copies of it saved every
+  ``_checkpoint_interval`` output bytes, so a random read decompresses from the nearest saved
+  position at or before it instead of from the start. Positions are bounded in total
+  (``max_positions``, LRU over members); one lock per member serialises its decompression.
+- Verification: decompression never produces more than the declared size: a member that would
+  inflate further (a zip bomb), ends early or fails to decompress is an ``ArchiveError`` (EIO),
+  and so is a CRC-32 mismatch. A compressed member's CRC is checked whenever decompression
+  reaches its end (always from its start); a stored member's whenever its pieces, fetched in any
+  order, have covered it (``crc.Coverage``). Encrypted members and unsupported methods fail every
+  read with an error naming the member.
+"""
+
+from __future__ import annotations
+
+import bisect
+import bz2
+import lzma
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import cachetools
+
+from ..errors import ArchiveError
+from ..model import MemberRef, ObjectRef, ObjectSource, PinnedRef
+from . import zipformat
+from .crc import Coverage
+
+_HEADER_GUESS = 30 + 128  # local header + name and extra fields, as most writers make them
+_MIN_CHUNK = 256 * 1024
+_MAX_CHUNK = 8 * 1024 * 1024
+_MIN_INTERVAL = 4 * 1024 * 1024
+_SAVED_PER_MEMBER = 32  # so the interval grows with the member: size / 32
+
+
+class _Decompressor(Protocol):
+    eof: bool
+
+    @property
+    def needs_input(self) -> bool: ...
+
+    def decompress(self, data: bytes, max_length: int) -> bytes: ...
+
+
+class _Inflate:
+    """zlib's raw deflate, with the ``needs_input`` the bz2 and lzma decompressors have."""
+
+    copyable = True
+
+    def __init__(self, inner: zlib._Decompress | None = None) -> None:
+        self._inner = inner or zlib.decompressobj(-15)
+
+    @property
+    def eof(self) -> bool:
+        return self._inner.eof
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._inner.unconsumed_tail
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        return self._inner.decompress(self._inner.unconsumed_tail + data, max_length)
+
+    def copy(self) -> _Inflate:
+        return _Inflate(self._inner.copy())
+
+
+class _ZipLzma:
+    """LZMA as zip stores it: 2 bytes version, 2 bytes properties length, properties, raw data."""
+
+    copyable = False
+
+    def __init__(self) -> None:
+        self._header = b""
+        self._inner: lzma.LZMADecompressor | None = None
+
+    @property
+    def eof(self) -> bool:
+        return self._inner is not None and self._inner.eof
+
+    @property
+    def needs_input(self) -> bool:
+        return self._inner is None or self._inner.needs_input
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        if self._inner is None:
+            self._header += data
+            if len(self._header) < 4:
+                return b""
+            props_length = int.from_bytes(self._header[2:4], "little")
+            if len(self._header) < 4 + props_length:
+                return b""
+            props = self._header[4: 4 + props_length]
+            if len(props) < 5:
+                raise lzma.LZMAError("LZMA properties too short")
+            lc_lp_pb, dict_size = props[0], int.from_bytes(props[1:5], "little")
+            filters = [{"id": lzma.FILTER_LZMA1, "dict_size": dict_size, "lc": lc_lp_pb % 9,
+                        "lp": lc_lp_pb // 9 % 5, "pb": lc_lp_pb // 45}]
+            self._inner = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters)
+            data, self._header = self._header[4 + props_length:], b""
+        return self._inner.decompress(data, max_length)
+
+
+def _decompressor(method: int) -> _Decompressor | None:
+    if method == zipformat.DEFLATED:
+        return _Inflate()
+    if method == zipformat.BZIP2:
+        return bz2.BZ2Decompressor()
+    if method == zipformat.LZMA:
+        return _ZipLzma()
+    return None
+
+
+@dataclass
+class _Position:
+    """A decompressor paused after ``out_pos`` output bytes, ``next_in`` compressed bytes fed."""
+
+    out_pos: int
+    next_in: int
+    decompressor: _Decompressor
+    crc: int
+
+
+class _MemberState:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: _Position | None = None
+        self.saved: list[_Position] = []  # copies, by out_pos
+
+    @property
+    def positions(self) -> int:
+        return len(self.saved) + (self.live is not None)
+
+
+class MemberSource:
+    """An ``ObjectSource`` that also serves archive members (see the module docstring)."""
+
+    def __init__(self, inner: ObjectSource, *, max_positions: int = 256) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()  # guards the three tables below, never held during I/O
+        self._data_offsets: cachetools.LRUCache[MemberRef, int] = cachetools.LRUCache(65536)
+        self._coverage: cachetools.LRUCache[MemberRef, Coverage] = cachetools.LRUCache(4096)
+        self._states: cachetools.LRUCache[MemberRef, _MemberState] = cachetools.LRUCache(
+            maxsize=max_positions, getsizeof=lambda state: max(1, state.positions))
+
+    # -- the ObjectSource protocol: members here, everything else passed through ---------------
+
+    def get_range(self, ref: PinnedRef, start: int, end: int) -> bytes:
+        if not isinstance(ref, MemberRef):
+            return self._inner.get_range(ref, start, end)
+        _check_readable(ref)
+        if ref.method == zipformat.STORED:
+            return self._stored(ref, start, end)
+        if start == 0 and end == ref.size:
+            return self._inflate_whole(ref)
+        return self._inflate_range(ref, start, end)
+
+    def bucket_versioning(self, bucket: str) -> bool | None:
+        return self._inner.bucket_versioning(bucket)
+
+    def head(self, bucket: str, key: str, version_id: str | None = None) -> ObjectRef:
+        return self._inner.head(bucket, key, version_id)
+
+    def list_latest(self, bucket: str, prefix: str, *, versioned: bool) -> Iterator[ObjectRef]:
+        return self._inner.list_latest(bucket, prefix, versioned=versioned)
+
+    def list_as_of(self, bucket: str, prefix: str, as_of: float) -> Iterator[ObjectRef]:
+        return self._inner.list_as_of(bucket, prefix, as_of)
+
+    def head_as_of(self, bucket: str, key: str, as_of: float) -> ObjectRef:
+        return self._inner.head_as_of(bucket, key, as_of)
+
+    # -- locating data --------------------------------------------------------------------------
+
+    def _data(self, ref: MemberRef, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the member's stored (possibly compressed) data."""
+        with self._lock:
+            offset = self._data_offsets.get(ref)
+        if offset is not None:
+            return self._inner.get_range(ref.archive, offset + start, offset + end)
+        # Header and data in one GET when the guess of the header's length holds.
+        guess_end = min(ref.header_offset + _HEADER_GUESS + end, ref.data_limit)
+        fetched = self._inner.get_range(ref.archive, ref.header_offset, guess_end)
+        header = zipformat.parse_local_header(fetched, ref.header_offset, _what(ref))
+        offset = header.data_offset
+        if offset + ref.compressed_size > ref.data_limit:
+            raise ArchiveError(f"{_what(ref)}: its data runs into the next member (a corrupt "
+                               "archive or a zip bomb); not served")
+        with self._lock:
+            self._data_offsets[ref] = offset
+        have = fetched[offset - ref.header_offset:]
+        if len(have) >= end:
+            return have[start:end]
+        return self._inner.get_range(ref.archive, offset + start, offset + end)
+
+    # -- stored members -------------------------------------------------------------------------
+
+    def _stored(self, ref: MemberRef, start: int, end: int) -> bytes:
+        data = self._data(ref, start, end)
+        if start == 0 and end == ref.size:
+            _check_crc(ref, zlib.crc32(data))
+            return data
+        with self._lock:
+            coverage = self._coverage.get(ref)
+            if coverage is None:
+                coverage = self._coverage[ref] = Coverage(ref.size)
+            crc = coverage.add(start, data)
+            if crc is not None:
+                del self._coverage[ref]
+        if crc is not None:
+            _check_crc(ref, crc)
+        return data
+
+    # -- compressed members ---------------------------------------------------------------------
+
+    def _inflate_whole(self, ref: MemberRef) -> bytes:
+        position = _Position(0, 0, _new_decompressor(ref), 0)
+        compressed = self._data(ref, 0, ref.compressed_size)
+        return b"".join(self._run(ref, position, 0, ref.size, compressed))
+
+    def _inflate_range(self, ref: MemberRef, start: int, end: int) -> bytes:
+        with self._lock:
+            state = self._states.get(ref)
+            if state is None:
+                state = _MemberState()
+                self._states[ref] = state
+        with state.lock:
+            position = self._resume(ref, state, start)
+            pieces = list(self._run(ref, position, start, end, None, state))
+            state.live = position if position.out_pos < ref.size else None
+            with self._lock:
+                self._states[ref] = state  # re-sized: the bound counts positions
+        return b"".join(pieces)
+
+    def _resume(self, ref: MemberRef, state: _MemberState, start: int) -> _Position:
+        """The best position to decompress ``start`` from: the live one, a saved copy, or 0."""
+        live = state.live
+        if live is not None and live.out_pos <= start:
+            state.live = None
+            best = live
+        else:
+            best = _Position(0, 0, _new_decompressor(ref), 0)
+        at = bisect.bisect_right([p.out_pos for p in state.saved], start) - 1
+        if at >= 0 and state.saved[at].out_pos > best.out_pos:
+            saved = state.saved[at]
+            best = _Position(saved.out_pos, saved.next_in, saved.decompressor.copy(), saved.crc)
+        return best
+
+    def _run(
+        self, ref: MemberRef, position: _Position, start: int, end: int,
+        compressed: bytes | None, state: _MemberState | None = None,
+    ) -> Iterator[bytes]:
+        """Decompress from ``position`` to ``end``, yielding the output from ``start`` on.
+
+        ``compressed`` is the whole compressed data when already fetched; else chunks are
+        fetched as needed. Moves ``position`` forward; with ``state``, saves copies on the way.
+        """
+        interval = max(_MIN_INTERVAL, ref.size // _SAVED_PER_MEMBER)
+        decompressor = position.decompressor
+        try:
+            while position.out_pos < end:
+                data = b""
+                if decompressor.eof or (
+                    decompressor.needs_input and position.next_in >= ref.compressed_size
+                ):
+                    raise ArchiveError(f"{_what(ref)}: its data ends after {position.out_pos} "
+                                       f"of its {ref.size} bytes (a corrupt archive)")
+                if decompressor.needs_input:
+                    data = self._next_chunk(ref, position, end, compressed)
+                    position.next_in += len(data)
+                goal = end
+                if state is not None and decompressor_copyable(decompressor):
+                    goal = min(end, (position.out_pos // interval + 1) * interval)
+                out = decompressor.decompress(data, goal - position.out_pos)
+                if out:
+                    skip = max(0, start - position.out_pos)
+                    position.crc = zlib.crc32(out, position.crc)
+                    position.out_pos += len(out)
+                    if skip < len(out):
+                        yield out[skip:] if skip else out
+                    if state is not None and position.out_pos % interval == 0 \
+                            and decompressor_copyable(decompressor):
+                        self._save(state, position)
+            if position.out_pos == ref.size:
+                self._finish(ref, position, compressed)
+        except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
+            raise ArchiveError(f"{_what(ref)} cannot be decompressed: {exc}") from None
+
+    def _next_chunk(
+        self, ref: MemberRef, position: _Position, end: int, compressed: bytes | None
+    ) -> bytes:
+        if compressed is not None:
+            return compressed[position.next_in:]
+        wanted = (end - position.out_pos) * ref.compressed_size // max(ref.size, 1) + 65536
+        length = min(max(wanted, _MIN_CHUNK), _MAX_CHUNK, ref.compressed_size - position.next_in)
+        return self._data(ref, position.next_in, position.next_in + length)
+
+    def _save(self, state: _MemberState, position: _Position) -> None:
+        if any(saved.out_pos == position.out_pos for saved in state.saved):
+            return
+        copy = _Position(position.out_pos, position.next_in, position.decompressor.copy(),
+                         position.crc)
+        bisect.insort(state.saved, copy, key=lambda p: p.out_pos)
+
+    def _finish(self, ref: MemberRef, position: _Position, compressed: bytes | None) -> None:
+        """At the declared size: nothing may follow (a zip bomb), and the CRC must match."""
+        decompressor = position.decompressor
+        while not decompressor.eof:
+            data = b""
+            if decompressor.needs_input:
+                if position.next_in >= ref.compressed_size:
+                    break  # all input used: the stream may lack an end marker (lzma); CRC decides
+                data = self._next_chunk(ref, position, position.out_pos, compressed)
+                position.next_in += len(data)
+            if decompressor.decompress(data, 1):
+                raise ArchiveError(
+                    f"{_what(ref)} inflates past its declared size of {ref.size} bytes (a zip "
+                    "bomb or a corrupt archive); not served")
+            if not data and decompressor.needs_input is False:
+                break  # no progress possible without input
+        _check_crc(ref, position.crc)
+
+
+def decompressor_copyable(decompressor: _Decompressor) -> bool:
+    return getattr(decompressor, "copyable", False)
+
+
+def _new_decompressor(ref: MemberRef) -> _Decompressor:
+    decompressor = _decompressor(ref.method)
+    if decompressor is None:  # _check_readable ran first: cannot happen
+        raise ArchiveError(f"{_what(ref)}: unsupported compression method {ref.method}")
+    return decompressor
+
+
+def _check_readable(ref: MemberRef) -> None:
+    if ref.flags & zipformat.FLAG_ENCRYPTED:
+        raise ArchiveError(f"{_what(ref)} is encrypted; s3datafs cannot decrypt zip members")
+    if ref.method == zipformat.STORED and ref.size != ref.compressed_size:
+        raise ArchiveError(f"{_what(ref)} is stored, yet its sizes disagree ({ref.size} and "
+                           f"{ref.compressed_size} bytes): a corrupt archive; not served")
+    if ref.method != zipformat.STORED and _decompressor(ref.method) is None:
+        name = zipformat.METHOD_NAMES.get(ref.method, f"method {ref.method}")
+        raise ArchiveError(f"{_what(ref)} is compressed with {name}, which s3datafs does not "
+                           "support (stored, deflate, bzip2 and lzma are)")
+
+
+def _check_crc(ref: MemberRef, crc: int) -> None:
+    if crc != ref.crc32:
+        raise ArchiveError(f"{_what(ref)}: CRC-32 mismatch ({crc:08x}, the archive says "
+                           f"{ref.crc32:08x}): a corrupt archive; not served")
+
+
+def _what(ref: MemberRef) -> str:
+    return f"member {ref.path!r} of {ref.archive.uri}"

@@ -1,0 +1,239 @@
+"""Zip datasets end to end: real mounts of archives made with ``zipfile``, against the S3 server.
+
+Every member is compared with the bytes it was made from; bad archives must fail the mount with
+one line, or fail reads of the bad member with EIO, and never serve wrong bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import Cli, errno_of, sha256
+from test_mount_e2e import tree
+from zipcraft import header_offset, make_zip, patch, sample_bytes
+
+pytestmark = pytest.mark.fuse
+
+MEMBERS = {
+    "train/a/1.txt": b"first member\n",
+    "train/a/2.bin": sample_bytes(2, 200_000),
+    "train/b/deep/3.bin": sample_bytes(3, 3 * 1024 * 1024 + 777),  # several blocks and runs
+    "train/empty.txt": b"",
+    "labels.csv": b"".join(b"%d,%d\n" % (i, i % 10) for i in range(5000)),
+    "with space & \u00fc.txt": b"unicode name\n",
+}
+METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+
+
+def expected(members: dict[str, bytes], directories: tuple[str, ...] = ()) -> dict[str, str]:
+    result = {}
+    for name in [*members, *directories]:
+        parts = name.rstrip("/").split("/")
+        for depth in range(1, len(parts)):
+            result["/".join(parts[:depth])] = "dir"
+        result[name.rstrip("/")] = "dir" if name.endswith("/") else sha256(members[name])
+    return result
+
+
+def put(s3, bucket: str, key: str, body: bytes) -> dict:
+    return s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+@pytest.mark.parametrize("methods", [METHODS, (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)],
+                         ids=["stored+deflate", "bzip2+lzma"])
+def test_zip_mounts_as_its_members_byte_identical(
+    cli: Cli, s3, make_bucket, methods: tuple[int, ...]
+) -> None:
+    bucket = make_bucket()
+    put(s3, bucket, "mnist.zip", make_zip(MEMBERS, methods=methods, directories=("empty-dir/",)))
+    mountpoint = cli.mount(f"s3://{bucket}/mnist.zip")
+    assert mountpoint == cli.data_root / "mnist"
+    assert tree(mountpoint) == expected(MEMBERS, ("empty-dir/",))
+    info = os.stat(mountpoint / "train/a/1.txt")
+    assert info.st_size == len(MEMBERS["train/a/1.txt"])
+    # DOS times carry no zone: they are shown as UTC.
+    assert info.st_mtime == pytest.approx(1620284890)  # 2021-05-06 07:08:10 UTC
+    assert os.getxattr(mountpoint / "labels.csv", "user.s3datafs.member") == b"labels.csv"
+    assert os.getxattr(mountpoint, "user.s3datafs.object_count") == str(len(MEMBERS)).encode()
+
+
+def test_random_ranges_inside_members_match(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put(s3, bucket, "d.zip", make_zip(MEMBERS, methods=METHODS))
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    big = MEMBERS["train/b/deep/3.bin"]
+    offsets = [3 * 1024 * 1024, 17, 2_000_000, 1_048_576 - 5, 0, len(big) - 100]
+    with open(mountpoint / "train/b/deep/3.bin", "rb", buffering=0) as member:
+        for offset in offsets:
+            member.seek(offset)
+            assert member.read(4096) == big[offset: offset + 4096], offset
+
+
+def test_remount_reads_no_index_and_no_data(cli: Cli, s3, s3server, make_bucket) -> None:
+    bucket = make_bucket()
+    put(s3, bucket, "d.zip", make_zip(MEMBERS, methods=METHODS))
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    assert tree(mountpoint) == expected(MEMBERS)
+    assert cli.unmount(mountpoint).returncode == 0
+    s3server.reset_stats()
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    assert tree(mountpoint) == expected(MEMBERS)
+    # Only the pin is resolved again (HEAD): no index read, no member bytes.
+    assert "GetObject" not in s3server.ops()
+    assert s3server.ops()["HeadObject"] == 1
+
+
+def test_archive_file_keeps_the_object(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    body = make_zip(MEMBERS)
+    put(s3, bucket, "d.zip", body)
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip", "--archive", "file")
+    assert (mountpoint / "d.zip").read_bytes() == body
+
+
+def test_zip_bytes_under_another_name_are_detected(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put(s3, bucket, "weights.npz", make_zip({"a.npy": b"x" * 100}))
+    put(s3, bucket, "plain.bin", b"not a zip" * 1000)
+    assert (cli.mount(f"s3://{bucket}/weights.npz") / "a.npy").read_bytes() == b"x" * 100
+    assert (cli.mount(f"s3://{bucket}/plain.bin") / "plain.bin").read_bytes() == b"not a zip" * 1000
+
+
+def test_zip64_archive(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    many = {f"d{i % 17}/f{i}.txt": b"%d\n" % i for i in range(70_000)}  # > 65,535 members
+    many["big.bin"] = sample_bytes(9, 300_000)
+    put(s3, bucket, "many.zip", make_zip(many, methods=METHODS, force_zip64=True))
+    mountpoint = cli.mount(f"s3://{bucket}/many.zip")
+    assert (mountpoint / f"d{69_991 % 17}/f69991.txt").read_bytes() == b"69991\n"
+    assert (mountpoint / "big.bin").read_bytes() == many["big.bin"]
+    assert len(os.listdir(mountpoint / "d0")) == len([n for n in many if n.startswith("d0/")])
+
+
+def test_unsafe_member_names_are_skipped_with_a_warning(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    unsafe = ["/etc/passwd", "../escape.txt", "a/../../b.txt", "C:/windows.txt",
+              "back\\slash.txt", "n" * 256, "dup.txt"]
+    members = {name: b"unsafe" for name in unsafe}
+    members["ok/fine.txt"] = b"fine"
+    body = _append_duplicate(make_zip(members))
+    put(s3, bucket, "u.zip", body)
+    cli.expect_log(r"skipping member")
+    mountpoint = cli.mount(f"s3://{bucket}/u.zip")
+    assert tree(mountpoint) == {"ok": "dir", "ok/fine.txt": sha256(b"fine"),
+                                "dup.txt": sha256(b"unsafe")}
+    log = (cli.log_dir / "u.log").read_text()
+    assert log.count("skipping member") == 7
+
+
+def _append_duplicate(body: bytes) -> bytes:
+    buffer = io.BytesIO(body)
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "a") as archive:
+        warnings.simplefilter("ignore")
+        archive.writestr("dup.txt", b"second copy")
+    return buffer.getvalue()
+
+
+def test_overwritten_unversioned_archive_fails_reads_never_new_bytes(
+    cli: Cli, s3, make_bucket
+) -> None:
+    bucket = make_bucket()
+    put(s3, bucket, "d.zip", make_zip(MEMBERS, methods=METHODS))
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    cli.expect_log(r"changed or was deleted after mount")
+    changed = {name: data.replace(b"e", b"E") for name, data in MEMBERS.items()}
+    put(s3, bucket, "d.zip", make_zip(changed, methods=METHODS))
+    for name in ("labels.csv", "train/a/2.bin"):
+        assert errno_of((mountpoint / name).read_bytes) in (errno.EIO, errno.ESTALE)
+
+
+def test_versioned_archive_serves_pinned_members_after_overwrite(
+    cli: Cli, s3, make_bucket
+) -> None:
+    bucket = make_bucket(versioned=True)
+    put(s3, bucket, "d.zip", make_zip(MEMBERS, methods=METHODS))
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    put(s3, bucket, "d.zip", make_zip({"other.txt": b"new"}))
+    s3.delete_object(Bucket=bucket, Key="d.zip")
+    assert tree(mountpoint) == expected(MEMBERS)
+    assert os.getxattr(mountpoint / "labels.csv", "user.s3datafs.version_id")
+
+
+def test_snapshot_pins_the_archive(cli: Cli, s3, make_bucket, tmp_path: Path) -> None:
+    bucket = make_bucket(versioned=True)
+    put(s3, bucket, "d.zip", make_zip(MEMBERS, methods=METHODS))
+    snap = tmp_path / "d.snap"
+    result = cli.run("snapshot", f"s3://{bucket}/d.zip", "-o", str(snap))
+    assert result.returncode == 0, result.stderr
+    put(s3, bucket, "d.zip", make_zip({"other.txt": b"new"}))
+    mountpoint = cli.mount("--snapshot", str(snap), str(tmp_path / "m"))
+    assert tree(mountpoint) == expected(MEMBERS)
+    assert (mountpoint / "labels.csv").read_bytes() == MEMBERS["labels.csv"]
+
+
+# -- bad archives -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"this is not a zip at all" * 100, "is not a zip archive"),
+        (make_zip(MEMBERS)[:-30], "is not a zip archive"),  # truncated: the end record is cut
+        (make_zip(MEMBERS)[:5000] + make_zip(MEMBERS)[-22:], "is corrupt"),  # directory gone
+        (b"", "it is empty"),
+    ],
+    ids=["not-a-zip", "truncated-end", "truncated-middle", "empty"],
+)
+def test_bad_archive_fails_the_mount_with_one_line(
+    cli: Cli, s3, make_bucket, body: bytes, message: str
+) -> None:
+    bucket = make_bucket()
+    put(s3, bucket, "bad.zip", body)
+    result = cli.run("mount", f"s3://{bucket}/bad.zip")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert message in lines[0]
+    assert "--archive=file" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not cli.mounts_below_root()
+
+
+def test_bad_members_fail_with_eio_and_the_rest_reads(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    members = {name: sample_bytes(i, 50_000) for i, name in enumerate(
+        ["good.bin", "crc.bin", "bomb.bin", "encrypted.bin", "method.bin", "crcstored.bin"])}
+    body = make_zip(members, methods=(zipfile.ZIP_DEFLATED,) * 5 + (zipfile.ZIP_STORED,))
+    body = patch(body, "crc.bin", crc=0x12345678)
+    body = patch(body, "bomb.bin", size=1000)  # declared small, inflates to 50,000 bytes
+    body = patch(body, "encrypted.bin", flags=1)
+    body = patch(body, "method.bin", method=9)  # deflate64
+    body = patch(body, "crcstored.bin", crc=0x12345678)
+    put(s3, bucket, "bad.zip", body)
+    cli.expect_log(r"CRC-32 mismatch|inflates past|encrypted|deflate64|member")
+    mountpoint = cli.mount(f"s3://{bucket}/bad.zip")
+    assert (mountpoint / "good.bin").read_bytes() == members["good.bin"]
+    for name in ("crc.bin", "bomb.bin", "encrypted.bin", "method.bin", "crcstored.bin"):
+        assert errno_of((mountpoint / name).read_bytes) == errno.EIO, name
+    log = (cli.log_dir / "bad.log").read_text()
+    for reason in ("CRC-32 mismatch", "inflates past", "is encrypted", "deflate64"):
+        assert reason in log
+    assert (mountpoint / "good.bin").read_bytes() == members["good.bin"]
+
+
+def test_overlapping_members_are_skipped(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    members = {"a.bin": sample_bytes(1, 10_000), "b.bin": sample_bytes(2, 10_000)}
+    body = make_zip(members)
+    body = patch(body, "b.bin", offset=header_offset(body, "a.bin") + 10)
+    put(s3, bucket, "o.zip", body)
+    cli.expect_log(r"overlaps member")
+    mountpoint = cli.mount(f"s3://{bucket}/o.zip")
+    assert os.listdir(mountpoint) == ["a.bin"]
+    assert (mountpoint / "a.bin").read_bytes() == members["a.bin"]

@@ -1,0 +1,78 @@
+"""Zip archives for tests, made with ``zipfile``, and surgery to make them bad in known ways.
+
+The surgery edits fields of central directory entries (and the matching local headers) found by
+walking the structures with ``struct`` here, independently of the code under test.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zipfile
+from collections.abc import Iterable
+
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
+# Field offsets inside a central directory entry / a local header.
+_C_FLAGS, _C_METHOD, _C_CRC, _C_CSIZE, _C_SIZE, _C_OFFSET = 8, 10, 16, 20, 24, 42
+_L_FLAGS, _L_METHOD, _L_CRC, _L_CSIZE, _L_SIZE = 6, 8, 14, 18, 22
+
+
+def make_zip(
+    members: dict[str, bytes], *, methods: Iterable[int] = (zipfile.ZIP_STORED,),
+    force_zip64: bool = False, directories: Iterable[str] = (),
+) -> bytes:
+    """An archive of ``members`` (name -> bytes), methods cycling through ``methods``."""
+    cycle = list(methods)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", allowZip64=True) as archive:
+        for name in directories:
+            archive.writestr(zipfile.ZipInfo(name, (2020, 1, 2, 3, 4, 6)), b"")
+        for number, (name, data) in enumerate(members.items()):
+            info = zipfile.ZipInfo(name, (2021, 5, 6, 7, 8, 10))
+            info.compress_type = cycle[number % len(cycle)]
+            with archive.open(info, "w", force_zip64=force_zip64) as out:
+                out.write(data)
+    return buffer.getvalue()
+
+
+def sample_bytes(seed: int, size: int) -> bytes:
+    """Half compressible text, half random: deflate has real work, stored stays honest."""
+    rng = random.Random(seed)
+    text = b"".join(b"line %d of sample %d\n" % (i, seed) for i in range(size // 40 + 1))
+    return (text[: size // 2] + rng.randbytes(size))[:size]
+
+
+def central_entries(data: bytes) -> dict[str, int]:
+    """Member name -> offset of its central directory entry."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        at = archive.start_dir
+        count = len(archive.infolist())
+    found = {}
+    for _ in range(count):
+        fields = _CENTRAL.unpack_from(data, at)
+        name_length, extra_length, comment_length = fields[12], fields[13], fields[14]
+        name = data[at + 46: at + 46 + name_length].decode("utf-8", "surrogateescape")
+        found[name] = at
+        at += 46 + name_length + extra_length + comment_length
+    return found
+
+
+def patch(data: bytes, name: str, **fields: int) -> bytes:
+    """Change fields (flags, method, crc, csize, size, offset) of member ``name``, both headers."""
+    out = bytearray(data)
+    central = central_entries(data)[name]
+    local = struct.unpack_from("<L", data, central + _C_OFFSET)[0]
+    places = {"flags": (_C_FLAGS, _L_FLAGS, "<H"), "method": (_C_METHOD, _L_METHOD, "<H"),
+              "crc": (_C_CRC, _L_CRC, "<L"), "csize": (_C_CSIZE, _L_CSIZE, "<L"),
+              "size": (_C_SIZE, _L_SIZE, "<L"), "offset": (_C_OFFSET, None, "<L")}
+    for field, value in fields.items():
+        in_central, in_local, fmt = places[field]
+        struct.pack_into(fmt, out, central + in_central, value)
+        if in_local is not None:
+            struct.pack_into(fmt, out, local + in_local, value)
+    return bytes(out)
+
+
+def header_offset(data: bytes, name: str) -> int:
+    return struct.unpack_from("<L", data, central_entries(data)[name] + _C_OFFSET)[0]
