@@ -55,6 +55,7 @@ FIELDS: dict[str, str] = {
     "awsSecretAccessKey": "secret_access_key",
     "awsSessionToken": "session_token",
     "noSignRequest": "no_sign_request",
+    "archive": "archive",
 }
 # Gradient SDK / snake_case spelling -> canonical field
 ALIASES: dict[str, str] = {
@@ -106,6 +107,7 @@ class DatasetSpec:
     session_token: str | None = field(default=None, repr=False)
     no_sign_request: bool | None = None  # None: not said, the command's default applies
     name_given: bool = False  # False: ``name`` is derived from the URI (a snapshot may know better)
+    archive: str | None = None  # "auto" or "file" (``mount --archive``); None: the command's
 
     @property
     def label(self) -> str:
@@ -317,6 +319,7 @@ def _check_item(item: Any, index: int, origin: str, base_dir: Path | None) -> Da
         session_token=values.get("awsSessionToken"),
         no_sign_request=values.get("noSignRequest"),
         name_given="name" in values,
+        archive=values.get("archive"),
     )
     _refuse_conflicts(spec, where)
     return spec

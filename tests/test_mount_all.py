@@ -24,6 +24,7 @@ from pathlib import Path
 import boto3
 import pytest
 from conftest import Cli, CliResult
+from zipcraft import make_zip
 
 from devtools.s3server import S3Server
 from s3datafs.cli import main
@@ -65,8 +66,8 @@ class Three:
 @pytest.fixture
 def three(s3, make_bucket) -> Three:
     bucket = make_bucket(versioned=True)
-    mnist = os.urandom(300_000)
-    s3.put_object(Bucket=bucket, Key="sets/mnist.zip", Body=mnist)
+    mnist = {"train/0.png": os.urandom(300_000), "labels.csv": b"0,5\n"}
+    s3.put_object(Bucket=bucket, Key="sets/mnist.zip", Body=make_zip(mnist))
     for key, body in TRAIN.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
     old = s3.put_object(Bucket=bucket, Key="models/weights.bin", Body=b"version one")
@@ -82,7 +83,7 @@ def three(s3, make_bucket) -> Three:
         },
     ]
     expected = {
-        "mnist": {"mnist.zip": mnist},
+        "mnist": mnist,  # a zip mounts as its members
         "train": {key.removeprefix("train/"): body for key, body in TRAIN.items()},
         "weights-v1": {"weights.bin": b"version one"},
     }

@@ -17,19 +17,20 @@ from pathlib import Path
 
 import pytest
 from conftest import Cli
+from zipcraft import make_zip
 
 from s3datafs import supervisor
 from s3datafs.runtime import pid_alive
 
 pytestmark = pytest.mark.fuse
 
-BODY = os.urandom(100_000)
+BODY = os.urandom(100_000)  # the member of sets/mnist.zip
 
 
 @pytest.fixture
 def bucket(s3, make_bucket) -> str:
     name = make_bucket()
-    s3.put_object(Bucket=name, Key="sets/mnist.zip", Body=BODY)
+    s3.put_object(Bucket=name, Key="sets/mnist.zip", Body=make_zip({"mnist.bin": BODY}))
     s3.put_object(Bucket=name, Key="train/x.txt", Body=b"x\n")
     return name
 
@@ -62,7 +63,7 @@ def test_success_runs_the_job_on_the_mounted_data_then_unmounts(cli: Cli, bucket
     """Spec from S3DATAFS_DATASETS (not passed on to the job); options apply to every dataset."""
     out = cli.root / "copy.bin"
     job = (
-        f'test -z "$S3DATAFS_DATASETS" && cp {cli.data_root}/mnist/mnist.zip {out} && '
+        f'test -z "$S3DATAFS_DATASETS" && cp {cli.data_root}/mnist/mnist.bin {out} && '
         f"stat -c %a {cli.data_root}/train/x.txt && echo job-output"
     )
     spec = [{"uri": f"s3://{bucket}/sets/mnist.zip"}, {"uri": f"s3://{bucket}/train/"}]
@@ -97,7 +98,7 @@ def test_the_job_status_is_passed_through(cli: Cli, spec: str, job: str, status:
 
 def test_a_mount_kept_busy_by_a_leftover_process_is_detached(cli: Cli, spec: str) -> None:
     """A job may leave a background process reading a dataset: run still unmounts (lazily)."""
-    leftover = f"exec 3< {cli.data_root}/mnist/mnist.zip; sleep 3 >/dev/null 2>&1 & exit 0"
+    leftover = f"exec 3< {cli.data_root}/mnist/mnist.bin; sleep 3 >/dev/null 2>&1 & exit 0"
     started = time.monotonic()
     done = run(cli, spec, "--", "sh", "-c", leftover)
     assert done.returncode == 0, done.stderr

@@ -237,3 +237,23 @@ def test_overlapping_members_are_skipped(cli: Cli, s3, make_bucket) -> None:
     mountpoint = cli.mount(f"s3://{bucket}/o.zip")
     assert os.listdir(mountpoint) == ["a.bin"]
     assert (mountpoint / "a.bin").read_bytes() == members["a.bin"]
+
+
+def test_prefetch_warms_members_and_cache_clear_forgets_the_index(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    bucket = make_bucket()
+    put(s3, bucket, "d.zip", make_zip(MEMBERS, methods=METHODS))
+    result = cli.run("prefetch", f"s3://{bucket}/d.zip")
+    assert result.returncode == 0, result.stderr
+    assert f"prefetched {len(MEMBERS)} members" in result.stdout
+    s3server.reset_stats()
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    assert tree(mountpoint) == expected(MEMBERS)
+    assert "GetObject" not in s3server.ops()  # index and every member came from the cache
+    assert cli.unmount(mountpoint).returncode == 0
+    result = cli.run("cache", "clear", f"s3://{bucket}/d.zip")
+    assert "and 1 zip member indexes" in result.stdout
+    s3server.reset_stats()
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    assert s3server.ops()["GetObject"] == 1  # the index again: one GET of the archive's end

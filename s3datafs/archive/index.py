@@ -143,3 +143,21 @@ def _open_existing(path: Path, ref: ObjectRef) -> Catalog | None:
             path.unlink()
         return None
     return catalog
+
+
+def clear_indexes(cache_dir: Path, uri_prefix: str | None = None) -> int:
+    """Delete the stored member indexes (of archives whose URI starts with ``uri_prefix``)."""
+    removed = 0
+    for path in sorted((cache_dir / "archives").glob("*.db")):
+        if uri_prefix is not None:
+            try:
+                with contextlib.closing(Catalog.open(path)) as catalog:
+                    archive = catalog.meta.archive
+            except CatalogError:
+                archive = None  # unreadable: the next mount would rebuild it anyway
+            if archive is not None and not archive.uri.startswith(uri_prefix):
+                continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed

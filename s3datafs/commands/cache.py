@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import config
+from ..archive.index import clear_indexes
 from ..cache import disk
 from ..errors import ConfigError
 from ..units import human_size
@@ -68,5 +69,7 @@ def run_clear(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or config.default_cache_dir()
     with _cache_errors(cache_dir):
         removed = disk.clear(cache_dir, prefix)
-    print(f"s3datafs: removed the cached blocks of {removed} objects")
+        indexes = clear_indexes(cache_dir, prefix)
+    print(f"s3datafs: removed the cached blocks of {removed} objects"
+          + (f" and {indexes} zip member indexes" if indexes else ""))
     return 0

@@ -188,6 +188,7 @@ def dataset_args(spec: DatasetSpec, defaults: argparse.Namespace) -> argparse.Na
     args.version_id, args.etag = spec.version_id, spec.etag
     args.endpoint_url = spec.endpoint_url or args.endpoint_url
     args.region = spec.region or args.region
+    args.archive = spec.archive or getattr(args, "archive", None)
     for spec_field, (attribute, option) in OPTIONAL_FIELDS.items():
         value = getattr(spec, attribute)
         if value is not None and not hasattr(args, attribute):

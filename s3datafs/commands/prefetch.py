@@ -1,9 +1,10 @@
 """``s3datafs prefetch URI|--snapshot FILE``: warm the block cache for a dataset before a job.
 
 It pins the dataset exactly as ``mount`` would (``pinning.pin``: same options, same catalog; from
-S3 or from a snapshot file), then
-reads every object through the same ``BlockReader`` a mount uses, so the blocks it stores are
-the ones the mount will look for. Several objects are warmed at once; the bytes in flight are
+S3 or from a snapshot file), then reads every object through the same ``BlockReader`` a mount
+uses, so the blocks it stores are the ones the mount will look for. A zip dataset is warmed
+member by member (a mount caches members, not the archive's raw bytes), and its member index is
+stored as a mount would store it. Several objects are warmed at once; the bytes in flight are
 bounded by the reader's request size times ``PARALLEL_OBJECTS``. On a terminal a progress line
 shows bytes, rate and ETA; otherwise only the final summary is printed.
 """
@@ -20,10 +21,12 @@ from pathlib import Path
 import trio
 
 from .. import config, pinning, s3source
+from ..archive.index import archive_catalog
+from ..archive.members import MemberSource
 from ..cache.disk import DiskCache
 from ..catalog import Catalog
 from ..errors import UsageError
-from ..model import ObjectRef
+from ..model import PinnedRef
 from ..reader import BlockReader
 from ..units import human_size
 from . import mount as mount_command
@@ -36,6 +39,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("uri", nargs="?", help="s3://bucket/prefix/ or s3://bucket/key")
     mount_command.add_source_options(parser)
     parser.add_argument("--snapshot", type=Path, metavar="FILE", help="warm what this file pins")
+    parser.add_argument("--archive", metavar="MODE",
+                        help="a zip single object: auto = warm its members (default), file = the "
+                        "object as one file")
     mount_command.add_cache_options(parser)
     parser.set_defaults(
         handler=run,
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     source = s3source.S3Source(plan.s3)
     started = time.monotonic()
     with pinning.scratch_catalog(plan.cache_dir) as catalog_path:
-        built = pinning.pin(
+        pinning.pin(
             source,
             catalog_path,
             uri=plan.uri,
@@ -75,27 +81,34 @@ def run(args: argparse.Namespace) -> int:
             dataset=str(plan.uri),
         )
         reader = BlockReader(
-            source,
+            MemberSource(source),
             block_size=plan.block_size,
             memory_cache_bytes=plan.memory_cache_bytes,
             s3_limiter=trio.CapacityLimiter(plan.s3.max_connections),
             disk=disk,
         )
-        progress = _Progress(built.total_bytes)
-        with contextlib.closing(Catalog.open(catalog_path)) as catalog:
+        with contextlib.ExitStack() as closing:
+            catalog = closing.enter_context(contextlib.closing(Catalog.open(catalog_path)))
             pinning.check_fingerprint(catalog.meta, plan.expect_fingerprint)
-            trio.run(_warm_all, reader, catalog.objects(), progress)
+            members = archive_catalog(source, catalog, plan.archive, plan.cache_dir)
+            if members is not None:
+                catalog = closing.enter_context(contextlib.closing(members))
+            refs = catalog.objects() if members is None else catalog.files()
+            count, total = catalog.meta.object_count, catalog.meta.total_bytes
+            progress = _Progress(total)
+            trio.run(_warm_all, reader, refs, progress)
     progress.finish()
     elapsed = time.monotonic() - started
+    what = "objects" if members is None else "members"
     print(
-        f"s3datafs: prefetched {built.object_count} objects of {plan.uri}, "
-        f"{human_size(built.total_bytes)} in {elapsed:.1f}s "
+        f"s3datafs: prefetched {count} {what} of {plan.uri}, "
+        f"{human_size(total)} in {elapsed:.1f}s "
         f"({human_size(int(reader.stats.s3_bytes))} from S3)"
     )
     return 0
 
 
-async def _warm_all(reader: BlockReader, refs: Iterator[ObjectRef], progress: _Progress) -> None:
+async def _warm_all(reader: BlockReader, refs: Iterator[PinnedRef], progress: _Progress) -> None:
     """Warm every object, ``PARALLEL_OBJECTS`` at a time; returns once the writes are on disk."""
     slots = trio.Semaphore(PARALLEL_OBJECTS)
     async with trio.open_nursery() as background:
@@ -107,7 +120,7 @@ async def _warm_all(reader: BlockReader, refs: Iterator[ObjectRef], progress: _P
 
 
 async def _warm_one(
-    reader: BlockReader, ref: ObjectRef, slots: trio.Semaphore, progress: _Progress
+    reader: BlockReader, ref: PinnedRef, slots: trio.Semaphore, progress: _Progress
 ) -> None:
     try:
         if ref.size:
