@@ -11,6 +11,10 @@ archive through the wrapped source, so each carries the archive's VersionId and 
   (a guess of the header's length, corrected by a second GET if wrong); the data offset is then
   remembered. The header must be a local header and the data must end before ``data_limit``.
 - Stored members are the archive's bytes at the data offset: one ranged GET per range.
+- Archive order: members read one after another in archive order (a job walking the tree, by
+  one thread or several) are fetched in shared, growing spans of the archive (``_Spans``), so
+  reading every member costs about as many GETs as downloading the archive; scattered reads
+  fetch exactly their member.
 - Compressed members (deflate; also bzip2 and lzma) are decompressed from their start. A member
   asked for whole in one range (most members) is one GET and one decompression, nothing kept.
   Otherwise the member keeps *positions*: the decompressor paused where the last range ended
@@ -49,6 +53,12 @@ _MIN_CHUNK = 256 * 1024
 _MAX_CHUNK = 8 * 1024 * 1024
 _MIN_INTERVAL = 4 * 1024 * 1024
 _SAVED_PER_MEMBER = 32  # so the interval grows with the member: size / 32
+_MIN_SPAN = 512 * 1024  # archive-order reads: first span, doubling up to
+_MAX_SPAN = 8 * 1024 * 1024
+_NEAR_BEFORE = 64 * 1024  # a fetch "continues" one that ended this close before its start
+_NEAR_AFTER = 64 * 1024  # ... or after it (a skipped small member, a local header)
+_RECENT_ENDS = 32  # per archive: about the readers' count times a few
+_RECENT_ARCHIVES = 64
 
 
 class _Decompressor(Protocol):
@@ -153,13 +163,17 @@ class _MemberState:
 class MemberSource:
     """An ``ObjectSource`` that also serves archive members (see the module docstring)."""
 
-    def __init__(self, inner: ObjectSource, *, max_positions: int = 256) -> None:
+    def __init__(
+        self, inner: ObjectSource, *, max_positions: int = 256,
+        span_memory: int = 64 * 1024 * 1024,
+    ) -> None:
         self._inner = inner
         self._lock = threading.Lock()  # guards the three tables below, never held during I/O
         self._data_offsets: cachetools.LRUCache[MemberRef, int] = cachetools.LRUCache(65536)
         self._coverage: cachetools.LRUCache[MemberRef, Coverage] = cachetools.LRUCache(4096)
         self._states: cachetools.LRUCache[MemberRef, _MemberState] = cachetools.LRUCache(
             maxsize=max_positions, getsizeof=lambda state: max(1, state.positions))
+        self._spans = _Spans(inner, max_bytes=span_memory)
 
     # -- the ObjectSource protocol: members here, everything else passed through ---------------
 
@@ -195,10 +209,10 @@ class MemberSource:
         with self._lock:
             offset = self._data_offsets.get(ref)
         if offset is not None:
-            return self._inner.get_range(ref.archive, offset + start, offset + end)
+            return self._spans.read(ref.archive, offset + start, offset + end)
         # Header and data in one GET when the guess of the header's length holds.
         guess_end = min(ref.header_offset + _HEADER_GUESS + end, ref.data_limit)
-        fetched = self._inner.get_range(ref.archive, ref.header_offset, guess_end)
+        fetched = self._spans.read(ref.archive, ref.header_offset, guess_end)
         header = zipformat.parse_local_header(fetched, ref.header_offset, _what(ref))
         offset = header.data_offset
         if offset + ref.compressed_size > ref.data_limit:
@@ -209,7 +223,7 @@ class MemberSource:
         have = fetched[offset - ref.header_offset:]
         if len(have) >= end:
             return have[start:end]
-        return self._inner.get_range(ref.archive, offset + start, offset + end)
+        return self._spans.read(ref.archive, offset + start, offset + end)
 
     # -- stored members -------------------------------------------------------------------------
 
@@ -337,6 +351,107 @@ class MemberSource:
             if not data and decompressor.needs_input is False:
                 break  # no progress possible without input
         _check_crc(ref, position.crc)
+
+
+class _Span:
+    """One GET of an archive stretch: in flight until ``done``; then ``data`` or ``error``."""
+
+    def __init__(self, archive: ObjectRef, start: int, end: int) -> None:
+        self.archive, self.start, self.end = archive, start, end
+        self.done = threading.Event()
+        self.data = b""
+        self.error: BaseException | None = None
+
+    def covers(self, archive: ObjectRef, start: int, end: int) -> bool:
+        return self.archive == archive and self.start <= start and end <= self.end
+
+
+class _Spans:
+    """Archive bytes for members read in archive order: fetched in growing spans, shared.
+
+    Reading every member of an archive one GET per member pays S3's latency 20,000 times; a
+    download pays it once. So when a member's bytes start where a recent fetch of the same
+    archive ended (members read in archive order, by one reader or several), the fetch becomes
+    a *span* running past the member, doubling from ``_MIN_SPAN`` up to ``_MAX_SPAN`` while the
+    streak lasts; the next members are then served from it (or wait for it while it is in
+    flight: single-flight). Any other read fetches exactly what it needs, so a job reading 1%
+    of the members at random pays nothing for this. Spans are kept in memory, LRU, up to
+    ``max_bytes``; every byte still comes from a pinned ranged GET of the archive.
+    """
+
+    def __init__(self, inner: ObjectSource, *, max_bytes: int) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+        self._spans: list[_Span] = []  # newest last; in flight or done
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._ends: dict[ObjectRef, list[int]] = {}  # archive -> ends of its recent fetches
+        self._span_size: dict[ObjectRef, int] = {}
+
+    def read(self, archive: ObjectRef, start: int, end: int) -> bytes:
+        while True:
+            with self._lock:
+                span = next((s for s in reversed(self._spans) if s.covers(archive, start, end)),
+                            None)
+                if span is None:
+                    span = self._plan(archive, start, end)
+                    mine = span is not None
+                else:
+                    mine = False
+            if span is None:  # not in a streak: exactly what is needed
+                data = self._inner.get_range(archive, start, end)
+                self._note_end(archive, end)
+                return data
+            if mine:
+                self._fetch(span)
+            else:
+                span.done.wait()
+            if span.error is None:
+                return span.data[start - span.start: end - span.start]
+            if mine:
+                raise span.error
+            # Another reader's span failed: try on our own (the next pass finds no span).
+
+    def _plan(self, archive: ObjectRef, start: int, end: int) -> _Span | None:
+        """A new span starting at ``start`` if it continues a recent fetch (lock held)."""
+        ends = self._ends.get(archive, [])
+        if not any(e - _NEAR_BEFORE <= start <= e + _NEAR_AFTER for e in ends):
+            self._span_size[archive] = _MIN_SPAN
+            return None
+        size = self._span_size.get(archive, _MIN_SPAN)
+        self._span_size[archive] = min(size * 2, _MAX_SPAN)
+        span = _Span(archive, start, min(max(end, start + size), archive.size))
+        self._spans.append(span)
+        self._remember_end(archive, span.end)
+        self._bytes += span.end - span.start
+        while self._bytes > self._max_bytes and len(self._spans) > 1:
+            oldest = self._spans.pop(0)
+            self._bytes -= oldest.end - oldest.start  # readers holding it keep their reference
+        return span
+
+    def _fetch(self, span: _Span) -> None:
+        try:
+            span.data = self._inner.get_range(span.archive, span.start, span.end)
+        except BaseException as exc:
+            span.error = exc
+            with self._lock:
+                if span in self._spans:
+                    self._spans.remove(span)
+                    self._bytes -= span.end - span.start
+            raise
+        finally:
+            span.done.set()
+
+    def _note_end(self, archive: ObjectRef, end: int) -> None:
+        with self._lock:
+            self._remember_end(archive, end)
+
+    def _remember_end(self, archive: ObjectRef, end: int) -> None:
+        ends = self._ends.setdefault(archive, [])
+        ends.append(end)
+        del ends[:-_RECENT_ENDS]
+        if len(self._ends) > _RECENT_ARCHIVES:
+            del self._ends[next(iter(self._ends))]
 
 
 def decompressor_copyable(decompressor: _Decompressor) -> bool:
