@@ -326,6 +326,10 @@ class CatalogBuilder:
             raise RuntimeError("catalog builder already finished or aborted")
         return self._db
 
+    def skip(self, key: str, reason: str) -> None:
+        """Count ``key`` as skipped, with its warning (for entries found unshowable elsewhere)."""
+        self._skip(key, reason)
+
     def _skip(self, key: str, reason: str) -> None:
         if self._archive is not None:
             log.warning("skipping member %r of %s: %s", key, self._archive.uri, reason)

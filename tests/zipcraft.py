@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import random
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterable
 
@@ -76,3 +77,74 @@ def patch(data: bytes, name: str, **fields: int) -> bytes:
 
 def header_offset(data: bytes, name: str) -> int:
     return struct.unpack_from("<L", data, central_entries(data)[name] + _C_OFFSET)[0]
+
+
+# -- more surgery (names, local extra fields, end records) ---------------------------------------
+
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_LOCATOR = struct.Struct("<4sLQL")
+
+
+def replace_name(data: bytes, name: str, raw: bytes, *, flags: int | None = None) -> bytes:
+    """Give member ``name`` the name bytes ``raw`` (same length), in both headers; maybe flags."""
+    encoded = name.encode("utf-8")
+    if len(raw) != len(encoded):
+        raise ValueError("replace_name keeps the length: offsets would move")
+    out = bytearray(patch(data, name, flags=flags) if flags is not None else data)
+    central = central_entries(data)[name]
+    local = struct.unpack_from("<L", data, central + _C_OFFSET)[0]
+    assert out[central + 46: central + 46 + len(raw)] == encoded
+    assert out[local + 30: local + 30 + len(raw)] == encoded
+    out[central + 46: central + 46 + len(raw)] = raw
+    out[local + 30: local + 30 + len(raw)] = raw
+    return bytes(out)
+
+
+def set_local_extra_length(data: bytes, name: str, length: int) -> bytes:
+    """Change the extra field length of member ``name``'s local header only."""
+    out = bytearray(data)
+    struct.pack_into("<H", out, header_offset(data, name) + 28, length)
+    return bytes(out)
+
+
+def append_member(data: bytes, name: str, payload: bytes) -> bytes:
+    """Append a member to an archive, even one whose name is already there (a duplicate)."""
+    buffer = io.BytesIO(data)
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "a") as archive:
+        warnings.simplefilter("ignore")  # "Duplicate name"
+        archive.writestr(zipfile.ZipInfo(name, (2022, 3, 4, 5, 6, 8)), payload)
+    return buffer.getvalue()
+
+
+def patch_end(data: bytes, **fields: int) -> bytes:
+    """Change fields (disk, cd_disk, disk_entries, entries, cd_size, cd_offset) of the end record.
+
+    The archive must have no comment (its end record is its last 22 bytes).
+    """
+    at = len(data) - _EOCD.size
+    values = list(_EOCD.unpack_from(data, at))
+    if values[0] != b"PK\x05\x06" or values[7] != 0:
+        raise ValueError("no end record in the last 22 bytes (an archive comment?)")
+    names = ["sig", "disk", "cd_disk", "disk_entries", "entries", "cd_size", "cd_offset",
+             "comment_length"]
+    for field, value in fields.items():
+        values[names.index(field)] = value
+    return data[:at] + _EOCD.pack(*values)
+
+
+def to_zip64(data: bytes) -> bytes:
+    """The same archive with a ZIP64 end record and locator, its end record all placeholders.
+
+    The archive must have no comment. Offsets of the members do not move.
+    """
+    at = len(data) - _EOCD.size
+    _sig, disk, cd_disk, disk_entries, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(
+        data, at)
+    if comment:
+        raise ValueError("to_zip64 needs an archive without a comment")
+    record = _EOCD64.pack(b"PK\x06\x06", _EOCD64.size - 12, 45, 45, disk, cd_disk, disk_entries,
+                          entries, cd_size, cd_offset)
+    locator = _LOCATOR.pack(b"PK\x06\x07", 0, at, 1)
+    end = _EOCD.pack(b"PK\x05\x06", disk, cd_disk, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return data[:at] + record + locator + end

@@ -87,13 +87,13 @@ def build_index(
         path, uri=ref.uri, bucket=ref.bucket, prefix="", versioned=ref.version_id is not None,
         single_object=True, archive=ref, fingerprint=fingerprint,
     ) as builder:
-        for entry in skipped:
-            log.warning("skipping member %r of %s: %s", entry.name, ref.uri, entry.reason)
+        for entry in skipped:  # warned and counted like the builder's own skips
+            builder.skip(entry.name, entry.reason)
         for member in members:
             builder.add_member(member)
         summary = builder.finish()
     log.info("indexed %s: %d members (%d skipped) in %.2fs", ref.uri, summary.object_count,
-             summary.skipped_count + len(skipped), time.monotonic() - started)
+             summary.skipped_count, time.monotonic() - started)
 
 
 def read_index(
@@ -113,9 +113,10 @@ def read_index(
             found = zipformat.locate_zip64(record, found.offset, what)
         if found.start >= tail_start:
             data = tail[found.start - tail_start: found.start - tail_start + found.size]
-        else:
-            head = source.get_range(ref, found.start, tail_start)
-            data = head + tail[: found.start + found.size - tail_start]
+        else:  # it starts before the tail (and ends before it when the ZIP64 record lay outside)
+            end = found.start + found.size
+            head = source.get_range(ref, found.start, min(end, tail_start)) if found.size else b""
+            data = head + tail[: max(0, end - tail_start)]
         return zipformat.parse_central_directory(data, found, ref.size, what)
     except ArchiveError as exc:
         raise ArchiveError(f"{exc}{_AS_FILE}") from None

@@ -75,8 +75,11 @@ class _Inflate:
 
     copyable = True
 
-    def __init__(self, inner: zlib._Decompress | None = None) -> None:
+    def __init__(self, inner: zlib._Decompress | None = None, full: bool = False) -> None:
         self._inner = inner or zlib.decompressobj(-15)
+        # The last call filled its max_length: zlib may hold output it has already taken the
+        # input for (the rest of a match), with nothing left in unconsumed_tail.
+        self._full = full
 
     @property
     def eof(self) -> bool:
@@ -84,13 +87,15 @@ class _Inflate:
 
     @property
     def needs_input(self) -> bool:
-        return not self._inner.unconsumed_tail
+        return not self._inner.unconsumed_tail and not self._full
 
     def decompress(self, data: bytes, max_length: int) -> bytes:
-        return self._inner.decompress(self._inner.unconsumed_tail + data, max_length)
+        out = self._inner.decompress(self._inner.unconsumed_tail + data, max_length)
+        self._full = max_length > 0 and len(out) == max_length
+        return out
 
     def copy(self) -> _Inflate:
-        return _Inflate(self._inner.copy())
+        return _Inflate(self._inner.copy(), self._full)
 
 
 class _ZipLzma:
@@ -261,7 +266,11 @@ class MemberSource:
             pieces = list(self._run(ref, position, start, end, None, state))
             state.live = position if position.out_pos < ref.size else None
             with self._lock:
-                self._states[ref] = state  # re-sized: the bound counts positions
+                try:
+                    self._states[ref] = state  # re-sized: the bound counts positions
+                except ValueError:  # more positions than the whole bound: keep the live one
+                    state.saved.clear()
+                    self._states[ref] = state
         return b"".join(pieces)
 
     def _resume(self, ref: MemberRef, state: _MemberState, start: int) -> _Position:

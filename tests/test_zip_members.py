@@ -1,0 +1,458 @@
+"""MemberSource against FakeSource: exact member bytes by every method, few GETs, errors as errors.
+
+Archives are made with ``zipfile`` and indexed with ``read_index``; every answer is compared with
+the bytes the member was made from. GETs are counted from ``FakeSource.ranges``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fakes import FakeSource
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zipcraft import make_zip, patch, sample_bytes, set_local_extra_length
+
+from s3datafs.archive import members as members_module
+from s3datafs.archive.index import read_index
+from s3datafs.archive.members import MemberSource
+from s3datafs.errors import ArchiveError
+from s3datafs.model import MemberRef, ObjectRef
+
+BUCKET = "bkt"
+KIB, MIB = 1024, 1024 * 1024
+METHODS = {"stored": zipfile.ZIP_STORED, "deflate": zipfile.ZIP_DEFLATED,
+           "bzip2": zipfile.ZIP_BZIP2, "lzma": zipfile.ZIP_LZMA}
+
+
+@dataclasses.dataclass
+class Archive:
+    source: FakeSource
+    ref: ObjectRef
+    members: dict[str, MemberRef]
+
+    def fetched(self) -> int:
+        """Archive bytes fetched so far (every GET counted)."""
+        return sum(end - start for _, start, end in self.source.ranges)
+
+    def reset(self) -> None:
+        self.source.calls.clear()
+        self.source.ranges.clear()
+
+
+def archive(data: bytes, key: str = "d.zip") -> Archive:
+    """``data`` put in a FakeSource and indexed; the index GETs are not counted."""
+    source = FakeSource()
+    source.create_bucket(BUCKET)
+    ref = source.put(BUCKET, key, data)
+    found, skipped = read_index(source, ref)
+    assert skipped == []
+    refs = {m.name: MemberRef(ref, m.name, m.header_offset, m.data_limit, m.method, m.flags,
+                              m.compressed_size, m.size, m.crc32, m.mtime)
+            for m in found if not m.is_dir}
+    result = Archive(source, ref, refs)
+    result.reset()
+    return result
+
+
+def pieces(size: int, seed: int, count: int = 7) -> list[tuple[int, int]]:
+    """``[0, size)`` cut at random places into ``count`` ranges, shuffled."""
+    rng = random.Random(seed)
+    cuts = sorted({0, size, *(rng.randrange(1, size) for _ in range(count - 1))})
+    ranges = list(zip(cuts, cuts[1:], strict=False))
+    rng.shuffle(ranges)
+    return ranges
+
+
+@pytest.fixture
+def small_interval(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(members_module, "_MIN_INTERVAL", 64 * KIB)
+    return 64 * KIB
+
+
+@pytest.fixture
+def no_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fetch counts as continuing another: every GET is what the member code asked for."""
+    monkeypatch.setattr(members_module, "_NEAR_BEFORE", -1)
+    monkeypatch.setattr(members_module, "_NEAR_AFTER", -1)
+
+
+def interval(ref: MemberRef) -> int:
+    return max(members_module._MIN_INTERVAL, ref.size // members_module._SAVED_PER_MEMBER)
+
+
+CONTENT = {
+    "tiny.txt": b"hello, member\n",
+    "text.csv": b"".join(b"%d,%d,label-%d\n" % (i, i * i, i % 10) for i in range(20_000)),
+    "mixed.bin": sample_bytes(7, 600_000),
+    "n" * 200 + ".bin": sample_bytes(8, 5000),  # a local header longer than the first GET guess
+}
+
+
+# -- bytes -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("force_zip64", [False, True], ids=["plain", "zip64-local-headers"])
+@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
+def test_every_method_whole_and_in_shuffled_chunks(method: int, force_zip64: bool) -> None:
+    zipped = archive(make_zip(CONTENT, methods=(method,), force_zip64=force_zip64))
+    for seed, (name, expected) in enumerate(CONTENT.items()):
+        ref = zipped.members[name]
+        assert ref.method == method
+        assert MemberSource(zipped.source).get_range(ref, 0, ref.size) == expected, name
+        source = MemberSource(zipped.source)
+        for start, end in pieces(len(expected), seed):
+            assert source.get_range(ref, start, end) == expected[start:end], (name, start, end)
+        # A second pass over the same MemberSource (saved and paused positions in play).
+        for start, end in pieces(len(expected), seed + 100, count=11):
+            assert source.get_range(ref, start, end) == expected[start:end], (name, start, end)
+
+
+def test_first_read_is_one_get_when_the_header_guess_holds() -> None:
+    zipped = archive(make_zip(CONTENT, methods=(zipfile.ZIP_STORED,)))
+    source = MemberSource(zipped.source)
+    ref = zipped.members["text.csv"]
+    assert source.get_range(ref, 0, 1000) == CONTENT["text.csv"][:1000]
+    assert zipped.source.calls["get_range"] == 1  # the local header and the data together
+    assert source.get_range(ref, 5000, 6000) == CONTENT["text.csv"][5000:6000]
+    assert zipped.source.calls["get_range"] == 2  # the data offset is known: no header again
+    assert zipped.source.ranges[-1][1] == ref.header_offset + 30 + 8 + 5000
+    long_name = zipped.members["n" * 200 + ".bin"]
+    zipped.reset()
+    assert source.get_range(long_name, 0, 100) == CONTENT["n" * 200 + ".bin"][:100]
+    assert zipped.source.calls["get_range"] == 2  # the guess was short: one more GET
+
+
+def test_archive_behind_a_stub() -> None:
+    stub = b"#!/bin/sh\nexit 0\n" + bytes(3000)
+    zipped = archive(stub + make_zip(CONTENT, methods=(zipfile.ZIP_DEFLATED,)))
+    source = MemberSource(zipped.source)
+    for name, expected in CONTENT.items():
+        ref = zipped.members[name]
+        assert source.get_range(ref, 0, ref.size) == expected
+        assert source.get_range(ref, ref.size // 2, ref.size) == expected[ref.size // 2:]
+
+
+def test_plain_objects_pass_straight_through() -> None:
+    zipped = archive(make_zip(CONTENT))
+    other = zipped.source.put(BUCKET, "plain.bin", b"0123456789" * 10)
+    source = MemberSource(zipped.source)
+    assert source.get_range(other, 5, 50) == (b"0123456789" * 10)[5:50]
+    assert zipped.source.ranges == [(other, 5, 50)]
+    assert source.head(BUCKET, "plain.bin") == other
+    assert [r.key for r in source.list_latest(BUCKET, "", versioned=False)] == \
+        ["d.zip", "plain.bin"]
+
+
+# -- random access in a large deflated member ------------------------------------------------------
+
+
+@functools.cache
+def big() -> tuple[bytes, bytes]:
+    """A 3 MiB member, deflated, with a small stored neighbour after it."""
+    data = sample_bytes(11, 3 * MIB + 12_345)
+    return data, make_zip({"big.bin": data, "after.txt": b"after"},
+                          methods=(zipfile.ZIP_DEFLATED,))
+
+
+_READS = st.lists(
+    st.tuples(st.integers(0, 3 * MIB + 12_344), st.integers(1, 700 * KIB)), min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(reads=_READS, near_end=st.lists(st.integers(1, 600), max_size=3))
+def test_random_reads_of_a_deflated_member(
+    reads: list[tuple[int, int]], near_end: list[int]
+) -> None:
+    expected, data = big()
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(members_module, "_MIN_INTERVAL", 64 * KIB)
+        zipped = archive(data)
+        ref = zipped.members["big.bin"]
+        source = MemberSource(zipped.source)
+        reads = reads + [(ref.size - back, back) for back in near_end]
+        for offset, length in reads:
+            end = min(offset + length, ref.size)
+            assert source.get_range(ref, offset, end) == expected[offset:end], (offset, end)
+
+
+NEAR_END = {
+    "rows": b"".join(b"row %d: %s\n" % (i, b"ab" * (i % 50)) for i in range(2000)),
+    "run": b"x" * 5518,  # deflate ends in a long match: zlib takes its input before its output
+    "zeros": bytes(70_001),
+}
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA],
+                         ids=["deflate", "bzip2", "lzma"])
+@pytest.mark.parametrize("content", NEAR_END.keys())
+def test_continuing_from_every_place_near_the_end(method: int, content: str) -> None:
+    """A range may stop anywhere in the last symbols of the stream; the next one continues."""
+    expected = NEAR_END[content]
+    zipped = archive(make_zip({"m.txt": expected}, methods=(method,)))
+    ref = zipped.members["m.txt"]
+    for cut in range(ref.size - 300, ref.size):
+        source = MemberSource(zipped.source)
+        assert source.get_range(ref, 0, cut) == expected[:cut]
+        assert source.get_range(ref, cut, ref.size) == expected[cut:], cut
+
+
+@pytest.mark.parametrize("spans", [True, False], ids=["spans", "no-spans"])
+def test_sequential_read_fetches_the_compressed_data_once(
+    small_interval: int, monkeypatch: pytest.MonkeyPatch, spans: bool
+) -> None:
+    if not spans:
+        monkeypatch.setattr(members_module, "_NEAR_BEFORE", -1)
+        monkeypatch.setattr(members_module, "_NEAR_AFTER", -1)
+    expected = sample_bytes(12, 6 * MIB + 999)
+    zipped = archive(make_zip({"big.bin": expected}, methods=(zipfile.ZIP_DEFLATED,)))
+    ref = zipped.members["big.bin"]
+    source = MemberSource(zipped.source)
+    for start in range(0, ref.size, MIB):
+        end = min(start + MIB, ref.size)
+        assert source.get_range(ref, start, end) == expected[start:end]
+    # Every compressed byte about once: the local header and the guess that came with it; with
+    # spans, the archive's end and a stretch re-fetched where a read straddles two spans.
+    gets = zipped.source.calls["get_range"]
+    assert gets <= 20
+    if spans:
+        assert ref.compressed_size <= zipped.fetched() <= \
+            zipped.ref.size + gets * members_module._NEAR_BEFORE
+        return
+    assert ref.compressed_size <= zipped.fetched() <= \
+        ref.compressed_size + members_module._HEADER_GUESS
+
+    # After the pass, a read near the end starts from a saved position close to it.
+    zipped.reset()
+    start = ref.size - 5000
+    assert source.get_range(ref, start, start + 4000) == expected[start: start + 4000]
+    assert zipped.fetched() <= interval(ref) + members_module._MIN_CHUNK
+    assert zipped.fetched() < ref.compressed_size // 8
+    # And one in the middle too.
+    zipped.reset()
+    start = ref.size // 2 + 12_345
+    assert source.get_range(ref, start, start + 100) == expected[start: start + 100]
+    assert zipped.fetched() <= interval(ref) + members_module._MIN_CHUNK
+
+
+def test_backward_reads_use_saved_positions(small_interval: int, no_spans: None) -> None:
+    expected = sample_bytes(13, 4 * MIB)
+    zipped = archive(make_zip({"big.bin": expected}, methods=(zipfile.ZIP_DEFLATED,)))
+    ref = zipped.members["big.bin"]
+    source = MemberSource(zipped.source)
+    assert source.get_range(ref, 0, ref.size // 2) == expected[: ref.size // 2]
+    zipped.reset()
+    for start in range(ref.size // 2 - 100_000, 0, -300_000):  # backwards, inside the first pass
+        assert source.get_range(ref, start, start + 50_000) == expected[start: start + 50_000]
+    per_read = interval(ref) + members_module._MIN_CHUNK
+    assert zipped.fetched() <= per_read * zipped.source.calls["get_range"]
+    assert zipped.fetched() < ref.compressed_size  # never from the start each time
+
+
+def test_evicted_positions_still_give_the_right_bytes(small_interval: int) -> None:
+    one, two = sample_bytes(21, 1 * MIB + 3), sample_bytes(22, 1 * MIB + 5)
+    zipped = archive(make_zip({"one.bin": one, "two.bin": two}, methods=(zipfile.ZIP_DEFLATED,)))
+    expected = {"one.bin": one, "two.bin": two}
+    source = MemberSource(zipped.source, max_positions=1)
+    rng = random.Random(3)
+    for step in range(40):
+        name = ("one.bin", "two.bin")[step % 2]
+        ref = zipped.members[name]
+        start = rng.randrange(ref.size)
+        end = min(ref.size, start + rng.randrange(1, 300_000))
+        assert source.get_range(ref, start, end) == expected[name][start:end], (name, start)
+
+
+def test_threads_reading_one_deflated_member(small_interval: int) -> None:
+    expected, data = big()
+    zipped = archive(data)
+    ref = zipped.members["big.bin"]
+    source = MemberSource(zipped.source)
+    rng = random.Random(4)
+    ranges = []
+    for _ in range(48):
+        start = rng.randrange(ref.size)
+        ranges.append((start, min(ref.size, start + rng.randrange(1, 400_000))))
+    barrier = threading.Barrier(8)  # every thread's first read starts at once
+    started: set[str] = set()
+
+    def read(job: tuple[int, int]) -> bytes:
+        if threading.current_thread().name not in started:
+            started.add(threading.current_thread().name)
+            barrier.wait(timeout=10)
+        return source.get_range(ref, *job)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(read, ranges))
+    for (start, end), got in zip(ranges, results, strict=True):
+        assert got == expected[start:end], (start, end)
+
+
+# -- bad members -----------------------------------------------------------------------------------
+
+
+BAD = {f"m{i}.bin": sample_bytes(30 + i, 50_000) for i in range(3)}
+
+
+def bad(made_with: int, **fields: int) -> tuple[Archive, MemberRef]:
+    """A three-member archive whose middle member ``m1.bin`` got ``fields`` patched."""
+    data = make_zip(BAD, methods=(made_with,))
+    zipped = archive(patch(data, "m1.bin", **fields))
+    return zipped, zipped.members["m1.bin"]
+
+
+def test_stored_crc_mismatch_read_whole() -> None:
+    zipped, ref = bad(zipfile.ZIP_STORED, crc=0x12345678)
+    with pytest.raises(ArchiveError, match=r"member 'm1.bin' of s3://bkt/d.zip: CRC-32 mismatch "
+                                           r"\([0-9a-f]{8}, the archive says 12345678\)"):
+        MemberSource(zipped.source).get_range(ref, 0, ref.size)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stored_crc_mismatch_found_when_the_last_piece_completes_coverage(seed: int) -> None:
+    zipped, ref = bad(zipfile.ZIP_STORED, crc=0x12345678)
+    source = MemberSource(zipped.source)
+    ranges = pieces(ref.size, seed)
+    *first, last = ranges
+    for start, end in first:
+        assert source.get_range(ref, start, end) == BAD["m1.bin"][start:end]
+    # Overlapping again what was read adds nothing and decides nothing.
+    assert source.get_range(ref, 0, ref.size // 3) == BAD["m1.bin"][: ref.size // 3]
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+        source.get_range(ref, *last)
+
+
+def test_stored_pieces_with_the_right_crc_raise_nothing() -> None:
+    zipped = archive(make_zip(BAD))
+    ref = zipped.members["m1.bin"]
+    source = MemberSource(zipped.source)
+    got = {start: source.get_range(ref, start, end) for start, end in pieces(ref.size, 10)}
+    assert b"".join(got[s] for s in sorted(got)) == BAD["m1.bin"]
+
+
+def test_deflated_crc_mismatch() -> None:
+    zipped, ref = bad(zipfile.ZIP_DEFLATED, crc=0x12345678)
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+        MemberSource(zipped.source).get_range(ref, 0, ref.size)
+    source = MemberSource(zipped.source)
+    half = ref.size // 2
+    assert source.get_range(ref, 0, half) == BAD["m1.bin"][:half]  # not known yet
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+        source.get_range(ref, half, ref.size)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA],
+                         ids=["deflate", "bzip2", "lzma"])
+def test_zip_bomb_inflates_past_its_declared_size(method: int) -> None:
+    zipped, ref = bad(method, size=1000)
+    message = (r"member 'm1.bin' of s3://bkt/d.zip inflates past its declared size of 1000 "
+               r"bytes \(a zip bomb or a corrupt archive\); not served")
+    with pytest.raises(ArchiveError, match=message):
+        MemberSource(zipped.source).get_range(ref, 0, ref.size)
+    source = MemberSource(zipped.source)
+    assert source.get_range(ref, 0, 500) == BAD["m1.bin"][:500]
+    with pytest.raises(ArchiveError, match="inflates past"):
+        source.get_range(ref, 500, 1000)
+
+
+@pytest.mark.parametrize("declared", [5517, 5508, 5300])
+def test_zip_bomb_whose_excess_is_the_rest_of_the_last_match(declared: int) -> None:
+    """zlib has taken all the input for output it still holds: that output counts too."""
+    data = patch(make_zip({"m.txt": b"x" * 5518}, methods=(zipfile.ZIP_DEFLATED,)), "m.txt",
+                 size=declared)
+    zipped = archive(data)
+    ref = zipped.members["m.txt"]
+    with pytest.raises(ArchiveError, match="inflates past its declared size"):
+        MemberSource(zipped.source).get_range(ref, 0, ref.size)
+    source = MemberSource(zipped.source)
+    assert source.get_range(ref, 0, declared - 1) == b"x" * (declared - 1)
+    with pytest.raises(ArchiveError, match="inflates past its declared size"):
+        source.get_range(ref, declared - 1, declared)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA],
+                         ids=["deflate", "bzip2", "lzma"])
+def test_data_that_ends_early(method: int) -> None:
+    zipped, ref = bad(method, size=51_000)
+    message = (r"member 'm1.bin' of s3://bkt/d.zip: its data ends after 50000 of its 51000 "
+               r"bytes \(a corrupt archive\)")
+    with pytest.raises(ArchiveError, match=message):
+        MemberSource(zipped.source).get_range(ref, 0, ref.size)
+    with pytest.raises(ArchiveError, match=message):
+        MemberSource(zipped.source).get_range(ref, 49_000, 51_000)
+
+
+def test_corrupt_deflate_stream() -> None:
+    data = bytearray(make_zip(BAD, methods=(zipfile.ZIP_DEFLATED,)))
+    zipped = archive(bytes(data))
+    ref = zipped.members["m1.bin"]
+    at = ref.header_offset + 30 + 6
+    data[at: at + 64] = bytes(range(64))
+    zipped.source.put(BUCKET, "d.zip", bytes(data))
+    ref = dataclasses.replace(ref, archive=zipped.source.head(BUCKET, "d.zip"))
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch|cannot be decompressed|ends after"):
+        MemberSource(zipped.source).get_range(ref, 0, ref.size)
+
+
+@pytest.mark.parametrize(
+    ("method", "fields", "message"),
+    [
+        (zipfile.ZIP_DEFLATED, {"flags": 1}, "member 'm1.bin' of s3://bkt/d.zip is encrypted; "
+                                             "s3datafs cannot decrypt zip members"),
+        (zipfile.ZIP_STORED, {"flags": 1}, "is encrypted"),
+        (zipfile.ZIP_DEFLATED, {"method": 9}, r"is compressed with deflate64, which s3datafs does "
+                                              r"not support \(stored, deflate, bzip2 and lzma "
+                                              r"are\)"),
+        (zipfile.ZIP_DEFLATED, {"method": 93}, "is compressed with zstd"),
+        (zipfile.ZIP_DEFLATED, {"method": 77}, "is compressed with method 77"),
+        (zipfile.ZIP_STORED, {"size": 49_999}, r"is stored, yet its sizes disagree \(49999 and "
+                                               r"50000 bytes\)"),
+    ],
+    ids=["encrypted", "encrypted-stored", "deflate64", "zstd", "unknown", "stored-sizes"],
+)
+def test_unreadable_members_fail_every_read_without_a_get(
+    method: int, fields: dict[str, int], message: str
+) -> None:
+    zipped, ref = bad(method, **fields)
+    source = MemberSource(zipped.source)
+    for start, end in [(0, ref.size), (10, 20)]:
+        with pytest.raises(ArchiveError, match=message):
+            source.get_range(ref, start, end)
+    assert zipped.source.calls["get_range"] == 0
+    assert source.get_range(zipped.members["m0.bin"], 0, 50_000) == BAD["m0.bin"]
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
+                         ids=["stored", "deflate"])
+def test_header_offset_not_at_a_local_header(method: int) -> None:
+    zipped = archive(make_zip(BAD, methods=(method,)))
+    ref = dataclasses.replace(zipped.members["m1.bin"],
+                              header_offset=zipped.members["m1.bin"].header_offset + 1)
+    message = (f"member 'm1.bin' of s3://bkt/d.zip: no local file header at archive offset "
+               f"{ref.header_offset} \\(a corrupt archive\\)")
+    for start, end in [(0, ref.size), (100, 200)]:
+        with pytest.raises(ArchiveError, match=message):
+            MemberSource(zipped.source).get_range(ref, start, end)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
+                         ids=["stored", "deflate"])
+def test_local_extra_field_pushing_data_into_the_next_member(method: int) -> None:
+    data = set_local_extra_length(make_zip(BAD, methods=(method,)), "m1.bin", 4000)
+    zipped = archive(data)
+    ref = zipped.members["m1.bin"]
+    message = ("member 'm1.bin' of s3://bkt/d.zip: its data runs into the next member "
+               r"\(a corrupt archive or a zip bomb\); not served")
+    for start, end in [(0, ref.size), (100, 200), (ref.size - 10, ref.size)]:
+        with pytest.raises(ArchiveError, match=message):
+            MemberSource(zipped.source).get_range(ref, start, end)
+    assert MemberSource(zipped.source).get_range(zipped.members["m0.bin"], 0, 50_000) == \
+        BAD["m0.bin"]
