@@ -118,7 +118,7 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                 os.getpid(), catalog.meta.fingerprint,
             )
             disk = _disk_cache(plan)
-            reader = _reader(plan, MemberSource(source), disk)
+            reader = _reader(plan, MemberSource(source, disk=disk), disk)
             operations = Operations(catalog, reader, plan.fs)
             options = fuse_options(fsname=_fsname(plan.uri), allow_other=plan.allow_other)
 

@@ -10,6 +10,7 @@ from fakes import FakeSource
 from zipcraft import make_zip, sample_bytes
 
 from s3datafs.archive import index, members
+from s3datafs.cache.disk import DiskCache
 from s3datafs.model import MemberRef
 
 NAMES = [f"d{i % 9}/m{i:04d}.bin" for i in range(400)]
@@ -74,3 +75,26 @@ def test_scattered_members_fetch_only_themselves() -> None:
     assert source.calls["get_range"] == len(chosen)
     fetched = sum(end - start for _ref, start, end in source.ranges)
     assert fetched <= sum(r.size for r in chosen) + len(chosen) * members._HEADER_GUESS
+
+
+def test_members_are_kept_on_disk_as_archive_blocks(tmp_path) -> None:
+    source, refs = archive_members((zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))
+    disk = DiskCache(tmp_path, block_size=64 * 1024, capacity=1 << 30)
+    scattered = refs[::50]
+    first = members.MemberSource(source, disk=disk)
+    for ref in scattered:
+        assert first.get_range(ref, 0, ref.size) == DATA[ref.path]
+    gets = source.calls["get_range"]
+    assert gets == len(scattered)
+    # Whole blocks only: a scattered member costs at most its blocks, rounded out.
+    for (_archive, start, end), ref in zip(source.ranges, scattered, strict=True):
+        assert start % disk.block_size == 0
+        assert end - start <= ref.compressed_size + 2 * disk.block_size + members._HEADER_GUESS
+    # A new process (a remount) finds them on disk: no GET, the same bytes.
+    again = members.MemberSource(source, disk=DiskCache(tmp_path, block_size=64 * 1024,
+                                                        capacity=1 << 30))
+    for ref in scattered:
+        assert again.get_range(ref, 0, ref.size) == DATA[ref.path]
+    assert source.calls["get_range"] == gets
+    # Only archive blocks were stored: one cache object, not one per member.
+    assert len(list((tmp_path / "blocks").rglob("meta.json"))) == 1

@@ -1,10 +1,11 @@
 """Bytes of zip members: ``MemberSource`` serves ``MemberRef`` ranges from the pinned archive.
 
 ``MemberSource`` wraps the real ``ObjectSource``; the block reader asks it for ranges of plain
-objects (passed straight through) and of members, so members are cached in the block cache like
-objects (keyed by the member's own identity, in uncompressed offsets): a second read of a member,
-compressed or not, is a cache hit, across remounts too. Every byte comes from ranged GETs of the
-archive through the wrapped source, so each carries the archive's VersionId and If-Match.
+objects (passed straight through) and of members, which the reader keeps in its memory cache
+(keyed by the member's own identity, in uncompressed offsets). On disk a member is kept as the
+blocks of its archive (``_ArchiveBlocks``), so a remount, or a second read after the memory
+cache let it go, reads no S3 byte. Every byte comes from ranged GETs of the archive through the
+wrapped source, so each carries the archive's VersionId and If-Match.
 
 - Local headers: a member's data starts after its local header, whose length only the header
   itself tells. The first GET of a member fetches the header together with the start of the data
@@ -34,8 +35,10 @@ from __future__ import annotations
 
 import bisect
 import bz2
+import logging
 import lzma
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,11 +46,16 @@ from typing import Protocol
 
 import cachetools
 
+from ..cache.blockfile import object_digest
+from ..cache.disk import DiskCache
 from ..errors import ArchiveError
 from ..model import MemberRef, ObjectRef, ObjectSource, PinnedRef
 from . import zipformat
 from .crc import Coverage
 
+log = logging.getLogger(__name__)
+
+_WARN_INTERVAL = 60.0
 _HEADER_GUESS = 30 + 128  # local header + name and extra fields, as most writers make them
 _MIN_CHUNK = 256 * 1024
 _MAX_CHUNK = 8 * 1024 * 1024
@@ -169,7 +177,7 @@ class MemberSource:
     """An ``ObjectSource`` that also serves archive members (see the module docstring)."""
 
     def __init__(
-        self, inner: ObjectSource, *, max_positions: int = 256,
+        self, inner: ObjectSource, *, disk: DiskCache | None = None, max_positions: int = 256,
         span_memory: int = 64 * 1024 * 1024,
     ) -> None:
         self._inner = inner
@@ -178,7 +186,7 @@ class MemberSource:
         self._coverage: cachetools.LRUCache[MemberRef, Coverage] = cachetools.LRUCache(4096)
         self._states: cachetools.LRUCache[MemberRef, _MemberState] = cachetools.LRUCache(
             maxsize=max_positions, getsizeof=lambda state: max(1, state.positions))
-        self._spans = _Spans(inner, max_bytes=span_memory)
+        self._spans = _Spans(_ArchiveBlocks(inner, disk), max_bytes=span_memory)
 
     # -- the ObjectSource protocol: members here, everything else passed through ---------------
 
@@ -362,6 +370,68 @@ class MemberSource:
         _check_crc(ref, position.crc)
 
 
+class _ArchiveBlocks:
+    """Ranges of archives through the disk cache, as the archive's own blocks.
+
+    Members are kept on disk as the blocks of their archive (raw, compressed as stored), not
+    as blocks of each member: 20,000 small members would otherwise cost 20,000 cache
+    directories, metadata and block files, which is where a read of every member spent its
+    time. A range is served from the disk cache when every block it touches is there; otherwise
+    the whole blocks it touches are fetched with one GET and stored (so a scattered small member
+    costs at most two blocks, as a scattered read of any object does). The block reader keeps
+    members in memory only (see ``reader``). Cache trouble is logged at most once a minute and
+    never fails a read.
+    """
+
+    def __init__(self, inner: ObjectSource, disk: DiskCache | None) -> None:
+        self._inner = inner
+        self._disk = disk
+        self._digests: cachetools.LRUCache[ObjectRef, str] = cachetools.LRUCache(256)
+        self._lock = threading.Lock()
+        self._last_warning = 0.0
+
+    def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
+        disk = self._disk
+        if disk is None:
+            return self._inner.get_range(archive, start, end)
+        size = disk.block_size
+        blocks = range(start // size, (end - 1) // size + 1)
+        digest = self._digest(archive)
+        try:
+            found = disk.read_run(digest, archive.size, blocks)
+        except OSError as exc:
+            self._warn(f"cannot read the block cache ({exc}); reading from S3")
+            found = {}
+        low = blocks.start * size
+        if all(index in found for index in blocks):
+            data = b"".join(found[index] for index in blocks)
+            return data[start - low: end - low]
+        high = min(blocks.stop * size, archive.size)
+        data = self._inner.get_range(archive, low, high)
+        view = memoryview(data)
+        try:
+            disk.write(archive, digest, blocks.start,
+                       [view[at: at + size] for at in range(0, len(data), size)])
+        except OSError as exc:
+            self._warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+        return data[start - low: end - low]
+
+    def _digest(self, archive: ObjectRef) -> str:
+        with self._lock:
+            digest = self._digests.get(archive)
+            if digest is None:
+                digest = self._digests[archive] = object_digest(archive)
+            return digest
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_warning < _WARN_INTERVAL:
+                return
+            self._last_warning = now
+        log.warning("%s", message)
+
+
 class _Span:
     """One GET of an archive stretch: in flight until ``done``; then ``data`` or ``error``."""
 
@@ -388,7 +458,7 @@ class _Spans:
     ``max_bytes``; every byte still comes from a pinned ranged GET of the archive.
     """
 
-    def __init__(self, inner: ObjectSource, *, max_bytes: int) -> None:
+    def __init__(self, inner: _ArchiveBlocks, *, max_bytes: int) -> None:
         self._inner = inner
         self._lock = threading.Lock()
         self._spans: list[_Span] = []  # newest last; in flight or done

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             dataset=str(plan.uri),
         )
         reader = BlockReader(
-            MemberSource(source),
+            MemberSource(source, disk=disk),
             block_size=plan.block_size,
             memory_cache_bytes=plan.memory_cache_bytes,
             s3_limiter=trio.CapacityLimiter(plan.s3.max_connections),
