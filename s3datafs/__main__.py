@@ -1,7 +1,6 @@
 """``python -m s3datafs`` is the ``s3datafs`` command."""
 
-import sys
-
+from . import startup
 from .cli import main
 
-sys.exit(main())
+startup.finish(main())

@@ -13,8 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .commands import COMMANDS
+from . import __version__, commands, startup
 from .errors import S3DataFSError, UsageError
 
 
@@ -25,19 +24,31 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; or, when ``argv`` starts with a command, that command alone.
+
+    Registering a command imports its module (and what it imports: botocore, pyfuse3, trio), so
+    a command line that names its command up front registers only that one. Anything else (no
+    command, an unknown one, ``--help``, ``--version``) gets every command, so help and usage
+    errors are the same as ever.
+    """
     parser = _Parser(prog="s3datafs", description="Mount pinned S3 datasets read-only.")
     parser.add_argument("--version", action="version", version=f"s3datafs {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for command in COMMANDS:
-        command.register(subparsers)
+    only = commands.module_for(argv[0]) if argv else None
+    for module in (only,) if only else commands.MODULES:
+        commands.load(module).register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    startup.begin()  # until the command runs; ``mount`` settles once the mount is usable
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
+        if not getattr(args, "fast_start", False):
+            startup.settle()
         return args.handler(args)
     except S3DataFSError as exc:
         print(f"s3datafs: {exc}", file=sys.stderr)

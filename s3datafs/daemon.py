@@ -1,8 +1,10 @@
 """Run a mount in the background the way mount tools do: fork first, report over a pipe.
 
 Protocol:
-- The parent forks *before* trio, boto3 clients or threads exist (forking a threaded process is
-  unsafe). The child starts a new session and does all the work: resolve, catalog, mount.
+- The parent forks *before* trio, threads or any connection exist (forking a threaded process is
+  unsafe). What it has loaded (modules, botocore's parsed data from its settings check) the
+  child inherits rather than loads again. The child starts a new session and does all the work:
+  resolve, catalog, mount.
 - The child writes exactly one JSON line to the pipe: ``{"ok": true, ...summary}`` once the mount
   is usable, or ``{"ok": false, "error": "...", "exit": N}`` when it failed. It then closes the pipe
   and, on success, points stdin/stdout/stderr at /dev/null so that whoever ran ``s3datafs mount``
@@ -19,7 +21,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from . import logsetup
+from . import logsetup, startup
 from .errors import S3DataFSError
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ def _child(child_main: Callable[[Report], None], write_fd: int) -> int:
         _send(pipe, {"ok": True, **summary})
         logsetup.detach_console()
         _detach_stdio()
+        startup.settle()  # serve with the usual garbage collection (start-up objects frozen)
 
     try:
         child_main(report_ready)

@@ -1,4 +1,4 @@
-"""The S3 edge: the only module that imports boto3/botocore.
+"""The S3 edge: the only module that imports botocore (boto3 itself is not needed, nor imported).
 
 Design:
 - ``S3Source`` implements ``model.ObjectSource`` over one botocore client. Clients are thread-safe,
@@ -31,6 +31,13 @@ Design:
   errors raised in listing workers like any other.
 - Errors leave this module typed (``errors.*``), with messages that name the S3 URI and never a
   credential.
+- Start-up cost (issue 4, mount to first read): a client on a fresh botocore session parses
+  botocore's JSON data (endpoints, the S3 model and endpoint rules: ~80 ms) and first scans all
+  ~450 service directories to check that ``s3`` exists (~10 ms, ~50 ms with a cold page cache).
+  So an ``S3Source`` makes its two clients from one fresh session (credentials and config read
+  as before), and every session shares one process-wide data loader (``_shared_loader``): the
+  data is parsed once per process, and a forked daemon inherits it from the ``check_settings``
+  its parent ran. The loader answers "which services exist" with ``s3`` alone, not by scanning.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import functools
 import hashlib
 import http.client
 import logging
+import os
 import random
 import re
 import threading
@@ -47,9 +55,9 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.loaders
 import botocore.session
 import botocore.utils
 import urllib3.exceptions
@@ -140,12 +148,11 @@ class S3Settings:
 
 
 class S3Source:
-    """``ObjectSource`` backed by boto3."""
+    """``ObjectSource`` backed by botocore."""
 
     def __init__(self, settings: S3Settings) -> None:
         self._settings = settings
-        self._client = _make_client(settings)
-        self._reads = _make_client(settings, for_reads=True)
+        self._client, self._reads = _make_clients(settings, for_reads=(False, True))
         self._lock = threading.Lock()
         self._verify_md5 = True  # off once the store shows ETags that are not MD5 digests
         self._md5_mismatch: dict[ObjectRef, str] = {}  # the last bad MD5 per object
@@ -329,39 +336,25 @@ def _check_body(
 
 
 def check_settings(settings: S3Settings) -> None:
-    """Reject settings boto3 itself refuses (profile, endpoint, region) without any request.
+    """Reject settings botocore itself refuses (profile, endpoint, region) without any request.
 
-    The CLI calls this before it forks, so such mistakes are usage errors with no daemon started.
+    The CLI calls this before it forks, so such mistakes are usage errors with no daemon started;
+    it also loads botocore's data, which the daemon (a fork) then finds loaded.
     """
-    _make_client(settings)
+    _make_clients(settings, for_reads=(False,))
 
 
-def _make_client(settings: S3Settings, *, for_reads: bool = False):  # no static type
-    """A client; ``for_reads``: one attempt per call, timeouts within the read deadline."""
-    bound = settings.read_deadline if for_reads else float("inf")
-    config = botocore.config.Config(
-        max_pool_connections=settings.max_connections,
-        connect_timeout=min(settings.connect_timeout, bound),
-        read_timeout=min(settings.request_timeout, bound),
-        retries={"mode": "standard", "total_max_attempts": 1 if for_reads else 3},
-        signature_version=UNSIGNED if settings.no_sign_request else None,
-        s3={"addressing_style": "path"} if settings.endpoint_url else None,
-        user_agent_extra="s3datafs",
-    )
+def _make_clients(settings: S3Settings, *, for_reads: tuple[bool, ...]) -> list:  # no static type
+    """Clients of one session, one per ``for_reads`` flag (see ``_client``)."""
     try:
-        core = botocore.session.get_session()
-        core.get_component("response_parser_factory").set_parser_defaults(
+        session = botocore.session.Session(profile=settings.profile)
+        session.register_component(
+            "data_loader", _shared_loader(session.get_config_variable("data_path"))
+        )
+        session.get_component("response_parser_factory").set_parser_defaults(
             timestamp_parser=parse_timestamp
         )
-        session = boto3.session.Session(
-            botocore_session=core,
-            profile_name=settings.profile,
-            aws_access_key_id=settings.access_key_id,
-            aws_secret_access_key=settings.secret_access_key,
-            aws_session_token=settings.session_token,
-            region_name=settings.region,
-        )
-        return session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+        return [_client(session, settings, reads) for reads in for_reads]
     except botocore.exceptions.ProfileNotFound:
         raise ConfigError(
             f"AWS profile {settings.profile!r} not found: check ~/.aws/config, "
@@ -375,6 +368,57 @@ def _make_client(settings: S3Settings, *, for_reads: bool = False):  # no static
         raise UsageError(
             f"invalid --endpoint-url {settings.endpoint_url!r}: {exc}; use e.g. https://host:port"
         ) from None
+
+
+def _client(session: botocore.session.Session, settings: S3Settings, for_reads: bool):
+    """A client; ``for_reads``: one attempt per call, timeouts within the read deadline."""
+    bound = settings.read_deadline if for_reads else float("inf")
+    config = botocore.config.Config(
+        max_pool_connections=settings.max_connections,
+        connect_timeout=min(settings.connect_timeout, bound),
+        read_timeout=min(settings.request_timeout, bound),
+        retries={"mode": "standard", "total_max_attempts": 1 if for_reads else 3},
+        signature_version=UNSIGNED if settings.no_sign_request else None,
+        s3={"addressing_style": "path"} if settings.endpoint_url else None,
+        user_agent_extra="s3datafs",
+    )
+    return session.create_client(
+        "s3",
+        region_name=settings.region,
+        endpoint_url=settings.endpoint_url,
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=settings.secret_access_key,
+        aws_session_token=settings.session_token,
+        config=config,
+    )
+
+
+class _S3Loader(botocore.loaders.Loader):
+    """botocore's data loader for a process that only ever loads the ``s3`` service.
+
+    ``load_service_model`` first lists every service that has the requested data, which means
+    listing each of ~450 directories in botocore's data: the one answer that matters here is
+    whether ``s3`` is among them, and if its data were missing the load itself would fail.
+    """
+
+    def list_available_services(self, type_name: str) -> list[str]:
+        return ["s3"]
+
+
+_LOADERS: dict[str | None, botocore.loaders.Loader] = {}
+_LOADERS_LOCK = threading.Lock()
+
+
+def _shared_loader(data_path: str | None) -> botocore.loaders.Loader:
+    """The process's data loader for botocore's ``data_path`` setting (as botocore builds it)."""
+    with _LOADERS_LOCK:
+        loader = _LOADERS.get(data_path)
+        if loader is None:
+            paths = data_path.split(os.pathsep) if data_path else []
+            loader = _LOADERS[data_path] = _S3Loader(
+                extra_search_paths=[os.path.expanduser(os.path.expandvars(p)) for p in paths]
+            )
+        return loader
 
 
 def parse_timestamp(text: str) -> datetime.datetime:

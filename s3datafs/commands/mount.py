@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import config, daemon, logsetup, pinning, s3source, sdnotify, snapshot
+from .. import config, daemon, logsetup, pinning, s3source, sdnotify, snapshot, startup
 from ..archive.index import parse_archive_mode
 from ..errors import ConfigError, MountFailed, UsageError
 from ..fuse_ops import FsSettings
@@ -39,7 +39,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("mountpoint", nargs="?", type=Path, help="default: DATA_ROOT/NAME")
     add_mount_options(parser)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, fast_start=True)  # startup.settle() once mounted
 
 
 def add_mount_options(parser: argparse.ArgumentParser) -> None:
@@ -298,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
         start_mount(plan, foreground=True, on_ready=lambda summary: _announce(plan, summary))
     else:
         _announce(plan, start_mount(plan, foreground=False))
+        startup.exit_soon()  # the daemon serves; this process only exits now
     return 0
 
 
@@ -335,6 +336,7 @@ def _serve_in_foreground(plan: MountPlan, on_ready: Callable[[dict], None]) -> N
     """Serve in this process; tell the service manager (``NOTIFY_SOCKET``) when ready and done."""
 
     def ready(summary: MountSummary) -> None:
+        startup.settle()
         on_ready(summary.as_dict())
         sdnotify.notify("READY=1", f"STATUS=serving {plan.uri} at {plan.mountpoint}")
 

@@ -1,0 +1,82 @@
+"""Start-up cost of the command line (issue 4, mount to first read): what each command imports,
+botocore's data loaded once per process, and the garbage collector during start-up."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from s3datafs import cli, s3source, startup
+from s3datafs.s3source import S3Settings, S3Source
+
+HEAVY = ("boto3", "botocore", "pyfuse3", "trio")
+
+
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
+
+
+def test_a_command_line_registers_only_the_command_it_names() -> None:
+    assert _commands(cli.build_parser(["mount", "s3://b/p/", "/mnt"])) == {"mount"}
+    assert _commands(cli.build_parser(["umount", "/mnt"])) == {"unmount", "umount"}
+    assert _commands(cli.build_parser(["mount-all", "spec.yaml"])) == {"mount-all"}
+    every = _commands(cli.build_parser())
+    assert {"mount", "status", "snapshot", "unmount", "cache"} <= every
+    for argv in ([], ["--help"], ["--version"], ["bogus"], ["-h", "mount"]):
+        assert _commands(cli.build_parser(argv)) == every
+
+
+def test_commands_that_need_no_s3_or_fuse_import_neither(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from s3datafs import cli\n"
+        "code = cli.main(['status'])\n"
+        f"print(code, sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "S3DATAFS_RUNTIME_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert out.splitlines()[-1] == "0 []"
+
+
+def test_botocore_data_is_loaded_once_per_process() -> None:
+    settings = S3Settings(region="us-east-1", endpoint_url="http://127.0.0.1:9")
+    s3source.check_settings(settings)
+    first, second = S3Source(settings), S3Source(settings)
+    clients = (first._client, first._reads, second._client, second._reads)
+    loaders = {id(client._loader) for client in clients}  # botocore keeps it there
+    assert len(loaders) == 1
+    loader = first._client._loader
+    assert isinstance(loader, s3source._S3Loader)
+    assert loader.list_available_services("service-2") == ["s3"]  # no scan of ~450 directories
+    assert first._reads.meta.service_model.service_name == "s3"
+
+
+@pytest.fixture
+def restore_gc() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    yield
+    startup._saved = None
+    gc.set_threshold(*thresholds)
+    gc.unfreeze()
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_start_up_collects_less_often_until_settled() -> None:
+    before = gc.get_threshold()
+    startup.begin()
+    assert gc.get_threshold()[0] == startup.START_THRESHOLD
+    startup.begin()  # idempotent: settle restores what the first begin found
+    startup.settle()
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() > 0
+    startup.settle()  # without begin: thresholds untouched
+    assert gc.get_threshold() == before
