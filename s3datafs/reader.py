@@ -43,7 +43,7 @@ import trio
 from .cache.blockfile import object_digest
 from .cache.disk import DiskCache
 from .errors import S3DataFSError, TransientS3Error
-from .model import ObjectRef, ObjectSource
+from .model import MemberRef, ObjectRef, ObjectSource, PinnedRef
 from .prefetch import Readahead
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ class BlockReader:
         """
         fetched: list[tuple[int, list[bytes]]] = []
         try:
-            if self._disk is not None:
+            if self._on_disk(flight.ref):
                 await self._from_disk(flight)
             missing = [i for i in flight.run if i not in flight.blocks]
             if missing:
@@ -297,9 +297,15 @@ class BlockReader:
                 if self._inflight.get((flight.ref, index)) is flight:
                     del self._inflight[(flight.ref, index)]
             flight.done.set()
-        if self._disk is not None:
+        if self._on_disk(flight.ref):
             for first, blocks in fetched:
                 await self._write_behind(flight.ref, first, blocks)
+
+    def _on_disk(self, ref: PinnedRef) -> bool:
+        """Whether ``ref``'s blocks go to the disk cache: zip members do not, as such; the
+        ``MemberSource`` stores them as their archive's blocks (one file per 1 MiB, not three
+        files per member)."""
+        return self._disk is not None and not isinstance(ref, MemberRef)
 
     async def _from_disk(self, flight: _Flight) -> None:
         ref, digest = flight.ref, self._digest(flight.ref)
