@@ -82,6 +82,7 @@ class Settings:
     scattered_fraction: float
     ours_args: tuple[str, ...]
     zero_via_proxy: bool
+    workloads: tuple[str, ...] = ()  # only these (and their ceilings); empty: all
 
 
 class ProfileRun:
@@ -145,6 +146,9 @@ class ProfileRun:
             if own_cache:
                 shutil.rmtree(cache, ignore_errors=True)
 
+    def wants(self, *keys: str) -> bool:
+        return not self.s.workloads or any(key in self.s.workloads for key in keys)
+
     def deadline(self, cap: float) -> float:
         return time.monotonic() + cap
 
@@ -166,6 +170,8 @@ class ProfileRun:
             (("small_files",), self.small_files),
         ]
         for keys, session in sessions:
+            if not self.wants(*keys):
+                continue
             try:
                 session(contender)
             except Exception as exc:
@@ -265,7 +271,10 @@ class ProfileRun:
         """boto3 on the same endpoint, and a local copy of the big file."""
         ds, ep, key = self.s.dataset, self.endpoint, self.s.dataset.big_key
         download = functools.partial(_timed, peers.parallel_download, ep, key, nbytes=ds.big_size)
-        self.put("cold_seq", "boto3", self.measure(0, download, Done.mbps))
+        if self.wants("cold_seq"):
+            self.put("cold_seq", "boto3", self.measure(0, download, Done.mbps))
+        if self.s.workloads:  # a filtered run: the ceilings of the workloads asked for only
+            return
         local_dir = self.scratch("local")
         try:
             self._local_ceilings(local_dir / "copy.bin")
@@ -405,6 +414,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--small-files", type=int, help="number of small files (default 2000)")
     parser.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated")
     parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS), help="comma-separated")
+    parser.add_argument(
+        "--workloads", default="", help="comma-separated keys (e.g. cold_seq,rss8); default all"
+    )
     parser.add_argument("--seq-cap", type=float, help="time cap per sequential workload (s)")
     parser.add_argument("--files-cap", type=float, help="time cap for the small files (s)")
     parser.add_argument("--random-cap", type=float, help="time cap per random workload (s)")
@@ -432,6 +444,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         scattered_fraction=0.01,
         ours_args=tuple(args.ours_arg),
         zero_via_proxy=args.zero_via_proxy,
+        workloads=_choose(args.workloads, report.BY_KEY, parser),
     )
     return settings, args
 

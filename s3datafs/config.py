@@ -23,6 +23,8 @@ DEFAULT_MEMORY_CACHE = 32 * 1024 * 1024  # a staging area: the page cache keeps 
 DEFAULT_DISK_CACHE = 20 * 1024**3
 DEFAULT_CACHE_MIN_FREE = 0.05  # never fill the cache filesystem beyond 95 %
 DEFAULT_MAX_PREFETCH = 64 * 1024 * 1024  # readahead bytes in flight, all handles together
+DEFAULT_MAX_REQUEST = 8 * 1024 * 1024  # bytes per GET at most (a readahead step is one GET)
+DEFAULT_WRITE_BEHIND = 64 * 1024 * 1024  # fetched bytes being written to the disk cache, at most
 
 
 def _is_root() -> bool:

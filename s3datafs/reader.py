@@ -10,12 +10,22 @@ Design:
 - Single-flight: every missing block belongs to at most one ``_Flight`` at a time. A flight first
   looks in the disk cache (one worker-thread call for the run), then GETs what is still missing.
   Readers of a block that is in flight wait on that flight; they never send their own GET.
-- Fetched blocks go to the memory LRU at once and to the disk cache behind the reader's back
-  (write-behind, in the mount's nursery, bounded by ``write_budget`` bytes pending). A cache
-  failure is logged (rate-limited) and never fails a read.
-- Prefetch flights run in the mount's nursery under ``prefetch_budget`` (bytes in flight, total
-  across handles); when the budget is spent, prefetch is skipped, never waited for, so foreground
-  reads never queue behind readahead.
+- Fetched blocks go to memory at once and to the disk cache behind the reader's back
+  (write-behind, in the mount's nursery, bounded by ``write_budget`` bytes pending; while fetched
+  runs wait for room there, readahead pauses, so memory stays bounded when the disk falls
+  behind). A cache failure is logged (rate-limited) and never fails a read.
+- Prefetch flights run in the mount's nursery under ``prefetch_budget``: bytes of readahead in
+  flight *or landed and not read yet*, total across handles. Landed readahead is *staged* (kept
+  apart from the LRU) until a read takes it, so the budget bounds its memory and nothing can
+  evict it before its reader comes (in an LRU, blocks just read are more recent than readahead
+  waiting to be read, so readahead went first and was fetched again). Readahead unread for
+  ``_STAGED_TTL`` moves to the LRU when another stream needs the budget. When the budget is
+  spent, prefetch is skipped, never waited for (the ``Readahead`` asks again on the next read),
+  so foreground reads never queue behind readahead. While several streams read ahead at once,
+  each asks for at most an even share of the budget (``_share``, in whole GETs).
+- Memory: at most ``prefetch_budget`` + the LRU's size + ``write_budget`` of GET bodies (blocks
+  are views of them) plus foreground flights; the defaults keep a daemon with 8 sequential
+  readers under 256 MiB.
 
 - Bounded waits: with ``read_timeout`` no GET is waited for longer than that, slot wait included
   (``--read-timeout``); past it the flight fails with ``TransientS3Error`` (EIO) and the next read
@@ -34,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -42,6 +53,7 @@ import trio
 
 from .cache.blockfile import object_digest
 from .cache.disk import DiskCache
+from .config import DEFAULT_MAX_REQUEST, DEFAULT_WRITE_BEHIND
 from .errors import S3DataFSError, TransientS3Error
 from .model import MemberRef, ObjectRef, ObjectSource, PinnedRef
 from .prefetch import Readahead
@@ -51,6 +63,8 @@ log = logging.getLogger(__name__)
 BlockKey = tuple[ObjectRef, int]
 _WARN_INTERVAL = 60.0
 _FAILED_TTL = 1.0  # seconds a slow failure is repeated at once (covers the kernel's own retry)
+_STAGED_TTL = 5.0  # seconds readahead may wait unread before others may take its budget
+_STREAM_IDLE = 1.0  # seconds after its last readahead a stream stops counting for the shares
 
 
 @dataclass
@@ -99,9 +113,10 @@ class ByteBudget:
 class _Flight:
     """One load of a run of blocks; waiters read its result, not the (evictable) cache."""
 
-    def __init__(self, ref: ObjectRef, run: range) -> None:
+    def __init__(self, ref: ObjectRef, run: range, budget: int = 0) -> None:
         self.ref = ref
         self.run = run
+        self.budget = budget  # prefetch budget held (readahead); what is not staged goes back
         self.done = trio.Event()
         self.blocks: dict[int, bytes] = {}
         self.error: BaseException | None = None
@@ -118,7 +133,7 @@ class BlockReader:
         s3_limiter: trio.CapacityLimiter,
         disk: DiskCache | None = None,
         disk_limiter: trio.CapacityLimiter | None = None,
-        max_request_bytes: int = 8 * 1024 * 1024,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST,
         prefetch_budget: ByteBudget | None = None,
         write_budget: ByteBudget | None = None,
         stats: ReadStats | None = None,
@@ -136,8 +151,16 @@ class BlockReader:
         self._disk_limiter = disk_limiter or trio.CapacityLimiter(4)
         self._request_blocks = max(1, max_request_bytes // block_size)
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
-        self._write_budget = write_budget or ByteBudget(128 * 1024 * 1024)
+        self._write_budget = write_budget or ByteBudget(DEFAULT_WRITE_BEHIND)
+        self._write_waiting = 0  # bytes fetched and waiting for room in the write budget
         self._inflight: dict[BlockKey, _Flight] = {}
+        # Readahead that has landed and not been read yet, in landing order, with landing times.
+        # It holds its prefetch budget until read (or given up, see ``_reclaim_stale``), so the
+        # budget bounds readahead in flight *and* waiting, and the memory LRU cannot evict it
+        # before its reader comes: evicting it there is what made readahead refetch itself.
+        self._staged: OrderedDict[BlockKey, tuple[bytes, float]] = OrderedDict()
+        self._streams: dict[int, float] = {}  # id(Readahead) -> when it last read ahead
+        self._streams_pruned = 0.0
         self._digests: cachetools.LRUCache[ObjectRef, str] = cachetools.LRUCache(maxsize=4096)
         self._nursery: trio.Nursery | None = None
         self._write_nursery: trio.Nursery | None = None
@@ -163,10 +186,18 @@ class BlockReader:
         end = min(offset + length, ref.size)
         if offset < 0 or offset >= end:
             return b""
-        if readahead is not None and (ahead := readahead.on_read(offset, end - offset, ref.size)):
-            self.prefetch(ref, *ahead)
         first, last = offset // self.block_size, (end - 1) // self.block_size
-        blocks = await self._load(ref, range(first, last + 1))
+        taken = self._take_staged(ref, first, last)  # read now: their budget goes to readahead
+        if readahead is not None:
+            step = self._request_blocks * self.block_size  # readahead in whole GETs
+            limit = self._share(readahead, step)
+            ahead = readahead.on_read(offset, end - offset, ref.size, step, limit)
+            if ahead:
+                self._streams[id(readahead)] = time.monotonic()
+                if (reached := self.prefetch(ref, *ahead)) < ahead[1]:
+                    readahead.fell_short(reached)  # budget spent: ask again on the next read
+        blocks = await self._load(ref, range(first, last + 1), taken)
+        self._consumed(ref, blocks, taken)
         start = offset - first * self.block_size
         if first == last:
             result = bytes(blocks[first][start : start + (end - offset)])
@@ -176,20 +207,51 @@ class BlockReader:
         self.stats.bytes_served += len(result)
         return result
 
-    def prefetch(self, ref: ObjectRef, start: int, end: int) -> None:
-        """Start loading ``[start, end)`` in the background, as far as the budget allows."""
-        if self._nursery is None:
-            return
-        first, last = start // self.block_size, (end - 1) // self.block_size
-        missing = [i for i in range(first, last + 1) if self._absent(ref, i)]
-        for run in _runs(missing, self._request_blocks):
-            cost = len(run) * self.block_size
-            if not self._prefetch_budget.try_take(cost):
+    def _share(self, readahead: Readahead, step: int) -> int:
+        """A stream's share of the prefetch budget while several read ahead (0: no limit).
+
+        Shared evenly, in whole GETs: otherwise the streams that got ahead hold the budget with
+        readahead they have not read yet, and the others fetch 1 MiB at a time in the foreground
+        (measured with 8 readers: twice the GETs, and slower in total).
+        """
+        now, streams = time.monotonic(), self._streams
+        if now - self._streams_pruned > _STREAM_IDLE:
+            for key in [k for k, seen in streams.items() if now - seen > _STREAM_IDLE]:
+                del streams[key]
+            self._streams_pruned = now
+        count = len(streams) + (id(readahead) not in streams)
+        if count <= 1:
+            return 0
+        share = self._prefetch_budget.capacity // count
+        return max(step, share - share % step)
+
+    def prefetch(self, ref: ObjectRef, start: int, end: int) -> int:
+        """Start loading ``[start, end)`` in the background, as far as the budget allows.
+
+        Returns how far that is: ``end``, or the start of the first run the budget had no room
+        for (that run and the rest are skipped, never queued).
+        """
+        if self._nursery is None or self._write_waiting:
+            return start  # no readahead while the disk cache falls behind: memory stays bounded
+        index, last = start // self.block_size, (end - 1) // self.block_size
+        while index <= last:  # runs are found lazily: a spent budget costs one run's scan
+            if not self._absent(ref, index):
+                index += 1
+                continue
+            stop = index + 1
+            while stop <= last and stop - index < self._request_blocks and self._absent(ref, stop):
+                stop += 1
+            run, cost = range(index, stop), (stop - index) * self.block_size
+            if not self._prefetch_budget.try_take(cost) and not (
+                self._reclaim_stale() and self._prefetch_budget.try_take(cost)
+            ):
                 self.stats.prefetch_skipped += len(run)
-                return
-            flight = self._register(ref, run)
+                return max(start, index * self.block_size)
+            flight = self._register(ref, run, cost)
             self.stats.prefetched_blocks += len(run)
-            self._nursery.start_soon(self._fly_then_release, flight, cost)
+            self._nursery.start_soon(self._fly, flight)
+            index = stop
+        return end
 
     async def warm(self, ref: ObjectRef, parallel: int = 2) -> None:
         """Make sure every block of ``ref`` is cached (for ``s3datafs prefetch``).
@@ -211,11 +273,57 @@ class BlockReader:
 
     def _absent(self, ref: ObjectRef, index: int) -> bool:
         key = (ref, index)  # a block that just failed slowly is not prefetched again at once
-        return key not in self._memory and key not in self._inflight and key not in self._failed
+        return not (
+            key in self._memory
+            or key in self._staged
+            or key in self._inflight
+            or key in self._failed
+        )
 
-    async def _load(self, ref: ObjectRef, indices: range) -> dict[int, bytes]:
-        found: dict[int, bytes] = {}
-        wanted = list(indices)
+    def _take_staged(self, ref: ObjectRef, first: int, last: int) -> dict[int, bytes]:
+        """Staged readahead of blocks ``first`` .. ``last``, taken out: it is being read."""
+        taken: dict[int, bytes] = {}
+        if self._staged:
+            for index in range(first, last + 1):
+                if (entry := self._staged.pop((ref, index), None)) is not None:
+                    self._prefetch_budget.give(len(entry[0]))
+                    taken[index] = entry[0]
+            self.stats.memory_hits += len(taken)
+        return taken
+
+    def _consumed(self, ref: ObjectRef, blocks: dict[int, bytes], taken: dict[int, bytes]) -> None:
+        """Readahead a read was served from is read now: its budget is back, it joins the LRU."""
+        for index, block in blocks.items():
+            key = (ref, index)
+            staged = self._staged.pop(key, None)  # landed while this read waited for it
+            if staged is not None:
+                self._prefetch_budget.give(len(staged[0]))
+            if (staged is not None or index in taken) and len(block) <= self._memory.maxsize:
+                self._memory[key] = block
+
+    def _reclaim_stale(self) -> bool:
+        """Readahead unread for ``_STAGED_TTL`` gives its budget back (moves to the LRU).
+
+        Its reader went away or stalled; without this, abandoned readahead could hold the budget
+        and starve every other stream's. Returns whether anything was reclaimed.
+        """
+        limit, reclaimed = time.monotonic() - _STAGED_TTL, False
+        while self._staged:
+            key, (block, landed) = next(iter(self._staged.items()))
+            if landed > limit:
+                break
+            del self._staged[key]
+            self._prefetch_budget.give(len(block))
+            if len(block) <= self._memory.maxsize:
+                self._memory[key] = block
+            reclaimed = True
+        return reclaimed
+
+    async def _load(
+        self, ref: ObjectRef, indices: range, found: dict[int, bytes] | None = None
+    ) -> dict[int, bytes]:
+        found = dict(found) if found else {}
+        wanted = [index for index in indices if index not in found]
         while wanted:  # more than once only if a flight we waited on was cancelled midway
             waiting = await self._start_or_join(ref, wanted, found)
             wanted = []
@@ -240,6 +348,9 @@ class BlockReader:
             if (block := self._memory.get(key)) is not None:
                 found[index] = block
                 self.stats.memory_hits += 1
+            elif (staged := self._staged.get(key)) is not None:
+                found[index] = staged[0]
+                self.stats.memory_hits += 1
             elif (flight := self._inflight.get(key)) is not None:
                 waiting[index] = flight
             else:
@@ -258,17 +369,11 @@ class BlockReader:
                     nursery.start_soon(self._fly, flight)
         return waiting
 
-    def _register(self, ref: ObjectRef, run: range) -> _Flight:
-        flight = _Flight(ref, run)
+    def _register(self, ref: ObjectRef, run: range, budget: int = 0) -> _Flight:
+        flight = _Flight(ref, run, budget)
         for index in run:
             self._inflight[(ref, index)] = flight
         return flight
-
-    async def _fly_then_release(self, flight: _Flight, cost: int) -> None:
-        try:
-            await self._fly(flight)
-        finally:
-            self._prefetch_budget.give(cost)
 
     async def _fly(self, flight: _Flight) -> None:
         """Fill ``flight`` from disk, then S3, then cache what S3 sent.
@@ -285,9 +390,7 @@ class BlockReader:
                 async with trio.open_nursery() as nursery:
                     for run in _runs(missing, self._request_blocks):
                         nursery.start_soon(self._from_s3, flight, run, fetched)
-            for index, block in flight.blocks.items():
-                if len(block) <= self._memory.maxsize:
-                    self._memory[(flight.ref, index)] = block
+            self._keep(flight)
         except Exception as exc:  # handed to every waiter; they decide what it means
             flight.error = _root_cause(exc)
             fetched.clear()
@@ -296,6 +399,9 @@ class BlockReader:
             for index in flight.run:
                 if self._inflight.get((flight.ref, index)) is flight:
                     del self._inflight[(flight.ref, index)]
+            if flight.budget:  # what was not staged (a failure, a short last block) goes back
+                self._prefetch_budget.give(flight.budget)
+                flight.budget = 0
             flight.done.set()
         if self._on_disk(flight.ref):
             for first, blocks in fetched:
@@ -306,6 +412,17 @@ class BlockReader:
         ``MemberSource`` stores them as their archive's blocks (one file per 1 MiB, not three
         files per member)."""
         return self._disk is not None and not isinstance(ref, MemberRef)
+
+    def _keep(self, flight: _Flight) -> None:
+        """Put a landed flight's blocks where reads find them: readahead staged, the rest LRU."""
+        now = time.monotonic()
+        for index, block in flight.blocks.items():
+            key = (flight.ref, index)
+            if flight.budget >= len(block) and index in flight.run:
+                self._staged[key] = (block, now)
+                flight.budget -= len(block)
+            elif len(block) <= self._memory.maxsize:
+                self._memory[key] = block
 
     async def _from_disk(self, flight: _Flight) -> None:
         ref, digest = flight.ref, self._digest(flight.ref)
@@ -358,7 +475,11 @@ class BlockReader:
 
     async def _write_behind(self, ref: ObjectRef, first: int, blocks: list[bytes]) -> None:
         cost = sum(map(len, blocks))
-        await self._write_budget.take(cost)  # backpressure when the disk falls behind
+        self._write_waiting += cost  # while anything waits here, readahead pauses (``prefetch``)
+        try:
+            await self._write_budget.take(cost)  # backpressure when the disk falls behind
+        finally:
+            self._write_waiting -= cost
         if self._write_nursery is None:
             await self._write(ref, first, blocks, cost)
         else:

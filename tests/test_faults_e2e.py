@@ -307,7 +307,7 @@ def block_files(cache_dir: Path) -> list[Path]:
     return sorted(
         p
         for p in (cache_dir / "blocks").rglob("*")
-        if p.is_file() and (p.name.isdigit() or p.name[:1] == "c" and p.name[1:].isdigit())
+        if p.is_file() and (p.name.isdigit() or p.name[:1] in ("c", "C") and p.name[1:].isdigit())
     )
 
 
@@ -346,11 +346,10 @@ def test_corrupted_and_truncated_cache_blocks_are_discarded_and_refetched(
     assert cli.unmount(mountpoint).returncode == 0
     for path in block_files(cli.root / "cache"):  # the refetched blocks were stored again, whole
         data = path.read_bytes()
-        first = int(path.name[1:]) * 16 if path.name.startswith("c") else int(path.name)
+        per_file = {"c": 16, "C": 128}.get(path.name[:1], 1)  # 1 MiB, 8 MiB chunks, or a block
+        first = int(path.name.lstrip("cC")) * per_file
         digest = path.parent.name
-        expected = min(
-            16 * 64 * KiB if path.name.startswith("c") else 64 * KiB, len(body) - first * 64 * KiB
-        )
+        expected = min(per_file * 64 * KiB, len(body) - first * 64 * KiB)
         assert blockfile.decode(data, digest, first, expected) is not None, path
 
 

@@ -70,3 +70,43 @@ def test_bad_bounds_are_refused() -> None:
         Readahead(initial=0, maximum=MiB)
     with pytest.raises(ValueError, match="initial"):
         Readahead(initial=2 * MiB, maximum=MiB)
+
+
+def test_with_a_step_readahead_keeps_whole_aligned_gets_ahead_steadily() -> None:
+    step = 8 * MiB
+    readahead = Readahead(initial=MiB, maximum=64 * MiB)
+    asked = [readahead.on_read(i * MiB, MiB, SIZE, step) for i in range(300)]
+    ranges = [r for r in asked if r is not None]
+    for start, stop in ranges[5:]:  # once the window is whole: aligned, whole GETs
+        assert stop % step == 0
+        assert stop - start >= step
+    for i, r in enumerate(asked[20:], start=20):  # asked again as soon as one more GET fits
+        ahead = max(stop for _, stop in (x for x in asked[: i + 1] if x)) - (i + 1) * MiB
+        assert ahead > 64 * MiB - 2 * step, (i, r)
+
+
+def test_what_the_reader_could_not_fetch_is_asked_again() -> None:
+    readahead = Readahead(initial=MiB, maximum=16 * MiB)
+    sequential(readahead, 10, size=MiB)
+    readahead.fell_short(11 * MiB)  # the budget had no room beyond 11 MiB
+    start, _ = readahead.on_read(10 * MiB, MiB, SIZE)
+    assert start == 11 * MiB
+
+
+def test_a_read_counts_as_fetching_its_own_range() -> None:
+    readahead = Readahead(initial=MiB, maximum=16 * MiB)
+    assert readahead.on_read(0, 200 * 1024, 200 * 1024) is None  # the whole file in one read
+    assert readahead.on_read(0, 4096, 200 * 1024) is None  # the kernel's retry asks nothing ahead
+
+
+def test_a_share_of_the_budget_bounds_what_is_asked_in_whole_gets() -> None:
+    step = 8 * MiB
+    alone, shared = Readahead(initial=MiB, maximum=64 * MiB), Readahead(MiB, 64 * MiB)
+    for i in range(40):
+        alone.on_read(i * MiB, MiB, SIZE, step)
+        ahead = shared.on_read(i * MiB, MiB, SIZE, step, limit=16 * MiB)
+        if ahead is not None and i > 8:
+            assert ahead[1] <= (i + 1) * MiB + 16 * MiB  # within its share of the read
+            assert ahead[1] - ahead[0] >= step  # whole GETs ...
+            assert ahead[1] % step == 0  # ... aligned
+    assert alone.window == shared.window == 64 * MiB  # the window itself keeps growing

@@ -129,7 +129,7 @@ async def test_gets_carry_the_pinned_version_and_etag() -> None:
     reader = make_reader(source)
     assert ref.version_id is not None
     await reader.read(ref, 0, 10)
-    (sent, _, _), = source.ranges
+    ((sent, _, _),) = source.ranges
     assert (sent.version_id, sent.etag) == (ref.version_id, ref.etag)
     assert sent.etag.startswith('"')
     assert sent.etag.endswith('"')
@@ -516,8 +516,124 @@ async def test_prefetch_in_flight_stays_within_the_budget_across_many_open_files
             assert budget.used <= budget.capacity
         assert reader.stats.prefetch_skipped == 97 * 7  # skipped, not queued
         source.gate.set()
-    assert budget.used == 0  # every flight gave its bytes back
+    # Landed readahead keeps its bytes of the budget until it is read: the budget bounds
+    # readahead in flight and waiting, so the memory LRU never has to evict it unread.
+    assert budget.used == 3 * len(DATA)
     assert source.calls["get_range"] == 3
-    got = await reader.read(refs[0], 0, len(DATA))
-    assert got == DATA
+    for ref in refs[:3]:
+        assert await reader.read(ref, 0, len(DATA)) == DATA
     assert source.calls["get_range"] == 3  # served from what readahead fetched
+    assert budget.used == 0  # read: every byte of the budget is back
+
+
+# -- readahead memory ----------------------------------------------------------------------------
+
+
+async def settle(reader: BlockReader) -> None:
+    """Wait until every flight has landed (their GETs run in threads, out of trio's sight)."""
+    while reader._inflight:
+        await next(iter(reader._inflight.values())).done.wait()
+        await trio.testing.wait_all_tasks_blocked()  # the flight's task finishes its part
+
+
+def make_streaming_reader(source: FakeSource, budget: ByteBudget, memory: int) -> BlockReader:
+    return BlockReader(
+        source,
+        block_size=BLOCK,
+        memory_cache_bytes=memory,
+        s3_limiter=trio.CapacityLimiter(8),
+        max_request_bytes=2 * BLOCK,
+        prefetch_budget=budget,
+    )
+
+
+@trio_test
+async def test_unread_readahead_is_never_evicted_by_what_a_stream_has_read() -> None:
+    data = DATA * 10  # 1000 bytes, 63 blocks
+    source, ref = make_source(data)
+    budget = ByteBudget(8 * BLOCK)
+    reader = make_streaming_reader(source, budget, memory=2 * BLOCK)  # far less than the window
+    readahead = Readahead(initial=4 * BLOCK, maximum=8 * BLOCK)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        for offset in range(0, len(data), BLOCK):
+            assert await reader.read(ref, offset, BLOCK, readahead) == data[offset:][:BLOCK]
+            await settle(reader)  # let readahead land before reading on
+            assert budget.used <= budget.capacity
+        mount_tasks.cancel_scope.cancel()
+    fetched = sorted((start, end) for _, start, end in source.ranges)
+    assert sum(end - start for start, end in fetched) == len(data)  # every byte fetched once
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(fetched))
+    assert budget.used == 0  # everything staged was read
+    assert reader._memory.currsize <= 2 * BLOCK  # what was read went through the small LRU
+
+
+@trio_test
+async def test_readahead_the_budget_had_no_room_for_is_asked_again_not_left_as_a_hole() -> None:
+    data = DATA * 10
+    source, ref = make_source(data)
+    budget = ByteBudget(2 * BLOCK)  # one GET of readahead at a time
+    reader = make_streaming_reader(source, budget, memory=1 << 20)
+    readahead = Readahead(initial=8 * BLOCK, maximum=8 * BLOCK)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        for offset in range(0, len(data), BLOCK):
+            assert await reader.read(ref, offset, BLOCK, readahead) == data[offset:][:BLOCK]
+            await settle(reader)
+        mount_tasks.cancel_scope.cancel()
+    assert reader.stats.prefetch_skipped > 0  # the budget was short ...
+    foreground = [(s, e) for _, s, e in source.ranges if e - s == BLOCK and s > 0]
+    assert foreground == []  # ... yet the reader never had to fetch a block itself
+
+
+@trio_test
+async def test_stale_readahead_gives_its_budget_to_other_streams(monkeypatch) -> None:
+    source = FakeSource()
+    source.create_bucket(BUCKET)
+    first, second = (source.put(BUCKET, f"f{i}", DATA) for i in range(2))
+    budget = ByteBudget(7 * BLOCK)  # one whole file of readahead
+    reader = make_streaming_reader(source, budget, memory=1 << 20)
+    clock = [1000.0]
+    monkeypatch.setattr("s3datafs.reader.time.monotonic", lambda: clock[0])
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        assert reader.prefetch(first, 0, first.size) == first.size  # its reader never comes
+        await settle(reader)
+        assert budget.used == len(DATA)
+        assert reader.prefetch(second, 0, second.size) == 0  # no room yet
+        clock[0] += 60.0
+        assert reader.prefetch(second, 0, second.size) == second.size  # the stale gave way
+        await settle(reader)
+        mount_tasks.cancel_scope.cancel()
+    calls = source.calls["get_range"]
+    assert await reader.read(first, 0, len(DATA)) == DATA  # still cached, in the LRU now
+    assert source.calls["get_range"] == calls
+
+
+@trio_test
+async def test_readahead_pauses_while_the_disk_cache_falls_behind() -> None:
+    source, ref = make_source(DATA * 10)
+    reader = make_streaming_reader(source, ByteBudget(1 << 20), memory=1 << 20)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        reader._write_waiting = BLOCK  # a fetched run waits for room in the write budget
+        assert reader.prefetch(ref, 0, 10 * BLOCK) == 0
+        reader._write_waiting = 0
+        assert reader.prefetch(ref, 0, 10 * BLOCK) == 10 * BLOCK
+        mount_tasks.cancel_scope.cancel()
+
+
+def test_streams_reading_ahead_at_once_share_the_budget_evenly(monkeypatch) -> None:
+    source, _ = make_source()
+    reader = make_streaming_reader(source, ByteBudget(64 * BLOCK), memory=1 << 20)
+    clock = [1000.0]
+    monkeypatch.setattr("s3datafs.reader.time.monotonic", lambda: clock[0])
+    step = 2 * BLOCK
+    streams = [Readahead(initial=8 * BLOCK, maximum=64 * BLOCK) for _ in range(4)]
+    assert reader._share(streams[0], step) == 0  # alone: the whole budget
+    for readahead in streams:  # four streams read ahead
+        reader._streams[id(readahead)] = clock[0]
+    assert reader._share(streams[0], step) == 16 * BLOCK  # a quarter each
+    assert reader._share(Readahead(8 * BLOCK, 64 * BLOCK), step) == 12 * BLOCK  # a fifth, in GETs
+    clock[0] += 10.0  # they stopped reading: the next stream has it all again
+    assert reader._share(streams[0], step) == 0

@@ -3,15 +3,19 @@
 Layout under ``<cache-dir>/blocks/<block-size>/``::
 
     <d[:2]>/<d>/meta.json     identity of the object (bucket, key, version, etag, size, dataset)
-    <d[:2]>/<d>/c<chunk>      blocks chunk*N .. chunk*N+N-1 in one file (N = CHUNK_BYTES / block)
+    <d[:2]>/<d>/C<chunk>      blocks chunk*M .. chunk*M+M-1 in one file (M = BIG_CHUNK_BYTES/block)
+    <d[:2]>/<d>/c<chunk>      blocks chunk*N .. chunk*N+N-1 in one file (N = CHUNK_BYTES/block)
     <d[:2]>/<d>/<index>       one block, when it was fetched without the rest of its chunk
     .lock                     flock taken while scanning/evicting and by ``cache clear``
 
 Why chunks: on this kind of machine creating a file costs far more than writing 64 KiB into it
-(profiled: ~65% of the daemon's time went to creating 64 KiB block files during a cold read).
-Sequential reads fetch whole aligned chunks, which are stored as one file; random reads fetch
-single blocks, which keep their own small files, so a random 4 KiB read still costs one block.
-Every file carries the ``blockfile`` header (first block index, length, checksum, digest).
+(profiled: ~65% of the daemon's time went to creating 64 KiB block files during a cold read; with
+1 MiB chunk files still ~15%, in ext4's inode allocator, which gets slower the more files were
+recently deleted - as eviction keeps doing). A write stores a run in the largest whole files it
+covers: a readahead GET (8 MiB, aligned) is one big chunk file, a 1 MiB read a chunk file, a random
+read's block its own file. A block is looked up in that order (a miss costs three failed opens).
+Every file carries the ``blockfile`` header and a checksum per block, so a read of a few blocks
+of a big file reads and verifies just those: a random 4 KiB read still costs one block.
 
 ``d`` is ``blockfile.object_digest(ref)``: a pinned (bucket, key, VersionId, ETag) names bytes that
 never change, so a block stays valid forever, across remounts, processes and mount points.
@@ -21,10 +25,14 @@ Invariants:
   so a reader sees a whole block or none; a temp is unlinked on any error; temps of dead
   processes are swept by the next scan. A block is verified on every read; a bad one is deleted and
   reported as a miss.
+- Block files are written with ``O_DIRECT`` (``files.write_direct``): the FUSE file's pages
+  already hold what was just read, so the cache file does not take page cache a second time, and
+  the write costs no copy into fresh pages. A filesystem that refuses ``O_DIRECT`` switches this
+  cache to buffered writes (``files.write_atomically``) for good. Reads stay buffered.
 - Privacy: every directory is created 0700 and every file 0600. A directory removed while
   mounted (``cache clear``, ``rm -rf``) is made again by the next write, just as private.
-- Eviction never hurts a reader: readers read a whole block file into memory after ``open``; on
-  Linux an unlinked file stays readable through an open descriptor.
+- Eviction never hurts a reader: readers read what they need of a file through the descriptor
+  they opened; on Linux an unlinked file stays readable through an open descriptor.
 - Bound: a byte-counted LRU (``cachetools.LRUCache``, ``popitem`` unlinks) holds this process's
   view. Several processes may share the directory, so every ``sync_every`` bytes written (and at
   start) a scan under the ``.lock`` flock rebuilds the view from the disk, ordered by mtime (disk
@@ -37,6 +45,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -52,11 +61,13 @@ import cachetools
 
 from ..model import ObjectRef
 from . import blockfile
+from .files import TEMP_PREFIX as _TEMP_PREFIX
+from .files import AlignedBuffers, direct_io_supported, write_atomically, write_direct
 
 log = logging.getLogger(__name__)
 
-_TEMP_PREFIX = ".tmp."
 CHUNK_BYTES = 1024 * 1024
+BIG_CHUNK_BYTES = 8 * 1024 * 1024  # the reader's readahead GET (config.DEFAULT_MAX_REQUEST)
 _STALE_TEMP_SECONDS = 3600.0
 _TOUCH_AFTER_SECONDS = 60.0
 
@@ -91,12 +102,16 @@ class DiskCache:
         capacity: int,
         min_free_ratio: float = 0.0,
         dataset: str = "",
+        direct_io: bool = True,
     ) -> None:
         if capacity <= 0:
             raise ValueError("a disk cache needs a positive capacity (use no DiskCache instead)")
         self.root = block_root(cache_dir, block_size)
         self.block_size = block_size
         self.chunk_blocks = max(1, CHUNK_BYTES // block_size)
+        self.big_chunk_blocks = max(1, BIG_CHUNK_BYTES // block_size)
+        # (name prefix, blocks per file), largest first: where a block may be, in lookup order
+        self._levels = [("C", self.big_chunk_blocks), ("c", self.chunk_blocks), ("", 1)]
         self._capacity = capacity
         self._min_free_ratio = min_free_ratio
         self._dataset = dataset
@@ -105,6 +120,7 @@ class DiskCache:
         self._known_objects: set[str] = set()
         self._written_since_sync = 0
         self.sync_every = max(capacity // 10, 16 * 1024 * 1024)
+        self._direct = AlignedBuffers() if direct_io and direct_io_supported() else None
         _make_private_dirs(self.root)
 
     # -- reads ----------------------------------------------------------------------------------
@@ -112,50 +128,83 @@ class DiskCache:
     def read_run(self, digest: str, object_size: int, indices: range) -> dict[int, bytes]:
         """Cached blocks of ``indices``, in order, up to the first one that is not cached.
 
-        A chunk file yields all of its blocks (the caller may keep the extra ones).
+        Only the blocks asked for are read (and verified), even from a larger file.
         """
         found: dict[int, bytes] = {}
-        for index in indices:
-            if index in found:
-                continue
-            chunk = index // self.chunk_blocks
-            payload = self._read_file(digest, f"c{chunk}", chunk * self.chunk_blocks, object_size)
-            first = chunk * self.chunk_blocks
-            if payload is None:
-                payload = self._read_file(digest, str(index), index, object_size)
-                first = index
-            if payload is None:
+        index, stop = indices.start, min(indices.stop, -(-object_size // self.block_size))
+        while index < stop:
+            got = self._read_any(digest, object_size, index, stop)
+            if not got:
                 break
-            found.update(self._split(first, payload))
+            found.update(got)
+            index += len(got)
         return found
 
-    def _read_file(self, digest: str, name: str, first: int, object_size: int) -> bytes | None:
+    def _read_any(self, digest: str, object_size: int, index: int, stop: int) -> dict[int, bytes]:
+        """Blocks ``index`` .. (at most) ``stop - 1`` from the first file that holds ``index``."""
+        for prefix, per in self._levels:
+            first = index - index % per
+            name = f"{prefix}{index // per}" if prefix else str(index)
+            payload = self._read_file(digest, name, first, object_size, index, stop)
+            if payload is not None:
+                return dict(self._split(index, payload))
+        return {}
+
+    def _read_file(
+        self, digest: str, name: str, first: int, object_size: int, index: int, stop: int
+    ) -> bytes | None:
+        """Blocks ``index`` .. ``stop - 1`` (or to its end) of file ``name``, verified; or None."""
         expected = self._span_length(name, first, object_size)
+        head = blockfile.head_size(expected, self.block_size)
+        low = (index - first) * self.block_size
+        high = min((stop - first) * self.block_size, expected)
         relative = f"{digest[:2]}/{digest}/{name}"
         path = self.root / relative
         try:
             with open(path, "rb") as handle:
-                data = handle.read(blockfile.HEADER_SIZE + expected + 1)
-                mtime = os.fstat(handle.fileno()).st_mtime
+                info = os.fstat(handle.fileno())
+                if low == 0 and high == expected:  # all of it: one read
+                    data = handle.read(head + expected + 1)
+                    payload = blockfile.decode(data, digest, first, expected)
+                else:  # a part: the head, then only the blocks asked for
+                    data = os.pread(handle.fileno(), head, 0)
+                    payload = None
+                    if info.st_size == head + expected:  # not truncated, not grown
+                        payload = self._read_part(handle.fileno(), data, digest, first, low, high)
         except FileNotFoundError:
             return None
-        payload = blockfile.decode(data, digest, first, expected)
         if payload is None:
-            log.warning("discarding corrupt cache file %s", path)
+            if blockfile.other_version(data):
+                log.info("discarding cache file %s of another format version", path)
+            else:
+                log.warning("discarding corrupt cache file %s", path)
             self._forget(relative, unlink=True)
             return None
         with self._lock:
             if relative in self._index:
                 self._index[relative]  # noqa: B018 - a lookup refreshes the LRU position
-            elif len(data) <= self._capacity:
-                self._index[relative] = len(data)
-        if time.time() - mtime > _TOUCH_AFTER_SECONDS:
+            elif info.st_size <= self._capacity:
+                self._index[relative] = info.st_size
+        if time.time() - info.st_mtime > _TOUCH_AFTER_SECONDS:
             with contextlib.suppress(OSError):
                 os.utime(path)
         return payload
 
+    def _read_part(
+        self, fd: int, head: bytes, digest: str, first: int, low: int, high: int
+    ) -> bytes | None:
+        """Payload bytes ``[low, high)`` (block-aligned) of a file whose ``head`` was read."""
+        expected = os.fstat(fd).st_size - len(head)
+        parsed = blockfile.parse_head(head, digest, first, expected)
+        if parsed is None or parsed[0] != self.block_size:
+            return None
+        granule, crcs = parsed
+        data = os.pread(fd, high - low, len(head) + low)
+        wanted = crcs[low // granule : -(-high // granule)]
+        return data if blockfile.verify(data, granule, wanted) else None
+
     def _span_length(self, name: str, first: int, object_size: int) -> int:
-        blocks = self.chunk_blocks if name.startswith("c") else 1
+        blocks = {"C": self.big_chunk_blocks, "c": self.chunk_blocks}.get(name[:1], 1)
         return max(0, min(blocks * self.block_size, object_size - first * self.block_size))
 
     def _split(self, first: int, payload: bytes) -> Iterator[tuple[int, bytes]]:
@@ -177,19 +226,33 @@ class DiskCache:
             self._make_object_dir(directory, ref)
             self._known_objects.add(digest)
         self._make_room(sum(len(p) for p in payloads))
-        for name, first, payload in self._files(first_index, payloads, ref.size):
-            data = blockfile.encode(digest, first, payload)
+        for name, first, parts in self._files(first_index, payloads, ref.size):
+            head = blockfile.header(digest, first, parts)
+            size = len(head) + sum(map(len, parts))
             try:
-                _write_atomically(directory / name, data)
+                self._store(directory / name, head, parts, size)
             except FileNotFoundError:  # removed under us (cache clear, rm -rf): make it again
                 self._make_object_dir(directory, ref)
-                _write_atomically(directory / name, data)
+                self._store(directory / name, head, parts, size)
             with self._lock:
-                if len(data) <= self._capacity:
-                    self._index[f"{digest[:2]}/{digest}/{name}"] = len(data)
-                self._written_since_sync += len(data)
+                if size <= self._capacity:
+                    self._index[f"{digest[:2]}/{digest}/{name}"] = size
+                self._written_since_sync += size
         if self._written_since_sync >= self.sync_every:
             self.sync()
+
+    def _store(self, path: Path, head: bytes, parts: Sequence[bytes], size: int) -> None:
+        """Write one block file: with ``O_DIRECT`` while the filesystem takes it, else buffered."""
+        if self._direct is not None:
+            try:
+                write_direct(path, head, parts, size, self._direct)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self._direct = None  # tmpfs (older kernels), some FUSE and network filesystems
+                log.info("the cache filesystem refuses O_DIRECT (%s): buffered writes", exc)
+        write_atomically(path, [head, *parts])
 
     def _make_object_dir(self, directory: Path, ref: ObjectRef) -> None:
         _make_private_dirs(directory)
@@ -197,26 +260,24 @@ class DiskCache:
 
     def _files(
         self, first: int, payloads: Sequence[bytes], object_size: int
-    ) -> Iterator[tuple[str, int, bytes]]:
-        """(file name, first block, payload) for a run: chunk files where whole, else blocks."""
-        per_chunk = self.chunk_blocks
+    ) -> Iterator[tuple[str, int, Sequence[bytes]]]:
+        """(file name, first block, payload parts) for a run: the largest whole files that fit.
+
+        A readahead GET (8 MiB, aligned) makes one big chunk file, a 1 MiB read a chunk file,
+        a random read's block its own file. A file's payload is its blocks side by side; they
+        are not joined here (the writer copies them into place once).
+        """
+        blocks, end = -(-object_size // self.block_size), first + len(payloads)
         position = 0
         while position < len(payloads):
             index = first + position
-            chunk_end = min(
-                (index // per_chunk + 1) * per_chunk, -(-object_size // self.block_size)
-            )
-            if index % per_chunk == 0 and first + len(payloads) >= chunk_end:
-                count = chunk_end - index
-                yield (
-                    f"c{index // per_chunk}",
-                    index,
-                    b"".join(payloads[position : position + count]),
-                )
-                position += count
-            else:
-                yield str(index), index, payloads[position]
-                position += 1
+            for prefix, per in self._levels:
+                stop = min(index + per, blocks)
+                if per == 1 or (index % per == 0 and end >= stop):
+                    name = f"{prefix}{index // per}" if prefix else str(index)
+                    yield name, index, payloads[position : position + stop - index]
+                    position += stop - index
+                    break
 
     def _make_room(self, incoming: int) -> None:
         """Honour --cache-min-free: evict our oldest blocks while the filesystem is too full."""
@@ -274,19 +335,6 @@ def _make_private_dirs(directory: Path) -> None:
             path.mkdir(mode=0o700)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    temp = path.with_name(f"{_TEMP_PREFIX}{os.getpid()}.{threading.get_ident()}.{path.name}")
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-
-
 def _write_meta(path: Path, ref: ObjectRef, dataset: str) -> None:
     if path.exists():
         return
@@ -299,7 +347,7 @@ def _write_meta(path: Path, ref: ObjectRef, dataset: str) -> None:
         "size": ref.size,
         "dataset": dataset,
     }
-    _write_atomically(path, json.dumps(meta).encode())
+    write_atomically(path, [json.dumps(meta).encode()])
 
 
 @contextlib.contextmanager
@@ -328,7 +376,7 @@ def _scan_blocks(root: Path) -> Iterator[tuple[str, int, float]]:
 
 
 def _is_block_file(name: str) -> bool:
-    return name.isdigit() or (name.startswith("c") and name[1:].isdigit())
+    return name.isdigit() or (name[:1] in ("c", "C") and name[1:].isdigit())
 
 
 def _writer_dead(temp_name: str) -> bool:

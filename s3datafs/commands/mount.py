@@ -108,7 +108,8 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--no-cache", action="store_true", help="memory only (= --cache-size 0)")
     cache.add_argument("--block-size", help="cache block size (default 64K)")
     cache.add_argument("--memory-cache-size", help="in-memory block cache (default 32M)")
-    cache.add_argument("--max-prefetch-memory", help="readahead bytes in flight (default 64M)")
+    cache.add_argument("--max-prefetch-memory",
+                       help="readahead bytes in flight or not yet read (default 64M)")
 
 
 def add_process_options(mount: argparse.ArgumentParser) -> None:

@@ -1,0 +1,145 @@
+"""Crash-safe writes of cache files: a temp file in the target directory, renamed into place.
+
+Two ways to put the bytes in the temp file:
+- ``write_direct`` (``O_DIRECT``), the default for block files: header and payload are copied once
+  into a reused page-aligned buffer and written past the page cache. The kernel already keeps the
+  bytes just read in the FUSE file's pages; writing the cache file through the page cache would
+  hold them a second time and cost a copy into freshly allocated pages (profiled on a cold 1 GiB
+  sequential read: ~60 % of the daemon's CPU time was that copy; ``O_DIRECT`` cut the cost of
+  writing 1 GiB in 1 MiB files from 1.5-2.4 to 0.2-0.4 CPU-s on the development machine).
+  Filesystems that refuse ``O_DIRECT`` (``EINVAL``: tmpfs before Linux 6.6, some FUSE and network
+  filesystems) make the caller switch to buffered writes for good.
+- ``write_atomically``: buffered, the parts side by side with ``os.writev`` (no joined copy).
+
+Either way a temp file is unlinked on any error, and a reader sees a whole file or none.
+Every function may run in any thread; ``AlignedBuffers`` has its own lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+TEMP_PREFIX = ".tmp."
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_ALIGN = mmap.PAGESIZE  # O_DIRECT wants aligned memory, offsets and lengths: a page suits all
+DIRECT_BUFFER = 1024 * 1024  # bytes per O_DIRECT write (and per pooled buffer)
+
+
+def direct_io_supported() -> bool:
+    """Whether this platform has ``O_DIRECT`` at all (each filesystem may still refuse it)."""
+    return bool(_O_DIRECT)
+
+
+def temp_for(path: Path) -> Path:
+    return path.with_name(f"{TEMP_PREFIX}{os.getpid()}.{threading.get_ident()}.{path.name}")
+
+
+def write_atomically(path: Path, parts: Sequence[bytes]) -> None:
+    """Buffered: ``parts`` side by side in a temp file, then renamed into place."""
+    temp = temp_for(path)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, parts)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _write_all(fd: int, parts: Sequence[bytes]) -> None:
+    pending = [memoryview(part) for part in parts if len(part)]
+    while pending:
+        written = os.writev(fd, pending)
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        while pending and written >= len(pending[0]):
+            written -= len(pending.pop(0))
+        if written:
+            pending[0] = pending[0][written:]
+
+
+def write_direct(
+    path: Path, head: bytes, parts: Sequence[bytes], size: int, buffers: AlignedBuffers
+) -> None:
+    """``O_DIRECT``: the file's bytes through one page-aligned buffer, padded, then cut to ``size``.
+
+    The page cache is bypassed: the kernel keeps the bytes just read in the FUSE file's own pages,
+    so caching them a second time in the cache file's pages would double the memory they take and
+    cost a copy into freshly allocated pages (profiled: most of the daemon's CPU time in a cold
+    sequential read went to that copy). The bytes are copied once, into a reused buffer, and
+    written a buffer at a time. Raises OSError(EINVAL) if the filesystem refuses ``O_DIRECT``.
+    """
+    padded = -(-size // _ALIGN) * _ALIGN
+    buffer = buffers.take()
+    temp = temp_for(path)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | _O_DIRECT, 0o600)
+        try:
+            with memoryview(buffer) as view:
+                filled = 0
+                for part in (head, *parts):
+                    piece = memoryview(part)
+                    while piece:
+                        n = min(len(piece), len(view) - filled)
+                        view[filled : filled + n] = piece[:n]
+                        filled, piece = filled + n, piece[n:]
+                        if filled == len(view):
+                            _write_exact(fd, view)
+                            filled = 0
+                if filled:
+                    end = -(-filled // _ALIGN) * _ALIGN
+                    view[filled:end] = bytes(end - filled)  # no stale bytes of an earlier file
+                    _write_exact(fd, view[:end])
+            if padded != size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    finally:
+        buffers.give(buffer)
+
+
+def _write_exact(fd: int, data: memoryview) -> None:
+    if os.write(fd, data) != len(data):
+        raise OSError(errno.ENOSPC, "short write to the block cache")
+
+
+class AlignedBuffers:
+    """Page-aligned scratch buffers for ``O_DIRECT`` writes, kept for reuse (``keep`` at most).
+
+    Reused because fresh memory is expensive to touch, and only a few writes run at once (the
+    reader's disk limiter); a file larger than a buffer is written a buffer at a time.
+    """
+
+    def __init__(self, size: int = DIRECT_BUFFER, keep: int = 4) -> None:
+        self.size = -(-size // _ALIGN) * _ALIGN
+        self._keep = keep
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, self.size)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buffer)
+                return
+        buffer.close()
