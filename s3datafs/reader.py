@@ -52,7 +52,7 @@ import cachetools
 import trio
 
 from .cache.blockfile import object_digest
-from .cache.disk import DiskCache
+from .cache.disk import DiskCache, TroubleLog
 from .config import DEFAULT_MAX_REQUEST, DEFAULT_WRITE_BEHIND
 from .errors import S3DataFSError, TransientS3Error
 from .model import MemberRef, ObjectRef, ObjectSource, PinnedRef
@@ -61,7 +61,6 @@ from .prefetch import Readahead
 log = logging.getLogger(__name__)
 
 BlockKey = tuple[ObjectRef, int]
-_WARN_INTERVAL = 60.0
 _FAILED_TTL = 1.0  # seconds a slow failure is repeated at once (covers the kernel's own retry)
 _STAGED_TTL = 5.0  # seconds readahead may wait unread before others may take its budget
 _STREAM_IDLE = 1.0  # seconds after its last readahead a stream stops counting for the shares
@@ -161,10 +160,9 @@ class BlockReader:
         self._staged: OrderedDict[BlockKey, tuple[bytes, float]] = OrderedDict()
         self._streams: dict[int, float] = {}  # id(Readahead) -> when it last read ahead
         self._streams_pruned = 0.0
-        self._digests: cachetools.LRUCache[ObjectRef, str] = cachetools.LRUCache(maxsize=4096)
         self._nursery: trio.Nursery | None = None
         self._write_nursery: trio.Nursery | None = None
-        self._last_warning = 0.0
+        self._trouble = TroubleLog()  # cache trouble: a warning a minute at most
         self._read_timeout = read_timeout
         # Blocks whose load just failed slowly, with the error: see ``_remember_slow_failure``.
         self._failed: cachetools.TTLCache[BlockKey, BaseException] = cachetools.TTLCache(
@@ -425,13 +423,13 @@ class BlockReader:
                 self._memory[key] = block
 
     async def _from_disk(self, flight: _Flight) -> None:
-        ref, digest = flight.ref, self._digest(flight.ref)
+        ref, digest = flight.ref, object_digest(flight.ref)
         try:
             hits = await trio.to_thread.run_sync(
                 self._disk.read_run, digest, ref.size, flight.run, limiter=self._disk_limiter
             )
         except OSError as exc:
-            self._warn(f"cannot read the block cache ({exc}); reading from S3")
+            self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3")
             return
         for index, block in hits.items():
             if index in flight.run:
@@ -487,13 +485,13 @@ class BlockReader:
 
     async def _write(self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int) -> None:
         try:
-            digest = self._digest(ref)
+            digest = object_digest(ref)
             await trio.to_thread.run_sync(
                 self._disk.write, ref, digest, first, blocks, limiter=self._disk_limiter
             )
         except OSError as exc:
             self.stats.cache_write_errors += 1
-            self._warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
         finally:
             self._write_budget.give(cost)
 
@@ -515,18 +513,6 @@ class BlockReader:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _digest(self, ref: ObjectRef) -> str:
-        digest = self._digests.get(ref)
-        if digest is None:
-            digest = self._digests[ref] = object_digest(ref)
-        return digest
-
-    def _warn(self, message: str) -> None:
-        """Cache trouble is logged at most once a minute: it must not flood the log."""
-        now = time.monotonic()
-        if now - self._last_warning >= _WARN_INTERVAL:
-            self._last_warning = now
-            log.warning("%s", message)
 
 
 def _root_cause(exc: BaseException) -> BaseException:

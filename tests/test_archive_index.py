@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeSource
+from test_catalog import tree
 from zipcraft import append_member, header_offset, make_zip, patch, sample_bytes, to_zip64
 
 from s3datafs.archive import index, zipformat
 from s3datafs.archive.index import archive_catalog, parse_archive_mode, read_index
 from s3datafs.archive.members import MemberSource
 from s3datafs.cache.blockfile import object_digest
-from s3datafs.catalog import ROOT_INODE, Catalog, Entry, build_catalog
+from s3datafs.catalog import Catalog, build_catalog
 from s3datafs.errors import ArchiveError, UsageError
 from s3datafs.model import MemberRef, ObjectRef
 
@@ -76,19 +77,6 @@ class World:
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     return World(tmp_path)
-
-
-def tree(cat: Catalog, inode: int = ROOT_INODE, base: str = "") -> dict[str, Entry]:
-    """Every entry below ``inode`` by path; directories end with '/'."""
-    out: dict[str, Entry] = {}
-    for entry in cat.children(inode):
-        path = base + entry.name
-        if entry.is_dir:
-            out[path + "/"] = entry
-            out.update(tree(cat, entry.inode, path + "/"))
-        else:
-            out[path] = entry
-    return out
 
 
 def expected_paths(members: dict[str, bytes], directories: tuple[str, ...] = ()) -> set[str]:

@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import bisect
 import bz2
-import logging
 import lzma
 import threading
-import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,15 +45,12 @@ from typing import Protocol
 import cachetools
 
 from ..cache.blockfile import object_digest
-from ..cache.disk import DiskCache
+from ..cache.disk import DiskCache, TroubleLog
 from ..errors import ArchiveError
 from ..model import MemberRef, ObjectRef, ObjectSource, PinnedRef
 from . import zipformat
 from .crc import Coverage
 
-log = logging.getLogger(__name__)
-
-_WARN_INTERVAL = 60.0
 _HEADER_GUESS = 30 + 128  # local header + name and extra fields, as most writers make them
 _MIN_CHUNK = 256 * 1024
 _MAX_CHUNK = 8 * 1024 * 1024
@@ -318,7 +313,7 @@ class MemberSource:
                     data = self._next_chunk(ref, position, end, compressed)
                     position.next_in += len(data)
                 goal = end
-                if state is not None and decompressor_copyable(decompressor):
+                if state is not None and _copyable(decompressor):
                     goal = min(end, (position.out_pos // interval + 1) * interval)
                 out = decompressor.decompress(data, goal - position.out_pos)
                 if out:
@@ -328,7 +323,7 @@ class MemberSource:
                     if skip < len(out):
                         yield out[skip:] if skip else out
                     if state is not None and position.out_pos % interval == 0 \
-                            and decompressor_copyable(decompressor):
+                            and _copyable(decompressor):
                         self._save(state, position)
             if position.out_pos == ref.size:
                 self._finish(ref, position, compressed)
@@ -386,9 +381,7 @@ class _ArchiveBlocks:
     def __init__(self, inner: ObjectSource, disk: DiskCache | None) -> None:
         self._inner = inner
         self._disk = disk
-        self._digests: cachetools.LRUCache[ObjectRef, str] = cachetools.LRUCache(256)
-        self._lock = threading.Lock()
-        self._last_warning = 0.0
+        self._trouble = TroubleLog()
 
     def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
         disk = self._disk
@@ -396,11 +389,11 @@ class _ArchiveBlocks:
             return self._inner.get_range(archive, start, end)
         size = disk.block_size
         blocks = range(start // size, (end - 1) // size + 1)
-        digest = self._digest(archive)
+        digest = object_digest(archive)
         try:
             found = disk.read_run(digest, archive.size, blocks)
         except OSError as exc:
-            self._warn(f"cannot read the block cache ({exc}); reading from S3")
+            self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3")
             found = {}
         low = blocks.start * size
         if all(index in found for index in blocks):
@@ -413,23 +406,9 @@ class _ArchiveBlocks:
             disk.write(archive, digest, blocks.start,
                        [view[at: at + size] for at in range(0, len(data), size)])
         except OSError as exc:
-            self._warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
         return data[start - low: end - low]
 
-    def _digest(self, archive: ObjectRef) -> str:
-        with self._lock:
-            digest = self._digests.get(archive)
-            if digest is None:
-                digest = self._digests[archive] = object_digest(archive)
-            return digest
-
-    def _warn(self, message: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last_warning < _WARN_INTERVAL:
-                return
-            self._last_warning = now
-        log.warning("%s", message)
 
 
 class _Span:
@@ -533,7 +512,7 @@ class _Spans:
             del self._ends[next(iter(self._ends))]
 
 
-def decompressor_copyable(decompressor: _Decompressor) -> bool:
+def _copyable(decompressor: _Decompressor) -> bool:
     return getattr(decompressor, "copyable", False)
 
 

@@ -352,7 +352,6 @@ def member_path_problem(name: str) -> str | None:
 @dataclass(frozen=True, slots=True)
 class LocalHeader:
     data_offset: int  # archive offset of the member's first data byte
-    name_length: int
 
 
 def parse_local_header(data: bytes, header_offset: int, what: str) -> LocalHeader:
@@ -362,5 +361,4 @@ def parse_local_header(data: bytes, header_offset: int, what: str) -> LocalHeade
                            "(a corrupt archive)")
     fields = _LOCAL.unpack_from(data)
     name_length, extra_length = fields[10], fields[11]
-    return LocalHeader(header_offset + LOCAL_HEADER_SIZE + name_length + extra_length,
-                       name_length)
+    return LocalHeader(header_offset + LOCAL_HEADER_SIZE + name_length + extra_length)

@@ -26,6 +26,7 @@ by the digest, which is part of the file's path as well as of its header.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import zlib
@@ -39,6 +40,7 @@ _HEADER = struct.Struct("<4sHHQII32sI4x")
 HEADER_SIZE = _HEADER.size
 
 
+@functools.lru_cache(maxsize=4096)  # asked for on every cache read and write of an object
 def object_digest(ref: PinnedRef) -> str:
     """Hex digest naming one pinned object version (or archive member): stable across mounts."""
     return hashlib.sha256(ref.cache_identity.encode("utf-8", "surrogateescape")).hexdigest()

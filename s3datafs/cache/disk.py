@@ -93,6 +93,26 @@ class CacheUsage:
     by_dataset: dict[str, int]
 
 
+class TroubleLog:
+    """Cache trouble is logged at most once per ``interval``: it must never flood the log.
+
+    Thread-safe: the block reader warns from the trio thread, ``MemberSource`` from workers.
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self._interval = interval
+        self._last = -interval
+        self._lock = threading.Lock()
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self._interval:
+                return
+            self._last = now
+        log.warning("%s", message)
+
+
 class DiskCache:
     def __init__(
         self,
