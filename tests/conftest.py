@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,23 @@ def make_bucket(s3):
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def files_below(root: Path, *, besides: Iterable[Path] = ()) -> Iterator[tuple[Path, bytes]]:
+    """Every regular file below ``root`` (not below ``besides``) with its bytes, for leak checks.
+
+    A live daemon replaces its state file every second (temp file + rename), so a file listed
+    may be gone when read: it is skipped (its final name is listed too).
+    """
+    skip = tuple(besides)
+    for path in root.rglob("*"):
+        if path.is_mount() or any(path == s or path.is_relative_to(s) for s in skip):
+            continue
+        try:
+            if path.is_file():
+                yield path, path.read_bytes()
+        except FileNotFoundError:
+            continue
 
 
 def errno_of(action: Callable[[], object]) -> int:

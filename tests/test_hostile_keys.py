@@ -25,7 +25,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import Cli, errno_of
+from conftest import Cli, errno_of, files_below
 from faultproxy import FaultProxy
 
 from devtools.s3fastlist import content
@@ -239,9 +239,8 @@ def test_no_secret_in_logs_errors_files_or_the_process_table(
         assert failed.returncode != 0
         outputs += [failed.stdout, failed.stderr]
     cli.expect_log("mount daemon failed|does not exist|cannot reach S3")
-    for path in cli.root.rglob("*"):
-        if path.is_file() and path != creds:
-            outputs.append(path.read_bytes().decode("utf-8", "replace"))
+    for _path, written in files_below(cli.root, besides=[creds]):
+        outputs.append(written.decode("utf-8", "replace"))
     text = "\n".join(outputs) + "\n".join(p.decode("utf-8", "replace") for p in process)
     for secret in (SECRET, TOKEN):
         assert secret not in text

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import Cli, CliResult
+from conftest import Cli, CliResult, files_below
 from zipcraft import make_zip
 
 from devtools.s3server import S3Server
@@ -291,10 +291,6 @@ def _keyed_spec(world: IamWorld, keys_of: dict[str, str]) -> list[dict]:
     ]
 
 
-def _files_written(cli: Cli) -> list[Path]:
-    return [path for path in cli.root.rglob("*") if path.is_file() and not path.is_mount()]
-
-
 def _daemon_pids(cli: Cli) -> list[int]:
     return [json.loads(path.read_text())["pid"] for path in (cli.root / "run").glob("*.json")]
 
@@ -330,10 +326,9 @@ def test_each_dataset_uses_its_own_keys_and_they_leak_nowhere(
     mountinfo = Path("/proc/self/mountinfo").read_bytes()
     assert not any(secret in mountinfo for secret in secrets)
     assert not any(secret.decode() in result.stdout + result.stderr for secret in secrets)
-    written = [path for path in _files_written(cli) if path != spec_file]
-    assert any(path.suffix == ".log" for path in written)
-    for path in written:
-        content = path.read_bytes()
+    written = list(files_below(cli.root, besides=[spec_file]))
+    assert any(path.suffix == ".log" for path, _content in written)
+    for path, content in written:
         assert not any(secret in content for secret in secrets), f"a key is in {path}"
 
 
