@@ -7,6 +7,9 @@ Invariants:
 - Errors cross the FUSE boundary here only: typed ``S3DataFSError``s become their ``errno``;
   anything unexpected is logged once with its traceback and becomes ``EIO``. Only
   ``pyfuse3.FUSEError`` leaves a handler.
+- No ``flush`` handler: pyfuse3 answers ENOSYS, after which the kernel stops sending FLUSH
+  (nothing is ever dirty), so a close() costs no request. For 20,000 small zip members read
+  once each, that is 20,000 requests fewer.
 - Every write-like operation answers ``EROFS`` (the mount is also ``ro``, so the kernel usually
   refuses first; these handlers make the answer the same if it ever asks).
 - All handlers run on the trio thread; the open-file table needs no lock.
@@ -160,9 +163,6 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self._open_files.pop(fh, None)
-
-    async def flush(self, fh: int) -> None:
-        return None
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         return None  # nothing is ever dirty

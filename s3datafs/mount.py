@@ -118,7 +118,9 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                 os.getpid(), catalog.meta.fingerprint,
             )
             disk = _disk_cache(plan)
-            reader = _reader(plan, MemberSource(source, disk=disk), disk)
+            members_source = closing.enter_context(
+                contextlib.closing(MemberSource(source, disk=disk)))
+            reader = _reader(plan, members_source, disk)
             operations = Operations(catalog, reader, plan.fs)
             options = fuse_options(fsname=_fsname(plan.uri), allow_other=plan.allow_other)
 

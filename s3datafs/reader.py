@@ -7,6 +7,9 @@ Design:
   readahead fetches many blocks per GET, several GETs in parallel.
 - Blocks are keyed by the pinned ``ObjectRef`` (bucket, key, VersionId, ETag): their bytes can
   never change, so they may be cached in memory and on disk forever.
+- At hand: a source that can serve some ranges without I/O (``get_range_now``: zip members
+  whose archive bytes have landed) is asked first, and its answer is returned on the trio
+  thread; no block, flight or worker thread is involved. Every other read goes the block way.
 - Single-flight: every missing block belongs to at most one ``_Flight`` at a time. A flight first
   looks in the disk cache (one worker-thread call for the run), then GETs what is still missing.
   Readers of a block that is in flight wait on that flight; they never send their own GET.
@@ -45,7 +48,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cachetools
@@ -142,6 +145,10 @@ class BlockReader:
             raise ValueError("block_size must be positive")
         self.block_size = block_size
         self._source = source
+        # Optional: a source that can tell bytes at hand without I/O (``MemberSource``) serves
+        # them on this thread, skipping flights and the worker-thread hop (see ``read``).
+        self._source_now: Callable[[ObjectRef, int, int], bytes | None] | None = getattr(
+            source, "get_range_now", None)
         self._memory: cachetools.LRUCache[BlockKey, bytes] = cachetools.LRUCache(
             maxsize=max(memory_cache_bytes, 1), getsizeof=len
         )
@@ -184,6 +191,10 @@ class BlockReader:
         end = min(offset + length, ref.size)
         if offset < 0 or offset >= end:
             return b""
+        if self._source_now is not None and (data := self._source_now(ref, offset, end)):
+            self.stats.memory_hits += 1
+            self.stats.bytes_served += len(data)
+            return data
         first, last = offset // self.block_size, (end - 1) // self.block_size
         taken = self._take_staged(ref, first, last)  # read now: their budget goes to readahead
         if readahead is not None:

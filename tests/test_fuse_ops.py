@@ -271,9 +271,16 @@ async def test_read_returns_the_pinned_bytes(fs: Mounted) -> None:
     assert await fs.ops.read(fh, 768, 10) == b""
     assert await fs.ops.read(await fs.open("old.txt"), 0, 100) == b"written before versioning\n"
     assert await fs.ops.read(await fs.open("sub/deeper/c.bin"), 0, 100) == b""
-    await fs.ops.flush(fh)
     await fs.ops.fsync(fh, True)
     await fs.ops.release(fh)
+
+
+@trio_test
+async def test_flush_is_not_implemented_so_the_kernel_stops_asking(fs: Mounted) -> None:
+    """ENOSYS once, and the kernel never sends FLUSH again: one request less per close()."""
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await fs.ops.flush(await fs.open("a.txt"))
+    assert raised.value.errno == errno.ENOSYS
 
 
 @trio_test

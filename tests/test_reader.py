@@ -637,3 +637,34 @@ def test_streams_reading_ahead_at_once_share_the_budget_evenly(monkeypatch) -> N
     assert reader._share(Readahead(8 * BLOCK, 64 * BLOCK), step) == 12 * BLOCK  # a fifth, in GETs
     clock[0] += 10.0  # they stopped reading: the next stream has it all again
     assert reader._share(streams[0], step) == 0
+
+
+# -- sources with bytes at hand --------------------------------------------------------------------
+
+
+class AtHandSource(FakeSource):
+    """A source that has some bytes at hand (as ``MemberSource`` has members of landed spans)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_hand: set[tuple[int, int]] = set()
+
+    def get_range_now(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
+        if (start, end) not in self.at_hand:
+            return None
+        self.calls["get_range_now"] += 1
+        return self.get_range(ref, start, end)[:]
+
+
+@trio_test
+async def test_bytes_the_source_has_at_hand_are_served_without_a_flight() -> None:
+    source = AtHandSource()
+    source.create_bucket(BUCKET)
+    ref = source.put(BUCKET, "obj.bin", DATA)
+    reader = make_reader(source)
+    source.at_hand.add((20, 50))
+    assert await reader.read(ref, 20, 30) == DATA[20:50]
+    assert source.calls["get_range_now"] == 1
+    assert reader.stats.misses == 0  # no flight: the source answered on the trio thread
+    assert await reader.read(ref, 60, 100) == DATA[60:]  # not at hand: blocks, as always
+    assert reader.stats.misses == blocks_spanned(60, 100)

@@ -106,12 +106,14 @@ def test_every_method_whole_and_in_shuffled_chunks(method: int, force_zip64: boo
         ref = zipped.members[name]
         assert ref.method == method
         assert MemberSource(zipped.source).get_range(ref, 0, ref.size) == expected, name
-        source = MemberSource(zipped.source)
-        for start, end in pieces(len(expected), seed):
-            assert source.get_range(ref, start, end) == expected[start:end], (name, start, end)
-        # A second pass over the same MemberSource (saved and paused positions in play).
-        for start, end in pieces(len(expected), seed + 100, count=11):
-            assert source.get_range(ref, start, end) == expected[start:end], (name, start, end)
+        # Small compressed members are decompressed whole and kept for the next piece; with
+        # whole_max=0 every piece goes through the saved and paused positions.
+        for source in (MemberSource(zipped.source), MemberSource(zipped.source, whole_max=0)):
+            for start, end in pieces(len(expected), seed):
+                assert source.get_range(ref, start, end) == expected[start:end], (name, start)
+            # A second pass over the same MemberSource (saved and paused positions in play).
+            for start, end in pieces(len(expected), seed + 100, count=11):
+                assert source.get_range(ref, start, end) == expected[start:end], (name, start)
 
 
 def test_first_read_is_one_get_when_the_header_guess_holds() -> None:
@@ -342,11 +344,32 @@ def test_deflated_crc_mismatch() -> None:
     zipped, ref = bad(zipfile.ZIP_DEFLATED, crc=0x12345678)
     with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
         MemberSource(zipped.source).get_range(ref, 0, ref.size)
-    source = MemberSource(zipped.source)
+    half = ref.size // 2
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):  # small: decompressed whole
+        MemberSource(zipped.source).get_range(ref, 0, half)
+    source = MemberSource(zipped.source, whole_max=0)  # as a large member is read
+    assert source.get_range(ref, 0, half) == BAD["m1.bin"][:half]  # not known yet
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+        source.get_range(ref, half, ref.size)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
+                         ids=["stored", "deflate"])
+def test_a_bad_member_fails_every_later_read(method: int) -> None:
+    """Once found bad, even pieces that alone look fine fail, and nothing is fetched again."""
+    zipped, ref = bad(method, crc=0x12345678)
+    source = MemberSource(zipped.source, whole_max=0)
     half = ref.size // 2
     assert source.get_range(ref, 0, half) == BAD["m1.bin"][:half]  # not known yet
     with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
         source.get_range(ref, half, ref.size)
+    gets = zipped.source.calls["get_range"]
+    for start, end in [(0, half), (half, ref.size), (0, ref.size), (10, 20)]:
+        with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+            source.get_range(ref, start, end)
+        with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+            source.get_range_now(ref, start, end)
+    assert zipped.source.calls["get_range"] == gets
 
 
 @pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA],
@@ -357,7 +380,9 @@ def test_zip_bomb_inflates_past_its_declared_size(method: int) -> None:
                r"bytes \(a zip bomb or a corrupt archive\); not served")
     with pytest.raises(ArchiveError, match=message):
         MemberSource(zipped.source).get_range(ref, 0, ref.size)
-    source = MemberSource(zipped.source)
+    with pytest.raises(ArchiveError, match="inflates past"):  # small: decompressed whole
+        MemberSource(zipped.source).get_range(ref, 0, 500)
+    source = MemberSource(zipped.source, whole_max=0)
     assert source.get_range(ref, 0, 500) == BAD["m1.bin"][:500]
     with pytest.raises(ArchiveError, match="inflates past"):
         source.get_range(ref, 500, 1000)
@@ -372,7 +397,7 @@ def test_zip_bomb_whose_excess_is_the_rest_of_the_last_match(declared: int) -> N
     ref = zipped.members["m.txt"]
     with pytest.raises(ArchiveError, match="inflates past its declared size"):
         MemberSource(zipped.source).get_range(ref, 0, ref.size)
-    source = MemberSource(zipped.source)
+    source = MemberSource(zipped.source, whole_max=0)
     assert source.get_range(ref, 0, declared - 1) == b"x" * (declared - 1)
     with pytest.raises(ArchiveError, match="inflates past its declared size"):
         source.get_range(ref, declared - 1, declared)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import zipfile
 
+import pytest
 from fakes import FakeSource
-from zipcraft import make_zip, sample_bytes
+from zipcraft import make_zip, patch, sample_bytes
 
 from s3datafs.archive import index, members
 from s3datafs.cache.disk import DiskCache
+from s3datafs.errors import ArchiveError
 from s3datafs.model import MemberRef
 
 NAMES = [f"d{i % 9}/m{i:04d}.bin" for i in range(400)]
@@ -40,11 +43,9 @@ def test_reading_every_member_in_archive_order_takes_few_gets() -> None:
     assert source.calls["get_range"] <= 4 + archive_bytes // members._MIN_SPAN
 
 
-def test_eight_threads_in_archive_order_share_spans_and_get_the_right_bytes() -> None:
-    source, refs = archive_members((zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED))
-    reader = members.MemberSource(source)
-    queue = iter(refs)
-    lock = threading.Lock()
+def read_in_order(reader: members.MemberSource, refs: list[MemberRef], threads: int) -> list[str]:
+    """Read every member whole, in archive order, shared by ``threads``; the ones read wrong."""
+    queue, lock = iter(refs), threading.Lock()
     wrong: list[str] = []
 
     def work() -> None:
@@ -56,12 +57,18 @@ def test_eight_threads_in_archive_order_share_spans_and_get_the_right_bytes() ->
             if reader.get_range(ref, 0, ref.size) != DATA[ref.path]:
                 wrong.append(ref.path)
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert wrong == []
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return wrong
+
+
+def test_eight_threads_in_archive_order_share_spans_and_get_the_right_bytes() -> None:
+    source, refs = archive_members((zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED))
+    reader = members.MemberSource(source)
+    assert read_in_order(reader, refs, 8) == []
     assert source.calls["get_range"] < len(refs) // 4
 
 
@@ -90,6 +97,7 @@ def test_members_are_kept_on_disk_as_archive_blocks(tmp_path) -> None:
     for (_archive, start, end), ref in zip(source.ranges, scattered, strict=True):
         assert start % disk.block_size == 0
         assert end - start <= ref.compressed_size + 2 * disk.block_size + members._HEADER_GUESS
+    first.close()  # the disk writes were behind the reads: the daemon drains them at unmount
     # A new process (a remount) finds them on disk: no GET, the same bytes.
     again = members.MemberSource(source, disk=DiskCache(tmp_path, block_size=64 * 1024,
                                                         capacity=1 << 30))
@@ -98,3 +106,168 @@ def test_members_are_kept_on_disk_as_archive_blocks(tmp_path) -> None:
     assert source.calls["get_range"] == gets
     # Only archive blocks were stored: one cache object, not one per member.
     assert len(list((tmp_path / "blocks").rglob("meta.json"))) == 1
+
+
+# -- members at hand: served on the caller's thread, without I/O ---------------------------------
+
+
+def test_members_in_a_landed_span_are_at_hand_and_others_are_not() -> None:
+    source, refs = archive_members((zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))
+    reader = members.MemberSource(source)
+    far = refs[-1]
+    assert reader.get_range_now(refs[0], 0, refs[0].size) is None  # nothing fetched yet
+    assert source.calls["get_range"] == 0
+    for ref in refs[:2]:  # the second continues the first: a span is fetched past it
+        assert reader.get_range(ref, 0, ref.size) == DATA[ref.path]
+    gets = source.calls["get_range"]
+    at_hand = [ref for ref in refs[2:] if ref.header_offset < refs[1].header_offset
+               + members._MIN_SPAN - 64 * 1024]
+    assert len(at_hand) >= 5
+    for ref in at_hand:
+        assert reader.get_range_now(ref, 0, ref.size) == DATA[ref.path]
+        middle = ref.size // 2  # pieces too (a compressed one is decompressed whole once)
+        assert reader.get_range_now(ref, middle, ref.size) == DATA[ref.path][middle:]
+    assert reader.get_range_now(far, 0, far.size) is None
+    assert source.calls["get_range"] == gets
+
+
+def test_a_member_at_hand_with_a_bad_crc_fails_as_get_range_would() -> None:
+    body = patch(make_zip(DATA, methods=(zipfile.ZIP_DEFLATED,)), NAMES[3], crc=0x12345678)
+    source = FakeSource()
+    source.create_bucket("b")
+    archive = source.put("b", "a.zip", body)
+    found, _skipped = index.read_index(source, archive)
+    refs = {m.name: MemberRef(archive, m.name, m.header_offset, m.data_limit, m.method, m.flags,
+                              m.compressed_size, m.size, m.crc32, m.mtime) for m in found}
+    reader = members.MemberSource(source)
+    for name in NAMES[:2]:
+        reader.get_range(refs[name], 0, refs[name].size)
+    assert reader.get_range_now(refs[NAMES[2]], 0, 10) == DATA[NAMES[2]][:10]
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+        reader.get_range_now(refs[NAMES[3]], 0, 10)
+
+
+# -- the disk cache is written behind the reads ----------------------------------------------------
+
+
+class HeldDisk(DiskCache):
+    """A disk cache whose writes wait until ``release`` is set."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.writes = 0
+
+    def write(self, *args, **kwargs) -> None:
+        assert self.release.wait(10), "the test never released the writes"
+        self.writes += 1
+        super().write(*args, **kwargs)
+
+
+def test_archive_blocks_are_written_behind_served_while_pending_and_drained(tmp_path) -> None:
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    block = 64 * 1024
+    disk = HeldDisk(tmp_path, block_size=block, capacity=1 << 30)
+    blocks = members._ArchiveBlocks(source, disk, write_behind=2 * block)
+    expected = source.get_range(archive, 0, archive.size)
+    source.calls.clear()
+    # The read returns while its write is still held; reading it again needs no GET.
+    assert blocks.get_range(archive, 100, 5000) == expected[100:5000]
+    assert blocks.get_range(archive, 10, 60_000) == expected[10:60_000]
+    assert source.calls["get_range"] == 1
+    assert disk.writes == 0
+    # One more block fills the bound; the next fetch must wait for room.
+    assert blocks.get_range(archive, block, block + 10) == expected[block:block + 10]
+    done = threading.Event()
+    third = threading.Thread(target=lambda: (blocks.get_range(archive, 5 * block, 5 * block + 1),
+                                             done.set()))
+    third.start()
+    assert not done.wait(0.3)  # 2 blocks pending: no room for a third
+    disk.release.set()
+    assert done.wait(10)
+    third.join()
+    blocks.close()  # drains: all three are on disk
+    assert disk.writes == 3
+    again = members._ArchiveBlocks(source, DiskCache(tmp_path, block_size=block, capacity=1 << 30))
+    gets = source.calls["get_range"]
+    assert again.get_range(archive, 0, 2 * block) == expected[:2 * block]
+    assert again.get_range(archive, 5 * block, 6 * block) == expected[5 * block:6 * block]
+    assert source.calls["get_range"] == gets
+
+
+# -- spans: no byte twice, and read ahead in a streak ----------------------------------------------
+
+
+def overlap(ranges: list[tuple[MemberRef, int, int]]) -> int:
+    """Bytes fetched more than once among ``ranges`` (of one archive)."""
+    twice, reach = 0, 0
+    for _archive, start, end in sorted(ranges, key=lambda r: r[1]):
+        twice += max(0, min(end, reach) - start)
+        reach = max(reach, end)
+    return twice
+
+
+def test_a_range_across_two_spans_is_put_together_without_fetching_twice() -> None:
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    expected = source.get_range(archive, 0, archive.size)
+    source.ranges.clear()
+    spans = members._Spans(members._ArchiveBlocks(source, None), max_bytes=1 << 30)
+    assert spans.read(archive, 0, 100) == expected[:100]  # alone: exactly what was asked
+    assert spans.read(archive, 100, 200) == expected[100:200]  # continues it: a span
+    first_end = 100 + members._MIN_SPAN
+    assert source.ranges[-1][1:] == (100, first_end)
+    across = (first_end - 400, first_end + 700)
+    assert spans.read(archive, *across) == expected[across[0]:across[1]]
+    assert source.ranges[-1][1] == first_end  # the next span starts where the first ended
+    assert overlap(source.ranges) == 0
+
+
+@pytest.mark.parametrize("span_memory", [64 << 20, 5 << 20], ids=["roomy", "archive>memory"])
+@pytest.mark.parametrize("threads", [1, 8])
+def test_reading_every_member_in_order_fetches_each_archive_byte_about_once(
+    threads: int, span_memory: int
+) -> None:
+    source, refs = archive_members((zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))
+    reader = members.MemberSource(source, span_memory=span_memory)
+    assert read_in_order(reader, refs, threads) == []
+    reader.close()
+    assert overlap(source.ranges) <= 2 * members._HEADER_GUESS
+    assert sum(end - start for _a, start, end in source.ranges) <= refs[0].archive.size * 1.01
+
+
+def test_a_streak_reads_ahead_so_the_next_members_are_at_hand() -> None:
+    source, refs = archive_members((zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))
+    reader = members.MemberSource(source)
+    read_to = 0
+    for ref in refs:  # until the streak's spans reach the size that reads ahead
+        assert reader.get_range(ref, 0, ref.size) == DATA[ref.path]
+        read_to = ref.data_limit
+        if read_to > 2 * members._AHEAD_FROM_SPAN:
+            break
+    # The spans ahead are fetched in the background: GETs that start past everything read.
+    deadline = time.monotonic() + 10
+    while not (ahead := [(s, e) for _a, s, e in source.ranges if s >= read_to]):
+        assert time.monotonic() < deadline, "no span was fetched ahead"
+        time.sleep(0.01)
+    start, end = ahead[0]
+    next_ones = [r for r in refs if start <= r.header_offset and r.data_limit <= end]
+    assert next_ones
+    deadline = time.monotonic() + 10
+    while reader.get_range_now(next_ones[-1], 0, next_ones[-1].size) is None:
+        assert time.monotonic() < deadline, "the span ahead never landed"
+        time.sleep(0.01)
+    for ref in next_ones:  # landed ahead of the readers: served without I/O
+        assert reader.get_range_now(ref, 0, ref.size) == DATA[ref.path]
+    reader.close()
+
+
+def test_scattered_reads_never_read_ahead() -> None:
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    reader = members.MemberSource(source)
+    for ref in refs[::-7]:  # backwards, never neighbours
+        assert reader.get_range(ref, 0, ref.size) == DATA[ref.path]
+    time.sleep(0.1)
+    assert source.calls["get_range"] == len(refs[::-7])
+    reader.close()

@@ -13,12 +13,17 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   remembered. The header must be a local header and the data must end before ``data_limit``.
 - Stored members are the archive's bytes at the data offset: one ranged GET per range.
 - Archive order: members read one after another in archive order (a job walking the tree, by
-  one thread or several) are fetched in shared, growing spans of the archive (``_Spans``), so
-  reading every member costs about as many GETs as downloading the archive; scattered reads
-  fetch exactly their member.
-- Compressed members (deflate; also bzip2 and lzma) are decompressed from their start. A member
-  asked for whole in one range (most members) is one GET and one decompression, nothing kept.
-  Otherwise the member keeps *positions*: the decompressor paused where the last range ended
+  one thread or several) are fetched in shared, growing spans of the archive (``_Spans``), read
+  ahead in the background, so reading every member costs about as many GETs and bytes as
+  downloading the archive; scattered reads fetch exactly their member.
+- At hand: ``get_range_now`` answers without I/O when the bytes lie in a landed span (and a
+  compressed member is small), so the block reader serves most members of an archive read in
+  order on its own thread, with no worker-thread hop: per member, that hop cost more than the
+  rest of the work.
+- Compressed members (deflate; also bzip2 and lzma) are decompressed from their start. One of
+  up to ``_WHOLE_MAX`` bytes is always decompressed whole (one GET, one decompression, checked
+  at once); when read in pieces it is kept a while (``_whole``) for the next piece. A larger
+  member read in pieces keeps *positions*: the decompressor paused where the last range ended
   (so a sequential reader continues where it stopped) and, for deflate, copies of it saved every
   ``_checkpoint_interval`` output bytes, so a random read decompresses from the nearest saved
   position at or before it instead of from the start. Positions are bounded in total
@@ -27,18 +32,22 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   inflate further (a zip bomb), ends early or fails to decompress is an ``ArchiveError`` (EIO),
   and so is a CRC-32 mismatch. A compressed member's CRC is checked whenever decompression
   reaches its end (always from its start); a stored member's whenever its pieces, fetched in any
-  order, have covered it (``crc.Coverage``). Encrypted members and unsupported methods fail every
-  read with an error naming the member.
+  order, have covered it (``crc.Coverage``). A member found bad fails every later read at once
+  (``_failing``). Encrypted members and unsupported methods fail every read with an error naming
+  the member.
+- Disk writes (``_ArchiveBlocks``) are behind the reads, bounded, and drained by ``close``.
 """
 
 from __future__ import annotations
 
 import bisect
 import bz2
+import contextlib
 import lzma
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,12 +55,16 @@ import cachetools
 
 from ..cache.blockfile import object_digest
 from ..cache.disk import DiskCache, TroubleLog
+from ..config import DEFAULT_WRITE_BEHIND
 from ..errors import ArchiveError
 from ..model import MemberRef, ObjectRef, ObjectSource, PinnedRef
 from . import zipformat
 from .crc import Coverage
 
 _HEADER_GUESS = 30 + 128  # local header + name and extra fields, as most writers make them
+_INLINE_COMPRESSED = 256 * 1024  # at most ~1 ms of inflating on the caller's (trio) thread
+_WHOLE_MAX = 1024 * 1024  # compressed members up to this size are always decompressed whole
+_WHOLE_KEPT = 16 * 1024 * 1024  # bytes of such members kept for their next pieces
 _MIN_CHUNK = 256 * 1024
 _MAX_CHUNK = 8 * 1024 * 1024
 _MIN_INTERVAL = 4 * 1024 * 1024
@@ -60,6 +73,9 @@ _MIN_SPAN = 512 * 1024  # archive-order reads: first span, doubling up to
 _MAX_SPAN = 8 * 1024 * 1024
 _NEAR_BEFORE = 64 * 1024  # a fetch "continues" one that ended this close before its start
 _NEAR_AFTER = 64 * 1024  # ... or after it (a skipped small member, a local header)
+_SPANS_AHEAD = 2  # spans fetched ahead of the one being read (S3's latency hidden)
+_AHEAD_THREADS = 2
+_AHEAD_FROM_SPAN = 2 * 1024 * 1024  # read ahead once a streak's spans have grown this far
 _RECENT_ENDS = 32  # per archive: about the readers' count times a few
 _RECENT_ARCHIVES = 64
 
@@ -173,27 +189,80 @@ class MemberSource:
 
     def __init__(
         self, inner: ObjectSource, *, disk: DiskCache | None = None, max_positions: int = 256,
-        span_memory: int = 64 * 1024 * 1024,
+        span_memory: int = 64 * 1024 * 1024, whole_max: int = _WHOLE_MAX,
     ) -> None:
         self._inner = inner
-        self._lock = threading.Lock()  # guards the three tables below, never held during I/O
+        self._whole_max = whole_max
+        self._lock = threading.Lock()  # guards the tables below, never held during I/O
         self._data_offsets: cachetools.LRUCache[MemberRef, int] = cachetools.LRUCache(65536)
         self._coverage: cachetools.LRUCache[MemberRef, Coverage] = cachetools.LRUCache(4096)
         self._states: cachetools.LRUCache[MemberRef, _MemberState] = cachetools.LRUCache(
             maxsize=max_positions, getsizeof=lambda state: max(1, state.positions))
-        self._spans = _Spans(_ArchiveBlocks(inner, disk), max_bytes=span_memory)
+        self._whole: cachetools.LRUCache[MemberRef, bytes] = cachetools.LRUCache(
+            maxsize=_WHOLE_KEPT, getsizeof=len)
+        self._failed: cachetools.LRUCache[MemberRef, str] = cachetools.LRUCache(4096)
+        self._blocks = _ArchiveBlocks(inner, disk)
+        self._spans = _Spans(self._blocks, max_bytes=span_memory)
+
+    def close(self) -> None:
+        """Stop reading ahead; finish the disk cache writes still pending."""
+        self._spans.close()
+        self._blocks.close()
 
     # -- the ObjectSource protocol: members here, everything else passed through ---------------
 
     def get_range(self, ref: PinnedRef, start: int, end: int) -> bytes:
         if not isinstance(ref, MemberRef):
             return self._inner.get_range(ref, start, end)
+        with self._failing(ref):
+            if ref.method == zipformat.STORED:
+                return self._stored(ref, start, self._data(ref, start, end))
+            if (start == 0 and end == ref.size) or ref.size <= self._whole_max:
+                return self._inflated(ref, start, end, self._data)
+            return self._inflate_range(ref, start, end)
+
+    def get_range_now(self, ref: PinnedRef, start: int, end: int) -> bytes | None:
+        """``get_range``'s answer if it is at hand, without I/O or waiting; else None.
+
+        At hand: a member's bytes lie in a span that has landed (members read in archive order,
+        see ``_Spans``) and it is stored, or compressed and small enough to decompress whole on
+        the caller's thread (``_INLINE_COMPRESSED``), or decompressed a moment ago. The block
+        reader asks this first, so most members of an archive read in order cost no thread hop.
+        Checks (CRC, declared size, bad headers) and their errors are ``get_range``'s.
+        """
+        if not isinstance(ref, MemberRef):
+            return None
+        with self._failing(ref):
+            if ref.method == zipformat.STORED:
+                data = self._data_now(ref, start, end)
+                return None if data is None else self._stored(ref, start, data)
+            with self._lock:
+                kept = self._whole.get(ref)
+            if kept is not None:
+                return kept[start:end]
+            if ref.size > self._whole_max or ref.compressed_size > _INLINE_COMPRESSED:
+                return None
+            return self._inflated(ref, start, end, self._data_now)
+
+    @contextlib.contextmanager
+    def _failing(self, ref: MemberRef) -> Iterator[None]:
+        """Check ``ref`` may be read; remember it as bad once a read finds it so.
+
+        A bad member fails every later read at once, even of pieces that alone looked fine (a
+        stored member's CRC is only known once every piece was seen; the kernel retries the
+        failed piece by itself), and its data is never fetched or decompressed again.
+        """
+        with self._lock:
+            failed = self._failed.get(ref)
+        if failed is not None:
+            raise ArchiveError(failed)  # a new one: a shared exception's traceback would grow
         _check_readable(ref)
-        if ref.method == zipformat.STORED:
-            return self._stored(ref, start, end)
-        if start == 0 and end == ref.size:
-            return self._inflate_whole(ref)
-        return self._inflate_range(ref, start, end)
+        try:
+            yield
+        except ArchiveError as exc:
+            with self._lock:
+                self._failed[ref] = str(exc)
+            raise
 
     def bucket_versioning(self, bucket: str) -> bool | None:
         return self._inner.bucket_versioning(bucket)
@@ -221,6 +290,29 @@ class MemberSource:
         # Header and data in one GET when the guess of the header's length holds.
         guess_end = min(ref.header_offset + _HEADER_GUESS + end, ref.data_limit)
         fetched = self._spans.read(ref.archive, ref.header_offset, guess_end)
+        offset = self._located(ref, fetched)
+        have = fetched[offset - ref.header_offset:]
+        if len(have) >= end:
+            return have[start:end]
+        return self._spans.read(ref.archive, offset + start, offset + end)
+
+    def _data_now(self, ref: MemberRef, start: int, end: int) -> bytes | None:
+        """``_data`` from landed spans only; None if any byte of it is not at hand."""
+        with self._lock:
+            offset = self._data_offsets.get(ref)
+        if offset is None:
+            guess_end = min(ref.header_offset + _HEADER_GUESS + end, ref.data_limit)
+            fetched = self._spans.peek(ref.archive, ref.header_offset, guess_end)
+            if fetched is None:
+                return None
+            offset = self._located(ref, fetched)
+            have = fetched[offset - ref.header_offset:]
+            if len(have) >= end:
+                return have[start:end]
+        return self._spans.peek(ref.archive, offset + start, offset + end)
+
+    def _located(self, ref: MemberRef, fetched: bytes) -> int:
+        """The data offset told by the local header at the start of ``fetched``; remembered."""
         header = zipformat.parse_local_header(fetched, ref.header_offset, _what(ref))
         offset = header.data_offset
         if offset + ref.compressed_size > ref.data_limit:
@@ -228,16 +320,13 @@ class MemberSource:
                                "archive or a zip bomb); not served")
         with self._lock:
             self._data_offsets[ref] = offset
-        have = fetched[offset - ref.header_offset:]
-        if len(have) >= end:
-            return have[start:end]
-        return self._spans.read(ref.archive, offset + start, offset + end)
+        return offset
 
     # -- stored members -------------------------------------------------------------------------
 
-    def _stored(self, ref: MemberRef, start: int, end: int) -> bytes:
-        data = self._data(ref, start, end)
-        if start == 0 and end == ref.size:
+    def _stored(self, ref: MemberRef, start: int, data: bytes) -> bytes:
+        """A stored member's ``data`` at ``start``, its CRC checked once it is all seen."""
+        if start == 0 and len(data) == ref.size:
             _check_crc(ref, zlib.crc32(data))
             return data
         with self._lock:
@@ -253,9 +342,30 @@ class MemberSource:
 
     # -- compressed members ---------------------------------------------------------------------
 
-    def _inflate_whole(self, ref: MemberRef) -> bytes:
+    def _inflated(
+        self, ref: MemberRef, start: int, end: int,
+        data: Callable[[MemberRef, int, int], bytes | None],
+    ) -> bytes | None:
+        """``[start, end)`` of a compressed member decompressed whole (None: ``data`` had none).
+
+        A member read in pieces (the kernel asks for at most 128 KiB at a time) is decompressed
+        once and kept (``_whole``) for its next pieces; one read whole is not kept.
+        """
+        whole = start == 0 and end == ref.size
+        with self._lock:
+            kept = None if whole else self._whole.get(ref)
+        if kept is None:
+            compressed = data(ref, 0, ref.compressed_size)
+            if compressed is None:
+                return None
+            kept = self._inflate_whole(ref, compressed)
+            if not whole:
+                with self._lock:
+                    self._whole[ref] = kept
+        return kept if whole else kept[start:end]
+
+    def _inflate_whole(self, ref: MemberRef, compressed: bytes) -> bytes:
         position = _Position(0, 0, _new_decompressor(ref), 0)
-        compressed = self._data(ref, 0, ref.compressed_size)
         return b"".join(self._run(ref, position, 0, ref.size, compressed))
 
     def _inflate_range(self, ref: MemberRef, start: int, end: int) -> bytes:
@@ -374,14 +484,26 @@ class _ArchiveBlocks:
     time. A range is served from the disk cache when every block it touches is there; otherwise
     the whole blocks it touches are fetched with one GET and stored (so a scattered small member
     costs at most two blocks, as a scattered read of any object does). The block reader keeps
-    members in memory only (see ``reader``). Cache trouble is logged at most once a minute and
-    never fails a read.
+    members in memory only (see ``reader``).
+
+    Stores are written behind, by one writer thread, so a reader (and everyone waiting for its
+    span) never waits for the disk: up to ``write_behind`` bytes may be pending, after which a
+    fetch waits for room (memory stays bounded when the disk falls behind). Pending blocks are
+    served from memory, so they are never fetched twice. ``close`` drains what is pending (a
+    remount right after finds everything read). Cache trouble is logged at most once a minute
+    and never fails a read.
     """
 
-    def __init__(self, inner: ObjectSource, disk: DiskCache | None) -> None:
+    def __init__(self, inner: ObjectSource, disk: DiskCache | None,
+                 write_behind: int = DEFAULT_WRITE_BEHIND) -> None:
         self._inner = inner
         self._disk = disk
         self._trouble = TroubleLog()
+        self._room = threading.Condition()  # guards the two below
+        self._pending: dict[tuple[str, int], bytes] = {}  # (digest, index) -> block to write
+        self._pending_bytes = 0
+        self._write_behind = write_behind
+        self._writer: ThreadPoolExecutor | None = None
 
     def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
         disk = self._disk
@@ -390,11 +512,13 @@ class _ArchiveBlocks:
         size = disk.block_size
         blocks = range(start // size, (end - 1) // size + 1)
         digest = object_digest(archive)
-        try:
-            found = disk.read_run(digest, archive.size, blocks)
-        except OSError as exc:
-            self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3")
-            found = {}
+        with self._room:
+            found = {i: b for i in blocks if (b := self._pending.get((digest, i))) is not None}
+        if len(found) < len(blocks):
+            try:
+                found.update(disk.read_run(digest, archive.size, blocks))
+            except OSError as exc:
+                self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3")
         low = blocks.start * size
         if all(index in found for index in blocks):
             data = b"".join(found[index] for index in blocks)
@@ -402,13 +526,39 @@ class _ArchiveBlocks:
         high = min(blocks.stop * size, archive.size)
         data = self._inner.get_range(archive, low, high)
         view = memoryview(data)
-        try:
-            disk.write(archive, digest, blocks.start,
-                       [view[at: at + size] for at in range(0, len(data), size)])
-        except OSError as exc:
-            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+        self._store(archive, digest, blocks.start,
+                    [view[at: at + size] for at in range(0, len(data), size)])
         return data[start - low: end - low]
 
+    def close(self) -> None:
+        """Write what is pending, then stop the writer."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+
+    def _store(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview]) -> None:
+        cost = sum(map(len, blocks))
+        with self._room:
+            while self._pending_bytes and self._pending_bytes + cost > self._write_behind:
+                self._room.wait()
+            self._pending_bytes += cost
+            for index, block in enumerate(blocks, first):
+                self._pending[(digest, index)] = block
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="s3datafs-zip-cache")
+        self._writer.submit(self._write, archive, digest, first, blocks, cost)
+
+    def _write(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview],
+               cost: int) -> None:
+        try:
+            self._disk.write(archive, digest, first, blocks)
+        except OSError as exc:
+            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+        finally:
+            with self._room:
+                for index in range(first, first + len(blocks)):
+                    self._pending.pop((digest, index), None)
+                self._pending_bytes -= cost
+                self._room.notify_all()
 
 
 class _Span:
@@ -420,8 +570,8 @@ class _Span:
         self.data = b""
         self.error: BaseException | None = None
 
-    def covers(self, archive: ObjectRef, start: int, end: int) -> bool:
-        return self.archive == archive and self.start <= start and end <= self.end
+    def holds(self, archive: ObjectRef, at: int) -> bool:
+        return self.archive == archive and self.start <= at < self.end and self.error is None
 
 
 class _Spans:
@@ -432,9 +582,17 @@ class _Spans:
     archive ended (members read in archive order, by one reader or several), the fetch becomes
     a *span* running past the member, doubling from ``_MIN_SPAN`` up to ``_MAX_SPAN`` while the
     streak lasts; the next members are then served from it (or wait for it while it is in
-    flight: single-flight). Any other read fetches exactly what it needs, so a job reading 1%
-    of the members at random pays nothing for this. Spans are kept in memory, LRU, up to
-    ``max_bytes``; every byte still comes from a pinned ranged GET of the archive.
+    flight: single-flight). A range that crosses from one span into the next is put together
+    from both, and a new span ends where a planned one begins, so no byte is fetched twice.
+    Any other read fetches exactly what it needs, so a job reading 1% of the members at random
+    pays nothing for this.
+
+    Readahead: once a span of ``_AHEAD_FROM_SPAN`` or more (a streak, not two reads that
+    happen to be neighbours) is read from, the ``_SPANS_AHEAD`` spans after it are fetched in
+    the background (by ``_AHEAD_THREADS`` threads), so readers in a streak find their bytes
+    landed instead of waiting for S3's latency once per span. Spans are kept in memory up to
+    ``max_bytes`` (in flight included), the least recently used leaving first; every byte
+    still comes from a pinned ranged GET.
     """
 
     def __init__(self, inner: _ArchiveBlocks, *, max_bytes: int) -> None:
@@ -443,66 +601,117 @@ class _Spans:
         self._spans: list[_Span] = []  # newest last; in flight or done
         self._bytes = 0
         self._max_bytes = max_bytes
+        # Room for the span being read, the ones ahead and one more: a span larger than that
+        # would evict what readers are still reading.
+        self._largest = max(_MIN_SPAN, min(_MAX_SPAN, max_bytes // (_SPANS_AHEAD + 2)))
         self._ends: dict[ObjectRef, list[int]] = {}  # archive -> ends of its recent fetches
         self._span_size: dict[ObjectRef, int] = {}
+        self._ahead: ThreadPoolExecutor | None = None
 
     def read(self, archive: ObjectRef, start: int, end: int) -> bytes:
-        while True:
+        parts: list[bytes] = []
+        at = start
+        while at < end:
             with self._lock:
-                span = next((s for s in reversed(self._spans) if s.covers(archive, start, end)),
-                            None)
+                span = self._holding(archive, at)
+                mine = False
                 if span is None:
-                    span = self._plan(archive, start, end)
+                    span = self._plan(archive, at, end)
                     mine = span is not None
-                else:
-                    mine = False
+                ahead = self._plan_ahead(span) if span is not None else []
+            self._start(ahead)
             if span is None:  # not in a streak: exactly what is needed
-                data = self._inner.get_range(archive, start, end)
+                parts.append(self._inner.get_range(archive, at, end))
                 self._note_end(archive, end)
-                return data
+                break
             if mine:
                 self._fetch(span)
             else:
                 span.done.wait()
-            if span.error is None:
-                return span.data[start - span.start: end - span.start]
-            if mine:
-                raise span.error
-            # Another reader's span failed: try on our own (the next pass finds no span).
+            if span.error is not None:
+                if mine:
+                    raise span.error
+                continue  # another reader's span failed: the next pass plans our own
+            part = span.data[at - span.start: min(end, span.end) - span.start]
+            if not part:  # past the archive's end: let S3 say what is wrong
+                parts.append(self._inner.get_range(archive, at, end))
+                break
+            parts.append(part)
+            at += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def peek(self, archive: ObjectRef, start: int, end: int) -> bytes | None:
+        """``[start, end)`` if landed spans hold it, else None; never fetches or waits."""
+        parts: list[bytes] = []
+        ahead: list[_Span] = []
+        at = start
+        with self._lock:
+            while at < end:
+                span = self._holding(archive, at)
+                if span is None or not span.done.is_set() or span.error is not None:
+                    return None
+                ahead += self._plan_ahead(span)
+                part = span.data[at - span.start: min(end, span.end) - span.start]
+                if not part:
+                    return None
+                parts.append(part)
+                at += len(part)
+        self._start(ahead)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        """Stop fetching ahead (queued readahead is dropped; a GET in progress ends)."""
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=False, cancel_futures=True)
+
+    # -- with the lock held ---------------------------------------------------------------------
+
+    def _holding(self, archive: ObjectRef, at: int) -> _Span | None:
+        """The span holding byte ``at``, marked used (LRU: most recently used last)."""
+        span = next((s for s in reversed(self._spans) if s.holds(archive, at)), None)
+        if span is not None and span is not self._spans[-1]:
+            self._spans.remove(span)
+            self._spans.append(span)
+        return span
 
     def _plan(self, archive: ObjectRef, start: int, end: int) -> _Span | None:
-        """A new span starting at ``start`` if it continues a recent fetch (lock held)."""
+        """A new span starting at ``start`` if it continues a recent fetch."""
         ends = self._ends.get(archive, [])
         if not any(e - _NEAR_BEFORE <= start <= e + _NEAR_AFTER for e in ends):
             self._span_size[archive] = _MIN_SPAN
             return None
+        return self._add(archive, start, end)
+
+    def _add(self, archive: ObjectRef, start: int, end: int = 0) -> _Span:
+        """A new span from ``start``; it stops where a span already planned begins (the reader
+        goes on into that one), so no byte is fetched twice."""
         size = self._span_size.get(archive, _MIN_SPAN)
-        self._span_size[archive] = min(size * 2, _MAX_SPAN)
-        span = _Span(archive, start, min(max(end, start + size), archive.size))
+        self._span_size[archive] = min(size * 2, self._largest)
+        stop = min((s.start for s in self._spans if s.archive == archive and s.start > start),
+                   default=archive.size)
+        span = _Span(archive, start, min(max(end, start + size), stop, archive.size))
         self._spans.append(span)
         self._remember_end(archive, span.end)
         self._bytes += span.end - span.start
         while self._bytes > self._max_bytes and len(self._spans) > 1:
-            oldest = self._spans.pop(0)
-            self._bytes -= oldest.end - oldest.start  # readers holding it keep their reference
+            used_least = self._spans.pop(0)  # readers holding it keep their reference
+            self._bytes -= used_least.end - used_least.start
         return span
 
-    def _fetch(self, span: _Span) -> None:
-        try:
-            span.data = self._inner.get_range(span.archive, span.start, span.end)
-        except BaseException as exc:
-            span.error = exc
-            with self._lock:
-                if span in self._spans:
-                    self._spans.remove(span)
-                    self._bytes -= span.end - span.start
-            raise
-        finally:
-            span.done.set()
-
-    def _note_end(self, archive: ObjectRef, end: int) -> None:
-        with self._lock:
-            self._remember_end(archive, end)
+    def _plan_ahead(self, span: _Span) -> list[_Span]:
+        """The spans after ``span`` not planned yet, up to ``_SPANS_AHEAD``, to be fetched."""
+        planned: list[_Span] = []
+        if span.end - span.start < _AHEAD_FROM_SPAN:
+            return planned  # a short streak yet (two scattered reads may look like one)
+        at = span.end
+        for _ in range(_SPANS_AHEAD):
+            if at >= span.archive.size:
+                break
+            if (after := self._holding(span.archive, at)) is None:
+                after = self._add(span.archive, at)  # may evict the least recently used
+                planned.append(after)
+            at = after.end
+        return planned
 
     def _remember_end(self, archive: ObjectRef, end: int) -> None:
         ends = self._ends.setdefault(archive, [])
@@ -510,6 +719,42 @@ class _Spans:
         del ends[:-_RECENT_ENDS]
         if len(self._ends) > _RECENT_ARCHIVES:
             del self._ends[next(iter(self._ends))]
+
+    # -- without it -----------------------------------------------------------------------------
+
+    def _start(self, spans: list[_Span]) -> None:
+        for span in spans:
+            if self._ahead is None:
+                self._ahead = ThreadPoolExecutor(_AHEAD_THREADS, thread_name_prefix="s3datafs-zip")
+            try:
+                self._ahead.submit(self._fetch_quietly, span)
+            except RuntimeError:  # closed: whoever needs it fetches it
+                self._failed(span, RuntimeError("closed"))
+
+    def _fetch_quietly(self, span: _Span) -> None:
+        with contextlib.suppress(Exception):  # readers that need it retry on their own
+            self._fetch(span)
+
+    def _fetch(self, span: _Span) -> None:
+        try:
+            span.data = self._inner.get_range(span.archive, span.start, span.end)
+        except BaseException as exc:
+            self._failed(span, exc)
+            raise
+        finally:
+            span.done.set()
+
+    def _failed(self, span: _Span, error: BaseException) -> None:
+        span.error = error
+        with self._lock:
+            if span in self._spans:
+                self._spans.remove(span)
+                self._bytes -= span.end - span.start
+        span.done.set()
+
+    def _note_end(self, archive: ObjectRef, end: int) -> None:
+        with self._lock:
+            self._remember_end(archive, end)
 
 
 def _copyable(decompressor: _Decompressor) -> bool:

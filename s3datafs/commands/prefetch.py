@@ -80,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
             min_free_ratio=plan.cache_min_free,
             dataset=str(plan.uri),
         )
+        members_source = MemberSource(source, disk=disk)
         reader = BlockReader(
-            MemberSource(source, disk=disk),
+            members_source,
             block_size=plan.block_size,
             memory_cache_bytes=plan.memory_cache_bytes,
             s3_limiter=trio.CapacityLimiter(plan.s3.max_connections),
@@ -96,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
             refs = catalog.objects() if members is None else catalog.files()
             count, total = catalog.meta.object_count, catalog.meta.total_bytes
             progress = _Progress(total)
-            trio.run(_warm_all, reader, refs, progress)
+            try:
+                trio.run(_warm_all, reader, refs, progress)
+            finally:
+                members_source.close()
     progress.finish()
     elapsed = time.monotonic() - started
     what = "objects" if members is None else "members"
