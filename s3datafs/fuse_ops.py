@@ -188,7 +188,7 @@ class Operations(pyfuse3.Operations):
                 "uri": meta.uri,
                 "object_count": str(meta.object_count),
                 "fingerprint": meta.fingerprint,
-                "stats": json.dumps(self._reader.stats.as_dict(), sort_keys=True),
+                "stats": json.dumps(self._reader.counters(), sort_keys=True),
             }
         elif entry.ref is not None:
             values = {"uri": entry.ref.uri, "etag": entry.ref.etag.strip('"')}

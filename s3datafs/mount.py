@@ -192,7 +192,7 @@ async def _publish_stats(plan: MountPlan, summary: MountSummary, reader: BlockRe
     """Refresh the state file's counters so ``s3datafs status`` can show them."""
     while True:
         await trio.sleep(STATS_INTERVAL)
-        state = {**_state(plan, summary), "stats": reader.stats.as_dict()}
+        state = {**_state(plan, summary), "stats": reader.counters()}
         await trio.to_thread.run_sync(runtime.write_state, str(plan.mountpoint), state)
 
 

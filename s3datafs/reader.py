@@ -177,6 +177,15 @@ class BlockReader:
         )
         self.stats = stats or ReadStats()
 
+    def counters(self) -> dict[str, int]:
+        """``stats``, plus what the source counted itself (a ``MemberSource``: archive GETs)."""
+        counts = self.stats.as_dict()
+        source_stats = getattr(self._source, "stats", None)
+        if isinstance(source_stats, ReadStats):
+            for name, value in source_stats.as_dict().items():
+                counts[name] += value
+        return counts
+
     def attach(self, tasks: trio.Nursery, writes: trio.Nursery | None = None) -> None:
         """Give the reader the mount's nurseries: flights and prefetch, and cache writes."""
         self._nursery = tasks
@@ -473,8 +482,9 @@ class BlockReader:
                 f"no answer from S3 for {ref.uri} bytes {start}-{end - 1} within "
                 f"{self._read_timeout:g}s (--read-timeout)"
             )
-        self.stats.s3_requests += 1
-        self.stats.s3_bytes += len(data)
+        if not isinstance(ref, MemberRef):  # a member's GETs are the archive's: its source counts
+            self.stats.s3_requests += 1
+            self.stats.s3_bytes += len(data)
         # Blocks are zero-copy views of the response body: the body lives as long as one of its
         # blocks is cached or in flight, and no 8 MiB copy is made per GET.
         view, size = memoryview(data), self.block_size

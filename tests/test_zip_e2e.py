@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import warnings
 import zipfile
@@ -79,7 +80,12 @@ def test_remount_reads_no_index_and_no_data(cli: Cli, s3, s3server, make_bucket)
     bucket = make_bucket()
     put(s3, bucket, "d.zip", make_zip(MEMBERS, methods=METHODS))
     mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    s3server.reset_stats()
     assert tree(mountpoint) == expected(MEMBERS)
+    # The mount's counters are the archive's GETs, as the server counted them.
+    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    assert stats["s3_requests"] == s3server.ops()["GetObject"]
+    assert stats["s3_bytes"] == s3server.stats()["get_bytes"]
     assert cli.unmount(mountpoint).returncode == 0
     s3server.reset_stats()
     mountpoint = cli.mount(f"s3://{bucket}/d.zip")
@@ -87,6 +93,9 @@ def test_remount_reads_no_index_and_no_data(cli: Cli, s3, s3server, make_bucket)
     # Only the pin is resolved again (HEAD): no index read, no member bytes.
     assert "GetObject" not in s3server.ops()
     assert s3server.ops()["HeadObject"] == 1
+    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    assert (stats["s3_requests"], stats["s3_bytes"]) == (0, 0)
+    assert stats["disk_bytes"] >= len(s3.get_object(Bucket=bucket, Key="d.zip")["Body"].read()) // 2
 
 
 def test_archive_file_keeps_the_object(cli: Cli, s3, make_bucket) -> None:

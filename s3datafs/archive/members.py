@@ -58,6 +58,7 @@ from ..cache.disk import DiskCache, TroubleLog
 from ..config import DEFAULT_WRITE_BEHIND
 from ..errors import ArchiveError
 from ..model import MemberRef, ObjectRef, ObjectSource, PinnedRef
+from ..reader import ReadStats
 from . import zipformat
 from .crc import Coverage
 
@@ -201,7 +202,9 @@ class MemberSource:
         self._whole: cachetools.LRUCache[MemberRef, bytes] = cachetools.LRUCache(
             maxsize=_WHOLE_KEPT, getsizeof=len)
         self._failed: cachetools.LRUCache[MemberRef, str] = cachetools.LRUCache(4096)
-        self._blocks = _ArchiveBlocks(inner, disk)
+        # Archive GETs and disk-cache hits, counted here (the block reader counts member reads).
+        self.stats = ReadStats()
+        self._blocks = _ArchiveBlocks(inner, disk, self.stats)
         self._spans = _Spans(self._blocks, max_bytes=span_memory)
 
     def close(self) -> None:
@@ -494,12 +497,13 @@ class _ArchiveBlocks:
     and never fails a read.
     """
 
-    def __init__(self, inner: ObjectSource, disk: DiskCache | None,
+    def __init__(self, inner: ObjectSource, disk: DiskCache | None, stats: ReadStats | None = None,
                  write_behind: int = DEFAULT_WRITE_BEHIND) -> None:
         self._inner = inner
         self._disk = disk
+        self.stats = stats or ReadStats()
         self._trouble = TroubleLog()
-        self._room = threading.Condition()  # guards the two below
+        self._room = threading.Condition()  # guards the two below, and ``stats``
         self._pending: dict[tuple[str, int], bytes] = {}  # (digest, index) -> block to write
         self._pending_bytes = 0
         self._write_behind = write_behind
@@ -508,7 +512,7 @@ class _ArchiveBlocks:
     def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
         disk = self._disk
         if disk is None:
-            return self._inner.get_range(archive, start, end)
+            return self._fetch(archive, start, end)
         size = disk.block_size
         blocks = range(start // size, (end - 1) // size + 1)
         digest = object_digest(archive)
@@ -516,19 +520,31 @@ class _ArchiveBlocks:
             found = {i: b for i in blocks if (b := self._pending.get((digest, i))) is not None}
         if len(found) < len(blocks):
             try:
-                found.update(disk.read_run(digest, archive.size, blocks))
+                on_disk = disk.read_run(digest, archive.size, blocks)
             except OSError as exc:
                 self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3")
+            else:
+                with self._room:
+                    self.stats.disk_hits += len(on_disk)
+                    self.stats.disk_bytes += sum(map(len, on_disk.values()))
+                found.update(on_disk)
         low = blocks.start * size
         if all(index in found for index in blocks):
             data = b"".join(found[index] for index in blocks)
             return data[start - low: end - low]
         high = min(blocks.stop * size, archive.size)
-        data = self._inner.get_range(archive, low, high)
+        data = self._fetch(archive, low, high)
         view = memoryview(data)
         self._store(archive, digest, blocks.start,
                     [view[at: at + size] for at in range(0, len(data), size)])
         return data[start - low: end - low]
+
+    def _fetch(self, archive: ObjectRef, start: int, end: int) -> bytes:
+        data = self._inner.get_range(archive, start, end)
+        with self._room:
+            self.stats.s3_requests += 1
+            self.stats.s3_bytes += len(data)
+        return data
 
     def close(self) -> None:
         """Write what is pending, then stop the writer."""

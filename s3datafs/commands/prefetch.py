@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"s3datafs: prefetched {count} {what} of {plan.uri}, "
         f"{human_size(total)} in {elapsed:.1f}s "
-        f"({human_size(int(reader.stats.s3_bytes))} from S3)"
+        f"({human_size(reader.counters()['s3_bytes'])} from S3)"
     )
     return 0
 
