@@ -18,7 +18,7 @@ from test_catalog import tree
 from zipcraft import append_member, header_offset, make_zip, patch, sample_bytes, to_zip64
 
 from s3datafs.archive import index, zipformat
-from s3datafs.archive.index import archive_catalog, parse_archive_mode, read_index
+from s3datafs.archive.index import archive_catalog, clear_indexes, parse_archive_mode, read_index
 from s3datafs.archive.members import MemberSource
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.catalog import Catalog, build_catalog
@@ -263,7 +263,35 @@ def test_other_objects_stay_files_after_one_small_get(world: World, size: int) -
     assert world.members(ref) is None
     length = min(size, zipformat.END_SEARCH)
     assert world.source.ranges == ([(ref, size - length, size)] if size else [])
-    assert not (world.cache_dir / "archives").exists()
+    assert not list((world.cache_dir / "archives").glob("*.db"))
+
+
+def test_the_answer_not_a_zip_is_remembered_for_that_pin_only(world: World) -> None:
+    ref = world.put("data/blob.bin", b"plain bytes, no zip" * 100)
+    assert world.members(ref) is None
+    world.reset()
+    assert world.members(ref) is None  # the same pin again: no detection GET
+    assert world.source.calls["get_range"] == 0
+    changed = world.put("data/blob.bin", make_zip(MEMBERS))  # a new pin of the same key
+    catalog = world.members(changed)
+    assert catalog is not None
+    catalog.close()
+    assert world.source.calls["get_range"] >= 1
+
+
+def test_cache_clear_forgets_not_a_zip_answers_by_uri(world: World) -> None:
+    kept = world.put("keep/blob.bin", b"x" * 1000)
+    gone = world.put("drop/blob.bin", b"y" * 1000)
+    assert world.members(kept) is None
+    assert world.members(gone) is None
+    clear_indexes(world.cache_dir, f"s3://{BUCKET}/drop/")
+    world.reset()
+    assert world.members(kept) is None
+    assert world.source.calls["get_range"] == 0
+    assert world.members(gone) is None
+    assert world.source.calls["get_range"] == 1  # forgotten: asked again
+    clear_indexes(world.cache_dir)
+    assert not list((world.cache_dir / "archives").glob("*.plain"))
 
 
 def test_prefix_datasets_are_never_archives(world: World, tmp_path: Path) -> None:

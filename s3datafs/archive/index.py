@@ -16,12 +16,15 @@ Persistence: the member tree is an archive catalog (see ``catalog``) stored as
 changes once there (a pinned archive never changes), so any later mount of the same pin, by any
 process, opens it and reads no index at all. A file that cannot be opened, or that describes
 another object, is rebuilt. Concurrent builders each replace the file with identical content.
+A single object found *not* to be a zip leaves ``<digest>.plain`` (its URI inside, for
+``cache clear URI``), so the next mount of that pin sends no detection GET either.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -53,7 +56,11 @@ def archive_catalog(
     ref = single_object(pinned) if mode == "auto" else None
     if ref is None:
         return None
-    path = cache_dir / "archives" / f"{object_digest(ref)}.db"
+    digest = object_digest(ref)
+    path = cache_dir / "archives" / f"{digest}.db"
+    plain = cache_dir / "archives" / f"{digest}.plain"
+    if plain.exists():
+        return None  # this very pin was found not to be a zip before
     catalog = _open_existing(path, ref)
     if catalog is not None:
         log.info("member index of %s from %s: no index read", ref.uri, path)
@@ -63,6 +70,7 @@ def archive_catalog(
     else:  # any other single object: a zip only if its end says so (one small GET)
         tail = _tail(source, ref, min(ref.size, zipformat.END_SEARCH))
         if not zipformat.looks_like_zip(tail, ref.size):
+            _remember_plain(plain, ref)
             return None
     build_index(source, ref, path, pinned.meta.fingerprint, tail=tail)
     return Catalog.open(path)
@@ -129,6 +137,17 @@ def _tail(source: ObjectSource, ref: ObjectRef, length: int) -> bytes:
     return source.get_range(ref, ref.size - length, ref.size) if length > 0 else b""
 
 
+def _remember_plain(marker: Path, ref: ObjectRef) -> None:
+    """Leave ``marker``: this pin is no zip. Best effort: without it the next mount asks again."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temp = marker.with_name(f".{marker.name}.{os.getpid()}")
+        temp.write_text(ref.uri + "\n", encoding="utf-8")
+        temp.replace(marker)
+    except OSError as exc:
+        log.debug("cannot remember that %s is no zip: %s", ref.uri, exc)
+
+
 def _open_existing(path: Path, ref: ObjectRef) -> Catalog | None:
     try:
         catalog = Catalog.open(path)
@@ -147,9 +166,11 @@ def _open_existing(path: Path, ref: ObjectRef) -> Catalog | None:
 
 
 def clear_indexes(cache_dir: Path, uri_prefix: str | None = None) -> int:
-    """Delete the stored member indexes (of archives whose URI starts with ``uri_prefix``)."""
+    """Delete the stored member indexes (of archives whose URI starts with ``uri_prefix``), and
+    the remembered "not a zip" answers."""
     removed = 0
-    for path in sorted((cache_dir / "archives").glob("*.db")):
+    archives = cache_dir / "archives"
+    for path in sorted(archives.glob("*.db")):
         if uri_prefix is not None:
             try:
                 with contextlib.closing(Catalog.open(path)) as catalog:
@@ -161,4 +182,8 @@ def clear_indexes(cache_dir: Path, uri_prefix: str | None = None) -> int:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed += 1
+    for marker in sorted(archives.glob("*.plain")):
+        with contextlib.suppress(OSError):
+            if uri_prefix is None or marker.read_text(encoding="utf-8").startswith(uri_prefix):
+                marker.unlink()
     return removed
