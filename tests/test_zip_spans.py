@@ -271,3 +271,15 @@ def test_scattered_reads_never_read_ahead() -> None:
     time.sleep(0.1)
     assert source.calls["get_range"] == len(refs[::-7])
     reader.close()
+
+
+def test_bzip2_and_lzma_members_are_never_decompressed_on_the_callers_thread() -> None:
+    for method in (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        source, refs = archive_members((method,))
+        reader = members.MemberSource(source)
+        for ref in refs[:2]:  # a streak: the next members lie in a landed span
+            assert reader.get_range(ref, 0, ref.size) == DATA[ref.path]
+        ref = refs[2]
+        assert reader.get_range_now(ref, 0, ref.size) is None  # slow to decompress: a thread
+        assert reader.get_range(ref, 0, 100) == DATA[ref.path][:100]  # decompressed whole, kept
+        assert reader.get_range_now(ref, 100, ref.size) == DATA[ref.path][100:]

@@ -228,8 +228,8 @@ class MemberSource:
         """``get_range``'s answer if it is at hand, without I/O or waiting; else None.
 
         At hand: a member's bytes lie in a span that has landed (members read in archive order,
-        see ``_Spans``) and it is stored, or compressed and small enough to decompress whole on
-        the caller's thread (``_INLINE_COMPRESSED``), or decompressed a moment ago. The block
+        see ``_Spans``) and it is stored, or deflated and small enough to inflate whole on the
+        caller's thread (``_INLINE_COMPRESSED``), or decompressed a moment ago. The block
         reader asks this first, so most members of an archive read in order cost no thread hop.
         Checks (CRC, declared size, bad headers) and their errors are ``get_range``'s.
         """
@@ -243,8 +243,9 @@ class MemberSource:
                 kept = self._whole.get(ref)
             if kept is not None:
                 return kept[start:end]
-            if ref.size > self._whole_max or ref.compressed_size > _INLINE_COMPRESSED:
-                return None
+            if (ref.method != zipformat.DEFLATED or ref.size > self._whole_max
+                    or ref.compressed_size > _INLINE_COMPRESSED):
+                return None  # bzip2 and lzma are ~10x slower than inflate: not on this thread
             return self._inflated(ref, start, end, self._data_now)
 
     @contextlib.contextmanager
