@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from zipcraft import make_zip, patch, sample_bytes, set_local_extra_length
 
 from s3datafs.archive import members as members_module
+from s3datafs.archive import spans as spans_module
 from s3datafs.archive.index import read_index
 from s3datafs.archive.members import MemberSource
 from s3datafs.errors import ArchiveError
@@ -79,8 +80,8 @@ def small_interval(monkeypatch: pytest.MonkeyPatch) -> int:
 @pytest.fixture
 def no_spans(monkeypatch: pytest.MonkeyPatch) -> None:
     """No fetch counts as continuing another: every GET is what the member code asked for."""
-    monkeypatch.setattr(members_module, "_NEAR_BEFORE", -1)
-    monkeypatch.setattr(members_module, "_NEAR_AFTER", -1)
+    monkeypatch.setattr(spans_module, "_NEAR_BEFORE", -1)
+    monkeypatch.setattr(spans_module, "_NEAR_AFTER", -1)
 
 
 def interval(ref: MemberRef) -> int:
@@ -212,8 +213,8 @@ def test_sequential_read_fetches_the_compressed_data_once(
     small_interval: int, monkeypatch: pytest.MonkeyPatch, spans: bool
 ) -> None:
     if not spans:
-        monkeypatch.setattr(members_module, "_NEAR_BEFORE", -1)
-        monkeypatch.setattr(members_module, "_NEAR_AFTER", -1)
+        monkeypatch.setattr(spans_module, "_NEAR_BEFORE", -1)
+        monkeypatch.setattr(spans_module, "_NEAR_AFTER", -1)
     expected = sample_bytes(12, 6 * MIB + 999)
     zipped = archive(make_zip({"big.bin": expected}, methods=(zipfile.ZIP_DEFLATED,)))
     ref = zipped.members["big.bin"]
@@ -227,7 +228,7 @@ def test_sequential_read_fetches_the_compressed_data_once(
     assert gets <= 20
     if spans:
         assert ref.compressed_size <= zipped.fetched() <= \
-            zipped.ref.size + gets * members_module._NEAR_BEFORE
+            zipped.ref.size + gets * spans_module._NEAR_BEFORE
         return
     assert ref.compressed_size <= zipped.fetched() <= \
         ref.compressed_size + members_module._HEADER_GUESS

@@ -11,7 +11,7 @@ import pytest
 from fakes import FakeSource
 from zipcraft import make_zip, patch, sample_bytes
 
-from s3datafs.archive import index, members
+from s3datafs.archive import index, members, spans
 from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import ArchiveError
 from s3datafs.model import MemberRef
@@ -40,7 +40,7 @@ def test_reading_every_member_in_archive_order_takes_few_gets() -> None:
         assert reader.get_range(ref, 0, ref.size) == DATA[ref.path]
     archive_bytes = refs[0].archive.size
     # A member per GET would be 400; spans of up to 8 MiB cover the ~14 MiB archive in a few.
-    assert source.calls["get_range"] <= 4 + archive_bytes // members._MIN_SPAN
+    assert source.calls["get_range"] <= 4 + archive_bytes // spans._MIN_SPAN
 
 
 def read_in_order(reader: members.MemberSource, refs: list[MemberRef], threads: int) -> list[str]:
@@ -121,7 +121,7 @@ def test_members_in_a_landed_span_are_at_hand_and_others_are_not() -> None:
         assert reader.get_range(ref, 0, ref.size) == DATA[ref.path]
     gets = source.calls["get_range"]
     at_hand = [ref for ref in refs[2:] if ref.header_offset < refs[1].header_offset
-               + members._MIN_SPAN - 64 * 1024]
+               + spans._MIN_SPAN - 64 * 1024]
     assert len(at_hand) >= 5
     for ref in at_hand:
         assert reader.get_range_now(ref, 0, ref.size) == DATA[ref.path]
@@ -169,7 +169,7 @@ def test_archive_blocks_are_written_behind_served_while_pending_and_drained(tmp_
     archive = refs[0].archive
     block = 64 * 1024
     disk = HeldDisk(tmp_path, block_size=block, capacity=1 << 30)
-    blocks = members._ArchiveBlocks(source, disk, write_behind=2 * block)
+    blocks = spans.ArchiveBlocks(source, disk, write_behind=2 * block)
     expected = source.get_range(archive, 0, archive.size)
     source.calls.clear()
     # The read returns while its write is still held; reading it again needs no GET.
@@ -189,7 +189,7 @@ def test_archive_blocks_are_written_behind_served_while_pending_and_drained(tmp_
     third.join()
     blocks.close()  # drains: all three are on disk
     assert disk.writes == 3
-    again = members._ArchiveBlocks(source, DiskCache(tmp_path, block_size=block, capacity=1 << 30))
+    again = spans.ArchiveBlocks(source, DiskCache(tmp_path, block_size=block, capacity=1 << 30))
     gets = source.calls["get_range"]
     assert again.get_range(archive, 0, 2 * block) == expected[:2 * block]
     assert again.get_range(archive, 5 * block, 6 * block) == expected[5 * block:6 * block]
@@ -213,13 +213,13 @@ def test_a_range_across_two_spans_is_put_together_without_fetching_twice() -> No
     archive = refs[0].archive
     expected = source.get_range(archive, 0, archive.size)
     source.ranges.clear()
-    spans = members._Spans(members._ArchiveBlocks(source, None), max_bytes=1 << 30)
-    assert spans.read(archive, 0, 100) == expected[:100]  # alone: exactly what was asked
-    assert spans.read(archive, 100, 200) == expected[100:200]  # continues it: a span
-    first_end = 100 + members._MIN_SPAN
+    shared = spans.Spans(spans.ArchiveBlocks(source, None), max_bytes=1 << 30)
+    assert shared.read(archive, 0, 100) == expected[:100]  # alone: exactly what was asked
+    assert shared.read(archive, 100, 200) == expected[100:200]  # continues it: a span
+    first_end = 100 + spans._MIN_SPAN
     assert source.ranges[-1][1:] == (100, first_end)
     across = (first_end - 400, first_end + 700)
-    assert spans.read(archive, *across) == expected[across[0]:across[1]]
+    assert shared.read(archive, *across) == expected[across[0]:across[1]]
     assert source.ranges[-1][1] == first_end  # the next span starts where the first ended
     assert overlap(source.ranges) == 0
 
@@ -244,7 +244,7 @@ def test_a_streak_reads_ahead_so_the_next_members_are_at_hand() -> None:
     for ref in refs:  # until the streak's spans reach the size that reads ahead
         assert reader.get_range(ref, 0, ref.size) == DATA[ref.path]
         read_to = ref.data_limit
-        if read_to > 2 * members._AHEAD_FROM_SPAN:
+        if read_to > 2 * spans._AHEAD_FROM_SPAN:
             break
     # The spans ahead are fetched in the background: GETs that start past everything read.
     deadline = time.monotonic() + 10

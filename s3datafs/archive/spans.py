@@ -1,0 +1,330 @@
+"""Archive bytes for ``MemberSource``: shared, read-ahead spans over disk-cached archive blocks.
+
+Two layers, both thread-safe (``MemberSource`` calls them from worker threads, and ``peek``
+from the trio thread):
+
+- ``ArchiveBlocks``: ranges of an archive through the disk cache, kept as the archive's own
+  blocks (not per member), written behind the reads.
+- ``Spans``: members read in archive order share growing spans of the archive, read ahead in the
+  background; scattered reads fetch exactly their bytes.
+
+Every byte comes from a ranged GET of the pinned archive through the wrapped ``ObjectSource``
+(VersionId and If-Match travel with it). The invariants are in each class's docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from ..cache.blockfile import object_digest
+from ..cache.disk import DiskCache, TroubleLog
+from ..config import DEFAULT_WRITE_BEHIND
+from ..model import ObjectRef, ObjectSource
+from ..reader import ReadStats
+
+_MIN_SPAN = 512 * 1024  # archive-order reads: first span, doubling up to
+_MAX_SPAN = 8 * 1024 * 1024
+_NEAR_BEFORE = 64 * 1024  # a fetch "continues" one that ended this close before its start
+_NEAR_AFTER = 64 * 1024  # ... or after it (a skipped small member, a local header)
+_SPANS_AHEAD = 2  # spans fetched ahead of the one being read (S3's latency hidden)
+_AHEAD_THREADS = 2
+_AHEAD_FROM_SPAN = 2 * 1024 * 1024  # read ahead once a streak's spans have grown this far
+_RECENT_ENDS = 32  # per archive: about the readers' count times a few
+_RECENT_ARCHIVES = 64
+
+
+class ArchiveBlocks:
+    """Ranges of archives through the disk cache, as the archive's own blocks.
+
+    Members are kept on disk as the blocks of their archive (raw, compressed as stored), not
+    as blocks of each member: 20,000 small members would otherwise cost 20,000 cache
+    directories, metadata and block files, which is where a read of every member spent its
+    time. A range is served from the disk cache when every block it touches is there; otherwise
+    the whole blocks it touches are fetched with one GET and stored (so a scattered small member
+    costs at most two blocks, as a scattered read of any object does). The block reader keeps
+    members in memory only (see ``reader``).
+
+    Stores are written behind, by one writer thread, so a reader (and everyone waiting for its
+    span) never waits for the disk: up to ``write_behind`` bytes may be pending, after which a
+    fetch waits for room (memory stays bounded when the disk falls behind). Pending blocks are
+    served from memory, so they are never fetched twice. ``close`` drains what is pending (a
+    remount right after finds everything read). Cache trouble is logged at most once a minute
+    and never fails a read.
+    """
+
+    def __init__(self, inner: ObjectSource, disk: DiskCache | None, stats: ReadStats | None = None,
+                 write_behind: int = DEFAULT_WRITE_BEHIND) -> None:
+        self._inner = inner
+        self._disk = disk
+        self.stats = stats or ReadStats()
+        self._trouble = TroubleLog()
+        self._room = threading.Condition()  # guards the two below, and ``stats``
+        self._pending: dict[tuple[str, int], bytes] = {}  # (digest, index) -> block to write
+        self._pending_bytes = 0
+        self._write_behind = write_behind
+        self._writer: ThreadPoolExecutor | None = None
+
+    def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
+        disk = self._disk
+        if disk is None:
+            return self._fetch(archive, start, end)
+        size = disk.block_size
+        blocks = range(start // size, (end - 1) // size + 1)
+        digest = object_digest(archive)
+        with self._room:
+            found = {i: b for i in blocks if (b := self._pending.get((digest, i))) is not None}
+        if len(found) < len(blocks):
+            try:
+                on_disk = disk.read_run(digest, archive.size, blocks)
+            except OSError as exc:
+                self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3")
+            else:
+                with self._room:
+                    self.stats.disk_hits += len(on_disk)
+                    self.stats.disk_bytes += sum(map(len, on_disk.values()))
+                found.update(on_disk)
+        low = blocks.start * size
+        if all(index in found for index in blocks):
+            data = b"".join(found[index] for index in blocks)
+            return data[start - low: end - low]
+        high = min(blocks.stop * size, archive.size)
+        data = self._fetch(archive, low, high)
+        view = memoryview(data)
+        self._store(archive, digest, blocks.start,
+                    [view[at: at + size] for at in range(0, len(data), size)])
+        return data[start - low: end - low]
+
+    def _fetch(self, archive: ObjectRef, start: int, end: int) -> bytes:
+        data = self._inner.get_range(archive, start, end)
+        with self._room:
+            self.stats.s3_requests += 1
+            self.stats.s3_bytes += len(data)
+        return data
+
+    def close(self) -> None:
+        """Write what is pending, then stop the writer."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+
+    def _store(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview]) -> None:
+        cost = sum(map(len, blocks))
+        with self._room:
+            while self._pending_bytes and self._pending_bytes + cost > self._write_behind:
+                self._room.wait()
+            self._pending_bytes += cost
+            for index, block in enumerate(blocks, first):
+                self._pending[(digest, index)] = block
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="s3datafs-zip-cache")
+        self._writer.submit(self._write, archive, digest, first, blocks, cost)
+
+    def _write(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview],
+               cost: int) -> None:
+        try:
+            self._disk.write(archive, digest, first, blocks)
+        except OSError as exc:
+            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+        finally:
+            with self._room:
+                for index in range(first, first + len(blocks)):
+                    self._pending.pop((digest, index), None)
+                self._pending_bytes -= cost
+                self._room.notify_all()
+
+
+class _Span:
+    """One GET of an archive stretch: in flight until ``done``; then ``data`` or ``error``."""
+
+    def __init__(self, archive: ObjectRef, start: int, end: int) -> None:
+        self.archive, self.start, self.end = archive, start, end
+        self.done = threading.Event()
+        self.data = b""
+        self.error: BaseException | None = None
+
+    def holds(self, archive: ObjectRef, at: int) -> bool:
+        return self.archive == archive and self.start <= at < self.end and self.error is None
+
+
+class Spans:
+    """Archive bytes for members read in archive order: fetched in growing spans, shared.
+
+    Reading every member of an archive one GET per member pays S3's latency 20,000 times; a
+    download pays it once. So when a member's bytes start where a recent fetch of the same
+    archive ended (members read in archive order, by one reader or several), the fetch becomes
+    a *span* running past the member, doubling from ``_MIN_SPAN`` up to ``_MAX_SPAN`` while the
+    streak lasts; the next members are then served from it (or wait for it while it is in
+    flight: single-flight). A range that crosses from one span into the next is put together
+    from both, and a new span ends where a planned one begins, so no byte is fetched twice.
+    Any other read fetches exactly what it needs, so a job reading 1% of the members at random
+    pays nothing for this.
+
+    Readahead: once a span of ``_AHEAD_FROM_SPAN`` or more (a streak, not two reads that
+    happen to be neighbours) is read from, the ``_SPANS_AHEAD`` spans after it are fetched in
+    the background (by ``_AHEAD_THREADS`` threads), so readers in a streak find their bytes
+    landed instead of waiting for S3's latency once per span. Spans are kept in memory up to
+    ``max_bytes`` (in flight included), the least recently used leaving first; every byte
+    still comes from a pinned ranged GET.
+    """
+
+    def __init__(self, inner: ArchiveBlocks, *, max_bytes: int) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+        self._spans: list[_Span] = []  # newest last; in flight or done
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        # Room for the span being read, the ones ahead and one more: a span larger than that
+        # would evict what readers are still reading.
+        self._largest = max(_MIN_SPAN, min(_MAX_SPAN, max_bytes // (_SPANS_AHEAD + 2)))
+        self._ends: dict[ObjectRef, list[int]] = {}  # archive -> ends of its recent fetches
+        self._span_size: dict[ObjectRef, int] = {}
+        self._ahead: ThreadPoolExecutor | None = None
+
+    def read(self, archive: ObjectRef, start: int, end: int) -> bytes:
+        parts: list[bytes] = []
+        at = start
+        while at < end:
+            with self._lock:
+                span = self._holding(archive, at)
+                mine = False
+                if span is None:
+                    span = self._plan(archive, at, end)
+                    mine = span is not None
+                ahead = self._plan_ahead(span) if span is not None else []
+            self._start(ahead)
+            if span is None:  # not in a streak: exactly what is needed
+                parts.append(self._inner.get_range(archive, at, end))
+                self._note_end(archive, end)
+                break
+            if mine:
+                self._fetch(span)
+            else:
+                span.done.wait()
+            if span.error is not None:
+                if mine:
+                    raise span.error
+                continue  # another reader's span failed: the next pass plans our own
+            part = span.data[at - span.start: min(end, span.end) - span.start]
+            if not part:  # past the archive's end: let S3 say what is wrong
+                parts.append(self._inner.get_range(archive, at, end))
+                break
+            parts.append(part)
+            at += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def peek(self, archive: ObjectRef, start: int, end: int) -> bytes | None:
+        """``[start, end)`` if landed spans hold it, else None; never fetches or waits."""
+        parts: list[bytes] = []
+        ahead: list[_Span] = []
+        at = start
+        with self._lock:
+            while at < end:
+                span = self._holding(archive, at)
+                if span is None or not span.done.is_set() or span.error is not None:
+                    return None
+                ahead += self._plan_ahead(span)
+                part = span.data[at - span.start: min(end, span.end) - span.start]
+                if not part:
+                    return None
+                parts.append(part)
+                at += len(part)
+        self._start(ahead)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        """Stop fetching ahead (queued readahead is dropped; a GET in progress ends)."""
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=False, cancel_futures=True)
+
+    # -- with the lock held ---------------------------------------------------------------------
+
+    def _holding(self, archive: ObjectRef, at: int) -> _Span | None:
+        """The span holding byte ``at``, marked used (LRU: most recently used last)."""
+        span = next((s for s in reversed(self._spans) if s.holds(archive, at)), None)
+        if span is not None and span is not self._spans[-1]:
+            self._spans.remove(span)
+            self._spans.append(span)
+        return span
+
+    def _plan(self, archive: ObjectRef, start: int, end: int) -> _Span | None:
+        """A new span starting at ``start`` if it continues a recent fetch."""
+        ends = self._ends.get(archive, [])
+        if not any(e - _NEAR_BEFORE <= start <= e + _NEAR_AFTER for e in ends):
+            self._span_size[archive] = _MIN_SPAN
+            return None
+        return self._add(archive, start, end)
+
+    def _add(self, archive: ObjectRef, start: int, end: int = 0) -> _Span:
+        """A new span from ``start``; it stops where a span already planned begins (the reader
+        goes on into that one), so no byte is fetched twice."""
+        size = self._span_size.get(archive, _MIN_SPAN)
+        self._span_size[archive] = min(size * 2, self._largest)
+        stop = min((s.start for s in self._spans if s.archive == archive and s.start > start),
+                   default=archive.size)
+        span = _Span(archive, start, min(max(end, start + size), stop, archive.size))
+        self._spans.append(span)
+        self._remember_end(archive, span.end)
+        self._bytes += span.end - span.start
+        while self._bytes > self._max_bytes and len(self._spans) > 1:
+            used_least = self._spans.pop(0)  # readers holding it keep their reference
+            self._bytes -= used_least.end - used_least.start
+        return span
+
+    def _plan_ahead(self, span: _Span) -> list[_Span]:
+        """The spans after ``span`` not planned yet, up to ``_SPANS_AHEAD``, to be fetched."""
+        planned: list[_Span] = []
+        if span.end - span.start < _AHEAD_FROM_SPAN:
+            return planned  # a short streak yet (two scattered reads may look like one)
+        at = span.end
+        for _ in range(_SPANS_AHEAD):
+            if at >= span.archive.size:
+                break
+            if (after := self._holding(span.archive, at)) is None:
+                after = self._add(span.archive, at)  # may evict the least recently used
+                planned.append(after)
+            at = after.end
+        return planned
+
+    def _remember_end(self, archive: ObjectRef, end: int) -> None:
+        ends = self._ends.setdefault(archive, [])
+        ends.append(end)
+        del ends[:-_RECENT_ENDS]
+        if len(self._ends) > _RECENT_ARCHIVES:
+            del self._ends[next(iter(self._ends))]
+
+    # -- without it -----------------------------------------------------------------------------
+
+    def _start(self, spans: list[_Span]) -> None:
+        for span in spans:
+            if self._ahead is None:
+                self._ahead = ThreadPoolExecutor(_AHEAD_THREADS, thread_name_prefix="s3datafs-zip")
+            try:
+                self._ahead.submit(self._fetch_quietly, span)
+            except RuntimeError:  # closed: whoever needs it fetches it
+                self._failed(span, RuntimeError("closed"))
+
+    def _fetch_quietly(self, span: _Span) -> None:
+        with contextlib.suppress(Exception):  # readers that need it retry on their own
+            self._fetch(span)
+
+    def _fetch(self, span: _Span) -> None:
+        try:
+            span.data = self._inner.get_range(span.archive, span.start, span.end)
+        except BaseException as exc:
+            self._failed(span, exc)
+            raise
+        finally:
+            span.done.set()
+
+    def _failed(self, span: _Span, error: BaseException) -> None:
+        span.error = error
+        with self._lock:
+            if span in self._spans:
+                self._spans.remove(span)
+                self._bytes -= span.end - span.start
+        span.done.set()
+
+    def _note_end(self, archive: ObjectRef, end: int) -> None:
+        with self._lock:
+            self._remember_end(archive, end)
