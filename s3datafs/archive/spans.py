@@ -179,7 +179,8 @@ class Spans:
         self._largest = max(_MIN_SPAN, min(_MAX_SPAN, max_bytes // (_SPANS_AHEAD + 2)))
         self._ends: dict[ObjectRef, list[int]] = {}  # archive -> ends of its recent fetches
         self._span_size: dict[ObjectRef, int] = {}
-        self._ahead: ThreadPoolExecutor | None = None
+        # Threads start on the first readahead: scattered reads never start one.
+        self._ahead = ThreadPoolExecutor(_AHEAD_THREADS, thread_name_prefix="s3datafs-zip")
 
     def read(self, archive: ObjectRef, start: int, end: int) -> bytes:
         parts: list[bytes] = []
@@ -234,8 +235,7 @@ class Spans:
 
     def close(self) -> None:
         """Stop fetching ahead (queued readahead is dropped; a GET in progress ends)."""
-        if self._ahead is not None:
-            self._ahead.shutdown(wait=False, cancel_futures=True)
+        self._ahead.shutdown(wait=False, cancel_futures=True)
 
     # -- with the lock held ---------------------------------------------------------------------
 
@@ -297,8 +297,6 @@ class Spans:
 
     def _start(self, spans: list[_Span]) -> None:
         for span in spans:
-            if self._ahead is None:
-                self._ahead = ThreadPoolExecutor(_AHEAD_THREADS, thread_name_prefix="s3datafs-zip")
             try:
                 self._ahead.submit(self._fetch_quietly, span)
             except RuntimeError:  # closed: whoever needs it fetches it
