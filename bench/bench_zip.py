@@ -543,19 +543,8 @@ class ProfileRun:
         """py-spy (raw stacks, 200 Hz, non-blocking) on ``pid``; summary next to the results."""
         raw = OUT / f"zip-profile-{self.profile}.txt"
         raw.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [profile_seq.py_spy(), "record", "--pid", str(pid), "--rate", "200"]
-        cmd += ["--nonblocking", "--threads", "--format", "raw", "--output", str(raw)]
-        spy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            time.sleep(1.0)  # let py-spy attach
+        with profile_seq.spying(pid, raw):
             yield
-        finally:
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(60)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
         if raw.exists():
             summary = raw.with_name(f"zip-profile-{self.profile}.md")
             summary.write_text(profile_seq.summarise(raw) + "\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 import shutil
 import signal
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import peers, workloads
@@ -43,6 +45,24 @@ def py_spy() -> str:
     return found
 
 
+@contextlib.contextmanager
+def spying(pid: int, output: Path, fmt: str = "raw") -> Iterator[None]:
+    """py-spy (200 Hz, non-blocking, per thread) on ``pid`` while the block runs -> ``output``."""
+    cmd = [py_spy(), "record", "--pid", str(pid), "--rate", "200", "--nonblocking"]
+    cmd += ["--threads", "--format", fmt, "--output", str(output)]
+    spy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(1.0)  # let py-spy attach
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+
+
 def profiled_read(
     endpoint: str, work: Path, dataset: Dataset, output: Path, fmt: str
 ) -> dict[str, float]:
@@ -50,22 +70,13 @@ def profiled_read(
     ours = peers.Ours(work / "ours")
     cache = work / f"cache-{fmt}"
     drop_caches()
-    with ours.mount(endpoint, dataset.big_prefix, work / "mnt", cache) as mount:
-        cmd = [py_spy(), "record", "--pid", str(mount.pid), "--rate", "200", "--nonblocking"]
-        cmd += ["--threads", "--format", fmt, "--output", str(output)]
-        spy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            time.sleep(1.0)  # let py-spy attach
-            cpu0 = cpu_seconds(mount.pid)
-            done = workloads.sequential(mount.path / dataset.big_name, time.monotonic() + 300)
-            cpu = cpu_seconds(mount.pid) - cpu0
-        finally:
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(60)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
+    with (
+        ours.mount(endpoint, dataset.big_prefix, work / "mnt", cache) as mount,
+        spying(mount.pid, output, fmt),
+    ):
+        cpu0 = cpu_seconds(mount.pid)
+        done = workloads.sequential(mount.path / dataset.big_name, time.monotonic() + 300)
+        cpu = cpu_seconds(mount.pid) - cpu0
     shutil.rmtree(cache, ignore_errors=True)
     log(f"{fmt}: {done.mbps():.0f} MB/s, {done.seconds:.2f}s wall, daemon {cpu:.2f} cpu-s")
     return {"mbps": done.mbps(), "wall_s": done.seconds, "daemon_cpu_s": cpu}

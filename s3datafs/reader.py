@@ -426,10 +426,8 @@ class BlockReader:
                 await self._write_behind(flight.ref, first, blocks)
 
     def _on_disk(self, ref: PinnedRef) -> bool:
-        """Whether ``ref``'s blocks go to the disk cache: zip members do not, as such; the
-        ``MemberSource`` stores them as their archive's blocks (one file per 1 MiB, not three
-        files per member)."""
-        return self._disk is not None and not isinstance(ref, MemberRef)
+        """Whether ``ref``'s blocks go to the disk cache (see ``_source_keeps``)."""
+        return self._disk is not None and not _source_keeps(ref)
 
     def _keep(self, flight: _Flight) -> None:
         """Put a landed flight's blocks where reads find them: readahead staged, the rest LRU."""
@@ -482,7 +480,7 @@ class BlockReader:
                 f"no answer from S3 for {ref.uri} bytes {start}-{end - 1} within "
                 f"{self._read_timeout:g}s (--read-timeout)"
             )
-        if not isinstance(ref, MemberRef):  # a member's GETs are the archive's: its source counts
+        if not _source_keeps(ref):
             self.stats.s3_requests += 1
             self.stats.s3_bytes += len(data)
         # Blocks are zero-copy views of the response body: the body lives as long as one of its
@@ -532,8 +530,13 @@ class BlockReader:
                 if index not in flight.blocks:
                     self._failed[(flight.ref, index)] = flight.error
 
-    # -- helpers --------------------------------------------------------------------------------
 
+def _source_keeps(ref: PinnedRef) -> bool:
+    """Whether the source stores and counts ``ref``'s bytes itself: a zip member's bytes are its
+    archive's, which ``MemberSource`` keeps on disk as archive blocks (one file per 1 MiB, not
+    three files per member) and counts as archive GETs. The reader keeps members in memory only,
+    and counts them as reads, not S3 requests."""
+    return isinstance(ref, MemberRef)
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -9,9 +9,10 @@ import zipfile
 
 import pytest
 from fakes import FakeSource
+from test_zip_members import archive
 from zipcraft import make_zip, patch, sample_bytes
 
-from s3datafs.archive import index, members, spans
+from s3datafs.archive import members, spans
 from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import ArchiveError
 from s3datafs.model import MemberRef
@@ -20,17 +21,12 @@ NAMES = [f"d{i % 9}/m{i:04d}.bin" for i in range(400)]
 DATA = {name: sample_bytes(i, 20_000 + (i * 7919) % 30_000) for i, name in enumerate(NAMES)}
 
 
-def archive_members(methods: tuple[int, ...]) -> tuple[FakeSource, list[MemberRef]]:
-    source = FakeSource()
-    source.create_bucket("b")
-    archive = source.put("b", "a.zip", make_zip(DATA, methods=methods))
-    found, skipped = index.read_index(source, archive)
-    assert not skipped
-    refs = [MemberRef(archive, m.name, m.header_offset, m.data_limit, m.method, m.flags,
-                      m.compressed_size, m.size, m.crc32, m.mtime) for m in found]
-    source.calls.clear()
-    source.ranges.clear()
-    return source, sorted(refs, key=lambda r: r.header_offset)
+def archive_members(
+    methods: tuple[int, ...], body: bytes | None = None
+) -> tuple[FakeSource, list[MemberRef]]:
+    """DATA zipped (or ``body``) in a FakeSource, its members in archive order; no GET counted."""
+    zipped = archive(body if body is not None else make_zip(DATA, methods=methods))
+    return zipped.source, sorted(zipped.members.values(), key=lambda r: r.header_offset)
 
 
 def test_reading_every_member_in_archive_order_takes_few_gets() -> None:
@@ -133,12 +129,8 @@ def test_members_in_a_landed_span_are_at_hand_and_others_are_not() -> None:
 
 def test_a_member_at_hand_with_a_bad_crc_fails_as_get_range_would() -> None:
     body = patch(make_zip(DATA, methods=(zipfile.ZIP_DEFLATED,)), NAMES[3], crc=0x12345678)
-    source = FakeSource()
-    source.create_bucket("b")
-    archive = source.put("b", "a.zip", body)
-    found, _skipped = index.read_index(source, archive)
-    refs = {m.name: MemberRef(archive, m.name, m.header_offset, m.data_limit, m.method, m.flags,
-                              m.compressed_size, m.size, m.crc32, m.mtime) for m in found}
+    source, found = archive_members((), body)
+    refs = {ref.path: ref for ref in found}
     reader = members.MemberSource(source)
     for name in NAMES[:2]:
         reader.get_range(refs[name], 0, refs[name].size)

@@ -22,7 +22,7 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 TEMP_PREFIX = ".tmp."
@@ -42,11 +42,19 @@ def temp_for(path: Path) -> Path:
 
 def write_atomically(path: Path, parts: Sequence[bytes]) -> None:
     """Buffered: ``parts`` side by side in a temp file, then renamed into place."""
+    with _replacing(path, 0) as fd:
+        _write_all(fd, parts)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, flags: int) -> Iterator[int]:
+    """A new temp file's descriptor; renamed to ``path`` when the block ends, unlinked if it
+    raises (a reader sees the whole file or none)."""
     temp = temp_for(path)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | flags, 0o600)
         try:
-            _write_all(fd, parts)
+            yield fd
         finally:
             os.close(fd)
         os.replace(temp, path)
@@ -81,34 +89,24 @@ def write_direct(
     """
     padded = -(-size // _ALIGN) * _ALIGN
     buffer = buffers.take()
-    temp = temp_for(path)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | _O_DIRECT, 0o600)
-        try:
-            with memoryview(buffer) as view:
-                filled = 0
-                for part in (head, *parts):
-                    piece = memoryview(part)
-                    while piece:
-                        n = min(len(piece), len(view) - filled)
-                        view[filled : filled + n] = piece[:n]
-                        filled, piece = filled + n, piece[n:]
-                        if filled == len(view):
-                            _write_exact(fd, view)
-                            filled = 0
-                if filled:
-                    end = -(-filled // _ALIGN) * _ALIGN
-                    view[filled:end] = bytes(end - filled)  # no stale bytes of an earlier file
-                    _write_exact(fd, view[:end])
+        with _replacing(path, _O_DIRECT) as fd, memoryview(buffer) as view:
+            filled = 0
+            for part in (head, *parts):
+                piece = memoryview(part)
+                while piece:
+                    n = min(len(piece), len(view) - filled)
+                    view[filled : filled + n] = piece[:n]
+                    filled, piece = filled + n, piece[n:]
+                    if filled == len(view):
+                        _write_exact(fd, view)
+                        filled = 0
+            if filled:
+                end = -(-filled // _ALIGN) * _ALIGN
+                view[filled:end] = bytes(end - filled)  # no stale bytes of an earlier file
+                _write_exact(fd, view[:end])
             if padded != size:
                 os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
     finally:
         buffers.give(buffer)
 
