@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devtools.s3server import S3Server, clean_aws_env  # noqa: E402
+from devtools.s3server import S3Server, clean_aws_env, stop_process  # noqa: E402
 
 BUCKET, PREFIX = "bench", "ds/"
 MOUNT_WAIT = 60.0
@@ -196,7 +196,7 @@ class Bench:
         finally:
             force_unmount(mountpoint)
             if process is not None:
-                stop(process)
+                stop_process(process, signal.SIGTERM, 10.0)
 
     def rclone(self, mountpoint: Path) -> subprocess.Popen:
         config = self.work / "rclone.conf"
@@ -276,16 +276,6 @@ def force_unmount(mountpoint: Path) -> None:
         subprocess.run(
             ["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, check=False
         )
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def table(rows: list[Row]) -> str:

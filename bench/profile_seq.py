@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from devtools.s3server import stop_process
+
 from . import peers, workloads
 from .bench_reads import PROFILES, log, profile_endpoint
 from .env import Backend, Dataset, cpu_seconds, drop_caches
@@ -55,12 +57,7 @@ def spying(pid: int, output: Path, fmt: str = "raw") -> Iterator[None]:
         time.sleep(1.0)  # let py-spy attach
         yield
     finally:
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(60)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait()
+        stop_process(spy, signal.SIGINT, 60.0)  # SIGINT: py-spy writes its output, then ends
 
 
 def profiled_read(

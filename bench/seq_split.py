@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from . import peers, workloads
 from .bench_reads import PROFILES, log, profile_endpoint
@@ -37,27 +38,44 @@ from .env import CLK_TCK, Backend, Dataset, cpu_seconds, cpu_times, drop_caches,
 STATS_XATTR = "user.s3datafs.stats"
 
 
-@dataclass(frozen=True)
-class Split:
-    mbps: float
-    wall: float
+class Clocks(NamedTuple):
+    """CPU seconds so far: of the S3 server, the machine (busy), this reader, the daemon."""
+
     server: float
+    machine: float
+    reader: float
     daemon_user: float = 0.0
     daemon_system: float = 0.0
-    reader: float = 0.0
-    machine: float = 0.0
-    gets: int = 0
-    s3_mb: float = 0.0
-    mounted: bool = False  # a daemon's figures (False: the boto3 ceiling, no daemon)
+
+    @classmethod
+    def now(cls, server_pid: int, daemon_pid: int = 0) -> Clocks:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        user, system = cpu_times(daemon_pid) if daemon_pid else (0.0, 0.0)
+        return cls(cpu_seconds(server_pid), machine_busy(), usage.ru_utime + usage.ru_stime,
+                   user, system)
+
+    def since(self, earlier: Clocks) -> Clocks:
+        return Clocks(*(now - then for now, then in zip(self, earlier, strict=True)))
+
+
+@dataclass(frozen=True)
+class Split:
+    """One cold read: its rate and wall time, the CPU it cost, the daemon's counters (if any)."""
+
+    mbps: float
+    wall: float
+    cpu: Clocks
+    counters: dict[str, int] | None = None  # None: the boto3 ceiling, no daemon
 
     def line(self, label: str) -> str:
-        daemon = fetched = ""
-        if self.mounted:
-            daemon = f"daemon {self.daemon_user:4.2f}u+{self.daemon_system:4.2f}s  "
-            fetched = f"  {self.gets} GETs, {self.s3_mb:,.0f} MB"
+        cpu, daemon, fetched = self.cpu, "", ""
+        if self.counters is not None:
+            daemon = f"daemon {cpu.daemon_user:4.2f}u+{cpu.daemon_system:4.2f}s  "
+            gets, fetched_mb = self.counters["s3_requests"], self.counters["s3_bytes"] / 1e6
+            fetched = f"  {gets} GETs, {fetched_mb:,.0f} MB"
         return (f"{label:<24} {self.mbps:6.0f} MB/s  wall {self.wall:5.2f}s  "
-                f"server {self.server:4.2f}  {daemon}reader {self.reader:4.2f}  "
-                f"machine busy {self.machine:4.2f}{fetched}")
+                f"server {cpu.server:4.2f}  {daemon}reader {cpu.reader:4.2f}  "
+                f"machine busy {cpu.machine:4.2f}{fetched}")
 
 
 def machine_busy() -> float:
@@ -66,17 +84,11 @@ def machine_busy() -> float:
     return (sum(fields) - fields[3] - fields[4]) / CLK_TCK
 
 
-def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def ceiling(backend: Backend, endpoint: str, key: str, size: int) -> Split:
     drop_caches()
-    server, busy, mine = cpu_seconds(backend.server.pid), machine_busy(), own_cpu()
+    before = Clocks.now(backend.server.pid)
     wall = peers.parallel_download(endpoint, key)
-    return Split(size / wall / 1e6, wall, cpu_seconds(backend.server.pid) - server,
-                 reader=own_cpu() - mine, machine=machine_busy() - busy)
+    return Split(size / wall / 1e6, wall, Clocks.now(backend.server.pid).since(before))
 
 
 def ours(backend: Backend, endpoint: str, dataset: Dataset, args: tuple[str, ...]) -> Split:
@@ -85,16 +97,11 @@ def ours(backend: Backend, endpoint: str, dataset: Dataset, args: tuple[str, ...
         contender = peers.Ours(work / "root", args)
         with contender.mount(endpoint, dataset.big_prefix, work / "mnt", work / "cache") as mount:
             drop_caches()
-            server, busy, mine = cpu_seconds(backend.server.pid), machine_busy(), own_cpu()
-            user, system = cpu_times(mount.pid)
+            before = Clocks.now(backend.server.pid, mount.pid)
             done = workloads.sequential(mount.path / dataset.big_name, time.monotonic() + 120)
-            user_after, system_after = cpu_times(mount.pid)
-            split = Split(done.mbps(), done.seconds, cpu_seconds(backend.server.pid) - server,
-                          user_after - user, system_after - system, own_cpu() - mine,
-                          machine_busy() - busy)
+            cpu = Clocks.now(backend.server.pid, mount.pid).since(before)
             counters = json.loads(os.getxattr(mount.path, STATS_XATTR))
-            return Split(**{**vars(split), "gets": counters["s3_requests"],
-                            "s3_mb": counters["s3_bytes"] / 1e6, "mounted": True})
+            return Split(done.mbps(), done.seconds, cpu, counters)
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:

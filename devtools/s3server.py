@@ -569,6 +569,18 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- the client API
 
 
+def stop_process(proc: subprocess.Popen[Any], sig: int, grace: float) -> None:
+    """Send ``sig`` to ``proc`` if it still runs; kill it if it has not ended after ``grace``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def clean_aws_env() -> dict[str, str]:
     """os.environ without any AWS_* variable, plus dummy credentials and region."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -650,13 +662,7 @@ class S3Server:
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, signal.SIGTERM, STOP_GRACE)
             if self._pump is not None:
                 self._pump.join(STOP_GRACE)
         if self._log is not None:
