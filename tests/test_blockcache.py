@@ -1,11 +1,13 @@
-"""The persistent block cache: format, chunking, verification, eviction, sweeping, sharing."""
+"""The persistent block cache: region format, verification, eviction, sweeping, sharing."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import multiprocessing
 import os
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,8 @@ from s3datafs.cache.disk import DiskCache
 from s3datafs.model import ObjectRef
 
 BLOCK = 4096
-CHUNK_BLOCKS = disk.CHUNK_BYTES // BLOCK
-BIG_BLOCKS = disk.BIG_CHUNK_BYTES // BLOCK
-
-
-def file_size(payload: int) -> int:
-    """Bytes on disk of a cache file holding ``payload`` bytes of blocks."""
-    return blockfile.head_size(payload, BLOCK) + payload
+REGION_BLOCKS = disk.REGION_BYTES // BLOCK
+LAYOUT = blockfile.Layout(BLOCK, REGION_BLOCKS)
 
 
 def make_ref(size: int, key: str = "k", version: str | None = "v1") -> ObjectRef:
@@ -36,21 +33,59 @@ def make_cache(tmp_path: Path, capacity: int = 64 * 1024 * 1024, **kwargs) -> Di
     return DiskCache(tmp_path, block_size=BLOCK, capacity=capacity, **kwargs)
 
 
-def files_of(cache: DiskCache, ref: ObjectRef) -> list[str]:
+def stored(cache: DiskCache, ref: ObjectRef, data: bytes, first: int = 0, count: int = 0):
+    """Write blocks ``first`` .. (``count`` of them, or to the end) of ``data`` as ``ref``'s."""
+    blocks = blocks_of(data)[first : first + count if count else None]
     digest = blockfile.object_digest(ref)
-    return sorted(p.name for p in (cache.root / digest[:2] / digest).iterdir())
+    cache.write(ref, digest, first, blocks)
+    return digest
 
 
-def test_blockfile_round_trip_and_every_mismatch_is_a_miss() -> None:
-    digest = "ab" * 32
-    encoded = blockfile.encode(digest, 7, b"payload")
-    assert blockfile.decode(encoded, digest, 7, 7) == b"payload"
-    assert blockfile.decode(encoded, "cd" * 32, 7, 7) is None  # another object
-    assert blockfile.decode(encoded, digest, 8, 7) is None  # another block
-    assert blockfile.decode(encoded, digest, 7, 6) is None  # unexpected length
-    assert blockfile.decode(encoded[:-1], digest, 7, 7) is None  # truncated
-    flipped = encoded[:-1] + bytes([encoded[-1] ^ 1])
-    assert blockfile.decode(flipped, digest, 7, 7) is None  # corrupted payload
+def read_all(cache: DiskCache, ref: ObjectRef, indices: range) -> dict[int, bytes]:
+    return cache.read_run(blockfile.object_digest(ref), ref.size, indices)
+
+
+def object_dir(cache: DiskCache, ref: ObjectRef) -> Path:
+    digest = blockfile.object_digest(ref)
+    return cache.root / digest[:2] / digest
+
+
+def files_of(cache: DiskCache, ref: ObjectRef) -> list[str]:
+    return sorted(p.name for p in object_dir(cache, ref).iterdir())
+
+
+def damage(path: Path, offset: int, raw: bytes | None = None) -> None:
+    """Flip the byte at ``offset`` of ``path`` (or write ``raw`` there)."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        old = handle.read(1)
+        handle.seek(offset)
+        handle.write(raw if raw is not None else bytes([old[0] ^ 0xFF]))
+
+
+def test_region_header_and_entries_name_their_object_and_block() -> None:
+    digest, other = "ab" * 32, "cd" * 32
+    head = blockfile.header(digest, 3, LAYOUT)
+    assert blockfile.check_header(head, digest, 3, LAYOUT) is blockfile.HeaderState.VALID
+    assert blockfile.check_header(head, other, 3, LAYOUT) is blockfile.HeaderState.DAMAGED
+    assert blockfile.check_header(head, digest, 4, LAYOUT) is blockfile.HeaderState.DAMAGED
+    assert blockfile.check_header(bytes(64), digest, 3, LAYOUT) is blockfile.HeaderState.ABSENT
+    assert blockfile.check_header(b"", digest, 3, LAYOUT) is blockfile.HeaderState.ABSENT
+    older = head[:4] + (2).to_bytes(2, "little") + head[6:]
+    assert blockfile.check_header(older, digest, 3, LAYOUT) is blockfile.HeaderState.OTHER_VERSION
+
+    entry = blockfile.entries(digest, 7, [b"payload"])
+    assert blockfile.parse_entry(entry, digest, 7) == (7, zlib.crc32(b"payload"))
+    assert blockfile.parse_entry(entry, other, 7) is False  # another object's entry
+    assert blockfile.parse_entry(entry, digest, 8) is False  # another block's entry
+    assert blockfile.parse_entry(entry[:-1] + bytes([entry[-1] ^ 1]), digest, 7) is False
+    assert blockfile.parse_entry(bytes(blockfile.ENTRY_SIZE), digest, 7) is None  # never written
+    assert LAYOUT.table_size % blockfile.PAGE == 0
+    assert LAYOUT.slot_offset(REGION_BLOCKS + 1) == LAYOUT.table_size + BLOCK
+    assert list(LAYOUT.runs(REGION_BLOCKS - 1, REGION_BLOCKS + 2)) == [
+        range(REGION_BLOCKS - 1, REGION_BLOCKS),
+        range(REGION_BLOCKS, REGION_BLOCKS + 2),
+    ]
 
 
 def test_digest_names_the_pinned_version() -> None:
@@ -61,216 +96,250 @@ def test_digest_names_the_pinned_version() -> None:
     assert blockfile.object_digest(make_ref(1)) != blockfile.object_digest(make_ref(1, key="x"))
 
 
-def test_write_then_read_whole_chunks_and_single_blocks(tmp_path: Path) -> None:
-    size = (BIG_BLOCKS + CHUNK_BLOCKS * 2 + 3) * BLOCK + 100  # a big chunk, then a short one
+def test_runs_and_scattered_blocks_share_their_region_files(tmp_path: Path) -> None:
+    size = (2 * REGION_BLOCKS + 3) * BLOCK + 100  # two whole regions, then a short one
     data = os.urandom(size)
-    blocks = len(blocks_of(data))
+    count = len(blocks_of(data))
     ref = make_ref(size)
     cache = make_cache(tmp_path)
-    digest = blockfile.object_digest(ref)
-    cache.write(ref, digest, 0, blocks_of(data))  # readahead: whole big chunks, one file each
-    assert files_of(cache, ref) == ["C0", "C1", "meta.json"]
-    found = cache.read_run(digest, size, range(0, blocks))
+    stored(cache, ref, data, 5, 1)  # a random read's block: its region file is made
+    assert files_of(cache, ref) == ["meta.json", "r0"]
+    assert read_all(cache, ref, range(5, 6)) == {5: data[5 * BLOCK : 6 * BLOCK]}
+    assert read_all(cache, ref, range(4, 6)) == {}  # stops at the first miss
+    assert read_all(cache, ref, range(5, 8)) == {5: data[5 * BLOCK : 6 * BLOCK]}
+
+    stored(cache, ref, data, 2, 2)  # more blocks of the same region: into the same file
+    stored(cache, ref, data, REGION_BLOCKS - 1, 3)  # across a region boundary
+    assert files_of(cache, ref) == ["meta.json", "r0", "r1"]
+    assert sorted(read_all(cache, ref, range(2, 6))) == [2, 3]  # block 4 was never written
+    run = read_all(cache, ref, range(REGION_BLOCKS - 1, count))
+    assert sorted(run) == list(range(REGION_BLOCKS - 1, REGION_BLOCKS + 2))
+
+    stored(cache, ref, data)  # readahead: whole regions, one write each, and the short tail
+    assert files_of(cache, ref) == ["meta.json", "r0", "r1", "r2"]
+    found = read_all(cache, ref, range(0, count + 5))  # clamped to the object
     assert b"".join(found[i] for i in sorted(found)) == data
-    part = cache.read_run(digest, size, range(300, 302))  # only the blocks asked for are read
+    part = read_all(cache, ref, range(300, 302))  # only the blocks asked for are read
     assert part == {300: data[300 * BLOCK : 301 * BLOCK], 301: data[301 * BLOCK : 302 * BLOCK]}
-    tail = cache.read_run(digest, size, range(blocks - 2, blocks + 5))  # clamped to the object
-    assert b"".join(tail.values()) == data[(blocks - 2) * BLOCK :]
 
-    mid = make_ref(size, key="mid")  # a 1 MiB read not at a big chunk's start: chunk files
-    mid_digest = blockfile.object_digest(mid)
-    run = blocks_of(data)[CHUNK_BLOCKS : 3 * CHUNK_BLOCKS + 2]
-    cache.write(mid, mid_digest, CHUNK_BLOCKS, run)
-    ends = [str(3 * CHUNK_BLOCKS), str(3 * CHUNK_BLOCKS + 1)]
-    assert files_of(cache, mid) == [*ends, "c1", "c2", "meta.json"]
-    found = cache.read_run(mid_digest, size, range(CHUNK_BLOCKS, blocks))
-    assert sorted(found) == list(range(CHUNK_BLOCKS, 3 * CHUNK_BLOCKS + 2))
 
-    lone = make_ref(size, key="lone")
-    lone_digest = blockfile.object_digest(lone)
-    cache.write(lone, lone_digest, 5, [data[5 * BLOCK : 6 * BLOCK]])  # a random read's block
-    assert files_of(cache, lone) == ["5", "meta.json"]
-    assert cache.read_run(lone_digest, size, range(5, 6)) == {5: data[5 * BLOCK : 6 * BLOCK]}
-    assert cache.read_run(lone_digest, size, range(4, 6)) == {}  # stops at the first miss
+def test_region_files_are_sparse_and_counted_by_what_they_hold(tmp_path: Path) -> None:
+    size = REGION_BLOCKS * BLOCK
+    ref = make_ref(size)
+    cache = make_cache(tmp_path)
+    data = os.urandom(size)
+    stored(cache, ref, data, 100, 1)
+    path = object_dir(cache, ref) / "r0"
+    assert path.stat().st_size == LAYOUT.slot_offset(101)  # the file reaches block 100's end
+    allocated = path.stat().st_blocks * 512
+    assert allocated <= LAYOUT.table_size + 2 * BLOCK  # ... but holds the table and one block
+    assert cache.used_bytes == allocated
+    stored(cache, ref, data)
+    assert cache.used_bytes == path.stat().st_blocks * 512 >= size
 
 
 @pytest.mark.parametrize("refuse", [False, True])
-def test_files_are_exact_with_o_direct_and_where_a_filesystem_refuses_it(
+def test_blocks_are_exact_with_o_direct_and_where_a_filesystem_refuses_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: bool
 ) -> None:
-    real_open, direct = os.open, getattr(os, "O_DIRECT", 0)
-    opened_direct = []
+    real_fcntl, direct = fcntl.fcntl, getattr(os, "O_DIRECT", 0)
+    asked_direct = []
 
-    def fake_open(path, flags, *args):  # a filesystem without O_DIRECT (tmpfs before 6.6)
-        if flags & direct:
-            opened_direct.append(path)
+    def fake_fcntl(fd, command, arg=0):  # a filesystem without O_DIRECT (tmpfs before 6.6)
+        if command == fcntl.F_SETFL and arg & direct:
+            asked_direct.append(fd)
             if refuse:
                 raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
+        return real_fcntl(fd, command, arg)
 
-    monkeypatch.setattr(os, "open", fake_open)
-    size = CHUNK_BLOCKS * BLOCK + 3 * BLOCK + 100  # a chunk, then an odd-sized tail chunk
+    monkeypatch.setattr(fcntl, "fcntl", fake_fcntl)
+    size = REGION_BLOCKS * BLOCK + 3 * BLOCK + 100  # a region, then an odd-sized tail
     data = os.urandom(size)
     ref = make_ref(size)
     cache = make_cache(tmp_path)
-    digest = blockfile.object_digest(ref)
-    cache.write(ref, digest, 0, blocks_of(data)[:CHUNK_BLOCKS])
-    cache.write(ref, digest, CHUNK_BLOCKS, blocks_of(data)[CHUNK_BLOCKS:])
-    assert len(opened_direct) == (1 if refuse else 2)  # refused once, then buffered
-    split = CHUNK_BLOCKS * BLOCK
-    for name, length in [("c0", split), ("c1", size - split)]:
-        path = cache.root / digest[:2] / digest / name
-        assert path.stat().st_size == file_size(length)  # the padding is cut off
-    found = cache.read_run(digest, size, range(0, len(blocks_of(data))))
+    stored(cache, ref, data, 0, REGION_BLOCKS)
+    stored(cache, ref, data, REGION_BLOCKS)
+    assert len(asked_direct) == (1 if refuse else 2)  # refused once, then buffered
+    found = read_all(cache, ref, range(0, len(blocks_of(data))))
     assert b"".join(found[i] for i in sorted(found)) == data
-    assert not list(tmp_path.rglob(".tmp.*"))
+    tail = object_dir(cache, ref) / "r1"
+    padded = LAYOUT.table_size + blockfile.padded(3 * BLOCK + 100)
+    assert tail.stat().st_size == (padded if not refuse else LAYOUT.table_size + 3 * BLOCK + 100)
 
 
-def test_a_file_larger_than_the_write_buffer_is_written_in_pieces(tmp_path: Path) -> None:
-    size = BIG_BLOCKS * BLOCK - 100  # one big chunk file, 8 buffers' worth, odd-sized
+def test_a_run_larger_than_the_write_buffer_is_written_in_pieces(tmp_path: Path) -> None:
+    size = REGION_BLOCKS * BLOCK - 100  # one region, 8 buffers' worth, odd-sized
     data = os.urandom(size)
     ref = make_ref(size)
     cache = make_cache(tmp_path)
-    digest = blockfile.object_digest(ref)
-    cache.write(ref, digest, 0, blocks_of(data))
-    assert files_of(cache, ref) == ["C0", "meta.json"]
-    assert (cache.root / digest[:2] / digest / "C0").stat().st_size == file_size(size)
-    found = cache.read_run(digest, size, range(0, BIG_BLOCKS))
+    stored(cache, ref, data)
+    assert files_of(cache, ref) == ["meta.json", "r0"]
+    found = read_all(cache, ref, range(0, REGION_BLOCKS))
     assert b"".join(found[i] for i in sorted(found)) == data
 
 
-def test_a_run_not_covering_its_chunk_is_stored_as_blocks(tmp_path: Path) -> None:
-    size = CHUNK_BLOCKS * BLOCK * 2
+def test_a_damaged_block_is_a_miss_and_is_written_again(tmp_path: Path, caplog) -> None:
+    size = 16 * BLOCK
     data = os.urandom(size)
     ref = make_ref(size)
     cache = make_cache(tmp_path)
-    digest = blockfile.object_digest(ref)
-    cache.write(ref, digest, CHUNK_BLOCKS - 2, blocks_of(data)[CHUNK_BLOCKS - 2 :])
-    assert files_of(cache, ref) == [str(CHUNK_BLOCKS - 2), str(CHUNK_BLOCKS - 1), "c1", "meta.json"]
+    stored(cache, ref, data)
+    path = object_dir(cache, ref) / "r0"
+    damage(path, LAYOUT.slot_offset(5) + 7)  # one flipped payload bit in block 5
+    damage(path, LAYOUT.entry_offset(9) + 5)  # a damaged table entry of block 9
+    assert read_all(cache, ref, range(0, 2)) == {0: data[:BLOCK], 1: data[BLOCK : 2 * BLOCK]}
+    assert read_all(cache, ref, range(4, 7)) == {4: data[4 * BLOCK : 5 * BLOCK]}  # stops at 5
+    assert read_all(cache, ref, range(5, 6)) == {}  # now a plain miss: its entry was zeroed
+    assert sorted(read_all(cache, ref, range(6, 12))) == [6, 7, 8]
+    assert "discarding corrupt cache block 5" in caplog.text
+    assert "discarding corrupt cache block 9" in caplog.text
+    stored(cache, ref, data, 5, 1)  # fetched again: stored again
+    stored(cache, ref, data, 9, 1)
+    found = read_all(cache, ref, range(0, 16))
+    assert b"".join(found[i] for i in range(16)) == data
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "swap"])
-def test_corrupt_files_are_misses_and_are_deleted(tmp_path: Path, damage: str) -> None:
-    size = CHUNK_BLOCKS * BLOCK
+@pytest.mark.parametrize("harm", ["truncate", "header", "swap", "empty"])
+def test_a_file_that_is_not_its_region_is_a_miss(tmp_path: Path, harm: str) -> None:
+    size = 16 * BLOCK
     data = os.urandom(size)
     ref, other = make_ref(size), make_ref(size, key="other")
     cache = make_cache(tmp_path)
-    digest = blockfile.object_digest(ref)
-    cache.write(ref, digest, 0, blocks_of(data))
-    cache.write(other, blockfile.object_digest(other), 0, blocks_of(os.urandom(size)))
-    path = cache.root / digest[:2] / digest / "C0"
-    if damage == "truncate":
-        path.write_bytes(path.read_bytes()[:-10])
-    elif damage == "flip":
-        raw = bytearray(path.read_bytes())
-        raw[len(raw) // 2] ^= 0xFF
-        path.write_bytes(bytes(raw))
-    else:  # a whole valid file of another object renamed into place
-        other_digest = blockfile.object_digest(other)
-        path.write_bytes((cache.root / other_digest[:2] / other_digest / "C0").read_bytes())
-    assert cache.read_run(digest, size, range(0, CHUNK_BLOCKS)) == {}
-    assert not path.exists()
+    stored(cache, ref, data)
+    stored(cache, other, os.urandom(size))
+    path = object_dir(cache, ref) / "r0"
+    if harm == "truncate":  # the last blocks lost: those are misses, the others are served
+        os.truncate(path, LAYOUT.slot_offset(12) + 10)
+        assert sorted(read_all(cache, ref, range(0, 16))) == list(range(12))
+        return
+    if harm == "header":
+        damage(path, 20)
+    elif harm == "swap":  # a whole valid file of another object put in its place
+        path.write_bytes((object_dir(cache, other) / "r0").read_bytes())
+    else:
+        path.write_bytes(b"")
+    assert read_all(cache, ref, range(0, 16)) == {}
+    assert path.exists() == (harm == "empty")  # an empty file is a new region, not damage
 
 
-def test_a_partial_read_verifies_what_it_serves(tmp_path: Path) -> None:
-    size = CHUNK_BLOCKS * BLOCK
-    data = os.urandom(size)
-    ref = make_ref(size)
-    cache = make_cache(tmp_path)
-    digest = blockfile.object_digest(ref)
-    cache.write(ref, digest, 0, blocks_of(data))
-    path = cache.root / digest[:2] / digest / "C0"
-    raw = bytearray(path.read_bytes())
-    raw[blockfile.head_size(size, BLOCK) + 5 * BLOCK + 7] ^= 0xFF  # damage block 5 only
-    path.write_bytes(bytes(raw))
-    assert cache.read_run(digest, size, range(0, 2)) == {
-        0: data[:BLOCK],
-        1: data[BLOCK : 2 * BLOCK],
-    }
-    assert cache.read_run(digest, size, range(4, 6)) == {}  # block 4 is fine, but in a bad file
-    assert not path.exists()
-
-
-def test_a_file_of_the_previous_format_is_a_quiet_miss(tmp_path: Path, caplog) -> None:
+def test_files_of_earlier_formats_are_quiet_misses_and_swept(tmp_path: Path, caplog) -> None:
     size = BLOCK
-    data = os.urandom(size)
     ref = make_ref(size)
     cache = make_cache(tmp_path)
-    digest = blockfile.object_digest(ref)
-    cache.write(ref, digest, 0, [data])
-    path = cache.root / digest[:2] / digest / "C0"
-    old = bytearray(path.read_bytes())
-    old[4:6] = (1).to_bytes(2, "little")  # format version 1
-    path.write_bytes(bytes(old))
+    stored(cache, ref, os.urandom(size))
+    region = object_dir(cache, ref) / "r0"
+    damage(region, 4, (2).to_bytes(2, "little")[:1])  # format version 2
+    old_chunk = object_dir(cache, ref) / "C0"  # a format-2 chunk file
+    old_chunk.write_bytes(b"S3DB" + bytes(100))
     with caplog.at_level("INFO"):
-        assert cache.read_run(digest, size, range(0, 1)) == {}
+        assert read_all(cache, ref, range(0, 1)) == {}
     assert "another format version" in caplog.text
     assert "corrupt" not in caplog.text
-    assert not path.exists()
+    assert not region.exists()
+    cache.sync()
+    assert files_of(cache, ref) == ["meta.json"]
 
 
 def test_eviction_is_lru_by_bytes_and_deletes_files(tmp_path: Path) -> None:
-    chunk_file = file_size(disk.CHUNK_BYTES)
-    cache = make_cache(tmp_path, capacity=3 * chunk_file)
-    refs = [make_ref(disk.CHUNK_BYTES, key=f"k{i}") for i in range(4)]
-    payload = blocks_of(os.urandom(disk.CHUNK_BYTES))
+    size = REGION_BLOCKS * BLOCK
+    probe = make_cache(tmp_path / "probe")
+    stored(probe, make_ref(size), bytes(size))
+    region_file = probe.used_bytes  # what one full region takes on this filesystem
+    cache = make_cache(tmp_path / "cache", capacity=3 * region_file)
+    refs = [make_ref(size, key=f"k{i}") for i in range(4)]
+    payload = os.urandom(size)
     for ref in refs[:3]:
-        cache.write(ref, blockfile.object_digest(ref), 0, payload)
-    cache.read_run(blockfile.object_digest(refs[0]), disk.CHUNK_BYTES, range(0, 1))  # k0 is hot
-    cache.write(refs[3], blockfile.object_digest(refs[3]), 0, payload)  # evicts k1, the coldest
-    assert cache.used_bytes == 3 * chunk_file
-    present = {r.key for r in refs if "C0" in files_of(cache, r)}
+        stored(cache, ref, payload)
+    read_all(cache, refs[0], range(0, 1))  # k0 is hot
+    stored(cache, refs[3], payload)  # evicts k1, the coldest
+    assert cache.used_bytes == 3 * region_file
+    present = {r.key for r in refs if "r0" in files_of(cache, r)}
     assert present == {"k0", "k2", "k3"}
 
 
+def test_a_region_growing_past_others_evicts_them_not_itself(tmp_path: Path) -> None:
+    size = REGION_BLOCKS * BLOCK
+    probe = make_cache(tmp_path / "probe")
+    stored(probe, make_ref(size), bytes(size), 0, REGION_BLOCKS // 2)
+    half = probe.used_bytes
+    cache = make_cache(tmp_path / "cache", capacity=2 * half + half // 2)
+    grows, other = make_ref(size, key="grows"), make_ref(size, key="other")
+    data = os.urandom(size)
+    stored(cache, grows, data, 0, REGION_BLOCKS // 2)
+    stored(cache, other, data, 0, REGION_BLOCKS // 2)
+    stored(cache, grows, data, REGION_BLOCKS // 2)  # now the oldest entry, and growing
+    assert files_of(cache, other) == ["meta.json"]
+    assert len(read_all(cache, grows, range(0, REGION_BLOCKS))) == REGION_BLOCKS
+
+
+def test_a_cache_smaller_than_a_region_stays_within_its_bound(tmp_path: Path) -> None:
+    size = REGION_BLOCKS * BLOCK
+    cache = make_cache(tmp_path, capacity=size // 2)
+    ref = make_ref(size)
+    data = os.urandom(size)
+    stored(cache, ref, data, 0, 8)  # a few blocks fit
+    assert len(read_all(cache, ref, range(0, 8))) == 8
+    stored(cache, ref, data)  # the whole region does not: it is not kept
+    assert files_of(cache, ref) == ["meta.json"]
+    assert cache.used_bytes == 0
+    big = make_cache(tmp_path)  # written by a process with a larger bound ...
+    stored(big, ref, data)
+    cache.sync()  # ... and dropped by the scan of the small one
+    assert files_of(cache, ref) == ["meta.json"]
+
+
 def test_sync_counts_files_of_others_and_sweeps_dead_temps(tmp_path: Path) -> None:
-    chunk_file = file_size(disk.CHUNK_BYTES)
-    first = make_cache(tmp_path, capacity=2 * chunk_file)
-    second = make_cache(tmp_path, capacity=2 * chunk_file)
-    payload = blocks_of(os.urandom(disk.CHUNK_BYTES))
-    refs = [make_ref(disk.CHUNK_BYTES, key=f"k{i}") for i in range(3)]
+    size = REGION_BLOCKS * BLOCK
+    probe = make_cache(tmp_path / "probe")
+    stored(probe, make_ref(size), bytes(size))
+    region_file = probe.used_bytes
+    first = make_cache(tmp_path / "shared", capacity=2 * region_file)
+    second = make_cache(tmp_path / "shared", capacity=2 * region_file)
+    refs = [make_ref(size, key=f"k{i}") for i in range(3)]
     for ref in refs:  # three files through two caches: each one alone is within its bound
-        cache = first if ref.key != "k2" else second
-        cache.write(ref, blockfile.object_digest(ref), 0, payload)
+        stored(first if ref.key != "k2" else second, ref, os.urandom(size))
         time.sleep(0.01)
-    digest = blockfile.object_digest(refs[0])
-    stale_temp = first.root / digest[:2] / digest / ".tmp.999999999.1.c5"
-    stale_temp.write_bytes(b"half a block")
+    stale_temp = object_dir(first, refs[0]) / ".tmp.999999999.1.meta.json"
+    stale_temp.write_bytes(b"half a file")
     first.sync()
     assert not stale_temp.exists()
-    assert first.used_bytes == 2 * chunk_file
-    on_disk = sorted(p.parent.name for p in first.root.rglob("C0"))
-    assert len(on_disk) == 2  # the oldest file (k0) went
+    assert first.used_bytes == 2 * region_file
+    assert len(list(first.root.rglob("r0"))) == 2  # the oldest file (k0) went
 
 
-def _hammer(cache_dir: str, seed: int) -> None:
-    cache = DiskCache(Path(cache_dir), block_size=BLOCK, capacity=8 * disk.CHUNK_BYTES)
-    payload = blocks_of(bytes([seed]) * disk.CHUNK_BYTES)
-    for i in range(12):
-        ref = make_ref(disk.CHUNK_BYTES, key=f"shared{i % 6}")  # both processes write these
-        cache.write(ref, blockfile.object_digest(ref), 0, [bytes(p) for p in payload])
-        cache.read_run(blockfile.object_digest(ref), disk.CHUNK_BYTES, range(0, CHUNK_BLOCKS))
+def _write_every_other_block(cache_dir: str, parity: int, data: bytes) -> None:
+    cache = DiskCache(Path(cache_dir), block_size=BLOCK, capacity=64 * disk.REGION_BYTES)
+    blocks = blocks_of(data)
+    for round_ in range(3):
+        for i in range(4):
+            ref = make_ref(len(data), key=f"shared{i}")
+            digest = blockfile.object_digest(ref)
+            for index in range(parity, len(blocks), 2):  # the other process takes the others
+                cache.write(ref, digest, index, [blocks[index]])
+            if round_:  # and whole runs over the same slots, as readahead would
+                cache.write(ref, digest, 0, blocks)
+            found = cache.read_run(digest, ref.size, range(0, len(blocks)))
+            assert all(found[j] == blocks[j] for j in found)
     cache.sync()
 
 
-def test_two_processes_share_a_cache_without_torn_blocks(tmp_path: Path) -> None:
+def test_two_processes_writing_one_region_lose_nothing_and_mix_nothing(tmp_path: Path) -> None:
+    data = os.urandom(REGION_BLOCKS * BLOCK // 4 + 100)
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_hammer, args=(str(tmp_path), s)) for s in (1, 2)]
+    workers = [
+        context.Process(target=_write_every_other_block, args=(str(tmp_path), p, data))
+        for p in (0, 1)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(timeout=60)
+        worker.join(timeout=120)
         assert worker.exitcode == 0
-    reader = make_cache(tmp_path, capacity=8 * file_size(disk.CHUNK_BYTES))
-    reader.sync()
-    for i in range(6):
-        ref = make_ref(disk.CHUNK_BYTES, key=f"shared{i}")
-        found = reader.read_run(blockfile.object_digest(ref), ref.size, range(0, CHUNK_BLOCKS))
-        if found:  # present: whole, and all of one writer's bytes, never a mix
-            data = b"".join(found[j] for j in range(CHUNK_BLOCKS))
-            assert data in (bytes([1]) * ref.size, bytes([2]) * ref.size)
-    assert not list(tmp_path.rglob(".tmp.*"))
-    assert reader.used_bytes <= 8 * file_size(disk.CHUNK_BYTES)
+    reader = make_cache(tmp_path)
+    for i in range(4):
+        ref = make_ref(len(data), key=f"shared{i}")
+        found = read_all(reader, ref, range(0, len(blocks_of(data))))
+        assert b"".join(found[j] for j in sorted(found)) == data  # every block, each exact
 
 
 def test_min_free_refuses_to_fill_the_filesystem(tmp_path: Path) -> None:

@@ -1,43 +1,53 @@
-"""Cache files on disk: a fixed header, a checksum table, then the payload. Pure, no I/O.
+"""Region files of the block cache: a header, a table of entries, then block slots. Pure, no I/O.
 
-Layout (little endian), 64 bytes of header, ``4 * ceil(length / granule)`` bytes of table, then
-``length`` bytes of payload::
+A region file holds up to ``blocks`` consecutive blocks of one object (block ``region * blocks``
+onward), each in its own fixed slot, so blocks are written *in place*, one at a time or a run at
+once, in any order, by any process, without creating a file per block. Layout (little endian)::
 
-    magic      4s   b"S3DB"
-    version    H    FORMAT_VERSION
-    reserved   H    0
-    index      Q    index of the first block within the object
-    length     I    payload length
-    crc32      I    zlib.crc32 of the checksum table
-    digest     32s  the object identity digest (see ``object_digest``)
-    granule    I    bytes per checksum (the cache's block size; one block: its length)
-    reserved   4x
-    table      I*n  zlib.crc32 of each granule of the payload (the last may be short)
+    offset 0          header (HEADER_SIZE bytes)
+                        magic "S3DR", version H, reserved H, region Q, block_size I, blocks I,
+                        digest 32s (``object_digest``), crc32 of the bytes before it I
+    offset 64         table: ``blocks`` entries of ENTRY_SIZE bytes, entry i for slot i
+                        mark I (ENTRY_MARK), length I, crc32 of the payload I,
+                        check I = crc32 of (digest, block index, mark, length, crc)
+    table_size(...)   slots: slot i at ``table_size + i * block_size`` (page aligned, so the
+                      payload can be written with ``O_DIRECT``), ``length`` bytes used
 
-A payload is served only if every field matches what the reader expects (same object digest,
-same first index, the expected length, a matching table) and so does the checksum of every granule
-it serves. Anything else — a torn write, a truncated file, a flipped bit, a block of another
-object renamed into place, a file of another format version — is a miss, never bytes. Checksums
-per granule let a reader verify a few blocks of a large file without reading all of it
-(``parse_head`` then ``verify``), so files can be large (fewer of them to create) and random
-reads still cost one block. crc32 is for accidental corruption (disk, crash); identity is carried
-by the digest, which is part of the file's path as well as of its header.
+A file is sparse: a slot never written is a hole, and its entry is zeros. So:
+- an all-zero entry is a plain miss (never written), not damage;
+- a slot's payload is written before its entry, so a present entry means a complete payload
+  (a crash between the two leaves a miss; a torn entry fails its check);
+- every served payload matches its entry's crc32, and every entry its check, which names the
+  object and the block: a torn write, a truncated file, a flipped bit or a slot of another
+  block is a miss, never bytes. crc32 is for accidental corruption (disk, crash); identity is
+  carried by the digest, which is part of the file's path as well as of its header and entries.
+- writers of the same object write the same bytes (a digest names one pinned version), so two
+  processes writing one slot at once cannot produce a mix that passes the checks.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
+import mmap
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from ..model import PinnedRef
 
-MAGIC = b"S3DB"
-FORMAT_VERSION = 2  # 1: one checksum for the whole payload
-_HEADER = struct.Struct("<4sHHQII32sI4x")
-HEADER_SIZE = _HEADER.size
+MAGIC = b"S3DR"
+FORMAT_VERSION = 3  # 1, 2: one file per block or per chunk, renamed into place
+ENTRY_MARK = 0x31525353  # any non-zero value: an entry of zeros is "never written"
+PAGE = mmap.PAGESIZE  # slots start on pages: O_DIRECT wants aligned offsets and lengths
+_HEADER = struct.Struct("<4sHHQII32s")
+_HEADER_CRC = struct.Struct("<I")
+HEADER_SIZE = 64  # _HEADER, its crc, padding
+_ENTRY = struct.Struct("<IIII")
+ENTRY_SIZE = _ENTRY.size
+_CHECKED = struct.Struct("<32sQIII")
 
 
 @functools.lru_cache(maxsize=4096)  # asked for on every cache read and write of an object
@@ -46,86 +56,93 @@ def object_digest(ref: PinnedRef) -> str:
     return hashlib.sha256(ref.cache_identity.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def head_size(length: int, granule: int) -> int:
-    """Bytes before the payload: the header and the checksum table."""
-    return HEADER_SIZE + 4 * -(-length // max(granule, 1))
+@dataclass(frozen=True)
+class Layout:
+    """Where things are in the region files of a cache with blocks of ``block_size`` bytes."""
+
+    block_size: int
+    blocks: int  # per region
+
+    @property
+    def table_size(self) -> int:
+        """Bytes before the first slot: header and table, rounded up to a page."""
+        return -(-(HEADER_SIZE + ENTRY_SIZE * self.blocks) // PAGE) * PAGE
+
+    def region_of(self, index: int) -> int:
+        return index // self.blocks
+
+    def slot_offset(self, index: int) -> int:
+        """Where block ``index``'s payload starts in its region file."""
+        return self.table_size + (index % self.blocks) * self.block_size
+
+    def entry_offset(self, index: int) -> int:
+        return HEADER_SIZE + (index % self.blocks) * ENTRY_SIZE
+
+    def runs(self, first: int, stop: int) -> Iterator[range]:
+        """``range(first, stop)`` cut at region boundaries."""
+        while first < stop:
+            end = min(stop, (self.region_of(first) + 1) * self.blocks)
+            yield range(first, end)
+            first = end
 
 
-def header(digest: str, index: int, parts: Sequence[bytes]) -> bytes:
-    """Header and checksum table of the file whose payload is the concatenation of ``parts``.
-
-    Each part is one granule: all of them as long as the first, but the last, which may be
-    shorter. The file is this head followed by the parts: writers put them side by side
-    (``os.writev``, or into one aligned buffer for ``O_DIRECT``) instead of joining them first.
-    """
-    crcs = [zlib.crc32(part) for part in parts]
-    table = struct.pack(f"<{len(crcs)}I", *crcs)
-    length, granule = sum(map(len, parts)), max(len(parts[0]) if parts else 0, 1)
-    return (
-        _HEADER.pack(
-            MAGIC,
-            FORMAT_VERSION,
-            0,
-            index,
-            length,
-            zlib.crc32(table),
-            bytes.fromhex(digest),
-            granule,
-        )
-        + table
+def header(digest: str, region: int, layout: Layout) -> bytes:
+    packed = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, 0, region, layout.block_size, layout.blocks, bytes.fromhex(digest)
     )
+    return (packed + _HEADER_CRC.pack(zlib.crc32(packed))).ljust(HEADER_SIZE, b"\0")
 
 
-def encode(digest: str, index: int, payload: bytes) -> bytes:
-    return header(digest, index, [payload]) + payload
+class HeaderState(enum.Enum):
+    VALID = "valid"
+    ABSENT = "absent"  # nothing written yet: a plain miss
+    OTHER_VERSION = "of another format version"
+    DAMAGED = "corrupt"
 
 
-def parse_head(
-    head: bytes, digest: str, index: int, expected_length: int
-) -> tuple[int, tuple[int, ...]] | None:
-    """(granule, checksums) from the start of a file, if it is the file expected, else None."""
-    if len(head) < HEADER_SIZE:
+def check_header(data: bytes, digest: str, region: int, layout: Layout) -> HeaderState:
+    """What ``data`` (a file's first bytes) is, against the region file expected."""
+    head = data[:HEADER_SIZE]
+    if len(head) < HEADER_SIZE and not any(head):
+        return HeaderState.ABSENT  # created, nothing written yet (or a crash right after)
+    if head == header(digest, region, layout):
+        return HeaderState.VALID
+    if not any(head):
+        return HeaderState.ABSENT
+    if head[:4] in (MAGIC, b"S3DB") and head[4:6] != struct.pack("<H", FORMAT_VERSION):
+        return HeaderState.OTHER_VERSION
+    return HeaderState.DAMAGED
+
+
+def blocks_in_header(data: bytes) -> int:
+    """The ``blocks`` field of a region header (0 if it is not one): for counting only."""
+    if len(data) < _HEADER.size or data[:4] != MAGIC:
+        return 0
+    return _HEADER.unpack_from(data)[5]
+
+
+def entries(digest: str, first: int, payloads: Sequence[bytes]) -> bytes:
+    """The table entries of blocks ``first``, ``first + 1``, ... holding ``payloads``."""
+    raw = bytes.fromhex(digest)
+    out = []
+    for index, payload in enumerate(payloads, first):
+        length, crc = len(payload), zlib.crc32(payload)
+        check = zlib.crc32(_CHECKED.pack(raw, index, ENTRY_MARK, length, crc))
+        out.append(_ENTRY.pack(ENTRY_MARK, length, crc, check))
+    return b"".join(out)
+
+
+def parse_entry(data: bytes, digest: str, index: int) -> tuple[int, int] | None | bool:
+    """(length, crc) of a valid entry; ``None`` if never written; ``False`` if damaged."""
+    if len(data) < ENTRY_SIZE or not any(data[:ENTRY_SIZE]):
         return None
-    magic, version, _, got_index, length, crc, got_digest, granule = _HEADER.unpack_from(head)
-    if (
-        magic != MAGIC
-        or version != FORMAT_VERSION
-        or got_index != index
-        or length != expected_length
-        or got_digest != bytes.fromhex(digest)
-        or granule <= 0
-    ):
-        return None
-    end = head_size(length, granule)
-    table = head[HEADER_SIZE:end]
-    if len(table) != end - HEADER_SIZE or zlib.crc32(table) != crc:
-        return None
-    return granule, struct.unpack(f"<{len(table) // 4}I", table)
-
-
-def verify(payload: bytes, granule: int, crcs: Sequence[int]) -> bool:
-    """Whether ``payload``, granules in a row, has the checksums ``crcs`` (one per granule)."""
-    view = memoryview(payload)
-    if -(-len(view) // granule) != len(crcs):
+    mark, length, crc, check = _ENTRY.unpack_from(data)
+    expected = zlib.crc32(_CHECKED.pack(bytes.fromhex(digest), index, mark, length, crc))
+    if mark != ENTRY_MARK or check != expected:
         return False
-    return all(
-        zlib.crc32(view[i * granule : (i + 1) * granule]) == crc for i, crc in enumerate(crcs)
-    )
+    return length, crc
 
 
-def decode(data: bytes, digest: str, index: int, expected_length: int) -> bytes | None:
-    """The payload (a view of ``data``) if ``data`` is exactly the file expected, else None."""
-    parsed = parse_head(data, digest, index, expected_length)
-    if parsed is None:
-        return None
-    granule, crcs = parsed
-    start = head_size(expected_length, granule)
-    if len(data) != start + expected_length:
-        return None
-    payload = memoryview(data)[start:]
-    return payload if verify(payload, granule, crcs) else None  # type: ignore[return-value]
-
-
-def other_version(head: bytes) -> bool:
-    """Whether ``head`` starts a cache file of another format version (not a damaged one)."""
-    return len(head) >= 6 and head[:4] == MAGIC and head[4:6] != struct.pack("<H", FORMAT_VERSION)
+def padded(length: int) -> int:
+    """``length`` rounded up to a page (what an ``O_DIRECT`` write of it covers)."""
+    return -(-length // PAGE) * PAGE

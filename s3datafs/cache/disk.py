@@ -3,40 +3,49 @@
 Layout under ``<cache-dir>/blocks/<block-size>/``::
 
     <d[:2]>/<d>/meta.json     identity of the object (bucket, key, version, etag, size, dataset)
-    <d[:2]>/<d>/C<chunk>      blocks chunk*M .. chunk*M+M-1 in one file (M = BIG_CHUNK_BYTES/block)
-    <d[:2]>/<d>/c<chunk>      blocks chunk*N .. chunk*N+N-1 in one file (N = CHUNK_BYTES/block)
-    <d[:2]>/<d>/<index>       one block, when it was fetched without the rest of its chunk
+    <d[:2]>/<d>/r<region>     blocks region*R .. region*R+R-1, each in its own slot, written in
+                              place (R = REGION_BYTES / block size; format in ``blockfile``)
     .lock                     flock taken while scanning/evicting and by ``cache clear``
 
-Why chunks: on this kind of machine creating a file costs far more than writing 64 KiB into it
-(profiled: ~65% of the daemon's time went to creating 64 KiB block files during a cold read; with
-1 MiB chunk files still ~15%, in ext4's inode allocator, which gets slower the more files were
-recently deleted - as eviction keeps doing). A write stores a run in the largest whole files it
-covers: a readahead GET (8 MiB, aligned) is one big chunk file, a 1 MiB read a chunk file, a random
-read's block its own file. A block is looked up in that order (a miss costs three failed opens).
-Every file carries the ``blockfile`` header and a checksum per block, so a read of a few blocks
-of a big file reads and verifies just those: a random 4 KiB read still costs one block.
+Why regions: on this kind of machine creating a file costs far more than writing 64 KiB into it
+(profiled: ~65% of the daemon's time went to creating 64 KiB block files during a cold read; a
+new file costs 0.14-0.7 ms in ext4's inode allocator, which gets slower the more files were
+recently deleted - as eviction keeps doing). Formats 1 and 2 renamed a new file into place per
+block or per chunk, so every random read and every small object cost a file creation. A region
+file is created once, by its first block; later blocks of the region - random reads, the rest of
+a chunk, a re-fetched damaged block - are written into their slots of the existing file. A
+readahead GET (8 MiB, aligned) fills a whole region with one write; a random 4 KiB read adds one
+64 KiB slot. Each block has its own checksum in the region's table, so a read of a few blocks
+reads and verifies just those.
 
 ``d`` is ``blockfile.object_digest(ref)``: a pinned (bucket, key, VersionId, ETag) names bytes that
 never change, so a block stays valid forever, across remounts, processes and mount points.
 
 Invariants:
-- Crash safety: a block is written to a temp file in its directory and ``os.replace``d into place,
-  so a reader sees a whole block or none; a temp is unlinked on any error; temps of dead
-  processes are swept by the next scan. A block is verified on every read; a bad one is deleted and
-  reported as a miss.
-- Block files are written with ``O_DIRECT`` (``files.write_direct``): the FUSE file's pages
+- Crash safety without renames: a slot's payload is written before its table entry, and the
+  entry holds the payload's crc32 and a check naming the object and the block, so a crash or a
+  torn write leaves a miss, never bytes (``blockfile``). Every block is verified on every read;
+  a damaged block's entry is zeroed (a miss, fetched and written again), a file whose header
+  is not its own is deleted. Files of the earlier formats are deleted by the next scan.
+- Sharing: processes write the same bytes for the same object (the digest names one pinned
+  version), each block in its own slot and entry, so concurrent writers of one region never
+  need a lock and never mix blocks. A new region file is created with ``O_CREAT`` and gets its
+  header at once; a racing creator writes the same header.
+- Block payloads are written with ``O_DIRECT`` (``files.pwrite_direct``): the FUSE file's pages
   already hold what was just read, so the cache file does not take page cache a second time, and
   the write costs no copy into fresh pages. A filesystem that refuses ``O_DIRECT`` switches this
-  cache to buffered writes (``files.write_atomically``) for good. Reads stay buffered.
+  cache to buffered writes for good. Table entries are small buffered writes (two writers of one
+  page never lose each other's entries); reads stay buffered.
 - Privacy: every directory is created 0700 and every file 0600. A directory removed while
   mounted (``cache clear``, ``rm -rf``) is made again by the next write, just as private.
 - Eviction never hurts a reader: readers read what they need of a file through the descriptor
-  they opened; on Linux an unlinked file stays readable through an open descriptor.
-- Bound: a byte-counted LRU (``cachetools.LRUCache``, ``popitem`` unlinks) holds this process's
-  view. Several processes may share the directory, so every ``sync_every`` bytes written (and at
-  start) a scan under the ``.lock`` flock rebuilds the view from the disk, ordered by mtime (disk
-  hits refresh mtime at most once a minute), and evicts down to the capacity. Between scans the
+  they opened; on Linux an unlinked file stays readable through an open descriptor. A write
+  into a file evicted meanwhile is lost with it (a later miss, never wrong bytes).
+- Bound: a byte-counted LRU (``cachetools.LRUCache``, ``popitem`` unlinks) of region files by
+  allocated bytes (``st_blocks``: the files are sparse) holds this process's view. Several
+  processes may share the directory, so every ``sync_every`` bytes written (and at start) a
+  scan under the ``.lock`` flock rebuilds the view from the disk, ordered by mtime (disk hits
+  refresh mtime at most once a minute), and evicts down to the capacity. Between scans the
   total can overshoot by at most ``sync_every`` per process.
 - Threads: every public method may be called from worker threads; the index is guarded by one
   ``threading.Lock``; file I/O happens outside it.
@@ -53,6 +62,7 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +71,19 @@ import cachetools
 
 from ..model import ObjectRef
 from . import blockfile
+from .files import (
+    O_DIRECT,
+    AlignedBuffers,
+    direct_io_supported,
+    pwrite_all,
+    pwrite_direct,
+    write_atomically,
+)
 from .files import TEMP_PREFIX as _TEMP_PREFIX
-from .files import AlignedBuffers, direct_io_supported, write_atomically, write_direct
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1024 * 1024
-BIG_CHUNK_BYTES = 8 * 1024 * 1024  # the reader's readahead GET (config.DEFAULT_MAX_REQUEST)
+REGION_BYTES = 8 * 1024 * 1024  # the reader's readahead GET (config.DEFAULT_MAX_REQUEST)
 _STALE_TEMP_SECONDS = 3600.0
 _TOUCH_AFTER_SECONDS = 60.0
 
@@ -128,10 +144,7 @@ class DiskCache:
             raise ValueError("a disk cache needs a positive capacity (use no DiskCache instead)")
         self.root = block_root(cache_dir, block_size)
         self.block_size = block_size
-        self.chunk_blocks = max(1, CHUNK_BYTES // block_size)
-        self.big_chunk_blocks = max(1, BIG_CHUNK_BYTES // block_size)
-        # (name prefix, blocks per file), largest first: where a block may be, in lookup order
-        self._levels = [("C", self.big_chunk_blocks), ("c", self.chunk_blocks), ("", 1)]
+        self.layout = blockfile.Layout(block_size, max(1, REGION_BYTES // block_size))
         self._capacity = capacity
         self._min_free_ratio = min_free_ratio
         self._dataset = dataset
@@ -148,89 +161,97 @@ class DiskCache:
     def read_run(self, digest: str, object_size: int, indices: range) -> dict[int, bytes]:
         """Cached blocks of ``indices``, in order, up to the first one that is not cached.
 
-        Only the blocks asked for are read (and verified), even from a larger file.
+        Only the blocks asked for are read (and verified), one region file at a time.
         """
         found: dict[int, bytes] = {}
-        index, stop = indices.start, min(indices.stop, -(-object_size // self.block_size))
-        while index < stop:
-            got = self._read_any(digest, object_size, index, stop)
-            if not got:
-                break
+        stop = min(indices.stop, -(-object_size // self.block_size))
+        for run in self.layout.runs(indices.start, stop):
+            got = self._read_region(digest, object_size, run)
             found.update(got)
-            index += len(got)
+            if len(got) < len(run):
+                break
         return found
 
-    def _read_any(self, digest: str, object_size: int, index: int, stop: int) -> dict[int, bytes]:
-        """Blocks ``index`` .. (at most) ``stop - 1`` from the first file that holds ``index``."""
-        for prefix, per in self._levels:
-            first = index - index % per
-            name = f"{prefix}{index // per}" if prefix else str(index)
-            payload = self._read_file(digest, name, first, object_size, index, stop)
-            if payload is not None:
-                return dict(self._split(index, payload))
-        return {}
-
-    def _read_file(
-        self, digest: str, name: str, first: int, object_size: int, index: int, stop: int
-    ) -> bytes | None:
-        """Blocks ``index`` .. ``stop - 1`` (or to its end) of file ``name``, verified; or None."""
-        expected = self._span_length(name, first, object_size)
-        head = blockfile.head_size(expected, self.block_size)
-        low = (index - first) * self.block_size
-        high = min((stop - first) * self.block_size, expected)
-        relative = f"{digest[:2]}/{digest}/{name}"
+    def _read_region(self, digest: str, object_size: int, run: range) -> dict[int, bytes]:
+        """Blocks of ``run`` (within one region) from its file, up to the first not there."""
+        layout, size = self.layout, self.block_size
+        region = layout.region_of(run.start)
+        relative = f"{digest[:2]}/{digest}/r{region}"
         path = self.root / relative
         try:
-            with open(path, "rb") as handle:
-                info = os.fstat(handle.fileno())
-                if low == 0 and high == expected:  # all of it: one read
-                    data = handle.read(head + expected + 1)
-                    payload = blockfile.decode(data, digest, first, expected)
-                else:  # a part: the head, then only the blocks asked for
-                    data = os.pread(handle.fileno(), head, 0)
-                    payload = None
-                    if info.st_size == head + expected:  # not truncated, not grown
-                        payload = self._read_part(handle.fileno(), data, digest, first, low, high)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
-        if payload is None:
-            if blockfile.other_version(data):
-                log.info("discarding cache file %s of another format version", path)
-            else:
-                log.warning("discarding corrupt cache file %s", path)
-            self._forget(relative, unlink=True)
-            return None
+            return {}
+        found: dict[int, bytes] = {}
+        damaged: int | None = None
+        try:
+            head = os.pread(fd, layout.entry_offset(run.stop - 1) + blockfile.ENTRY_SIZE, 0)
+            state = blockfile.check_header(head, digest, region, layout)
+            if state is not blockfile.HeaderState.VALID:
+                if state is not blockfile.HeaderState.ABSENT:
+                    self._discard(relative, state)
+                return found
+            present: list[tuple[int, int, int]] = []  # (index, length, crc) in a row
+            for index in run:
+                at = layout.entry_offset(index)
+                entry = blockfile.parse_entry(head[at : at + blockfile.ENTRY_SIZE], digest, index)
+                if entry is None:
+                    break
+                if entry is False or entry[0] != min(size, object_size - index * size):
+                    damaged = index
+                    break
+                present.append((index, *entry))
+            if present:
+                low = layout.slot_offset(present[0][0])
+                data = memoryview(os.pread(fd, (len(present) - 1) * size + present[-1][1], low))
+                for number, (index, length, crc) in enumerate(present):
+                    block = data[number * size : number * size + length]
+                    if len(block) != length or zlib.crc32(block) != crc:
+                        damaged = index
+                        break
+                    found[index] = block  # a view of the read: no copy
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if damaged is not None:
+            self._drop_block(relative, damaged)
+        if found:
+            self._used(relative, info)
+        return found
+
+    def _used(self, relative: str, info: os.stat_result) -> None:
+        """A file was read: most recently used here, and (once a minute) for other processes."""
+        allocated = info.st_blocks * 512
         with self._lock:
             if relative in self._index:
                 self._index[relative]  # noqa: B018 - a lookup refreshes the LRU position
-            elif info.st_size <= self._capacity:
-                self._index[relative] = info.st_size
+            elif 0 < allocated <= self._capacity:
+                self._index[relative] = allocated
         if time.time() - info.st_mtime > _TOUCH_AFTER_SECONDS:
             with contextlib.suppress(OSError):
-                os.utime(path)
-        return payload
+                os.utime(self.root / relative)
 
-    def _read_part(
-        self, fd: int, head: bytes, digest: str, first: int, low: int, high: int
-    ) -> bytes | None:
-        """Payload bytes ``[low, high)`` (block-aligned) of a file whose ``head`` was read."""
-        expected = os.fstat(fd).st_size - len(head)
-        parsed = blockfile.parse_head(head, digest, first, expected)
-        if parsed is None or parsed[0] != self.block_size:
-            return None
-        granule, crcs = parsed
-        data = os.pread(fd, high - low, len(head) + low)
-        wanted = crcs[low // granule : -(-high // granule)]
-        return data if blockfile.verify(data, granule, wanted) else None
+    def _discard(self, relative: str, state: blockfile.HeaderState) -> None:
+        """A region file that is not what its name says: deleted (a miss, fetched again)."""
+        path = self.root / relative
+        if state is blockfile.HeaderState.OTHER_VERSION:
+            log.info("discarding cache file %s of another format version", path)
+        else:
+            log.warning("discarding corrupt cache file %s", path)
+        self._forget(relative, unlink=True)
 
-    def _span_length(self, name: str, first: int, object_size: int) -> int:
-        blocks = {"C": self.big_chunk_blocks, "c": self.chunk_blocks}.get(name[:1], 1)
-        return max(0, min(blocks * self.block_size, object_size - first * self.block_size))
-
-    def _split(self, first: int, payload: bytes) -> Iterator[tuple[int, bytes]]:
-        view, size = memoryview(payload), self.block_size
-        for offset in range(0, len(payload), size):
-            yield first + offset // size, view[offset : offset + size]  # views: no copy
+    def _drop_block(self, relative: str, index: int) -> None:
+        """A damaged block: its entry is zeroed, so it is a miss until it is written again."""
+        path = self.root / relative
+        log.warning("discarding corrupt cache block %d of %s", index, path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            os.pwrite(fd, bytes(blockfile.ENTRY_SIZE), self.layout.entry_offset(index))
+        finally:
+            os.close(fd)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -239,65 +260,71 @@ class DiskCache:
     ) -> None:
         """Store consecutive blocks of ``ref``; raises OSError if the disk refuses.
 
-        Whole aligned chunks go into one chunk file each; the blocks around them into block files.
+        Each region's part of the run is written in place into that region's file: payloads
+        first, then their table entries (see ``blockfile``).
         """
         directory = self.root / digest[:2] / digest
         if digest not in self._known_objects:
             self._make_object_dir(directory, ref)
             self._known_objects.add(digest)
         self._make_room(sum(len(p) for p in payloads))
-        for name, first, parts in self._files(first_index, payloads, ref.size):
-            head = blockfile.header(digest, first, parts)
-            size = len(head) + sum(map(len, parts))
+        for run in self.layout.runs(first_index, first_index + len(payloads)):
+            parts = payloads[run.start - first_index : run.stop - first_index]
+            region = self.layout.region_of(run.start)
+            path = directory / f"r{region}"
             try:
-                self._store(directory / name, head, parts, size)
+                allocated = self._write_region(path, digest, region, run.start, parts)
             except FileNotFoundError:  # removed under us (cache clear, rm -rf): make it again
                 self._make_object_dir(directory, ref)
-                self._store(directory / name, head, parts, size)
+                allocated = self._write_region(path, digest, region, run.start, parts)
+            relative = f"{digest[:2]}/{digest}/r{region}"
             with self._lock:
-                if size <= self._capacity:
-                    self._index[f"{digest[:2]}/{digest}/{name}"] = size
-                self._written_since_sync += size
+                before = self._index.pop(relative, 0)  # popped, not evicted: no unlink
+                if allocated <= self._capacity:
+                    self._index[relative] = allocated
+                    self._written_since_sync += max(0, allocated - before)
+            if allocated > self._capacity:  # larger than the whole cache (a tiny --cache-size)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         if self._written_since_sync >= self.sync_every:
             self.sync()
 
-    def _store(self, path: Path, head: bytes, parts: Sequence[bytes], size: int) -> None:
-        """Write one block file: with ``O_DIRECT`` while the filesystem takes it, else buffered."""
+    def _write_region(
+        self, path: Path, digest: str, region: int, first: int, parts: Sequence[bytes]
+    ) -> int:
+        """Write blocks ``first`` ... into region file ``path``; its allocated bytes after."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:  # a new region: its header first (a racing creator writes
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)  # the same bytes)
+            os.pwrite(fd, blockfile.header(digest, region, self.layout), 0)
+        try:
+            self._write_payload(fd, parts, self.layout.slot_offset(first))
+            os.pwrite(fd, blockfile.entries(digest, first, parts), self.layout.entry_offset(first))
+            return os.fstat(fd).st_blocks * 512
+        finally:
+            os.close(fd)
+
+    def _write_payload(self, fd: int, parts: Sequence[bytes], offset: int) -> None:
+        """Payloads at ``offset``: ``O_DIRECT`` while the filesystem takes it, else buffered."""
         if self._direct is not None:
             try:
-                write_direct(path, head, parts, size, self._direct)
+                fcntl.fcntl(fd, fcntl.F_SETFL, O_DIRECT)
+                try:
+                    pwrite_direct(fd, parts, offset, self._direct)
+                finally:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, 0)
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                     raise
                 self._direct = None  # tmpfs (older kernels), some FUSE and network filesystems
                 log.info("the cache filesystem refuses O_DIRECT (%s): buffered writes", exc)
-        write_atomically(path, [head, *parts])
+        pwrite_all(fd, parts, offset)
 
     def _make_object_dir(self, directory: Path, ref: ObjectRef) -> None:
         _make_private_dirs(directory)
         _write_meta(directory / "meta.json", ref, self._dataset)
-
-    def _files(
-        self, first: int, payloads: Sequence[bytes], object_size: int
-    ) -> Iterator[tuple[str, int, Sequence[bytes]]]:
-        """(file name, first block, payload parts) for a run: the largest whole files that fit.
-
-        A readahead GET (8 MiB, aligned) makes one big chunk file, a 1 MiB read a chunk file,
-        a random read's block its own file. A file's payload is its blocks side by side; they
-        are not joined here (the writer copies them into place once).
-        """
-        blocks, end = -(-object_size // self.block_size), first + len(payloads)
-        position = 0
-        while position < len(payloads):
-            index = first + position
-            for prefix, per in self._levels:
-                stop = min(index + per, blocks)
-                if per == 1 or (index % per == 0 and end >= stop):
-                    name = f"{prefix}{index // per}" if prefix else str(index)
-                    yield name, index, payloads[position : position + stop - index]
-                    position += stop - index
-                    break
 
     def _make_room(self, incoming: int) -> None:
         """Honour --cache-min-free: evict our oldest blocks while the filesystem is too full."""
@@ -322,6 +349,9 @@ class DiskCache:
             for name, size, _mtime in blocks:
                 if size <= self._capacity:
                     fresh[name] = size  # oldest first: the newest end up most recently used
+                else:  # a region larger than the whole cache (a tiny --cache-size) cannot stay
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.root / name)
             with self._lock:
                 self._index = fresh
                 self._written_since_sync = 0
@@ -381,7 +411,11 @@ def _locked(root: Path) -> Iterator[None]:
 
 
 def _scan_blocks(root: Path) -> Iterator[tuple[str, int, float]]:
-    """(relative name, size, mtime) of every block; sweeps temps left by dead writers."""
+    """(relative name, allocated bytes, mtime) of every region file.
+
+    Sweeps temps left by dead writers, and files of the earlier formats (a file per block or
+    per chunk), which this version never reads.
+    """
     now = time.time()
     for fan in _subdirs(root):
         for obj in _subdirs(fan):
@@ -391,11 +425,19 @@ def _scan_blocks(root: Path) -> Iterator[tuple[str, int, float]]:
                     if entry.name.startswith(_TEMP_PREFIX):
                         if now - info.st_mtime > _STALE_TEMP_SECONDS or _writer_dead(entry.name):
                             os.unlink(entry.path)
-                    elif _is_block_file(entry.name):
-                        yield f"{fan.name}/{obj.name}/{entry.name}", info.st_size, info.st_mtime
+                    elif _is_region_file(entry.name):
+                        allocated = info.st_blocks * 512
+                        yield f"{fan.name}/{obj.name}/{entry.name}", allocated, info.st_mtime
+                    elif _is_old_block_file(entry.name):
+                        os.unlink(entry.path)
 
 
-def _is_block_file(name: str) -> bool:
+def _is_region_file(name: str) -> bool:
+    return name[:1] == "r" and name[1:].isdigit()
+
+
+def _is_old_block_file(name: str) -> bool:
+    """A block or chunk file of format 1 or 2 (``<index>``, ``c<chunk>``, ``C<chunk>``)."""
     return name.isdigit() or (name[:1] in ("c", "C") and name[1:].isdigit())
 
 
@@ -415,21 +457,29 @@ def _subdirs(path: Path) -> Iterator[os.DirEntry]:
 
 
 def usage(cache_dir: Path) -> CacheUsage:
-    """Bytes and blocks in the cache, per dataset (all block sizes)."""
+    """Bytes on disk and blocks in the cache, per dataset (all block sizes)."""
     total = count = 0
     by_dataset: dict[str, int] = {}
     for obj, meta in _objects(cache_dir):
-        size = blocks = 0
+        size = 0
         for entry in os.scandir(obj):
-            if _is_block_file(entry.name):
+            if _is_region_file(entry.name):
                 with contextlib.suppress(FileNotFoundError):
-                    size += entry.stat().st_size
-                    blocks += 1
+                    size += entry.stat().st_blocks * 512
+                    count += _blocks_in(Path(entry.path))
         dataset = meta.get("dataset") or meta.get("uri", "?")
         by_dataset[dataset] = by_dataset.get(dataset, 0) + size
         total += size
-        count += blocks
     return CacheUsage(total, count, by_dataset)
+
+
+def _blocks_in(path: Path) -> int:
+    """Entries written in a region file's table (valid or not: this is a count, not a read)."""
+    with open(path, "rb") as handle:
+        head = handle.read(blockfile.HEADER_SIZE)
+        table = handle.read(blockfile.ENTRY_SIZE * blockfile.blocks_in_header(head))
+    size = blockfile.ENTRY_SIZE
+    return sum(1 for at in range(0, len(table), size) if any(table[at : at + size]))
 
 
 def clear(cache_dir: Path, uri_prefix: str | None = None) -> int:

@@ -1,17 +1,16 @@
-"""Crash-safe writes of cache files: a temp file in the target directory, renamed into place.
+"""Writes of cache files: whole small files renamed into place, and blocks written in place.
 
-Two ways to put the bytes in the temp file:
-- ``write_direct`` (``O_DIRECT``), the default for block files: header and payload are copied once
-  into a reused page-aligned buffer and written past the page cache. The kernel already keeps the
+- ``write_atomically``: a temp file in the target directory, renamed into place (a reader sees
+  a whole file or none; the temp is unlinked on any error). For small files (``meta.json``).
+- ``pwrite_direct`` (``O_DIRECT``), the default for block payloads: the bytes are copied once into
+  a reused page-aligned buffer and written past the page cache. The kernel already keeps the
   bytes just read in the FUSE file's pages; writing the cache file through the page cache would
   hold them a second time and cost a copy into freshly allocated pages (profiled on a cold 1 GiB
   sequential read: ~60 % of the daemon's CPU time was that copy; ``O_DIRECT`` cut the cost of
   writing 1 GiB in 1 MiB files from 1.5-2.4 to 0.2-0.4 CPU-s on the development machine).
   Filesystems that refuse ``O_DIRECT`` (``EINVAL``: tmpfs before Linux 6.6, some FUSE and network
-  filesystems) make the caller switch to buffered writes for good.
-- ``write_atomically``: buffered, the parts side by side with ``os.writev`` (no joined copy).
+  filesystems) make the caller switch to ``pwrite_all`` (buffered) for good.
 
-Either way a temp file is unlinked on any error, and a reader sees a whole file or none.
 Every function may run in any thread; ``AlignedBuffers`` has its own lock.
 """
 
@@ -26,14 +25,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 TEMP_PREFIX = ".tmp."
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
+O_DIRECT = getattr(os, "O_DIRECT", 0)
 _ALIGN = mmap.PAGESIZE  # O_DIRECT wants aligned memory, offsets and lengths: a page suits all
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # parts per pwritev
 DIRECT_BUFFER = 1024 * 1024  # bytes per O_DIRECT write (and per pooled buffer)
 
 
 def direct_io_supported() -> bool:
     """Whether this platform has ``O_DIRECT`` at all (each filesystem may still refuse it)."""
-    return bool(_O_DIRECT)
+    return bool(O_DIRECT)
 
 
 def temp_for(path: Path) -> Path:
@@ -42,17 +42,17 @@ def temp_for(path: Path) -> Path:
 
 def write_atomically(path: Path, parts: Sequence[bytes]) -> None:
     """Buffered: ``parts`` side by side in a temp file, then renamed into place."""
-    with _replacing(path, 0) as fd:
-        _write_all(fd, parts)
+    with _replacing(path) as fd:
+        pwrite_all(fd, parts, 0)
 
 
 @contextlib.contextmanager
-def _replacing(path: Path, flags: int) -> Iterator[int]:
+def _replacing(path: Path) -> Iterator[int]:
     """A new temp file's descriptor; renamed to ``path`` when the block ends, unlinked if it
     raises (a reader sees the whole file or none)."""
     temp = temp_for(path)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | flags, 0o600)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             yield fd
         finally:
@@ -64,55 +64,53 @@ def _replacing(path: Path, flags: int) -> Iterator[int]:
         raise
 
 
-def _write_all(fd: int, parts: Sequence[bytes]) -> None:
+def pwrite_all(fd: int, parts: Sequence[bytes], offset: int) -> None:
+    """Buffered: ``parts`` side by side at ``offset`` (``os.pwritev``, no joined copy)."""
     pending = [memoryview(part) for part in parts if len(part)]
     while pending:
-        written = os.writev(fd, pending)
+        written = os.pwritev(fd, pending[:_IOV_MAX], offset)
         if written <= 0:
             raise OSError(errno.EIO, "write made no progress")
+        offset += written
         while pending and written >= len(pending[0]):
             written -= len(pending.pop(0))
         if written:
             pending[0] = pending[0][written:]
 
 
-def write_direct(
-    path: Path, head: bytes, parts: Sequence[bytes], size: int, buffers: AlignedBuffers
-) -> None:
-    """``O_DIRECT``: the file's bytes through one page-aligned buffer, padded, then cut to ``size``.
+def pwrite_direct(fd: int, parts: Sequence[bytes], offset: int, buffers: AlignedBuffers) -> None:
+    """``O_DIRECT`` (``fd`` must have it): ``parts`` at page-aligned ``offset``, padded to a page.
 
-    The page cache is bypassed: the kernel keeps the bytes just read in the FUSE file's own pages,
+    The page cache is bypassed: the kernel keeps the bytes just read in the FUSE file's pages,
     so caching them a second time in the cache file's pages would double the memory they take and
     cost a copy into freshly allocated pages (profiled: most of the daemon's CPU time in a cold
     sequential read went to that copy). The bytes are copied once, into a reused buffer, and
-    written a buffer at a time. Raises OSError(EINVAL) if the filesystem refuses ``O_DIRECT``.
+    written a buffer at a time; the padding is zeros. Raises OSError(EINVAL) if the filesystem
+    refuses ``O_DIRECT``.
     """
-    padded = -(-size // _ALIGN) * _ALIGN
     buffer = buffers.take()
     try:
-        with _replacing(path, _O_DIRECT) as fd, memoryview(buffer) as view:
+        with memoryview(buffer) as view:
             filled = 0
-            for part in (head, *parts):
+            for part in parts:
                 piece = memoryview(part)
                 while piece:
                     n = min(len(piece), len(view) - filled)
                     view[filled : filled + n] = piece[:n]
                     filled, piece = filled + n, piece[n:]
                     if filled == len(view):
-                        _write_exact(fd, view)
-                        filled = 0
+                        _write_exact(fd, view, offset)
+                        offset, filled = offset + filled, 0
             if filled:
                 end = -(-filled // _ALIGN) * _ALIGN
-                view[filled:end] = bytes(end - filled)  # no stale bytes of an earlier file
-                _write_exact(fd, view[:end])
-            if padded != size:
-                os.ftruncate(fd, size)
+                view[filled:end] = bytes(end - filled)  # no stale bytes of an earlier write
+                _write_exact(fd, view[:end], offset)
     finally:
         buffers.give(buffer)
 
 
-def _write_exact(fd: int, data: memoryview) -> None:
-    if os.write(fd, data) != len(data):
+def _write_exact(fd: int, data: memoryview, offset: int) -> None:
+    if os.pwrite(fd, data, offset) != len(data):
         raise OSError(errno.ENOSPC, "short write to the block cache")
 
 

@@ -41,11 +41,11 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"bytes": usage.bytes, "files": usage.blocks, "by_dataset": usage.by_dataset}
+                {"bytes": usage.bytes, "blocks": usage.blocks, "by_dataset": usage.by_dataset}
             )
         )
         return 0
-    print(f"cache: {human_size(usage.bytes)} in {usage.blocks} files")
+    print(f"cache: {human_size(usage.bytes)} in {usage.blocks} blocks")
     for dataset, size in sorted(usage.by_dataset.items(), key=lambda item: -item[1]):
         print(f"  {human_size(size):>10}  {dataset}")
     return 0
