@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,24 +163,59 @@ class Cli:
         rows = json.loads(self.run("status", "--json").stdout)
         return next(row["pid"] for row in rows if row["mountpoint"] == str(mountpoint))
 
-    def cleanup(self) -> None:
-        """Leave nothing mounted and no daemon running, whatever the test did."""
+    def cleanup(self) -> list[str]:
+        """Leave nothing mounted and no daemon running, whatever the test did.
+
+        Returns what went wrong on the way: an unmount that failed or hung (its daemon did not
+        exit), with the daemons' thread stacks, so a rare hang leaves evidence behind.
+        """
+        trouble = []
         for point in reversed(self.mounts_below_root()):
-            if self.run("unmount", point, timeout=30).returncode != 0:
+            try:
+                result = self.run("unmount", point, timeout=45)  # the command waits 30 s itself
+                code = result.returncode
+                failed = code and (result.stderr.strip() or f"exit {code}")
+            except subprocess.TimeoutExpired:
+                failed = "timed out"
+            if failed:
+                trouble.append(f"unmount {point}: {failed}\n{self._daemon_stacks()}")
                 subprocess.run(["fusermount3", "-u", "-z", point], check=False)
+        for pid in self._daemon_pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        return trouble
+
+    def _daemon_pids(self) -> list[int]:
+        pids = []
         for state in (self.root / "run").glob("*.json"):
             with contextlib.suppress(Exception):
-                pid = int(re.search(r'"pid": (\d+)', state.read_text())[1])
-                os.kill(pid, signal.SIGKILL)
+                pids.append(int(re.search(r'"pid": (\d+)', state.read_text())[1]))
+        return pids
+
+    def _daemon_stacks(self) -> str:
+        """Thread stacks of the live daemons (py-spy when installed), for a hang's report."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        stacks = []
+        for pid in self._daemon_pids():
+            if not Path(spy).exists():
+                stacks.append(f"daemon {pid}: py-spy not installed, no stacks")
+                continue
+            dump = subprocess.run(
+                [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, check=False
+            )
+            stacks.append(f"daemon {pid}:\n{dump.stdout}{dump.stderr}")
+        return "\n".join(stacks)
 
 
 @pytest.fixture
 def cli(s3server: S3Server, tmp_path: Path) -> Iterator[Cli]:
     runner = Cli(tmp_path, s3server.endpoint)
+    trouble: list[str] = []
     try:
         yield runner
     finally:
-        runner.cleanup()
+        trouble = runner.cleanup()
     assert not runner.mounts_below_root(), "a mount survived the test's cleanup"
+    assert not trouble, "unmounting after the test went wrong:\n" + "\n".join(trouble)
     unexpected = runner.unexpected_log_lines()
     assert not unexpected, "unexpected warnings in the daemon log:\n" + "\n".join(unexpected)
