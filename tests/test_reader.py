@@ -17,6 +17,8 @@ from fakes import FakeSource, trio_test
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from s3datafs.cache.blockfile import object_digest
+from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import StaleObjectError, TransientS3Error
 from s3datafs.model import ObjectRef
 from s3datafs.prefetch import Readahead
@@ -668,3 +670,57 @@ async def test_bytes_the_source_has_at_hand_are_served_without_a_flight() -> Non
     assert reader.stats.misses == 0  # no flight: the source answered on the trio thread
     assert await reader.read(ref, 60, 100) == DATA[60:]  # not at hand: blocks, as always
     assert reader.stats.misses == blocks_spanned(60, 100)
+
+
+# -- with the disk cache ---------------------------------------------------------------------------
+
+PAGE_BLOCK = 4096  # the disk cache writes whole pages (O_DIRECT)
+
+
+def make_disk_reader(source: FakeSource, disk: DiskCache) -> BlockReader:
+    return BlockReader(
+        source,
+        block_size=PAGE_BLOCK,
+        memory_cache_bytes=4 << 20,
+        s3_limiter=trio.CapacityLimiter(8),
+        disk=disk,
+        max_request_bytes=8 << 20,
+    )
+
+
+@pytest.mark.parametrize("blocks", [5, 300])  # a short run (one worker call), a long one (two)
+@trio_test
+async def test_a_flight_takes_the_cached_prefix_from_disk_and_gets_only_the_rest(
+    tmp_path, blocks: int
+) -> None:
+    data = bytes(range(256)) * blocks * (PAGE_BLOCK // 256) + b"tail"  # and 4 bytes
+    source, ref = make_source(data)
+    disk = DiskCache(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    cached = [data[i * PAGE_BLOCK : (i + 1) * PAGE_BLOCK] for i in range(2)]
+    disk.write(ref, object_digest(ref), 0, cached)
+    reader = make_disk_reader(source, disk)
+    assert await reader.read(ref, 0, len(data)) == data
+    assert source.ranges == [(ref, 2 * PAGE_BLOCK, len(data))]  # one GET for the rest
+    assert reader.stats.disk_hits == 2
+    assert reader.stats.misses == blocks - 1
+
+    fresh = make_disk_reader(source, disk)  # a remount: no memory, the same disk
+    assert await fresh.read(ref, 0, len(data)) == data  # what S3 sent was written behind
+    assert len(source.ranges) == 1
+    assert fresh.stats.disk_hits == blocks + 1
+
+
+@trio_test
+async def test_a_disk_cache_that_cannot_be_read_is_passed_over_for_s3(tmp_path, caplog) -> None:
+    data = bytes(range(256)) * 3 * (PAGE_BLOCK // 256)
+    source, ref = make_source(data)
+    disk = DiskCache(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+
+    def unreadable(*_args: object) -> dict[int, bytes]:
+        raise OSError(5, "Input/output error")
+
+    disk.read_run = unreadable  # type: ignore[method-assign]
+    reader = make_disk_reader(source, disk)
+    assert await reader.read(ref, 100, 2 * PAGE_BLOCK) == data[100 : 100 + 2 * PAGE_BLOCK]
+    assert source.ranges == [(ref, 0, len(data))]
+    assert "cannot read the block cache" in caplog.text
