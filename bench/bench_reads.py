@@ -249,6 +249,9 @@ class ProfileRun:
             path, deadline = m.path / self.big, self.deadline(self.s.seq_cap)
             run = functools.partial(workloads.parallel_sequential, path, 8, deadline)
             fig = self.measure(m.pid, run, Done.mbps)
+            # Whose peak this is: the row has shown a second, higher mode (see RESULTS.md).
+            log(f"  {self.profile} {c.name}: readers8 peak RSS {fig.rss_kib} KiB of pid {m.pid} "
+                f"(now {status_kib(m.pid, 'VmRSS')} KiB, {status_kib(m.pid, 'Threads')} threads)")
             self.put("readers8", c.name, fig)
             rss = Figure(fig.rss_kib / 1024 if fig.rss_kib else None, error=fig.error)
             self.put("rss8", c.name, rss)
