@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 
 import pytest
 from conftest import Cli, sha256
@@ -163,4 +164,39 @@ def test_prefetch_from_a_snapshot_file(cli: Cli, s3, s3server, make_bucket) -> N
     mountpoint = cli.mount("--snapshot", str(snapshot_file))
     s3server.reset_stats()
     assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
+    assert s3server.stats()["get_bytes"] == 0
+
+
+def test_two_mounts_sharing_a_cache_write_the_same_regions_without_harm(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    """Two daemons fill the same region files at once (one sequentially, one scattered): every
+    read is exact, and a third mount then reads it all from the shared cache, zero S3 bytes."""
+    bucket = make_bucket(versioned=True)
+    body = put_big(s3, bucket, 20 * MiB + 4321)  # three region files
+    first = cli.mount(f"s3://{bucket}/p/", str(cli.root / "first"))
+    second = cli.mount(f"s3://{bucket}/p/", str(cli.root / "second"))
+    rng = random.Random(3)
+    spots = [(rng.randrange(len(body)), rng.choice((4096, 65536, 300_000))) for _ in range(200)]
+    problems: list[str] = []
+
+    def scattered() -> None:
+        with open(second / "big.bin", "rb", buffering=0) as handle:
+            for offset, size in spots:
+                if os.pread(handle.fileno(), size, offset) != body[offset : offset + size]:
+                    problems.append(f"wrong bytes at {offset}+{size}")
+
+    reader = threading.Thread(target=scattered)
+    reader.start()
+    try:
+        assert sha256((first / "big.bin").read_bytes()) == sha256(body)
+    finally:
+        reader.join(60)
+    assert not problems, problems[:5]
+    assert cli.unmount(first).returncode == 0  # write-behind drained
+    assert cli.unmount(second).returncode == 0
+    drop_page_cache()
+    third = cli.mount(f"s3://{bucket}/p/", str(cli.root / "third"))
+    s3server.reset_stats()
+    assert sha256((third / "big.bin").read_bytes()) == sha256(body)
     assert s3server.stats()["get_bytes"] == 0
