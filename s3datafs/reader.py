@@ -40,9 +40,8 @@ Design:
 
 Threading: everything here runs on the trio thread except ``_load_blocking`` (disk lookup and
 GET, under the S3 limiter), ``_read_cached`` and cache writes (under the disk limiter), which run
-in worker threads.
-Shared state (LRU, flight table, counters) is touched by the trio thread only, so it needs no
-lock; ``TroubleLog`` is thread-safe.
+in worker threads. Shared state (LRU, flight table, counters) is touched by the trio thread only,
+so it needs no lock; ``TroubleLog`` is thread-safe.
 """
 
 from __future__ import annotations

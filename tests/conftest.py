@@ -188,8 +188,8 @@ class Cli:
     def _daemon_pids(self) -> list[int]:
         pids = []
         for state in (self.root / "run").glob("*.json"):
-            with contextlib.suppress(Exception):
-                pids.append(int(re.search(r'"pid": (\d+)', state.read_text())[1]))
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                pids.append(int(json.loads(state.read_text())["pid"]))
         return pids
 
     def _daemon_stacks(self) -> str:

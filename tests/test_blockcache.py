@@ -222,6 +222,24 @@ def test_a_file_that_is_not_its_region_is_a_miss(tmp_path: Path, harm: str) -> N
     assert path.exists() == (harm == "empty")  # an empty file is a new region, not damage
 
 
+def test_a_region_file_left_without_its_header_is_mended_by_the_next_write(
+    tmp_path: Path,
+) -> None:
+    """Its creator died (or hit ENOSPC) between creating it and writing its header."""
+    size = 4 * BLOCK
+    data = os.urandom(size)
+    ref = make_ref(size)
+    cache = make_cache(tmp_path)
+    stored(cache, ref, data, 0, 1)
+    region = object_dir(cache, ref) / "r0"
+    os.truncate(region, 0)
+    assert read_all(cache, ref, range(0, 1)) == {}  # a quiet miss: nothing written yet
+    assert region.exists()
+    stored(cache, ref, data, 1, 3)
+    expected = {i: data[i * BLOCK : (i + 1) * BLOCK] for i in (1, 2, 3)}
+    assert read_all(cache, ref, range(1, 4)) == expected
+
+
 def test_files_of_earlier_formats_are_quiet_misses_and_swept(tmp_path: Path, caplog) -> None:
     size = BLOCK
     ref = make_ref(size)

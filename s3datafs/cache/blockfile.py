@@ -50,6 +50,11 @@ ENTRY_SIZE = _ENTRY.size
 _CHECKED = struct.Struct("<32sQIII")
 
 
+@functools.lru_cache(maxsize=4096)  # per block entry read or written: parse each digest once
+def _raw(digest: str) -> bytes:
+    return bytes.fromhex(digest)
+
+
 @functools.lru_cache(maxsize=4096)  # asked for on every cache read and write of an object
 def object_digest(ref: PinnedRef) -> str:
     """Hex digest naming one pinned object version (or archive member): stable across mounts."""
@@ -66,7 +71,7 @@ class Layout:
     @property
     def table_size(self) -> int:
         """Bytes before the first slot: header and table, rounded up to a page."""
-        return -(-(HEADER_SIZE + ENTRY_SIZE * self.blocks) // PAGE) * PAGE
+        return padded(HEADER_SIZE + ENTRY_SIZE * self.blocks)
 
     def region_of(self, index: int) -> int:
         return index // self.blocks
@@ -88,7 +93,7 @@ class Layout:
 
 def header(digest: str, region: int, layout: Layout) -> bytes:
     packed = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, 0, region, layout.block_size, layout.blocks, bytes.fromhex(digest)
+        MAGIC, FORMAT_VERSION, 0, region, layout.block_size, layout.blocks, _raw(digest)
     )
     return (packed + _HEADER_CRC.pack(zlib.crc32(packed))).ljust(HEADER_SIZE, b"\0")
 
@@ -103,12 +108,10 @@ class HeaderState(enum.Enum):
 def check_header(data: bytes, digest: str, region: int, layout: Layout) -> HeaderState:
     """What ``data`` (a file's first bytes) is, against the region file expected."""
     head = data[:HEADER_SIZE]
-    if len(head) < HEADER_SIZE and not any(head):
-        return HeaderState.ABSENT  # created, nothing written yet (or a crash right after)
     if head == header(digest, region, layout):
         return HeaderState.VALID
     if not any(head):
-        return HeaderState.ABSENT
+        return HeaderState.ABSENT  # created, nothing written yet (or its creator died)
     if head[:4] in (MAGIC, b"S3DB") and head[4:6] != struct.pack("<H", FORMAT_VERSION):
         return HeaderState.OTHER_VERSION
     return HeaderState.DAMAGED
@@ -123,7 +126,7 @@ def blocks_in_header(data: bytes) -> int:
 
 def entries(digest: str, first: int, payloads: Sequence[bytes]) -> bytes:
     """The table entries of blocks ``first``, ``first + 1``, ... holding ``payloads``."""
-    raw = bytes.fromhex(digest)
+    raw = _raw(digest)
     out = []
     for index, payload in enumerate(payloads, first):
         length, crc = len(payload), zlib.crc32(payload)
@@ -137,7 +140,7 @@ def parse_entry(data: bytes, digest: str, index: int) -> tuple[int, int] | None 
     if len(data) < ENTRY_SIZE or not any(data[:ENTRY_SIZE]):
         return None
     mark, length, crc, check = _ENTRY.unpack_from(data)
-    expected = zlib.crc32(_CHECKED.pack(bytes.fromhex(digest), index, mark, length, crc))
+    expected = zlib.crc32(_CHECKED.pack(_raw(digest), index, mark, length, crc))
     if mark != ENTRY_MARK or check != expected:
         return False
     return length, crc

@@ -29,8 +29,9 @@ Invariants:
   is not its own is deleted. Files of the earlier formats are deleted by the next scan.
 - Sharing: processes write the same bytes for the same object (the digest names one pinned
   version), each block in its own slot and entry, so concurrent writers of one region never
-  need a lock and never mix blocks. A new region file is created with ``O_CREAT`` and gets its
-  header at once; a racing creator writes the same header.
+  need a lock and never mix blocks. Every write opens its region file with ``O_CREAT`` and
+  writes its header (the same bytes for every writer), so a file whose creator died before the
+  header is mended by the next write.
 - Block payloads are written with ``O_DIRECT`` (``files.pwrite_direct``): the FUSE file's pages
   already hold what was just read, so the cache file does not take page cache a second time, and
   the write costs no copy into fresh pages. A filesystem that refuses ``O_DIRECT`` switches this
@@ -176,7 +177,7 @@ class DiskCache:
         """Blocks of ``run`` (within one region) from its file, up to the first not there."""
         layout, size = self.layout, self.block_size
         region = layout.region_of(run.start)
-        relative = f"{digest[:2]}/{digest}/r{region}"
+        relative = _region_name(digest, region)
         path = self.root / relative
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -263,7 +264,7 @@ class DiskCache:
         Each region's part of the run is written in place into that region's file: payloads
         first, then their table entries (see ``blockfile``).
         """
-        directory = self.root / digest[:2] / digest
+        directory = self.root / _object_name(digest)
         if digest not in self._known_objects:
             self._make_object_dir(directory, ref)
             self._known_objects.add(digest)
@@ -271,13 +272,13 @@ class DiskCache:
         for run in self.layout.runs(first_index, first_index + len(payloads)):
             parts = payloads[run.start - first_index : run.stop - first_index]
             region = self.layout.region_of(run.start)
-            path = directory / f"r{region}"
+            relative = _region_name(digest, region)
+            path = self.root / relative
             try:
                 allocated = self._write_region(path, digest, region, run.start, parts)
             except FileNotFoundError:  # removed under us (cache clear, rm -rf): make it again
                 self._make_object_dir(directory, ref)
                 allocated = self._write_region(path, digest, region, run.start, parts)
-            relative = f"{digest[:2]}/{digest}/r{region}"
             with self._lock:
                 before = self._index.pop(relative, 0)  # popped, not evicted: no unlink
                 if allocated <= self._capacity:
@@ -293,12 +294,12 @@ class DiskCache:
         self, path: Path, digest: str, region: int, first: int, parts: Sequence[bytes]
     ) -> int:
         """Write blocks ``first`` ... into region file ``path``; its allocated bytes after."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:  # a new region: its header first (a racing creator writes
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)  # the same bytes)
+            # The header goes with every write, not only the first: it is the same 64 bytes for
+            # every writer, and a file its creator left without one (a crash, ENOSPC) would
+            # otherwise stay a miss for good.
             os.pwrite(fd, blockfile.header(digest, region, self.layout), 0)
-        try:
             self._write_payload(fd, parts, self.layout.slot_offset(first))
             os.pwrite(fd, blockfile.entries(digest, first, parts), self.layout.entry_offset(first))
             return os.fstat(fd).st_blocks * 512
@@ -367,6 +368,15 @@ class DiskCache:
     def used_bytes(self) -> int:
         with self._lock:
             return int(self._index.currsize)
+
+
+def _object_name(digest: str) -> str:
+    return f"{digest[:2]}/{digest}"
+
+
+def _region_name(digest: str, region: int) -> str:
+    """A region file's path relative to the block root (the LRU's key)."""
+    return f"{_object_name(digest)}/r{region}"
 
 
 def block_root(cache_dir: Path, block_size: int) -> Path:
