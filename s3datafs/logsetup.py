@@ -5,6 +5,9 @@
   detached to the file only.
 - botocore, boto3 and urllib3 stay at WARNING even with ``--debug``: their DEBUG output contains
   signed headers.
+- pyfuse3 logs an ERROR whenever the kernel refuses an answer with ENOENT: the request is no
+  longer waited for (its reader was interrupted, or the mount ended while a read waited on S3).
+  That is expected, so those records are dropped.
 - A redacting filter replaces every known secret value (secret key, session token) in any record,
   as a last line of defence: no code path is supposed to log one.
 """
@@ -55,6 +58,13 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+def _not_an_unwanted_answer(record: logging.LogRecord) -> bool:
+    """False for pyfuse3's "fuse_reply_* failed with No such file or directory" (see above)."""
+    return not (
+        record.getMessage().endswith("fuse_reply_* failed with No such file or directory")
+    )
+
+
 def setup(
     *, debug: bool, verbose: bool, log_file: Path | None, secrets: Iterable[str] = ()
 ) -> None:
@@ -86,6 +96,9 @@ def setup(
         root.addHandler(handler)
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
+    fuse_logger = logging.getLogger("pyfuse3")
+    if _not_an_unwanted_answer not in fuse_logger.filters:
+        fuse_logger.addFilter(_not_an_unwanted_answer)
 
 
 def detach_console() -> None:

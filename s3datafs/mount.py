@@ -10,7 +10,10 @@ Order (and why):
 2. ``on_ready`` runs (the daemon tells its parent, or systemd, that the mount is usable). Requests
    that arrived in between simply wait for the loop.
 3. ``trio.run`` serves requests until the mount is unmounted from outside (``fusermount3 -u``)
-   or a SIGTERM/SIGINT/SIGHUP arrives, which asks pyfuse3 to terminate.
+   or a SIGTERM/SIGINT/SIGHUP arrives, which asks pyfuse3 to terminate. Either way the requests
+   still in progress are abandoned (``Operations.abandon_requests``; an unmount is seen as the
+   kernel ending the connection, see ``connection``): pyfuse3 returns only once every handler
+   has, and a read waiting on an unreachable S3 would hold the daemon for ``--read-timeout``.
 4. ``pyfuse3.close(unmount=True)`` always runs, so a failure anywhere after step 1 leaves nothing
    mounted.
 Background tasks belong to the nursery opened here; nothing else starts tasks.
@@ -32,7 +35,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import config, pinning, runtime
+from . import config, connection, pinning, runtime
 from .archive.index import archive_catalog
 from .archive.members import MemberSource
 from .cache.disk import DiskCache
@@ -260,7 +263,7 @@ def fuse_options(*, fsname: str, allow_other: bool) -> set[str]:
 
 
 def serve(
-    operations: pyfuse3.Operations,
+    operations: Operations,
     mountpoint: Path,
     options: Iterable[str],
     on_ready: Callable[[], None],
@@ -272,26 +275,44 @@ def serve(
     cancelled when the mount ends; ``writes`` (cache write-behind) is drained first, so a remount
     right after finds everything that was read.
     """
+    others = connection.fuse_descriptors()
     pyfuse3.init(operations, str(mountpoint), set(options))
     try:
+        ours = connection.fuse_descriptors() - others
         on_ready()
-        trio.run(_main_loop, start)
+        trio.run(_main_loop, operations, ours, start)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
 
 
-async def _main_loop(start: Callable[[trio.Nursery, trio.Nursery], None]) -> None:
+async def _main_loop(
+    operations: Operations,
+    session_fds: set[int],
+    start: Callable[[trio.Nursery, trio.Nursery], None],
+) -> None:
     async with trio.open_nursery() as writes, trio.open_nursery() as tasks:
         start(tasks, writes)
-        tasks.start_soon(_terminate_on_signal)
+        tasks.start_soon(_terminate_on_signal, operations)
+        if len(session_fds) == 1:
+            tasks.start_soon(_abandon_requests_when_disconnected, operations, *session_fds)
+        else:  # not expected; an unmount then waits for requests in progress, as before
+            log.warning("cannot tell which /dev/fuse descriptor is this mount's: %s", session_fds)
         await pyfuse3.main()
         tasks.cancel_scope.cancel()
 
 
-async def _terminate_on_signal() -> None:
+async def _abandon_requests_when_disconnected(operations: Operations, session_fd: int) -> None:
+    """Once the kernel ends the connection (unmounted), drop the requests still in progress."""
+    await connection.wait_disconnected(session_fd)
+    log.info("the kernel ended the connection: abandoning requests in progress")
+    operations.abandon_requests()
+
+
+async def _terminate_on_signal(operations: Operations) -> None:
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            operations.abandon_requests()
             pyfuse3.terminate()
             return

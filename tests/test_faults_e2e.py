@@ -40,6 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devtools.s3server import S3Server
+from s3datafs import runtime
 from s3datafs.cache import blockfile, disk
 
 pytestmark = pytest.mark.fuse
@@ -203,6 +204,65 @@ def test_read_timeout_bounds_reads_against_a_stalled_s3_and_the_mount_recovers(
     assert eventually(lambda: uncached_read(mountpoint / "f0.bin")) == files["p/f0.bin"]
     for name in names:
         assert uncached_read(mountpoint / name) == files[f"p/{name}"]
+
+
+def start_stuck_reader(path: Path, proxy: FaultProxy) -> subprocess.Popen:
+    """A ``cat`` of ``path`` whose GET the (stalling) proxy holds; returns once it is held."""
+    reader = subprocess.Popen(["cat", str(path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not proxy.injected_count("stall"):
+        assert time.monotonic() < deadline, "the read never reached S3"
+        time.sleep(0.01)
+    return reader
+
+
+def test_an_unmount_does_not_wait_for_reads_stuck_on_s3(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy
+) -> None:
+    """A request the kernel no longer waits for (its reader was killed) is dropped at unmount.
+
+    Before, the daemon answered it first: with S3 unreachable that took the whole
+    --read-timeout (60 s), and ``unmount`` gave up waiting for the daemon after 30 s. The
+    kernel then refuses the late answer, which pyfuse3 logs as an error; the daemon drops that
+    record (the fixture fails the test on unexpected errors in the log).
+    """
+    bucket = make_bucket()
+    put(s3, bucket, {"p/f.bin": os.urandom(MiB)})
+    mountpoint = mount_via(cli, proxy, f"s3://{bucket}/p/")  # the default --read-timeout, 60 s
+    pid = cli.daemon_pid(mountpoint)
+    proxy.inject("stall", times=None)
+    reader = start_stuck_reader(mountpoint / "f.bin", proxy)
+    reader.kill()
+    reader.wait(timeout=10)
+    started = time.monotonic()
+    result = cli.unmount(mountpoint)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert took < 10, f"unmount took {took:.1f}s"
+    assert not os.path.ismount(mountpoint)
+    assert not runtime.pid_alive(pid)
+
+
+def test_sigterm_ends_reads_stuck_on_s3_and_the_daemon_exits(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy
+) -> None:
+    bucket = make_bucket()
+    put(s3, bucket, {"p/f.bin": os.urandom(MiB)})
+    mountpoint = mount_via(cli, proxy, f"s3://{bucket}/p/")
+    pid = cli.daemon_pid(mountpoint)
+    proxy.inject("stall", times=None)
+    reader = start_stuck_reader(mountpoint / "f.bin", proxy)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        assert reader.wait(timeout=10) != 0  # its read failed (EIO) instead of hanging
+    finally:
+        reader.kill()
+    deadline = time.monotonic() + 10
+    while runtime.pid_alive(pid):
+        assert time.monotonic() < deadline, "the daemon did not exit"
+        time.sleep(0.05)
+    assert not os.path.ismount(mountpoint)
 
 
 @pytest.mark.parametrize("action", ["short", "long", "shift_range", "drop_range"])

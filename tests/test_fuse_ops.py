@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 from fakes import FakeSource, trio_test
 
 from s3datafs.catalog import Catalog, build_catalog
@@ -346,6 +348,33 @@ async def test_typed_source_errors_become_their_errno(
     assert_errno(caught, expected)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [str(exc)]
     assert await fs.ops.read(fh, 0, 3) == b"\x00\x01\x02"  # and the next read retries
+
+
+@trio_test
+async def test_abandoning_requests_ends_a_read_waiting_on_s3_and_every_later_one(
+    fs: Mounted,
+) -> None:
+    """What an unmount does to a read whose GET hangs: EIO at once, not after --read-timeout."""
+    fh = await fs.open("a.txt")
+    fs.source.gate = threading.Event()  # every GET waits until the test opens the gate
+    outcomes: list[int] = []
+
+    async def read_and_record() -> None:
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await fs.ops.read(fh, 0, 10)
+        outcomes.append(caught.value.errno)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_and_record)
+            await trio.testing.wait_all_tasks_blocked()  # the read waits on its GET's thread
+            fs.ops.abandon_requests()
+        assert outcomes == [errno.EIO]
+        await read_and_record()  # a request that arrives later does not wait either
+        assert outcomes == [errno.EIO, errno.EIO]
+    finally:
+        fs.source.gate.set()
+    assert (await fs.ops.getattr(ROOT)).st_ino == ROOT  # requests that never wait still answer
 
 
 # -- unexpected errors ----------------------------------------------------------------------------
