@@ -8,14 +8,18 @@
 - pyfuse3 logs an ERROR whenever the kernel refuses an answer with ENOENT: the request is no
   longer waited for (its reader was interrupted, or the mount ended while a read waited on S3).
   That is expected, so those records are dropped.
+- ``kill -USR1 <daemon pid>`` writes every thread's Python stack to the log file
+  (``faulthandler``, from the signal handler itself: it works while the daemon hangs).
 - A redacting filter replaces every known secret value (secret key, session token) in any record,
   as a last line of defence: no code path is supposed to log one.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -94,6 +98,7 @@ def setup(
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler.addFilter(redactor)
         root.addHandler(handler)
+        faulthandler.register(signal.SIGUSR1, file=handler.stream, all_threads=True)
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
     fuse_logger = logging.getLogger("pyfuse3")

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -193,17 +194,28 @@ class Cli:
         return pids
 
     def _daemon_stacks(self) -> str:
-        """Thread stacks of the live daemons (py-spy when installed), for a hang's report."""
+        """Thread stacks of the live daemons, for a hang's report.
+
+        py-spy when installed (it also shows native frames); else the daemon's own dump, which
+        SIGUSR1 makes it append to its log file.
+        """
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         stacks = []
-        for pid in self._daemon_pids():
-            if not Path(spy).exists():
-                stacks.append(f"daemon {pid}: py-spy not installed, no stacks")
-                continue
-            dump = subprocess.run(
-                [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, check=False
-            )
-            stacks.append(f"daemon {pid}:\n{dump.stdout}{dump.stderr}")
+        for state in (self.root / "run").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                daemon = json.loads(state.read_text())
+                pid, log_file = int(daemon["pid"]), Path(daemon["log_file"])
+                if Path(spy).exists():
+                    dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
+                                          text=True, check=False)
+                    stacks.append(f"daemon {pid}:\n{dump.stdout}{dump.stderr}")
+                    continue
+                told = log_file.stat().st_size
+                os.kill(pid, signal.SIGUSR1)
+                time.sleep(0.5)
+                with log_file.open(errors="replace") as log:
+                    log.seek(told)
+                    stacks.append(f"daemon {pid} (its own dump):\n{log.read()}")
         return "\n".join(stacks)
 
 

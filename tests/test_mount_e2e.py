@@ -342,3 +342,21 @@ def test_concurrent_random_reads_match_the_reference(cli: Cli, s3, make_bucket) 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert all(pool.map(read, reads))
     assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
+
+
+def test_sigusr1_writes_the_daemons_thread_stacks_to_its_log_and_it_serves_on(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """How to see where a hung daemon waits, with nothing installed but s3datafs."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    log_file = cli.root / "log" / "p.log"
+    told = log_file.stat().st_size
+    os.kill(cli.daemon_pid(mountpoint), signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while "most recent call first" not in log_file.read_text()[told:]:
+        assert time.monotonic() < deadline, "no stack dump in the log"
+        time.sleep(0.05)
+    assert "File " in log_file.read_text()[told:]
+    assert (mountpoint / "x.bin").read_bytes() == b"x"
