@@ -242,6 +242,34 @@ def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make
     assert not os.path.ismount(mountpoint)
 
 
+def test_a_lazy_unmount_serves_open_files_until_they_close_then_the_daemon_exits(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """``unmount --lazy`` detaches at once; the kernel keeps the connection for the open file.
+
+    Only when it is closed does the kernel end the connection, and only then may the daemon
+    drop requests and exit (it watches for exactly that, see ``connection``).
+    """
+    bucket = make_bucket()
+    body = os.urandom(8 * 1024 * 1024)
+    put_all(s3, bucket, {"p/big.bin": body})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    pid = cli.daemon_pid(mountpoint)
+    with open(mountpoint / "big.bin", "rb", buffering=0) as still_open:
+        assert still_open.read(4096) == body[:4096]
+        result = cli.run("unmount", "--lazy", str(mountpoint))
+        assert result.returncode == 0, result.stderr
+        assert not os.path.ismount(mountpoint)
+        time.sleep(0.5)  # time enough to exit, if the daemon wrongly thought it was unmounted
+        assert pid_alive(pid)
+        still_open.seek(6 * 1024 * 1024)  # past any readahead yet: GETs after the detach
+        assert still_open.read() == body[6 * 1024 * 1024 :]
+    deadline = time.monotonic() + 10
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, "the daemon did not exit after the last close"
+        time.sleep(0.05)
+
+
 def test_sigterm_unmounts_cleanly(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket()
     put_all(s3, bucket, {"p/x.bin": b"x"})
