@@ -1,4 +1,4 @@
-"""The S3 edge: the only module that imports botocore (boto3 itself is not needed, nor imported).
+"""The S3 edge: with ``signedget`` the only modules that import botocore (boto3 is not used).
 
 Design:
 - ``S3Source`` implements ``model.ObjectSource`` over one botocore client. Clients are thread-safe,
@@ -12,6 +12,9 @@ Design:
   served). Transient failures (connection refused/reset, timeouts, truncated bodies, 5xx, 429,
   SlowDown and other throttling) are retried with full-jitter exponential backoff until
   ``read_deadline``; permanent ones (403, 404/NoSuchVersion, 412, other 4xx) fail at once.
+- GETs are sent from per-object templates that botocore signed (``signedget``: a third of a
+  botocore call's CPU); whatever that path cannot handle it leaves to a plain botocore call.
+  Both give the same checks below and the same errors.
 - GETs have their own client with botocore's retries off (one attempt per call) and socket
   timeouts no longer than the deadline, so the deadline is ours alone: botocore's retries would
   multiply our attempts and could wait 3 x 30 s on a stalled server. Listing and HEAD (mount
@@ -76,6 +79,7 @@ from .errors import (
 )
 from .listing import Page, Selection, list_ordered, select_key
 from .model import ObjectRef, http_range
+from .signedget import Fetched, SignedGets
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +158,7 @@ class S3Source:
     def __init__(self, settings: S3Settings) -> None:
         self._settings = settings
         self._client, self._reads = _make_clients(settings, for_reads=(False, True))
+        self._signed = SignedGets.for_client(self._reads)  # GETs from per-object templates
         self._lock = threading.Lock()
         self._verify_md5 = True  # off once the store shows ETags that are not MD5 digests
         self._md5_mismatch: dict[ObjectRef, str] = {}  # the last bad MD5 per object
@@ -257,17 +262,10 @@ class S3Source:
                 time.sleep(delay)
 
     def _get_range_once(self, ref: ObjectRef, start: int, end: int) -> bytes:
-        kwargs = {"Bucket": ref.bucket, "Key": ref.key, "Range": http_range(start, end)}
-        kwargs["IfMatch"] = ref.etag
-        if ref.version_id is not None:
-            kwargs["VersionId"] = ref.version_id
         try:
-            response = self._reads.get_object(**kwargs)
-            body = response["Body"]
-            try:  # botocore's own read: it checks Content-Length and maps urllib3's errors
-                data = body.read()
-            finally:
-                body.close()
+            fetched = self._signed.get(ref, start, end) if self._signed is not None else None
+            if fetched is None:  # no template here, or an error botocore handles better
+                fetched = self._get_with_botocore(ref, start, end)
         except botocore.exceptions.ClientError as exc:
             if _code(exc) in _GONE:
                 raise StaleObjectError(
@@ -280,16 +278,31 @@ class S3Source:
             raise _map_botocore_error(exc, ref.uri) from None
         except _BODY_ERRORS as exc:  # anything botocore let through while the body streamed
             raise TransientS3Error(f"lost the connection reading {ref.uri}: {exc}") from None
-        _check_body(ref, start, end, data, response.get("ContentRange"))
+        data = fetched.data
+        _check_body(ref, start, end, data, fetched.content_range)
         if start == 0 and end == ref.size and self._verify_md5:
-            self._check_md5(ref, data, response)
+            self._check_md5(ref, data, fetched)
         return data
 
-    def _check_md5(self, ref: ObjectRef, data: bytes, response: dict) -> None:
+    def _get_with_botocore(self, ref: ObjectRef, start: int, end: int) -> Fetched:
+        kwargs = {"Bucket": ref.bucket, "Key": ref.key, "Range": http_range(start, end)}
+        kwargs["IfMatch"] = ref.etag
+        if ref.version_id is not None:
+            kwargs["VersionId"] = ref.version_id
+        response = self._reads.get_object(**kwargs)
+        body = response["Body"]
+        try:  # botocore's own read: it checks Content-Length and maps urllib3's errors
+            data = body.read()
+        finally:
+            body.close()
+        return Fetched(data, response.get("ContentRange"), response.get("ServerSideEncryption"),
+                       response.get("SSECustomerAlgorithm"))
+
+    def _check_md5(self, ref: ObjectRef, data: bytes, fetched: Fetched) -> None:
         """A whole-object body must hash to an MD5 ETag (see the module docstring)."""
         match = _PLAIN_MD5_ETAG.match(ref.etag)
-        encrypted = response.get("ServerSideEncryption") in _NOT_MD5_ENCRYPTION
-        if match is None or encrypted or response.get("SSECustomerAlgorithm"):
+        encrypted = fetched.encryption in _NOT_MD5_ENCRYPTION
+        if match is None or encrypted or fetched.customer_algorithm:
             return
         digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
         if digest == match[1].lower():

@@ -31,6 +31,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from faultproxy import FaultProxy  # noqa: E402
+
 from devtools.s3server import S3Server, clean_aws_env  # noqa: E402
 from s3datafs.runtime import mount_table  # noqa: E402
 
@@ -43,6 +45,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def s3server() -> Iterator[S3Server]:
     with S3Server() as server:
         yield server
+
+
+@pytest.fixture
+def proxy(s3server: S3Server) -> Iterator[FaultProxy]:
+    """The fault-injecting proxy in front of the S3 server (``faultproxy``); no rules yet."""
+    with FaultProxy(s3server.endpoint, seed=6) as running:
+        yield running
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,6 @@ KiB = 1024
 BIG = bytes((i * 7 + i // 251) % 256 for i in range(300 * KiB))  # several 64 KiB blocks
 SMALL = b"a small object, read whole in one GET\n" * 40
 HARD_LIMIT = 20.0  # seconds any single call below may take before the test calls it a hang
-
-
-@pytest.fixture
-def proxy(s3server: S3Server) -> Iterator[FaultProxy]:
-    with FaultProxy(s3server.endpoint, seed=6) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -49,12 +49,6 @@ KiB, MiB = 1024, 1024 * 1024
 RETRIED = r"retrying s3://"  # INFO lines; never WARNING
 
 
-@pytest.fixture
-def proxy(s3server: S3Server) -> Iterator[FaultProxy]:
-    with FaultProxy(s3server.endpoint, seed=6) as running:
-        yield running
-
-
 def put(s3, bucket: str, objects: dict[str, bytes]) -> None:
     for key, body in objects.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)

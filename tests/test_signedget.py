@@ -1,0 +1,157 @@
+"""GETs from signed templates (``signedget``), through ``S3Source`` against moto behind the proxy.
+
+What is proven here: ranges of one object share one template (one botocore call, no request of
+its own) and each costs one GET; templates are signed again once old; errors a new signature
+or botocore's own handling may cure are repeated through botocore; a whole-object checksum S3
+sends is checked (with the MD5 check off, so nothing else could catch the flip); real botocore
+calls on the same client are left alone. Error mapping and retries of every other fault are
+``test_faults.py``'s, which runs through the same path.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+import zlib
+from typing import Any
+
+import botocore.exceptions
+import pytest
+from faultproxy import FaultProxy
+
+from devtools.s3server import S3Server
+from s3datafs import signedget
+from s3datafs.model import ObjectRef
+from s3datafs.s3source import S3Settings, S3Source
+
+KiB = 1024
+BIG = bytes((i * 13 + i // 509) % 256 for i in range(256 * KiB))
+SMALL = b"read whole, with the checksum S3 sends for a whole object\n" * 30
+
+
+@pytest.fixture(scope="module")
+def objects(s3server: S3Server) -> dict[str, ObjectRef]:
+    s3 = s3server.client()
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    refs = {}
+    for key, body in (("big.bin", BIG), ("small.txt", SMALL)):
+        put = s3.put_object(Bucket=bucket, Key=key, Body=body)
+        refs[key] = ObjectRef(bucket, key, put["VersionId"], put["ETag"], len(body), 0.0)
+    return refs
+
+
+@pytest.fixture
+def source(proxy: FaultProxy) -> S3Source:
+    return S3Source(S3Settings(
+        region="us-east-1", endpoint_url=proxy.endpoint, access_key_id="testing",
+        secret_access_key="testing", read_deadline=10.0, request_timeout=5.0,
+    ))
+
+
+def count_botocore_gets(source: S3Source, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Record every ``get_object`` call on the GET client (template captures included)."""
+    calls: list[dict] = []
+    real = source._reads.get_object
+
+    def counted(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(source._reads, "get_object", counted)
+    return calls
+
+
+def test_ranges_of_one_object_share_one_template_and_cost_one_request_each(
+    source: S3Source, objects: dict[str, ObjectRef], proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = count_botocore_gets(source, monkeypatch)
+    ref = objects["big.bin"]
+    spans = [(0, 4 * KiB), (100 * KiB, 164 * KiB), (255 * KiB, 256 * KiB), (0, 256 * KiB)]
+    for start, end in spans:
+        assert source.get_range(ref, start, end) == BIG[start:end]
+    assert len(calls) == 1  # the template's capture, which sends nothing
+    assert "Range" not in calls[0]
+    assert "IfMatch" not in calls[0]
+    assert proxy.requests["GetObject"] == len(spans)
+
+
+def test_an_old_template_is_signed_again(
+    source: S3Source, objects: dict[str, ObjectRef], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_botocore_gets(source, monkeypatch)
+    monkeypatch.setattr(signedget, "TEMPLATE_SECONDS", 0.0)
+    ref = objects["big.bin"]
+    for start in (0, 64 * KiB, 128 * KiB):
+        assert source.get_range(ref, start, start + KiB) == BIG[start : start + KiB]
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(403, "SignatureDoesNotMatch"), (403, "RequestTimeTooSkewed"), (400, "ExpiredToken"),
+     (301, "PermanentRedirect"), (400, "AuthorizationHeaderMalformed")],
+)
+def test_errors_a_new_signature_may_cure_are_repeated_through_botocore(
+    source: S3Source, objects: dict[str, ObjectRef], proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch, status: int, code: str,
+) -> None:
+    calls = count_botocore_gets(source, monkeypatch)
+    ref = objects["big.bin"]
+    proxy.inject("error", status=status, code=code, times=1)
+    assert source.get_range(ref, 4 * KiB, 8 * KiB) == BIG[4 * KiB : 8 * KiB]
+    assert proxy.requests["GetObject"] == 2  # the template's GET, then botocore's
+    assert [("Range" in call) for call in calls] == [False, True]
+    assert source.get_range(ref, 0, KiB) == BIG[:KiB]  # a new template serves the next one
+    assert len(calls) == 3
+    assert proxy.requests["GetObject"] == 3
+
+
+def test_a_whole_object_checksum_from_s3_is_checked(
+    source: S3Source, objects: dict[str, ObjectRef], proxy: FaultProxy
+) -> None:
+    source._verify_md5 = False  # the MD5 ETag check would catch the flip too: not this test's
+    ref = objects["small.txt"]
+    proxy.inject("flip", times=1)
+    assert source.get_range(ref, 0, ref.size) == SMALL
+    assert proxy.requests["GetObject"] == 2  # the flipped body was refused and fetched again
+    proxy.inject("flip", times=1, strip_checksums=True)  # the control: without S3's checksum,
+    assert source.get_range(ref, 0, ref.size) != SMALL  # nothing here can tell
+
+
+def test_real_botocore_calls_on_the_same_client_are_left_alone(
+    source: S3Source, objects: dict[str, ObjectRef]
+) -> None:
+    ref = objects["big.bin"]
+    assert source.get_range(ref, 0, KiB) == BIG[:KiB]  # a template exists, its hook is in place
+    response = source._reads.get_object(Bucket=ref.bucket, Key=ref.key, Range="bytes=0-99")
+    assert response["Body"].read() == BIG[:100]
+
+
+def checksum_headers(algorithm: str, body: bytes) -> dict[str, str]:
+    digest = (zlib.crc32(body).to_bytes(4, "big") if algorithm == "crc32"
+              else hashlib.new(algorithm, body).digest())
+    return {f"x-amz-checksum-{algorithm}": base64.b64encode(digest).decode()}
+
+
+@pytest.mark.parametrize("algorithm", ["crc32", "sha1", "sha256", "sha512"])
+def test_checksums_match_the_body_or_raise(algorithm: str) -> None:
+    body = b"some bytes" * 100
+    signedget._check_checksum(checksum_headers(algorithm, body), body)
+    with pytest.raises(botocore.exceptions.FlexibleChecksumError):
+        signedget._check_checksum(checksum_headers(algorithm, body), body[:-1] + b"X")
+
+
+def test_part_checksums_and_missing_ones_are_not_checked() -> None:
+    signedget._check_checksum({"x-amz-checksum-crc32": "AAAAAA==-3"}, b"anything")
+    signedget._check_checksum({}, b"anything")
+
+
+def test_s3_error_bodies_give_code_and_message() -> None:
+    body = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Reduce</Message></Error>"
+    assert signedget._error_of(body) == ("SlowDown", "Reduce")
+    assert signedget._error_of(b"") == ("", "")
+    assert signedget._error_of(b"<html>proxy error</html>") == ("", "")
