@@ -30,6 +30,10 @@ Invariants:
   ``FlexibleChecksumError``.
 - The body is read whole (urllib3 enforces Content-Length) and the connection goes back to the
   pool; the caller checks length and Content-Range as for any GET.
+- It relies on two botocore internals, the client's ``_endpoint.http_session`` and the
+  ``before-send`` event: without the first it is not used at all (``for_client``); should the
+  hook not be called, the first template's GET is sent by botocore for real and every GET after
+  is a plain botocore call, with one warning.
 - Thread-safe: templates live in a locked LRU; the capture flag is thread-local, so concurrent
   real botocore calls on the same client are never intercepted.
 """
@@ -39,6 +43,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 import threading
 import time
 import zlib
@@ -51,6 +56,8 @@ import botocore.exceptions
 import cachetools
 
 from .model import ObjectRef, http_range
+
+log = logging.getLogger(__name__)
 
 TEMPLATE_SECONDS = 240.0
 _TEMPLATES_KEPT = 4096
@@ -126,6 +133,7 @@ class SignedGets:
             _TEMPLATES_KEPT)
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._unusable = False
         client.meta.events.register_first("before-send.s3.GetObject", self._capture)
 
     @classmethod
@@ -140,7 +148,9 @@ class SignedGets:
 
         Raises what botocore's ``get_object`` and its body's ``read`` would.
         """
-        template = self._template(ref)
+        template = None if self._unusable else self._template(ref)
+        if template is None:
+            return None
         headers = {**template.headers, "Range": http_range(start, end), "If-Match": ref.etag}
         request = botocore.awsrequest.AWSPreparedRequest("GET", template.url, headers, None, True)
         response = self._session.send(request)
@@ -164,7 +174,9 @@ class SignedGets:
         with self._lock:
             self._templates.pop(_name(ref), None)
 
-    def _template(self, ref: ObjectRef) -> _Template:
+    def _template(self, ref: ObjectRef) -> _Template | None:
+        """The object's template, made now if missing or old; None if botocore sent no request
+        through the hook (a botocore that no longer calls it: plain calls then, as before)."""
         name = _name(ref)
         with self._lock:
             template = self._templates.get(name)
@@ -179,6 +191,11 @@ class SignedGets:
             self._client.get_object(**kwargs)
         finally:
             self._local.capturing = False
+        if self._local.captured is None:  # and botocore sent that GET, of the whole object
+            log.warning("botocore no longer hands GETs to s3datafs before sending them: plain "
+                        "botocore calls from now on (slower, as correct)")
+            self._unusable = True
+            return None
         url, headers = self._local.captured
         template = _Template(url, headers, time.monotonic())
         with self._lock:

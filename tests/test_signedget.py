@@ -155,3 +155,18 @@ def test_s3_error_bodies_give_code_and_message() -> None:
     assert signedget._error_of(body) == ("SlowDown", "Reduce")
     assert signedget._error_of(b"") == ("", "")
     assert signedget._error_of(b"<html>proxy error</html>") == ("", "")
+
+
+def test_a_botocore_that_never_calls_the_hook_means_plain_calls(
+    source: S3Source, objects: dict[str, ObjectRef], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Should botocore stop emitting ``before-send``, reads go on through plain calls."""
+    source._reads.meta.events.unregister("before-send.s3.GetObject", source._signed._capture)
+    calls = count_botocore_gets(source, monkeypatch)
+    ref = objects["big.bin"]
+    for start in (0, 8 * KiB):
+        assert source.get_range(ref, start, start + KiB) == BIG[start : start + KiB]
+    # One try (it sent a real GET of the object), then plain calls only.
+    assert [("Range" in call) for call in calls] == [False, True, True]
+    assert "plain botocore calls from now on" in caplog.text
