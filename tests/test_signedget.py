@@ -170,3 +170,21 @@ def test_a_botocore_that_never_calls_the_hook_means_plain_calls(
     # One try (it sent a real GET of the object), then plain calls only.
     assert [("Range" in call) for call in calls] == [False, True, True]
     assert "plain botocore calls from now on" in caplog.text
+
+
+def test_unsigned_requests_make_unsigned_templates(
+    proxy: FaultProxy, s3server: S3Server
+) -> None:
+    """``--no-sign-request``: the template carries no signature and reads work as before."""
+    s3 = s3server.client()
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    s3.create_bucket(Bucket=bucket)
+    put = s3.put_object(Bucket=bucket, Key="public.bin", Body=BIG, ACL="public-read")
+    ref = ObjectRef(bucket, "public.bin", None, put["ETag"], len(BIG), 0.0)
+    source = S3Source(S3Settings(region="us-east-1", endpoint_url=proxy.endpoint,
+                                 no_sign_request=True))
+    assert source.get_range(ref, 0, KiB) == BIG[:KiB]
+    assert source.get_range(ref, 9 * KiB, 10 * KiB) == BIG[9 * KiB : 10 * KiB]
+    [template] = source._signed._templates.values()
+    names = {name.lower() for name in template.headers}
+    assert not names & {"authorization", "x-amz-security-token"}
