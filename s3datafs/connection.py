@@ -22,14 +22,11 @@ pyfuse3 keeps its session descriptor private, so ``fuse_descriptors`` lists the 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import stat
 
 import trio
-
-log = logging.getLogger(__name__)
 
 _FUSE_DEVICE = os.makedev(10, 229)  # /dev/fuse, whatever path it has in this mount namespace
 

@@ -188,10 +188,11 @@ class SignedGets:
         self._local.captured = None
         self._local.capturing = True
         try:
-            self._client.get_object(**kwargs)
+            response = self._client.get_object(**kwargs)
         finally:
             self._local.capturing = False
         if self._local.captured is None:  # and botocore sent that GET, of the whole object
+            response["Body"].close()  # unread: its connection is not reused, but not held
             log.warning("botocore no longer hands GETs to s3datafs before sending them: plain "
                         "botocore calls from now on (slower, as correct)")
             self._unusable = True
