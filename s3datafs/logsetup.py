@@ -62,7 +62,7 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def _not_an_unwanted_answer(record: logging.LogRecord) -> bool:
+def _not_a_refused_answer(record: logging.LogRecord) -> bool:
     """False for pyfuse3's "fuse_reply_* failed with No such file or directory" (see above)."""
     return not (
         record.getMessage().endswith("fuse_reply_* failed with No such file or directory")
@@ -102,8 +102,8 @@ def setup(
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
     fuse_logger = logging.getLogger("pyfuse3")
-    if _not_an_unwanted_answer not in fuse_logger.filters:
-        fuse_logger.addFilter(_not_an_unwanted_answer)
+    if _not_a_refused_answer not in fuse_logger.filters:
+        fuse_logger.addFilter(_not_a_refused_answer)
 
 
 def detach_console() -> None:

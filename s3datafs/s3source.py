@@ -79,7 +79,7 @@ from .errors import (
 )
 from .listing import Page, Selection, list_ordered, select_key
 from .model import ObjectRef, http_range
-from .signedget import Fetched, SignedGets
+from .signedget import Fetched, SignedGets, object_params
 
 log = logging.getLogger(__name__)
 
@@ -285,11 +285,8 @@ class S3Source:
         return data
 
     def _get_with_botocore(self, ref: ObjectRef, start: int, end: int) -> Fetched:
-        kwargs = {"Bucket": ref.bucket, "Key": ref.key, "Range": http_range(start, end)}
-        kwargs["IfMatch"] = ref.etag
-        if ref.version_id is not None:
-            kwargs["VersionId"] = ref.version_id
-        response = self._reads.get_object(**kwargs)
+        response = self._reads.get_object(
+            **object_params(ref), Range=http_range(start, end), IfMatch=ref.etag)
         body = response["Body"]
         try:  # botocore's own read: it checks Content-Length and maps urllib3's errors
             data = body.read()

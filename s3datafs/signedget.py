@@ -182,13 +182,10 @@ class SignedGets:
             template = self._templates.get(name)
         if template is not None and time.monotonic() - template.made < TEMPLATE_SECONDS:
             return template
-        kwargs = {"Bucket": ref.bucket, "Key": ref.key}
-        if ref.version_id is not None:
-            kwargs["VersionId"] = ref.version_id
         self._local.captured = None
         self._local.capturing = True
         try:
-            response = self._client.get_object(**kwargs)
+            response = self._client.get_object(**object_params(ref))
         finally:
             self._local.capturing = False
         if self._local.captured is None:  # and botocore sent that GET, of the whole object
@@ -220,6 +217,14 @@ class SignedGets:
              "ResponseMetadata": {"HTTPStatusCode": status}},
             "GetObject",
         )
+
+
+def object_params(ref: ObjectRef) -> dict[str, str]:
+    """``get_object``'s parameters naming the pinned object (its version when it has one)."""
+    params = {"Bucket": ref.bucket, "Key": ref.key}
+    if ref.version_id is not None:
+        params["VersionId"] = ref.version_id
+    return params
 
 
 def _name(ref: ObjectRef) -> tuple[str, str, str | None]:

@@ -190,17 +190,20 @@ class Cli:
             if failed:
                 trouble.append(f"unmount {point}: {failed}\n{self._daemon_stacks()}")
                 subprocess.run(["fusermount3", "-u", "-z", point], check=False)
-        for pid in self._daemon_pids():
+        for pid, _ in self._daemons():
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         return trouble
 
-    def _daemon_pids(self) -> list[int]:
-        pids = []
+    def _daemons(self) -> list[tuple[int, Path | None]]:
+        """(pid, log file) of every daemon with a state file under this runner's root."""
+        daemons = []
         for state in (self.root / "run").glob("*.json"):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                pids.append(int(json.loads(state.read_text())["pid"]))
-        return pids
+                daemon = json.loads(state.read_text())
+                log_file = daemon.get("log_file")
+                daemons.append((int(daemon["pid"]), Path(log_file) if log_file else None))
+        return daemons
 
     def _daemon_stacks(self) -> str:
         """Thread stacks of the live daemons, for a hang's report.
@@ -210,21 +213,19 @@ class Cli:
         """
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         stacks = []
-        for state in (self.root / "run").glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                daemon = json.loads(state.read_text())
-                pid, log_file = int(daemon["pid"]), Path(daemon["log_file"])
-                if Path(spy).exists():
-                    dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
-                                          text=True, check=False)
-                    stacks.append(f"daemon {pid}:\n{dump.stdout}{dump.stderr}")
-                    continue
-                told = log_file.stat().st_size
-                os.kill(pid, signal.SIGUSR1)
-                time.sleep(0.5)
-                with log_file.open(errors="replace") as log:
-                    log.seek(told)
-                    stacks.append(f"daemon {pid} (its own dump):\n{log.read()}")
+        for pid, log_file in self._daemons():
+            if Path(spy).exists():
+                dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
+                                      text=True, check=False)
+                stacks.append(f"daemon {pid}:\n{dump.stdout}{dump.stderr}")
+            elif log_file is not None:
+                with contextlib.suppress(OSError):
+                    told = log_file.stat().st_size
+                    os.kill(pid, signal.SIGUSR1)
+                    time.sleep(0.5)
+                    with log_file.open(errors="replace") as log:
+                        log.seek(told)
+                        stacks.append(f"daemon {pid} (its own dump):\n{log.read()}")
         return "\n".join(stacks)
 
 

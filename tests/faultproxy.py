@@ -12,7 +12,7 @@ Control API (in process; the proxy serves from threads of the test process)::
         proxy.inject("stall", key="p/big.bin")                        # hang one key's next GET
         proxy.wait_injected(3, timeout=10)                            # synchronise on faults
         proxy.clear()                                                 # no rules; free stalls
-        proxy.injected, proxy.requests                                # what happened
+        proxy.injected, proxy.requests, proxy.accepted                # what happened
 
 A rule matches a request by S3 operation (``op``, default ``"GetObject"``; ``"*"`` for any; the
 classification is ``devtools.s3server``'s, so both ends agree) and optionally by exact ``key``.
@@ -165,6 +165,7 @@ class FaultProxy:
         self._listener: socket.socket | None = None
         self.injected: list[Injection] = []
         self.requests: collections.Counter[str] = collections.Counter()
+        self.accepted = 0  # client connections so far (keep-alive reuses them)
         self.endpoint = ""
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -260,6 +261,7 @@ class FaultProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             self._track(client)
             threading.Thread(
                 target=self._serve, args=(client,), name="faultproxy-conn", daemon=True

@@ -188,3 +188,15 @@ def test_unsigned_requests_make_unsigned_templates(
     [template] = source._signed._templates.values()
     names = {name.lower() for name in template.headers}
     assert not names & {"authorization", "x-amz-security-token"}
+
+
+def test_gets_from_templates_reuse_one_connection(
+    source: S3Source, objects: dict[str, ObjectRef], proxy: FaultProxy
+) -> None:
+    """Each body is read whole before the response is closed, so keep-alive holds: a
+    connection closed after every GET would add a TCP handshake (a TLS one on S3) to each."""
+    ref = objects["big.bin"]
+    for start in range(0, 200 * KiB, 10 * KiB):
+        assert source.get_range(ref, start, start + 4 * KiB) == BIG[start : start + 4 * KiB]
+    assert proxy.requests["GetObject"] == 20
+    assert proxy.accepted == 1
