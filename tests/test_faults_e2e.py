@@ -458,7 +458,7 @@ def test_cache_dir_trouble_while_mounted_never_fails_a_read(
             if trouble == "deleted":
                 subprocess.run(["rm", "-rf", *map(str, cache_dir.iterdir())], check=True)
             elif trouble == "read-only":
-                subprocess.run(["mount", "-o", "remount,ro", str(cache_dir)], check=True)
+                remount_read_only(cache_dir)
             for _ in range(2):  # each read stores ~1 MiB: a 3 MiB cache overflows
                 for name in sorted(files):
                     assert uncached_read(mountpoint / name[2:]) == files[name]
@@ -475,6 +475,17 @@ def test_cache_dir_trouble_while_mounted_never_fails_a_read(
             assert len(log_lines(cli, CACHE_WARNING)) == 1  # rate-limited: not one per write
         finally:
             assert cli.unmount(mountpoint).returncode == 0
+
+
+def remount_read_only(path: Path) -> None:
+    """``mount -o remount,ro``, retried while it is busy: the kernel refuses while a file is
+    open for writing, as a region file is for the moment a cache write (behind the read) takes.
+    """
+    deadline = time.monotonic() + 10
+    command = ["mount", "-o", "remount,ro", str(path)]
+    while subprocess.run(command, capture_output=True, check=False).returncode != 0:
+        assert time.monotonic() < deadline, f"{path} stayed busy: cannot make it read-only"
+        time.sleep(0.05)
 
 
 def assert_private(cache_dir: Path) -> None:
