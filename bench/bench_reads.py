@@ -271,31 +271,39 @@ class ProfileRun:
     # ------------------------------------------------------------ ceilings
 
     def ceilings(self) -> None:
-        """boto3 on the same endpoint, and a local copy of the big file."""
+        """boto3 on the same endpoint, and a local copy of the big file.
+
+        A filtered run (``--workloads``) measures the ceilings of the workloads it asks for only.
+        """
         ds, ep, key = self.s.dataset, self.endpoint, self.s.dataset.big_key
         download = functools.partial(_timed, peers.parallel_download, ep, key, nbytes=ds.big_size)
         if self.wants("cold_seq"):
             self.put("cold_seq", "boto3", self.measure(0, download, Done.mbps))
-        if self.s.workloads:  # a filtered run: the ceilings of the workloads asked for only
-            return
-        local_dir = self.scratch("local")
-        try:
-            self._local_ceilings(local_dir / "copy.bin")
-        finally:
-            shutil.rmtree(local_dir, ignore_errors=True)
+        if self.wants("cold_seq", "reread_same", "reread_remount", "scattered", "scattered_8t"):
+            local_dir = self.scratch("local")
+            try:
+                self._local_ceilings(local_dir / "copy.bin")
+            finally:
+                shutil.rmtree(local_dir, ignore_errors=True)
         for name in RANDOM:
-            plan, size = self.random_plan(name)
-            gets = functools.partial(
-                peers.ranged_gets, ep, key, plan, size, self.deadline(self.s.random_cap)
+            if self.wants(name):
+                plan, size = self.random_plan(name)
+                gets = functools.partial(
+                    peers.ranged_gets, ep, key, plan, size, self.deadline(self.s.random_cap)
+                )
+                self.put(name, "boto3", self.measure(0, gets, Done.ops_per_s))
+        if self.wants("small_files"):
+            keys = [ds.small_prefix + n for n in ds.small_names()]
+            get_all = functools.partial(
+                peers.get_many, ep, keys, 8, self.deadline(self.s.files_cap)
             )
-            self.put(name, "boto3", self.measure(0, gets, Done.ops_per_s))
-        keys = [ds.small_prefix + n for n in ds.small_names()]
-        get_all = functools.partial(peers.get_many, ep, keys, 8, self.deadline(self.s.files_cap))
-        self.put("small_files", "boto3", self.measure(0, get_all, Done.ops_per_s))
-        listing = functools.partial(peers.list_all, ep, ds.small_prefix)
-        self.put("find", "boto3", self.measure(0, listing, _seconds))
-        first = functools.partial(_timed, peers.first_ranged_get, ep, key, nbytes=4096)
-        self.put("first_read", "boto3", self.measure(0, first, _seconds))
+            self.put("small_files", "boto3", self.measure(0, get_all, Done.ops_per_s))
+        if self.wants("find"):
+            listing = functools.partial(peers.list_all, ep, ds.small_prefix)
+            self.put("find", "boto3", self.measure(0, listing, _seconds))
+        if self.wants("first_read"):
+            first = functools.partial(_timed, peers.first_ranged_get, ep, key, nbytes=4096)
+            self.put("first_read", "boto3", self.measure(0, first, _seconds))
 
     def _local_ceilings(self, local: Path) -> None:
         ep, key = self.endpoint, self.s.dataset.big_key
