@@ -45,13 +45,18 @@ def read_all(cache: DiskCache, ref: ObjectRef, indices: range) -> dict[int, byte
     return cache.read_run(blockfile.object_digest(ref), ref.size, indices)
 
 
-def object_dir(cache: DiskCache, ref: ObjectRef) -> Path:
+def region_file(cache: DiskCache, ref: ObjectRef, region: int = 0) -> Path:
     digest = blockfile.object_digest(ref)
-    return cache.root / digest[:2] / digest
+    return cache.root / digest[:2] / f"{digest}.r{region}"
 
 
 def files_of(cache: DiskCache, ref: ObjectRef) -> list[str]:
-    return sorted(p.name for p in object_dir(cache, ref).iterdir())
+    """The object's region files, by their suffix (``r0``, ``r1``...)."""
+    digest = blockfile.object_digest(ref)
+    fan = cache.root / digest[:2]
+    if not fan.is_dir():
+        return []
+    return sorted(p.suffix[1:] for p in fan.iterdir() if p.name.startswith(digest))
 
 
 def damage(path: Path, offset: int, raw: bytes | None = None) -> None:
@@ -103,20 +108,20 @@ def test_runs_and_scattered_blocks_share_their_region_files(tmp_path: Path) -> N
     ref = make_ref(size)
     cache = make_cache(tmp_path)
     stored(cache, ref, data, 5, 1)  # a random read's block: its region file is made
-    assert files_of(cache, ref) == ["meta.json", "r0"]
+    assert files_of(cache, ref) == ["r0"]
     assert read_all(cache, ref, range(5, 6)) == {5: data[5 * BLOCK : 6 * BLOCK]}
     assert read_all(cache, ref, range(4, 6)) == {}  # stops at the first miss
     assert read_all(cache, ref, range(5, 8)) == {5: data[5 * BLOCK : 6 * BLOCK]}
 
     stored(cache, ref, data, 2, 2)  # more blocks of the same region: into the same file
     stored(cache, ref, data, REGION_BLOCKS - 1, 3)  # across a region boundary
-    assert files_of(cache, ref) == ["meta.json", "r0", "r1"]
+    assert files_of(cache, ref) == ["r0", "r1"]
     assert sorted(read_all(cache, ref, range(2, 6))) == [2, 3]  # block 4 was never written
     run = read_all(cache, ref, range(REGION_BLOCKS - 1, count))
     assert sorted(run) == list(range(REGION_BLOCKS - 1, REGION_BLOCKS + 2))
 
     stored(cache, ref, data)  # readahead: whole regions, one write each, and the short tail
-    assert files_of(cache, ref) == ["meta.json", "r0", "r1", "r2"]
+    assert files_of(cache, ref) == ["r0", "r1", "r2"]
     found = read_all(cache, ref, range(0, count + 5))  # clamped to the object
     assert b"".join(found[i] for i in sorted(found)) == data
     part = read_all(cache, ref, range(300, 302))  # only the blocks asked for are read
@@ -129,7 +134,7 @@ def test_region_files_are_sparse_and_counted_by_what_they_hold(tmp_path: Path) -
     cache = make_cache(tmp_path)
     data = os.urandom(size)
     stored(cache, ref, data, 100, 1)
-    path = object_dir(cache, ref) / "r0"
+    path = region_file(cache, ref)
     assert path.stat().st_size == LAYOUT.slot_offset(101)  # the file reaches block 100's end
     allocated = path.stat().st_blocks * 512
     assert allocated <= LAYOUT.table_size + 2 * BLOCK  # ... but holds the table and one block
@@ -162,7 +167,7 @@ def test_blocks_are_exact_with_o_direct_and_where_a_filesystem_refuses_it(
     assert len(asked_direct) == (1 if refuse else 2)  # refused once, then buffered
     found = read_all(cache, ref, range(0, len(blocks_of(data))))
     assert b"".join(found[i] for i in sorted(found)) == data
-    tail = object_dir(cache, ref) / "r1"
+    tail = region_file(cache, ref, 1)
     padded = LAYOUT.table_size + blockfile.padded(3 * BLOCK + 100)
     assert tail.stat().st_size == (padded if not refuse else LAYOUT.table_size + 3 * BLOCK + 100)
 
@@ -173,7 +178,7 @@ def test_a_run_larger_than_the_write_buffer_is_written_in_pieces(tmp_path: Path)
     ref = make_ref(size)
     cache = make_cache(tmp_path)
     stored(cache, ref, data)
-    assert files_of(cache, ref) == ["meta.json", "r0"]
+    assert files_of(cache, ref) == ["r0"]
     found = read_all(cache, ref, range(0, REGION_BLOCKS))
     assert b"".join(found[i] for i in sorted(found)) == data
 
@@ -184,7 +189,7 @@ def test_a_damaged_block_is_a_miss_and_is_written_again(tmp_path: Path, caplog) 
     ref = make_ref(size)
     cache = make_cache(tmp_path)
     stored(cache, ref, data)
-    path = object_dir(cache, ref) / "r0"
+    path = region_file(cache, ref)
     damage(path, LAYOUT.slot_offset(5) + 7)  # one flipped payload bit in block 5
     damage(path, LAYOUT.entry_offset(9) + 5)  # a damaged table entry of block 9
     assert read_all(cache, ref, range(0, 2)) == {0: data[:BLOCK], 1: data[BLOCK : 2 * BLOCK]}
@@ -207,7 +212,7 @@ def test_a_file_that_is_not_its_region_is_a_miss(tmp_path: Path, harm: str) -> N
     cache = make_cache(tmp_path)
     stored(cache, ref, data)
     stored(cache, other, os.urandom(size))
-    path = object_dir(cache, ref) / "r0"
+    path = region_file(cache, ref)
     if harm == "truncate":  # the last blocks lost: those are misses, the others are served
         os.truncate(path, LAYOUT.slot_offset(12) + 10)
         assert sorted(read_all(cache, ref, range(0, 16))) == list(range(12))
@@ -215,7 +220,7 @@ def test_a_file_that_is_not_its_region_is_a_miss(tmp_path: Path, harm: str) -> N
     if harm == "header":
         damage(path, 20)
     elif harm == "swap":  # a whole valid file of another object put in its place
-        path.write_bytes((object_dir(cache, other) / "r0").read_bytes())
+        path.write_bytes(region_file(cache, other).read_bytes())
     else:
         path.write_bytes(b"")
     assert read_all(cache, ref, range(0, 16)) == {}
@@ -231,7 +236,7 @@ def test_a_region_file_left_without_its_header_is_mended_by_the_next_write(
     ref = make_ref(size)
     cache = make_cache(tmp_path)
     stored(cache, ref, data, 0, 1)
-    region = object_dir(cache, ref) / "r0"
+    region = region_file(cache, ref)
     os.truncate(region, 0)
     assert read_all(cache, ref, range(0, 1)) == {}  # a quiet miss: nothing written yet
     assert region.exists()
@@ -240,37 +245,56 @@ def test_a_region_file_left_without_its_header_is_mended_by_the_next_write(
     assert read_all(cache, ref, range(1, 4)) == expected
 
 
-def test_files_of_earlier_formats_are_quiet_misses_and_swept(tmp_path: Path, caplog) -> None:
-    size = BLOCK
-    ref = make_ref(size)
+def test_a_region_file_of_another_format_version_is_a_quiet_miss(tmp_path: Path, caplog) -> None:
+    ref = make_ref(BLOCK)
     cache = make_cache(tmp_path)
-    stored(cache, ref, os.urandom(size))
-    region = object_dir(cache, ref) / "r0"
-    damage(region, 4, (2).to_bytes(2, "little")[:1])  # format version 2
-    old_chunk = object_dir(cache, ref) / "C0"  # a format-2 chunk file
-    old_chunk.write_bytes(b"S3DB" + bytes(100))
+    stored(cache, ref, os.urandom(BLOCK))
+    region = region_file(cache, ref)
+    damage(region, 4, (3).to_bytes(2, "little")[:1])  # format version 3
     with caplog.at_level("INFO"):
         assert read_all(cache, ref, range(0, 1)) == {}
     assert "another format version" in caplog.text
     assert "corrupt" not in caplog.text
     assert not region.exists()
-    cache.sync()
-    assert files_of(cache, ref) == ["meta.json"]
+
+
+def test_what_earlier_formats_left_is_counted_then_swept(tmp_path: Path, caplog) -> None:
+    """Formats 1-3 kept a directory per object (meta.json, block or region files, temps)."""
+    cache = make_cache(tmp_path, dataset="s3://bkt/")
+    kept = make_ref(BLOCK, key="kept")
+    stored(cache, kept, os.urandom(BLOCK))
+    old = cache.root / "ab" / ("ab" * 32)
+    old.mkdir(parents=True)
+    for name in ("meta.json", "r0", "C0", ".tmp.999999999.1.meta.json"):
+        (old / name).write_bytes(b"S3DB" + bytes(5000))
+    usage = disk.usage(tmp_path)
+    assert usage.by_dataset[disk.EARLIER_FORMAT] >= 4 * 8192
+    assert usage.blocks == 1  # ours only
+    with caplog.at_level("INFO"):
+        cache.sync()
+    assert "removed 1 cached objects of an earlier cache format" in caplog.text
+    assert not old.exists()
+    assert files_of(cache, kept) == ["r0"]
+    assert disk.usage(tmp_path).by_dataset == {"s3://bkt/": cache.used_bytes}
+    old.mkdir()
+    assert disk.clear(tmp_path, "s3://elsewhere/") == 0  # a clear takes them too
+    assert not old.exists()
+    assert files_of(cache, kept) == ["r0"]
 
 
 def test_eviction_is_lru_by_bytes_and_deletes_files(tmp_path: Path) -> None:
     size = REGION_BLOCKS * BLOCK
     probe = make_cache(tmp_path / "probe")
     stored(probe, make_ref(size), bytes(size))
-    region_file = probe.used_bytes  # what one full region takes on this filesystem
-    cache = make_cache(tmp_path / "cache", capacity=3 * region_file)
+    one_region = probe.used_bytes  # what one full region takes on this filesystem
+    cache = make_cache(tmp_path / "cache", capacity=3 * one_region)
     refs = [make_ref(size, key=f"k{i}") for i in range(4)]
     payload = os.urandom(size)
     for ref in refs[:3]:
         stored(cache, ref, payload)
     read_all(cache, refs[0], range(0, 1))  # k0 is hot
     stored(cache, refs[3], payload)  # evicts k1, the coldest
-    assert cache.used_bytes == 3 * region_file
+    assert cache.used_bytes == 3 * one_region
     present = {r.key for r in refs if "r0" in files_of(cache, r)}
     assert present == {"k0", "k2", "k3"}
 
@@ -286,7 +310,7 @@ def test_a_region_growing_past_others_evicts_them_not_itself(tmp_path: Path) -> 
     stored(cache, grows, data, 0, REGION_BLOCKS // 2)
     stored(cache, other, data, 0, REGION_BLOCKS // 2)
     stored(cache, grows, data, REGION_BLOCKS // 2)  # now the oldest entry, and growing
-    assert files_of(cache, other) == ["meta.json"]
+    assert files_of(cache, other) == []
     assert len(read_all(cache, grows, range(0, REGION_BLOCKS))) == REGION_BLOCKS
 
 
@@ -298,31 +322,28 @@ def test_a_cache_smaller_than_a_region_stays_within_its_bound(tmp_path: Path) ->
     stored(cache, ref, data, 0, 8)  # a few blocks fit
     assert len(read_all(cache, ref, range(0, 8))) == 8
     stored(cache, ref, data)  # the whole region does not: it is not kept
-    assert files_of(cache, ref) == ["meta.json"]
+    assert files_of(cache, ref) == []
     assert cache.used_bytes == 0
     big = make_cache(tmp_path)  # written by a process with a larger bound ...
     stored(big, ref, data)
     cache.sync()  # ... and dropped by the scan of the small one
-    assert files_of(cache, ref) == ["meta.json"]
+    assert files_of(cache, ref) == []
 
 
-def test_sync_counts_files_of_others_and_sweeps_dead_temps(tmp_path: Path) -> None:
+def test_sync_counts_files_of_others(tmp_path: Path) -> None:
     size = REGION_BLOCKS * BLOCK
     probe = make_cache(tmp_path / "probe")
     stored(probe, make_ref(size), bytes(size))
-    region_file = probe.used_bytes
-    first = make_cache(tmp_path / "shared", capacity=2 * region_file)
-    second = make_cache(tmp_path / "shared", capacity=2 * region_file)
+    one_region = probe.used_bytes
+    first = make_cache(tmp_path / "shared", capacity=2 * one_region)
+    second = make_cache(tmp_path / "shared", capacity=2 * one_region)
     refs = [make_ref(size, key=f"k{i}") for i in range(3)]
     for ref in refs:  # three files through two caches: each one alone is within its bound
         stored(first if ref.key != "k2" else second, ref, os.urandom(size))
         time.sleep(0.01)
-    stale_temp = object_dir(first, refs[0]) / ".tmp.999999999.1.meta.json"
-    stale_temp.write_bytes(b"half a file")
     first.sync()
-    assert not stale_temp.exists()
-    assert first.used_bytes == 2 * region_file
-    assert len(list(first.root.rglob("r0"))) == 2  # the oldest file (k0) went
+    assert first.used_bytes == 2 * one_region
+    assert len(list(first.root.rglob("*.r0"))) == 2  # the oldest file (k0) went
 
 
 def _write_every_other_block(cache_dir: str, parity: int, data: bytes) -> None:
@@ -379,3 +400,75 @@ def test_usage_and_clear_by_uri(tmp_path: Path) -> None:
     assert disk.usage(tmp_path).blocks == 1
     assert disk.clear(tmp_path) == 1
     assert disk.usage(tmp_path).bytes == 0
+
+
+def _allocated_below_fans(root: Path) -> int:
+    """Disk taken by everything under the fan directories (files and directories alike)."""
+    return sum(p.lstat().st_blocks * 512 for p in root.rglob("*") if p.parent != root)
+
+
+def test_the_bound_holds_for_all_that_small_objects_take_on_disk(tmp_path: Path) -> None:
+    """A small object is one file, all of it counted. (Format 3 added a directory and a
+    meta.json per object outside the bound: objects of one block took twice the bound.)"""
+    probe = make_cache(tmp_path / "probe")
+    stored(probe, make_ref(100), os.urandom(100))
+    one_object = probe.used_bytes
+    assert _allocated_below_fans(probe.root) == one_object
+    cache = make_cache(tmp_path / "cache", capacity=50 * one_object)
+    for i in range(200):
+        stored(cache, make_ref(100, key=f"small/{i}"), os.urandom(100))
+    cache.sync()
+    assert cache.used_bytes == 50 * one_object
+    assert _allocated_below_fans(cache.root) == 50 * one_object
+
+
+def test_every_region_file_names_its_object_and_dataset(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path, dataset="train")
+    ref = make_ref(REGION_BLOCKS * BLOCK + BLOCK, key="dir/ünïcode \udcff\x01 key")
+    stored(cache, ref, os.urandom(ref.size))
+    for region in (0, 1):
+        head = region_file(cache, ref, region).read_bytes()[: blockfile.TABLE_OFFSET]
+        assert blockfile.parse_identity(head) == {
+            "bucket": "bkt",
+            "key": ref.key,
+            "version_id": "v1",
+            "etag": '"etag"',
+            "size": ref.size,
+            "dataset": "train",
+        }
+
+
+def test_an_identity_too_long_is_shortened_and_says_so() -> None:
+    ref = make_ref(1, key="k/" + "\x01" * 1022)  # JSON escapes each control byte in 6 bytes
+    record = blockfile.identity(ref, "d" * 900)
+    assert len(record) <= blockfile.IDENTITY_SIZE
+    fields = blockfile.parse_identity(bytes(blockfile.HEADER_SIZE) + record)
+    assert fields is not None
+    assert fields["truncated"] is True
+    assert ref.key.startswith(fields["key"])
+    assert len(fields["key"]) >= 2
+    assert fields["bucket"] == "bkt"
+    assert fields["etag"] == '"etag"'
+
+
+def test_a_damaged_identity_changes_what_stats_say_never_the_blocks(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path, dataset="train")
+    ref = make_ref(2 * BLOCK)
+    data = os.urandom(ref.size)
+    stored(cache, ref, data)
+    damage(region_file(cache, ref), blockfile.HEADER_SIZE + 12)  # a byte of the JSON
+    assert disk.usage(tmp_path).by_dataset == {"?": cache.used_bytes}
+    assert read_all(cache, ref, range(0, 2)) == {0: data[:BLOCK], 1: data[BLOCK:]}
+    assert disk.clear(tmp_path, "s3://bkt/") == 0  # unknown: kept (a full clear takes it)
+    assert disk.clear(tmp_path) == 1
+
+
+def test_clear_by_uri_takes_an_object_whose_shortened_key_may_be_under_it(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path, dataset="d" * 1500)
+    long_key = "a/" + "x" * 1000
+    refs = [make_ref(BLOCK, key=long_key), make_ref(BLOCK, key="b/1")]
+    for ref in refs:
+        stored(cache, ref, os.urandom(BLOCK))
+    assert disk.clear(tmp_path, f"s3://bkt/{long_key}") == 1
+    assert files_of(cache, refs[0]) == []
+    assert files_of(cache, refs[1]) == ["r0"]

@@ -361,8 +361,8 @@ def block_files(cache_dir: Path) -> list[Path]:
     """The region files of a cache (each holds up to 8 MiB of one object's blocks)."""
     return sorted(
         p
-        for p in (cache_dir / "blocks").rglob("r*")
-        if p.is_file() and p.name[1:].isdigit()
+        for p in (cache_dir / "blocks").rglob("*")
+        if p.is_file() and disk.is_region_file(p.name)
     )
 
 
@@ -411,7 +411,8 @@ def test_corrupted_and_truncated_cache_blocks_are_discarded_and_refetched(
     assert sha256(uncached_read(mountpoint / "big.bin")) == sha256(body)
     assert cli.unmount(mountpoint).returncode == 0
     cache = disk.DiskCache(cli.root / "cache", block_size=64 * KiB, capacity=1 << 30)
-    found = cache.read_run(region.parent.name, len(body), range(96))  # stored again, whole
+    digest = region.name.split(".")[0]
+    found = cache.read_run(digest, len(body), range(96))  # stored again, whole
     assert b"".join(found[i] for i in range(96)) == body
 
 
@@ -465,7 +466,7 @@ def test_cache_dir_trouble_while_mounted_never_fails_a_read(
             if trouble == "deleted":
                 assert stats_of(mountpoint)["cache_write_errors"] == 0
                 assert not log_lines(cli, CACHE_WARNING)
-                assert len({p.parent for p in block_files(cache_dir)}) == len(files)
+                assert len({p.name.split(".")[0] for p in block_files(cache_dir)}) == len(files)
                 assert_private(cache_dir)
                 return
             deadline = time.monotonic() + 10  # write-behind: the errors come after the reads

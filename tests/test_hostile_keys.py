@@ -30,6 +30,7 @@ from faultproxy import FaultProxy
 
 from devtools.s3fastlist import content
 from devtools.s3server import S3Server
+from s3datafs.cache.disk import is_region_file
 
 pytestmark = pytest.mark.fuse
 
@@ -257,13 +258,15 @@ def test_cache_and_log_files_are_private(cli: Cli, s3server: S3Server, make_buck
     assert cli.unmount(mountpoint).returncode == 0
     cache = cli.root / "cache"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
-    files = 0
+    files = regions = 0
     for directory, _dirs, names in os.walk(cache):
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
         for name in names:
             mode = stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
             assert mode & 0o077 == 0, (directory, name, oct(mode))
             files += 1
-    assert files >= 4  # meta.json and block files of two objects
+            regions += is_region_file(name)
+    assert regions >= 2  # the region files of the two objects read
+    assert files > regions  # and the cache's lock and catalog, just as private
     for log in cli.log_dir.glob("*.log"):
         assert stat.S_IMODE(log.stat().st_mode) == 0o600, log

@@ -2,10 +2,15 @@
 
 Layout under ``<cache-dir>/blocks/<block-size>/``::
 
-    <d[:2]>/<d>/meta.json     identity of the object (bucket, key, version, etag, size, dataset)
-    <d[:2]>/<d>/r<region>     blocks region*R .. region*R+R-1, each in its own slot, written in
-                              place (R = REGION_BYTES / block size; format in ``blockfile``)
+    <d[:2]>/<d>.r<region>     blocks region*R .. region*R+R-1 of the object with digest ``d``,
+                              each in its own slot, written in place (R = REGION_BYTES / block
+                              size), after a header and the object's identity (bucket, key,
+                              version, ETag, size, dataset; format in ``blockfile``)
     .lock                     flock taken while scanning/evicting and by ``cache clear``
+
+One file per region and nothing else per object: a small object costs one file (one inode), and
+the byte bound counts everything an object takes (format 3 added a directory and a ``meta.json``
+per object, uncounted: as much disk as the blocks of a small object, and two more inodes).
 
 Why regions: on this kind of machine creating a file costs far more than writing 64 KiB into it
 (profiled: ~65% of the daemon's time went to creating 64 KiB block files during a cold read; a
@@ -26,7 +31,8 @@ Invariants:
   entry holds the payload's crc32 and a check naming the object and the block, so a crash or a
   torn write leaves a miss, never bytes (``blockfile``). Every block is verified on every read;
   a damaged block's entry is zeroed (a miss, fetched and written again), a file whose header
-  is not its own is deleted. Files of the earlier formats are deleted by the next scan.
+  is not its own is deleted. Files and object directories of the earlier formats are deleted
+  by the next scan.
 - Sharing: processes write the same bytes for the same object (the digest names one pinned
   version), each block in its own slot and entry, so concurrent writers of one region never
   need a lock and never mix blocks. Every write opens its region file with ``O_CREAT`` and
@@ -35,8 +41,9 @@ Invariants:
 - Block payloads are written with ``O_DIRECT`` (``files.pwrite_direct``): the FUSE file's pages
   already hold what was just read, so the cache file does not take page cache a second time, and
   the write costs no copy into fresh pages. A filesystem that refuses ``O_DIRECT`` switches this
-  cache to buffered writes for good. Table entries are small buffered writes (two writers of one
-  page never lose each other's entries); reads stay buffered.
+  cache to buffered writes for good. Header and identity (one write) and table entries are
+  small buffered writes (two writers of one page never lose each other's entries); reads stay
+  buffered.
 - Privacy: every directory is created 0700 and every file 0600. A directory removed while
   mounted (``cache clear``, ``rm -rf``) is made again by the next write, just as private.
 - Eviction never hurts a reader: readers read what they need of a file through the descriptor
@@ -57,7 +64,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -70,7 +76,7 @@ from pathlib import Path
 
 import cachetools
 
-from ..model import ObjectRef
+from ..model import PinnedRef
 from . import blockfile
 from .files import (
     O_DIRECT,
@@ -78,14 +84,11 @@ from .files import (
     direct_io_supported,
     pwrite_all,
     pwrite_direct,
-    write_atomically,
 )
-from .files import TEMP_PREFIX as _TEMP_PREFIX
 
 log = logging.getLogger(__name__)
 
 REGION_BYTES = 8 * 1024 * 1024  # the reader's readahead GET (config.DEFAULT_MAX_REQUEST)
-_STALE_TEMP_SECONDS = 3600.0
 _TOUCH_AFTER_SECONDS = 60.0
 
 
@@ -151,7 +154,6 @@ class DiskCache:
         self._dataset = dataset
         self._lock = threading.Lock()
         self._index = _UnlinkingLRU(capacity, self.root)
-        self._known_objects: set[str] = set()
         self._written_since_sync = 0
         self.sync_every = max(capacity // 10, 16 * 1024 * 1024)
         self._direct = AlignedBuffers() if direct_io and direct_io_supported() else None
@@ -257,17 +259,14 @@ class DiskCache:
     # -- writes ---------------------------------------------------------------------------------
 
     def write(
-        self, ref: ObjectRef, digest: str, first_index: int, payloads: Sequence[bytes]
+        self, ref: PinnedRef, digest: str, first_index: int, payloads: Sequence[bytes]
     ) -> None:
         """Store consecutive blocks of ``ref``; raises OSError if the disk refuses.
 
         Each region's part of the run is written in place into that region's file: payloads
         first, then their table entries (see ``blockfile``).
         """
-        directory = self.root / _object_name(digest)
-        if digest not in self._known_objects:
-            self._make_object_dir(directory, ref)
-            self._known_objects.add(digest)
+        identity = blockfile.identity(ref, self._dataset)
         self._make_room(sum(len(p) for p in payloads))
         for run in self.layout.runs(first_index, first_index + len(payloads)):
             parts = payloads[run.start - first_index : run.stop - first_index]
@@ -275,10 +274,10 @@ class DiskCache:
             relative = _region_name(digest, region)
             path = self.root / relative
             try:
-                allocated = self._write_region(path, digest, region, run.start, parts)
-            except FileNotFoundError:  # removed under us (cache clear, rm -rf): make it again
-                self._make_object_dir(directory, ref)
-                allocated = self._write_region(path, digest, region, run.start, parts)
+                allocated = self._write_region(path, digest, identity, region, run.start, parts)
+            except FileNotFoundError:  # a new fan directory, or removed under us (rm -rf)
+                _make_private_dirs(path.parent)
+                allocated = self._write_region(path, digest, identity, region, run.start, parts)
             with self._lock:
                 before = self._index.pop(relative, 0)  # popped, not evicted: no unlink
                 if allocated <= self._capacity:
@@ -291,15 +290,21 @@ class DiskCache:
             self.sync()
 
     def _write_region(
-        self, path: Path, digest: str, region: int, first: int, parts: Sequence[bytes]
+        self,
+        path: Path,
+        digest: str,
+        identity: bytes,
+        region: int,
+        first: int,
+        parts: Sequence[bytes],
     ) -> int:
         """Write blocks ``first`` ... into region file ``path``; its allocated bytes after."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            # The header goes with every write, not only the first: it is the same 64 bytes for
-            # every writer, and a file its creator left without one (a crash, ENOSPC) would
-            # otherwise stay a miss for good.
-            os.pwrite(fd, blockfile.header(digest, region, self.layout), 0)
+            # Header and identity go with every write, not only the first: the header is the
+            # same 64 bytes for every writer, and a file its creator left without one (a crash,
+            # ENOSPC) would otherwise stay a miss for good.
+            os.pwrite(fd, blockfile.header(digest, region, self.layout) + identity, 0)
             self._write_payload(fd, parts, self.layout.slot_offset(first))
             os.pwrite(fd, blockfile.entries(digest, first, parts), self.layout.entry_offset(first))
             return os.fstat(fd).st_blocks * 512
@@ -322,10 +327,6 @@ class DiskCache:
                 self._direct = None  # tmpfs (older kernels), some FUSE and network filesystems
                 log.info("the cache filesystem refuses O_DIRECT (%s): buffered writes", exc)
         pwrite_all(fd, parts, offset)
-
-    def _make_object_dir(self, directory: Path, ref: ObjectRef) -> None:
-        _make_private_dirs(directory)
-        _write_meta(directory / "meta.json", ref, self._dataset)
 
     def _make_room(self, incoming: int) -> None:
         """Honour --cache-min-free: evict our oldest blocks while the filesystem is too full."""
@@ -370,13 +371,9 @@ class DiskCache:
             return int(self._index.currsize)
 
 
-def _object_name(digest: str) -> str:
-    return f"{digest[:2]}/{digest}"
-
-
 def _region_name(digest: str, region: int) -> str:
     """A region file's path relative to the block root (the LRU's key)."""
-    return f"{_object_name(digest)}/r{region}"
+    return f"{digest[:2]}/{digest}.r{region}"
 
 
 def block_root(cache_dir: Path, block_size: int) -> Path:
@@ -395,21 +392,6 @@ def _make_private_dirs(directory: Path) -> None:
             path.mkdir(mode=0o700)
 
 
-def _write_meta(path: Path, ref: ObjectRef, dataset: str) -> None:
-    if path.exists():
-        return
-    meta = {
-        "uri": ref.uri,
-        "bucket": ref.bucket,
-        "key": ref.key,
-        "version_id": ref.version_id,
-        "etag": ref.etag,
-        "size": ref.size,
-        "dataset": dataset,
-    }
-    write_atomically(path, [json.dumps(meta).encode()])
-
-
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -423,37 +405,28 @@ def _locked(root: Path) -> Iterator[None]:
 def _scan_blocks(root: Path) -> Iterator[tuple[str, int, float]]:
     """(relative name, allocated bytes, mtime) of every region file.
 
-    Sweeps temps left by dead writers, and files of the earlier formats (a file per block or
-    per chunk), which this version never reads.
+    Deletes what the earlier formats left, which this version never reads: a directory per
+    object (format 3: ``meta.json`` and region files; formats 1 and 2: a file per block or per
+    chunk, and their temps).
     """
-    now = time.time()
+    earlier = 0
     for fan in _subdirs(root):
-        for obj in _subdirs(fan):
-            for entry in os.scandir(obj):
-                with contextlib.suppress(FileNotFoundError):
-                    info = entry.stat()
-                    if entry.name.startswith(_TEMP_PREFIX):
-                        if now - info.st_mtime > _STALE_TEMP_SECONDS or _writer_dead(entry.name):
-                            os.unlink(entry.path)
-                    elif _is_region_file(entry.name):
-                        allocated = info.st_blocks * 512
-                        yield f"{fan.name}/{obj.name}/{entry.name}", allocated, info.st_mtime
-                    elif _is_old_block_file(entry.name):
-                        os.unlink(entry.path)
+        for entry in os.scandir(fan):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    earlier += 1
+                elif is_region_file(entry.name):
+                    info = entry.stat(follow_symlinks=False)
+                    yield f"{fan.name}/{entry.name}", info.st_blocks * 512, info.st_mtime
+    if earlier:
+        log.info("removed %d cached objects of an earlier cache format from %s", earlier, root)
 
 
-def _is_region_file(name: str) -> bool:
-    return name[:1] == "r" and name[1:].isdigit()
-
-
-def _is_old_block_file(name: str) -> bool:
-    """A block or chunk file of format 1 or 2 (``<index>``, ``c<chunk>``, ``C<chunk>``)."""
-    return name.isdigit() or (name[:1] in ("c", "C") and name[1:].isdigit())
-
-
-def _writer_dead(temp_name: str) -> bool:
-    pid = temp_name[len(_TEMP_PREFIX) :].split(".", 1)[0]
-    return pid.isdigit() and not Path(f"/proc/{pid}").exists()
+def is_region_file(name: str) -> bool:
+    """``<64 hex digits>.r<region>``."""
+    digest, dot_r, region = name.partition(".r")
+    return len(digest) == 64 and bool(dot_r) and region.isdigit()
 
 
 def _subdirs(path: Path) -> Iterator[os.DirEntry]:
@@ -465,50 +438,87 @@ def _subdirs(path: Path) -> Iterator[os.DirEntry]:
 
 # -- offline views for `s3datafs cache stats|clear` ---------------------------------------------
 
+EARLIER_FORMAT = "(an earlier cache format: removed by the next mount)"
+
 
 def usage(cache_dir: Path) -> CacheUsage:
     """Bytes on disk and blocks in the cache, per dataset (all block sizes)."""
     total = count = 0
     by_dataset: dict[str, int] = {}
-    for obj, meta in _objects(cache_dir):
-        size = 0
-        for entry in os.scandir(obj):
-            if _is_region_file(entry.name):
-                with contextlib.suppress(FileNotFoundError):
-                    size += entry.stat().st_blocks * 512
-                    count += _blocks_in(Path(entry.path))
-        dataset = meta.get("dataset") or meta.get("uri", "?")
+    for path, size, identity in _region_files(cache_dir):
+        if identity == EARLIER_FORMAT:
+            dataset = EARLIER_FORMAT
+        else:
+            count += _blocks_in(path)
+            dataset = _dataset_of(identity)
         by_dataset[dataset] = by_dataset.get(dataset, 0) + size
         total += size
     return CacheUsage(total, count, by_dataset)
 
 
+def _dataset_of(identity: dict | str | None) -> str:
+    if not isinstance(identity, dict):
+        return "?"
+    return identity.get("dataset") or f"s3://{identity.get('bucket')}/{identity.get('key')}"
+
+
 def _blocks_in(path: Path) -> int:
     """Entries written in a region file's table (valid or not: this is a count, not a read)."""
     with open(path, "rb") as handle:
-        head = handle.read(blockfile.HEADER_SIZE)
+        head = handle.read(blockfile.TABLE_OFFSET)
         table = handle.read(blockfile.ENTRY_SIZE * blockfile.blocks_in_header(head))
     size = blockfile.ENTRY_SIZE
     return sum(1 for at in range(0, len(table), size) if any(table[at : at + size]))
 
 
 def clear(cache_dir: Path, uri_prefix: str | None = None) -> int:
-    """Delete the cached blocks of every object (or those whose URI starts with the prefix)."""
-    removed = 0
-    for obj, meta in _objects(cache_dir):
-        if uri_prefix is None or meta.get("uri", "").startswith(uri_prefix):
-            with _locked(Path(obj.path).parent.parent):
-                shutil.rmtree(obj.path, ignore_errors=True)
-            removed += 1
-    return removed
+    """Delete the cached blocks of every object (or those whose URI starts with the prefix);
+    returns how many objects had blocks deleted. What earlier formats left goes in any case."""
+    removed: set[str] = set()
+    for path, _size, identity in _region_files(cache_dir):
+        if identity == EARLIER_FORMAT:
+            with _locked(path.parent.parent):
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        if uri_prefix is None or _under(identity, uri_prefix):
+            with _locked(path.parent.parent), contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.add(path.name.partition(".")[0])
+    return len(removed)
 
 
-def _objects(cache_dir: Path) -> Iterator[tuple[os.DirEntry, dict]]:
+def _under(identity: dict | str | None, uri_prefix: str) -> bool:
+    """Whether the object is under ``uri_prefix``; a shortened identity matches as far as it
+    goes (deleting a cache file too many costs a GET, keeping one would break the promise)."""
+    if not isinstance(identity, dict):
+        return False
+    uri = f"s3://{identity.get('bucket')}/{identity.get('key')}"
+    return uri.startswith(uri_prefix) or (
+        bool(identity.get("truncated")) and uri_prefix.startswith(uri)
+    )
+
+
+def _region_files(cache_dir: Path) -> Iterator[tuple[Path, int, dict | str | None]]:
+    """(path, allocated bytes, identity or None if unreadable) of every region file, all block
+    sizes; an object directory of an earlier format comes as (its path, the bytes of what it
+    holds, EARLIER_FORMAT)."""
     for size_dir in _subdirs(cache_dir / "blocks"):
         for fan in _subdirs(Path(size_dir.path)):
-            for obj in _subdirs(Path(fan.path)):
-                try:
-                    meta = json.loads(Path(obj.path, "meta.json").read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    meta = {}
-                yield obj, meta
+            for entry in os.scandir(fan.path):
+                path = Path(entry.path)
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_dir(follow_symlinks=False):
+                        yield path, _allocated_below(path), EARLIER_FORMAT
+                    elif is_region_file(entry.name):
+                        allocated = entry.stat(follow_symlinks=False).st_blocks * 512
+                        with open(path, "rb") as handle:
+                            head = handle.read(blockfile.TABLE_OFFSET)
+                        yield path, allocated, blockfile.parse_identity(head)
+
+
+def _allocated_below(directory: Path) -> int:
+    total = 0
+    for entry in os.scandir(directory):
+        with contextlib.suppress(FileNotFoundError):
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total

@@ -1,7 +1,6 @@
-"""Writes of cache files: whole small files renamed into place, and blocks written in place.
+"""Writes of block cache files: blocks written in place, past the page cache where possible.
 
-- ``write_atomically``: a temp file in the target directory, renamed into place (a reader sees
-  a whole file or none; the temp is unlinked on any error). For small files (``meta.json``).
+- ``pwrite_all``: buffered, ``parts`` side by side without joining them first.
 - ``pwrite_direct`` (``O_DIRECT``), the default for block payloads: the bytes are copied once into
   a reused page-aligned buffer and written past the page cache. The kernel already keeps the
   bytes just read in the FUSE file's pages; writing the cache file through the page cache would
@@ -16,15 +15,12 @@ Every function may run in any thread; ``AlignedBuffers`` has its own lock.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-TEMP_PREFIX = ".tmp."
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 _ALIGN = mmap.PAGESIZE  # O_DIRECT wants aligned memory, offsets and lengths: a page suits all
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # parts per pwritev
@@ -34,34 +30,6 @@ DIRECT_BUFFER = 1024 * 1024  # bytes per O_DIRECT write (and per pooled buffer)
 def direct_io_supported() -> bool:
     """Whether this platform has ``O_DIRECT`` at all (each filesystem may still refuse it)."""
     return bool(O_DIRECT)
-
-
-def temp_for(path: Path) -> Path:
-    return path.with_name(f"{TEMP_PREFIX}{os.getpid()}.{threading.get_ident()}.{path.name}")
-
-
-def write_atomically(path: Path, parts: Sequence[bytes]) -> None:
-    """Buffered: ``parts`` side by side in a temp file, then renamed into place."""
-    with _replacing(path) as fd:
-        pwrite_all(fd, parts, 0)
-
-
-@contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[int]:
-    """A new temp file's descriptor; renamed to ``path`` when the block ends, unlinked if it
-    raises (a reader sees the whole file or none)."""
-    temp = temp_for(path)
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            yield fd
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 def pwrite_all(fd: int, parts: Sequence[bytes], offset: int) -> None:
