@@ -21,6 +21,7 @@ from .errors import ConfigError, UsageError
 DEFAULT_BLOCK_SIZE = 64 * 1024  # cache granularity: why 64K, see README "Caching and reads"
 DEFAULT_MEMORY_CACHE = 32 * 1024 * 1024  # a staging area: the page cache keeps what was read
 DEFAULT_DISK_CACHE = 20 * 1024**3
+DEFAULT_PREFETCH_FILES = 32  # files fetched ahead of a directory read in order
 DEFAULT_CACHE_MIN_FREE = 0.05  # never fill the cache filesystem beyond 95 %
 DEFAULT_MAX_PREFETCH = 64 * 1024 * 1024  # readahead bytes in flight, all handles together
 DEFAULT_MAX_REQUEST = 8 * 1024 * 1024  # bytes per GET at most (a readahead step is one GET)
@@ -79,6 +80,19 @@ def parse_id(text: str, option: str) -> int:
     """A numeric user or group id."""
     if not text.isdigit() or int(text) >= 2**32 - 1:
         raise UsageError(f"{option} {text!r} is not a numeric id (0 to 4294967294)")
+    return int(text)
+
+
+MAX_PREFETCH_FILES = 1024
+
+
+def parse_prefetch_files(text: str | None, option: str) -> int:
+    """``--prefetch-files``: how many files ahead a directory read in order gets (0: none)."""
+    if text is None:
+        return DEFAULT_PREFETCH_FILES
+    if not text.isdigit() or int(text) > MAX_PREFETCH_FILES:
+        raise UsageError(f"{option} {text!r} is not a number of files from 0 to "
+                         f"{MAX_PREFETCH_FILES} (0 turns prefetching across files off)")
     return int(text)
 
 

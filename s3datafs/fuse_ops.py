@@ -34,10 +34,11 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from . import config
 from .catalog import Catalog, Entry
 from .errors import ArchiveError, S3DataFSError, StaleObjectError
 from .model import MemberRef, PinnedRef
-from .prefetch import Readahead
+from .prefetch import FilePrefetch, Readahead
 from .reader import BlockReader
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class FsSettings:
     cache_timeout: float = 24 * 3600.0  # immutable data: let the kernel keep what it learns
     readahead_initial: int = 1024 * 1024  # first window of a sequential reader (as Mountpoint)
     readahead_max: int = 64 * 1024 * 1024  # per handle (~8 GETs in flight); reader bounds total
+    prefetch_files: int = config.DEFAULT_PREFETCH_FILES  # ahead of a directory read in order
 
 
 def _translate_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -92,6 +94,7 @@ class Operations(pyfuse3.Operations):
         self._reader = reader
         self._settings = settings
         self._open_files: dict[int, tuple[PinnedRef, Readahead]] = {}
+        self._file_prefetch = FilePrefetch(maximum=settings.prefetch_files)
         self._next_fh = 1
         self._reported_stale: set[str] = set()
         self._in_progress: set[trio.CancelScope] = set()  # one per request being answered
@@ -182,7 +185,29 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         readahead = Readahead(self._settings.readahead_initial, self._settings.readahead_max)
         self._open_files[fh] = (entry.ref, readahead)
+        self._prefetch_after(entry)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _prefetch_after(self, entry: Entry) -> None:
+        """Fetch the next small files of ``entry``'s directory if it is being read in order.
+
+        Small = one GET at most: a larger file gets its own readahead once it is read. What the
+        prefetch budget has no room for is skipped and asked for again at a later open.
+        """
+        ahead = self._file_prefetch.on_open(entry.parent, entry.inode)
+        if ahead is None:
+            return
+        after, until = ahead
+        largest = self._reader.request_bytes
+        for sibling in self._catalog.children(entry.parent, after_inode=after):
+            if sibling.inode > until:
+                return
+            ref = sibling.ref
+            if ref is None or not 0 < ref.size <= largest:
+                continue
+            if self._reader.prefetch(ref, 0, ref.size) < ref.size:
+                self._file_prefetch.fell_short(entry.parent, sibling.inode - 1)
+                return
 
     @_translate_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -1,9 +1,10 @@
-"""Readahead policy for one open file: detect sequential reading, grow a window, say what to fetch.
+"""Readahead policies: within a file (``Readahead``) and across the files of a directory
+(``FilePrefetch``, rules in its docstring). Pure logic, no I/O.
 
-Pure logic, no I/O: ``Readahead.on_read`` is told each read and returns the byte range to fetch
+``Readahead.on_read`` is told each read and returns the byte range to fetch
 ahead (or None). The reader turns that range into background fetches under the prefetch budget.
 
-Rules (after Mountpoint's and the kernel's readahead):
+Readahead rules (after Mountpoint's and the kernel's readahead):
 - A read that starts near where the previous one ended is sequential. "Near" tolerates the
   kernel's own reordering: its async readahead may deliver neighbouring requests slightly out of
   order, so anything within one window of the expected offset counts.
@@ -29,6 +30,7 @@ Rules (after Mountpoint's and the kernel's readahead):
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 
@@ -88,3 +90,84 @@ class Readahead:
     def fell_short(self, until: int) -> None:
         """The reader fetched only up to ``until`` of what was asked: ask for the rest again."""
         self._requested_until = min(self._requested_until, until)
+
+
+@dataclass
+class _Walk:
+    """One directory's stream of opens, in inode (= listing) order."""
+
+    expected: int  # the inode after the highest one opened in order
+    low: int  # the lowest inode opened in order
+    streak: int = 1  # opens in order, in a row
+    window: int = 0  # inodes ahead to have asked for
+    requested_until: int = 0  # inodes up to this one (inclusive) were asked for
+
+
+@dataclass
+class FilePrefetch:
+    """Prefetch policy across files: a directory whose files are opened in listing order gets
+    its next small files fetched ahead, before anyone opens them.
+
+    Why: a job that reads a tree of small files in order (a first unshuffled epoch, a
+    preprocessing pass, ``tar``, ``cp -r``, checksums) waits one S3 round trip per file per
+    reading thread; with 20 ms first-byte latency and 8 threads that caps it near 350 files/s,
+    whatever the bandwidth. Readahead within a file cannot help: the files are smaller than one
+    GET. Rules, as ``Readahead``'s but counted in catalog inodes (siblings are listed by inode):
+    - An open is in order if its inode is within ``tolerance`` of the one after the highest
+      opened in order in its directory; several threads taking files from one ordered queue
+      open them slightly out of order, and subdirectories leave gaps in a directory's inodes.
+    - Prefetch starts at the third open in order in a row, with ``initial`` inodes ahead, and
+      the window doubles up to ``maximum`` each time it is topped up, while the opens stay
+      *dense*: the inodes they cover span at most their number plus half the tolerance (files
+      read in order cover every inode once; random opens that happen to fall near each other
+      spread out). Any open farther off resets the directory. So a shuffled reader (the usual
+      training loop) starts nothing but the rare window of ``initial`` files when a few random
+      opens land next to each other (simulated, half an epoch in random order: 0.2 files
+      fetched unasked per 1,000 read in a directory of 2,000, 0.3 per 100 in one of 200, 4 per
+      20 in one of 40).
+    - Returned is an inode range; the caller fetches the *files* in it up to one GET each, under
+      the reader's prefetch budget (skipped, never queued, when it is spent: ``fell_short``).
+    - One stream per directory. Several readers each reading their own slice of one directory
+      (a data loader's workers with a sequential sampler) jump between slices, which resets the
+      stream: they get no prefetch, and lose nothing. Following several streams per directory
+      was tried: with 8 streams of +-8 inodes, random opens in a directory of 200 files joined
+      one so often that a shuffled half-epoch fetched 45 files it had not asked for (one
+      stream: 0.3).
+    - At most ``directories`` directories are tracked (least recently opened forgotten first),
+      so memory stays bounded whatever the tree.
+    """
+
+    initial: int = 4
+    maximum: int = 32
+    tolerance: int = 8
+    directories: int = 64
+    _walks: OrderedDict[int, _Walk] = field(default_factory=OrderedDict, init=False)
+
+    def on_open(self, parent: int, inode: int) -> tuple[int, int] | None:
+        """Record an open of ``inode`` in directory ``parent``; return inodes ``(after, until]``
+        whose files to fetch ahead, or None."""
+        if self.maximum <= 0:
+            return None
+        walk = self._walks.pop(parent, None)
+        if walk is None or abs(inode - walk.expected) > self.tolerance:
+            walk = _Walk(expected=inode + 1, low=inode, requested_until=inode)
+        else:
+            walk.streak += 1
+            walk.expected = max(walk.expected, inode + 1)
+            walk.low = min(walk.low, inode)
+        self._walks[parent] = walk  # most recently opened last
+        while len(self._walks) > self.directories:
+            self._walks.popitem(last=False)
+        dense = walk.expected - walk.low <= walk.streak + self.tolerance // 2
+        if walk.streak < 3 or not dense or walk.requested_until - walk.expected >= walk.window // 2:
+            return None  # not in order (yet), or still far enough ahead
+        walk.window = min(max(self.initial, walk.window * 2), self.maximum)
+        after = max(walk.requested_until, inode)
+        walk.requested_until = walk.expected + walk.window
+        return (after, walk.requested_until) if walk.requested_until > after else None
+
+    def fell_short(self, parent: int, until: int) -> None:
+        """Only inodes up to ``until`` were fetched (the budget is spent): ask again later."""
+        walk = self._walks.get(parent)
+        if walk is not None:
+            walk.requested_until = min(walk.requested_until, until)

@@ -189,6 +189,11 @@ class BlockReader:
                 counts[name] += value
         return counts
 
+    @property
+    def request_bytes(self) -> int:
+        """The most one GET fetches (a run of whole blocks)."""
+        return self._request_blocks * self.block_size
+
     def attach(self, tasks: trio.Nursery, writes: trio.Nursery | None = None) -> None:
         """Give the reader the mount's nurseries: flights and prefetch, and cache writes."""
         self._nursery = tasks
@@ -210,7 +215,7 @@ class BlockReader:
         first, last = offset // self.block_size, (end - 1) // self.block_size
         taken = self._take_staged(ref, first, last)  # read now: their budget goes to readahead
         if readahead is not None:
-            step = self._request_blocks * self.block_size  # readahead in whole GETs
+            step = self.request_bytes  # readahead in whole GETs
             limit = self._share(readahead, step)
             ahead = readahead.on_read(offset, end - offset, ref.size, step, limit)
             if ahead:
@@ -246,7 +251,7 @@ class BlockReader:
         share = self._prefetch_budget.capacity // count
         return max(step, share - share % step)
 
-    def prefetch(self, ref: ObjectRef, start: int, end: int) -> int:
+    def prefetch(self, ref: PinnedRef, start: int, end: int) -> int:
         """Start loading ``[start, end)`` in the background, as far as the budget allows.
 
         Returns how far that is: ``end``, or the start of the first run the budget had no room

@@ -279,6 +279,18 @@ SIZES_AND_NUMBERS = [
         USAGE,
         "'1e400' is not a size",
     ),
+    case(
+        "prefetch-files-negative",
+        ["mount", "s3://{b}/p/", "--prefetch-files=-1"],
+        USAGE,
+        "--prefetch-files '-1' is not a number of files",
+    ),
+    case(
+        "prefetch-files-huge",
+        ["mount", "s3://{b}/p/", "--prefetch-files", "100000"],
+        USAGE,
+        "from 0 to 1024",
+    ),
     case("uid-negative", ["mount", "s3://{b}/p/", "--uid=-5"], USAGE, "--uid '-5'"),
     case(
         "cache-min-free-over-100",

@@ -527,3 +527,52 @@ async def test_statfs_reports_total_bytes_and_counts(fs: Mounted) -> None:
     assert data.f_files == len(fs.refs) + 3  # files and sub, sub/deeper, many (root not counted)
     assert (data.f_bfree, data.f_bavail, data.f_ffree) == (0, 0, 0)
     assert data.f_namemax == 255
+
+
+async def _gets_settled(source: FakeSource) -> None:
+    """Until the background GETs (worker threads) have stopped coming."""
+    seen, quiet = -1, 0
+    while quiet < 10:
+        await trio.sleep(0.01)
+        quiet = quiet + 1 if len(source.ranges) == seen else 0
+        seen = len(source.ranges)
+
+
+@trio_test
+async def test_files_opened_in_order_get_their_small_siblings_fetched_ahead(
+    tmp_path: Path,
+) -> None:
+    source = FakeSource()
+    source.create_bucket("walk")
+    for index in range(20):
+        size = 1000 if index == 8 else 100  # f08 is larger than one GET: not fetched ahead
+        source.put("walk", f"d/f{index:02d}", bytes([index]) * size)
+    resolution = resolve(source, parse_s3_uri("s3://walk/d/"))
+    path = tmp_path / "walk.catalog"
+    build_catalog(path, list(resolution.refs), uri=str(resolution.uri), bucket="walk",
+                  prefix=resolution.prefix, versioned=False)
+    with Catalog.open(path) as catalog:
+        reader = BlockReader(source, block_size=64, memory_cache_bytes=1 << 20,
+                             s3_limiter=trio.CapacityLimiter(4), max_request_bytes=256)
+        ops = Operations(catalog, reader, FsSettings(uid=UID, gid=GID, prefetch_files=8))
+        async with trio.open_nursery() as nursery:
+            reader.attach(nursery)
+            for index in range(3):
+                entry = await ops.lookup(ROOT, f"f{index:02d}".encode())
+                fh = (await ops.open(entry.st_ino, os.O_RDONLY)).fh
+                assert await ops.read(fh, 0, 4096) == bytes([index]) * 100
+                await ops.release(fh)
+            await _gets_settled(source)
+            ahead = {ref.key for ref, _start, _end in source.ranges} - {"d/f00", "d/f01", "d/f02"}
+            assert ahead == {f"d/f{index:02d}" for index in range(3, 8)}  # the next, 4 beyond
+            gets = len(source.ranges)
+            for index in range(3, 6):
+                entry = await ops.lookup(ROOT, f"f{index:02d}".encode())
+                fh = (await ops.open(entry.st_ino, os.O_RDONLY)).fh
+                assert await ops.read(fh, 0, 4096) == bytes([index]) * 100
+                await ops.release(fh)
+            await _gets_settled(source)
+            keys = [ref.key for ref, _start, _end in source.ranges]
+            assert set(keys[gets:]) == {f"d/f{index:02d}" for index in range(9, 15)}  # not f08
+            assert len(keys) == len(set(keys))  # each file fetched once, f03-f05 ahead of time
+            nursery.cancel_scope.cancel()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from s3datafs.prefetch import Readahead
+from s3datafs.prefetch import FilePrefetch, Readahead
 
 MiB = 1024 * 1024
 SIZE = 1024 * MiB
@@ -110,3 +112,71 @@ def test_a_share_of_the_budget_bounds_what_is_asked_in_whole_gets() -> None:
             assert ahead[1] - ahead[0] >= step  # whole GETs ...
             assert ahead[1] % step == 0  # ... aligned
     assert alone.window == shared.window == 64 * MiB  # the window itself keeps growing
+
+
+# -- across files: a directory read in order ---------------------------------------------------
+
+
+def opens(policy: FilePrefetch, inodes: list[int], parent: int = 1) -> list[tuple[int, int]]:
+    return [ahead for inode in inodes if (ahead := policy.on_open(parent, inode)) is not None]
+
+
+def fetched(asked: list[tuple[int, int]]) -> set[int]:
+    return {inode for after, until in asked for inode in range(after + 1, until + 1)}
+
+
+def test_files_opened_in_order_are_fetched_ahead_in_a_growing_window() -> None:
+    policy = FilePrefetch(initial=4, maximum=32)
+    asked = opens(policy, list(range(100, 300)))
+    assert asked[0] == (102, 107)  # at the third open in order: 4 ahead of the next one
+    spans = [until - after for after, until in asked]
+    assert max(spans) <= 32
+    assert spans[:4] == sorted(spans[:4])  # the window doubles
+    for (_, previous_until), (after, _) in zip(asked, asked[1:], strict=False):
+        assert after == previous_until  # nothing asked twice, no gaps
+    assert fetched(asked) == set(range(103, asked[-1][1] + 1))
+    assert 299 < asked[-1][1] <= 299 + 32  # ahead of the reader, by the window at most
+
+
+def test_eight_threads_taking_files_from_one_queue_still_count_as_in_order() -> None:
+    inodes = list(range(10, 410))
+    rng = random.Random(7)
+    jittered = []
+    for start in range(0, len(inodes), 8):  # each batch of 8 opens in any order
+        batch = inodes[start : start + 8]
+        rng.shuffle(batch)
+        jittered += batch
+    asked = opens(FilePrefetch(), jittered)
+    spans = [until - after for after, until in asked]
+    assert sum(spans) == len(fetched(asked))  # nothing asked twice
+    # A file is skipped only when a thread opened a later one first: it is being opened now.
+    assert len(fetched(asked) & set(range(20, 410))) >= 0.9 * 390
+
+
+def test_a_shuffled_reader_starts_almost_nothing() -> None:
+    inodes = list(range(2, 20002))
+    random.Random(3).shuffle(inodes)
+    asked = fetched(opens(FilePrefetch(), inodes[:2000]))
+    assert len(asked) <= 2000 * 0.02  # what a rare in-order triple starts: a window of 4
+
+
+def test_directories_are_followed_apart_and_bounded_in_number() -> None:
+    policy = FilePrefetch(directories=4)
+    interleaved = [(parent, 100 * parent + i) for i in range(6) for parent in range(1, 9)]
+    asked = [policy.on_open(parent, inode) for parent, inode in interleaved]
+    assert all(ahead is None for ahead in asked)  # 8 directories, room for 4: each forgotten
+    policy = FilePrefetch(directories=4)
+    asked = [policy.on_open(parent, inode) for parent, inode in interleaved if parent <= 4]
+    assert sum(ahead is not None for ahead in asked) >= 4  # each of the four in order
+
+
+def test_files_the_budget_had_no_room_for_are_asked_for_again() -> None:
+    policy = FilePrefetch(initial=4, maximum=4)
+    assert opens(policy, [1, 2, 3]) == [(3, 8)]
+    policy.fell_short(1, 5)  # files 6-8 were skipped
+    assert opens(policy, [4, 5]) == [(5, 9)]  # at the next open
+
+
+def test_prefetch_across_files_can_be_turned_off() -> None:
+    assert opens(FilePrefetch(maximum=0), list(range(100))) == []
+

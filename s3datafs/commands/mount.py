@@ -110,6 +110,9 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--memory-cache-size", help="in-memory block cache (default 32M)")
     cache.add_argument("--max-prefetch-memory",
                        help="readahead bytes in flight or not yet read (default 64M)")
+    cache.add_argument("--prefetch-files", metavar="N",
+                       help="small files fetched ahead of a directory read in order (default "
+                       "32; 0: off)")
 
 
 def add_process_options(mount: argparse.ArgumentParser) -> None:
@@ -142,6 +145,7 @@ def build_plan(args: argparse.Namespace) -> MountPlan:
         gid=config.parse_id(args.gid, "--gid"),
         file_mode=config.parse_mode(args.file_mode, "--file-mode"),
         dir_mode=config.parse_mode(args.dir_mode, "--dir-mode"),
+        prefetch_files=config.parse_prefetch_files(args.prefetch_files, "--prefetch-files"),
     )
     pins, as_of = source_pins(args)
     default_log = None if args.foreground else config.default_log_dir() / f"{name}.log"

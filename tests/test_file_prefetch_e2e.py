@@ -1,0 +1,75 @@
+"""Prefetch across files, through real FUSE against the S3 server: a directory read in order has
+its next small files fetched ahead, each file once; a shuffled reader and ``--prefetch-files 0``
+fetch exactly what they read."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+from conftest import Cli
+
+COUNT = 40
+
+
+def put_tree(s3, bucket: str, prefix: str) -> dict[str, bytes]:
+    files = {f"d/f{i:03d}.bin": os.urandom(20_000 + i) for i in range(COUNT)}
+    for name, body in files.items():
+        s3.put_object(Bucket=bucket, Key=prefix + name, Body=body)
+    return files
+
+
+def gets_once_settled(s3server) -> int:
+    """GetObject requests so far, once no more have arrived for 0.3 s (prefetch is async)."""
+    count, since = -1, time.monotonic()
+    while time.monotonic() - since < 0.3:
+        now = s3server.ops().get("GetObject", 0)
+        if now != count:
+            count, since = now, time.monotonic()
+        time.sleep(0.05)
+    return count
+
+
+def read_in_turn(mountpoint: Path, files: dict[str, bytes], names: list[str]) -> None:
+    for name in names:
+        assert (mountpoint / name).read_bytes() == files[name], name
+
+
+def test_a_directory_read_in_order_gets_its_next_files_ahead_each_fetched_once(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    bucket = make_bucket(versioned=True)
+    files = put_tree(s3, bucket, "p/")
+    names = sorted(files)
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    s3server.reset_stats()
+    read_in_turn(mountpoint, files, names[:10])
+    ahead = gets_once_settled(s3server)
+    assert ahead > 10  # files nobody has opened yet were fetched
+    read_in_turn(mountpoint, files, names[10:])
+    assert gets_once_settled(s3server) == COUNT  # every file once, none twice
+    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    assert stats["prefetched_blocks"] >= ahead - 10
+    assert stats["s3_requests"] == COUNT
+
+
+def test_a_shuffled_reader_and_prefetch_files_0_fetch_only_what_they_read(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    bucket = make_bucket()
+    shuffled = put_tree(s3, bucket, "shuffled/")
+    names = sorted(shuffled)
+    random.Random(5).shuffle(names)
+    mountpoint = cli.mount(f"s3://{bucket}/shuffled/")
+    s3server.reset_stats()
+    read_in_turn(mountpoint, shuffled, names[:20])
+    assert gets_once_settled(s3server) == 20
+
+    in_order = put_tree(s3, bucket, "off/")
+    mountpoint = cli.mount(f"s3://{bucket}/off/", "--prefetch-files", "0")
+    s3server.reset_stats()
+    read_in_turn(mountpoint, in_order, sorted(in_order)[:20])
+    assert gets_once_settled(s3server) == 20
