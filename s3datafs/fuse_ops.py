@@ -185,14 +185,18 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         readahead = Readahead(self._settings.readahead_initial, self._settings.readahead_max)
         self._open_files[fh] = (entry.ref, readahead)
-        self._prefetch_after(entry)
+        if not isinstance(entry.ref, MemberRef):  # members: the archive's spans are read ahead
+            self._prefetch_after(entry)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def _prefetch_after(self, entry: Entry) -> None:
         """Fetch the next small files of ``entry``'s directory if it is being read in order.
 
         Small = one GET at most: a larger file gets its own readahead once it is read. What the
-        prefetch budget has no room for is skipped and asked for again at a later open.
+        prefetch budget has no room for is skipped and asked for again at a later open. Not for
+        zip members: ``MemberSource`` fetches the archive in spans that hold many members, and
+        fetching members ahead one by one on top of that was measured slower (all 20,000
+        members of the bench archive by 8 threads: 5.3 -> 9.1 s, 98 -> 151 GETs, 0 ms).
         """
         ahead = self._file_prefetch.on_open(entry.parent, entry.inode)
         if ahead is None:
