@@ -25,10 +25,10 @@ import trio
 import trio.testing
 from fakes import FakeSource, trio_test
 
-from s3datafs.catalog import Catalog, build_catalog
+from s3datafs.catalog import Catalog, Entry, build_catalog
 from s3datafs.errors import AccessDeniedError, TransientS3Error
 from s3datafs.fuse_ops import FsSettings, Operations
-from s3datafs.model import ObjectRef
+from s3datafs.model import MemberRef, ObjectRef
 from s3datafs.reader import BlockReader
 from s3datafs.resolve import resolve
 from s3datafs.uri import parse_s3_uri
@@ -576,3 +576,31 @@ async def test_files_opened_in_order_get_their_small_siblings_fetched_ahead(
             assert set(keys[gets:]) == {f"d/f{index:02d}" for index in range(9, 15)}  # not f08
             assert len(keys) == len(set(keys))  # each file fetched once, f03-f05 ahead of time
             nursery.cancel_scope.cancel()
+
+
+class _MembersCatalog:
+    """Zip members 2..21 of one directory; listing it again is a failure (see the test)."""
+
+    def __init__(self) -> None:
+        archive = ObjectRef("bkt", "data.zip", None, '"e"', 10_000, 0.0)
+        self.entries = {
+            inode: Entry(inode, ROOT, f"m{inode:02d}", False, 10, 0.0,
+                         MemberRef(archive, f"m{inode:02d}", inode * 100, inode * 100 + 90,
+                                   0, 0, 10, 10, 0, 0.0))
+            for inode in range(2, 22)
+        }
+
+    def get(self, inode: int) -> Entry | None:
+        return self.entries.get(inode)
+
+    def children(self, parent: int, after_inode: int = 0) -> Iterator[Entry]:
+        raise AssertionError("zip members are not fetched ahead file by file")
+
+
+@trio_test
+async def test_zip_members_opened_in_order_are_left_to_the_archive_spans() -> None:
+    reader = BlockReader(FakeSource(), block_size=64, memory_cache_bytes=1 << 20,
+                         s3_limiter=trio.CapacityLimiter(4))
+    ops = Operations(_MembersCatalog(), reader, FsSettings(uid=UID, gid=GID))  # type: ignore[arg-type]
+    for inode in range(2, 22):
+        await ops.release((await ops.open(inode, os.O_RDONLY)).fh)
