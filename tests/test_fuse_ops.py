@@ -539,13 +539,13 @@ async def _gets_settled(source: FakeSource) -> None:
 
 
 @trio_test
-async def test_files_opened_in_order_get_their_small_siblings_fetched_ahead(
+async def test_files_opened_in_order_get_their_siblings_fetched_ahead(
     tmp_path: Path,
 ) -> None:
     source = FakeSource()
     source.create_bucket("walk")
     for index in range(20):
-        size = 1000 if index == 8 else 100  # f08 is larger than one GET: not fetched ahead
+        size = 1000 if index == 8 else 100  # f08: only its head is fetched ahead
         source.put("walk", f"d/f{index:02d}", bytes([index]) * size)
     resolution = resolve(source, parse_s3_uri("s3://walk/d/"))
     path = tmp_path / "walk.catalog"
@@ -554,7 +554,8 @@ async def test_files_opened_in_order_get_their_small_siblings_fetched_ahead(
     with Catalog.open(path) as catalog:
         reader = BlockReader(source, block_size=64, memory_cache_bytes=1 << 20,
                              s3_limiter=trio.CapacityLimiter(4), max_request_bytes=256)
-        ops = Operations(catalog, reader, FsSettings(uid=UID, gid=GID, prefetch_files=8))
+        settings = FsSettings(uid=UID, gid=GID, prefetch_files=8, readahead_initial=256)
+        ops = Operations(catalog, reader, settings)
         async with trio.open_nursery() as nursery:
             reader.attach(nursery)
             for index in range(3):
@@ -573,8 +574,9 @@ async def test_files_opened_in_order_get_their_small_siblings_fetched_ahead(
                 await ops.release(fh)
             await _gets_settled(source)
             keys = [ref.key for ref, _start, _end in source.ranges]
-            assert set(keys[gets:]) == {f"d/f{index:02d}" for index in range(9, 15)}  # not f08
+            assert set(keys[gets:]) == {f"d/f{index:02d}" for index in range(8, 15)}
             assert len(keys) == len(set(keys))  # each file fetched once, f03-f05 ahead of time
+            assert [(s, e) for ref, s, e in source.ranges if ref.key == "d/f08"] == [(0, 256)]
             nursery.cancel_scope.cancel()
 
 
