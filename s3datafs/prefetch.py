@@ -126,7 +126,8 @@ class FilePrefetch:
       fetched unasked per 1,000 read in a directory of 2,000, 0.3 per 100 in one of 200, 4 per
       20 in one of 40).
     - Returned is an inode range; the caller fetches the *files* in it (each up to the first
-      window its own readahead would fetch, 1 MiB) under the reader's prefetch budget (skipped, never queued, when it is spent: ``fell_short``).
+      window its own readahead would fetch, 1 MiB) under the reader's prefetch budget (skipped,
+      never queued, when it is spent: ``fell_short``).
     - One stream per directory. Several readers each reading their own slice of one directory
       (a data loader's workers with a sequential sampler) jump between slices, which resets the
       stream: they get no prefetch, and lose nothing. Following several streams per directory
