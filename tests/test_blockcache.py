@@ -158,7 +158,8 @@ def test_blocks_are_exact_with_o_direct_and_where_a_filesystem_refuses_it(
         return real_fcntl(fd, command, arg)
 
     monkeypatch.setattr(fcntl, "fcntl", fake_fcntl)
-    size = REGION_BLOCKS * BLOCK + 3 * BLOCK + 100  # a region, then an odd-sized tail
+    tail_size = disk.DIRECT_MIN + 100  # odd-sized, long enough for O_DIRECT
+    size = REGION_BLOCKS * BLOCK + tail_size  # a region, then the tail
     data = os.urandom(size)
     ref = make_ref(size)
     cache = make_cache(tmp_path)
@@ -168,8 +169,14 @@ def test_blocks_are_exact_with_o_direct_and_where_a_filesystem_refuses_it(
     found = read_all(cache, ref, range(0, len(blocks_of(data))))
     assert b"".join(found[i] for i in sorted(found)) == data
     tail = region_file(cache, ref, 1)
-    padded = LAYOUT.table_size + blockfile.padded(3 * BLOCK + 100)
-    assert tail.stat().st_size == (padded if not refuse else LAYOUT.table_size + 3 * BLOCK + 100)
+    padded = LAYOUT.table_size + blockfile.padded(tail_size)
+    assert tail.stat().st_size == (padded if not refuse else LAYOUT.table_size + tail_size)
+    short = make_ref(3 * BLOCK + 100, key="short")  # shorter than DIRECT_MIN: buffered at once
+    stored(cache, short, data[: short.size])
+    assert len(asked_direct) == (1 if refuse else 2)
+    assert region_file(cache, short).stat().st_size == LAYOUT.table_size + short.size
+    found = read_all(cache, short, range(0, 4))
+    assert b"".join(found[i] for i in range(4)) == data[: short.size]
 
 
 def test_a_run_larger_than_the_write_buffer_is_written_in_pieces(tmp_path: Path) -> None:
@@ -472,3 +479,21 @@ def test_clear_by_uri_takes_an_object_whose_shortened_key_may_be_under_it(tmp_pa
     assert disk.clear(tmp_path, f"s3://bkt/{long_key}") == 1
     assert files_of(cache, refs[0]) == []
     assert files_of(cache, refs[1]) == ["r0"]
+
+
+def test_min_free_checks_the_filesystem_at_most_once_a_second_while_there_is_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_statvfs, checks = os.statvfs, []
+    monkeypatch.setattr(os, "statvfs", lambda path: checks.append(path) or real_statvfs(path))
+    cache = make_cache(tmp_path, min_free_ratio=0.0001)
+    for i in range(50):
+        ref = make_ref(BLOCK, key=f"k{i}")
+        cache.write(ref, blockfile.object_digest(ref), 0, [b"x" * BLOCK])
+    assert len(checks) == 1
+    full = make_cache(tmp_path / "full", min_free_ratio=1.0)  # no room: checked every time
+    for i in range(3):
+        ref = make_ref(BLOCK, key=f"k{i}")
+        with pytest.raises(OSError, match="free on the cache filesystem"):
+            full.write(ref, blockfile.object_digest(ref), 0, [b"x" * BLOCK])
+    assert len(checks) == 4

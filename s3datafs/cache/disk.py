@@ -38,9 +38,11 @@ Invariants:
   need a lock and never mix blocks. Every write opens its region file with ``O_CREAT`` and
   writes its header (the same bytes for every writer), so a file whose creator died before the
   header is mended by the next write.
-- Block payloads are written with ``O_DIRECT`` (``files.pwrite_direct``): the FUSE file's pages
-  already hold what was just read, so the cache file does not take page cache a second time, and
-  the write costs no copy into fresh pages. A filesystem that refuses ``O_DIRECT`` switches this
+- Runs of block payloads of at least ``DIRECT_MIN`` (readahead) are written with ``O_DIRECT``
+  (``files.pwrite_direct``): the FUSE file's pages already hold what was just read, so the cache
+  file does not take page cache a second time, and the write costs no copy into fresh pages.
+  Shorter runs (random reads, small objects) are written buffered: fewer syscalls, little page
+  cache. A filesystem that refuses ``O_DIRECT`` switches this
   cache to buffered writes for good. Header and identity (one write) and table entries are
   small buffered writes (two writers of one page never lose each other's entries); reads stay
   buffered.
@@ -89,6 +91,8 @@ from .files import (
 log = logging.getLogger(__name__)
 
 REGION_BYTES = 8 * 1024 * 1024  # the reader's readahead GET (config.DEFAULT_MAX_REQUEST)
+DIRECT_MIN = 256 * 1024  # shorter runs are written buffered (``_write_payload``)
+_FREE_CHECK_SECONDS = 1.0  # --cache-min-free: statvfs at most this often while there is room
 _TOUCH_AFTER_SECONDS = 60.0
 
 
@@ -154,6 +158,8 @@ class DiskCache:
         self._dataset = dataset
         self._lock = threading.Lock()
         self._index = _UnlinkingLRU(capacity, self.root)
+        self._free_checked_at = -_FREE_CHECK_SECONDS  # --cache-min-free: see ``_make_room``
+        self._free_estimate = self._wanted_free = 0.0
         self._written_since_sync = 0
         self.sync_every = max(capacity // 10, 16 * 1024 * 1024)
         self._direct = AlignedBuffers() if direct_io and direct_io_supported() else None
@@ -312,8 +318,13 @@ class DiskCache:
             os.close(fd)
 
     def _write_payload(self, fd: int, parts: Sequence[bytes], offset: int) -> None:
-        """Payloads at ``offset``: ``O_DIRECT`` while the filesystem takes it, else buffered."""
-        if self._direct is not None:
+        """Payloads at ``offset``: ``O_DIRECT`` while the filesystem takes it, else buffered.
+
+        Runs shorter than ``DIRECT_MIN`` are written buffered: ``O_DIRECT`` copies them into an
+        aligned buffer just the same and costs two more syscalls (``fcntl`` on and off), each a
+        GIL hand-off while readers wait; the page cache they take is small.
+        """
+        if self._direct is not None and sum(map(len, parts)) >= DIRECT_MIN:
             try:
                 fcntl.fcntl(fd, fcntl.F_SETFL, O_DIRECT)
                 try:
@@ -332,9 +343,21 @@ class DiskCache:
         """Honour --cache-min-free: evict our oldest blocks while the filesystem is too full."""
         if self._min_free_ratio <= 0:
             return
+        now = time.monotonic()
+        with self._lock:
+            # Between checks, free space is counted down by what this process writes: other
+            # writers may take some too, which the next check (a second later) sees.
+            self._free_estimate -= incoming
+            fresh = now - self._free_checked_at < _FREE_CHECK_SECONDS
+            if fresh and self._free_estimate >= self._wanted_free:
+                return
         fs = os.statvfs(self.root)
         wanted_free = self._min_free_ratio * fs.f_blocks * fs.f_frsize
-        shortfall = wanted_free - fs.f_bavail * fs.f_frsize + incoming
+        free = fs.f_bavail * fs.f_frsize
+        with self._lock:
+            self._free_checked_at, self._wanted_free = now, wanted_free
+            self._free_estimate = free - incoming
+        shortfall = wanted_free - free + incoming
         with self._lock:
             while shortfall > 0 and self._index:
                 shortfall -= self._index.popitem()[1]
