@@ -95,6 +95,7 @@ class Operations(pyfuse3.Operations):
         self._settings = settings
         self._open_files: dict[int, tuple[PinnedRef, Readahead]] = {}
         self._file_prefetch = FilePrefetch(maximum=settings.prefetch_files)
+        self._opened = bytearray()  # bit per inode: opened before in this mount
         self._next_fh = 1
         self._reported_stale: set[str] = set()
         self._in_progress: set[trio.CancelScope] = set()  # one per request being answered
@@ -187,7 +188,18 @@ class Operations(pyfuse3.Operations):
         self._open_files[fh] = (entry.ref, readahead)
         if not isinstance(entry.ref, MemberRef):  # members: the archive's spans are read ahead
             self._prefetch_after(entry)
+        self._mark_opened(inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _mark_opened(self, inode: int) -> None:
+        byte = inode >> 3
+        if byte >= len(self._opened):
+            self._opened.extend(bytes(byte + 1 - len(self._opened) + 1024))
+        self._opened[byte] |= 1 << (inode & 7)
+
+    def _opened_before(self, inode: int) -> bool:
+        byte = inode >> 3
+        return byte < len(self._opened) and bool(self._opened[byte] & (1 << (inode & 7)))
 
     def _prefetch_after(self, entry: Entry) -> None:
         """Fetch the next files of ``entry``'s directory if it is being read in order.
@@ -195,10 +207,14 @@ class Operations(pyfuse3.Operations):
         Of each file, what its own readahead would fetch first on a read from its start: the
         whole file up to ``readahead_initial`` (1 MiB), else that much of its head; the rest is
         the file's own readahead once it is read. What the prefetch budget has no room for is
-        skipped and asked for again at a later open. Not for
-        zip members: ``MemberSource`` fetches the archive in spans that hold many members, and
-        fetching members ahead one by one on top of that was measured slower (all 20,000
-        members of the bench archive by 8 threads: 5.3 -> 9.1 s, 98 -> 151 GETs, 0 ms).
+        skipped and asked for again at a later open.
+
+        Skipped: files opened before in this mount (a second pass over a directory): the kernel
+        keeps their pages (``keep_cache``), so what was fetched for them would wait unread in
+        the prefetch budget. And zip members: ``MemberSource`` fetches the archive in spans
+        that hold many members, and fetching members one by one on top of that was measured
+        slower (all 20,000 members of the bench archive by 8 threads: 5.3 -> 9.1 s, 98 -> 151
+        GETs, 0 ms).
         """
         ahead = self._file_prefetch.on_open(entry.parent, entry.inode)
         if ahead is None:
@@ -209,7 +225,7 @@ class Operations(pyfuse3.Operations):
             if sibling.inode > until:
                 return
             ref = sibling.ref
-            if ref is None or ref.size == 0:
+            if ref is None or ref.size == 0 or self._opened_before(sibling.inode):
                 continue
             wanted = min(ref.size, head)
             if self._reader.prefetch(ref, 0, wanted) < wanted:

@@ -529,6 +529,14 @@ async def test_statfs_reports_total_bytes_and_counts(fs: Mounted) -> None:
     assert data.f_namemax == 255
 
 
+async def _open_read_close(ops: Operations, index: int) -> None:
+    """Read file ``f<index>`` (100 bytes of ``index``) whole, as ``cat`` would."""
+    entry = await ops.lookup(ROOT, f"f{index:02d}".encode())
+    fh = (await ops.open(entry.st_ino, os.O_RDONLY)).fh
+    assert await ops.read(fh, 0, 4096) == bytes([index]) * 100
+    await ops.release(fh)
+
+
 async def _gets_settled(source: FakeSource) -> None:
     """Until the background GETs (worker threads) have stopped coming."""
     seen, quiet = -1, 0
@@ -559,19 +567,13 @@ async def test_files_opened_in_order_get_their_siblings_fetched_ahead(
         async with trio.open_nursery() as nursery:
             reader.attach(nursery)
             for index in range(3):
-                entry = await ops.lookup(ROOT, f"f{index:02d}".encode())
-                fh = (await ops.open(entry.st_ino, os.O_RDONLY)).fh
-                assert await ops.read(fh, 0, 4096) == bytes([index]) * 100
-                await ops.release(fh)
+                await _open_read_close(ops, index)
             await _gets_settled(source)
             ahead = {ref.key for ref, _start, _end in source.ranges} - {"d/f00", "d/f01", "d/f02"}
             assert ahead == {f"d/f{index:02d}" for index in range(3, 8)}  # the next, 4 beyond
             gets = len(source.ranges)
             for index in range(3, 6):
-                entry = await ops.lookup(ROOT, f"f{index:02d}".encode())
-                fh = (await ops.open(entry.st_ino, os.O_RDONLY)).fh
-                assert await ops.read(fh, 0, 4096) == bytes([index]) * 100
-                await ops.release(fh)
+                await _open_read_close(ops, index)
             await _gets_settled(source)
             keys = [ref.key for ref, _start, _end in source.ranges]
             assert set(keys[gets:]) == {f"d/f{index:02d}" for index in range(8, 15)}
@@ -606,3 +608,31 @@ async def test_zip_members_opened_in_order_are_left_to_the_archive_spans() -> No
     ops = Operations(_MembersCatalog(), reader, FsSettings(uid=UID, gid=GID))  # type: ignore[arg-type]
     for inode in range(2, 22):
         await ops.release((await ops.open(inode, os.O_RDONLY)).fh)
+
+
+@trio_test
+async def test_a_second_pass_over_a_directory_fetches_nothing_ahead(tmp_path: Path) -> None:
+    """The kernel keeps the pages of files read before (keep_cache): fetching them again ahead
+    would only fill the prefetch budget with bytes nobody reads."""
+    source = FakeSource()
+    source.create_bucket("again")
+    for index in range(20):
+        source.put("again", f"d/f{index:02d}", bytes([index]) * 100)
+    resolution = resolve(source, parse_s3_uri("s3://again/d/"))
+    path = tmp_path / "again.catalog"
+    build_catalog(path, list(resolution.refs), uri=str(resolution.uri), bucket="again",
+                  prefix=resolution.prefix, versioned=False)
+    with Catalog.open(path) as catalog:
+        reader = BlockReader(source, block_size=64, memory_cache_bytes=1,
+                             s3_limiter=trio.CapacityLimiter(4))
+        ops = Operations(catalog, reader, FsSettings(uid=UID, gid=GID))
+        async with trio.open_nursery() as nursery:
+            reader.attach(nursery)
+            for _pass in range(2):
+                before = reader.stats.prefetched_blocks
+                for index in range(20):
+                    await _open_read_close(ops, index)
+                await _gets_settled(source)
+                ahead = reader.stats.prefetched_blocks - before
+                assert ahead > 0 if _pass == 0 else ahead == 0
+            nursery.cancel_scope.cancel()

@@ -111,7 +111,7 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--max-prefetch-memory",
                        help="readahead bytes in flight or not yet read (default 64M)")
     cache.add_argument("--prefetch-files", metavar="N",
-                       help="small files fetched ahead of a directory read in order (default "
+                       help="files fetched ahead of a directory read in order (default "
                        "32; 0: off)")
 
 
