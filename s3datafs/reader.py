@@ -189,11 +189,6 @@ class BlockReader:
                 counts[name] += value
         return counts
 
-    @property
-    def request_bytes(self) -> int:
-        """The most one GET fetches (a run of whole blocks)."""
-        return self._request_blocks * self.block_size
-
     def attach(self, tasks: trio.Nursery, writes: trio.Nursery | None = None) -> None:
         """Give the reader the mount's nurseries: flights and prefetch, and cache writes."""
         self._nursery = tasks
@@ -215,7 +210,7 @@ class BlockReader:
         first, last = offset // self.block_size, (end - 1) // self.block_size
         taken = self._take_staged(ref, first, last)  # read now: their budget goes to readahead
         if readahead is not None:
-            step = self.request_bytes  # readahead in whole GETs
+            step = self._request_blocks * self.block_size  # readahead in whole GETs
             limit = self._share(readahead, step)
             ahead = readahead.on_read(offset, end - offset, ref.size, step, limit)
             if ahead:

@@ -1,5 +1,5 @@
 """Prefetch across files, through real FUSE against the S3 server: a directory read in order has
-its next small files fetched ahead, each file once; a shuffled reader and ``--prefetch-files 0``
+its next files fetched ahead, each file once; a shuffled reader and ``--prefetch-files 0``
 fetch exactly what they read."""
 
 from __future__ import annotations

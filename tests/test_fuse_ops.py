@@ -628,11 +628,11 @@ async def test_a_second_pass_over_a_directory_fetches_nothing_ahead(tmp_path: Pa
         ops = Operations(catalog, reader, FsSettings(uid=UID, gid=GID))
         async with trio.open_nursery() as nursery:
             reader.attach(nursery)
-            for _pass in range(2):
+            for pass_number in range(2):
                 before = reader.stats.prefetched_blocks
                 for index in range(20):
                     await _open_read_close(ops, index)
                 await _gets_settled(source)
                 ahead = reader.stats.prefetched_blocks - before
-                assert ahead > 0 if _pass == 0 else ahead == 0
+                assert ahead > 0 if pass_number == 0 else ahead == 0
             nursery.cancel_scope.cancel()

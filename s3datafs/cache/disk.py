@@ -42,10 +42,9 @@ Invariants:
   (``files.pwrite_direct``): the FUSE file's pages already hold what was just read, so the cache
   file does not take page cache a second time, and the write costs no copy into fresh pages.
   Shorter runs (random reads, small objects) are written buffered: fewer syscalls, little page
-  cache. A filesystem that refuses ``O_DIRECT`` switches this
-  cache to buffered writes for good. Header and identity (one write) and table entries are
-  small buffered writes (two writers of one page never lose each other's entries); reads stay
-  buffered.
+  cache. A filesystem that refuses ``O_DIRECT`` switches this cache to buffered writes for good.
+  Header and identity (one write) and table entries are small buffered writes (two writers of
+  one page never lose each other's entries); reads stay buffered.
 - Privacy: every directory is created 0700 and every file 0600. A directory removed while
   mounted (``cache clear``, ``rm -rf``) is made again by the next write, just as private.
 - Eviction never hurts a reader: readers read what they need of a file through the descriptor
@@ -433,17 +432,24 @@ def _scan_blocks(root: Path) -> Iterator[tuple[str, int, float]]:
     chunk, and their temps).
     """
     earlier = 0
-    for fan in _subdirs(root):
-        for entry in os.scandir(fan):
-            with contextlib.suppress(FileNotFoundError):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                    earlier += 1
-                elif is_region_file(entry.name):
-                    info = entry.stat(follow_symlinks=False)
-                    yield f"{fan.name}/{entry.name}", info.st_blocks * 512, info.st_mtime
+    for fan, entry in _fan_entries(root):
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                earlier += 1
+            elif is_region_file(entry.name):
+                info = entry.stat(follow_symlinks=False)
+                yield f"{fan}/{entry.name}", info.st_blocks * 512, info.st_mtime
     if earlier:
         log.info("removed %d cached objects of an earlier cache format from %s", earlier, root)
+
+
+def _fan_entries(root: Path) -> Iterator[tuple[str, os.DirEntry]]:
+    """(fan directory's name, entry) of everything in the fan directories of a block root."""
+    for fan in _subdirs(root):
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile (cache clear)
+            for entry in os.scandir(fan):
+                yield fan.name, entry
 
 
 def is_region_file(name: str) -> bool:
@@ -464,56 +470,54 @@ def _subdirs(path: Path) -> Iterator[os.DirEntry]:
 EARLIER_FORMAT = "(an earlier cache format: removed by the next mount)"
 
 
+@dataclass(frozen=True)
+class _Found:
+    """A region file (or an object directory of an earlier format) seen by ``_found``."""
+
+    path: Path
+    allocated: int  # bytes on disk (all a directory holds)
+    identity: dict | None = None  # None: unreadable, or an earlier format
+    blocks: int = 0  # table entries written
+    earlier_format: bool = False
+
+
 def usage(cache_dir: Path) -> CacheUsage:
     """Bytes on disk and blocks in the cache, per dataset (all block sizes)."""
     total = count = 0
     by_dataset: dict[str, int] = {}
-    for path, size, identity in _region_files(cache_dir):
-        if identity == EARLIER_FORMAT:
-            dataset = EARLIER_FORMAT
-        else:
-            count += _blocks_in(path)
-            dataset = _dataset_of(identity)
-        by_dataset[dataset] = by_dataset.get(dataset, 0) + size
-        total += size
+    for found in _found(cache_dir):
+        dataset = EARLIER_FORMAT if found.earlier_format else _dataset_of(found.identity)
+        by_dataset[dataset] = by_dataset.get(dataset, 0) + found.allocated
+        total += found.allocated
+        count += found.blocks
     return CacheUsage(total, count, by_dataset)
 
 
-def _dataset_of(identity: dict | str | None) -> str:
-    if not isinstance(identity, dict):
+def _dataset_of(identity: dict | None) -> str:
+    if identity is None:
         return "?"
     return identity.get("dataset") or f"s3://{identity.get('bucket')}/{identity.get('key')}"
-
-
-def _blocks_in(path: Path) -> int:
-    """Entries written in a region file's table (valid or not: this is a count, not a read)."""
-    with open(path, "rb") as handle:
-        head = handle.read(blockfile.TABLE_OFFSET)
-        table = handle.read(blockfile.ENTRY_SIZE * blockfile.blocks_in_header(head))
-    size = blockfile.ENTRY_SIZE
-    return sum(1 for at in range(0, len(table), size) if any(table[at : at + size]))
 
 
 def clear(cache_dir: Path, uri_prefix: str | None = None) -> int:
     """Delete the cached blocks of every object (or those whose URI starts with the prefix);
     returns how many objects had blocks deleted. What earlier formats left goes in any case."""
     removed: set[str] = set()
-    for path, _size, identity in _region_files(cache_dir):
-        if identity == EARLIER_FORMAT:
-            with _locked(path.parent.parent):
-                shutil.rmtree(path, ignore_errors=True)
-            continue
-        if uri_prefix is None or _under(identity, uri_prefix):
-            with _locked(path.parent.parent), contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            removed.add(path.name.partition(".")[0])
+    for found in _found(cache_dir):
+        if found.earlier_format:
+            with _locked(found.path.parent.parent):
+                shutil.rmtree(found.path, ignore_errors=True)
+        elif uri_prefix is None or _under(found.identity, uri_prefix):
+            with _locked(found.path.parent.parent), contextlib.suppress(FileNotFoundError):
+                found.path.unlink()
+            removed.add(found.path.name.partition(".")[0])
     return len(removed)
 
 
-def _under(identity: dict | str | None, uri_prefix: str) -> bool:
+def _under(identity: dict | None, uri_prefix: str) -> bool:
     """Whether the object is under ``uri_prefix``; a shortened identity matches as far as it
     goes (deleting a cache file too many costs a GET, keeping one would break the promise)."""
-    if not isinstance(identity, dict):
+    if identity is None:
         return False
     uri = f"s3://{identity.get('bucket')}/{identity.get('key')}"
     return uri.startswith(uri_prefix) or (
@@ -521,22 +525,27 @@ def _under(identity: dict | str | None, uri_prefix: str) -> bool:
     )
 
 
-def _region_files(cache_dir: Path) -> Iterator[tuple[Path, int, dict | str | None]]:
-    """(path, allocated bytes, identity or None if unreadable) of every region file, all block
-    sizes; an object directory of an earlier format comes as (its path, the bytes of what it
-    holds, EARLIER_FORMAT)."""
+def _found(cache_dir: Path) -> Iterator[_Found]:
+    """Every region file of every block size, read once (header, identity and table), and every
+    object directory an earlier format left."""
     for size_dir in _subdirs(cache_dir / "blocks"):
-        for fan in _subdirs(Path(size_dir.path)):
-            for entry in os.scandir(fan.path):
-                path = Path(entry.path)
-                with contextlib.suppress(FileNotFoundError):
-                    if entry.is_dir(follow_symlinks=False):
-                        yield path, _allocated_below(path), EARLIER_FORMAT
-                    elif is_region_file(entry.name):
-                        allocated = entry.stat(follow_symlinks=False).st_blocks * 512
-                        with open(path, "rb") as handle:
-                            head = handle.read(blockfile.TABLE_OFFSET)
-                        yield path, allocated, blockfile.parse_identity(head)
+        for _fan, entry in _fan_entries(Path(size_dir.path)):
+            path = Path(entry.path)
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_dir(follow_symlinks=False):
+                    yield _Found(path, _allocated_below(path), earlier_format=True)
+                elif is_region_file(entry.name):
+                    allocated = entry.stat(follow_symlinks=False).st_blocks * 512
+                    with open(path, "rb") as handle:
+                        head = handle.read(blockfile.TABLE_OFFSET)
+                        table = handle.read(blockfile.ENTRY_SIZE * blockfile.blocks_in_header(head))
+                    yield _Found(path, allocated, blockfile.parse_identity(head), _written(table))
+
+
+def _written(table: bytes) -> int:
+    """Entries written in a region file's table (valid or not: this is a count, not a read)."""
+    size = blockfile.ENTRY_SIZE
+    return sum(1 for at in range(0, len(table), size) if any(table[at : at + size]))
 
 
 def _allocated_below(directory: Path) -> int:
