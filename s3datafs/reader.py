@@ -17,7 +17,9 @@ Design:
 - Fetched blocks go to memory at once and to the disk cache behind the reader's back
   (write-behind, in the mount's nursery, bounded by ``write_budget`` bytes pending; while fetched
   runs wait for room there, readahead pauses, and longer flights wait for the disk limiter
-  before their GET). A cache failure is logged (rate-limited) and never fails a read.
+  before their GET). A short run is written by the worker thread that fetched it, before it
+  returns: the write costs less than the thread hop it saves (see ``_fill``). A cache failure
+  is logged (rate-limited) and never fails a read.
 - Prefetch flights run in the mount's nursery under ``prefetch_budget``: bytes of readahead in
   flight *or landed and not read yet*, total across handles. Landed readahead is *staged* (kept
   apart from the LRU) until a read takes it, so the budget bounds its memory and nothing can
@@ -38,10 +40,10 @@ Design:
   The abandoned GET keeps its limiter slot until its thread ends, so a stalled S3 cannot make the
   daemon start unbounded threads.
 
-Threading: everything here runs on the trio thread except ``_load_blocking`` (disk lookup and
-GET, under the S3 limiter), ``_read_cached`` and cache writes (under the disk limiter), which run
-in worker threads. Shared state (LRU, flight table, counters) is touched by the trio thread only,
-so it needs no lock; ``TroubleLog`` is thread-safe.
+Threading: everything here runs on the trio thread except ``_load_blocking`` (disk lookup, GET
+and, for short runs, the cache write, under the S3 limiter), ``_read_cached`` and write-behind
+(under the disk limiter), which run in worker threads. Shared state (LRU, flight table,
+counters) is touched by the trio thread only, so it needs no lock; ``TroubleLog`` is thread-safe.
 """
 
 from __future__ import annotations
@@ -399,7 +401,8 @@ class BlockReader:
     async def _fly(self, flight: _Flight) -> None:
         """Fill ``flight`` from disk and S3, then cache what S3 sent.
 
-        Never raises: waiters get ``flight.error``. ``done`` is set before any cache write.
+        Never raises: waiters get ``flight.error``. ``done`` is set before any write-behind (a
+        short run was written already, by the worker thread of its GET: see ``_fill``).
         """
         fetched: list[tuple[int, list[bytes]]] = []
         try:
@@ -439,13 +442,18 @@ class BlockReader:
     async def _fill(self, flight: _Flight, fetched: list[tuple[int, list[bytes]]]) -> None:
         """The flight's blocks: what the disk cache has, then one GET for the rest of the run.
 
-        A short run (a random read, a small file: at most ``_ONE_HOP_BYTES``) does both in *one*
-        worker-thread call: each hop between the trio thread and a worker costs two wake-ups and
-        GIL hand-offs, ~0.25 ms of CPU, a large share of a small read (measured: random reads
-        6-15 % faster at 0 ms). A longer run (readahead, 1 MiB reads) looks on disk first, under
-        the disk limiter that the cache writes share: that wait is what holds back new GETs
-        while the disk falls behind. With one hop for every run, 8 sequential readers were 20-40 %
-        slower and the daemon's RSS passed 500 MiB; a gate on the write backlog instead bounded
+        A short run (a random read, a small file: at most ``_ONE_HOP_BYTES``) does both, and
+        writes what S3 sent to the disk cache, in *one* worker-thread call: each hop between the
+        trio thread and a worker costs two wake-ups and GIL hand-offs, ~0.25 ms of CPU, a large
+        share of a small read (measured: random reads 6-15 % faster at 0 ms with the lookup in
+        the GET's call; 5-30 % more with the write there too, instead of a write-behind hop).
+        The write makes the run's readers wait ~60 us longer per 64 KiB block, less than the hop
+        it saves; it needs no write budget, as the S3 limiter already bounds these calls.
+
+        A longer run (readahead, 1 MiB reads) looks on disk first, under the disk limiter that
+        the cache writes share: that wait is what holds back new GETs while the disk falls
+        behind. With one hop for every run, 8 sequential readers were 20-40 % slower and the
+        daemon's RSS passed 500 MiB; a gate on the write backlog instead bounded
         memory only in part and cost as much speed. A flight's run is at most one GET long, and
         the disk cache answers with a prefix of it, so the rest is one range.
         """
@@ -463,7 +471,7 @@ class BlockReader:
         # that outlives it is abandoned (its thread ends on its own socket timeout and deadline,
         # and only then gives its slot back), so no reader ever waits on S3 longer than this.
         with trio.move_on_after(self._read_timeout or math.inf) as bound:
-            hits, data = await trio.to_thread.run_sync(
+            hits, data, write_error = await trio.to_thread.run_sync(
                 self._load_blocking, ref, run, disk, limiter=self._s3_limiter,
                 abandon_on_cancel=True,
             )
@@ -474,6 +482,8 @@ class BlockReader:
                 f"{self._read_timeout:g}s (--read-timeout)"
             )
         self._took_from_disk(flight, hits)
+        if write_error is not None:
+            self._write_failed(write_error)
         if data is None:
             return
         rest = range(run.start + len(hits), run.stop)
@@ -481,12 +491,16 @@ class BlockReader:
         if not _source_keeps(ref):
             self.stats.s3_requests += 1
             self.stats.s3_bytes += len(data)
-        # Blocks are zero-copy views of the response body: the body lives as long as one of its
-        # blocks is cached or in flight, and no 8 MiB copy is made per GET.
-        view, size = memoryview(data), self.block_size
-        blocks = [view[o : o + size] for o in range(0, len(data), size)]
+        blocks = self._split(data)
         flight.blocks.update(zip(rest, blocks, strict=True))
-        fetched.append((rest.start, blocks))
+        if disk is None:  # a short run's worker thread wrote it already
+            fetched.append((rest.start, blocks))
+
+    def _split(self, data: bytes) -> list[memoryview]:
+        """A GET body as blocks: zero-copy views of it, so the body lives as long as one of its
+        blocks is cached or in flight, and no 8 MiB copy is made per GET."""
+        view, size = memoryview(data), self.block_size
+        return [view[o : o + size] for o in range(0, len(data), size)]
 
     def _took_from_disk(self, flight: _Flight, hits: dict[int, bytes]) -> None:
         flight.blocks.update(hits)
@@ -495,14 +509,22 @@ class BlockReader:
 
     def _load_blocking(
         self, ref: ObjectRef, run: range, disk: DiskCache | None
-    ) -> tuple[dict[int, bytes], bytes | None]:
-        """In a worker thread: the run's cached prefix, and a GET of the rest (None: no rest)."""
+    ) -> tuple[dict[int, bytes], bytes | None, OSError | None]:
+        """In a worker thread: the run's cached prefix, a GET of the rest (None: no rest), and,
+        with ``disk``, that rest written to it (the error if the disk refused)."""
         hits = self._read_cached(ref, run, disk) if disk is not None else {}
         first = run.start + len(hits)
         if first >= run.stop:
-            return hits, None
+            return hits, None, None
         end = min(run.stop * self.block_size, ref.size)
-        return hits, self._source.get_range(ref, first * self.block_size, end)
+        data = self._source.get_range(ref, first * self.block_size, end)
+        if disk is None:
+            return hits, data, None
+        try:
+            disk.write(ref, object_digest(ref), first, self._split(data))
+        except OSError as exc:
+            return hits, data, exc
+        return hits, data, None
 
     def _read_cached(self, ref: ObjectRef, run: range, disk: DiskCache) -> dict[int, bytes]:
         """In a worker thread: the cached prefix of ``run``; a disk that fails is passed over."""
@@ -531,10 +553,13 @@ class BlockReader:
                 self._disk.write, ref, digest, first, blocks, limiter=self._disk_limiter
             )
         except OSError as exc:
-            self.stats.cache_write_errors += 1
-            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+            self._write_failed(exc)
         finally:
             self._write_budget.give(cost)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.stats.cache_write_errors += 1
+        self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
 
     def _remember_slow_failure(self, flight: _Flight) -> None:
         """Fail the same blocks at once for ``_FAILED_TTL`` after a load failed *slowly*.

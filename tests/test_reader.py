@@ -688,6 +688,13 @@ def make_disk_reader(source: FakeSource, disk: DiskCache) -> BlockReader:
     )
 
 
+def object_and_disk(tmp_path, blocks: int) -> tuple[bytes, FakeSource, ObjectRef, DiskCache]:
+    """An object of ``blocks`` disk blocks in a fake source, and an empty disk cache."""
+    data = bytes(range(256)) * blocks * (PAGE_BLOCK // 256)
+    source, ref = make_source(data)
+    return data, source, ref, DiskCache(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+
+
 @pytest.mark.parametrize("blocks", [5, 300])  # a short run (one worker call), a long one (two)
 @trio_test
 async def test_a_flight_takes_the_cached_prefix_from_disk_and_gets_only_the_rest(
@@ -724,3 +731,45 @@ async def test_a_disk_cache_that_cannot_be_read_is_passed_over_for_s3(tmp_path, 
     assert await reader.read(ref, 100, 2 * PAGE_BLOCK) == data[100 : 100 + 2 * PAGE_BLOCK]
     assert source.ranges == [(ref, 0, len(data))]
     assert "cannot read the block cache" in caplog.text
+
+
+@pytest.mark.parametrize("blocks", [5, 300])
+@trio_test
+async def test_a_short_run_costs_one_worker_call_with_its_cache_write(
+    tmp_path, monkeypatch, blocks: int
+) -> None:
+    data, source, ref, disk = object_and_disk(tmp_path, blocks)
+    worker_calls: list[str] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(function, *args, **kwargs):
+        worker_calls.append(function.__name__)
+        return await run_sync(function, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    reader = make_disk_reader(source, disk)
+    assert await reader.read(ref, 0, len(data)) == data
+    if blocks * PAGE_BLOCK <= 256 * 1024:  # one hop: disk lookup, GET and cache write
+        assert worker_calls == ["_load_blocking"]
+    else:  # lookup under the disk limiter, GET, write-behind
+        assert worker_calls == ["_read_cached", "_load_blocking", "write"]
+    found = disk.read_run(object_digest(ref), ref.size, range(blocks))
+    assert b"".join(found.values()) == data
+
+
+@pytest.mark.parametrize("blocks", [5, 300])
+@trio_test
+async def test_a_disk_cache_that_refuses_writes_is_counted_and_reads_go_on(
+    tmp_path, caplog, blocks: int
+) -> None:
+    data, source, ref, disk = object_and_disk(tmp_path, blocks)
+
+    def full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    disk.write = full  # type: ignore[method-assign]
+    reader = make_disk_reader(source, disk)
+    assert await reader.read(ref, 0, len(data)) == data
+    assert await reader.read(ref, 0, len(data)) == data  # from memory
+    assert reader.stats.cache_write_errors == 1
+    assert "cannot write to the block cache ([Errno 28] No space left on device)" in caplog.text
