@@ -145,16 +145,20 @@ def test_a_member_at_hand_with_a_bad_crc_fails_as_get_range_would() -> None:
 
 
 class HeldDisk(DiskCache):
-    """A disk cache whose writes wait until ``release`` is set."""
+    """A disk cache whose writes wait until ``release`` is set; it notes which thread wrote."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.release = threading.Event()
-        self.writes = 0
+        self.writers: list[str] = []
+
+    @property
+    def writes(self) -> int:
+        return len(self.writers)
 
     def write(self, *args, **kwargs) -> None:
         assert self.release.wait(10), "the test never released the writes"
-        self.writes += 1
+        self.writers.append(threading.current_thread().name)
         super().write(*args, **kwargs)
 
 
@@ -163,7 +167,7 @@ def test_archive_blocks_are_written_behind_served_while_pending_and_drained(tmp_
     archive = refs[0].archive
     block = 64 * 1024
     disk = HeldDisk(tmp_path, block_size=block, capacity=1 << 30)
-    blocks = spans.ArchiveBlocks(source, disk, write_behind=2 * block)
+    blocks = spans.ArchiveBlocks(source, disk, write_behind=2 * block, write_inline=0)
     expected = source.get_range(archive, 0, archive.size)
     source.calls.clear()
     # The read returns while its write is still held; reading it again needs no GET.
@@ -187,6 +191,27 @@ def test_archive_blocks_are_written_behind_served_while_pending_and_drained(tmp_
     gets = source.calls["get_range"]
     assert again.get_range(archive, 0, 2 * block) == expected[:2 * block]
     assert again.get_range(archive, 5 * block, 6 * block) == expected[5 * block:6 * block]
+    assert source.calls["get_range"] == gets
+
+
+def test_a_short_fetch_is_on_disk_when_it_returns_and_a_long_one_is_written_behind(
+    tmp_path,
+) -> None:
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    block = 64 * 1024
+    disk = HeldDisk(tmp_path, block_size=block, capacity=1 << 30)
+    disk.release.set()
+    blocks = spans.ArchiveBlocks(source, disk, write_inline=2 * block)
+    expected = source.get_range(archive, 0, archive.size)
+    assert blocks.get_range(archive, block + 1, 3 * block - 1) == expected[block + 1:3 * block - 1]
+    assert blocks.get_range(archive, 3 * block, 6 * block) == expected[3 * block:6 * block]
+    blocks.close()  # waits for what went to the writer thread
+    # Two blocks: written by the thread that fetched them; three: by the writer thread.
+    assert disk.writers == [threading.current_thread().name, "s3datafs-zip-cache_0"]
+    again = spans.ArchiveBlocks(source, DiskCache(tmp_path, block_size=block, capacity=1 << 30))
+    gets = source.calls["get_range"]
+    assert again.get_range(archive, block, 6 * block) == expected[block:6 * block]
     assert source.calls["get_range"] == gets
 
 

@@ -35,7 +35,8 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   order, have covered it (``crc.Coverage``). A member found bad fails every later read at once
   (``_failing``). Encrypted members and unsupported methods fail every read with an error naming
   the member.
-- Disk writes (``spans.ArchiveBlocks``) are behind the reads, bounded, and drained by ``close``.
+- Disk writes (``spans.ArchiveBlocks``): a short fetch is written by the thread that fetched it,
+  spans behind the reads (bounded, drained by ``close``).
 """
 
 from __future__ import annotations

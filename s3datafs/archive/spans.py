@@ -33,6 +33,7 @@ _AHEAD_THREADS = 2
 _AHEAD_FROM_SPAN = 2 * 1024 * 1024  # read ahead once a streak's spans have grown this far
 _RECENT_ENDS = 32  # per archive: about the readers' count times a few
 _RECENT_ARCHIVES = 64
+_WRITE_INLINE = 256 * 1024  # fetches this short are written by the thread that fetched them
 
 
 class ArchiveBlocks:
@@ -46,16 +47,21 @@ class ArchiveBlocks:
     costs at most two blocks, as a scattered read of any object does). The block reader keeps
     members in memory only (see ``reader``).
 
-    Stores are written behind, by one writer thread, so a reader (and everyone waiting for its
-    span) never waits for the disk: up to ``write_behind`` bytes may be pending, after which a
-    fetch waits for room (memory stays bounded when the disk falls behind). Pending blocks are
-    served from memory, so they are never fetched twice. ``close`` drains what is pending (a
-    remount right after finds everything read). Cache trouble is logged at most once a minute
-    and never fails a read.
+    Longer fetches (spans) are written behind, by one writer thread, so a reader (and everyone
+    waiting for its span) never waits for the disk: up to ``write_behind`` bytes may be pending,
+    after which a fetch waits for room (memory stays bounded when the disk falls behind).
+    Pending blocks are served from memory, so they are never fetched twice. A short fetch (a
+    scattered member, at most ``_WRITE_INLINE``) is written by the thread that fetched it,
+    before it returns: handing it to the writer costs a thread wake-up and GIL hand-offs, more
+    than the write (as for the block reader's short runs, see ``reader.BlockReader._fill``).
+    ``close`` drains what is pending (a remount right after finds everything read). Cache
+    trouble is logged at most once a minute and never fails a read.
     """
 
-    def __init__(self, inner: ObjectSource, disk: DiskCache | None, stats: ReadStats | None = None,
-                 write_behind: int = DEFAULT_WRITE_BEHIND) -> None:
+    def __init__(
+        self, inner: ObjectSource, disk: DiskCache | None, stats: ReadStats | None = None, *,
+        write_behind: int = DEFAULT_WRITE_BEHIND, write_inline: int = _WRITE_INLINE,
+    ) -> None:
         self._inner = inner
         self._disk = disk
         self.stats = stats or ReadStats()
@@ -64,6 +70,7 @@ class ArchiveBlocks:
         self._pending: dict[tuple[str, int], bytes] = {}  # (digest, index) -> block to write
         self._pending_bytes = 0
         self._write_behind = write_behind
+        self._write_inline = write_inline
         self._writer: ThreadPoolExecutor | None = None
 
     def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
@@ -92,8 +99,11 @@ class ArchiveBlocks:
         high = min(blocks.stop * size, archive.size)
         data = self._fetch(archive, low, high)
         view = memoryview(data)
-        self._store(archive, digest, blocks.start,
-                    [view[at: at + size] for at in range(0, len(data), size)])
+        parts = [view[at: at + size] for at in range(0, len(data), size)]
+        if len(data) <= self._write_inline:
+            self._write_now(archive, digest, blocks.start, parts)
+        else:
+            self._store(archive, digest, blocks.start, parts)
         return data[start - low: end - low]
 
     def _fetch(self, archive: ObjectRef, start: int, end: int) -> bytes:
@@ -123,15 +133,20 @@ class ArchiveBlocks:
     def _write(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview],
                cost: int) -> None:
         try:
-            self._disk.write(archive, digest, first, blocks)
-        except OSError as exc:
-            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+            self._write_now(archive, digest, first, blocks)
         finally:
             with self._room:
                 for index in range(first, first + len(blocks)):
                     self._pending.pop((digest, index), None)
                 self._pending_bytes -= cost
                 self._room.notify_all()
+
+    def _write_now(self, archive: ObjectRef, digest: str, first: int,
+                   blocks: list[memoryview]) -> None:
+        try:
+            self._disk.write(archive, digest, first, blocks)
+        except OSError as exc:
+            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
 
 
 class _Span:
