@@ -174,6 +174,7 @@ class BlockReader:
         self._streams_pruned = 0.0
         self._nursery: trio.Nursery | None = None
         self._write_nursery: trio.Nursery | None = None
+        self._syncing = False  # a disk cache sync due after a short run's write is under way
         self._trouble = TroubleLog()  # cache trouble: a warning a minute at most
         self._read_timeout = read_timeout
         # Blocks whose load just failed slowly, with the error: see ``_remember_slow_failure``.
@@ -493,8 +494,10 @@ class BlockReader:
             self.stats.s3_bytes += len(data)
         blocks = self._split(data)
         flight.blocks.update(zip(rest, blocks, strict=True))
-        if disk is None:  # a short run's worker thread wrote it already
+        if disk is None:
             fetched.append((rest.start, blocks))
+        elif disk.sync_due and not self._syncing:  # the worker thread wrote the run, not this
+            await self._sync_behind(disk)
 
     def _split(self, data: bytes) -> list[memoryview]:
         """A GET body as blocks: zero-copy views of it, so the body lives as long as one of its
@@ -520,8 +523,8 @@ class BlockReader:
         data = self._source.get_range(ref, first * self.block_size, end)
         if disk is None:
             return hits, data, None
-        try:
-            disk.write(ref, object_digest(ref), first, self._split(data))
+        try:  # a sync that falls due is left to ``_sync_behind``: the run's readers wait here
+            disk.write(ref, object_digest(ref), first, self._split(data), sync=False)
         except OSError as exc:
             return hits, data, exc
         return hits, data, None
@@ -556,6 +559,22 @@ class BlockReader:
             self._write_failed(exc)
         finally:
             self._write_budget.give(cost)
+
+    async def _sync_behind(self, disk: DiskCache) -> None:
+        """Run the disk cache's due sync (a scan of the whole cache) in the write nursery."""
+        self._syncing = True
+        if self._write_nursery is None:
+            await self._sync(disk)
+        else:
+            self._write_nursery.start_soon(self._sync, disk)
+
+    async def _sync(self, disk: DiskCache) -> None:
+        try:
+            await trio.to_thread.run_sync(disk.sync, limiter=self._disk_limiter)
+        except OSError as exc:
+            self._trouble.warn(f"cannot scan the block cache ({exc}); it may overshoot its bound")
+        finally:
+            self._syncing = False
 
     def _write_failed(self, exc: OSError) -> None:
         self.stats.cache_write_errors += 1

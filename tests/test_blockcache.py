@@ -353,6 +353,22 @@ def test_sync_counts_files_of_others(tmp_path: Path) -> None:
     assert len(list(first.root.rglob("*.r0"))) == 2  # the oldest file (k0) went
 
 
+def test_a_write_runs_a_due_sync_unless_asked_to_leave_it_to_the_caller(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path)
+    cache.sync_every = 2 * BLOCK
+    scans: list[int] = []
+    scan = cache.sync
+    cache.sync = lambda: (scans.append(1), scan())  # type: ignore[method-assign]
+    ref = make_ref(4 * BLOCK)
+    digest = blockfile.object_digest(ref)
+    cache.write(ref, digest, 0, [bytes(BLOCK)] * 2, sync=False)
+    assert cache.sync_due  # due, and left to the caller
+    assert scans == []
+    cache.write(ref, digest, 2, [bytes(BLOCK)])
+    assert scans == [1]
+    assert not cache.sync_due
+
+
 def _write_every_other_block(cache_dir: str, parity: int, data: bytes) -> None:
     cache = DiskCache(Path(cache_dir), block_size=BLOCK, capacity=64 * disk.REGION_BYTES)
     blocks = blocks_of(data)

@@ -764,7 +764,7 @@ async def test_a_disk_cache_that_refuses_writes_is_counted_and_reads_go_on(
 ) -> None:
     data, source, ref, disk = object_and_disk(tmp_path, blocks)
 
-    def full(*_args: object) -> None:
+    def full(*_args: object, **_kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
     disk.write = full  # type: ignore[method-assign]
@@ -773,3 +773,35 @@ async def test_a_disk_cache_that_refuses_writes_is_counted_and_reads_go_on(
     assert await reader.read(ref, 0, len(data)) == data  # from memory
     assert reader.stats.cache_write_errors == 1
     assert "cannot write to the block cache ([Errno 28] No space left on device)" in caplog.text
+
+
+class HeldSyncDisk(DiskCache):
+    """A disk cache whose syncs (scans of the whole cache) wait until ``release`` is set."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.syncs = 0
+
+    def sync(self) -> None:
+        assert self.release.wait(10), "the test never released the sync"
+        self.syncs += 1
+        super().sync()
+
+
+@trio_test
+async def test_a_sync_due_after_a_short_run_runs_behind_its_readers(tmp_path) -> None:
+    data = bytes(range(256)) * 5 * (PAGE_BLOCK // 256)
+    source, ref = make_source(data)
+    disk = HeldSyncDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    disk.sync_every = 1  # every write makes one due
+    reader = make_disk_reader(source, disk)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        with trio.fail_after(5):  # the reads return while the sync is held
+            assert await reader.read(ref, 0, PAGE_BLOCK) == data[:PAGE_BLOCK]
+            assert await reader.read(ref, 2 * PAGE_BLOCK, 10) == data[2 * PAGE_BLOCK:][:10]
+        disk.release.set()  # the mount's nursery then ends once the sync is done
+    assert disk.syncs == 1  # one at a time: the second read found one under way
+    digest = object_digest(ref)
+    assert [len(disk.read_run(digest, ref.size, range(i, i + 1))) for i in range(3)] == [1, 0, 1]

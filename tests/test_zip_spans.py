@@ -215,6 +215,27 @@ def test_a_short_fetch_is_on_disk_when_it_returns_and_a_long_one_is_written_behi
     assert source.calls["get_range"] == gets
 
 
+def test_a_sync_due_after_a_short_fetch_runs_on_the_writer_thread(tmp_path) -> None:
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+
+    class NotedSyncs(DiskCache):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.syncs: list[str] = []
+
+        def sync(self) -> None:
+            self.syncs.append(threading.current_thread().name)
+            super().sync()
+
+    disk = NotedSyncs(tmp_path, block_size=64 * 1024, capacity=1 << 30)
+    disk.sync_every = 1  # every write makes one due
+    blocks = spans.ArchiveBlocks(source, disk)
+    assert blocks.get_range(archive, 0, 100) == source.get_range(archive, 0, 100)
+    blocks.close()
+    assert disk.syncs == ["s3datafs-zip-cache_0"]  # not the reader's thread
+
+
 # -- spans: no byte twice, and read ahead in a streak ----------------------------------------------
 
 

@@ -72,6 +72,7 @@ class ArchiveBlocks:
         self._write_behind = write_behind
         self._write_inline = write_inline
         self._writer: ThreadPoolExecutor | None = None
+        self._sync_queued = False  # a disk cache sync due after a short fetch's write
 
     def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
         disk = self._disk
@@ -101,7 +102,10 @@ class ArchiveBlocks:
         view = memoryview(data)
         parts = [view[at: at + size] for at in range(0, len(data), size)]
         if len(data) <= self._write_inline:
-            self._write_now(archive, digest, blocks.start, parts)
+            # A sync that falls due (a scan of the whole cache) goes to the writer thread.
+            self._write_now(archive, digest, blocks.start, parts, sync=False)
+            if disk.sync_due:
+                self._sync_behind(disk)
         else:
             self._store(archive, digest, blocks.start, parts)
         return data[start - low: end - low]
@@ -126,9 +130,29 @@ class ArchiveBlocks:
             self._pending_bytes += cost
             for index, block in enumerate(blocks, first):
                 self._pending[(digest, index)] = block
+        self._writer_pool().submit(self._write, archive, digest, first, blocks, cost)
+
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        with self._room:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="s3datafs-zip-cache")
-        self._writer.submit(self._write, archive, digest, first, blocks, cost)
+            return self._writer
+
+    def _sync_behind(self, disk: DiskCache) -> None:
+        with self._room:
+            if self._sync_queued:
+                return
+            self._sync_queued = True
+        self._writer_pool().submit(self._sync, disk)
+
+    def _sync(self, disk: DiskCache) -> None:
+        try:
+            disk.sync()
+        except OSError as exc:
+            self._trouble.warn(f"cannot scan the block cache ({exc}); it may overshoot its bound")
+        finally:
+            with self._room:
+                self._sync_queued = False
 
     def _write(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview],
                cost: int) -> None:
@@ -142,9 +166,9 @@ class ArchiveBlocks:
                 self._room.notify_all()
 
     def _write_now(self, archive: ObjectRef, digest: str, first: int,
-                   blocks: list[memoryview]) -> None:
+                   blocks: list[memoryview], *, sync: bool = True) -> None:
         try:
-            self._disk.write(archive, digest, first, blocks)
+            self._disk.write(archive, digest, first, blocks, sync=sync)
         except OSError as exc:
             self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
 
