@@ -4,8 +4,9 @@ What is proven here: ranges of one object share one template (one botocore call,
 its own) and each costs one GET; templates are signed again once old; errors a new signature
 or botocore's own handling may cure are repeated through botocore; a whole-object checksum S3
 sends is checked (with the MD5 check off, so nothing else could catch the flip); real botocore
-calls on the same client are left alone. Error mapping and retries of every other fault are
-``test_faults.py``'s, which runs through the same path.
+calls on the same client are left alone; the templates of a bucket's other objects are
+derived from its first and are what botocore would make, for every kind of key. Error mapping
+and retries of every other fault are ``test_faults.py``'s, which runs through the same path.
 """
 
 from __future__ import annotations
@@ -185,9 +186,12 @@ def test_unsigned_requests_make_unsigned_templates(
                                  no_sign_request=True))
     assert source.get_range(ref, 0, KiB) == BIG[:KiB]
     assert source.get_range(ref, 9 * KiB, 10 * KiB) == BIG[9 * KiB : 10 * KiB]
-    [template] = source._signed._templates.values()
-    names = {name.lower() for name in template.headers}
-    assert not names & {"authorization", "x-amz-security-token"}
+    put = s3.put_object(Bucket=bucket, Key="other.bin", Body=SMALL, ACL="public-read")
+    other = ObjectRef(bucket, "other.bin", None, put["ETag"], len(SMALL), 0.0)
+    assert source.get_range(other, 0, other.size) == SMALL  # derived from the bucket's base
+    for template in source._signed._templates.values():
+        names = {name.lower() for name in template.headers}
+        assert not names & {"authorization", "x-amz-security-token"}
 
 
 def test_gets_from_templates_reuse_one_connection(
@@ -200,3 +204,88 @@ def test_gets_from_templates_reuse_one_connection(
         assert source.get_range(ref, start, start + 4 * KiB) == BIG[start : start + 4 * KiB]
     assert proxy.requests["GetObject"] == 20
     assert proxy.accepted == 1
+
+
+# -- templates derived from a bucket's base ---------------------------------------------------
+
+# Keys whose URL encoding differs from their text in every way S3 allows.
+AWKWARD_KEYS = [
+    "plain.bin", "with space.bin", "plus+and%25percent.bin", "a/b//c/./d/../e.bin",
+    "query?x=1&y=2#frag", "tilde~and*star'quote\"", "unicode/\u00e9t\u00e9-\u6570\u636e.bin",
+    "/leading-slash", "trailing/", "semi;colon,comma:colon@at$dollar!bang(paren)[brack]",
+    "\u0001control\u007f",
+]
+
+
+@pytest.fixture(scope="module")
+def awkward(s3server: S3Server) -> list[tuple[ObjectRef, bytes]]:
+    """Objects under awkward keys in a versioned bucket, each with its own bytes."""
+    s3 = s3server.client()
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    made = []
+    for number, key in enumerate(AWKWARD_KEYS):
+        body = f"{number}: {key}\n".encode() * (number + 1)
+        put = s3.put_object(Bucket=bucket, Key=key, Body=body)
+        made.append((ObjectRef(bucket, key, put["VersionId"], put["ETag"], len(body), 0.0), body))
+    return made
+
+
+def test_a_buckets_objects_share_one_capture_and_read_their_own_bytes(
+    source: S3Source, awkward: list[tuple[ObjectRef, bytes]], proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = count_botocore_gets(source, monkeypatch)
+    for ref, body in awkward:
+        assert source.get_range(ref, 0, ref.size) == body
+        assert source.get_range(ref, 1, 3) == body[1:3]
+    assert len(calls) == 1  # the first object's capture; every other template was derived
+    assert proxy.requests["GetObject"] == 2 * len(awkward)
+
+
+def test_derived_templates_are_what_botocore_makes(
+    source: S3Source, awkward: list[tuple[ObjectRef, bytes]]
+) -> None:
+    signed = source._signed
+    first = signed._captured(awkward[0][0])
+    base = signed._base_of(first, awkward[0][0])
+    assert base is not None
+    for ref, _body in awkward:
+        derived, captured = signed._derive(base, ref), signed._captured(ref)
+        assert derived.url == captured.url
+        assert signedget._signer_of(derived) == signedget._signer_of(captured)
+        assert signedget._signer_of(derived)[0] == "AWS4-HMAC-SHA256"
+
+
+@pytest.mark.parametrize("why", ["signs for another region", "has no request signer"])
+def test_without_a_base_that_reproduces_its_template_botocore_makes_every_template(
+    source: S3Source, awkward: list[tuple[ObjectRef, bytes]], monkeypatch: pytest.MonkeyPatch,
+    why: str,
+) -> None:
+    """As when botocore signs a bucket for another region than the client's (after a redirect),
+    or a botocore without the signer this uses: every object's template is botocore's."""
+    if why == "signs for another region":
+        monkeypatch.setattr(source._reads._request_signer, "_region_name", "eu-west-1")
+    else:
+        monkeypatch.setattr(source._signed, "_signer", None)
+    calls = count_botocore_gets(source, monkeypatch)
+    for ref, body in awkward[:3]:
+        assert source.get_range(ref, 0, ref.size) == body
+    assert len(calls) == 3
+    assert not source._signed._bases
+
+
+def test_a_failure_a_new_signature_may_cure_drops_the_buckets_base(
+    source: S3Source, awkward: list[tuple[ObjectRef, bytes]], proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = count_botocore_gets(source, monkeypatch)
+    (first, first_body), (second, second_body) = awkward[:2]
+    assert source.get_range(first, 0, first.size) == first_body
+    proxy.inject("error", status=403, code="SignatureDoesNotMatch", times=1)
+    assert source.get_range(second, 0, second.size) == second_body  # derived, refused, redone
+    assert not source._signed._bases
+    assert [("Range" in call) for call in calls] == [False, True]
+    assert source.get_range(awkward[2][0], 0, 4) == awkward[2][1][:4]  # botocore makes the next
+    assert len(calls) == 3
