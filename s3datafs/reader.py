@@ -451,12 +451,12 @@ class BlockReader:
         The write makes the run's readers wait ~60 us longer per 64 KiB block, less than the hop
         it saves; it needs no write budget, as the S3 limiter already bounds these calls.
 
-        A longer run (readahead, 1 MiB reads) looks on disk first, under the disk limiter that
-        the cache writes share: that wait is what holds back new GETs while the disk falls
-        behind. With one hop for every run, 8 sequential readers were 20-40 % slower and the
-        daemon's RSS passed 500 MiB; a gate on the write backlog instead bounded
-        memory only in part and cost as much speed. A flight's run is at most one GET long, and
-        the disk cache answers with a prefix of it, so the rest is one range.
+        A longer run (readahead, 1 MiB reads) looks on disk first, under the disk limiter that the
+        cache writes share: that wait is what holds back new GETs while the disk falls behind. With
+        one hop for every run, 8 sequential readers were 20-40 % slower and the daemon's RSS passed
+        500 MiB; a gate on the write backlog instead bounded memory only in part and cost as much
+        speed. A flight's run is at most one GET long, and the disk cache answers with a prefix of
+        it, so the rest is one range.
         """
         ref, run = flight.ref, flight.run
         disk = self._disk if self._on_disk(ref) else None

@@ -19,8 +19,9 @@ in its URL and in its signature. So the first one botocore makes in a bucket als
 bucket's *base* (the URL before the key, the headers but the signature's own), and the next
 objects' templates are derived from it: the key encoded as botocore's serializer does
 (``percent_encode(key, safe="/~")``, the version as its query), signed by the client's own
-request signer. ~70 us instead of ~270 us per template: most of a dataset of small files is read
-once per object, so this is a template per file.
+request signer. ~70-125 us instead of ~270 us per template (measured: a GET of a new object 567
+-> 340 us of CPU): most of a dataset of small files is read once per object, so this is a
+template per file.
 
 Invariants:
 - A template is at most ``TEMPLATE_SECONDS`` (4 min) old: a SigV4 signature is accepted for
