@@ -68,7 +68,8 @@ from .prefetch import Readahead
 log = logging.getLogger(__name__)
 
 BlockKey = tuple[ObjectRef, int]
-_ONE_HOP_BYTES = 256 * 1024  # runs this short look on disk and GET in one worker-thread call
+# Runs this short look on disk, GET and go to the disk cache in one worker-thread call (``_fill``).
+ONE_HOP_BYTES = 256 * 1024
 _FAILED_TTL = 1.0  # seconds a slow failure is repeated at once (covers the kernel's own retry)
 _STAGED_TTL = 5.0  # seconds readahead may wait unread before others may take its budget
 _STREAM_IDLE = 1.0  # seconds after its last readahead a stream stops counting for the shares
@@ -443,7 +444,7 @@ class BlockReader:
     async def _fill(self, flight: _Flight, fetched: list[tuple[int, list[bytes]]]) -> None:
         """The flight's blocks: what the disk cache has, then one GET for the rest of the run.
 
-        A short run (a random read, a small file: at most ``_ONE_HOP_BYTES``) does both, and
+        A short run (a random read, a small file: at most ``ONE_HOP_BYTES``) does both, and
         writes what S3 sent to the disk cache, in *one* worker-thread call: each hop between the
         trio thread and a worker costs two wake-ups and GIL hand-offs, ~0.25 ms of CPU, a large
         share of a small read (measured: random reads 6-15 % faster at 0 ms with the lookup in
@@ -460,7 +461,7 @@ class BlockReader:
         """
         ref, run = flight.ref, flight.run
         disk = self._disk if self._on_disk(ref) else None
-        if disk is not None and len(run) * self.block_size > _ONE_HOP_BYTES:
+        if disk is not None and len(run) * self.block_size > ONE_HOP_BYTES:
             hits = await trio.to_thread.run_sync(
                 self._read_cached, ref, run, disk, limiter=self._disk_limiter
             )
@@ -472,7 +473,7 @@ class BlockReader:
         # that outlives it is abandoned (its thread ends on its own socket timeout and deadline,
         # and only then gives its slot back), so no reader ever waits on S3 longer than this.
         with trio.move_on_after(self._read_timeout or math.inf) as bound:
-            hits, data, write_error = await trio.to_thread.run_sync(
+            hits, blocks, write_error = await trio.to_thread.run_sync(
                 self._load_blocking, ref, run, disk, limiter=self._s3_limiter,
                 abandon_on_cancel=True,
             )
@@ -485,25 +486,18 @@ class BlockReader:
         self._took_from_disk(flight, hits)
         if write_error is not None:
             self._write_failed(write_error)
-        if data is None:
+        if blocks is None:
             return
         rest = range(run.start + len(hits), run.stop)
         self.stats.misses += len(rest)
         if not _source_keeps(ref):
             self.stats.s3_requests += 1
-            self.stats.s3_bytes += len(data)
-        blocks = self._split(data)
+            self.stats.s3_bytes += sum(map(len, blocks))
         flight.blocks.update(zip(rest, blocks, strict=True))
         if disk is None:
             fetched.append((rest.start, blocks))
         elif disk.sync_due and not self._syncing:  # the worker thread wrote the run, not this
             await self._sync_behind(disk)
-
-    def _split(self, data: bytes) -> list[memoryview]:
-        """A GET body as blocks: zero-copy views of it, so the body lives as long as one of its
-        blocks is cached or in flight, and no 8 MiB copy is made per GET."""
-        view, size = memoryview(data), self.block_size
-        return [view[o : o + size] for o in range(0, len(data), size)]
 
     def _took_from_disk(self, flight: _Flight, hits: dict[int, bytes]) -> None:
         flight.blocks.update(hits)
@@ -512,22 +506,28 @@ class BlockReader:
 
     def _load_blocking(
         self, ref: ObjectRef, run: range, disk: DiskCache | None
-    ) -> tuple[dict[int, bytes], bytes | None, OSError | None]:
-        """In a worker thread: the run's cached prefix, a GET of the rest (None: no rest), and,
-        with ``disk``, that rest written to it (the error if the disk refused)."""
+    ) -> tuple[dict[int, bytes], list[memoryview] | None, OSError | None]:
+        """In a worker thread: the run's cached prefix, the rest as blocks of one GET (None: no
+        rest), and, with ``disk``, that rest written to it (the error if the disk refused).
+
+        The blocks are zero-copy views of the response body: the body lives as long as one of
+        its blocks is cached or in flight, and no 8 MiB copy is made per GET.
+        """
         hits = self._read_cached(ref, run, disk) if disk is not None else {}
         first = run.start + len(hits)
         if first >= run.stop:
             return hits, None, None
         end = min(run.stop * self.block_size, ref.size)
-        data = self._source.get_range(ref, first * self.block_size, end)
+        body = memoryview(self._source.get_range(ref, first * self.block_size, end))
+        size = self.block_size
+        blocks = [body[o : o + size] for o in range(0, len(body), size)]
         if disk is None:
-            return hits, data, None
+            return hits, blocks, None
         try:  # a sync that falls due is left to ``_sync_behind``: the run's readers wait here
-            disk.write(ref, object_digest(ref), first, self._split(data), sync=False)
+            disk.write(ref, object_digest(ref), first, blocks, sync=False)
         except OSError as exc:
-            return hits, data, exc
-        return hits, data, None
+            return hits, blocks, exc
+        return hits, blocks, None
 
     def _read_cached(self, ref: ObjectRef, run: range, disk: DiskCache) -> dict[int, bytes]:
         """In a worker thread: the cached prefix of ``run``; a disk that fails is passed over."""

@@ -320,11 +320,11 @@ def _signer_of(template: _Template) -> tuple[str, ...]:
     signature ('' for an unsigned request)."""
     authorization = next((_text(value) for name, value in template.headers.items()
                           if name.lower() == "authorization"), "")
-    fields = dict(part.strip().partition("=")[::2] for part in authorization.split(",")
-                  if "=" in part)
-    scope = fields.get("AWS4-HMAC-SHA256 Credential", fields.get("Credential", "")).split("/")
+    algorithm, _, rest = authorization.partition(" ")
+    fields = dict(part.strip().partition("=")[::2] for part in rest.split(","))
+    scope = fields.get("Credential", "").split("/")
     del scope[1:2]  # the date
-    return authorization.split(" ", 1)[0], *scope, fields.get("SignedHeaders", "")
+    return algorithm, *scope, fields.get("SignedHeaders", "")
 
 
 def _error_of(body: bytes) -> tuple[str, str]:

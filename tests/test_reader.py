@@ -22,7 +22,7 @@ from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import StaleObjectError, TransientS3Error
 from s3datafs.model import ObjectRef
 from s3datafs.prefetch import Readahead
-from s3datafs.reader import BlockReader, ByteBudget
+from s3datafs.reader import ONE_HOP_BYTES, BlockReader, ByteBudget
 
 BUCKET = "data"
 BLOCK = 16
@@ -749,7 +749,7 @@ async def test_a_short_run_costs_one_worker_call_with_its_cache_write(
     monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
     reader = make_disk_reader(source, disk)
     assert await reader.read(ref, 0, len(data)) == data
-    if blocks * PAGE_BLOCK <= 256 * 1024:  # one hop: disk lookup, GET and cache write
+    if blocks * PAGE_BLOCK <= ONE_HOP_BYTES:  # one hop: disk lookup, GET and cache write
         assert worker_calls == ["_load_blocking"]
     else:  # lookup under the disk limiter, GET, write-behind
         assert worker_calls == ["_read_cached", "_load_blocking", "write"]

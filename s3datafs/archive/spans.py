@@ -22,7 +22,7 @@ from ..cache.blockfile import object_digest
 from ..cache.disk import DiskCache, TroubleLog
 from ..config import DEFAULT_WRITE_BEHIND
 from ..model import ObjectRef, ObjectSource
-from ..reader import ReadStats
+from ..reader import ONE_HOP_BYTES, ReadStats
 
 _MIN_SPAN = 512 * 1024  # archive-order reads: first span, doubling up to
 _MAX_SPAN = 8 * 1024 * 1024
@@ -33,7 +33,6 @@ _AHEAD_THREADS = 2
 _AHEAD_FROM_SPAN = 2 * 1024 * 1024  # read ahead once a streak's spans have grown this far
 _RECENT_ENDS = 32  # per archive: about the readers' count times a few
 _RECENT_ARCHIVES = 64
-_WRITE_INLINE = 256 * 1024  # fetches this short are written by the thread that fetched them
 
 
 class ArchiveBlocks:
@@ -51,7 +50,7 @@ class ArchiveBlocks:
     waiting for its span) never waits for the disk: up to ``write_behind`` bytes may be pending,
     after which a fetch waits for room (memory stays bounded when the disk falls behind).
     Pending blocks are served from memory, so they are never fetched twice. A short fetch (a
-    scattered member, at most ``_WRITE_INLINE``) is written by the thread that fetched it,
+    scattered member, at most ``reader.ONE_HOP_BYTES``) is written by the thread that fetched it,
     before it returns: handing it to the writer costs a thread wake-up and GIL hand-offs, more
     than the write (as for the block reader's short runs, see ``reader.BlockReader._fill``).
     ``close`` drains what is pending (a remount right after finds everything read). Cache
@@ -60,7 +59,7 @@ class ArchiveBlocks:
 
     def __init__(
         self, inner: ObjectSource, disk: DiskCache | None, stats: ReadStats | None = None, *,
-        write_behind: int = DEFAULT_WRITE_BEHIND, write_inline: int = _WRITE_INLINE,
+        write_behind: int = DEFAULT_WRITE_BEHIND, write_inline: int = ONE_HOP_BYTES,
     ) -> None:
         self._inner = inner
         self._disk = disk
