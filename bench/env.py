@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,19 +242,30 @@ def machine() -> dict[str, Any]:
 
 
 def filesystem_of(path: Path) -> str:
-    """Type, device and mount options of the filesystem holding ``path`` (from /proc/mounts).
+    """Type, device and mount options of the filesystem holding ``path`` (from /proc/mounts),
+    and, for ext4, whether it has a journal.
 
-    Recorded because cache-file costs depend on them: on ext4 mounted with ``discard``, creating
-    a file right after many were deleted (a fresh cache directory after the last one was
-    removed, eviction) was measured at 0.3-0.7 ms instead of ~0.05 ms.
+    Recorded because cache-file costs depend on them. On ext4 *without a journal* (this VM's
+    disk: ``/sys/fs/ext4/<dev>/journal_task`` reads ``<none>``) allocating an inode skips the
+    inodes deleted in the last minute or so, reading each candidate's inode-table entry
+    (``recently_deleted`` in fs/ext4/ialloc.c, checked only when there is no journal; `perf`
+    puts the time there). Creating a file, a directory or an ``O_TMPFILE`` then costs 150-900 us
+    of kernel CPU instead of 15-20 us, for ~20-60 s after heavy writes and deletions nearby;
+    writing into an existing file and renaming stay at ~20 us (2026-11-25). Earlier sessions
+    blamed ``discard`` for the same effect.
     """
-    target, best = str(path.resolve()), ("", "?")
+    target, best = str(path.resolve()), ("", "?", "", "")
     for line in Path("/proc/mounts").read_text().splitlines():
         device, mountpoint, fstype, options = line.split()[:4]
         inside = target == mountpoint or target.startswith(mountpoint.rstrip("/") + "/")
         if inside and len(mountpoint) >= len(best[0]):
-            best = (mountpoint, f"{fstype} on {device} at {mountpoint} ({options})")
-    return best[1]
+            best = (mountpoint, f"{fstype} on {device} at {mountpoint} ({options})", fstype, device)
+    _, text, fstype, device = best
+    if fstype == "ext4":
+        journal = Path("/sys/fs/ext4") / Path(device).name / "journal_task"
+        with suppress(OSError):
+            text += "; no journal" if journal.read_text().strip() == "<none>" else "; journal"
+    return text
 
 
 def _version(cmd: list[str]) -> str:

@@ -34,6 +34,13 @@ def test_the_filesystem_of_a_path_is_its_innermost_mount() -> None:
     assert " at /proc (" not in filesystem_of(Path("/procfs-lookalike"))
 
 
+def test_an_ext4_filesystem_says_whether_it_has_a_journal() -> None:
+    described = filesystem_of(Path("/var/tmp"))
+    if not described.startswith("ext4 "):
+        pytest.skip("the scratch filesystem is not ext4")
+    assert described.endswith(("; journal", "; no journal"))
+
+
 def test_stop_process_signals_first_and_kills_only_what_outlives_the_grace() -> None:
     polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     stop_process(polite, signal.SIGTERM, 10.0)
