@@ -14,14 +14,15 @@ per object, uncounted: as much disk as the blocks of a small object, and two mor
 
 Why regions: on this kind of machine creating a file costs far more than writing 64 KiB into it
 (profiled: ~65% of the daemon's time went to creating 64 KiB block files during a cold read; a
-new file costs 0.14-0.7 ms in ext4's inode allocator, which gets slower the more files were
-recently deleted - as eviction keeps doing). Formats 1 and 2 renamed a new file into place per
-block or per chunk, so every random read and every small object cost a file creation. A region
-file is created once, by its first block; later blocks of the region - random reads, the rest of
-a chunk, a re-fetched damaged block - are written into their slots of the existing file. A
-readahead GET (8 MiB, aligned) fills a whole region with one write; a random 4 KiB read adds one
-64 KiB slot. Each block has its own checksum in the region's table, so a read of a few blocks
-reads and verifies just those.
+new file cost 0.14-0.9 ms there, in the inode allocator of an ext4 without a journal, which
+skips the inodes deleted in the last minute one by one - as eviction keeps deleting; 15-20 us on
+a quiet filesystem, ~20 us to write 64 KiB into an existing file). Formats 1 and 2 renamed a new
+file into place per block or per chunk, so every random read and every small object cost a file
+creation. A region file is created once, by its first block; later blocks of the region - random
+reads, the rest of a chunk, a re-fetched damaged block - are written into their slots of the
+existing file. A readahead GET (8 MiB, aligned) fills a whole region with one write; a random 4
+KiB read adds one 64 KiB slot. Each block has its own checksum in the region's table, so a read
+of a few blocks reads and verifies just those.
 
 ``d`` is ``blockfile.object_digest(ref)``: a pinned (bucket, key, VersionId, ETag) names bytes that
 never change, so a block stays valid forever, across remounts, processes and mount points.
