@@ -247,20 +247,21 @@ def filesystem_of(path: Path) -> str:
 
     Recorded because cache-file costs depend on them. On ext4 *without a journal* (this VM's
     disk: ``/sys/fs/ext4/<dev>/journal_task`` reads ``<none>``) allocating an inode skips the
-    inodes deleted in the last minute or so, reading each candidate's inode-table entry
-    (``recently_deleted`` in fs/ext4/ialloc.c, checked only when there is no journal; `perf`
-    puts the time there). Creating a file, a directory or an ``O_TMPFILE`` then costs 150-900 us
-    of kernel CPU instead of 15-20 us, for ~20-60 s after heavy writes and deletions nearby;
-    writing into an existing file and renaming stay at ~20 us (2026-11-25). Earlier sessions
-    blamed ``discard`` for the same effect.
+    inodes deleted in the last minute or so, one by one (``recently_deleted`` in
+    fs/ext4/ialloc.c, checked only when there is no journal): creating a file then costs
+    150-900 us of kernel CPU instead of 15-20 us for a while after heavy writes and deletions
+    (bench/RESULTS.md, 2026-11-25, session 15). Earlier sessions blamed ``discard`` for it.
     """
-    target, best = str(path.resolve()), ("", "?", "", "")
+    target, best = str(path.resolve()), ("", "", "", "")
     for line in Path("/proc/mounts").read_text().splitlines():
         device, mountpoint, fstype, options = line.split()[:4]
         inside = target == mountpoint or target.startswith(mountpoint.rstrip("/") + "/")
         if inside and len(mountpoint) >= len(best[0]):
-            best = (mountpoint, f"{fstype} on {device} at {mountpoint} ({options})", fstype, device)
-    _, text, fstype, device = best
+            best = (mountpoint, device, fstype, options)
+    mountpoint, device, fstype, options = best
+    if not mountpoint:
+        return "?"
+    text = f"{fstype} on {device} at {mountpoint} ({options})"
     if fstype == "ext4":
         journal = Path("/sys/fs/ext4") / Path(device).name / "journal_task"
         with suppress(OSError):

@@ -20,9 +20,9 @@ a quiet filesystem, ~20 us to write 64 KiB into an existing file). Formats 1 and
 file into place per block or per chunk, so every random read and every small object cost a file
 creation. A region file is created once, by its first block; later blocks of the region - random
 reads, the rest of a chunk, a re-fetched damaged block - are written into their slots of the
-existing file. A readahead GET (8 MiB, aligned) fills a whole region with one write; a random 4
-KiB read adds one 64 KiB slot. Each block has its own checksum in the region's table, so a read
-of a few blocks reads and verifies just those.
+existing file. A readahead GET (8 MiB, aligned) fills a whole region with one write; a random
+4 KiB read adds one 64 KiB slot. Each block has its own checksum in the region's table, so a
+read of a few blocks reads and verifies just those.
 
 ``d`` is ``blockfile.object_digest(ref)``: a pinned (bucket, key, VersionId, ETag) names bytes that
 never change, so a block stays valid forever, across remounts, processes and mount points.
