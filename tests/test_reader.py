@@ -733,28 +733,45 @@ async def test_a_disk_cache_that_cannot_be_read_is_passed_over_for_s3(tmp_path, 
     assert "cannot read the block cache" in caplog.text
 
 
-@pytest.mark.parametrize("blocks", [5, 300])
-@trio_test
-async def test_a_short_run_costs_one_worker_call_with_its_cache_write(
-    tmp_path, monkeypatch, blocks: int
-) -> None:
-    data, source, ref, disk = object_and_disk(tmp_path, blocks)
-    worker_calls: list[str] = []
+@pytest.fixture
+def worker_calls(monkeypatch) -> list[str]:
+    """The names of the functions handed to worker threads, in order."""
+    calls: list[str] = []
     run_sync = trio.to_thread.run_sync
 
     async def counting_run_sync(function, *args, **kwargs):
-        worker_calls.append(function.__name__)
+        calls.append(function.__name__)
         return await run_sync(function, *args, **kwargs)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    return calls
+
+
+@pytest.mark.parametrize("blocks", [5, 300])
+@trio_test
+async def test_a_short_run_costs_one_worker_call_with_its_cache_write(
+    tmp_path, worker_calls: list[str], blocks: int
+) -> None:
+    data, source, ref, disk = object_and_disk(tmp_path, blocks)
     reader = make_disk_reader(source, disk)
     assert await reader.read(ref, 0, len(data)) == data
     if blocks * PAGE_BLOCK <= ONE_HOP_BYTES:  # one hop: disk lookup, GET and cache write
         assert worker_calls == ["_load_blocking"]
-    else:  # lookup under the disk limiter, GET, write-behind
-        assert worker_calls == ["_read_cached", "_load_blocking", "write"]
+    else:  # a reader's own long run: lookup and GET, then write-behind
+        assert worker_calls == ["_load_blocking", "write"]
     found = disk.read_run(object_digest(ref), ref.size, range(blocks))
     assert b"".join(found.values()) == data
+
+
+@trio_test
+async def test_a_long_run_looks_on_disk_behind_the_writes_while_they_fall_behind(
+    tmp_path, worker_calls: list[str]
+) -> None:
+    data, source, ref, disk = object_and_disk(tmp_path, 300)
+    reader = make_disk_reader(source, disk)
+    reader._write_waiting = PAGE_BLOCK  # a fetched run waits for room in the write budget
+    assert await reader.read(ref, 0, len(data)) == data
+    assert worker_calls == ["_read_cached", "_load_blocking", "write"]
 
 
 @pytest.mark.parametrize("blocks", [5, 300])
