@@ -73,6 +73,7 @@ ONE_HOP_BYTES = 256 * 1024
 _FAILED_TTL = 1.0  # seconds a slow failure is repeated at once (covers the kernel's own retry)
 _STAGED_TTL = 5.0  # seconds readahead may wait unread before others may take its budget
 _STREAM_IDLE = 1.0  # seconds after its last readahead a stream stops counting for the shares
+WRITE_YIELD = 0.1  # seconds a cache write-behind may wait for reads waiting on S3 (see ``_write``)
 
 
 @dataclass
@@ -165,6 +166,8 @@ class BlockReader:
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
         self._write_budget = write_budget or ByteBudget(DEFAULT_WRITE_BEHIND)
         self._write_waiting = 0  # bytes fetched and waiting for room in the write budget
+        self._waited_flights = 0  # flights that are not readahead (a reader waits), in progress
+        self._writes_may_go = trio.Event()  # set (and renewed) when write-behind may stop yielding
         self._inflight: dict[BlockKey, _Flight] = {}
         # Readahead that has landed and not been read yet, in landing order, with landing times.
         # It holds its prefetch budget until read (or given up, see ``_reclaim_stale``), so the
@@ -407,6 +410,8 @@ class BlockReader:
         short run was written already, by the worker thread of its GET: see ``_fill``).
         """
         fetched: list[tuple[int, list[bytes]]] = []
+        waited = not flight.budget
+        self._waited_flights += waited
         try:
             await self._fill(flight, fetched)
             self._keep(flight)
@@ -422,6 +427,9 @@ class BlockReader:
                 self._prefetch_budget.give(flight.budget)
                 flight.budget = 0
             flight.done.set()
+            self._waited_flights -= waited
+            if waited and not self._waited_flights:
+                self._let_writes_go()
         if self._on_disk(flight.ref):
             for first, blocks in fetched:
                 await self._write_behind(flight.ref, first, blocks)
@@ -548,6 +556,7 @@ class BlockReader:
     async def _write_behind(self, ref: ObjectRef, first: int, blocks: list[bytes]) -> None:
         cost = sum(map(len, blocks))
         self._write_waiting += cost  # while anything waits here, readahead pauses (``prefetch``)
+        self._let_writes_go()  # and writes stop yielding to reads: the bound comes first
         try:
             await self._write_budget.take(cost)  # backpressure when the disk falls behind
         finally:
@@ -558,8 +567,22 @@ class BlockReader:
             self._write_nursery.start_soon(self._write, ref, first, blocks, cost)
 
     async def _write(self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int) -> None:
+        """Write fetched blocks to the disk cache, after the reads waiting on S3 (at most
+        ``WRITE_YIELD`` seconds, and only while no fetched run waits for the write budget).
+
+        Why wait: a write (checksums, the aligned copy, often a new file) takes the CPU that the
+        reads in flight need to take their GET bodies in and answer the kernel. Measured: 8
+        readers of scattered 1 MiB chunks at 20 ms took 66-76 ms with the writes right after
+        each GET, 61-68 ms with them after the reads, and 63-65 ms with no disk cache at all.
+        Readahead does not make writes wait (it is nobody's wait), so a sequential reader's
+        writes keep pace as before. Memory stays bounded: a waiting write holds its share of
+        the write budget, and once a fetched run has to wait for that budget, the writes go.
+        """
         try:
             digest = object_digest(ref)
+            with trio.move_on_after(WRITE_YIELD):
+                while self._waited_flights and not self._write_waiting:
+                    await self._writes_may_go.wait()
             await trio.to_thread.run_sync(
                 self._disk.write, ref, digest, first, blocks, limiter=self._disk_limiter
             )
@@ -567,6 +590,10 @@ class BlockReader:
             self._write_failed(exc)
         finally:
             self._write_budget.give(cost)
+
+    def _let_writes_go(self) -> None:
+        self._writes_may_go.set()
+        self._writes_may_go = trio.Event()
 
     async def _sync_behind(self, disk: DiskCache) -> None:
         """Run the disk cache's due sync (a scan of the whole cache) in the write nursery."""

@@ -17,6 +17,7 @@ from fakes import FakeSource, trio_test
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from s3datafs import reader as reader_module
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import StaleObjectError, TransientS3Error
@@ -677,7 +678,9 @@ async def test_bytes_the_source_has_at_hand_are_served_without_a_flight() -> Non
 PAGE_BLOCK = 4096  # the disk cache writes whole pages (O_DIRECT)
 
 
-def make_disk_reader(source: FakeSource, disk: DiskCache) -> BlockReader:
+def make_disk_reader(
+    source: FakeSource, disk: DiskCache, write_budget: ByteBudget | None = None
+) -> BlockReader:
     return BlockReader(
         source,
         block_size=PAGE_BLOCK,
@@ -685,6 +688,7 @@ def make_disk_reader(source: FakeSource, disk: DiskCache) -> BlockReader:
         s3_limiter=trio.CapacityLimiter(8),
         disk=disk,
         max_request_bytes=8 << 20,
+        write_budget=write_budget,
     )
 
 
@@ -822,3 +826,113 @@ async def test_a_sync_due_after_a_short_run_runs_behind_its_readers(tmp_path) ->
     assert disk.syncs == 1  # one at a time: the second read found one under way
     digest = object_digest(ref)
     assert [len(disk.read_run(digest, ref.size, range(i, i + 1))) for i in range(3)] == [1, 0, 1]
+
+
+# -- cache writes yield to reads waiting on S3 ---------------------------------------------------
+
+
+class HeldSource(FakeSource):
+    """GETs of the keys in ``held`` wait until ``release`` is set (a read waiting on S3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: set[str] = set()
+        self.holding = threading.Event()  # a held GET has started
+        self.release = threading.Event()
+
+    def get_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        if ref.key in self.held:
+            self.holding.set()
+            assert self.release.wait(10), "the test never released the held GET"
+        return super().get_range(ref, start, end)
+
+
+class WatchedDisk(DiskCache):
+    """A disk cache that counts the blocks written to it, and can wait for a count."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.blocks_written = 0
+        self._written = threading.Condition()
+
+    def write(self, ref, digest, first, blocks, **kwargs) -> None:
+        super().write(ref, digest, first, blocks, **kwargs)
+        with self._written:
+            self.blocks_written += len(blocks)
+            self._written.notify_all()
+
+    def wait_for(self, blocks: int) -> bool:
+        with self._written:
+            return self._written.wait_for(lambda: self.blocks_written >= blocks, timeout=5)
+
+
+LONG_RUN = 300 * PAGE_BLOCK  # written behind, not by the GET's thread (see ONE_HOP_BYTES)
+
+
+async def yielding_setup(
+    tmp_path, nursery: trio.Nursery, names: tuple[str, ...], write_budget: int = 64 << 20
+) -> tuple[HeldSource, WatchedDisk, BlockReader, bytes, list[ObjectRef]]:
+    """A mounted reader with a read waiting on S3, and objects ``names`` of ``LONG_RUN`` bytes."""
+    source = HeldSource()
+    source.create_bucket(BUCKET)
+    data = bytes(range(256)) * (LONG_RUN // 256)
+    refs = [source.put(BUCKET, name, data) for name in names]
+    disk = WatchedDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    reader = make_disk_reader(source, disk, write_budget=ByteBudget(write_budget))
+    reader.attach(nursery)
+    waiting = source.put(BUCKET, "waiting.bin", b"w" * PAGE_BLOCK)
+    source.held.add(waiting.key)
+    nursery.start_soon(reader.read, waiting, 0, 10)
+    assert await trio.to_thread.run_sync(source.holding.wait, 5)
+    return source, disk, reader, data, refs
+
+
+@trio_test
+async def test_a_cache_write_waits_for_the_reads_waiting_on_s3(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(reader_module, "WRITE_YIELD", 60.0)
+    async with trio.open_nursery() as mount_tasks:
+        source, disk, reader, data, [ref] = await yielding_setup(
+            tmp_path, mount_tasks, ("long.bin",)
+        )
+        assert await reader.read(ref, 0, len(data)) == data
+        await trio.sleep(0.05)
+        assert disk.blocks_written == 0  # its write waits while the other read does
+        source.release.set()
+    assert disk.blocks_written == 300 + 1  # it went once that read had its bytes (and its block)
+    assert len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
+
+
+@trio_test
+async def test_a_cache_write_waits_for_reads_no_longer_than_write_yield(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(reader_module, "WRITE_YIELD", 0.05)
+    async with trio.open_nursery() as mount_tasks:
+        source, disk, reader, data, [ref] = await yielding_setup(
+            tmp_path, mount_tasks, ("long.bin",)
+        )
+        assert await reader.read(ref, 0, len(data)) == data
+        assert await trio.to_thread.run_sync(disk.wait_for, 300)
+        assert not source.release.is_set()  # written while the other read still waits
+        source.release.set()
+
+
+@trio_test
+async def test_cache_writes_stop_waiting_for_reads_once_the_write_budget_is_spent(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(reader_module, "WRITE_YIELD", 60.0)
+    async with trio.open_nursery() as mount_tasks:
+        source, disk, reader, data, [first, second] = await yielding_setup(
+            tmp_path, mount_tasks, ("first.bin", "second.bin"), write_budget=LONG_RUN
+        )
+        assert await reader.read(first, 0, len(data)) == data  # its write holds the budget
+        assert await reader.read(second, 0, len(data)) == data  # and this one needs it
+        # Memory first: the first is written though a read still waits on S3; the second then
+        # holds the budget and waits in turn.
+        assert await trio.to_thread.run_sync(disk.wait_for, 300)
+        assert len(disk.read_run(object_digest(first), first.size, range(300))) == 300
+        await trio.testing.wait_all_tasks_blocked()  # the second took the budget back
+        assert reader._write_budget.used == LONG_RUN
+        source.release.set()
+    assert disk.blocks_written == 600 + 1
