@@ -872,7 +872,10 @@ LONG_RUN = 300 * PAGE_BLOCK  # written behind, not by the GET's thread (see ONE_
 async def yielding_setup(
     tmp_path, nursery: trio.Nursery, names: tuple[str, ...], write_budget: int = 64 << 20
 ) -> tuple[HeldSource, WatchedDisk, BlockReader, bytes, list[ObjectRef]]:
-    """A mounted reader with a read waiting on S3, and objects ``names`` of ``LONG_RUN`` bytes."""
+    """A mounted reader with a read waiting on S3, and objects ``names`` of ``LONG_RUN`` bytes.
+
+    Set ``reader.WRITE_YIELD`` first: how long its cache writes may wait for that read.
+    """
     source = HeldSource()
     source.create_bucket(BUCKET)
     data = bytes(range(256)) * (LONG_RUN // 256)
@@ -891,9 +894,8 @@ async def yielding_setup(
 async def test_a_cache_write_waits_for_the_reads_waiting_on_s3(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(reader_module, "WRITE_YIELD", 60.0)
     async with trio.open_nursery() as mount_tasks:
-        source, disk, reader, data, [ref] = await yielding_setup(
-            tmp_path, mount_tasks, ("long.bin",)
-        )
+        setup = await yielding_setup(tmp_path, mount_tasks, ("long.bin",))
+        source, disk, reader, data, [ref] = setup
         assert await reader.read(ref, 0, len(data)) == data
         await trio.sleep(0.05)
         assert disk.blocks_written == 0  # its write waits while the other read does
@@ -908,10 +910,9 @@ async def test_a_cache_write_waits_for_reads_no_longer_than_write_yield(
 ) -> None:
     monkeypatch.setattr(reader_module, "WRITE_YIELD", 0.05)
     async with trio.open_nursery() as mount_tasks:
-        source, disk, reader, data, [ref] = await yielding_setup(
-            tmp_path, mount_tasks, ("long.bin",)
-        )
-        assert await reader.read(ref, 0, len(data)) == data
+        setup = await yielding_setup(tmp_path, mount_tasks, ("long.bin",))
+        source, disk, reader, data, [ref] = setup
+        assert await reader.read(ref, 0, len(data)) == data  # then waits 0.05 s, no longer
         assert await trio.to_thread.run_sync(disk.wait_for, 300)
         assert not source.release.is_set()  # written while the other read still waits
         source.release.set()
