@@ -12,14 +12,16 @@ Design:
   thread; no block, flight or worker thread is involved. Every other read goes the block way.
 - Single-flight: every missing block belongs to at most one ``_Flight`` at a time. A flight
   looks in the disk cache, then GETs what is still missing (``_fill``: one worker-thread call
-  for both when the run is short).
+  for both when the run is short, or when a reader waits for it and the disk keeps up).
   Readers of a block that is in flight wait on that flight; they never send their own GET.
 - Fetched blocks go to memory at once and to the disk cache behind the reader's back
   (write-behind, in the mount's nursery, bounded by ``write_budget`` bytes pending; while fetched
   runs wait for room there, readahead pauses, and longer flights wait for the disk limiter
-  before their GET). A short run is written by the worker thread that fetched it, before it
-  returns: the write costs less than the thread hop it saves (see ``_fill``). A cache failure
-  is logged (rate-limited) and never fails a read.
+  before their GET). Write-behind lets the reads a reader waits for go first, for at most
+  ``WRITE_YIELD`` seconds and never while fetched runs wait for the budget (see ``_write``).
+  A short run is written by the worker thread that fetched it, before it returns: the write
+  costs less than the thread hop it saves (see ``_fill``). A cache failure is logged
+  (rate-limited) and never fails a read.
 - Prefetch flights run in the mount's nursery under ``prefetch_budget``: bytes of readahead in
   flight *or landed and not read yet*, total across handles. Landed readahead is *staged* (kept
   apart from the LRU) until a read takes it, so the budget bounds its memory and nothing can
