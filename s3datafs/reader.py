@@ -124,10 +124,11 @@ class ByteBudget:
 class _Flight:
     """One load of a run of blocks; waiters read its result, not the (evictable) cache."""
 
-    def __init__(self, ref: ObjectRef, run: range, budget: int = 0) -> None:
+    def __init__(self, ref: ObjectRef, run: range, budget: int = 0, waited: bool = False) -> None:
         self.ref = ref
         self.run = run
         self.budget = budget  # prefetch budget held (readahead); what is not staged goes back
+        self.waited = waited  # a reader waits for it (not readahead, not ``warm``)
         self.done = trio.Event()
         self.blocks: dict[int, bytes] = {}
         self.error: BaseException | None = None
@@ -168,7 +169,7 @@ class BlockReader:
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
         self._write_budget = write_budget or ByteBudget(DEFAULT_WRITE_BEHIND)
         self._write_waiting = 0  # bytes fetched and waiting for room in the write budget
-        self._waited_flights = 0  # flights that are not readahead (a reader waits), in progress
+        self._waited_flights = 0  # flights a reader waits for (``_Flight.waited``), in progress
         self._writes_may_go = trio.Event()  # set (and renewed) when write-behind may stop yielding
         self._inflight: dict[BlockKey, _Flight] = {}
         # Readahead that has landed and not been read yet, in landing order, with landing times.
@@ -293,7 +294,8 @@ class BlockReader:
 
         async def worker() -> None:
             for first in starts:  # shared: each run is taken by one worker
-                await self._load(ref, range(first, min(first + self._request_blocks, blocks)))
+                run = range(first, min(first + self._request_blocks, blocks))
+                await self._load(ref, run, waited=False)  # filling the cache: nobody waits
 
         async with trio.open_nursery() as nursery:
             for _ in range(parallel):
@@ -350,12 +352,17 @@ class BlockReader:
         return reclaimed
 
     async def _load(
-        self, ref: ObjectRef, indices: range, found: dict[int, bytes] | None = None
+        self,
+        ref: ObjectRef,
+        indices: range,
+        found: dict[int, bytes] | None = None,
+        *,
+        waited: bool = True,
     ) -> dict[int, bytes]:
         found = dict(found) if found else {}
         wanted = [index for index in indices if index not in found]
         while wanted:  # more than once only if a flight we waited on was cancelled midway
-            waiting = await self._start_or_join(ref, wanted, found)
+            waiting = await self._start_or_join(ref, wanted, found, waited)
             wanted = []
             for index, flight in waiting.items():
                 await flight.done.wait()
@@ -368,7 +375,7 @@ class BlockReader:
         return found
 
     async def _start_or_join(
-        self, ref: ObjectRef, indices: list[int], found: dict[int, bytes]
+        self, ref: ObjectRef, indices: list[int], found: dict[int, bytes], waited: bool
     ) -> dict[int, _Flight]:
         """Take what memory has; join flights in progress; start flights for the rest."""
         waiting: dict[int, _Flight] = {}
@@ -394,13 +401,15 @@ class BlockReader:
             async with trio.open_nursery() as local:
                 nursery = self._nursery or local
                 for run in _runs(missing, self._request_blocks):
-                    flight = self._register(ref, run)
+                    flight = self._register(ref, run, waited=waited)
                     waiting.update(dict.fromkeys(run, flight))
                     nursery.start_soon(self._fly, flight)
         return waiting
 
-    def _register(self, ref: ObjectRef, run: range, budget: int = 0) -> _Flight:
-        flight = _Flight(ref, run, budget)
+    def _register(
+        self, ref: ObjectRef, run: range, budget: int = 0, waited: bool = False
+    ) -> _Flight:
+        flight = _Flight(ref, run, budget, waited)
         for index in run:
             self._inflight[(ref, index)] = flight
         return flight
@@ -412,7 +421,7 @@ class BlockReader:
         short run was written already, by the worker thread of its GET: see ``_fill``).
         """
         fetched: list[tuple[int, list[bytes]]] = []
-        waited = not flight.budget
+        waited = flight.waited
         self._waited_flights += waited
         try:
             await self._fill(flight, fetched)
@@ -462,24 +471,24 @@ class BlockReader:
         The write makes the run's readers wait ~60 us longer per 64 KiB block, less than the hop
         it saves; it needs no write budget, as the S3 limiter already bounds these calls.
 
-        A longer run is written behind. Readahead looks on disk first, under the disk limiter
-        that the cache writes share: that wait is what holds back new GETs while the disk falls
-        behind. With one hop for every run, 8 sequential readers were 20-40 % slower and the
-        daemon's RSS passed 500 MiB; a gate on the write backlog instead bounded memory only in
-        part and cost as much speed. A reader's own long run (a 1 MiB read nothing read ahead
-        for) waits there only while fetched runs wait for the write budget; otherwise it looks
-        on disk in its GET's call, so it never queues behind the writes of the runs before it
-        (measured: 8 readers of scattered 1 MiB chunks at 20 ms waited 5-6 ms there per chunk).
-        Its memory stays bounded: such runs are as many as the reads the kernel has in flight.
-        A flight's run is at most one GET long, and the disk cache answers with a prefix of it,
-        so the rest is one range.
+        A longer run is written behind. Readahead (and ``warm``) looks on disk first, under the
+        disk limiter that the cache writes share: that wait is what holds back new GETs while
+        the disk falls behind. With one hop for every run, 8 sequential readers were 20-40 %
+        slower and the daemon's RSS passed 500 MiB; a gate on the write backlog instead bounded
+        memory only in part and cost as much speed. A reader's own long run (a 1 MiB read
+        nothing read ahead for) waits there only while fetched runs wait for the write budget;
+        otherwise it looks on disk in its GET's call, so it never queues behind the writes of
+        the runs before it (measured: 8 readers of scattered 1 MiB chunks at 20 ms waited 5-6 ms
+        there per chunk). Its memory stays bounded: such runs are as many as the reads the
+        kernel has in flight. A flight's run is at most one GET long, and the disk cache answers
+        with a prefix of it, so the rest is one range.
         """
         ref, run = flight.ref, flight.run
         disk = self._disk if self._on_disk(ref) else None
         write = disk
         if disk is not None and len(run) * self.block_size > ONE_HOP_BYTES:
             write = None
-            if flight.budget or self._write_waiting:
+            if not flight.waited or self._write_waiting:
                 hits = await trio.to_thread.run_sync(
                     self._read_cached, ref, run, disk, limiter=self._disk_limiter
                 )
@@ -576,8 +585,9 @@ class BlockReader:
         reads in flight need to take their GET bodies in and answer the kernel. Measured: 8
         readers of scattered 1 MiB chunks at 20 ms took 66-76 ms with the writes right after
         each GET, 61-68 ms with them after the reads, and 63-65 ms with no disk cache at all.
-        Readahead does not make writes wait (it is nobody's wait), so a sequential reader's
-        writes keep pace as before. Memory stays bounded: a waiting write holds its share of
+        Readahead and ``warm`` (the prefetch command) are nobody's wait and make no write
+        wait, so the writes of a sequential reader and of ``s3datafs prefetch`` keep pace as
+        before. Memory stays bounded: a waiting write holds its share of
         the write budget, and once a fetched run has to wait for that budget, the writes go.
         """
         try:

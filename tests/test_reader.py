@@ -937,3 +937,23 @@ async def test_cache_writes_stop_waiting_for_reads_once_the_write_budget_is_spen
         assert reader._write_budget.used == LONG_RUN
         source.release.set()
     assert disk.blocks_written == 600 + 1
+
+
+@trio_test
+async def test_only_a_readers_loads_make_cache_writes_wait(tmp_path) -> None:
+    source = HeldSource()
+    source.create_bucket(BUCKET)
+    warmed, read = (source.put(BUCKET, name, b"x" * LONG_RUN) for name in ("warm.bin", "read.bin"))
+    source.held.update({warmed.key, read.key})
+    disk = DiskCache(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    reader = make_disk_reader(source, disk)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        mount_tasks.start_soon(reader.warm, warmed)  # the prefetch command: nobody waits
+        assert await trio.to_thread.run_sync(source.holding.wait, 5)
+        assert reader._waited_flights == 0
+        mount_tasks.start_soon(reader.read, read, 0, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert reader._waited_flights == 1
+        source.release.set()
+    assert reader._waited_flights == 0
