@@ -41,6 +41,7 @@ def _populate(client: Any) -> dict[str, str]:
     v1 = client.put_object(Bucket=BUCKET, Key="doc", Body=DOC_V1)["VersionId"]
     v2 = client.put_object(Bucket=BUCKET, Key="doc", Body=DOC_V2)["VersionId"]
     client.put_object(Bucket=BUCKET, Key="dir/big file+ü", Body=BIG, Metadata={"a": "b"})
+    client.put_object(Bucket=BUCKET, Key="empty", Body=b"")
     gone = client.put_object(Bucket=BUCKET, Key="gone", Body=b"deleted soon")["VersionId"]
     client.delete_object(Bucket=BUCKET, Key="gone")
     return {"v1": v1, "v2": v2, "gone": gone}
@@ -55,6 +56,9 @@ def servers() -> Iterator[dict[str, Any]]:
             "stock": stock,
             "fast_client": fast_client,
             "stock_client": stock_client,
+            # Clients that do not ask for checksums (no x-amz-checksum-mode: ENABLED).
+            "fast_plain": fast.client(response_checksum_validation="when_required"),
+            "stock_plain": stock.client(response_checksum_validation="when_required"),
             "fast_versions": _populate(fast_client),
             "stock_versions": _populate(stock_client),
         }
@@ -73,11 +77,14 @@ def _get(client: Any, **kwargs: Any) -> tuple[Any, dict[str, str], bytes | str]:
     return meta["HTTPStatusCode"], headers, response["Body"].read()
 
 
-def _both(servers: dict[str, Any], version: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
+def _both(
+    servers: dict[str, Any], version: str | None = None, client: str = "client", **kwargs: Any
+) -> tuple[Any, Any]:
+    """The same GetObject on both servers, through each one's ``{side}_{client}``."""
     results = []
     for side in ("fast", "stock"):
         extra = {"VersionId": servers[f"{side}_versions"][version]} if version else {}
-        results.append(_get(servers[f"{side}_client"], **kwargs, **extra))
+        results.append(_get(servers[f"{side}_{client}"], **kwargs, **extra))
     return results[0], results[1]
 
 
@@ -116,7 +123,7 @@ def test_counts_and_records(servers: dict[str, Any]) -> None:
         "Other": 1,
     }
     assert stats["get_bytes"] == 4 + 16  # the 404's error body is not counted
-    assert stats["fast_gets"] == 1
+    assert stats["fast_gets"] == 2  # the ranged GET and the whole one; the 404 is moto's
     ranged = stats["requests"][1]
     assert ranged == {
         "op": "GetObject",
@@ -146,17 +153,42 @@ def test_fast_ranges_match_stock(servers: dict[str, Any]) -> None:
     ranges += ["bytes=-1000", f"bytes=-{size * 2}", "bytes=7-", f"bytes=0-{size - 1}"]
     ranges += [f"bytes={size}-", "bytes=-0", "bytes=9-3", "bytes=0-1,5-6", "bytes=x-y"]
     before = servers["fast"].stats()["fast_gets"]
-    partial = 0
+    answered = 0
     for spec in ranges:
         fast, stock = _both(servers, Key="dir/big file+ü", Range=spec)
         assert fast == stock, spec
         if fast[0] == 206:
             first, last = map(int, fast[1]["content-range"].split()[1].split("/")[0].split("-"))
             assert fast[2] == BIG[first : last + 1]
-            partial += last - first + 1 < len(BIG)
-    # Every partial 206 came from the fast path; the full-object range deferred to moto because
-    # boto3 sends x-amz-checksum-mode: ENABLED and moto then adds x-amz-checksum-* headers.
-    assert servers["fast"].stats()["fast_gets"] - before == partial
+            answered += 1
+            whole = last - first + 1 == len(BIG)  # moto shows the checksum then, and so do we
+            assert ("x-amz-checksum-crc32" in fast[1]) == whole
+    assert servers["fast"].stats()["fast_gets"] - before == answered  # every 206: the fast path
+
+
+@pytest.mark.parametrize("client", ["client", "plain"])  # asking for checksums, or not
+@pytest.mark.parametrize(
+    ("key", "version", "extra"),
+    [
+        ("dir/big file+ü", None, {}),  # metadata, streamed in several chunks
+        ("doc", None, {}),
+        ("doc", "v1", {}),
+        ("pre", None, {"VersionId": "null"}),
+        ("empty", None, {}),
+        ("gone", None, {}),  # a delete marker: moto's 404
+        ("doc", None, {"IfMatch": '"not-the-etag"'}),  # moto's 412
+    ],
+)
+def test_whole_object_gets_match_stock(
+    servers: dict[str, Any], client: str, key: str, version: str | None, extra: dict[str, str]
+) -> None:
+    before = servers["fast"].stats()["fast_gets"]
+    fast, stock = _both(servers, version, client, Key=key, **extra)
+    assert fast == stock
+    served = fast[0] == 200
+    assert servers["fast"].stats()["fast_gets"] - before == served  # errors are moto's own
+    if served:
+        assert ("x-amz-checksum-crc32" in fast[1]) == (client == "client")
 
 
 @pytest.mark.parametrize("version", ["v1", "v2", None])
