@@ -567,9 +567,10 @@ class BlockReader:
     async def _write_behind(self, ref: ObjectRef, first: int, blocks: list[bytes]) -> None:
         cost = sum(map(len, blocks))
         self._write_waiting += cost  # while anything waits here, readahead pauses (``prefetch``)
-        self._let_writes_go()  # and writes stop yielding to reads: the bound comes first
         try:
-            await self._write_budget.take(cost)  # backpressure when the disk falls behind
+            if not self._write_budget.try_take(cost):  # backpressure when the disk falls behind
+                self._let_writes_go()  # and writes stop yielding to reads: the bound comes first
+                await self._write_budget.take(cost)
         finally:
             self._write_waiting -= cost
         if self._write_nursery is None:
@@ -587,8 +588,8 @@ class BlockReader:
         each GET, 61-68 ms with them after the reads, and 63-65 ms with no disk cache at all.
         Readahead and ``warm`` (the prefetch command) are nobody's wait and make no write
         wait, so the writes of a sequential reader and of ``s3datafs prefetch`` keep pace as
-        before. Memory stays bounded: a waiting write holds its share of
-        the write budget, and once a fetched run has to wait for that budget, the writes go.
+        before. Memory stays bounded: a waiting write holds its share of the write budget, and
+        once a fetched run has to wait for that budget, the writes go.
         """
         try:
             digest = object_digest(ref)
