@@ -274,6 +274,7 @@ class LoadReport:
     after: Usage
     peak: Usage
     settled: Usage | None
+    midway: Usage | None = None  # the 1 s sample halfway through the measured phase
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -303,7 +304,7 @@ def run_load(
             big_readers=big_readers,
             seed=1,
         )
-        warm = Usage.of(pid)
+        warm, first_measured = Usage.of(pid), len(sampler.samples)
         started = time.monotonic()
         tally = run_phase(
             mountpoint,
@@ -315,7 +316,8 @@ def run_load(
             seed=2,
         )
         elapsed = time.monotonic() - started
-        after = Usage.of(pid)
+        after, measured = Usage.of(pid), sampler.samples[first_measured:]
+    midway = measured[len(measured) // 2] if measured else None
     settled = settle(pid, before, settle_timeout) if settle_timeout > 0 else None
     return LoadReport(
         files=len(names),
@@ -338,6 +340,7 @@ def run_load(
         after=after,
         peak=sampler.peak,
         settled=settled,
+        midway=midway,
     )
 
 
@@ -384,6 +387,7 @@ def markdown(report: LoadReport, command: str, setup_s: float) -> str:
     rows = [
         ("before (mounted, idle)", r.before),
         ("warm (end of warm-up)", r.warm),
+        *([("halfway through the measured phase", r.midway)] if r.midway else []),
         ("after the measured phase", r.after),
         ("peak (1 s samples)", r.peak),
     ]
@@ -411,14 +415,47 @@ def markdown(report: LoadReport, command: str, setup_s: float) -> str:
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {label} | {u.rss_mib:.0f} | {u.fds} | {u.threads} |" for label, u in rows]
-    lines += [
-        "",
-        "Reading: fds and threads after the measured phase equal the warm figures (pools and "
-        "worker threads at their working size; nothing grows with the number of requests) and "
-        "fall back once the workers idle out; RSS stays flat after warm-up.",
-        "",
-    ]
+    lines += ["", "Reading: " + reading(r.warm, r.midway, r.after, r.settled), ""]
     return "\n".join(lines)
+
+
+RSS_SLACK_MIB = 32  # RSS moving less than this between two samples reads as flat
+
+
+def reading(warm: Usage, midway: Usage | None, after: Usage, settled: Usage | None) -> str:
+    """What the daemon's figures say, computed from them: does anything grow with requests?
+
+    A leak grows with the number of requests, so it grows in the second half of the measured
+    phase too (``midway`` -> ``after``); a pool or a bounded buffer reaches its size and stays
+    there, even if that takes longer than the warm-up.
+    """
+    half = midway or warm
+    rss_late = after.rss_mib - half.rss_mib
+    text = (
+        "from the end of the warm-up to the end of the measured phase, open fds "
+        f"{warm.fds} -> {after.fds}, threads {warm.threads} -> {after.threads}, RSS "
+        f"{warm.rss_mib:g} -> {after.rss_mib:g} MiB ({after.rss_mib - warm.rss_mib:+.0f}"
+        + (f", {rss_late:+.0f} of it in the second half)" if midway else ")")
+    )
+    grew = [
+        name
+        for name, grown in (
+            ("open fds", after.fds > half.fds),
+            ("RSS", rss_late >= RSS_SLACK_MIB),
+        )
+        if grown
+    ]
+    when = "the second half of the measured phase" if midway else "the measured phase"
+    if grew:
+        text += f"; {' and '.join(grew)} grew in {when}: look there for a leak"
+    else:
+        text += f"; nothing grew in {when}, so nothing grows with the number of requests"
+    if settled is not None:
+        text += (
+            f". Once the workers idled out: {settled.threads} threads, {settled.fds} open fds, "
+            f"{settled.rss_mib:g} MiB RSS"
+        )
+    return text + "."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.bench_load import Usage, reading
 from bench.env import filesystem_of
 from bench.seq_split import parse_variant
 from devtools.s3server import stop_process
@@ -58,3 +59,17 @@ def test_stop_process_signals_first_and_kills_only_what_outlives_the_grace() -> 
     stubborn.stdout.close()
 
     stop_process(stubborn, signal.SIGTERM, 0.5)  # already ended: nothing to do, no error
+
+
+def test_the_load_reading_says_what_grew_during_the_measured_phase() -> None:
+    warm, idle = Usage(rss_mib=288.0, fds=35, threads=17), Usage(372.0, 35, 2)
+    midway = Usage(rss_mib=370.0, fds=35, threads=16)
+    plateau = reading(warm, midway, Usage(rss_mib=372.0, fds=35, threads=14), idle)
+    assert "RSS 288 -> 372 MiB (+84, +2 of it in the second half)" in plateau
+    assert "nothing grew in the second half of the measured phase" in plateau
+    assert plateau.endswith("Once the workers idled out: 2 threads, 35 open fds, 372 MiB RSS.")
+    leak = reading(warm, Usage(330.0, 35, 16), Usage(rss_mib=372.0, fds=36, threads=14), None)
+    assert "open fds and RSS grew in the second half of the measured phase" in leak
+    no_midway = reading(warm, None, Usage(rss_mib=300.0, fds=35, threads=14), None)
+    assert "RSS 288 -> 300 MiB (+12)" in no_midway
+    assert "nothing grew in the measured phase" in no_midway
