@@ -485,17 +485,16 @@ class BlockReader:
         """
         ref, run = flight.ref, flight.run
         disk = self._disk if self._on_disk(ref) else None
-        write = disk
-        if disk is not None and len(run) * self.block_size > ONE_HOP_BYTES:
-            write = None
-            if not flight.waited or self._write_waiting:
-                hits = await trio.to_thread.run_sync(
-                    self._read_cached, ref, run, disk, limiter=self._disk_limiter
-                )
-                self._took_from_disk(flight, hits)
-                run, disk = range(run.start + len(hits), run.stop), None
-                if not run:
-                    return
+        long_run = disk is not None and len(run) * self.block_size > ONE_HOP_BYTES
+        write = None if long_run else disk  # a long run is written behind
+        if long_run and (not flight.waited or self._write_waiting):
+            hits = await trio.to_thread.run_sync(
+                self._read_cached, ref, run, disk, limiter=self._disk_limiter
+            )
+            self._took_from_disk(flight, hits)
+            run, disk = range(run.start + len(hits), run.stop), None
+            if not run:
+                return
         # The hard bound of --read-timeout: it counts the wait for a connection slot, and a GET
         # that outlives it is abandoned (its thread ends on its own socket timeout and deadline,
         # and only then gives its slot back), so no reader ever waits on S3 longer than this.

@@ -767,15 +767,22 @@ async def test_a_short_run_costs_one_worker_call_with_its_cache_write(
     assert b"".join(found.values()) == data
 
 
+@pytest.mark.parametrize("who", ["reader, disk behind", "prefetch command"])
 @trio_test
-async def test_a_long_run_looks_on_disk_behind_the_writes_while_they_fall_behind(
-    tmp_path, worker_calls: list[str]
+async def test_a_long_run_looks_on_disk_behind_the_writes(
+    tmp_path, worker_calls: list[str], who: str
 ) -> None:
+    """...when the disk falls behind (a fetched run waits for room in the write budget), or
+    when nobody waits for the run (``warm``, the prefetch command; readahead too)."""
     data, source, ref, disk = object_and_disk(tmp_path, 300)
     reader = make_disk_reader(source, disk)
-    reader._write_waiting = PAGE_BLOCK  # a fetched run waits for room in the write budget
-    assert await reader.read(ref, 0, len(data)) == data
+    if who == "prefetch command":
+        await reader.warm(ref)
+    else:
+        reader._write_waiting = PAGE_BLOCK
+        assert await reader.read(ref, 0, len(data)) == data
     assert worker_calls == ["_read_cached", "_load_blocking", "write"]
+    assert len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
 
 
 @pytest.mark.parametrize("blocks", [5, 300])
@@ -870,12 +877,17 @@ LONG_RUN = 300 * PAGE_BLOCK  # written behind, not by the GET's thread (see ONE_
 
 
 async def yielding_setup(
-    tmp_path, nursery: trio.Nursery, names: tuple[str, ...], write_budget: int = 64 << 20
+    tmp_path,
+    monkeypatch,
+    nursery: trio.Nursery,
+    names: tuple[str, ...],
+    *,
+    write_yield: float,
+    write_budget: int = 64 << 20,
 ) -> tuple[HeldSource, WatchedDisk, BlockReader, bytes, list[ObjectRef]]:
-    """A mounted reader with a read waiting on S3, and objects ``names`` of ``LONG_RUN`` bytes.
-
-    Set ``reader.WRITE_YIELD`` first: how long its cache writes may wait for that read.
-    """
+    """A mounted reader with a read waiting on S3, and objects ``names`` of ``LONG_RUN`` bytes;
+    its cache writes may wait ``write_yield`` seconds for reads (``reader.WRITE_YIELD``)."""
+    monkeypatch.setattr(reader_module, "WRITE_YIELD", write_yield)
     source = HeldSource()
     source.create_bucket(BUCKET)
     data = bytes(range(256)) * (LONG_RUN // 256)
@@ -892,10 +904,10 @@ async def yielding_setup(
 
 @trio_test
 async def test_a_cache_write_waits_for_the_reads_waiting_on_s3(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(reader_module, "WRITE_YIELD", 60.0)
     async with trio.open_nursery() as mount_tasks:
-        setup = await yielding_setup(tmp_path, mount_tasks, ("long.bin",))
-        source, disk, reader, data, [ref] = setup
+        source, disk, reader, data, [ref] = await yielding_setup(
+            tmp_path, monkeypatch, mount_tasks, ("long.bin",), write_yield=60.0
+        )
         assert await reader.read(ref, 0, len(data)) == data
         await trio.sleep(0.05)
         assert disk.blocks_written == 0  # its write waits while the other read does
@@ -908,10 +920,10 @@ async def test_a_cache_write_waits_for_the_reads_waiting_on_s3(tmp_path, monkeyp
 async def test_a_cache_write_waits_for_reads_no_longer_than_write_yield(
     tmp_path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(reader_module, "WRITE_YIELD", 0.05)
     async with trio.open_nursery() as mount_tasks:
-        setup = await yielding_setup(tmp_path, mount_tasks, ("long.bin",))
-        source, disk, reader, data, [ref] = setup
+        source, disk, reader, data, [ref] = await yielding_setup(
+            tmp_path, monkeypatch, mount_tasks, ("long.bin",), write_yield=0.05
+        )
         assert await reader.read(ref, 0, len(data)) == data  # then waits 0.05 s, no longer
         assert await trio.to_thread.run_sync(disk.wait_for, 300)
         assert not source.release.is_set()  # written while the other read still waits
@@ -922,10 +934,10 @@ async def test_a_cache_write_waits_for_reads_no_longer_than_write_yield(
 async def test_cache_writes_stop_waiting_for_reads_once_the_write_budget_is_spent(
     tmp_path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(reader_module, "WRITE_YIELD", 60.0)
     async with trio.open_nursery() as mount_tasks:
         source, disk, reader, data, [first, second] = await yielding_setup(
-            tmp_path, mount_tasks, ("first.bin", "second.bin"), write_budget=LONG_RUN
+            tmp_path, monkeypatch, mount_tasks, ("first.bin", "second.bin"),
+            write_yield=60.0, write_budget=LONG_RUN,
         )
         assert await reader.read(first, 0, len(data)) == data  # its write holds the budget
         assert await reader.read(second, 0, len(data)) == data  # and this one needs it
