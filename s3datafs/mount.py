@@ -41,6 +41,7 @@ from .archive.members import MemberSource
 from .cache.disk import DiskCache
 from .catalog import Catalog
 from .fuse_ops import FsSettings, Operations
+from .linkrate import LinkRate
 from .model import ObjectSource
 from .reader import BlockReader, ByteBudget
 from .resolve import Pins
@@ -123,7 +124,7 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
             disk = _disk_cache(plan)
             members_source = closing.enter_context(
                 contextlib.closing(MemberSource(source, disk=disk)))
-            reader = _reader(plan, members_source, disk)
+            reader = _reader(plan, members_source, disk, source.link)
             operations = Operations(catalog, reader, plan.fs)
             options = fuse_options(fsname=_fsname(plan.uri), allow_other=plan.allow_other)
 
@@ -179,7 +180,9 @@ def _disk_cache(plan: MountPlan) -> DiskCache | None:
     )
 
 
-def _reader(plan: MountPlan, source: ObjectSource, disk: DiskCache | None) -> BlockReader:
+def _reader(
+    plan: MountPlan, source: ObjectSource, disk: DiskCache | None, link: LinkRate
+) -> BlockReader:
     return BlockReader(
         source,
         block_size=plan.block_size,
@@ -188,6 +191,7 @@ def _reader(plan: MountPlan, source: ObjectSource, disk: DiskCache | None) -> Bl
         disk=disk,
         prefetch_budget=ByteBudget(plan.max_prefetch_bytes),
         read_timeout=plan.s3.read_deadline,  # --read-timeout: the hard bound of every read
+        link=link,  # on a slow link, reads a reader waits for are split in two GETs
     )
 
 

@@ -14,6 +14,8 @@ Design:
   looks in the disk cache, then GETs what is still missing (``_fill``: one worker-thread call
   for both when the run is short, or when a reader waits for it and the disk keeps up).
   Readers of a block that is in flight wait on that flight; they never send their own GET.
+- Slow links: a run a reader waits for of ``SPLIT_BYTES`` or more is two flights, two GETs sent
+  at once, once the link has shown itself slow (``linkrate``; see ``_runs_for``).
 - Fetched blocks go to memory at once and to the disk cache behind the reader's back
   (write-behind, in the mount's nursery, bounded by ``write_budget`` bytes pending; while fetched
   runs wait for room there, readahead pauses, and longer flights wait for the disk limiter
@@ -64,6 +66,7 @@ from .cache.blockfile import object_digest
 from .cache.disk import DiskCache, TroubleLog
 from .config import DEFAULT_MAX_REQUEST, DEFAULT_WRITE_BEHIND
 from .errors import S3DataFSError, TransientS3Error
+from .linkrate import LinkRate
 from .model import MemberRef, ObjectRef, ObjectSource, PinnedRef
 from .prefetch import Readahead
 
@@ -76,6 +79,7 @@ _FAILED_TTL = 1.0  # seconds a slow failure is repeated at once (covers the kern
 _STAGED_TTL = 5.0  # seconds readahead may wait unread before others may take its budget
 _STREAM_IDLE = 1.0  # seconds after its last readahead a stream stops counting for the shares
 WRITE_YIELD = 0.1  # seconds a cache write-behind may wait for reads waiting on S3 (see ``_write``)
+SPLIT_BYTES = 1024 * 1024  # a waited run this long is two GETs on a slow link (``_runs_for``)
 
 
 @dataclass
@@ -92,6 +96,7 @@ class ReadStats:
     prefetch_skipped: int = 0
     cache_write_errors: int = 0
     bytes_served: int = 0
+    split_reads: int = 0  # waited runs fetched as two GETs (a slow link: ``linkrate``)
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -150,6 +155,7 @@ class BlockReader:
         write_budget: ByteBudget | None = None,
         stats: ReadStats | None = None,
         read_timeout: float | None = None,
+        link: LinkRate | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError("block_size must be positive")
@@ -166,6 +172,8 @@ class BlockReader:
         self._disk = disk
         self._disk_limiter = disk_limiter or trio.CapacityLimiter(4)
         self._request_blocks = max(1, max_request_bytes // block_size)
+        self._link = link
+        self._split_blocks = max(2, SPLIT_BYTES // block_size)
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
         self._write_budget = write_budget or ByteBudget(DEFAULT_WRITE_BEHIND)
         self._write_waiting = 0  # bytes fetched and waiting for room in the write budget
@@ -197,6 +205,8 @@ class BlockReader:
         if isinstance(source_stats, ReadStats):
             for name, value in source_stats.as_dict().items():
                 counts[name] += value
+        if self._link is not None:
+            counts["link_bytes_per_second"] = self._link.bytes_per_second
         return counts
 
     def attach(self, tasks: trio.Nursery, writes: trio.Nursery | None = None) -> None:
@@ -400,11 +410,33 @@ class BlockReader:
             # bytes only, never for the write-behind that follows them.
             async with trio.open_nursery() as local:
                 nursery = self._nursery or local
-                for run in _runs(missing, self._request_blocks):
+                for run in self._runs_for(ref, missing, waited):
                     flight = self._register(ref, run, waited=waited)
                     waiting.update(dict.fromkeys(run, flight))
                     nursery.start_soon(self._fly, flight)
         return waiting
+
+    def _runs_for(self, ref: ObjectRef, missing: list[int], waited: bool) -> list[range]:
+        """The flights (one GET each) for ``missing``: runs of at most one GET's length.
+
+        A run a reader waits for of at least ``SPLIT_BYTES`` is split in two flights, sent at
+        once, when the link has shown itself slow (``linkrate``: on S3, where one connection
+        carries ~100 MB/s, the halves arrive sooner than the whole). Readahead is not split:
+        its GETs are already several in flight. Nor are zip members: their source fetches and
+        decompresses a member's data in one piece.
+        """
+        runs = _runs(missing, self._request_blocks)
+        if not waited or self._link is None or not self._link.slow or _source_keeps(ref):
+            return runs
+        split: list[range] = []
+        for run in runs:
+            if len(run) < self._split_blocks:
+                split.append(run)
+                continue
+            middle = run.start + len(run) // 2
+            split += [range(run.start, middle), range(middle, run.stop)]
+            self.stats.split_reads += 1
+        return split
 
     def _register(
         self, ref: ObjectRef, run: range, budget: int = 0, waited: bool = False

@@ -15,6 +15,8 @@ Design:
 - GETs are sent from per-object templates that botocore signed (``signedget``: a third of a
   botocore call's CPU); whatever that path cannot handle it leaves to a plain botocore call.
   Both give the same checks below and the same errors.
+- Every GET tells ``link`` (``linkrate.LinkRate``) when it began and ended and how fast its body
+  came: the reader splits the reads it waits for in two GETs once the link shows itself slow.
 - GETs have their own client with botocore's retries off (one attempt per call) and socket
   timeouts no longer than the deadline, so the deadline is ours alone: botocore's retries would
   multiply our attempts and could wait 3 x 30 s on a stalled server. Listing and HEAD (mount
@@ -77,6 +79,7 @@ from .errors import (
     TransientS3Error,
     UsageError,
 )
+from .linkrate import LinkRate
 from .listing import Page, Selection, list_ordered, select_key
 from .model import ObjectRef, http_range
 from .signedget import Fetched, SignedGets, object_params
@@ -162,6 +165,7 @@ class S3Source:
         self._lock = threading.Lock()
         self._verify_md5 = True  # off once the store shows ETags that are not MD5 digests
         self._md5_mismatch: dict[ObjectRef, str] = {}  # the last bad MD5 per object
+        self.link = LinkRate()  # body rates of the GETs: the reader splits waited reads by it
 
     # -- resolution (mount time) -------------------------------------------------------------
 
@@ -262,6 +266,23 @@ class S3Source:
                 time.sleep(delay)
 
     def _get_range_once(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        get = self.link.begin()
+        fetched: Fetched | None = None
+        try:
+            fetched = self._fetch(ref, start, end)
+        finally:
+            if fetched is None:
+                self.link.end(get)
+            else:
+                self.link.end(get, len(fetched.data), fetched.body_seconds)
+        data = fetched.data
+        _check_body(ref, start, end, data, fetched.content_range)
+        if start == 0 and end == ref.size and self._verify_md5:
+            self._check_md5(ref, data, fetched)
+        return data
+
+    def _fetch(self, ref: ObjectRef, start: int, end: int) -> Fetched:
+        """One GET of ``[start, end)``, its errors mapped to ours."""
         try:
             fetched = self._signed.get(ref, start, end) if self._signed is not None else None
             if fetched is None:  # no template here, or an error botocore handles better
@@ -278,22 +299,19 @@ class S3Source:
             raise _map_botocore_error(exc, ref.uri) from None
         except _BODY_ERRORS as exc:  # anything botocore let through while the body streamed
             raise TransientS3Error(f"lost the connection reading {ref.uri}: {exc}") from None
-        data = fetched.data
-        _check_body(ref, start, end, data, fetched.content_range)
-        if start == 0 and end == ref.size and self._verify_md5:
-            self._check_md5(ref, data, fetched)
-        return data
+        return fetched
 
     def _get_with_botocore(self, ref: ObjectRef, start: int, end: int) -> Fetched:
         response = self._reads.get_object(
             **object_params(ref), Range=http_range(start, end), IfMatch=ref.etag)
         body = response["Body"]
+        started = time.perf_counter()
         try:  # botocore's own read: it checks Content-Length and maps urllib3's errors
             data = body.read()
         finally:
             body.close()
         return Fetched(data, response.get("ContentRange"), response.get("ServerSideEncryption"),
-                       response.get("SSECustomerAlgorithm"))
+                       response.get("SSECustomerAlgorithm"), time.perf_counter() - started)
 
     def _check_md5(self, ref: ObjectRef, data: bytes, fetched: Fetched) -> None:
         """A whole-object body must hash to an MD5 ETag (see the module docstring)."""

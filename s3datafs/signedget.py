@@ -138,6 +138,7 @@ class Fetched:
     content_range: str | None
     encryption: str | None  # x-amz-server-side-encryption
     customer_algorithm: str | None  # x-amz-server-side-encryption-customer-algorithm
+    body_seconds: float = 0.0  # reading the body once the headers were in (``linkrate``)
 
 
 @dataclass(frozen=True)
@@ -190,10 +191,12 @@ class SignedGets:
         request = botocore.awsrequest.AWSPreparedRequest("GET", template.url, headers, None, True)
         response = self._session.send(request)
         raw = response.raw
+        started = time.perf_counter()
         try:
             body = raw.read()
         finally:
             raw.close()
+        body_seconds = time.perf_counter() - started
         status, answered = response.status_code, response.headers
         if status not in (200, 206):
             return self._failed(ref, status, body)
@@ -203,6 +206,7 @@ class SignedGets:
             answered.get("Content-Range"),
             answered.get("x-amz-server-side-encryption"),
             answered.get("x-amz-server-side-encryption-customer-algorithm"),
+            body_seconds,
         )
 
     def forget(self, ref: ObjectRef) -> None:

@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devtools.s3server import S3Server
-from s3datafs import runtime
+from s3datafs import linkrate, runtime
 from s3datafs.cache import blockfile, disk
 
 pytestmark = pytest.mark.fuse
@@ -56,6 +56,19 @@ def put(s3, bucket: str, objects: dict[str, bytes]) -> None:
 
 def mount_via(cli: Cli, proxy: FaultProxy, uri: str, *options: str) -> Path:
     return cli.mount(uri, "--endpoint-url", proxy.endpoint, *options)
+
+
+def mounted_slow(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy, size: int, *, rate: int
+) -> tuple[str, bytes, Path]:
+    """A bucket with a random ``p/big.bin`` of ``size`` bytes, mounted through the proxy, which
+    then sends every body at ``rate`` bytes/s per connection (a slow link)."""
+    bucket = make_bucket(versioned=True)
+    body = os.urandom(size)
+    put(s3, bucket, {"p/big.bin": body})
+    mountpoint = mount_via(cli, proxy, f"s3://{bucket}/p/")
+    proxy.inject("throttle", rate=rate, times=None)
+    return bucket, body, mountpoint
 
 
 def uncached_read(path: Path, offset: int = 0, size: int | None = None) -> bytes:
@@ -354,6 +367,22 @@ def test_the_random_faults_really_fire(
     assert proxy.injected_count() >= 3, proxy.injected
 
 
+# -- a slow link ----------------------------------------------------------------------------------
+
+
+def test_on_a_slow_link_large_reads_become_two_gets_of_the_same_bytes(
+    cli: Cli, s3, s3server: S3Server, make_bucket, proxy: FaultProxy
+) -> None:
+    _, body, mountpoint = mounted_slow(cli, s3, make_bucket, proxy, 16 * MiB, rate=16 * MiB)
+    s3server.reset_stats()
+    for offset in (9 * MiB, 3 * MiB, 13 * MiB, 6 * MiB, 1 * MiB):  # scattered: no readahead
+        assert uncached_read(mountpoint / "big.bin", offset, MiB) == body[offset : offset + MiB]
+    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    assert 0 < stats["link_bytes_per_second"] < linkrate.SLOW_BYTES_PER_SECOND
+    assert stats["split_reads"] >= 1  # once the first GETs showed the link slow
+    assert s3server.stats()["get_bytes"] == 5 * MiB  # halves, never a byte twice
+
+
 # -- the cache misbehaving -------------------------------------------------------------------------
 
 
@@ -503,11 +532,8 @@ def assert_private(cache_dir: Path) -> None:
 def test_kill_9_mid_read_then_unmount_cleans_up_and_a_remount_reuses_the_cache(
     cli: Cli, s3, s3server: S3Server, make_bucket, proxy: FaultProxy
 ) -> None:
-    bucket = make_bucket(versioned=True)
-    body = os.urandom(32 * MiB)
-    put(s3, bucket, {"p/big.bin": body})
-    mountpoint = mount_via(cli, proxy, f"s3://{bucket}/p/")
-    proxy.inject("throttle", rate=2 * MiB, times=None)  # a slow link: the kill lands mid-read
+    # A slow link: the kill lands mid-read.
+    bucket, body, mountpoint = mounted_slow(cli, s3, make_bucket, proxy, 32 * MiB, rate=2 * MiB)
     outcome: list[BaseException | bytes] = []
 
     def reader() -> None:

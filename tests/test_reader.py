@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import pytest
 import trio
@@ -21,7 +22,8 @@ from s3datafs import reader as reader_module
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import StaleObjectError, TransientS3Error
-from s3datafs.model import ObjectRef
+from s3datafs.linkrate import MIN_SAMPLES, LinkRate
+from s3datafs.model import MemberRef, ObjectRef
 from s3datafs.prefetch import Readahead
 from s3datafs.reader import ONE_HOP_BYTES, BlockReader, ByteBudget
 
@@ -44,6 +46,7 @@ def make_reader(
     memory_cache_bytes: int = 1 << 20,
     connections: int = 8,
     max_request_bytes: int = 1 << 20,
+    link: LinkRate | None = None,
 ) -> BlockReader:
     return BlockReader(
         source,
@@ -51,6 +54,7 @@ def make_reader(
         memory_cache_bytes=memory_cache_bytes,
         s3_limiter=trio.CapacityLimiter(connections),
         max_request_bytes=max_request_bytes,
+        link=link,
     )
 
 
@@ -327,6 +331,68 @@ async def test_long_runs_are_split_at_max_request_bytes() -> None:
     reader = make_reader(source, max_request_bytes=2 * BLOCK)
     assert await reader.read(ref, 0, len(DATA)) == DATA
     assert sorted((s, e) for _, s, e in source.ranges) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+
+
+# -- a waited read on a slow link: two GETs at once (``linkrate``) --------------------------------
+
+
+def inside_get_range(source: FakeSource, count: int, timeout: float = 5.0) -> bool:
+    """Wait (in a thread) until ``count`` GETs are inside the source at once."""
+    deadline = time.monotonic() + timeout
+    while source.in_get_range < count and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return source.in_get_range >= count
+
+
+def measured_link(bytes_per_second: float | None) -> LinkRate:
+    """A link with enough 1 MiB samples at ``bytes_per_second`` (None: no sample yet)."""
+    link = LinkRate()
+    for _ in range(MIN_SAMPLES if bytes_per_second else 0):
+        link.end(link.begin(), 1 << 20, (1 << 20) / bytes_per_second)
+    return link
+
+
+@pytest.mark.parametrize(
+    ("link", "gets"),
+    [
+        pytest.param(lambda: measured_link(100e6), [(0, 48), (48, 100)], id="slow"),
+        pytest.param(lambda: measured_link(5e9), [(0, 100)], id="fast"),
+        pytest.param(lambda: measured_link(None), [(0, 100)], id="not-measured-yet"),
+        pytest.param(lambda: None, [(0, 100)], id="no-link"),
+    ],
+)
+@trio_test
+async def test_a_long_read_is_two_gets_at_once_on_a_slow_link(
+    link, gets, monkeypatch
+) -> None:
+    monkeypatch.setattr(reader_module, "SPLIT_BYTES", 4 * BLOCK)  # runs of 4+ blocks split
+    source, ref = make_source()
+    reader = make_reader(source, link=link())
+    source.gate = gate = threading.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader.read, ref, 0, len(DATA))
+        # Every GET of the read is sent before any answers.
+        assert await trio.to_thread.run_sync(inside_get_range, source, len(gets))
+        gate.set()
+    assert sorted((s, e) for _, s, e in source.ranges) == gets
+    assert reader.stats.split_reads == (len(gets) - 1)
+    assert await reader.read(ref, 0, len(DATA)) == DATA  # from memory: the halves joined
+
+
+@trio_test
+async def test_short_reads_readahead_and_zip_members_are_never_split(monkeypatch) -> None:
+    monkeypatch.setattr(reader_module, "SPLIT_BYTES", 4 * BLOCK)
+    data = DATA * 10
+    source, ref = make_source(data)
+    reader = make_reader(source, link=measured_link(100e6))
+    assert await reader.read(ref, 0, 3 * BLOCK) == data[: 3 * BLOCK]  # below SPLIT_BYTES
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        reader.prefetch(ref, 3 * BLOCK, 11 * BLOCK)  # readahead: nobody waits for it
+    assert sorted((s, e) for _, s, e in source.ranges) == [(0, 3 * BLOCK), (3 * BLOCK, 11 * BLOCK)]
+    member = MemberRef(ref, "m.bin", 0, 1000, 0, 0, 1000, 1000, 0, 0.0)
+    assert reader._runs_for(member, list(range(10)), True) == [range(10)]
+    assert reader.stats.split_reads == 0
 
 
 @trio_test

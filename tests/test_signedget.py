@@ -22,12 +22,13 @@ import pytest
 from faultproxy import FaultProxy
 
 from devtools.s3server import S3Server
-from s3datafs import signedget
+from s3datafs import linkrate, signedget
 from s3datafs.model import ObjectRef
 from s3datafs.s3source import S3Settings, S3Source
 
 KiB = 1024
 BIG = bytes((i * 13 + i // 509) % 256 for i in range(256 * KiB))
+LARGE = bytes((i * 31 + i // 251) % 256 for i in range(1024 * KiB + 1))  # 1 MiB ranges of it
 SMALL = b"read whole, with the checksum S3 sends for a whole object\n" * 30
 
 
@@ -38,7 +39,7 @@ def objects(s3server: S3Server) -> dict[str, ObjectRef]:
     s3.create_bucket(Bucket=bucket)
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     refs = {}
-    for key, body in (("big.bin", BIG), ("small.txt", SMALL)):
+    for key, body in (("big.bin", BIG), ("small.txt", SMALL), ("large.bin", LARGE)):
         put = s3.put_object(Bucket=bucket, Key=key, Body=body)
         refs[key] = ObjectRef(bucket, key, put["VersionId"], put["ETag"], len(body), 0.0)
     return refs
@@ -78,6 +79,23 @@ def test_ranges_of_one_object_share_one_template_and_cost_one_request_each(
     assert "Range" not in calls[0]
     assert "IfMatch" not in calls[0]
     assert proxy.requests["GetObject"] == len(spans)
+
+
+@pytest.mark.parametrize("path", ["template", "botocore"])
+def test_get_bodies_tell_how_fast_the_link_is(
+    path: str, source: S3Source, objects: dict[str, ObjectRef], proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if path == "botocore":
+        monkeypatch.setattr(source, "_signed", None)
+    ref = objects["large.bin"]
+    proxy.inject("throttle", rate=8 * 1024 * KiB, times=None)  # a slow link: 1 MiB in 0.125 s
+    for _ in range(linkrate.MIN_SAMPLES):
+        assert source.get_range(ref, 0, 1024 * KiB) == LARGE[: 1024 * KiB]
+    assert source.link.slow
+    assert 2e6 < source.link.bytes_per_second < 16 * 1024 * KiB  # about the throttled rate
+    assert source.get_range(ref, 0, 256 * KiB) == LARGE[: 256 * KiB]  # too short to tell
+    assert len(source.link._rates) == linkrate.MIN_SAMPLES
 
 
 def test_an_old_template_is_signed_again(

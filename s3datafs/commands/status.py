@@ -61,11 +61,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _counters(stats: dict[str, int]) -> str:
     """One line of a mount's read counters (refreshed by the daemon every few seconds)."""
-    return (
+    line = (
         f"{stats.get('s3_requests', 0)} S3 requests, {human_size(stats.get('s3_bytes', 0))} "
         f"from S3, {human_size(stats.get('disk_bytes', 0))} from the disk cache; block hits: "
         f"{stats.get('memory_hits', 0)} memory, {stats.get('disk_hits', 0)} disk, "
         f"{stats.get('misses', 0)} misses; {human_size(stats.get('bytes_served', 0))} served"
     )
+    if rate := stats.get("link_bytes_per_second", 0):  # GET bodies of GETs made nearly alone
+        line += f"; a connection brings {human_size(rate)}/s"
+        if split := stats.get("split_reads", 0):
+            line += f", {split} reads split in two"
+    return line
 
 
