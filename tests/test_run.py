@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -243,10 +243,16 @@ def test_a_terminal_ctrl_c_reaches_the_job_once(cli: Cli) -> None:
     master, slave = os.openpty()
     argv = [sys.executable, "-m", "s3datafs", "run", "-v", "--", sys.executable, "-c", job]
     env = {**cli.env, "S3DATAFS_DATASETS": "[]"}
+    output: list[bytes] = []
     with subprocess.Popen(
         ["setsid", "--ctty", *argv], stdin=slave, stdout=slave, stderr=slave, env=env
     ) as process:
         os.close(slave)
+        # Read the terminal while the command runs, as a terminal does: read only after it
+        # ended, what it wrote last can be lost (the master may see EIO before the kernel has
+        # moved the slave's last output across, which a busy machine delays).
+        reading = threading.Thread(target=_drain, args=(master, output), daemon=True)
+        reading.start()
         try:
             deadline = time.monotonic() + 20
             while not marker.exists():
@@ -255,11 +261,13 @@ def test_a_terminal_ctrl_c_reaches_the_job_once(cli: Cli) -> None:
                 time.sleep(0.02)
             os.write(master, b"\x03")  # the terminal's Ctrl-C
             assert process.wait(timeout=30) == 0
-            terminal = _drain(master)
+            reading.join(10)
         finally:
             if process.poll() is None:
                 process.kill()
+            reading.join(10)
             os.close(master)
+    terminal = b"".join(output).decode(errors="replace")
     # Two SIGINTs close together may merge into one, so the count alone cannot prove it: the
     # log says what run did.
     assert "SIGINT from the terminal: the command received it too" in terminal
@@ -267,11 +275,13 @@ def test_a_terminal_ctrl_c_reaches_the_job_once(cli: Cli) -> None:
     assert count.read_text() == "1"
 
 
-def _drain(master: int) -> str:
-    chunks = []
-    while select.select([master], [], [], 0.2)[0]:
+def _drain(master: int, into: list[bytes]) -> None:
+    """Append what the terminal shows until every slave end is closed (EIO)."""
+    while True:
         try:
-            chunks.append(os.read(master, 65536))
+            chunk = os.read(master, 65536)
         except OSError:  # EIO: every slave end is closed
-            break
-    return b"".join(chunks).decode(errors="replace")
+            return
+        if not chunk:
+            return
+        into.append(chunk)
