@@ -156,6 +156,7 @@ class BlockReader:
         stats: ReadStats | None = None,
         read_timeout: float | None = None,
         link: LinkRate | None = None,
+        split_bytes: int = SPLIT_BYTES,
     ) -> None:
         if block_size <= 0:
             raise ValueError("block_size must be positive")
@@ -173,7 +174,7 @@ class BlockReader:
         self._disk_limiter = disk_limiter or trio.CapacityLimiter(4)
         self._request_blocks = max(1, max_request_bytes // block_size)
         self._link = link
-        self._split_blocks = max(2, SPLIT_BYTES // block_size)
+        self._split_blocks = max(2, split_bytes // block_size)
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
         self._write_budget = write_budget or ByteBudget(DEFAULT_WRITE_BEHIND)
         self._write_waiting = 0  # bytes fetched and waiting for room in the write budget

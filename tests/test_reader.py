@@ -47,6 +47,7 @@ def make_reader(
     connections: int = 8,
     max_request_bytes: int = 1 << 20,
     link: LinkRate | None = None,
+    split_bytes: int = 4 * BLOCK,  # a read of 4 blocks or more is split on a slow link
 ) -> BlockReader:
     return BlockReader(
         source,
@@ -55,6 +56,7 @@ def make_reader(
         s3_limiter=trio.CapacityLimiter(connections),
         max_request_bytes=max_request_bytes,
         link=link,
+        split_bytes=split_bytes,
     )
 
 
@@ -362,10 +364,7 @@ def measured_link(bytes_per_second: float | None) -> LinkRate:
     ],
 )
 @trio_test
-async def test_a_long_read_is_two_gets_at_once_on_a_slow_link(
-    link, gets, monkeypatch
-) -> None:
-    monkeypatch.setattr(reader_module, "SPLIT_BYTES", 4 * BLOCK)  # runs of 4+ blocks split
+async def test_a_long_read_is_two_gets_at_once_on_a_slow_link(link, gets) -> None:
     source, ref = make_source()
     reader = make_reader(source, link=link())
     source.gate = gate = threading.Event()
@@ -380,8 +379,7 @@ async def test_a_long_read_is_two_gets_at_once_on_a_slow_link(
 
 
 @trio_test
-async def test_short_reads_readahead_and_zip_members_are_never_split(monkeypatch) -> None:
-    monkeypatch.setattr(reader_module, "SPLIT_BYTES", 4 * BLOCK)
+async def test_short_reads_readahead_and_zip_members_are_never_split() -> None:
     data = DATA * 10
     source, ref = make_source(data)
     reader = make_reader(source, link=measured_link(100e6))
@@ -537,12 +535,19 @@ _reads = st.lists(
 
 
 @settings(max_examples=60, deadline=None)
-@given(reads=_reads, cache_blocks=st.integers(0, 8), concurrent=st.booleans())
+@given(
+    reads=_reads, cache_blocks=st.integers(0, 8), concurrent=st.booleans(),
+    slow_link=st.booleans(),
+)
 def test_any_sequence_of_reads_equals_the_reference(
-    reads: list[tuple[int, int]], cache_blocks: int, concurrent: bool
+    reads: list[tuple[int, int]], cache_blocks: int, concurrent: bool, slow_link: bool
 ) -> None:
     source, ref = make_source()
-    reader = make_reader(source, memory_cache_bytes=cache_blocks * BLOCK, connections=3)
+    reader = make_reader(
+        source, memory_cache_bytes=cache_blocks * BLOCK, connections=3,
+        link=measured_link(100e6 if slow_link else None),  # slow: runs of 2+ blocks split
+        split_bytes=2 * BLOCK,
+    )
     results: dict[int, bytes] = {}
 
     async def read(index: int, offset: int, length: int) -> None:
