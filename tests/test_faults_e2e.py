@@ -373,7 +373,8 @@ def test_the_random_faults_really_fire(
 def test_on_a_slow_link_large_reads_become_two_gets_of_the_same_bytes(
     cli: Cli, s3, s3server: S3Server, make_bucket, proxy: FaultProxy
 ) -> None:
-    _, body, mountpoint = mounted_slow(cli, s3, make_bucket, proxy, 16 * MiB, rate=16 * MiB)
+    rate = 16 * MiB  # ~17 MB/s per connection
+    _, body, mountpoint = mounted_slow(cli, s3, make_bucket, proxy, 16 * MiB, rate=rate)
     s3server.reset_stats()
     for offset in (9 * MiB, 3 * MiB, 13 * MiB, 6 * MiB, 1 * MiB):  # scattered: no readahead
         assert uncached_read(mountpoint / "big.bin", offset, MiB) == body[offset : offset + MiB]
@@ -381,6 +382,14 @@ def test_on_a_slow_link_large_reads_become_two_gets_of_the_same_bytes(
     assert 0 < stats["link_bytes_per_second"] < linkrate.SLOW_BYTES_PER_SECOND
     assert stats["split_reads"] >= 1  # once the first GETs showed the link slow
     assert s3server.stats()["get_bytes"] == 5 * MiB  # halves, never a byte twice
+    # A half that fails once is retried on its own; the read still gets exactly its bytes.
+    proxy.clear()  # rules fire in order: the error first, then the slow link again
+    proxy.inject("error", status=503, code="SlowDown", times=1)
+    proxy.inject("throttle", rate=rate, times=None)
+    assert uncached_read(mountpoint / "big.bin", 11 * MiB, MiB) == body[11 * MiB : 12 * MiB]
+    assert proxy.injected_count("error") == 1
+    stats_after = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    assert stats_after["split_reads"] == stats["split_reads"] + 1
 
 
 # -- the cache misbehaving -------------------------------------------------------------------------
