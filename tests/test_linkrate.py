@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from s3datafs.commands.status import _counters as status_line
 from s3datafs.linkrate import (
     ALONE,
@@ -85,3 +87,12 @@ def test_status_tells_the_link_once_it_was_measured() -> None:
     assert "connection" not in status_line(counters)  # nothing measured yet: nothing said
     counters |= {"link_bytes_per_second": 100 * MiB, "split_reads": 2}
     assert status_line(counters).endswith("; a connection brings 100.0 MiB/s, 2 reads split in two")
+
+
+def test_the_counter_is_the_median_of_the_samples() -> None:
+    link = LinkRate()
+    get_alone(link, seconds=MiB / 100e6)
+    get_alone(link, seconds=MiB / 300e6)
+    assert link.bytes_per_second == pytest.approx(200e6)  # an even count: the middle two's mean
+    get_alone(link, seconds=MiB / 250e6)
+    assert link.bytes_per_second == pytest.approx(250e6)
