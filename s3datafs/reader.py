@@ -424,14 +424,17 @@ class BlockReader:
         once, when the link has shown itself slow (``linkrate``: on S3, where one connection
         carries ~100 MB/s, the halves arrive sooner than the whole). Readahead is not split:
         its GETs are already several in flight. Nor are zip members: their source fetches and
-        decompresses a member's data in one piece.
+        decompresses a member's data in one piece. Nor is a run the disk cache may hold (its
+        region file is known): two flights would then be two disk lookups, not two GETs.
         """
         runs = _runs(missing, self._request_blocks)
         if not waited or self._link is None or not self._link.slow or _source_keeps(ref):
             return runs
+        disk = self._disk
+        digest = object_digest(ref) if disk is not None else ""
         split: list[range] = []
         for run in runs:
-            if len(run) < self._split_blocks:
+            if len(run) < self._split_blocks or (disk is not None and disk.may_hold(digest, run)):
                 split.append(run)
                 continue
             middle = run.start + len(run) // 2

@@ -770,6 +770,25 @@ def object_and_disk(tmp_path, blocks: int) -> tuple[bytes, FakeSource, ObjectRef
     return data, source, ref, DiskCache(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
 
 
+@trio_test
+async def test_on_a_slow_link_a_run_the_disk_cache_may_hold_is_one_flight(tmp_path) -> None:
+    data, source, ref, disk = object_and_disk(tmp_path, 64)
+
+    def mounted() -> BlockReader:  # a new mount each time: nothing in memory, the same disk
+        return BlockReader(
+            source, block_size=PAGE_BLOCK, memory_cache_bytes=4 << 20,
+            s3_limiter=trio.CapacityLimiter(8), disk=disk, link=measured_link(100e6),
+            split_bytes=8 * PAGE_BLOCK,
+        )
+
+    cold, warm = mounted(), mounted()
+    assert await cold.read(ref, 0, 16 * PAGE_BLOCK) == data[: 16 * PAGE_BLOCK]
+    assert (cold.stats.split_reads, source.calls["get_range"]) == (1, 2)  # nothing on disk yet
+    assert await warm.read(ref, 0, 16 * PAGE_BLOCK) == data[: 16 * PAGE_BLOCK]
+    # Its region file is known now: one flight, served by the disk, and no GET.
+    assert (warm.stats.split_reads, warm.stats.disk_hits, source.calls["get_range"]) == (0, 16, 2)
+
+
 @pytest.mark.parametrize("blocks", [5, 300])  # a short run (one worker call), a long one (two)
 @trio_test
 async def test_a_flight_takes_the_cached_prefix_from_disk_and_gets_only_the_rest(

@@ -182,6 +182,17 @@ class DiskCache:
                 break
         return found
 
+    def may_hold(self, digest: str, run: range) -> bool:
+        """Whether a region file of ``run`` is known here: its blocks may be cached.
+
+        No I/O, for callers on the trio thread: only this process's index is asked, which the
+        last scan and this process's own writes filled. A region another mount wrote since the
+        last scan is not known yet (a cache hit still finds it, a moment later).
+        """
+        relatives = [_region_name(digest, self.layout.region_of(i)) for i in (run[0], run[-1])]
+        with self._lock:
+            return any(relative in self._index for relative in relatives)
+
     def _read_region(self, digest: str, object_size: int, run: range) -> dict[int, bytes]:
         """Blocks of ``run`` (within one region) from its file, up to the first not there."""
         layout, size = self.layout, self.block_size
