@@ -48,7 +48,7 @@ class LinkRate:
         self._lock = threading.Lock()
         self._rates: deque[float] = deque(maxlen=WINDOW)
         self._in_progress: list[Get] = []
-        self._slow = False
+        self._slow = False  # kept, not derived on each ask: the reader asks per waited read
 
     def begin(self) -> Get:
         """A GET starts: every GET in progress now has one more beside it."""

@@ -267,15 +267,13 @@ class S3Source:
 
     def _get_range_once(self, ref: ObjectRef, start: int, end: int) -> bytes:
         get = self.link.begin()
-        fetched: Fetched | None = None
         try:
             fetched = self._fetch(ref, start, end)
-        finally:
-            if fetched is None:
-                self.link.end(get)
-            else:
-                self.link.end(get, len(fetched.data), fetched.body_seconds)
+        except BaseException:
+            self.link.end(get)  # over, with no body to tell the rate
+            raise
         data = fetched.data
+        self.link.end(get, len(data), fetched.body_seconds)
         _check_body(ref, start, end, data, fetched.content_range)
         if start == 0 and end == ref.size and self._verify_md5:
             self._check_md5(ref, data, fetched)

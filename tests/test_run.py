@@ -261,7 +261,6 @@ def test_a_terminal_ctrl_c_reaches_the_job_once(cli: Cli) -> None:
                 time.sleep(0.02)
             os.write(master, b"\x03")  # the terminal's Ctrl-C
             assert process.wait(timeout=30) == 0
-            reading.join(10)
         finally:
             if process.poll() is None:
                 process.kill()

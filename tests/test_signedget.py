@@ -12,6 +12,7 @@ and retries of every other fault are ``test_faults.py``'s, which runs through th
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import uuid
 import zlib
@@ -23,6 +24,7 @@ from faultproxy import FaultProxy
 
 from devtools.s3server import S3Server
 from s3datafs import linkrate, signedget
+from s3datafs.errors import StaleObjectError
 from s3datafs.model import ObjectRef
 from s3datafs.s3source import S3Settings, S3Source
 
@@ -89,6 +91,10 @@ def test_get_bodies_tell_how_fast_the_link_is(
     if path == "botocore":
         monkeypatch.setattr(source, "_signed", None)
     ref = objects["large.bin"]
+    stale = dataclasses.replace(ref, etag='"0123456789abcdef0123456789abcdef"')
+    for _ in range(linkrate.ALONE + 1):  # failed GETs are over too: no crowd left behind them
+        with pytest.raises(StaleObjectError):
+            source.get_range(stale, 0, 1024 * KiB)
     proxy.inject("throttle", rate=8 * 1024 * KiB, times=None)  # a slow link: 1 MiB in 0.125 s
     for _ in range(linkrate.MIN_SAMPLES):
         assert source.get_range(ref, 0, 1024 * KiB) == LARGE[: 1024 * KiB]
