@@ -3,7 +3,7 @@
 Invariants:
 - The namespace is the immutable catalog, so inode numbers are catalog rowids, ``forget`` has
   nothing to do, and the kernel may cache entries, attributes and pages for a long time
-  (``keep_cache`` on open, timeouts of a day).
+  (``keep_cache`` on open, timeouts of a day), missing names included (a negative entry).
 - Errors cross the FUSE boundary here only: typed ``S3DataFSError``s become their ``errno``;
   anything unexpected is logged once with its traceback and becomes ``EIO``. Only
   ``pyfuse3.FUSEError`` leaves a handler.
@@ -135,7 +135,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         entry = self._catalog.lookup(parent_inode, os.fsdecode(name))
         if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._no_such_entry()
         return self._attributes(entry)
 
     @_translate_errors
@@ -290,6 +290,18 @@ class Operations(pyfuse3.Operations):
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
+
+    def _no_such_entry(self) -> Any:
+        """ENOENT that the kernel may remember: inode 0 with the entry timeout.
+
+        The namespace never changes, so a name that is missing now is missing for the whole
+        mount. Loaders probe for optional files (``x.json``, then ``x.json.gz``, ...) over and
+        over; the kernel then answers those probes itself instead of asking the daemon each time.
+        """
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = 0
+        attrs.entry_timeout = self._settings.cache_timeout
+        return attrs
 
     def _attributes(self, entry: Entry) -> Any:
         settings = self._settings

@@ -143,10 +143,14 @@ async def test_nested_lookup_and_empty_file(fs: Mounted) -> None:
 
 @pytest.mark.parametrize("name", [b"missing", b"outside.txt", b"", b"\xff\xfe", b"A.TXT"])
 @trio_test
-async def test_lookup_of_an_unknown_name_is_enoent(fs: Mounted, name: bytes) -> None:
-    with pytest.raises(pyfuse3.FUSEError) as caught:
-        await fs.ops.lookup(ROOT, name)
-    assert_errno(caught, errno.ENOENT)
+async def test_lookup_of_an_unknown_name_is_a_negative_entry_the_kernel_keeps(
+    fs: Mounted, name: bytes
+) -> None:
+    # inode 0 is pyfuse3's "no such entry" (ENOENT to the caller), cached for entry_timeout:
+    # the namespace never changes, so the kernel need not ask again.
+    attrs = await fs.ops.lookup(ROOT, name)
+    assert attrs.st_ino == 0
+    assert attrs.entry_timeout == FsSettings(uid=0, gid=0).cache_timeout
 
 
 @trio_test

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -220,6 +221,36 @@ def test_xattrs_statfs_and_status(cli: Cli, s3, make_bucket) -> None:
         line = next(row for row in table if f" {mountpoint} " in row)
     assert "fuse.s3datafs" in line
     assert " ro," in line or " ro " in line
+
+
+def test_the_kernel_remembers_names_found_and_missing_without_asking_the_daemon(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """Entries, attributes and missing names are cached for the mount's life: a stopped
+    daemon cannot answer, so whatever is answered while it is stopped came from the kernel."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x" * 10})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    present, missing = mountpoint / "x.bin", mountpoint / "x.bin.gz"
+    assert present.stat().st_size == 10
+    assert errno_of(missing.stat) == errno.ENOENT
+    answers: list[object] = []
+
+    def ask_again() -> None:
+        answers.append(present.stat().st_size)
+        answers.append(errno_of(missing.stat))
+
+    daemon = cli.daemon_pid(mountpoint)
+    asker = threading.Thread(target=ask_again, daemon=True)
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        asker.start()
+        asker.join(timeout=5)
+        answered_while_stopped = list(answers)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    asker.join(timeout=30)
+    assert answered_while_stopped == [10, errno.ENOENT]
 
 
 def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make_bucket) -> None:
