@@ -179,6 +179,26 @@ def test_blocks_are_exact_with_o_direct_and_where_a_filesystem_refuses_it(
     assert b"".join(found[i] for i in range(4)) == data[: short.size]
 
 
+def test_a_write_under_way_when_another_thread_gives_up_o_direct_still_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = make_cache(tmp_path)
+    real_fcntl, direct = fcntl.fcntl, getattr(os, "O_DIRECT", 0)
+
+    def fake_fcntl(fd, command, arg=0):  # meanwhile, another write found O_DIRECT refused
+        if command == fcntl.F_SETFL and arg & direct:
+            cache._direct = None
+        return real_fcntl(fd, command, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", fake_fcntl)
+    size = REGION_BLOCKS * BLOCK
+    data = os.urandom(size)
+    ref = make_ref(size)
+    stored(cache, ref, data)
+    found = read_all(cache, ref, range(REGION_BLOCKS))
+    assert b"".join(found[i] for i in sorted(found)) == data
+
+
 def test_a_run_larger_than_the_write_buffer_is_written_in_pieces(tmp_path: Path) -> None:
     size = REGION_BLOCKS * BLOCK - 100  # one region, 8 buffers' worth, odd-sized
     data = os.urandom(size)

@@ -350,11 +350,12 @@ class DiskCache:
         aligned buffer just the same and costs two more syscalls (``fcntl`` on and off), each a
         GIL hand-off while readers wait; the page cache they take is small.
         """
-        if self._direct is not None and sum(map(len, parts)) >= DIRECT_MIN:
+        buffers = self._direct  # read once: another thread may switch it off meanwhile
+        if buffers is not None and sum(map(len, parts)) >= DIRECT_MIN:
             try:
                 fcntl.fcntl(fd, fcntl.F_SETFL, O_DIRECT)
                 try:
-                    pwrite_direct(fd, parts, offset, self._direct)
+                    pwrite_direct(fd, parts, offset, buffers)
                 finally:
                     fcntl.fcntl(fd, fcntl.F_SETFL, 0)
                 return
