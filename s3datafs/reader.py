@@ -34,8 +34,9 @@ Design:
   so foreground reads never queue behind readahead. While several streams read ahead at once,
   each asks for at most an even share of the budget (``_share``, in whole GETs).
 - Memory: at most ``prefetch_budget`` + the LRU's size + ``write_budget`` of GET bodies (blocks
-  are views of them) plus foreground flights; the defaults keep a daemon with 8 sequential
-  readers under 256 MiB.
+  are views of them) plus foreground flights, and at the LRU's old end the rest of the bodies
+  it is letting go (a block read again is copied out of its body: ``_pins_more``); the defaults
+  keep a daemon with 8 sequential readers under 256 MiB.
 
 - Bounded waits: with ``read_timeout`` no GET is waited for longer than that, slot wait included
   (``--read-timeout``); past it the flight fails with ``TransientS3Error`` (EIO) and the next read
@@ -178,6 +179,7 @@ class BlockReader:
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
         self._write_budget = write_budget or ByteBudget(DEFAULT_WRITE_BEHIND)
         self._write_waiting = 0  # bytes fetched and waiting for room in the write budget
+        self._reported_cache_bug = False
         self._waited_flights = 0  # flights a reader waits for (``_Flight.waited``), in progress
         self._writes_may_go = trio.Event()  # set (and renewed) when write-behind may stop yielding
         self._inflight: dict[BlockKey, _Flight] = {}
@@ -236,7 +238,10 @@ class BlockReader:
             ahead = readahead.on_read(offset, end - offset, ref.size, step, limit)
             if ahead:
                 self._streams[id(readahead)] = time.monotonic()
-                if (reached := self.prefetch(ref, *ahead)) < ahead[1]:
+                start_ahead, end_ahead = ahead
+                if last in taken:  # taken out of staging above: it is no longer to be fetched
+                    start_ahead = max(start_ahead, (last + 1) * self.block_size)
+                if (reached := self.prefetch(ref, start_ahead, end_ahead)) < end_ahead:
                     readahead.fell_short(reached)  # budget spent: ask again on the next read
         blocks = await self._load(ref, range(first, last + 1), taken)
         self._consumed(ref, blocks, taken)
@@ -394,6 +399,8 @@ class BlockReader:
         for index in indices:
             key = (ref, index)
             if (block := self._memory.get(key)) is not None:
+                if _pins_more(block):  # read again: it may outlive its body's other blocks
+                    block = self._memory[key] = bytes(block)
                 found[index] = block
                 self.stats.memory_hits += 1
             elif (staged := self._staged.get(key)) is not None:
@@ -568,7 +575,7 @@ class BlockReader:
 
     def _load_blocking(
         self, ref: ObjectRef, run: range, disk: DiskCache | None, write: DiskCache | None
-    ) -> tuple[dict[int, bytes], list[memoryview] | None, OSError | None]:
+    ) -> tuple[dict[int, bytes], list[memoryview] | None, Exception | None]:
         """In a worker thread: the run's cached prefix in ``disk``, the rest as blocks of one GET
         (None: no rest), and, with ``write``, that rest written to it (the error if it refused).
 
@@ -587,7 +594,7 @@ class BlockReader:
             return hits, blocks, None
         try:  # a sync that falls due is left to ``_sync_behind``: the run's readers wait here
             write.write(ref, object_digest(ref), first, blocks, sync=False)
-        except OSError as exc:
+        except Exception as exc:  # the bytes are good: a cache fault (or bug) must not fail them
             return hits, blocks, exc
         return hits, blocks, None
 
@@ -634,7 +641,7 @@ class BlockReader:
             await trio.to_thread.run_sync(
                 self._disk.write, ref, digest, first, blocks, limiter=self._disk_limiter
             )
-        except OSError as exc:
+        except Exception as exc:  # a cache fault (or bug) must not end the mount
             self._write_failed(exc)
         finally:
             self._write_budget.give(cost)
@@ -659,8 +666,13 @@ class BlockReader:
         finally:
             self._syncing = False
 
-    def _write_failed(self, exc: OSError) -> None:
+    def _write_failed(self, exc: Exception) -> None:
         self.stats.cache_write_errors += 1
+        if not isinstance(exc, OSError) and not self._reported_cache_bug:
+            self._reported_cache_bug = True  # a bug, not the disk: its traceback, once
+            log.error("unexpected error writing to the block cache; reads continue from S3",
+                      exc_info=exc)
+            return
         self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
 
     def _remember_slow_failure(self, flight: _Flight) -> None:
@@ -678,6 +690,17 @@ class BlockReader:
             for index in flight.run:
                 if index not in flight.blocks:
                     self._failed[(flight.ref, index)] = flight.error
+
+
+def _pins_more(block: bytes | memoryview) -> bool:
+    """Whether ``block`` is a view that keeps a larger GET body alive than itself.
+
+    The LRU counts a block's own length. Blocks of one body enter it together and leave it
+    together, oldest first, unless one of them is read again and moves ahead alone: such a block
+    becomes a copy, so the body can go with its other blocks (otherwise one 64 KiB block kept
+    hot could hold an 8 MiB body, 128x what the LRU counts).
+    """
+    return isinstance(block, memoryview) and block.nbytes < memoryview(block.obj).nbytes
 
 
 def _source_keeps(ref: PinnedRef) -> bool:

@@ -643,6 +643,45 @@ async def test_unread_readahead_is_never_evicted_by_what_a_stream_has_read() -> 
 
 
 @trio_test
+async def test_a_read_that_takes_readahead_and_ends_inside_a_block_fetches_none_twice() -> None:
+    data = DATA * 10
+    source, ref = make_source(data)
+    reader = make_streaming_reader(source, ByteBudget(1 << 20), memory=1 << 20)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        assert reader.prefetch(ref, 0, 4 * BLOCK) == 4 * BLOCK  # a file's head, fetched at open
+        await settle(reader)
+        readahead = Readahead(initial=4 * BLOCK, maximum=8 * BLOCK)
+        assert await reader.read(ref, 0, BLOCK + 5, readahead) == data[: BLOCK + 5]
+        await settle(reader)
+        mount_tasks.cancel_scope.cancel()
+    fetched = [index for _, start, end in source.ranges for index in range(start // BLOCK,
+                                                                         -(-end // BLOCK))]
+    assert len(fetched) == len(set(fetched)), source.ranges
+
+
+@trio_test
+async def test_a_block_read_again_does_not_keep_its_whole_get_body_alive() -> None:
+    """The LRU counts a block's own bytes; a block that is a view of an 8-block GET body and is
+    read again while the rest of that body is evicted must not hold the whole body."""
+    source = FakeSource()
+    source.create_bucket(BUCKET)
+    refs = [source.put(BUCKET, f"f{i}", bytes([i]) * 8 * BLOCK) for i in range(16)]
+    lru = 16 * BLOCK
+    reader = make_reader(source, memory_cache_bytes=lru, max_request_bytes=8 * BLOCK)
+    for number, ref in enumerate(refs):
+        assert await reader.read(ref, 0, ref.size) == bytes([number]) * ref.size  # one GET
+        for hot in range(max(0, number - 6), number + 1):  # a few bytes of recent files again
+            assert await reader.read(refs[hot], 0, 4) == bytes([hot]) * 4
+    bodies = {}
+    for block in reader._memory.values():
+        body = block.obj if isinstance(block, memoryview) else block
+        bodies[id(body)] = len(body)
+    assert reader._memory.currsize <= lru
+    assert sum(bodies.values()) <= lru + 8 * BLOCK  # at most one body on its way out
+
+
+@trio_test
 async def test_readahead_the_budget_had_no_room_for_is_asked_again_not_left_as_a_hole() -> None:
     data = DATA * 10
     source, ref = make_source(data)
@@ -876,21 +915,32 @@ async def test_a_long_run_looks_on_disk_behind_the_writes(
 
 
 @pytest.mark.parametrize("blocks", [5, 300])
+@pytest.mark.parametrize(
+    ("failure", "logged"),
+    [
+        (OSError(28, "No space left on device"),
+         "cannot write to the block cache ([Errno 28] No space left on device)"),
+        (AttributeError("a bug"), "unexpected error writing to the block cache"),
+    ],
+    ids=["disk full", "bug"],
+)
 @trio_test
-async def test_a_disk_cache_that_refuses_writes_is_counted_and_reads_go_on(
-    tmp_path, caplog, blocks: int
+async def test_a_disk_cache_that_fails_writes_is_counted_logged_once_and_reads_go_on(
+    tmp_path, caplog, blocks: int, failure: Exception, logged: str
 ) -> None:
     data, source, ref, disk = object_and_disk(tmp_path, blocks)
 
-    def full(*_args: object, **_kwargs: object) -> None:
-        raise OSError(28, "No space left on device")
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise failure
 
-    disk.write = full  # type: ignore[method-assign]
+    disk.write = fail  # type: ignore[method-assign]
     reader = make_disk_reader(source, disk)
-    assert await reader.read(ref, 0, len(data)) == data
-    assert await reader.read(ref, 0, len(data)) == data  # from memory
-    assert reader.stats.cache_write_errors == 1
-    assert "cannot write to the block cache ([Errno 28] No space left on device)" in caplog.text
+    for pinned in (ref, source.put(BUCKET, "other.bin", data)):
+        assert await reader.read(pinned, 0, len(data)) == data
+        assert await reader.read(pinned, 0, len(data)) == data  # from memory
+    assert reader.stats.cache_write_errors == 2
+    assert caplog.text.count(logged) == 1
+    assert ("Traceback" in caplog.text) == (not isinstance(failure, OSError))  # a bug's, once
 
 
 class HeldSyncDisk(DiskCache):
