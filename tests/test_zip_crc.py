@@ -75,19 +75,44 @@ def test_coverage_gives_the_whole_crc_exactly_once_at_completion(
     assert len(coverage) == 1
 
 
-def test_overlapping_pieces_are_ignored() -> None:
+def test_overlapping_pieces_add_the_bytes_not_seen_yet() -> None:
     data = bytes(range(200)) * 2
     coverage = Coverage(len(data))
     assert coverage.add(0, data[0:100]) is None
-    assert coverage.add(50, data[50:150]) is None  # overlaps the piece before: ignored
+    assert coverage.add(50, data[50:150]) is None  # adds 100..150
     assert coverage.add(300, data[300:400]) is None
-    assert coverage.add(250, data[250:350]) is None  # overlaps the piece after: ignored
-    assert coverage.add(90, data[90:310]) is None  # overlaps both
-    assert coverage.add(100, data[100:100 + 50]) is None
+    assert coverage.add(250, data[250:350]) is None  # adds 250..300
     assert len(coverage) == 2
-    # Wrong bytes in an ignored piece change nothing: only what was kept counts.
+    # Bytes seen before count as they were first seen: wrong ones over them change nothing.
     assert coverage.add(120, b"\xff" * 10) is None
-    assert coverage.add(150, data[150:300]) == zlib.crc32(data)
+    assert coverage.add(90, data[90:310]) == zlib.crc32(data)  # overlaps both, fills the gap
+    assert len(coverage) == 1
+    assert coverage.add(0, data) is None  # nothing new: the CRC was told once
+
+
+@st.composite
+def overlapping_ranges(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, int]]]:
+    """Some bytes and ranges of them in any order, overlapping at will, covering them all."""
+    data = draw(st.binary(min_size=1, max_size=2000))
+    bound = st.integers(0, len(data))
+    ranges = [tuple(sorted(pair)) for pair in draw(st.lists(st.tuples(bound, bound), max_size=30))]
+    ranges.append((0, len(data)))  # the last read covers whatever is left
+    return data, ranges
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=overlapping_ranges())
+def test_overlapping_pieces_give_the_crc_once_when_every_byte_was_seen(
+    case: tuple[bytes, list[tuple[int, int]]],
+) -> None:
+    data, ranges = case
+    coverage, seen = Coverage(len(data)), set()
+    for start, end in ranges:
+        was_whole = len(seen) == len(data)
+        seen.update(range(start, end))
+        crc = coverage.add(start, data[start:end])
+        now_whole = len(seen) == len(data)
+        assert crc == (zlib.crc32(data) if now_whole and not was_whole else None)
 
 
 def test_whole_member_in_one_piece_and_empty_member() -> None:

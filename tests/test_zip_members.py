@@ -14,10 +14,11 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fakes import FakeSource
+import trio
+from fakes import FakeSource, trio_test
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zipcraft import make_zip, patch, sample_bytes, set_local_extra_length
+from zipcraft import header_offset, make_zip, patch, sample_bytes, set_local_extra_length
 
 from s3datafs.archive import members as members_module
 from s3datafs.archive import spans as spans_module
@@ -25,6 +26,8 @@ from s3datafs.archive.index import read_index
 from s3datafs.archive.members import MemberSource
 from s3datafs.errors import ArchiveError
 from s3datafs.model import MemberRef, ObjectRef
+from s3datafs.prefetch import Readahead
+from s3datafs.reader import BlockReader
 
 BUCKET = "bkt"
 KIB, MIB = 1024, 1024 * 1024
@@ -329,10 +332,56 @@ def test_stored_crc_mismatch_found_when_the_last_piece_completes_coverage(seed: 
     *first, last = ranges
     for start, end in first:
         assert source.get_range(ref, start, end) == BAD["m1.bin"][start:end]
-    # Overlapping again what was read adds nothing and decides nothing.
-    assert source.get_range(ref, 0, ref.size // 3) == BAD["m1.bin"][: ref.size // 3]
+    # Reading again what was read adds nothing and decides nothing.
+    again_start, again_end = first[0]
+    assert source.get_range(ref, again_start, again_end) == BAD["m1.bin"][again_start:again_end]
     with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
         source.get_range(ref, *last)
+
+
+def test_stored_crc_mismatch_found_when_overlapping_pieces_cover_the_member() -> None:
+    """As the block reader reads a member whose head came another way: whole blocks around
+    bytes already served (pieces overlapping what was seen must still count their new bytes)."""
+    zipped, ref = bad(zipfile.ZIP_STORED, crc=0x12345678)
+    source = MemberSource(zipped.source)
+    assert ref.size == 50_000
+    for start, end in [(0, 20_000), (16_384, 32_768), (10_000, 40_000)]:
+        assert source.get_range(ref, start, end) == BAD["m1.bin"][start:end]
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+        source.get_range(ref, 32_768, ref.size)
+
+
+@pytest.mark.parametrize("damaged_at", [20 * KIB, 600 * KIB, 3 * MIB])
+@trio_test
+async def test_a_damaged_stored_member_read_head_first_then_whole_is_never_served_whole(
+    damaged_at: int,
+) -> None:
+    """The mount's way: members walked in archive order (the spans land and serve reads at hand),
+    a big one read 16 KiB first (``head``), then whole in the kernel's 128 KiB reads."""
+    content = {f"small{i}.bin": sample_bytes(i, 300 * KIB) for i in range(4)}
+    content["big.bin"] = sample_bytes(99, 6 * MIB + 12345)
+    data = bytearray(make_zip(content))
+    data[header_offset(bytes(data), "big.bin") + 30 + len("big.bin") + damaged_at] ^= 0xFF
+    zipped = archive(bytes(data))
+    members = MemberSource(zipped.source)
+    served: bytes | None = b""
+    try:
+        async with trio.open_nursery() as tasks:
+            reader = BlockReader(members, block_size=64 * KIB, memory_cache_bytes=32 * MIB,
+                                 s3_limiter=trio.CapacityLimiter(8))
+            reader.attach(tasks)
+            for name, ref in zipped.members.items():
+                readahead = Readahead(MIB, 64 * MIB)
+                first = 16 * KIB if name == "big.bin" else 128 * KIB
+                served = await reader.read(ref, 0, first, readahead)
+                for offset in range(first, ref.size, 128 * KIB):
+                    served += await reader.read(ref, offset, 128 * KIB, readahead)
+            tasks.cancel_scope.cancel()
+    except* ArchiveError:
+        served = None
+    finally:
+        members.close()
+    assert served is None, "a damaged member was served whole"
 
 
 def test_stored_pieces_with_the_right_crc_raise_nothing() -> None:

@@ -8,8 +8,10 @@ modulo the CRC polynomial, as a 32x32 bit matrix raised to a power by repeated s
 Cost: about 30 matrix squarings per combine (a few milliseconds in Python), once per GET.
 
 ``Coverage`` keeps the disjoint pieces of one member read so far, merging neighbours, and says
-when they cover the member. A piece overlapping one already seen (a range fetched again after
-its blocks were evicted) adds nothing and is ignored.
+when they cover the member. A piece overlapping pieces already seen (the block reader fetches
+whole blocks around what another path served, or a range again after its blocks were evicted)
+adds the bytes it has that were not seen yet: its bytes are at hand, so every byte of the member
+is counted once, and a member read whole in pieces of any shape is always checked.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def crc32_combine(crc_a: int, crc_b: int, length_b: int) -> int:
 class Coverage:
     """The pieces of one member read so far, as disjoint ``[start, end)`` ranges with CRCs."""
 
+    __slots__ = ("size", "_starts", "_pieces")
+
     def __init__(self, size: int) -> None:
         self.size = size
         self._starts: list[int] = []
@@ -68,12 +72,34 @@ class Coverage:
 
     def add(self, start: int, data: bytes | memoryview) -> int | None:
         """Record ``data`` read at ``start``; the member's CRC once every byte has been seen."""
+        view = memoryview(data)
+        if not self._pieces and start == 0 and len(view) == self.size:
+            return self._add_unseen(0, view)  # the whole member at once (an empty one too)
+        crc = None
+        for gap_start, gap_end in self._unseen(start, start + len(view)):
+            crc = self._add_unseen(gap_start, view[gap_start - start : gap_end - start])
+        return crc
+
+    def _unseen(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` that no piece covers yet."""
+        at = bisect.bisect_right(self._starts, start)
+        if at > 0:
+            start = max(start, self._pieces[at - 1][1])
+        gaps = []
+        for piece_start, piece_end, _ in self._pieces[at:]:
+            if piece_start >= end:
+                break
+            if piece_start > start:
+                gaps.append((start, piece_start))
+            start = max(start, piece_end)
+        if start < end:
+            gaps.append((start, end))
+        return gaps
+
+    def _add_unseen(self, start: int, data: memoryview) -> int | None:
+        """Insert a piece that overlaps none, merged with its neighbours; the CRC once whole."""
         end = start + len(data)
         at = bisect.bisect_right(self._starts, start)
-        if at > 0 and self._pieces[at - 1][1] > start:
-            return None  # overlaps the piece before
-        if at < len(self._pieces) and self._pieces[at][0] < end:
-            return None  # overlaps the piece after
         crc = zlib.crc32(data)
         if at > 0 and self._pieces[at - 1][1] == start:  # merge with the piece before
             at -= 1

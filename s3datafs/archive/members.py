@@ -32,7 +32,8 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   inflate further (a zip bomb), ends early or fails to decompress is an ``ArchiveError`` (EIO),
   and so is a CRC-32 mismatch. A compressed member's CRC is checked whenever decompression
   reaches its end (always from its start); a stored member's whenever its pieces, fetched in any
-  order, have covered it (``crc.Coverage``). A member found bad fails every later read at once
+  order and overlapping at will, have covered it (``crc.Coverage``; the pieces of the 65,536
+  stored members last read in part are remembered). A member found bad fails every later read at once
   (``_failing``). Encrypted members and unsupported methods fail every read with an error naming
   the member.
 - Disk writes (``spans.ArchiveBlocks``): a short fetch is written by the thread that fetched it,
@@ -186,7 +187,9 @@ class MemberSource:
         self._whole_max = whole_max
         self._lock = threading.Lock()  # guards the tables below, never held during I/O
         self._data_offsets: cachetools.LRUCache[MemberRef, int] = cachetools.LRUCache(65536)
-        self._coverage: cachetools.LRUCache[MemberRef, Coverage] = cachetools.LRUCache(4096)
+        # Stored members being read in pieces (~0.3 KiB each): as many as data offsets, so a job
+        # that reads the heads of many members before reading them whole still has each checked.
+        self._coverage: cachetools.LRUCache[MemberRef, Coverage] = cachetools.LRUCache(65536)
         self._states: cachetools.LRUCache[MemberRef, _MemberState] = cachetools.LRUCache(
             maxsize=max_positions, getsizeof=lambda state: max(1, state.positions))
         self._whole: cachetools.LRUCache[MemberRef, bytes] = cachetools.LRUCache(
