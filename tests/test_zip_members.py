@@ -77,6 +77,27 @@ def pieces(size: int, seed: int, count: int = 7) -> list[tuple[int, int]]:
     return ranges
 
 
+@pytest.mark.parametrize("peek", [False, True], ids=["get", "at hand"])
+def test_a_first_read_far_into_a_member_fetches_its_header_and_its_range_only(
+    peek: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A footer read first (Parquet, ``tail``) must not fetch the member up to it."""
+    footer = 64 * KIB
+    content = {"big.bin": sample_bytes(7, 8 * MIB)}
+    zipped = archive(make_zip(content, methods=(zipfile.ZIP_STORED,)))
+    source, ref = MemberSource(zipped.source), zipped.members["big.bin"]
+    asked: list[tuple[int, int]] = []
+    if peek:  # the at-hand path plans the same fetch: record what it would ask the spans for
+        real_peek = spans_module.Spans.peek
+        monkeypatch.setattr(spans_module.Spans, "peek", lambda spans, archive, start, end: (
+            asked.append((start, end)) or real_peek(spans, archive, start, end)))
+        assert source.get_range_now(ref, ref.size - footer, ref.size) is None
+        assert max(end - start for start, end in asked) <= footer + 200
+    assert source.get_range(ref, ref.size - footer, ref.size) == content["big.bin"][-footer:]
+    assert zipped.fetched() <= footer + 64 * KIB  # the header's GET is small
+    assert source.get_range(ref, 0, 1000) == content["big.bin"][:1000]
+
+
 @pytest.fixture
 def small_interval(monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(members_module, "_MIN_INTERVAL", 64 * KIB)

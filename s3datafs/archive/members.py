@@ -8,9 +8,11 @@ cache let it go, reads no S3 byte. Every byte comes from ranged GETs of the arch
 wrapped source, so each carries the archive's VersionId and If-Match.
 
 - Local headers: a member's data starts after its local header, whose length only the header
-  itself tells. The first GET of a member fetches the header together with the start of the data
-  (a guess of the header's length, corrected by a second GET if wrong); the data offset is then
-  remembered. The header must be a local header and the data must end before ``data_limit``.
+  itself tells. The first GET of a member fetches the header together with the data up to the
+  end of the read (a guess of the header's length, corrected by a second GET if wrong), unless
+  the read starts beyond ``_JOINED_MAX``: then the header alone, and the range on its own (a
+  footer read first must not fetch the member up to it). The data offset is then remembered.
+  The header must be a local header and the data must end before ``data_limit``.
 - Stored members are the archive's bytes at the data offset: one ranged GET per range.
 - Archive order: members read one after another in archive order (a job walking the tree, by
   one thread or several) are fetched in shared, growing spans of the archive (``spans.Spans``), read
@@ -33,9 +35,9 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   and so is a CRC-32 mismatch. A compressed member's CRC is checked whenever decompression
   reaches its end (always from its start); a stored member's whenever its pieces, fetched in any
   order and overlapping at will, have covered it (``crc.Coverage``; the pieces of the 65,536
-  stored members last read in part are remembered). A member found bad fails every later read at once
-  (``_failing``). Encrypted members and unsupported methods fail every read with an error naming
-  the member.
+  stored members last read in part are remembered). A member found bad fails every later read
+  at once (``_failing``). Encrypted members and unsupported methods fail every read with an
+  error naming the member.
 - Disk writes (``spans.ArchiveBlocks``): a short fetch is written by the thread that fetched it,
   spans behind the reads (bounded, drained by ``close``).
 """
@@ -63,6 +65,7 @@ from .crc import Coverage
 from .spans import ArchiveBlocks, Spans
 
 _HEADER_GUESS = 30 + 128  # local header + name and extra fields, as most writers make them
+_JOINED_MAX = 1024 * 1024  # a first read from up to here also fetches the member's header
 _INLINE_COMPRESSED = 256 * 1024  # at most ~1 ms of inflating on the caller's (trio) thread
 _WHOLE_MAX = 1024 * 1024  # compressed members up to this size are always decompressed whole
 _WHOLE_KEPT = 16 * 1024 * 1024  # bytes of such members kept for their next pieces
@@ -284,8 +287,11 @@ class MemberSource:
             offset = self._data_offsets.get(ref)
         if offset is not None:
             return self._spans.read(ref.archive, offset + start, offset + end)
-        # Header and data in one GET when the guess of the header's length holds.
-        guess_end = min(ref.header_offset + _HEADER_GUESS + end, ref.data_limit)
+        # Header and data in one GET when the guess of the header's length holds, and when
+        # what lies between them is short: a first read far into a member (a footer, ``tail``)
+        # reads the header alone, then its range, rather than everything up to it.
+        joined = start <= _JOINED_MAX
+        guess_end = min(ref.header_offset + _HEADER_GUESS + (end if joined else 0), ref.data_limit)
         fetched = self._spans.read(ref.archive, ref.header_offset, guess_end)
         offset = self._located(ref, fetched)
         have = fetched[offset - ref.header_offset:]
@@ -298,7 +304,9 @@ class MemberSource:
         with self._lock:
             offset = self._data_offsets.get(ref)
         if offset is None:
-            guess_end = min(ref.header_offset + _HEADER_GUESS + end, ref.data_limit)
+            joined = start <= _JOINED_MAX  # as in ``_data``
+            guess_end = min(ref.header_offset + _HEADER_GUESS + (end if joined else 0),
+                            ref.data_limit)
             fetched = self._spans.peek(ref.archive, ref.header_offset, guess_end)
             if fetched is None:
                 return None
