@@ -272,6 +272,21 @@ def test_sequential_read_fetches_the_compressed_data_once(
     assert zipped.fetched() <= interval(ref) + members_module._MIN_CHUNK
 
 
+def test_saved_positions_keep_little_compressed_input(small_interval: int) -> None:
+    """A saved position is a copy of the decompressor, with the input it had not used yet: it
+    must not keep the rest of a chunk of up to 8 MiB (256 of them would hold gigabytes)."""
+    expected, data = big()
+    zipped = archive(data)
+    ref = zipped.members["big.bin"]
+    source = MemberSource(zipped.source)
+    assert source.get_range(ref, ref.size - 1000, ref.size) == expected[-1000:]  # one chunk
+    saved = source._states[ref].saved
+    assert len(saved) >= 30
+    assert all(len(position.decompressor._inner.unconsumed_tail) <= 64 * KIB
+               for position in saved)
+    assert source.get_range(ref, 100 * KIB, 300 * KIB) == expected[100 * KIB: 300 * KIB]
+
+
 def test_backward_reads_use_saved_positions(small_interval: int, no_spans: None) -> None:
     expected = sample_bytes(13, 4 * MIB)
     zipped = archive(make_zip({"big.bin": expected}, methods=(zipfile.ZIP_DEFLATED,)))

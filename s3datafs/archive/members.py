@@ -51,7 +51,7 @@ import lzma
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import cachetools
@@ -70,6 +70,8 @@ _INLINE_COMPRESSED = 256 * 1024  # at most ~1 ms of inflating on the caller's (t
 _WHOLE_MAX = 1024 * 1024  # compressed members up to this size are always decompressed whole
 _WHOLE_KEPT = 16 * 1024 * 1024  # bytes of such members kept for their next pieces
 _MIN_CHUNK = 256 * 1024
+_FEED = 64 * 1024  # compressed bytes per call to a decompressor whose position is kept
+_NOTHING = memoryview(b"")
 _MAX_CHUNK = 8 * 1024 * 1024
 _MIN_INTERVAL = 4 * 1024 * 1024
 _SAVED_PER_MEMBER = 32  # so the interval grows with the member: size / 32
@@ -163,9 +165,10 @@ class _Position:
     """A decompressor paused after ``out_pos`` output bytes, ``next_in`` compressed bytes fed."""
 
     out_pos: int
-    next_in: int
+    next_in: int  # compressed bytes fed to ``decompressor``
     decompressor: _Decompressor
     crc: int
+    pending: memoryview = field(default_factory=lambda: _NOTHING)  # fetched, not fed yet
 
 
 class _MemberState:
@@ -416,17 +419,25 @@ class MemberSource:
         """
         interval = max(_MIN_INTERVAL, ref.size // _SAVED_PER_MEMBER)
         decompressor = position.decompressor
+        # A decompressor keeps the input it could not use yet, and saved copies of it keep theirs:
+        # with ``state`` (positions that are kept) it is fed ``_FEED`` bytes at a time, so a
+        # saved copy holds no more of a chunk of up to ``_MAX_CHUNK``. The rest of the chunk
+        # stays with the live position only (``pending``; ``next_in`` counts what was fed).
+        pending, position.pending = position.pending, _NOTHING
+        feed = _FEED if state is not None else None
         try:
             while position.out_pos < end:
-                data = b""
-                if decompressor.eof or (
-                    decompressor.needs_input and position.next_in >= ref.compressed_size
-                ):
+                data: bytes | memoryview = b""
+                if decompressor.eof or (decompressor.needs_input and not pending
+                                        and position.next_in >= ref.compressed_size):
                     raise ArchiveError(f"{_what(ref)}: its data ends after {position.out_pos} "
                                        f"of its {ref.size} bytes (a corrupt archive)")
                 if decompressor.needs_input:
-                    data = self._next_chunk(ref, position, end, compressed)
-                    position.next_in += len(data)
+                    if not pending:
+                        pending = memoryview(self._next_chunk(ref, position, end, compressed))
+                    taken = len(pending) if feed is None else min(feed, len(pending))
+                    data, pending = pending[:taken], pending[taken:]
+                    position.next_in += taken
                 goal = end
                 if state is not None and _copyable(decompressor):
                     goal = min(end, (position.out_pos // interval + 1) * interval)
@@ -441,15 +452,17 @@ class MemberSource:
                             and _copyable(decompressor):
                         self._save(state, position)
             if position.out_pos == ref.size:
-                self._finish(ref, position, compressed)
+                self._finish(ref, position, compressed, pending)
+            else:
+                position.pending = pending
         except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
             raise ArchiveError(f"{_what(ref)} cannot be decompressed: {exc}") from None
 
     def _next_chunk(
         self, ref: MemberRef, position: _Position, end: int, compressed: bytes | None
-    ) -> bytes:
+    ) -> bytes | memoryview:
         if compressed is not None:
-            return compressed[position.next_in:]
+            return memoryview(compressed)[position.next_in:]
         wanted = (end - position.out_pos) * ref.compressed_size // max(ref.size, 1) + 65536
         length = min(max(wanted, _MIN_CHUNK), _MAX_CHUNK, ref.compressed_size - position.next_in)
         return self._data(ref, position.next_in, position.next_in + length)
@@ -461,15 +474,20 @@ class MemberSource:
                          position.crc)
         bisect.insort(state.saved, copy, key=lambda p: p.out_pos)
 
-    def _finish(self, ref: MemberRef, position: _Position, compressed: bytes | None) -> None:
+    def _finish(
+        self, ref: MemberRef, position: _Position, compressed: bytes | None, pending: memoryview
+    ) -> None:
         """At the declared size: nothing may follow (a zip bomb), and the CRC must match."""
         decompressor = position.decompressor
         while not decompressor.eof:
-            data = b""
+            data: bytes | memoryview = b""
             if decompressor.needs_input:
-                if position.next_in >= ref.compressed_size:
-                    break  # all input used: the stream may lack an end marker (lzma); CRC decides
-                data = self._next_chunk(ref, position, position.out_pos, compressed)
+                if not pending:
+                    if position.next_in >= ref.compressed_size:
+                        break  # all input used: the stream may lack an end marker (lzma); CRC
+                    pending = memoryview(
+                        self._next_chunk(ref, position, position.out_pos, compressed))
+                data, pending = pending[:_FEED], pending[_FEED:]
                 position.next_in += len(data)
             if decompressor.decompress(data, 1):
                 raise ArchiveError(
