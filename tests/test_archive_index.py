@@ -369,7 +369,7 @@ def test_damaged_entries_are_skipped_with_one_warning_each(
                "c.bin": sample_bytes(3, 5000)}
     body = make_zip(members)
     body = patch(body, "b.bin", offset=header_offset(body, "a.bin") + 10)  # overlaps a.bin
-    body = patch(body, "c.bin", csize=10**6)  # runs past the member area
+    body = patch(body, "c.bin", csize=10**6, size=10**6)  # runs past the member area
     ref = world.put("bad-entries.zip", body)
     caplog.set_level(logging.WARNING)
     catalog = world.members(ref)

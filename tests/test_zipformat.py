@@ -404,11 +404,36 @@ def test_many_entries_sharing_one_members_data_keep_one() -> None:
 
 
 def test_member_whose_data_runs_past_the_member_area_is_skipped() -> None:
-    data = patch(PLAIN, "b.txt", csize=100_000)
+    data = patch(PLAIN, "b.txt", csize=100_000, size=100_000)
     _, kept, skipped = index(data)
     assert [m.name for m in kept] == ["a.txt", "c.txt"]
     assert skipped == [Skipped("b.txt", "its data runs past the archive's member area (a "
                                         "corrupt or truncated archive)")]
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_a_compressed_size_no_data_of_its_size_could_take_is_skipped_not_its_neighbours(
+    method: int,
+) -> None:
+    """A 1-byte member claiming the compressed bytes of the members after it would hide them
+    (they would overlap it), and be fetched whole to be read."""
+    data = make_zip({"a.txt": b"a", "b.txt": b"b" * 5000, "c.txt": b"c" * 5000},
+                    methods=(method,))
+    data = patch(data, "a.txt", csize=2000)
+    _, kept, skipped = index(data)
+    assert [m.name for m in kept] == ["b.txt", "c.txt"]
+    assert skipped == [Skipped("a.txt", "its compressed size (2000 bytes) is far beyond what its "
+                                        "1 bytes can take (a zip bomb or a corrupt archive)")]
+
+
+def test_incompressible_members_are_within_the_compressed_size_bound() -> None:
+    for size in (0, 1, 1000, 65_535, 65_536, 3 * 1024 * 1024):
+        data = random.Random(size).randbytes(size)
+        deflated = zlib.compress(data, 9)
+        assert len(deflated) <= zipformat.max_compressed_size(size)
+        fixed_huffman = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_FIXED)
+        worst = fixed_huffman.compress(data) + fixed_huffman.flush()
+        assert len(worst) <= zipformat.max_compressed_size(size)
 
 
 def test_non_utf8_name_with_the_utf8_flag_is_skipped() -> None:

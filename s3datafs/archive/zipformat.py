@@ -15,7 +15,9 @@ Invariants and rules:
   way, as zipfile and Info-ZIP do.
 - ``Member.data_limit`` is where the next member's local header (or the central directory)
   starts, so a member whose data would run into another one is refused. Overlapping members
-  (the "overlapping files" zip bomb) are skipped here, keeping the first in archive order.
+  (the "overlapping files" zip bomb) are skipped here, keeping the first in archive order, and
+  so is an entry whose compressed size no data of its size could take
+  (``max_compressed_size``).
 - Names: UTF-8 when flag bit 11 says so (or the Info-ZIP Unicode path extra field 0x7075 with a
   matching CRC gives one), else code page 437, as zipfile decodes them. Path safety is the
   catalog's job (``keypath``); ``member_path_problem`` adds the archive-only rules (drive
@@ -245,12 +247,27 @@ def _entries(data: bytes, directory: Directory, what: str) -> Iterator[_Entry]:
         problem = problem or name_problem
         if disk not in (0, _U16) and problem is None:
             problem = "it starts on another disk of a multi-part archive"
+        if compressed_size > max_compressed_size(size) and problem is None:
+            problem = (f"its compressed size ({compressed_size} bytes) is far beyond what its "
+                       f"{size} bytes can take (a zip bomb or a corrupt archive)")
         yield _Entry(
             name, len(raw_name), name.endswith("/"), header_offset + directory.shift, method,
             flags, compressed_size, size, crc, _mtime(dos_date, dos_time, extras.get(0x5455)),
             problem,
         )
         at = end
+
+
+def max_compressed_size(size: int) -> int:
+    """The most compressed bytes ``size`` bytes can take in any method we read, generously.
+
+    Incompressible data grows a little: deflate's stored blocks by 5 bytes per 64 KiB, bzip2 by
+    1 % and 600 bytes at most, LZMA by less; stream and encryption headers take a few dozen
+    bytes; 1/8 covers even fixed Huffman codes. Without this bound, an entry claiming a huge
+    compressed size for a small member would have the members after it skipped as overlapping
+    it, and be fetched whole to be read.
+    """
+    return size + size // 8 + 1024
 
 
 def _check_layout(
