@@ -171,6 +171,21 @@ def test_zip64_end_record_of_a_small_archive() -> None:
     assert_matches_zipfile(data, members)
 
 
+def test_zip64_end_record_with_extensible_data_is_found_where_its_locator_says() -> None:
+    plain = make_zip(MEMBERS, methods=(zipfile.ZIP_DEFLATED,), directories=DIRECTORIES)
+    data = to_zip64(plain)
+    record_at = len(data) - 22 - 20 - 56
+    record = bytearray(data[record_at: record_at + 56])
+    extensible = b"\x01\x00\x04\x00data" * 3  # APPNOTE 4.3.14.2: after the fixed fields
+    struct.pack_into("<Q", record, 4, 44 + len(extensible))  # the record's size after 12 bytes
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, record_at, 1)
+    data = data[:record_at] + bytes(record) + extensible + locator + data[-22:]
+    directory, members, skipped = index(data)
+    assert directory.zip64
+    assert skipped == []
+    assert members == index(plain)[1]
+
+
 @pytest.fixture(scope="module")
 def many() -> bytes:
     """More than 65,535 entries: zipfile writes a ZIP64 end record."""

@@ -139,6 +139,13 @@ def locate(tail: bytes, archive_size: int, what: str) -> Directory | Zip64Needed
             raise ArchiveError(f"{what} is corrupt: its ZIP64 end record would start before it")
         if record_at >= tail_start:
             record = tail[record_at - tail_start: locator_at - tail_start]
+            if not record.startswith(_EOCD64_SIG):
+                # A record with extensible data (APPNOTE 4.3.14.2) is longer: then the offset
+                # the locator records is where it starts (right when nothing precedes the zip).
+                recorded = _LOCATOR.unpack_from(tail, locator_at - tail_start)[2]
+                if tail_start <= recorded < record_at:
+                    record_at = recorded
+                    record = tail[record_at - tail_start: locator_at - tail_start]
             return locate_zip64(record, record_at, what)
         return Zip64Needed(record_at)
     if _U32 in (cd_size, cd_offset):
