@@ -107,7 +107,7 @@ class DatasetSpec:
     session_token: str | None = field(default=None, repr=False)
     no_sign_request: bool | None = None  # None: not said, the command's default applies
     name_given: bool = False  # False: ``name`` is derived from the URI (a snapshot may know better)
-    archive: str | None = None  # "auto" or "file" (``mount --archive``); None: the command's
+    archive: str | None = None  # "auto", "zip" or "file" (``mount --archive``); None: the command's
 
     @property
     def label(self) -> str:

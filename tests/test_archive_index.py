@@ -235,14 +235,37 @@ def test_archive_file_keeps_the_object(world: World) -> None:
     assert not (world.cache_dir / "archives").exists()
 
 
-def test_zip_under_another_name_is_detected(world: World) -> None:
-    ref = world.put("weights.npz", make_zip({"a.npy": b"x" * 100, "b.npy": b"y" * 10}))
+@pytest.mark.parametrize("key", ["dataset", "shards/part-0001.bin", "mnist.zip.1"])
+def test_zip_under_another_name_is_detected(world: World, key: str) -> None:
+    ref = world.put(key, make_zip({"a.npy": b"x" * 100, "b.npy": b"y" * 10}))
     world.reset()
     members = world.members(ref)
     assert members is not None
     assert set(tree(members)) == {"a.npy", "b.npy"}
     # One GET: the tail read to recognise it is the whole (small) archive, used again.
     assert world.source.ranges == [(ref, 0, ref.size)]
+
+
+@pytest.mark.parametrize("key", ["weights.npz", "models/resnet.PT", "ckpt/model.pth",
+                                 "pkg/lib-1.0-py3-none-any.whl", "report.docx"])
+def test_files_of_zip_based_formats_stay_files_unless_archive_zip(world: World, key: str) -> None:
+    """A model or array file is opened whole by its reader (torch.load, np.load): unpacking it
+    would leave the job a directory where it expects its file."""
+    ref = world.put(key, make_zip({"a.npy": b"x" * 100, "b.npy": b"y" * 10}))
+    world.reset()
+    assert world.members(ref) is None
+    assert world.source.calls == {}  # not even a look at its bytes
+    members = world.members(ref, "zip")
+    assert members is not None
+    assert set(tree(members)) == {"a.npy", "b.npy"}
+
+
+def test_archive_zip_on_an_object_that_is_no_zip_fails_even_when_auto_knew(world: World) -> None:
+    ref = world.put("data/blob.bin", b"plain bytes, no zip" * 100)
+    assert world.members(ref) is None  # auto: a file, and remembered as no zip
+    with pytest.raises(ArchiveError, match="is not a zip archive") as raised:
+        world.members(ref, "zip")
+    assert str(raised.value).endswith(AS_FILE)
 
 
 def test_large_zip_under_another_name(world: World) -> None:
@@ -447,5 +470,6 @@ def test_parse_archive_mode() -> None:
     assert parse_archive_mode("") == "auto"
     assert parse_archive_mode(" File ") == "file"
     assert parse_archive_mode("auto") == "auto"
-    with pytest.raises(UsageError, match="--archive 'zip' is not one of auto, file"):
-        parse_archive_mode("zip")
+    assert parse_archive_mode("ZIP") == "zip"
+    with pytest.raises(UsageError, match="--archive 'tar' is not one of auto, zip, file"):
+        parse_archive_mode("tar")

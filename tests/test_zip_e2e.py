@@ -108,10 +108,17 @@ def test_archive_file_keeps_the_object(cli: Cli, s3, make_bucket) -> None:
 
 def test_zip_bytes_under_another_name_are_detected(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket()
-    put(s3, bucket, "weights.npz", make_zip({"a.npy": b"x" * 100}))
+    arrays = make_zip({"a.npy": b"x" * 100})
+    for key in ("dataset", "weights.npz"):
+        put(s3, bucket, key, arrays)
     put(s3, bucket, "plain.bin", b"not a zip" * 1000)
-    assert (cli.mount(f"s3://{bucket}/weights.npz") / "a.npy").read_bytes() == b"x" * 100
+    assert (cli.mount(f"s3://{bucket}/dataset") / "a.npy").read_bytes() == b"x" * 100
     assert (cli.mount(f"s3://{bucket}/plain.bin") / "plain.bin").read_bytes() == b"not a zip" * 1000
+    # A zip-based file format is a file its reader opens whole, unless told otherwise.
+    assert (cli.mount(f"s3://{bucket}/weights.npz") / "weights.npz").read_bytes() == arrays
+    unpacked = cli.mount(f"s3://{bucket}/weights.npz", "--archive", "zip",
+                         "--name", "weights-members")
+    assert (unpacked / "a.npy").read_bytes() == b"x" * 100
 
 
 def test_zip64_archive(cli: Cli, s3, make_bucket) -> None:

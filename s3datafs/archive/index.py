@@ -2,8 +2,11 @@
 
 ``archive_catalog`` is called by a mount once its dataset is pinned. A single-object dataset is
 mounted as the tree of its members when ``--archive=auto`` (the default) and the key ends in
-``.zip`` or the object's last bytes hold a zip end record; ``--archive=file`` keeps the object a
-plain file. A ``.zip`` key that is not a readable zip fails the mount, naming the way out.
+``.zip``, or the object's last bytes hold a zip end record and its name is not that of a file
+format built on zip (``ZIP_BASED_FORMATS``: ``model.pt``, ``arrays.npz`` and ``app.jar`` are
+files their readers open whole, not datasets to unpack); ``--archive=zip`` unpacks any single
+object, ``--archive=file`` keeps it a plain file. A ``.zip`` key (or any, with ``zip``) that is
+not a readable zip fails the mount, naming the way out.
 
 Reading the index costs ranged GETs of the archive's end, pinned like every read (VersionId and
 If-Match travel with them, through ``ObjectSource.get_range``): one GET of the last ``TAIL_BYTES``
@@ -26,7 +29,7 @@ import contextlib
 import logging
 import os
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..cache.blockfile import object_digest
 from ..catalog import Catalog, CatalogBuilder, CatalogError
@@ -36,13 +39,21 @@ from . import zipformat
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_MODES = ("auto", "file")
+ARCHIVE_MODES = ("auto", "zip", "file")
 TAIL_BYTES = 1024 * 1024  # one GET: the end record and, usually, the whole central directory
 _ZIP_SUFFIX = ".zip"
+# File formats that are zip archives inside, opened whole by their readers: with --archive=auto
+# an object named so stays a file (PyTorch, NumPy, Keras and MLflow/TorchServe model files;
+# Java, Android and Python packages; office documents; e-books; and the like).
+ZIP_BASED_FORMATS = frozenset({
+    ".pt", ".pth", ".npz", ".keras", ".mar", ".whl", ".egg", ".jar", ".war", ".ear", ".aar",
+    ".apk", ".xapk", ".ipa", ".nupkg", ".vsix", ".xpi", ".docx", ".xlsx", ".pptx", ".odt",
+    ".ods", ".odp", ".epub", ".kmz", ".3mf", ".usdz",
+})
 
 
 def parse_archive_mode(text: str | None) -> str:
-    """``--archive``: ``auto`` (default) or ``file``."""
+    """``--archive``: ``auto`` (default), ``zip`` or ``file``."""
     mode = (text or "auto").strip().lower()
     if mode not in ARCHIVE_MODES:
         raise UsageError(f"--archive {text!r} is not one of {', '.join(ARCHIVE_MODES)}")
@@ -53,19 +64,22 @@ def archive_catalog(
     source: ObjectSource, pinned: Catalog, mode: str, cache_dir: Path
 ) -> Catalog | None:
     """The member catalog to mount instead of ``pinned``, or ``None`` to mount it as it is."""
-    ref = single_object(pinned) if mode == "auto" else None
+    ref = single_object(pinned) if mode != "file" else None
     if ref is None:
         return None
+    suffix = PurePosixPath(ref.key.lower()).suffix
+    if mode == "auto" and suffix in ZIP_BASED_FORMATS:
+        return None  # a file its reader opens whole (``--archive=zip`` unpacks it)
     digest = object_digest(ref)
     path = cache_dir / "archives" / f"{digest}.db"
     plain = cache_dir / "archives" / f"{digest}.plain"
-    if plain.exists():
+    if plain.exists() and mode == "auto":
         return None  # this very pin was found not to be a zip before
     catalog = _open_existing(path, ref)
     if catalog is not None:
         log.info("member index of %s from %s: no index read", ref.uri, path)
         return catalog
-    if ref.key.lower().endswith(_ZIP_SUFFIX):
+    if mode == "zip" or ref.key.lower().endswith(_ZIP_SUFFIX):
         tail = None
     else:  # any other single object: a zip only if its end says so (one small GET)
         tail = _tail(source, ref, min(ref.size, zipformat.END_SEARCH))

@@ -95,8 +95,10 @@ def add_filesystem_options(mount: argparse.ArgumentParser) -> None:
     fs.add_argument("--file-mode", default="0444", help="permission bits of files")
     fs.add_argument("--dir-mode", default="0555", help="permission bits of directories")
     fs.add_argument("--allow-other", action="store_true", help="let other users see the mount")
-    fs.add_argument("--archive", metavar="MODE", help="a single .zip object (or one whose bytes "
-                    "are a zip): auto = show its members (default), file = show the object")
+    fs.add_argument("--archive", metavar="MODE", help="a single zip object: auto = show the "
+                    "members of a .zip, or of one whose bytes are a zip unless its name is a "
+                    "zip-based format (.pt, .npz, .jar, ...) (default); zip = always show the "
+                    "members; file = show the object")
     add_cache_options(mount)
 
 

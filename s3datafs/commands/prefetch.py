@@ -40,8 +40,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     mount_command.add_source_options(parser)
     parser.add_argument("--snapshot", type=Path, metavar="FILE", help="warm what this file pins")
     parser.add_argument("--archive", metavar="MODE",
-                        help="a zip single object: auto = warm its members (default), file = the "
-                        "object as one file")
+                        help="a zip single object: warm its members or the object as one file, "
+                        "as mount --archive (auto, zip or file) shows it")
     mount_command.add_cache_options(parser)
     parser.set_defaults(
         handler=run,
