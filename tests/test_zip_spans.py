@@ -215,6 +215,39 @@ def test_a_short_fetch_is_on_disk_when_it_returns_and_a_long_one_is_written_behi
     assert source.calls["get_range"] == gets
 
 
+def test_a_fetch_landing_after_close_is_served_and_frees_its_write_room(tmp_path) -> None:
+    """A span read ahead may land as the mount ends: its write is dropped, its room given back
+    (otherwise later stores would wait for room forever)."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    block = 64 * 1024
+    blocks = spans.ArchiveBlocks(source, DiskCache(tmp_path, block_size=block, capacity=1 << 30),
+                                 write_behind=2 * block, write_inline=0)
+    expected = source.get_range(archive, 0, archive.size)
+    assert blocks.get_range(archive, 0, block) == expected[:block]
+    blocks.close()
+    for index in range(1, 4):  # more than the room, one block at a time: none may wait
+        start = index * block
+        assert blocks.get_range(archive, start, start + block) == expected[start:start + block]
+
+
+def test_a_bug_in_the_disk_cache_fails_no_archive_read(tmp_path, caplog) -> None:
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    disk = DiskCache(tmp_path, block_size=64 * 1024, capacity=1 << 30)
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise AttributeError("a bug")
+
+    disk.write = broken  # type: ignore[method-assign]
+    blocks = spans.ArchiveBlocks(source, disk)  # short fetches are written by the fetching thread
+    expected = source.get_range(archive, 0, archive.size)
+    assert blocks.get_range(archive, 10, 5000) == expected[10:5000]
+    assert blocks.get_range(archive, 70_000, 80_000) == expected[70_000:80_000]
+    blocks.close()
+    assert caplog.text.count("unexpected error writing to the block cache") == 1
+
+
 def test_a_sync_due_after_a_short_fetch_runs_on_the_writer_thread(tmp_path) -> None:
     source, refs = archive_members((zipfile.ZIP_STORED,))
     archive = refs[0].archive

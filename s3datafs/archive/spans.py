@@ -15,6 +15,7 @@ Every byte comes from a ranged GET of the pinned archive through the wrapped ``O
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,8 @@ from ..cache.disk import DiskCache, TroubleLog
 from ..config import DEFAULT_WRITE_BEHIND
 from ..model import ObjectRef, ObjectSource
 from ..reader import ONE_HOP_BYTES, ReadStats
+
+log = logging.getLogger(__name__)
 
 _MIN_SPAN = 512 * 1024  # archive-order reads: first span, doubling up to
 _MAX_SPAN = 8 * 1024 * 1024
@@ -72,6 +75,7 @@ class ArchiveBlocks:
         self._write_inline = write_inline
         self._writer: ThreadPoolExecutor | None = None
         self._sync_queued = False  # a disk cache sync due after a short fetch's write
+        self._reported_cache_bug = False
 
     def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
         disk = self._disk
@@ -129,7 +133,10 @@ class ArchiveBlocks:
             self._pending_bytes += cost
             for index, block in enumerate(blocks, first):
                 self._pending[(digest, index)] = block
-        self._writer_pool().submit(self._write, archive, digest, first, blocks, cost)
+        try:
+            self._writer_pool().submit(self._write, archive, digest, first, blocks, cost)
+        except RuntimeError:  # closed (a span read ahead landed as the mount ends): not written
+            self._written(digest, first, len(blocks), cost)
 
     def _writer_pool(self) -> ThreadPoolExecutor:
         with self._room:
@@ -158,11 +165,15 @@ class ArchiveBlocks:
         try:
             self._write_now(archive, digest, first, blocks)
         finally:
-            with self._room:
-                for index in range(first, first + len(blocks)):
-                    self._pending.pop((digest, index), None)
-                self._pending_bytes -= cost
-                self._room.notify_all()
+            self._written(digest, first, len(blocks), cost)
+
+    def _written(self, digest: str, first: int, count: int, cost: int) -> None:
+        """Blocks stored with ``_store`` are no longer pending: their room is free again."""
+        with self._room:
+            for index in range(first, first + count):
+                self._pending.pop((digest, index), None)
+            self._pending_bytes -= cost
+            self._room.notify_all()
 
     def _write_now(self, archive: ObjectRef, digest: str, first: int,
                    blocks: list[memoryview], *, sync: bool = True) -> None:
@@ -170,6 +181,11 @@ class ArchiveBlocks:
             self._disk.write(archive, digest, first, blocks, sync=sync)
         except OSError as exc:
             self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+        except Exception:  # a bug, not the disk: the bytes are good and must not fail
+            if not self._reported_cache_bug:
+                self._reported_cache_bug = True
+                log.exception("unexpected error writing to the block cache; reads continue "
+                              "from S3")
 
 
 class _Span:
