@@ -136,6 +136,10 @@ def test_snapshot_and_as_of_fields_reach_the_mount(cli: Cli, s3, make_bucket) ->
     assert refused.returncode == 2
     assert refused.stderr.startswith("s3datafs: dataset 'later': ")
     assert "future" in refused.stderr
+    spec_file.write_text(f"- {{uri: s3://{bucket}/p/, name: later}}\n")
+    command_wide = run_cli(cli, "mount-all", "--as-of", "2999-01-01", str(spec_file))
+    assert command_wide.returncode == 2  # a default for every dataset, not dropped
+    assert "future" in command_wide.stderr
     spec_file.write_text(f"- {{uri: s3://{bucket}/p/, snapshot: p.jsonl.gz}}\n")  # relative
     result = run_cli(cli, "mount-all", str(spec_file))
     assert result.returncode == 0, result.stderr

@@ -196,7 +196,7 @@ def dataset_args(spec: DatasetSpec, defaults: argparse.Namespace) -> argparse.Na
                 f"{spec_field!r} needs 's3datafs mount {option}', "
                 f"which this version of s3datafs does not have"
             )
-        if hasattr(args, attribute):
+        if value is not None and hasattr(args, attribute):  # else the command-wide option
             setattr(args, attribute, value)
     if spec.as_of is None and (spec.version_id or spec.snapshot) and hasattr(args, "as_of"):
         args.as_of = None  # the dataset's own pin wins over a command-wide --as-of
