@@ -145,6 +145,23 @@ class Credentials:
     session_token: str | None = field(default=None, repr=False)
 
 
+def credential_value(value: str, what: str) -> str:
+    """``value`` without surrounding whitespace; refused if it holds any other invisible byte.
+
+    AWS keys and session tokens are printable ASCII without spaces. A line break inside one (a
+    YAML ``|`` block, a continuation line in a credentials file) would reach an HTTP header,
+    whose refusal quotes the header's value: a secret in an error message. So it is refused
+    here, naming ``what`` and never the value.
+    """
+    value = value.strip()
+    if not value or any(not "!" <= char <= "~" for char in value):
+        raise ConfigError(
+            f"{what} is empty or holds a line break, a space or another character no AWS "
+            "credential has: write it on one line"
+        )
+    return value
+
+
 def read_credentials_file(path: Path, profile: str | None) -> Credentials:
     """Keys from an AWS-style credentials file that only its owner may read (mode 0600)."""
     try:
@@ -169,13 +186,16 @@ def read_credentials_file(path: Path, profile: str | None) -> Credentials:
         raise ConfigError(f"credentials file {path} has no [{section}] section")
     values = parser[section]
     try:
-        return Credentials(
-            values["aws_access_key_id"],
-            values["aws_secret_access_key"],
-            values.get("aws_session_token"),
-        )
+        access, secret = values["aws_access_key_id"], values["aws_secret_access_key"]
     except KeyError as exc:
         raise ConfigError(f"credentials file {path} [{section}] lacks {exc.args[0]}") from None
+    where = f"credentials file {path} [{section}]"
+    token = values.get("aws_session_token")
+    return Credentials(
+        credential_value(access, f"{where} aws_access_key_id"),
+        credential_value(secret, f"{where} aws_secret_access_key"),
+        None if token is None else credential_value(token, f"{where} aws_session_token"),
+    )
 
 
 def prepare_mountpoint(path: Path) -> Path | None:

@@ -35,6 +35,7 @@ from typing import IO, Any
 
 import yaml
 
+from .config import credential_value
 from .errors import ConfigError, S3DataFSError, UsageError
 from .model import normalize_etag
 from .uri import S3Uri, dataset_name, parse_s3_uri, validate_name
@@ -314,15 +315,25 @@ def _check_item(item: Any, index: int, origin: str, base_dir: Path | None) -> Da
         snapshot=_snapshot_path(values.get("snapshot"), base_dir),
         endpoint_url=values.get("endpointUrl"),
         region=values.get("region"),
-        access_key_id=values.get("awsAccessKeyId"),
-        secret_access_key=values.get("awsSecretAccessKey"),
-        session_token=values.get("awsSessionToken"),
+        access_key_id=_credential(values, "awsAccessKeyId", where),
+        secret_access_key=_credential(values, "awsSecretAccessKey", where),
+        session_token=_credential(values, "awsSessionToken", where),
         no_sign_request=values.get("noSignRequest"),
         name_given="name" in values,
         archive=values.get("archive"),
     )
     _refuse_conflicts(spec, where)
     return spec
+
+
+def _credential(values: dict[str, Any], field_name: str, where: str) -> str | None:
+    value = values.get(field_name)
+    if value is None:
+        return None
+    try:
+        return credential_value(value, f"{where}: {field_name!r}")
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def _canonical_fields(item: dict[Any, Any], where: str) -> dict[str, Any]:

@@ -501,6 +501,16 @@ def _map_botocore_error(exc: botocore.exceptions.BotoCoreError, uri: str) -> S3D
         )
     if isinstance(exc, botocore.exceptions.FlexibleChecksumError):
         return TransientS3Error(f"{uri}: the bytes received do not match S3's checksum: {exc}")
+    if type(exc) is botocore.exceptions.HTTPClientError:
+        # Not a network failure botocore knows: its text may quote a request header's value,
+        # and so a credential (http.client refuses a header holding a line break).
+        inner = exc.kwargs.get("error")
+        if isinstance(inner, ValueError):
+            return S3RequestError(
+                f"S3 request for {uri} failed: a request header holds a character HTTP does not "
+                "allow (a line break in a credential or a setting?)")
+        return TransientS3Error(
+            f"cannot reach S3 for {uri}: the HTTP client failed ({type(inner).__name__})")
     if isinstance(exc, _TRANSIENT_BOTOCORE):
         return TransientS3Error(f"cannot reach S3 for {uri}: {exc}")
     return S3RequestError(f"S3 request for {uri} failed: {exc}")

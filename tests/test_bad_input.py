@@ -304,6 +304,13 @@ S3_CASES = [
         env=NO_CREDENTIALS,
     ),
     case(
+        "session-token-from-the-environment-on-two-lines",  # http.client would quote it
+        ["mount", "s3://{b}/p/"],
+        FAILURE,
+        "a request header holds a character HTTP does not allow (a line break in a credential",
+        env={"AWS_SESSION_TOKEN": "TOKENPART1\nTOKENPART2"},
+    ),
+    case(
         "anonymous-on-private-bucket",
         ["mount", "s3://{b}/p/x.bin", "--no-sign-request"],
         FAILURE,
@@ -451,6 +458,14 @@ LOCAL_CASES = [
         FAILURE,
         "lacks aws_secret_access_key",
         setup=make_file("creds", "[default]\naws_access_key_id = AKIDTEST\n"),
+    ),
+    case(
+        "credentials-file-token-on-two-lines",  # the value never reaches an error or a log
+        ["mount", "s3://{b}/p/", "--credentials-file", "{root}/creds"],
+        FAILURE,
+        "credentials file {root}/creds [default] aws_session_token is empty or holds a line "
+        "break, a space or another character no AWS credential has: write it on one line",
+        setup=make_file("creds", CREDENTIALS + "aws_session_token = TOKENPART1\n  TOKENPART2\n"),
     ),
     case(
         "credentials-file-not-ini",

@@ -139,6 +139,12 @@ def test_sources_file_stdin_and_environment(tmp_path: Path) -> None:
     assert parse("[]") == []
 
 
+def test_credentials_lose_the_line_break_a_yaml_block_leaves() -> None:
+    (spec,) = parse("- uri: s3://b-1/a\n  awsAccessKeyId: AKID\n  awsSecretAccessKey: |\n"
+                    "    SECRET\n  awsSessionToken: |\n    TOKEN\n")
+    assert (spec.secret_access_key, spec.session_token) == ("SECRET", "TOKEN")
+
+
 def bad(id_: str, text: str, fragment: str, fmt: str | None = None):
     return pytest.param(text, fmt, fragment, id=id_)
 
@@ -234,6 +240,12 @@ BAD_SPECS = [
         "'awsSecretAccessKey' is given without 'awsAccessKeyId'",
     ),
     bad("token-only", "- {uri: s3://b-1/a, awsSessionToken: T}\n", "'awsSessionToken' needs"),
+    bad(
+        "token-on-two-lines",  # the value itself never appears in the message
+        "- uri: s3://b-1/a\n  awsAccessKeyId: I\n  awsSecretAccessKey: S\n"
+        "  awsSessionToken: \"TOKENPART1\\nTOKENPART2\"\n",
+        "dataset #1 ('a'): 'awsSessionToken' is empty or holds a line break",
+    ),
     bad(
         "keys-unsigned",
         "- {uri: s3://b-1/a, awsAccessKeyId: I, awsSecretAccessKey: S, noSignRequest: true}\n",
