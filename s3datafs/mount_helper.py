@@ -148,7 +148,7 @@ def _translate_one(
 ) -> None:
     name, has_value, value = item.partition("=")
     key = name.replace("-", "_")
-    if key in SECRET_OPTIONS:
+    if key.lower() in SECRET_OPTIONS:  # AWS_SECRET_ACCESS_KEY=... too
         raise UsageError(f"option {name!r} refused: {CREDENTIALS_HELP}")
     if item == "rw":
         raise UsageError("option 'rw' refused: s3datafs mounts are read-only (use ro)")
@@ -157,8 +157,8 @@ def _translate_one(
         return
     spec = table.get(key)
     if spec is None:
-        if sloppy:
-            result.warnings.append(f"ignoring unknown option {item!r} (sloppy mode)")
+        if sloppy:  # by name only: an unknown option's value may be anything, a secret too
+            result.warnings.append(f"ignoring unknown option {name!r} (sloppy mode)")
             return
         raise UsageError(f"unknown option {name!r}{_did_you_mean(key, table)}")
     if spec.takes_value and not (has_value and value):

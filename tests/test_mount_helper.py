@@ -77,6 +77,8 @@ def test_every_mount_option_but_the_helpers_own_is_an_o_option() -> None:
         ("aws-access-key-id=AKID", "option 'aws-access-key-id' refused: credentials"),
         ("secret_access_key=s3cr3t", "refused: credentials are never mount options"),
         ("aws_session_token=t", "refused: credentials"),
+        ("AWS_SECRET_ACCESS_KEY=s3cr3t", "option 'AWS_SECRET_ACCESS_KEY' refused: credentials"),
+        ("Secret_Access_Key=s3cr3t", "refused: credentials"),
     ],
 )
 def test_bad_options_are_refused_in_one_line(options: str, fragment: str) -> None:
@@ -88,10 +90,13 @@ def test_bad_options_are_refused_in_one_line(options: str, fragment: str) -> Non
 
 
 def test_sloppy_ignores_unknown_options_but_never_rw_or_keys() -> None:
-    translation = translate_options("colour=red,allow_other", sloppy=True)
+    translation = translate_options("colour=red,allow_other,api_key=s3cr3t", sloppy=True)
     assert translation.args == ["--allow-other"]
-    assert translation.warnings == ["ignoring unknown option 'colour=red' (sloppy mode)"]
-    for refused in ("rw", "aws_secret_access_key=x"):
+    assert translation.warnings == [  # names only: a value may be a secret
+        "ignoring unknown option 'colour' (sloppy mode)",
+        "ignoring unknown option 'api_key' (sloppy mode)",
+    ]
+    for refused in ("rw", "aws_secret_access_key=x", "AWS_SESSION_TOKEN=x"):
         with pytest.raises(UsageError):
             translate_options(refused, sloppy=True)
 
