@@ -253,6 +253,27 @@ def test_the_kernel_remembers_names_found_and_missing_without_asking_the_daemon(
     assert answered_while_stopped == [10, errno.ENOENT]
 
 
+def test_a_mount_point_below_a_symlink_is_one_mount_for_status_and_unmount(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """/data is often a symlink to a larger disk; the kernel's table names the real path."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/a.txt": b"a\n"})
+    real = cli.root / "real"
+    real.mkdir()
+    (cli.root / "link").symlink_to(real)
+    given = cli.root / "link" / "p"
+    result = cli.run("mount", f"s3://{bucket}/p/", str(given))
+    assert result.returncode == 0, result.stderr
+    assert (given / "a.txt").read_bytes() == b"a\n"
+    status = cli.run("status")
+    assert f"{real / 'p'}" in status.stdout
+    assert "dead" not in status.stdout
+    unmounted = cli.unmount(given)
+    assert unmounted.returncode == 0, unmounted.stderr
+    assert not os.path.ismount(real / "p")
+
+
 def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket()
     put_all(s3, bucket, {"p/x.bin": b"x"})

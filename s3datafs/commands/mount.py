@@ -155,7 +155,8 @@ def build_plan(args: argparse.Namespace) -> MountPlan:
     return MountPlan(
         uri=uri,
         name=name,
-        mountpoint=Path(os.path.abspath(mountpoint)),
+        # As the kernel's mount table will name it: /data may be a symlink to a larger disk.
+        mountpoint=Path(os.path.realpath(mountpoint)),
         pins=pins,
         s3=_s3_settings(args),
         fs=fs,

@@ -55,7 +55,7 @@ def unmount_all(*, lazy: bool) -> int:
 
 def unmount_path(path: str | os.PathLike[str], *, lazy: bool) -> None:
     """Unmount one s3datafs mount and wait for its daemon to exit (unless ``lazy``)."""
-    mountpoint = os.path.abspath(path)
+    mountpoint = os.path.realpath(path)  # as mount named it, and the mount table does
     state = runtime.read_state(mountpoint)
     table = {entry.mountpoint: entry for entry in runtime.mount_table()}
     entry = table.get(mountpoint)
