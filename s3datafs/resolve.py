@@ -67,12 +67,14 @@ def resolve(
         ref = _head_or_none(source, uri, pins)
         if ref is not None:
             _check_etag(ref, pins)
-            if versioned and ref.version_id is None:
+            if pins.version_id is not None and ref.version_id != pins.version_id:
+                ref = _with_version(ref, pins.version_id)  # asked for: some stores echo none
+            elif versioned and ref.version_id is None:
                 ref = _with_version(ref, "null")
-            parent = uri.key.rpartition("/")[0]
-            prefix = parent + "/" if parent else ""
             _warn_if_versioning_unknown(versioning, uri, ref.version_id)
-            return Resolution(uri, versioned, prefix, True, iter([ref]))
+            # A version id says the bucket keeps versions, even when we may not ask it.
+            versioned = versioned or ref.version_id is not None
+            return Resolution(uri, versioned, _parent_prefix(uri.key), True, iter([ref]))
     prefix = uri.as_prefix()
     refs = source.list_latest(uri.bucket, prefix, versioned=versioned)
     first = next(refs, None)
@@ -101,8 +103,7 @@ def _resolve_as_of(
         ref = _head_as_of_or_none(source, uri, as_of)
         if ref is not None:
             _check_etag(ref, pins)
-            parent = uri.key.rpartition("/")[0]
-            return Resolution(uri, True, parent + "/" if parent else "", True, iter([ref]), as_of)
+            return Resolution(uri, True, _parent_prefix(uri.key), True, iter([ref]), as_of)
     prefix = uri.as_prefix()
     refs = source.list_as_of(uri.bucket, prefix, as_of)
     first = next(refs, None)
@@ -158,6 +159,11 @@ def _check_etag(ref: ObjectRef, pins: Pins) -> None:
             f"ETag mismatch for {ref.uri}: expected {normalize_etag(pins.etag)}, "
             f"S3 has {ref.etag}: the object changed, or --etag/--version-id is wrong"
         )
+
+
+def _parent_prefix(key: str) -> str:
+    """What a single object's key is placed under: up to its last ``/`` (``/x.bin``: ``/``)."""
+    return key[: key.rfind("/") + 1]
 
 
 def _with_version(ref: ObjectRef, version_id: str) -> ObjectRef:

@@ -56,6 +56,30 @@ def test_an_object_at_the_bucket_root_has_an_empty_prefix() -> None:
     assert resolution.prefix == ""
 
 
+def test_a_key_with_a_leading_slash_is_shown_under_its_name() -> None:
+    source = make_source()
+    pinned = source.put(BUCKET, "/x.bin", b"x")
+    resolution, refs = run(source, "s3://bkt//x.bin")
+    assert (resolution.prefix, refs) == ("/", [pinned])
+
+
+def test_the_version_asked_for_is_the_pin_even_when_head_does_not_echo_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = make_source(versioned=True)
+    older = source.put(BUCKET, "a.bin", b"one")
+    source.put(BUCKET, "a.bin", b"two")
+    real_head = source.head
+
+    def head_without_version(bucket: str, key: str, version_id: str | None = None) -> ObjectRef:
+        ref = real_head(bucket, key, version_id)  # some S3-compatible stores send no header
+        return ObjectRef(ref.bucket, ref.key, None, ref.etag, ref.size, ref.last_modified)
+
+    monkeypatch.setattr(source, "head", head_without_version)
+    _, refs = run(source, "s3://bkt/a.bin", Pins(version_id=older.version_id))
+    assert refs == [older]
+
+
 def test_an_object_that_is_also_a_prefix_is_the_object() -> None:
     source = make_source()
     pinned = source.put(BUCKET, "data", b"x")
@@ -291,7 +315,8 @@ def test_denied_versioning_state_on_a_single_object(
     source.deny_versioning = True
     with caplog.at_level(logging.WARNING, logger="s3datafs.resolve"):
         resolution, refs = run(source, "s3://bkt/a.bin")
-    assert not resolution.versioned
+    # A version id shows the bucket keeps versions (a snapshot of the pin must say so).
+    assert resolution.versioned == versioned
     assert refs == [pinned]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if versioned:
