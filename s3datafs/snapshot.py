@@ -39,7 +39,6 @@ import contextlib
 import gzip
 import io
 import json
-import math
 import os
 import tempfile
 import zlib
@@ -50,11 +49,14 @@ from typing import IO, Any
 
 from .catalog import Catalog, CatalogBuilder, CatalogSummary, UnshowableKey
 from .config import format_time, parse_time
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .fingerprint import Fingerprinter, OrderError, is_fingerprint
 from .model import ObjectRef, normalize_etag
+from .uri import parse_s3_uri
 
 FORMAT = "s3datafs-snapshot/1"
+_MAX_COUNT = 2**63 - 1  # sizes and counts: what SQLite's INTEGER holds
+_MAX_TIME = 2.0**34  # last_modified: before the year 2514
 FIELDS = ["key", "version_id", "etag", "size", "last_modified"]
 _GZIP_LEVEL = 6  # zlib's default: ~3x smaller than the text at a fraction of level 9's time
 _WRITE_CHUNK = 2048  # lines joined per write
@@ -260,6 +262,8 @@ class _Checker:
         problem = _field_problem(key, version_id, etag, size, mtime, versioned=header.versioned)
         if problem is None and not key.startswith(header.prefix):
             problem = f"key {key!r} is not under the prefix {header.prefix!r}"
+        if problem is None and header.single_object and key != parse_s3_uri(header.uri).key:
+            problem = f"key {key!r} is not the single object its uri names"
         if problem is not None:
             raise _bad(self._path, f"line {number}: {problem}")
         return ObjectRef(header.bucket, key, version_id, normalize_etag(etag), size, float(mtime))
@@ -281,9 +285,9 @@ def _field_problem(
         return f"{key!r} has a version id, but the bucket is not versioned"
     if not isinstance(etag, str) or not etag.strip('"'):
         return f"{key!r} has no ETag"
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= _MAX_COUNT:
         return f"{key!r} has an invalid size {size!r}"
-    if isinstance(mtime, bool) or not isinstance(mtime, int | float) or not math.isfinite(mtime):
+    if isinstance(mtime, bool) or not isinstance(mtime, int | float) or not 0 <= mtime < _MAX_TIME:
         return f"{key!r} has an invalid last_modified {mtime!r}"
     return None
 
@@ -342,14 +346,26 @@ def _header_problem(header: Header) -> str | None:
             return f"{name} is not a {kind.__name__}"
     for name in ("object_count", "marker_count", "total_bytes", "skipped_count"):
         value = getattr(header, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_COUNT:
             return f"{name} is not a count"
     if not is_fingerprint(header.fingerprint):
         return "fingerprint is not 64 hex digits"
-    if header.prefix and not header.prefix.endswith("/"):
-        return "prefix must be empty or end with '/'"
-    if not header.uri.startswith(f"s3://{header.bucket}/"):
+    try:
+        uri = parse_s3_uri(header.uri)
+    except UsageError as exc:
+        return f"uri: {exc}"
+    if uri.bucket != header.bucket:
         return "uri does not name the bucket"
+    # Where the tree is rooted is the uri's, as a mount of it would root it (the fingerprint
+    # covers the objects, not where they appear).
+    if header.single_object:
+        if uri.is_explicit_prefix:
+            return "a single object's uri names a prefix"
+        rooted_at = uri.key[: uri.key.rfind("/") + 1]
+    else:
+        rooted_at = uri.as_prefix()
+    if header.prefix != rooted_at:
+        return f"prefix {header.prefix!r} is not the uri's ({rooted_at!r})"
     try:
         if header.as_of is not None:
             parse_time(header.as_of)

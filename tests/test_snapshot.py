@@ -11,10 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
+from fakes import FakeSource
 
+from s3datafs import pinning
 from s3datafs.catalog import Catalog, build_catalog
 from s3datafs.model import ObjectRef
+from s3datafs.resolve import Pins
 from s3datafs.snapshot import FORMAT, SnapshotError, load_snapshot, read_header, write_snapshot
+from s3datafs.uri import parse_s3_uri
 
 BUCKET = "bkt"
 
@@ -107,6 +111,37 @@ def test_unversioned_round_trip(tmp_path: Path) -> None:
     assert loaded.first_file.version_id is None
 
 
+@pytest.mark.parametrize(
+    ("key", "versioning_denied", "older"),
+    [("d/a.bin", False, False), ("d/a.bin", True, False), ("d/a.bin", True, True),
+     ("/a.bin", False, False)],
+    ids=["plain", "versioning-denied", "versioning-denied-older-version", "leading-slash"],
+)
+def test_a_single_object_snapshot_mounts_again(
+    tmp_path: Path, key: str, versioning_denied: bool, older: bool
+) -> None:
+    """Made the way ``mount --save-snapshot`` makes it (pinned, then written), then loaded."""
+    source = FakeSource()
+    source.create_bucket(BUCKET, versioned=True)
+    first = source.put(BUCKET, key, b"one")
+    source.put(BUCKET, key, b"two")
+    source.deny_versioning = versioning_denied
+    pins = Pins(version_id=first.version_id) if older else Pins()
+    uri = parse_s3_uri(f"s3://{BUCKET}/{key}")
+    pinning.pin(source, tmp_path / "pinned.db", uri=uri, pins=pins)
+    with Catalog.open(tmp_path / "pinned.db") as pinned:
+        assert pinned.meta.object_count == 1
+        write_snapshot(pinned, tmp_path / "s.gz", name="a")
+        fingerprint = pinned.meta.fingerprint
+    loaded = load_snapshot(tmp_path / "s.gz", tmp_path / "again.db")
+    assert loaded.first_file is not None
+    assert loaded.first_file.version_id == (first.version_id if older else
+                                            source.head(BUCKET, key).version_id)
+    with Catalog.open(tmp_path / "again.db") as again:
+        assert again.meta.fingerprint == fingerprint
+        assert again.lookup(1, "a.bin") is not None
+
+
 def rewrite(path: Path, edit) -> None:  # edit(list of lines) -> list of lines
     lines = gzip.decompress(path.read_bytes()).decode().split("\n")
     path.write_bytes(gzip.compress("\n".join(edit(lines)).encode()))
@@ -141,6 +176,13 @@ BAD_EDITS = {
     "unsafe-key": (edit_line(2, 0, "data/../a.bin"), "cannot be shown"),
     "missing-version": (edit_line(2, 1, None), "has no version id"),
     "string-size": (edit_line(2, 3, "1000"), "invalid size"),
+    "huge-size": (edit_line(2, 3, 2**63), "invalid size"),
+    "nan-time": (lambda lines: [*lines[:2], lines[2].replace("1700000000.001", "NaN"),
+                                *lines[3:]], "invalid last_modified"),
+    "prefix-moved": (edit_header(prefix=""), "prefix '' is not the uri's ('data/')"),
+    "single-object-claimed": (edit_header(single_object=True), "uri names a prefix"),
+    "bucket-not-the-uris": (edit_header(bucket="bkt/evil", uri="s3://bkt/evil/data/"),
+                            "uri does not name the bucket"),
     "garbage-line": (lambda lines: [*lines[:2], "not json", *lines[3:]], "not an object record"),
     "empty": (lambda lines: [], "it is empty"),
     "header-missing-field": (
