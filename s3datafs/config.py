@@ -78,9 +78,14 @@ def parse_mode(text: str, option: str) -> int:
 
 def parse_id(text: str, option: str) -> int:
     """A numeric user or group id."""
-    if not text.isdigit() or int(text) >= 2**32 - 1:
+    if not _is_number(text) or int(text) >= 2**32 - 1:
         raise UsageError(f"{option} {text!r} is not a numeric id (0 to 4294967294)")
     return int(text)
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also says yes to ``²``, which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
 
 
 MAX_PREFETCH_FILES = 1024
@@ -90,7 +95,7 @@ def parse_prefetch_files(text: str | None, option: str) -> int:
     """``--prefetch-files``: how many files ahead a directory read in order gets (0: none)."""
     if text is None:
         return DEFAULT_PREFETCH_FILES
-    if not text.isdigit() or int(text) > MAX_PREFETCH_FILES:
+    if not _is_number(text) or int(text) > MAX_PREFETCH_FILES:
         raise UsageError(f"{option} {text!r} is not a number of files from 0 to "
                          f"{MAX_PREFETCH_FILES} (0 turns prefetching across files off)")
     return int(text)

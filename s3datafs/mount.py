@@ -26,11 +26,15 @@ import ctypes
 import logging
 import os
 import signal
+import stat
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import IO
 
 import pyfuse3
 import trio
@@ -40,6 +44,7 @@ from .archive.index import archive_catalog
 from .archive.members import MemberSource
 from .cache.disk import DiskCache
 from .catalog import Catalog
+from .errors import ConfigError
 from .fuse_ops import FsSettings, Operations
 from .linkrate import LinkRate
 from .model import ObjectSource
@@ -96,6 +101,7 @@ class MountSummary:
 
 def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> None:
     """Resolve, pin, catalog and serve ``plan`` until unmounted; ``on_ready`` once it is usable."""
+    _check_fuse_device()  # before S3 is asked anything: a container without FUSE fails at once
     _limit_malloc_arenas()
     source = S3Source(plan.s3)
     catalogs = plan.cache_dir / "catalogs"
@@ -258,6 +264,37 @@ def _sweep_dead_catalogs(directory: Path) -> None:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+_FUSE_DEVICE = "/dev/fuse"
+_FUSE_HELP = ("FUSE must be usable here: install fuse3 (Debian: apt-get install fuse3), and run a "
+              "container with --device /dev/fuse --cap-add SYS_ADMIN")
+
+
+@contextlib.contextmanager
+def _stderr_to(file: IO[bytes]) -> Iterator[None]:
+    """Point file descriptor 2 at ``file`` meanwhile (what C code prints goes there too)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(file.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _check_fuse_device() -> None:
+    try:
+        fd = os.open(_FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {_FUSE_DEVICE} ({exc.strerror}): {_FUSE_HELP}") from None
+    try:
+        is_device = stat.S_ISCHR(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    if not is_device:
+        raise ConfigError(f"cannot open {_FUSE_DEVICE} (not a device): {_FUSE_HELP}")
+
+
 def fuse_options(*, fsname: str, allow_other: bool) -> set[str]:
     """Mount options: read-only, kernel permission checks, our type name, optional allow_other."""
     options = {"ro", "default_permissions", "subtype=s3datafs", f"fsname={fsname}", "noatime"}
@@ -280,7 +317,14 @@ def serve(
     right after finds everything that was read.
     """
     others = connection.fuse_descriptors()
-    pyfuse3.init(operations, str(mountpoint), set(options))
+    with tempfile.TemporaryFile() as said:
+        try:
+            with _stderr_to(said):  # libfuse writes its reason there itself
+                pyfuse3.init(operations, str(mountpoint), set(options))
+        except RuntimeError as exc:  # pyfuse3 says no more than "fuse_session_mount failed"
+            said.seek(0)
+            reason = " ".join(said.read().decode(errors="replace").split()) or str(exc)
+            raise ConfigError(f"cannot mount {mountpoint} ({reason}): {_FUSE_HELP}") from None
     try:
         ours = connection.fuse_descriptors() - others
         on_ready()

@@ -172,6 +172,9 @@ OPTION_CASES = [
     case("uid-not-numeric", ["mount", "s3://{b}/p/", "--uid", "abc"], USAGE, "--uid 'abc'"),
     case("gid-negative", ["mount", "s3://{b}/p/", "--gid", "-1"], USAGE, "--gid '-1'"),
     case("uid-too-large", ["mount", "s3://{b}/p/", "--uid", "4294967295"], USAGE, "numeric id"),
+    case("uid-superscript-digit", ["mount", "s3://{b}/p/", "--uid", "\u00b2"], USAGE, "numeric id"),
+    case("prefetch-files-superscript", ["mount", "s3://{b}/p/", "--prefetch-files", "\u00b3"],
+         USAGE, "is not a number of files"),
     case("file-mode-not-octal", ["mount", "s3://{b}/p/", "--file-mode", "999"], USAGE, "octal"),
     case("dir-mode-too-large", ["mount", "s3://{b}/p/", "--dir-mode", "77777"], USAGE, "range"),
     case(

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -391,3 +394,33 @@ def test_bad_input_of_every_command_fails_cleanly(
 
 def test_the_table_is_large_enough() -> None:
     assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["background", "foreground"])
+@pytest.mark.parametrize(
+    ("device", "said"),
+    [("a file", "cannot open /dev/fuse (not a device): "),
+     ("/dev/null", "cannot mount {mountpoint} (fuse: ")],  # libfuse's own reason
+)
+def test_a_machine_without_a_usable_fuse_device_gets_one_line(
+    cli: Cli, s3, make_bucket, foreground: bool, device: str, said: str
+) -> None:
+    """A container run without --device /dev/fuse (here: something else bound over it)."""
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="p/a.txt", Body=b"a")
+    if device == "a file":
+        device = str(cli.root / "not-fuse")
+        Path(device).write_bytes(b"")
+    mountpoint = cli.root / "m"
+    command = [sys.executable, "-m", "s3datafs", "mount", f"s3://{bucket}/p/", str(mountpoint),
+               *(["--foreground"] if foreground else [])]
+    script = f"mount --bind {device} /dev/fuse && exec {shlex.join(command)}"
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        env=cli.env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("s3datafs: " + said.format(mountpoint=mountpoint))
+    assert result.stderr.rstrip("\n").endswith("--device /dev/fuse --cap-add SYS_ADMIN")
+    assert result.stderr.count("\n") == 1
+    assert not mountpoint.exists()  # made for the mount, removed again
+    cli.expect_log("cannot open /dev/fuse|cannot mount")

@@ -483,7 +483,7 @@ def _fan_entries(root: Path) -> Iterator[tuple[str, os.DirEntry]]:
 def is_region_file(name: str) -> bool:
     """``<64 hex digits>.r<region>``."""
     digest, dot_r, region = name.partition(".r")
-    return len(digest) == 64 and bool(dot_r) and region.isdigit()
+    return len(digest) == 64 and bool(dot_r) and region.isascii() and region.isdigit()
 
 
 def _subdirs(path: Path) -> Iterator[os.DirEntry]:
