@@ -107,6 +107,22 @@ def test_a_mount_kept_busy_by_a_leftover_process_is_detached(cli: Cli, spec: str
     assert cli.mounts_below_root() == []
 
 
+def test_a_job_that_unmounts_a_dataset_itself_is_not_a_failure(cli: Cli, spec: str) -> None:
+    done = run(cli, spec, "--", sys.executable, "-m", "s3datafs", "unmount",
+               str(cli.data_root / "mnist"))
+    assert done.returncode == 0, done.stderr
+    assert_all_unmounted(cli)
+
+
+def test_without_fusermount3_root_still_unmounts_everything(cli: Cli, bucket: str) -> None:
+    """Root mounts need no helper, so fuse3's tools may be missing: umount2 does it then."""
+    two = json.dumps([{"uri": f"s3://{bucket}/sets/mnist.zip"}, {"uri": f"s3://{bucket}/train/"}])
+    done = run(cli, two, "--", sys.executable, "-c", "pass",
+               env={**cli.env, "PATH": "/nonexistent"})
+    assert done.returncode == 0, done.stderr
+    assert_all_unmounted(cli)
+
+
 def test_a_missing_command_is_127_and_unmounts(cli: Cli, spec: str) -> None:
     done = run(cli, spec, "--", "no-such-command-s3datafs")
     assert done.returncode == 127

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,15 +89,8 @@ def test_a_foreground_mount_says_ready_then_stopping(
     assert not os.path.ismount(target)
 
 
-@pytest.mark.fuse
-def test_mount_all_foreground_says_ready_once_all_are_mounted(
-    cli: Cli, s3, make_bucket, abstract_socket
-) -> None:
-    sock, address = abstract_socket
-    bucket = make_bucket()
-    s3.put_object(Bucket=bucket, Key="a.bin", Body=b"A")
-    s3.put_object(Bucket=bucket, Key="b.bin", Body=b"B")
-    spec = f'[{{"uri": "s3://{bucket}/a.bin"}}, {{"uri": "s3://{bucket}/b.bin"}}]'
+def mount_all_in_foreground(cli: Cli, address: str, spec: str) -> subprocess.Popen:
+    """``mount-all --foreground -`` reading ``spec``, told to notify ``address``."""
     process = subprocess.Popen(
         [sys.executable, "-m", "s3datafs", "mount-all", "--foreground", "-"],
         env={**cli.env, "NOTIFY_SOCKET": address},
@@ -105,15 +99,34 @@ def test_mount_all_foreground_says_ready_once_all_are_mounted(
         stderr=subprocess.PIPE,
         text=True,
     )
+    process.stdin.write(spec)
+    process.stdin.close()
+    return process
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("daemons_too", [False, True], ids=["command", "control-group"])
+def test_mount_all_foreground_says_ready_once_all_are_mounted_and_stops_cleanly(
+    cli: Cli, s3, make_bucket, abstract_socket, daemons_too: bool
+) -> None:
+    """``daemons_too``: as systemd stops a unit by default (KillMode=control-group), SIGTERM to
+    the command and to every daemon at once; the daemons unmount themselves meanwhile, which is
+    no failure of the command's."""
+    sock, address = abstract_socket
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="a.bin", Body=b"A")
+    s3.put_object(Bucket=bucket, Key="b.bin", Body=b"B")
+    spec = f'[{{"uri": "s3://{bucket}/a.bin"}}, {{"uri": "s3://{bucket}/b.bin"}}]'
+    process = mount_all_in_foreground(cli, address, spec)
     try:
-        process.stdin.write(spec)
-        process.stdin.close()
         assert sock.recv(4096).decode().startswith("READY=1\nSTATUS=serving 2 datasets: a, b")
         assert (cli.data_root / "a" / "a.bin").read_bytes() == b"A"
         assert (cli.data_root / "b" / "b.bin").read_bytes() == b"B"
-        process.terminate()
+        daemons = [cli.daemon_pid(cli.data_root / name) for name in ("a", "b")]
+        for pid in [process.pid, *(daemons if daemons_too else [])]:
+            os.kill(pid, signal.SIGTERM)
         assert sock.recv(4096) == b"STOPPING=1"
-        assert process.wait(timeout=30) == 0  # stopping on request is a clean exit
+        assert process.wait(timeout=30) == 0, process.stderr.read()  # a clean exit
     finally:
         if process.poll() is None:
             process.kill()

@@ -40,7 +40,7 @@ from ..errors import ConfigError, S3DataFSError, UsageError
 from ..mount import MountPlan
 from .mount import _announce as announce_mount
 from .mount import add_mount_options, build_plan, start_mount
-from .unmount import unmount_path
+from .unmount import NotMountedError, unmount_path
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +265,11 @@ def unmount_datasets(mounted: list[MountedDataset]) -> list[str]:
     for item in reversed(mounted):
         try:
             lazily = _unmount(item.plan.mountpoint)
-        except ConfigError as exc:
-            problems.append(str(exc))
+        except NotMountedError:  # unmounted already (by the job, or its daemon on SIGTERM)
+            lazily = False
+        except Exception as exc:  # the others must still be unmounted
+            problems.append(str(exc) if isinstance(exc, ConfigError) else
+                            f"cannot unmount {item.plan.mountpoint}: {exc!r}")
             continue
         config.remove_created(item.plan.mountpoint, item.created)
         # a lazily detached daemon serves its open files until they are closed: do not wait

@@ -7,7 +7,10 @@ cleaning up); ``--all`` applies it to every ``fuse.s3datafs`` entry of the mount
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,27 +56,53 @@ def unmount_all(*, lazy: bool) -> int:
     return status
 
 
+class NotMountedError(ConfigError):
+    """There is nothing mounted there (any more)."""
+
+
 def unmount_path(path: str | os.PathLike[str], *, lazy: bool) -> None:
     """Unmount one s3datafs mount and wait for its daemon to exit (unless ``lazy``)."""
     mountpoint = os.path.realpath(path)  # as mount named it, and the mount table does
     state = runtime.read_state(mountpoint)
-    table = {entry.mountpoint: entry for entry in runtime.mount_table()}
-    entry = table.get(mountpoint)
+    entry = _mounted(mountpoint)
     if entry is None:
         runtime.remove_state(mountpoint)
-        raise ConfigError(f"{mountpoint} is not mounted")
+        raise NotMountedError(f"{mountpoint} is not mounted")
     if entry.fstype != runtime.FSTYPE:
         raise ConfigError(f"{mountpoint} is not an s3datafs mount (it is {entry.fstype})")
-    command = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+    reason = _unmount(mountpoint, lazy)
+    if reason is not None and _mounted(mountpoint) is not None:  # else: it went meanwhile
         if "busy" in reason.lower():
             raise ConfigError(f"{mountpoint} is busy: close the files using it, or use --lazy")
         raise ConfigError(f"cannot unmount {mountpoint}: {reason}")
     if state is not None and not lazy:
         _wait_for_exit(int(state.get("pid") or 0))
     runtime.remove_state(mountpoint)
+
+
+def _mounted(mountpoint: str) -> runtime.MountEntry | None:
+    return next((e for e in runtime.mount_table() if e.mountpoint == mountpoint), None)
+
+
+_MNT_DETACH = 2
+
+
+def _unmount(mountpoint: str, lazy: bool) -> str | None:
+    """Unmount with ``fusermount3 -u``, or as root ``umount2`` (a root mount needs no helper,
+    so fuse3's tools may be missing); the reason it failed, or None."""
+    if shutil.which("fusermount3"):
+        command = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            return None
+        return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+    if os.geteuid() != 0:
+        return "fusermount3 is missing (install fuse3)"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mountpoint), _MNT_DETACH if lazy else 0) == 0:
+        return None
+    code = ctypes.get_errno()
+    return "Device or resource busy" if code == errno.EBUSY else os.strerror(code)
 
 
 def _wait_for_exit(pid: int) -> None:
