@@ -11,6 +11,8 @@ Protocol:
   (a shell, a test's ``subprocess.run``) is not kept waiting on inherited descriptors.
 - The parent returns the child's verdict; a child that dies without a word is a failure that
   points at the log file. Only the child ever touches the mount.
+- A child whose ready line cannot be delivered (the mount command was killed, or interrupted,
+  while it waited) unmounts at once and exits: nobody asked for that mount any more.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def _child(child_main: Callable[[Report], None], write_fd: int) -> int:
     pipe = os.fdopen(write_fd, "w", encoding="utf-8")
 
     def report_ready(summary: dict) -> None:
-        _send(pipe, {"ok": True, **summary})
+        if not _send(pipe, {"ok": True, **summary}):  # the mount command was stopped meanwhile
+            log.warning("the mount command is gone: unmounting what nobody waits for any more")
+            raise Abandoned("the mount command is gone")
         logsetup.detach_console()
         _detach_stdio()
         startup.settle()  # serve with the usual garbage collection (start-up objects frozen)
@@ -76,14 +80,20 @@ def _child(child_main: Callable[[Report], None], write_fd: int) -> int:
     return 1
 
 
-def _send(pipe, message: dict) -> None:  # a text file object
+class Abandoned(S3DataFSError):
+    """The mount command stopped waiting (killed, or Ctrl-C) before the mount was ready."""
+
+
+def _send(pipe, message: dict) -> bool:  # a text file object
+    """Whether ``message`` reached the mount command."""
     if pipe.closed:
-        return
+        return False
     try:
         pipe.write(json.dumps(message) + "\n")
         pipe.close()
     except OSError:  # the parent is gone (killed); nothing to tell
-        pass
+        return False
+    return True
 
 
 def _detach_stdio() -> None:

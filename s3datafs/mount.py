@@ -317,6 +317,24 @@ def serve(
     right after finds everything that was read.
     """
     others = connection.fuse_descriptors()
+    # From the kernel mount until the loop's signal receiver is in place a stop signal would
+    # kill the process and leave a dead mount: it waits, blocked, for the receiver instead.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        _init(operations, mountpoint, options)
+        try:
+            ours = connection.fuse_descriptors() - others
+            on_ready()
+            trio.run(_main_loop, operations, ours, start)
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _init(operations: Operations, mountpoint: Path, options: Iterable[str]) -> None:
+    """``pyfuse3.init``; its failure as one line with libfuse's own reason."""
     with tempfile.TemporaryFile() as said:
         try:
             with _stderr_to(said):  # libfuse writes its reason there itself
@@ -325,13 +343,6 @@ def serve(
             said.seek(0)
             reason = " ".join(said.read().decode(errors="replace").split()) or str(exc)
             raise ConfigError(f"cannot mount {mountpoint} ({reason}): {_FUSE_HELP}") from None
-    try:
-        ours = connection.fuse_descriptors() - others
-        on_ready()
-        trio.run(_main_loop, operations, ours, start)
-    finally:
-        pyfuse3.close(unmount=True)
-        log.info("unmounted %s", mountpoint)
 
 
 async def _main_loop(
@@ -359,6 +370,7 @@ async def _abandon_requests_when_disconnected(operations: Operations, session_fd
 
 async def _terminate_on_signal(operations: Operations) -> None:
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked since the mount
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             operations.abandon_requests()

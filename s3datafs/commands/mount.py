@@ -13,10 +13,12 @@ before the fork, for the URI and the default name; the daemon verifies the whole
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .. import config, daemon, logsetup, pinning, s3source, sdnotify, snapshot, startup
@@ -349,9 +351,27 @@ def _serve_in_foreground(plan: MountPlan, on_ready: Callable[[dict], None]) -> N
         sdnotify.notify("READY=1", f"STATUS=serving {plan.uri} at {plan.mountpoint}")
 
     try:
-        mount_dataset(plan, ready)
+        with _stop_signals_raise():
+            mount_dataset(plan, ready)
     finally:
         sdnotify.notify("STOPPING=1")
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGTERM or SIGHUP before serving (while pinning, say) ends the command like Ctrl-C does,
+    through the cleanup that removes a mount point it created, instead of killing it outright.
+    (While serving, the loop's own receiver takes them and unmounts.)"""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _announce(plan: MountPlan, summary: dict) -> None:

@@ -1,0 +1,131 @@
+"""Stop signals while a mount starts: whatever moment they come, nothing is left mounted.
+
+A mount command stopped while it waits (``timeout 5 s3datafs mount ...``, Ctrl-C, a service
+manager giving up) must not leave its daemon to mount anyway; a daemon stopped in the moment
+between the kernel mount and its signal receiver must not leave a dead mount; a foreground mount
+stopped while it pins must remove the mount point it created. The listing is slowed down with the
+fault proxy to make "while it waits" last long enough to aim at.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Cli
+
+from s3datafs.runtime import mount_table, pid_alive
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture
+def bucket(s3, make_bucket) -> str:
+    name = make_bucket()
+    s3.put_object(Bucket=name, Key="p/a.txt", Body=b"a\n")
+    return name
+
+
+def start(cli: Cli, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "s3datafs", *args], env=env or cli.env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def mounted_at(path: Path) -> bool:
+    return any(entry.mountpoint == str(path) for entry in mount_table())
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"still running: {pids}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_mount_command_stopped_while_it_waits_leaves_no_mount(
+    cli: Cli, proxy, bucket: str, signum: int
+) -> None:
+    proxy.inject("delay", op="ListObjectsV2", seconds=2.0, times=None)
+    target = cli.root / "mnt"
+    target.mkdir()
+    command = start(cli, "mount", f"s3://{bucket}/p/", str(target),
+                    env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint})
+    try:
+        time.sleep(1.0)  # the daemon is listing
+        daemons = children(command.pid)
+        assert daemons, "no daemon yet"
+        command.send_signal(signum)
+        command.communicate(timeout=30)
+        assert command.returncode != 0
+        wait_gone(daemons)  # it mounted, could not say so, and unmounted
+        assert not mounted_at(target)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+    cli.expect_log("mount command is gone")
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_daemon_stopped_right_after_the_kernel_mount_leaves_no_dead_mount(
+    cli: Cli, bucket: str, attempt: int
+) -> None:
+    target = cli.root / "mnt"
+    target.mkdir()
+    command = start(cli, "mount", f"s3://{bucket}/p/", str(target))
+    daemons: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not mounted_at(target):  # aim at the moment the kernel has the mount
+            daemons = children(command.pid) or daemons
+            assert time.monotonic() < deadline, "never mounted"
+        for daemon in daemons:
+            os.kill(daemon, signal.SIGTERM)
+        command.communicate(timeout=30)
+        wait_gone(daemons)
+        assert not mounted_at(target), "a stop signal in the start window left a (dead) mount"
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+
+
+def test_a_foreground_mount_stopped_while_it_pins_removes_the_mount_point_it_made(
+    cli: Cli, proxy, bucket: str
+) -> None:
+    proxy.inject("delay", op="ListObjectsV2", seconds=3.0, times=None)
+    target = cli.root / "new" / "mnt"
+    command = start(cli, "mount", "--foreground", f"s3://{bucket}/p/", str(target),
+                    env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint})
+    try:
+        deadline = time.monotonic() + 10
+        while not target.is_dir():
+            assert time.monotonic() < deadline, "the mount point was never made"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        command.send_signal(signal.SIGTERM)
+        command.communicate(timeout=30)
+        assert command.returncode == 128 + signal.SIGTERM
+        assert not (cli.root / "new").exists()
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
