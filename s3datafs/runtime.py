@@ -11,15 +11,19 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import runtime_dir
+from .errors import ConfigError
 
 FSTYPE = "fuse.s3datafs"
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -62,6 +66,31 @@ def _unescape(text: str) -> str:
 def state_path(mountpoint: str) -> Path:
     digest = hashlib.sha256(os.path.abspath(mountpoint).encode("utf-8", "surrogateescape"))
     return runtime_dir() / f"{digest.hexdigest()[:20]}.json"
+
+
+@contextlib.contextmanager
+def mounting(mountpoint: str) -> Iterator[None]:
+    """Be the one command mounting at ``mountpoint`` meanwhile, or fail at once saying so.
+
+    Two commands mounting at one place could both find it free and stack two mounts. The lock is
+    a POSIX record lock on a file beside the state files: a forked daemon does not inherit it,
+    and it goes with the process that holds it, however that process ends.
+    """
+    directory = runtime_dir()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state_path(mountpoint).with_suffix(".lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConfigError(f"{mountpoint}: another s3datafs mount there is under way: wait "
+                              "for it, or choose another mount point") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_state(mountpoint: str, state: dict) -> None:

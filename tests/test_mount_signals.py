@@ -129,3 +129,25 @@ def test_a_foreground_mount_stopped_while_it_pins_removes_the_mount_point_it_mad
         if command.poll() is None:
             command.kill()
             command.communicate()
+
+
+def test_two_mounts_at_one_place_at_once_make_one_mount(cli: Cli, proxy, bucket: str) -> None:
+    """Both would find the place free while the first still lists: the second is told."""
+    proxy.inject("delay", op="ListObjectsV2", seconds=2.0, times=None)
+    env = {**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint}
+    target = cli.root / "shared"
+    first = start(cli, "mount", f"s3://{bucket}/p/", str(target), env=env)
+    try:
+        time.sleep(0.7)
+        second = cli.run("mount", f"s3://{bucket}/p/", str(target), "--name", "other", env=env)
+        assert second.returncode == 1
+        assert second.stderr == (f"s3datafs: {target}: another s3datafs mount there is under "
+                                 "way: wait for it, or choose another mount point\n")
+        first.communicate(timeout=30)
+        assert first.returncode == 0
+        assert sum(entry.mountpoint == str(target) for entry in mount_table()) == 1
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .. import config, daemon, logsetup, pinning, s3source, sdnotify, snapshot, startup
+from .. import config, daemon, logsetup, pinning, runtime, s3source, sdnotify, snapshot, startup
 from ..archive.index import parse_archive_mode
 from ..errors import ConfigError, MountFailed, UsageError
 from ..fuse_ops import FsSettings
@@ -324,21 +324,22 @@ def start_mount(
     """
     s3source.check_settings(plan.s3)
     config.prepare_cache_dir(plan.cache_dir)
-    created = config.prepare_mountpoint(plan.mountpoint)
-    try:
-        if foreground:
-            _serve_in_foreground(plan, on_ready or (lambda _summary: None))
-            return {}
-        hint = f"see {plan.log_file}" if plan.log_file else "run with --foreground to see why"
-        verdict = daemon.spawn(
-            lambda report: mount_dataset(plan, lambda summary: report(summary.as_dict())),
-            log_hint=hint,
-        )
-        if not verdict["ok"]:
-            raise MountFailed(verdict["error"], int(verdict.get("exit", 1)))
-    except BaseException:
-        config.remove_created(plan.mountpoint, created)
-        raise
+    with runtime.mounting(str(plan.mountpoint)):
+        created = config.prepare_mountpoint(plan.mountpoint)
+        try:
+            if foreground:
+                _serve_in_foreground(plan, on_ready or (lambda _summary: None))
+                return {}
+            hint = f"see {plan.log_file}" if plan.log_file else "run with --foreground to see why"
+            verdict = daemon.spawn(
+                lambda report: mount_dataset(plan, lambda summary: report(summary.as_dict())),
+                log_hint=hint,
+            )
+            if not verdict["ok"]:
+                raise MountFailed(verdict["error"], int(verdict.get("exit", 1)))
+        except BaseException:
+            config.remove_created(plan.mountpoint, created)
+            raise
     return verdict
 
 
