@@ -83,6 +83,28 @@ def test_success_runs_the_job_on_the_mounted_data_then_unmounts(cli: Cli, bucket
     assert_all_unmounted(cli)
 
 
+def test_keys_from_the_variable_are_in_no_process_environment(cli: Cli, bucket: str) -> None:
+    """/proc/<pid>/environ shows what a process started with: the daemons forked from run
+    must not show the spec's keys there for as long as the job runs."""
+    spec = [{"uri": f"s3://{bucket}/train/", "awsAccessKeyId": "testing",
+             "awsSecretAccessKey": "testing", "awsSessionToken": "SPECTOKEN42"}]
+    job = (
+        "import glob, json, os, sys\n"
+        f"states = [json.load(open(p)) for p in glob.glob('{cli.root}/run/*.json')]\n"
+        "pids = [os.getpid(), os.getppid(), *(state['pid'] for state in states)]\n"
+        "assert len(pids) == 3, pids\n"
+        "seen = [open(f'/proc/{pid}/environ', 'rb').read() for pid in pids]\n"
+        "sys.exit(sum(b'SPECTOKEN42' in environ for environ in seen))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "s3datafs", "run", "--", sys.executable, "-c", job],
+        env={**cli.env, "S3DATAFS_DATASETS": json.dumps(spec)},
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert_all_unmounted(cli)
+
+
 @pytest.mark.parametrize(
     ("job", "status"),
     [

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .. import config, datasets, logsetup, sdnotify, supervisor
+from .. import config, datasets, envblock, logsetup, sdnotify, supervisor
 from ..datasets import DatasetError, DatasetSpec
 from ..errors import ConfigError, S3DataFSError, UsageError
 from ..mount import MountPlan
@@ -130,6 +130,8 @@ def _hold(mounted: list[MountedDataset], deferred: supervisor.DeferredSignals) -
 def load_plans(args: argparse.Namespace) -> list[PlannedDataset]:
     """Read the spec ``args.spec`` names, set up console logging, and plan every dataset."""
     specs = datasets.load_specs(args.spec)
+    if args.spec is None:  # read from the variable: keys must not stay in /proc/*/environ
+        envblock.scrub(datasets.ENV_VAR)
     _log_to(None, args, [secret for spec in specs for secret in spec.secrets()])
     return plan_datasets(specs, args)
 
