@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import difflib
 import io
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -224,17 +225,22 @@ def _say(call: HelperCall, message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    call: HelperCall | None = None
     try:
-        mount(parse_call(argv))
+        call = parse_call(argv)
+        mount(call)
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except S3DataFSError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as exc:
-        if any("debug" in arg for arg in argv):
-            raise
+        if call is not None and "debug" in (item.strip() for item in call.options.split(",")):
+            raise  # -o debug: the traceback is what was asked for
         print(f"{PROG}: internal error: {exc!r} (add -o debug for details)", file=sys.stderr)
         return EXIT_FAILURE
     return 0

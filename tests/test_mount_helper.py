@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import Cli, sha256
 
+from s3datafs import mount_helper
 from s3datafs.errors import UsageError
 from s3datafs.mount_helper import main, option_table, parse_call, translate_options
 from s3datafs.runtime import pid_alive
@@ -236,3 +237,27 @@ def test_mount8_refuses_bad_options_and_mounts_nothing(
     assert fragment in done.stderr
     assert "s3cr3t" not in done.stderr
     assert not os.path.ismount(target)
+
+
+@pytest.mark.parametrize(
+    ("failure", "options", "status"),
+    [(RuntimeError("bug"), "ro", 32), (KeyboardInterrupt(), "ro", 130),  # mount(8)'s statuses
+     (RuntimeError("bug"), "ro,debug", None)],
+    ids=["internal-error", "ctrl-c", "debug-shows-the-traceback"],
+)
+def test_unexpected_failures_are_one_line_unless_debug_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    failure: BaseException, options: str, status: int | None,
+) -> None:
+    def fail(_call: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(mount_helper, "mount", fail)
+    argv = ["s3://debug-bucket/p/", "/data/p", "-o", options]  # "debug" in a name is no option
+    if status is None:
+        with pytest.raises(RuntimeError):
+            mount_helper.main(argv)
+        return
+    assert mount_helper.main(argv) == status
+    assert capsys.readouterr().err.count("\n") == 1
+
