@@ -22,7 +22,8 @@ object, its parent). ``object_count`` and ``total_bytes`` count files (as ``moun
 
 Invariants:
 - Writing streams from the catalog in key order (no list of objects in memory), into a temporary
-  file beside the target that is fsynced and renamed into place: a reader never sees half a file.
+  file beside the target that is fsynced and renamed into place (and the directory fsynced): a
+  reader never sees half a file, and a crash after the command returned loses nothing.
   The writer recomputes count and fingerprint as it goes and refuses to finish if they differ
   from the catalog's.
 - Reading streams too, feeding a strict ``CatalogBuilder`` line by line, and checks everything
@@ -143,6 +144,7 @@ def write_snapshot(catalog: Catalog, path: Path, *, name: str) -> Header:
             os.fsync(raw.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a snapshot is meant to be shared
         os.replace(tmp, path)
+        _sync_directory(path.parent)  # the rename too survives a crash once we return
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -410,6 +412,14 @@ def _first_line(path: Path, lines: Iterator[str]) -> str:
     if len(line) > _MAX_HEADER:
         raise SnapshotError(f"{path} is not an s3datafs snapshot (no header line)")
     return line
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _bad(path: Path, problem: str) -> SnapshotError:
