@@ -41,6 +41,11 @@ class S3Uri:
         """The listing prefix this URI means when it is not a single object."""
         return self.key if self.is_explicit_prefix else self.key + "/"
 
+    def covers(self, bucket: str, key: str) -> bool:
+        """Whether the object ``bucket``/``key`` is this URI's object or lies under its prefix
+        (``s3://b/data`` covers ``data`` and ``data/x``, not ``data2.csv``)."""
+        return bucket == self.bucket and (key == self.key or key.startswith(self.as_prefix()))
+
 
 def parse_s3_uri(text: str) -> S3Uri:
     """Parse ``text`` or raise ``UsageError`` naming what is wrong and the expected form."""

@@ -24,6 +24,7 @@ from s3datafs.cache.blockfile import object_digest
 from s3datafs.catalog import Catalog, build_catalog
 from s3datafs.errors import ArchiveError, UsageError
 from s3datafs.model import MemberRef, ObjectRef
+from s3datafs.uri import parse_s3_uri
 
 BUCKET = "bkt"
 MEMBERS = {
@@ -307,7 +308,7 @@ def test_cache_clear_forgets_not_a_zip_answers_by_uri(world: World) -> None:
     gone = world.put("drop/blob.bin", b"y" * 1000)
     assert world.members(kept) is None
     assert world.members(gone) is None
-    clear_indexes(world.cache_dir, f"s3://{BUCKET}/drop/")
+    clear_indexes(world.cache_dir, parse_s3_uri(f"s3://{BUCKET}/drop/"))
     world.reset()
     assert world.members(kept) is None
     assert world.source.calls["get_range"] == 0

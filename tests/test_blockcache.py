@@ -15,6 +15,7 @@ import pytest
 from s3datafs.cache import blockfile, disk
 from s3datafs.cache.disk import DiskCache
 from s3datafs.model import ObjectRef
+from s3datafs.uri import parse_s3_uri
 
 BLOCK = 4096
 REGION_BLOCKS = disk.REGION_BYTES // BLOCK
@@ -304,7 +305,7 @@ def test_what_earlier_formats_left_is_counted_then_swept(tmp_path: Path, caplog)
     assert files_of(cache, kept) == ["r0"]
     assert disk.usage(tmp_path).by_dataset == {"s3://bkt/": cache.used_bytes}
     old.mkdir()
-    assert disk.clear(tmp_path, "s3://elsewhere/") == 0  # a clear takes them too
+    assert disk.clear(tmp_path, parse_s3_uri("s3://elsewhere/")) == 0  # a clear takes them too
     assert not old.exists()
     assert files_of(cache, kept) == ["r0"]
 
@@ -433,16 +434,29 @@ def test_min_free_refuses_to_fill_the_filesystem(tmp_path: Path) -> None:
 
 def test_usage_and_clear_by_uri(tmp_path: Path) -> None:
     cache = make_cache(tmp_path, dataset="s3://bkt/")
-    for key in ("a/1", "a/2", "b/1"):
+    for key in ("a/1", "a/2", "a", "a2.csv", "ab/1", "b/1"):
         ref = make_ref(BLOCK, key=key)
         cache.write(ref, blockfile.object_digest(ref), 0, [b"x" * BLOCK])
     usage = disk.usage(tmp_path)
-    assert usage.blocks == 3
+    assert usage.blocks == 6
     assert usage.by_dataset == {"s3://bkt/": usage.bytes}
-    assert disk.clear(tmp_path, "s3://bkt/a/") == 2
-    assert disk.usage(tmp_path).blocks == 1
-    assert disk.clear(tmp_path) == 1
+    assert disk.clear(tmp_path, parse_s3_uri("s3://bkt/a/")) == 2
+    assert disk.clear(tmp_path, parse_s3_uri("s3://bkt/a")) == 1  # the object a, not a2.csv
+    assert disk.clear(tmp_path, parse_s3_uri("s3://bkt2")) == 0  # another bucket
+    assert disk.usage(tmp_path).blocks == 3
+    assert disk.clear(tmp_path) == 3
     assert disk.usage(tmp_path).bytes == 0
+
+
+def test_stats_and_clear_get_past_a_region_file_whose_header_is_damaged(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path)
+    ref = make_ref(2 * BLOCK)
+    stored(cache, ref, os.urandom(ref.size))
+    with open(region_file(cache, ref), "r+b") as damaged:  # its block count: ~2**31 blocks
+        damaged.seek(20)
+        damaged.write(b"\xff\xff\xff\x7f")
+    assert disk.usage(tmp_path).blocks == 0  # counted as a file with no blocks
+    assert disk.clear(tmp_path) == 1
 
 
 def _allocated_below_fans(root: Path) -> int:
@@ -502,7 +516,7 @@ def test_a_damaged_identity_changes_what_stats_say_never_the_blocks(tmp_path: Pa
     damage(region_file(cache, ref), blockfile.HEADER_SIZE + 12)  # a byte of the JSON
     assert disk.usage(tmp_path).by_dataset == {"?": cache.used_bytes}
     assert read_all(cache, ref, range(0, 2)) == {0: data[:BLOCK], 1: data[BLOCK:]}
-    assert disk.clear(tmp_path, "s3://bkt/") == 0  # unknown: kept (a full clear takes it)
+    assert disk.clear(tmp_path, parse_s3_uri("s3://bkt/")) == 0  # unknown: kept (clear takes it)
     assert disk.clear(tmp_path) == 1
 
 
@@ -512,7 +526,7 @@ def test_clear_by_uri_takes_an_object_whose_shortened_key_may_be_under_it(tmp_pa
     refs = [make_ref(BLOCK, key=long_key), make_ref(BLOCK, key="b/1")]
     for ref in refs:
         stored(cache, ref, os.urandom(BLOCK))
-    assert disk.clear(tmp_path, f"s3://bkt/{long_key}") == 1
+    assert disk.clear(tmp_path, parse_s3_uri(f"s3://bkt/{long_key}")) == 1
     assert files_of(cache, refs[0]) == []
     assert files_of(cache, refs[1]) == ["r0"]
 

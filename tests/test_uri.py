@@ -83,3 +83,14 @@ def test_validate_name_refuses_unsafe_names(name: str) -> None:
 @pytest.mark.parametrize("name", ["mnist", "x" * 255, "with space", "ü"])
 def test_validate_name_accepts_safe_names(name: str) -> None:
     assert validate_name(name) == name
+
+
+def test_a_uri_covers_its_object_and_what_lies_under_it() -> None:
+    data = parse_s3_uri("s3://b-1/data")
+    assert [key for key in ("data", "data/x", "data2.csv", "database/x", "dat") if
+            data.covers("b-1", key)] == ["data", "data/x"]
+    assert not data.covers("b-2", "data")
+    assert parse_s3_uri("s3://b-1/data/").covers("b-1", "data/x")
+    assert not parse_s3_uri("s3://b-1/data/").covers("b-1", "data")
+    assert parse_s3_uri("s3://b-1").covers("b-1", "anything/at/all")
+

@@ -35,6 +35,7 @@ from ..cache.blockfile import object_digest
 from ..catalog import Catalog, CatalogBuilder, CatalogError
 from ..errors import ArchiveError, UsageError
 from ..model import ObjectRef, ObjectSource
+from ..uri import S3Uri, parse_s3_uri
 from . import zipformat
 
 log = logging.getLogger(__name__)
@@ -179,25 +180,32 @@ def _open_existing(path: Path, ref: ObjectRef) -> Catalog | None:
     return catalog
 
 
-def clear_indexes(cache_dir: Path, uri_prefix: str | None = None) -> int:
-    """Delete the stored member indexes (of archives whose URI starts with ``uri_prefix``), and
-    the remembered "not a zip" answers."""
+def clear_indexes(cache_dir: Path, under: S3Uri | None = None) -> int:
+    """Delete the stored member indexes (of the archives ``under`` covers), and the remembered
+    "not a zip" answers."""
     removed = 0
     archives = cache_dir / "archives"
     for path in sorted(archives.glob("*.db")):
-        if uri_prefix is not None:
+        if under is not None:
             try:
                 with contextlib.closing(Catalog.open(path)) as catalog:
                     archive = catalog.meta.archive
             except CatalogError:
                 archive = None  # unreadable: the next mount would rebuild it anyway
-            if archive is not None and not archive.uri.startswith(uri_prefix):
+            if archive is not None and not under.covers(archive.bucket, archive.key):
                 continue
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed += 1
     for marker in sorted(archives.glob("*.plain")):
-        with contextlib.suppress(OSError):
-            if uri_prefix is None or marker.read_text(encoding="utf-8").startswith(uri_prefix):
+        with contextlib.suppress(OSError, UsageError):
+            if under is None or _marked(marker, under):
                 marker.unlink()
     return removed
+
+
+def _marked(marker: Path, under: S3Uri) -> bool:
+    """Whether the "not a zip" ``marker`` (its object's URI inside) is of an object ``under``
+    covers."""
+    uri = parse_s3_uri(marker.read_text(encoding="utf-8").strip())
+    return under.covers(uri.bucket, uri.key)

@@ -182,8 +182,15 @@ def parse_identity(data: bytes) -> dict | None:
 
 
 def blocks_in_header(data: bytes) -> int:
-    """The ``blocks`` field of a region header (0 if it is not one): for counting only."""
-    if len(data) < _HEADER.size or data[:4] != MAGIC:
+    """The ``blocks`` field of a region header (0 if it is not an intact one): for counting.
+
+    Checked against the header's CRC: a damaged field would have the counting read a table of
+    any size (a flipped high bit: gigabytes, and ``cache stats`` failing with MemoryError).
+    """
+    if len(data) < _HEADER.size + _HEADER_CRC.size or data[:4] != MAGIC:
+        return 0
+    (crc,) = _HEADER_CRC.unpack_from(data, _HEADER.size)
+    if crc != zlib.crc32(data[: _HEADER.size]):
         return 0
     return _HEADER.unpack_from(data)[5]
 

@@ -80,6 +80,7 @@ from pathlib import Path
 import cachetools
 
 from ..model import PinnedRef
+from ..uri import S3Uri
 from . import blockfile
 from .files import (
     O_DIRECT,
@@ -527,29 +528,29 @@ def _dataset_of(identity: dict | None) -> str:
     return identity.get("dataset") or f"s3://{identity.get('bucket')}/{identity.get('key')}"
 
 
-def clear(cache_dir: Path, uri_prefix: str | None = None) -> int:
-    """Delete the cached blocks of every object (or those whose URI starts with the prefix);
-    returns how many objects had blocks deleted. What earlier formats left goes in any case."""
+def clear(cache_dir: Path, under: S3Uri | None = None) -> int:
+    """Delete the cached blocks of every object (or of those ``under`` covers); returns how many
+    objects had blocks deleted. What earlier formats left goes in any case."""
     removed: set[str] = set()
     for found in _found(cache_dir):
         if found.earlier_format:
             with _locked(found.path.parent.parent):
                 shutil.rmtree(found.path, ignore_errors=True)
-        elif uri_prefix is None or _under(found.identity, uri_prefix):
+        elif under is None or _under(found.identity, under):
             with _locked(found.path.parent.parent), contextlib.suppress(FileNotFoundError):
                 found.path.unlink()
             removed.add(found.path.name.partition(".")[0])
     return len(removed)
 
 
-def _under(identity: dict | None, uri_prefix: str) -> bool:
-    """Whether the object is under ``uri_prefix``; a shortened identity matches as far as it
-    goes (deleting a cache file too many costs a GET, keeping one would break the promise)."""
+def _under(identity: dict | None, under: S3Uri) -> bool:
+    """Whether ``under`` covers the object; a shortened identity matches as far as it goes
+    (deleting a cache file too many costs a GET, keeping one would break the promise)."""
     if identity is None:
         return False
-    uri = f"s3://{identity.get('bucket')}/{identity.get('key')}"
-    return uri.startswith(uri_prefix) or (
-        bool(identity.get("truncated")) and uri_prefix.startswith(uri)
+    bucket, key = str(identity.get("bucket")), str(identity.get("key"))
+    return under.covers(bucket, key) or (
+        bool(identity.get("truncated")) and str(under).startswith(f"s3://{bucket}/{key}")
     )
 
 

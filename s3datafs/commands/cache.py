@@ -65,11 +65,11 @@ def _cache_errors(cache_dir: Path) -> Iterator[None]:
 
 
 def run_clear(args: argparse.Namespace) -> int:
-    prefix = str(parse_s3_uri(args.uri)) if args.uri else None
+    under = parse_s3_uri(args.uri) if args.uri else None
     cache_dir = args.cache_dir or config.default_cache_dir()
     with _cache_errors(cache_dir):
-        removed = disk.clear(cache_dir, prefix)
-        indexes = clear_indexes(cache_dir, prefix)
+        removed = disk.clear(cache_dir, under)
+        indexes = clear_indexes(cache_dir, under)
     print(f"s3datafs: removed the cached blocks of {removed} objects"
           + (f" and {indexes} zip member indexes" if indexes else ""))
     return 0
