@@ -300,10 +300,13 @@ class BlockReader:
             index = stop
         return end
 
-    async def warm(self, ref: ObjectRef, parallel: int = 2) -> None:
+    async def warm(
+        self, ref: ObjectRef, parallel: int = 2, loaded: Callable[[int], None] = lambda _n: None
+    ) -> None:
         """Make sure every block of ``ref`` is cached (for ``s3datafs prefetch``).
 
-        ``parallel`` request-sized runs are loaded at a time, which bounds the memory it takes.
+        ``parallel`` request-sized runs are loaded at a time, which bounds the memory it takes;
+        ``loaded(bytes)`` is told as each run is in (a progress line).
         """
         blocks = -(-ref.size // self.block_size)
         starts = iter(range(0, blocks, self._request_blocks))
@@ -312,6 +315,7 @@ class BlockReader:
             for first in starts:  # shared: each run is taken by one worker
                 run = range(first, min(first + self._request_blocks, blocks))
                 await self._load(ref, run, waited=False)  # filling the cache: nobody waits
+                loaded(min(run.stop * self.block_size, ref.size) - run.start * self.block_size)
 
         async with trio.open_nursery() as nursery:
             for _ in range(parallel):

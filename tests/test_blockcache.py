@@ -6,6 +6,7 @@ import errno
 import fcntl
 import multiprocessing
 import os
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -529,6 +530,21 @@ def test_clear_by_uri_takes_an_object_whose_shortened_key_may_be_under_it(tmp_pa
     assert disk.clear(tmp_path, parse_s3_uri(f"s3://bkt/{long_key}")) == 1
     assert files_of(cache, refs[0]) == []
     assert files_of(cache, refs[1]) == ["r0"]
+
+
+@pytest.mark.parametrize("min_free", [0.0, 0.0001], ids=["no-min-free", "min-free"])
+def test_a_cache_directory_removed_meanwhile_is_made_again_by_the_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_free: float
+) -> None:
+    monkeypatch.setattr(disk, "_FREE_CHECK_SECONDS", 0.0)  # --cache-min-free looks every time
+    cache = make_cache(tmp_path / "cache", min_free_ratio=min_free)
+    stored(cache, make_ref(BLOCK, key="before"), b"b" * BLOCK)
+    shutil.rmtree(tmp_path / "cache")  # rm -rf while mounted
+    after = make_ref(BLOCK, key="after")
+    stored(cache, after, b"a" * BLOCK)
+    assert read_all(cache, after, range(1)) == {0: b"a" * BLOCK}
+    cache.sync()
+    assert cache.used_bytes > 0
 
 
 def test_min_free_checks_the_filesystem_at_most_once_a_second_while_there_is_room(

@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 from conftest import Cli, sha256
@@ -122,6 +126,41 @@ def test_prefetch_warms_the_cache_so_a_mount_reads_nothing_from_s3(
     assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
     assert (mountpoint / "small.txt").read_bytes() == b"small"
     assert s3server.stats()["get_bytes"] == 0
+
+
+def test_prefetch_of_more_than_the_cache_holds_is_refused_before_any_get(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    bucket = make_bucket()
+    put_big(s3, bucket, 5 * MiB)
+    s3server.reset_stats()
+    result = cli.run("prefetch", f"s3://{bucket}/p/", "--cache-size", "3M")
+    assert result.returncode == 1
+    assert result.stderr == (f"s3datafs: s3://{bucket}/p/ takes 5.0 MiB, more than the cache "
+                             "holds (--cache-size 3.0 MiB): raise --cache-size\n")
+    assert s3server.stats()["get_bytes"] == 0
+
+
+def test_prefetch_interrupted_says_so_in_one_line(cli: Cli, s3, proxy, make_bucket) -> None:
+    bucket = make_bucket()
+    put_big(s3, bucket, 5 * MiB)
+    proxy.inject("delay", op="GetObject", seconds=5.0, times=None)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "s3datafs", "prefetch", f"s3://{bucket}/p/"],
+        env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1.5)  # listed, GETs waiting
+        command.send_signal(signal.SIGINT)
+        _out, err = command.communicate(timeout=30)
+        assert command.returncode == 130
+        assert "Traceback" not in err
+        assert "ExceptionGroup" not in err
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
 
 
 def test_cache_clear_empties_the_cache(cli: Cli, s3, make_bucket) -> None:

@@ -328,6 +328,17 @@ async def test_an_attached_flight_survives_the_cancellation_of_the_reader_that_s
 
 
 @trio_test
+async def test_warm_tells_each_run_as_it_is_in() -> None:
+    """What the prefetch command's progress line moves by: one object is many runs."""
+    source, ref = make_source()  # 100 bytes: runs of 2 blocks are 32, 32, 32 and 4 bytes
+    reader = make_reader(source, max_request_bytes=2 * BLOCK)
+    told: list[int] = []
+    await reader.warm(ref, loaded=told.append)
+    assert sorted(told) == [4, 32, 32, 32]
+    assert await reader.read(ref, 0, len(DATA)) == DATA
+
+
+@trio_test
 async def test_long_runs_are_split_at_max_request_bytes() -> None:
     source, ref = make_source()
     reader = make_reader(source, max_request_bytes=2 * BLOCK)

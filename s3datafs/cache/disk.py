@@ -379,7 +379,11 @@ class DiskCache:
             fresh = now - self._free_checked_at < _FREE_CHECK_SECONDS
             if fresh and self._free_estimate >= self._wanted_free:
                 return
-        fs = os.statvfs(self.root)
+        try:
+            fs = os.statvfs(self.root)
+        except FileNotFoundError:  # removed under us (rm -rf): made again, as a write does
+            _make_private_dirs(self.root)
+            fs = os.statvfs(self.root)
         wanted_free = self._min_free_ratio * fs.f_blocks * fs.f_frsize
         free = fs.f_bavail * fs.f_frsize
         with self._lock:
@@ -445,7 +449,11 @@ def _make_private_dirs(directory: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:  # the cache directory was removed under us: made again
+        _make_private_dirs(root)
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

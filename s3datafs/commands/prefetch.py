@@ -25,7 +25,7 @@ from ..archive.index import archive_catalog
 from ..archive.members import MemberSource
 from ..cache.disk import DiskCache
 from ..catalog import Catalog
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
 from ..model import PinnedRef
 from ..reader import BlockReader
 from ..units import human_size
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             min_free_ratio=plan.cache_min_free,
             dataset=str(plan.uri),
         )
+        disk.sync()  # what other mounts cached: it counts towards the bound, and may make room
         members_source = MemberSource(source, disk=disk)
         reader = BlockReader(
             members_source,
@@ -96,12 +97,27 @@ def run(args: argparse.Namespace) -> int:
                 catalog = closing.enter_context(contextlib.closing(members))
             refs = catalog.objects() if members is None else catalog.files()
             count, total = catalog.meta.object_count, catalog.meta.total_bytes
+            # What the cache must hold: the objects, or the archive whose blocks it keeps.
+            stored = total if members is None else members.meta.archive.size
+            if stored > plan.disk_cache_bytes:
+                raise ConfigError(
+                    f"{plan.uri} takes {human_size(stored)}, more than the cache holds "
+                    f"(--cache-size {human_size(plan.disk_cache_bytes)}): raise --cache-size")
             progress = _Progress(total)
             try:
                 trio.run(_warm_all, reader, refs, progress)
+            except BaseExceptionGroup as group:  # Ctrl-C arrives inside the nurseries
+                if group.subgroup(KeyboardInterrupt) is None:
+                    raise
+                progress.finish()
+                raise KeyboardInterrupt from None
             finally:
                 members_source.close()
     progress.finish()
+    failed = reader.counters()["cache_write_errors"]
+    if failed:
+        raise ConfigError(f"{failed} runs of {plan.uri} could not be written to the cache (see "
+                          "above): it is not warm")
     elapsed = time.monotonic() - started
     what = "objects" if members is None else "members"
     print(
@@ -127,9 +143,7 @@ async def _warm_one(
     reader: BlockReader, ref: PinnedRef, slots: trio.Semaphore, progress: _Progress
 ) -> None:
     try:
-        if ref.size:
-            await reader.warm(ref)
-        progress.advance(ref.size)
+        await reader.warm(ref, loaded=progress.advance)
     finally:
         slots.release()
 
