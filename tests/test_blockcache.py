@@ -480,6 +480,26 @@ def test_the_bound_holds_for_all_that_small_objects_take_on_disk(tmp_path: Path)
     assert _allocated_below_fans(cache.root) == 50 * one_object
 
 
+def test_the_bound_is_the_directorys_whatever_block_sizes_share_it(tmp_path: Path) -> None:
+    """Two mounts (or a mount and a prefetch) with another --block-size on one --cache-dir."""
+    region = REGION_BLOCKS * BLOCK
+    small = make_cache(tmp_path, capacity=4 * region)
+    large = DiskCache(tmp_path, block_size=2 * BLOCK, capacity=4 * region)
+    for i in range(3):
+        stored(small, make_ref(region, key=f"small/{i}"), os.urandom(region))
+        time.sleep(0.01)  # distinct mtimes: the oldest go first, whichever size they are
+        ref, data = make_ref(region, key=f"large/{i}"), os.urandom(region)
+        blocks = [data[at : at + 2 * BLOCK] for at in range(0, region, 2 * BLOCK)]
+        large.write(ref, blockfile.object_digest(ref), 0, blocks)
+    large.sync()
+    assert disk.usage(tmp_path).bytes <= 4 * region + 6 * LAYOUT.table_size
+    assert files_of(small, make_ref(region, key="small/0")) == []  # the oldest of all
+    newest = make_ref(region, key="large/2")
+    assert len(read_all(large, newest, range(REGION_BLOCKS // 2))) == REGION_BLOCKS // 2
+    assert len(read_all(small, make_ref(region, key="small/2"), range(REGION_BLOCKS))) == \
+        REGION_BLOCKS
+
+
 def test_every_region_file_names_its_object_and_dataset(tmp_path: Path) -> None:
     cache = make_cache(tmp_path, dataset="train")
     ref = make_ref(REGION_BLOCKS * BLOCK + BLOCK, key="dir/ünïcode \udcff\x01 key")

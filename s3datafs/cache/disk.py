@@ -399,16 +399,28 @@ class DiskCache:
     # -- whole-cache maintenance ----------------------------------------------------------------
 
     def sync(self) -> None:
-        """Rebuild the view from disk under the shared lock and evict down to the capacity."""
+        """Rebuild the view from disk under the shared lock and evict down to the capacity.
+
+        The bound is the cache directory's: region files of other block sizes (mounts with
+        another ``--block-size``) count too, and the oldest go first whichever size they are.
+        """
         with _locked(self.root):
-            blocks = sorted(_scan_blocks(self.root), key=lambda entry: entry[2])
-            fresh = _UnlinkingLRU(self._capacity, self.root)
-            for name, size, _mtime in blocks:
-                if size <= self._capacity:
-                    fresh[name] = size  # oldest first: the newest end up most recently used
-                else:  # a region larger than the whole cache (a tiny --cache-size) cannot stay
+            files = [(mtime, size, self.root / name) for name, size, mtime in
+                     _scan_blocks(self.root)]
+            files += _other_block_sizes(self.root)
+            files.sort(key=lambda entry: entry[0])  # oldest first
+            total = sum(size for _, size, _ in files)
+            kept = []
+            for _mtime, size, path in files:
+                if total > self._capacity or size > self._capacity:
+                    total -= size  # the oldest, while over the bound; or larger than all of it
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.root / name)
+                        os.unlink(path)
+                elif path.parent.parent == self.root:
+                    kept.append((str(path.relative_to(self.root)), size))
+            fresh = _UnlinkingLRU(self._capacity, self.root)
+            for name, size in kept:
+                fresh[name] = size  # oldest first: the newest end up most recently used
             with self._lock:
                 self._index = fresh
                 self._written_since_sync = 0
@@ -479,6 +491,20 @@ def _scan_blocks(root: Path) -> Iterator[tuple[str, int, float]]:
                 yield f"{fan}/{entry.name}", info.st_blocks * 512, info.st_mtime
     if earlier:
         log.info("removed %d cached objects of an earlier cache format from %s", earlier, root)
+
+
+def _other_block_sizes(root: Path) -> list[tuple[float, int, Path]]:
+    """(mtime, allocated bytes, path) of the region files of the other block sizes' roots."""
+    found = []
+    for other in _subdirs(root.parent):
+        if other.path == str(root):
+            continue
+        for _fan, entry in _fan_entries(Path(other.path)):
+            if is_region_file(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    info = entry.stat(follow_symlinks=False)
+                    found.append((info.st_mtime, info.st_blocks * 512, Path(entry.path)))
+    return found
 
 
 def _fan_entries(root: Path) -> Iterator[tuple[str, os.DirEntry]]:
