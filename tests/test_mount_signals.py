@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Cli
+from zipcraft import make_zip
 
 from s3datafs.runtime import mount_table, pid_alive
 
@@ -150,4 +151,47 @@ def test_two_mounts_at_one_place_at_once_make_one_mount(cli: Cli, proxy, bucket:
         if first.poll() is None:
             first.kill()
             first.communicate()
+
+
+def test_a_foreground_zip_mount_stopped_while_s3_stalls_exits_at_once(
+    cli: Cli, s3, make_bucket, proxy
+) -> None:
+    """systemd stops ``mount --foreground`` with SIGTERM: the archive's spans read ahead and
+    stuck on a stalled S3 must not hold the process (it took ~60 s, a GET's deadline)."""
+    bucket = make_bucket()
+    members = {f"m{i:03d}.bin": os.urandom(256 * 1024) for i in range(160)}
+    s3.put_object(Bucket=bucket, Key="d.zip", Body=make_zip(members))
+    target = cli.root / "mnt"
+    command = start(cli, "mount", "--foreground", f"s3://{bucket}/d.zip", str(target),
+                    env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint})
+    stuck: subprocess.Popen | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while not mounted_at(target):
+            assert command.poll() is None, "the mount command ended"
+            assert time.monotonic() < deadline, "never mounted"
+            time.sleep(0.05)
+        names = sorted(members)
+        for name in names[:20]:  # in archive order: spans grow, and are read ahead
+            assert (target / name).read_bytes() == members[name]
+        proxy.inject("stall", times=None)
+        for name in names[20:]:  # on until a read waits on the stalled S3
+            stuck = subprocess.Popen(["cat", str(target / name)], stdout=subprocess.DEVNULL)
+            try:
+                stuck.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                break
+        assert proxy.injected_count("stall"), "no GET reached the stalled S3"
+        stopped = time.monotonic()
+        command.send_signal(signal.SIGTERM)
+        command.communicate(timeout=60)
+        assert time.monotonic() - stopped < 10
+        assert not mounted_at(target)
+    finally:
+        if stuck is not None:
+            stuck.kill()
+            stuck.wait()
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..cache.blockfile import object_digest
@@ -188,6 +190,47 @@ class ArchiveBlocks:
                               "from S3")
 
 
+class _Ahead:
+    """``_AHEAD_THREADS`` daemon threads fetching spans ahead, started on the first one.
+
+    Daemon threads, because nothing should wait for them: a GET stalled on S3 would hold up the
+    end of the process until its deadline (a foreground mount took ~60 s to exit after SIGTERM
+    while S3 stalled). Spans queued when closed are dropped (``drop``), so no reader waits on
+    one that will never be fetched.
+    """
+
+    def __init__(self, fetch: Callable[[_Span], None], drop: Callable[[_Span], None]) -> None:
+        self._fetch, self._drop = fetch, drop
+        self._queue: queue.SimpleQueue[_Span | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._closed = False
+
+    def submit(self, span: _Span) -> None:
+        with self._lock:
+            if self._closed:
+                self._drop(span)
+                return
+            if self._threads < _AHEAD_THREADS:
+                self._threads += 1
+                threading.Thread(target=self._work, name=f"s3datafs-zip_{self._threads}",
+                                 daemon=True).start()
+        self._queue.put(span)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for _ in range(self._threads):
+                self._queue.put(None)
+
+    def _work(self) -> None:
+        while (span := self._queue.get()) is not None:
+            if self._closed:
+                self._drop(span)
+            else:
+                self._fetch(span)
+
+
 class _Span:
     """One GET of an archive stretch: in flight until ``done``; then ``data`` or ``error``."""
 
@@ -234,7 +277,8 @@ class Spans:
         self._ends: dict[ObjectRef, list[int]] = {}  # archive -> ends of its recent fetches
         self._span_size: dict[ObjectRef, int] = {}
         # Threads start on the first readahead: scattered reads never start one.
-        self._ahead = ThreadPoolExecutor(_AHEAD_THREADS, thread_name_prefix="s3datafs-zip")
+        self._ahead = _Ahead(self._fetch_quietly,
+                             lambda span: self._failed(span, RuntimeError("closed")))
 
     def read(self, archive: ObjectRef, start: int, end: int) -> bytes:
         parts: list[bytes] = []
@@ -289,7 +333,7 @@ class Spans:
 
     def close(self) -> None:
         """Stop fetching ahead (queued readahead is dropped; a GET in progress ends)."""
-        self._ahead.shutdown(wait=False, cancel_futures=True)
+        self._ahead.close()
 
     # -- with the lock held ---------------------------------------------------------------------
 
@@ -351,10 +395,7 @@ class Spans:
 
     def _start(self, spans: list[_Span]) -> None:
         for span in spans:
-            try:
-                self._ahead.submit(self._fetch_quietly, span)
-            except RuntimeError:  # closed: whoever needs it fetches it
-                self._failed(span, RuntimeError("closed"))
+            self._ahead.submit(span)
 
     def _fetch_quietly(self, span: _Span) -> None:
         with contextlib.suppress(Exception):  # readers that need it retry on their own
