@@ -118,7 +118,8 @@ _TRANSIENT = {
     "PriorRequestNotComplete",
     "OperationAborted",
 }
-_GONE = {"NoSuchKey", "NoSuchVersion", "404", "PreconditionFailed", "412"}
+# What a GET of pinned bytes gets once they are gone (the bucket with them, too): ESTALE.
+_GONE = {"NoSuchKey", "NoSuchVersion", "NoSuchBucket", "404", "PreconditionFailed", "412"}
 _TRANSIENT_BOTOCORE = (
     botocore.exceptions.ConnectionError,  # endpoint refused/unreachable, connect timeout, proxy
     botocore.exceptions.HTTPClientError,  # read timeout, connection closed, broken body stream

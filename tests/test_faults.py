@@ -163,6 +163,7 @@ PERMANENT = [
     pytest.param(403, "AccessDenied", AccessDeniedError, id="403"),
     pytest.param(404, "NoSuchVersion", StaleObjectError, id="404-NoSuchVersion"),
     pytest.param(404, "NoSuchKey", StaleObjectError, id="404-NoSuchKey"),
+    pytest.param(404, "NoSuchBucket", StaleObjectError, id="404-NoSuchBucket"),  # deleted since
     pytest.param(412, "PreconditionFailed", StaleObjectError, id="412"),
     pytest.param(400, "InvalidArgument", S3RequestError, id="400-InvalidArgument"),
 ]
