@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 _XATTR_PREFIX = b"user.s3datafs."
+_REPEAT_QUIET = 10.0  # seconds the same failure is not logged again
 T = TypeVar("T")
 
 
@@ -98,6 +100,7 @@ class Operations(pyfuse3.Operations):
         self._opened = bytearray()  # bit per inode: opened before in this mount
         self._next_fh = 1
         self._reported_stale: set[str] = set()
+        self._reported_at: dict[str, float] = {}  # other failures: when last logged, by subject
         self._in_progress: set[trio.CancelScope] = set()  # one per request being answered
         self._abandoned = False
         self.on_init: Callable[[], None] = lambda: None  # told when the kernel's INIT arrives
@@ -238,7 +241,11 @@ class Operations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         ref, readahead = handle
-        return await self._unless_abandoned(self._reader.read(ref, off, size, readahead))
+        try:
+            return await self._unless_abandoned(self._reader.read(ref, off, size, readahead))
+        except S3DataFSError as exc:  # reported per object: a failed read is retried at once
+            self._report(exc, subject=ref.uri)
+            raise pyfuse3.FUSEError(exc.errno) from None
 
     async def release(self, fh: int) -> None:
         self._open_files.pop(fh, None)
@@ -322,10 +329,21 @@ class Operations(pyfuse3.Operations):
         attrs.attr_timeout = attrs.entry_timeout = settings.cache_timeout
         return attrs
 
-    def _report(self, exc: S3DataFSError) -> None:
-        """Log a read failure; a stale object or bad member is reported once, not per read."""
+    def _report(self, exc: S3DataFSError, subject: str | None = None) -> None:
+        """Log a failure: a stale object or bad member once, not per read; any other failure of
+        one ``subject`` (a read's object) once per ``_REPEAT_QUIET`` seconds: the kernel retries
+        a failed read at once, for a page, and a 503 storm fails every read of a file."""
+        message = str(exc)
         if isinstance(exc, StaleObjectError | ArchiveError):
-            if str(exc) in self._reported_stale:
+            if message in self._reported_stale:
                 return
-            self._reported_stale.add(str(exc))
-        log.error("%s", exc)
+            self._reported_stale.add(message)
+        else:
+            key, now = subject or message, time.monotonic()
+            if now - self._reported_at.get(key, -_REPEAT_QUIET) < _REPEAT_QUIET:
+                return
+            if len(self._reported_at) > 1024:
+                self._reported_at = {k: t for k, t in self._reported_at.items()
+                                     if now - t < _REPEAT_QUIET}
+            self._reported_at[key] = now
+        log.error("%s", message)

@@ -263,7 +263,8 @@ class S3Source:
                         f"giving up on {ref.uri} bytes {start}-{end - 1} after {attempt} "
                         f"attempts: {exc}"
                     ) from None
-                log.info("retrying %s [%d, %d) in %.2fs: %s", ref.uri, start, end, delay, exc)
+                # debug: a 503 storm would write a line per retry; the giving up is logged
+                log.debug("retrying %s [%d, %d) in %.2fs: %s", ref.uri, start, end, delay, exc)
                 time.sleep(delay)
 
     def _get_range_once(self, ref: ObjectRef, start: int, end: int) -> bytes:
