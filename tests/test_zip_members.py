@@ -24,6 +24,7 @@ from s3datafs.archive import members as members_module
 from s3datafs.archive import spans as spans_module
 from s3datafs.archive.index import read_index
 from s3datafs.archive.members import MemberSource
+from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import ArchiveError
 from s3datafs.model import MemberRef, ObjectRef
 from s3datafs.prefetch import Readahead
@@ -444,7 +445,8 @@ def test_deflated_crc_mismatch() -> None:
 @pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
                          ids=["stored", "deflate"])
 def test_a_bad_member_fails_every_later_read(method: int) -> None:
-    """Once found bad, even pieces that alone look fine fail, and nothing is fetched again."""
+    """Once found bad, even pieces that alone look fine fail, and nothing is fetched again
+    (for a minute: see the next test)."""
     zipped, ref = bad(method, crc=0x12345678)
     source = MemberSource(zipped.source, whole_max=0)
     half = ref.size // 2
@@ -458,6 +460,40 @@ def test_a_bad_member_fails_every_later_read(method: int) -> None:
         with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
             source.get_range_now(ref, start, end)
     assert zipped.source.calls["get_range"] == gets
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
+                         ids=["stored", "deflate"])
+def test_damage_met_in_transit_is_not_kept_a_member_is_fetched_again_after_a_while(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, method: int
+) -> None:
+    """A byte flipped on its way (plain HTTP) fails the member's CRC: the member fails at once
+    for a while, but its archive bytes leave the caches, memory and disk, so the read after
+    that and a remount fetch them again and get the right bytes."""
+    zipped = archive(make_zip(BAD, methods=(method,)))
+    ref = zipped.members["m1.bin"]
+    real_get = zipped.source.get_range
+    flips = [True]
+
+    def flipping_once(archive_ref: ObjectRef, start: int, end: int) -> bytes:
+        data = bytearray(real_get(archive_ref, start, end))
+        if flips and start <= ref.header_offset + 1000 < end:
+            flips.clear()
+            data[ref.header_offset + 1000 - start] ^= 0xFF
+        return bytes(data)
+
+    monkeypatch.setattr(zipped.source, "get_range", flipping_once)
+    disk = DiskCache(tmp_path, block_size=64 * KIB, capacity=1 << 30)
+    source = MemberSource(zipped.source, disk=disk)
+    with pytest.raises(ArchiveError):
+        source.get_range(ref, 0, ref.size)
+    with pytest.raises(ArchiveError):  # at once, nothing fetched
+        source.get_range(ref, 0, ref.size)
+    source.close()
+    remounted = MemberSource(zipped.source, disk=disk)  # the damage did not stay on disk
+    assert remounted.get_range(ref, 0, ref.size) == BAD["m1.bin"]
+    monkeypatch.setattr(members_module, "_RETRY_BAD", 0.0)  # and in time, the same mount too
+    assert source.get_range(ref, 0, ref.size) == BAD["m1.bin"]
 
 
 @each_compression

@@ -35,9 +35,11 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   and so is a CRC-32 mismatch. A compressed member's CRC is checked whenever decompression
   reaches its end (always from its start); a stored member's whenever its pieces, fetched in any
   order and overlapping at will, have covered it (``crc.Coverage``; the pieces of the 65,536
-  stored members last read in part are remembered). A member found bad fails every later read
-  at once (``_failing``). Encrypted members and unsupported methods fail every read with an
-  error naming the member.
+  stored members last read in part are remembered). A member found bad fails every read at once
+  for ``_RETRY_BAD`` seconds (``_failing``), and its archive bytes are dropped from the caches,
+  so the read after that, or a remount, fetches them again: damage met in transit (plain HTTP)
+  is not taken for the archive's for good. Encrypted members and unsupported methods fail every
+  read with an error naming the member.
 - Disk writes (``spans.ArchiveBlocks``): a short fetch is written by the thread that fetched it,
   spans behind the reads (bounded, drained by ``close``).
 """
@@ -49,6 +51,7 @@ import bz2
 import contextlib
 import lzma
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +68,7 @@ from .crc import Coverage
 from .spans import ArchiveBlocks, Spans
 
 _HEADER_GUESS = 30 + 128  # local header + name and extra fields, as most writers make them
+_RETRY_BAD = 60.0  # seconds a member found bad fails at once before it is fetched again
 _JOINED_MAX = 1024 * 1024  # a first read from up to here also fetches the member's header
 _INLINE_COMPRESSED = 256 * 1024  # at most ~1 ms of inflating on the caller's (trio) thread
 _WHOLE_MAX = 1024 * 1024  # compressed members up to this size are always decompressed whole
@@ -200,7 +204,10 @@ class MemberSource:
             maxsize=max_positions, getsizeof=lambda state: max(1, state.positions))
         self._whole: cachetools.LRUCache[MemberRef, bytes] = cachetools.LRUCache(
             maxsize=_WHOLE_KEPT, getsizeof=len)
-        self._failed: cachetools.LRUCache[MemberRef, str] = cachetools.LRUCache(4096)
+        # Members found bad: (why, when). Their bytes were dropped from the caches; after
+        # ``_RETRY_BAD`` seconds the next read fetches them again (damage met in transit, over
+        # plain HTTP, is not the archive's), until then every read fails at once.
+        self._failed: cachetools.LRUCache[MemberRef, tuple[str, float]] = cachetools.LRUCache(4096)
         # Archive GETs and disk-cache hits, counted here (the block reader counts member reads).
         self.stats = ReadStats()
         self._blocks = ArchiveBlocks(inner, disk, self.stats)
@@ -251,20 +258,25 @@ class MemberSource:
     def _failing(self, ref: MemberRef) -> Iterator[None]:
         """Check ``ref`` may be read; remember it as bad once a read finds it so.
 
-        A bad member fails every later read at once, even of pieces that alone looked fine (a
-        stored member's CRC is only known once every piece was seen; the kernel retries the
-        failed piece by itself), and its data is never fetched or decompressed again.
+        A bad member fails every read at once for ``_RETRY_BAD`` seconds, even of pieces that
+        alone looked fine (a stored member's CRC is only known once every piece was seen; the
+        kernel retries the failed piece by itself), and its bytes leave the caches: after that,
+        they are fetched from S3 again.
         """
         with self._lock:
             failed = self._failed.get(ref)
-        if failed is not None:
-            raise ArchiveError(failed)  # a new one: a shared exception's traceback would grow
+        if failed is not None and time.monotonic() - failed[1] < _RETRY_BAD:
+            raise ArchiveError(failed[0])  # a new one: a shared exception's traceback would grow
         _check_readable(ref)
         try:
             yield
         except ArchiveError as exc:
             with self._lock:
-                self._failed[ref] = str(exc)
+                self._failed[ref] = (str(exc), time.monotonic())
+                self._whole.pop(ref, None)
+                self._states.pop(ref, None)
+                self._coverage.pop(ref, None)
+            self._spans.forget(ref.archive, ref.header_offset, ref.data_limit)
             raise
 
     def bucket_versioning(self, bucket: str) -> bool | None:

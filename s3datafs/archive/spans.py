@@ -115,6 +115,21 @@ class ArchiveBlocks:
             self._store(archive, digest, blocks.start, parts)
         return data[start - low: end - low]
 
+    def forget(self, archive: ObjectRef, start: int, end: int) -> None:
+        """``[start, end)`` of ``archive`` decoded to damage: its blocks are fetched anew."""
+        disk = self._disk
+        if disk is None:
+            return
+        size, digest = disk.block_size, object_digest(archive)
+        blocks = range(start // size, (end - 1) // size + 1)
+        with self._room:
+            for index in blocks:
+                self._pending.pop((digest, index), None)  # its write still lands: then forgotten
+        try:
+            disk.forget_blocks(digest, blocks)
+        except OSError as exc:
+            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+
     def _fetch(self, archive: ObjectRef, start: int, end: int) -> bytes:
         data = self._inner.get_range(archive, start, end)
         with self._room:
@@ -334,6 +349,16 @@ class Spans:
     def close(self) -> None:
         """Stop fetching ahead (queued readahead is dropped; a GET in progress ends)."""
         self._ahead.close()
+
+    def forget(self, archive: ObjectRef, start: int, end: int) -> None:
+        """Drop the landed spans holding any of ``[start, end)`` of ``archive`` (see
+        ``ArchiveBlocks.forget``), and those blocks on disk."""
+        with self._lock:
+            for span in [s for s in self._spans if s.archive == archive and s.done.is_set()
+                         and s.start < end and start < s.end]:
+                self._spans.remove(span)
+                self._bytes -= span.end - span.start
+        self._inner.forget(archive, start, end)
 
     # -- with the lock held ---------------------------------------------------------------------
 

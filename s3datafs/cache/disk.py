@@ -275,6 +275,21 @@ class DiskCache:
         finally:
             os.close(fd)
 
+    def forget_blocks(self, digest: str, indices: range) -> None:
+        """Blocks that decoded to damage upstream (a zip member's CRC): misses from now on, so
+        the next read fetches them from S3 again instead of the same bytes from here."""
+        for run in self.layout.runs(indices.start, indices.stop):
+            path = self.root / _region_name(digest, self.layout.region_of(run.start))
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                os.pwrite(fd, bytes(blockfile.ENTRY_SIZE * len(run)),
+                          self.layout.entry_offset(run.start))
+            finally:
+                os.close(fd)
+
     # -- writes ---------------------------------------------------------------------------------
 
     def write(
