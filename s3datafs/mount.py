@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 STATS_INTERVAL = 2.0  # seconds between refreshes of the counters in the state file
 KERNEL_READAHEAD_KB = 1024
+KERNEL_BACKGROUND = 64  # readahead requests the kernel may send at once (above the S3 pool's 32)
+FUSECTL = "/sys/fs/fuse/connections"
 _FSNAME_UNSAFE = frozenset(",\\ \t")  # option separators and escapes in the mount table
 
 
@@ -232,6 +234,25 @@ async def tune_kernel_readahead(mountpoint: Path, initialized: trio.Event) -> No
         Path(knob).write_text(str(KERNEL_READAHEAD_KB), encoding="ascii")  # noqa: ASYNC240
     except OSError as exc:
         log.debug("kernel readahead left as is: %s", exc)
+    if devices:
+        _tune_background(devices[-1].partition(":")[2])
+
+
+def _tune_background(connection: str) -> None:
+    """Let the kernel send ``KERNEL_BACKGROUND`` readahead requests at once (FUSE's default: 12).
+
+    Past its limit the kernel holds further readahead requests back, so with more readers than
+    that a read waited for another's whole ``--read-timeout`` before its own began (a stalled S3:
+    16 readers took twice the bound). Set through fusectl (``/sys/fs/fuse/connections``, which
+    systemd mounts), as root; where it is missing, the default stays (logged at debug level).
+    """
+    knobs = Path(FUSECTL) / connection
+    try:
+        (knobs / "max_background").write_text(str(KERNEL_BACKGROUND), encoding="ascii")
+        (knobs / "congestion_threshold").write_text(str(KERNEL_BACKGROUND * 3 // 4),
+                                                    encoding="ascii")
+    except OSError as exc:
+        log.debug("FUSE background requests left as they are: %s", exc)
 
 
 def _state(plan: MountPlan, summary: MountSummary) -> dict:

@@ -13,12 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Cli, errno_of, files_below, sha256
 
-from s3datafs.runtime import pid_alive
+from s3datafs.runtime import mount_table, pid_alive
 
 pytestmark = pytest.mark.fuse
 
@@ -272,6 +273,37 @@ def test_a_mount_point_below_a_symlink_is_one_mount_for_status_and_unmount(
     unmounted = cli.unmount(given)
     assert unmounted.returncode == 0, unmounted.stderr
     assert not os.path.ismount(real / "p")
+
+
+@pytest.fixture
+def fusectl() -> Iterator[Path]:
+    """fusectl at /sys/fs/fuse/connections (systemd mounts it; mounted here if it is not)."""
+    connections = Path("/sys/fs/fuse/connections")
+    mounted_here = False
+    if not os.path.ismount(connections):
+        done = subprocess.run(["mount", "-t", "fusectl", "fusectl", str(connections)],
+                              capture_output=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount fusectl: {done.stderr.decode().strip()}")
+        mounted_here = True
+    try:
+        yield connections
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(connections)], check=False)
+
+
+def test_the_kernel_may_send_more_readahead_requests_at_once(
+    cli: Cli, s3, make_bucket, fusectl: Path
+) -> None:
+    """FUSE's default of 12 held back the reads of a 13th reader on a stalled S3."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    device = next(e.device for e in mount_table() if e.mountpoint == str(mountpoint))
+    knobs = fusectl / device.partition(":")[2]
+    assert (knobs / "max_background").read_text().strip() == "64"
+    assert (knobs / "congestion_threshold").read_text().strip() == "48"
 
 
 def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make_bucket) -> None:
