@@ -145,6 +145,23 @@ def test_diff_of_equal_and_different_datasets(cli: Cli, s3, make_bucket) -> None
     assert "does not exist" in trouble.stderr
 
 
+def test_diff_of_a_copy_elsewhere_compares_contents_not_version_ids(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """A version id names a version of one key: a copy never shares it, and an object written
+    before versioning is null afterwards; neither is a change."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/a.txt": b"a", "p/b/c.txt": b"c"})
+    before = cli.root / "before.gz"
+    snapshot(cli, f"s3://{bucket}/p/", "-o", str(before))  # unversioned: no version ids
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    put_all(s3, bucket, {"q/a.txt": b"a", "q/b/c.txt": b"c"})  # a copy, with version ids
+    for a_side, b_side in ((str(before), f"s3://{bucket}/p/"),
+                           (f"s3://{bucket}/p/", f"s3://{bucket}/q/")):
+        same = cli.run("diff", a_side, b_side)
+        assert same.returncode == 0, same.stdout + same.stderr
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 

@@ -4,8 +4,9 @@ Each operand is pinned into a scratch catalog exactly as ``mount`` would pin it 
 verified against its header and needs no S3 at all; a URI is resolved and listed, ``--as-of``
 applying to URI operands), then both are walked in key order together. Objects are compared by
 their path in the mounted tree (the key relative to the dataset's prefix), so a dataset can be
-compared with a copy under another prefix; an object is *changed* when its VersionId, ETag or size
-differs. Output, one line each, in path order::
+compared with a copy under another prefix; an object is *changed* when its ETag or size differs,
+or its VersionId when both sides are versions of one key (see ``_versions_comparable``).
+Output, one line each, in path order::
 
     + path                      only in B (added)
     - path                      only in A (removed)
@@ -122,12 +123,22 @@ def _by_path(catalog: Catalog) -> Iterator[tuple[str, ObjectRef]]:
 
 
 def _changes(a: ObjectRef, b: ObjectRef) -> str:
-    pairs = (
-        ("version", a.version_id, b.version_id),
+    pairs = [
         ("etag", a.etag.strip('"'), b.etag.strip('"')),
         ("size", a.size, b.size),
-    )
+    ]
+    if _versions_comparable(a, b):
+        pairs.insert(0, ("version", a.version_id, b.version_id))
     return ", ".join(f"{name} {x} -> {y}" for name, x, y in pairs if x != y)
+
+
+def _versions_comparable(a: ObjectRef, b: ObjectRef) -> bool:
+    """Version ids say something only between versions of one key, both real ones: a copy
+    under another prefix or bucket never shares them, and the 'null' of an object written
+    before versioning is the absent id of a snapshot taken then."""
+    return ((a.bucket, a.key) == (b.bucket, b.key)
+            and None not in (a.version_id, b.version_id)
+            and "null" not in (a.version_id, b.version_id))
 
 
 def _shown(path: str) -> str:
@@ -142,7 +153,8 @@ def _summary(counts: dict[str, int], old: str, new: str) -> int:
         print(
             f"s3datafs: no differences (fingerprint {new})"
             if old == new
-            else "s3datafs: no differences"
+            else f"s3datafs: no differences in contents (fingerprint {old} -> {new}: other "
+            "keys or version ids)"
         )
         return 0
     print(
