@@ -10,6 +10,9 @@ Secrets are never taken from argv: keys come from the environment, a profile or 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -49,12 +52,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)
         if not getattr(args, "fast_start", False):
             startup.settle()
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # here, where a reader gone away is seen (below), not at exit
+        return status
     except S3DataFSError as exc:
         print(f"s3datafs: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader of our output went away (``| head``)
+        with contextlib.suppress(OSError):  # so that the exit's flush of stdout says nothing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # as a command killed by SIGPIPE: no traceback, no message
     except Exception as exc:
         if debug:
             raise

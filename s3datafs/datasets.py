@@ -207,6 +207,13 @@ def _parse_json(text: str, origin: str) -> Any:
         ) from None
     except _DuplicateKey as exc:
         raise SpecError(f"datasets spec {origin}: field {exc.key!r} is given twice") from None
+    except (RecursionError, ValueError) as exc:  # nesting past the stack; a 5,000-digit number
+        raise SpecError(f"datasets spec {origin}: {_beyond(exc)}") from None
+
+
+def _beyond(exc: Exception) -> str:
+    return ("nested too deeply for a list of datasets" if isinstance(exc, RecursionError)
+            else f"unusable JSON: {exc}")
 
 
 class _DuplicateKey(Exception):
@@ -261,6 +268,8 @@ def _parse_yaml(text: str, origin: str) -> Any:
         ) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"datasets spec {origin}: invalid YAML: {exc}") from None
+    except RecursionError as exc:
+        raise SpecError(f"datasets spec {origin}: {_beyond(exc)}") from None
 
 
 def _dataset_list(document: Any, origin: str) -> list[Any]:

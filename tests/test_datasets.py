@@ -145,6 +145,18 @@ def test_credentials_lose_the_line_break_a_yaml_block_leaves() -> None:
     assert (spec.secret_access_key, spec.session_token) == ("SECRET", "TOKEN")
 
 
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("[" * 100_000, "nested too deeply"), ("- " * 50_000 + "x", "nested too deeply"),
+     ("[" + "9" * 5000 + "]", "unusable JSON")],
+    ids=["json-nesting", "yaml-nesting", "json-huge-number"],
+)
+def test_specs_beyond_reason_are_one_line_errors(text: str, fragment: str) -> None:
+    with pytest.raises(SpecError, match=fragment) as caught:
+        parse(text, fmt="json" if text.startswith("[") else None)
+    assert "\n" not in str(caught.value)
+
+
 def bad(id_: str, text: str, fragment: str, fmt: str | None = None):
     return pytest.param(text, fmt, fragment, id=id_)
 

@@ -7,6 +7,7 @@ the kernel page cache cannot hide a daemon that serves the wrong version.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -60,6 +61,13 @@ def expected_tree(objects: dict[str, bytes], prefix: str) -> dict[str, str]:
             expected["/".join(parts[:depth])] = "dir"
         expected[relative.rstrip("/")] = "dir" if key.endswith("/") else sha256(body)
     return expected
+
+
+def mount_one_file(cli: Cli, s3, make_bucket) -> Path:
+    """A mount of a prefix holding one file, ``x.bin`` = ``b"x"``."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    return cli.mount(f"s3://{bucket}/p/")
 
 
 def test_prefix_reads_back_byte_identical(cli: Cli, s3, make_bucket) -> None:
@@ -297,13 +305,23 @@ def test_the_kernel_may_send_more_readahead_requests_at_once(
     cli: Cli, s3, make_bucket, fusectl: Path
 ) -> None:
     """FUSE's default of 12 held back the reads of a 13th reader on a stalled S3."""
-    bucket = make_bucket()
-    put_all(s3, bucket, {"p/x.bin": b"x"})
-    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    mountpoint = mount_one_file(cli, s3, make_bucket)
     device = next(e.device for e in mount_table() if e.mountpoint == str(mountpoint))
     knobs = fusectl / device.partition(":")[2]
     assert (knobs / "max_background").read_text().strip() == "64"
     assert (knobs / "congestion_threshold").read_text().strip() == "48"
+
+
+def test_status_calls_a_mount_it_has_no_state_for_mounted_not_dead(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """Another user's mount (or another runtime directory's) is alive: not "dead"."""
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    elsewhere = {**cli.env, "S3DATAFS_RUNTIME_DIR": str(cli.root / "other-run")}
+    rows = json.loads(cli.run("status", "--json", env=elsewhere).stdout)
+    (row,) = [row for row in rows if row["mountpoint"] == str(mountpoint)]
+    assert row["state"] == "mounted (not by this user or runtime directory)"
+    assert row["pid"] is None
 
 
 def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make_bucket) -> None:
@@ -355,9 +373,7 @@ def test_a_lazy_unmount_serves_open_files_until_they_close_then_the_daemon_exits
 
 
 def test_sigterm_unmounts_cleanly(cli: Cli, s3, make_bucket) -> None:
-    bucket = make_bucket()
-    put_all(s3, bucket, {"p/x.bin": b"x"})
-    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    mountpoint = mount_one_file(cli, s3, make_bucket)
     pid = cli.daemon_pid(mountpoint)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
@@ -460,9 +476,7 @@ def test_sigusr1_writes_the_daemons_thread_stacks_to_its_log_and_it_serves_on(
     cli: Cli, s3, make_bucket
 ) -> None:
     """How to see where a hung daemon waits, with nothing installed but s3datafs."""
-    bucket = make_bucket()
-    put_all(s3, bucket, {"p/x.bin": b"x"})
-    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    mountpoint = mount_one_file(cli, s3, make_bucket)
     log_file = cli.root / "log" / "p.log"
     told = log_file.stat().st_size
     os.kill(cli.daemon_pid(mountpoint), signal.SIGUSR1)

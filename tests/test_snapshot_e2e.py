@@ -13,6 +13,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 from conftest import Cli
@@ -139,6 +142,13 @@ def test_diff_of_equal_and_different_datasets(cli: Cli, s3, make_bucket) -> None
         assert "size 1 -> 2" in lines[0]
         assert lines[1:3] == ["- drop", "+ new"]
         assert lines[3].startswith("s3datafs: 1 added, 1 removed, 1 changed (fingerprint ")
+    piped = subprocess.Popen(  # diff A B | head -0: the reader goes before the output comes
+        [sys.executable, "-m", "s3datafs", "diff", str(before), str(after)], env=cli.env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    piped.stdout.close()
+    assert piped.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert piped.stderr.read() == b""
+    piped.stderr.close()
     trouble = cli.run("diff", str(before), str(cli.root / "missing.gz"))
     assert trouble.returncode == 2
     assert trouble.stderr.count("\n") == 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 
 from .. import runtime
 from ..units import human_size
@@ -15,23 +17,36 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _state_of(mountpoint: str, state: dict | None, pid: object) -> str:
+    """"mounted", "dead: ...", or, without a state file here (another user's mount, another
+    runtime directory), what the mount point itself says."""
+    if state is not None:
+        return "mounted" if runtime.pid_alive(pid) else "dead: run s3datafs unmount"
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return "dead: run s3datafs unmount"
+        return f"unknown: {exc.strerror}"
+    return "mounted (not by this user or runtime directory)"
+
+
 def run(args: argparse.Namespace) -> int:
     states = {state.get("mountpoint"): state for state in runtime.all_states()}
     rows = []
     for entry in runtime.our_mounts():
-        state = states.get(entry.mountpoint, {})
-        pid = state.get("pid")
-        alive = runtime.pid_alive(pid)
+        state = states.get(entry.mountpoint)
+        pid = None if state is None else state.get("pid")
         rows.append(
             {
                 "mountpoint": entry.mountpoint,
-                "uri": state.get("uri", entry.source),
-                "object_count": state.get("object_count"),
-                "total_bytes": state.get("total_bytes"),
-                "fingerprint": state.get("fingerprint"),
-                "stats": state.get("stats", {}),
+                "uri": (state or {}).get("uri", entry.source),
+                "object_count": (state or {}).get("object_count"),
+                "total_bytes": (state or {}).get("total_bytes"),
+                "fingerprint": (state or {}).get("fingerprint"),
+                "stats": (state or {}).get("stats", {}),
                 "pid": pid,
-                "state": "mounted" if alive else "dead: run s3datafs unmount",
+                "state": _state_of(entry.mountpoint, state, pid),
             }
         )
     if args.json:
