@@ -44,9 +44,10 @@ from .reader import BlockReader
 
 log = logging.getLogger(__name__)
 
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_CREAT  # O_APPEND alone writes nothing
 _XATTR_PREFIX = b"user.s3datafs."
 _REPEAT_QUIET = 10.0  # seconds the same failure is not logged again
+_NAME_MAX = 255
 T = TypeVar("T")
 
 
@@ -136,6 +137,8 @@ class Operations(pyfuse3.Operations):
 
     @_translate_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        if len(name) > _NAME_MAX:  # the kernel passes up to 1,024 bytes; statfs says 255
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         entry = self._catalog.lookup(parent_inode, os.fsdecode(name))
         if entry is None:
             return self._no_such_entry()
@@ -173,7 +176,7 @@ class Operations(pyfuse3.Operations):
         data.f_bfree = data.f_bavail = 0
         data.f_files = meta.object_count + meta.dir_count
         data.f_ffree = data.f_favail = 0
-        data.f_namemax = 255
+        data.f_namemax = _NAME_MAX
         return data
 
     # -- file data ------------------------------------------------------------------------------

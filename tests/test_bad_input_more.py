@@ -127,6 +127,8 @@ STATUS_UNMOUNT_CACHE_PREFETCH = [
 
 SNAPSHOT = [
     case("snapshot-without-output", ["snapshot", "s3://{b}/p/"], USAGE, "required: -o/--output"),
+    case("snapshot-output-dash", ["snapshot", "s3://{b}/p/", "-o", "-"], USAGE,
+         "--output -: snapshot files are written to files only: name one"),
     case(
         "snapshot-output-is-a-directory",
         ["snapshot", "s3://{b}/p/", "-o", "{root}/adir"],

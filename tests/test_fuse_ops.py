@@ -241,14 +241,28 @@ async def test_opendir_of_a_file_is_enotdir(fs: Mounted) -> None:
 
 @pytest.mark.parametrize(
     "flags",
-    [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_APPEND, os.O_RDONLY | os.O_TRUNC,
-     os.O_RDONLY | os.O_CREAT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC],
+    [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_CREAT,
+     os.O_WRONLY | os.O_CREAT | os.O_TRUNC, os.O_WRONLY | os.O_APPEND],
 )
 @trio_test
 async def test_open_for_writing_is_erofs(fs: Mounted, flags: int) -> None:
     with pytest.raises(pyfuse3.FUSEError) as caught:
         await fs.ops.open(await fs.inode("a.txt"), flags)
     assert_errno(caught, errno.EROFS)
+
+
+@trio_test
+async def test_open_read_only_with_append_is_a_read_only_open(fs: Mounted) -> None:
+    """O_APPEND only says where writes would go: read-only mounts of any filesystem allow it."""
+    info = await fs.ops.open(await fs.inode("a.txt"), os.O_RDONLY | os.O_APPEND)
+    assert await fs.ops.read(info.fh, 0, 5) == bytes(range(5))
+
+
+@trio_test
+async def test_a_name_longer_than_255_bytes_is_enametoolong(fs: Mounted) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.ops.lookup(ROOT, b"x" * 256)
+    assert_errno(caught, errno.ENAMETOOLONG)
 
 
 @trio_test

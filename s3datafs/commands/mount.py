@@ -205,6 +205,8 @@ def _from_snapshot(args: argparse.Namespace, path: Path) -> tuple[snapshot.Heade
 
 def writable_file(path: Path | None, option: str) -> Path | None:
     """``path`` made absolute (the daemon runs in /), if a file can be created there."""
+    if path is not None and str(path) == "-":  # a file named "-" is never what was meant
+        raise UsageError(f"{option} -: snapshot files are written to files only: name one")
     target = _absolute(path)
     if target is None:
         return None
