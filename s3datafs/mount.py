@@ -87,6 +87,7 @@ class MountPlan:
     save_snapshot: Path | None = None  # --save-snapshot: write what was pinned (absolute)
     expect_fingerprint: str | None = None  # refuse to mount other data
     archive: str = "auto"  # --archive: a zip single object as its members (auto) or as a file
+    noexec: bool = False  # --noexec (fstab noexec; mount(8) adds it for user mounts)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                 contextlib.closing(MemberSource(source, disk=disk)))
             reader = _reader(plan, members_source, disk, source.link)
             operations = Operations(catalog, reader, plan.fs)
-            options = fuse_options(fsname=_fsname(plan.uri), allow_other=plan.allow_other)
+            options = fuse_options(fsname=_fsname(plan.uri), allow_other=plan.allow_other,
+                                   noexec=plan.noexec)
 
             def ready() -> None:
                 runtime.write_state(str(plan.mountpoint), _state(plan, summary))
@@ -316,11 +318,14 @@ def _check_fuse_device() -> None:
         raise ConfigError(f"cannot open {_FUSE_DEVICE} (not a device): {_FUSE_HELP}")
 
 
-def fuse_options(*, fsname: str, allow_other: bool) -> set[str]:
-    """Mount options: read-only, kernel permission checks, our type name, optional allow_other."""
+def fuse_options(*, fsname: str, allow_other: bool, noexec: bool = False) -> set[str]:
+    """Mount options: read-only, kernel permission checks, our type name, noatime, and optional
+    allow_other and noexec."""
     options = {"ro", "default_permissions", "subtype=s3datafs", f"fsname={fsname}", "noatime"}
     if allow_other:
         options.add("allow_other")
+    if noexec:
+        options.add("noexec")
     return options
 
 

@@ -51,7 +51,7 @@ IGNORED = frozenset(
         "defaults",
         "nodev",
         "nosuid",
-        "noexec",
+        "exec",
         "ro",
         "noatime",
     }

@@ -324,6 +324,17 @@ def test_status_calls_a_mount_it_has_no_state_for_mounted_not_dead(
     assert row["pid"] is None
 
 
+def test_noexec_mounts_files_that_cannot_be_executed(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/run.sh": b"#!/bin/sh\necho ran\n"})
+    executable = cli.mount(f"s3://{bucket}/p/", str(cli.root / "exec"), "--file-mode", "0555")
+    assert subprocess.run([executable / "run.sh"], capture_output=True, check=False).stdout == \
+        b"ran\n"
+    refused = cli.mount(f"s3://{bucket}/p/", str(cli.root / "noexec"), "--file-mode", "0555",
+                        "--noexec")
+    assert errno_of(lambda: subprocess.run([refused / "run.sh"], check=False)) == errno.EACCES
+
+
 def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket()
     put_all(s3, bucket, {"p/x.bin": b"x"})

@@ -45,7 +45,7 @@ LOCK = Path(tempfile.gettempdir()) / "s3datafs-sbin-helper.lock"
         ("name=-odd,profile=p,region=r", ["--name=-odd", "--profile=p", "--region=r"]),
         ("cache_dir=/c,log_file=/tmp/l", ["--cache-dir=/c", "--log-file=/tmp/l"]),
         ("_netdev,nofail,auto,noauto,user,nouser,users,defaults", []),
-        ("nodev,nosuid,noexec,noatime,x-systemd.automount,x-foo=1,comment=systemd.x", []),
+        ("nodev,nosuid,exec,noatime,x-systemd.automount,x-foo=1,comment=systemd.x", []),
         ("ro,,allow_other,", ["--allow-other"]),
         ("", []),
     ],
@@ -88,6 +88,10 @@ def test_bad_options_are_refused_in_one_line(options: str, fragment: str) -> Non
     assert fragment in str(caught.value)
     assert "\n" not in str(caught.value)
     assert "s3cr3t" not in str(caught.value)
+
+
+def test_noexec_is_honoured_and_exec_is_the_default() -> None:
+    assert translate_options("noexec,nosuid,nodev,exec").args == ["--noexec"]
 
 
 def test_sloppy_ignores_unknown_options_but_never_rw_or_keys() -> None:

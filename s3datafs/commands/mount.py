@@ -97,6 +97,7 @@ def add_filesystem_options(mount: argparse.ArgumentParser) -> None:
     fs.add_argument("--file-mode", default="0444", help="permission bits of files")
     fs.add_argument("--dir-mode", default="0555", help="permission bits of directories")
     fs.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    fs.add_argument("--noexec", action="store_true", help="no file of the mount may be executed")
     fs.add_argument("--archive", metavar="MODE", help="a single zip object: auto = show the "
                     "members of a .zip, or of one whose bytes are a zip unless its name is a "
                     "zip-based format (.pt, .npz, .jar, ...) (default); zip = always show the "
@@ -165,6 +166,7 @@ def build_plan(args: argparse.Namespace) -> MountPlan:
         cache_dir=args.cache_dir or config.default_cache_dir(),
         **cache_settings(args),
         allow_other=args.allow_other,
+        noexec=getattr(args, "noexec", False),
         log_file=log_file,
         as_of=as_of,
         snapshot=snapshot_file,
