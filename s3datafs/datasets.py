@@ -236,7 +236,16 @@ class _SpecLoader(yaml.BaseLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         result: dict[Any, Any] = {}
+        merged: dict[Any, Any] = {}  # ``<<: *defaults``: under the mapping's own keys
         for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or (
+                isinstance(key_node, yaml.ScalarNode) and key_node.value == "<<"
+                and key_node.style is None
+            ):
+                for source in _merge_sources(value_node):
+                    for key, value in self.construct_mapping(source, deep=deep).items():
+                        merged.setdefault(key, value)  # the first source wins, as YAML says
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, str):
                 raise yaml.constructor.ConstructorError(
@@ -247,12 +256,21 @@ class _SpecLoader(yaml.BaseLoader):
                     None, None, f"field {key!r} is given twice", key_node.start_mark
                 )
             result[key] = self._value(value_node, deep)
-        return result
+        return {**merged, **result}
 
     def _value(self, node: yaml.Node, deep: bool) -> Any:
         if isinstance(node, yaml.ScalarNode) and node.style is None and node.value in _YAML_NULLS:
             return None
         return self.construct_object(node, deep=deep)
+
+
+def _merge_sources(node: yaml.Node) -> list[yaml.MappingNode]:
+    """The mappings a merge key names: one, or a list of them."""
+    sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    if not all(isinstance(source, yaml.MappingNode) for source in sources):
+        raise yaml.constructor.ConstructorError(
+            None, None, "'<<' merges a mapping or a list of mappings", node.start_mark)
+    return sources
 
 
 def _parse_yaml(text: str, origin: str) -> Any:
@@ -443,6 +461,8 @@ def _credentials_conflict(spec: DatasetSpec) -> str | None:
 def _refuse_duplicate_names(specs: list[DatasetSpec], origin: str) -> None:
     first_with: dict[str, DatasetSpec] = {}
     for spec in specs:
+        if spec.snapshot is not None and not spec.name_given:
+            continue  # its snapshot file names it; mount-all checks the mount points it gets
         other = first_with.setdefault(spec.name, spec)
         if other is not spec:
             raise SpecError(

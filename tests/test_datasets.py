@@ -276,6 +276,31 @@ BAD_SPECS = [
 ]
 
 
+def test_yaml_merge_keys_share_fields_and_the_datasets_own_win() -> None:
+    text = (
+        "- &minio {uri: s3://b-1/a/, endpointUrl: 'http://127.0.0.1:9000', region: eu-west-1}\n"
+        "- {<<: *minio, uri: s3://b-1/b/}\n"
+        "- {<<: [*minio], uri: s3://b-1/c/, region: us-east-1}\n"
+    )
+    specs = parse(text)
+    assert [(s.uri.key, s.endpoint_url, s.region) for s in specs] == [
+        ("a/", "http://127.0.0.1:9000", "eu-west-1"),
+        ("b/", "http://127.0.0.1:9000", "eu-west-1"),
+        ("c/", "http://127.0.0.1:9000", "us-east-1"),
+    ]
+    with pytest.raises(SpecError, match="merges a mapping"):
+        parse("- {<<: oops, uri: s3://b-1/a}\n")
+
+
+def test_datasets_named_by_their_snapshot_files_are_not_refused_by_their_uris(
+    tmp_path: Path,
+) -> None:
+    """A snapshot file names its dataset; only mount-all, once planned, knows that name."""
+    specs = parse("- {uri: s3://b-1/glue/, snapshot: v1.gz}\n- {uri: s3://b-1/glue/, "
+                  "snapshot: v2.gz}\n", base_dir=tmp_path)
+    assert [spec.snapshot.name for spec in specs] == ["v1.gz", "v2.gz"]
+
+
 @pytest.mark.parametrize(("text", "fmt", "fragment"), BAD_SPECS)
 def test_bad_specs_give_one_line_errors(text: str, fmt: str | None, fragment: str) -> None:
     with pytest.raises(SpecError) as caught:
