@@ -20,8 +20,10 @@ Three duties, each the way shells and init-style wrappers (tini, dumb-init) do i
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -162,15 +164,35 @@ def reap_children() -> dict[int, int]:
 
 def _spawn(argv: Sequence[str], env: Mapping[str, str]) -> int:
     try:
-        return os.posix_spawnp(
-            argv[0], list(argv), dict(env), setsigmask=set(), setsigdef=_RESET_IN_JOB
-        )
+        try:
+            return os.posix_spawnp(
+                argv[0], list(argv), dict(env), setsigmask=set(), setsigdef=_RESET_IN_JOB
+            )
+        except OSError as exc:
+            script = _shell_script(exc, argv[0], env)
+            if script is None:
+                raise
+            # An executable file with no #! line is a shell script, as execvp and shells run it.
+            return os.posix_spawn(
+                _SHELL, [_SHELL, script, *argv[1:]], dict(env), setsigmask=set(),
+                setsigdef=_RESET_IN_JOB,
+            )
     except FileNotFoundError:
         raise CommandNotRunnable(f"command not found: {argv[0]}", 127) from None
     except PermissionError:
         raise CommandNotRunnable(f"command not executable: {argv[0]}", 126) from None
     except OSError as exc:
         raise CommandNotRunnable(f"cannot run {argv[0]}: {exc.strerror}", 126) from None
+
+
+_SHELL = "/bin/sh"
+
+
+def _shell_script(exc: OSError, command: str, env: Mapping[str, str]) -> str | None:
+    """The path of ``command`` if the kernel refused it as no executable format (ENOEXEC)."""
+    if exc.errno != errno.ENOEXEC:
+        return None
+    return command if "/" in command else shutil.which(command, path=env.get("PATH"))
 
 
 def _forward(pid: int, info: signal.struct_siginfo) -> None:

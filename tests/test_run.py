@@ -254,14 +254,25 @@ def test_run_command_reports_status_as_a_shell_does(argv: list[str], status: int
 
 
 @pytest.mark.usefixtures("quick_poll")
-def test_run_command_refuses_what_cannot_start_and_honours_pending_signals() -> None:
+def test_run_command_refuses_what_cannot_start_and_honours_pending_signals(tmp_path) -> None:
     with pytest.raises(supervisor.CommandNotRunnable) as missing:
         supervisor.run_command(["no-such-command-s3datafs"], os.environ)
     assert missing.value.exit_code == 127
+    plain = tmp_path / "plain.txt"
+    plain.write_text("not a program\n")
+    plain.chmod(0o644)
     with pytest.raises(supervisor.CommandNotRunnable) as not_executable:
-        supervisor.run_command(["/etc/hostname"], os.environ)
+        supervisor.run_command([str(plain)], os.environ)
     assert not_executable.value.exit_code == 126
     assert supervisor.run_command(["false"], os.environ, pending=[signal.SIGTERM]) == 143
+
+
+def test_an_executable_without_a_shebang_runs_as_a_shell_script(tmp_path) -> None:
+    """As execvp and every shell run it (posix_spawnp says ENOEXEC)."""
+    job = tmp_path / "job"
+    job.write_text('exit "$1"\n')
+    job.chmod(0o755)
+    assert supervisor.run_command([str(job), "7"], os.environ) == 7
 
 
 def test_a_terminal_ctrl_c_reaches_the_job_once(cli: Cli) -> None:
