@@ -291,14 +291,18 @@ def _parse_yaml(text: str, origin: str) -> Any:
 
 
 def _dataset_list(document: Any, origin: str) -> list[Any]:
-    if isinstance(document, dict) and set(document) == {"datasets"}:
+    # ``datasets:``, beside which ``x-`` keys may hold what YAML anchors point at (the
+    # convention of compose files): ``x-defaults: &defaults {...}``.
+    if isinstance(document, dict) and "datasets" in document and all(
+        key == "datasets" or str(key).startswith("x-") for key in document
+    ):
         document = document["datasets"]
     if document is None or document == "":
         raise SpecError(f"datasets spec {origin} is empty: expected a list of datasets")
     if not isinstance(document, list):
         raise SpecError(
             f"datasets spec {origin} is not a list: expected a list of datasets such as "
-            f'[{{"uri": "s3://bucket/key"}}] (or a mapping with a single "datasets" key), '
+            f'[{{"uri": "s3://bucket/key"}}] (or a mapping with a "datasets" key, and x- keys), '
             f"got {_kind(document)}"
         )
     return document

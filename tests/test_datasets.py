@@ -290,6 +290,11 @@ def test_yaml_merge_keys_share_fields_and_the_datasets_own_win() -> None:
     ]
     with pytest.raises(SpecError, match="merges a mapping"):
         parse("- {<<: oops, uri: s3://b-1/a}\n")
+    beside = parse("x-minio: &m {endpointUrl: 'http://127.0.0.1:9000'}\n"
+                   "datasets:\n- {<<: *m, uri: s3://b-1/a/}\n")  # anchors kept in x- keys
+    assert [spec.endpoint_url for spec in beside] == ["http://127.0.0.1:9000"]
+    with pytest.raises(SpecError, match="is not a list"):
+        parse("other: 1\ndatasets:\n- {uri: s3://b-1/a/}\n")
 
 
 def test_datasets_named_by_their_snapshot_files_are_not_refused_by_their_uris(
