@@ -343,8 +343,9 @@ def serve(
     right after finds everything that was read.
     """
     others = connection.fuse_descriptors()
-    # From the kernel mount until the loop's signal receiver is in place a stop signal would
-    # kill the process and leave a dead mount: it waits, blocked, for the receiver instead.
+    # From the kernel mount until the loop's signal receiver is in place, and again from the
+    # loop's end until the unmount, a stop signal would kill the process and leave a dead mount:
+    # it waits, blocked, for the receiver, or for the unmount to be done.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         _init(operations, mountpoint, options)
@@ -353,6 +354,7 @@ def serve(
             on_ready()
             trio.run(_main_loop, operations, ours, start)
         finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mountpoint)
     finally:
