@@ -179,7 +179,6 @@ class BlockReader:
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
         self._write_budget = write_budget or ByteBudget(DEFAULT_WRITE_BEHIND)
         self._write_waiting = 0  # bytes fetched and waiting for room in the write budget
-        self._reported_cache_bug = False
         self._waited_flights = 0  # flights a reader waits for (``_Flight.waited``), in progress
         self._writes_may_go = trio.Event()  # set (and renewed) when write-behind may stop yielding
         self._inflight: dict[BlockKey, _Flight] = {}
@@ -672,12 +671,7 @@ class BlockReader:
 
     def _write_failed(self, exc: Exception) -> None:
         self.stats.cache_write_errors += 1
-        if not isinstance(exc, OSError) and not self._reported_cache_bug:
-            self._reported_cache_bug = True  # a bug, not the disk: its traceback, once
-            log.error("unexpected error writing to the block cache; reads continue from S3",
-                      exc_info=exc)
-            return
-        self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+        self._trouble.write_failed(exc)
 
     def _remember_slow_failure(self, flight: _Flight) -> None:
         """Fail the same blocks at once for ``_FAILED_TTL`` after a load failed *slowly*.

@@ -74,7 +74,7 @@ def resolve(
             _warn_if_versioning_unknown(versioning, uri, ref.version_id)
             # A version id says the bucket keeps versions, even when we may not ask it.
             versioned = versioned or ref.version_id is not None
-            return Resolution(uri, versioned, _parent_prefix(uri.key), True, iter([ref]))
+            return Resolution(uri, versioned, uri.parent_prefix(), True, iter([ref]))
     prefix = uri.as_prefix()
     refs = source.list_latest(uri.bucket, prefix, versioned=versioned)
     first = next(refs, None)
@@ -103,7 +103,7 @@ def _resolve_as_of(
         ref = _head_as_of_or_none(source, uri, as_of)
         if ref is not None:
             _check_etag(ref, pins)
-            return Resolution(uri, True, _parent_prefix(uri.key), True, iter([ref]), as_of)
+            return Resolution(uri, True, uri.parent_prefix(), True, iter([ref]), as_of)
     prefix = uri.as_prefix()
     refs = source.list_as_of(uri.bucket, prefix, as_of)
     first = next(refs, None)
@@ -159,11 +159,6 @@ def _check_etag(ref: ObjectRef, pins: Pins) -> None:
             f"ETag mismatch for {ref.uri}: expected {normalize_etag(pins.etag)}, "
             f"S3 has {ref.etag}: the object changed, or --etag/--version-id is wrong"
         )
-
-
-def _parent_prefix(key: str) -> str:
-    """What a single object's key is placed under: up to its last ``/`` (``/x.bin``: ``/``)."""
-    return key[: key.rfind("/") + 1]
 
 
 def _with_version(ref: ObjectRef, version_id: str) -> ObjectRef:

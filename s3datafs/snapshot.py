@@ -224,6 +224,8 @@ class _Checker:
         self._digest = Fingerprinter()
         self._files = self._markers = self._bytes = 0
         self.first_file: ObjectRef | None = None
+        # A single-object file lists its uri's key alone (the header was checked: it parses).
+        self._single_key = parse_s3_uri(header.uri).key if header.single_object else None
 
     def add(self, number: int, line: str) -> ObjectRef:
         ref = self._parse(number, line)
@@ -264,7 +266,7 @@ class _Checker:
         problem = _field_problem(key, version_id, etag, size, mtime, versioned=header.versioned)
         if problem is None and not key.startswith(header.prefix):
             problem = f"key {key!r} is not under the prefix {header.prefix!r}"
-        if problem is None and header.single_object and key != parse_s3_uri(header.uri).key:
+        if problem is None and self._single_key is not None and key != self._single_key:
             problem = f"key {key!r} is not the single object its uri names"
         if problem is not None:
             raise _bad(self._path, f"line {number}: {problem}")
@@ -363,7 +365,7 @@ def _header_problem(header: Header) -> str | None:
     if header.single_object:
         if uri.is_explicit_prefix:
             return "a single object's uri names a prefix"
-        rooted_at = uri.key[: uri.key.rfind("/") + 1]
+        rooted_at = uri.parent_prefix()
     else:
         rooted_at = uri.as_prefix()
     if header.prefix != rooted_at:

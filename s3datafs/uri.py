@@ -41,6 +41,11 @@ class S3Uri:
         """The listing prefix this URI means when it is not a single object."""
         return self.key if self.is_explicit_prefix else self.key + "/"
 
+    def parent_prefix(self) -> str:
+        """What the tree of a single-object mount is rooted at: the key up to its last ``/``
+        (``s3://b/x.bin``: ``""``; ``s3://b//x.bin``: ``"/"``)."""
+        return self.key[: self.key.rfind("/") + 1]
+
     def covers(self, bucket: str, key: str) -> bool:
         """Whether the object ``bucket``/``key`` is this URI's object or lies under its prefix
         (``s3://b/data`` covers ``data`` and ``data/x``, not ``data2.csv``)."""

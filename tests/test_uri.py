@@ -94,3 +94,8 @@ def test_a_uri_covers_its_object_and_what_lies_under_it() -> None:
     assert not parse_s3_uri("s3://b-1/data/").covers("b-1", "data")
     assert parse_s3_uri("s3://b-1").covers("b-1", "anything/at/all")
 
+
+def test_a_single_objects_tree_is_rooted_at_its_keys_parent() -> None:
+    assert [parse_s3_uri(uri).parent_prefix() for uri in
+            ("s3://b-1/x.bin", "s3://b-1/a/b/x.bin", "s3://b-1//x.bin")] == ["", "a/b/", "/"]
+

@@ -54,7 +54,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import cachetools
@@ -172,7 +172,7 @@ class _Position:
     next_in: int  # compressed bytes fed to ``decompressor``
     decompressor: _Decompressor
     crc: int
-    pending: memoryview = field(default_factory=lambda: _NOTHING)  # fetched, not fed yet
+    pending: memoryview = _NOTHING  # fetched, not fed yet (the live position's only)
 
 
 class _MemberState:
@@ -302,12 +302,7 @@ class MemberSource:
             offset = self._data_offsets.get(ref)
         if offset is not None:
             return self._spans.read(ref.archive, offset + start, offset + end)
-        # Header and data in one GET when the guess of the header's length holds, and when
-        # what lies between them is short: a first read far into a member (a footer, ``tail``)
-        # reads the header alone, then its range, rather than everything up to it.
-        joined = start <= _JOINED_MAX
-        guess_end = min(ref.header_offset + _HEADER_GUESS + (end if joined else 0), ref.data_limit)
-        fetched = self._spans.read(ref.archive, ref.header_offset, guess_end)
+        fetched = self._spans.read(ref.archive, ref.header_offset, _first_end(ref, start, end))
         offset = self._located(ref, fetched)
         have = fetched[offset - ref.header_offset:]
         if len(have) >= end:
@@ -319,10 +314,7 @@ class MemberSource:
         with self._lock:
             offset = self._data_offsets.get(ref)
         if offset is None:
-            joined = start <= _JOINED_MAX  # as in ``_data``
-            guess_end = min(ref.header_offset + _HEADER_GUESS + (end if joined else 0),
-                            ref.data_limit)
-            fetched = self._spans.peek(ref.archive, ref.header_offset, guess_end)
+            fetched = self._spans.peek(ref.archive, ref.header_offset, _first_end(ref, start, end))
             if fetched is None:
                 return None
             offset = self._located(ref, fetched)
@@ -508,6 +500,17 @@ class MemberSource:
             if not data and decompressor.needs_input is False:
                 break  # no progress possible without input
         _check_crc(ref, position.crc)
+
+
+def _first_end(ref: MemberRef, start: int, end: int) -> int:
+    """Where the first read of a member, ``[start, end)`` of its data, ends in the archive.
+
+    Header and data in one GET when the guess of the header's length holds, and when what lies
+    between them is short: a first read far into a member (a footer, ``tail``) reads the header
+    alone, then its range, rather than everything up to it.
+    """
+    return min(ref.header_offset + _HEADER_GUESS + (end if start <= _JOINED_MAX else 0),
+               ref.data_limit)
 
 
 def _copyable(decompressor: _Decompressor) -> bool:

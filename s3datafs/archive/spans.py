@@ -15,7 +15,6 @@ Every byte comes from a ranged GET of the pinned archive through the wrapped ``O
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -26,8 +25,6 @@ from ..cache.disk import DiskCache, TroubleLog
 from ..config import DEFAULT_WRITE_BEHIND
 from ..model import ObjectRef, ObjectSource
 from ..reader import ONE_HOP_BYTES, ReadStats
-
-log = logging.getLogger(__name__)
 
 _MIN_SPAN = 512 * 1024  # archive-order reads: first span, doubling up to
 _MAX_SPAN = 8 * 1024 * 1024
@@ -77,7 +74,6 @@ class ArchiveBlocks:
         self._write_inline = write_inline
         self._writer: ThreadPoolExecutor | None = None
         self._sync_queued = False  # a disk cache sync due after a short fetch's write
-        self._reported_cache_bug = False
 
     def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
         disk = self._disk
@@ -128,7 +124,7 @@ class ArchiveBlocks:
         try:
             disk.forget_blocks(digest, blocks)
         except OSError as exc:
-            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+            self._trouble.write_failed(exc)
 
     def _fetch(self, archive: ObjectRef, start: int, end: int) -> bytes:
         data = self._inner.get_range(archive, start, end)
@@ -196,13 +192,8 @@ class ArchiveBlocks:
                    blocks: list[memoryview], *, sync: bool = True) -> None:
         try:
             self._disk.write(archive, digest, first, blocks, sync=sync)
-        except OSError as exc:
-            self._trouble.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
-        except Exception:  # a bug, not the disk: the bytes are good and must not fail
-            if not self._reported_cache_bug:
-                self._reported_cache_bug = True
-                log.exception("unexpected error writing to the block cache; reads continue "
-                              "from S3")
+        except Exception as exc:  # the bytes are good: a cache fault (or bug) must not fail them
+            self._trouble.write_failed(exc)
 
 
 class _Ahead:

@@ -129,6 +129,7 @@ class TroubleLog:
         self._interval = interval
         self._last = -interval
         self._lock = threading.Lock()
+        self._told_a_bug = False
 
     def warn(self, message: str) -> None:
         now = time.monotonic()
@@ -137,6 +138,18 @@ class TroubleLog:
                 return
             self._last = now
         log.warning("%s", message)
+
+    def write_failed(self, exc: Exception) -> None:
+        """A cache write failed; the bytes were good, so reads go on from S3. The disk's refusal
+        is warned of as above; anything else is a bug: its traceback, once."""
+        if isinstance(exc, OSError):
+            self.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+            return
+        with self._lock:
+            told, self._told_a_bug = self._told_a_bug, True
+        if not told:
+            log.error("unexpected error writing to the block cache; reads continue from S3",
+                      exc_info=exc)
 
 
 class DiskCache:
@@ -420,19 +433,21 @@ class DiskCache:
         another ``--block-size``) count too, and the oldest go first whichever size they are.
         """
         with _locked(self.root):
-            files = [(mtime, size, self.root / name) for name, size, mtime in
-                     _scan_blocks(self.root)]
+            # (mtime, bytes, path, name in our index: None for another block size's file)
+            files: list[tuple[float, int, Path, str | None]] = [
+                (mtime, size, self.root / name, name)
+                for name, size, mtime in _scan_blocks(self.root)]
             files += _other_block_sizes(self.root)
             files.sort(key=lambda entry: entry[0])  # oldest first
-            total = sum(size for _, size, _ in files)
+            total = sum(entry[1] for entry in files)
             kept = []
-            for _mtime, size, path in files:
+            for _mtime, size, path, name in files:
                 if total > self._capacity or size > self._capacity:
                     total -= size  # the oldest, while over the bound; or larger than all of it
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-                elif path.parent.parent == self.root:
-                    kept.append((str(path.relative_to(self.root)), size))
+                elif name is not None:
+                    kept.append((name, size))
             fresh = _UnlinkingLRU(self._capacity, self.root)
             for name, size in kept:
                 fresh[name] = size  # oldest first: the newest end up most recently used
@@ -508,8 +523,9 @@ def _scan_blocks(root: Path) -> Iterator[tuple[str, int, float]]:
         log.info("removed %d cached objects of an earlier cache format from %s", earlier, root)
 
 
-def _other_block_sizes(root: Path) -> list[tuple[float, int, Path]]:
-    """(mtime, allocated bytes, path) of the region files of the other block sizes' roots."""
+def _other_block_sizes(root: Path) -> list[tuple[float, int, Path, None]]:
+    """(mtime, allocated bytes, path, None) of the region files of the other block sizes'
+    roots (None: no name in this root's index)."""
     found = []
     for other in _subdirs(root.parent):
         if other.path == str(root):
@@ -518,7 +534,7 @@ def _other_block_sizes(root: Path) -> list[tuple[float, int, Path]]:
             if is_region_file(entry.name):
                 with contextlib.suppress(FileNotFoundError):
                     info = entry.stat(follow_symlinks=False)
-                    found.append((info.st_mtime, info.st_blocks * 512, Path(entry.path)))
+                    found.append((info.st_mtime, info.st_blocks * 512, Path(entry.path), None))
     return found
 
 
