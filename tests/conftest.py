@@ -39,6 +39,17 @@ from s3datafs.runtime import mount_table  # noqa: E402
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fuse: needs /dev/fuse and mounts for real")
+    # A suite started in the background by a shell without job control (``make test &``, some CI
+    # runners) inherits SIGINT and SIGQUIT ignored, and an ignored signal stays ignored across
+    # exec: every command the tests start would then shrug off the Ctrl-C the signal tests send.
+    # A handler (unlike SIG_IGN) is reset to the default by exec, so the commands start as from a
+    # terminal.
+    for number, handler in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGQUIT, signal.SIG_DFL),
+    ):
+        if signal.getsignal(number) == signal.SIG_IGN:
+            signal.signal(number, handler)
 
 
 @pytest.fixture(scope="session")
@@ -215,8 +226,9 @@ class Cli:
         stacks = []
         for pid, log_file in self._daemons():
             if Path(spy).exists():
-                dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
-                                      text=True, check=False)
+                dump = subprocess.run(
+                    [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, check=False
+                )
                 stacks.append(f"daemon {pid}:\n{dump.stdout}{dump.stderr}")
             elif log_file is not None:
                 with contextlib.suppress(OSError):
