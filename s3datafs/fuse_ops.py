@@ -48,6 +48,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_CREAT  # O_APPEND alo
 _XATTR_PREFIX = b"user.s3datafs."
 _REPEAT_QUIET = 10.0  # seconds the same failure is not logged again
 _NAME_MAX = 255
+_DOT_ENTRIES = 2  # "." and ".." open every directory listing
 T = TypeVar("T")
 
 
@@ -156,11 +157,25 @@ class Operations(pyfuse3.Operations):
 
     @_translate_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        # next_id is the child's inode: children are listed in inode order, so resuming after
-        # the last reported inode neither repeats nor skips an entry.
-        for entry in self._catalog.children(fh, after_inode=start_id):
+        """``.`` and ``..`` first, as every local filesystem lists them (``ls -a``, tools that
+        count them), then the children in inode order.
+
+        Offsets (``next_id``): ``.`` is 1, ``..`` is 2, a child is its inode + ``_DOT_ENTRIES``.
+        Children are listed in inode order, so resuming after the last reported offset neither
+        repeats nor skips an entry. The kernel links no dentry for ``.`` or ``..`` from a
+        readdirplus reply, so their attributes are only for the listing.
+        """
+        directory = self._entry(fh)
+        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attributes(directory), 1):
+            return
+        if start_id < _DOT_ENTRIES and not pyfuse3.readdir_reply(
+            token, b"..", self._attributes(self._entry(directory.parent)), _DOT_ENTRIES
+        ):
+            return
+        after = max(start_id - _DOT_ENTRIES, 0)
+        for entry in self._catalog.children(fh, after_inode=after):
             if not pyfuse3.readdir_reply(
-                token, os.fsencode(entry.name), self._attributes(entry), entry.inode
+                token, os.fsencode(entry.name), self._attributes(entry), entry.inode + _DOT_ENTRIES
             ):
                 return
 
@@ -346,7 +361,8 @@ class Operations(pyfuse3.Operations):
             if now - self._reported_at.get(key, -_REPEAT_QUIET) < _REPEAT_QUIET:
                 return
             if len(self._reported_at) > 1024:
-                self._reported_at = {k: t for k, t in self._reported_at.items()
-                                     if now - t < _REPEAT_QUIET}
+                self._reported_at = {
+                    k: t for k, t in self._reported_at.items() if now - t < _REPEAT_QUIET
+                }
             self._reported_at[key] = now
         log.error("%s", message)

@@ -214,7 +214,7 @@ async def test_readdir_resumes_without_duplicates_or_omissions(
     monkeypatch.setattr(pyfuse3, "readdir_reply", buffer.reply)
     fh = await fs.ops.opendir(await fs.inode("many"))
     names = await buffer.list(fs.ops, fh)
-    assert names == [f"f{index:03d}" for index in range(MANY)]
+    assert names == [".", ".."] + [f"f{index:03d}" for index in range(MANY)]
     assert all(len(call) <= capacity for call in buffer.calls)
     await fs.ops.releasedir(fh)
 
@@ -226,7 +226,25 @@ async def test_readdir_of_the_root_lists_each_child_once(
     buffer = ReaddirBuffer(2)
     monkeypatch.setattr(pyfuse3, "readdir_reply", buffer.reply)
     names = await buffer.list(fs.ops, await fs.ops.opendir(ROOT))
-    assert sorted(names) == ["a.txt", "many", "old.txt", "sub"]
+    assert sorted(names) == [".", "..", "a.txt", "many", "old.txt", "sub"]
+
+
+@trio_test
+async def test_readdir_lists_dot_as_the_directory_and_dotdot_as_its_parent(
+    fs: Mounted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inodes: dict[str, int] = {}
+
+    def reply(token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
+        inodes[os.fsdecode(name)] = attrs.st_ino
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    sub = await fs.inode("sub")
+    await fs.ops.readdir(await fs.ops.opendir(sub), 0, None)
+    assert (inodes["."], inodes[".."]) == (sub, ROOT)
+    await fs.ops.readdir(await fs.ops.opendir(ROOT), 0, None)
+    assert (inodes["."], inodes[".."]) == (ROOT, ROOT)  # the mount's root is its own parent here
 
 
 @trio_test

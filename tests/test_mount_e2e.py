@@ -88,6 +88,10 @@ def test_prefix_reads_back_byte_identical(cli: Cli, s3, make_bucket) -> None:
     assert oct(os.stat(mountpoint / "a").st_mode & 0o777) == oct(0o555)
     find = subprocess.run(["find", str(mountpoint)], capture_output=True, text=True, check=True)
     assert len(find.stdout.splitlines()) == len(expected_tree(NESTED, "train/")) + 1
+    for directory in (mountpoint, mountpoint / "a"):  # listed as on a local disk: . and .. too
+        listing = subprocess.run(["ls", "-a1f", str(directory)], capture_output=True, text=True)
+        assert listing.stdout.splitlines()[:2] == [".", ".."]
+        assert sorted(listing.stdout.splitlines()[2:]) == sorted(os.listdir(directory))
 
 
 def test_prefix_without_slash_and_whole_bucket(cli: Cli, s3, make_bucket) -> None:
