@@ -8,7 +8,9 @@
 - ``dataset_name`` is the Gradient rule: the basename of the last item of the path without its last
   extension (``mnist.zip`` -> ``mnist``), a known compound extension going whole (``data.tar.gz`` ->
   ``data``), the bucket name for a bare bucket.
-- ``validate_name`` refuses names that cannot be one directory entry under the data root.
+- ``validate_name`` refuses names that cannot be one directory entry under the data root, and
+  names with control characters (a tab or a line break in a mount point garbles every line that
+  names it: logs, ``status``, the mount table as tools print it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import re
 from dataclasses import dataclass
 
 from .errors import UsageError
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _COMPOUND_EXTENSIONS = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.lz4", ".tar.lzma")
@@ -107,6 +111,11 @@ def validate_name(name: str) -> str:
         raise UsageError(f"invalid dataset name {name!r}: choose another with --name")
     if "/" in name or "\0" in name:
         raise UsageError(f"invalid dataset name {name!r}: it may not contain '/' or NUL")
+    if _CONTROL.search(name):
+        raise UsageError(
+            f"invalid dataset name {name!r}: it may not contain control characters; choose "
+            "another with --name"
+        )
     if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
         raise UsageError(f"dataset name is longer than {NAME_MAX} bytes: choose a shorter --name")
     return name

@@ -74,7 +74,9 @@ def test_prefix_forms() -> None:
     assert not parse_s3_uri("s3://bkt/a").is_explicit_prefix
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\0b", "x" * 256, "é" * 128])
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "a/b", "a\0b", "x" * 256, "é" * 128, "a\nb", "a\tb", "a\x1bb", "a\x85"]
+)
 def test_validate_name_refuses_unsafe_names(name: str) -> None:
     with pytest.raises(UsageError):
         validate_name(name)
