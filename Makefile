@@ -35,9 +35,11 @@ $(STAMP): pyproject.toml | system-deps
 
 # mount(8) looks for mount.<type> helpers in /sbin only: link ours there (mount -t s3datafs, fstab).
 HELPER ?= $(abspath $(VENV))/bin/mount.s3datafs
+# The kernel calls our mounts fuse.s3datafs: mount(8) runs mount.fuse.s3datafs for a remount.
 install-helper: $(STAMP)
 	$(SUDO) ln -sf $(HELPER) /sbin/mount.s3datafs
-	@echo "installed /sbin/mount.s3datafs -> $(HELPER)"
+	$(SUDO) ln -sf $(HELPER) /sbin/mount.fuse.s3datafs
+	@echo "installed /sbin/mount.s3datafs and /sbin/mount.fuse.s3datafs -> $(HELPER)"
 
 # Read benchmark against s3fs-fuse and rclone (bench/RESULTS.md). Needs root: it mounts and drops
 # the page cache. A quick run: make bench BENCH_ARGS=--quick

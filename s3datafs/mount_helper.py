@@ -2,7 +2,10 @@
 
 mount(8) (libmount) looks for ``/sbin/mount.<type>`` (also ``/sbin/fs.d``, ``/sbin/fs``) and
 calls it as ``mount.s3datafs SOURCE DIR [-sfnv] [-o OPTIONS] [-t TYPE]``; systemd ``.mount`` units
-go through mount(8) the same way. Installing is one symlink (``make install-helper``).
+go through mount(8) the same way. The kernel lists our mounts as type ``fuse.s3datafs``, and
+mount(8) looks for ``mount.fuse.s3datafs`` for that type (``mount -o remount DIR``, fstab lines
+of type ``fuse.s3datafs``; without it, ``mount.fuse`` runs ``s3datafs`` as if it were a mount
+program). So installing is two symlinks to the one helper (``make install-helper``).
 
 How ``-o`` is read:
 - Every long option of ``s3datafs mount`` is an ``-o`` option, its dashes as ``_`` or ``-``
@@ -12,9 +15,18 @@ How ``-o`` is read:
   ``data_root`` are not options here: the helper must return once mounted, and DIR is given.
 - Generic options mount(8) and fstab use are accepted and ignored: ``_netdev``, ``nofail``,
   ``auto``, ``noauto``, ``user``, ``nouser``, ``users``, ``defaults``, ``x-*``, ``comment=*``;
-  ``nodev``, ``nosuid`` and ``noexec`` too (mount(8) adds them for ``user``/``users``; a dataset
-  holds no device nodes, and its files are 0444 unless ``file_mode`` says otherwise). ``ro`` and
-  ``noatime`` are what every s3datafs mount is anyway. ``rw`` is refused: the mount is read-only.
+  ``nodev``, ``nosuid`` and ``exec`` too (mount(8) adds them for ``user``/``users``; a dataset
+  holds no device nodes). ``noexec`` is ``--noexec``. ``ro`` and ``noatime`` are what every
+  s3datafs mount is anyway, and so is ``rw`` accepted: mount(8) puts ``rw`` first in the options
+  of every mount whose fstab line or command line does not say ``ro`` (``defaults`` reaches the
+  helper as ``rw``), and the helper cannot tell that from a typed one. The mount is read-only
+  whatever it says; ``-v`` says so.
+- ``remount`` (``mount -o remount DIR``, ``systemctl reload`` of a ``.mount`` unit) changes
+  nothing: a mount keeps the pins and settings it was mounted with. It succeeds when DIR is an
+  s3datafs mount; options of ``s3datafs mount`` in it get a warning that they were not applied
+  (unmount and mount again for that), ``rw`` is refused, and the options the kernel reports for
+  a FUSE mount (``user_id=``, ``group_id=``, ``default_permissions``, ...), which mount(8) passes
+  back, are ignored.
 - Anything else is refused in one line, unless ``-s`` (sloppy) asks to ignore it with a warning.
 - Credentials are never option values: the options are visible in ``ps`` and, for mount(8), the
   fstab. Keys come from the environment, a profile, a role or ``credentials_file=FILE`` (0600);
@@ -30,12 +42,13 @@ import argparse
 import contextlib
 import difflib
 import io
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .errors import S3DataFSError, UsageError
+from .errors import MountFailed, S3DataFSError, UsageError
 
 PROG = "mount.s3datafs"
 EXIT_USAGE, EXIT_FAILURE = 1, 32
@@ -53,9 +66,15 @@ IGNORED = frozenset(
         "nosuid",
         "exec",
         "ro",
+        "rw",
         "noatime",
     }
 )
+# What the kernel reports for a FUSE mount, passed back by mount(8) on ``remount``.
+REMOUNT_IGNORED = frozenset(
+    {"remount", "default_permissions", "allow_other", "relatime", "nosymfollow", "noexec"}
+)
+REMOUNT_IGNORED_PREFIXES = ("user_id=", "group_id=", "rootmode=", "max_read=", "blksize=")
 IGNORED_PREFIXES = ("x-", "comment=")
 NOT_OPTIONS = frozenset({"help", "foreground", "data_root"})  # the helper's own business
 SECRET_OPTIONS = frozenset(
@@ -151,8 +170,6 @@ def _translate_one(
     key = name.replace("-", "_")
     if key.lower() in SECRET_OPTIONS:  # AWS_SECRET_ACCESS_KEY=... too
         raise UsageError(f"option {name!r} refused: {CREDENTIALS_HELP}")
-    if item == "rw":
-        raise UsageError("option 'rw' refused: s3datafs mounts are read-only (use ro)")
     if item in IGNORED or item.startswith(IGNORED_PREFIXES):
         result.ignored.append(item)
         return
@@ -204,7 +221,13 @@ def mount(call: HelperCall) -> None:
     """
     from .commands import mount as mount_command
 
+    items = _items(call.options)
+    if "remount" in items:
+        remount(call, items)
+        return
     translation = translate_options(call.options, sloppy=call.sloppy)
+    if "rw" in items:
+        _say(call, f"{PROG}: rw ignored: s3datafs mounts are read-only")
     for warning in translation.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     args = _mount_parser().parse_args([call.source, call.directory, *translation.args])
@@ -216,6 +239,40 @@ def mount(call: HelperCall) -> None:
     with contextlib.redirect_stdout(report):
         mount_command.run(args)
     _say(call, report.getvalue().rstrip("\n"))
+
+
+def remount(call: HelperCall, items: list[str]) -> None:
+    """``-o remount``: nothing to change on a mounted s3datafs at DIR (see the module doc)."""
+    from . import runtime
+
+    if "rw" in items:
+        raise UsageError(f"cannot remount {call.directory} rw: s3datafs mounts are read-only")
+    target = os.path.realpath(call.directory)
+    if not any(
+        entry.mountpoint == target and entry.fstype == runtime.FSTYPE
+        for entry in runtime.mount_table()
+    ):
+        raise MountFailed(f"{call.directory} is not an s3datafs mount: nothing to remount")
+    kept = [
+        item
+        for item in items
+        if item not in REMOUNT_IGNORED and not item.startswith(REMOUNT_IGNORED_PREFIXES)
+    ]
+    translation = translate_options(",".join(kept), sloppy=call.sloppy)
+    for warning in translation.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if translation.args:
+        names = ", ".join(arg.partition("=")[0] for arg in translation.args)
+        print(
+            f"{PROG}: warning: remount of {call.directory} changes nothing ({names} not applied): "
+            "unmount and mount again to change a mount's settings",
+            file=sys.stderr,
+        )
+    _say(call, f"{PROG}: {call.directory} remounted: nothing to change")
+
+
+def _items(options: str) -> list[str]:
+    return [item for item in (part.strip() for part in options.split(",")) if item]
 
 
 def _say(call: HelperCall, message: str) -> None:

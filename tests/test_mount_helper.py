@@ -25,7 +25,7 @@ from s3datafs.errors import UsageError
 from s3datafs.mount_helper import main, option_table, parse_call, translate_options
 from s3datafs.runtime import pid_alive
 
-SBIN_HELPER = Path("/sbin/mount.s3datafs")
+SBIN_HELPERS = (Path("/sbin/mount.s3datafs"), Path("/sbin/mount.fuse.s3datafs"))
 LOCK = Path(tempfile.gettempdir()) / "s3datafs-sbin-helper.lock"
 
 
@@ -45,6 +45,7 @@ LOCK = Path(tempfile.gettempdir()) / "s3datafs-sbin-helper.lock"
         ("name=-odd,profile=p,region=r", ["--name=-odd", "--profile=p", "--region=r"]),
         ("cache_dir=/c,log_file=/tmp/l", ["--cache-dir=/c", "--log-file=/tmp/l"]),
         ("_netdev,nofail,auto,noauto,user,nouser,users,defaults", []),
+        ("rw,nodev,nosuid,users,exec", []),  # what mount(8) passes for "defaults,user"
         ("nodev,nosuid,exec,noatime,x-systemd.automount,x-foo=1,comment=systemd.x", []),
         ("ro,,allow_other,", ["--allow-other"]),
         ("", []),
@@ -65,8 +66,6 @@ def test_every_mount_option_but_the_helpers_own_is_an_o_option() -> None:
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
-        ("rw", "option 'rw' refused: s3datafs mounts are read-only"),
-        ("ro,rw", "option 'rw' refused"),
         ("colour=red", "unknown option 'colour'"),
         ("allow_othr", "unknown option 'allow_othr': did you mean 'allow_other'?"),
         ("foreground", "unknown option 'foreground'"),
@@ -94,14 +93,14 @@ def test_noexec_is_honoured_and_exec_is_the_default() -> None:
     assert translate_options("noexec,nosuid,nodev,exec").args == ["--noexec"]
 
 
-def test_sloppy_ignores_unknown_options_but_never_rw_or_keys() -> None:
+def test_sloppy_ignores_unknown_options_but_never_keys() -> None:
     translation = translate_options("colour=red,allow_other,api_key=s3cr3t", sloppy=True)
     assert translation.args == ["--allow-other"]
     assert translation.warnings == [  # names only: a value may be a secret
         "ignoring unknown option 'colour' (sloppy mode)",
         "ignoring unknown option 'api_key' (sloppy mode)",
     ]
-    for refused in ("rw", "aws_secret_access_key=x", "AWS_SESSION_TOKEN=x"):
+    for refused in ("aws_secret_access_key=x", "AWS_SESSION_TOKEN=x"):
         with pytest.raises(UsageError):
             translate_options(refused, sloppy=True)
 
@@ -117,10 +116,8 @@ def test_the_mount8_calling_convention() -> None:
 def test_helper_errors_are_one_line_with_mount8_exit_codes(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    assert main(["s3://b-1/x", str(tmp_path), "-o", "rw"]) == 1
-    assert capsys.readouterr().err == (
-        "mount.s3datafs: option 'rw' refused: s3datafs mounts are read-only (use ro)\n"
-    )
+    assert main(["s3://b-1/x", str(tmp_path), "-o", "ro,bogus"]) == 1
+    assert capsys.readouterr().err == "mount.s3datafs: unknown option 'bogus'\n"
     assert main(["s3://b-1/x"]) == 1
     assert capsys.readouterr().err.startswith("mount.s3datafs: the following arguments")
     assert main(["s3://b-1/x", str(tmp_path), "-f", "-v", "-o", "ro,uid=7"]) == 0
@@ -143,23 +140,31 @@ def _helper_program(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def installed_helper(tmp_path: Path) -> Iterator[Path]:
-    """``/sbin/mount.s3datafs`` -> this checkout's helper, restored afterwards."""
+    """``/sbin/mount.s3datafs`` and ``mount.fuse.s3datafs`` -> this checkout's helper, as
+    ``make install-helper`` links them; whatever was there is put back afterwards."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root and util-linux mount to install a mount helper")
-    with open(LOCK, "w") as lock:
+    program = _helper_program(tmp_path)
+    with open(LOCK, "w") as lock, contextlib.ExitStack() as restore:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        saved = tmp_path / "saved-helper"
-        had_one = os.path.lexists(SBIN_HELPER)
+        for link in SBIN_HELPERS:
+            restore.enter_context(_linked(link, program, tmp_path / f"saved-{link.name}"))
+        yield SBIN_HELPERS[0]
+
+
+@contextlib.contextmanager
+def _linked(link: Path, program: Path, saved: Path) -> Iterator[None]:
+    had_one = os.path.lexists(link)
+    if had_one:
+        os.rename(link, saved)
+    try:
+        link.symlink_to(program)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
         if had_one:
-            os.rename(SBIN_HELPER, saved)
-        try:
-            SBIN_HELPER.symlink_to(_helper_program(tmp_path))
-            yield SBIN_HELPER
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                SBIN_HELPER.unlink()
-            if had_one:
-                os.rename(saved, SBIN_HELPER)
+            os.rename(saved, link)
 
 
 def _mount8(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -226,7 +231,6 @@ def test_an_fstab_line_mounts_with_mount_T(
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
-        ("rw", "mount.s3datafs: option 'rw' refused"),
         ("ro,aws_secret_access_key=s3cr3t", "option 'aws_secret_access_key' refused"),
         ("ro,bogus=1", "mount.s3datafs: unknown option 'bogus'"),
     ],
@@ -265,3 +269,71 @@ def test_unexpected_failures_are_one_line_unless_debug_is_asked_for(
     assert mount_helper.main(argv) == status
     assert capsys.readouterr().err.count("\n") == 1
 
+
+
+@pytest.mark.parametrize("options", [[], ["-o", "defaults"], ["-o", "defaults,noexec"]], ids=str)
+def test_mount8_without_ro_mounts_read_only(
+    cli: Cli, s3, make_bucket, installed_helper: Path, options: list[str]
+) -> None:
+    # mount(8) passes "rw" first for each of these (libmount adds it unless "ro" is given)
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"a\n")
+    target = cli.root / "plain"
+    target.mkdir()
+    done = _mount8("-t", "s3datafs", f"s3://{bucket}/d.csv", str(target), *options, env=cli.env)
+    assert done.returncode == 0, done.stderr
+    assert (target / "d.csv").read_bytes() == b"a\n"
+    mount_options = _mount_options(target)
+    assert "ro" in mount_options
+    assert ("noexec" in mount_options) == ("defaults,noexec" in options)
+
+
+def _mount_options(target: Path) -> list[str]:
+    table = Path("/proc/self/mountinfo").read_text().splitlines()
+    return next(line for line in table if f" {target} " in line).split()[5].split(",")
+
+
+def test_an_fstab_line_of_type_fuse_s3datafs_mounts(
+    cli: Cli, s3, make_bucket, installed_helper: Path
+) -> None:
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"a\n")
+    target = cli.root / "fuse-type"
+    target.mkdir()
+    fstab = cli.root / "fstab"
+    fstab.write_text(f"s3://{bucket}/d.csv  {target}  fuse.s3datafs  defaults,_netdev  0 0\n")
+    done = _mount8("-T", str(fstab), str(target), env=cli.env)
+    assert done.returncode == 0, done.stderr
+    assert (target / "d.csv").read_bytes() == b"a\n"
+
+
+def test_remount_changes_nothing_and_the_mount_keeps_serving(
+    cli: Cli, s3, make_bucket, installed_helper: Path
+) -> None:
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"a\n")
+    target = cli.root / "remounted"
+    target.mkdir()
+    done = _mount8("-t", "s3datafs", f"s3://{bucket}/d.csv", str(target), "-o", "ro", env=cli.env)
+    assert done.returncode == 0, done.stderr
+    device = os.stat(target).st_dev
+    again = _mount8("-o", "remount", str(target), env=cli.env)  # what systemctl reload runs
+    assert (again.returncode, again.stderr) == (0, "")
+    changed = _mount8("-o", "remount,read_timeout=5", str(target), env=cli.env)
+    assert changed.returncode == 0
+    assert "changes nothing (--read-timeout not applied)" in changed.stderr
+    writable = _mount8("-o", "remount,rw", str(target), env=cli.env)
+    assert writable.returncode != 0
+    assert "s3datafs mounts are read-only" in writable.stderr
+    assert os.stat(target).st_dev == device  # the same mount throughout
+    assert (target / "d.csv").read_bytes() == b"a\n"
+    assert "ro" in _mount_options(target)
+
+
+def test_remount_of_what_is_not_an_s3datafs_mount_fails(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["s3://b-1/x", str(tmp_path), "-o", "remount,ro"]) == 32
+    assert capsys.readouterr().err == (
+        f"mount.s3datafs: {tmp_path} is not an s3datafs mount: nothing to remount\n"
+    )
