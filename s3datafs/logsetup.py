@@ -53,6 +53,9 @@ class RedactSecrets(logging.Filter):
         super().__init__()
         self._secrets = [s for s in secrets if s]
 
+    def add(self, secrets: Iterable[str | None]) -> None:
+        self._secrets = [*self._secrets, *(s for s in secrets if s and s not in self._secrets)]
+
     def filter(self, record: logging.LogRecord) -> bool:
         if self._secrets:
             message = record.getMessage()
@@ -60,6 +63,14 @@ class RedactSecrets(logging.Filter):
                 message = message.replace(secret, "***")
             record.msg, record.args = message, None
         return True
+
+
+_redactor = RedactSecrets(())  # the one ``setup`` installed
+
+
+def redact(*secrets: str | None) -> None:
+    """Hide ``secrets`` too from now on (keys read after ``setup``: a credentials file again)."""
+    _redactor.add(secrets)
 
 
 def _not_a_refused_answer(record: logging.LogRecord) -> bool:
@@ -77,7 +88,8 @@ def setup(
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    redactor = RedactSecrets(secrets)
+    global _redactor
+    redactor = _redactor = RedactSecrets(secrets)
 
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)

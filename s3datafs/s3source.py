@@ -60,6 +60,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import botocore.config
 import botocore.exceptions
@@ -69,6 +70,7 @@ import botocore.utils
 import urllib3.exceptions
 from botocore import UNSIGNED
 
+from .credfile import CredentialsFile
 from .errors import (
     AccessDeniedError,
     ConfigError,
@@ -144,6 +146,9 @@ class S3Settings:
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
+    # The keys above came from this file ([section]): it is read again while mounted (credfile).
+    credentials_file: str | None = None
+    credentials_section: str | None = None
     max_connections: int = 32
     connect_timeout: float = 10.0
     request_timeout: float = 30.0  # per socket read
@@ -383,6 +388,11 @@ def _make_clients(settings: S3Settings, *, for_reads: tuple[bool, ...]) -> list:
         session.get_component("response_parser_factory").set_parser_defaults(
             timestamp_parser=parse_timestamp
         )
+        if settings.credentials_file is not None:
+            path, section = Path(settings.credentials_file), settings.credentials_section
+            session.get_component("credential_provider").insert_before(
+                "env", CredentialsFile(path, section)
+            )
         return [_client(session, settings, reads) for reads in for_reads]
     except botocore.exceptions.ProfileNotFound:
         raise ConfigError(
@@ -414,14 +424,19 @@ def _client(session: botocore.session.Session, settings: S3Settings, for_reads: 
         # every call's parameters against the model is ~5 % of a small GET's CPU, for nothing.
         parameter_validation=not for_reads,
     )
+    keys = {}
+    if settings.credentials_file is None:  # else the session's provider reads them (credfile)
+        keys = {
+            "aws_access_key_id": settings.access_key_id,
+            "aws_secret_access_key": settings.secret_access_key,
+            "aws_session_token": settings.session_token,
+        }
     return session.create_client(
         "s3",
         region_name=settings.region,
         endpoint_url=settings.endpoint_url,
-        aws_access_key_id=settings.access_key_id,
-        aws_secret_access_key=settings.secret_access_key,
-        aws_session_token=settings.session_token,
         config=config,
+        **keys,
     )
 
 

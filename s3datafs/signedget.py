@@ -25,8 +25,14 @@ template per file.
 
 Invariants:
 - A template is at most ``TEMPLATE_SECONDS`` (4 min) old: a SigV4 signature is accepted for
-  15 minutes around its date, and botocore refreshes expiring credentials well before their
-  end, so every template is signed with credentials that outlive it.
+  15 minutes around its date.
+- A template is only sent while it is signed with the credentials the client holds now (its
+  access key and session token, read from its own headers, against the signer's credentials,
+  which botocore refreshes as for any call). Expiring credentials (STS, ``credential_process``,
+  a container or instance role) are replaced by botocore 10-15 minutes before their end, or
+  before every call when a lease is shorter than that; a template signed with the old ones is
+  made again instead of being sent to fail (``ExpiredToken``), or, for a key deleted at the end
+  of its lease, to fail the read (``InvalidAccessKeyId``).
 - Only a 200/206 is handled here. An error that a new signature or botocore's own handling
   could cure (a redirect to another region, a clock skew, an expired or rejected signature or
   token) drops the template and answers ``None``: the caller repeats the attempt with a plain
@@ -57,6 +63,7 @@ Invariants:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import logging
@@ -146,6 +153,12 @@ class _Template:
     url: str
     headers: dict[str, str]
     made: float
+    signed_with: tuple[str, str] = ("", "")  # access key and session token ("" if none)
+
+    @classmethod
+    def of(cls, url: str, headers: dict[str, str]) -> _Template:
+        template = cls(url, headers, time.monotonic())
+        return dataclasses.replace(template, signed_with=_credentials_of(template))
 
 
 @dataclass(frozen=True)
@@ -223,7 +236,11 @@ class SignedGets:
         with self._lock:
             template = self._templates.get(name)
             base = self._bases.get(ref.bucket)
-        if template is not None and now - template.made < TEMPLATE_SECONDS:
+        if (
+            template is not None
+            and now - template.made < TEMPLATE_SECONDS
+            and self._signed_with_current_credentials(template)
+        ):
             return template
         if base is not None and now - base.made < TEMPLATE_SECONDS:
             template = self._derive(base, ref)
@@ -239,6 +256,19 @@ class SignedGets:
             self._templates[name] = template
         return template
 
+    def _signed_with_current_credentials(self, template: _Template) -> bool:
+        """Whether the client would sign with the same access key and token now (botocore
+        refreshes expiring credentials here, as before any call of its own). Without the
+        signer (see the module docstring) this cannot be known, and only age limits a template.
+        """
+        if self._signer is None:
+            return True
+        credentials = getattr(self._signer, "_credentials", None)  # None: unsigned requests
+        if credentials is None:
+            return template.signed_with == ("", "")
+        frozen = credentials.get_frozen_credentials()
+        return template.signed_with == (frozen.access_key or "", frozen.token or "")
+
     def _derive(self, base: _Base, ref: ObjectRef) -> _Template:
         """A template for ``ref`` from its bucket's base, signed by the client's signer."""
         request = botocore.awsrequest.AWSRequest(
@@ -248,7 +278,7 @@ class SignedGets:
         )
         self._signer.sign("GetObject", request)
         prepared = request.prepare()
-        return _Template(prepared.url, dict(prepared.headers.items()), time.monotonic())
+        return _Template.of(prepared.url, dict(prepared.headers.items()))
 
     def _base_of(self, template: _Template, ref: ObjectRef) -> _Base | None:
         """The bucket's base from a template botocore made, if it reproduces that template."""
@@ -282,7 +312,7 @@ class SignedGets:
             self._unusable = True
             return None
         url, headers = self._local.captured
-        return _Template(url, headers, time.monotonic())
+        return _Template.of(url, headers)
 
     def _capture(self, request, **_kwargs):
         """botocore's ``before-send`` hook: keep the signed request, send nothing."""
@@ -329,6 +359,15 @@ def _signer_of(template: _Template) -> tuple[str, ...]:
     scope = fields.get("Credential", "").split("/")
     del scope[1:2]  # the date
     return algorithm, *scope, fields.get("SignedHeaders", "")
+
+
+def _credentials_of(template: _Template) -> tuple[str, str]:
+    """The access key in the template's signature and its session token ("" for none)."""
+    signer = _signer_of(template)
+    key = signer[1] if len(signer) > 1 else ""
+    token = next((_text(value) for name, value in template.headers.items()
+                  if name.lower() == "x-amz-security-token"), "")
+    return key, token
 
 
 def _error_of(body: bytes) -> tuple[str, str]:

@@ -15,7 +15,10 @@ Control API (in process; the proxy serves from threads of the test process)::
         proxy.injected, proxy.requests, proxy.accepted                # what happened
 
 A rule matches a request by S3 operation (``op``, default ``"GetObject"``; ``"*"`` for any; the
-classification is ``devtools.s3server``'s, so both ends agree) and optionally by exact ``key``.
+classification is ``devtools.s3server``'s, so both ends agree), optionally by exact ``key``, and
+optionally by the access key id that signed it (``signed_with``: a predicate, so a test can
+refuse keys once "expired", as S3 does; moto checks no signature). ``signed`` lists
+``(op, key, access key id)`` of every request, in order.
 ``times`` bounds how often it fires (``None``: unlimited), ``probability`` makes it random (from
 the proxy's seeded RNG). Rules are tried in the order they were added; the first that fires wins.
 
@@ -56,11 +59,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import random
+import re
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import parse_qs, urlparse
@@ -82,8 +86,10 @@ _BODY_ACTIONS = frozenset(  # rules that rewrite the response body, so it cannot
 )
 ACTIONS = _BODY_ACTIONS | {"reset", "delay", "stall", "error", "garbage"}
 CHUNK = 256 * 1024
+_ACCESS_KEY = re.compile(r"Credential=([^/]*)/")  # SigV4's Authorization header
 DEFAULT_STALL = 120.0
 _REASONS = {
+    400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
     412: "Precondition Failed",
@@ -113,13 +119,15 @@ class Rule:
     at: int | None = None
     strip_checksums: bool = False  # body actions: drop x-amz-checksum-* too (see ``flip``)
     rate: float = 1024 * 1024  # bytes per second, for ``throttle``
+    signed_with: Callable[[str], bool] | None = None  # of the request's access key id
     fired: int = 0
 
-    def matches(self, op: str, key: str) -> bool:
+    def matches(self, op: str, key: str, access_key: str) -> bool:
         return (
             (self.times is None or self.fired < self.times)
             and (self.op == "*" or self.op == op)
             and (self.key is None or self.key == key)
+            and (self.signed_with is None or self.signed_with(access_key))
         )
 
 
@@ -165,6 +173,7 @@ class FaultProxy:
         self._listener: socket.socket | None = None
         self.injected: list[Injection] = []
         self.requests: collections.Counter[str] = collections.Counter()
+        self.signed: list[tuple[str, str, str]] = []  # (op, key, access key id) per request
         self.accepted = 0  # client connections so far (keep-alive reuses them)
         self.endpoint = ""
 
@@ -236,10 +245,13 @@ class FaultProxy:
         return sum(1 for i in self.injected if action is None or i.action == action)
 
     def _choose(self, request: _Request) -> Rule | None:
+        match = _ACCESS_KEY.search(request.headers.get("authorization", ""))
+        access_key = match[1] if match else ""
         with self._lock:
             self.requests[request.op] += 1
+            self.signed.append((request.op, request.key, access_key))
             for rule in self._rules:
-                if rule.matches(request.op, request.key) and (
+                if rule.matches(request.op, request.key, access_key) and (
                     rule.probability >= 1.0 or self._random.random() < rule.probability
                 ):
                     rule.fired += 1

@@ -18,6 +18,7 @@ import uuid
 import zlib
 from typing import Any
 
+import botocore.credentials
 import botocore.exceptions
 import pytest
 from faultproxy import FaultProxy
@@ -113,6 +114,26 @@ def test_an_old_template_is_signed_again(
     for start in (0, 64 * KiB, 128 * KiB):
         assert source.get_range(ref, start, start + KiB) == BIG[start : start + KiB]
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("token", [None, "session-2"])
+def test_a_template_is_never_sent_with_credentials_the_client_has_replaced(
+    source: S3Source, objects: dict[str, ObjectRef], proxy: FaultProxy, token: str | None
+) -> None:
+    # botocore replaces expiring credentials (STS, credential_process, roles) before a call; a
+    # key deleted at the end of its lease is refused by S3 (403 InvalidAccessKeyId, for good).
+    ref = objects["big.bin"]
+    assert source.get_range(ref, 0, KiB) == BIG[:KiB]
+    source._reads._request_signer._credentials = botocore.credentials.Credentials(
+        "rotated", "secret-2", token
+    )
+    proxy.inject("error", status=403, code="InvalidAccessKeyId", times=None,
+                 signed_with=lambda key: key == "testing")
+    for start in (64 * KiB, 128 * KiB):
+        assert source.get_range(ref, start, start + KiB) == BIG[start : start + KiB]
+    assert proxy.injected == []
+    gets = [key for op, _, key in proxy.signed if op == "GetObject"]
+    assert gets == ["testing", "rotated", "rotated"]
 
 
 @pytest.mark.parametrize(

@@ -267,6 +267,9 @@ def _s3_settings(args: argparse.Namespace) -> S3Settings:
             "access_key_id": credentials.access_key_id,
             "secret_access_key": credentials.secret_access_key,
             "session_token": credentials.session_token,
+            # read again while mounted: it may hold temporary keys that an agent renews
+            "credentials_file": os.path.abspath(args.credentials_file),
+            "credentials_section": args.profile,
         }
     endpoint = (
         args.endpoint_url

@@ -1,0 +1,124 @@
+"""Credentials that change while a mount lives: rotated by botocore, or rewritten in a file.
+
+A mount lives for days; the keys it reads with often do not (STS sessions, ``credential_process``
+leases, a credentials file an agent renews). moto checks no signature, so the fault proxy plays
+S3's part: it refuses GETs signed with a key the test has retired (403 ``InvalidAccessKeyId``,
+what S3 answers for a key deleted at the end of its lease) and records which key signed each
+request.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Cli
+from faultproxy import FaultProxy
+
+pytestmark = pytest.mark.fuse
+
+MiB = 1024 * 1024
+
+# A credential_process that hands out a new key on every call, valid for LEASE seconds, and
+# writes "KEY EXPIRY" to a registry so the proxy can tell when a key has expired.
+LEASE = 4.0
+_PROCESS = textwrap.dedent("""\
+    import datetime, json, sys, time, uuid
+    key = "LEASE" + uuid.uuid4().hex[:12].upper()
+    expiry = time.time() + float(sys.argv[2])
+    with open(sys.argv[1], "a") as registry:
+        registry.write(f"{key} {expiry}\\n")
+    print(json.dumps({
+        "Version": 1, "AccessKeyId": key, "SecretAccessKey": "s" * 40, "SessionToken": "t" + key,
+        "Expiration": datetime.datetime.fromtimestamp(expiry, datetime.timezone.utc).isoformat(),
+    }))
+""")
+
+
+def _expired(registry: Path):
+    def expired(access_key: str) -> bool:
+        for line in registry.read_text().splitlines():
+            key, _, expiry = line.partition(" ")
+            if key == access_key:
+                return time.time() >= float(expiry)
+        return False
+
+    return expired
+
+
+def _gets(proxy: FaultProxy) -> list[str]:
+    return [key for op, _, key in proxy.signed if op == "GetObject"]
+
+
+def test_keys_botocore_renews_are_used_and_expired_ones_never_sent(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    bucket = make_bucket()
+    data = os.urandom(8 * MiB)
+    s3.put_object(Bucket=bucket, Key="d/a.bin", Body=data)
+    script, registry = tmp_path / "lease.py", tmp_path / "registry"
+    script.write_text(_PROCESS)
+    registry.touch()
+    config = tmp_path / "aws-config"
+    config.write_text(
+        f"[profile lease]\ncredential_process = {sys.executable} {script} {registry} {LEASE}\n"
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        cli.env.pop(name)
+    cli.env.update(AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "x"))
+    proxy.inject("error", status=403, code="InvalidAccessKeyId", times=None,
+                 signed_with=_expired(registry))
+    mountpoint = cli.mount(f"s3://{bucket}/d/", "--endpoint-url", proxy.endpoint,
+                           "--profile", "lease", "--no-cache")
+    with open(mountpoint / "a.bin", "rb", buffering=0) as file:
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        assert os.pread(file.fileno(), 4096, 0) == data[:4096]
+        time.sleep(LEASE + 1)  # the key that signed the first GET (and its template) expires
+        assert os.pread(file.fileno(), 4096, 6 * MiB) == data[6 * MiB : 6 * MiB + 4096]
+    assert proxy.injected == []  # no GET carried an expired key
+    assert len(set(_gets(proxy))) >= 2
+
+
+def _write_keys(path: Path, key: str) -> None:
+    """Rewrite the file as agents do: a new file renamed over the old one, mode 0600."""
+    temporary = path.with_suffix(".new")
+    temporary.write_text(
+        f"[default]\naws_access_key_id = {key}\naws_secret_access_key = {'x' * 40}\n"
+        f"aws_session_token = token-of-{key}\n"
+    )
+    temporary.chmod(0o600)
+    temporary.replace(path)
+
+
+def test_a_rewritten_credentials_file_is_used_while_mounted(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    bucket = make_bucket()
+    data = {name: os.urandom(MiB) for name in ("a.bin", "b.bin", "c.bin")}
+    for name, body in data.items():
+        s3.put_object(Bucket=bucket, Key=f"d/{name}", Body=body)
+    keys = tmp_path / "credentials"
+    _write_keys(keys, "FILEKEY1")
+    retired: set[str] = set()
+    proxy.inject("error", status=403, code="InvalidAccessKeyId", times=None,
+                 signed_with=retired.__contains__)
+    mountpoint = cli.mount(f"s3://{bucket}/d/", "--endpoint-url", proxy.endpoint,
+                           "--credentials-file", str(keys), "--no-cache", "--prefetch-files", "0")
+    assert (mountpoint / "a.bin").read_bytes() == data["a.bin"]
+    _write_keys(keys, "FILEKEY2")  # the agent renews the keys; the old ones are then retired
+    retired.add("FILEKEY1")
+    time.sleep(1.5)  # the file is looked at once a second at most
+    assert (mountpoint / "b.bin").read_bytes() == data["b.bin"]
+    assert proxy.injected == []
+    assert set(_gets(proxy)) == {"FILEKEY1", "FILEKEY2"}
+
+    keys.chmod(0o644)  # now unfit to read: the keys read before are kept, with one warning
+    os.utime(keys)
+    cli.expect_log(r"credentials file .* is accessible by others .*: keeping the keys read before")
+    time.sleep(1.5)
+    assert (mountpoint / "c.bin").read_bytes() == data["c.bin"]
+    assert _gets(proxy)[-1] == "FILEKEY2"

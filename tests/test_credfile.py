@@ -1,0 +1,85 @@
+"""``credfile``: a credentials file read again when it changes, its last good keys kept."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from s3datafs import credfile, logsetup
+
+
+def write(path: Path, key: str, secret: str, mode: int = 0o600) -> None:
+    """A new file renamed over ``path``, as agents write (and so a new identity at once: an
+    in-place rewrite of the same size within one timestamp tick waits for the timed re-read)."""
+    new = path.with_suffix(".new")
+    new.write_text(f"[p]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n")
+    new.chmod(mode)
+    new.replace(path)
+
+
+@pytest.fixture
+def keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(credfile, "_CHECK_SECONDS", 0.0)
+    path = tmp_path / "credentials"
+    write(path, "KEY1", "secret-one")
+    return path
+
+
+def test_a_changed_file_is_read_before_the_next_request(keys: Path) -> None:
+    credentials = credfile.CredentialsFile(keys, "p").load()
+    assert credentials.get_frozen_credentials().access_key == "KEY1"
+    write(keys, "KEY2", "secret-two")
+    frozen = credentials.get_frozen_credentials()
+    assert (frozen.access_key, frozen.secret_key) == ("KEY2", "secret-two")
+
+
+def test_an_unchanged_file_is_read_again_once_a_while(
+    keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = credfile.CredentialsFile(keys, "p")
+    credentials = provider.load()
+    reads = []
+    real = provider._read
+    monkeypatch.setattr(provider, "_read", lambda: reads.append(1) or real())
+    for _ in range(100):
+        credentials.get_frozen_credentials()
+    assert reads == []
+    monkeypatch.setattr(credfile, "_REREAD_SECONDS", 0.0)
+    credentials.get_frozen_credentials()
+    assert reads == [1]
+
+
+def test_a_file_unfit_to_read_keeps_the_last_keys_with_one_warning(
+    keys: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    credentials = credfile.CredentialsFile(keys, "p").load()
+    write(keys, "KEY2", "secret-two", mode=0o644)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            time.sleep(0.01)  # a new mtime each time: every check sees a change
+            keys.touch()
+            assert credentials.get_frozen_credentials().access_key == "KEY1"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"credentials file {keys} is accessible by others (mode 0644): run chmod 600 {keys}: "
+        "keeping the keys read before"
+    ]
+    keys.chmod(0o600)
+    keys.touch()
+    assert credentials.get_frozen_credentials().access_key == "KEY2"
+
+
+def test_secrets_read_later_are_redacted_from_the_log(
+    keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logsetup, "_redactor", logsetup.RedactSecrets(["secret-one"]))
+    credentials = credfile.CredentialsFile(keys, "p").load()
+    write(keys, "KEY2", "secret-two")
+    credentials.get_frozen_credentials()
+    record = logging.LogRecord("t", logging.ERROR, __file__, 1, "%s %s", ("secret-one",
+                               "secret-two"), None)
+    assert logsetup._redactor.filter(record)
+    assert record.getMessage() == "*** ***"
