@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import stat
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,6 +37,7 @@ import trio
 from . import config
 from .catalog import Catalog, Entry
 from .errors import ArchiveError, S3DataFSError, StaleObjectError
+from .failurelog import FailureLog
 from .model import MemberRef, PinnedRef
 from .prefetch import FilePrefetch, Readahead
 from .reader import BlockReader
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_CREAT  # O_APPEND alone writes nothing
 _XATTR_PREFIX = b"user.s3datafs."
-_REPEAT_QUIET = 10.0  # seconds the same failure is not logged again
 _NAME_MAX = 255
 _DOT_ENTRIES = 2  # "." and ".." open every directory listing
 T = TypeVar("T")
@@ -101,8 +100,7 @@ class Operations(pyfuse3.Operations):
         self._file_prefetch = FilePrefetch(maximum=settings.prefetch_files)
         self._opened = bytearray()  # bit per inode: opened before in this mount
         self._next_fh = 1
-        self._reported_stale: set[str] = set()
-        self._reported_at: dict[str, float] = {}  # other failures: when last logged, by subject
+        self.failures = FailureLog()  # what the log is told of failed requests
         self._in_progress: set[trio.CancelScope] = set()  # one per request being answered
         self._abandoned = False
         self.on_init: Callable[[], None] = lambda: None  # told when the kernel's INIT arrives
@@ -348,21 +346,7 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     def _report(self, exc: S3DataFSError, subject: str | None = None) -> None:
-        """Log a failure: a stale object or bad member once, not per read; any other failure of
-        one ``subject`` (a read's object) once per ``_REPEAT_QUIET`` seconds: the kernel retries
-        a failed read at once, for a page, and a 503 storm fails every read of a file."""
+        """Tell the log of a failure, as much as ``failurelog`` allows."""
         message = str(exc)
-        if isinstance(exc, StaleObjectError | ArchiveError):
-            if message in self._reported_stale:
-                return
-            self._reported_stale.add(message)
-        else:
-            key, now = subject or message, time.monotonic()
-            if now - self._reported_at.get(key, -_REPEAT_QUIET) < _REPEAT_QUIET:
-                return
-            if len(self._reported_at) > 1024:
-                self._reported_at = {
-                    k: t for k, t in self._reported_at.items() if now - t < _REPEAT_QUIET
-                }
-            self._reported_at[key] = now
-        log.error("%s", message)
+        permanent = isinstance(exc, StaleObjectError | ArchiveError)
+        self.failures.report(message, exc.errno, subject=subject or message, permanent=permanent)

@@ -10,6 +10,11 @@
   That is expected, so those records are dropped.
 - ``kill -USR1 <daemon pid>`` writes every thread's Python stack to the log file
   (``faulthandler``, from the signal handler itself: it works while the daemon hangs).
+- The log file is reopened when it was moved or deleted (``logrotate`` without
+  ``copytruncate``; a daemon cannot take SIGHUP for it, SIGHUP unmounts). ``faulthandler``
+  writes to its own duplicate of the file's descriptor, renewed with the file, so a dump never
+  lands in whatever file reuses a closed descriptor number.
+- Failed reads are logged as ``failurelog`` allows: never a line per read.
 - A redacting filter replaces every known secret value (secret key, session token) in any record,
   as a last line of defence: no code path is supposed to log one.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -73,6 +79,35 @@ def redact(*secrets: str | None) -> None:
     _redactor.add(secrets)
 
 
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """The daemon's log file, reopened (mode 0600) once rotated away; SIGUSR1's stack dumps
+    follow it (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self._dump_fd = -1
+        super().__init__(path, encoding="utf-8")
+
+    def _open(self):  # type: ignore[no-untyped-def]  # logging's own signature
+        old_umask = os.umask(0o077)  # a file made again is as private as the first
+        try:
+            stream = super()._open()
+        finally:
+            os.umask(old_umask)
+        dump_fd = os.dup(stream.fileno())
+        faulthandler.register(signal.SIGUSR1, file=dump_fd, all_threads=True)
+        if self._dump_fd >= 0:
+            os.close(self._dump_fd)  # only now: faulthandler holds the new one already
+        self._dump_fd = dump_fd
+        return stream
+
+    def close(self) -> None:
+        super().close()
+        if self._dump_fd >= 0:  # dumps stop with the handler (mount-all opens one per dataset)
+            faulthandler.unregister(signal.SIGUSR1)
+            os.close(self._dump_fd)
+            self._dump_fd = -1
+
+
 def _not_a_refused_answer(record: logging.LogRecord) -> bool:
     """False for pyfuse3's "fuse_reply_* failed with No such file or directory" (see above)."""
     return not (
@@ -101,7 +136,7 @@ def setup(
     if log_file is not None:
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            handler = logging.FileHandler(log_file, encoding="utf-8")
+            handler = _LogFile(log_file)
             os.chmod(log_file, 0o600)
         except OSError as exc:
             raise ConfigError(
@@ -110,7 +145,6 @@ def setup(
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler.addFilter(redactor)
         root.addHandler(handler)
-        faulthandler.register(signal.SIGUSR1, file=handler.stream, all_threads=True)
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
     fuse_logger = logging.getLogger("pyfuse3")

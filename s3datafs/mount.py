@@ -151,7 +151,7 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                     tasks.start_soon(
                         partial(trio.to_thread.run_sync, disk.sync, abandon_on_cancel=True)
                     )
-                tasks.start_soon(_publish_stats, plan, summary, reader)
+                tasks.start_soon(_publish_stats, plan, summary, reader, operations)
 
             try:
                 serve(operations, plan.mountpoint, options, ready, start)
@@ -205,10 +205,14 @@ def _reader(
     )
 
 
-async def _publish_stats(plan: MountPlan, summary: MountSummary, reader: BlockReader) -> None:
-    """Refresh the state file's counters so ``s3datafs status`` can show them."""
+async def _publish_stats(
+    plan: MountPlan, summary: MountSummary, reader: BlockReader, operations: Operations
+) -> None:
+    """Refresh the state file's counters so ``s3datafs status`` can show them; log how many
+    failures were held back (``failurelog``)."""
     while True:
         await trio.sleep(STATS_INTERVAL)
+        operations.failures.flush()
         state = {**_state(plan, summary), "stats": reader.counters()}
         await trio.to_thread.run_sync(runtime.write_state, str(plan.mountpoint), state)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devtools.s3server import S3Server
-from s3datafs import linkrate, runtime
+from s3datafs import failurelog, linkrate, runtime
 from s3datafs.cache import blockfile, disk
 
 pytestmark = pytest.mark.fuse
@@ -180,6 +181,22 @@ def test_a_503_storm_logs_each_failed_read_once_and_no_retry(
     assert not log_lines(cli, RETRIED)
     errors = log_lines(cli, " ERROR ")
     assert 0 < len(errors) <= len(names), errors  # the kernel's retry is not a second line
+
+
+def test_an_outage_writes_a_few_lines_to_the_log_not_one_per_file(
+    cli: Cli, s3server: S3Server, make_bucket, proxy: FaultProxy
+) -> None:
+    # A data loader that skips what it cannot read goes through the whole dataset; days of that
+    # (a revoked role) must not fill the disk with the log.
+    bucket = make_bucket()
+    files = 4 * failurelog.BURST
+    s3server.populate(bucket, ((f"d/f{i:04d}.bin", 1024) for i in range(files)))
+    mountpoint = mount_via(cli, proxy, f"s3://{bucket}/d/", "--prefetch-files", "0")
+    cli.expect_log("access denied to")
+    proxy.inject("error", status=403, code="AccessDenied", times=None)
+    for path in sorted(mountpoint.iterdir()):
+        assert timed_errno(functools.partial(uncached_read, path))[0] == errno.EACCES
+    assert len(log_lines(cli, " ERROR ")) == failurelog.BURST
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -501,3 +502,26 @@ def test_sigusr1_writes_the_daemons_thread_stacks_to_its_log_and_it_serves_on(
         time.sleep(0.05)
     assert "File " in log_file.read_text()[told:]
     assert (mountpoint / "x.bin").read_bytes() == b"x"
+
+
+def test_a_log_file_rotated_away_is_made_again_and_stack_dumps_follow_it(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """logrotate without copytruncate: the daemon cannot be told (SIGHUP unmounts)."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    log_file = cli.root / "log" / "p.log"
+    rotated = log_file.with_suffix(".log.1")
+    log_file.rename(rotated)
+    s3.delete_object(Bucket=bucket, Key="p/x.bin")  # a read now fails, and logs why
+    cli.expect_log("changed or was deleted after mount")
+    assert errno_of(lambda: (mountpoint / "x.bin").read_bytes()) == errno.ESTALE
+    assert "changed or was deleted after mount" in log_file.read_text()
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+    os.kill(cli.daemon_pid(mountpoint), signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while "most recent call first" not in log_file.read_text():
+        assert time.monotonic() < deadline, "no stack dump in the new log file"
+        time.sleep(0.05)
+    assert "most recent call first" not in rotated.read_text()
