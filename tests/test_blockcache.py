@@ -480,6 +480,49 @@ def test_the_bound_holds_for_all_that_small_objects_take_on_disk(tmp_path: Path)
     assert _allocated_below_fans(cache.root) == 50 * one_object
 
 
+def test_the_index_is_bounded_and_a_partial_one_still_finds_every_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Millions of small objects must not be millions of index entries: past INDEX_ENTRIES the
+    least recently used are forgotten (not deleted), and then every file may be on disk."""
+    monkeypatch.setattr(disk, "INDEX_ENTRIES", 8)
+    cache = make_cache(tmp_path)
+    refs = [make_ref(100, key=f"small/{i}") for i in range(20)]
+    for ref in refs:
+        stored(cache, ref, bytes(100))
+    assert len(cache._index) == 8
+    assert cache._index.partial
+    first = blockfile.object_digest(refs[0])
+    assert cache.may_hold(first, range(0, 1))  # forgotten by the index, still on disk
+    assert read_all(cache, refs[0], range(0, 1)) == {0: bytes(100)}
+    other = make_cache(tmp_path)  # a remount: its scan indexes the newest 8
+    other.sync()
+    assert len(other._index) == 8
+    assert other._index.partial
+    assert all(len(files_of(other, ref)) == 1 for ref in refs)
+
+
+def test_a_scan_evicts_exactly_the_oldest_files_worth_the_excess(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(disk, "INDEX_ENTRIES", 4)  # fewer than the files: scanned, not indexed
+    probe = make_cache(tmp_path / "probe")
+    stored(probe, make_ref(100), bytes(100))
+    one_object = probe.used_bytes
+    writer = make_cache(tmp_path / "cache")
+    refs = [make_ref(100, key=f"small/{i}") for i in range(12)]
+    for age, ref in zip(range(12, 0, -1), refs, strict=True):  # refs[0] is the oldest
+        stored(writer, ref, bytes(100))
+        os.utime(region_file(writer, ref), (time.time() - age * 60,) * 2)
+    cache = make_cache(tmp_path / "cache", capacity=5 * one_object)
+    cache.sync()  # evicts 7
+    present = [ref.key for ref in refs if files_of(cache, ref)]
+    assert present == [f"small/{i}" for i in range(7, 12)]
+    assert list(cache._index) == [disk._region_name(blockfile.object_digest(ref), 0)
+                                  for ref in refs[8:]]  # the newest 4, oldest first
+    assert cache._index.partial
+
+
 def test_the_bound_is_the_directorys_whatever_block_sizes_share_it(tmp_path: Path) -> None:
     """Two mounts (or a mount and a prefetch) with another --block-size on one --cache-dir."""
     region = REGION_BLOCKS * BLOCK

@@ -58,6 +58,13 @@ Invariants:
   refresh mtime at most once a minute), and evicts down to the capacity. Between scans the
   total can overshoot by at most ``sync_every`` per process (a little more while a scan that
   ``write(sync=False)`` left to its caller waits to run).
+- Memory does not grow with the cache: the index holds at most ``INDEX_ENTRIES`` files (the
+  most recently used; a 20 GiB cache of 4 KiB objects is 2.6 million files, 0.7 GiB indexed
+  whole). Past that it is *partial*: files it forgot are still found by reads (``may_hold``
+  then says yes to everything), counted by the next scan and evicted by it, oldest first. A
+  scan keeps only the newest ``INDEX_ENTRIES`` and, when over the bound, the oldest files that
+  make up the excess (measured over 300,000 files: peak 50 MiB instead of 231, index 36 MiB
+  instead of 86).
 - Threads: every public method may be called from worker threads; the index is guarded by one
   ``threading.Lock``; file I/O happens outside it.
 """
@@ -67,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import heapq
 import logging
 import os
 import shutil
@@ -96,14 +104,27 @@ REGION_BYTES = 8 * 1024 * 1024  # the reader's readahead GET (config.DEFAULT_MAX
 DIRECT_MIN = 256 * 1024  # shorter runs are written buffered (``_write_payload``)
 _FREE_CHECK_SECONDS = 1.0  # --cache-min-free: statvfs at most this often while there is room
 _TOUCH_AFTER_SECONDS = 60.0
+# Region files this process keeps an index entry for (~300 bytes each: ~40 MiB). A 20 GiB
+# cache of 4 KiB objects is 2.6 million files: indexed whole, 0.7 GiB of daemon memory.
+INDEX_ENTRIES = 131_072
 
 
 class _UnlinkingLRU(cachetools.LRUCache):
-    """Maps a block's relative path to its size on disk; evicting an entry deletes the file."""
+    """Maps a region file's relative path to its size on disk; evicting an entry deletes the
+    file. At most ``INDEX_ENTRIES`` entries: past that the least recently used are forgotten
+    (not deleted) and the index is ``partial``: it no longer knows every file (see ``DiskCache``).
+    """
 
     def __init__(self, capacity: int, root: Path) -> None:
         super().__init__(maxsize=capacity, getsizeof=lambda size: size)
         self._root = root
+        self.partial = False
+
+    def __setitem__(self, name: str, size: int) -> None:
+        super().__setitem__(name, size)
+        while len(self) > INDEX_ENTRIES:
+            cachetools.LRUCache.popitem(self)  # forgotten: the file stays (the scan sees it)
+            self.partial = True
 
     def popitem(self) -> tuple[str, int]:
         name, size = super().popitem()
@@ -205,7 +226,7 @@ class DiskCache:
         """
         relatives = [_region_name(digest, self.layout.region_of(i)) for i in (run[0], run[-1])]
         with self._lock:
-            return any(relative in self._index for relative in relatives)
+            return self._index.partial or any(relative in self._index for relative in relatives)
 
     def _read_region(self, digest: str, object_size: int, run: range) -> dict[int, bytes]:
         """Blocks of ``run`` (within one region) from its file, up to the first not there."""
@@ -431,29 +452,58 @@ class DiskCache:
 
         The bound is the cache directory's: region files of other block sizes (mounts with
         another ``--block-size``) count too, and the oldest go first whichever size they are.
+        Memory stays bounded whatever the number of files: one scan sums them and keeps the
+        newest ``INDEX_ENTRIES`` of this block size for the index; when over the bound, a
+        second scan picks the oldest files that make up the excess (``_oldest_worth``).
         """
         with _locked(self.root):
-            # (mtime, bytes, path, name in our index: None for another block size's file)
-            files: list[tuple[float, int, Path, str | None]] = [
-                (mtime, size, self.root / name, name)
-                for name, size, mtime in _scan_blocks(self.root)]
-            files += _other_block_sizes(self.root)
-            files.sort(key=lambda entry: entry[0])  # oldest first
-            total = sum(entry[1] for entry in files)
-            kept = []
-            for _mtime, size, path, name in files:
-                if total > self._capacity or size > self._capacity:
-                    total -= size  # the oldest, while over the bound; or larger than all of it
+            newest: list[tuple[float, int, str]] = []  # a heap: (mtime, bytes, name)
+            total = ours = 0
+            for mtime, size, path, name in self._region_files():
+                if size > self._capacity:  # larger than all of it (written with a larger bound)
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-                elif name is not None:
-                    kept.append((name, size))
+                    continue
+                total += size
+                if name is not None:
+                    ours += 1
+                    push = heapq.heappush if len(newest) < INDEX_ENTRIES else heapq.heappushpop
+                    push(newest, (mtime, size, name))
+            evicted: set[str] = set()
+            if total > self._capacity:
+                for path in self._oldest_worth(total - self._capacity):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                    evicted.add(path)
             fresh = _UnlinkingLRU(self._capacity, self.root)
-            for name, size in kept:
-                fresh[name] = size  # oldest first: the newest end up most recently used
+            for _mtime, size, name in sorted(newest):  # the newest end up most recently used
+                if str(self.root / name) not in evicted:
+                    fresh[name] = size
+            fresh.partial = ours > INDEX_ENTRIES
             with self._lock:
                 self._index = fresh
                 self._written_since_sync = 0
+
+    def _region_files(self) -> Iterator[tuple[float, int, str, str | None]]:
+        """(mtime, allocated bytes, path, name in our index or None for another block size's
+        file) of every region file under the cache directory."""
+        for name, size, mtime in _scan_blocks(self.root):
+            yield mtime, size, str(self.root / name), name
+        yield from _other_block_sizes(self.root)
+
+    def _oldest_worth(self, excess: int) -> list[str]:
+        """Paths of the oldest region files whose bytes add up to at least ``excess``: a heap of
+        candidates that drops its newest while the rest still make up the excess."""
+        chosen: list[tuple[float, int, str]] = []  # a heap: (-mtime, bytes, path)
+        chosen_bytes = 0
+        for mtime, size, path, _name in self._region_files():
+            if size > self._capacity:
+                continue
+            heapq.heappush(chosen, (-mtime, size, path))
+            chosen_bytes += size
+            while chosen and chosen_bytes - chosen[0][1] >= excess:
+                chosen_bytes -= heapq.heappop(chosen)[1]
+        return [path for _mtime, _size, path in chosen]
 
     def _forget(self, name: str, *, unlink: bool) -> None:
         with self._lock:
@@ -464,6 +514,7 @@ class DiskCache:
 
     @property
     def used_bytes(self) -> int:
+        """Bytes of the files the index knows (all of them unless it is partial)."""
         with self._lock:
             return int(self._index.currsize)
 
@@ -523,10 +574,9 @@ def _scan_blocks(root: Path) -> Iterator[tuple[str, int, float]]:
         log.info("removed %d cached objects of an earlier cache format from %s", earlier, root)
 
 
-def _other_block_sizes(root: Path) -> list[tuple[float, int, Path, None]]:
+def _other_block_sizes(root: Path) -> Iterator[tuple[float, int, str, None]]:
     """(mtime, allocated bytes, path, None) of the region files of the other block sizes'
     roots (None: no name in this root's index)."""
-    found = []
     for other in _subdirs(root.parent):
         if other.path == str(root):
             continue
@@ -534,8 +584,7 @@ def _other_block_sizes(root: Path) -> list[tuple[float, int, Path, None]]:
             if is_region_file(entry.name):
                 with contextlib.suppress(FileNotFoundError):
                     info = entry.stat(follow_symlinks=False)
-                    found.append((info.st_mtime, info.st_blocks * 512, Path(entry.path), None))
-    return found
+                    yield info.st_mtime, info.st_blocks * 512, entry.path, None
 
 
 def _fan_entries(root: Path) -> Iterator[tuple[str, os.DirEntry]]:
