@@ -9,8 +9,8 @@
   extension (``mnist.zip`` -> ``mnist``), a known compound extension going whole (``data.tar.gz`` ->
   ``data``), the bucket name for a bare bucket.
 - ``validate_name`` refuses names that cannot be one directory entry under the data root, and
-  names with control characters (a tab or a line break in a mount point garbles every line that
-  names it: logs, ``status``, the mount table as tools print it).
+  names with control characters (a tab or a line break in a name garbles every line that names
+  it: logs, ``status``); the default name has them replaced by ``_``.
 """
 
 from __future__ import annotations
@@ -93,7 +93,12 @@ def _is_ip_address(text: str) -> bool:
 
 
 def dataset_name(uri: S3Uri) -> str:
-    """The default dataset name for ``uri`` (the Gradient rule)."""
+    """The default dataset name for ``uri`` (the Gradient rule), control characters made ``_``
+    (a key may hold any; a name given with ``--name`` may not, see ``validate_name``)."""
+    return _CONTROL.sub("_", _gradient_name(uri))
+
+
+def _gradient_name(uri: S3Uri) -> str:
     last = uri.key.rstrip("/").rsplit("/", 1)[-1]
     if not last:
         return uri.bucket

@@ -149,7 +149,6 @@ NAME_CASES = [
     case("name-empty", ["mount", "s3://{b}/p/", "--name", ""], USAGE, "invalid dataset name ''"),
     case("name-slash", ["mount", "s3://{b}/p/", "--name", "a/b"], USAGE, "may not contain '/'"),
     case("name-newline", ["mount", "s3://{b}/p/", "--name", "a\nb"], USAGE, "control characters"),
-    case("name-from-key-tab", ["mount", "s3://{b}/p/x\ty.csv"], USAGE, "'x\\ty': it may not"),
     case(
         "name-256-bytes",
         ["mount", "s3://{b}/p/", "--name", "n" * 256],

@@ -82,6 +82,11 @@ def test_validate_name_refuses_unsafe_names(name: str) -> None:
         validate_name(name)
 
 
+def test_the_default_name_replaces_control_characters() -> None:
+    assert dataset_name(parse_s3_uri("s3://b-1/p/x\ty\n.csv")) == "x_y_"
+    assert validate_name(dataset_name(parse_s3_uri("s3://b-1/\x1b[31mred/"))) == "_[31mred"
+
+
 @pytest.mark.parametrize("name", ["mnist", "x" * 255, "with space", "ü"])
 def test_validate_name_accepts_safe_names(name: str) -> None:
     assert validate_name(name) == name
