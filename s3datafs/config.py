@@ -262,11 +262,53 @@ def remove_created(path: Path, highest_created: Path | None) -> None:
 
 def prepare_cache_dir(path: Path) -> None:
     """Create the cache directory (private: 0700) or explain why it cannot be used."""
+    private_dir(path, "cache directory", "choose another with --cache-dir")
+
+
+def private_dir(path: Path, what: str, remedy: str) -> None:
+    """Make ``path`` (0700, parents too) or check it: a directory only this user can change.
+
+    s3datafs trusts what it finds in its cache, runtime and log directories: cached blocks and
+    catalogs are served, stray files deleted, state files believed. A directory that another
+    user owns or may write to, or may swap for a symlink, would let that user make a mount
+    (root's) serve bytes of their choosing, delete trees or write files elsewhere. So, as
+    OpenSSH checks the path of its keys, the directory must belong to this user and be writable
+    by nobody else, every directory above it must belong to root or this user and be writable
+    by nobody else unless sticky (``/tmp``), and no symlink on the way may belong to another
+    user. Refused in one line naming the problem and ``remedy``.
+    """
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not os.access(path, os.W_OK | os.X_OK):
+        problem = _untrusted(path)
+        if problem is None and not os.access(path, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "Permission denied")
     except OSError as exc:
+        raise ConfigError(f"cannot use {what} {path}: {exc.strerror}: {remedy}") from None
+    if problem is not None:
         raise ConfigError(
-            f"cannot use cache directory {path}: {exc.strerror}: choose another with --cache-dir"
-        ) from None
+            f"{what} {path} is not private: {problem}, and s3datafs trusts what it finds "
+            f"there: {remedy}"
+        )
+
+
+def _untrusted(path: Path) -> str | None:
+    """Why ``path`` is not a private directory of this user (see ``private_dir``), or None."""
+    me = os.geteuid()
+    unresolved = Path(os.path.abspath(path))
+    for link in (unresolved, *unresolved.parents):
+        info = os.lstat(link)
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in (0, me):
+            return f"symbolic link {link} belongs to uid {info.st_uid}"
+    resolved = Path(os.path.realpath(path))
+    info = os.stat(resolved)
+    if info.st_uid != me:
+        return f"{resolved} belongs to uid {info.st_uid}, not to uid {me}"
+    if info.st_mode & 0o022:
+        return f"{resolved} may be written by others (mode {stat.S_IMODE(info.st_mode):04o})"
+    for parent in resolved.parents:
+        info = os.stat(parent)
+        if info.st_uid not in (0, me):
+            return f"{parent} belongs to uid {info.st_uid}"
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            return f"{parent} may be written by others (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None

@@ -26,6 +26,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import stat
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -88,11 +89,25 @@ class _LogFile(logging.handlers.WatchedFileHandler):
         super().__init__(path, encoding="utf-8")
 
     def _open(self):  # type: ignore[no-untyped-def]  # logging's own signature
-        old_umask = os.umask(0o077)  # a file made again is as private as the first
+        # Never through a symlink, never into someone else's file, always 0600: a log directory
+        # may be shared (S3DATAFS_LOG_DIR, --log-file in /tmp) and the daemon may be root.
+        fd = os.open(
+            self.baseFilename,
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
         try:
-            stream = super()._open()
-        finally:
-            os.umask(old_umask)
+            info = os.fstat(fd)
+            if info.st_uid != os.geteuid() or not stat.S_ISREG(info.st_mode):
+                raise ConfigError(
+                    f"log file {self.baseFilename} is not a file of uid {os.geteuid()}: "
+                    "choose another with --log-file"
+                )
+            os.fchmod(fd, 0o600)
+            stream = os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
         dump_fd = os.dup(stream.fileno())
         faulthandler.register(signal.SIGUSR1, file=dump_fd, all_threads=True)
         if self._dump_fd >= 0:
@@ -137,7 +152,6 @@ def setup(
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             handler = _LogFile(log_file)
-            os.chmod(log_file, 0o600)
         except OSError as exc:
             raise ConfigError(
                 f"cannot write log file {log_file}: {exc.strerror}: choose another with --log-file"

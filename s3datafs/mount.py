@@ -210,11 +210,17 @@ async def _publish_stats(
 ) -> None:
     """Refresh the state file's counters so ``s3datafs status`` can show them; log how many
     failures were held back (``failurelog``)."""
+    told = False
     while True:
         await trio.sleep(STATS_INTERVAL)
         operations.failures.flush()
         state = {**_state(plan, summary), "stats": reader.counters()}
-        await trio.to_thread.run_sync(runtime.write_state, str(plan.mountpoint), state)
+        try:
+            await trio.to_thread.run_sync(runtime.write_state, str(plan.mountpoint), state)
+        except (OSError, ConfigError) as exc:  # the counters are not worth the mount
+            if not told:
+                log.warning("cannot refresh the counters in the state file: %s", exc)
+                told = True
 
 
 async def tune_kernel_readahead(mountpoint: Path, initialized: trio.Event) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import runtime_dir
+from .config import private_dir, runtime_dir
 from .errors import ConfigError
 
 FSTYPE = "fuse.s3datafs"
@@ -76,10 +76,9 @@ def mounting(mountpoint: str) -> Iterator[None]:
     a POSIX record lock on a file beside the state files: a forked daemon does not inherit it,
     and it goes with the process that holds it, however that process ends.
     """
-    directory = runtime_dir()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _private_runtime_dir()
     fd = os.open(state_path(mountpoint).with_suffix(".lock"),
-                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -93,9 +92,19 @@ def mounting(mountpoint: str) -> Iterator[None]:
         os.close(fd)
 
 
-def write_state(mountpoint: str, state: dict) -> None:
+def _private_runtime_dir() -> Path:
+    """The runtime directory, made or checked private (``config.private_dir``): the state files
+    in it are believed (``status``, ``unmount``), so nobody else may write there."""
     directory = runtime_dir()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(
+        directory, "runtime directory",
+        "set S3DATAFS_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a directory only you can write",
+    )
+    return directory
+
+
+def write_state(mountpoint: str, state: dict) -> None:
+    directory = _private_runtime_dir()
     fd, temp = tempfile.mkstemp(dir=directory, prefix=".state-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -108,6 +117,8 @@ def write_state(mountpoint: str, state: dict) -> None:
 
 
 def read_state(mountpoint: str) -> dict | None:
+    if runtime_dir().exists():
+        _private_runtime_dir()
     try:
         return json.loads(state_path(mountpoint).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -121,7 +132,10 @@ def remove_state(mountpoint: str) -> None:
 
 def all_states() -> list[dict]:
     states = []
-    for path in sorted(runtime_dir().glob("*.json")):
+    directory = runtime_dir()
+    if directory.exists():
+        _private_runtime_dir()
+    for path in sorted(directory.glob("*.json")):
         with contextlib.suppress(OSError, ValueError):
             states.append(json.loads(path.read_text(encoding="utf-8")))
     return states

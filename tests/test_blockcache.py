@@ -523,6 +523,21 @@ def test_a_scan_evicts_exactly_the_oldest_files_worth_the_excess(
     assert cache._index.partial
 
 
+def test_a_region_file_that_is_a_symlink_is_never_followed(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path / "cache")
+    ref = make_ref(100)
+    path = region_file(cache, ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = tmp_path / "elsewhere"
+    path.symlink_to(target)
+    with pytest.raises(OSError) as caught:  # the reader warns and reads from S3
+        stored(cache, ref, bytes(100))
+    assert caught.value.errno == errno.ELOOP
+    assert not target.exists()
+    with pytest.raises(OSError):
+        read_all(cache, ref, range(0, 1))
+
+
 def test_the_bound_is_the_directorys_whatever_block_sizes_share_it(tmp_path: Path) -> None:
     """Two mounts (or a mount and a prefetch) with another --block-size on one --cache-dir."""
     region = REGION_BLOCKS * BLOCK

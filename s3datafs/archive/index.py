@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
@@ -156,9 +157,15 @@ def _remember_plain(marker: Path, ref: ObjectRef) -> None:
     """Leave ``marker``: this pin is no zip. Best effort: without it the next mount asks again."""
     try:
         marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temp = marker.with_name(f".{marker.name}.{os.getpid()}")
-        temp.write_text(ref.uri + "\n", encoding="utf-8")
-        temp.replace(marker)
+        fd, temp = tempfile.mkstemp(dir=marker.parent, prefix=f".{marker.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(ref.uri + "\n")
+            os.replace(temp, marker)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
     except OSError as exc:
         log.debug("cannot remember that %s is no zip: %s", ref.uri, exc)
 

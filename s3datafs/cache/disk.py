@@ -235,7 +235,7 @@ class DiskCache:
         relative = _region_name(digest, region)
         path = self.root / relative
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return {}
         found: dict[int, bytes] = {}
@@ -301,7 +301,7 @@ class DiskCache:
         path = self.root / relative
         log.warning("discarding corrupt cache block %d of %s", index, path)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return
         try:
@@ -315,7 +315,7 @@ class DiskCache:
         for run in self.layout.runs(indices.start, indices.stop):
             path = self.root / _region_name(digest, self.layout.region_of(run.start))
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except FileNotFoundError:
                 continue
             try:
@@ -381,7 +381,7 @@ class DiskCache:
         parts: Sequence[bytes],
     ) -> int:
         """Write blocks ``first`` ... into region file ``path``; its allocated bytes after."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             # Header and identity go with every write, not only the first: the header is the
             # same 64 bytes for every writer, and a file its creator left without one (a crash,
@@ -543,10 +543,10 @@ def _make_private_dirs(directory: Path) -> None:
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     try:
-        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except FileNotFoundError:  # the cache directory was removed under us: made again
         _make_private_dirs(root)
-        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -68,6 +68,8 @@ def run_clear(args: argparse.Namespace) -> int:
     under = parse_s3_uri(args.uri) if args.uri else None
     cache_dir = args.cache_dir or config.default_cache_dir()
     with _cache_errors(cache_dir):
+        if cache_dir.exists():  # what it deletes must be only this user's to change
+            config.prepare_cache_dir(cache_dir)
         removed = disk.clear(cache_dir, under)
         indexes = clear_indexes(cache_dir, under)
     print(f"s3datafs: removed the cached blocks of {removed} objects"

@@ -145,6 +145,11 @@ def build_plan(args: argparse.Namespace) -> MountPlan:
         mountpoint = mountpoint_arg
     else:
         mountpoint = (args.data_root or config.default_data_root()) / name
+        if mountpoint.is_symlink():  # whoever may write the data root chose where it points
+            raise ConfigError(
+                f"{mountpoint} is a symbolic link: give the mount point itself as MOUNTPOINT, "
+                "or remove the link"
+            )
     fs = FsSettings(
         uid=config.parse_id(args.uid, "--uid"),
         gid=config.parse_id(args.gid, "--gid"),

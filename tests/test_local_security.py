@@ -1,0 +1,152 @@
+"""Directories and files another local user could have prepared: refused, never followed.
+
+s3datafs trusts what it finds in its cache, runtime and log directories (it serves cached
+blocks, deletes stray files, believes state files). Were one of them another user's, or
+writable by others, that user could make a root mount serve bytes of their choosing, delete
+trees through a planted symlink, or write root-owned files elsewhere. Here the other user is a
+bare uid (``OTHER``): root can give it files without an account existing.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import Cli
+
+from s3datafs import config
+from s3datafs.errors import ConfigError
+
+pytestmark = pytest.mark.fuse
+
+OTHER = 4242  # another local user
+
+
+def shared_dir(path: Path) -> Path:
+    """A world-writable sticky directory, as /tmp or a shared scratch disk."""
+    path.mkdir(parents=True)
+    path.chmod(0o1777)
+    return path
+
+
+def one_file(s3, make_bucket) -> str:
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="p/f.bin", Body=b"f")
+    return f"s3://{bucket}/p/"
+
+
+def refused(cli: Cli, *args: str) -> str:
+    result = cli.run(*args)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not cli.mounts_below_root()
+    return result.stderr
+
+
+def test_a_private_directory_in_a_shared_one_is_accepted(tmp_path: Path) -> None:
+    shared = shared_dir(tmp_path / "scratch")
+    config.private_dir(shared / "cache", "cache directory", "choose another")
+    assert stat.S_IMODE((shared / "cache").stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize(
+    ("prepare", "problem"),
+    [
+        (lambda d: (d.mkdir(), os.chown(d, OTHER, OTHER)), f"belongs to uid {OTHER}, not to uid 0"),
+        (lambda d: (d.mkdir(), d.chmod(0o777)), "may be written by others (mode 0777)"),
+        (lambda d: (d.mkdir(), d.chmod(0o770)), "may be written by others (mode 0770)"),
+    ],
+    ids=["owned-by-another-user", "world-writable", "group-writable"],
+)
+def test_a_cache_directory_others_may_change_is_refused(
+    cli: Cli, s3, make_bucket, tmp_path: Path, prepare, problem: str
+) -> None:
+    uri = one_file(s3, make_bucket)
+    cache = shared_dir(tmp_path / "scratch") / "cache"
+    prepare(cache)
+    message = refused(cli, "mount", uri, "--cache-dir", str(cache))
+    assert f"cache directory {cache} is not private: {cache} {problem}" in message
+    assert "choose another with --cache-dir" in message
+    assert list(cache.iterdir()) == []
+    assert "is not private" in refused(cli, "cache", "clear", "--cache-dir", str(cache))
+
+
+def test_a_symlink_another_user_planted_is_not_followed_to_delete_or_write(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    uri = one_file(s3, make_bucket)
+    victim = tmp_path / "victim"
+    (victim / "projects" / "thesis").mkdir(parents=True)
+    (victim / "projects" / "thesis" / "thesis.tex").write_text("years of work")
+    link = shared_dir(tmp_path / "scratch") / "cache"
+    link.symlink_to(victim)
+    os.lchown(link, OTHER, OTHER)
+    message = refused(cli, "mount", uri, "--cache-dir", str(link))
+    assert f"symbolic link {link} belongs to uid {OTHER}" in message
+    assert (victim / "projects" / "thesis" / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in victim.iterdir()) == ["projects"]
+
+
+def test_a_runtime_directory_of_another_user_is_refused_not_believed(
+    cli: Cli, tmp_path: Path
+) -> None:
+    runtime = shared_dir(tmp_path / "tmp") / "s3datafs-0"
+    runtime.mkdir(mode=0o777)
+    os.chown(runtime, OTHER, OTHER)
+    (runtime / "forged.json").write_text('{"mountpoint": "/data/x", "uri": "s3://forged/"}')
+    cli.env["S3DATAFS_RUNTIME_DIR"] = str(runtime)
+    message = refused(cli, "status")
+    assert f"runtime directory {runtime} is not private" in message
+    assert "S3DATAFS_RUNTIME_DIR" in message
+
+
+def test_a_log_file_planted_as_a_symlink_is_not_followed(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    uri = one_file(s3, make_bucket)
+    precious = tmp_path / "precious"
+    precious.write_text("keep\n")
+    precious.chmod(0o644)
+    logs = shared_dir(tmp_path / "logs")
+    (logs / "p.log").symlink_to(precious)
+    cli.env["S3DATAFS_LOG_DIR"] = str(logs)
+    message = refused(cli, "mount", uri)
+    assert f"cannot write log file {logs / 'p.log'}" in message
+    assert precious.read_text() == "keep\n"
+    assert stat.S_IMODE(precious.stat().st_mode) == 0o644
+
+
+def test_a_log_file_of_another_user_is_not_written(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    uri = one_file(s3, make_bucket)
+    logs = shared_dir(tmp_path / "logs")
+    (logs / "p.log").write_text("")
+    os.chown(logs / "p.log", OTHER, OTHER)
+    cli.env["S3DATAFS_LOG_DIR"] = str(logs)
+    assert "is not a file of uid 0" in refused(cli, "mount", uri)
+    assert (logs / "p.log").read_text() == ""
+
+
+def test_a_default_mount_point_planted_as_a_symlink_is_refused(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    uri = one_file(s3, make_bucket)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    data = shared_dir(cli.data_root)
+    (data / "p").symlink_to(hidden)
+    message = refused(cli, "mount", uri)
+    assert f"{data / 'p'} is a symbolic link: give the mount point itself" in message
+    assert not os.path.ismount(hidden)
+
+
+def test_private_dir_explains_in_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("")
+    with pytest.raises(ConfigError) as caught:
+        config.private_dir(target, "cache directory", "choose another with --cache-dir")
+    assert str(caught.value).startswith(f"cannot use cache directory {target}: ")
+    assert "\n" not in str(caught.value)
