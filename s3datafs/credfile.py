@@ -60,7 +60,8 @@ class _FileCredentials(botocore.credentials.RefreshableCredentials):
 
 
 class CredentialsFile(botocore.credentials.CredentialProvider):
-    """A botocore credential provider that reads ``path`` again about once a minute."""
+    """A botocore credential provider that reads ``path`` again when it changes, and once a
+    minute (see the module docstring)."""
 
     METHOD = "s3datafs-credentials-file"
     CANONICAL_NAME = "s3datafs-credentials-file"
