@@ -15,7 +15,7 @@ from zipcraft import make_zip, patch, sample_bytes
 from s3datafs.archive import members, spans
 from s3datafs.cache.disk import DiskCache, is_region_file
 from s3datafs.errors import ArchiveError
-from s3datafs.model import MemberRef
+from s3datafs.model import MemberRef, ObjectRef
 
 NAMES = [f"d{i % 9}/m{i:04d}.bin" for i in range(400)]
 DATA = {name: sample_bytes(i, 20_000 + (i * 7919) % 30_000) for i, name in enumerate(NAMES)}
@@ -356,3 +356,49 @@ def test_bzip2_and_lzma_members_are_never_decompressed_on_the_callers_thread() -
         assert reader.get_range_now(ref, 0, ref.size) is None  # slow to decompress: a thread
         assert reader.get_range(ref, 0, 100) == DATA[ref.path][:100]  # decompressed whole, kept
         assert reader.get_range_now(ref, 100, ref.size) == DATA[ref.path][100:]
+
+
+class GatedArchive:
+    """An archive of zeros whose GETs from ``held_from`` on wait for ``gate`` (slow GETs)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.held_from = 1 << 62
+
+    def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
+        if start >= self.held_from:
+            assert self.gate.wait(30)
+        return bytes(end - start)
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_spans_planned_ahead_by_a_peek_that_finds_nothing_are_fetched_all_the_same() -> None:
+    # A member crossing from a landed span into one still in flight is not at hand; the peek
+    # had planned the spans after it, and a reader that later finds one waits for it to land
+    # (it waited for --read-timeout, then failed, when they were never started).
+    mib = 1 << 20
+    archive = ObjectRef("b", "a.zip", None, '"e"', 64 * mib, 0.0)
+    inner = GatedArchive()
+    table = spans.Spans(inner, max_bytes=64 * mib)
+    at = 0
+    while not any(s.end - s.start >= spans._AHEAD_FROM_SPAN for s in table._spans):
+        assert table.read(archive, at, at + 256 * 1024) == bytes(256 * 1024)
+        at += 256 * 1024
+    ahead = sorted((s for s in table._spans if s.start >= at), key=lambda s: s.start)
+    assert len(ahead) == spans._SPANS_AHEAD
+    wait_until(lambda: all(s.done.is_set() for s in ahead), "the spans ahead never landed")
+    inner.held_from = ahead[1].end  # the next span planned is a slow GET, still in flight ...
+    table.read(archive, ahead[0].start, ahead[0].start + 10)
+    crossing = (ahead[1].end - 10, ahead[1].end + 10)  # ... and a member crosses into it
+    assert table.peek(archive, *crossing) is None
+    inner.gate.set()
+    wait_until(lambda: all(s.done.is_set() for s in table._spans), "a planned span never landed")
+    last = max(s.end for s in table._spans)
+    assert table.read(archive, last - 10, last) == bytes(10)
+    table.close()

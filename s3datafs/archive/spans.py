@@ -319,22 +319,28 @@ class Spans:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def peek(self, archive: ObjectRef, start: int, end: int) -> bytes | None:
-        """``[start, end)`` if landed spans hold it, else None; never fetches or waits."""
+        """``[start, end)`` if landed spans hold it, else None; never fetches or waits.
+
+        What it plans ahead is started however it ends: a span planned is in the table, and a
+        reader that finds one waits for it to land.
+        """
         parts: list[bytes] = []
         ahead: list[_Span] = []
         at = start
-        with self._lock:
-            while at < end:
-                span = self._holding(archive, at)
-                if span is None or not span.done.is_set() or span.error is not None:
-                    return None
-                ahead += self._plan_ahead(span)
-                part = span.data[at - span.start: min(end, span.end) - span.start]
-                if not part:
-                    return None
-                parts.append(part)
-                at += len(part)
-        self._start(ahead)
+        try:
+            with self._lock:
+                while at < end:
+                    span = self._holding(archive, at)
+                    if span is None or not span.done.is_set() or span.error is not None:
+                        return None
+                    ahead += self._plan_ahead(span)
+                    part = span.data[at - span.start: min(end, span.end) - span.start]
+                    if not part:
+                        return None
+                    parts.append(part)
+                    at += len(part)
+        finally:
+            self._start(ahead)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
