@@ -33,10 +33,14 @@ Design:
   spent, prefetch is skipped, never waited for (the ``Readahead`` asks again on the next read),
   so foreground reads never queue behind readahead. While several streams read ahead at once,
   each asks for at most an even share of the budget (``_share``, in whole GETs).
-- Memory: at most ``prefetch_budget`` + the LRU's size + ``write_budget`` of GET bodies (blocks
-  are views of them) plus foreground flights, and at the LRU's old end the rest of the bodies
-  it is letting go (a block read again is copied out of its body: ``_pins_more``); the defaults
-  keep a daemon with 8 sequential readers under 256 MiB.
+- Memory: the budgets count blocks - ``prefetch_budget`` of staged readahead, the LRU's size,
+  ``write_budget`` of blocks waiting for the disk - but blocks are views of their GET bodies,
+  and a body stays whole while any of its blocks is held. So a readahead body half read (its
+  read blocks gone from the LRU, the rest staged) still takes all of its 8 MiB: measured with
+  16 streams and a 64 MiB budget, 123-168 MiB of readahead bodies lived at once against 65-96
+  MiB counted (session 19's review). Bounded (at most a body per stream beyond the count), and
+  the defaults keep a daemon with 8 sequential readers under 256 MiB (215 MiB measured). A
+  block read again is copied out of its body (``_pins_more``), so the LRU pins no bodies.
 
 - Bounded waits: with ``read_timeout`` no GET is waited for longer than that, slot wait included
   (``--read-timeout``); past it the flight fails with ``TransientS3Error`` (EIO) and the next read
