@@ -47,18 +47,21 @@ Design:
   of those blocks starts a new flight - except within ``_FAILED_TTL`` of a *slow* failure, which
   fails again at once, so the kernel's immediate retry of a failed read does not double the wait.
   The abandoned GET keeps its limiter slot until its thread ends, so a stalled S3 cannot make the
-  daemon start unbounded threads.
+  daemon start unbounded threads; and while every slot is held by one, new loads fail at once
+  (S3 has stopped answering) until a thread ends.
 
 Threading: everything here runs on the trio thread except ``_load_blocking`` (disk lookup, GET
 and, for short runs, the cache write, under the S3 limiter), ``_read_cached`` and write-behind
 (under the disk limiter), which run in worker threads. Shared state (LRU, flight table,
-counters) is touched by the trio thread only, so it needs no lock; ``TroubleLog`` is thread-safe.
+counters) is touched by the trio thread only, so it needs no lock; ``TroubleLog`` is thread-safe,
+and the count of abandoned loads has its own lock (their threads end it).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -131,6 +134,14 @@ class ByteBudget:
         self._changed = trio.Event()
 
 
+class _Call:
+    """One worker-thread load: whether it started and ended, and whether its reader gave up
+    on it (``BlockReader._abandoned``). Guarded by ``BlockReader._abandoned_lock``."""
+
+    def __init__(self) -> None:
+        self.started = self.ended = self.abandoned = False
+
+
 class _Flight:
     """One load of a run of blocks; waiters read its result, not the (evictable) cache."""
 
@@ -198,6 +209,9 @@ class BlockReader:
         self._syncing = False  # a disk cache sync due after a short run's write is under way
         self._trouble = TroubleLog()  # cache trouble: a warning a minute at most
         self._read_timeout = read_timeout
+        # Loads given up on (--read-timeout) whose threads still wait on S3, holding a slot.
+        self._abandoned = 0
+        self._abandoned_lock = threading.Lock()
         # Blocks whose load just failed slowly, with the error: see ``_remember_slow_failure``.
         self._failed: cachetools.TTLCache[BlockKey, BaseException] = cachetools.TTLCache(
             maxsize=4096, ttl=_FAILED_TTL, timer=time.monotonic
@@ -548,12 +562,27 @@ class BlockReader:
         # The hard bound of --read-timeout: it counts the wait for a connection slot, and a GET
         # that outlives it is abandoned (its thread ends on its own socket timeout and deadline,
         # and only then gives its slot back), so no reader ever waits on S3 longer than this.
+        # Once every slot is held by such a GET, S3 has stopped answering: a new load fails at
+        # once instead of waiting its whole bound for a slot (hundreds of readers of a stalled
+        # S3 got their EIO after 16x --read-timeout: the kernel sends their reads in waves).
+        slots = int(self._s3_limiter.total_tokens)
+        if self._abandoned >= slots:
+            raise TransientS3Error(
+                f"no answer from S3 for {ref.uri}: all {slots} connections wait on S3 for reads "
+                f"given up after {self._read_timeout:g}s (--read-timeout); failing at once until "
+                "one answers"
+            )
+        call = _Call()
         with trio.move_on_after(self._read_timeout or math.inf) as bound:
             hits, blocks, write_error = await trio.to_thread.run_sync(
-                self._load_blocking, ref, run, disk, write, limiter=self._s3_limiter,
+                self._load_watched, call, ref, run, disk, write, limiter=self._s3_limiter,
                 abandon_on_cancel=True,
             )
         if bound.cancelled_caught:
+            with self._abandoned_lock:
+                if call.started and not call.ended:
+                    call.abandoned = True
+                    self._abandoned += 1
             start, end = run.start * self.block_size, min(run.stop * self.block_size, ref.size)
             raise TransientS3Error(
                 f"no answer from S3 for {ref.uri} bytes {start}-{end - 1} within "
@@ -579,6 +608,21 @@ class BlockReader:
         flight.blocks.update(hits)
         self.stats.disk_hits += len(hits)
         self.stats.disk_bytes += sum(map(len, hits.values()))
+
+    def _load_watched(
+        self, call: _Call, ref: ObjectRef, run: range, disk: DiskCache | None,
+        write: DiskCache | None,
+    ) -> tuple[dict[int, bytes], list[memoryview] | None, Exception | None]:
+        """``_load_blocking``, telling ``call`` when it started and ended (in a worker thread);
+        an abandoned call's end gives its slot back to the count of answering connections."""
+        call.started = True
+        try:
+            return self._load_blocking(ref, run, disk, write)
+        finally:
+            with self._abandoned_lock:
+                call.ended = True
+                if call.abandoned:
+                    self._abandoned -= 1
 
     def _load_blocking(
         self, ref: ObjectRef, run: range, disk: DiskCache | None, write: DiskCache | None

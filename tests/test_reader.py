@@ -900,9 +900,9 @@ async def test_a_short_run_costs_one_worker_call_with_its_cache_write(
     reader = make_disk_reader(source, disk)
     assert await reader.read(ref, 0, len(data)) == data
     if blocks * PAGE_BLOCK <= ONE_HOP_BYTES:  # one hop: disk lookup, GET and cache write
-        assert worker_calls == ["_load_blocking"]
+        assert worker_calls == ["_load_watched"]
     else:  # a reader's own long run: lookup and GET, then write-behind
-        assert worker_calls == ["_load_blocking", "write"]
+        assert worker_calls == ["_load_watched", "write"]
     found = disk.read_run(object_digest(ref), ref.size, range(blocks))
     assert b"".join(found.values()) == data
 
@@ -921,7 +921,7 @@ async def test_a_long_run_looks_on_disk_behind_the_writes(
     else:
         reader._write_waiting = PAGE_BLOCK
         assert await reader.read(ref, 0, len(data)) == data
-    assert worker_calls == ["_read_cached", "_load_blocking", "write"]
+    assert worker_calls == ["_read_cached", "_load_watched", "write"]
     assert len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
 
 
@@ -1003,6 +1003,28 @@ class HeldSource(FakeSource):
             self.holding.set()
             assert self.release.wait(10), "the test never released the held GET"
         return super().get_range(ref, start, end)
+
+
+@trio_test
+async def test_once_every_connection_waits_on_a_stalled_s3_new_reads_fail_at_once() -> None:
+    source = HeldSource()
+    source.create_bucket(BUCKET)
+    refs = [source.put(BUCKET, f"{i}.bin", b"x" * PAGE_BLOCK) for i in range(4)]
+    source.held.update(ref.key for ref in refs)
+    reader = BlockReader(source, block_size=PAGE_BLOCK, memory_cache_bytes=1 << 20,
+                         s3_limiter=trio.CapacityLimiter(2), read_timeout=0.2)
+    for ref in refs[:2]:  # each waits its bound; its GET, given up, keeps its connection
+        with pytest.raises(TransientS3Error, match=r"within 0.2s \(--read-timeout\)"):
+            await reader.read(ref, 0, 10)
+    started = time.monotonic()
+    with pytest.raises(TransientS3Error, match="all 2 connections wait on S3"):
+        await reader.read(refs[2], 0, 10)
+    assert time.monotonic() - started < 0.1  # not another whole bound
+    source.release.set()  # S3 answers again: the given-up GETs end, their connections are back
+    with trio.fail_after(5):
+        while reader._abandoned:  # noqa: ASYNC110 - worker threads count it down
+            await trio.sleep(0.01)
+    assert await reader.read(refs[3], 0, 10) == b"x" * 10
 
 
 class WatchedDisk(DiskCache):
