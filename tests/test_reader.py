@@ -909,19 +909,20 @@ async def test_a_short_run_costs_one_worker_call_with_its_cache_write(
 
 @pytest.mark.parametrize("who", ["reader, disk behind", "prefetch command"])
 @trio_test
-async def test_a_long_run_looks_on_disk_behind_the_writes(
+async def test_only_a_long_run_nobody_waits_for_looks_on_disk_behind_the_writes(
     tmp_path, worker_calls: list[str], who: str
 ) -> None:
-    """...when the disk falls behind (a fetched run waits for room in the write budget), or
-    when nobody waits for the run (``warm``, the prefetch command; readahead too)."""
+    """``warm`` (the prefetch command; readahead too) queues behind the cache writes, which
+    holds back its GETs while the disk falls behind; a run a reader waits for never does."""
     data, source, ref, disk = object_and_disk(tmp_path, 300)
     reader = make_disk_reader(source, disk)
     if who == "prefetch command":
         await reader.warm(ref)
+        assert worker_calls == ["_read_cached", "_load_watched", "write"]
     else:
-        reader._write_waiting = PAGE_BLOCK
+        reader._write_waiting = PAGE_BLOCK  # fetched blocks wait for room: the disk is behind
         assert await reader.read(ref, 0, len(data)) == data
-    assert worker_calls == ["_read_cached", "_load_watched", "write"]
+        assert worker_calls == ["_load_watched", "write"]
     assert len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
 
 
@@ -1113,7 +1114,7 @@ async def test_cache_writes_stop_waiting_for_reads_once_the_write_budget_is_spen
             write_yield=60.0, write_budget=LONG_RUN,
         )
         assert await reader.read(first, 0, len(data)) == data  # its write holds the budget
-        assert await reader.read(second, 0, len(data)) == data  # and this one needs it
+        mount_tasks.start_soon(reader.warm, second)  # and the prefetch command's run needs it
         # Memory first: the first is written though a read still waits on S3; the second then
         # holds the budget and waits in turn.
         assert await trio.to_thread.run_sync(disk.wait_for, 300)
@@ -1122,6 +1123,56 @@ async def test_cache_writes_stop_waiting_for_reads_once_the_write_budget_is_spen
         assert reader._write_budget.used == LONG_RUN
         source.release.set()
     assert disk.blocks_written == 600 + 1
+
+
+class StuckDisk(WatchedDisk):
+    """A cache disk whose writes wait for ``unstuck`` (a disk far slower than S3)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.unstuck = threading.Event()
+
+    def write(self, *args, **kwargs) -> None:
+        assert self.unstuck.wait(10), "the test never let the disk go on"
+        super().write(*args, **kwargs)
+
+
+@trio_test
+async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) -> None:
+    source = FakeSource()
+    source.create_bucket(BUCKET)
+    disk = StuckDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    reader = make_disk_reader(source, disk, write_budget=ByteBudget(LONG_RUN))
+    data = bytes(range(256)) * (LONG_RUN // 256)
+    first, second, third = (source.put(BUCKET, f"{i}.bin", data) for i in range(3))
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        assert await reader.read(first, 0, len(data)) == data  # its write holds the budget
+        with trio.fail_after(2):  # the disk is stuck: these do not wait for it
+            assert await reader.read(second, 0, len(data)) == data
+            assert await reader.read(third, 0, len(data)) == data
+        assert reader.stats.cache_writes_skipped == 600  # left uncached
+        assert reader._write_waiting == 0  # so readahead goes on
+        disk.unstuck.set()
+    assert disk.blocks_written == 300
+    assert disk.read_run(object_digest(second), second.size, range(300)) == {}
+
+
+@trio_test
+async def test_the_prefetch_command_fills_the_cache_at_the_disks_pace(tmp_path) -> None:
+    source = FakeSource()
+    source.create_bucket(BUCKET)
+    disk = StuckDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    reader = make_disk_reader(source, disk, write_budget=ByteBudget(LONG_RUN))
+    refs = [source.put(BUCKET, f"{i}.bin", b"x" * LONG_RUN) for i in range(2)]
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        for ref in refs:
+            mount_tasks.start_soon(reader.warm, ref)
+        await trio.sleep(0.2)
+        disk.unstuck.set()
+    assert reader.stats.cache_writes_skipped == 0
+    assert disk.blocks_written == 600
 
 
 @trio_test
