@@ -8,6 +8,7 @@ Paths follow the usual conventions: as root the system locations (``/data``, ``/
 from __future__ import annotations
 
 import configparser
+import contextlib
 import datetime
 import errno
 import os
@@ -266,24 +267,41 @@ def prepare_cache_dir(path: Path) -> None:
 
 
 def private_dir(path: Path, what: str, remedy: str) -> None:
-    """Make ``path`` (0700, parents too) or check it: a directory only this user can change.
+    """Make ``path`` (0700, and so are the parents it makes) or check it: a directory only this
+    user can change.
 
-    s3datafs trusts what it finds in its cache, runtime and log directories: cached blocks and
+    s3datafs trusts what it finds in its cache and runtime directories: cached blocks and
     catalogs are served, stray files deleted, state files believed. A directory that another
     user owns or may write to, or may swap for a symlink, would let that user make a mount
     (root's) serve bytes of their choosing, delete trees or write files elsewhere. So, as
     OpenSSH checks the path of its keys, the directory must belong to this user and be writable
-    by nobody else, every directory above it must belong to root or this user and be writable
-    by nobody else unless sticky (``/tmp``), and no symlink on the way may belong to another
-    user. Refused in one line naming the problem and ``remedy``.
+    by nobody else; every directory above it, and every directory holding a symlink met on the
+    way, must belong to root or this user and be writable by nobody else unless sticky
+    (``/tmp``); and no such symlink may belong to another user. Refused in one line naming the
+    problem and ``remedy``. What is missing is made only below a path that passed.
     """
+    _checked_dir(path, what, remedy, shared=False)
+
+
+def shared_dir(path: Path, what: str, remedy: str) -> None:
+    """``private_dir``, except that the directory itself may be shared if it is sticky (a log
+    file in ``/tmp``): for directories whose files are opened one by one, with ``O_NOFOLLOW``
+    and an owner check, and never trusted for what is in them."""
+    _checked_dir(path, what, remedy, shared=True)
+
+
+def _checked_dir(path: Path, what: str, remedy: str, *, shared: bool) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        problem = _untrusted(path)
-        if problem is None and not os.access(path, os.W_OK | os.X_OK):
+        resolved, problem = _resolved(Path(os.path.abspath(path)))
+        if problem is None:
+            make_private_dirs(resolved)
+            resolved, problem = _resolved(resolved)
+        if problem is None:
+            problem = _unsafe_dir(resolved, final=not shared)
+        if problem is None and not os.access(resolved, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "Permission denied")
     except OSError as exc:
-        raise ConfigError(f"cannot use {what} {path}: {exc.strerror}: {remedy}") from None
+        raise ConfigError(f"cannot use {what} {path}: {exc.strerror or exc}: {remedy}") from None
     if problem is not None:
         raise ConfigError(
             f"{what} {path} is not private: {problem}, and s3datafs trusts what it finds "
@@ -291,24 +309,62 @@ def private_dir(path: Path, what: str, remedy: str) -> None:
         )
 
 
-def _untrusted(path: Path) -> str | None:
-    """Why ``path`` is not a private directory of this user (see ``private_dir``), or None."""
+def _resolved(path: Path) -> tuple[Path, str | None]:
+    """``path`` with its symlinks followed one by one (what is missing is kept as written), or
+    why one of them or a directory holding one is not to be trusted."""
+    done, todo, hops = Path("/"), list(path.parts[1:]), 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            done = done.parent
+            continue
+        candidate = done / part
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            return candidate.joinpath(*todo), None  # to be made, below what was checked
+        if not stat.S_ISLNK(info.st_mode):
+            done = candidate
+            continue
+        hops += 1
+        if hops > 40:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        if info.st_uid not in (0, os.geteuid()):
+            return candidate, f"symbolic link {candidate} belongs to uid {info.st_uid}"
+        if (problem := _unsafe_dir(done, final=False)) is not None:
+            return candidate, f"symbolic link {candidate} is in a directory where {problem}"
+        target = Path(os.readlink(candidate))
+        if target.is_absolute():
+            done, target = Path("/"), target.relative_to("/")
+        todo = [*target.parts, *todo]
+    return done, None
+
+
+def _unsafe_dir(directory: Path, *, final: bool) -> str | None:
+    """Why ``directory`` (resolved) is not to be trusted, or None: it and every directory above
+    it (see ``private_dir``); ``final``: it must be this user's own and writable by nobody else."""
     me = os.geteuid()
-    unresolved = Path(os.path.abspath(path))
-    for link in (unresolved, *unresolved.parents):
-        info = os.lstat(link)
-        if stat.S_ISLNK(info.st_mode) and info.st_uid not in (0, me):
-            return f"symbolic link {link} belongs to uid {info.st_uid}"
-    resolved = Path(os.path.realpath(path))
-    info = os.stat(resolved)
-    if info.st_uid != me:
-        return f"{resolved} belongs to uid {info.st_uid}, not to uid {me}"
-    if info.st_mode & 0o022:
-        return f"{resolved} may be written by others (mode {stat.S_IMODE(info.st_mode):04o})"
-    for parent in resolved.parents:
-        info = os.stat(parent)
+    info = os.stat(directory)
+    if final and info.st_uid != me:
+        return f"{directory} belongs to uid {info.st_uid}, not to uid {me}"
+    if final and info.st_mode & 0o022:
+        return f"{directory} may be written by others (mode {stat.S_IMODE(info.st_mode):04o})"
+    for place in (directory, *directory.parents) if not final else directory.parents:
+        info = os.stat(place)
         if info.st_uid not in (0, me):
-            return f"{parent} belongs to uid {info.st_uid}"
+            return f"{place} belongs to uid {info.st_uid}"
         if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
-            return f"{parent} may be written by others (mode {stat.S_IMODE(info.st_mode):04o})"
+            return f"{place} may be written by others (mode {stat.S_IMODE(info.st_mode):04o})"
     return None
+
+
+def make_private_dirs(directory: Path) -> None:
+    """``mkdir -p`` where every directory made is 0700 (``parents=True`` would make the parents
+    0777 less the umask: 0775 under a umask of 002)."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import logging.handlers
@@ -31,6 +32,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from .config import shared_dir
 from .errors import ConfigError
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
@@ -86,6 +88,7 @@ class _LogFile(logging.handlers.WatchedFileHandler):
 
     def __init__(self, path: Path) -> None:
         self._dump_fd = -1
+        self._told = False  # of a record that could not be written
         super().__init__(path, encoding="utf-8")
 
     def _open(self):  # type: ignore[no-untyped-def]  # logging's own signature
@@ -114,6 +117,28 @@ class _LogFile(logging.handlers.WatchedFileHandler):
             os.close(self._dump_fd)  # only now: faulthandler holds the new one already
         self._dump_fd = dump_fd
         return stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # logging's own handlers reopen outside their error handling: a file that cannot be
+        # made again (its directory gone, a symlink or another user's file in its place) would
+        # raise from the caller's log call, and a FUSE handler reporting an error would end the
+        # mount. Such a record is lost instead, and stderr is told once.
+        try:
+            self.reopenIfNeeded()
+            if self.stream is None:
+                self.stream = self._open()
+        except Exception:
+            self.handleError(record)
+            return
+        logging.StreamHandler.emit(self, record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if not self._told:
+            self._told = True
+            error = sys.exc_info()[1]
+            with contextlib.suppress(Exception):
+                print(f"s3datafs: cannot write log file {self.baseFilename}: {error}",
+                      file=sys.stderr)
 
     def close(self) -> None:
         super().close()
@@ -149,8 +174,11 @@ def setup(
     root.addHandler(console)
 
     if log_file is not None:
+        # No symlink of another user on the way, no directory others may swap: a root daemon
+        # would create its log wherever they chose. The directory may be shared if sticky (a
+        # --log-file in /tmp): the file is opened with O_NOFOLLOW and must be this user's.
+        shared_dir(log_file.parent, "log directory", "choose another with --log-file")
         try:
-            log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             handler = _LogFile(log_file)
         except OSError as exc:
             raise ConfigError(

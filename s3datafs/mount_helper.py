@@ -26,7 +26,7 @@ How ``-o`` is read:
   s3datafs mount; options of ``s3datafs mount`` in it get a warning that they were not applied
   (unmount and mount again for that), ``rw`` is refused, and the options the kernel reports for
   a FUSE mount (``user_id=``, ``group_id=``, ``default_permissions``, ...), which mount(8) passes
-  back, are ignored.
+  back, are ignored; ``noexec`` or ``exec`` against what the mount is, is refused.
 - Anything else is refused in one line, unless ``-s`` (sloppy) asks to ignore it with a warning.
 - Credentials are never option values: the options are visible in ``ps`` and, for mount(8), the
   fstab. Keys come from the environment, a profile, a role or ``credentials_file=FILE`` (0600);
@@ -72,7 +72,7 @@ IGNORED = frozenset(
 )
 # What the kernel reports for a FUSE mount, passed back by mount(8) on ``remount``.
 REMOUNT_IGNORED = frozenset(
-    {"remount", "default_permissions", "allow_other", "relatime", "nosymfollow", "noexec"}
+    {"remount", "default_permissions", "allow_other", "relatime", "nosymfollow"}
 )
 REMOUNT_IGNORED_PREFIXES = ("user_id=", "group_id=", "rootmode=", "max_read=", "blksize=")
 IGNORED_PREFIXES = ("x-", "comment=")
@@ -248,15 +248,30 @@ def remount(call: HelperCall, items: list[str]) -> None:
     if "rw" in items:
         raise UsageError(f"cannot remount {call.directory} rw: s3datafs mounts are read-only")
     target = os.path.realpath(call.directory)
-    if not any(
-        entry.mountpoint == target and entry.fstype == runtime.FSTYPE
-        for entry in runtime.mount_table()
-    ):
+    ours = [
+        entry for entry in runtime.mount_table()
+        if entry.mountpoint == target and entry.fstype == runtime.FSTYPE
+    ]
+    if not ours:
         raise MountFailed(f"{call.directory} is not an s3datafs mount: nothing to remount")
+    # noexec or exec as the mount already is: mount(8) passes the mount's options back, noexec
+    # included. The other one is a change of who may execute what, asked for and impossible
+    # here: refused, not warned of. (mount(8) drops "exec" against a noexec mount's "noexec":
+    # a noexec mount whose options lack noexec was asked for exec.)
+    if "noexec" in ours[-1].options:
+        wrong = "exec" if "noexec" not in items else None
+    else:
+        wrong = "noexec" if "noexec" in items else None
+    if wrong is not None:
+        raise MountFailed(
+            f"cannot remount {call.directory} {wrong}: a remount changes nothing; unmount and "
+            f"mount again with {wrong}"
+        )
     kept = [
         item
         for item in items
         if item not in REMOUNT_IGNORED and not item.startswith(REMOUNT_IGNORED_PREFIXES)
+        and item not in ("exec", "noexec")
     ]
     translation = translate_options(",".join(kept), sloppy=call.sloppy)
     for warning in translation.warnings:

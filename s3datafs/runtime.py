@@ -35,6 +35,7 @@ class MountEntry:
     fstype: str
     source: str
     device: str = ""  # "major:minor", as the kernel names the mount's backing device
+    options: frozenset[str] = frozenset()  # per-mount options: ro, nosuid, noexec, ...
 
 
 def mount_table() -> list[MountEntry]:
@@ -50,6 +51,7 @@ def mount_table() -> list[MountEntry]:
                     fstype=fields[separator + 1],
                     source=_unescape(fields[separator + 2]),
                     device=fields[2],
+                    options=frozenset(fields[5].split(",")),
                 )
             )
     return entries

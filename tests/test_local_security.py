@@ -150,3 +150,61 @@ def test_private_dir_explains_in_one_line(tmp_path: Path) -> None:
         config.private_dir(target, "cache directory", "choose another with --cache-dir")
     assert str(caught.value).startswith(f"cannot use cache directory {target}: ")
     assert "\n" not in str(caught.value)
+
+
+def test_parents_private_dir_makes_are_private_under_any_umask(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    old = os.umask(0o002)  # user-private groups: new directories would be 0775
+    try:
+        config.private_dir(home / ".cache" / "s3datafs", "cache directory", "choose another")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((home / ".cache").stat().st_mode) == 0o700
+
+
+def test_a_link_reached_through_a_link_of_ours_is_checked_too(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    theirs = shared_dir(tmp_path / "shared") / "link"
+    theirs.symlink_to(target)
+    os.lchown(theirs, OTHER, OTHER)  # another user's link, which they may repoint at any time
+    ours = tmp_path / "cache"
+    ours.symlink_to(theirs)
+    with pytest.raises(ConfigError, match=f"symbolic link {theirs} belongs to uid {OTHER}"):
+        config.private_dir(ours, "cache directory", "choose another")
+
+
+def test_a_link_of_ours_in_a_directory_others_may_write_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # not sticky: anyone may replace our link there
+    (open_dir / "cache").symlink_to(target)
+    with pytest.raises(ConfigError, match="is in a directory where .* may be written by others"):
+        config.private_dir(open_dir / "cache", "cache directory", "choose another")
+
+
+def test_a_log_directory_planted_as_a_symlink_is_not_followed(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    uri = one_file(s3, make_bucket)
+    elsewhere = tmp_path / "etc"
+    elsewhere.mkdir()
+    planted = shared_dir(tmp_path / "tmp") / "s3datafs-logs"
+    planted.symlink_to(elsewhere)
+    os.lchown(planted, OTHER, OTHER)
+    cli.env["S3DATAFS_LOG_DIR"] = str(planted)
+    assert "log directory" in refused(cli, "mount", uri)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_log_file_in_a_sticky_shared_directory_is_fine(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    uri = one_file(s3, make_bucket)
+    logs = shared_dir(tmp_path / "tmp")
+    mountpoint = cli.mount(uri, "--log-file", str(logs / "mine.log"))
+    assert (mountpoint / "f.bin").read_bytes() == b"f"
+    assert stat.S_IMODE((logs / "mine.log").stat().st_mode) == 0o600

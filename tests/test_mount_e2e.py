@@ -525,3 +525,17 @@ def test_a_log_file_rotated_away_is_made_again_and_stack_dumps_follow_it(
         assert time.monotonic() < deadline, "no stack dump in the new log file"
         time.sleep(0.05)
     assert "most recent call first" not in rotated.read_text()
+
+
+def test_a_log_file_that_cannot_be_made_again_does_not_end_the_mount(
+    cli: Cli, s3, make_bucket
+) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x", "p/y.bin": b"y"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    log_file = cli.root / "log" / "p.log"
+    log_file.rename(log_file.with_suffix(".log.1"))
+    log_file.symlink_to("/dev/null")  # not followed: the daemon's log lines are lost instead
+    s3.delete_object(Bucket=bucket, Key="p/x.bin")  # a read fails, and its log line with it
+    assert errno_of(lambda: (mountpoint / "x.bin").read_bytes()) == errno.ESTALE
+    assert (mountpoint / "y.bin").read_bytes() == b"y"  # the mount serves on

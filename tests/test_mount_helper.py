@@ -337,3 +337,24 @@ def test_remount_of_what_is_not_an_s3datafs_mount_fails(
     assert capsys.readouterr().err == (
         f"mount.s3datafs: {tmp_path} is not an s3datafs mount: nothing to remount\n"
     )
+
+
+def test_remount_refuses_to_change_noexec_and_keeps_the_mount_as_it_is(
+    cli: Cli, s3, make_bucket, installed_helper: Path
+) -> None:
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"a\n")
+    plain, noexec = cli.root / "plain", cli.root / "noexec"
+    for target, options in ((plain, "ro"), (noexec, "ro,noexec")):
+        target.mkdir()
+        done = _mount8("-t", "s3datafs", f"s3://{bucket}/d.csv", str(target), "-o", options,
+                       env=cli.env)
+        assert done.returncode == 0, done.stderr
+    for target, asked in ((plain, "noexec"), (noexec, "exec")):  # asked for, impossible: refused
+        changed = _mount8("-o", f"remount,{asked}", str(target), env=cli.env)
+        assert changed.returncode != 0
+        assert f"cannot remount {target} {asked}: a remount changes nothing" in changed.stderr
+    again = _mount8("-o", "remount", str(noexec), env=cli.env)  # mount(8) passes noexec back
+    assert (again.returncode, again.stderr) == (0, "")
+    assert "noexec" not in _mount_options(plain)
+    assert "noexec" in _mount_options(noexec)

@@ -63,8 +63,8 @@ Invariants:
   whole). Past that it is *partial*: files it forgot are still found by reads (``may_hold``
   then says yes to everything), counted by the next scan and evicted by it, oldest first. A
   scan keeps only the newest ``INDEX_ENTRIES`` and, when over the bound, the oldest files that
-  make up the excess (measured over 300,000 files: peak 50 MiB instead of 231, index 36 MiB
-  instead of 86).
+  make up the excess, as many as it deletes (measured over 300,000 files: peak 50 MiB instead
+  of 231, index 36 MiB instead of 86).
 - Threads: every public method may be called from worker threads; the index is guarded by one
   ``threading.Lock``; file I/O happens outside it.
 """
@@ -87,6 +87,7 @@ from pathlib import Path
 
 import cachetools
 
+from ..config import make_private_dirs
 from ..model import PinnedRef
 from ..uri import S3Uri
 from . import blockfile
@@ -199,7 +200,7 @@ class DiskCache:
         self._written_since_sync = 0
         self.sync_every = max(capacity // 10, 16 * 1024 * 1024)
         self._direct = AlignedBuffers() if direct_io and direct_io_supported() else None
-        _make_private_dirs(self.root)
+        make_private_dirs(self.root)
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -353,7 +354,7 @@ class DiskCache:
             try:
                 allocated = self._write_region(path, digest, identity, region, run.start, parts)
             except FileNotFoundError:  # a new fan directory, or removed under us (rm -rf)
-                _make_private_dirs(path.parent)
+                make_private_dirs(path.parent)
                 allocated = self._write_region(path, digest, identity, region, run.start, parts)
             with self._lock:
                 before = self._index.pop(relative, 0)  # popped, not evicted: no unlink
@@ -431,7 +432,7 @@ class DiskCache:
         try:
             fs = os.statvfs(self.root)
         except FileNotFoundError:  # removed under us (rm -rf): made again, as a write does
-            _make_private_dirs(self.root)
+            make_private_dirs(self.root)
             fs = os.statvfs(self.root)
         wanted_free = self._min_free_ratio * fs.f_blocks * fs.f_frsize
         free = fs.f_bavail * fs.f_frsize
@@ -452,9 +453,10 @@ class DiskCache:
 
         The bound is the cache directory's: region files of other block sizes (mounts with
         another ``--block-size``) count too, and the oldest go first whichever size they are.
-        Memory stays bounded whatever the number of files: one scan sums them and keeps the
-        newest ``INDEX_ENTRIES`` of this block size for the index; when over the bound, a
-        second scan picks the oldest files that make up the excess (``_oldest_worth``).
+        One scan sums the files and keeps the newest ``INDEX_ENTRIES`` of this block size for
+        the index; when over the bound, a second scan picks the oldest files that make up the
+        excess (``_oldest_worth``). So memory is bounded by the index and by the files to
+        delete: usually a tenth of the cache; nearly all of it after ``--cache-size`` shrank.
         """
         with _locked(self.root):
             newest: list[tuple[float, int, str]] = []  # a heap: (mtime, bytes, name)
@@ -528,24 +530,12 @@ def block_root(cache_dir: Path, block_size: int) -> Path:
     return cache_dir / "blocks" / str(block_size)
 
 
-def _make_private_dirs(directory: Path) -> None:
-    """``mkdir -p`` where every directory created is 0700 (``parents=True`` would use 0777-umask),
-    so a cache directory deleted while mounted comes back as private as it was made."""
-    missing = []
-    while not directory.is_dir():
-        missing.append(directory)
-        directory = directory.parent
-    for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            path.mkdir(mode=0o700)
-
-
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     try:
         fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except FileNotFoundError:  # the cache directory was removed under us: made again
-        _make_private_dirs(root)
+        make_private_dirs(root)
         fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
