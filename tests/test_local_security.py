@@ -31,6 +31,13 @@ def shared_dir(path: Path) -> Path:
     return path
 
 
+def planted(link: Path, target: Path) -> Path:
+    """A symlink ``link`` -> ``target`` that the other user made (and may repoint at will)."""
+    link.symlink_to(target)
+    os.lchown(link, OTHER, OTHER)
+    return link
+
+
 def one_file(s3, make_bucket) -> str:
     bucket = make_bucket()
     s3.put_object(Bucket=bucket, Key="p/f.bin", Body=b"f")
@@ -80,9 +87,7 @@ def test_a_symlink_another_user_planted_is_not_followed_to_delete_or_write(
     victim = tmp_path / "victim"
     (victim / "projects" / "thesis").mkdir(parents=True)
     (victim / "projects" / "thesis" / "thesis.tex").write_text("years of work")
-    link = shared_dir(tmp_path / "scratch") / "cache"
-    link.symlink_to(victim)
-    os.lchown(link, OTHER, OTHER)
+    link = planted(shared_dir(tmp_path / "scratch") / "cache", victim)
     message = refused(cli, "mount", uri, "--cache-dir", str(link))
     assert f"symbolic link {link} belongs to uid {OTHER}" in message
     assert (victim / "projects" / "thesis" / "thesis.tex").read_text() == "years of work"
@@ -166,9 +171,7 @@ def test_parents_private_dir_makes_are_private_under_any_umask(tmp_path: Path) -
 def test_a_link_reached_through_a_link_of_ours_is_checked_too(tmp_path: Path) -> None:
     target = tmp_path / "target"
     target.mkdir(mode=0o700)
-    theirs = shared_dir(tmp_path / "shared") / "link"
-    theirs.symlink_to(target)
-    os.lchown(theirs, OTHER, OTHER)  # another user's link, which they may repoint at any time
+    theirs = planted(shared_dir(tmp_path / "shared") / "link", target)
     ours = tmp_path / "cache"
     ours.symlink_to(theirs)
     with pytest.raises(ConfigError, match=f"symbolic link {theirs} belongs to uid {OTHER}"):
@@ -192,10 +195,8 @@ def test_a_log_directory_planted_as_a_symlink_is_not_followed(
     uri = one_file(s3, make_bucket)
     elsewhere = tmp_path / "etc"
     elsewhere.mkdir()
-    planted = shared_dir(tmp_path / "tmp") / "s3datafs-logs"
-    planted.symlink_to(elsewhere)
-    os.lchown(planted, OTHER, OTHER)
-    cli.env["S3DATAFS_LOG_DIR"] = str(planted)
+    link = planted(shared_dir(tmp_path / "tmp") / "s3datafs-logs", elsewhere)
+    cli.env["S3DATAFS_LOG_DIR"] = str(link)
     assert "log directory" in refused(cli, "mount", uri)
     assert list(elsewhere.iterdir()) == []
 
