@@ -296,6 +296,8 @@ def _checked_dir(path: Path, what: str, remedy: str, *, shared: bool) -> None:
         if problem is None:
             make_private_dirs(resolved)
             resolved, problem = _resolved(resolved)
+        if problem is None and not shared:
+            _tighten_if_empty(resolved)
         if problem is None:
             problem = _unsafe_dir(resolved, final=not shared)
         if problem is None and not os.access(resolved, os.W_OK | os.X_OK):
@@ -307,6 +309,18 @@ def _checked_dir(path: Path, what: str, remedy: str, *, shared: bool) -> None:
             f"{what} {path} is not private: {problem}, and s3datafs trusts what it finds "
             f"there: {remedy}"
         )
+
+
+def _tighten_if_empty(directory: Path) -> None:
+    """Make an empty directory of ours that others may write 0700: a fresh volume (a Kubernetes
+    emptyDir is 0777) holds nothing to distrust. Made private first and looked into after, so
+    nothing put there meanwhile goes unseen; one that is not empty is then refused as it is."""
+    info = os.stat(directory)
+    if info.st_uid != os.geteuid() or not info.st_mode & 0o022:
+        return
+    os.chmod(directory, 0o700)
+    if any(os.scandir(directory)):
+        os.chmod(directory, stat.S_IMODE(info.st_mode))  # not ours to change: refused below
 
 
 def _resolved(path: Path) -> tuple[Path, str | None]:

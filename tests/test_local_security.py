@@ -73,11 +73,24 @@ def test_a_cache_directory_others_may_change_is_refused(
     uri = one_file(s3, make_bucket)
     cache = shared_dir(tmp_path / "scratch") / "cache"
     prepare(cache)
+    (cache / "blocks").mkdir()  # what another user may have put there meanwhile
     message = refused(cli, "mount", uri, "--cache-dir", str(cache))
     assert f"cache directory {cache} is not private: {cache} {problem}" in message
     assert "choose another with --cache-dir" in message
-    assert list(cache.iterdir()) == []
+    assert [p.name for p in cache.iterdir()] == ["blocks"]
     assert "is not private" in refused(cli, "cache", "clear", "--cache-dir", str(cache))
+
+
+def test_an_empty_cache_directory_others_may_write_is_made_private(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    uri = one_file(s3, make_bucket)
+    cache = tmp_path / "volume"  # as a Kubernetes emptyDir comes: 0777, empty
+    cache.mkdir()
+    cache.chmod(0o777)
+    mountpoint = cli.mount(uri, "--cache-dir", str(cache))
+    assert (mountpoint / "f.bin").read_bytes() == b"f"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
 
 
 def test_a_symlink_another_user_planted_is_not_followed_to_delete_or_write(
