@@ -293,7 +293,7 @@ def shared_dir(path: Path, what: str, remedy: str) -> None:
 def _checked_dir(path: Path, what: str, remedy: str, *, shared: bool) -> None:
     try:
         resolved, problem = _resolved(Path(os.path.abspath(path)))
-        if problem is None:
+        if problem is None and not resolved.is_dir():  # made below what was checked, and checked
             make_private_dirs(resolved)
             resolved, problem = _resolved(resolved)
         if problem is None and not shared:

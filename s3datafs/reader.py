@@ -672,28 +672,21 @@ class BlockReader:
         8 readers at 1/32 of their speed with the cache disk at 10 MB/s, 1 MiB reads 6.5 s.
         """
         cost = sum(map(len, blocks))
-        if waited and not self._write_budget.try_take(cost):
+        if self._write_budget.try_take(cost):
+            pass
+        elif waited:
             self.stats.cache_writes_skipped += len(blocks)
             self._trouble.warn(
                 "the block cache's disk falls behind S3: blocks a reader waited for are left "
                 "uncached rather than make it wait (cache_writes_skipped in the stats)")
             return
-        if waited:
-            await self._hand_to_write(ref, first, blocks, cost)
-            return
-        self._write_waiting += cost  # while anything waits here, readahead pauses (``prefetch``)
-        try:
-            if not self._write_budget.try_take(cost):  # backpressure when the disk falls behind
+        else:
+            self._write_waiting += cost  # while it waits here, readahead pauses (``prefetch``)
+            try:
                 self._let_writes_go()  # and writes stop yielding to reads: the bound comes first
                 await self._write_budget.take(cost)
-        finally:
-            self._write_waiting -= cost
-        await self._hand_to_write(ref, first, blocks, cost)
-
-    async def _hand_to_write(
-        self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int
-    ) -> None:
-        """Write in the mount's write nursery (or now, for a reader not attached to one)."""
+            finally:
+                self._write_waiting -= cost
         if self._write_nursery is None:
             await self._write(ref, first, blocks, cost)
         else:

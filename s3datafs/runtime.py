@@ -105,6 +105,14 @@ def _private_runtime_dir() -> Path:
     return directory
 
 
+def _runtime_dir_to_read() -> Path:
+    """The runtime directory, checked private if it exists (reading makes nothing)."""
+    directory = runtime_dir()
+    if directory.exists():
+        _private_runtime_dir()
+    return directory
+
+
 def write_state(mountpoint: str, state: dict) -> None:
     directory = _private_runtime_dir()
     fd, temp = tempfile.mkstemp(dir=directory, prefix=".state-")
@@ -119,8 +127,7 @@ def write_state(mountpoint: str, state: dict) -> None:
 
 
 def read_state(mountpoint: str) -> dict | None:
-    if runtime_dir().exists():
-        _private_runtime_dir()
+    _runtime_dir_to_read()
     try:
         return json.loads(state_path(mountpoint).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -134,10 +141,7 @@ def remove_state(mountpoint: str) -> None:
 
 def all_states() -> list[dict]:
     states = []
-    directory = runtime_dir()
-    if directory.exists():
-        _private_runtime_dir()
-    for path in sorted(directory.glob("*.json")):
+    for path in sorted(_runtime_dir_to_read().glob("*.json")):
         with contextlib.suppress(OSError, ValueError):
             states.append(json.loads(path.read_text(encoding="utf-8")))
     return states

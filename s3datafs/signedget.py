@@ -63,7 +63,6 @@ Invariants:
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import io
 import logging
@@ -157,8 +156,7 @@ class _Template:
 
     @classmethod
     def of(cls, url: str, headers: dict[str, str]) -> _Template:
-        template = cls(url, headers, time.monotonic())
-        return dataclasses.replace(template, signed_with=_credentials_of(template))
+        return cls(url, headers, time.monotonic(), _credentials_of(headers))
 
 
 @dataclass(frozen=True)
@@ -352,22 +350,25 @@ def _text(value: str | bytes) -> str:
 def _signer_of(template: _Template) -> tuple[str, ...]:
     """Who signed, for what and which headers: the Authorization header without its date and
     signature ('' for an unsigned request)."""
-    authorization = next((_text(value) for name, value in template.headers.items()
-                          if name.lower() == "authorization"), "")
-    algorithm, _, rest = authorization.partition(" ")
+    return _signature_scope(template.headers)
+
+
+def _signature_scope(headers: dict[str, str]) -> tuple[str, ...]:
+    algorithm, _, rest = _header(headers, "authorization").partition(" ")
     fields = dict(part.strip().partition("=")[::2] for part in rest.split(","))
     scope = fields.get("Credential", "").split("/")
     del scope[1:2]  # the date
     return algorithm, *scope, fields.get("SignedHeaders", "")
 
 
-def _credentials_of(template: _Template) -> tuple[str, str]:
-    """The access key in the template's signature and its session token ("" for none)."""
-    signer = _signer_of(template)
-    key = signer[1] if len(signer) > 1 else ""
-    token = next((_text(value) for name, value in template.headers.items()
-                  if name.lower() == "x-amz-security-token"), "")
-    return key, token
+def _credentials_of(headers: dict[str, str]) -> tuple[str, str]:
+    """The access key in a signature and its session token ("" for none)."""
+    scope = _signature_scope(headers)
+    return scope[1] if len(scope) > 1 else "", _header(headers, "x-amz-security-token")
+
+
+def _header(headers: dict[str, str], lower_name: str) -> str:
+    return next((_text(value) for name, value in headers.items() if name.lower() == lower_name), "")
 
 
 def _error_of(body: bytes) -> tuple[str, str]:

@@ -32,7 +32,9 @@ def shared_dir(path: Path) -> Path:
 
 
 def planted(link: Path, target: Path) -> Path:
-    """A symlink ``link`` -> ``target`` that the other user made (and may repoint at will)."""
+    """A symlink ``link`` -> ``target`` (a directory, made if missing) that the other user made,
+    and may repoint at will."""
+    target.mkdir(parents=True, exist_ok=True)
     link.symlink_to(target)
     os.lchown(link, OTHER, OTHER)
     return link
@@ -153,9 +155,8 @@ def test_a_default_mount_point_planted_as_a_symlink_is_refused(
 ) -> None:
     uri = one_file(s3, make_bucket)
     hidden = tmp_path / "hidden"
-    hidden.mkdir()
     data = shared_dir(cli.data_root)
-    (data / "p").symlink_to(hidden)
+    planted(data / "p", hidden)
     message = refused(cli, "mount", uri)
     assert f"{data / 'p'} is a symbolic link: give the mount point itself" in message
     assert not os.path.ismount(hidden)
@@ -207,7 +208,6 @@ def test_a_log_directory_planted_as_a_symlink_is_not_followed(
 ) -> None:
     uri = one_file(s3, make_bucket)
     elsewhere = tmp_path / "etc"
-    elsewhere.mkdir()
     link = planted(shared_dir(tmp_path / "tmp") / "s3datafs-logs", elsewhere)
     cli.env["S3DATAFS_LOG_DIR"] = str(link)
     assert "log directory" in refused(cli, "mount", uri)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import Cli, errno_of, files_below, sha256
 
+from s3datafs import mount
 from s3datafs.runtime import mount_table, pid_alive
 
 pytestmark = pytest.mark.fuse
@@ -539,3 +540,18 @@ def test_a_log_file_that_cannot_be_made_again_does_not_end_the_mount(
     s3.delete_object(Bucket=bucket, Key="p/x.bin")  # a read fails, and its log line with it
     assert errno_of(lambda: (mountpoint / "x.bin").read_bytes()) == errno.ESTALE
     assert (mountpoint / "y.bin").read_bytes() == b"y"  # the mount serves on
+
+
+def test_a_state_file_that_cannot_be_refreshed_does_not_end_the_mount(
+    cli: Cli, s3, make_bucket
+) -> None:
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    runtime = cli.root / "run"
+    cli.expect_log("cannot refresh the counters in the state file: runtime directory")
+    runtime.chmod(0o777)  # no longer private: the daemon's refresh every 2 s is refused
+    try:
+        time.sleep(2 * mount.STATS_INTERVAL + 0.5)
+        assert (mountpoint / "x.bin").read_bytes() == b"x"
+        assert "cannot refresh the counters" in (cli.root / "log" / "p.log").read_text()
+    finally:
+        runtime.chmod(0o700)

@@ -271,18 +271,28 @@ def test_unexpected_failures_are_one_line_unless_debug_is_asked_for(
 
 
 
+def csv_dataset(s3, make_bucket) -> str:
+    """The URI of a one-line CSV object (``d.csv``: ``a``)."""
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"a\n")
+    return f"s3://{bucket}/d.csv"
+
+
+def mounted_by_mount8(cli: Cli, uri: str, target: Path, *options: str) -> None:
+    """``mount -t s3datafs URI TARGET OPTIONS...`` (TARGET made first), which must succeed."""
+    target.mkdir()
+    done = _mount8("-t", "s3datafs", uri, str(target), *options, env=cli.env)
+    assert done.returncode == 0, done.stderr
+    assert (target / "d.csv").read_bytes() == b"a\n"
+
+
 @pytest.mark.parametrize("options", [[], ["-o", "defaults"], ["-o", "defaults,noexec"]], ids=str)
 def test_mount8_without_ro_mounts_read_only(
     cli: Cli, s3, make_bucket, installed_helper: Path, options: list[str]
 ) -> None:
     # mount(8) passes "rw" first for each of these (libmount adds it unless "ro" is given)
-    bucket = make_bucket()
-    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"a\n")
     target = cli.root / "plain"
-    target.mkdir()
-    done = _mount8("-t", "s3datafs", f"s3://{bucket}/d.csv", str(target), *options, env=cli.env)
-    assert done.returncode == 0, done.stderr
-    assert (target / "d.csv").read_bytes() == b"a\n"
+    mounted_by_mount8(cli, csv_dataset(s3, make_bucket), target, *options)
     mount_options = _mount_options(target)
     assert "ro" in mount_options
     assert ("noexec" in mount_options) == ("defaults,noexec" in options)
@@ -296,12 +306,11 @@ def _mount_options(target: Path) -> list[str]:
 def test_an_fstab_line_of_type_fuse_s3datafs_mounts(
     cli: Cli, s3, make_bucket, installed_helper: Path
 ) -> None:
-    bucket = make_bucket()
-    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"a\n")
+    uri = csv_dataset(s3, make_bucket)
     target = cli.root / "fuse-type"
     target.mkdir()
     fstab = cli.root / "fstab"
-    fstab.write_text(f"s3://{bucket}/d.csv  {target}  fuse.s3datafs  defaults,_netdev  0 0\n")
+    fstab.write_text(f"{uri}  {target}  fuse.s3datafs  defaults,_netdev  0 0\n")
     done = _mount8("-T", str(fstab), str(target), env=cli.env)
     assert done.returncode == 0, done.stderr
     assert (target / "d.csv").read_bytes() == b"a\n"
@@ -310,12 +319,8 @@ def test_an_fstab_line_of_type_fuse_s3datafs_mounts(
 def test_remount_changes_nothing_and_the_mount_keeps_serving(
     cli: Cli, s3, make_bucket, installed_helper: Path
 ) -> None:
-    bucket = make_bucket()
-    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"a\n")
     target = cli.root / "remounted"
-    target.mkdir()
-    done = _mount8("-t", "s3datafs", f"s3://{bucket}/d.csv", str(target), "-o", "ro", env=cli.env)
-    assert done.returncode == 0, done.stderr
+    mounted_by_mount8(cli, csv_dataset(s3, make_bucket), target, "-o", "ro")
     device = os.stat(target).st_dev
     again = _mount8("-o", "remount", str(target), env=cli.env)  # what systemctl reload runs
     assert (again.returncode, again.stderr) == (0, "")
@@ -342,14 +347,10 @@ def test_remount_of_what_is_not_an_s3datafs_mount_fails(
 def test_remount_refuses_to_change_noexec_and_keeps_the_mount_as_it_is(
     cli: Cli, s3, make_bucket, installed_helper: Path
 ) -> None:
-    bucket = make_bucket()
-    s3.put_object(Bucket=bucket, Key="d.csv", Body=b"a\n")
+    uri = csv_dataset(s3, make_bucket)
     plain, noexec = cli.root / "plain", cli.root / "noexec"
-    for target, options in ((plain, "ro"), (noexec, "ro,noexec")):
-        target.mkdir()
-        done = _mount8("-t", "s3datafs", f"s3://{bucket}/d.csv", str(target), "-o", options,
-                       env=cli.env)
-        assert done.returncode == 0, done.stderr
+    mounted_by_mount8(cli, uri, plain, "-o", "ro")
+    mounted_by_mount8(cli, uri, noexec, "-o", "ro,noexec")
     for target, asked in ((plain, "noexec"), (noexec, "exec")):  # asked for, impossible: refused
         changed = _mount8("-o", f"remount,{asked}", str(target), env=cli.env)
         assert changed.returncode != 0

@@ -1137,12 +1137,17 @@ class StuckDisk(WatchedDisk):
         super().write(*args, **kwargs)
 
 
-@trio_test
-async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) -> None:
+def stuck_disk_reader(tmp_path) -> tuple[FakeSource, StuckDisk, BlockReader]:
+    """A reader with a write budget of one ``LONG_RUN`` over a stuck disk cache."""
     source = FakeSource()
     source.create_bucket(BUCKET)
     disk = StuckDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
-    reader = make_disk_reader(source, disk, write_budget=ByteBudget(LONG_RUN))
+    return source, disk, make_disk_reader(source, disk, write_budget=ByteBudget(LONG_RUN))
+
+
+@trio_test
+async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) -> None:
+    source, disk, reader = stuck_disk_reader(tmp_path)
     data = bytes(range(256)) * (LONG_RUN // 256)
     first, second, third = (source.put(BUCKET, f"{i}.bin", data) for i in range(3))
     async with trio.open_nursery() as mount_tasks:
@@ -1160,10 +1165,7 @@ async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) ->
 
 @trio_test
 async def test_the_prefetch_command_fills_the_cache_at_the_disks_pace(tmp_path) -> None:
-    source = FakeSource()
-    source.create_bucket(BUCKET)
-    disk = StuckDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
-    reader = make_disk_reader(source, disk, write_budget=ByteBudget(LONG_RUN))
+    source, disk, reader = stuck_disk_reader(tmp_path)
     refs = [source.put(BUCKET, f"{i}.bin", b"x" * LONG_RUN) for i in range(2)]
     async with trio.open_nursery() as mount_tasks:
         reader.attach(mount_tasks)
