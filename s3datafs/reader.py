@@ -17,13 +17,14 @@ Design:
 - Slow links: a run a reader waits for of ``SPLIT_BYTES`` or more is two flights, two GETs sent
   at once, once the link has shown itself slow (``linkrate``; see ``_runs_for``).
 - Fetched blocks go to memory at once and to the disk cache behind the reader's back
-  (write-behind, in the mount's nursery, bounded by ``write_budget`` bytes pending; while fetched
-  runs wait for room there, readahead pauses, and longer flights wait for the disk limiter
-  before their GET). Write-behind lets the reads a reader waits for go first, for at most
-  ``WRITE_YIELD`` seconds and never while fetched runs wait for the budget (see ``_write``).
-  A short run is written by the worker thread that fetched it, before it returns: the write
-  costs less than the thread hop it saves (see ``_fill``). A cache failure is logged
-  (rate-limited) and never fails a read.
+  (write-behind, in the mount's nursery, bounded by ``write_budget`` bytes pending, or by what
+  the disk writes in a second where it is slower (``cache.pace``); while fetched runs wait for
+  room there, readahead pauses, and longer flights wait for the disk limiter before their GET,
+  unless a reader joins them: ``_join``). Write-behind lets the reads a reader waits for go
+  first, for at most ``WRITE_YIELD`` seconds and never while fetched runs wait for the budget
+  (see ``_write``). A short run is written by the worker thread that fetched it, before it
+  returns: the write costs less than the thread hop it saves (see ``_fill``). A cache failure
+  is logged (rate-limited) and never fails a read.
 - Prefetch flights run in the mount's nursery under ``prefetch_budget``: bytes of readahead in
   flight *or landed and not read yet*, total across handles. Landed readahead is *staged* (kept
   apart from the LRU) until a read takes it, so the budget bounds its memory and nothing can
@@ -72,6 +73,7 @@ import trio
 
 from .cache.blockfile import object_digest
 from .cache.disk import DiskCache, TroubleLog
+from .cache.pace import WritePace
 from .config import DEFAULT_MAX_REQUEST, DEFAULT_WRITE_BEHIND
 from .errors import S3DataFSError, TransientS3Error
 from .linkrate import LinkRate
@@ -150,7 +152,9 @@ class _Flight:
         self.ref = ref
         self.run = run
         self.budget = budget  # prefetch budget held (readahead); what is not staged goes back
-        self.waited = waited  # a reader waits for it (not readahead, not ``warm``)
+        self.waited = waited  # a reader waits for it (not readahead, not ``warm``): see ``_join``
+        self.flying = False  # ``_fly`` has started: it counts in ``_waited_flights`` if waited
+        self.queued: trio.CancelScope | None = None  # readahead queued for the disk limiter
         self.done = trio.Event()
         self.blocks: dict[int, bytes] = {}
         self.error: BaseException | None = None
@@ -194,6 +198,9 @@ class BlockReader:
         self._split_blocks = max(2, split_bytes // block_size)
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
         self._write_budget = write_budget or ByteBudget(DEFAULT_WRITE_BEHIND)
+        # The write budget shrinks to what the disk writes in a second where it is slow (``pace``).
+        self._pace = WritePace(self._request_blocks * block_size, self._write_budget.capacity)
+        self._write_budget.capacity = self._pace.allowance
         self._write_waiting = 0  # bytes fetched and waiting for room in the write budget
         self._waited_flights = 0  # flights a reader waits for (``_Flight.waited``), in progress
         self._writes_may_go = trio.Event()  # set (and renewed) when write-behind may stop yielding
@@ -430,6 +437,8 @@ class BlockReader:
                 self.stats.memory_hits += 1
             elif (flight := self._inflight.get(key)) is not None:
                 waiting[index] = flight
+                if waited:
+                    self._join(flight)
             else:
                 missing.append(index)
         for index in missing:
@@ -445,6 +454,25 @@ class BlockReader:
                     waiting.update(dict.fromkeys(run, flight))
                     nursery.start_soon(self._fly, flight)
         return waiting
+
+    def _join(self, flight: _Flight) -> None:
+        """A reader waits for ``flight``: if it was readahead, it is now a flight a reader waits
+        for, and it stops waiting behind the cache writes.
+
+        Readahead looks on disk under the disk limiter that the writes share; that queue is its
+        backpressure when the disk falls behind S3. A reader that catches up with readahead
+        still in that queue waited for the writes before it: 4-5 s per 1 MiB read with the
+        cache disk at 10 MB/s (session 19's review). Such a flight leaves the queue and looks
+        on disk in its GET's call, and its blocks are left uncached rather than wait for write
+        room, as for any run a reader waits for (``_write_behind``).
+        """
+        if flight.waited:
+            return
+        flight.waited = True
+        if flight.flying:
+            self._waited_flights += 1
+        if flight.queued is not None:
+            flight.queued.cancel()
 
     def _runs_for(self, ref: ObjectRef, missing: list[int], waited: bool) -> list[range]:
         """The flights (one GET each) for ``missing``: runs of at most one GET's length.
@@ -486,8 +514,8 @@ class BlockReader:
         short run was written already, by the worker thread of its GET: see ``_fill``).
         """
         fetched: list[tuple[int, list[bytes]]] = []
-        waited = flight.waited
-        self._waited_flights += waited
+        flight.flying = True
+        self._waited_flights += flight.waited
         try:
             await self._fill(flight, fetched)
             self._keep(flight)
@@ -503,12 +531,12 @@ class BlockReader:
                 self._prefetch_budget.give(flight.budget)
                 flight.budget = 0
             flight.done.set()
-            self._waited_flights -= waited
-            if waited and not self._waited_flights:
+            self._waited_flights -= flight.waited
+            if flight.waited and not self._waited_flights:
                 self._let_writes_go()
         if self._on_disk(flight.ref):
             for first, blocks in fetched:
-                await self._write_behind(flight.ref, first, blocks, waited=waited)
+                await self._write_behind(flight.ref, first, blocks, waited=flight.waited)
 
     def _on_disk(self, ref: PinnedRef) -> bool:
         """Whether ``ref``'s blocks go to the disk cache (see ``_source_keeps``)."""
@@ -553,13 +581,17 @@ class BlockReader:
         long_run = disk is not None and len(run) * self.block_size > ONE_HOP_BYTES
         write = None if long_run else disk  # a long run is written behind
         if long_run and not flight.waited:
-            hits = await trio.to_thread.run_sync(
-                self._read_cached, ref, run, disk, limiter=self._disk_limiter
-            )
-            self._took_from_disk(flight, hits)
-            run, disk = range(run.start + len(hits), run.stop), None
-            if not run:
-                return
+            with trio.CancelScope() as queued:
+                flight.queued = queued  # a reader that joins cancels the wait (``_join``)
+                hits = await trio.to_thread.run_sync(
+                    self._read_cached, ref, run, disk, limiter=self._disk_limiter
+                )
+            flight.queued = None
+            if not queued.cancelled_caught:  # else the GET's call looks on disk
+                self._took_from_disk(flight, hits)
+                run, disk = range(run.start + len(hits), run.stop), None
+                if not run:
+                    return
         # The hard bound of --read-timeout: it counts the wait for a connection slot, and a GET
         # that outlives it is abandoned (its thread ends on its own socket timeout and deadline,
         # and only then gives its slot back), so no reader ever waits on S3 longer than this.
@@ -711,12 +743,20 @@ class BlockReader:
                 while self._waited_flights and not self._write_waiting:
                     await self._writes_may_go.wait()
             await trio.to_thread.run_sync(
-                self._disk.write, ref, digest, first, blocks, limiter=self._disk_limiter
+                self._paced_write, ref, digest, first, blocks, cost, limiter=self._disk_limiter
             )
         except Exception as exc:  # a cache fault (or bug) must not end the mount
             self._write_failed(exc)
         finally:
+            self._write_budget.capacity = self._pace.allowance
             self._write_budget.give(cost)
+
+    def _paced_write(
+        self, ref: ObjectRef, digest: str, first: int, blocks: list[bytes], cost: int
+    ) -> None:
+        """In a worker thread: a write-behind, timed for the disk's pace (``cache.pace``)."""
+        with self._pace.writing(cost):
+            self._disk.write(ref, digest, first, blocks)
 
     def _let_writes_go(self) -> None:
         self._writes_may_go.set()

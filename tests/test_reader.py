@@ -800,7 +800,10 @@ PAGE_BLOCK = 4096  # the disk cache writes whole pages (O_DIRECT)
 
 
 def make_disk_reader(
-    source: FakeSource, disk: DiskCache, write_budget: ByteBudget | None = None
+    source: FakeSource,
+    disk: DiskCache,
+    write_budget: ByteBudget | None = None,
+    disk_limiter: trio.CapacityLimiter | None = None,
 ) -> BlockReader:
     return BlockReader(
         source,
@@ -808,6 +811,7 @@ def make_disk_reader(
         memory_cache_bytes=4 << 20,
         s3_limiter=trio.CapacityLimiter(8),
         disk=disk,
+        disk_limiter=disk_limiter,
         max_request_bytes=8 << 20,
         write_budget=write_budget,
     )
@@ -902,7 +906,7 @@ async def test_a_short_run_costs_one_worker_call_with_its_cache_write(
     if blocks * PAGE_BLOCK <= ONE_HOP_BYTES:  # one hop: disk lookup, GET and cache write
         assert worker_calls == ["_load_watched"]
     else:  # a reader's own long run: lookup and GET, then write-behind
-        assert worker_calls == ["_load_watched", "write"]
+        assert worker_calls == ["_load_watched", "_paced_write"]
     found = disk.read_run(object_digest(ref), ref.size, range(blocks))
     assert b"".join(found.values()) == data
 
@@ -918,11 +922,11 @@ async def test_only_a_long_run_nobody_waits_for_looks_on_disk_behind_the_writes(
     reader = make_disk_reader(source, disk)
     if who == "prefetch command":
         await reader.warm(ref)
-        assert worker_calls == ["_read_cached", "_load_watched", "write"]
+        assert worker_calls == ["_read_cached", "_load_watched", "_paced_write"]
     else:
         reader._write_waiting = PAGE_BLOCK  # fetched blocks wait for room: the disk is behind
         assert await reader.read(ref, 0, len(data)) == data
-        assert worker_calls == ["_load_watched", "write"]
+        assert worker_calls == ["_load_watched", "_paced_write"]
     assert len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
 
 
@@ -1131,18 +1135,23 @@ class StuckDisk(WatchedDisk):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.unstuck = threading.Event()
+        self.entered = threading.Event()  # a write is stuck
 
     def write(self, *args, **kwargs) -> None:
+        self.entered.set()
         assert self.unstuck.wait(10), "the test never let the disk go on"
         super().write(*args, **kwargs)
 
 
-def stuck_disk_reader(tmp_path) -> tuple[FakeSource, StuckDisk, BlockReader]:
+def stuck_disk_reader(
+    tmp_path, disk_limiter: trio.CapacityLimiter | None = None
+) -> tuple[FakeSource, StuckDisk, BlockReader]:
     """A reader with a write budget of one ``LONG_RUN`` over a stuck disk cache."""
     source = FakeSource()
     source.create_bucket(BUCKET)
     disk = StuckDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
-    return source, disk, make_disk_reader(source, disk, write_budget=ByteBudget(LONG_RUN))
+    budget = ByteBudget(LONG_RUN)
+    return source, disk, make_disk_reader(source, disk, budget, disk_limiter)
 
 
 @trio_test
@@ -1161,6 +1170,54 @@ async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) ->
         disk.unstuck.set()
     assert disk.blocks_written == 300
     assert disk.read_run(object_digest(second), second.size, range(300)) == {}
+
+
+@trio_test
+async def test_a_reader_that_catches_up_with_readahead_queued_behind_the_writes_does_not_wait(
+    tmp_path,
+) -> None:
+    source, disk, reader = stuck_disk_reader(tmp_path, disk_limiter=trio.CapacityLimiter(1))
+    data = bytes(range(256)) * (LONG_RUN // 256)
+    written, read_ahead = (source.put(BUCKET, f"{i}.bin", data) for i in range(2))
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        mount_tasks.start_soon(reader.warm, written)  # its write holds the disk: stuck
+        assert await trio.to_thread.run_sync(disk.entered.wait, 5)
+        assert reader.prefetch(read_ahead, 0, LONG_RUN) == LONG_RUN
+        await trio.testing.wait_all_tasks_blocked()  # queued for the disk, behind the write
+        with trio.fail_after(2):  # the reader takes it over: a lookup in its GET's call
+            assert await reader.read(read_ahead, 0, len(data)) == data
+        assert reader._waited_flights == 0
+        disk.unstuck.set()
+    assert reader.stats.cache_writes_skipped == 300  # no room: a reader's run is not waited for
+    assert disk.blocks_written == 300
+    assert source.calls["get_range"] == 2
+
+
+class SlowDisk(DiskCache):
+    """A cache disk that takes ``seconds`` for every write."""
+
+    seconds = 0.0
+
+    def write(self, *args, **kwargs) -> None:
+        time.sleep(self.seconds)
+        super().write(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("seconds", "budget_mib"), [(0.0, 64), (0.5, 8)])
+@trio_test
+async def test_what_may_wait_for_the_disk_follows_its_pace(tmp_path, seconds, budget_mib) -> None:
+    source = FakeSource()
+    source.create_bucket(BUCKET)
+    disk = SlowDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    disk.seconds = seconds  # 0.5 s for 1.2 MB: 2.5 MB/s, less than one GET's run a second
+    reader = make_disk_reader(source, disk, ByteBudget(64 << 20))
+    assert reader._write_budget.capacity == 8 << 20  # one run, until the disk shows its pace
+    ref = source.put(BUCKET, "a.bin", b"x" * LONG_RUN)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        await reader.warm(ref)
+    assert reader._write_budget.capacity == budget_mib << 20
 
 
 @trio_test

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..cache.blockfile import object_digest
 from ..cache.disk import DiskCache, TroubleLog
+from ..cache.pace import WritePace
 from ..config import DEFAULT_WRITE_BEHIND
 from ..model import ObjectRef, ObjectSource
 from ..reader import ONE_HOP_BYTES, ReadStats
@@ -49,8 +50,9 @@ class ArchiveBlocks:
     members in memory only (see ``reader``).
 
     Longer fetches (spans) are written behind, by one writer thread, so a reader (and everyone
-    waiting for its span) never waits for the disk: up to ``write_behind`` bytes may be pending,
-    after which a fetch waits for room (memory stays bounded when the disk falls behind).
+    waiting for its span) never waits for the disk: up to ``write_behind`` bytes may be pending
+    (less where the disk is slow: what it writes in a second, ``cache.pace``), after which a
+    fetch waits for room (memory stays bounded when the disk falls behind).
     Pending blocks are served from memory, so they are never fetched twice. A short fetch (a
     scattered member, at most ``reader.ONE_HOP_BYTES``) is written by the thread that fetched it,
     before it returns: handing it to the writer costs a thread wake-up and GIL hand-offs, more
@@ -70,7 +72,7 @@ class ArchiveBlocks:
         self._room = threading.Condition()  # guards the two below, and ``stats``
         self._pending: dict[tuple[str, int], bytes] = {}  # (digest, index) -> block to write
         self._pending_bytes = 0
-        self._write_behind = write_behind
+        self._pace = WritePace(_MAX_SPAN, write_behind)  # the pending bound: the disk's pace
         self._write_inline = write_inline
         self._writer: ThreadPoolExecutor | None = None
         self._sync_queued = False  # a disk cache sync due after a short fetch's write
@@ -141,7 +143,7 @@ class ArchiveBlocks:
     def _store(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview]) -> None:
         cost = sum(map(len, blocks))
         with self._room:
-            while self._pending_bytes and self._pending_bytes + cost > self._write_behind:
+            while self._pending_bytes and self._pending_bytes + cost > self._pace.allowance:
                 self._room.wait()
             self._pending_bytes += cost
             for index, block in enumerate(blocks, first):
@@ -176,7 +178,10 @@ class ArchiveBlocks:
     def _write(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview],
                cost: int) -> None:
         try:
-            self._write_now(archive, digest, first, blocks)
+            with self._pace.writing(cost):
+                self._disk.write(archive, digest, first, blocks)
+        except Exception as exc:  # the bytes are good: a cache fault (or bug) must not fail them
+            self._trouble.write_failed(exc)
         finally:
             self._written(digest, first, len(blocks), cost)
 
