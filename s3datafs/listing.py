@@ -38,9 +38,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .model import ObjectRef
+from .errors import S3RequestError
+from .model import ObjectRef, normalize_etag
 
 Page = dict[str, Any]
+_ITEM_LISTS = ("Contents", "Versions", "DeleteMarkers")
 Fetch = Callable[[str, "str | None"], Iterable[Page]]
 DELIMITER = "/"
 _BATCH = 500  # refs per hand-over from a unit worker to the consumer
@@ -126,14 +128,69 @@ class _Chooser:
 
 def to_ref(bucket: str, item: Page, *, versioned: bool) -> ObjectRef:
     """The ``ObjectRef`` of one listed object (``Contents`` or ``Versions`` item)."""
+    uri = f"s3://{bucket}/{item['Key']}"
     return ObjectRef(
         bucket=bucket,
         key=item["Key"],
-        version_id=item["VersionId"] if versioned else None,
-        etag=item["ETag"],
-        size=int(item["Size"]),
-        last_modified=item["LastModified"].timestamp(),
+        version_id=required(item, "VersionId", uri) if versioned else None,
+        etag=pinnable_etag(item.get("ETag"), uri),
+        size=int(required(item, "Size", uri)),
+        last_modified=required(item, "LastModified", uri).timestamp(),
     )
+
+
+def pinnable_etag(etag: str | None, uri: str) -> str:
+    """``etag`` in S3's quoted form (some stores send it bare: ``If-Match`` and every comparison
+    need one form); a store that sends none cannot pin anything."""
+    if not etag or not etag.strip().strip('"'):
+        raise S3RequestError(
+            f"{uri}: S3 sent no ETag for it, and s3datafs pins every object by its ETag: "
+            "this store cannot be mounted"
+        )
+    return normalize_etag(etag)
+
+
+def required(fields: Page, name: str, uri: str) -> Any:
+    """A field every S3 answer about an object has; a store that leaves it out is refused."""
+    value = fields.get(name)
+    if value is None:
+        raise S3RequestError(f"{uri}: S3 sent no {name} for it: this store cannot be mounted")
+    return value
+
+
+def checked_pages(pages: Iterable[Page], uri: str, *, versioned: bool) -> Iterator[Page]:
+    """``pages`` as the paginator hands them out, refused where a store breaks the listing's
+    rules: botocore's paginator stops quietly at a page that says more follow but carries no
+    token (a mount of part of the data, with no word said), and only refuses a token sent twice
+    in a row (one that comes back later lists forever). Keys must not go back either: each page
+    starts at or after where the one before ended (a key's versions may span two pages).
+    """
+    tokens: set[object] = set()
+    last = ""
+    for page in pages:
+        keys = [item["Key"] for name in _ITEM_LISTS for item in page.get(name, ())]
+        keys += [common["Prefix"] for common in page.get("CommonPrefixes", ())]
+        if keys and min(keys) < last:
+            raise S3RequestError(
+                f"listing {uri}: S3 sent a page of keys that goes back before the page it "
+                "followed: this store's listing cannot be trusted, so nothing is mounted"
+            )
+        last = max(keys, default=last)
+        if page.get("IsTruncated"):
+            token = page.get("NextKeyMarker") if versioned else page.get("NextContinuationToken")
+            if not token:
+                raise S3RequestError(
+                    f"listing {uri}: S3 said more keys follow but sent no continuation token: "
+                    "the listing would be cut short, so nothing is mounted"
+                )
+            token = (token, page.get("NextVersionIdMarker"))
+            if token in tokens:
+                raise S3RequestError(
+                    f"listing {uri}: S3 sent a continuation token it had sent before: the "
+                    "listing would never end, so nothing is mounted"
+                )
+            tokens.add(token)
+        yield page
 
 
 def pin_pages(

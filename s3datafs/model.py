@@ -3,9 +3,9 @@
 Invariants:
 - An ``ObjectRef`` is immutable and complete: once resolved at mount time it names exactly one
   sequence of bytes (bucket, key, VersionId when the bucket is versioned, ETag always).
-- ``etag`` is kept exactly as S3 sends it, quotes included (``"<hex>"`` or ``"<hex>-<parts>"``),
-  because that is what ``If-Match`` must carry back. ``normalize_etag`` is the one place that
-  accepts the user's spelling (quotes optional).
+- ``etag`` is in S3's quoted form (``"<hex>"`` or ``"<hex>-<parts>"``), because that is what
+  ``If-Match`` must carry back. ``normalize_etag`` makes it from the user's spelling (quotes
+  optional) and from stores that send it bare (``listing.pinnable_etag``).
 - ``version_id`` is ``None`` on an unversioned bucket and the literal string ``"null"`` for an
   object written to a versioned bucket before versioning was enabled: S3 distinguishes the two,
   and so do we.

@@ -70,7 +70,7 @@ def resolve(
             if pins.version_id is not None and ref.version_id != pins.version_id:
                 ref = _with_version(ref, pins.version_id)  # asked for: some stores echo none
             elif versioned and ref.version_id is None:
-                ref = _with_version(ref, "null")
+                ref = _null_version_or_etag_only(source, ref)
             _warn_if_versioning_unknown(versioning, uri, ref.version_id)
             # A version id says the bucket keeps versions, even when we may not ask it.
             versioned = versioned or ref.version_id is not None
@@ -92,7 +92,8 @@ def _resolve_as_of(
     if versioning is None:
         raise UnsupportedError(
             f"--as-of needs the versioning state of bucket {uri.bucket!r}, and "
-            f"GetBucketVersioning was denied: allow it, or drop --as-of"
+            f"GetBucketVersioning was denied (or this store has no such call): allow it, or "
+            f"drop --as-of"
         )
     if not versioning:
         raise UnsupportedError(
@@ -127,7 +128,8 @@ def _warn_if_versioning_unknown(versioning: bool | None, uri: S3Uri, version: st
     """
     if versioning is None and version is None:
         log.warning(
-            "may not read the versioning state of bucket %r (GetBucketVersioning denied): "
+            "cannot read the versioning state of bucket %r (GetBucketVersioning denied or "
+            "not supported): "
             "pinning %s by ETag only",
             uri.bucket,
             uri,
@@ -159,6 +161,28 @@ def _check_etag(ref: ObjectRef, pins: Pins) -> None:
             f"ETag mismatch for {ref.uri}: expected {normalize_etag(pins.etag)}, "
             f"S3 has {ref.etag}: the object changed, or --etag/--version-id is wrong"
         )
+
+
+def _null_version_or_etag_only(source: ObjectSource, ref: ObjectRef) -> ObjectRef:
+    """The pin of an object whose HEAD names no version on a versioned bucket.
+
+    S3 names none for the "null" version (an object written before versioning was enabled);
+    some S3-compatible stores name none for any version, and pinning those to "null" failed
+    every read with ESTALE. Only a HEAD of version "null" with the same ETag tells the first
+    case; otherwise the object is pinned by its ETag alone (If-Match still guards every read).
+    """
+    try:
+        null = source.head(ref.bucket, ref.key, "null")
+    except NotFoundError:
+        null = None
+    if null is not None and null.etag == ref.etag:
+        return _with_version(ref, "null")
+    log.warning(
+        "S3 names no version of %s on a versioned bucket: pinned by its ETag alone (a read "
+        "fails with ESTALE once the object is overwritten)",
+        ref.uri,
+    )
+    return ref
 
 
 def _with_version(ref: ObjectRef, version_id: str) -> ObjectRef:

@@ -82,8 +82,16 @@ from .errors import (
     UsageError,
 )
 from .linkrate import LinkRate
-from .listing import Page, Selection, list_ordered, select_key
-from .model import ObjectRef, http_range
+from .listing import (
+    Page,
+    Selection,
+    checked_pages,
+    list_ordered,
+    pinnable_etag,
+    required,
+    select_key,
+)
+from .model import ObjectRef, http_range, normalize_etag
 from .signedget import Fetched, SignedGets, object_params
 
 log = logging.getLogger(__name__)
@@ -119,6 +127,10 @@ _TRANSIENT = {
     "ThrottledException",
     "PriorRequestNotComplete",
     "OperationAborted",
+}
+# GetBucketVersioning: no permission for it (valid keys), or a store that does not have it.
+_VERSIONING_UNKNOWN = {
+    "AccessDenied", "403", "NotImplemented", "501", "MethodNotAllowed", "405", "InvalidRequest"
 }
 # What a GET of pinned bytes gets once they are gone (the bucket with them, too): ESTALE.
 _GONE = {"NoSuchKey", "NoSuchVersion", "NoSuchBucket", "404", "PreconditionFailed", "412"}
@@ -179,7 +191,7 @@ class S3Source:
         try:
             response = self._client.get_bucket_versioning(Bucket=bucket)
         except botocore.exceptions.ClientError as exc:
-            if _code(exc) in ("AccessDenied", "403"):  # valid keys, no permission for this call
+            if _code(exc) in _VERSIONING_UNKNOWN:  # ETag pinning needs no versioning state
                 return None
             raise _map_client_error(exc, f"s3://{bucket}") from None
         except botocore.exceptions.BotoCoreError as exc:
@@ -205,9 +217,9 @@ class S3Source:
             bucket=bucket,
             key=key,
             version_id=response.get("VersionId"),
-            etag=response["ETag"],
-            size=int(response["ContentLength"]),
-            last_modified=response["LastModified"].timestamp(),
+            etag=pinnable_etag(response.get("ETag"), uri),
+            size=int(required(response, "ContentLength", uri)),
+            last_modified=required(response, "LastModified", uri).timestamp(),
         )
 
     def list_latest(self, bucket: str, prefix: str, *, versioned: bool) -> Iterator[ObjectRef]:
@@ -250,7 +262,8 @@ class S3Source:
                   "PaginationConfig": {"PageSize": self._settings.list_page_size}}
         if delimiter is not None:
             kwargs["Delimiter"] = delimiter
-        return self._client.get_paginator(operation).paginate(**kwargs)
+        pages = self._client.get_paginator(operation).paginate(**kwargs)
+        return checked_pages(pages, f"s3://{bucket}/{prefix}", versioned=versioned)
 
     # -- reads (after mount) -----------------------------------------------------------------
 
@@ -282,6 +295,7 @@ class S3Source:
         data = fetched.data
         self.link.end(get, len(data), fetched.body_seconds)
         _check_body(ref, start, end, data, fetched.content_range)
+        _check_pin(ref, fetched)
         if start == 0 and end == ref.size and self._verify_md5:
             self._check_md5(ref, data, fetched)
         return data
@@ -316,7 +330,8 @@ class S3Source:
         finally:
             body.close()
         return Fetched(data, response.get("ContentRange"), response.get("ServerSideEncryption"),
-                       response.get("SSECustomerAlgorithm"), time.perf_counter() - started)
+                       response.get("SSECustomerAlgorithm"), time.perf_counter() - started,
+                       response.get("ETag"), response.get("VersionId"))
 
     def _check_md5(self, ref: ObjectRef, data: bytes, fetched: Fetched) -> None:
         """A whole-object body must hash to an MD5 ETag (see the module docstring)."""
@@ -360,13 +375,38 @@ def _check_body(
         if len(data) == ref.size != end - start:
             raise S3RequestError(f"{ref.uri}: server ignored the Range header ({content_range!r})")
         raise TransientS3Error(f"{ref.uri}: response without a valid Content-Range")
+    first, last, total = int(match[1]), int(match[2]), match[3]
+    if total != "*" and int(total) != ref.size:  # no retry makes it the pinned size
+        raise StaleObjectError(
+            f"{ref.uri} is {total} bytes in S3, not the {ref.size} it was pinned with (it "
+            "changed, or the listing misstated its size); remount to see the current data"
+        )
     if len(data) != end - start:
         raise TransientS3Error(
             f"wrong body length for {ref.uri}: {len(data)} bytes, {end - start} asked"
         )
-    first, last, total = int(match[1]), int(match[2]), match[3]
-    if (first, last + 1) != (start, end) or (total != "*" and int(total) != ref.size):
+    if (first, last + 1) != (start, end):
         raise TransientS3Error(f"{ref.uri}: Content-Range {content_range!r} is not what was asked")
+
+
+def _check_pin(ref: ObjectRef, fetched: Fetched) -> None:
+    """Refuse a body that S3 says is of another ETag or version than the pinned one.
+
+    S3 never sends one (``If-Match`` and ``versionId`` see to that), but a store that ignores
+    them (some S3-compatible gateways) answers with the current object's bytes: its ETag and
+    version headers are then all that tells them apart. A header that is missing tells nothing.
+    """
+    etag, version = fetched.etag, fetched.version_id
+    if etag is not None and normalize_etag(etag) != ref.etag:
+        raise StaleObjectError(
+            f"{ref.uri} changed after mount: S3 sent ETag {normalize_etag(etag)} for pinned ETag "
+            f"{ref.etag} (this store ignores If-Match); remount to see the current data"
+        )
+    if version is not None and ref.version_id is not None and version != ref.version_id:
+        raise StaleObjectError(
+            f"{ref.uri} changed after mount: S3 sent version {version} for pinned version "
+            f"{ref.version_id} (this store ignores versionId); remount to see the current data"
+        )
 
 
 def check_settings(settings: S3Settings) -> None:

@@ -145,6 +145,8 @@ class Fetched:
     encryption: str | None  # x-amz-server-side-encryption
     customer_algorithm: str | None  # x-amz-server-side-encryption-customer-algorithm
     body_seconds: float = 0.0  # reading the body once the headers were in (``linkrate``)
+    etag: str | None = None  # the ETag and version S3 says it sent (``s3source._check_pin``)
+    version_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,8 @@ class SignedGets:
             answered.get("x-amz-server-side-encryption"),
             answered.get("x-amz-server-side-encryption-customer-algorithm"),
             body_seconds,
+            answered.get("ETag"),
+            answered.get("x-amz-version-id"),
         )
 
     def forget(self, ref: ObjectRef) -> None:

@@ -42,6 +42,11 @@ Actions (``ACTIONS``):
 ``flip``        one byte of the body inverted (at ``at``, default the middle); length unchanged
                 (``strip_checksums``: and x-amz-checksum-* headers dropped, as real S3 sends none
                 for ranged GETs while moto does for a whole-object range)
+``rewrite``     a store that behaves otherwise than S3: the request forwarded without the headers
+                or query parameters named in ``drop`` (``("if-match", "versionId")``: a store
+                that ignores them), and the response's headers and body passed through ``edit``
+                (``edit(headers, body) -> (headers, body)``; Content-Length follows the body,
+                except for a HEAD, whose headers are sent as ``edit`` returns them)
 ==============  ===================================================================================
 
 Body actions apply to responses with a Content-Length (every GetObject); the response is then
@@ -67,7 +72,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlparse
 
 from devtools.s3server import classify, request_target
 
@@ -84,7 +89,8 @@ _BODY_ACTIONS = frozenset(  # rules that rewrite the response body, so it cannot
         "throttle",
     ]
 )
-ACTIONS = _BODY_ACTIONS | {"reset", "delay", "stall", "error", "garbage"}
+ACTIONS = _BODY_ACTIONS | {"reset", "delay", "stall", "error", "garbage", "rewrite"}
+Headers = list[tuple[bytes, bytes]]
 CHUNK = 256 * 1024
 _ACCESS_KEY = re.compile(r"Credential=([^/]*)/")  # SigV4's Authorization header
 DEFAULT_STALL = 120.0
@@ -120,6 +126,8 @@ class Rule:
     strip_checksums: bool = False  # body actions: drop x-amz-checksum-* too (see ``flip``)
     rate: float = 1024 * 1024  # bytes per second, for ``throttle``
     signed_with: Callable[[str], bool] | None = None  # of the request's access key id
+    drop: tuple[str, ...] = ()  # ``rewrite``: request headers and query parameters removed
+    edit: Callable[[Headers, bytes], tuple[Headers, bytes]] | None = None  # ``rewrite``
     fired: int = 0
 
     def matches(self, op: str, key: str, access_key: str) -> bool:
@@ -301,7 +309,9 @@ class FaultProxy:
             while not self._stopping.is_set():
                 request = _read_request(reader)
                 rule = self._choose(request)
-                if rule is not None and rule.action not in _BODY_ACTIONS:
+                if rule is not None and rule.action == "rewrite":
+                    request = _without(request, rule.drop)
+                elif rule is not None and rule.action not in _BODY_ACTIONS:
                     verdict = self._before_forwarding(rule, client)
                     if verdict == "close":
                         return
@@ -353,11 +363,20 @@ class FaultProxy:
         names = {name.lower(): value for name, value in headers}
         keep_alive = names.get(b"connection", b"").lower() != b"close"
         no_body = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        edit = rule.edit if rule is not None and rule.action == "rewrite" else None
         if no_body:
+            if edit is not None:
+                headers, _ = edit(headers, b"")
             client.sendall(_head(status_line, headers))
             return keep_alive
         if b"content-length" in names:
             length = int(names[b"content-length"])
+            if edit is not None:
+                headers, body = edit(headers, _read_exact(up, length))
+                headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+                headers.append((b"Content-Length", str(len(body)).encode()))
+                client.sendall(_head(status_line, headers) + body)
+                return keep_alive
             if rule is not None and rule.action in _BODY_ACTIONS:
                 body = _read_exact(up, length)
                 return self._changed_body(rule, status_line, headers, body, client) and keep_alive
@@ -452,6 +471,24 @@ def _read_request(stream: BinaryIO) -> _Request:
     query = parse_qs(urlparse(target).query, keep_blank_values=True)
     op = classify(method, bucket, key, query, {})
     return _Request(method, target, _head(request_line, headers), names, body, op, key)
+
+
+def _without(request: _Request, names: tuple[str, ...]) -> _Request:
+    """``request`` without the headers and query parameters called ``names`` (any case)."""
+    if not names:
+        return request
+    dropped = {name.lower() for name in names}
+    request_line, *lines = request.head.rstrip(b"\r\n").split(b"\r\n")
+    method, target, version = request_line.decode("latin-1").split(" ", 2)
+    parsed = urlparse(target)
+    query = [(k, v) for k, v in parse_qsl(parsed.query, keep_blank_values=True)
+             if k.lower() not in dropped]
+    target = parsed._replace(query=urlencode(query)).geturl()
+    kept = [line for line in lines
+            if line.partition(b":")[0].strip().decode("latin-1").lower() not in dropped]
+    head = b"\r\n".join([f"{method} {target} {version}".encode("latin-1"), *kept]) + b"\r\n\r\n"
+    headers = {k: v for k, v in request.headers.items() if k not in dropped}
+    return _Request(method, target, head, headers, request.body, request.op, request.key)
 
 
 def _read_exact(stream: BinaryIO, length: int) -> bytes:
