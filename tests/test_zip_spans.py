@@ -402,3 +402,32 @@ def test_spans_planned_ahead_by_a_peek_that_finds_nothing_are_fetched_all_the_sa
     last = max(s.end for s in table._spans)
     assert table.read(archive, last - 10, last) == bytes(10)
     table.close()
+
+
+def test_spans_ahead_that_no_thread_can_be_started_for_fail_and_reading_goes_on(
+    monkeypatch,
+) -> None:
+    # Under a pids limit (a container's), starting a thread fails: the spans planned ahead were
+    # counted as having a thread, were never fetched, and readers waited for them, for good.
+    mib = 1 << 20
+    archive = ObjectRef("b", "a.zip", None, '"e"', 64 * mib, 0.0)
+    table = spans.Spans(GatedArchive(), max_bytes=64 * mib)
+    start = threading.Thread.start
+
+    def no_thread(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    at = 0
+    while not any(s.end - s.start >= spans._AHEAD_FROM_SPAN for s in table._spans):
+        assert table.read(archive, at, at + 256 * 1024) == bytes(256 * 1024)
+        at += 256 * 1024
+    assert not [s for s in table._spans if s.start >= at]  # failed, out of the table
+    monkeypatch.setattr(threading.Thread, "start", start)  # threads to be had again
+    reader = threading.Thread(target=table.read, args=(archive, at, at + 8 * mib), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "a reader waits for a span no thread will fetch"
+    wait_until(lambda: all(s.done.is_set() for s in table._spans), "no span ahead landed")
+    assert table.read(archive, 60 * mib, 61 * mib) == bytes(mib)
+    table.close()

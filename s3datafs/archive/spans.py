@@ -206,27 +206,40 @@ class _Ahead:
 
     Daemon threads, because nothing should wait for them: a GET stalled on S3 would hold up the
     end of the process until its deadline (a foreground mount took ~60 s to exit after SIGTERM
-    while S3 stalled). Spans queued when closed are dropped (``drop``), so no reader waits on
-    one that will never be fetched.
+    while S3 stalled). Spans queued when closed fail, and so do spans no thread could be
+    started for, so no reader waits on one that will never be fetched.
     """
 
-    def __init__(self, fetch: Callable[[_Span], None], drop: Callable[[_Span], None]) -> None:
-        self._fetch, self._drop = fetch, drop
+    def __init__(
+        self, fetch: Callable[[_Span], None], fail: Callable[[_Span, BaseException], None]
+    ) -> None:
+        self._fetch, self._fail = fetch, fail
         self._queue: queue.SimpleQueue[_Span | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
         self._closed = False
 
     def submit(self, span: _Span) -> None:
+        """Queue ``span`` for a thread; fail it if there is none to fetch it (closed, or no
+        thread could be started: a pids limit), so no reader waits for it."""
+        failure: BaseException | None = None
         with self._lock:
             if self._closed:
-                self._drop(span)
-                return
-            if self._threads < _AHEAD_THREADS:
-                self._threads += 1
-                threading.Thread(target=self._work, name=f"s3datafs-zip_{self._threads}",
-                                 daemon=True).start()
-        self._queue.put(span)
+                failure = RuntimeError("closed")
+            elif self._threads < _AHEAD_THREADS:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name=f"s3datafs-zip_{self._threads + 1}")
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # "can't start new thread": try again next time
+                    if not self._threads:
+                        failure = exc
+                else:
+                    self._threads += 1
+        if failure is not None:
+            self._fail(span, failure)
+        else:
+            self._queue.put(span)
 
     def close(self) -> None:
         with self._lock:
@@ -237,7 +250,7 @@ class _Ahead:
     def _work(self) -> None:
         while (span := self._queue.get()) is not None:
             if self._closed:
-                self._drop(span)
+                self._fail(span, RuntimeError("closed"))
             else:
                 self._fetch(span)
 
@@ -288,8 +301,7 @@ class Spans:
         self._ends: dict[ObjectRef, list[int]] = {}  # archive -> ends of its recent fetches
         self._span_size: dict[ObjectRef, int] = {}
         # Threads start on the first readahead: scattered reads never start one.
-        self._ahead = _Ahead(self._fetch_quietly,
-                             lambda span: self._failed(span, RuntimeError("closed")))
+        self._ahead = _Ahead(self._fetch_quietly, self._failed)
 
     def read(self, archive: ObjectRef, start: int, end: int) -> bytes:
         parts: list[bytes] = []
