@@ -48,19 +48,28 @@ class FailureLog:
         self._last: dict[str, float] = {}  # other failures: when last logged, by subject
         self._windows: dict[int, _Window] = {}  # by errno
 
-    def report(self, message: str, code: int, *, subject: str, permanent: bool) -> None:
-        """A read of ``subject`` failed with ``message`` (errno ``code``)."""
+    def report(
+        self,
+        message: str,
+        code: int,
+        *,
+        subject: str,
+        permanent: bool,
+        exc_info: BaseException | None = None,
+    ) -> bool:
+        """A read of ``subject`` failed with ``message`` (errno ``code``); whether it was logged
+        (with ``exc_info``'s traceback, if given)."""
         now = self._clock()
         self.flush(now)
         if permanent:
             if message in self._once:
-                return
+                return False
         elif now - self._last.get(subject, -REPEAT_QUIET) < REPEAT_QUIET:
-            return
+            return False
         window = self._windows.setdefault(code, _Window(now))
         if window.logged >= BURST:
             window.held += 1
-            return
+            return False
         window.logged += 1
         if permanent:
             if len(self._once) >= KEPT:
@@ -70,7 +79,8 @@ class FailureLog:
             if len(self._last) >= KEPT:
                 self._last = {k: t for k, t in self._last.items() if now - t < REPEAT_QUIET}
             self._last[subject] = now
-        log.error("%s", message)
+        log.error("%s", message, exc_info=exc_info)
+        return True
 
     def flush(self, now: float | None = None) -> None:
         """End the windows that are over: one line for each that held failures back."""

@@ -75,8 +75,8 @@ def _translate_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awa
         except S3DataFSError as exc:
             self._report(exc)
             raise pyfuse3.FUSEError(exc.errno) from None
-        except Exception:
-            log.exception("unexpected error in %s", handler.__name__)
+        except Exception as exc:
+            self._unexpected(handler.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
@@ -101,6 +101,7 @@ class Operations(pyfuse3.Operations):
         self._opened = bytearray()  # bit per inode: opened before in this mount
         self._next_fh = 1
         self.failures = FailureLog()  # what the log is told of failed requests
+        self._traced: set[str] = set()  # kinds of unexpected error logged with a traceback
         self._in_progress: set[trio.CancelScope] = set()  # one per request being answered
         self._abandoned = False
         self.on_init: Callable[[], None] = lambda: None  # told when the kernel's INIT arrives
@@ -344,6 +345,15 @@ class Operations(pyfuse3.Operations):
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime_ns
         attrs.attr_timeout = attrs.entry_timeout = settings.cache_timeout
         return attrs
+
+    def _unexpected(self, handler: str, exc: Exception) -> None:
+        """A bug, or a resource run out (no thread to be had): logged like a failed read (it
+        may repeat on every request), with a traceback the first time each kind is logged."""
+        kind = f"{handler}: {type(exc).__name__}"
+        first = kind not in self._traced
+        if self.failures.report(f"unexpected error in {kind}: {exc}", errno.EIO, subject=kind,
+                                permanent=False, exc_info=exc if first else None) and first:
+            self._traced.add(kind)
 
     def _report(self, exc: S3DataFSError, subject: str | None = None) -> None:
         """Tell the log of a failure, as much as ``failurelog`` allows."""

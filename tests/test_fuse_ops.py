@@ -436,6 +436,26 @@ async def test_an_unexpected_exception_becomes_eio_and_is_logged_with_its_traceb
 
 
 @trio_test
+async def test_an_unexpected_error_on_every_request_is_logged_like_a_failed_read(
+    fs: Mounted, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No thread to be had (a pids limit) failed every read with a traceback in the log: 29
+    # records of a few KB each for 8 reads in a review, without bound while it lasted.
+    def no_thread(inode: int) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(fs.catalog, "get", no_thread)
+    with caplog.at_level(logging.ERROR, logger="s3datafs.fuse_ops"):
+        for _ in range(50):
+            with pytest.raises(pyfuse3.FUSEError):
+                await fs.ops.getattr(ROOT)
+    records = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(records) == 1  # the same subject again within REPEAT_QUIET: held back
+    assert records[0].exc_info is not None  # the first time, with its traceback
+    assert "unexpected error in getattr: RuntimeError: can't start new thread" in caplog.text
+
+
+@trio_test
 async def test_an_unexpected_error_from_the_source_becomes_eio(
     fs: Mounted, caplog: pytest.LogCaptureFixture
 ) -> None:
