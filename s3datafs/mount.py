@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
+import sqlite3
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ KERNEL_READAHEAD_KB = 1024
 KERNEL_BACKGROUND = 64  # readahead requests the kernel may send at once (above the S3 pool's 32)
 FUSECTL = "/sys/fs/fuse/connections"
 _FSNAME_UNSAFE = frozenset(",\\ \t")  # option separators and escapes in the mount table
+# A disk that refuses the catalogs' writes: full, over quota, read-only.
+_DISK_TROUBLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
 
 @dataclass(frozen=True)
@@ -108,21 +111,23 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
     _limit_malloc_arenas()
     source = S3Source(plan.s3)
     catalogs = plan.cache_dir / "catalogs"
-    catalogs.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _sweep_dead_catalogs(catalogs)
     catalog_path = catalogs / f"{runtime.state_path(str(plan.mountpoint)).stem}-{os.getpid()}.db"
     try:
-        built = pinning.pin(
-            source, catalog_path, uri=plan.uri, pins=plan.pins, as_of=plan.as_of,
-            snapshot=plan.snapshot,
-        )
+        with _writing_catalogs(plan.cache_dir):
+            catalogs.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _sweep_dead_catalogs(catalogs)
+            built = pinning.pin(
+                source, catalog_path, uri=plan.uri, pins=plan.pins, as_of=plan.as_of,
+                snapshot=plan.snapshot,
+            )
         with contextlib.ExitStack() as closing:
             pinned = closing.enter_context(contextlib.closing(Catalog.open(catalog_path)))
             pinning.check_fingerprint(pinned.meta, plan.expect_fingerprint)
             if plan.save_snapshot is not None:
                 write_snapshot(pinned, plan.save_snapshot, name=plan.name)
             # A zip single object is mounted as its members, from its persistent member catalog.
-            members = archive_catalog(source, pinned, plan.archive, plan.cache_dir)
+            with _writing_catalogs(plan.cache_dir):
+                members = archive_catalog(source, pinned, plan.archive, plan.cache_dir)
             catalog = pinned if members is None else closing.enter_context(
                 contextlib.closing(members))
             summary = MountSummary(
@@ -371,9 +376,29 @@ def serve(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
+@contextlib.contextmanager
+def _writing_catalogs(cache_dir: Path) -> Iterator[None]:
+    """The dataset's catalogs are written under the cache directory: a full or read-only disk
+    there is the user's to fix, said in one line (was "internal error: OperationalError")."""
+    try:
+        yield
+    except (sqlite3.OperationalError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in _DISK_TROUBLE:
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ConfigError(
+            f"cannot write the dataset's catalog under {cache_dir} ({reason}): free space "
+            "there, or choose another --cache-dir"
+        ) from None
+
+
 def _init(operations: Operations, mountpoint: Path, options: Iterable[str]) -> None:
-    """``pyfuse3.init``; its failure as one line with libfuse's own reason."""
-    with tempfile.TemporaryFile() as said:
+    """``pyfuse3.init``; its failure as one line with libfuse's own reason.
+
+    The reason is caught in a memory file: a temporary file needs a writable /tmp, which a
+    container with a read-only root has not.
+    """
+    with open(os.memfd_create("s3datafs-libfuse-said", os.MFD_CLOEXEC), "w+b") as said:
         try:
             with _stderr_to(said):  # libfuse writes its reason there itself
                 pyfuse3.init(operations, str(mountpoint), set(options))

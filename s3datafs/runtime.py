@@ -114,16 +114,23 @@ def _runtime_dir_to_read() -> Path:
 
 
 def write_state(mountpoint: str, state: dict) -> None:
+    """Write the mount's state file; ``ConfigError`` (one line) if its directory refuses."""
     directory = _private_runtime_dir()
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".state-")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(state, out)
-        os.replace(temp, state_path(mountpoint))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=".state-")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(state, out)
+            os.replace(temp, state_path(mountpoint))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+    except OSError as exc:  # a full or read-only runtime directory
+        raise ConfigError(
+            f"cannot write the mount's state file in {directory} ({exc.strerror or exc}): free "
+            "space there, or point S3DATAFS_RUNTIME_DIR at a writable directory"
+        ) from None
 
 
 def read_state(mountpoint: str) -> dict | None:

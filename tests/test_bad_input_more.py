@@ -18,8 +18,10 @@ import json
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pyfuse3
 import pytest
 from conftest import Cli
 from test_bad_input import (  # noqa: F401 - ``world`` is a fixture used by name
@@ -36,6 +38,8 @@ from test_bad_input import (  # noqa: F401 - ``world`` is a fixture used by name
 )
 
 from devtools.s3server import S3Server
+from s3datafs import mount
+from s3datafs.errors import ConfigError
 
 pytestmark = pytest.mark.fuse
 
@@ -392,6 +396,16 @@ def test_bad_input_of_every_command_fails_cleanly(
 ) -> None:
     run_case(cli, bad, values=world.values(cli), world=world, s3server=s3server)
     assert not Path(cli.root, "ran").exists()  # ``run`` never started its command
+
+
+def test_libfuses_reason_is_caught_without_a_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container with a read-only root has no usable /tmp: the mount failed with "internal
+    error: FileNotFoundError" before libfuse could say anything (review, session 20)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    with pytest.raises(ConfigError, match=r"cannot mount .*missing \(fuse: .*\): FUSE must be"):
+        mount._init(pyfuse3.Operations(), tmp_path / "missing", ["ro"])
 
 
 def test_the_table_is_large_enough() -> None:

@@ -560,6 +560,44 @@ def test_cache_dir_trouble_while_mounted_never_fails_a_read(
             assert cli.unmount(mountpoint).returncode == 0
 
 
+def fill(directory: Path) -> None:
+    """Take every free byte of ``directory``'s filesystem."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (b"f" * MiB, b"f" * 4096, b"f"):
+            with contextlib.suppress(OSError):
+                while os.write(fd, chunk):
+                    pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("full", ["cache", "runtime"])
+def test_a_full_disk_at_mount_is_one_line_and_nothing_is_left_mounted(
+    cli: Cli, s3, make_bucket, full: str
+) -> None:
+    """The catalog is built under the cache dir, the state file written in the runtime dir:
+    either disk full gave "internal error: OperationalError" / "OSError" (review, session 20)."""
+    bucket = make_bucket()
+    put(s3, bucket, {f"p/f{i}.bin": b"x" * 1000 for i in range(50)})
+    with tmpfs(cli.root / "full", "256k") as directory:
+        (directory / "catalogs").mkdir(mode=0o700)
+        fill(directory)
+        if full == "cache":
+            result = cli.run("mount", f"s3://{bucket}/p/", "--cache-dir", str(directory))
+            said = (f"cannot write the dataset's catalog under {directory} "
+                    "(database or disk is full)")
+        else:
+            result = cli.run("mount", f"s3://{bucket}/p/",
+                             env={**cli.env, "S3DATAFS_RUNTIME_DIR": str(directory)})
+            said = f"cannot write the mount's state file in {directory} (No space left on device)"
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"s3datafs: {said}: free space there"), result.stderr
+        assert result.stderr.count("\n") == 1
+        assert cli.mounts_below_root() == [str(directory)]  # the full tmpfs, no FUSE mount
+    cli.expect_log("cannot write")
+
+
 def remount_read_only(path: Path) -> None:
     """``mount -o remount,ro``, retried while it is busy: the kernel refuses while a file is
     open for writing, as a region file is for the moment a cache write (behind the read) takes.
