@@ -89,6 +89,7 @@ _FAILED_TTL = 1.0  # seconds a slow failure is repeated at once (covers the kern
 _STAGED_TTL = 5.0  # seconds readahead may wait unread before others may take its budget
 _STREAM_IDLE = 1.0  # seconds after its last readahead a stream stops counting for the shares
 WRITE_YIELD = 0.1  # seconds a cache write-behind may wait for reads waiting on S3 (see ``_write``)
+JOINED_QUEUE_SECONDS = 0.25  # readahead a reader waits for waits no longer behind the writes
 SPLIT_BYTES = 1024 * 1024  # a waited run this long is two GETs on a slow link (``_runs_for``)
 
 
@@ -152,9 +153,9 @@ class _Flight:
         self.ref = ref
         self.run = run
         self.budget = budget  # prefetch budget held (readahead); what is not staged goes back
-        self.waited = waited  # a reader waits for it (not readahead, not ``warm``): see ``_join``
-        self.flying = False  # ``_fly`` has started: it counts in ``_waited_flights`` if waited
-        self.queued: trio.CancelScope | None = None  # readahead queued for the disk limiter
+        self.waited = waited  # a reader waits for it (not readahead, not ``warm``)
+        self.joined = False  # readahead a reader caught up with: no queue for its lookup
+        self.queued: trio.CancelScope | None = None  # its lookup queued for the disk limiter
         self.done = trio.Event()
         self.blocks: dict[int, bytes] = {}
         self.error: BaseException | None = None
@@ -438,7 +439,7 @@ class BlockReader:
             elif (flight := self._inflight.get(key)) is not None:
                 waiting[index] = flight
                 if waited:
-                    self._join(flight)
+                    _join(flight)
             else:
                 missing.append(index)
         for index in missing:
@@ -454,25 +455,6 @@ class BlockReader:
                     waiting.update(dict.fromkeys(run, flight))
                     nursery.start_soon(self._fly, flight)
         return waiting
-
-    def _join(self, flight: _Flight) -> None:
-        """A reader waits for ``flight``: if it was readahead, it is now a flight a reader waits
-        for, and it stops waiting behind the cache writes.
-
-        Readahead looks on disk under the disk limiter that the writes share; that queue is its
-        backpressure when the disk falls behind S3. A reader that catches up with readahead
-        still in that queue waited for the writes before it: 4-5 s per 1 MiB read with the
-        cache disk at 10 MB/s (session 19's review). Such a flight leaves the queue and looks
-        on disk in its GET's call, and its blocks are left uncached rather than wait for write
-        room, as for any run a reader waits for (``_write_behind``).
-        """
-        if flight.waited:
-            return
-        flight.waited = True
-        if flight.flying:
-            self._waited_flights += 1
-        if flight.queued is not None:
-            flight.queued.cancel()
 
     def _runs_for(self, ref: ObjectRef, missing: list[int], waited: bool) -> list[range]:
         """The flights (one GET each) for ``missing``: runs of at most one GET's length.
@@ -514,8 +496,8 @@ class BlockReader:
         short run was written already, by the worker thread of its GET: see ``_fill``).
         """
         fetched: list[tuple[int, list[bytes]]] = []
-        flight.flying = True
-        self._waited_flights += flight.waited
+        waited = flight.waited
+        self._waited_flights += waited
         try:
             await self._fill(flight, fetched)
             self._keep(flight)
@@ -531,12 +513,12 @@ class BlockReader:
                 self._prefetch_budget.give(flight.budget)
                 flight.budget = 0
             flight.done.set()
-            self._waited_flights -= flight.waited
-            if flight.waited and not self._waited_flights:
+            self._waited_flights -= waited
+            if waited and not self._waited_flights:
                 self._let_writes_go()
         if self._on_disk(flight.ref):
             for first, blocks in fetched:
-                await self._write_behind(flight.ref, first, blocks, waited=flight.waited)
+                await self._write_behind(flight.ref, first, blocks, waited=waited)
 
     def _on_disk(self, ref: PinnedRef) -> bool:
         """Whether ``ref``'s blocks go to the disk cache (see ``_source_keeps``)."""
@@ -582,7 +564,9 @@ class BlockReader:
         write = None if long_run else disk  # a long run is written behind
         if long_run and not flight.waited:
             with trio.CancelScope() as queued:
-                flight.queued = queued  # a reader that joins cancels the wait (``_join``)
+                flight.queued = queued  # a reader that joins bounds the wait (``_join``)
+                if flight.joined:
+                    queued.deadline = trio.current_time() + JOINED_QUEUE_SECONDS
                 hits = await trio.to_thread.run_sync(
                     self._read_cached, ref, run, disk, limiter=self._disk_limiter
                 )
@@ -696,12 +680,16 @@ class BlockReader:
         """Hand fetched blocks to a cache write once the write budget has room for them.
 
         Backpressure when the disk falls behind: readahead and ``warm`` wait here for room (and
-        readahead pauses meanwhile: ``prefetch``), so they go at the disk's pace. A run a reader
-        waited for never does (nor does it queue behind the writes for its disk lookup, see
-        ``_fill``): if there is no room, its blocks are not cached (counted, and logged at most
-        once a minute). A cache disk slower than S3 (a network volume out of burst credits)
-        then costs the reads their readahead, not their speed. Measured by a review, before:
-        8 readers at 1/32 of their speed with the cache disk at 10 MB/s, 1 MiB reads 6.5 s.
+        readahead pauses meanwhile: ``prefetch``), so they go at the disk's pace; so does
+        readahead a reader caught up with (``_join``), which is as bounded as any readahead. A
+        run a reader waited for from the start never does (nor does it queue behind the writes
+        for its disk lookup, see ``_fill``): if there is no room, its blocks are not cached
+        (counted, and logged at most once a minute). Waiting, it would hold its blocks while its
+        reader, served already, sent the next read: as many runs as reads, without bound (a
+        try measured 590-650 MiB with 8 readers). A cache disk slower than S3 (a network volume
+        out of burst credits) then costs the reads their readahead, not their speed. Measured
+        by a review, before: 8 readers at 1/32 of their speed with the cache disk at 10 MB/s,
+        1 MiB reads 6.5 s.
         """
         cost = sum(map(len, blocks))
         if self._write_budget.try_take(cost):
@@ -797,6 +785,26 @@ class BlockReader:
             for index in flight.run:
                 if index not in flight.blocks:
                     self._failed[(flight.ref, index)] = flight.error
+
+
+def _join(flight: _Flight) -> None:
+    """A reader waits for ``flight``: if it is readahead, it waits behind the cache writes for
+    at most ``JOINED_QUEUE_SECONDS`` more.
+
+    Readahead looks on disk under the disk limiter that the cache writes share; that queue is
+    its backpressure when the disk falls behind S3. A reader that caught up with readahead still
+    in that queue waited for the writes before it: 4-5 s per 1 MiB read with the cache disk at
+    10 MB/s (session 19's review). Such a flight leaves the queue after a bound and looks on
+    disk in its GET's call. Nothing else changes: its cache write waits for room as any
+    readahead's does (``_write_behind``; left uncached, its blocks made a remount read them from
+    S3 again), and cache writes do not yield to it (``_write``). Not at once: on a disk that
+    keeps up the queue is short, and it is what paces readahead to the writes; leaving it at
+    once, 8 readers fell back to three times the GETs, a quarter slower.
+    """
+    flight.joined = True
+    if flight.queued is not None:
+        flight.queued.deadline = min(
+            flight.queued.deadline, trio.current_time() + JOINED_QUEUE_SECONDS)
 
 
 def _pins_more(block: bytes | memoryview) -> bool:

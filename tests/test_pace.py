@@ -31,10 +31,10 @@ def write(pace: WritePace, clock: Clock, nbytes: int, seconds: float) -> None:
         clock.now += seconds
 
 
-def test_until_a_write_shows_the_disks_pace_one_run_may_wait(clock) -> None:
+def test_until_the_disks_pace_is_known_the_whole_budget_may_wait(clock) -> None:
     pace = WritePace(FLOOR, CEILING)
     assert pace.bytes_per_second is None
-    assert pace.allowance == FLOOR
+    assert pace.allowance == CEILING
 
 
 def test_a_disk_that_keeps_up_gets_the_whole_budget_and_a_slow_one_a_second_of_its_rate(
@@ -87,3 +87,20 @@ def test_the_rate_follows_a_disk_that_slows_down_within_seconds(clock) -> None:
 def test_a_ceiling_below_the_floor_wins() -> None:
     pace = WritePace(FLOOR, 1 * MB)
     assert pace.allowance == 1 * MB
+
+
+def test_a_disk_that_has_not_finished_a_write_for_a_while_is_known_to_be_slow(clock) -> None:
+    pace = WritePace(FLOOR, CEILING)
+    with pace.writing(8 * MB):
+        clock.now += 0.1
+        assert pace.bytes_per_second is None  # too soon to tell
+        clock.now += 0.4  # half a second for 8 MB, and not done: at most 16 MB/s
+        assert pace.bytes_per_second == pytest.approx(16 * MB)
+        assert pace.allowance == 16 * MB
+
+
+def test_a_write_just_begun_does_not_make_a_fast_disk_look_slow(clock) -> None:
+    pace = WritePace(FLOOR, CEILING)
+    write(pace, clock, 8 * MB, 0.01)
+    with pace.writing(64 * MB):
+        assert pace.allowance == CEILING
