@@ -248,6 +248,25 @@ def test_a_bug_in_the_disk_cache_fails_no_archive_read(tmp_path, caplog) -> None
     assert caplog.text.count("unexpected error writing to the block cache") == 1
 
 
+def test_archive_blocks_the_disk_refuses_are_counted(tmp_path) -> None:
+    # ``s3datafs prefetch`` of a zip into a full cache said "prefetched" and exited 0, and
+    # ``status`` showed no write error, though nothing was cached (review, session 20).
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    disk = DiskCache(tmp_path, block_size=64 * 1024, capacity=1 << 30)
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    disk.write = full  # type: ignore[method-assign]
+    blocks = spans.ArchiveBlocks(source, disk)
+    expected = source.get_range(archive, 0, archive.size)
+    assert blocks.get_range(archive, 10, 5000) == expected[10:5000]  # written by this thread
+    assert blocks.get_range(archive, 0, archive.size) == expected  # written behind
+    blocks.close()
+    assert blocks.stats.cache_write_errors == 2
+
+
 def test_a_sync_due_after_a_short_fetch_runs_on_the_writer_thread(tmp_path) -> None:
     source, refs = archive_members((zipfile.ZIP_STORED,))
     archive = refs[0].archive

@@ -126,7 +126,7 @@ class ArchiveBlocks:
         try:
             disk.forget_blocks(digest, blocks)
         except OSError as exc:
-            self._trouble.write_failed(exc)
+            self._write_failed(exc)
 
     def _fetch(self, archive: ObjectRef, start: int, end: int) -> bytes:
         data = self._inner.get_range(archive, start, end)
@@ -181,7 +181,7 @@ class ArchiveBlocks:
             with self._pace.writing(cost):
                 self._disk.write(archive, digest, first, blocks)
         except Exception as exc:  # the bytes are good: a cache fault (or bug) must not fail them
-            self._trouble.write_failed(exc)
+            self._write_failed(exc)
         finally:
             self._written(digest, first, len(blocks), cost)
 
@@ -198,7 +198,14 @@ class ArchiveBlocks:
         try:
             self._disk.write(archive, digest, first, blocks, sync=sync)
         except Exception as exc:  # the bytes are good: a cache fault (or bug) must not fail them
-            self._trouble.write_failed(exc)
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: Exception) -> None:
+        """Counted (``status``, and ``s3datafs prefetch`` says the archive is not warm) and
+        warned of at most once a minute."""
+        with self._room:
+            self.stats.cache_write_errors += 1
+        self._trouble.write_failed(exc)
 
 
 class _Ahead:
