@@ -19,6 +19,7 @@ from s3datafs.model import ObjectRef
 from s3datafs.uri import parse_s3_uri
 
 BLOCK = 4096
+MiB = 1024 * 1024
 REGION_BLOCKS = disk.REGION_BYTES // BLOCK
 LAYOUT = blockfile.Layout(BLOCK, REGION_BLOCKS)
 
@@ -431,6 +432,37 @@ def test_min_free_refuses_to_fill_the_filesystem(tmp_path: Path) -> None:
     ref = make_ref(BLOCK)
     with pytest.raises(OSError, match="free on the cache filesystem"):
         cache.write(ref, blockfile.object_digest(ref), 0, [b"x" * BLOCK])
+
+
+class FakeFs:
+    """``os.statvfs`` of a 100 MiB filesystem with ``free`` bytes free."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def __call__(self, _path: object) -> os.statvfs_result:
+        size = 1024
+        return os.statvfs_result((size, size, 100 * MiB // size, 0, self.free // size, 0, 0, 0,
+                                  0, 255))
+
+
+def test_min_free_counts_writes_that_have_not_landed_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Several threads write at once: one that checked free space and has not landed is not in
+    # the filesystem's free space yet, and a check in between let others overshoot (8 readers
+    # filled a cache filesystem to 100 % with 5 % to keep free: review, session 20).
+    fs = FakeFs(free=20 * MiB)
+    monkeypatch.setattr(disk.os, "statvfs", fs)
+    cache = make_cache(tmp_path, min_free_ratio=0.05)  # keep 5 MiB free
+    first = cache._make_room(8 * MiB)  # a write under way: 12 MiB will be left
+    cache._free_checked_at = -1e9  # the next write checks the filesystem again
+    with pytest.raises(OSError, match="less than 5% free"):
+        cache._make_room(8 * MiB)  # would leave 4 MiB
+    cache._reserved -= first
+    fs.free -= first  # the first write landed
+    cache._free_checked_at = -1e9
+    assert cache._make_room(4 * MiB) == 4 * MiB  # leaves 8 MiB
 
 
 def test_usage_and_clear_by_uri(tmp_path: Path) -> None:

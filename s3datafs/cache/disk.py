@@ -197,6 +197,7 @@ class DiskCache:
         self._index = _UnlinkingLRU(capacity, self.root)
         self._free_checked_at = -_FREE_CHECK_SECONDS  # --cache-min-free: see ``_make_room``
         self._free_estimate = self._wanted_free = 0.0
+        self._reserved = 0  # bytes of writes under way that passed ``_make_room``
         self._written_since_sync = 0
         self.sync_every = max(capacity // 10, 16 * 1024 * 1024)
         self._direct = AlignedBuffers() if direct_io and direct_io_supported() else None
@@ -345,7 +346,19 @@ class DiskCache:
         for 20,000 region files).
         """
         identity = blockfile.identity(ref, self._dataset)
-        self._make_room(sum(len(p) for p in payloads))
+        reserved = self._make_room(sum(len(p) for p in payloads))
+        try:
+            self._write_runs(digest, identity, first_index, payloads)
+        finally:
+            with self._lock:
+                self._reserved -= reserved
+        if sync and self.sync_due:
+            self.sync()
+
+    def _write_runs(
+        self, digest: str, identity: bytes, first_index: int, payloads: Sequence[bytes]
+    ) -> None:
+        """``write``'s blocks, region by region, and the index told."""
         for run in self.layout.runs(first_index, first_index + len(payloads)):
             parts = payloads[run.start - first_index : run.stop - first_index]
             region = self.layout.region_of(run.start)
@@ -364,8 +377,6 @@ class DiskCache:
             if allocated > self._capacity:  # larger than the whole cache (a tiny --cache-size)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-        if sync and self.sync_due:
-            self.sync()
 
     @property
     def sync_due(self) -> bool:
@@ -417,34 +428,46 @@ class DiskCache:
                 log.info("the cache filesystem refuses O_DIRECT (%s): buffered writes", exc)
         pwrite_all(fd, parts, offset)
 
-    def _make_room(self, incoming: int) -> None:
-        """Honour --cache-min-free: evict our oldest blocks while the filesystem is too full."""
+    def _make_room(self, incoming: int) -> int:
+        """Honour --cache-min-free: evict our oldest blocks while the filesystem is too full.
+
+        Returns the bytes reserved for the write, which it gives back once they have landed:
+        writes run in several threads, and those that passed this check but have not landed
+        are not in the filesystem's free space yet (without the reservation, 8 readers filled
+        a 200 MiB cache filesystem to 100 % with the default 5 % to keep free).
+        """
         if self._min_free_ratio <= 0:
-            return
+            return 0
         now = time.monotonic()
         with self._lock:
             # Between checks, free space is counted down by what this process writes: other
             # writers may take some too, which the next check (a second later) sees.
             self._free_estimate -= incoming
+            self._reserved += incoming
             fresh = now - self._free_checked_at < _FREE_CHECK_SECONDS
             if fresh and self._free_estimate >= self._wanted_free:
-                return
+                return incoming
         try:
-            fs = os.statvfs(self.root)
-        except FileNotFoundError:  # removed under us (rm -rf): made again, as a write does
-            make_private_dirs(self.root)
-            fs = os.statvfs(self.root)
-        wanted_free = self._min_free_ratio * fs.f_blocks * fs.f_frsize
-        free = fs.f_bavail * fs.f_frsize
-        with self._lock:
-            self._free_checked_at, self._wanted_free = now, wanted_free
-            self._free_estimate = free - incoming
-        shortfall = wanted_free - free + incoming
-        with self._lock:
-            while shortfall > 0 and self._index:
-                shortfall -= self._index.popitem()[1]
-        if shortfall > 0:
-            raise OSError(28, f"less than {self._min_free_ratio:.0%} free on the cache filesystem")
+            try:
+                fs = os.statvfs(self.root)
+            except FileNotFoundError:  # removed under us (rm -rf): made again, as a write does
+                make_private_dirs(self.root)
+                fs = os.statvfs(self.root)
+            wanted_free = self._min_free_ratio * fs.f_blocks * fs.f_frsize
+            with self._lock:
+                self._free_checked_at, self._wanted_free = now, wanted_free
+                self._free_estimate = fs.f_bavail * fs.f_frsize - self._reserved
+                shortfall = wanted_free - self._free_estimate
+                while shortfall > 0 and self._index:
+                    shortfall -= self._index.popitem()[1]
+            if shortfall > 0:
+                raise OSError(
+                    28, f"less than {self._min_free_ratio:.0%} free on the cache filesystem")
+        except BaseException:
+            with self._lock:
+                self._reserved -= incoming
+            raise
+        return incoming
 
     # -- whole-cache maintenance ----------------------------------------------------------------
 
