@@ -177,6 +177,8 @@ OPTION_CASES = [
     case("prefetch-files-superscript", ["mount", "s3://{b}/p/", "--prefetch-files", "\u00b3"],
          USAGE, "is not a number of files"),
     case("file-mode-not-octal", ["mount", "s3://{b}/p/", "--file-mode", "999"], USAGE, "octal"),
+    case("block-larger-than-memory-cache", ["mount", "s3://{b}/p/", "--block-size", "64M"],
+         USAGE, "--block-size 64M needs a --memory-cache-size of at least 128.0 MiB"),
     case("dir-mode-too-large", ["mount", "s3://{b}/p/", "--dir-mode", "77777"], USAGE, "range"),
     case(
         "unknown-option",

@@ -239,15 +239,20 @@ def cache_settings(args: argparse.Namespace) -> dict:
     block_size = size(args.block_size, "--block-size", config.DEFAULT_BLOCK_SIZE)
     if not 4096 <= block_size <= 64 * 1024 * 1024 or block_size % 4096:
         raise UsageError("--block-size must be a multiple of 4K between 4K and 64M")
+    memory = size(args.memory_cache_size, "--memory-cache-size", config.DEFAULT_MEMORY_CACHE)
+    if memory < 2 * block_size:  # a block read in pieces is served from memory, piece by piece
+        raise UsageError(
+            f"--block-size {args.block_size} needs a --memory-cache-size of at least "
+            f"{human_size(2 * block_size)} (two blocks; reads smaller than a block would each "
+            "fetch it whole): raise --memory-cache-size, or choose a smaller --block-size"
+        )
     disk = size(args.cache_size, "--cache-size", config.DEFAULT_DISK_CACHE)
     min_free = config.DEFAULT_CACHE_MIN_FREE
     if args.cache_min_free is not None:
         min_free = parse_percent(args.cache_min_free, "--cache-min-free")
     return {
         "block_size": block_size,
-        "memory_cache_bytes": size(
-            args.memory_cache_size, "--memory-cache-size", config.DEFAULT_MEMORY_CACHE
-        ),
+        "memory_cache_bytes": memory,
         "disk_cache_bytes": 0 if args.no_cache else disk,
         "cache_min_free": min_free,
         "max_prefetch_bytes": max(
