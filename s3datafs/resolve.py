@@ -71,6 +71,7 @@ def resolve(
                 ref = _with_version(ref, pins.version_id)  # asked for: some stores echo none
             elif versioned and ref.version_id is None:
                 ref = _null_version_or_etag_only(source, ref)
+                versioned = ref.version_id is not None  # by ETag alone: as if unversioned
             _warn_if_versioning_unknown(versioning, uri, ref.version_id)
             # A version id says the bucket keeps versions, even when we may not ask it.
             versioned = versioned or ref.version_id is not None

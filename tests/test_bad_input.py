@@ -178,7 +178,9 @@ OPTION_CASES = [
          USAGE, "is not a number of files"),
     case("file-mode-not-octal", ["mount", "s3://{b}/p/", "--file-mode", "999"], USAGE, "octal"),
     case("block-larger-than-memory-cache", ["mount", "s3://{b}/p/", "--block-size", "64M"],
-         USAGE, "--block-size 64M needs a --memory-cache-size of at least 128.0 MiB"),
+         USAGE, "two blocks of --block-size (64.0 MiB), at least 128.0 MiB"),
+    case("memory-cache-below-two-blocks", ["mount", "s3://{b}/p/", "--memory-cache-size", "64K"],
+         USAGE, "two blocks of --block-size (64.0 KiB), at least 128.0 KiB"),
     case("dir-mode-too-large", ["mount", "s3://{b}/p/", "--dir-mode", "77777"], USAGE, "range"),
     case(
         "unknown-option",

@@ -244,15 +244,21 @@ def test_a_store_without_get_bucket_versioning_mounts_pinned_by_etag(
 
 @pytest.mark.fuse
 def test_a_versioned_store_whose_head_names_no_version_is_pinned_by_etag(
-    cli: Cli, s3server: S3Server, proxy: FaultProxy
+    cli: Cli, s3server: S3Server, proxy: FaultProxy, tmp_path: Path
 ) -> None:
     s3, bucket = stored(s3server, "d.bin", versioned=True)
     proxy.inject("rewrite", op="HeadObject", times=None, edit=without(b"x-amz-version-id"))
     cli.expect_log("names no version of .* pinned by its ETag alone")
-    mountpoint = cli.mount(f"s3://{bucket}/d.bin", "--endpoint-url", proxy.endpoint)
+    snapshot = tmp_path / "d.snap.gz"
+    mountpoint = cli.mount(f"s3://{bucket}/d.bin", "--endpoint-url", proxy.endpoint,
+                           "--save-snapshot", str(snapshot))
     assert (mountpoint / "d.bin").read_bytes() == OLD
     with pytest.raises(OSError, match="No data available"):  # no version pinned
         os.getxattr(mountpoint / "d.bin", "user.s3datafs.version_id")
+    cli.unmount(mountpoint)
+    # The snapshot it saved mounts again (it said "no version id, but the bucket is versioned").
+    mountpoint = cli.mount("--snapshot", str(snapshot), "--endpoint-url", proxy.endpoint)
+    assert (mountpoint / "d.bin").read_bytes() == OLD
 
 
 @pytest.mark.fuse

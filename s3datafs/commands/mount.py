@@ -242,8 +242,8 @@ def cache_settings(args: argparse.Namespace) -> dict:
     memory = size(args.memory_cache_size, "--memory-cache-size", config.DEFAULT_MEMORY_CACHE)
     if memory < 2 * block_size:  # a block read in pieces is served from memory, piece by piece
         raise UsageError(
-            f"--block-size {args.block_size} needs a --memory-cache-size of at least "
-            f"{human_size(2 * block_size)} (two blocks; reads smaller than a block would each "
+            f"--memory-cache-size must hold two blocks of --block-size ({human_size(block_size)})"
+            f", at least {human_size(2 * block_size)} (reads smaller than a block would each "
             "fetch it whole): raise --memory-cache-size, or choose a smaller --block-size"
         )
     disk = size(args.cache_size, "--cache-size", config.DEFAULT_DISK_CACHE)
