@@ -178,10 +178,7 @@ class ArchiveBlocks:
     def _write(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview],
                cost: int) -> None:
         try:
-            with self._pace.writing(cost):
-                self._disk.write(archive, digest, first, blocks)
-        except Exception as exc:  # the bytes are good: a cache fault (or bug) must not fail them
-            self._write_failed(exc)
+            self._write_now(archive, digest, first, blocks)
         finally:
             self._written(digest, first, len(blocks), cost)
 
@@ -195,8 +192,10 @@ class ArchiveBlocks:
 
     def _write_now(self, archive: ObjectRef, digest: str, first: int,
                    blocks: list[memoryview], *, sync: bool = True) -> None:
+        """Write ``blocks`` now, timed for the disk's pace (``cache.pace``); never raises."""
         try:
-            self._disk.write(archive, digest, first, blocks, sync=sync)
+            with self._pace.writing(sum(map(len, blocks))):
+                self._disk.write(archive, digest, first, blocks, sync=sync)
         except Exception as exc:  # the bytes are good: a cache fault (or bug) must not fail them
             self._write_failed(exc)
 

@@ -448,11 +448,7 @@ class DiskCache:
             if fresh and self._free_estimate >= self._wanted_free:
                 return incoming
         try:
-            try:
-                fs = os.statvfs(self.root)
-            except FileNotFoundError:  # removed under us (rm -rf): made again, as a write does
-                make_private_dirs(self.root)
-                fs = os.statvfs(self.root)
+            fs = self._statvfs()
             wanted_free = self._min_free_ratio * fs.f_blocks * fs.f_frsize
             with self._lock:
                 self._free_checked_at, self._wanted_free = now, wanted_free
@@ -468,6 +464,13 @@ class DiskCache:
                 self._reserved -= incoming
             raise
         return incoming
+
+    def _statvfs(self) -> os.statvfs_result:
+        try:
+            return os.statvfs(self.root)
+        except FileNotFoundError:  # removed under us (rm -rf): made again, as a write does
+            make_private_dirs(self.root)
+            return os.statvfs(self.root)
 
     # -- whole-cache maintenance ----------------------------------------------------------------
 
