@@ -136,8 +136,9 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                 os.getpid(), catalog.meta.fingerprint,
             )
             disk = _disk_cache(plan)
-            members_source = closing.enter_context(
-                contextlib.closing(MemberSource(source, disk=disk)))
+            # A zip's spans are its readahead: --max-prefetch-memory bounds them too.
+            members_source = closing.enter_context(contextlib.closing(
+                MemberSource(source, disk=disk, span_memory=plan.max_prefetch_bytes)))
             reader = _reader(plan, members_source, disk, source.link)
             operations = Operations(catalog, reader, plan.fs)
             options = fuse_options(fsname=_fsname(plan.uri), allow_other=plan.allow_other,

@@ -36,6 +36,7 @@ _AHEAD_THREADS = 2
 _AHEAD_FROM_SPAN = 2 * 1024 * 1024  # read ahead once a streak's spans have grown this far
 _RECENT_ENDS = 32  # per archive: about the readers' count times a few
 _RECENT_ARCHIVES = 64
+_SHARED_SLACK = 8  # a span shares its blocks when they hold at most 1/8 more than it
 
 
 class ArchiveBlocks:
@@ -53,7 +54,8 @@ class ArchiveBlocks:
     waiting for its span) never waits for the disk: up to ``write_behind`` bytes may be pending
     (less where the disk is slow: what it writes in a second, ``cache.pace``), after which a
     fetch waits for room (memory stays bounded when the disk falls behind).
-    Pending blocks are served from memory, so they are never fetched twice. A short fetch (a
+    Pending blocks are served from memory, so they are never fetched twice, and a span holds
+    them as views (``get_shared``), so its bytes are in memory once, not twice. A short fetch (a
     scattered member, at most ``reader.ONE_HOP_BYTES``) is written by the thread that fetched it,
     before it returns: handing it to the writer costs a thread wake-up and GIL hand-offs, more
     than the write (as for the block reader's short runs, see ``reader.BlockReader._fill``).
@@ -78,9 +80,24 @@ class ArchiveBlocks:
         self._sync_queued = False  # a disk cache sync due after a short fetch's write
 
     def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
+        data, at = self._blocks_of(archive, start, end)
+        return data if at == 0 and len(data) == end - start else data[at: at + end - start]
+
+    def get_shared(self, archive: ObjectRef, start: int, end: int) -> bytes | memoryview:
+        """``get_range``'s bytes, as a view of the blocks they came in when those are not much
+        larger: a span's blocks are then held once, by the span and the write-behind together,
+        instead of once each (a copy of every span, and twice its bytes while it is pending)."""
+        data, at = self._blocks_of(archive, start, end)
+        if len(data) - (end - start) > (end - start) // _SHARED_SLACK:
+            return data[at: at + end - start]  # a short range of large blocks: keep only it
+        return memoryview(data)[at: at + end - start]
+
+    def _blocks_of(self, archive: ObjectRef, start: int, end: int) -> tuple[bytes, int]:
+        """Whole blocks holding ``[start, end)`` (or just it, with no disk cache), and where in
+        them ``start`` is."""
         disk = self._disk
         if disk is None:
-            return self._fetch(archive, start, end)
+            return self._fetch(archive, start, end), 0
         size = disk.block_size
         blocks = range(start // size, (end - 1) // size + 1)
         digest = object_digest(archive)
@@ -98,8 +115,7 @@ class ArchiveBlocks:
                 found.update(on_disk)
         low = blocks.start * size
         if all(index in found for index in blocks):
-            data = b"".join(found[index] for index in blocks)
-            return data[start - low: end - low]
+            return b"".join(found[index] for index in blocks), start - low
         high = min(blocks.stop * size, archive.size)
         data = self._fetch(archive, low, high)
         view = memoryview(data)
@@ -111,7 +127,7 @@ class ArchiveBlocks:
                 self._sync_behind(disk)
         else:
             self._store(archive, digest, blocks.start, parts)
-        return data[start - low: end - low]
+        return data, start - low
 
     def forget(self, archive: ObjectRef, start: int, end: int) -> None:
         """``[start, end)`` of ``archive`` decoded to damage: its blocks are fetched anew."""
@@ -261,13 +277,19 @@ class _Ahead:
                 self._fetch(span)
 
 
+def _joined(parts: list[bytes | memoryview]) -> bytes:
+    """``parts`` as one ``bytes`` of their own: what a reader keeps must not hold a span's
+    blocks alive (its memory cache counts the bytes it asked for, not the span's)."""
+    return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+
+
 class _Span:
     """One GET of an archive stretch: in flight until ``done``; then ``data`` or ``error``."""
 
     def __init__(self, archive: ObjectRef, start: int, end: int) -> None:
         self.archive, self.start, self.end = archive, start, end
         self.done = threading.Event()
-        self.data = b""
+        self.data: bytes | memoryview = b""  # a view of the blocks fetched (``get_shared``)
         self.error: BaseException | None = None
 
     def holds(self, archive: ObjectRef, at: int) -> bool:
@@ -310,7 +332,7 @@ class Spans:
         self._ahead = _Ahead(self._fetch_quietly, self._failed)
 
     def read(self, archive: ObjectRef, start: int, end: int) -> bytes:
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         at = start
         while at < end:
             with self._lock:
@@ -339,7 +361,7 @@ class Spans:
                 break
             parts.append(part)
             at += len(part)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return _joined(parts)
 
     def peek(self, archive: ObjectRef, start: int, end: int) -> bytes | None:
         """``[start, end)`` if landed spans hold it, else None; never fetches or waits.
@@ -347,7 +369,7 @@ class Spans:
         What it plans ahead is started however it ends: a span planned is in the table, and a
         reader that finds one waits for it to land.
         """
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         ahead: list[_Span] = []
         at = start
         try:
@@ -364,7 +386,7 @@ class Spans:
                     at += len(part)
         finally:
             self._start(ahead)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return _joined(parts)
 
     def close(self) -> None:
         """Stop fetching ahead (queued readahead is dropped; a GET in progress ends)."""
@@ -448,7 +470,7 @@ class Spans:
 
     def _fetch(self, span: _Span) -> None:
         try:
-            span.data = self._inner.get_range(span.archive, span.start, span.end)
+            span.data = self._inner.get_shared(span.archive, span.start, span.end)
         except BaseException as exc:
             self._failed(span, exc)
             raise
