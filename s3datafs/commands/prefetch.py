@@ -2,11 +2,13 @@
 
 It pins the dataset exactly as ``mount`` would (``pinning.pin``: same options, same catalog; from
 S3 or from a snapshot file), then reads every object through the same ``BlockReader`` a mount
-uses, so the blocks it stores are the ones the mount will look for. A zip dataset is warmed
-member by member (a mount caches members, not the archive's raw bytes), and its member index is
-stored as a mount would store it. Several objects are warmed at once; the bytes in flight are
-bounded by the reader's request size times ``PARALLEL_OBJECTS``. On a terminal a progress line
-shows bytes, rate and ETA; otherwise only the final summary is printed.
+uses, so the blocks it stores are the ones the mount will look for. A zip dataset is warmed as
+the archive object itself: a mount keeps members on disk as the archive's own blocks
+(``archive.spans.ArchiveBlocks``), so those are what it stores, with no member inflated or held in
+memory (warming member by member peaked at 413 MiB for a 346 MiB zip); its member index is stored
+as a mount would store it. Several objects are warmed at once; the bytes in flight are bounded by
+the reader's request size times ``PARALLEL_OBJECTS``. On a terminal a progress line shows bytes,
+rate and ETA; otherwise only the final summary is printed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import trio
 
 from .. import config, pinning, s3source
 from ..archive.index import archive_catalog
-from ..archive.members import MemberSource
 from ..cache.disk import DiskCache
 from ..catalog import Catalog
 from ..errors import ConfigError, UsageError
@@ -81,9 +82,8 @@ def run(args: argparse.Namespace) -> int:
             dataset=str(plan.uri),
         )
         disk.sync()  # what other mounts cached: it counts towards the bound, and may make room
-        members_source = MemberSource(source, disk=disk)
         reader = BlockReader(
-            members_source,
+            source,
             block_size=plan.block_size,
             memory_cache_bytes=plan.memory_cache_bytes,
             s3_limiter=trio.CapacityLimiter(plan.s3.max_connections),
@@ -93,17 +93,19 @@ def run(args: argparse.Namespace) -> int:
             catalog = closing.enter_context(contextlib.closing(Catalog.open(catalog_path)))
             pinning.check_fingerprint(catalog.meta, plan.expect_fingerprint)
             members = archive_catalog(source, catalog, plan.archive, plan.cache_dir)
-            if members is not None:
-                catalog = closing.enter_context(contextlib.closing(members))
-            refs = catalog.objects() if members is None else catalog.files()
-            count, total = catalog.meta.object_count, catalog.meta.total_bytes
-            # What the cache must hold: the objects, or the archive whose blocks it keeps.
-            stored = total if members is None else members.meta.archive.size
+            if members is None:
+                count, total = catalog.meta.object_count, catalog.meta.total_bytes
+                refs, stored = catalog.objects(), total
+            else:
+                closing.callback(members.close)
+                archive = members.meta.archive
+                count, total = members.meta.object_count, members.meta.total_bytes
+                refs, stored = iter([archive]), archive.size
             if stored > plan.disk_cache_bytes:
                 raise ConfigError(
                     f"{plan.uri} takes {human_size(stored)}, more than the cache holds "
                     f"(--cache-size {human_size(plan.disk_cache_bytes)}): raise --cache-size")
-            progress = _Progress(total)
+            progress = _Progress(stored)
             try:
                 trio.run(_warm_all, reader, refs, progress)
             except BaseExceptionGroup as group:  # Ctrl-C arrives inside the nurseries
@@ -111,8 +113,6 @@ def run(args: argparse.Namespace) -> int:
                     raise
                 progress.finish()
                 raise KeyboardInterrupt from None
-            finally:
-                members_source.close()
     progress.finish()
     failed = reader.counters()["cache_write_errors"]
     if failed:
@@ -120,9 +120,10 @@ def run(args: argparse.Namespace) -> int:
                           "above): it is not warm")
     elapsed = time.monotonic() - started
     what = "objects" if members is None else "members"
+    archived = "" if members is None else f" (an archive of {human_size(stored)})"
     print(
         f"s3datafs: prefetched {count} {what} of {plan.uri}, "
-        f"{human_size(total)} in {elapsed:.1f}s "
+        f"{human_size(total)}{archived} in {elapsed:.1f}s "
         f"({human_size(reader.counters()['s3_bytes'])} from S3)"
     )
     return 0
