@@ -1,4 +1,4 @@
-"""The S3 edge: with ``signedget`` the only modules that import botocore (boto3 is not used).
+"""The S3 edge: with ``signedget`` and ``credfile``, the only modules importing botocore.
 
 Design:
 - ``S3Source`` implements ``model.ObjectSource`` over one botocore client. Clients are thread-safe,
