@@ -216,20 +216,27 @@ def prepare_mountpoint(path: Path) -> Path | None:
         return _make_directories(path)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise ConfigError(
-                f"{path} is a dead mount (transport endpoint is not connected): "
-                f"run 's3datafs unmount {path}' first"
-            ) from None
+            raise _dead_mount(path) from None
         raise ConfigError(
             f"cannot use mount point {path}: {exc.strerror}: choose another mount point"
         ) from None
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"mount point {path} is not a directory")
     if os.path.ismount(path):
+        try:  # the kernel may still answer stat for a dead FUSE mount from its attribute cache
+            os.statvfs(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise _dead_mount(path) from None
         raise ConfigError(f"{path} is already a mount point: unmount it or choose another")
     if any(os.scandir(path)):
         raise ConfigError(f"mount point {path} is not empty: choose an empty directory")
     return None
+
+
+def _dead_mount(path: Path) -> ConfigError:
+    return ConfigError(f"{path} is a dead mount (transport endpoint is not connected): "
+                       f"run 's3datafs unmount {path}' first")
 
 
 def _make_directories(path: Path) -> Path:

@@ -356,6 +356,10 @@ def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make
     time.sleep(0.2)
     assert "dead" in cli.run("status").stdout
     assert errno_of(lambda: os.listdir(mountpoint)) == errno.ENOTCONN
+    again = cli.run("mount", f"s3://{bucket}/p/")  # at the same, default, place: one line
+    assert again.returncode == 1
+    assert again.stderr == (f"s3datafs: {mountpoint} is a dead mount (transport endpoint is not "
+                            f"connected): run 's3datafs unmount {mountpoint}' first\n")
     result = cli.unmount(mountpoint)
     assert result.returncode == 0, result.stderr
     assert not os.path.ismount(mountpoint)

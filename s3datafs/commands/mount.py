@@ -145,7 +145,8 @@ def build_plan(args: argparse.Namespace) -> MountPlan:
         mountpoint = mountpoint_arg
     else:
         mountpoint = (args.data_root or config.default_data_root()) / name
-        if mountpoint.is_symlink():  # whoever may write the data root chose where it points
+        # os.path.islink: Path.is_symlink raises on a dead mount, whose own line comes later.
+        if os.path.islink(mountpoint):  # whoever may write the data root chose where it points
             raise ConfigError(
                 f"{mountpoint} is a symbolic link: give the mount point itself as MOUNTPOINT, "
                 "or remove the link"
