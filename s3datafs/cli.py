@@ -37,7 +37,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """
     parser = _Parser(prog="s3datafs", description="Mount pinned S3 datasets read-only.")
     parser.add_argument("--version", action="version", version=f"s3datafs {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="subcommand", required=True, parser_class=_Parser,
+                                       metavar="COMMAND")
     only = commands.module_for(argv[0]) if argv else None
     for module in (only,) if only else commands.MODULES:
         commands.load(module).register(subparsers)
@@ -49,7 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     startup.begin()  # until the command runs; ``mount`` settles once the mount is usable
     try:
-        args = build_parser(argv).parse_args(argv)
+        args, unknown = build_parser(argv).parse_known_args(argv)
+        if unknown:  # argparse would point at the top level's --help, not the command's
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)} "
+                             f"(see 's3datafs {args.subcommand} --help')")
         if not getattr(args, "fast_start", False):
             startup.settle()
         status = args.handler(args)

@@ -174,6 +174,9 @@ def _translate_one(
         result.ignored.append(item)
         return
     spec = table.get(key)
+    if spec is None and key in NOT_OPTIONS:
+        raise UsageError(f"option {name!r} is not for -o: the helper mounts in the background, "
+                         "at the mount point mount(8) gives it")
     if spec is None:
         if sloppy:  # by name only: an unknown option's value may be anything, a secret too
             result.warnings.append(f"ignoring unknown option {name!r} (sloppy mode)")

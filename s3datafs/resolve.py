@@ -80,7 +80,8 @@ def resolve(
     refs = source.list_latest(uri.bucket, prefix, versioned=versioned)
     first = next(refs, None)
     if first is None:
-        raise NotFoundError(f"no such object or prefix: {uri}")
+        raise NotFoundError(f"no such object or prefix: {uri}: check the key (a prefix must hold "
+                            "objects; keys are case-sensitive)")
     _refuse_pins_on_prefix(uri, pins)  # only now do we know it is a prefix, not nothing
     _warn_if_versioning_unknown(versioning, uri, None)
     return Resolution(uri, versioned, prefix, False, itertools.chain([first], refs))
@@ -110,7 +111,8 @@ def _resolve_as_of(
     refs = source.list_as_of(uri.bucket, prefix, as_of)
     first = next(refs, None)
     if first is None:
-        raise NotFoundError(f"no such object or prefix as of {when}: {uri}")
+        raise NotFoundError(f"no such object or prefix as of {when}: {uri}: check the key, or "
+                            "choose a later --as-of")
     _refuse_pins_on_prefix(uri, pins)
     return Resolution(uri, True, prefix, False, itertools.chain([first], refs), as_of)
 

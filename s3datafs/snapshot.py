@@ -392,7 +392,7 @@ def _lines(path: Path) -> Iterator[str]:
             for line in text:
                 yield line.rstrip("\n")
     except FileNotFoundError:
-        raise SnapshotError(f"snapshot {path} does not exist") from None
+        raise SnapshotError(f"snapshot {path} does not exist: check the path") from None
     except gzip.BadGzipFile as exc:
         if "Not a gzipped file" in str(exc):
             raise SnapshotError(f"{path} is not an s3datafs snapshot (not gzip)") from None

@@ -196,9 +196,10 @@ OPTION_CASES = [
     ),
     case("option-without-value", ["mount", "s3://{b}/p/", "--name"], USAGE, "expected one arg"),
     case("missing-uri", ["mount"], USAGE, "required: uri"),
-    case("no-command", [], USAGE, "required: command"),
+    case("no-command", [], USAGE, "required: COMMAND"),
     case("unknown-subcommand", ["frobnicate"], USAGE, "invalid choice: 'frobnicate'"),
-    case("status-unknown-option", ["status", "--bogus"], USAGE, "unrecognized arguments"),
+    case("status-unknown-option", ["status", "--bogus"], USAGE,
+         "unrecognized arguments: --bogus (see 's3datafs status --help')"),
     case("unmount-missing-path", ["unmount"], USAGE, "required: mountpoint"),
     case(
         "no-sign-request-with-credentials-file",

@@ -45,7 +45,7 @@ class DiffTrouble(S3DataFSError):
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "diff", help="compare two snapshot files, or a snapshot file and a URI"
+        "diff", help="compare two datasets (snapshot files or s3:// URIs)"
     )
     parser.add_argument("a", metavar="A", help="snapshot file or s3:// URI (the old side)")
     parser.add_argument("b", metavar="B", help="snapshot file or s3:// URI (the new side)")

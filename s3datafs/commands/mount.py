@@ -69,8 +69,9 @@ def add_source_options(mount: argparse.ArgumentParser) -> None:
 def add_s3_access_options(mount: argparse.ArgumentParser) -> None:
     """How to reach S3 (credentials, endpoint, region)."""
     s3 = mount.add_argument_group("S3 access")
-    s3.add_argument("--region")
-    s3.add_argument("--endpoint-url", help="S3-compatible endpoint (also AWS_ENDPOINT_URL)")
+    s3.add_argument("--region", help="the bucket's region (default: AWS_REGION or the profile's)")
+    s3.add_argument("--endpoint-url",
+                    help="S3-compatible endpoint (also AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL)")
     s3.add_argument("--profile", help="AWS profile from the shared config files")
     s3.add_argument("--no-sign-request", action="store_true", help="anonymous (public bucket)")
     s3.add_argument("--credentials-file", type=Path, help="AWS-style credentials file, mode 0600")

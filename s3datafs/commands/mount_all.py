@@ -88,7 +88,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_spec_argument(parser, positional=True)
     add_mount_options(parser)
+    hide_per_dataset_options(parser)
     parser.set_defaults(handler=run)
+
+
+def hide_per_dataset_options(parser: argparse.ArgumentParser, *also: str) -> None:
+    """Out of ``--help``: they are parsed only to be refused with a line saying what to do
+    (``also``: more options, by attribute, that mean nothing to this command)."""
+    hidden = {attribute for attribute, _option, _field in PER_DATASET_OPTIONS} | set(also)
+    for action in parser._actions:  # argparse's one way to reach options once added
+        if action.dest in hidden:
+            action.help = argparse.SUPPRESS
 
 
 def add_spec_argument(parser: argparse.ArgumentParser, *, positional: bool) -> None:
@@ -160,7 +170,8 @@ def _refuse_shared_mountpoints(planned: list[PlannedDataset]) -> None:
 def _refuse_per_dataset_options(args: argparse.Namespace) -> None:
     for attribute, option, spec_field in PER_DATASET_OPTIONS:
         if getattr(args, attribute, None) is not None:
-            where = f"set '{spec_field}' in the spec instead" if spec_field else "not supported"
+            where = (f"set '{spec_field}' in the spec instead" if spec_field
+                     else "not supported here: use 's3datafs mount' (or 'snapshot') per dataset")
             raise UsageError(f"{option} describes a single dataset: {where}")
 
 

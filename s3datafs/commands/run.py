@@ -26,6 +26,7 @@ from .mount import add_mount_options
 from .mount_all import (
     add_spec_argument,
     announce,
+    hide_per_dataset_options,
     load_plans,
     mount_datasets,
     unmount_datasets,
@@ -40,6 +41,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_spec_argument(parser, positional=False)
     add_mount_options(parser)
+    hide_per_dataset_options(parser, "foreground")  # a job's run always waits for the job
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the job to run, after --")
     parser.set_defaults(handler=run)
 

@@ -24,7 +24,7 @@ UNMOUNT_WAIT_SECONDS = 30.0
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("unmount", aliases=["umount"], help="unmount and wait")
-    parser.add_argument("mountpoint", type=Path, nargs="?")
+    parser.add_argument("mountpoint", type=Path, nargs="?", help="the mount point (or --all)")
     parser.add_argument("--lazy", action="store_true", help="detach now even if busy")
     parser.add_argument("--all", action="store_true", help="unmount every s3datafs mount")
     parser.set_defaults(handler=run)
