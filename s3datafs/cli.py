@@ -1,7 +1,8 @@
 """The ``s3datafs`` command: argv in, exit status out.
 
-Conventions (those of mount tools): usage errors print one line and exit 2; every other failure
-prints one line ``s3datafs: <problem>: <what to do>`` and exits 1; no traceback unless ``--debug``.
+Conventions (those of mount tools): usage errors (a bad datasets spec too) print one line and exit
+2; every other failure prints one line ``s3datafs: <problem>: <what to do>`` and exits 1 (``diff``:
+2, as diff(1)); no traceback unless ``--debug``.
 ``mount`` returns only when the mount is usable (exit 0) or has failed with nothing left mounted.
 Secrets are never taken from argv: keys come from the environment, a profile or a 0600
 ``--credentials-file``. Each subcommand lives in ``s3datafs.commands``.

@@ -352,12 +352,14 @@ def test_keys_of_another_dataset_are_refused_and_nothing_stays(
     ("mount-all", ["--name", "--version-id", "--etag", "--snapshot", "--save-snapshot",
                    "--expect-fingerprint"]),
     ("run", ["--name", "--version-id", "--save-snapshot", "--foreground"]),
+    ("prefetch", ["--name", "--data-root", "--prefetch-files"]),
+    ("snapshot", ["--data-root"]),
 ])
-def test_help_leaves_out_the_options_a_spec_command_refuses_or_ignores(
+def test_help_leaves_out_the_options_a_command_refuses_or_ignores(
     command: str, hidden: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit):
         main([command, "--help"])
     shown = capsys.readouterr().out
-    assert "--cache-size" in shown
+    assert "--endpoint-url" in shown
     assert not [option for option in hidden if f"{option} " in shown or f"{option}\n" in shown]

@@ -52,6 +52,14 @@ def add_mount_options(parser: argparse.ArgumentParser) -> None:
     add_process_options(parser)
 
 
+def hide_options(parser: argparse.ArgumentParser, *attributes: str) -> None:
+    """Leave options (by attribute) that a command shares with ``mount`` but has no use for out
+    of its ``--help``; they are still accepted, so one set of options serves every command."""
+    for action in parser._actions:  # argparse's one way to reach options once added
+        if action.dest in attributes:
+            action.help = argparse.SUPPRESS
+
+
 def add_source_options(mount: argparse.ArgumentParser) -> None:
     """What to mount and how to reach S3: also what resolving a dataset without mounting needs."""
     what = mount.add_argument_group("what to mount")

@@ -39,7 +39,7 @@ from ..datasets import DatasetError, DatasetSpec
 from ..errors import ConfigError, S3DataFSError, UsageError
 from ..mount import MountPlan
 from .mount import _announce as announce_mount
-from .mount import add_mount_options, build_plan, start_mount
+from .mount import add_mount_options, build_plan, hide_options, start_mount
 from .unmount import NotMountedError, unmount_path
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def hide_per_dataset_options(parser: argparse.ArgumentParser, *also: str) -> None:
     """Out of ``--help``: they are parsed only to be refused with a line saying what to do
     (``also``: more options, by attribute, that mean nothing to this command)."""
-    hidden = {attribute for attribute, _option, _field in PER_DATASET_OPTIONS} | set(also)
-    for action in parser._actions:  # argparse's one way to reach options once added
-        if action.dest in hidden:
-            action.help = argparse.SUPPRESS
+    hide_options(parser, *(attribute for attribute, _option, _field in PER_DATASET_OPTIONS), *also)
 
 
 def add_spec_argument(parser: argparse.ArgumentParser, *, positional: bool) -> None:

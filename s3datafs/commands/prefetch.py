@@ -37,13 +37,14 @@ PARALLEL_OBJECTS = 8
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("prefetch", help="warm the block cache for a dataset")
-    parser.add_argument("uri", nargs="?", help="s3://bucket/prefix/ or s3://bucket/key")
+    parser.add_argument("uri", nargs="?", help="s3://bucket/prefix/, s3://bucket/key or s3://bucket")
     mount_command.add_source_options(parser)
     parser.add_argument("--snapshot", type=Path, metavar="FILE", help="warm what this file pins")
     parser.add_argument("--archive", metavar="MODE",
                         help="a zip single object: warm its members or the object as one file, "
                         "as mount --archive (auto, zip or file) shows it")
     mount_command.add_cache_options(parser)
+    mount_command.hide_options(parser, "name", "data_root", "prefetch_files")  # nothing is mounted
     parser.set_defaults(
         handler=run,
         mountpoint=None,

@@ -19,7 +19,7 @@ from ..catalog import Catalog
 from ..snapshot import write_snapshot
 from ..units import human_size
 from ..uri import dataset_name, parse_s3_uri, validate_name
-from .mount import add_source_options, s3_settings, source_pins, writable_file
+from .mount import add_source_options, hide_options, s3_settings, source_pins, writable_file
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -37,6 +37,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_source_options(parser)
     add_scratch_options(parser)
+    hide_options(parser, "data_root")  # nothing is mounted
     parser.set_defaults(handler=run)
 
 
