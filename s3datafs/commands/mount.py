@@ -64,7 +64,8 @@ def add_source_options(mount: argparse.ArgumentParser) -> None:
     """What to mount and how to reach S3: also what resolving a dataset without mounting needs."""
     what = mount.add_argument_group("what to mount")
     what.add_argument("--name", help="dataset name (default: from the URI, e.g. mnist.zip→mnist)")
-    what.add_argument("--data-root", type=Path, help="root of default mount points (/data)")
+    what.add_argument("--data-root", type=Path,
+                      help="root of default mount points (/data; env S3DATAFS_DATA_ROOT)")
     what.add_argument("--version-id", help="pin this version of a single object")
     what.add_argument("--etag", help="require this ETag of a single object (quotes optional)")
     what.add_argument("--as-of", metavar="TIME", help="as it was at TIME (versioned buckets): "
@@ -101,10 +102,11 @@ def add_snapshot_file_options(mount: argparse.ArgumentParser) -> None:
 
 def add_filesystem_options(mount: argparse.ArgumentParser) -> None:
     fs = mount.add_argument_group("filesystem")
-    fs.add_argument("--uid", default=str(os.getuid()), help="owner of every entry")
-    fs.add_argument("--gid", default=str(os.getgid()), help="group of every entry")
-    fs.add_argument("--file-mode", default="0444", help="permission bits of files")
-    fs.add_argument("--dir-mode", default="0555", help="permission bits of directories")
+    fs.add_argument("--uid", default=str(os.getuid()), help="owner of every entry (default: yours)")
+    fs.add_argument("--gid", default=str(os.getgid()), help="group of every entry (default: yours)")
+    fs.add_argument("--file-mode", default="0444", help="permission bits of files (default 0444)")
+    fs.add_argument("--dir-mode", default="0555",
+                    help="permission bits of directories (default 0555)")
     fs.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     fs.add_argument("--noexec", action="store_true", help="no file of the mount may be executed")
     fs.add_argument("--archive", metavar="MODE", help="a single zip object: auto = show the "
@@ -116,17 +118,21 @@ def add_filesystem_options(mount: argparse.ArgumentParser) -> None:
 
 def add_cache_options(parser: argparse.ArgumentParser) -> None:
     cache = parser.add_argument_group("cache")
-    cache.add_argument("--cache-dir", type=Path, help="where catalogs and cache blocks live")
+    cache.add_argument("--cache-dir", type=Path, help="where catalogs and cache blocks live "
+                       "(default /var/cache/s3datafs as root, else ~/.cache/s3datafs; "
+                       "env S3DATAFS_CACHE_DIR)")
     cache.add_argument("--cache-size", help="bound of the disk cache, e.g. 20G (default 20G)")
     cache.add_argument("--cache-min-free", help="keep this much of the cache filesystem free (5%%)")
-    cache.add_argument("--no-cache", action="store_true", help="memory only (= --cache-size 0)")
-    cache.add_argument("--block-size", help="cache block size (default 64K)")
+    cache.add_argument("--no-cache", action="store_true",
+                       help="no block cache on disk (= --cache-size 0)")
+    cache.add_argument("--block-size", help="cache block size (default 64K; a multiple "
+                       "of 4K up to 64M, at most half of --memory-cache-size)")
     cache.add_argument("--memory-cache-size", help="in-memory block cache (default 32M)")
     cache.add_argument("--max-prefetch-memory",
                        help="readahead bytes in flight or not yet read (default 64M)")
     cache.add_argument("--prefetch-files", metavar="N",
                        help="files fetched ahead of a directory read in order (default "
-                       "32; 0: off)")
+                       "32; 0: off; at most 1024)")
 
 
 def add_process_options(mount: argparse.ArgumentParser) -> None:
