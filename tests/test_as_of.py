@@ -9,7 +9,7 @@ import pytest
 from fakes import FakeSource
 
 from s3datafs.config import format_time, parse_as_of, parse_time
-from s3datafs.errors import NotFoundError, UnsupportedError, UsageError
+from s3datafs.errors import NotFoundError, PinMismatchError, UnsupportedError, UsageError
 from s3datafs.resolve import Pins, resolve
 from s3datafs.uri import parse_s3_uri
 
@@ -110,3 +110,17 @@ def test_as_of_with_version_id_is_a_usage_error(history) -> None:
     source, times = history
     with pytest.raises(UsageError, match="--as-of and --version-id"):
         resolve(source, parse_s3_uri("s3://bkt/p/a"), Pins(version_id="x"), times["t1"])
+
+
+def test_single_object_as_of_honours_an_etag_pin(history) -> None:
+    """``--as-of`` picks the version, ``--etag`` says what it must be: a version of other bytes
+    is refused, never mounted in place of the one asked for."""
+    source, times = history
+    then = etags_by_key(source, "s3://bkt/p/", times["t1"])["p/a"]  # a1
+    later = etags_by_key(source, "s3://bkt/p/", times["t2"])["p/a"]  # a2
+    assert then != later
+    uri = parse_s3_uri("s3://bkt/p/a")
+    with pytest.raises(PinMismatchError, match="ETag mismatch"):
+        resolve(source, uri, Pins(etag=later), times["t1"])
+    (ref,) = resolve(source, uri, Pins(etag=then), times["t1"]).refs
+    assert ref.etag == then

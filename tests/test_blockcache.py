@@ -131,6 +131,41 @@ def test_runs_and_scattered_blocks_share_their_region_files(tmp_path: Path) -> N
     assert part == {300: data[300 * BLOCK : 301 * BLOCK], 301: data[301 * BLOCK : 302 * BLOCK]}
 
 
+@pytest.mark.parametrize("block_size", [BLOCK, 64 * 1024], ids=["4k", "64k"])
+def test_a_write_across_a_region_boundary_leaves_every_block_of_both_regions_readable(
+    tmp_path: Path, block_size: int
+) -> None:
+    """A run is cut at region boundaries and each region gets exactly its own blocks. With 64 KiB
+    blocks (the default) the table ends where slot 0 begins, so a stray entry past the table
+    (a run's part one block too long) would land on block 0's payload."""
+    per_region = disk.REGION_BYTES // block_size
+    count = per_region + 3
+    data = os.urandom(count * block_size)
+    blocks = [data[i * block_size : (i + 1) * block_size] for i in range(count)]
+    ref = make_ref(len(data))
+    cache = DiskCache(tmp_path, block_size=block_size, capacity=64 * MiB)
+    digest = blockfile.object_digest(ref)
+    cache.write(ref, digest, 0, blocks[:2])  # a random read cached block 0 and 1 first
+    cache.write(ref, digest, 1, blocks[1:])  # then readahead, across the boundary
+    found = cache.read_run(digest, ref.size, range(count))
+    assert sorted(found) == list(range(count))
+    assert b"".join(found[i] for i in range(count)) == data
+
+
+def test_an_entry_whose_length_is_not_its_blocks_is_a_miss(tmp_path: Path) -> None:
+    """Every block but the object's last is a whole block: an entry that says otherwise (a
+    short payload written by mistake, a truncated body) is a miss, never a short block that
+    would shift every byte after it in the read."""
+    data = os.urandom(3 * BLOCK)
+    ref = make_ref(len(data))
+    cache = make_cache(tmp_path)
+    digest = blockfile.object_digest(ref)
+    cache.write(ref, digest, 0, [data[:BLOCK], data[BLOCK : 2 * BLOCK - 1]])  # block 1 short
+    assert read_all(cache, ref, range(0, 3)) == {0: data[:BLOCK]}
+    cache.write(ref, digest, 2, [data[2 * BLOCK :] + b"x"])  # the last block one byte long
+    assert read_all(cache, ref, range(2, 3)) == {}
+
+
 def test_region_files_are_sparse_and_counted_by_what_they_hold(tmp_path: Path) -> None:
     size = REGION_BLOCKS * BLOCK
     ref = make_ref(size)

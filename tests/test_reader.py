@@ -866,6 +866,26 @@ async def test_a_flight_takes_the_cached_prefix_from_disk_and_gets_only_the_rest
 
 
 @trio_test
+async def test_an_object_replaced_in_place_is_never_served_from_the_old_pins_cache(
+    tmp_path,
+) -> None:
+    """On an unversioned bucket a replaced object keeps its key and has no VersionId: only the
+    ETag tells the new pin from the old. The disk cache must name blocks by the ETag too, or a
+    mount of the new pin reads the old bytes (same size here, so no length check saves it)."""
+    old = bytes(range(256)) * 3 * (PAGE_BLOCK // 256)
+    new = bytes(reversed(old))
+    source, old_ref = make_source(old)
+    disk = DiskCache(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    assert await make_disk_reader(source, disk).read(old_ref, 0, len(old)) == old
+    new_ref = source.put(BUCKET, "obj.bin", new)
+    assert (new_ref.version_id, new_ref.size) == (old_ref.version_id, old_ref.size)
+    assert new_ref.etag != old_ref.etag
+    fresh = make_disk_reader(source, disk)  # a remount of the new pin: the same disk cache
+    assert await fresh.read(new_ref, 0, len(new)) == new
+    assert fresh.stats.disk_hits == 0
+
+
+@trio_test
 async def test_a_disk_cache_that_cannot_be_read_is_passed_over_for_s3(tmp_path, caplog) -> None:
     data = bytes(range(256)) * 3 * (PAGE_BLOCK // 256)
     source, ref = make_source(data)

@@ -15,6 +15,7 @@ from fakes import FakeSource
 
 from s3datafs import pinning
 from s3datafs.catalog import Catalog, build_catalog
+from s3datafs.errors import PinMismatchError
 from s3datafs.model import ObjectRef
 from s3datafs.resolve import Pins
 from s3datafs.snapshot import FORMAT, SnapshotError, load_snapshot, read_header, write_snapshot
@@ -233,3 +234,18 @@ def assert_refused(tmp_path: Path, path: Path, fragment: str) -> None:
     assert str(path) in message
     assert not target.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".refused.db")]
+
+
+def test_the_snapshot_mounts_head_refuses_an_object_of_another_size_under_the_same_etag(
+    tmp_path: Path,
+) -> None:
+    """The one HEAD of a snapshot mount checks the size as well as the ETag: a store whose ETags
+    are not content hashes (a gateway's) can replace an object and keep its ETag, and the pinned
+    size is then all that tells the old bytes from the new."""
+    source = FakeSource()
+    source.create_bucket("bkt")
+    pinned = source.put("bkt", "a.bin", b"hello", etag='"gateway-etag"')
+    pinning.check_still_there(source, pinned, tmp_path / "snap")  # unchanged: no error
+    source.put("bkt", "a.bin", b"hello, world", etag='"gateway-etag"')
+    with pytest.raises(PinMismatchError, match="5 bytes, but S3 has ETag .* and 12 bytes"):
+        pinning.check_still_there(source, pinned, tmp_path / "snap")

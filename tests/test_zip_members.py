@@ -604,3 +604,19 @@ def test_local_extra_field_pushing_data_into_the_next_member(method: int) -> Non
             MemberSource(zipped.source).get_range(ref, start, end)
     assert MemberSource(zipped.source).get_range(zipped.members["m0.bin"], 0, 50_000) == \
         BAD["m0.bin"]
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
+                         ids=["stored", "deflate"])
+def test_data_one_byte_into_the_next_member_is_refused(method: int) -> None:
+    """The bound is exact: data ending at the next member's header is served (every member of
+    ``BAD`` does), data ending one byte past it is not (overlapping members are a zip bomb's
+    trick, and their bytes are not the member's)."""
+    data = make_zip(BAD, methods=(method,))
+    intact = archive(data)
+    assert MemberSource(intact.source).get_range(intact.members["m1.bin"], 0, 50_000) == \
+        BAD["m1.bin"]
+    zipped = archive(set_local_extra_length(data, "m1.bin", 1))  # its data moves 1 byte on
+    ref = zipped.members["m1.bin"]
+    with pytest.raises(ArchiveError, match="its data runs into the next member"):
+        MemberSource(zipped.source).get_range(ref, 0, ref.size)

@@ -130,6 +130,29 @@ def test_members_in_a_landed_span_are_at_hand_and_others_are_not() -> None:
     assert source.calls["get_range"] == gets
 
 
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
+                         ids=["stored", "deflate"])
+def test_a_member_at_hand_whose_local_header_outgrows_the_guess_is_served_whole(
+    method: int,
+) -> None:
+    """A member at hand is served whole, even when its local header (a long name) is longer than
+    the first fetch's guess (``_HEADER_GUESS``): the header's piece of the span then holds less
+    than the range, and the rest must come from the span too, never a short answer (a short
+    read is a truncated file to the kernel)."""
+    long_name = "n" * 300 + ".bin"  # a local header of 330 bytes: the guess is 158
+    content = {"a.bin": sample_bytes(1, 3000), "b.bin": sample_bytes(2, 3000),
+               long_name: sample_bytes(3, 20_000)}
+    zipped = archive(make_zip(content, methods=(method,)))
+    reader = members.MemberSource(zipped.source)
+    for name in ("a.bin", "b.bin"):  # the second continues the first: a span past it lands
+        ref = zipped.members[name]
+        assert reader.get_range(ref, 0, ref.size) == content[name]
+    gets = zipped.source.calls["get_range"]
+    ref = zipped.members[long_name]
+    assert reader.get_range_now(ref, 0, ref.size) == content[long_name]
+    assert zipped.source.calls["get_range"] == gets  # it was at hand: no GET
+
+
 def test_a_member_at_hand_with_a_bad_crc_fails_as_get_range_would() -> None:
     body = patch(make_zip(DATA, methods=(zipfile.ZIP_DEFLATED,)), NAMES[3], crc=0x12345678)
     source, found = archive_members((), body)

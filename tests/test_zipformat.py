@@ -426,6 +426,36 @@ def test_member_whose_data_runs_past_the_member_area_is_skipped() -> None:
                                         "corrupt or truncated archive)")]
 
 
+def test_the_layout_bounds_are_exact_to_the_byte() -> None:
+    """A member whose data overlaps the previous one's by a single byte is skipped, and so is
+    one whose data runs a single byte into the central directory; ending exactly there is fine
+    (every member of ``PLAIN`` does)."""
+    _, kept, _ = index(PLAIN)
+    assert [m.name for m in kept] == ["a.txt", "b.txt", "c.txt"]
+    a_end = header_offset(PLAIN, "a.txt") + 30 + len("a.txt") + 500
+    assert a_end == header_offset(PLAIN, "b.txt")
+    _, kept, skipped = index(patch(PLAIN, "b.txt", offset=a_end - 1))
+    assert [m.name for m in kept] == ["a.txt", "c.txt"]
+    assert [s.name for s in skipped] == ["b.txt"]
+    assert "overlaps member 'a.txt'" in skipped[0].reason
+    _, kept, skipped = index(patch(PLAIN, "c.txt", csize=501))
+    assert [m.name for m in kept] == ["a.txt", "b.txt"]
+    assert [s.name for s in skipped] == ["c.txt"]
+    assert "runs past" in skipped[0].reason
+
+
+def test_zip64_extra_field_values_come_in_the_specs_order() -> None:
+    """APPNOTE 4.5.3: the ZIP64 extra field holds, in this order, the uncompressed size, the
+    compressed size, the header offset and the disk, each only if its field is a placeholder.
+    Swapped, a large compressed member would be read with the wrong length."""
+    field = struct.pack("<QQQ", 5 * GIB, 3 * GIB, 7 * GIB)
+    u32, u16 = 0xFFFFFFFF, 0xFFFF
+    assert zipformat._apply_zip64(field, u32, u32, u32, 0) == (5 * GIB, 3 * GIB, 7 * GIB, 0)
+    assert zipformat._apply_zip64(field, 10, u32, u32, 0) == (10, 5 * GIB, 3 * GIB, 0)
+    assert zipformat._apply_zip64(field + struct.pack("<I", 2), u32, u32, u32, u16) == (
+        5 * GIB, 3 * GIB, 7 * GIB, 2)
+
+
 @pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
 def test_a_compressed_size_no_data_of_its_size_could_take_is_skipped_not_its_neighbours(
     method: int,
