@@ -9,6 +9,7 @@ fault proxy to make "while it waits" last long enough to aim at.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -195,3 +196,33 @@ def test_a_foreground_zip_mount_stopped_while_s3_stalls_exits_at_once(
             command.kill()
             command.communicate()
 
+
+
+def test_sigterm_stops_a_busy_foreground_mount_at_once(cli: Cli, bucket: str) -> None:
+    """What ``systemctl stop`` of ``s3datafs@.service`` does: ``unmount`` refuses a busy mount,
+    SIGTERM does not. The daemon detaches it, exits 0, and a file still open fails cleanly."""
+    target = cli.root / "mnt"
+    target.mkdir()
+    command = start(cli, "mount", "--foreground", f"s3://{bucket}/p/", str(target))
+    held = None
+    try:
+        deadline = time.monotonic() + 30
+        while not mounted_at(target):
+            assert command.poll() is None, command.communicate()[1]
+            assert time.monotonic() < deadline, "never mounted"
+            time.sleep(0.05)
+        held = open(target / "a.txt", "rb")  # noqa: SIM115 - open across the stop on purpose
+        assert "is busy" in cli.run("unmount", str(target)).stderr
+        command.send_signal(signal.SIGTERM)
+        command.communicate(timeout=30)
+        assert command.returncode == 0
+        assert not mounted_at(target)
+        with pytest.raises(OSError, match="not connected") as raised:
+            held.read()
+        assert raised.value.errno == errno.ENOTCONN
+    finally:
+        if held is not None:
+            held.close()
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
