@@ -569,5 +569,6 @@ def _map_botocore_error(exc: botocore.exceptions.BotoCoreError, uri: str) -> S3D
         return TransientS3Error(
             f"cannot reach S3 for {uri}: the HTTP client failed ({type(inner).__name__})")
     if isinstance(exc, _TRANSIENT_BOTOCORE):
-        return TransientS3Error(f"cannot reach S3 for {uri}: {exc}")
+        return TransientS3Error(
+            f"cannot reach S3 for {uri}: {exc}: check the endpoint (--endpoint-url) and network")
     return S3RequestError(f"S3 request for {uri} failed: {exc}")

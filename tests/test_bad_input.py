@@ -330,7 +330,7 @@ S3_CASES = [
         "endpoint-unreachable",
         ["mount", "s3://{b}/p/", "--endpoint-url", "http://127.0.0.1:1"],
         FAILURE,
-        "cannot reach S3",
+        ":1/{b}?versioning\": check the endpoint (--endpoint-url) and network",
         s3=True,
     ),
     case(
