@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,24 @@ def test_fingerprinter_refuses_keys_out_of_order() -> None:
 
 def vars_of(item: ObjectRef) -> dict:
     return {name: getattr(item, name) for name in ObjectRef.__slots__}
+
+
+def test_only_64_hex_digits_are_a_fingerprint() -> None:
+    assert is_fingerprint("0123456789abcdef" * 4)
+    for text in ("0" * 63, "0" * 65, "A" * 64, "g" * 64):
+        assert not is_fingerprint(text)
+
+
+def test_the_fingerprinter_holds_a_bounded_buffer_whatever_the_object_count() -> None:
+    """Lines are hashed in chunks as they come: a million objects must not be kept in memory
+    (~100 bytes each) until the digest is asked for."""
+    digest = Fingerprinter()
+    tracemalloc.start()
+    try:
+        for n in range(20_000):
+            digest.add(f"p/{n:08d}.bin", None, '"d41d8cd98f00b204e9800998ecf8427e"', n)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 256 * 1024  # not the ~1.3 MB of lines
+    assert len(digest.hexdigest()) == 64

@@ -54,6 +54,7 @@ def test_empty_relative_key_is_the_root_marker() -> None:
         ("a/../", "'..'"),
         ("a/./", "'.'"),
         ("x" * (MAX_NAME_BYTES + 1), "256 bytes"),
+        ("x" * (MAX_NAME_BYTES + 1) + "/f", "256 bytes"),  # a directory's name too
         ("d/" + "é" * 128, "256 bytes"),  # 128 characters, 256 bytes
         ("😀" * 64 + "/f", "256 bytes"),  # 64 characters, 256 bytes
         ("a\0b", "NUL"),

@@ -96,3 +96,11 @@ def test_the_counter_is_the_median_of_the_samples() -> None:
     assert link.bytes_per_second == pytest.approx(200e6)  # an even count: the middle two's mean
     get_alone(link, seconds=MiB / 250e6)
     assert link.bytes_per_second == pytest.approx(250e6)
+
+
+def test_bodies_of_exactly_the_minimum_are_samples() -> None:
+    """A body of ``MIN_SAMPLE_BYTES`` (a 512 KiB run, a common GET) is a sample: "at least"."""
+    link = LinkRate()
+    for _ in range(MIN_SAMPLES):
+        get_alone(link, MIN_SAMPLE_BYTES, 1.0)
+    assert link.slow

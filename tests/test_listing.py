@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from s3datafs.listing import Selection, list_ordered, pin_pages, select_key
+from s3datafs.errors import S3RequestError
+from s3datafs.listing import (
+    Selection,
+    checked_pages,
+    list_ordered,
+    pin_pages,
+    pinnable_etag,
+    select_key,
+)
 
 BUCKET = "bkt"
 T0 = 1_700_000_000.0
@@ -248,3 +257,56 @@ def test_progress_is_drawn_on_a_terminal_and_cleared(monkeypatch: pytest.MonkeyP
     quiet = io.StringIO()
     assert list(progress.counted(range(2500), "listing", quiet)) == list(range(2500))
     assert quiet.getvalue() == ""
+
+
+# -- a store's listing is checked, not trusted -----------------------------------------------------
+
+
+def test_a_keys_versions_may_span_several_pages() -> None:
+    """A key with more versions than a page holds comes back on the next pages, under the same
+    NextKeyMarker with another NextVersionIdMarker: neither keys going back nor a token sent
+    twice, so the listing is taken whole."""
+    history = [version("p/a", t, f"a{t}", latest=t == 5) for t in range(5, 0, -1)]
+    pages = [
+        {"Versions": history[0:2], "IsTruncated": True,
+         "NextKeyMarker": "p/a", "NextVersionIdMarker": "a4"},
+        {"Versions": history[2:4], "IsTruncated": True,
+         "NextKeyMarker": "p/a", "NextVersionIdMarker": "a2"},
+        {"Versions": [history[4], version("p/b", 1, "b1", latest=True)], "IsTruncated": False},
+    ]
+    assert list(checked_pages(pages, "s3://bkt/p/", versioned=True)) == pages
+
+
+def test_a_page_starting_before_the_greatest_key_of_the_one_before_is_refused() -> None:
+    """Keys never go back, measured from the greatest key of the page before, common prefixes
+    included (S3 lists them merged in key order; botocore hands them apart)."""
+    first = {"Contents": [version("p/a", 1, "a"), version("p/c", 1, "c")],
+             "CommonPrefixes": [{"Prefix": "p/b/"}], "IsTruncated": True,
+             "NextContinuationToken": "t1"}
+    back = {"Contents": [version("p/bz", 1, "bz")], "IsTruncated": False}
+    with pytest.raises(S3RequestError, match="goes back"):
+        list(checked_pages([first, back], "s3://bkt/p/", versioned=False))
+
+
+@pytest.mark.parametrize("etag", [None, "", '""', " "])
+def test_a_listed_object_without_a_real_etag_cannot_be_pinned(etag: str | None) -> None:
+    with pytest.raises(S3RequestError, match="no ETag"):
+        pinnable_etag(etag, "s3://bkt/p/x")
+
+
+def test_a_bare_etag_is_pinned_in_s3s_quoted_form() -> None:
+    assert pinnable_etag("abc", "s3://bkt/p/x") == '"abc"'
+    assert pinnable_etag('"abc"', "s3://bkt/p/x") == '"abc"'
+
+
+def test_a_continuation_token_that_comes_back_is_refused_even_when_keys_do_not_go_back() -> None:
+    """A store whose tokens lead round in a cycle through an empty page sends the same keys
+    again, never going back: only the token seen before tells the listing would never end."""
+    first = {"Contents": [version("p/a", 1, "a")], "IsTruncated": True,
+             "NextContinuationToken": "t1"}
+    second = {"Contents": [version("p/c", 1, "c")], "IsTruncated": True,
+              "NextContinuationToken": "t2"}
+    empty = {"IsTruncated": True, "NextContinuationToken": "t3"}  # t3 leads to second again
+    pages = itertools.islice(itertools.chain([first], itertools.cycle([second, empty])), 100)
+    with pytest.raises(S3RequestError, match="sent before"):
+        list(checked_pages(pages, "s3://bkt/p/", versioned=False))

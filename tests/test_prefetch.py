@@ -180,3 +180,58 @@ def test_files_the_budget_had_no_room_for_are_asked_for_again() -> None:
 def test_prefetch_across_files_can_be_turned_off() -> None:
     assert opens(FilePrefetch(maximum=0), list(range(100))) == []
 
+
+
+def test_a_seek_ends_the_streak_so_a_read_near_it_by_chance_fetches_nothing() -> None:
+    """After a seek a random reader is one again: a read landing near the seek's by chance must
+    not pull a window, as at the start of a stream (the streak counts from the seek)."""
+    readahead = Readahead(initial=MiB, maximum=16 * MiB)
+    sequential(readahead, 5, size=MiB)  # a streak
+    assert readahead.on_read(500 * MiB, 4096, SIZE) is None  # a seek
+    assert readahead.on_read(500 * MiB + 200 * 1024, 4096, SIZE) is None  # near by chance
+
+
+def test_a_read_one_whole_window_off_is_still_sequential() -> None:
+    """"Near" is within one window of where the reader was expected, the bound included (the
+    kernel's reordering may put a read that far)."""
+    readahead = Readahead(initial=MiB, maximum=16 * MiB)
+    readahead.on_read(0, MiB, SIZE)
+    assert readahead.on_read(2 * MiB, 4096, SIZE) is not None  # expected at 1 MiB, window 1 MiB
+    assert readahead.window == 2 * MiB  # grown, not reset
+
+
+def test_opens_spread_out_within_the_tolerance_start_nothing() -> None:
+    """Opens each within ``tolerance`` of the last but spread out (random opens near each
+    other) are not dense: only files read in order, covering every inode, start a prefetch."""
+    policy = FilePrefetch(initial=4, maximum=32, tolerance=8)
+    assert opens(policy, list(range(100, 400, 7))) == []
+
+
+def test_a_second_pass_over_a_directory_is_in_order_again() -> None:
+    """An open far *before* the walk (a reader starting the directory over: the next epoch)
+    starts a new walk, which prefetches again once it is in order."""
+    policy = FilePrefetch(initial=4, maximum=32)
+    assert opens(policy, list(range(100, 200)))
+    again = opens(policy, list(range(100, 110)))
+    assert again[:1] == [(102, 107)]
+
+
+def test_the_directory_opened_last_is_the_last_forgotten() -> None:
+    """Directories are forgotten least recently *opened* first: one being read in order keeps
+    its walk while directories opened once come and go."""
+    policy = FilePrefetch(initial=4, maximum=32, directories=2)
+    assert opens(policy, [100, 101], parent=1) == []
+    policy.on_open(2, 200)
+    assert policy.on_open(1, 102) == (102, 107)  # directory 1 again: the most recent
+    policy.on_open(3, 300)  # one too many: directory 2 goes
+    # Directory 1's walk goes on: topped up past what it asked for, with a doubled window
+    # (forgotten, it would start over and ask for 106 and 107 again).
+    assert opens(policy, [103, 104, 105], parent=1) == [(107, 114)]
+
+
+def test_no_more_directories_than_the_bound_are_followed() -> None:
+    policy = FilePrefetch(initial=4, maximum=32, directories=4)
+    assert opens(policy, [100, 101], parent=1) == []
+    for parent in range(2, 6):  # four more directories: the first is forgotten
+        policy.on_open(parent, 100 * parent)
+    assert policy.on_open(1, 102) is None  # its walk starts over

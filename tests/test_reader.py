@@ -1145,6 +1145,9 @@ async def test_cache_writes_stop_waiting_for_reads_once_the_write_budget_is_spen
         assert len(disk.read_run(object_digest(first), first.size, range(300))) == 300
         await trio.testing.wait_all_tasks_blocked()  # the second took the budget back
         assert reader._write_budget.used == LONG_RUN
+        # ... and waits for room no more: readahead, paused while a run waited, may go on.
+        assert reader._write_waiting == 0
+        assert reader.prefetch(first, 0, BLOCK) == BLOCK
         source.release.set()
     assert disk.blocks_written == 600 + 1
 
@@ -1272,3 +1275,39 @@ async def test_only_a_readers_loads_make_cache_writes_wait(tmp_path) -> None:
         assert reader._waited_flights == 1
         source.release.set()
     assert reader._waited_flights == 0
+
+
+@trio_test
+async def test_an_amount_larger_than_the_whole_budget_is_taken_when_nothing_is_held() -> None:
+    """A run larger than the budget on its own (a budget shrunk to the disk's pace) goes alone
+    when nothing else is held; otherwise its ``take`` would wait for room that never comes."""
+    budget = ByteBudget(10)
+    with trio.fail_after(5):
+        await budget.take(25)
+    assert budget.used == 25
+    assert not budget.try_take(1)  # while it is held, nothing more
+    budget.give(25)
+    assert budget.try_take(25)
+
+
+@trio_test
+async def test_readahead_that_lands_while_a_read_waits_for_it_gives_its_budget_back() -> None:
+    """A read that waited for readahead in flight takes its blocks as they land: their budget
+    goes back, or readahead would run out of budget for good after a few such reads."""
+    source, ref = make_source(DATA * 10)
+    budget = ByteBudget(1 << 20)
+    reader = make_streaming_reader(source, budget, memory=1 << 20)
+    source.gate = threading.Event()  # the readahead's GETs wait
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        assert reader.prefetch(ref, 0, 4 * BLOCK) == 4 * BLOCK
+        assert budget.used == 4 * BLOCK
+
+        async def land() -> None:
+            await trio.testing.wait_all_tasks_blocked()  # the read waits for the readahead
+            source.gate.set()
+
+        mount_tasks.start_soon(land)
+        assert await reader.read(ref, 0, 4 * BLOCK) == (DATA * 10)[:4 * BLOCK]
+        assert budget.used == 0
+        mount_tasks.cancel_scope.cancel()

@@ -186,6 +186,17 @@ BAD_EDITS = {
                             "uri does not name the bucket"),
     "garbage-line": (lambda lines: [*lines[:2], "not json", *lines[3:]], "not an object record"),
     "empty": (lambda lines: [], "it is empty"),
+    "changed-marker-count": (edit_header(marker_count=2),
+                             "it lists 3 directory markers, its header says 2"),
+    "version-on-unversioned": (edit_header(versioned=False, as_of=None),
+                               "has a version id, but the bucket is not versioned"),
+    "boolean-size": (edit_line(2, 3, True), "invalid size"),  # JSON true is no size
+    "fields-reordered": (edit_header(fields=["key", "etag", "version_id", "size",
+                                             "last_modified"]), "lists fields"),
+    "single-object-of-another-key": (
+        edit_header(single_object=True, uri="s3://bkt/data/a.bin"),
+        "is not the single object its uri names",
+    ),
     "header-missing-field": (
         lambda lines: [
             json.dumps({k: v for k, v in json.loads(lines[0]).items() if k != "bucket"}),

@@ -15,7 +15,7 @@ from zipcraft import make_zip, patch, sample_bytes
 
 from s3datafs.archive import members, spans
 from s3datafs.cache.disk import DiskCache, is_region_file
-from s3datafs.errors import ArchiveError
+from s3datafs.errors import ArchiveError, TransientS3Error
 from s3datafs.model import MemberRef, ObjectRef
 
 NAMES = [f"d{i % 9}/m{i:04d}.bin" for i in range(400)]
@@ -515,4 +515,303 @@ def test_spans_ahead_that_no_thread_can_be_started_for_fail_and_reading_goes_on(
     assert not reader.is_alive(), "a reader waits for a span no thread will fetch"
     wait_until(lambda: all(s.done.is_set() for s in table._spans), "no span ahead landed")
     assert table.read(archive, 60 * mib, 61 * mib) == bytes(mib)
+    table.close()
+
+
+def test_a_short_range_of_large_blocks_keeps_only_its_own_bytes(tmp_path) -> None:
+    """``get_shared`` hands out a view of the blocks only when they are not much larger than
+    the range: a span holding a view of a few bytes of 1 MiB blocks would keep all of them
+    alive while ``Spans`` counts only the range (memory past ``span_memory``)."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    block = 1 << 20
+    blocks = spans.ArchiveBlocks(source, DiskCache(tmp_path, block_size=block, capacity=1 << 30))
+    expected = source.get_range(archive, 0, archive.size)
+    short = blocks.get_shared(archive, block + 10, block + 1000)
+    assert short == expected[block + 10:block + 1000]
+    assert type(short) is bytes  # its own 990 bytes, not a view of the 1 MiB block
+    whole = blocks.get_shared(archive, 2 * block + 10, 4 * block - 10)
+    assert whole == expected[2 * block + 10:4 * block - 10]
+    assert isinstance(whole, memoryview)  # nearly all of its blocks: shared, not copied
+    blocks.close()
+
+
+def test_a_fetch_larger_than_the_write_room_does_not_wait_when_nothing_is_pending(
+    tmp_path,
+) -> None:
+    """A fetch whose blocks exceed the write-behind room on their own (a span rounded out to
+    whole blocks, on a slow disk whose pace allows only the floor) is taken when nothing is
+    pending: waiting for room that can never be made would hang its readers for good."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    block = 64 * 1024
+    disk = DiskCache(tmp_path, block_size=block, capacity=1 << 30)
+    blocks = spans.ArchiveBlocks(source, disk, write_behind=2 * block, write_inline=0)
+    expected = source.get_range(archive, 0, archive.size)
+    done = threading.Event()
+    got: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: (got.append(blocks.get_range(archive, 10, 3 * block - 10)), done.set()),
+        daemon=True)
+    reader.start()
+    assert done.wait(10), "a fetch of three blocks waits for a room of two forever"
+    assert got == [expected[10:3 * block - 10]]
+    blocks.close()
+
+
+def test_blocks_written_behind_leave_memory_once_on_disk(tmp_path) -> None:
+    """Pending blocks are held only until the writer has stored them: the write-behind must not
+    keep every block it ever wrote (memory growing with all an archive's bytes read)."""
+    mib = 1 << 20
+    source = FakeSource()
+    source.create_bucket("b")
+    archive = source.put("b", "a.zip", sample_bytes(4, 16 * mib))
+    disk = DiskCache(tmp_path, block_size=64 * 1024, capacity=1 << 30)
+    blocks = spans.ArchiveBlocks(source, disk, write_inline=0)
+    tracemalloc.start()
+    try:
+        for at in range(0, archive.size, 2 * mib):
+            assert len(blocks.get_range(archive, at, at + 2 * mib)) == 2 * mib
+        blocks.close()  # every write done
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * mib  # not the 16 MiB written
+
+
+def test_a_forgotten_range_still_waiting_for_the_disk_is_fetched_again(tmp_path) -> None:
+    """Bytes that decoded to damage are forgotten everywhere, the write-behind's pending blocks
+    included: served again from there, the damage would repeat until the write landed."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    block = 64 * 1024
+    disk = HeldDisk(tmp_path, block_size=block, capacity=1 << 30)  # writes wait: all pending
+    blocks = spans.ArchiveBlocks(source, disk, write_inline=0)
+    expected = source.get_range(archive, 0, archive.size)
+    source.calls.clear()
+    try:
+        assert blocks.get_range(archive, 0, 4 * block) == expected[:4 * block]
+        assert blocks.get_range(archive, block, 2 * block) == expected[block:2 * block]
+        assert source.calls["get_range"] == 1  # served from the pending blocks
+        blocks.forget(archive, block + 10, block + 20)
+        assert blocks.get_range(archive, block, 2 * block) == expected[block:2 * block]
+        assert source.calls["get_range"] == 2  # fetched again, not the forgotten pending block
+    finally:
+        disk.release.set()
+        blocks.close()
+
+
+def test_a_span_planned_before_a_later_one_stops_where_that_one_begins() -> None:
+    """A new span ends where a span already planned further on begins (the reader goes on into
+    that one), however large the streak's spans have grown: no byte is fetched twice."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    expected = source.get_range(archive, 0, archive.size)
+    source.ranges.clear()
+    shared = spans.Spans(spans.ArchiveBlocks(source, None), max_bytes=1 << 30)
+    assert shared.read(archive, 0, 100) == expected[:100]
+    assert shared.read(archive, 100, 200) == expected[100:200]  # a span of _MIN_SPAN
+    first_end = 100 + spans._MIN_SPAN
+    later = first_end + 200 * 1024  # past the first's end, too far to continue it
+    assert shared.read(archive, later, later + 100) == expected[later:later + 100]
+    assert shared.read(archive, later + 100, later + 200) == expected[later + 100:later + 200]
+    assert source.ranges[-1][1] == later + 100  # a span begins there
+    # Continuing the first span: the streak's next span would be 1 MiB, past ``later + 100``.
+    assert shared.read(archive, first_end, first_end + 10) == expected[first_end:first_end + 10]
+    assert source.ranges[-1][1:] == (first_end, later + 100)
+    shared.close()
+
+
+def test_spans_are_kept_within_their_memory_bound() -> None:
+    """Spans past ``max_bytes`` are dropped, least recently used first: a zip read in archive
+    order holds about ``max_bytes`` of spans, not every span it fetched."""
+    mib = 1 << 20
+    source = FakeSource()
+    source.create_bucket("b")
+    archive = source.put("b", "a.zip", sample_bytes(5, 24 * mib))
+    expected = source.get_range(archive, 0, archive.size)
+    table = spans.Spans(spans.ArchiveBlocks(source, None), max_bytes=4 * mib)
+    tracemalloc.start()
+    try:
+        for at in range(0, archive.size, 256 * 1024):  # a reader going through it in order
+            assert table.read(archive, at, at + 256 * 1024) == expected[at:at + 256 * 1024]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        table.close()
+    assert held < 6 * mib  # the bound and one span more, not the 24 MiB read
+
+
+def test_the_span_read_last_is_the_last_to_be_dropped() -> None:
+    """Spans leave least recently *used* first: a span a reader is still reading from outlives
+    a newer one nobody reads, so its bytes are not fetched again."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    expected = source.get_range(archive, 0, archive.size)
+    size = spans._MIN_SPAN
+    table = spans.Spans(spans.ArchiveBlocks(source, None), max_bytes=2 * size + 1024)
+    assert table.read(archive, 0, 100) == expected[:100]
+    assert table.read(archive, 100, 200) == expected[100:200]  # span 1: [100, 100 + size)
+    second = 100 + size
+    assert table.read(archive, second, second + 10) == expected[second:second + 10]  # span 2
+    assert table.read(archive, 200, 300) == expected[200:300]  # span 1 used again
+    third = second + size
+    assert table.read(archive, third, third + 10) == expected[third:third + 10]  # one too many
+    gets = source.calls["get_range"]
+    assert table.read(archive, 300, 400) == expected[300:400]
+    assert source.calls["get_range"] == gets  # span 2 left, not span 1
+    table.close()
+
+
+def test_what_spans_remember_of_past_fetches_is_bounded() -> None:
+    """The ends of recent fetches (what tells a streak) are kept per archive for the last
+    ``_RECENT_ENDS`` fetches and ``_RECENT_ARCHIVES`` archives: memory does not grow with the
+    reads a mount serves."""
+    source = FakeSource()
+    source.create_bucket("b")
+    archives = [source.put("b", f"a{i}.zip", sample_bytes(i, 8192))
+                for i in range(spans._RECENT_ARCHIVES + 2)]
+    table = spans.Spans(spans.ArchiveBlocks(source, None), max_bytes=8192)
+    for each in archives:
+        for at in range(8000, 0, -200):  # 40 fetches of each
+            assert len(table.read(each, at, at + 10)) == 10
+    assert len(table._ends) <= spans._RECENT_ARCHIVES
+    assert all(len(ends) <= spans._RECENT_ENDS for ends in table._ends.values())
+    table.close()
+
+
+def test_a_forgotten_range_is_fetched_again_not_served_from_its_span() -> None:
+    """``forget`` (bytes that decoded to damage) drops the landed spans holding the range: the
+    next read fetches it again instead of decoding the same damage from memory."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    expected = source.get_range(archive, 0, archive.size)
+    table = spans.Spans(spans.ArchiveBlocks(source, None), max_bytes=1 << 30)
+    assert table.read(archive, 0, 100) == expected[:100]
+    assert table.read(archive, 100, 200) == expected[100:200]  # a span past it has landed
+    gets = source.calls["get_range"]
+    assert table.read(archive, 300, 400) == expected[300:400]
+    assert source.calls["get_range"] == gets  # from the span
+    table.forget(archive, 300, 400)
+    assert table.read(archive, 300, 400) == expected[300:400]
+    assert source.calls["get_range"] == gets + 1  # fetched anew
+    table.close()
+
+
+def test_a_streak_after_scattered_reads_starts_again_with_the_smallest_span() -> None:
+    """Spans grow while a streak lasts; a read that continues nothing starts over: two
+    neighbouring reads of a random reader later fetch ``_MIN_SPAN``, not the grown size."""
+    mib = 1 << 20
+    source = FakeSource()
+    source.create_bucket("b")
+    archive = source.put("b", "a.zip", sample_bytes(6, 16 * mib))
+    table = spans.Spans(spans.ArchiveBlocks(source, None), max_bytes=64 * mib)
+    for at in range(0, 3 * mib // 2, 256 * 1024):  # a streak: its next span would be 2 MiB
+        table.read(archive, at, at + 256 * 1024)
+    far = 12 * mib
+    table.read(archive, far, far + 100)  # continues nothing
+    table.read(archive, far + 100, far + 200)  # a neighbour: a new streak's first span
+    assert source.ranges[-1][1:] == (far + 100, far + 100 + spans._MIN_SPAN)
+    table.close()
+
+
+def test_readahead_uses_at_most_its_threads() -> None:
+    """Spans are read ahead by ``_AHEAD_THREADS`` threads, however many spans are planned: a
+    long streak must not start a thread per span."""
+    mib = 1 << 20
+    archive = ObjectRef("b", "a.zip", None, '"e"', 64 * mib, 0.0)
+    before = set(threading.enumerate())  # other tests' tables may have theirs
+    table = spans.Spans(GatedArchive(), max_bytes=64 * mib)
+    for at in range(0, 48 * mib, 256 * 1024):
+        assert table.read(archive, at, at + 256 * 1024) == bytes(256 * 1024)
+    ahead = [t for t in set(threading.enumerate()) - before
+             if t.name.startswith("s3datafs-zip_")]
+    table.close()
+    assert 0 < len(ahead) <= spans._AHEAD_THREADS
+
+
+class NotedWait(threading.Event):
+    """An event that tells when someone waits on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waited.set()
+        return super().wait(timeout)
+
+
+def test_a_reader_waiting_for_a_span_read_ahead_that_fails_fetches_its_own() -> None:
+    """Readahead is nobody's read: when a span read ahead fails, a reader that was waiting for
+    it plans and fetches its own bytes, and gets them, not the readahead's error."""
+    mib = 1 << 20
+    archive = ObjectRef("b", "a.zip", None, '"e"', 64 * mib, 0.0)
+
+    class FailingWhileHeld(GatedArchive):
+        """GETs held at the gate fail once it opens (a stalled S3); later ones succeed."""
+
+        def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
+            held = start >= self.held_from and not self.gate.is_set()
+            data = super().get_range(archive, start, end)
+            if held:
+                raise TransientS3Error("no answer from S3")
+            return data
+
+        get_shared = get_range
+
+    inner = FailingWhileHeld()
+    table = spans.Spans(inner, max_bytes=64 * mib)
+    at = 0
+    while not any(s.end - s.start >= spans._AHEAD_FROM_SPAN for s in table._spans):
+        assert table.read(archive, at, at + 256 * 1024) == bytes(256 * 1024)
+        at += 256 * 1024
+    ahead = sorted((s for s in table._spans if s.start >= at), key=lambda s: s.start)
+    wait_until(lambda: all(s.done.is_set() for s in ahead), "the spans ahead never landed")
+    inner.held_from = ahead[-1].end  # the spans planned next are held, then fail
+    table.read(archive, ahead[0].start, ahead[0].start + 10)
+    held = next(s for s in table._spans if s.start == ahead[-1].end)
+    held.done = NotedWait()
+    got: list[bytes | BaseException] = []
+
+    def read() -> None:
+        try:
+            got.append(table.read(archive, held.start, held.start + 100))
+        except Exception as exc:
+            got.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert held.done.waited.wait(10)  # the reader waits for the span read ahead ...
+    inner.gate.set()  # ... which fails
+    reader.join(10)
+    assert got == [bytes(100)]
+    table.close()
+
+
+def test_failed_spans_give_their_room_back() -> None:
+    """A span that failed leaves the table and its bytes the count: otherwise failures would
+    fill ``max_bytes`` for good, and every new span would evict all the others."""
+    mib = 1 << 20
+    archive = ObjectRef("b", "a.zip", None, '"e"', 64 * mib, 0.0)
+
+    class Failing:
+        fail = True
+
+        def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
+            if self.fail:
+                raise TransientS3Error("no answer from S3")
+            return bytes(end - start)
+
+        get_shared = get_range
+
+    inner = Failing()
+    table = spans.Spans(inner, max_bytes=4 * mib)
+    for at in range(0, 40 * mib, 2 * mib):
+        inner.fail = False
+        assert table.read(archive, at, at + 100) == bytes(100)  # exactly that
+        inner.fail = True
+        with pytest.raises(TransientS3Error):
+            table.read(archive, at + 100, at + 200)  # continues it: a span, which fails
+    assert table._bytes == sum(s.end - s.start for s in table._spans)
     table.close()
