@@ -29,7 +29,7 @@ import json
 import re
 
 HEX_LENGTH = 64
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would also match before a final "\n"
 _FLUSH_BYTES = 1 << 16  # hash in chunks: one update() per line would dominate for 1M objects
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # == json.dumps(...)
 
@@ -74,4 +74,4 @@ class Fingerprinter:
 
 def is_fingerprint(text: str) -> bool:
     """True if ``text`` has the form of a fingerprint (64 lowercase hex digits)."""
-    return bool(_HEX.match(text))
+    return bool(_HEX.fullmatch(text))

@@ -108,7 +108,7 @@ def vars_of(item: ObjectRef) -> dict:
 
 def test_only_64_hex_digits_are_a_fingerprint() -> None:
     assert is_fingerprint("0123456789abcdef" * 4)
-    for text in ("0" * 63, "0" * 65, "A" * 64, "g" * 64):
+    for text in ("0" * 63, "0" * 65, "A" * 64, "g" * 64, "0" * 64 + "\n"):
         assert not is_fingerprint(text)
 
 
