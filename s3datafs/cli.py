@@ -51,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     startup.begin()  # until the command runs; ``mount`` settles once the mount is usable
     try:
-        args, unknown = build_parser(argv).parse_known_args(argv)
+        try:
+            args, unknown = build_parser(argv).parse_known_args(argv)
+        except SystemExit:  # --help, --version: the thresholds as found, for a caller that stays
+            startup.settle()
+            raise
         if unknown:  # argparse would point at the top level's --help, not the command's
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)} "
                              f"(see 's3datafs {args.subcommand} --help')")
