@@ -8,11 +8,14 @@
   ``fusermount3 -u -z``, then SIGKILL of any daemon left, so no test can leave a mount behind.
 - The teardown also fails the test on any WARNING or ERROR in the daemon logs that the test did
   not declare with ``cli.expect_log(...)``.
+- Every test has ``TEST_SECONDS`` (``time_limit``): a hang fails its test, with every thread's
+  stack, instead of holding CI for its whole 90 minutes with nothing to show.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import hashlib
 import json
 import os
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -50,6 +54,39 @@ def pytest_configure(config: pytest.Config) -> None:
     ):
         if signal.getsignal(number) == signal.SIG_IGN:
             signal.signal(number, handler)
+
+
+TEST_SECONDS = 180  # the slowest test takes ~30 s on a 2-core machine
+WATCHDOG_SECONDS = 60  # more, for a hang no signal reaches
+
+
+@pytest.fixture(autouse=True)
+def time_limit() -> Iterator[None]:
+    """Fail a test that runs past ``TEST_SECONDS``; end the run if even that cannot stop it.
+
+    SIGALRM raises ``TimeoutError`` in the main thread, so the test fails and its fixtures'
+    teardowns still unmount; inside a trio run it does not (trio's state would be left broken
+    for every later test): ``fakes.trio_test`` runs under trio's own, shorter deadline. A thread
+    blocked where neither reaches (a read of a mount whose daemon no longer answers waits in
+    the kernel; a worker thread trio cannot cancel) gets ``WATCHDOG_SECONDS`` more; then
+    faulthandler prints every thread's stack and exits: no summary line, but minutes, not CI's
+    whole limit. Autouse, so it is set up before the test's other fixtures and torn down after.
+    """
+
+    def expired(_signum: int, _frame: object) -> None:
+        faulthandler.dump_traceback(all_threads=True)
+        if not trio.lowlevel.in_trio_run():
+            raise TimeoutError(f"the test ran past {TEST_SECONDS} s: a hang? (stacks above)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TEST_SECONDS)
+    faulthandler.dump_traceback_later(TEST_SECONDS + WATCHDOG_SECONDS, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

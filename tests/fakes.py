@@ -42,14 +42,22 @@ from s3datafs.errors import NotFoundError, StaleObjectError
 from s3datafs.model import ObjectRef
 
 GATE_TIMEOUT = 10.0  # seconds a gated get_range waits before failing the test instead of hanging
+TRIO_TEST_SECONDS = 170  # under conftest's TEST_SECONDS, whose alarm leaves trio runs alone
 
 
 def trio_test(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
-    """Run an ``async def`` test under ``trio.run`` (pytest-trio is not installed)."""
+    """Run an ``async def`` test under ``trio.run`` (pytest-trio is not installed), failing it
+    with ``trio.TooSlowError`` after ``TRIO_TEST_SECONDS``: trio's own deadline cancels the
+    test's tasks and ends the run cleanly (an exception raised into trio from a signal handler
+    would leave the thread marked as inside a run, and fail every trio test after it)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return trio.run(functools.partial(fn, *args, **kwargs))
+        async def bounded() -> Any:
+            with trio.fail_after(TRIO_TEST_SECONDS):
+                return await fn(*args, **kwargs)
+
+        return trio.run(bounded)
 
     return wrapper
 
