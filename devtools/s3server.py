@@ -621,22 +621,43 @@ def _pump(stream: IO[bytes], ready: queue.Queue[str | None], log: IO[bytes]) -> 
     ready.put(None)
 
 
-class S3Server:
+class ControlledServer:
+    """A test server process's counters, read over its control paths (``control_prefix``, never
+    counted themselves); ``endpoint`` is set once the process is ready."""
+
+    control_prefix = CONTROL_PREFIX
+
+    def __init__(self) -> None:
+        self.endpoint = ""
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _control(self, name: str, method: str) -> dict[str, Any]:
+        url = f"{self.endpoint}{self.control_prefix}{name}"
+        with self._opener.open(urllib.request.Request(url, method=method), timeout=10) as response:
+            return json.load(response)
+
+    def stats(self) -> dict[str, Any]:
+        return self._control("stats", "GET")
+
+    def reset_stats(self) -> None:
+        self._control("reset", "POST")
+
+
+class S3Server(ControlledServer):
     """The server script as a subprocess; a context manager. See the module docstring."""
 
     def __init__(
         self, *, fast_ranges: bool = True, env: dict[str, str] | None = None,
         fast_listing: bool = True,
     ) -> None:
+        super().__init__()
         self.fast_ranges, self.extra_env = fast_ranges, dict(env or {})
         self.fast_listing = fast_listing
-        self.endpoint = ""
         self.log_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._pump: threading.Thread | None = None
         self._log: IO[bytes] | None = None
         self._tmpdir: str | None = None
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def start(self) -> S3Server:
         if self._proc is not None:
@@ -691,17 +712,6 @@ class S3Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def _control(self, name: str, method: str) -> dict[str, Any]:
-        request = urllib.request.Request(f"{self.endpoint}{CONTROL_PREFIX}{name}", method=method)
-        with self._opener.open(request, timeout=10) as response:
-            return json.load(response)
-
-    def stats(self) -> dict[str, Any]:
-        return self._control("stats", "GET")
-
-    def reset_stats(self) -> None:
-        self._control("reset", "POST")
 
     def ops(self) -> dict[str, int]:
         return self.stats()["ops"]

@@ -8,6 +8,8 @@
   ``fusermount3 -u -z``, then SIGKILL of any daemon left, so no test can leave a mount behind.
 - The teardown also fails the test on any WARNING or ERROR in the daemon logs that the test did
   not declare with ``cli.expect_log(...)``.
+- ``isolated_cli`` is that fixture's set-up and teardown for a ``Cli`` against another endpoint
+  (the synthetic server of very large objects, ``synths3``).
 - Every test has ``TEST_SECONDS`` (``time_limit``): a hang fails its test, with every thread's
   stack, instead of holding CI for its whole 90 minutes with nothing to show.
 """
@@ -278,9 +280,11 @@ class Cli:
         return "\n".join(stacks)
 
 
-@pytest.fixture
-def cli(s3server: S3Server, tmp_path: Path) -> Iterator[Cli]:
-    runner = Cli(tmp_path, s3server.endpoint)
+@contextlib.contextmanager
+def isolated_cli(root: Path, endpoint: str) -> Iterator[Cli]:
+    """A ``Cli`` below ``root`` talking to ``endpoint``; on the way out it unmounts everything
+    it mounted, then fails on a mount left, a troubled unmount or an unexpected log line."""
+    runner = Cli(root, endpoint)
     trouble: list[str] = []
     try:
         yield runner
@@ -290,3 +294,9 @@ def cli(s3server: S3Server, tmp_path: Path) -> Iterator[Cli]:
     assert not trouble, "unmounting after the test went wrong:\n" + "\n".join(trouble)
     unexpected = runner.unexpected_log_lines()
     assert not unexpected, "unexpected warnings in the daemon log:\n" + "\n".join(unexpected)
+
+
+@pytest.fixture
+def cli(s3server: S3Server, tmp_path: Path) -> Iterator[Cli]:
+    with isolated_cli(tmp_path, s3server.endpoint) as runner:
+        yield runner
