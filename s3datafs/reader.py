@@ -198,7 +198,10 @@ class BlockReader:
         self._link = link
         self._split_blocks = max(2, split_bytes // block_size)
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
-        self._write_budget = write_budget or ByteBudget(DEFAULT_WRITE_BEHIND)
+        # Room for two runs at least: with one (--block-size 64M, runs of one block) a run a
+        # reader waited for found the one before still being written, and was left uncached.
+        self._write_budget = write_budget or ByteBudget(
+            max(DEFAULT_WRITE_BEHIND, 2 * self._request_blocks * block_size))
         # The write budget shrinks to what the disk writes in a second where it is slow (``pace``).
         self._pace = WritePace(self._request_blocks * block_size, self._write_budget.capacity)
         self._write_budget.capacity = self._pace.allowance

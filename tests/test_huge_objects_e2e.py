@@ -273,21 +273,26 @@ def test_big_objects_read_right_at_every_boundary_cold_then_warm(
     assert synth.stats()["gets"] == []
 
 
-def test_64m_blocks_read_right_and_a_block_read_in_pieces_is_fetched_once(
+def test_64m_blocks_read_right_and_a_block_read_in_pieces_is_fetched_once_then_warm(
     synth_cli: Cli, synth: SynthS3
 ) -> None:
     """The largest --block-size, with the memory cache of two blocks it needs (the default 32M
-    is refused: test_bad_input). Each block is fetched once however many reads touch it.
-
-    No warm pass: the write-behind budget (64 MiB) holds one such block, so of two blocks
-    fetched for reads back to back the second is left uncached, by design (``reader``), and a
-    remount fetches it again. One object: every block touched is 64 MiB to make and move.
+    is refused: test_bad_input). Each block is fetched once however many reads touch it, and
+    cached: the write-behind has room for two such blocks (with room for one, a block fetched
+    while the one before was being written was left uncached, and fetched again after a
+    remount). One object: every block touched is 64 MiB to make and move.
     """
-    synth_cli.expect_log("the block cache's disk falls behind S3")
-    mountpoint = synth_cli.mount(
-        f"s3://{BUCKET}/o/", *KEEP_TIMING_OUT, "--block-size", "64M", "--memory-cache-size", "128M"
-    )
-    read_objects_cold(mountpoint, synth, 64 * MiB, ["o/4g-plus1.bin"])
+    uri, key, options = f"s3://{BUCKET}/o/", "o/4g-plus1.bin", ("--block-size", "64M",
+                                                                 "--memory-cache-size", "128M")
+    mountpoint = synth_cli.mount(uri, *KEEP_TIMING_OUT, *options)
+    read_objects_cold(mountpoint, synth, 64 * MiB, [key])
+    assert synth_cli.unmount(mountpoint).returncode == 0  # write-behind drained
+
+    mountpoint = synth_cli.mount(uri, *KEEP_TIMING_OUT, *options)
+    synth.reset_stats()
+    reads = plain_object_reads(OBJECTS[key][0], 64 * MiB)
+    assert wrong_reads(mountpoint / Path(key).name, reads, object_bytes(key)) == []
+    assert synth.stats()["gets"] == []
 
 
 # ---------------------------------------------------------------- the ZIP64 archive
