@@ -51,11 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     startup.begin()  # until the command runs; ``mount`` settles once the mount is usable
     try:
-        try:
-            args, unknown = build_parser(argv).parse_known_args(argv)
-        except SystemExit:  # --help, --version: the thresholds as found, for a caller that stays
-            startup.settle()
-            raise
+        args, unknown = build_parser(argv).parse_known_args(argv)
         if unknown:  # argparse would point at the top level's --help, not the command's
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)} "
                              f"(see 's3datafs {args.subcommand} --help')")
@@ -78,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"s3datafs: internal error: {exc!r} (run with --debug for details)", file=sys.stderr)
         return 1
+    finally:  # however it ended (--help, a usage error): the thresholds back, for a caller that
+        startup.settle()  # stays in this process, as the tests do (a settled one: no change)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ botocore's data loaded once per process, and the garbage collector during start-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import subprocess
 import sys
@@ -80,3 +81,18 @@ def test_start_up_collects_less_often_until_settled() -> None:
     assert gc.get_freeze_count() > 0
     startup.settle()  # without begin: thresholds untouched
     assert gc.get_threshold() == before
+
+
+@pytest.mark.usefixtures("restore_gc")
+@pytest.mark.parametrize("argv", [
+    ["status", "--bogus"],  # an unknown argument
+    ["mount", "s3://my-bucket/k", "--block-size", "3"],  # a usage error found by the command
+    ["status", "--help"],  # argparse exits
+])
+def test_the_command_line_leaves_the_thresholds_as_it_found_them(argv: list[str]) -> None:
+    """``main`` raises the young threshold while it starts; however the command ends, a caller
+    that stays in the process (tests call ``main`` in-process) gets the thresholds back."""
+    found = gc.get_threshold()
+    with contextlib.suppress(SystemExit):
+        cli.main(argv)
+    assert gc.get_threshold() == found
