@@ -1,11 +1,16 @@
-"""``s3datafs prefetch``'s scheduling: how many objects and GETs it keeps in flight."""
+"""``s3datafs prefetch``: how many objects and GETs it keeps in flight, and what it does not
+check since it mounts nothing."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import trio
 from fakes import trio_test
 
+from s3datafs import cli
 from s3datafs.commands import prefetch
 
 
@@ -47,3 +52,20 @@ async def test_the_objects_warmed_at_once_share_the_gets_in_flight(
     await prefetch._warm_all(reader, iter(range(count)), count, Progress())  # type: ignore[arg-type]
     assert reader.parallel == [each] * count
     assert reader.most == most
+
+
+@pytest.mark.parametrize("key", ["mnist.zip", "x" * 300])
+def test_prefetch_checks_no_mount_point_nor_dataset_name(
+    key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing is mounted: a symbolic link at the default mount point (/data/mnist on a disk of
+    its own) or a key too long to name a directory must not stop a prefetch (it was refused,
+    naming MOUNTPOINT or --name, neither of which prefetch takes). Stopped later by S3 here."""
+    root = tmp_path / "data"
+    root.mkdir()
+    os.symlink("/elsewhere", root / "mnist")
+    monkeypatch.setenv("S3DATAFS_DATA_ROOT", str(root))
+    monkeypatch.setenv("S3DATAFS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    assert cli.main(["prefetch", f"s3://my-bucket/{key}", "--no-sign-request"]) == 1
+    assert "cannot reach S3" in capsys.readouterr().err

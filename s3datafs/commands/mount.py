@@ -143,8 +143,13 @@ def add_process_options(mount: argparse.ArgumentParser) -> None:
     process.add_argument("--debug", action="store_true", help="log everything, show tracebacks")
 
 
-def build_plan(args: argparse.Namespace) -> MountPlan:
-    """Validate everything that needs no network; the mount point is checked last."""
+def build_plan(args: argparse.Namespace, *, mounting: bool = True) -> MountPlan:
+    """Validate everything that needs no network; the mount point is checked last.
+
+    ``mounting=False`` (``prefetch``): nothing will be mounted, so neither the dataset's name
+    nor a mount point is checked (a key too long to name a directory, or a symbolic link at
+    the default mount point, must not stop a prefetch); the plan's mount point is then ``/``,
+    which nothing reads."""
     snapshot_file = _absolute(getattr(args, "snapshot", None))
     if snapshot_file is not None:
         header, mountpoint_arg = _from_snapshot(args, snapshot_file)
@@ -155,17 +160,10 @@ def build_plan(args: argparse.Namespace) -> MountPlan:
                              "--help')")
         uri, mountpoint_arg = parse_s3_uri(args.uri), args.mountpoint
         default_name = dataset_name(uri)
-    name = validate_name(args.name if args.name is not None else default_name)
-    if mountpoint_arg is not None:
-        mountpoint = mountpoint_arg
+    if mounting:
+        name, mountpoint = _name_and_mountpoint(args, default_name, mountpoint_arg)
     else:
-        mountpoint = (args.data_root or config.default_data_root()) / name
-        # os.path.islink: Path.is_symlink raises on a dead mount, whose own line comes later.
-        if os.path.islink(mountpoint):  # whoever may write the data root chose where it points
-            raise ConfigError(
-                f"{mountpoint} is a symbolic link: give the mount point itself as MOUNTPOINT, "
-                "or remove the link"
-            )
+        name, mountpoint = args.name or default_name, Path("/")
     fs = FsSettings(
         uid=config.parse_id(args.uid, "--uid"),
         gid=config.parse_id(args.gid, "--gid"),
@@ -195,6 +193,22 @@ def build_plan(args: argparse.Namespace) -> MountPlan:
         expect_fingerprint=pinning.parse_expected(getattr(args, "expect_fingerprint", None)),
         archive=parse_archive_mode(getattr(args, "archive", None)),
     )
+
+
+def _name_and_mountpoint(
+    args: argparse.Namespace, default_name: str, mountpoint_arg: Path | None
+) -> tuple[str, Path]:
+    name = validate_name(args.name if args.name is not None else default_name)
+    if mountpoint_arg is not None:
+        return name, mountpoint_arg
+    mountpoint = (args.data_root or config.default_data_root()) / name
+    # os.path.islink: Path.is_symlink raises on a dead mount, whose own line comes later.
+    if os.path.islink(mountpoint):  # whoever may write the data root chose where it points
+        raise ConfigError(
+            f"{mountpoint} is a symbolic link: give the mount point itself as MOUNTPOINT, "
+            "or remove the link"
+        )
+    return name, mountpoint
 
 
 def source_pins(args: argparse.Namespace) -> tuple[Pins, float | None]:

@@ -61,7 +61,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = mount_command.build_plan(args)
+    plan = mount_command.build_plan(args, mounting=False)
     if plan.disk_cache_bytes <= 0:
         raise UsageError("prefetch fills the disk cache: --no-cache and --cache-size 0 defeat it")
     s3source.check_settings(plan.s3)
