@@ -226,3 +226,41 @@ def test_sigterm_stops_a_busy_foreground_mount_at_once(cli: Cli, bucket: str) ->
         if command.poll() is None:
             command.kill()
             command.communicate()
+
+
+def unit_command(directive: str) -> list[str]:
+    """The s3datafs arguments of ``directive`` in packaging's ``s3datafs@.service``."""
+    unit = Path(__file__).resolve().parent.parent / "packaging/systemd/s3datafs@.service"
+    line = next(line for line in unit.read_text().splitlines() if line.startswith(directive + "="))
+    command = line.partition("=")[2].lstrip("-").split()
+    assert command[0].endswith("/s3datafs"), line
+    return command[1:]
+
+
+def test_the_service_starts_again_after_its_daemon_was_killed(cli: Cli, bucket: str) -> None:
+    """A daemon killed outright (the OOM killer) leaves a dead mount, which the next start of
+    ``s3datafs@.service`` would refuse; its ExecStopPost, which systemd runs however the main
+    process ended, clears it. Here the unit's own commands, with %f and the URI filled in."""
+    target = cli.root / "mnt"
+    target.mkdir()
+    fill = {"%f": str(target), "${S3DATAFS_URI}": f"s3://{bucket}/p/", "$S3DATAFS_OPTIONS": ""}
+    execstart = [fill.get(word, word) for word in unit_command("ExecStart")]
+    execstoppost = [fill.get(word, word) for word in unit_command("ExecStopPost")]
+    for attempt in range(2):
+        command = start(cli, *filter(None, execstart))
+        try:
+            deadline = time.monotonic() + 30
+            while not mounted_at(target):
+                assert command.poll() is None, f"start {attempt}: {command.communicate()[1]}"
+                assert time.monotonic() < deadline, "never mounted"
+                time.sleep(0.05)
+            command.send_signal(signal.SIGKILL)
+            command.communicate(timeout=30)
+            assert mounted_at(target)  # dead: nobody unmounted it
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.communicate()
+        assert cli.run(*execstoppost).returncode == 0
+        assert not mounted_at(target)
+    assert cli.run(*execstoppost).returncode != 0  # nothing to unmount: ignored ("-")

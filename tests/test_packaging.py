@@ -42,7 +42,7 @@ def _verify(unit: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def verifiable(tmp_path: Path):
-    """Copy a unit to tmp_path under ``name``, pointing ExecStart at this s3datafs."""
+    """Copy a unit to tmp_path under ``name``, pointing its commands at this s3datafs."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd): cannot verify")
     command = shutil.which("s3datafs") or str(Path(sys.executable).parent / "s3datafs")
