@@ -56,10 +56,18 @@ def pytest_configure(config: pytest.Config) -> None:
     ):
         if signal.getsignal(number) == signal.SIG_IGN:
             signal.signal(number, handler)
+    # The real stderr, taken before pytest captures it: stacks written to a captured stream are
+    # lost when the watchdog ends the process (and ``--capture=sys`` has no descriptor at all).
+    # pytest's own faulthandler plugin is off (pyproject: it would cancel the watchdog after any
+    # failure, leaving that test's teardown unbounded); crashes still print their stacks here.
+    global _STDERR_FD
+    _STDERR_FD = os.dup(2)
+    faulthandler.enable(file=_STDERR_FD, all_threads=True)
 
 
 TEST_SECONDS = 180  # the slowest test takes ~30 s on a 2-core machine
 WATCHDOG_SECONDS = 60  # more, for a hang no signal reaches
+_STDERR_FD = 2  # the real stderr, duplicated by pytest_configure
 
 
 @pytest.fixture(autouse=True)
@@ -71,18 +79,19 @@ def time_limit() -> Iterator[None]:
     for every later test): ``fakes.trio_test`` runs under trio's own, shorter deadline. A thread
     blocked where neither reaches (a read of a mount whose daemon no longer answers waits in
     the kernel; a worker thread trio cannot cancel) gets ``WATCHDOG_SECONDS`` more; then
-    faulthandler prints every thread's stack and exits: no summary line, but minutes, not CI's
-    whole limit. Autouse, so it is set up before the test's other fixtures and torn down after.
+    faulthandler prints every thread's stack and exits: no summary line, and the S3 server and
+    mounts are left to the machine, but minutes, not CI's whole limit. Autouse, so it is set up
+    before the test's other fixtures and torn down after.
     """
 
     def expired(_signum: int, _frame: object) -> None:
-        faulthandler.dump_traceback(all_threads=True)
+        faulthandler.dump_traceback(file=_STDERR_FD, all_threads=True)
         if not trio.lowlevel.in_trio_run():
             raise TimeoutError(f"the test ran past {TEST_SECONDS} s: a hang? (stacks above)")
 
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(TEST_SECONDS)
-    faulthandler.dump_traceback_later(TEST_SECONDS + WATCHDOG_SECONDS, exit=True)
+    faulthandler.dump_traceback_later(TEST_SECONDS + WATCHDOG_SECONDS, exit=True, file=_STDERR_FD)
     try:
         yield
     finally:
