@@ -129,7 +129,8 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
                        "of 4K up to 64M, at most half of --memory-cache-size)")
     cache.add_argument("--memory-cache-size", help="in-memory block cache (default 32M)")
     cache.add_argument("--max-prefetch-memory",
-                       help="readahead bytes in flight or not yet read (default 64M)")
+                       help="readahead bytes in flight or not yet read (default 64M); a zip "
+                       "mount keeps as much again of its archive's recent spans")
     cache.add_argument("--prefetch-files", metavar="N",
                        help="files fetched ahead of a directory read in order (default "
                        "32; 0: off; at most 1024)")
