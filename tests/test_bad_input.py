@@ -29,6 +29,7 @@ import pytest
 from conftest import Cli, CliResult
 
 from devtools.s3server import S3Server
+from s3datafs import config
 
 pytestmark = pytest.mark.fuse
 
@@ -717,3 +718,15 @@ def test_access_denied(cli: Cli, auth_world: AuthWorld, uri: str, keys: str, fra
         },
     )
     run_case(cli, bad, values={"root": str(cli.root)}, world=None, s3server=None)
+
+
+def test_a_failed_mount_removes_only_the_directories_it_made(tmp_path: Path) -> None:
+    """``remove_created`` stops at the highest directory ``prepare_mountpoint`` made: an empty
+    parent that was there before (``a``) is the user's, and stays."""
+    (tmp_path / "a").mkdir()
+    mountpoint = tmp_path / "a" / "b" / "c"
+    highest = config.prepare_mountpoint(mountpoint)
+    assert highest == tmp_path / "a" / "b"
+    config.remove_created(mountpoint, highest)
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+    assert not any((tmp_path / "a").iterdir())

@@ -38,8 +38,9 @@ from test_bad_input import (  # noqa: F401 - ``world`` is a fixture used by name
 )
 
 from devtools.s3server import S3Server
-from s3datafs import mount
+from s3datafs import config, mount
 from s3datafs.errors import ConfigError
+from s3datafs.units import human_size, parse_size
 
 pytestmark = pytest.mark.fuse
 
@@ -440,3 +441,34 @@ def test_a_machine_without_a_usable_fuse_device_gets_one_line(
     assert result.stderr.count("\n") == 1
     assert not mountpoint.exists()  # made for the mount, removed again
     cli.expect_log("cannot open /dev/fuse|cannot mount")
+
+
+# -- sizes as people write them ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("0", 0), ("4096", 4096), ("512K", 512 * 1024), ("512KiB", 512 * 1024),
+     ("512kb", 512 * 1024), ("1.5G", 3 * 1024**3 // 2), ("0.5M", 512 * 1024),
+     ("20g", 20 * 1024**3)],
+)  # fmt: skip
+def test_sizes_parse_to_bytes(text: str, size: int) -> None:
+    """``0`` is a size (``--cache-size 0`` is ``--no-cache``), ``KiB`` and ``KB`` mean ``K``,
+    and fractions are of the unit, not of a byte."""
+    assert parse_size(text, "--cache-size") == size
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [(0, "0 B"), (1000, "1000 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+     (3 * 1024**2, "3.0 MiB"), (2 * 1024**5, "2048.0 TiB")],
+)  # fmt: skip
+def test_sizes_print_in_binary_units(size: int, text: str) -> None:
+    assert human_size(size) == text
+
+
+def test_numbers_at_their_documented_bounds_are_accepted() -> None:
+    assert config.parse_prefetch_files("1024", "--prefetch-files") == 1024  # "0 to 1024"
+    assert config.parse_prefetch_files("0", "--prefetch-files") == 0
+    assert config.parse_id("4294967294", "--uid") == 2**32 - 2  # (uid_t)-1 is "no change"
+    assert config.parse_mode("7777", "--file-mode") == 0o7777

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import pytest
 
 from s3datafs import credfile, logsetup
+from s3datafs.config import Credentials
+from s3datafs.errors import ConfigError
 
 
 def write(path: Path, key: str, secret: str, mode: int = 0o600) -> None:
@@ -83,3 +86,41 @@ def test_secrets_read_later_are_redacted_from_the_log(
                                "secret-two"), None)
     assert logsetup._redactor.filter(record)
     assert record.getMessage() == "*** ***"
+
+
+def test_a_file_unfit_from_the_first_read_fails_the_session(tmp_path: Path) -> None:
+    """With no keys read before, there is nothing to keep: the problem is the caller's error."""
+    path = tmp_path / "credentials"
+    write(path, "KEY1", "secret-one", mode=0o644)
+    with pytest.raises(ConfigError, match="accessible by others"):
+        credfile.CredentialsFile(path, "p").load()
+
+
+def test_a_file_swapped_for_one_of_the_same_size_and_mtime_is_read(keys: Path) -> None:
+    """A new file (a Kubernetes secret's symlink swap, ``cp -p``) may keep the size and the
+    mtime: its inode still tells it apart."""
+    credentials = credfile.CredentialsFile(keys, "p").load()
+    assert credentials.get_frozen_credentials().access_key == "KEY1"
+    before = keys.stat()
+    write(keys, "KEY2", "secret-two")  # as long as KEY1/secret-one
+    os.utime(keys, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert keys.stat().st_size == before.st_size
+    assert credentials.get_frozen_credentials().access_key == "KEY2"
+
+
+def test_a_file_rewritten_while_it_is_read_is_read_again(
+    keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's identity is taken before it is read: a rewrite meanwhile is a change."""
+    provider = credfile.CredentialsFile(keys, "p")
+    real = credfile.read_credentials_file
+
+    def read_then_rewritten(path: Path, section: str | None) -> Credentials:
+        keys_read = real(path, section)
+        if keys_read.access_key_id == "KEY1":
+            write(keys, "KEY2", "secret-two")  # the agent renews the file just after our read
+        return keys_read
+
+    monkeypatch.setattr(credfile, "read_credentials_file", read_then_rewritten)
+    credentials = provider.load()
+    assert credentials.get_frozen_credentials().access_key == "KEY2"

@@ -122,6 +122,19 @@ def test_yaml_scalars_stay_strings_and_nulls_mean_absent() -> None:
     assert from_json.region is None
 
 
+def test_booleans_are_read_in_any_case() -> None:
+    """YAML's BaseLoader keeps ``True`` and ``NO`` as written: they are booleans all the same."""
+    values = [parse_one(uri="s3://b-1/a", noSignRequest=text).no_sign_request
+              for text in ("True", "YES", "On", "FALSE", "No", "off")]
+    assert values == [True, True, True, False, False, False]
+
+
+def test_a_null_name_is_no_name_given() -> None:
+    """``name: ~`` is the field left out: the name is derived, and a snapshot may name it."""
+    (spec,) = parse("- {uri: s3://b-1/p/, snapshot: s.gz, name: ~}\n")
+    assert (spec.name, spec.name_given) == ("p", False)
+
+
 def test_relative_snapshot_paths_are_relative_to_the_spec_file(tmp_path: Path) -> None:
     (spec,) = parse("- {uri: s3://b-1/p/, snapshot: snaps/p.jsonl.gz}", base_dir=tmp_path)
     assert spec.snapshot == tmp_path / "snaps/p.jsonl.gz"
@@ -164,6 +177,11 @@ def bad(id_: str, text: str, fragment: str, fmt: str | None = None):
 BAD_SPECS = [
     bad("json", '[{"uri": "s3://b-1/a",}]', "line 1, column 23: invalid JSON", "json"),
     bad("json-guess", '[\n  {"uri": "s3://b-1/a"\n  "name": "x"}\n]', "line 3, column 3"),
+    bad(  # a tab is JSON's whitespace, and YAML's error: the parser that got further speaks
+        "json-guess-with-tab",
+        '[{"uri": "s3://b-1/a",\t"name": "x"}, {"uri": "s3://b-1/b" "name": "y"}]',
+        "line 1, column 59: invalid JSON: Expecting ',' delimiter",
+    ),
     bad("yaml", "- uri: s3://b-1/a\n  name: [x\n", "line 3, column 1: invalid YAML"),
     bad("tab", "- uri: s3://b-1/a\n\tname: x\n", "line 2, column 1: invalid YAML", "yaml"),
     bad("two-docs", "- uri: a\n- uri: b\n---\n- uri: c\n", "line 3, column 1"),
@@ -242,6 +260,11 @@ BAD_SPECS = [
         "'snapshot' already pins every object: remove 'asOf'",
     ),
     bad(
+        "snapshot-etag",
+        "- {uri: s3://b-1/a.csv, snapshot: s.gz, etag: abc}\n",
+        "'snapshot' already pins every object: remove 'etag'",
+    ),
+    bad(
         "id-only",
         "- {uri: s3://b-1/a, awsAccessKeyId: ID}\n",
         "'awsAccessKeyId' is given without 'awsSecretAccessKey'",
@@ -258,6 +281,18 @@ BAD_SPECS = [
         "  awsSessionToken: \"TOKENPART1\\nTOKENPART2\"\n",
         "dataset #1 ('a'): 'awsSessionToken' is empty or holds a line break",
     ),
+    bad(  # pasted with a space or a no-break space inside: no AWS credential has one
+        "key-with-a-space",
+        '[{"uri": "s3://b-1/a", "awsAccessKeyId": "AKID EXAMPLE", "awsSecretAccessKey": "S"}]',
+        "dataset #1 ('a'): 'awsAccessKeyId' is empty or holds a line break, a space",
+        "json",
+    ),
+    bad(
+        "secret-with-a-no-break-space",
+        '[{"uri": "s3://b-1/a", "awsAccessKeyId": "I", "awsSecretAccessKey": "SE\u00a0CRET"}]',
+        "'awsSecretAccessKey' is empty or holds a line break, a space",
+        "json",
+    ),
     bad(
         "keys-unsigned",
         "- {uri: s3://b-1/a, awsAccessKeyId: I, awsSecretAccessKey: S, noSignRequest: true}\n",
@@ -272,6 +307,12 @@ BAD_SPECS = [
         "dup-explicit",
         "- {uri: s3://b-1/a, name: n}\n- {uri: s3://b-1/b}\n- {uri: s3://b-1/c, name: n}\n",
         "datasets #1 and #3 are both named 'n'",
+    ),
+    bad(  # a snapshot file's name is skipped, one given is still checked
+        "dup-explicit-with-snapshots",
+        "- {uri: s3://b-1/a/, snapshot: a.gz, name: n}\n- {uri: s3://b-1/b/, snapshot: b.gz, "
+        "name: n}\n",
+        "datasets #1 and #2 are both named 'n'",
     ),
 ]
 
@@ -288,6 +329,12 @@ def test_yaml_merge_keys_share_fields_and_the_datasets_own_win() -> None:
         ("b/", "http://127.0.0.1:9000", "eu-west-1"),
         ("c/", "http://127.0.0.1:9000", "us-east-1"),
     ]
+    first_wins = parse(  # YAML: of merged mappings, the first one given wins
+        "- &eu {uri: s3://b-1/a/, region: eu-west-1}\n"
+        "- &us {uri: s3://b-1/b/, region: us-east-1, endpointUrl: 'http://127.0.0.1:9000'}\n"
+        "- {<<: [*eu, *us], uri: s3://b-1/c/}\n"
+    )[2]
+    assert (first_wins.region, first_wins.endpoint_url) == ("eu-west-1", "http://127.0.0.1:9000")
     with pytest.raises(SpecError, match="merges a mapping"):
         parse("- {<<: oops, uri: s3://b-1/a}\n")
     beside = parse("x-minio: &m {endpointUrl: 'http://127.0.0.1:9000'}\n"

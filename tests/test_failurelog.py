@@ -72,3 +72,20 @@ def test_the_tables_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         clock.now += REPEAT_QUIET / 100
     assert len(failures._once) <= failurelog.KEPT
     assert len(failures._last) <= failurelog.KEPT
+
+
+def test_the_next_report_after_a_window_says_what_it_held_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A window ends at the next report too, not only at the daemon's periodic ``flush``: the
+    count of what was held back is told, and a new burst may be logged."""
+    clock = Clock()
+    failures = FailureLog(clock)
+    for index in range(BURST + 5):
+        failures.report(f"denied f{index}", errno.EACCES, subject=f"f{index}", permanent=False)
+    clock.now += WINDOW
+    assert failures.report("denied g", errno.EACCES, subject="g", permanent=False)
+    assert caplog.messages[-2:] == [
+        f"5 more failed reads (EACCES) were not logged in the last {WINDOW:.0f} s",
+        "denied g",
+    ]

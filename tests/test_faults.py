@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import pytest
 import trio
 from fakes import trio_test
@@ -35,6 +36,7 @@ from faultproxy import FaultProxy
 
 from devtools.s3server import S3Server
 from s3datafs import reader as reader_module
+from s3datafs import s3source
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import (
@@ -47,6 +49,7 @@ from s3datafs.errors import (
 from s3datafs.model import ObjectRef
 from s3datafs.reader import BlockReader
 from s3datafs.s3source import S3Settings, S3Source
+from s3datafs.signedget import Fetched
 
 KiB = 1024
 BIG = bytes((i * 7 + i // 251) % 256 for i in range(300 * KiB))  # several 64 KiB blocks
@@ -371,3 +374,90 @@ def test_a_cache_directory_removed_while_in_use_is_made_again_and_private(tmp_pa
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
         for name in names:
             assert stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode) == 0o600
+
+
+# -- the backoff, on a clock of the test's --------------------------------------------------------
+
+
+def retried_source(monkeypatch: pytest.MonkeyPatch, failures: int, deadline: float):
+    """(source, waits): a source whose first ``failures`` GETs are SlowDown, each retry waiting
+    the longest its jitter allows, on a clock that only ``time.sleep`` moves."""
+    source = S3Source(S3Settings(region="us-east-1", endpoint_url="http://127.0.0.1:1",
+                                 access_key_id="testing", secret_access_key="testing",
+                                 read_deadline=deadline))
+    left = [failures]
+    waits: list[float] = []
+
+    def flaky(ref: ObjectRef, start: int, end: int) -> bytes:
+        left[0] -= 1
+        if left[0] >= 0:
+            raise TransientS3Error("SlowDown")
+        return bytes(end - start)
+
+    monkeypatch.setattr(source, "_get_range_once", flaky)
+    monkeypatch.setattr(s3source.random, "uniform", lambda low, high: high)
+    monkeypatch.setattr(s3source.time, "monotonic", lambda: sum(waits))
+    monkeypatch.setattr(s3source.time, "sleep", waits.append)
+    return source, waits
+
+
+def test_backoff_between_retries_doubles_up_to_five_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Full-jitter backoff, capped: uncapped, late attempts would wait minutes (and give up
+    early, their next wait beyond the deadline)."""
+    source, waits = retried_source(monkeypatch, failures=12, deadline=3600.0)
+    assert source.get_range(ObjectRef("b-1", "k", None, '"e"', 10, 0.0), 0, 10) == bytes(10)
+    assert waits[:3] == pytest.approx([0.2, 0.4, 0.8])
+    assert (len(waits), max(waits)) == (12, 5.0)
+
+
+def test_no_wait_before_a_retry_reaches_past_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retry whose wait would end after the deadline is not waited for: it gives up."""
+    source, waits = retried_source(monkeypatch, failures=100, deadline=1.0)
+    with pytest.raises(TransientS3Error, match="giving up .* after 3 attempts"):
+        source.get_range(ObjectRef("b-1", "k", None, '"e"', 10, 0.0), 0, 10)
+    assert waits == pytest.approx([0.2, 0.4])  # 0.6 s; the next 0.8 s would end at 1.4 s
+
+
+# -- secrets ---------------------------------------------------------------------------------------
+
+
+def test_the_settings_name_every_secret_for_the_redactor() -> None:
+    settings = S3Settings(access_key_id="AKID", secret_access_key="SECRET", session_token="TOKEN")
+    assert settings.secrets() == ["SECRET", "TOKEN"]
+    assert "SECRET" not in repr(settings)
+    assert "TOKEN" not in repr(settings)
+
+
+def test_an_http_client_failure_is_named_by_its_kind_never_by_its_text() -> None:
+    """Its text may quote a request header, and so a credential."""
+    inner = RuntimeError("bad header 'X-Amz-Security-Token: TOKEN42'")
+    mapped = s3source._map_botocore_error(
+        botocore.exceptions.HTTPClientError(error=inner), "s3://b-1/k"
+    )
+    assert isinstance(mapped, TransientS3Error)
+    assert "TOKEN42" not in str(mapped)
+    assert "(RuntimeError)" in str(mapped)
+
+
+def test_a_socket_error_while_a_body_streams_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below botocore (urllib3, the socket) a reset is an ``OSError``: a transient failure,
+    retried, not an unexpected error failing the read."""
+    source = S3Source(S3Settings(region="us-east-1", endpoint_url="http://127.0.0.1:1",
+                                 access_key_id="testing", secret_access_key="testing"))
+    ref = ObjectRef("b-1", "k", None, '"e"', 100, 0.0)
+    resets = [ConnectionResetError(104, "Connection reset by peer")]
+
+    def get(ref: ObjectRef, start: int, end: int) -> Fetched:
+        if resets:
+            raise resets.pop()
+        return Fetched(bytes(end - start), f"bytes {start}-{end - 1}/{ref.size}", None, None)
+
+    waits: list[float] = []
+    monkeypatch.setattr(source, "_signed", type("Gets", (), {"get": staticmethod(get)})())
+    monkeypatch.setattr(s3source.time, "sleep", waits.append)
+    assert source.get_range(ref, 0, 10) == bytes(10)
+    assert len(waits) == 1  # one retry

@@ -595,6 +595,7 @@ def test_a_full_disk_at_mount_is_one_line_and_nothing_is_left_mounted(
         assert result.stderr.startswith(f"s3datafs: {said}: free space there"), result.stderr
         assert result.stderr.count("\n") == 1
         assert cli.mounts_below_root() == [str(directory)]  # the full tmpfs, no FUSE mount
+        assert not list(directory.glob(".state-*"))  # the half-written state file is removed
     cli.expect_log("cannot write")
 
 

@@ -26,7 +26,8 @@ import trio.testing
 from fakes import FakeSource, trio_test
 
 from s3datafs.catalog import Catalog, Entry, build_catalog
-from s3datafs.errors import AccessDeniedError, TransientS3Error
+from s3datafs.errors import AccessDeniedError, ArchiveError, TransientS3Error
+from s3datafs.failurelog import REPEAT_QUIET, FailureLog
 from s3datafs.fuse_ops import FsSettings, Operations
 from s3datafs.model import MemberRef, ObjectRef
 from s3datafs.reader import BlockReader
@@ -281,6 +282,7 @@ async def test_a_name_longer_than_255_bytes_is_enametoolong(fs: Mounted) -> None
     with pytest.raises(pyfuse3.FUSEError) as caught:
         await fs.ops.lookup(ROOT, b"x" * 256)
     assert_errno(caught, errno.ENAMETOOLONG)
+    assert (await fs.ops.lookup(ROOT, b"x" * 255)).st_ino == 0  # 255 is a name: merely missing
 
 
 @trio_test
@@ -387,6 +389,42 @@ async def test_typed_source_errors_become_their_errno(
 
 
 @trio_test
+async def test_failures_of_one_object_are_logged_once_whatever_each_says(
+    fs: Mounted, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Quiet per object read (``failurelog``): retried reads of one object fail with messages
+    that differ (the bytes, the attempts), and must not each get a line."""
+    fh = await fs.open("a.txt")
+    with caplog.at_level(logging.ERROR, logger="s3datafs.fuse_ops"):
+        for first in (0, 64, 128):
+            fs.source.fail_next(1, TransientS3Error(f"giving up on bytes {first}-{first + 63}"))
+            with pytest.raises(pyfuse3.FUSEError):
+                await fs.ops.read(fh, first, 10)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["giving up on bytes 0-63"]
+
+
+@trio_test
+async def test_a_bad_archive_member_is_logged_once_for_the_mounts_life(
+    fs: Mounted, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ``ArchiveError`` is the same answer every time, like a stale object: one line ever,
+    not one per ``REPEAT_QUIET``."""
+    clock = [1000.0]
+    fs.ops.failures = FailureLog(lambda: clock[0])
+    fh = await fs.open("a.txt")
+    with caplog.at_level(logging.ERROR, logger="s3datafs.fuse_ops"):
+        for _ in range(3):
+            fs.source.fail_next(1, ArchiveError("data.zip!/m: bad CRC"))
+            with pytest.raises(pyfuse3.FUSEError):
+                await fs.ops.read(fh, 0, 10)
+            clock[0] += REPEAT_QUIET
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "data.zip!/m: bad CRC"
+    ]
+
+
+@trio_test
 async def test_abandoning_requests_ends_a_read_waiting_on_s3_and_every_later_one(
     fs: Mounted,
 ) -> None:
@@ -406,7 +444,8 @@ async def test_abandoning_requests_ends_a_read_waiting_on_s3_and_every_later_one
             await trio.testing.wait_all_tasks_blocked()  # the read waits on its GET's thread
             fs.ops.abandon_requests()
         assert outcomes == [errno.EIO]
-        await read_and_record()  # a request that arrives later does not wait either
+        with trio.fail_after(5):  # a request that arrives later does not wait either
+            await read_and_record()
         assert outcomes == [errno.EIO, errno.EIO]
     finally:
         fs.source.gate.set()
@@ -544,6 +583,31 @@ async def test_root_xattrs_describe_the_snapshot(fs: Mounted) -> None:
     assert values["user.s3datafs.object_count"] == str(MANY + 4)
     stats = json.loads(values["user.s3datafs.stats"])
     assert set(stats) >= {"s3_requests", "bytes_served"}
+
+
+class _NestedMemberCatalog:
+    """One zip member, ``dir/b.csv`` of ``data.zip``, whose CRC-32 has leading zero digits."""
+
+    def __init__(self) -> None:
+        archive = ObjectRef("bkt", "data.zip", None, '"e"', 10_000, 0.0)
+        member = MemberRef(archive, "dir/b.csv", 0, 100, 0, 0, 10, 10, 0x00C0FFEE, 0.0)
+        self.entry = Entry(5, 4, "b.csv", False, 10, 0.0, member)
+
+    def get(self, inode: int) -> Entry | None:
+        return self.entry if inode == self.entry.inode else None
+
+
+@trio_test
+async def test_member_xattrs_name_its_path_in_the_archive_and_its_crc_in_eight_digits() -> None:
+    reader = BlockReader(FakeSource(), block_size=64, memory_cache_bytes=1 << 20,
+                         s3_limiter=trio.CapacityLimiter(4))
+    catalog = _NestedMemberCatalog()
+    ops = Operations(catalog, reader, FsSettings(uid=UID, gid=GID))  # type: ignore[arg-type]
+    mounted = Mounted(ops, FakeSource(), catalog, {})  # type: ignore[arg-type]
+    values = await xattrs(mounted, catalog.entry.inode)
+    assert values["user.s3datafs.member"] == "dir/b.csv"  # the path, not the entry's name
+    assert values["user.s3datafs.member_crc32"] == "00c0ffee"  # as zip listings print it
+    assert values["user.s3datafs.uri"] == catalog.entry.ref.uri
 
 
 @trio_test

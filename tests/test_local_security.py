@@ -83,6 +83,18 @@ def test_a_cache_directory_others_may_change_is_refused(
     assert "is not private" in refused(cli, "cache", "clear", "--cache-dir", str(cache))
 
 
+def test_an_empty_directory_of_another_user_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    """Only a directory of ours is made private when empty: another user's stays theirs, as it
+    was (root could chmod it, and must not)."""
+    theirs = shared_dir(tmp_path / "scratch") / "cache"
+    theirs.mkdir()
+    os.chown(theirs, OTHER, OTHER)
+    theirs.chmod(0o777)
+    with pytest.raises(ConfigError, match=f"belongs to uid {OTHER}"):
+        config.prepare_cache_dir(theirs)
+    assert stat.S_IMODE(theirs.stat().st_mode) == 0o777
+
+
 def test_an_empty_cache_directory_others_may_write_is_made_private(
     cli: Cli, s3, make_bucket, tmp_path: Path
 ) -> None:

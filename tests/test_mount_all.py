@@ -27,7 +27,9 @@ from conftest import Cli, CliResult, files_below
 from zipcraft import make_zip
 
 from devtools.s3server import S3Server
+from s3datafs import runtime
 from s3datafs.cli import main
+from s3datafs.commands import unmount
 
 pytestmark = pytest.mark.fuse
 
@@ -168,6 +170,17 @@ def test_bad_specs_mount_nothing_and_contact_nothing(
     assert sum(s3server.ops().values()) == before, "a bad spec reached S3"
 
 
+def in_a_private_mount_namespace(cli: Cli, script: str) -> dict:
+    """Run ``script`` (Python that prints one JSON line) in a mount namespace of its own, so
+    ``unmount --all`` there sees only its mounts; its report."""
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+        env=cli.env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def test_unmount_all_unmounts_every_s3datafs_mount(cli: Cli, three: Three) -> None:
     """In a private mount namespace: what ``--all`` sees there is ours, or copies of others'."""
     if shutil.which("unshare") is None:
@@ -190,21 +203,60 @@ left = [line for line in open("/proc/self/mountinfo") if " fuse.s3datafs " in li
 print(json.dumps({{"mount": mounted.returncode, "stderr": mounted.stderr + result.stderr,
                   "before": before, "unmount": result.returncode, "left": left}}))
 """
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
-        env=cli.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = in_a_private_mount_namespace(cli, script)
     assert report["mount"] == 0, report["stderr"]
     assert report["before"] == [True, True]
     assert report["unmount"] == 0, report["stderr"]
     assert report["left"] == []
     assert not list((cli.root / "run").glob("*.json")), "unmount --all left a daemon's state"
+
+
+def test_unmount_all_unmounts_a_mount_nested_in_another_first(cli: Cli, s3, make_bucket) -> None:
+    """A mount on an empty directory of another (a zip's directory entry) keeps that one busy
+    until it is gone: ``--all`` unmounts the newest first, and leaves nothing mounted."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare for a private mount namespace")
+    bucket = make_bucket()
+    body = make_zip({"a.txt": b"a"}, directories=["empty/"])
+    s3.put_object(Bucket=bucket, Key="outer.zip", Body=body)
+    s3.put_object(Bucket=bucket, Key="inner/b.txt", Body=b"b")
+    outer = cli.data_root / "outer"
+    script = f"""
+import json, os, subprocess, sys
+def s3datafs(*args):
+    return subprocess.run([sys.executable, "-m", "s3datafs", *args], capture_output=True,
+                          text=True)
+outer = {str(outer)!r}
+mounted = [s3datafs("mount", "s3://{bucket}/outer.zip", outer),
+           s3datafs("mount", "s3://{bucket}/inner/", outer + "/empty")]
+try:
+    result = s3datafs("unmount", "--all")
+finally:
+    for path in (outer + "/empty", outer):
+        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+left = [line for line in open("/proc/self/mountinfo") if " fuse.s3datafs " in line]
+print(json.dumps({{"mount": [m.returncode for m in mounted],
+                  "stderr": "".join(m.stderr for m in mounted) + result.stderr,
+                  "unmount": result.returncode, "left": left}}))
+"""
+    report = in_a_private_mount_namespace(cli, script)
+    assert report["mount"] == [0, 0], report["stderr"]
+    assert (report["unmount"], report["left"]) == (0, []), report["stderr"]
+
+
+def test_an_unmount_that_fails_because_the_mount_went_meanwhile_succeeds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Another unmount got there first (systemd, a second ``unmount``): what was asked is done,
+    so it is no error, and the state file goes."""
+    monkeypatch.setenv("S3DATAFS_RUNTIME_DIR", str(tmp_path / "run"))
+    target = str(tmp_path / "m")
+    tables = iter([[runtime.MountEntry(target, runtime.FSTYPE, "s3://b-1/p/")]])  # then none
+    monkeypatch.setattr(runtime, "mount_table", lambda: next(tables, []))
+    monkeypatch.setattr(unmount, "_unmount", lambda mountpoint, lazy: "entry not found")
+    runtime.write_state(target, {"pid": 0})
+    unmount.unmount_path(target, lazy=False)
+    assert runtime.read_state(target) is None
 
 
 def test_unmount_needs_a_mount_point_or_all(capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from conftest import Cli, sha256
 
-from s3datafs import mount_helper
+from s3datafs import mount_helper, runtime
 from s3datafs.errors import UsageError
 from s3datafs.mount_helper import main, option_table, parse_call, translate_options
-from s3datafs.runtime import pid_alive
+from s3datafs.runtime import MountEntry, pid_alive
 
 SBIN_HELPERS = (Path("/sbin/mount.s3datafs"), Path("/sbin/mount.fuse.s3datafs"))
 LOCK = Path(tempfile.gettempdir()) / "s3datafs-sbin-helper.lock"
@@ -79,6 +79,8 @@ def test_every_mount_option_but_the_helpers_own_is_an_o_option() -> None:
         ("aws_session_token=t", "refused: credentials"),
         ("AWS_SECRET_ACCESS_KEY=s3cr3t", "option 'AWS_SECRET_ACCESS_KEY' refused: credentials"),
         ("Secret_Access_Key=s3cr3t", "refused: credentials"),
+        ("noatime=5", "unknown option 'noatime'"),  # ignored as a flag, not with a value
+        ("_netdve", "unknown option '_netdve': did you mean '_netdev'?"),
     ],
 )
 def test_bad_options_are_refused_in_one_line(options: str, fragment: str) -> None:
@@ -122,6 +124,37 @@ def test_helper_errors_are_one_line_with_mount8_exit_codes(
     assert capsys.readouterr().err.startswith("mount.s3datafs: the following arguments")
     assert main(["s3://b-1/x", str(tmp_path), "-f", "-v", "-o", "ro,uid=7"]) == 0
     assert "would mount s3://b-1/x" in capsys.readouterr().out
+
+
+# -- remount, against a mount table made up for the test ---------------------------------------
+
+
+def _mount_table(monkeypatch: pytest.MonkeyPatch, target: Path, *entries: tuple[str, str]) -> None:
+    """``runtime.mount_table`` lists ``entries`` (fstype, options), all mounted at ``target``,
+    the last one on top."""
+    table = [MountEntry(str(target), fstype, "src", options=frozenset(options.split(",")))
+             for fstype, options in entries]
+    monkeypatch.setattr(runtime, "mount_table", lambda: table)
+
+
+def test_remount_of_another_filesystem_type_fails(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A mount point that is something else's says so, not "remounted"."""
+    _mount_table(monkeypatch, tmp_path, ("fuse.sshfs", "rw,nosuid"))
+    assert main(["s3://b-1/x", str(tmp_path), "-o", "remount"]) == 32
+    assert capsys.readouterr().err == (
+        f"mount.s3datafs: {tmp_path} is not an s3datafs mount: nothing to remount\n"
+    )
+
+
+def test_remount_judges_noexec_by_the_mount_on_top(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two mounts stacked at DIR: the one on top (the last in the table) is the one remounted."""
+    _mount_table(monkeypatch, tmp_path, ("fuse.s3datafs", "ro,noexec"), ("fuse.s3datafs", "ro"))
+    assert main(["s3://b-1/x", str(tmp_path), "-o", "remount,noexec"]) == 32
+    assert f"cannot remount {tmp_path} noexec" in capsys.readouterr().err
 
 
 # -- the real mount(8) ---------------------------------------------------------------------------

@@ -105,6 +105,29 @@ def test_keys_from_the_variable_are_in_no_process_environment(cli: Cli, bucket: 
     assert_all_unmounted(cli)
 
 
+def test_scrub_overwrites_the_whole_value_and_drops_the_variable() -> None:
+    """``envblock.scrub`` in a process of its own: no byte of the value is left in the block
+    ``/proc/self/environ`` shows, and neither ``os.environ`` nor a child has the variable."""
+    check = (
+        "import os, subprocess, sys\n"
+        "from s3datafs import envblock\n"
+        "envblock.scrub('S3DATAFS_DATASETS')\n"
+        "block = open('/proc/self/environ', 'rb').read()\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get("
+        "\"S3DATAFS_DATASETS\"))'], capture_output=True, text=True).stdout\n"
+        "at = block.index(b'S3DATAFS_DATASETS=') + len('S3DATAFS_DATASETS=')\n"
+        "print(block[at : at + len('SPECTOKEN42')] == bytes(11),\n"
+        "      'S3DATAFS_DATASETS' in os.environ, child.strip())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check],
+        env={**os.environ, "S3DATAFS_DATASETS": "SPECTOKEN42"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False", "None"]
+
+
 @pytest.mark.parametrize(
     ("job", "status"),
     [

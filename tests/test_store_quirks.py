@@ -21,9 +21,11 @@ from conftest import Cli
 from faultproxy import FaultProxy, Headers
 
 from devtools.s3server import S3Server
-from s3datafs.errors import S3RequestError, StaleObjectError
+from s3datafs import s3source
+from s3datafs.errors import S3RequestError, StaleObjectError, TransientS3Error
 from s3datafs.model import ObjectRef
 from s3datafs.s3source import S3Settings, S3Source
+from s3datafs.signedget import Fetched
 
 KiB = 1024
 OLD = bytes((i * 7) % 251 for i in range(200 * KiB))
@@ -291,3 +293,50 @@ def test_a_head_without_etag_refuses_the_mount_in_one_line(
         "by its ETag: this store cannot be mounted"
     ]
     assert cli.mounts_below_root() == []
+
+
+# -- what a body alone tells ----------------------------------------------------------------------
+
+
+def offline_source() -> S3Source:
+    """A source that is never asked anything: its clients are made, no request is sent."""
+    return S3Source(S3Settings(region="us-east-1", endpoint_url="http://127.0.0.1:1",
+                               access_key_id="testing", secret_access_key="testing"))
+
+
+def test_a_server_that_ignores_range_fails_at_once_not_after_retries() -> None:
+    """The whole object for a part of it, again on every retry: an error, not a transient one
+    (retrying would only wait out the deadline on every read)."""
+    ref = ObjectRef("b-1", "k", None, '"e"', 100, 0.0)
+    with pytest.raises(S3RequestError, match="server ignored the Range header"):
+        s3source._check_body(ref, 10, 20, bytes(100), None)
+
+
+@pytest.mark.parametrize(
+    ("encryption", "customer_algorithm"), [("aws:kms", None), ("AES256", "AES256")],
+    ids=["sse-kms", "sse-c"],
+)
+def test_the_etag_of_an_encrypted_object_is_no_md5_to_check(
+    encryption: str, customer_algorithm: str | None
+) -> None:
+    """SSE-KMS and SSE-C objects have ETags that are not their MD5: whole bodies are served as
+    they are, and the check stays on for the mount's other objects."""
+    source = offline_source()
+    ref = ObjectRef("b-1", "k", None, '"' + "0" * 32 + '"', 5, 0.0)
+    body = Fetched(b"bytes", None, encryption, customer_algorithm)
+    source._check_md5(ref, body.data, body)  # no TransientS3Error: nothing to check
+    assert source._verify_md5
+
+
+def test_a_stalled_server_is_not_retried_by_botocore_past_the_deadline(
+    proxy: FaultProxy, s3server: S3Server
+) -> None:
+    """GETs botocore sends itself make one attempt each: its own retries (three timeouts of
+    the deadline each) would outlast the deadline that bounds the whole read."""
+    ref = pinned(*stored(s3server, "stalled.bin"), "stalled.bin")
+    source = source_for(proxy, botocore_only=True, read_deadline=1.5, request_timeout=30.0)
+    proxy.inject("stall", times=None)
+    started = time.monotonic()
+    with pytest.raises(TransientS3Error):
+        source.get_range(ref, 0, 4 * KiB)
+    assert time.monotonic() - started < 1.5 + 1.0

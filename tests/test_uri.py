@@ -25,6 +25,7 @@ from s3datafs.uri import S3Uri, dataset_name, parse_s3_uri, validate_name
         ("s3://bkt/x/archive.tar", "archive"),
         ("s3://bkt/x/v1.2.csv", "v1.2"),
         ("s3://bkt/.hidden", ".hidden"),
+        ("s3://bkt/x/.tar.gz", ".tar"),  # a compound extension that is the whole name is kept
         ("s3://bkt/noext", "noext"),
     ],
 )
@@ -60,6 +61,7 @@ def test_parse_keeps_bucket_and_key(text: str, bucket: str, key: str) -> None:
         ("s3://a..b/k", "adjacent periods"),
         ("s3://192.168.1.1/k", "IP address"),
         ("s3://" + "a" * 64, "invalid bucket name"),
+        ("s3://bkt/a\0b", "NUL byte"),  # no file name can hold one
     ],
 )
 def test_parse_refuses_malformed_uris(text: str, fragment: str) -> None:
