@@ -282,15 +282,7 @@ def test_spans_waiting_for_the_disk_hold_their_bytes_once(tmp_path) -> None:
     archive = source.put("b", "a.zip", sample_bytes(3, 24 * mib))
     expected = source.get_range(archive, 0, archive.size)
     source.ranges.clear()
-    disk = DiskCache(tmp_path, block_size=64 * 1024, capacity=1 << 30)
-    disk_free = threading.Event()
-    write = disk.write
-
-    def slow_write(*args: object, **kwargs: object) -> None:
-        assert disk_free.wait(30)
-        write(*args, **kwargs)
-
-    disk.write = slow_write  # type: ignore[method-assign]
+    disk = HeldDisk(tmp_path, block_size=64 * 1024, capacity=1 << 30)  # writes wait: pending
     blocks = spans.ArchiveBlocks(source, disk, write_behind=1 << 30, write_inline=0)
     table = spans.Spans(blocks, max_bytes=64 * mib)
     tracemalloc.start()
@@ -304,7 +296,7 @@ def test_spans_waiting_for_the_disk_hold_their_bytes_once(tmp_path) -> None:
         held = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-        disk_free.set()
+        disk.release.set()
         table.close()
         blocks.close()
     fetched = sum(end - start for _, start, end in source.ranges)
@@ -463,6 +455,16 @@ def wait_until(condition, what: str) -> None:
         time.sleep(0.01)
 
 
+def read_into_a_streak(table: spans.Spans, archive: ObjectRef) -> int:
+    """Read an archive of zeros in order, 256 KiB at a time, until its spans have grown enough
+    to be read ahead; where the reads stopped."""
+    at = 0
+    while not any(s.end - s.start >= spans._AHEAD_FROM_SPAN for s in table._spans):
+        assert table.read(archive, at, at + 256 * 1024) == bytes(256 * 1024)
+        at += 256 * 1024
+    return at
+
+
 def test_spans_planned_ahead_by_a_peek_that_finds_nothing_are_fetched_all_the_same() -> None:
     # A member crossing from a landed span into one still in flight is not at hand; the peek
     # had planned the spans after it, and a reader that later finds one waits for it to land
@@ -471,10 +473,7 @@ def test_spans_planned_ahead_by_a_peek_that_finds_nothing_are_fetched_all_the_sa
     archive = ObjectRef("b", "a.zip", None, '"e"', 64 * mib, 0.0)
     inner = GatedArchive()
     table = spans.Spans(inner, max_bytes=64 * mib)
-    at = 0
-    while not any(s.end - s.start >= spans._AHEAD_FROM_SPAN for s in table._spans):
-        assert table.read(archive, at, at + 256 * 1024) == bytes(256 * 1024)
-        at += 256 * 1024
+    at = read_into_a_streak(table, archive)
     ahead = sorted((s for s in table._spans if s.start >= at), key=lambda s: s.start)
     assert len(ahead) == spans._SPANS_AHEAD
     wait_until(lambda: all(s.done.is_set() for s in ahead), "the spans ahead never landed")
@@ -503,10 +502,7 @@ def test_spans_ahead_that_no_thread_can_be_started_for_fail_and_reading_goes_on(
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(threading.Thread, "start", no_thread)
-    at = 0
-    while not any(s.end - s.start >= spans._AHEAD_FROM_SPAN for s in table._spans):
-        assert table.read(archive, at, at + 256 * 1024) == bytes(256 * 1024)
-        at += 256 * 1024
+    at = read_into_a_streak(table, archive)
     assert not [s for s in table._spans if s.start >= at]  # failed, out of the table
     monkeypatch.setattr(threading.Thread, "start", start)  # threads to be had again
     reader = threading.Thread(target=table.read, args=(archive, at, at + 8 * mib), daemon=True)
@@ -762,10 +758,7 @@ def test_a_reader_waiting_for_a_span_read_ahead_that_fails_fetches_its_own() -> 
 
     inner = FailingWhileHeld()
     table = spans.Spans(inner, max_bytes=64 * mib)
-    at = 0
-    while not any(s.end - s.start >= spans._AHEAD_FROM_SPAN for s in table._spans):
-        assert table.read(archive, at, at + 256 * 1024) == bytes(256 * 1024)
-        at += 256 * 1024
+    at = read_into_a_streak(table, archive)
     ahead = sorted((s for s in table._spans if s.start >= at), key=lambda s: s.start)
     wait_until(lambda: all(s.done.is_set() for s in ahead), "the spans ahead never landed")
     inner.held_from = ahead[-1].end  # the spans planned next are held, then fail

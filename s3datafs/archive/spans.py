@@ -81,7 +81,7 @@ class ArchiveBlocks:
 
     def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
         data, at = self._blocks_of(archive, start, end)
-        return data if at == 0 and len(data) == end - start else data[at: at + end - start]
+        return data[at: at + end - start]  # the same object when that is all of it
 
     def get_shared(self, archive: ObjectRef, start: int, end: int) -> bytes | memoryview:
         """``get_range``'s bytes, as a view of the blocks they came in when those are not much

@@ -98,19 +98,19 @@ def run(args: argparse.Namespace) -> int:
             members = archive_catalog(source, catalog, plan.archive, plan.cache_dir)
             if members is None:
                 count, total = catalog.meta.object_count, catalog.meta.total_bytes
-                refs, stored = catalog.objects(), total
+                refs, warmed, stored = catalog.objects(), count, total
             else:
                 closing.callback(members.close)
                 archive = members.meta.archive
                 count, total = members.meta.object_count, members.meta.total_bytes
-                refs, stored = iter([archive]), archive.size
+                refs, warmed, stored = iter([archive]), 1, archive.size
             if stored > plan.disk_cache_bytes:
                 raise ConfigError(
                     f"{plan.uri} takes {human_size(stored)}, more than the cache holds "
                     f"(--cache-size {human_size(plan.disk_cache_bytes)}): raise --cache-size")
             progress = _Progress(stored)
             try:
-                trio.run(_warm_all, reader, refs, count if members is None else 1, progress)
+                trio.run(_warm_all, reader, refs, warmed, progress)
             except BaseExceptionGroup as group:  # Ctrl-C arrives inside the nurseries
                 if group.subgroup(KeyboardInterrupt) is None:
                     raise
