@@ -21,6 +21,8 @@ from zipcraft import header_offset, make_zip, patch, sample_bytes
 
 pytestmark = pytest.mark.fuse
 
+MiB = 1024 * 1024
+
 MEMBERS = {
     "train/a/1.txt": b"first member\n",
     "train/a/2.bin": sample_bytes(2, 200_000),
@@ -277,3 +279,27 @@ def test_prefetch_warms_members_and_cache_clear_forgets_the_index(
     s3server.reset_stats()
     mountpoint = cli.mount(f"s3://{bucket}/d.zip")
     assert s3server.ops()["GetObject"] == 1  # the index again: one GET of the archive's end
+
+
+def test_max_prefetch_memory_bounds_the_spans_a_zip_is_read_in(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    """Members read in archive order are fetched in spans that grow up to 8 MiB; the spans kept
+    in memory are bounded by --max-prefetch-memory, and the largest span by a quarter of it (a
+    span, the two ahead and one more), so a small bound means short GETs."""
+    bucket = make_bucket()
+    members = {f"m{i:03d}.bin": sample_bytes(i, 100_000) for i in range(160)}
+    put(s3, bucket, "d.zip", make_zip(members))
+
+    def largest_get(*options: str) -> int:
+        mountpoint = cli.mount(f"s3://{bucket}/d.zip", "--no-cache", *options)
+        s3server.reset_stats()
+        for name, body in members.items():  # in archive order
+            assert (mountpoint / name).read_bytes() == body
+        gets = [r["range"] for r in s3server.stats()["requests"] if r["op"] == "GetObject"]
+        assert cli.unmount(mountpoint).returncode == 0
+        bounds = [tuple(map(int, g.removeprefix("bytes=").split("-"))) for g in gets]
+        return max(end + 1 - start for start, end in bounds)
+
+    assert largest_get() > 4 * MiB  # default 64M: spans grow to 8 MiB
+    assert largest_get("--max-prefetch-memory", "1M") <= 512 * 1024  # the smallest span
