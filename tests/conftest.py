@@ -38,6 +38,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from faultproxy import FaultProxy  # noqa: E402
+from watchdog import Watchdog  # noqa: E402
 
 from devtools.s3server import S3Server, clean_aws_env  # noqa: E402
 from s3datafs.runtime import mount_table  # noqa: E402
@@ -60,28 +61,33 @@ def pytest_configure(config: pytest.Config) -> None:
     # lost when the watchdog ends the process (and ``--capture=sys`` has no descriptor at all).
     # pytest's own faulthandler plugin is off (pyproject: it would cancel the watchdog after any
     # failure, leaving that test's teardown unbounded); crashes still print their stacks here.
-    global _STDERR_FD
+    global _STDERR_FD, _WATCHDOG
     _STDERR_FD = os.dup(2)
     faulthandler.enable(file=_STDERR_FD, all_threads=True)
+    _WATCHDOG = Watchdog(_STDERR_FD)
 
 
-TEST_SECONDS = 180  # the slowest test takes ~30 s on a 2-core machine
-WATCHDOG_SECONDS = 60  # more, for a hang no signal reaches
+# Limits per test; the environment may lower them (tests/test_time_limits.py runs pytest so).
+TEST_SECONDS = int(os.environ.get("S3DATAFS_TEST_SECONDS", 180))  # the slowest test takes ~30 s
+WATCHDOG_SECONDS = int(os.environ.get("S3DATAFS_WATCHDOG_SECONDS", 60))  # no signal reaches
 _STDERR_FD = 2  # the real stderr, duplicated by pytest_configure
+_WATCHDOG: Watchdog | None = None  # started by pytest_configure
 
 
 @pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
+def time_limit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[None]:
     """Fail a test that runs past ``TEST_SECONDS``; end the run if even that cannot stop it.
 
     SIGALRM raises ``TimeoutError`` in the main thread, so the test fails and its fixtures'
     teardowns still unmount; inside a trio run it does not (trio's state would be left broken
     for every later test): ``fakes.trio_test`` runs under trio's own, shorter deadline. A thread
     blocked where neither reaches (a read of a mount whose daemon no longer answers waits in
-    the kernel; a worker thread trio cannot cancel) gets ``WATCHDOG_SECONDS`` more; then
-    faulthandler prints every thread's stack and exits: no summary line, and the S3 server and
-    mounts are left to the machine, but minutes, not CI's whole limit. Autouse, so it is set up
-    before the test's other fixtures and torn down after.
+    the kernel; a worker thread trio cannot cancel) gets ``WATCHDOG_SECONDS`` more; then the
+    watchdog (``tests/watchdog.py``) prints every thread's stack, kills the daemons, unmounts,
+    stops the S3 servers and ends the run: no summary line, but minutes, not CI's whole limit,
+    and nothing left behind. Autouse, so it is set up before the test's other fixtures and torn
+    down after.
     """
 
     def expired(_signum: int, _frame: object) -> None:
@@ -89,13 +95,15 @@ def time_limit() -> Iterator[None]:
         if not trio.lowlevel.in_trio_run():
             raise TimeoutError(f"the test ran past {TEST_SECONDS} s: a hang? (stacks above)")
 
+    assert _WATCHDOG is not None
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(TEST_SECONDS)
-    faulthandler.dump_traceback_later(TEST_SECONDS + WATCHDOG_SECONDS, exit=True, file=_STDERR_FD)
+    _WATCHDOG.arm(TEST_SECONDS + WATCHDOG_SECONDS, request.node.nodeid,
+                  below=tmp_path_factory.getbasetemp())
     try:
         yield
     finally:
-        faulthandler.cancel_dump_traceback_later()
+        _WATCHDOG.disarm()
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
 
@@ -249,10 +257,14 @@ class Cli:
             if failed:
                 trouble.append(f"unmount {point}: {failed}\n{self._daemon_stacks()}")
                 subprocess.run(["fusermount3", "-u", "-z", point], check=False)
-        for pid, _ in self._daemons():
+        for pid in self.daemon_pids():
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         return trouble
+
+    def daemon_pids(self) -> list[int]:
+        """Every daemon this runner started that may still run."""
+        return [pid for pid, _ in self._daemons()]
 
     def _daemons(self) -> list[tuple[int, Path | None]]:
         """(pid, log file) of every daemon with a state file under this runner's root."""
@@ -295,10 +307,13 @@ def isolated_cli(root: Path, endpoint: str) -> Iterator[Cli]:
     it mounted, then fails on a mount left, a troubled unmount or an unexpected log line."""
     runner = Cli(root, endpoint)
     trouble: list[str] = []
+    assert _WATCHDOG is not None
+    _WATCHDOG.track(runner)
     try:
         yield runner
     finally:
         trouble = runner.cleanup()
+        _WATCHDOG.untrack(runner)
     assert not runner.mounts_below_root(), "a mount survived the test's cleanup"
     assert not trouble, "unmounting after the test went wrong:\n" + "\n".join(trouble)
     unexpected = runner.unexpected_log_lines()
