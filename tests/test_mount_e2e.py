@@ -6,6 +6,7 @@ the kernel page cache cannot hide a daemon that serves the wrong version.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -284,6 +285,9 @@ def test_a_mount_point_below_a_symlink_is_one_mount_for_status_and_unmount(
     status = cli.run("status")
     assert f"{real / 'p'}" in status.stdout
     assert "dead" not in status.stdout
+    rows = json.loads(cli.run("status", "--json").stdout)
+    (row,) = [row for row in rows if row["mountpoint"] == str(real / "p")]
+    assert row["state"] == "mounted"  # its state file names the real path too
     unmounted = cli.unmount(given)
     assert unmounted.returncode == 0, unmounted.stderr
     assert not os.path.ismount(real / "p")
@@ -330,6 +334,31 @@ def test_status_calls_a_mount_it_has_no_state_for_mounted_not_dead(
     assert row["pid"] is None
 
 
+
+def test_status_shows_what_the_state_file_says_and_no_mount_is_no_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each column comes from the mount's state file (the mount table's source is only the URI
+    of a mount without one); with no mount at all, one line and exit 0."""
+    from s3datafs.commands import status
+    from s3datafs.runtime import MountEntry
+
+    entry = MountEntry("/data/mnist", "fuse.s3datafs", "s3datafs")
+    state = {"mountpoint": "/data/mnist", "uri": "s3://b/mnist/", "object_count": 2,
+             "total_bytes": 3 * 1024**2, "fingerprint": "f" * 64, "pid": os.getpid(),
+             "stats": {"s3_requests": 3, "memory_hits": 5, "disk_hits": 7}}
+    monkeypatch.setattr(status.runtime, "our_mounts", lambda: [entry])
+    monkeypatch.setattr(status.runtime, "all_states", lambda: [state])
+    assert status.run(argparse.Namespace(json=False)) == 0
+    _header, row, counters = capsys.readouterr().out.splitlines()
+    assert row.split() == ["/data/mnist", "s3://b/mnist/", "2", "3.0", "MiB", str(os.getpid()),
+                           "f" * 64, "mounted"]
+    assert counters.startswith("/data/mnist: 3 S3 requests, ")
+    assert "block hits: 5 memory, 7 disk, 0 misses" in counters
+    monkeypatch.setattr(status.runtime, "our_mounts", lambda: [])
+    assert status.run(argparse.Namespace(json=False)) == 0
+    assert capsys.readouterr().out == "no s3datafs mounts\n"
+
 def test_noexec_mounts_files_that_cannot_be_executed(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket()
     put_all(s3, bucket, {"p/run.sh": b"#!/bin/sh\necho ran\n"})
@@ -362,6 +391,27 @@ def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make
                             f"connected): run 's3datafs unmount {mountpoint}' first\n")
     result = cli.unmount(mountpoint)
     assert result.returncode == 0, result.stderr
+    assert not os.path.ismount(mountpoint)
+
+
+def test_unmount_refuses_while_another_file_system_is_mounted_over_ours(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """An unmount at a path removes its topmost mount: not ours while a tmpfs covers it."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mountpoint)], check=True)
+    try:
+        refused = cli.unmount(mountpoint)
+        assert refused.returncode == 1
+        assert refused.stderr == (f"s3datafs: a tmpfs file system is mounted over the s3datafs "
+                                  f"mount at {mountpoint}: unmount it first\n")
+        assert [e.fstype for e in mount_table() if e.mountpoint == str(mountpoint)] == [
+            "fuse.s3datafs", "tmpfs"]
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+    assert cli.unmount(mountpoint).returncode == 0
     assert not os.path.ismount(mountpoint)
 
 

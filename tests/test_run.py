@@ -159,6 +159,22 @@ def test_a_job_that_unmounts_a_dataset_itself_is_not_a_failure(cli: Cli, spec: s
     assert_all_unmounted(cli)
 
 
+
+def test_a_dataset_left_mounted_after_a_successful_job_makes_the_run_fail(
+    cli: Cli, spec: str
+) -> None:
+    """The job stacks a tmpfs of its own on the dataset: run says so (and leaves the tmpfs,
+    the topmost mount there, alone), and exits 1, not the job's 0."""
+    mountpoint = cli.data_root / "mnist"
+    try:
+        done = run(cli, spec, "--", "mount", "-t", "tmpfs", "tmpfs", str(mountpoint))
+        assert done.returncode == 1, done.stderr
+        assert (f"s3datafs: after the command: a tmpfs file system is mounted over the s3datafs "
+                f"mount at {mountpoint}: unmount it first") in done.stderr
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)  # the dataset's is left to cli
+
+
 def test_without_fusermount3_root_still_unmounts_everything(cli: Cli, bucket: str) -> None:
     """Root mounts need no helper, so fuse3's tools may be missing: umount2 does it then."""
     two = json.dumps([{"uri": f"s3://{bucket}/sets/mnist.zip"}, {"uri": f"s3://{bucket}/train/"}])

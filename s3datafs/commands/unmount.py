@@ -69,6 +69,9 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool) -> None:
         runtime.remove_state(mountpoint)
         raise NotMountedError(f"{mountpoint} is not mounted")
     if entry.fstype != runtime.FSTYPE:
+        if any(e.fstype == runtime.FSTYPE for e in _mounts_at(mountpoint)):
+            raise ConfigError(f"a {entry.fstype} file system is mounted over the s3datafs mount "
+                              f"at {mountpoint}: unmount it first")
         raise ConfigError(f"{mountpoint} is not an s3datafs mount (it is {entry.fstype})")
     reason = _unmount(mountpoint, lazy)
     if reason is not None and _mounted(mountpoint) is not None:  # else: it went meanwhile
@@ -81,7 +84,14 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool) -> None:
 
 
 def _mounted(mountpoint: str) -> runtime.MountEntry | None:
-    return next((e for e in runtime.mount_table() if e.mountpoint == mountpoint), None)
+    """The topmost mount at ``mountpoint``: the one an unmount there removes."""
+    entries = _mounts_at(mountpoint)
+    return entries[-1] if entries else None
+
+
+def _mounts_at(mountpoint: str) -> list[runtime.MountEntry]:
+    """The mounts at ``mountpoint``, lowest first (the table lists them in the order made)."""
+    return [e for e in runtime.mount_table() if e.mountpoint == mountpoint]
 
 
 _MNT_DETACH = 2
