@@ -77,12 +77,19 @@ def test_as_of_single_object_and_snapshot_record_the_time(cli: Cli, s3, make_buc
     times = write_rounds(s3, bucket)
     single = cli.mount(f"s3://{bucket}/k/a", str(cli.root / "a"), "--as-of", times[1])
     assert (single / "a").read_bytes() == b"A2"
+    said = cli.run("mount", f"s3://{bucket}/k/", str(cli.root / "k"), "--as-of", times[1])
+    assert said.returncode == 0, said.stderr
+    assert f", as of {times[1].replace('+00:00', 'Z')}" in said.stdout  # which time it shows
     file = cli.root / "round1.gz"
     result = cli.run("snapshot", f"s3://{bucket}/k/", "-o", str(file), "--as-of", times[0])
     assert result.returncode == 0, result.stderr
     assert ", as of " in result.stdout
+    then = cli.run("diff", str(file), f"s3://{bucket}/k/", "--as-of", times[0])
+    assert then.returncode == 0, then.stdout + then.stderr  # the URI as of round 1 is the file
     mountpoint = cli.mount("--snapshot", str(file), str(cli.root / "from-file"))
     assert tree(mountpoint) == expected(0)
+    warmed = cli.run("prefetch", f"s3://{bucket}/k/d/e", "--as-of", times[0])  # deleted since
+    assert warmed.returncode == 0, warmed.stderr
     gone = cli.run("mount", f"s3://{bucket}/k/d/e", str(cli.root / "e"), "--as-of", times[2])
     assert gone.returncode == 1
     assert "no such object or prefix as of" in gone.stderr

@@ -38,8 +38,10 @@ from test_bad_input import (  # noqa: F401 - ``world`` is a fixture used by name
 )
 
 from devtools.s3server import S3Server
+from s3datafs import cli as s3datafs_cli
 from s3datafs import config, mount
-from s3datafs.errors import ConfigError
+from s3datafs.commands import mount as mount_command
+from s3datafs.errors import ConfigError, UsageError
 from s3datafs.units import human_size, parse_size
 
 pytestmark = pytest.mark.fuse
@@ -120,6 +122,13 @@ STATUS_UNMOUNT_CACHE_PREFETCH = [
         USAGE,
         "--cache-size '10X' is not a size",
     ),
+    case(
+        "prefetch-fingerprint-mismatch",
+        ["prefetch", "s3://{b}/p/", "--expect-fingerprint", "f" * 64],
+        FAILURE,
+        "the data has",
+        s3=True,
+    ),
     case("prefetch-no-cache", ["prefetch", "s3://{b}/p/", "--no-cache"], USAGE, "defeat it"),
     case(
         "prefetch-bucket-missing",
@@ -146,6 +155,12 @@ SNAPSHOT = [
         ["snapshot", "s3://{b}/p/", "-o", "{root}/x.snap", "--as-of", "yesterday"],
         USAGE,
         "--as-of 'yesterday' is not a time",
+    ),
+    case(
+        "snapshot-bad-name",  # the file would carry it to every mount --snapshot
+        ["snapshot", "s3://{b}/p/", "-o", "{root}/x.snap", "--name", ".."],
+        USAGE,
+        "invalid dataset name '..'",
     ),
     case(
         "snapshot-bad-fingerprint",
@@ -472,3 +487,52 @@ def test_numbers_at_their_documented_bounds_are_accepted() -> None:
     assert config.parse_prefetch_files("0", "--prefetch-files") == 0
     assert config.parse_id("4294967294", "--uid") == 2**32 - 2  # (uid_t)-1 is "no change"
     assert config.parse_mode("7777", "--file-mode") == 0o7777
+
+
+def planned(*options: str) -> mount.MountPlan:
+    """The plan ``s3datafs mount s3://my-bucket/p/ /mnt/p OPTIONS`` makes (nothing is contacted)."""
+    parser = s3datafs_cli.build_parser(["mount"])
+    argv = ["mount", "s3://my-bucket/p/", "/mnt/p", *options]
+    return mount_command.build_plan(parser.parse_args(argv))
+
+
+def test_mount_options_reach_the_plan_at_their_documented_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    smallest = planned("--block-size", "4K", "--memory-cache-size", "8K")  # two blocks exactly
+    assert (smallest.block_size, smallest.memory_cache_bytes) == (4096, 8192)
+    largest = planned("--block-size", "64M", "--memory-cache-size", "128M",
+                      "--max-prefetch-memory", "1M")
+    assert largest.block_size == 64 * 1024**2
+    assert largest.max_prefetch_bytes == 64 * 1024**2  # readahead takes a block at least
+    for bad, message in ((("--block-size", "6K"), "multiple of 4K"),
+                         (("--read-timeout", "0"), "above 0"),
+                         (("--as-of", "1h", "--version-id", "v1"), "give only one"),
+                         (("--snapshot", "x.snap", "--etag", "e"), "drop --etag")):
+        with pytest.raises(UsageError, match=message):
+            planned(*bad)
+    assert planned("--read-timeout", "30s").s3.read_deadline == 30.0
+    assert planned("--read-timeout", "86400").s3.read_deadline == 86400.0  # "at most a day"
+    options = planned("--cache-min-free", "10%", "--no-cache", "--allow-other", "--noexec")
+    assert (options.cache_min_free, options.disk_cache_bytes) == (0.10, 0)
+    assert (options.allow_other, options.noexec) == (True, True)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://everything.example")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3.example")  # the S3 one wins
+    assert planned().s3.endpoint_url == "http://s3.example"
+
+
+def test_files_a_mount_reads_or_writes_later_are_named_absolutely_and_checked_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon runs in /: a relative --credentials-file (read again while mounted) is made
+    absolute; it replaces --profile, which names its section; --save-snapshot needs a
+    directory that exists."""
+    keys = tmp_path / "keys"
+    keys.write_text(CREDENTIALS)
+    keys.chmod(0o600)
+    monkeypatch.chdir(tmp_path)
+    plan = planned("--credentials-file", "keys", "--profile", "default")
+    assert plan.s3.credentials_file == str(keys)
+    assert (plan.s3.profile, plan.s3.access_key_id) == (None, "AKIDTEST")
+    with pytest.raises(ConfigError, match="directory .*/missing does not exist"):
+        planned("--save-snapshot", "missing/x.snap")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from s3datafs.cache import blockfile, disk
+from s3datafs.cache import blockfile, disk, files
 from s3datafs.cache.disk import DiskCache
 from s3datafs.model import ObjectRef
 from s3datafs.uri import parse_s3_uri
@@ -708,3 +709,59 @@ def test_min_free_checks_the_filesystem_at_most_once_a_second_while_there_is_roo
         with pytest.raises(OSError, match="free on the cache filesystem"):
             full.write(ref, blockfile.object_digest(ref), 0, [b"x" * BLOCK])
     assert len(checks) == 4
+
+
+# -- the writes themselves (cache.files) -----------------------------------------------------------
+
+
+def test_a_buffered_write_the_kernel_takes_in_pieces_is_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pwritev may write less than it was given, even part of a part: the rest follows from
+    there. More parts than one call takes (IOV_MAX) and nothing at all are writes too."""
+    real_pwritev, calls = os.pwritev, []
+
+    def short_pwritev(fd: int, parts: list, offset: int) -> int:  # 4 bytes at most per call
+        calls.append(offset)
+        assert len(calls) <= 3, "the same bytes written again and again"
+        return real_pwritev(fd, [b"".join(bytes(part) for part in parts)[:4]], offset)
+
+    with open(tmp_path / "f", "w+b") as f:
+        monkeypatch.setattr(os, "pwritev", short_pwritev)
+        files.pwrite_all(f.fileno(), [b"abc", b"", b"defgh", b"ij"], 0)
+        monkeypatch.undo()
+        assert os.pread(f.fileno(), 100, 0) == b"abcdefghij"
+        files.pwrite_all(f.fileno(), [b"", b""], 10)
+        many = [bytes([i % 256]) for i in range(files._IOV_MAX + 10)]
+        files.pwrite_all(f.fileno(), many, 10)
+        assert os.pread(f.fileno(), len(many) + 100, 10) == b"".join(many)
+
+
+def test_a_direct_write_is_padded_with_zeros_to_a_page_and_no_further(tmp_path: Path) -> None:
+    """The padding never carries bytes of an earlier write through the reused buffer."""
+    buffers = files.AlignedBuffers(keep=1)
+    page = mmap.PAGESIZE
+    with open(tmp_path / "a", "w+b") as a, open(tmp_path / "b", "w+b") as b:
+        files.pwrite_direct(a.fileno(), [b"\xff" * page, b"\xff" * page], 0, buffers)
+        assert os.fstat(a.fileno()).st_size == 2 * page  # whole pages: no padding
+        files.pwrite_direct(b.fileno(), [b"ok"], 0, buffers)
+        assert os.pread(b.fileno(), 2 * page, 0) == b"ok" + bytes(page - 2)
+
+
+def test_a_short_direct_write_is_an_error_not_a_hole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real_pwrite(fd, data[:-1], offset))
+    with open(tmp_path / "f", "w+b") as f, pytest.raises(OSError, match="short write"):
+        files.pwrite_direct(f.fileno(), [b"x" * 100], 0, files.AlignedBuffers())
+
+
+def test_buffers_given_back_beyond_keep_are_released() -> None:
+    buffers = files.AlignedBuffers(size=1000, keep=2)
+    taken = [buffers.take() for _ in range(3)]
+    assert {len(buffer) for buffer in taken} == {mmap.PAGESIZE}  # rounded up to a page
+    for buffer in taken:
+        buffers.give(buffer)
+    assert [buffer.closed for buffer in taken] == [False, False, True]
+    assert buffers.take() is taken[1]  # the kept ones are used again

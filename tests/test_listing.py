@@ -13,6 +13,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -257,6 +258,31 @@ def test_progress_is_drawn_on_a_terminal_and_cleared(monkeypatch: pytest.MonkeyP
     quiet = io.StringIO()
     assert list(progress.counted(range(2500), "listing", quiet)) == list(range(2500))
     assert quiet.getvalue() == ""
+
+
+
+def test_progress_shows_the_rate_and_redraws_at_most_every_quarter_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The clock (read once per 1000 items) says 0.1 s more at every read: a line is due at
+    3,000 and 6,000 items, each with the rate since the start."""
+    from s3datafs import progress
+
+    clock = itertools.count()
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: next(clock) / 10))
+    terminal = FakeTerminal()
+    assert list(progress.counted(range(6500), "listing", terminal)) == list(range(6500))
+    lines = [line for line in terminal.getvalue().split("\r\033[K") if line]
+    assert lines == ["s3datafs: listing: 3,000 objects (10,000/s)",
+                     "s3datafs: listing: 6,000 objects (10,000/s)"]
+
+
+def test_a_stream_that_cannot_say_whether_it_is_a_terminal_gets_nothing() -> None:
+    from s3datafs import progress
+
+    closed = io.StringIO()
+    closed.close()  # isatty() raises ValueError now, as would any write
+    assert list(progress.counted(range(3), "listing", closed)) == [0, 1, 2]
 
 
 # -- a store's listing is checked, not trusted -----------------------------------------------------

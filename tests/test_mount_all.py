@@ -28,8 +28,10 @@ from zipcraft import make_zip
 
 from devtools.s3server import S3Server
 from s3datafs import runtime
-from s3datafs.cli import main
-from s3datafs.commands import unmount
+from s3datafs.cli import build_parser, main
+from s3datafs.commands import mount_all, unmount
+from s3datafs.datasets import DatasetSpec
+from s3datafs.uri import parse_s3_uri
 
 pytestmark = pytest.mark.fuse
 
@@ -415,3 +417,32 @@ def test_help_leaves_out_the_options_a_command_refuses_or_ignores(
     shown = capsys.readouterr().out
     assert "--endpoint-url" in shown
     assert not [option for option in hidden if f"{option} " in shown or f"{option}\n" in shown]
+
+
+def test_a_datasets_own_fields_win_over_the_commands_options() -> None:
+    """What a dataset says for itself (region, endpoint, archive, a version pin, its own keys)
+    wins; the command's options are the defaults of every dataset that says nothing."""
+    args = build_parser(["mount-all"]).parse_args(
+        ["mount-all", "spec.json", "--region", "eu-west-1", "--endpoint-url", "http://all",
+         "--archive", "file", "--as-of", "1h", "--profile", "p", "--no-sign-request"])
+    own = DatasetSpec(1, parse_s3_uri("s3://my-bucket/x.zip"), "x", version_id="v1",
+                      endpoint_url="http://own", region="us-east-2", archive="zip",
+                      access_key_id="AKID", secret_access_key="secret")
+    got = mount_all.dataset_args(own, args)
+    assert (got.region, got.endpoint_url, got.archive) == ("us-east-2", "http://own", "zip")
+    assert (got.version_id, got.as_of) == ("v1", None)  # its own pin, not the command's time
+    assert (got.profile, got.no_sign_request) == (None, False)  # its own keys, signed
+    plain = mount_all.dataset_args(DatasetSpec(2, parse_s3_uri("s3://my-bucket/y/"), "y"), args)
+    assert (plain.region, plain.endpoint_url, plain.archive) == ("eu-west-1", "http://all", "file")
+    assert (plain.as_of, plain.profile, plain.no_sign_request) == ("1h", "p", True)
+    pinned = DatasetSpec(3, parse_s3_uri("s3://my-bucket/z/"), "z", snapshot=Path("z.snap"))
+    assert mount_all.dataset_args(pinned, args).name is None  # the file's own name applies
+
+
+def test_a_spec_that_lists_no_datasets_mounts_nothing_and_is_no_error(cli: Cli) -> None:
+    """``datasets: []`` (every dataset commented out, say) is not a failure of the job."""
+    spec = cli.root / "none.json"
+    spec.write_text('{"datasets": []}')
+    result = cli.run("mount-all", str(spec))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "s3datafs: the datasets spec lists no datasets: nothing to mount\n"

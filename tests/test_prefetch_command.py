@@ -3,8 +3,10 @@ check since it mounts nothing."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -69,3 +71,31 @@ def test_prefetch_checks_no_mount_point_nor_dataset_name(
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     assert cli.main(["prefetch", f"s3://my-bucket/{key}", "--no-sign-request"]) == 1
     assert "cannot reach S3" in capsys.readouterr().err
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_line_shows_the_share_done_the_rate_and_the_time_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """25 MiB a second since the start, whenever the line was last drawn; an empty dataset is
+    all done."""
+    clock = iter([0.0, 1.0, 2.0, 10.0, 11.0])
+    monkeypatch.setattr(prefetch, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    terminal = Terminal()
+    monkeypatch.setattr(prefetch.sys, "stderr", terminal)
+    MiB = 1024 * 1024
+    progress = prefetch._Progress(100 * MiB)
+    progress.advance(25 * MiB)
+    progress.advance(25 * MiB)
+    progress.finish()
+    assert terminal.getvalue().split("\r")[1:] == [
+        "prefetch: 25.0 MiB / 100.0 MiB (25%) 25.0 MiB/s ETA 3s   ",
+        "prefetch: 50.0 MiB / 100.0 MiB (50%) 25.0 MiB/s ETA 2s   \n",
+    ]
+    empty = prefetch._Progress(0)
+    empty.advance(0)
+    assert terminal.getvalue().endswith("prefetch: 0 B / 0 B (100%) 0 B/s ETA 0s   ")

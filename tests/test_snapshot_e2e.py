@@ -79,12 +79,12 @@ def test_a_snapshot_serves_the_old_bytes_after_overwrites(cli: Cli, s3, make_buc
     bucket = make_bucket(versioned=True)
     put_all(s3, bucket, NESTED)
     file = cli.root / "train.snapshot.gz"
-    printed = snapshot(cli, f"s3://{bucket}/train/", "-o", str(file))
+    printed = snapshot(cli, f"s3://{bucket}/train/", "-o", str(file), "--name", "train-v1")
     overwrite_everything(s3, bucket)
     result = cli.run("mount", "--snapshot", str(file))
     assert result.returncode == 0, result.stderr
     assert fingerprint_in(result.stdout) == printed
-    mountpoint = cli.data_root / "train"  # the name comes from the file
+    mountpoint = cli.data_root / "train-v1"  # the name comes from the file
     assert tree(mountpoint) == expected_tree(NESTED, "train/")
 
 
@@ -170,7 +170,32 @@ def test_diff_of_a_copy_elsewhere_compares_contents_not_version_ids(
                            (f"s3://{bucket}/p/", f"s3://{bucket}/q/")):
         same = cli.run("diff", a_side, b_side)
         assert same.returncode == 0, same.stdout + same.stderr
+    nulls = cli.root / "nulls.gz"
+    snapshot(cli, f"s3://{bucket}/p/", "-o", str(nulls))  # versioned now: every id is null
+    s3.put_object(Bucket=bucket, Key="p/a.txt", Body=b"a")  # the same bytes, a real version id
+    same = cli.run("diff", str(nulls), f"s3://{bucket}/p/")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert same.stdout.startswith("s3datafs: no differences in contents (fingerprint ")
+    other = make_bucket(versioned=True)  # a copy in another bucket, under the same keys
+    put_all(s3, other, {"p/a.txt": b"a", "p/b/c.txt": b"c"})
+    same = cli.run("diff", f"s3://{bucket}/p/", f"s3://{other}/p/")
+    assert same.returncode == 0, same.stdout + same.stderr
 
+
+
+def test_diff_shows_each_path_on_one_line_and_counts_each_kind(cli: Cli, s3, make_bucket) -> None:
+    """A path with blanks at either end is JSON-quoted, the prefix's own directory marker is
+    ./, and the summary counts what was added apart from what was removed."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/plain": b"x"})
+    before = cli.root / "before.gz"
+    snapshot(cli, f"s3://{bucket}/p/", "-o", str(before))
+    put_all(s3, bucket, {"p/": b"", "p/ lead": b"l", "p/trail ": b"t"})
+    result = cli.run("diff", str(before), f"s3://{bucket}/p/")
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["+ ./", '+ " lead"', '+ "trail "']
+    assert lines[3].startswith("s3datafs: 3 added, 0 removed, 0 changed (fingerprint ")
 
 # -- bad input -------------------------------------------------------------------------------------
 
@@ -307,6 +332,12 @@ OTHER_CASES = [
         ["snapshot", "s3://{bucket}/p/", "-o", "{root}/x/o.gz"],
         1,
         "does not exist",
+    ),
+    other(
+        "snapshot-and-two-mount-points",  # the file names the URI: a second one is a mistake
+        ["mount", "--snapshot", "{root}/snap.gz", "{root}/a", "{root}/b"],
+        2,
+        "with --snapshot, give only the MOUNTPOINT (the file names the URI)",
     ),
     other(
         "save-snapshot-is-a-dir",

@@ -96,3 +96,47 @@ def test_the_command_line_leaves_the_thresholds_as_it_found_them(argv: list[str]
     with contextlib.suppress(SystemExit):
         cli.main(argv)
     assert gc.get_threshold() == found
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_ctrl_c_ends_a_command_with_130_and_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from s3datafs.commands import status
+
+    def interrupted(_args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(status, "run", interrupted)
+    assert cli.main(["status"]) == 130  # 128 + SIGINT, as a shell reports it
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_an_internal_error_is_one_line_unless_debug_asks_for_the_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from s3datafs.commands import mount
+
+    def broken(_args: argparse.Namespace) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(mount, "run", broken)
+    assert cli.main(["mount", "s3://my-bucket/k"]) == 1
+    assert capsys.readouterr().err == (
+        "s3datafs: internal error: RuntimeError('a bug') (run with --debug for details)\n")
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["mount", "s3://my-bucket/k", "--debug"])
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_a_command_other_than_mount_runs_with_the_collector_settled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only ``mount`` settles once usable; every other command's work is not start-up."""
+    from s3datafs.commands import status
+
+    found, seen = gc.get_threshold(), []
+    monkeypatch.setattr(status, "run", lambda _args: seen.append(gc.get_threshold()) or 0)
+    assert cli.main(["status"]) == 0
+    assert seen == [found]
