@@ -424,6 +424,17 @@ def test_libfuses_reason_is_caught_without_a_temporary_directory(
         mount._init(pyfuse3.Operations(), tmp_path / "missing", ["ro"])
 
 
+def test_a_mount_refused_without_a_word_from_libfuse_still_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_args: object) -> None:
+        raise RuntimeError("fuse_session_mount failed")
+
+    monkeypatch.setattr(mount.pyfuse3, "init", refuse)
+    with pytest.raises(ConfigError, match=r"cannot mount .* \(fuse_session_mount failed\): FUSE"):
+        mount._init(pyfuse3.Operations(), tmp_path, ["ro"])
+
+
 def test_the_table_is_large_enough() -> None:
     assert len(CASES) >= 40
 

@@ -599,6 +599,23 @@ def test_a_full_disk_at_mount_is_one_line_and_nothing_is_left_mounted(
     cli.expect_log("cannot write")
 
 
+def test_a_cache_dir_out_of_inodes_at_mount_is_one_line_and_nothing_is_left_mounted(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """Making the catalogs' directory is refused (ENOSPC): an OSError, not sqlite's error."""
+    bucket = make_bucket()
+    put(s3, bucket, {"p/f.bin": b"x"})
+    with tmpfs(cli.root / "no-inodes", "256k,nr_inodes=1") as directory:  # the root's only
+        result = cli.run("mount", f"s3://{bucket}/p/", "--cache-dir", str(directory))
+        assert result.returncode == 1
+        assert result.stderr == (
+            f"s3datafs: cannot write the dataset's catalog under {directory} (No space left on "
+            "device): free space there, or choose another --cache-dir\n"
+        )
+        assert cli.mounts_below_root() == [str(directory)]  # the tmpfs, no FUSE mount
+    cli.expect_log("cannot write")
+
+
 def remount_read_only(path: Path) -> None:
     """``mount -o remount,ro``, retried while it is busy: the kernel refuses while a file is
     open for writing, as a region file is for the moment a cache write (behind the read) takes.

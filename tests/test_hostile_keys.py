@@ -30,7 +30,9 @@ from faultproxy import FaultProxy
 
 from devtools.s3fastlist import content
 from devtools.s3server import S3Server
+from s3datafs import mount
 from s3datafs.cache.disk import is_region_file
+from s3datafs.uri import parse_s3_uri
 
 pytestmark = pytest.mark.fuse
 
@@ -158,6 +160,12 @@ def test_a_hostile_prefix_and_mount_point_survive_the_mount_table(
     assert not os.path.ismount(mountpoint)
 
 
+def test_the_mount_tables_source_escapes_separators_and_unprintable_characters() -> None:
+    """Always two hex digits: a tab then ``A`` must not read as ``%9A``."""
+    uri = parse_s3_uri("s3://bkt/a,b c\t\x7f\x01\\x/")
+    assert mount._fsname(uri) == "s3://bkt/a%2Cb%20c%09%7F%01%5Cx/"
+
+
 # -- permissions and secrets -----------------------------------------------------------------------
 
 
@@ -176,7 +184,7 @@ def test_allow_other_is_off_unless_asked(cli: Cli, s3server: S3Server, make_buck
     s3server.populate(bucket, [("p/f.txt", 5)])
     private = cli.mount(f"s3://{bucket}/p/")
     assert "allow_other" not in mount_options(private)
-    assert {"ro", "default_permissions"} <= mount_options(private)
+    assert {"ro", "default_permissions", "noatime"} <= mount_options(private)
     shared = cli.mount(f"s3://{bucket}/p/", str(cli.root / "shared"), "--allow-other")
     assert "allow_other" in mount_options(shared)
 

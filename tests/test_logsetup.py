@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,3 +46,86 @@ def test_a_log_file_that_cannot_be_made_again_loses_records_not_the_caller(
     told = capsys.readouterr().err
     assert told.count(f"s3datafs: cannot write log file {log_file}") == 1
     assert "before" in (tmp_path / "d.log.1").read_text()
+
+
+def test_a_log_file_found_readable_by_others_is_made_private(
+    tmp_path: Path, restored_logging: None
+) -> None:
+    log_file = tmp_path / "d.log"
+    log_file.write_text("")
+    log_file.chmod(0o644)
+    logsetup.setup(debug=False, verbose=False, log_file=log_file, secrets=())
+    assert log_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_each_reopening_of_a_rotated_log_file_closes_what_it_replaced(
+    tmp_path: Path, restored_logging: None
+) -> None:
+    """The stack dumps' duplicate of the old file is closed, not leaked once per rotation."""
+    log_file = tmp_path / "d.log"
+    logsetup.setup(debug=False, verbose=False, log_file=log_file, secrets=())
+    log = logging.getLogger("s3datafs.test")
+    log.warning("first")
+    open_before = len(os.listdir("/proc/self/fd"))
+    for rotation in range(3):
+        log_file.rename(tmp_path / f"d.log.{rotation}")
+        log.warning("after rotation %d", rotation)
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    assert "after rotation 2" in log_file.read_text()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_terminal_gets_warnings_or_with_verbose_info_and_the_file_gets_info(
+    tmp_path: Path, restored_logging: None, capsys: pytest.CaptureFixture[str], verbose: bool
+) -> None:
+    log_file = tmp_path / "d.log"
+    logsetup.setup(debug=False, verbose=verbose, log_file=log_file, secrets=())
+    log = logging.getLogger("s3datafs.test")
+    log.info("an info line")
+    log.warning("a warning line")
+    told = capsys.readouterr().err
+    assert "s3datafs: WARNING: a warning line" in told
+    assert ("an info line" in told) is verbose
+    assert "INFO s3datafs.test" in log_file.read_text()
+
+
+def test_secrets_are_redacted_on_the_terminal_and_in_the_file(
+    tmp_path: Path, restored_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_file = tmp_path / "d.log"
+    logsetup.setup(debug=False, verbose=False, log_file=log_file, secrets=["s3cr3tvalue"])
+    log = logging.getLogger("s3datafs.test")
+    log.warning("refused with key %s", "s3cr3tvalue")
+    told = capsys.readouterr().err
+    assert "refused with key ***" in told
+    assert "s3cr3tvalue" not in told
+    logsetup.detach_console()  # a daemon once detached: the file alone
+    log.warning("refused again with key %s", "s3cr3tvalue")
+    written = log_file.read_text()
+    assert "refused again with key ***" in written
+    assert "s3cr3tvalue" not in written
+
+
+def test_a_traceback_goes_to_the_file_not_the_terminal_without_debug(
+    tmp_path: Path, restored_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_file = tmp_path / "d.log"
+    logsetup.setup(debug=False, verbose=False, log_file=log_file, secrets=())
+    try:
+        raise ValueError("deep down")
+    except ValueError:
+        logging.getLogger("s3datafs.test").exception("it failed")
+    assert capsys.readouterr().err == "s3datafs: ERROR: it failed\n"
+    assert "Traceback" in log_file.read_text()
+
+
+def test_a_closed_log_file_leaves_no_stack_dump_on_its_descriptor(
+    tmp_path: Path, restored_logging: None
+) -> None:
+    """mount-all opens one log file per dataset: a closed one's number may be reused next."""
+    logsetup.setup(debug=False, verbose=False, log_file=tmp_path / "d.log", secrets=())
+    root = logging.getLogger()
+    (handler,) = [h for h in root.handlers if isinstance(h, logsetup._LogFile)]
+    root.removeHandler(handler)
+    handler.close()
+    assert not faulthandler.unregister(signal.SIGUSR1)  # nothing was registered any more

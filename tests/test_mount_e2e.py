@@ -18,11 +18,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import trio
 from conftest import Cli, errno_of, files_below, sha256
 
 from s3datafs import mount
+from s3datafs.errors import ConfigError
 from s3datafs.runtime import mount_table, pid_alive
 
 pytestmark = pytest.mark.fuse
@@ -322,6 +325,37 @@ def test_the_kernel_may_send_more_readahead_requests_at_once(
     assert (knobs / "congestion_threshold").read_text().strip() == "48"
 
 
+def test_the_kernel_reads_ahead_1_mib(cli: Cli, s3, make_bucket) -> None:
+    """Set through the mount's backing device once INIT is answered (FUSE's default: 128 KiB)."""
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    device = next(e.device for e in mount_table() if e.mountpoint == str(mountpoint))
+    knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    assert knob.read_text().strip() == str(mount.KERNEL_READAHEAD_KB) == "1024"
+
+
+def test_catalogs_of_dead_daemons_are_swept_and_a_daemon_removes_its_own(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """A catalog's name ends with its daemon's pid: a mount removes those of dead daemons, keeps
+    those of live ones, and removes its own when it ends."""
+    catalogs = cli.root / "cache" / "catalogs"
+    catalogs.mkdir(parents=True, mode=0o700)
+    dead = catalogs / "gone-mount-99999999.db"  # above any pid_max: never a live process
+    live = catalogs / f"other-mount-{os.getpid()}.db"
+    unrelated = catalogs / "notes-abc.db"  # no pid at the end: not a daemon's catalog
+    for path in (dead, live, unrelated):
+        path.write_bytes(b"")
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    pid = cli.daemon_pid(mountpoint)
+    (own,) = catalogs.glob(f"*-{pid}.db")
+    assert not dead.exists()
+    assert live.exists()
+    assert unrelated.exists()
+    assert cli.unmount(mountpoint).returncode == 0
+    assert not own.exists()
+    assert sorted(catalogs.iterdir()) == sorted([live, unrelated])
+
+
 def test_status_calls_a_mount_it_has_no_state_for_mounted_not_dead(
     cli: Cli, s3, make_bucket
 ) -> None:
@@ -452,6 +486,32 @@ def test_sigterm_unmounts_cleanly(cli: Cli, s3, make_bucket) -> None:
         time.sleep(0.05)
     assert not os.path.ismount(mountpoint)
     assert str(mountpoint) not in cli.run("status").stdout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(pid)
+    assert not list((cli.root / "run").glob("*.json")), "the daemon left its state file"
+
+
+def test_the_daemon_is_detached_from_the_command_that_started_it(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    """Its own session (a Ctrl-C or hang-up of the terminal does not reach it), its working
+    directory ``/`` (it keeps no directory busy), its standard streams on /dev/null."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "s3datafs", "mount", f"s3://{bucket}/p/"], cwd=workdir,
+        env=cli.env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    mountpoint = Path(done.stdout.rsplit(" at ", 1)[1].split(" (", 1)[0])
+    pid = cli.daemon_pid(mountpoint)
+    assert os.getsid(pid) == pid
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    assert {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)} == {os.devnull}
 
 
 def test_foreground_mount_stays_attached(cli: Cli, s3, make_bucket) -> None:
@@ -609,3 +669,36 @@ def test_a_state_file_that_cannot_be_refreshed_does_not_end_the_mount(
         assert "cannot refresh the counters" in (cli.root / "log" / "p.log").read_text()
     finally:
         runtime.chmod(0o700)
+
+
+class EndOfTest(Exception):
+    pass
+
+
+def test_each_refresh_ends_the_failure_windows_and_a_refused_one_is_told_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The periodic task is what logs "N more failed reads" once a window is over; a state
+    file it cannot write is one warning for the mount's life."""
+    refreshes = 3
+    flushed: list[None] = []
+    written: list[dict] = []
+
+    def write_state(_mountpoint: str, state: dict) -> None:
+        written.append(state)
+        if len(written) == refreshes:
+            raise EndOfTest  # the task runs until cancelled: end it after its third round
+        raise ConfigError("runtime directory refused")
+
+    monkeypatch.setattr(mount, "STATS_INTERVAL", 0)
+    monkeypatch.setattr(mount.runtime, "write_state", write_state)
+    plan = SimpleNamespace(mountpoint=Path("/m"), uri="s3://bucket/p/", name="p", log_file=None)
+    reader = SimpleNamespace(counters=lambda: {"reads": 7})
+    operations = SimpleNamespace(failures=SimpleNamespace(flush=lambda: flushed.append(None)))
+    summary = mount.MountSummary(1, 1, 0, 1)
+    with pytest.raises(EndOfTest):
+        trio.run(mount._publish_stats, plan, summary, reader, operations)
+    assert len(flushed) == refreshes
+    assert all(state["stats"] == {"reads": 7} for state in written)
+    warnings = [r for r in caplog.records if "cannot refresh the counters" in r.getMessage()]
+    assert len(warnings) == 1

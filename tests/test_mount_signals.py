@@ -86,6 +86,30 @@ def test_a_mount_command_stopped_while_it_waits_leaves_no_mount(
     cli.expect_log("mount command is gone")
 
 
+def test_a_daemon_killed_while_it_lists_fails_the_mount_pointing_at_its_log(
+    cli: Cli, proxy, bucket: str
+) -> None:
+    proxy.inject("delay", op="ListObjectsV2", seconds=2.0, times=None)
+    target = cli.root / "mnt"
+    command = start(cli, "mount", f"s3://{bucket}/p/", str(target),
+                    env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint})
+    try:
+        deadline = time.monotonic() + 30
+        while not (daemons := children(command.pid)):
+            assert time.monotonic() < deadline, "no daemon"
+            time.sleep(0.01)
+        os.kill(daemons[0], signal.SIGKILL)  # no word said: the command must notice anyway
+        _out, err = command.communicate(timeout=30)
+        assert command.returncode == 1
+        assert err == ("s3datafs: the mount daemon died during start: "
+                       f"see {cli.log_dir / 'p.log'}\n")
+        assert not target.exists()  # the mount point it made is removed
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+
+
 @pytest.mark.parametrize("attempt", range(3))
 def test_a_daemon_stopped_right_after_the_kernel_mount_leaves_no_dead_mount(
     cli: Cli, bucket: str, attempt: int

@@ -314,6 +314,73 @@ def test_an_executable_without_a_shebang_runs_as_a_shell_script(tmp_path) -> Non
     assert supervisor.run_command([str(job), "7"], os.environ) == 7
 
 
+@pytest.mark.usefixtures("quick_poll")
+def test_a_script_without_a_shebang_starts_as_any_job_and_is_found_on_path(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shell that runs it gets no blocked signals and SIGPIPE at its default, too; a bare
+    name is looked up on PATH, as execvp does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    job = bin_dir / "job"
+    job.write_text(f'{NO_BLOCKED_SIGNALS} || exit 9\nkill -PIPE $$\nexit 0\n')
+    job.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert supervisor.run_command(["job"], os.environ) == 128 + signal.SIGPIPE
+
+
+@pytest.mark.usefixtures("quick_poll")
+def test_hold_returns_a_stop_signal_that_came_while_mounting_at_once() -> None:
+    daemon = subprocess.Popen(["true"])
+    try:
+        assert supervisor.hold([daemon.pid], pending=[signal.SIGTERM]) == signal.SIGTERM
+    finally:
+        daemon.wait()
+
+
+def test_hold_returns_once_every_daemon_is_gone() -> None:
+    """In a process of its own: nothing else there may take the SIGCHLD or reap the daemons."""
+    script = (
+        "import os\n"
+        "from s3datafs import supervisor\n"
+        "daemons = [os.posix_spawnp(argv[0], argv, os.environ) for argv in (['true'],\n"
+        "                                                                   ['sleep', '0.2'])]\n"
+        "print(supervisor.hold(daemons))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=15, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "0\n"
+
+
+def test_a_process_forked_while_stop_signals_are_deferred_dies_of_them_as_usual() -> None:
+    """A daemon forked while ``run`` or ``mount-all`` mounts inherits the handler: it must not
+    swallow the SIGTERM meant to stop it."""
+    with supervisor.DeferredSignals() as deferred:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            signal.raise_signal(signal.SIGTERM)  # handled before this returns
+            os._exit(0)  # reached only if the signal was swallowed
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    assert os.WTERMSIG(status) == signal.SIGTERM
+    assert deferred.received == []
+
+
+def test_a_stop_signal_ignored_from_the_start_stays_ignored() -> None:
+    """``nohup s3datafs run ...``: SIGHUP stays ignored while mounting, and so in the job."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with supervisor.DeferredSignals():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) != term  # deferred
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == term  # and back to what it was
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_a_terminal_ctrl_c_reaches_the_job_once(cli: Cli) -> None:
     """Ctrl-C signals the whole foreground process group: run must not forward it again."""
     marker, count = cli.root / "ready", cli.root / "count"
