@@ -369,6 +369,34 @@ def test_status_calls_a_mount_it_has_no_state_for_mounted_not_dead(
 
 
 
+def test_status_calls_a_mount_without_state_here_dead_or_not_answering_as_it_is(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """Without a state file, status asks the mount itself: statfs, which the kernel never
+    answers from its cache (stat of the root still succeeds after the daemon died), and not
+    for long (a stopped daemon never answers)."""
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    elsewhere = {**cli.env, "S3DATAFS_RUNTIME_DIR": str(cli.root / "other-run")}
+
+    def state() -> str:
+        rows = json.loads(cli.run("status", "--json", env=elsewhere).stdout)
+        (row,) = [row for row in rows if row["mountpoint"] == str(mountpoint)]
+        return row["state"]
+
+    pid = cli.daemon_pid(mountpoint)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert state() == "not answering (for 2 s)"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    os.stat(mountpoint)  # the root's attributes, cached by the kernel
+    os.kill(pid, signal.SIGKILL)
+    while pid_alive(pid):
+        time.sleep(0.01)
+    os.stat(mountpoint)  # still answered from the cache
+    assert state() == "dead: run s3datafs unmount"
+
+
 def test_status_shows_what_the_state_file_says_and_no_mount_is_no_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import threading
 
 from .. import runtime
 from ..units import human_size
@@ -17,18 +18,36 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+PROBE_SECONDS = 2.0  # how long a mount without a state file here may take to answer statfs
+
+
 def _state_of(mountpoint: str, state: dict | None, pid: object) -> str:
     """"mounted", "dead: ...", or, without a state file here (another user's mount, another
-    runtime directory), what the mount point itself says."""
+    runtime directory), what the mount itself answers to statfs: unlike stat, which the kernel
+    may answer from its attribute cache long after the daemon died, statfs always reaches the
+    daemon. It is asked in a thread of its own, so a daemon that no longer answers cannot
+    hang status (the thread ends with the process)."""
     if state is not None:
         return "mounted" if runtime.pid_alive(pid) else "dead: run s3datafs unmount"
+    answer: list[OSError | None] = []
+    probe = threading.Thread(target=_statfs, args=(mountpoint, answer), daemon=True)
+    probe.start()
+    probe.join(PROBE_SECONDS)
+    if not answer:
+        return f"not answering (for {PROBE_SECONDS:g} s)"
+    if answer[0] is None:
+        return "mounted (not by this user or runtime directory)"
+    if answer[0].errno == errno.ENOTCONN:
+        return "dead: run s3datafs unmount"
+    return f"unknown: {answer[0].strerror}"
+
+
+def _statfs(mountpoint: str, answer: list[OSError | None]) -> None:
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
+        answer.append(None)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            return "dead: run s3datafs unmount"
-        return f"unknown: {exc.strerror}"
-    return "mounted (not by this user or runtime directory)"
+        answer.append(exc)
 
 
 def run(args: argparse.Namespace) -> int:
