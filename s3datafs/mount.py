@@ -153,7 +153,7 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                 initialized = trio.Event()
                 operations.on_init = initialized.set
                 tasks.start_soon(tune_kernel_readahead, plan.mountpoint, initialized)
-                if disk is not None:  # learn what other mounts cached; sweep stray temps
+                if disk is not None:  # learn what others cached; evict down to the bound
                     tasks.start_soon(
                         partial(trio.to_thread.run_sync, disk.sync, abandon_on_cancel=True)
                     )

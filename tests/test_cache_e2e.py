@@ -94,8 +94,30 @@ def test_cache_size_bounds_the_disk_cache(cli: Cli, s3, make_bucket) -> None:
     mountpoint = cli.mount(f"s3://{bucket}/p/", "--cache-size", "4M")
     assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
     assert cli.unmount(mountpoint).returncode == 0
-    on_disk = sum(p.stat().st_blocks * 512 for p in (cli.root / "cache").rglob("r*") if p.is_file())
-    assert on_disk <= 4 * MiB + 16 * MiB  # the bound, plus at most one sync interval
+    assert cache_bytes_on_disk(cli) <= 4 * MiB + 16 * MiB  # the bound, plus one sync interval
+
+
+def test_a_mount_evicts_a_cache_over_its_bound_at_start_before_any_read(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """A smaller ``--cache-size`` than the cache holds (another mount filled it, or the bound
+    shrank) is met at start, by the scan that also learns what others cached."""
+    bucket = make_bucket()
+    body = put_big(s3, bucket, 24 * MiB)
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
+    assert cli.unmount(mountpoint).returncode == 0
+    assert cache_bytes_on_disk(cli) >= 24 * MiB
+    cli.mount(f"s3://{bucket}/p/", "--cache-size", "4M")
+    deadline = time.monotonic() + 30
+    while cache_bytes_on_disk(cli) > 4 * MiB:
+        assert time.monotonic() < deadline, "the cache was not evicted down to its bound"
+        time.sleep(0.05)
+
+
+def cache_bytes_on_disk(cli: Cli) -> int:
+    return sum(p.stat().st_blocks * 512 for p in (cli.root / "cache").rglob("*.r*")
+               if p.is_file())
 
 
 def test_status_shows_the_mounts_counters(cli: Cli, s3, make_bucket) -> None:
