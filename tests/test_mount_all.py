@@ -125,6 +125,45 @@ def test_a_failing_fourth_dataset_leaves_nothing_mounted(cli: Cli, three: Three)
     assert_nothing_left(cli)
 
 
+def test_a_rollback_removes_every_directory_mounting_made(cli: Cli, three: Three) -> None:
+    """A data root two levels missing is made for the first mount; a later failure takes
+    all of it away again, not just the mount points."""
+    data_root = cli.root / "made" / "for" / "data"
+    broken = {"uri": three.spec[0]["uri"], "name": "broken", "etag": "0" * 32}
+    result = run_cli(cli, "mount-all", "-", "--data-root", str(data_root),
+                     stdin=json.dumps([*three.spec, broken]))
+    assert result.returncode == 1
+    assert "unmounted 'mnist', 'train', 'weights-v1' again" in result.stderr
+    assert cli.mounts_below_root() == []
+    assert not (cli.root / "made").exists()
+
+
+def test_two_snapshots_of_one_name_are_refused_before_anything_mounts(
+    cli: Cli, s3, s3server: S3Server, make_bucket
+) -> None:
+    """A snapshot's dataset name is in the file, so only known once planned: two of one name
+    would share a mount point."""
+    bucket = make_bucket()
+    for key in ("p/a.txt", "q/b.txt"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    specs = cli.root / "specs"
+    specs.mkdir()
+    for prefix in ("p", "q"):
+        made = run_cli(cli, "snapshot", f"s3://{bucket}/{prefix}/", "-o",
+                       str(specs / f"{prefix}.snap"), "--name", "same")
+        assert made.returncode == 0, made.stderr
+    spec = json.dumps([{"uri": f"s3://{bucket}/{prefix}/", "snapshot": f"{prefix}.snap"}
+                       for prefix in ("p", "q")])
+    before = sum(s3server.ops().values())
+    (specs / "datasets.json").write_text(spec)  # snapshot paths are relative to the spec
+    result = run_cli(cli, "mount-all", str(specs / "datasets.json"))
+    assert result.returncode == 2
+    assert result.stderr == (f"s3datafs: datasets #1 and #2 would both mount at "
+                             f"{cli.data_root / 'same'}: give one of them another 'name'\n")
+    assert_nothing_left(cli)
+    assert sum(s3server.ops().values()) == before
+
+
 def test_snapshot_and_as_of_fields_reach_the_mount(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket(versioned=True)
     s3.put_object(Bucket=bucket, Key="p/a.txt", Body=b"recorded\n")
