@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -558,6 +559,22 @@ def test_cache_dir_trouble_while_mounted_never_fails_a_read(
             assert len(log_lines(cli, CACHE_WARNING)) == 1  # rate-limited: not one per write
         finally:
             assert cli.unmount(mountpoint).returncode == 0
+
+
+def test_prefetch_into_a_full_cache_disk_says_it_is_not_warm(cli: Cli, s3, make_bucket) -> None:
+    """A mount reads on when the cache cannot be written; prefetch exists only to fill it, so
+    it fails, in one line, rather than report a warm cache that is not."""
+    bucket = make_bucket()
+    files = {f"p/f{i}.bin": os.urandom(MiB + i) for i in range(6)}
+    put(s3, bucket, files)
+    with tmpfs(cli.root / "cachefs", "3m") as cache_dir:
+        result = cli.run("prefetch", f"s3://{bucket}/p/", "--cache-dir", str(cache_dir),
+                         "--cache-min-free", "0")
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert re.fullmatch(rf"s3datafs: \d+ runs of s3://{bucket}/p/ could not be written to the "
+                        r"cache \(see above\): it is not warm", last), result.stderr
+    assert CACHE_WARNING in result.stderr
 
 
 def fill(directory: Path) -> None:
