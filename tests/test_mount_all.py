@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -24,6 +25,7 @@ from pathlib import Path
 import boto3
 import pytest
 from conftest import Cli, CliResult, files_below
+from faultproxy import FaultProxy
 from zipcraft import make_zip
 
 from devtools.s3server import S3Server
@@ -162,6 +164,37 @@ def test_two_snapshots_of_one_name_are_refused_before_anything_mounts(
                              f"{cli.data_root / 'same'}: give one of them another 'name'\n")
     assert_nothing_left(cli)
     assert sum(s3server.ops().values()) == before
+
+
+def test_a_stop_signal_during_the_last_mount_unmounts_everything(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy
+) -> None:
+    """Signals wait while a daemon mounts; one that came during the last mount is still
+    honoured once it is ready: all unmounted again, and 128 + the signal's number."""
+    bucket = make_bucket()
+    for key in ("a/x.bin", "b/y.bin"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    proxy.inject("delay", op="ListObjectsV2", seconds=0, times=1)  # the first dataset's list
+    proxy.inject("stall", op="ListObjectsV2", times=1)  # the second's, until released
+    spec = cli.root / "datasets.json"
+    spec.write_text(json.dumps([{"uri": f"s3://{bucket}/a/"}, {"uri": f"s3://{bucket}/b/"}]))
+    command = subprocess.Popen(
+        [sys.executable, "-m", "s3datafs", "mount-all", str(spec)], stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint},
+    )
+    try:
+        proxy.wait_injected(2, timeout=30)  # the second mount is under way
+        command.send_signal(signal.SIGTERM)
+        proxy.clear()  # it finishes
+        out, err = command.communicate(timeout=60)
+    finally:
+        command.kill()
+        command.wait()
+    assert command.returncode == 128 + signal.SIGTERM, err
+    assert err.splitlines()[-1] == "s3datafs: interrupted by SIGTERM: nothing left mounted"
+    assert out == ""
+    assert_nothing_left(cli)
 
 
 def test_snapshot_and_as_of_fields_reach_the_mount(cli: Cli, s3, make_bucket) -> None:
