@@ -233,11 +233,13 @@ def test_permanent_errors_reach_the_reader_at_once_and_are_not_retried(
     assert uncached_read(mountpoint / "f.bin") == body  # nothing was remembered as broken
 
 
+@pytest.mark.parametrize("readers", [4, 16])
 def test_read_timeout_bounds_reads_against_a_stalled_s3_and_the_mount_recovers(
-    cli: Cli, s3, make_bucket, proxy: FaultProxy
+    cli: Cli, s3, make_bucket, proxy: FaultProxy, readers: int
 ) -> None:
+    """16 readers: more than FUSE's default of 12 background requests in flight."""
     bound = 2.0
-    mountpoint, files = files_behind(cli, s3, make_bucket, proxy, count=4, timeout=bound)
+    mountpoint, files = files_behind(cli, s3, make_bucket, proxy, count=readers, timeout=bound)
     cli.expect_log(r"no answer from S3 for .* within 2s \(--read-timeout\)")
     proxy.inject("stall", times=None)  # connections accepted, nothing ever answered
     names = sorted(os.listdir(mountpoint))
