@@ -325,6 +325,30 @@ def test_the_kernel_may_send_more_readahead_requests_at_once(
     assert (knobs / "congestion_threshold").read_text().strip() == "48"
 
 
+def test_without_fusectl_mounted_root_still_lets_the_kernel_send_more_requests(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """Where nobody mounted fusectl (no systemd, a container run as root), the daemon mounts it
+    for a moment in a private mount namespace: the knobs are set, the host's table stays as
+    it was."""
+    if os.path.ismount(mount.FUSECTL):
+        pytest.skip("fusectl is mounted here: the daemon writes its knobs directly")
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    device = next(e.device for e in mount_table() if e.mountpoint == str(mountpoint))
+    knobs = f"{mount.FUSECTL}/{device.partition(':')[2]}"
+    script = (f"mount -t fusectl fusectl {mount.FUSECTL} && cat {knobs}/max_background "
+              f"{knobs}/congestion_threshold")
+    deadline = time.monotonic() + 10  # set by a task of the daemon, once INIT is answered
+    while True:
+        seen = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               script], capture_output=True, text=True, check=True).stdout
+        if seen.split() == ["64", "48"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert seen.split() == ["64", "48"]
+    assert not [e for e in mount_table() if e.fstype == "fusectl"]
+
+
 def test_the_kernel_reads_ahead_1_mib(cli: Cli, s3, make_bucket) -> None:
     """Set through the mount's backing device once INIT is answered (FUSE's default: 128 KiB)."""
     mountpoint = mount_one_file(cli, s3, make_bucket)
