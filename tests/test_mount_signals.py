@@ -41,13 +41,22 @@ def start(cli: Cli, *args: str, env: dict | None = None) -> subprocess.Popen:
 
 
 def children(pid: int) -> list[int]:
+    """The mount daemons ``pid`` forked: its children running s3datafs (importing trio runs
+    ``ldconfig`` in a child of its own, which is no daemon)."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
         try:
             found += [int(child) for child in task.read_text().split()]
         except OSError:
             continue
-    return found
+    return [child for child in found if b"s3datafs" in _cmdline(child)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def mounted_at(path: Path) -> bool:
