@@ -445,6 +445,7 @@ def test_status_shows_what_the_state_file_says_and_no_mount_is_no_error(
     assert status.run(argparse.Namespace(json=False)) == 0
     assert capsys.readouterr().out == "no s3datafs mounts\n"
 
+
 def test_noexec_mounts_files_that_cannot_be_executed(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket()
     put_all(s3, bucket, {"p/run.sh": b"#!/bin/sh\necho ran\n"})
