@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,15 +224,38 @@ def prepare_mountpoint(path: Path) -> Path | None:
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"mount point {path} is not a directory")
     if os.path.ismount(path):
-        try:  # the kernel may still answer stat for a dead FUSE mount from its attribute cache
-            os.statvfs(path)
-        except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
-                raise _dead_mount(path) from None
+        if statfs_errno(path) == errno.ENOTCONN:  # stat above may have come from the cache
+            raise _dead_mount(path)
         raise ConfigError(f"{path} is already a mount point: unmount it or choose another")
     if any(os.scandir(path)):
         raise ConfigError(f"mount point {path} is not empty: choose an empty directory")
     return None
+
+
+MOUNT_ANSWER_SECONDS = 2.0  # how long a mount may take to answer statfs before it "hangs"
+
+
+def statfs_errno(path: str | Path, timeout: float = MOUNT_ANSWER_SECONDS) -> int | None:
+    """0 if statfs of ``path`` succeeds, its errno if it fails, None without an answer in time.
+
+    How to ask a FUSE mount whether its daemon lives: stat may be answered from the kernel's
+    attribute cache long after the daemon died, statfs always reaches the daemon (ENOTCONN once
+    it is gone). Asked in a thread of its own, so a daemon that no longer answers costs
+    ``timeout``, not a hang (the thread ends with the process).
+    """
+    answer: list[int] = []
+
+    def ask() -> None:
+        try:
+            os.statvfs(path)
+            answer.append(0)
+        except OSError as exc:
+            answer.append(exc.errno or errno.EIO)
+
+    probe = threading.Thread(target=ask, name="statfs-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return answer[0] if answer else None
 
 
 def _dead_mount(path: Path) -> ConfigError:

@@ -274,10 +274,12 @@ def _tune_background(connection: str) -> None:
               "congestion_threshold": KERNEL_BACKGROUND * 3 // 4}
     knobs = Path(FUSECTL) / connection
     try:
-        if knobs.is_dir() or os.geteuid() != 0 or shutil.which("unshare") is None:
+        if knobs.is_dir():  # fusectl is mounted (writing takes root)
             for name, value in values.items():
                 (knobs / name).write_text(str(value), encoding="ascii")
             return
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            raise OSError("fusectl is not mounted, and mounting it takes root and unshare")
         script = ('mount -t fusectl fusectl "$0" && cd "$0/$1" && echo "$2" > max_background'
                   ' && echo "$3" > congestion_threshold')
         done = subprocess.run(

@@ -485,9 +485,7 @@ def test_unmount_refuses_while_another_file_system_is_mounted_over_ours(
     cli: Cli, s3, make_bucket
 ) -> None:
     """An unmount at a path removes its topmost mount: not ours while a tmpfs covers it."""
-    bucket = make_bucket()
-    put_all(s3, bucket, {"p/x.bin": b"x"})
-    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    mountpoint = mount_one_file(cli, s3, make_bucket)
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mountpoint)], check=True)
     try:
         refused = cli.unmount(mountpoint)

@@ -6,9 +6,9 @@ import argparse
 import errno
 import json
 import os
-import threading
 
 from .. import runtime
+from ..config import MOUNT_ANSWER_SECONDS, statfs_errno
 from ..units import human_size
 
 
@@ -18,36 +18,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-PROBE_SECONDS = 2.0  # how long a mount without a state file here may take to answer statfs
-
-
 def _state_of(mountpoint: str, state: dict | None, pid: object) -> str:
     """"mounted", "dead: ...", or, without a state file here (another user's mount, another
-    runtime directory), what the mount itself answers to statfs: unlike stat, which the kernel
-    may answer from its attribute cache long after the daemon died, statfs always reaches the
-    daemon. It is asked in a thread of its own, so a daemon that no longer answers cannot
-    hang status (the thread ends with the process)."""
+    runtime directory), what the mount itself answers to statfs (``config.statfs_errno``: not
+    stat, which the kernel may answer from its cache after the daemon died; bounded in time,
+    so a daemon that no longer answers cannot hang status)."""
     if state is not None:
         return "mounted" if runtime.pid_alive(pid) else "dead: run s3datafs unmount"
-    answer: list[OSError | None] = []
-    probe = threading.Thread(target=_statfs, args=(mountpoint, answer), daemon=True)
-    probe.start()
-    probe.join(PROBE_SECONDS)
-    if not answer:
-        return f"not answering (for {PROBE_SECONDS:g} s)"
-    if answer[0] is None:
+    code = statfs_errno(mountpoint)
+    if code is None:
+        return f"not answering (for {MOUNT_ANSWER_SECONDS:g} s)"
+    if code == 0:
         return "mounted (not by this user or runtime directory)"
-    if answer[0].errno == errno.ENOTCONN:
+    if code == errno.ENOTCONN:
         return "dead: run s3datafs unmount"
-    return f"unknown: {answer[0].strerror}"
-
-
-def _statfs(mountpoint: str, answer: list[OSError | None]) -> None:
-    try:
-        os.statvfs(mountpoint)
-        answer.append(None)
-    except OSError as exc:
-        answer.append(exc)
+    return f"unknown: {os.strerror(code)}"
 
 
 def run(args: argparse.Namespace) -> int:
