@@ -15,6 +15,8 @@
   writes to its own duplicate of the file's descriptor, renewed with the file, so a dump never
   lands in whatever file reuses a closed descriptor number.
 - Failed reads are logged as ``failurelog`` allows: never a line per read.
+- botocore's warning that temporary credentials could not be refreshed (an STS call for a role
+  failed) goes to the log file only: the error it raises then says what failed, in one line.
 - A redacting filter replaces every known secret value (secret key, session token) in any record,
   as a last line of defence: no code path is supposed to log one.
 """
@@ -155,6 +157,14 @@ def _not_a_refused_answer(record: logging.LogRecord) -> bool:
     )
 
 
+def _not_said_again_by_the_error(record: logging.LogRecord) -> bool:
+    """False for botocore's "Refreshing temporary credentials failed during mandatory refresh
+    period", which an exception always follows (see above)."""
+    return not (
+        record.name == "botocore.credentials" and "mandatory refresh" in record.getMessage()
+    )
+
+
 def setup(
     *, debug: bool, verbose: bool, log_file: Path | None, secrets: Iterable[str] = ()
 ) -> None:
@@ -170,6 +180,7 @@ def setup(
     console.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
     console.setFormatter(_ConsoleFormatter(tracebacks=debug))
     console.addFilter(redactor)
+    console.addFilter(_not_said_again_by_the_error)
     console.set_name("console")
     root.addHandler(console)
 

@@ -42,7 +42,8 @@ Design:
   So an ``S3Source`` makes its two clients from one fresh session (credentials and config read
   as before), and every session shares one process-wide data loader (``_shared_loader``): the
   data is parsed once per process, and a forked daemon inherits it from the ``check_settings``
-  its parent ran. The loader answers "which services exist" with ``s3`` alone, not by scanning.
+  its parent ran. The loader knows that ``s3`` exists without scanning (other services, which
+  credential providers load, after the scan).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -481,15 +482,38 @@ def _client(session: botocore.session.Session, settings: S3Settings, for_reads: 
 
 
 class _S3Loader(botocore.loaders.Loader):
-    """botocore's data loader for a process that only ever loads the ``s3`` service.
+    """botocore's data loader, quick to load the ``s3`` service.
 
     ``load_service_model`` first lists every service that has the requested data, which means
-    listing each of ~450 directories in botocore's data: the one answer that matters here is
-    whether ``s3`` is among them, and if its data were missing the load itself would fail.
+    listing each of ~450 directories in botocore's data, to ask whether the service is among
+    them. For ``s3`` the answer is yes without a scan (were its data missing, the load itself
+    would fail). Other services are loaded too, after botocore's scan: credential providers
+    make clients of their own from the session (``sts`` for an assumed role or a web identity
+    token, as on EKS; ``sso`` and ``sso-oidc`` for SSO profiles).
     """
 
-    def list_available_services(self, type_name: str) -> list[str]:
-        return ["s3"]
+    def list_available_services(self, type_name: str) -> _ServicesWithS3:
+        return _ServicesWithS3(functools.partial(super().list_available_services, type_name))
+
+
+class _ServicesWithS3(Sequence[str]):
+    """botocore's list of services, scanned for (by ``scan``) only when not asked about ``s3``."""
+
+    def __init__(self, scan: Callable[[], list[str]]) -> None:
+        self._scan = scan
+
+    @functools.cached_property
+    def _services(self) -> list[str]:
+        return self._scan()
+
+    def __contains__(self, name: object) -> bool:
+        return name == "s3" or name in self._services
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204 - Sequence's int and slice overloads
+        return self._services[index]
+
+    def __len__(self) -> int:
+        return len(self._services)
 
 
 _LOADERS: dict[str | None, botocore.loaders.Loader] = {}

@@ -122,3 +122,60 @@ def test_a_rewritten_credentials_file_is_used_while_mounted(
     time.sleep(1.5)
     assert (mountpoint / "c.bin").read_bytes() == data["c.bin"]
     assert _gets(proxy)[-1] == "FILEKEY2"
+
+
+ROLE_SOURCES = ["web identity token", "assumed role profile"]
+
+
+def _use_role(cli: Cli, source: str, sts_endpoint: str, tmp_path: Path) -> list[str]:
+    """Make ``cli`` get its keys for a role from STS at ``sts_endpoint``, given by ``source``
+    (EKS's web identity token, or a profile's ``role_arn``); returns the mount's arguments."""
+    role = "arn:aws:iam::123456789012:role/reader"
+    base_key = cli.env.pop("AWS_ACCESS_KEY_ID")
+    base_secret = cli.env.pop("AWS_SECRET_ACCESS_KEY")
+    cli.env.update(AWS_ENDPOINT_URL_STS=sts_endpoint,
+                   AWS_CONFIG_FILE=str(tmp_path / "aws-config"),
+                   AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "aws-credentials"))
+    if source == "web identity token":
+        token = tmp_path / "token"
+        token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJqb2IifQ.c2ln")
+        cli.env.update(AWS_ROLE_ARN=role, AWS_WEB_IDENTITY_TOKEN_FILE=str(token))
+        return []
+    (tmp_path / "aws-config").write_text(
+        f"[profile job]\nrole_arn = {role}\nsource_profile = base\n")
+    (tmp_path / "aws-credentials").write_text(
+        f"[base]\naws_access_key_id = {base_key}\naws_secret_access_key = {base_secret}\n")
+    return ["--profile", "job"]
+
+
+@pytest.mark.parametrize("source", ROLE_SOURCES)
+def test_keys_from_sts_sign_the_reads(
+    source: str, cli: Cli, s3server, s3, make_bucket, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """botocore's providers make an ``sts`` client from our session, whose data loader is
+    tuned for ``s3``: it must still find the other services."""
+    bucket = make_bucket()
+    data = os.urandom(MiB)
+    s3.put_object(Bucket=bucket, Key="d/a.bin", Body=data)
+    base_key = cli.env["AWS_ACCESS_KEY_ID"]
+    options = _use_role(cli, source, s3server.endpoint, tmp_path)  # moto answers STS too
+    mountpoint = cli.mount(f"s3://{bucket}/d/", "--endpoint-url", proxy.endpoint, *options,
+                           "--no-cache")
+    assert (mountpoint / "a.bin").read_bytes() == data
+    signers = set(_gets(proxy))
+    assert signers
+    assert base_key not in signers  # the role's temporary keys signed them, not the base ones
+
+
+@pytest.mark.parametrize("source", ROLE_SOURCES)
+def test_a_role_whose_sts_cannot_be_reached_fails_the_mount_in_one_line(
+    source: str, cli: Cli, make_bucket, tmp_path: Path
+) -> None:
+    bucket = make_bucket()
+    options = _use_role(cli, source, "http://127.0.0.1:9", tmp_path)
+    cli.expect_log("Refreshing temporary credentials failed")  # in the log file, not on stderr
+    result = cli.run("mount", f"s3://{bucket}/", *options)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "http://127.0.0.1:9" in result.stderr
+    assert not (cli.data_root / bucket).exists()

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import botocore.exceptions
+import botocore.loaders
 import pytest
 
 from s3datafs import cli, s3source, startup
@@ -57,8 +59,28 @@ def test_botocore_data_is_loaded_once_per_process() -> None:
     assert len(loaders) == 1
     loader = first._client._loader
     assert isinstance(loader, s3source._S3Loader)
-    assert loader.list_available_services("service-2") == ["s3"]  # no scan of ~450 directories
     assert first._reads.meta.service_model.service_name == "s3"
+
+
+def test_the_s3_data_loader_knows_s3_without_a_scan_and_finds_other_services(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loader = s3source._S3Loader()
+    scans: list[str] = []
+    scan = botocore.loaders.Loader.list_available_services
+
+    def counted(self, type_name: str) -> list[str]:
+        scans.append(type_name)
+        return scan(self, type_name)
+
+    monkeypatch.setattr(botocore.loaders.Loader, "list_available_services", counted)
+    assert loader.load_service_model("s3", "service-2")["metadata"]["endpointPrefix"] == "s3"
+    assert scans == []  # no scan of ~450 directories
+    # Credential providers make sts (roles, web identity) and sso clients from the session.
+    assert loader.load_service_model("sts", "service-2")["metadata"]["endpointPrefix"] == "sts"
+    assert scans == ["service-2"]
+    with pytest.raises(botocore.exceptions.UnknownServiceError, match="sts"):
+        loader.load_service_model("no-such-service", "service-2")  # botocore's list, named
 
 
 @pytest.fixture
