@@ -9,10 +9,15 @@ request.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -179,3 +184,68 @@ def test_a_role_whose_sts_cannot_be_reached_fails_the_mount_in_one_line(
     assert result.stderr.count("\n") == 1, result.stderr
     assert "http://127.0.0.1:9" in result.stderr
     assert not (cli.data_root / bucket).exists()
+
+
+METADATA_KEY = "ASIAMETADATAKEY"
+
+
+class _MetadataHandler(BaseHTTPRequestHandler):
+    """Both metadata services: ECS/EKS Pod Identity's container endpoint (``/creds``) and EC2's
+    instance metadata (IMDSv2: a token PUT, then the role's name, then its keys)."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_PUT(self) -> None:  # noqa: N802 - http.server's name
+        self._answer(b"imds-session-token" if self.path == "/latest/api/token" else None)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        roles = "/latest/meta-data/iam/security-credentials/"
+        expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+        keys = json.dumps({
+            "Code": "Success", "AccessKeyId": METADATA_KEY, "SecretAccessKey": "m" * 40,
+            "Token": "metadata-session-token", "Expiration": expiry.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }).encode()
+        self._answer({roles: b"reader", roles + "reader": keys, "/creds": keys}.get(self.path))
+
+    def _answer(self, body: bytes | None) -> None:
+        self.send_response(404 if body is None else 200)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+
+@pytest.fixture
+def metadata_endpoint() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _MetadataHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("service", ["container", "instance"])
+def test_keys_from_a_metadata_service_sign_the_reads(
+    service: str, cli: Cli, s3, make_bucket, proxy: FaultProxy, metadata_endpoint: str,
+    tmp_path: Path,
+) -> None:
+    """ECS tasks and EKS Pod Identity get keys from a container endpoint, EC2 from instance
+    metadata: what the mount command finds, its daemon must keep using."""
+    bucket = make_bucket()
+    data = os.urandom(MiB)
+    s3.put_object(Bucket=bucket, Key="d/a.bin", Body=data)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        cli.env.pop(name)
+    cli.env.update(AWS_CONFIG_FILE=str(tmp_path / "none"),
+                   AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    if service == "container":
+        cli.env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = f"{metadata_endpoint}/creds"
+    else:
+        cli.env.pop("AWS_EC2_METADATA_DISABLED")
+        cli.env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = f"{metadata_endpoint}/"
+    mountpoint = cli.mount(f"s3://{bucket}/d/", "--endpoint-url", proxy.endpoint, "--no-cache")
+    assert (mountpoint / "a.bin").read_bytes() == data
+    assert set(_gets(proxy)) == {METADATA_KEY}
