@@ -106,6 +106,14 @@ _ACCESS_DENIED = {
     "InvalidToken",
     "AllAccessDisabled",
 }
+# Calls botocore's credential providers make (a role through STS, an SSO profile).
+_CREDENTIAL_OPERATIONS = {
+    "AssumeRole",
+    "AssumeRoleWithWebIdentity",
+    "AssumeRoleWithSAML",
+    "GetRoleCredentials",
+    "CreateToken",
+}
 _TRANSIENT = {
     "500",
     "502",
@@ -558,6 +566,13 @@ def _code(exc: botocore.exceptions.ClientError) -> str:
 def _map_client_error(exc: botocore.exceptions.ClientError, uri: str) -> S3DataFSError:
     code = _code(exc)
     message = exc.response.get("Error", {}).get("Message") or code
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    transient = code in _TRANSIENT or status in (429, 500, 502, 503, 504)
+    if exc.operation_name in _CREDENTIAL_OPERATIONS:  # botocore's providers asked STS or SSO
+        text = f"cannot get AWS credentials for {uri}: {exc.operation_name}: {code}: {message}"
+        if transient:
+            return TransientS3Error(text)
+        return AccessDeniedError(f"{text}: check the role, its trust policy and the token")
     if code == "NoSuchBucket":
         bucket = uri[len("s3://") :].split("/", 1)[0]
         return NotFoundError(
@@ -568,8 +583,7 @@ def _map_client_error(exc: botocore.exceptions.ClientError, uri: str) -> S3DataF
             f"access denied to {uri} ({code}): check the credentials, --profile or "
             f"--credentials-file, or use --no-sign-request for a public bucket"
         )
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if code in _TRANSIENT or status in (429, 500, 502, 503, 504):
+    if transient:
         return TransientS3Error(f"S3 error on {uri}: {code}: {message}")
     return S3RequestError(f"S3 error on {uri}: {code}: {message}")
 

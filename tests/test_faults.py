@@ -432,6 +432,23 @@ def test_the_settings_name_every_secret_for_the_redactor() -> None:
     assert "TOKEN" not in repr(settings)
 
 
+@pytest.mark.parametrize(("status", "code", "kind"), [
+    (403, "AccessDenied", AccessDeniedError),  # the role's trust policy refuses the token
+    (400, "InvalidIdentityToken", AccessDeniedError),
+    (503, "ServiceUnavailable", TransientS3Error),  # retried, as S3's own
+])
+def test_a_failed_call_for_credentials_names_the_credentials_not_the_bucket(
+    status: int, code: str, kind: type
+) -> None:
+    response = {"Error": {"Code": code, "Message": "Not authorized to perform sts:Assume..."},
+                "ResponseMetadata": {"HTTPStatusCode": status}}
+    exc = botocore.exceptions.ClientError(response, "AssumeRoleWithWebIdentity")
+    mapped = s3source._map_client_error(exc, "s3://b-1/k")
+    assert type(mapped) is kind
+    assert str(mapped).startswith(
+        f"cannot get AWS credentials for s3://b-1/k: AssumeRoleWithWebIdentity: {code}: Not auth")
+
+
 def test_an_http_client_failure_is_named_by_its_kind_never_by_its_text() -> None:
     """Its text may quote a request header, and so a credential."""
     inner = RuntimeError("bad header 'X-Amz-Security-Token: TOKEN42'")
