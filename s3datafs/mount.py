@@ -55,7 +55,7 @@ from .reader import BlockReader, ByteBudget
 from .resolve import Pins
 from .s3source import S3Settings, S3Source
 from .snapshot import write_snapshot
-from .uri import S3Uri
+from .uri import S3Uri, mount_table_source
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ STATS_INTERVAL = 2.0  # seconds between refreshes of the counters in the state f
 KERNEL_READAHEAD_KB = 1024
 KERNEL_BACKGROUND = 64  # readahead requests the kernel may send at once (above the S3 pool's 32)
 FUSECTL = "/sys/fs/fuse/connections"
-_FSNAME_UNSAFE = frozenset(",\\ \t")  # option separators and escapes in the mount table
 # A disk that refuses the catalogs' writes: full, over quota, read-only.
 _DISK_TROUBLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
@@ -143,8 +142,8 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                 MemberSource(source, disk=disk, span_memory=plan.max_prefetch_bytes)))
             reader = _reader(plan, members_source, disk, source.link)
             operations = Operations(catalog, reader, plan.fs)
-            options = fuse_options(fsname=_fsname(plan.uri), allow_other=plan.allow_other,
-                                   noexec=plan.noexec)
+            options = fuse_options(fsname=mount_table_source(plan.uri),
+                                   allow_other=plan.allow_other, noexec=plan.noexec)
 
             def ready() -> None:
                 runtime.write_state(str(plan.mountpoint), _state(plan, summary))
@@ -302,13 +301,6 @@ def _state(plan: MountPlan, summary: MountSummary) -> dict:
         "mounted_at": time.time(),
         **summary.as_dict(),
     }
-
-
-def _fsname(uri: S3Uri) -> str:
-    """The mount table's source column: the URI, with characters that would break it escaped."""
-    return "".join(
-        f"%{ord(c):02X}" if c in _FSNAME_UNSAFE or not c.isprintable() else c for c in str(uri)
-    )
 
 
 def _sweep_dead_catalogs(directory: Path) -> None:

@@ -8,6 +8,10 @@
 - ``dataset_name`` is the Gradient rule: the basename of the last item of the path without its last
   extension (``mnist.zip`` -> ``mnist``), a known compound extension going whole (``data.tar.gz`` ->
   ``data``), the bucket name for a bare bucket.
+- ``mount_table_source`` is how a mount names its URI in the mount table: percent-encoded (UTF-8)
+  but for printable ASCII other than the table's separators and escapes. libfuse takes its
+  options as ASCII only (pyfuse3 fails on anything else), and ``%`` is encoded too, so that
+  ``uri_of_mount_table_source`` gives the URI back exactly.
 - ``validate_name`` refuses names that cannot be one directory entry under the data root, and
   names with control characters (a tab or a line break in a name garbles every line that names
   it: logs, ``status``); the default name has them replaced by ``_``.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -26,6 +31,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _COMPOUND_EXTENSIONS = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.lz4", ".tar.lzma")
 NAME_MAX = 255  # bytes, the Linux limit for one path component
+_MOUNT_TABLE_UNSAFE = frozenset(",\\ \t%")  # option separators and escapes, and the escape
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,3 +130,17 @@ def validate_name(name: str) -> str:
     if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
         raise UsageError(f"dataset name is longer than {NAME_MAX} bytes: choose a shorter --name")
     return name
+
+
+def mount_table_source(uri: S3Uri) -> str:
+    """The mount table's source column for ``uri`` (see the module docstring)."""
+    return "".join(
+        c if c.isascii() and c.isprintable() and c not in _MOUNT_TABLE_UNSAFE
+        else "".join(f"%{byte:02X}" for byte in c.encode("utf-8", "surrogateescape"))
+        for c in str(uri)
+    )
+
+
+def uri_of_mount_table_source(source: str) -> str:
+    """The URI a mount table's source column names (``mount_table_source`` undone)."""
+    return urllib.parse.unquote(source, errors="surrogateescape")

@@ -30,9 +30,8 @@ from faultproxy import FaultProxy
 
 from devtools.s3fastlist import content
 from devtools.s3server import S3Server
-from s3datafs import mount
 from s3datafs.cache.disk import is_region_file
-from s3datafs.uri import parse_s3_uri
+from s3datafs.uri import mount_table_source, parse_s3_uri, uri_of_mount_table_source
 
 pytestmark = pytest.mark.fuse
 
@@ -160,10 +159,31 @@ def test_a_hostile_prefix_and_mount_point_survive_the_mount_table(
     assert not os.path.ismount(mountpoint)
 
 
-def test_the_mount_tables_source_escapes_separators_and_unprintable_characters() -> None:
-    """Always two hex digits: a tab then ``A`` must not read as ``%9A``."""
-    uri = parse_s3_uri("s3://bkt/a,b c\t\x7f\x01\\x/")
-    assert mount._fsname(uri) == "s3://bkt/a%2Cb%20c%09%7F%01%5Cx/"
+@pytest.mark.parametrize("key", ["données/", "données/ünï ☃.txt"], ids=["prefix", "object"])
+def test_a_uri_beyond_ascii_mounts_and_status_names_it_from_anywhere(
+    cli: Cli, s3server: S3Server, make_bucket, key: str
+) -> None:
+    """libfuse takes its options (the source column among them) as ASCII only."""
+    bucket = make_bucket()
+    s3server.populate(bucket, [("données/ünï ☃.txt", 7)])
+    mountpoint = cli.mount(f"s3://{bucket}/{key}", "--name", "fr")
+    assert (mountpoint / "ünï ☃.txt").read_bytes() == content("données/ünï ☃.txt", 7)
+    elsewhere = {**cli.env, "S3DATAFS_RUNTIME_DIR": str(cli.root / "other-run")}  # no state
+    rows = json.loads(cli.run("status", "--json", env=elsewhere).stdout)
+    assert [row["uri"] for row in rows] == [f"s3://{bucket}/{key}"]
+
+
+@pytest.mark.parametrize(("key", "source"), [
+    # Always two hex digits: a tab then ``A`` must not read as ``%9A``.
+    ("a,b c\t\x7f\x01\\x/", "a%2Cb%20c%09%7F%01%5Cx/"),
+    ("données/ünï ☃.txt", "donn%C3%A9es/%C3%BCn%C3%AF%20%E2%98%83.txt"),  # libfuse: ASCII only
+    ("100%20real", "100%2520real"),  # not the same as "100 real"
+    ("bad-\udcff-utf8", "bad-%FF-utf8"),  # a key that is not UTF-8 (surrogateescape)
+])
+def test_the_mount_tables_source_is_ascii_and_names_the_uri_exactly(key: str, source: str) -> None:
+    uri = parse_s3_uri(f"s3://bkt/{key}")
+    assert mount_table_source(uri) == f"s3://bkt/{source}"
+    assert uri_of_mount_table_source(mount_table_source(uri)) == str(uri)
 
 
 # -- permissions and secrets -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 from .. import runtime
 from ..config import MOUNT_ANSWER_SECONDS, statfs_errno
 from ..units import human_size
+from ..uri import uri_of_mount_table_source
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(
             {
                 "mountpoint": entry.mountpoint,
-                "uri": (state or {}).get("uri", entry.source),
+                "uri": (state or {}).get("uri", uri_of_mount_table_source(entry.source)),
                 "object_count": (state or {}).get("object_count"),
                 "total_bytes": (state or {}).get("total_bytes"),
                 "fingerprint": (state or {}).get("fingerprint"),
