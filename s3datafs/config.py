@@ -38,33 +38,39 @@ def default_data_root() -> Path:
     return Path(os.environ.get("S3DATAFS_DATA_ROOT") or "/data")
 
 
+def _directory_from_env(name: str) -> Path | None:
+    """A directory named by an environment variable, made absolute: the daemon runs in ``/``."""
+    value = os.environ.get(name)
+    return Path(os.path.abspath(value)) if value else None
+
+
 def default_cache_dir() -> Path:
-    if env := os.environ.get("S3DATAFS_CACHE_DIR"):
-        return Path(env)
+    if env := _directory_from_env("S3DATAFS_CACHE_DIR"):
+        return env
     if _is_root():
         return Path("/var/cache/s3datafs")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "s3datafs"
+    base = _directory_from_env("XDG_CACHE_HOME") or Path(os.path.expanduser("~/.cache"))
+    return base / "s3datafs"
 
 
 def runtime_dir() -> Path:
     """Where live mounts leave their state files (small; tmpfs is fine)."""
-    if env := os.environ.get("S3DATAFS_RUNTIME_DIR"):
-        return Path(env)
+    if env := _directory_from_env("S3DATAFS_RUNTIME_DIR"):
+        return env
     if _is_root():
         return Path("/run/s3datafs")
-    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(xdg) / "s3datafs"
+    if xdg := _directory_from_env("XDG_RUNTIME_DIR"):
+        return xdg / "s3datafs"
     return Path(f"/tmp/s3datafs-{os.getuid()}")
 
 
 def default_log_dir() -> Path:
-    if env := os.environ.get("S3DATAFS_LOG_DIR"):
-        return Path(env)
+    if env := _directory_from_env("S3DATAFS_LOG_DIR"):
+        return env
     if _is_root():
         return Path("/var/log/s3datafs")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "s3datafs"
+    base = _directory_from_env("XDG_STATE_HOME") or Path(os.path.expanduser("~/.local/state"))
+    return base / "s3datafs"
 
 
 def parse_mode(text: str, option: str) -> int:

@@ -194,10 +194,13 @@ class Cli:
         )
         self._expected_logs: list[re.Pattern[str]] = []
 
-    def run(self, *args: str, timeout: float = 60, env: dict | None = None) -> CliResult:
+    def run(
+        self, *args: str, timeout: float = 60, env: dict | None = None, cwd: Path | None = None
+    ) -> CliResult:
         completed = subprocess.run(
             [sys.executable, "-m", "s3datafs", *args],
             env=env or self.env,
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=timeout,

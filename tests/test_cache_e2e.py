@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import Cli, sha256
@@ -86,6 +87,30 @@ def test_no_cache_mounts_in_memory_only(cli: Cli, s3, make_bucket) -> None:
     mountpoint = cli.mount(f"s3://{bucket}/p/", "--no-cache")
     assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
     assert not list((cli.root / "cache").glob("blocks/*/*/*/*"))
+
+
+@pytest.mark.parametrize("given_by", ["--cache-dir", "S3DATAFS_CACHE_DIR"])
+def test_a_relative_cache_dir_is_where_the_command_ran(
+    cli: Cli, s3, make_bucket, given_by: str
+) -> None:
+    """Not below ``/``, where the daemon runs: there it was neither the user's nor private."""
+    bucket = make_bucket()
+    body = put_big(s3, bucket, MiB)
+    workdir = cli.root / "work"
+    workdir.mkdir()
+    options, env = ["--cache-dir", "relative-cache"], cli.env
+    if given_by == "S3DATAFS_CACHE_DIR":
+        options, env = [], {**cli.env, "S3DATAFS_CACHE_DIR": "relative-cache"}
+    mounted = cli.run("mount", f"s3://{bucket}/p/", *options, env=env, cwd=workdir)
+    assert mounted.returncode == 0, mounted.stderr
+    mountpoint = cli.data_root / "p"
+    try:
+        assert (mountpoint / "big.bin").read_bytes() == body
+    finally:
+        assert cli.unmount(mountpoint).returncode == 0
+    stats = cli.run("cache", "stats", "--json", "--cache-dir", str(workdir / "relative-cache"))
+    assert json.loads(stats.stdout)["bytes"] >= MiB
+    assert not Path("/relative-cache").exists()
 
 
 def test_cache_size_bounds_the_disk_cache(cli: Cli, s3, make_bucket) -> None:

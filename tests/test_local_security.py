@@ -234,3 +234,17 @@ def test_a_log_file_in_a_sticky_shared_directory_is_fine(
     mountpoint = cli.mount(uri, "--log-file", str(logs / "mine.log"))
     assert (mountpoint / "f.bin").read_bytes() == b"f"
     assert stat.S_IMODE((logs / "mine.log").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(("variable", "directory"), [
+    ("S3DATAFS_CACHE_DIR", config.default_cache_dir),
+    ("S3DATAFS_RUNTIME_DIR", config.runtime_dir),
+    ("S3DATAFS_LOG_DIR", config.default_log_dir),
+])
+def test_a_relative_directory_in_the_environment_is_where_the_command_runs(
+    variable: str, directory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not below ``/``, where the daemon runs (and where it would not be private)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, "relative")
+    assert directory() == tmp_path / "relative"

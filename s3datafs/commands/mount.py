@@ -6,8 +6,9 @@ The options are shared with the commands that mount several datasets at once: th
 
 ``mount --snapshot FILE [MOUNTPOINT]``: the URI positional is optional, and a lone positional
 that is not an ``s3://`` URI is the mount point. The file's header is read (and checked) here,
-before the fork, for the URI and the default name; the daemon verifies the whole file. Paths of
-``--snapshot`` and ``--save-snapshot`` are made absolute here: the daemon runs in ``/``.
+before the fork, for the URI and the default name; the daemon verifies the whole file. Paths
+(``--snapshot``, ``--save-snapshot``, ``--cache-dir``, ``--log-file``, and the directories the
+environment names) are made absolute here: the daemon runs in ``/``.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def build_plan(args: argparse.Namespace, *, mounting: bool = True) -> MountPlan:
     )
     pins, as_of = source_pins(args)
     default_log = None if args.foreground else config.default_log_dir() / f"{name}.log"
-    log_file = args.log_file or default_log
+    log_file = _absolute(args.log_file) or default_log
     return MountPlan(
         uri=uri,
         name=name,
@@ -183,7 +184,7 @@ def build_plan(args: argparse.Namespace, *, mounting: bool = True) -> MountPlan:
         pins=pins,
         s3=_s3_settings(args),
         fs=fs,
-        cache_dir=args.cache_dir or config.default_cache_dir(),
+        cache_dir=_absolute(args.cache_dir) or config.default_cache_dir(),
         **cache_settings(args),
         allow_other=args.allow_other,
         noexec=getattr(args, "noexec", False),
