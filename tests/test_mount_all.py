@@ -325,9 +325,14 @@ def test_an_unmount_that_fails_because_the_mount_went_meanwhile_succeeds(
     so it is no error, and the state file goes."""
     monkeypatch.setenv("S3DATAFS_RUNTIME_DIR", str(tmp_path / "run"))
     target = str(tmp_path / "m")
-    tables = iter([[runtime.MountEntry(target, runtime.FSTYPE, "s3://b-1/p/")]])  # then none
-    monkeypatch.setattr(runtime, "mount_table", lambda: next(tables, []))
-    monkeypatch.setattr(unmount, "_unmount", lambda mountpoint, lazy: "entry not found")
+    table = [runtime.MountEntry(target, runtime.FSTYPE, "s3://b-1/p/")]
+    monkeypatch.setattr(runtime, "mount_table", lambda: list(table))
+
+    def beaten_to_it(mountpoint: str, lazy: bool) -> str:
+        table.clear()
+        return "entry not found"
+
+    monkeypatch.setattr(unmount, "_unmount", beaten_to_it)
     runtime.write_state(target, {"pid": 0})
     unmount.unmount_path(target, lazy=False)
     assert runtime.read_state(target) is None

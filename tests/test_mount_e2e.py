@@ -421,6 +421,32 @@ def test_status_calls_a_mount_without_state_here_dead_or_not_answering_as_it_is(
     assert state() == "dead: run s3datafs unmount"
 
 
+def test_a_stopped_daemon_is_told_by_status_and_unmounted_without_a_hang(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """Neither command may look at the mount point itself: the kernel asks the daemon for its
+    root's attributes until something has looked at the mount (here: nothing has), and a
+    stopped daemon never answers, nor can the one who asked be interrupted."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    mountpoint = cli.data_root / "p"
+    assert cli.run("mount", f"s3://{bucket}/p/").returncode == 0
+    pid = cli.daemon_pid(mountpoint)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        rows = json.loads(cli.run("status", "--json", timeout=20).stdout)
+        assert [row["state"] for row in rows] == ["not answering (for 2 s)"]
+        unmounted = cli.run("unmount", "--lazy", str(mountpoint), timeout=20)
+        assert unmounted.returncode == 0, unmounted.stderr
+        assert not os.path.ismount(mountpoint)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:  # it finds itself unmounted
+        time.sleep(0.05)
+    assert not pid_alive(pid)
+
+
 def test_status_shows_what_the_state_file_says_and_no_mount_is_no_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -435,6 +461,7 @@ def test_status_shows_what_the_state_file_says_and_no_mount_is_no_error(
              "stats": {"s3_requests": 3, "memory_hits": 5, "disk_hits": 7}}
     monkeypatch.setattr(status.runtime, "our_mounts", lambda: [entry])
     monkeypatch.setattr(status.runtime, "all_states", lambda: [state])
+    monkeypatch.setattr(status, "statfs_errno", lambda path: 0)  # the mount answers
     assert status.run(argparse.Namespace(json=False)) == 0
     _header, row, counters = capsys.readouterr().out.splitlines()
     assert row.split() == ["/data/mnist", "s3://b/mnist/", "2", "3.0", "MiB", str(os.getpid()),

@@ -20,17 +20,18 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _state_of(mountpoint: str, state: dict | None, pid: object) -> str:
-    """"mounted", "dead: ...", or, without a state file here (another user's mount, another
-    runtime directory), what the mount itself answers to statfs (``config.statfs_errno``: not
-    stat, which the kernel may answer from its cache after the daemon died; bounded in time,
-    so a daemon that no longer answers cannot hang status)."""
-    if state is not None:
-        return "mounted" if runtime.pid_alive(pid) else "dead: run s3datafs unmount"
+    """"mounted", "dead: ...", "not answering": a state file's daemon that is gone is dead;
+    otherwise the mount itself is asked, with statfs (``config.statfs_errno``: not stat, which
+    the kernel may answer from its cache after the daemon died; bounded in time, so a daemon
+    that is stopped or stuck cannot hang status). Without a state file here, the mount is
+    another user's or another runtime directory's."""
+    if state is not None and not runtime.pid_alive(pid):
+        return "dead: run s3datafs unmount"
     code = statfs_errno(mountpoint)
     if code is None:
         return f"not answering (for {MOUNT_ANSWER_SECONDS:g} s)"
     if code == 0:
-        return "mounted (not by this user or runtime directory)"
+        return "mounted" if state is not None else "mounted (not by this user or runtime directory)"
     if code == errno.ENOTCONN:
         return "dead: run s3datafs unmount"
     return f"unknown: {os.strerror(code)}"

@@ -62,7 +62,7 @@ class NotMountedError(ConfigError):
 
 def unmount_path(path: str | os.PathLike[str], *, lazy: bool) -> None:
     """Unmount one s3datafs mount and wait for its daemon to exit (unless ``lazy``)."""
-    mountpoint = os.path.realpath(path)  # as mount named it, and the mount table does
+    mountpoint = _as_the_mount_table_names(path)
     state = runtime.read_state(mountpoint)
     entry = _mounted(mountpoint)
     if entry is None:
@@ -81,6 +81,17 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool) -> None:
     if state is not None and not lazy:
         _wait_for_exit(int(state.get("pid") or 0))
     runtime.remove_state(mountpoint)
+
+
+def _as_the_mount_table_names(path: str | os.PathLike[str]) -> str:
+    """``path`` without symbolic links, as mount named it and the mount table does, and found
+    without a look at the mount point itself when it is one: the kernel may ask a FUSE daemon
+    for its root's attributes, and one that is stopped or stuck never answers."""
+    parent, name = os.path.split(os.path.abspath(path))
+    candidate = os.path.join(os.path.realpath(parent), name)
+    if any(entry.mountpoint == candidate for entry in runtime.mount_table()):
+        return candidate
+    return os.path.realpath(path)
 
 
 def _mounted(mountpoint: str) -> runtime.MountEntry | None:
