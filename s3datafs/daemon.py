@@ -13,13 +13,22 @@ Protocol:
   points at the log file. Only the child ever touches the mount.
 - A child whose ready line cannot be delivered (the mount command was killed, or interrupted,
   while it waited) unmounts at once and exits: nobody asked for that mount any more.
+- The command's death is also sent to the child as ``PARENT_GONE`` (``PR_SET_PDEATHSIG``), so a
+  child stuck on its way to the mount (S3 not answering) gives up at once rather than after
+  its retries: before the mount is ready the signal raises ``Abandoned`` wherever the child
+  is. A mount that is to outlive its command (``s3datafs mount``, ``mount-all``) stops
+  listening once ready; one that is not (``run``, ``mount-all --foreground``: their datasets
+  are the command's, for as long as it lives) keeps the signal, and its serving loop unmounts
+  on it (see ``mount.serve``): a ``run`` killed with SIGKILL leaves no mount behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -31,15 +40,25 @@ log = logging.getLogger(__name__)
 Report = Callable[[dict], None]
 
 
-def spawn(child_main: Callable[[Report], None], *, log_hint: str) -> dict:
-    """Fork; run ``child_main(report)`` in a detached child; return the child's report."""
+PARENT_GONE = signal.SIGUSR2
+_PR_SET_PDEATHSIG = 1
+
+
+def spawn(
+    child_main: Callable[[Report], None], *, log_hint: str, outlive_command: bool = True
+) -> dict:
+    """Fork; run ``child_main(report)`` in a detached child; return the child's report.
+
+    ``outlive_command``: the mount stays when this process ends (else see the module
+    docstring)."""
+    command = os.getpid()
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, observed through the tests' mounts
         os.close(read_fd)
-        os._exit(_child(child_main, write_fd))
+        os._exit(_child(child_main, write_fd, command, outlive_command))
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         line = pipe.readline()
@@ -55,22 +74,34 @@ def spawn(child_main: Callable[[Report], None], *, log_hint: str) -> dict:
     return verdict
 
 
-def _child(child_main: Callable[[Report], None], write_fd: int) -> int:
+def _child(
+    child_main: Callable[[Report], None], write_fd: int, command: int, outlive_command: bool
+) -> int:
     os.setsid()
     os.chdir("/")
     pipe = os.fdopen(write_fd, "w", encoding="utf-8")
 
     def report_ready(summary: dict) -> None:
         if not _send(pipe, {"ok": True, **summary}):  # the mount command was stopped meanwhile
-            log.warning("the mount command is gone: unmounting what nobody waits for any more")
             raise Abandoned("the mount command is gone")
+        if outlive_command:
+            _signal_when_parent_dies(0)
+            signal.signal(PARENT_GONE, signal.SIG_IGN)
         logsetup.detach_console()
         _detach_stdio()
         startup.settle()  # serve with the usual garbage collection (start-up objects frozen)
 
     try:
+        signal.signal(PARENT_GONE, _abandon)
+        _signal_when_parent_dies(PARENT_GONE)
+        if os.getppid() != command:  # it died before the kernel was told to say so
+            raise Abandoned("the mount command is gone")
         child_main(report_ready)
         return 0
+    except Abandoned:
+        logsetup.detach_console()  # whoever ran the command has moved on: the log file only
+        log.warning("the mount command is gone: unmounting what nobody waits for any more")
+        return 1
     except S3DataFSError as exc:
         log.debug("mount failed", exc_info=True)
         _send(pipe, {"ok": False, "error": str(exc), "exit": exc.exit_code})
@@ -80,8 +111,17 @@ def _child(child_main: Callable[[Report], None], write_fd: int) -> int:
     return 1
 
 
-class Abandoned(S3DataFSError):
+class Abandoned(BaseException):  # an interruption, never to be handled as an error on the way
     """The mount command stopped waiting (killed, or Ctrl-C) before the mount was ready."""
+
+
+def _abandon(signum: int, frame: object) -> None:
+    raise Abandoned("the mount command is gone")
+
+
+def _signal_when_parent_dies(signum: int) -> None:
+    """Have the kernel send ``signum`` when the parent dies (0: nothing)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
 def _send(pipe, message: dict) -> bool:  # a text file object

@@ -47,6 +47,7 @@ from .archive.index import archive_catalog
 from .archive.members import MemberSource
 from .cache.disk import DiskCache
 from .catalog import Catalog
+from .daemon import PARENT_GONE
 from .errors import ConfigError
 from .fuse_ops import FsSettings, Operations
 from .linkrate import LinkRate
@@ -245,16 +246,16 @@ async def tune_kernel_readahead(mountpoint: Path, initialized: trio.Event) -> No
     after the mount is reported ready (readahead is fixed at open) then reads ahead 1 MiB too.
     """
     await initialized.wait()
-    devices = [e.device for e in runtime.mount_table() if e.mountpoint == str(mountpoint)]
-    knob = f"/sys/class/bdi/{devices[-1]}/read_ahead_kb" if devices else None
+    device = _device_at(mountpoint)
+    knob = f"/sys/class/bdi/{device}/read_ahead_kb" if device else None
     try:
         if knob is None:
             raise OSError(f"{mountpoint} is not in the mount table")
         Path(knob).write_text(str(KERNEL_READAHEAD_KB), encoding="ascii")  # noqa: ASYNC240
     except OSError as exc:
         log.debug("kernel readahead left as is: %s", exc)
-    if devices:  # in a thread: where fusectl is not mounted, this runs a command
-        await trio.to_thread.run_sync(_tune_background, devices[-1].partition(":")[2])
+    if device:  # in a thread: where fusectl is not mounted, this runs a command
+        await trio.to_thread.run_sync(_tune_background, device.partition(":")[2])
 
 
 def _tune_background(connection: str) -> None:
@@ -313,6 +314,7 @@ def _sweep_dead_catalogs(directory: Path) -> None:
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_SERVING_SIGNALS = (*_STOP_SIGNALS, PARENT_GONE)
 
 
 _FUSE_DEVICE = "/dev/fuse"
@@ -374,19 +376,41 @@ def serve(
     # From the kernel mount until the loop's signal receiver is in place, and again from the
     # loop's end until the unmount, a stop signal would kill the process and leave a dead mount:
     # it waits, blocked, for the receiver, or for the unmount to be done.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SERVING_SIGNALS)
     try:
         _init(operations, mountpoint, options)
         try:
             ours = connection.fuse_descriptors() - others
+            device = _device_at(mountpoint)
             on_ready()
-            trio.run(_main_loop, operations, ours, start)
+            trio.run(_main_loop, operations, ours, mountpoint, device, start)
         finally:
-            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-            pyfuse3.close(unmount=True)
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SERVING_SIGNALS)
+            # libfuse unmounts by path: that takes off whatever is mounted on top of ours.
+            covered = _covered_by(mountpoint, device)
+            if covered:
+                log.warning("a %s file system is mounted over %s: it is left as it is, and this "
+                            "mount dead below it", covered, mountpoint)
+            pyfuse3.close(unmount=not covered)
             log.info("unmounted %s", mountpoint)
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SERVING_SIGNALS)
+
+
+def _device_at(mountpoint: Path) -> str | None:
+    """The device ("major:minor") of the topmost mount at ``mountpoint``, from the mount table
+    (a stat() of the mount point could wait on this very daemon)."""
+    devices = [e.device for e in runtime.mount_table() if e.mountpoint == str(mountpoint)]
+    return devices[-1] if devices else None
+
+
+def _covered_by(mountpoint: Path, device: str | None) -> str | None:
+    """The type of the file system mounted over this mount (``device``), if any."""
+    entries = [e for e in runtime.mount_table() if e.mountpoint == str(mountpoint)]
+    ours = [index for index, entry in enumerate(entries) if entry.device == device]
+    if not ours or ours[-1] == len(entries) - 1:
+        return None
+    return entries[-1].fstype
 
 
 @contextlib.contextmanager
@@ -424,11 +448,13 @@ def _init(operations: Operations, mountpoint: Path, options: Iterable[str]) -> N
 async def _main_loop(
     operations: Operations,
     session_fds: set[int],
+    mountpoint: Path,
+    device: str | None,
     start: Callable[[trio.Nursery, trio.Nursery], None],
 ) -> None:
     async with trio.open_nursery() as writes, trio.open_nursery() as tasks:
         start(tasks, writes)
-        tasks.start_soon(_terminate_on_signal, operations)
+        tasks.start_soon(_terminate_on_signal, operations, mountpoint, device)
         if len(session_fds) == 1:
             tasks.start_soon(_abandon_requests_when_disconnected, operations, *session_fds)
         else:  # not expected; an unmount then waits for requests in progress, as before
@@ -444,11 +470,27 @@ async def _abandon_requests_when_disconnected(operations: Operations, session_fd
     operations.abandon_requests()
 
 
-async def _terminate_on_signal(operations: Operations) -> None:
-    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked since the mount
+async def _terminate_on_signal(operations: Operations, mountpoint: Path,
+                               device: str | None) -> None:
+    """Unmount on a stop signal, or on ``PARENT_GONE`` (see ``daemon``) unless the mount was
+    detached already (``run`` does that when a leftover process keeps a file open: those files
+    are served to the end) or is covered by another (what to do is the user's to say)."""
+    with trio.open_signal_receiver(*_SERVING_SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SERVING_SIGNALS)  # blocked since the mount
         async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
+            if signum != PARENT_GONE:
+                log.info("received %s: unmounting", signal.Signals(signum).name)
+            elif not any(entry.device == device for entry in runtime.mount_table()):
+                log.info("the command that mounted this is gone; the mount was detached "
+                         "already: serving the files still open")
+                continue
+            elif covered := _covered_by(mountpoint, device):
+                log.warning("the command that mounted this is gone, but a %s file system is "
+                            "mounted over %s: left mounted", covered, mountpoint)
+                continue
+            else:
+                log.warning("the command that mounted this (s3datafs run, or mount-all "
+                            "--foreground) is gone: unmounting")
             operations.abandon_requests()
             pyfuse3.terminate()
             return

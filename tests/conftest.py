@@ -238,6 +238,13 @@ class Cli:
         prefix = str(self.root) + "/"
         return [e.mountpoint for e in mount_table() if e.mountpoint.startswith(prefix)]
 
+    def wait_until_nothing_is_mounted(self, timeout: float = 10) -> None:
+        """For daemons that unmount by themselves (their command died)."""
+        deadline = time.monotonic() + timeout
+        while mounts := self.mounts_below_root():
+            assert time.monotonic() < deadline, f"still mounted: {mounts}"
+            time.sleep(0.05)
+
     def daemon_pid(self, mountpoint: Path) -> int:
         """The daemon serving ``mountpoint`` (other tests' mounts may be listed too)."""
         rows = json.loads(self.run("status", "--json").stdout)

@@ -95,6 +95,31 @@ def test_a_mount_command_stopped_while_it_waits_leaves_no_mount(
     cli.expect_log("mount command is gone")
 
 
+def test_a_mount_command_killed_while_s3_stalls_takes_its_daemon_and_mount_point_along(
+    cli: Cli, proxy, bucket: str
+) -> None:
+    """SIGKILL (``timeout -s KILL``, an OOM kill): the kernel tells the daemon, which gives up
+    at once (not after its retries) and removes the mount point the command made."""
+    proxy.inject("stall", op="ListObjectsV2", times=None)
+    target = cli.root / "made" / "mnt"
+    command = start(cli, "mount", f"s3://{bucket}/p/", str(target),
+                    env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint})
+    try:
+        proxy.wait_injected(1, timeout=30)  # the daemon waits for S3
+        daemons = children(command.pid)
+        assert daemons
+        command.kill()
+        command.communicate(timeout=30)
+        wait_gone(daemons, timeout=5)
+        assert not (cli.root / "made").exists()
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+        proxy.clear()
+    cli.expect_log("mount command is gone")
+
+
 def test_a_daemon_killed_while_it_lists_fails_the_mount_pointing_at_its_log(
     cli: Cli, proxy, bucket: str
 ) -> None:

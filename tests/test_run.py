@@ -6,6 +6,7 @@ nothing is mounted any more, no daemon state is left and no mount point director
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -142,14 +143,58 @@ def test_the_job_status_is_passed_through(cli: Cli, spec: str, job: str, status:
 
 
 def test_a_mount_kept_busy_by_a_leftover_process_is_detached(cli: Cli, spec: str) -> None:
-    """A job may leave a background process reading a dataset: run still unmounts (lazily)."""
-    leftover = f"exec 3< {cli.data_root}/mnist/mnist.bin; sleep 3 >/dev/null 2>&1 & exit 0"
+    """A job may leave a background process reading a dataset: run still unmounts (lazily),
+    and the daemon serves the file still open after run has ended."""
+    go, read = cli.root / "go", cli.root / "read"
+    leftover = (f"exec 3< {cli.data_root}/mnist/mnist.bin; "
+                f"(while [ ! -e {go} ]; do sleep 0.05; done; wc -c <&3 > {read}) "
+                ">/dev/null 2>&1 & exit 0")
     started = time.monotonic()
     done = run(cli, spec, "--", "sh", "-c", leftover)
     assert done.returncode == 0, done.stderr
     assert "is busy: detaching it lazily" in done.stderr
     assert time.monotonic() - started < 30
     assert cli.mounts_below_root() == []
+    go.touch()  # run has ended: the leftover reads now
+    deadline = time.monotonic() + 10
+    while not read.exists() or not read.read_text().strip():
+        assert time.monotonic() < deadline, "the leftover never read"
+        time.sleep(0.05)
+    assert read.read_text().split() == [str(len(BODY))]
+
+
+def test_run_killed_with_sigkill_leaves_no_mount(cli: Cli, spec: str) -> None:
+    """No cleanup can run in a process killed outright (an OOM kill, a CI runner's timeout):
+    the kernel tells the daemons that the run is gone, and they unmount."""
+    marker = cli.root / "job-pid"
+    job = f"echo $$ > {marker}.new && mv {marker}.new {marker} && exec sleep 60"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "s3datafs", "run", "--datasets", "-", "--", "sh", "-c", job],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=cli.env, text=True,
+    )
+    job_pid = None
+    try:
+        process.stdin.write(spec)
+        process.stdin.close()
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert process.poll() is None, "run ended early"
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.05)
+        job_pid = int(marker.read_text())
+        assert len(cli.mounts_below_root()) == 1
+        process.kill()
+        process.wait(timeout=10)
+        cli.wait_until_nothing_is_mounted()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if job_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(job_pid, signal.SIGKILL)
+    cli.expect_log("the command that mounted this .* is gone: unmounting")
 
 
 def test_a_job_that_unmounts_a_dataset_itself_is_not_a_failure(cli: Cli, spec: str) -> None:
@@ -166,6 +211,8 @@ def test_a_dataset_left_mounted_after_a_successful_job_makes_the_run_fail(
     """The job stacks a tmpfs of its own on the dataset: run says so (and leaves the tmpfs,
     the topmost mount there, alone), and exits 1, not the job's 0."""
     mountpoint = cli.data_root / "mnist"
+    cli.expect_log("the command that mounted this is gone, but a tmpfs file system is mounted "
+                   "over .*: left mounted")  # the daemon, once run has ended, leaves it too
     try:
         done = run(cli, spec, "--", "mount", "-t", "tmpfs", "tmpfs", str(mountpoint))
         assert done.returncode == 1, done.stderr

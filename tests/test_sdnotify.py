@@ -134,3 +134,26 @@ def test_mount_all_foreground_says_ready_once_all_are_mounted_and_stops_cleanly(
         process.stderr.close()
     assert cli.mounts_below_root() == []
     assert not Path(cli.data_root / "a").exists()
+
+
+@pytest.mark.fuse
+def test_mount_all_foreground_killed_outright_leaves_no_mount(
+    cli: Cli, s3, make_bucket, abstract_socket
+) -> None:
+    """systemd's last resort is SIGKILL (after TimeoutStopSec): the daemons learn from the
+    kernel that the command is gone, and unmount."""
+    sock, address = abstract_socket
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="a.bin", Body=b"A")
+    process = mount_all_in_foreground(cli, address, f'[{{"uri": "s3://{bucket}/a.bin"}}]')
+    try:
+        assert sock.recv(4096).startswith(b"READY=1")
+        process.kill()
+        process.wait(timeout=10)
+        cli.wait_until_nothing_is_mounted()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    cli.expect_log("the command that mounted this .* is gone: unmounting")

@@ -362,14 +362,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def start_mount(
-    plan: MountPlan, *, foreground: bool, on_ready: Callable[[dict], None] | None = None
+    plan: MountPlan,
+    *,
+    foreground: bool,
+    on_ready: Callable[[dict], None] | None = None,
+    outlive_command: bool = True,
 ) -> dict:
     """Mount ``plan``; return the daemon's summary once the mount is usable.
 
     In the background (the default) the mount runs in a forked daemon and this returns as soon as
     it is ready; in the foreground it serves in this process and returns only after unmount
     (``on_ready`` is called when it is usable). On failure it raises, having removed any mount
-    point directory it created; nothing is left mounted.
+    point directory it created; nothing is left mounted. ``outlive_command=False``: the daemon
+    unmounts when this process dies, however it dies (see ``daemon``).
     """
     s3source.check_settings(plan.s3)
     config.prepare_cache_dir(plan.cache_dir)
@@ -380,10 +385,15 @@ def start_mount(
                 _serve_in_foreground(plan, on_ready or (lambda _summary: None))
                 return {}
             hint = f"see {plan.log_file}" if plan.log_file else "run with --foreground to see why"
-            verdict = daemon.spawn(
-                lambda report: mount_dataset(plan, lambda summary: report(summary.as_dict())),
-                log_hint=hint,
-            )
+
+            def serve_in_daemon(report: daemon.Report) -> None:
+                try:
+                    mount_dataset(plan, lambda summary: report(summary.as_dict()))
+                except daemon.Abandoned:  # this process is gone, and cannot clean up any more
+                    config.remove_created(plan.mountpoint, created)
+                    raise
+
+            verdict = daemon.spawn(serve_in_daemon, log_hint=hint, outlive_command=outlive_command)
             if not verdict["ok"]:
                 raise MountFailed(verdict["error"], int(verdict.get("exit", 1)))
         except BaseException:

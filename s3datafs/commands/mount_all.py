@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         print("s3datafs: the datasets spec lists no datasets: nothing to mount", file=sys.stderr)
         return 0
     with supervisor.DeferredSignals() as deferred:
-        mounted = mount_datasets(planned, args, deferred)
+        mounted = mount_datasets(planned, args, deferred, outlive_command=not args.foreground)
         for item in mounted:
             announce(item, file=sys.stdout)
         if not args.foreground:
@@ -226,15 +226,20 @@ def mount_datasets(
     planned: list[PlannedDataset],
     args: argparse.Namespace,
     deferred: supervisor.DeferredSignals,
+    *,
+    outlive_command: bool,
 ) -> list[MountedDataset]:
-    """Mount every plan in order, or none: on failure or a stop signal, undo and raise."""
+    """Mount every plan in order, or none: on failure or a stop signal, undo and raise.
+
+    ``outlive_command=False``: the mounts are this process's, unmounted when it ends however it
+    ends (SIGKILL too: their daemons learn of it from the kernel)."""
     secrets = [secret for item in planned for secret in item.spec.secrets()]
     mounted: list[MountedDataset] = []
     try:
         for item in planned:
             if deferred.received:
                 raise Interrupted(deferred.received[0])
-            mounted.append(_mount_one(item, args, secrets))
+            mounted.append(_mount_one(item, args, secrets, outlive_command))
         if deferred.received:
             raise Interrupted(deferred.received[0])
     except BaseException as exc:
@@ -248,11 +253,11 @@ def mount_datasets(
 
 
 def _mount_one(
-    item: PlannedDataset, args: argparse.Namespace, secrets: list[str]
+    item: PlannedDataset, args: argparse.Namespace, secrets: list[str], outlive_command: bool
 ) -> MountedDataset:
     _log_to(item.plan.log_file, args, secrets)  # the daemon forked next inherits this
     created = _highest_missing(item.plan.mountpoint)
-    summary = start_mount(item.plan, foreground=False)
+    summary = start_mount(item.plan, foreground=False, outlive_command=outlive_command)
     log.info("mounted %s at %s", item.plan.uri, item.plan.mountpoint)
     return MountedDataset(item, summary, created)
 

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no command to run: put it after --, e.g. s3datafs run -- python train.py")
     planned = load_plans(args)
     with supervisor.DeferredSignals() as deferred:
-        mounted = mount_datasets(planned, args, deferred)
+        mounted = mount_datasets(planned, args, deferred, outlive_command=False)
         for item in mounted:
             announce(item, file=sys.stderr)
         try:
