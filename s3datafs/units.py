@@ -1,4 +1,4 @@
-"""Sizes for people: parsing ``20G``-style values and printing byte counts."""
+"""Sizes and counts for people: parsing ``20G``-style values, printing byte counts."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ def human_size(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 object``, ``2 objects`` (nouns that take an ``s``)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}

@@ -42,7 +42,7 @@ from s3datafs import cli as s3datafs_cli
 from s3datafs import config, mount
 from s3datafs.commands import mount as mount_command
 from s3datafs.errors import ConfigError, UsageError
-from s3datafs.units import human_size, parse_size
+from s3datafs.units import counted, human_size, parse_size
 
 pytestmark = pytest.mark.fuse
 
@@ -491,6 +491,10 @@ def test_sizes_parse_to_bytes(text: str, size: int) -> None:
 )  # fmt: skip
 def test_sizes_print_in_binary_units(size: int, text: str) -> None:
     assert human_size(size) == text
+
+
+def test_counts_read_as_english() -> None:
+    assert [counted(n, "object") for n in (0, 1, 2)] == ["0 objects", "1 object", "2 objects"]
 
 
 def test_numbers_at_their_documented_bounds_are_accepted() -> None:

@@ -175,6 +175,18 @@ def test_prefetch_warms_the_cache_so_a_mount_reads_nothing_from_s3(
     assert s3server.stats()["get_bytes"] == 0
 
 
+def test_prefetch_says_what_it_skipped_as_the_mount_command_does(
+    cli: Cli, s3, make_bucket
+) -> None:
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="p/a//b", Body=b"unsafe")
+    s3.put_object(Bucket=bucket, Key="p/ok.txt", Body=b"ok")
+    result = cli.run("prefetch", f"s3://{bucket}/p/")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("s3datafs: WARNING: skipping key"), result.stderr
+    assert "prefetched 1 object of" in result.stdout
+
+
 def test_prefetch_of_more_than_the_cache_holds_is_refused_before_any_get(
     cli: Cli, s3, s3server, make_bucket
 ) -> None:

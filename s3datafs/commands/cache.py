@@ -17,7 +17,7 @@ from .. import config
 from ..archive.index import clear_indexes
 from ..cache import disk
 from ..errors import ConfigError
-from ..units import human_size
+from ..units import counted, human_size
 from ..uri import parse_s3_uri
 
 
@@ -72,6 +72,6 @@ def run_clear(args: argparse.Namespace) -> int:
             config.prepare_cache_dir(cache_dir)
         removed = disk.clear(cache_dir, under)
         indexes = clear_indexes(cache_dir, under)
-    print(f"s3datafs: removed the cached blocks of {removed} objects"
+    print(f"s3datafs: removed the cached blocks of {counted(removed, 'object')}"
           + (f" and {indexes} zip member indexes" if indexes else ""))
     return 0

@@ -30,7 +30,7 @@ from ..model import normalize_etag
 from ..mount import MountPlan, MountSummary, mount_dataset
 from ..resolve import Pins
 from ..s3source import S3Settings
-from ..units import human_size, parse_percent, parse_size
+from ..units import counted, human_size, parse_percent, parse_size
 from ..uri import dataset_name, parse_s3_uri, validate_name
 
 
@@ -436,13 +436,14 @@ def _stop_signals_raise() -> Iterator[None]:
 
 def _announce(plan: MountPlan, summary: dict) -> None:
     skipped = summary.get("skipped_count", 0)
-    note = f", {skipped} unsafe keys skipped" if skipped else ""
+    note = f", {counted(skipped, 'unsafe key')} skipped" if skipped else ""
     if plan.as_of is not None:
         note += f", as of {config.format_time(plan.as_of)}"
     if summary.get("fingerprint"):
         note += f", fingerprint {summary['fingerprint']}"
+    objects = counted(summary["object_count"], "object")
     print(
         f"s3datafs: mounted {plan.uri} at {plan.mountpoint} "
-        f"({summary['object_count']} objects, {human_size(summary['total_bytes'])}{note})",
+        f"({objects}, {human_size(summary['total_bytes'])}{note})",
         flush=True,
     )

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import trio
 
-from .. import config, pinning, s3source
+from .. import config, logsetup, pinning, s3source
 from ..archive.index import archive_catalog
 from ..cache.disk import DiskCache
 from ..catalog import Catalog
 from ..errors import ConfigError, UsageError
 from ..model import PinnedRef
 from ..reader import BlockReader
-from ..units import human_size
+from ..units import counted, human_size
 from . import mount as mount_command
 
 PARALLEL_OBJECTS = 8
@@ -62,6 +62,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     plan = mount_command.build_plan(args, mounting=False)
+    logsetup.setup(debug=False, verbose=False, log_file=None, secrets=plan.s3.secrets())
     if plan.disk_cache_bytes <= 0:
         raise UsageError("prefetch fills the disk cache: --no-cache and --cache-size 0 defeat it")
     s3source.check_settings(plan.s3)
@@ -122,10 +123,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{failed} runs of {plan.uri} could not be written to the cache (see "
                           "above): it is not warm")
     elapsed = time.monotonic() - started
-    what = "objects" if members is None else "members"
+    what = counted(count, "object" if members is None else "member")
     archived = "" if members is None else f" (an archive of {human_size(stored)})"
     print(
-        f"s3datafs: prefetched {count} {what} of {plan.uri}, "
+        f"s3datafs: prefetched {what} of {plan.uri}, "
         f"{human_size(total)}{archived} in {elapsed:.1f}s "
         f"({human_size(reader.counters()['s3_bytes'])} from S3)"
     )

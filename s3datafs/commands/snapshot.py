@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import config, logsetup, pinning, s3source
 from ..catalog import Catalog
 from ..snapshot import write_snapshot
-from ..units import human_size
+from ..units import counted, human_size
 from ..uri import dataset_name, parse_s3_uri, validate_name
 from .mount import add_source_options, hide_options, s3_settings, source_pins, writable_file
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             header = write_snapshot(catalog, output, name=name)
     when = f", as of {header.as_of}" if header.as_of else ""
     print(
-        f"s3datafs: wrote {output}: {header.uri} ({header.object_count} objects, "
+        f"s3datafs: wrote {output}: {header.uri} ({counted(header.object_count, 'object')}, "
         f"{human_size(header.total_bytes)}{when}, fingerprint {header.fingerprint})",
         flush=True,
     )
