@@ -298,6 +298,9 @@ DIFF_MOUNT_ALL_RUN = [
 SIZES_AND_NUMBERS = [
     case("cache-size-unit", ["mount", "s3://{b}/p/", "--cache-size", "10X"], USAGE, "'10X'"),
     case("cache-size-negative", ["mount", "s3://{b}/p/", "--cache-size=-5G"], USAGE, "'-5G'"),
+    case("cache-size-below-a-block", ["mount", "s3://{b}/p/", "--cache-size", "1K"], USAGE,
+         "--cache-size 1K holds not one block of --block-size (64.0 KiB): give at least that, "
+         "or 0 (--no-cache) for no disk cache"),
     case(
         "prefetch-memory-infinite",
         ["mount", "s3://{b}/p/", "--max-prefetch-memory", "1e400"],

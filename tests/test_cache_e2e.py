@@ -133,6 +133,8 @@ def test_a_mount_evicts_a_cache_over_its_bound_at_start_before_any_read(
     assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(body)
     assert cli.unmount(mountpoint).returncode == 0
     assert cache_bytes_on_disk(cli) >= 24 * MiB
+    cli.expect_log(r"the cache at .* holds 2\d\.\d MiB, more than this mount's bound \(4\.0 MiB\):"
+                   " evicting down to it, other datasets' blocks too")
     cli.mount(f"s3://{bucket}/p/", "--cache-size", "4M")
     deadline = time.monotonic() + 30
     while cache_bytes_on_disk(cli) > 4 * MiB:

@@ -89,6 +89,7 @@ import cachetools
 
 from ..config import make_private_dirs
 from ..model import PinnedRef
+from ..units import human_size
 from ..uri import S3Uri
 from . import blockfile
 from .files import (
@@ -199,6 +200,7 @@ class DiskCache:
         self._free_estimate = self._wanted_free = 0.0
         self._reserved = 0  # bytes of writes under way that passed ``_make_room``
         self._written_since_sync = 0
+        self._synced = False  # the first sync is the start-up scan
         self.sync_every = max(capacity // 10, 16 * 1024 * 1024)
         self._direct = AlignedBuffers() if direct_io and direct_io_supported() else None
         make_private_dirs(self.root)
@@ -498,6 +500,13 @@ class DiskCache:
                     push = heapq.heappush if len(newest) < INDEX_ENTRIES else heapq.heappushpop
                     push(newest, (mtime, size, name))
             evicted: set[str] = set()
+            found = total - self._written_since_sync  # before this mount's first writes
+            if found > self._capacity and not self._synced:
+                log.warning("the cache at %s holds %s, more than this mount's bound (%s): "
+                            "evicting down to it, other datasets' blocks too (mounts sharing a "
+                            "cache directory are held to the smallest bound)", self.root,
+                            human_size(found), human_size(self._capacity))
+            self._synced = True
             if total > self._capacity:
                 for path in self._oldest_worth(total - self._capacity):
                     with contextlib.suppress(FileNotFoundError):

@@ -279,6 +279,11 @@ def cache_settings(args: argparse.Namespace) -> dict:
             "fetch it whole): raise --memory-cache-size, or choose a smaller --block-size"
         )
     disk = size(args.cache_size, "--cache-size", config.DEFAULT_DISK_CACHE)
+    if 0 < disk < block_size and not args.no_cache:  # would hold nothing, yet evict the rest
+        raise UsageError(
+            f"--cache-size {args.cache_size} holds not one block of --block-size "
+            f"({human_size(block_size)}): give at least that, or 0 (--no-cache) for no disk cache"
+        )
     min_free = config.DEFAULT_CACHE_MIN_FREE
     if args.cache_min_free is not None:
         min_free = parse_percent(args.cache_min_free, "--cache-min-free")
