@@ -585,6 +585,7 @@ def test_longest_comment() -> None:
 @pytest.mark.parametrize(
     ("name", "problem"),
     [
+        ("/etc/passwd", "its name is an absolute path"),
         ("C:/windows/system32", "its name starts with a drive letter"),
         ("c:relative.txt", "its name starts with a drive letter"),
         ("z:", "its name starts with a drive letter"),

@@ -366,6 +366,8 @@ def _mtime(dos_date: int, dos_time: int, timestamp_field: bytes | None) -> float
 
 def member_path_problem(name: str) -> str | None:
     """Archive-only reasons a member name cannot be shown (``keypath`` checks the rest)."""
+    if name.startswith("/"):
+        return "its name is an absolute path"
     if _DRIVE.match(name):
         return "its name starts with a drive letter"
     if "\\" in name:
