@@ -234,6 +234,16 @@ def test_cache_clear_empties_the_cache(cli: Cli, s3, make_bucket) -> None:
     assert json.loads(cli.run("cache", "stats", "--json").stdout)["bytes"] == 0
 
 
+def test_cache_stats_of_a_directory_that_is_not_there_says_so(cli: Cli) -> None:
+    """A mistyped --cache-dir is not an empty cache."""
+    missing = cli.root / "no-such-cache"
+    result = cli.run("cache", "stats", "--cache-dir", str(missing))
+    assert result.returncode == 0
+    assert result.stdout == (f"cache: 0 B in 0 blocks (there is no {missing} yet: "
+                             "check --cache-dir)\n")
+    assert not missing.exists()
+
+
 def test_status_lists_the_counters_published_by_the_daemon(cli: Cli, s3, make_bucket) -> None:
     import time
 

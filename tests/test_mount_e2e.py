@@ -527,6 +527,24 @@ def test_unmount_refuses_while_another_file_system_is_mounted_over_ours(
     assert not os.path.ismount(mountpoint)
 
 
+def test_unmount_names_a_mount_inside_ours_as_what_keeps_it_busy(
+    cli: Cli, s3, make_bucket
+) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/sub/x.bin": b"x"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    inside = mountpoint / "sub"
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inside)], check=True)
+    try:
+        refused = cli.unmount(mountpoint)
+        assert refused.returncode == 1
+        assert refused.stderr == (f"s3datafs: {mountpoint} is busy: {inside} is mounted inside "
+                                  "it: unmount that first, or use --lazy\n")
+    finally:
+        subprocess.run(["umount", str(inside)], check=False)
+    assert cli.unmount(mountpoint).returncode == 0
+
+
 def test_a_lazy_unmount_serves_open_files_until_they_close_then_the_daemon_exits(
     cli: Cli, s3, make_bucket
 ) -> None:

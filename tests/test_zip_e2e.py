@@ -108,6 +108,18 @@ def test_archive_file_keeps_the_object(cli: Cli, s3, make_bucket) -> None:
     assert (mountpoint / "d.zip").read_bytes() == body
 
 
+def test_archive_zip_on_a_prefix_says_it_does_not_apply(cli: Cli, s3, make_bucket) -> None:
+    bucket = make_bucket()
+    body = make_zip(MEMBERS)
+    put(s3, bucket, "p/d.zip", body)
+    cli.expect_log("--archive zip is for a single object")
+    result = cli.run("mount", f"s3://{bucket}/p/", "--archive", "zip")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (f"s3datafs: WARNING: --archive zip is for a single object; "
+                             f"s3://{bucket}/p/ is a prefix: mounted as it is\n")
+    assert (cli.data_root / "p" / "d.zip").read_bytes() == body
+
+
 def test_zip_bytes_under_another_name_are_detected(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket()
     arrays = make_zip({"a.npy": b"x" * 100})

@@ -68,6 +68,9 @@ def archive_catalog(
     """The member catalog to mount instead of ``pinned``, or ``None`` to mount it as it is."""
     ref = single_object(pinned) if mode != "file" else None
     if ref is None:
+        if mode == "zip":
+            log.warning("--archive zip is for a single object; %s is a prefix: mounted as it is",
+                        pinned.meta.uri)
         return None
     suffix = PurePosixPath(ref.key.lower()).suffix
     if mode == "auto" and suffix in ZIP_BASED_FORMATS:

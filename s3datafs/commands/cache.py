@@ -45,7 +45,8 @@ def run_stats(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    print(f"cache: {human_size(usage.bytes)} in {usage.blocks} blocks")
+    absent = "" if cache_dir.exists() else f" (there is no {cache_dir} yet: check --cache-dir)"
+    print(f"cache: {human_size(usage.bytes)} in {counted(usage.blocks, 'block')}{absent}")
     for dataset, size in sorted(usage.by_dataset.items(), key=lambda item: -item[1]):
         print(f"  {human_size(size):>10}  {dataset}")
     return 0

@@ -76,6 +76,11 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool) -> None:
     reason = _unmount(mountpoint, lazy)
     if reason is not None and _mounted(mountpoint) is not None:  # else: it went meanwhile
         if "busy" in reason.lower():
+            below = [e.mountpoint for e in runtime.mount_table()
+                     if e.mountpoint.startswith(mountpoint.rstrip("/") + "/")]
+            if below:
+                raise ConfigError(f"{mountpoint} is busy: {below[0]} is mounted inside it: "
+                                  "unmount that first, or use --lazy")
             raise ConfigError(f"{mountpoint} is busy: close the files using it, or use --lazy")
         raise ConfigError(f"cannot unmount {mountpoint}: {reason}")
     if state is not None and not lazy:
