@@ -101,6 +101,8 @@ class Operations(pyfuse3.Operations):
         self._opened = bytearray()  # bit per inode: opened before in this mount
         self._next_fh = 1
         self.failures = FailureLog()  # what the log is told of failed requests
+        self.failed_reads = 0  # reads answered with an error, of which:
+        self.stale_reads = 0  # ESTALE: the object changed or was deleted after mount
         self._traced: set[str] = set()  # kinds of unexpected error logged with a traceback
         self._in_progress: set[trio.CancelScope] = set()  # one per request being answered
         self._abandoned = False
@@ -261,8 +263,15 @@ class Operations(pyfuse3.Operations):
         try:
             return await self._unless_abandoned(self._reader.read(ref, off, size, readahead))
         except S3DataFSError as exc:  # reported per object: a failed read is retried at once
+            self.failed_reads += 1
+            self.stale_reads += exc.errno == errno.ESTALE
             self._report(exc, subject=ref.uri)
             raise pyfuse3.FUSEError(exc.errno) from None
+
+    def counters(self) -> dict[str, int]:
+        """The mount's counters: the reader's, and the reads that failed."""
+        return {**self._reader.counters(), "failed_reads": self.failed_reads,
+                "stale_reads": self.stale_reads}
 
     async def release(self, fh: int) -> None:
         self._open_files.pop(fh, None)
@@ -291,7 +300,7 @@ class Operations(pyfuse3.Operations):
                 "uri": meta.uri,
                 "object_count": str(meta.object_count),
                 "fingerprint": meta.fingerprint,
-                "stats": json.dumps(self._reader.counters(), sort_keys=True),
+                "stats": json.dumps(self.counters(), sort_keys=True),
             }
         elif entry.ref is not None:
             values = {"uri": entry.ref.uri, "etag": entry.ref.etag.strip('"')}

@@ -159,7 +159,7 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                     tasks.start_soon(
                         partial(trio.to_thread.run_sync, disk.sync, abandon_on_cancel=True)
                     )
-                tasks.start_soon(_publish_stats, plan, summary, reader, operations)
+                tasks.start_soon(_publish_stats, plan, summary, operations)
 
             try:
                 serve(operations, plan.mountpoint, options, ready, start)
@@ -214,7 +214,7 @@ def _reader(
 
 
 async def _publish_stats(
-    plan: MountPlan, summary: MountSummary, reader: BlockReader, operations: Operations
+    plan: MountPlan, summary: MountSummary, operations: Operations
 ) -> None:
     """Refresh the state file's counters so ``s3datafs status`` can show them; log how many
     failures were held back (``failurelog``)."""
@@ -222,7 +222,7 @@ async def _publish_stats(
     while True:
         await trio.sleep(STATS_INTERVAL)
         operations.failures.flush()
-        state = {**_state(plan, summary), "stats": reader.counters()}
+        state = {**_state(plan, summary), "stats": operations.counters()}
         try:
             await trio.to_thread.run_sync(runtime.write_state, str(plan.mountpoint), state)
         except (OSError, ConfigError) as exc:  # the counters are not worth the mount

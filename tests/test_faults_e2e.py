@@ -229,6 +229,9 @@ def test_permanent_errors_reach_the_reader_at_once_and_are_not_retried(
     assert took < 2.0
     assert proxy.requests["GetObject"] <= 2  # the read and the kernel's one retry: no backoff
     assert not log_lines(cli, RETRIED)
+    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    assert 1 <= stats["failed_reads"] <= 2  # what an operator sees (and status shows)
+    assert stats["stale_reads"] == (stats["failed_reads"] if expected == errno.ESTALE else 0)
     proxy.clear()
     assert uncached_read(mountpoint / "f.bin") == body  # nothing was remembered as broken
 

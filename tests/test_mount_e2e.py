@@ -458,7 +458,8 @@ def test_status_shows_what_the_state_file_says_and_no_mount_is_no_error(
     entry = MountEntry("/data/mnist", "fuse.s3datafs", "s3datafs")
     state = {"mountpoint": "/data/mnist", "uri": "s3://b/mnist/", "object_count": 2,
              "total_bytes": 3 * 1024**2, "fingerprint": "f" * 64, "pid": os.getpid(),
-             "stats": {"s3_requests": 3, "memory_hits": 5, "disk_hits": 7}}
+             "stats": {"s3_requests": 3, "memory_hits": 5, "disk_hits": 7, "failed_reads": 4,
+                       "stale_reads": 3}}
     monkeypatch.setattr(status.runtime, "our_mounts", lambda: [entry])
     monkeypatch.setattr(status.runtime, "all_states", lambda: [state])
     monkeypatch.setattr(status, "statfs_errno", lambda path: 0)  # the mount answers
@@ -468,6 +469,7 @@ def test_status_shows_what_the_state_file_says_and_no_mount_is_no_error(
                            "f" * 64, "mounted"]
     assert counters.startswith("/data/mnist: 3 S3 requests, ")
     assert "block hits: 5 memory, 7 disk, 0 misses" in counters
+    assert counters.endswith("; 4 reads failed (3 of objects changed or deleted after mount)")
     monkeypatch.setattr(status.runtime, "our_mounts", lambda: [])
     assert status.run(argparse.Namespace(json=False)) == 0
     assert capsys.readouterr().out == "no s3datafs mounts\n"
@@ -789,11 +791,11 @@ def test_each_refresh_ends_the_failure_windows_and_a_refused_one_is_told_once(
     monkeypatch.setattr(mount, "STATS_INTERVAL", 0)
     monkeypatch.setattr(mount.runtime, "write_state", write_state)
     plan = SimpleNamespace(mountpoint=Path("/m"), uri="s3://bucket/p/", name="p", log_file=None)
-    reader = SimpleNamespace(counters=lambda: {"reads": 7})
-    operations = SimpleNamespace(failures=SimpleNamespace(flush=lambda: flushed.append(None)))
+    operations = SimpleNamespace(failures=SimpleNamespace(flush=lambda: flushed.append(None)),
+                                 counters=lambda: {"reads": 7})
     summary = mount.MountSummary(1, 1, 0, 1)
     with pytest.raises(EndOfTest):
-        trio.run(mount._publish_stats, plan, summary, reader, operations)
+        trio.run(mount._publish_stats, plan, summary, operations)
     assert len(flushed) == refreshes
     assert all(state["stats"] == {"reads": 7} for state in written)
     warnings = [r for r in caplog.records if "cannot refresh the counters" in r.getMessage()]

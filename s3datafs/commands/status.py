@@ -9,7 +9,7 @@ import os
 
 from .. import runtime
 from ..config import MOUNT_ANSWER_SECONDS, statfs_errno
-from ..units import human_size
+from ..units import counted, human_size
 from ..uri import uri_of_mount_table_source
 
 
@@ -92,6 +92,10 @@ def _counters(stats: dict[str, int]) -> str:
         line += f"; a connection brings {human_size(rate)}/s"
         if split := stats.get("split_reads", 0):
             line += f", {split} reads split in two"
+    if failed := stats.get("failed_reads", 0):
+        line += f"; {counted(failed, 'read')} failed"
+        if stale := stats.get("stale_reads", 0):
+            line += f" ({stale} of objects changed or deleted after mount)"
     return line
 
 
