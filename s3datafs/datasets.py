@@ -56,6 +56,7 @@ FIELDS: dict[str, str] = {
     "awsSecretAccessKey": "secret_access_key",
     "awsSessionToken": "session_token",
     "noSignRequest": "no_sign_request",
+    "requesterPays": "requester_pays",
     "archive": "archive",
 }
 # Gradient SDK / snake_case spelling -> canonical field
@@ -67,6 +68,7 @@ ALIASES: dict[str, str] = {
     "aws_secret_access_key": "awsSecretAccessKey",
     "aws_session_token": "awsSessionToken",
     "no_sign_request": "noSignRequest",
+    "requester_pays": "requesterPays",
 }
 _SPELLINGS = {**{name: name for name in FIELDS}, **ALIASES}
 _TRUE = frozenset({"true", "yes", "on", "1"})
@@ -107,6 +109,7 @@ class DatasetSpec:
     secret_access_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
     no_sign_request: bool | None = None  # None: not said, the command's default applies
+    requester_pays: bool | None = None  # None: not said, the command's default applies
     name_given: bool = False  # False: ``name`` is derived from the URI (a snapshot may know better)
     archive: str | None = None  # "auto", "zip" or "file" (``mount --archive``); None: the command's
 
@@ -350,6 +353,7 @@ def _check_item(item: Any, index: int, origin: str, base_dir: Path | None) -> Da
         secret_access_key=_credential(values, "awsSecretAccessKey", where),
         session_token=_credential(values, "awsSessionToken", where),
         no_sign_request=values.get("noSignRequest"),
+        requester_pays=values.get("requesterPays"),
         name_given="name" in values,
         archive=values.get("archive"),
     )
@@ -398,7 +402,7 @@ def _checked_value(canonical: str, key: str, value: Any, where: str) -> Any:
     """The field's value, or None when it is null or empty (the same as absent)."""
     if value is None or value == "":
         return None
-    if canonical == "noSignRequest":
+    if canonical in ("noSignRequest", "requesterPays"):
         return _boolean(key, value, where)
     if not isinstance(value, str):
         raise SpecError(f"{where}: {key!r} must be a string, not {_kind(value)}")

@@ -66,6 +66,7 @@ from pathlib import Path
 import botocore.config
 import botocore.exceptions
 import botocore.loaders
+import botocore.model
 import botocore.session
 import botocore.utils
 import urllib3.exceptions
@@ -164,6 +165,7 @@ class S3Settings:
     endpoint_url: str | None = None
     profile: str | None = None
     no_sign_request: bool = False
+    requester_pays: bool = False  # every request says the requester pays (x-amz-request-payer)
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
@@ -480,13 +482,23 @@ def _client(session: botocore.session.Session, settings: S3Settings, for_reads: 
             "aws_secret_access_key": settings.secret_access_key,
             "aws_session_token": settings.session_token,
         }
-    return session.create_client(
+    client = session.create_client(
         "s3",
         region_name=settings.region,
         endpoint_url=settings.endpoint_url,
         config=config,
         **keys,
     )
+    if settings.requester_pays:
+        client.meta.events.register("before-parameter-build.s3", _requester_pays)
+    return client
+
+
+def _requester_pays(params: dict, model: botocore.model.OperationModel, **kwargs: object) -> None:
+    """``RequestPayer=requester`` on every operation that takes it (HEAD, GET, the listings;
+    the signed GET templates are made by a GetObject call, so they carry the header too)."""
+    if model.input_shape is not None and "RequestPayer" in model.input_shape.members:
+        params.setdefault("RequestPayer", "requester")
 
 
 class _S3Loader(botocore.loaders.Loader):
@@ -581,7 +593,8 @@ def _map_client_error(exc: botocore.exceptions.ClientError, uri: str) -> S3DataF
     if code in _ACCESS_DENIED:
         return AccessDeniedError(
             f"access denied to {uri} ({code}): check the credentials, --profile or "
-            f"--credentials-file, or use --no-sign-request for a public bucket"
+            f"--credentials-file; a public bucket needs --no-sign-request, a Requester Pays "
+            f"one --requester-pays"
         )
     if transient:
         return TransientS3Error(f"S3 error on {uri}: {code}: {message}")

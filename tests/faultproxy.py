@@ -17,8 +17,9 @@ Control API (in process; the proxy serves from threads of the test process)::
 A rule matches a request by S3 operation (``op``, default ``"GetObject"``; ``"*"`` for any; the
 classification is ``devtools.s3server``'s, so both ends agree), optionally by exact ``key``, and
 optionally by the access key id that signed it (``signed_with``: a predicate, so a test can
-refuse keys once "expired", as S3 does; moto checks no signature). ``signed`` lists
-``(op, key, access key id)`` of every request, in order.
+refuse keys once "expired", as S3 does; moto checks no signature), or only for requests that
+lack a header among their signed ones (``unsigned="x-amz-request-payer"``: a Requester Pays
+bucket). ``signed`` lists ``(op, key, access key id)`` of every request, in order.
 ``times`` bounds how often it fires (``None``: unlimited), ``probability`` makes it random (from
 the proxy's seeded RNG). Rules are tried in the order they were added; the first that fires wins.
 
@@ -93,6 +94,7 @@ ACTIONS = _BODY_ACTIONS | {"reset", "delay", "stall", "error", "garbage", "rewri
 Headers = list[tuple[bytes, bytes]]
 CHUNK = 256 * 1024
 _ACCESS_KEY = re.compile(r"Credential=([^/]*)/")  # SigV4's Authorization header
+_SIGNED_HEADERS = re.compile(r"SignedHeaders=([^,\s]*)")
 DEFAULT_STALL = 120.0
 _REASONS = {
     400: "Bad Request",
@@ -126,16 +128,18 @@ class Rule:
     strip_checksums: bool = False  # body actions: drop x-amz-checksum-* too (see ``flip``)
     rate: float = 1024 * 1024  # bytes per second, for ``throttle``
     signed_with: Callable[[str], bool] | None = None  # of the request's access key id
+    unsigned: str | None = None  # fires only on requests without this header, signed
     drop: tuple[str, ...] = ()  # ``rewrite``: request headers and query parameters removed
     edit: Callable[[Headers, bytes], tuple[Headers, bytes]] | None = None  # ``rewrite``
     fired: int = 0
 
-    def matches(self, op: str, key: str, access_key: str) -> bool:
+    def matches(self, op: str, key: str, access_key: str, signed_headers: set[str]) -> bool:
         return (
             (self.times is None or self.fired < self.times)
             and (self.op == "*" or self.op == op)
             and (self.key is None or self.key == key)
             and (self.signed_with is None or self.signed_with(access_key))
+            and (self.unsigned is None or self.unsigned not in signed_headers)
         )
 
 
@@ -253,13 +257,16 @@ class FaultProxy:
         return sum(1 for i in self.injected if action is None or i.action == action)
 
     def _choose(self, request: _Request) -> Rule | None:
-        match = _ACCESS_KEY.search(request.headers.get("authorization", ""))
+        authorization = request.headers.get("authorization", "")
+        match = _ACCESS_KEY.search(authorization)
         access_key = match[1] if match else ""
+        listed = _SIGNED_HEADERS.search(authorization)
+        signed = set(listed[1].split(";")) & set(request.headers) if listed else set()
         with self._lock:
             self.requests[request.op] += 1
             self.signed.append((request.op, request.key, access_key))
             for rule in self._rules:
-                if rule.matches(request.op, request.key, access_key) and (
+                if rule.matches(request.op, request.key, access_key, signed) and (
                     rule.probability >= 1.0 or self._random.random() < rule.probability
                 ):
                     rule.fired += 1

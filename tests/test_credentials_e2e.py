@@ -1,9 +1,11 @@
-"""Credentials that change while a mount lives: rotated by botocore, or rewritten in a file.
+"""Where a mount's keys come from, and who pays: keys that change while a mount lives (rotated
+by botocore, rewritten in a file), roles through STS, metadata services, Requester Pays buckets.
 
 A mount lives for days; the keys it reads with often do not (STS sessions, ``credential_process``
 leases, a credentials file an agent renews). moto checks no signature, so the fault proxy plays
 S3's part: it refuses GETs signed with a key the test has retired (403 ``InvalidAccessKeyId``,
-what S3 answers for a key deleted at the end of its lease) and records which key signed each
+what S3 answers for a key deleted at the end of its lease), or requests to a Requester Pays
+bucket that do not say (signed) that the requester pays, and records which key signed each
 request.
 """
 
@@ -249,3 +251,28 @@ def test_keys_from_a_metadata_service_sign_the_reads(
     mountpoint = cli.mount(f"s3://{bucket}/d/", "--endpoint-url", proxy.endpoint, "--no-cache")
     assert (mountpoint / "a.bin").read_bytes() == data
     assert set(_gets(proxy)) == {METADATA_KEY}
+
+
+def test_a_requester_pays_bucket_is_mounted_and_read_with_requester_pays(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    bucket = make_bucket(versioned=True)
+    data = os.urandom(MiB)
+    s3.put_object(Bucket=bucket, Key="d/a.bin", Body=data)
+    for op in ("ListObjectsV2", "ListObjectVersions", "HeadObject", "GetObject"):
+        proxy.inject("error", op=op, status=403, code="AccessDenied", times=None,
+                     unsigned="x-amz-request-payer")
+    through_proxy = ("--endpoint-url", proxy.endpoint)
+    refused = cli.run("mount", f"s3://{bucket}/d/", *through_proxy)
+    assert refused.returncode == 1
+    assert "a Requester Pays one --requester-pays" in refused.stderr
+    injected = len(proxy.injected)
+    for uri in (f"s3://{bucket}/d/", f"s3://{bucket}/d/a.bin"):  # a listing; a HEAD
+        mountpoint = cli.mount(uri, *through_proxy, "--requester-pays", "--no-cache")
+        assert (mountpoint / "a.bin").read_bytes() == data
+        assert cli.unmount(mountpoint).returncode == 0
+    snapshot = cli.run("snapshot", f"s3://{bucket}/d/", *through_proxy, "--requester-pays",
+                       "-o", str(tmp_path / "d.snap"))
+    assert snapshot.returncode == 0, snapshot.stderr
+    assert len(proxy.injected) == injected  # none refused
+    assert proxy.requests["GetObject"] >= 2

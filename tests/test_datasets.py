@@ -91,6 +91,8 @@ def test_snake_case_aliases_mean_the_same() -> None:
     assert set(ALIASES.values()) <= set(FIELDS)
     assert parse_one(uri="s3://b-1/p/", as_of="2024-01-01").as_of == "2024-01-01"
     assert parse_one(uri="s3://b-1/p/", no_sign_request=True).no_sign_request is True
+    assert parse_one(uri="s3://b-1/p/", requester_pays="yes").requester_pays is True
+    assert parse_one(uri="s3://b-1/p/", requesterPays=False).requester_pays is False
 
 
 def test_names_follow_the_gradient_rule_and_secrets_stay_out_of_repr() -> None:

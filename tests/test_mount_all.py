@@ -501,17 +501,20 @@ def test_a_datasets_own_fields_win_over_the_commands_options() -> None:
     wins; the command's options are the defaults of every dataset that says nothing."""
     args = build_parser(["mount-all"]).parse_args(
         ["mount-all", "spec.json", "--region", "eu-west-1", "--endpoint-url", "http://all",
-         "--archive", "file", "--as-of", "1h", "--profile", "p", "--no-sign-request"])
+         "--archive", "file", "--as-of", "1h", "--profile", "p", "--no-sign-request",
+         "--requester-pays"])
     own = DatasetSpec(1, parse_s3_uri("s3://my-bucket/x.zip"), "x", version_id="v1",
                       endpoint_url="http://own", region="us-east-2", archive="zip",
-                      access_key_id="AKID", secret_access_key="secret")
+                      access_key_id="AKID", secret_access_key="secret", requester_pays=False)
     got = mount_all.dataset_args(own, args)
     assert (got.region, got.endpoint_url, got.archive) == ("us-east-2", "http://own", "zip")
     assert (got.version_id, got.as_of) == ("v1", None)  # its own pin, not the command's time
     assert (got.profile, got.no_sign_request) == (None, False)  # its own keys, signed
+    assert got.requester_pays is False
     plain = mount_all.dataset_args(DatasetSpec(2, parse_s3_uri("s3://my-bucket/y/"), "y"), args)
     assert (plain.region, plain.endpoint_url, plain.archive) == ("eu-west-1", "http://all", "file")
     assert (plain.as_of, plain.profile, plain.no_sign_request) == ("1h", "p", True)
+    assert plain.requester_pays is True
     pinned = DatasetSpec(3, parse_s3_uri("s3://my-bucket/z/"), "z", snapshot=Path("z.snap"))
     assert mount_all.dataset_args(pinned, args).name is None  # the file's own name applies
 

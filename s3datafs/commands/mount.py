@@ -84,6 +84,8 @@ def add_s3_access_options(mount: argparse.ArgumentParser) -> None:
                     help="S3-compatible endpoint (also AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL)")
     s3.add_argument("--profile", help="AWS profile from the shared config files")
     s3.add_argument("--no-sign-request", action="store_true", help="anonymous (public bucket)")
+    s3.add_argument("--requester-pays", action="store_true",
+                    help="a Requester Pays bucket: requests are billed to the credentials used")
     s3.add_argument("--credentials-file", type=Path, help="AWS-style credentials file, mode 0600")
     s3.add_argument(
         "--read-timeout",
@@ -329,6 +331,7 @@ def _s3_settings(args: argparse.Namespace) -> S3Settings:
         endpoint_url=endpoint or None,
         profile=profile,
         no_sign_request=args.no_sign_request,
+        requester_pays=args.requester_pays,
         read_deadline=_read_timeout(getattr(args, "read_timeout", None)),
         **keys,
     )

@@ -212,6 +212,8 @@ def dataset_args(spec: DatasetSpec, defaults: argparse.Namespace) -> argparse.Na
         args.as_of = None  # the dataset's own pin wins over a command-wide --as-of
     if spec.has_keys or spec.no_sign_request:
         args.credentials_file, args.profile = None, None
+    if spec.requester_pays is not None:
+        args.requester_pays = spec.requester_pays
     if spec.no_sign_request is not None:
         args.no_sign_request = spec.no_sign_request
     elif spec.has_keys:
