@@ -19,7 +19,9 @@ Protocol:
   is. A mount that is to outlive its command (``s3datafs mount``, ``mount-all``) stops
   listening once ready; one that is not (``run``, ``mount-all --foreground``: their datasets
   are the command's, for as long as it lives) keeps the signal, and its serving loop unmounts
-  on it (see ``mount.serve``): a ``run`` killed with SIGKILL leaves no mount behind.
+  on it (see ``mount.serve``): a ``run`` killed with SIGKILL leaves no mount behind. The
+  kernel's notice is of the end of the *thread* that forked: ``spawn`` is called from the main
+  thread, which lives as long as the command.
 """
 
 from __future__ import annotations
