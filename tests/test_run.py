@@ -218,6 +218,11 @@ def test_a_dataset_left_mounted_after_a_successful_job_makes_the_run_fail(
         assert done.returncode == 1, done.stderr
         assert (f"s3datafs: after the command: a tmpfs file system is mounted over the s3datafs "
                 f"mount at {mountpoint}: unmount it first") in done.stderr
+        log = cli.log_dir / "mnist.log"
+        deadline = time.monotonic() + 10
+        while "left mounted" not in log.read_text():  # the daemon's word on run's end
+            assert time.monotonic() < deadline, "the daemon never heard that run ended"
+            time.sleep(0.05)
     finally:
         subprocess.run(["umount", str(mountpoint)], check=False)  # the dataset's is left to cli
 
