@@ -76,22 +76,40 @@ def mounting(mountpoint: str) -> Iterator[None]:
 
     Two commands mounting at one place could both find it free and stack two mounts. The lock is
     a POSIX record lock on a file beside the state files: a forked daemon does not inherit it,
-    and it goes with the process that holds it, however that process ends.
+    and it goes with the process that holds it, however that process ends. The holder removes
+    the file when done (one per mount point ever mounted would pile up), so a lock is only
+    good if its file is still the one at the path; else it is taken again on the new file.
     """
     _private_runtime_dir()
-    fd = os.open(state_path(mountpoint).with_suffix(".lock"),
-                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
+    path = state_path(mountpoint).with_suffix(".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             raise ConfigError(f"{mountpoint}: another s3datafs mount there is under way: wait "
                               "for it, or choose another mount point") from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # its holder removed it meanwhile
+    try:
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # still locked: whoever opened it meanwhile will see it is gone
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _private_runtime_dir() -> Path:

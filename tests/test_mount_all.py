@@ -526,3 +526,41 @@ def test_a_spec_that_lists_no_datasets_mounts_nothing_and_is_no_error(cli: Cli) 
     result = cli.run("mount-all", str(spec))
     assert result.returncode == 0, result.stderr
     assert result.stderr == "s3datafs: the datasets spec lists no datasets: nothing to mount\n"
+
+
+def test_the_lock_on_a_mount_point_refuses_a_second_command_and_leaves_no_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """POSIX locks are per process: the second command is another process."""
+    monkeypatch.setenv("S3DATAFS_RUNTIME_DIR", str(tmp_path / "run"))
+    second = ("from s3datafs import runtime\n"
+              "with runtime.mounting('/data/m'):\n"
+              "    print('mounting')\n")
+    with runtime.mounting("/data/m"):
+        refused = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True,
+                                 env=os.environ, check=False)
+        assert "/data/m: another s3datafs mount there is under way" in refused.stderr
+    assert not list((tmp_path / "run").glob("*.lock"))  # one per mount point would pile up
+    done = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True,
+                          env=os.environ, check=True)
+    assert done.stdout == "mounting\n"
+
+
+def test_a_lock_file_its_holder_removed_meanwhile_is_taken_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("S3DATAFS_RUNTIME_DIR", str(tmp_path / "run"))
+    lockf = runtime.fcntl.lockf
+    taken: list[int] = []
+
+    def holder_finished_first(fd: int, operation: int) -> None:
+        if not taken:  # the holder removed the file just before this lock was granted
+            runtime.state_path("/data/m").with_suffix(".lock").unlink()
+        taken.append(os.fstat(fd).st_ino)
+        lockf(fd, operation)
+
+    monkeypatch.setattr(runtime.fcntl, "lockf", holder_finished_first)
+    with runtime.mounting("/data/m"):
+        path = runtime.state_path("/data/m").with_suffix(".lock")
+        assert len(taken) == 2  # the file at the path is the one locked
+        assert path.stat().st_ino == taken[-1]
