@@ -125,16 +125,21 @@ class _LogFile(logging.handlers.WatchedFileHandler):
         # made again (its directory gone, a symlink or another user's file in its place) would
         # raise from the caller's log call, and a FUSE handler reporting an error would end the
         # mount. Such a record is lost instead, and stderr is told once.
+        if self.follow():
+            logging.StreamHandler.emit(self, record)
+
+    def follow(self) -> bool:
+        """Reopen the file if it was moved or deleted; whether it is open (see ``emit``)."""
         try:
             self.reopenIfNeeded()
             if self.stream is None:
                 self.stream = self._open()
         except Exception:
-            self.handleError(record)
-            return
-        logging.StreamHandler.emit(self, record)
+            self.handleError(None)
+            return False
+        return True
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+    def handleError(self, record: logging.LogRecord | None) -> None:  # noqa: N802 - logging's
         if not self._told:
             self._told = True
             error = sys.exc_info()[1]
@@ -148,6 +153,15 @@ class _LogFile(logging.handlers.WatchedFileHandler):
             faulthandler.unregister(signal.SIGUSR1)
             os.close(self._dump_fd)
             self._dump_fd = -1
+
+
+def follow_rotation() -> None:
+    """Reopen a log file that was rotated away even when nothing is logged: stack dumps
+    (SIGUSR1) go where the file is now. The daemon calls this every few seconds."""
+    for handler in list(logging.getLogger().handlers):
+        if isinstance(handler, _LogFile):
+            with handler.lock:
+                handler.follow()
 
 
 def _not_a_refused_answer(record: logging.LogRecord) -> bool:

@@ -42,7 +42,7 @@ from typing import IO
 import pyfuse3
 import trio
 
-from . import config, connection, pinning, runtime
+from . import config, connection, logsetup, pinning, runtime
 from .archive.index import archive_catalog
 from .archive.members import MemberSource
 from .cache.disk import DiskCache
@@ -217,11 +217,13 @@ async def _publish_stats(
     plan: MountPlan, summary: MountSummary, operations: Operations
 ) -> None:
     """Refresh the state file's counters so ``s3datafs status`` can show them; log how many
-    failures were held back (``failurelog``)."""
+    failures were held back (``failurelog``); reopen a log file rotated away, so that a stack
+    dump (SIGUSR1) goes to the new one even when nothing was logged since."""
     told = False
     while True:
         await trio.sleep(STATS_INTERVAL)
         operations.failures.flush()
+        logsetup.follow_rotation()
         state = {**_state(plan, summary), "stats": operations.counters()}
         try:
             await trio.to_thread.run_sync(runtime.write_state, str(plan.mountpoint), state)

@@ -740,6 +740,22 @@ def test_a_log_file_rotated_away_is_made_again_and_stack_dumps_follow_it(
     assert "most recent call first" not in rotated.read_text()
 
 
+def test_a_stack_dump_follows_a_rotated_log_file_with_nothing_logged_since(
+    cli: Cli, s3, make_bucket
+) -> None:
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    log_file = cli.root / "log" / "p.log"
+    rotated = log_file.with_suffix(".log.1")
+    log_file.rename(rotated)
+    time.sleep(mount.STATS_INTERVAL + 1)  # the daemon looks at its log file that often
+    os.kill(cli.daemon_pid(mountpoint), signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not log_file.exists() or "most recent call first" not in log_file.read_text():
+        assert time.monotonic() < deadline, "no stack dump in the new log file"
+        time.sleep(0.05)
+    assert "most recent call first" not in rotated.read_text()
+
+
 def test_a_log_file_that_cannot_be_made_again_does_not_end_the_mount(
     cli: Cli, s3, make_bucket
 ) -> None:
