@@ -14,7 +14,8 @@ How ``-o`` is read:
   Options taking a value need ``=VALUE``; flags (``allow_other``) refuse one. ``foreground`` and
   ``data_root`` are not options here: the helper must return once mounted, and DIR is given.
 - Generic options mount(8) and fstab use are accepted and ignored: ``_netdev``, ``nofail``,
-  ``auto``, ``noauto``, ``user``, ``nouser``, ``users``, ``defaults``, ``x-*``, ``comment=*``;
+  ``auto``, ``noauto``, ``user``, ``nouser``, ``users``, ``defaults``, ``x-*`` (``X-*`` too),
+  ``comment=*``, the atime options and ``sync``/``async``, ``silent``/``loud``;
   ``nodev``, ``nosuid`` and ``exec`` too (mount(8) adds them for ``user``/``users``; a dataset
   holds no device nodes). ``noexec`` is ``--noexec``. ``ro`` and ``noatime`` are what every
   s3datafs mount is anyway, and so is ``rw`` accepted: mount(8) puts ``rw`` first in the options
@@ -24,7 +25,8 @@ How ``-o`` is read:
 - ``remount`` (``mount -o remount DIR``, ``systemctl reload`` of a ``.mount`` unit) changes
   nothing: a mount keeps the pins and settings it was mounted with. It succeeds when DIR is an
   s3datafs mount; options of ``s3datafs mount`` in it get a warning that they were not applied
-  (unmount and mount again for that), ``rw`` is refused, and the options the kernel reports for
+  (unmount and mount again for that), ``rw`` is ignored as for a mount (mount(8) passes it on
+  remount too, for an fstab line that does not say ``ro``), and the options the kernel reports for
   a FUSE mount (``user_id=``, ``group_id=``, ``default_permissions``, ...), which mount(8) passes
   back, are ignored; ``noexec`` or ``exec`` against what the mount is, is refused.
 - Anything else is refused in one line, unless ``-s`` (sloppy) asks to ignore it with a warning.
@@ -68,6 +70,22 @@ IGNORED = frozenset(
         "ro",
         "rw",
         "noatime",
+        # Every s3datafs mount is noatime and read-only: how atime would be kept, and whether
+        # writes would be synchronous, change nothing. (``suid`` and ``dev`` stay refused: they
+        # would lift the nosuid and nodev every mount has.)
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nostrictatime",
+        "lazytime",
+        "nolazytime",
+        "diratime",
+        "nodiratime",
+        "atime",
+        "sync",
+        "async",
+        "silent",
+        "loud",
     }
 )
 # What the kernel reports for a FUSE mount, passed back by mount(8) on ``remount``.
@@ -170,9 +188,11 @@ def _translate_one(
     key = name.replace("-", "_")
     if key.lower() in SECRET_OPTIONS:  # AWS_SECRET_ACCESS_KEY=... too
         raise UsageError(f"option {name!r} refused: {CREDENTIALS_HELP}")
-    if item in IGNORED or item.startswith(IGNORED_PREFIXES):
+    if item in IGNORED or item.lower().startswith(IGNORED_PREFIXES):  # X-mount.mkdir too
         result.ignored.append(item)
         return
+    if name in IGNORED:  # a flag of mount(8)'s with a value: ``user=bob``
+        raise UsageError(f"option {name!r} takes no value: write just {name}")
     spec = table.get(key)
     if spec is None and key in NOT_OPTIONS:
         raise UsageError(f"option {name!r} is not for -o: the helper mounts in the background, "
@@ -248,8 +268,8 @@ def remount(call: HelperCall, items: list[str]) -> None:
     """``-o remount``: nothing to change on a mounted s3datafs at DIR (see the module doc)."""
     from . import runtime
 
-    if "rw" in items:
-        raise UsageError(f"cannot remount {call.directory} rw: s3datafs mounts are read-only")
+    if "rw" in items:  # as for a mount: mount(8) passes it for every line not saying "ro"
+        _say(call, f"{PROG}: rw ignored: s3datafs mounts are read-only")
     target = os.path.realpath(call.directory)
     ours = [
         entry for entry in runtime.mount_table()
