@@ -321,4 +321,22 @@ def test_the_service_starts_again_after_its_daemon_was_killed(cli: Cli, bucket: 
                 command.communicate()
         assert cli.run(*execstoppost).returncode == 0
         assert not mounted_at(target)
-    assert cli.run(*execstoppost).returncode != 0  # nothing to unmount: ignored ("-")
+    nothing = cli.run(*execstoppost)  # after a clean stop there is nothing to unmount
+    assert (nothing.returncode, nothing.stdout) == (
+        0, f"s3datafs: nothing is mounted at {target}\n")
+
+
+def test_a_failed_start_of_the_service_leaves_a_live_mount_there_alone(
+    cli: Cli, bucket: str
+) -> None:
+    """Something is mounted at %f already (by hand, or by fstab too): the unit's start fails,
+    and its ExecStopPost, which systemd runs then as well, must not take that mount away."""
+    target = cli.mount(f"s3://{bucket}/p/", str(cli.root / "mnt"))
+    fill = {"%f": str(target), "${S3DATAFS_URI}": f"s3://{bucket}/p/", "$S3DATAFS_OPTIONS": ""}
+    execstart = [fill.get(word, word) for word in unit_command("ExecStart")]
+    execstoppost = [fill.get(word, word) for word in unit_command("ExecStopPost")]
+    assert cli.run(*filter(None, execstart)).returncode != 0  # already a mount point
+    left = cli.run(*execstoppost)
+    assert (left.returncode, left.stdout) == (
+        0, f"s3datafs: {target} is served by a live daemon: left as it is\n")
+    assert (target / "a.txt").read_bytes() == b"a\n"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .. import runtime
+from ..config import statfs_errno
 from ..errors import ConfigError, UsageError
 
 UNMOUNT_WAIT_SECONDS = 30.0
@@ -27,6 +28,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("mountpoint", type=Path, nargs="?", help="the mount point (or --all)")
     parser.add_argument("--lazy", action="store_true", help="detach now even if busy")
     parser.add_argument("--all", action="store_true", help="unmount every s3datafs mount")
+    parser.add_argument("--if-dead", action="store_true",
+                        help="only a dead mount (its daemon gone), else leave it: what a "
+                        "service's stop runs, so a failed start never takes another's mount")
     parser.set_defaults(handler=run)
 
 
@@ -39,17 +43,22 @@ def run(args: argparse.Namespace) -> int:
             "(see 's3datafs unmount --help')"
         )
     if args.all:
-        return unmount_all(lazy=args.lazy)
-    unmount_path(args.mountpoint, lazy=args.lazy)
+        return unmount_all(lazy=args.lazy, only_dead=args.if_dead)
+    try:
+        unmount_path(args.mountpoint, lazy=args.lazy, only_dead=args.if_dead)
+    except NotMountedError:
+        if not args.if_dead:
+            raise
+        print(f"s3datafs: nothing is mounted at {args.mountpoint}")
     return 0
 
 
-def unmount_all(*, lazy: bool) -> int:
+def unmount_all(*, lazy: bool, only_dead: bool = False) -> int:
     """Unmount every s3datafs mount of this mount namespace; 1 if any could not be unmounted."""
     status = 0
     for entry in reversed(runtime.our_mounts()):  # the newest first, so nested mounts go first
         try:
-            unmount_path(entry.mountpoint, lazy=lazy)
+            unmount_path(entry.mountpoint, lazy=lazy, only_dead=only_dead)
         except ConfigError as exc:
             print(f"s3datafs: {exc}", file=sys.stderr)
             status = 1
@@ -60,8 +69,9 @@ class NotMountedError(ConfigError):
     """There is nothing mounted there (any more)."""
 
 
-def unmount_path(path: str | os.PathLike[str], *, lazy: bool) -> None:
-    """Unmount one s3datafs mount and wait for its daemon to exit (unless ``lazy``)."""
+def unmount_path(path: str | os.PathLike[str], *, lazy: bool, only_dead: bool = False) -> None:
+    """Unmount one s3datafs mount and wait for its daemon to exit (unless ``lazy``);
+    ``only_dead``: only if its daemon is gone (statfs says ENOTCONN), else say so and leave it."""
     mountpoint = _as_the_mount_table_names(path)
     state = runtime.read_state(mountpoint)
     entry = _mounted(mountpoint)
@@ -73,6 +83,9 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool) -> None:
             raise ConfigError(f"a {entry.fstype} file system is mounted over the s3datafs mount "
                               f"at {mountpoint}: unmount it first")
         raise ConfigError(f"{mountpoint} is not an s3datafs mount (it is {entry.fstype})")
+    if only_dead and statfs_errno(mountpoint) != errno.ENOTCONN:
+        print(f"s3datafs: {mountpoint} is served by a live daemon: left as it is")
+        return
     reason = _unmount(mountpoint, lazy)
     if reason is not None and _mounted(mountpoint) is not None:  # else: it went meanwhile
         if "busy" in reason.lower():
