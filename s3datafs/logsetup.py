@@ -17,6 +17,8 @@
 - Failed reads are logged as ``failurelog`` allows: never a line per read.
 - botocore's warning that temporary credentials could not be refreshed (an STS call for a role
   failed) goes to the log file only: the error it raises then says what failed, in one line.
+- A record logged with ``extra=FILE_ONLY`` skips the terminal: a failure the command prints
+  itself is also written to the log file, where whoever reads the log later finds why.
 - A redacting filter replaces every known secret value (secret key, session token) in any record,
   as a last line of defence: no code path is supposed to log one.
 """
@@ -171,6 +173,13 @@ def _not_a_refused_answer(record: logging.LogRecord) -> bool:
     )
 
 
+FILE_ONLY = {"file_only": True}
+
+
+def _not_for_the_terminal(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
+
+
 def _not_said_again_by_the_error(record: logging.LogRecord) -> bool:
     """False for botocore's "Refreshing temporary credentials failed during mandatory refresh
     period", which an exception always follows (see above)."""
@@ -195,6 +204,7 @@ def setup(
     console.setFormatter(_ConsoleFormatter(tracebacks=debug))
     console.addFilter(redactor)
     console.addFilter(_not_said_again_by_the_error)
+    console.addFilter(_not_for_the_terminal)
     console.set_name("console")
     root.addHandler(console)
 

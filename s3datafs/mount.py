@@ -56,6 +56,7 @@ from .reader import BlockReader, ByteBudget
 from .resolve import Pins
 from .s3source import S3Settings, S3Source
 from .snapshot import write_snapshot
+from .units import counted, human_size
 from .uri import S3Uri, mount_table_source
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,11 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
 
             def ready() -> None:
                 runtime.write_state(str(plan.mountpoint), _state(plan, summary))
+                # The log's first word on this mount: which data, where, pinned how.
+                log.info("mounted %s at %s: %s, %s, fingerprint %s%s",
+                         plan.uri, plan.mountpoint, counted(summary.object_count, "object"),
+                         human_size(summary.total_bytes), summary.fingerprint or "-",
+                         f", endpoint {plan.s3.endpoint_url}" if plan.s3.endpoint_url else "")
                 on_ready(summary)
 
             def start(tasks: trio.Nursery, writes: trio.Nursery) -> None:

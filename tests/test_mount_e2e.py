@@ -740,6 +740,25 @@ def test_a_log_file_rotated_away_is_made_again_and_stack_dumps_follow_it(
     assert "most recent call first" not in rotated.read_text()
 
 
+def test_the_log_says_which_mount_it_is_and_why_a_mount_failed(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """Read at 3 a.m., by someone who did not see the command's stderr (cron, a unit)."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    log_file = cli.log_dir / "p.log"
+    assert f"INFO s3datafs.mount[{cli.daemon_pid(mountpoint)}]: mounted s3://{bucket}/p/ at " \
+           f"{mountpoint}: 1 object, 1 B, fingerprint " in log_file.read_text()
+    assert cli.unmount(mountpoint).returncode == 0
+    failed = cli.run("mount", f"s3://{bucket}/p/", "--endpoint-url", "http://127.0.0.1:9")
+    assert failed.returncode == 1
+    assert failed.stderr.count("\n") == 1  # the terminal gets it once
+    (logged,) = [line for line in log_file.read_text().splitlines() if " ERROR " in line]
+    assert logged.endswith(f"cannot mount s3://{bucket}/p/ at {mountpoint}: "
+                           f"{failed.stderr.removeprefix('s3datafs: ').rstrip()}")
+
+
 def test_a_stack_dump_follows_a_rotated_log_file_with_nothing_logged_since(
     cli: Cli, s3, make_bucket
 ) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from .. import config, daemon, logsetup, pinning, runtime, s3source, sdnotify, snapshot, startup
 from ..archive.index import parse_archive_mode
-from ..errors import ConfigError, MountFailed, UsageError
+from ..errors import ConfigError, MountFailed, S3DataFSError, UsageError
 from ..fuse_ops import FsSettings
 from ..model import normalize_etag
 from ..mount import MountPlan, MountSummary, mount_dataset
@@ -32,6 +33,8 @@ from ..resolve import Pins
 from ..s3source import S3Settings
 from ..units import counted, human_size, parse_percent, parse_size
 from ..uri import dataset_name, parse_s3_uri, validate_name
+
+log = logging.getLogger(__name__)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -384,6 +387,20 @@ def start_mount(
     point directory it created; nothing is left mounted. ``outlive_command=False``: the daemon
     unmounts when this process dies, however it dies (see ``daemon``).
     """
+    try:
+        return _start_mount(plan, foreground, on_ready, outlive_command)
+    except S3DataFSError as exc:  # the command says it on stderr; the log keeps it
+        log.error("cannot mount %s at %s: %s", plan.uri, plan.mountpoint, exc,
+                  extra=logsetup.FILE_ONLY)
+        raise
+
+
+def _start_mount(
+    plan: MountPlan,
+    foreground: bool,
+    on_ready: Callable[[dict], None] | None,
+    outlive_command: bool,
+) -> dict:
     s3source.check_settings(plan.s3)
     config.prepare_cache_dir(plan.cache_dir)
     with runtime.mounting(str(plan.mountpoint)):

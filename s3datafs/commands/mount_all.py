@@ -260,7 +260,6 @@ def _mount_one(
     _log_to(item.plan.log_file, args, secrets)  # the daemon forked next inherits this
     created = _highest_missing(item.plan.mountpoint)
     summary = start_mount(item.plan, foreground=False, outlive_command=outlive_command)
-    log.info("mounted %s at %s", item.plan.uri, item.plan.mountpoint)
     return MountedDataset(item, summary, created)
 
 
