@@ -26,7 +26,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -111,8 +111,14 @@ def run_command(argv: Sequence[str], env: Mapping[str, str], *, pending: Sequenc
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def hold(daemons: Iterable[int], *, pending: Sequence[int] = ()) -> int:
-    """Wait for a stop signal (returned) or for every daemon in ``daemons`` to exit (0)."""
+def hold(
+    daemons: Iterable[int],
+    *,
+    pending: Sequence[int] = (),
+    on_exit: Callable[[int, int], None] = lambda pid, status: None,
+) -> int:
+    """Wait for a stop signal (returned) or for every daemon in ``daemons`` to exit (0);
+    ``on_exit(pid, wait status)`` is told of each daemon that exits meanwhile."""
     waited = {*_stop_signals(), signal.SIGCHLD}
     alive = set(daemons)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
@@ -124,7 +130,10 @@ def hold(daemons: Iterable[int], *, pending: Sequence[int] = ()) -> int:
             if info is not None and info.si_signo != signal.SIGCHLD:
                 log.info("received %s: unmounting", signal.Signals(info.si_signo).name)
                 return info.si_signo
-            alive -= set(reap_children())
+            for pid, status in reap_children().items():
+                if pid in alive:
+                    alive.discard(pid)
+                    on_exit(pid, status)
         log.info("every mount is gone: stopping")
         return 0
     finally:

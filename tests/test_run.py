@@ -397,12 +397,15 @@ def test_hold_returns_once_every_daemon_is_gone() -> None:
         "from s3datafs import supervisor\n"
         "daemons = [os.posix_spawnp(argv[0], argv, os.environ) for argv in (['true'],\n"
         "                                                                   ['sleep', '0.2'])]\n"
-        "print(supervisor.hold(daemons))\n"
+        "told = {}\n"
+        "print(supervisor.hold(daemons, on_exit=told.__setitem__))\n"
+        "print(sorted(os.waitstatus_to_exitcode(status) for status in told.values()),\n"
+        "      set(told) == set(daemons))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=15, check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "0\n"
+    assert done.stdout == "0\n[0, 0] True\n"  # each daemon's end was told
 
 
 def test_a_process_forked_while_stop_signals_are_deferred_dies_of_them_as_usual() -> None:

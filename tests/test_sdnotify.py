@@ -157,3 +157,32 @@ def test_mount_all_foreground_killed_outright_leaves_no_mount(
             process.wait()
         process.stderr.close()
     cli.expect_log("the command that mounted this .* is gone: unmounting")
+
+
+@pytest.mark.fuse
+def test_mount_all_foreground_says_when_a_daemon_dies_and_serves_the_others(
+    cli: Cli, s3, make_bucket, abstract_socket
+) -> None:
+    sock, address = abstract_socket
+    bucket = make_bucket()
+    for name in ("a", "b"):
+        s3.put_object(Bucket=bucket, Key=f"{name}.bin", Body=name.encode())
+    spec = f'[{{"uri": "s3://{bucket}/a.bin"}}, {{"uri": "s3://{bucket}/b.bin"}}]'
+    process = mount_all_in_foreground(cli, address, spec)
+    try:
+        assert sock.recv(4096).startswith(b"READY=1")
+        victim = cli.daemon_pid(cli.data_root / "a")
+        os.kill(victim, signal.SIGKILL)
+        assert sock.recv(4096) == b"STATUS=serving 1 of 2 datasets; a died (killed by SIGKILL)"
+        assert (cli.data_root / "b" / "b.bin").read_bytes() == b"b"
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        said = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert (f"s3datafs: WARNING: dataset 'a': its daemon (pid {victim}) died (killed by "
+            f"SIGKILL): {cli.data_root / 'a'} is a dead mount") in said
+    assert cli.mounts_below_root() == []  # the dead one too

@@ -123,9 +123,29 @@ def run(args: argparse.Namespace) -> int:
 def _hold(mounted: list[MountedDataset], deferred: supervisor.DeferredSignals) -> int:
     names = ", ".join(item.plan.name for item in mounted)
     sdnotify.notify("READY=1", f"STATUS=serving {len(mounted)} datasets: {names}")
-    supervisor.hold((int(item.summary["pid"]) for item in mounted), pending=deferred.received)
-    sdnotify.notify("STOPPING=1")
-    problems = unmount_datasets(mounted)
+    serving = {int(item.summary["pid"]): item for item in mounted}
+
+    def gone(pid: int, status: int) -> None:
+        """A daemon ended while we serve: unmounted by someone (fine), or died (say so)."""
+        item = serving.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0:
+            log.info("%s: unmounted (%s)", item.planned.spec.label, item.plan.mountpoint)
+            what = "unmounted"
+        else:
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            log.warning("%s: its daemon (pid %d) died (%s): %s is a dead mount, files there "
+                        "fail with ENOTCONN; stop and start again to mount it anew",
+                        item.planned.spec.label, pid, how, item.plan.mountpoint)
+            what = f"died ({how})"
+        sdnotify.notify(f"STATUS=serving {len(serving)} of {len(mounted)} datasets; "
+                        f"{item.plan.name} {what}")
+
+    try:
+        supervisor.hold(list(serving), pending=deferred.received, on_exit=gone)
+    finally:
+        sdnotify.notify("STOPPING=1")
+        problems = unmount_datasets(mounted)
     for problem in problems:
         print(f"s3datafs: {problem}", file=sys.stderr)
     return 1 if problems else 0  # stopping on request is a clean exit (systemd expects 0)
