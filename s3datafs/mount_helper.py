@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import io
 import os
 import signal
@@ -267,6 +268,7 @@ def mount(call: HelperCall) -> None:
 def remount(call: HelperCall, items: list[str]) -> None:
     """``-o remount``: nothing to change on a mounted s3datafs at DIR (see the module doc)."""
     from . import runtime
+    from .config import statfs_errno
 
     if "rw" in items:  # as for a mount: mount(8) passes it for every line not saying "ro"
         _say(call, f"{PROG}: rw ignored: s3datafs mounts are read-only")
@@ -277,6 +279,9 @@ def remount(call: HelperCall, items: list[str]) -> None:
     ]
     if not ours:
         raise MountFailed(f"{call.directory} is not an s3datafs mount: nothing to remount")
+    if statfs_errno(target) == errno.ENOTCONN:
+        raise MountFailed(f"{call.directory} is a dead mount (its daemon is gone): unmount it "
+                          "and mount again")
     # noexec or exec as the mount already is: mount(8) passes the mount's options back, noexec
     # included. The other one is a change of who may execute what, asked for and impossible
     # here: refused, not warned of. (mount(8) drops "exec" against a noexec mount's "noexec":

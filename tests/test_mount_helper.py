@@ -8,12 +8,15 @@ tests link ``/sbin/mount.s3datafs`` to this checkout's helper for their duration
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import pytest
 from conftest import Cli, sha256
 
 from s3datafs import mount_helper, runtime
+from s3datafs.config import statfs_errno
 from s3datafs.errors import UsageError
 from s3datafs.mount_helper import main, option_table, parse_call, translate_options
 from s3datafs.runtime import MountEntry, pid_alive
@@ -387,6 +391,22 @@ def test_remount_of_an_fstab_line_without_ro_succeeds(
     assert (again.returncode, again.stderr) == (0, "")
     assert "ro" in _mount_options(target)
     assert (target / "d.csv").read_bytes() == b"a\n"
+
+
+def test_remount_of_a_dead_mount_fails_saying_so(
+    cli: Cli, s3, make_bucket, installed_helper: Path
+) -> None:
+    target = cli.root / "dead"
+    mounted_by_mount8(cli, csv_dataset(s3, make_bucket), target, "-o", "ro")
+    os.kill(cli.daemon_pid(target), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while statfs_errno(target) != errno.ENOTCONN:  # the kernel ends the connection
+        assert time.monotonic() < deadline, "the mount never died"
+        time.sleep(0.05)
+    again = _mount8("-o", "remount", str(target), env=cli.env)
+    assert again.returncode == 32
+    assert f"{target} is a dead mount (its daemon is gone): unmount it and mount again" in (
+        again.stderr)
 
 
 def test_remount_of_what_is_not_an_s3datafs_mount_fails(
