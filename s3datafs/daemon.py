@@ -84,11 +84,11 @@ def _child(
     pipe = os.fdopen(write_fd, "w", encoding="utf-8")
 
     def report_ready(summary: dict) -> None:
+        if outlive_command:  # from now on the command's end is no news to this mount
+            _signal_when_parent_dies(0)
+            signal.signal(PARENT_GONE, signal.SIG_IGN)  # which drops one sent already
         if not _send(pipe, {"ok": True, **summary}):  # the mount command was stopped meanwhile
             raise Abandoned("the mount command is gone")
-        if outlive_command:
-            _signal_when_parent_dies(0)
-            signal.signal(PARENT_GONE, signal.SIG_IGN)
         logsetup.detach_console()
         _detach_stdio()
         startup.settle()  # serve with the usual garbage collection (start-up objects frozen)
