@@ -98,6 +98,8 @@ from .signedget import Fetched, SignedGets, object_params
 
 log = logging.getLogger(__name__)
 
+# What a reader of a stale object can do (a snapshot of the old pin would fail the same way).
+_SEE_CURRENT = "mount the URI again to see the current data"
 _ACCESS_DENIED = {
     "AccessDenied",
     "403",
@@ -322,7 +324,7 @@ class S3Source:
                 raise StaleObjectError(
                     f"{ref.uri} changed or was deleted after mount "
                     f"(pinned ETag {ref.etag}, version {ref.version_id or '-'}): "
-                    f"{_code(exc)}; remount to see the current data"
+                    f"{_code(exc)}; {_SEE_CURRENT}"
                 ) from None
             raise _map_client_error(exc, ref.uri) from None
         except botocore.exceptions.BotoCoreError as exc:
@@ -390,7 +392,7 @@ def _check_body(
     if total != "*" and int(total) != ref.size:  # no retry makes it the pinned size
         raise StaleObjectError(
             f"{ref.uri} is {total} bytes in S3, not the {ref.size} it was pinned with (it "
-            "changed, or the listing misstated its size); remount to see the current data"
+            f"changed, or the listing misstated its size); {_SEE_CURRENT}"
         )
     if len(data) != end - start:
         raise TransientS3Error(
@@ -411,12 +413,12 @@ def _check_pin(ref: ObjectRef, fetched: Fetched) -> None:
     if etag is not None and normalize_etag(etag) != ref.etag:
         raise StaleObjectError(
             f"{ref.uri} changed after mount: S3 sent ETag {normalize_etag(etag)} for pinned ETag "
-            f"{ref.etag} (this store ignores If-Match); remount to see the current data"
+            f"{ref.etag} (this store ignores If-Match); {_SEE_CURRENT}"
         )
     if version is not None and ref.version_id is not None and version != ref.version_id:
         raise StaleObjectError(
             f"{ref.uri} changed after mount: S3 sent version {version} for pinned version "
-            f"{ref.version_id} (this store ignores versionId); remount to see the current data"
+            f"{ref.version_id} (this store ignores versionId); {_SEE_CURRENT}"
         )
 
 
