@@ -170,7 +170,8 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
             try:
                 serve(operations, plan.mountpoint, options, ready, start)
             finally:
-                runtime.remove_state(str(plan.mountpoint))
+                if runtime.owns_state(str(plan.mountpoint), os.getpid()):
+                    runtime.remove_state(str(plan.mountpoint))
     finally:
         try:
             catalog_path.unlink()
@@ -232,11 +233,17 @@ async def _publish_stats(
         logsetup.follow_rotation()
         state = {**_state(plan, summary), "stats": operations.counters()}
         try:
-            await trio.to_thread.run_sync(runtime.write_state, str(plan.mountpoint), state)
+            await trio.to_thread.run_sync(_refresh_state, str(plan.mountpoint), state)
         except (OSError, ConfigError) as exc:  # the counters are not worth the mount
             if not told:
                 log.warning("cannot refresh the counters in the state file: %s", exc)
                 told = True
+
+
+def _refresh_state(mountpoint: str, state: dict) -> None:
+    """Write the state file, unless it is another mount's now (``runtime.owns_state``)."""
+    if runtime.owns_state(mountpoint, os.getpid()):
+        runtime.write_state(mountpoint, state)
 
 
 async def tune_kernel_readahead(mountpoint: Path, initialized: trio.Event) -> None:

@@ -164,6 +164,15 @@ def remove_state(mountpoint: str) -> None:
         state_path(mountpoint).unlink()
 
 
+def owns_state(mountpoint: str, pid: int) -> bool:
+    """Whether daemon ``pid`` may refresh or remove the mount point's state file: it names no
+    other live daemon. A mount detached lazily (its daemon serving the files still open) and
+    the next mount at the same place share the path; the file is the newer one's."""
+    state = read_state(mountpoint)
+    named = None if state is None else state.get("pid")
+    return named in (None, pid) or not isinstance(named, int) or not pid_alive(named)
+
+
 def all_states() -> list[dict]:
     states = []
     for path in sorted(_runtime_dir_to_read().glob("*.json")):

@@ -548,6 +548,34 @@ def test_unmount_names_a_mount_inside_ours_as_what_keeps_it_busy(
     assert cli.unmount(mountpoint).returncode == 0
 
 
+def test_a_mount_detached_lazily_leaves_the_state_file_to_the_next_mount_there(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """Both daemons serve the same mount point's path: the older one's open files, the newer
+    one's mount. Only the newer one refreshes (and at its end removes) the state file, so
+    status and unmount see its pid, not the old one's."""
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    old = cli.daemon_pid(mountpoint)
+    with open(mountpoint / "x.bin", "rb") as held:
+        assert cli.run("unmount", "--lazy", str(mountpoint)).returncode == 0
+        bucket = make_bucket()
+        put_all(s3, bucket, {"p/y.bin": b"y"})
+        assert cli.run("mount", f"s3://{bucket}/p/", str(mountpoint)).returncode == 0
+        new = cli.daemon_pid(mountpoint)
+        for _ in range(4):  # two refreshes of each daemon's counters (every 2 s)
+            time.sleep(mount.STATS_INTERVAL / 2)
+            assert cli.daemon_pid(mountpoint) == new
+        assert held.read() == b"x"  # the old daemon still serves what was open
+    deadline = time.monotonic() + 10
+    while pid_alive(old):  # its last file closed: it ends, and leaves the new state alone
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert cli.daemon_pid(mountpoint) == new
+    started = time.monotonic()
+    assert cli.unmount(mountpoint).returncode == 0
+    assert time.monotonic() - started < 10  # it waited for the new daemon, which exits
+
+
 def test_a_lazy_unmount_serves_open_files_until_they_close_then_the_daemon_exits(
     cli: Cli, s3, make_bucket
 ) -> None:
