@@ -13,6 +13,9 @@ Protocol:
   points at the log file. Only the child ever touches the mount.
 - A child whose ready line cannot be delivered (the mount command was killed, or interrupted,
   while it waited) unmounts at once and exits: nobody asked for that mount any more.
+- The child closes the descriptors the mount command was started with (above 2; see
+  ``note_inherited_descriptors``): a caller's ``flock`` on a job lock, or a pipe whose reader
+  waits for EOF, would otherwise be held for as long as the mount lives.
 - The command's death is also sent to the child as ``PARENT_GONE`` (``PR_SET_PDEATHSIG``), so a
   child stuck on its way to the mount (S3 not answering) gives up at once rather than after
   its retries: before the mount is ready the signal raises ``Abandoned`` wherever the child
@@ -26,6 +29,7 @@ Protocol:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -44,6 +48,27 @@ Report = Callable[[dict], None]
 
 PARENT_GONE = signal.SIGUSR2
 _PR_SET_PDEATHSIG = 1
+_INHERITED: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode) at start
+
+
+def note_inherited_descriptors() -> None:
+    """Remember the descriptors above 2 this process was started with, for a daemon forked
+    later to close (called first thing by the command line and the mount helper)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+                info = os.fstat(fd)
+                _INHERITED[fd] = (info.st_dev, info.st_ino)
+
+
+def _close_inherited(keep: int) -> None:
+    """Close what ``note_inherited_descriptors`` saw, unless the number is now another file's."""
+    for fd, identity in _INHERITED.items():
+        with contextlib.suppress(OSError):
+            info = os.fstat(fd)
+            if fd != keep and (info.st_dev, info.st_ino) == identity:
+                os.close(fd)
 
 
 def spawn(
@@ -81,6 +106,7 @@ def _child(
 ) -> int:
     os.setsid()
     os.chdir("/")
+    _close_inherited(keep=write_fd)
     pipe = os.fdopen(write_fd, "w", encoding="utf-8")
 
     def report_ready(summary: dict) -> None:

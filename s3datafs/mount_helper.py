@@ -51,6 +51,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from . import daemon
 from .errors import MountFailed, S3DataFSError, UsageError
 
 PROG = "mount.s3datafs"
@@ -325,6 +326,7 @@ def _say(call: HelperCall, message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    daemon.note_inherited_descriptors()
     call: HelperCall | None = None
     try:
         call = parse_call(argv)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -546,6 +547,25 @@ def test_unmount_names_a_mount_inside_ours_as_what_keeps_it_busy(
     finally:
         subprocess.run(["umount", str(inside)], check=False)
     assert cli.unmount(mountpoint).returncode == 0
+
+
+def test_the_daemon_keeps_no_descriptor_its_command_was_given(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """``flock job.lock s3datafs mount ...``: the lock is the caller's, not the mount's."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    lock = cli.root / "job.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        mounted = subprocess.run(
+            [sys.executable, "-m", "s3datafs", "mount", f"s3://{bucket}/p/"], env=cli.env,
+            pass_fds=(held.fileno(),), capture_output=True, text=True, timeout=60, check=False)
+        assert mounted.returncode == 0, mounted.stderr
+    with open(lock) as again:  # the caller let go: nobody may hold it now
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    daemon = cli.daemon_pid(cli.data_root / "p")
+    assert str(lock) not in {os.readlink(fd) for fd in Path(f"/proc/{daemon}/fd").iterdir()}
 
 
 def test_a_mount_detached_lazily_leaves_the_state_file_to_the_next_mount_there(
