@@ -457,6 +457,9 @@ def _init(operations: Operations, mountpoint: Path, options: Iterable[str]) -> N
         except RuntimeError as exc:  # pyfuse3 says no more than "fuse_session_mount failed"
             said.seek(0)
             reason = " ".join(said.read().decode(errors="replace").split()) or str(exc)
+            if not os.path.lexists(mountpoint):  # not FUSE's fault: removed meanwhile
+                raise ConfigError(f"cannot mount {mountpoint}: it was removed while mounting "
+                                  "(by another process?): try again") from None
             raise ConfigError(f"cannot mount {mountpoint} ({reason}): {_FUSE_HELP}") from None
 
 

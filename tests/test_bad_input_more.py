@@ -423,7 +423,15 @@ def test_libfuses_reason_is_caught_without_a_temporary_directory(
     """A container with a read-only root has no usable /tmp: the mount failed with "internal
     error: FileNotFoundError" before libfuse could say anything (review, session 20)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
-    with pytest.raises(ConfigError, match=r"cannot mount .*missing \(fuse: .*\): FUSE must be"):
+    with pytest.raises(ConfigError, match=r"cannot mount .* \(fuse: unknown option.*no_such_opt"
+                                          r".*\): FUSE must be"):
+        mount._init(pyfuse3.Operations(), tmp_path, ["ro", "no_such_opt"])
+
+
+def test_a_mount_point_removed_while_mounting_is_named_as_such(tmp_path: Path) -> None:
+    """Another process took it away (not a FUSE that needs installing)."""
+    with pytest.raises(ConfigError, match=r"cannot mount .*missing: it was removed while "
+                                          r"mounting \(by another process\?\): try again$"):
         mount._init(pyfuse3.Operations(), tmp_path / "missing", ["ro"])
 
 

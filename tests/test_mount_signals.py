@@ -21,6 +21,7 @@ import pytest
 from conftest import Cli
 from zipcraft import make_zip
 
+from s3datafs import runtime
 from s3datafs.runtime import mount_table, pid_alive
 
 pytestmark = pytest.mark.fuse
@@ -112,6 +113,34 @@ def test_a_mount_command_killed_while_s3_stalls_takes_its_daemon_and_mount_point
         command.communicate(timeout=30)
         wait_gone(daemons, timeout=5)
         assert not (cli.root / "made").exists()
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+        proxy.clear()
+    cli.expect_log("mount command is gone")
+
+
+def test_an_abandoned_daemon_leaves_the_mount_point_to_the_next_command_there(
+    cli: Cli, proxy, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The killed command's lock on the mount point went with it; the next command, holding it
+    now, may be preparing that very directory: the daemon must not remove it under it."""
+    proxy.inject("stall", op="ListObjectsV2", times=None)
+    target = cli.root / "made" / "mnt"
+    command = start(cli, "mount", f"s3://{bucket}/p/", str(target),
+                    env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint})
+    monkeypatch.setenv("S3DATAFS_RUNTIME_DIR", cli.env["S3DATAFS_RUNTIME_DIR"])
+    try:
+        proxy.wait_injected(1, timeout=30)
+        (daemon,) = children(command.pid)
+        os.kill(daemon, signal.SIGSTOP)  # so that the next command surely comes first
+        command.kill()
+        command.wait(timeout=30)  # (its pipes stay open in the stopped daemon)
+        with runtime.mounting(str(target)):  # the next command
+            os.kill(daemon, signal.SIGCONT)
+            wait_gone([daemon], timeout=5)
+            assert target.is_dir()
     finally:
         if command.poll() is None:
             command.kill()

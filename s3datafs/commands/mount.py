@@ -415,7 +415,10 @@ def _start_mount(
                 try:
                     mount_dataset(plan, lambda summary: report(summary.as_dict()))
                 except daemon.Abandoned:  # this process is gone, and cannot clean up any more
-                    config.remove_created(plan.mountpoint, created)
+                    # ... and its lock on the mount point went with it: the next command may
+                    # be preparing the very directory there (it keeps it, if so).
+                    with contextlib.suppress(ConfigError), runtime.mounting(str(plan.mountpoint)):
+                        config.remove_created(plan.mountpoint, created)
                     raise
 
             verdict = daemon.spawn(serve_in_daemon, log_hint=hint, outlive_command=outlive_command)
