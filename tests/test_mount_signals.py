@@ -9,6 +9,7 @@ fault proxy to make "while it waits" last long enough to aim at.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -131,9 +132,10 @@ def test_an_abandoned_daemon_leaves_the_mount_point_to_the_next_command_there(
     command = start(cli, "mount", f"s3://{bucket}/p/", str(target),
                     env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint})
     monkeypatch.setenv("S3DATAFS_RUNTIME_DIR", cli.env["S3DATAFS_RUNTIME_DIR"])
+    daemons: list[int] = []
     try:
         proxy.wait_injected(1, timeout=30)
-        (daemon,) = children(command.pid)
+        (daemon,) = daemons = children(command.pid)
         os.kill(daemon, signal.SIGSTOP)  # so that the next command surely comes first
         command.kill()
         command.wait(timeout=30)  # (its pipes stay open in the stopped daemon)
@@ -142,6 +144,9 @@ def test_an_abandoned_daemon_leaves_the_mount_point_to_the_next_command_there(
             wait_gone([daemon], timeout=5)
             assert target.is_dir()
     finally:
+        for pid in daemons:  # a stopped daemon must not outlive a failed test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         if command.poll() is None:
             command.kill()
             command.communicate()
