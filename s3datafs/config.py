@@ -230,7 +230,7 @@ def prepare_mountpoint(path: Path) -> Path | None:
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"mount point {path} is not a directory")
     if os.path.ismount(path):
-        if statfs_errno(path) == errno.ENOTCONN:  # stat above may have come from the cache
+        if is_dead_mount(path):  # stat above may have come from the cache
             raise _dead_mount(path)
         raise ConfigError(f"{path} is already a mount point: unmount it or choose another")
     if any(os.scandir(path)):
@@ -262,6 +262,11 @@ def statfs_errno(path: str | Path, timeout: float = MOUNT_ANSWER_SECONDS) -> int
     probe.start()
     probe.join(timeout)
     return answer[0] if answer else None
+
+
+def is_dead_mount(path: str | Path) -> bool:
+    """Whether ``path`` is a FUSE mount whose daemon is gone (ENOTCONN; ``statfs_errno``)."""
+    return statfs_errno(path) == errno.ENOTCONN
 
 
 def _dead_mount(path: Path) -> ConfigError:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import errno
 import io
 import os
 import signal
@@ -269,7 +268,7 @@ def mount(call: HelperCall) -> None:
 def remount(call: HelperCall, items: list[str]) -> None:
     """``-o remount``: nothing to change on a mounted s3datafs at DIR (see the module doc)."""
     from . import runtime
-    from .config import statfs_errno
+    from .config import is_dead_mount
 
     if "rw" in items:  # as for a mount: mount(8) passes it for every line not saying "ro"
         _say(call, f"{PROG}: rw ignored: s3datafs mounts are read-only")
@@ -280,7 +279,7 @@ def remount(call: HelperCall, items: list[str]) -> None:
     ]
     if not ours:
         raise MountFailed(f"{call.directory} is not an s3datafs mount: nothing to remount")
-    if statfs_errno(target) == errno.ENOTCONN:
+    if is_dead_mount(target):
         raise MountFailed(f"{call.directory} is a dead mount (its daemon is gone): unmount it "
                           "and mount again")
     # noexec or exec as the mount already is: mount(8) passes the mount's options back, noexec

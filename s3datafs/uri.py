@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import string
 import urllib.parse
 from dataclasses import dataclass
 
@@ -31,7 +32,9 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _COMPOUND_EXTENSIONS = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.lz4", ".tar.lzma")
 NAME_MAX = 255  # bytes, the Linux limit for one path component
-_MOUNT_TABLE_UNSAFE = frozenset(",\\ \t%")  # option separators and escapes, and the escape
+# Kept as they are in the mount table's source: printable ASCII but option separators and
+# escapes (space, tab, ``,``, ``\``) and ``%``, the escape here (letters and digits go anyway).
+_MOUNT_TABLE_SAFE = "".join(c for c in string.punctuation if c not in ",\\%")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +137,7 @@ def validate_name(name: str) -> str:
 
 def mount_table_source(uri: S3Uri) -> str:
     """The mount table's source column for ``uri`` (see the module docstring)."""
-    return "".join(
-        c if c.isascii() and c.isprintable() and c not in _MOUNT_TABLE_UNSAFE
-        else "".join(f"%{byte:02X}" for byte in c.encode("utf-8", "surrogateescape"))
-        for c in str(uri)
-    )
+    return urllib.parse.quote(str(uri), safe=_MOUNT_TABLE_SAFE, errors="surrogateescape")
 
 
 def uri_of_mount_table_source(source: str) -> str:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .. import runtime
-from ..config import statfs_errno
+from ..config import is_dead_mount
 from ..errors import ConfigError, UsageError
 
 UNMOUNT_WAIT_SECONDS = 30.0
@@ -83,7 +83,7 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool, only_dead: bool = 
             raise ConfigError(f"a {entry.fstype} file system is mounted over the s3datafs mount "
                               f"at {mountpoint}: unmount it first")
         raise ConfigError(f"{mountpoint} is not an s3datafs mount (it is {entry.fstype})")
-    if only_dead and statfs_errno(mountpoint) != errno.ENOTCONN:
+    if only_dead and not is_dead_mount(mountpoint):
         print(f"s3datafs: {mountpoint} is served by a live daemon: left as it is")
         return
     reason = _unmount(mountpoint, lazy)
