@@ -285,6 +285,38 @@ print(json.dumps({{"mount": mounted.returncode, "stderr": mounted.stderr + resul
     assert not list((cli.root / "run").glob("*.json")), "unmount --all left a daemon's state"
 
 
+def test_unmount_all_if_dead_clears_the_dead_mounts_and_leaves_the_live_ones(
+    cli: Cli, three: Three
+) -> None:
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare for a private mount namespace")
+    spec = json.dumps(three.spec[:2])
+    mnist, train = str(cli.data_root / "mnist"), str(cli.data_root / "train")
+    script = f"""
+import json, os, signal, subprocess, sys, time
+def s3datafs(*args):
+    return subprocess.run([sys.executable, "-m", "s3datafs", *args], input={spec!r},
+                          capture_output=True, text=True)
+mounted = s3datafs("mount-all", "-")
+rows = json.loads(s3datafs("status", "--json").stdout)
+os.kill(next(r["pid"] for r in rows if r["mountpoint"] == {mnist!r}), signal.SIGKILL)
+time.sleep(0.5)  # the kernel ends its connection: a dead mount
+try:
+    result = s3datafs("unmount", "--all", "--if-dead")
+    left = [os.path.ismount(p) for p in ({mnist!r}, {train!r})]
+finally:
+    for path in ({mnist!r}, {train!r}):
+        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+print(json.dumps({{"mount": mounted.returncode, "stderr": mounted.stderr + result.stderr,
+                  "unmount": result.returncode, "out": result.stdout, "left": left}}))
+"""
+    report = in_a_private_mount_namespace(cli, script)
+    assert report["mount"] == 0, report["stderr"]
+    assert report["unmount"] == 0, report["stderr"]
+    assert report["left"] == [False, True]  # the dead one cleared, the live one left
+    assert report["out"] == f"s3datafs: {train} is served by a live daemon: left as it is\n"
+
+
 def test_unmount_all_unmounts_a_mount_nested_in_another_first(cli: Cli, s3, make_bucket) -> None:
     """A mount on an empty directory of another (a zip's directory entry) keeps that one busy
     until it is gone: ``--all`` unmounts the newest first, and leaves nothing mounted."""
