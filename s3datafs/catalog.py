@@ -31,7 +31,8 @@ Building (``CatalogBuilder`` / ``build_catalog``) streams: rows are inserted in 
 - a key ending in ``"/"`` is a directory marker (any size; a non-zero size is warned about and
   its bytes are not shown); parent directories are created implicitly;
 - a file whose name is also a directory loses, whichever arrives first: one WARNING, skipped,
-  and left out of object_count/total_bytes; a repeated key keeps its first ref, the same way;
+  and left out of object_count/total_bytes; a repeated key keeps its first ref, the same way
+  (a repeated archive member keeps its *last*, as extracting the archive does);
 - at finish a directory's mtime becomes the newest mtime among its direct children, computed
   bottom-up (so it is the newest in its subtree); an empty directory keeps its marker's
   LastModified; an empty root takes the ``prefix/`` marker's, else the build time.
@@ -82,13 +83,18 @@ from .model import MemberRef, ObjectRef, PinnedRef
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: markers, fingerprint, single_object, as_of; 3: members, archive
+# 2: markers, fingerprint, single_object, as_of; 3: members, archive; 4: a name twice in an
+# archive shows the later member (stored member catalogs of 3 showed the first: rebuilt)
+FORMAT_VERSION = 4
 ROOT_INODE = 1  # == pyfuse3.ROOT_INODE; not imported: pyfuse3 stays in the FUSE ring
 _BATCH = 10_000  # rows per executemany: amortises the call, keeps the batch a few MiB at most
 _FIRST_PAGE = 128  # children(): a readdir buffer holds roughly this many names
 _MAX_PAGE = 4096
 _BUILD_CACHE_KIB = 8 * 1024  # SQLite page cache while building: bounds RSS; speed barely moves
 _COLUMNS = "inode, parent, name, is_dir, size, mtime, key, version_id, etag"
+# A zip may hold one name twice (appending to an archive adds, never replaces): extracting it
+# leaves the later member on disk (unzip, zipfile, bsdtar), so the mount shows that one.
+_SUPERSEDED = "a later member has the same name"
 _SCHEMA = """
 CREATE TABLE entries (
     inode INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL,
@@ -271,9 +277,9 @@ class CatalogBuilder:
         else:
             parent_path, _, name = split.path.rpartition("/")
             parent = self._ensure_dir(parent_path)
-            if (parent, name) in self._pending_files:
-                self._skip(member.name, "the name is in the archive twice")
-                return
+            if (earlier := self._pending_files.get((parent, name))) is not None:
+                self._drop(self._pending[earlier], _SUPERSEDED)
+                self._pending[earlier] = None
             inode = self._next_inode
             self._pending_files[(parent, name)] = len(self._pending)
             self._members[inode] = (member.header_offset, member.data_limit, member.method,
@@ -409,13 +415,23 @@ class CatalogBuilder:
             self._forget_duplicates(db, rows)
 
     def _forget_duplicates(self, db: sqlite3.Connection, rows: list[_Row]) -> None:
-        """Account for file rows the unique index refused: the same key listed twice."""
+        """Account for file rows the unique index refused: the same name seen in an earlier batch.
+
+        A listing keeps the first (S3 keys are unique: a repeat is the listing's fault); an
+        archive keeps the later member, the one extracting the archive leaves on disk."""
         for row in rows:
             if db.execute("SELECT 1 FROM entries WHERE inode = ?", (row[0],)).fetchone():
                 continue
             if row[3]:
                 raise RuntimeError(f"catalog invariant broken: directory {row[2]!r} not stored")
-            self._drop(row, "key listed twice")
+            if self._archive is None:
+                self._drop(row, "key listed twice")
+                continue
+            earlier = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE parent = ? AND name = ?",
+                                 (row[1], row[2])).fetchone()
+            db.execute("DELETE FROM entries WHERE inode = ?", (earlier[0],))
+            self._drop(earlier, _SUPERSEDED)
+            db.execute(f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
 
     def _set_dir_mtimes(self, db: sqlite3.Connection) -> None:
         """Give every directory the newest mtime of its direct children, deepest first."""

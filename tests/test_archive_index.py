@@ -7,6 +7,7 @@ A pinned single-object catalog is built as pinning does (``build_catalog(single_
 from __future__ import annotations
 
 import calendar
+import io
 import logging
 import shutil
 import zipfile
@@ -17,6 +18,7 @@ from fakes import FakeSource
 from test_catalog import tree
 from zipcraft import append_member, header_offset, make_zip, patch, sample_bytes, to_zip64
 
+from s3datafs import catalog as catalog_module
 from s3datafs.archive import index, zipformat
 from s3datafs.archive.index import archive_catalog, clear_indexes, parse_archive_mode, read_index
 from s3datafs.archive.members import MemberSource
@@ -381,9 +383,36 @@ def test_unsafe_member_names_are_skipped_with_one_warning_each(
     assert sorted(warned) == sorted([*UNSAFE, "dup.txt"])
     dup = found["dup.txt"].ref
     assert isinstance(dup, MemberRef)
-    assert MemberSource(world.source).get_range(dup, 0, dup.size) == b"first"  # the first kept
+    assert MemberSource(world.source).get_range(dup, 0, dup.size) == b"second copy"  # as unzip
     assert catalog.meta.object_count == 3
     assert catalog.meta.skipped_count == len(UNSAFE) + 1
+
+
+@pytest.mark.parametrize("batch", [1, 2, 10_000])
+def test_a_name_in_the_archive_twice_shows_the_later_member_as_extracting_does(
+    world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    """Appending to a zip adds a member, never replaces one: unzip, zipfile and bsdtar all leave
+    the later copy on disk, so the mount shows that one, whether the earlier copy is still
+    pending in the builder or already written (small ``_BATCH``)."""
+    monkeypatch.setattr(catalog_module, "_BATCH", batch)
+    body = make_zip({"a.txt": b"a1", "b.txt": b"b1", "c.txt": b"c"})
+    for name, payload in [("a.txt", b"a2"), ("b.txt", b"b2"), ("a.txt", b"a3, the last")]:
+        body = append_member(body, name, payload)
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        extracted = {info.filename: archive.read(info) for info in archive.infolist()}
+    ref = world.put("dups.zip", body)
+    caplog.set_level(logging.WARNING)
+    catalog = world.members(ref)
+    assert catalog is not None
+    source = MemberSource(world.source)
+    shown = {path: source.get_range(entry.ref, 0, entry.size)
+             for path, entry in tree(catalog).items()}
+    assert shown == extracted == {"a.txt": b"a3, the last", "b.txt": b"b2", "c.txt": b"c"}
+    assert sorted(r.args[0] for r in skip_warnings(caplog)) == ["a.txt", "a.txt", "b.txt"]
+    assert "a later member has the same name" in caplog.text
+    assert (catalog.meta.object_count, catalog.meta.total_bytes) == (3, 12 + 2 + 1)
+    assert catalog.meta.skipped_count == 3
 
 
 def test_damaged_entries_are_skipped_with_one_warning_each(
