@@ -62,6 +62,7 @@ from .uri import S3Uri, mount_table_source
 log = logging.getLogger(__name__)
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
+_COMM_BYTES = 15  # TASK_COMM_LEN less its NUL
 STATS_INTERVAL = 2.0  # seconds between refreshes of the counters in the state file
 KERNEL_READAHEAD_KB = 1024
 KERNEL_BACKGROUND = 64  # readahead requests the kernel may send at once (above the S3 pool's 32)
@@ -112,6 +113,7 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
     """Resolve, pin, catalog and serve ``plan`` until unmounted; ``on_ready`` once it is usable."""
     _check_fuse_device()  # before S3 is asked anything: a container without FUSE fails at once
     _limit_malloc_arenas()
+    _name_process(plan.name)
     source = S3Source(plan.s3)
     catalogs = plan.cache_dir / "catalogs"
     catalog_path = catalogs / f"{runtime.state_path(str(plan.mountpoint)).stem}-{os.getpid()}.db"
@@ -191,6 +193,17 @@ def _limit_malloc_arenas() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 2)
+
+
+def _name_process(dataset: str) -> None:
+    """Name the serving process ``s3datafs/<dataset>``, before worker threads (which inherit it).
+
+    The daemons of one ``mount-all`` or ``run`` share a command line; their names tell them apart
+    in ``top``, ``ps -o comm`` and ``pgrep s3datafs``. The kernel keeps 15 bytes of a name.
+    """
+    name = f"s3datafs/{dataset}".encode()[:_COMM_BYTES].decode(errors="ignore")
+    with contextlib.suppress(OSError), open("/proc/thread-self/comm", "w") as comm:
+        comm.write(name)
 
 
 def _disk_cache(plan: MountPlan) -> DiskCache | None:

@@ -114,6 +114,11 @@ def test_mount_all_mounts_every_dataset_at_its_name(cli: Cli, three: Three) -> N
         assert read_tree(cli.data_root / name) == files
     status = json.loads(run_cli(cli, "status", "--json").stdout)
     assert {row["uri"] for row in status} >= {item["uri"] for item in three.spec}
+    # One command line for all three daemons; their names tell them apart (15 bytes at most).
+    names = {Path(row["mountpoint"]).name: Path(f"/proc/{row['pid']}/comm").read_text().strip()
+             for row in status if Path(row["mountpoint"]).parent == cli.data_root}
+    assert names == {"mnist": "s3datafs/mnist", "train": "s3datafs/train",
+                     "weights-v1": "s3datafs/weight"}
 
 
 def test_a_failing_fourth_dataset_leaves_nothing_mounted(cli: Cli, three: Three) -> None:
