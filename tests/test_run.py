@@ -187,6 +187,10 @@ def test_run_killed_with_sigkill_leaves_no_mount(cli: Cli, spec: str) -> None:
         process.kill()
         process.wait(timeout=10)
         cli.wait_until_nothing_is_mounted()
+        deadline = time.monotonic() + 10  # the daemons remove what the run created, then end
+        while cli.data_root.exists():
+            assert time.monotonic() < deadline, "the mount point directories were left"
+            time.sleep(0.05)
     finally:
         if process.poll() is None:
             process.kill()

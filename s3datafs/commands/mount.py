@@ -410,16 +410,23 @@ def _start_mount(
                 _serve_in_foreground(plan, on_ready or (lambda _summary: None))
                 return {}
             hint = f"see {plan.log_file}" if plan.log_file else "run with --foreground to see why"
+            command = os.getpid()
+
+            def remove_created_mountpoint() -> None:
+                # This process is gone, and cannot clean up any more; its lock on the mount
+                # point went with it: the next command may be preparing the very directory
+                # there (it keeps it, if so).
+                with contextlib.suppress(ConfigError), runtime.mounting(str(plan.mountpoint)):
+                    config.remove_created(plan.mountpoint, created)
 
             def serve_in_daemon(report: daemon.Report) -> None:
                 try:
                     mount_dataset(plan, lambda summary: report(summary.as_dict()))
-                except daemon.Abandoned:  # this process is gone, and cannot clean up any more
-                    # ... and its lock on the mount point went with it: the next command may
-                    # be preparing the very directory there (it keeps it, if so).
-                    with contextlib.suppress(ConfigError), runtime.mounting(str(plan.mountpoint)):
-                        config.remove_created(plan.mountpoint, created)
+                except daemon.Abandoned:
+                    remove_created_mountpoint()
                     raise
+                if not outlive_command and os.getppid() != command:
+                    remove_created_mountpoint()  # unmounted because the command was killed
 
             verdict = daemon.spawn(serve_in_daemon, log_hint=hint, outlive_command=outlive_command)
             if not verdict["ok"]:
