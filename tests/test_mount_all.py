@@ -319,7 +319,9 @@ print(json.dumps({{"mount": mounted.returncode, "stderr": mounted.stderr + resul
     assert report["mount"] == 0, report["stderr"]
     assert report["unmount"] == 0, report["stderr"]
     assert report["left"] == [False, True]  # the dead one cleared, the live one left
-    assert report["out"] == f"s3datafs: {train} is served by a live daemon: left as it is\n"
+    ours = [line for line in report["out"].splitlines() if str(cli.root) in line]  # the
+    # namespace holds a copy of every mount of the machine's, other runs' too
+    assert ours == [f"s3datafs: {train} is served by a live daemon: left as it is"]
 
 
 def test_unmount_all_unmounts_a_mount_nested_in_another_first(cli: Cli, s3, make_bucket) -> None:
