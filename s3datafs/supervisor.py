@@ -5,7 +5,8 @@ Three duties, each the way shells and init-style wrappers (tini, dumb-init) do i
 - **No signal lost while mounting.** ``DeferredSignals`` records SIGTERM/SIGINT/SIGHUP instead of
   dying, so a stop request in the middle of mounting still ends with everything unmounted. A
   daemon forked meanwhile inherits the handler; in any other process it re-raises the signal with
-  the default action, so daemons behave exactly as without it.
+  the default action, so daemons behave exactly as without it. As PID 1 it also takes over
+  what ``pid1`` recorded before it was there.
 - **Run the job as our child, signals forwarded.** ``run_command`` blocks the stop signals and
   SIGCHLD and waits for them with ``sigtimedwait``: no handler races, and ``si_code`` tells a
   signal someone *sent* us (``kill``, ``docker stop``: forwarded to the job) from one the terminal
@@ -30,11 +31,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
+from . import pid1
 from .errors import S3DataFSError
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = pid1.STOP_SIGNALS
 SI_KERNEL = 0x80  # si_code of signals the kernel generates, e.g. the terminal's Ctrl-C
 _RESET_IN_JOB = (signal.SIGPIPE, signal.SIGXFSZ)
 # Also reap without a SIGCHLD now and then: a thread that does not block SIGCHLD (none of ours;
@@ -61,6 +63,7 @@ class DeferredSignals:
     def __enter__(self) -> DeferredSignals:
         for signum in _stop_signals():  # an ignored one (nohup) stays ignored, also in the job
             self._previous[signum] = signal.signal(signum, self._record)
+        self.received.extend(pid1.take())  # what came to PID 1 before there was this handler
         return self
 
     def __exit__(self, *exc_info: object) -> None:

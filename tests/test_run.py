@@ -498,3 +498,47 @@ def _drain(master: int, into: list[bytes]) -> None:
         if not chunk:
             return
         into.append(chunk)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def test_a_sigterm_to_run_as_pid_1_before_it_is_ready_stops_it_before_anything_mounts(
+    cli: Cli, spec: str
+) -> None:
+    """The kernel drops a signal PID 1 has no handler for: ``docker stop`` while the interpreter
+    was still importing was lost, and the job started. Here ``run`` is PID 1 of a new PID
+    namespace and waits for its spec on stdin, before its own handlers exist."""
+    marker = cli.root / "job-started"
+    process = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "s3datafs", "run",
+         "--datasets", "-", "--", "touch", str(marker)],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=cli.env, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        init = None
+        while init is None or not _catches(init, signal.SIGTERM):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "PID 1 never caught SIGTERM while starting"
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+            init = int(children.split()[0]) if children.split() else None
+            time.sleep(0.01)
+        os.kill(init, signal.SIGTERM)
+        process.stdin.write(spec)
+        process.stdin.close()
+        assert process.wait(timeout=30) == 128 + signal.SIGTERM
+        assert "interrupted by SIGTERM" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert not marker.exists(), "the job ran"
+    assert_all_unmounted(cli)
