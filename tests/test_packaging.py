@@ -155,6 +155,11 @@ def test_the_dockerfile_copies_what_exists() -> None:
             ],
             id="config-spec-and-credentials",
         ),
+        pytest.param(
+            {"S3DATAFS_DATASETS": "[]", "S3DATAFS_OPTIONS": " --allow-other  --uid 1000 *"},
+            ["run", "--allow-other", "--uid", "1000", "*", "--", "job", "a b"],
+            id="options-for-every-dataset",
+        ),
     ],
 )
 def test_the_container_entrypoint_wraps_the_job(
@@ -168,8 +173,7 @@ def test_the_container_entrypoint_wraps_the_job(
         fake.write_text(f'#!/bin/sh\nprintf "%s\\n" {name if name == "job" else ""} "$@"\n')
         fake.chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "S3DATAFS_CONFIG_DIR": str(config)}
-    if "S3DATAFS_DATASETS" in setup:
-        env["S3DATAFS_DATASETS"] = setup["S3DATAFS_DATASETS"]
+    env.update({name: value for name, value in setup.items() if name.startswith("S3DATAFS_")})
     if "file" in setup:
         (config / setup["file"]).write_text("[]")
     if setup.get("credentials"):
@@ -184,3 +188,23 @@ def test_the_container_entrypoint_wraps_the_job(
     )
     printed = [line for line in done.stdout.splitlines() if line]
     assert printed == [item.format(config=config) for item in expected]
+
+
+@pytest.mark.parametrize("spec_file", ["given", "found"])
+def test_the_container_entrypoint_refuses_datasets_given_twice(
+    tmp_path: Path, spec_file: str
+) -> None:
+    """A spec file (given, or found in the config directory) and the variable: which one was
+    meant? Mounting one and dropping the other would start the job without its data."""
+    config = tmp_path / "etc"
+    config.mkdir()
+    (config / "datasets.yaml").write_text("[]")
+    env = {"PATH": os.environ["PATH"], "S3DATAFS_CONFIG_DIR": str(config),
+           "S3DATAFS_DATASETS": "- uri: s3://b-1/x"}
+    if spec_file == "given":
+        env["S3DATAFS_DATASETS_FILE"] = str(config / "datasets.yaml")
+    done = subprocess.run(["sh", str(PACKAGING / "container" / "entrypoint.sh"), "true"],
+                          env=env, capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (f"s3datafs: datasets given twice, by {config}/datasets.yaml and by "
+                           "$S3DATAFS_DATASETS: keep one of them\n")

@@ -84,11 +84,18 @@ def test_success_runs_the_job_on_the_mounted_data_then_unmounts(cli: Cli, bucket
     assert_all_unmounted(cli)
 
 
-def test_keys_from_the_variable_are_in_no_process_environment(cli: Cli, bucket: str) -> None:
+@pytest.mark.parametrize("from_file", [False, True], ids=["spec-in-the-variable", "file-too"])
+def test_keys_from_the_variable_are_in_no_process_environment(
+    cli: Cli, bucket: str, from_file: bool
+) -> None:
     """/proc/<pid>/environ shows what a process started with: the daemons forked from run
-    must not show the spec's keys there for as long as the job runs."""
+    must not show the spec's keys there for as long as the job runs. The variable is taken out
+    also when a spec file is given beside it (an image's default spec, a platform's variable):
+    unused, it still holds keys."""
     spec = [{"uri": f"s3://{bucket}/train/", "awsAccessKeyId": "testing",
              "awsSecretAccessKey": "testing", "awsSessionToken": "SPECTOKEN42"}]
+    spec_file = cli.root / "spec.json"
+    spec_file.write_text(json.dumps([{"uri": f"s3://{bucket}/train/"}]))
     job = (
         "import glob, json, os, sys\n"
         f"states = [json.load(open(p)) for p in glob.glob('{cli.root}/run/*.json')]\n"
@@ -97,12 +104,15 @@ def test_keys_from_the_variable_are_in_no_process_environment(cli: Cli, bucket: 
         "seen = [open(f'/proc/{pid}/environ', 'rb').read() for pid in pids]\n"
         "sys.exit(sum(b'SPECTOKEN42' in environ for environ in seen))\n"
     )
+    given = ["--datasets", str(spec_file)] if from_file else []
     done = subprocess.run(
-        [sys.executable, "-m", "s3datafs", "run", "--", sys.executable, "-c", job],
+        [sys.executable, "-m", "s3datafs", "run", *given, "--", sys.executable, "-c", job],
         env={**cli.env, "S3DATAFS_DATASETS": json.dumps(spec)},
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0, done.stderr
+    ignored = f"$S3DATAFS_DATASETS is set but not used: the datasets come from {spec_file}"
+    assert (ignored in done.stderr) is from_file
     assert_all_unmounted(cli)
 
 

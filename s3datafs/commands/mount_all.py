@@ -157,9 +157,13 @@ def _hold(mounted: list[MountedDataset], deferred: supervisor.DeferredSignals) -
 def load_plans(args: argparse.Namespace) -> list[PlannedDataset]:
     """Read the spec ``args.spec`` names, set up console logging, and plan every dataset."""
     specs = datasets.load_specs(args.spec)
-    if args.spec is None:  # read from the variable: keys must not stay in /proc/*/environ
-        envblock.scrub(datasets.ENV_VAR)
+    ignored = args.spec is not None and bool(os.environ.get(datasets.ENV_VAR))
+    # Keys in the variable must not stay in /proc/*/environ, nor reach a job: used or not.
+    envblock.scrub(datasets.ENV_VAR)
     _log_to(None, args, [secret for spec in specs for secret in spec.secrets()])
+    if ignored:
+        log.warning("$%s is set but not used: the datasets come from %s", datasets.ENV_VAR,
+                    "stdin" if args.spec == "-" else args.spec)
     return plan_datasets(specs, args)
 
 

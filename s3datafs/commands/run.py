@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 
-from .. import datasets, supervisor
+from .. import supervisor
 from ..errors import UsageError
 from .mount import add_mount_options
 from .mount_all import (
@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
         for item in mounted:
             announce(item, file=sys.stderr)
         try:
-            env = _job_environment(args)
-            status = supervisor.run_command(command, env, pending=deferred.received)
+            status = supervisor.run_command(command, dict(os.environ), pending=deferred.received)
         finally:
             problems = unmount_datasets(mounted)
     for problem in problems:
@@ -65,8 +64,3 @@ def run(args: argparse.Namespace) -> int:
     return 1 if problems and status == 0 else status
 
 
-def _job_environment(args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ)
-    if args.spec is None:
-        env.pop(datasets.ENV_VAR, None)
-    return env
