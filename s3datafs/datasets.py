@@ -149,7 +149,9 @@ def read_spec_text(
         return (stdin or sys.stdin).read(), "<stdin>", None
     path = Path(source)
     try:
-        return path.read_text(encoding="utf-8"), str(path), path.resolve().parent
+        # The directory of the path as given, its symlink not followed: a ConfigMap's
+        # datasets.yaml links into a hidden ..2026_11_26_... directory of its volume.
+        return path.read_text(encoding="utf-8"), str(path), Path(os.path.abspath(path)).parent
     except UnicodeDecodeError:
         raise ConfigError(f"datasets spec {path} is not UTF-8 text") from None
     except OSError as exc:

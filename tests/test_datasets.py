@@ -144,6 +144,23 @@ def test_relative_snapshot_paths_are_relative_to_the_spec_file(tmp_path: Path) -
     assert absolute.snapshot == Path("/x/p.gz")
 
 
+def test_relative_paths_start_beside_the_spec_file_as_named_not_where_its_link_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kubernetes ConfigMap volume: datasets.yaml -> ..data/datasets.yaml, ..data ->
+    ..2026_11_26_10_00_00.123, all in the volume's directory (here spec/, beside snapshots/)."""
+    volume = tmp_path / "spec"
+    (volume / "..2026_11_26_10_00_00.123").mkdir(parents=True)
+    (volume / "..2026_11_26_10_00_00.123" / "datasets.yaml").write_text(
+        "- {uri: s3://b-1/p/, snapshot: ../snapshots/p.gz}\n")
+    (volume / "..data").symlink_to("..2026_11_26_10_00_00.123")
+    (volume / "datasets.yaml").symlink_to("..data/datasets.yaml")
+    monkeypatch.chdir(tmp_path)
+    for given in (volume / "datasets.yaml", Path("spec/datasets.yaml")):
+        (spec,) = load_specs(str(given))
+        assert spec.snapshot == tmp_path / "spec/../snapshots/p.gz"
+
+
 def test_sources_file_stdin_and_environment(tmp_path: Path) -> None:
     text = '[{"uri": "s3://b-1/a.bin"}]'
     for name in ("spec.json", "spec.yaml", "spec"):
