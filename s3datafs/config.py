@@ -175,25 +175,38 @@ def credential_value(value: str, what: str) -> str:
     return value
 
 
+# Written by the group, or read or written by everyone: the group may read (see below).
+_OPEN_TO_OTHERS = stat.S_IWGRP | stat.S_IRWXO
+
+
 def read_credentials_file(path: Path, profile: str | None) -> Credentials:
-    """Keys from an AWS-style credentials file that only its owner may read (mode 0600)."""
+    """Keys from an AWS-style credentials file that no other user may read or change.
+
+    Its group may read it: a Kubernetes Secret volume of a pod with an ``fsGroup`` is mode 0440,
+    group ``fsGroup``, whatever ``defaultMode`` says, and cannot be changed. Nobody but the
+    owner may write it, and other users may not read it (mode 0600, 0400, 0640 or 0440)."""
     try:
         mode = path.stat().st_mode
     except OSError as exc:
         raise ConfigError(f"cannot read credentials file {path}: {exc.strerror}") from None
     if not stat.S_ISREG(mode):
         raise ConfigError(f"credentials file {path} is not a regular file")
-    if mode & 0o077:
+    if mode & _OPEN_TO_OTHERS:
         raise ConfigError(
-            f"credentials file {path} is accessible by others (mode {stat.S_IMODE(mode):04o}): "
-            f"run chmod 600 {path}"
+            f"credentials file {path} is open to other users (mode {stat.S_IMODE(mode):04o}): "
+            f"run chmod 600 {path} (for a Kubernetes Secret volume, set defaultMode: 0400)"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read credentials file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot parse credentials file {path}: not UTF-8 text") from None
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        parser.read_string(path.read_text(encoding="utf-8"), source=str(path))
-    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
-        reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise ConfigError(f"cannot parse credentials file {path}: {reason}") from None
+        parser.read_string(text, source=str(path))
+    except configparser.Error as exc:
+        raise ConfigError(f"cannot parse credentials file {path}: {type(exc).__name__}") from None
     section = profile or "default"
     if not parser.has_section(section):
         raise ConfigError(f"credentials file {path} has no [{section}] section")

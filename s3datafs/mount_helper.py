@@ -31,7 +31,7 @@ How ``-o`` is read:
   back, are ignored; ``noexec`` or ``exec`` against what the mount is, is refused.
 - Anything else is refused in one line, unless ``-s`` (sloppy) asks to ignore it with a warning.
 - Credentials are never option values: the options are visible in ``ps`` and, for mount(8), the
-  fstab. Keys come from the environment, a profile, a role or ``credentials_file=FILE`` (0600);
+  fstab. Keys come from the environment, a profile, a role or ``credentials_file=FILE`` (e.g. 0600);
   ``aws_secret_access_key=`` and friends are refused by name, even with ``-s``.
 
 Exit status follows mount(8)'s helper convention: 0 mounted, 1 bad invocation or options, 32 the
@@ -114,7 +114,7 @@ SECRET_OPTIONS = frozenset(
 )
 CREDENTIALS_HELP = (
     "credentials are never mount options (ps and fstab would show them): use "
-    "credentials_file=FILE (mode 0600), profile=NAME, the environment or an instance role"
+    "credentials_file=FILE (e.g. mode 0600), profile=NAME, the environment or an instance role"
 )
 
 

@@ -125,7 +125,7 @@ def test_a_rewritten_credentials_file_is_used_while_mounted(
 
     keys.chmod(0o644)  # now unfit to read: the keys read before are kept, with one warning
     os.utime(keys)
-    cli.expect_log(r"credentials file .* is accessible by others .*: keeping the keys read before")
+    cli.expect_log(r"credentials file .* is open to other users .*: keeping the keys read before")
     time.sleep(1.5)
     assert (mountpoint / "c.bin").read_bytes() == data["c.bin"]
     assert _gets(proxy)[-1] == "FILEKEY2"

@@ -67,7 +67,8 @@ def test_a_file_unfit_to_read_keeps_the_last_keys_with_one_warning(
             assert credentials.get_frozen_credentials().access_key == "KEY1"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        f"credentials file {keys} is accessible by others (mode 0644): run chmod 600 {keys}: "
+        f"credentials file {keys} is open to other users (mode 0644): run chmod 600 {keys} "
+        "(for a Kubernetes Secret volume, set defaultMode: 0400): "
         "keeping the keys read before"
     ]
     keys.chmod(0o600)
@@ -88,11 +89,30 @@ def test_secrets_read_later_are_redacted_from_the_log(
     assert record.getMessage() == "*** ***"
 
 
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640, 0o440])
+def test_a_file_its_group_may_read_is_used(tmp_path: Path, mode: int) -> None:
+    """0440, group fsGroup: a Kubernetes Secret volume of a pod with an fsGroup, whatever its
+    defaultMode says, and read-only."""
+    path = tmp_path / "credentials"
+    write(path, "KEY1", "secret-one", mode=mode)
+    assert credfile.CredentialsFile(path, "p").load().get_frozen_credentials().access_key == "KEY1"
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o604, 0o602, 0o660, 0o644])
+def test_a_file_others_may_read_or_anyone_else_may_change_is_refused(
+    tmp_path: Path, mode: int
+) -> None:
+    path = tmp_path / "credentials"
+    write(path, "KEY1", "secret-one", mode=mode)
+    with pytest.raises(ConfigError, match=f"open to other users \\(mode 0{mode:o}\\)"):
+        credfile.CredentialsFile(path, "p").load()
+
+
 def test_a_file_unfit_from_the_first_read_fails_the_session(tmp_path: Path) -> None:
     """With no keys read before, there is nothing to keep: the problem is the caller's error."""
     path = tmp_path / "credentials"
     write(path, "KEY1", "secret-one", mode=0o644)
-    with pytest.raises(ConfigError, match="accessible by others"):
+    with pytest.raises(ConfigError, match="open to other users"):
         credfile.CredentialsFile(path, "p").load()
 
 
