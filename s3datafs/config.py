@@ -332,8 +332,9 @@ def private_dir(path: Path, what: str, remedy: str) -> None:
     OpenSSH checks the path of its keys, the directory must belong to this user and be writable
     by nobody else; every directory above it, and every directory holding a symlink met on the
     way, must belong to root or this user and be writable by nobody else unless sticky
-    (``/tmp``); and no such symlink may belong to another user. Refused in one line naming the
-    problem and ``remedy``. What is missing is made only below a path that passed.
+    (``/tmp``); and no such symlink may belong to another user. "Nobody else" leaves out the
+    members of this process's own groups (see ``_writable_by_others``). Refused in one line
+    naming the problem and ``remedy``. What is missing is made only below a path that passed.
     """
     _checked_dir(path, what, remedy, shared=False)
 
@@ -351,7 +352,7 @@ def _checked_dir(path: Path, what: str, remedy: str, *, shared: bool) -> None:
         if problem is None and not resolved.is_dir():  # made below what was checked, and checked
             make_private_dirs(resolved)
             resolved, problem = _resolved(resolved)
-        if problem is None and not shared:
+        if problem is None:
             _tighten_if_empty(resolved)
         if problem is None:
             problem = _unsafe_dir(resolved, final=not shared)
@@ -369,9 +370,11 @@ def _checked_dir(path: Path, what: str, remedy: str, *, shared: bool) -> None:
 def _tighten_if_empty(directory: Path) -> None:
     """Make an empty directory of ours that others may write 0700: a fresh volume (a Kubernetes
     emptyDir is 0777) holds nothing to distrust. Made private first and looked into after, so
-    nothing put there meanwhile goes unseen; one that is not empty is then refused as it is."""
+    nothing put there meanwhile goes unseen; one that is not empty is then refused as it is.
+    A sticky one is a place shared on purpose (an empty ``/tmp`` of root's): left as it is."""
     info = os.stat(directory)
-    if info.st_uid != os.geteuid() or not info.st_mode & 0o022:
+    if (info.st_uid != os.geteuid() or info.st_mode & stat.S_ISVTX
+            or not _writable_by_others(info)):
         return
     os.chmod(directory, 0o700)
     if any(os.scandir(directory)):
@@ -416,15 +419,29 @@ def _unsafe_dir(directory: Path, *, final: bool) -> str | None:
     info = os.stat(directory)
     if final and info.st_uid != me:
         return f"{directory} belongs to uid {info.st_uid}, not to uid {me}"
-    if final and info.st_mode & 0o022:
+    if final and _writable_by_others(info):
         return f"{directory} may be written by others (mode {stat.S_IMODE(info.st_mode):04o})"
     for place in (directory, *directory.parents) if not final else directory.parents:
         info = os.stat(place)
         if info.st_uid not in (0, me):
             return f"{place} belongs to uid {info.st_uid}"
-        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        if _writable_by_others(info) and not info.st_mode & stat.S_ISVTX:
             return f"{place} may be written by others (mode {stat.S_IMODE(info.st_mode):04o})"
     return None
+
+
+def _writable_by_others(info: os.stat_result) -> bool:
+    """Whether users other than this one may write the directory: everyone may, or a group
+    this process is not in. The members of its own groups are trusted as it is: a Kubernetes
+    volume of a pod with an ``fsGroup`` is made group-writable (2770) at every start, and the
+    group is the pod's; a user private group (``umask 002``) has one member."""
+    if info.st_mode & stat.S_IWOTH:
+        return True
+    return bool(info.st_mode & stat.S_IWGRP) and info.st_gid not in _own_groups()
+
+
+def _own_groups() -> set[int]:
+    return {os.getegid(), *os.getgroups()}
 
 
 def make_private_dirs(directory: Path) -> None:

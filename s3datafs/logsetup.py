@@ -212,7 +212,8 @@ def setup(
         # No symlink of another user on the way, no directory others may swap: a root daemon
         # would create its log wherever they chose. The directory may be shared if sticky (a
         # --log-file in /tmp): the file is opened with O_NOFOLLOW and must be this user's.
-        shared_dir(log_file.parent, "log directory", "choose another with --log-file")
+        shared_dir(log_file.parent, "log directory",
+                   "choose another with --log-file or S3DATAFS_LOG_DIR")
         try:
             handler = _LogFile(log_file)
         except OSError as exc:

@@ -116,10 +116,10 @@ def _private_runtime_dir() -> Path:
     """The runtime directory, made or checked private (``config.private_dir``): the state files
     in it are believed (``status``, ``unmount``), so nobody else may write there."""
     directory = runtime_dir()
-    private_dir(
-        directory, "runtime directory",
-        "set S3DATAFS_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a directory only you can write",
-    )
+    variables = "S3DATAFS_RUNTIME_DIR" if os.geteuid() == 0 else (
+        "S3DATAFS_RUNTIME_DIR (or XDG_RUNTIME_DIR)")  # root's default ignores XDG_RUNTIME_DIR
+    private_dir(directory, "runtime directory",
+                f"set {variables} to a directory only you can write")
     return directory
 
 

@@ -65,9 +65,10 @@ def test_a_private_directory_in_a_shared_one_is_accepted(tmp_path: Path) -> None
     [
         (lambda d: (d.mkdir(), os.chown(d, OTHER, OTHER)), f"belongs to uid {OTHER}, not to uid 0"),
         (lambda d: (d.mkdir(), d.chmod(0o777)), "may be written by others (mode 0777)"),
-        (lambda d: (d.mkdir(), d.chmod(0o770)), "may be written by others (mode 0770)"),
+        (lambda d: (d.mkdir(), os.chown(d, 0, OTHER), d.chmod(0o770)),
+         "may be written by others (mode 0770)"),
     ],
-    ids=["owned-by-another-user", "world-writable", "group-writable"],
+    ids=["owned-by-another-user", "world-writable", "writable-by-a-group-not-ours"],
 )
 def test_a_cache_directory_others_may_change_is_refused(
     cli: Cli, s3, make_bucket, tmp_path: Path, prepare, problem: str
@@ -105,6 +106,53 @@ def test_an_empty_cache_directory_others_may_write_is_made_private(
     mountpoint = cli.mount(uri, "--cache-dir", str(cache))
     assert (mountpoint / "f.bin").read_bytes() == b"f"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+def test_a_cache_volume_of_a_pod_with_an_fs_group_is_used_at_every_start(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    """kubelet makes a volume of a pod with an fsGroup 2770, group fsGroup, at every start of
+    the pod, and the pod's processes are in that group: its members are the pod itself. The
+    second job found the cache of the first refused ("may be written by others")."""
+    uri = one_file(s3, make_bucket)
+    volume = tmp_path / "volume"
+    (volume / "cache").mkdir(parents=True)
+    fs_group = os.getgroups()[0] if os.getgroups() else os.getegid()
+    for job in range(2):
+        for directory in (volume, volume / "cache"):  # kubelet, recursively
+            os.chown(directory, 0, fs_group)
+            directory.chmod(0o2770)
+        for cache in (volume, volume / "cache"):
+            mountpoint = cli.mount(uri, str(tmp_path / f"mnt-{job}"), "--cache-dir", str(cache))
+            try:
+                assert (mountpoint / "f.bin").read_bytes() == b"f"
+            finally:
+                cli.unmount(mountpoint)
+        assert any(volume.iterdir())
+
+
+def test_an_empty_sticky_directory_is_refused_and_never_made_private(tmp_path: Path) -> None:
+    """/tmp of a fresh container is empty, root's and sticky: as a cache directory it is refused,
+    and must keep its mode (a private /tmp breaks every other program)."""
+    scratch = shared_dir(tmp_path / "tmp")
+    with pytest.raises(ConfigError, match=r"may be written by others \(mode 1777\)"):
+        config.prepare_cache_dir(scratch)
+    assert stat.S_IMODE(scratch.stat().st_mode) == 0o1777
+
+
+def test_an_empty_log_directory_others_may_write_is_made_private_a_sticky_one_stays_shared(
+    tmp_path: Path,
+) -> None:
+    """A log directory on a fresh volume (emptyDir: 0777) was refused where a cache directory
+    was made private; a sticky one (a --log-file in /tmp) is shared on purpose."""
+    volume = tmp_path / "logs"
+    volume.mkdir()
+    volume.chmod(0o777)
+    config.shared_dir(volume, "log directory", "choose another")
+    assert stat.S_IMODE(volume.stat().st_mode) == 0o700
+    scratch = shared_dir(tmp_path / "tmp")
+    config.shared_dir(scratch, "log directory", "choose another")
+    assert stat.S_IMODE(scratch.stat().st_mode) == 0o1777
 
 
 def test_a_symlink_another_user_planted_is_not_followed_to_delete_or_write(
