@@ -8,7 +8,8 @@ Protocol:
 - The child writes exactly one JSON line to the pipe: ``{"ok": true, ...summary}`` once the mount
   is usable, or ``{"ok": false, "error": "...", "exit": N}`` when it failed. It then closes the pipe
   and, on success, points stdin/stdout/stderr at /dev/null so that whoever ran ``s3datafs mount``
-  (a shell, a test's ``subprocess.run``) is not kept waiting on inherited descriptors.
+  (a shell, a test's ``subprocess.run``) is not kept waiting on inherited descriptors; stderr
+  stays when it is the log (``--log-file -``, asked for: a container's or a service's log).
 - The parent returns the child's verdict; a child that dies without a word is a failure that
   points at the log file. Only the child ever touches the mount.
 - A child whose ready line cannot be delivered (the mount command was killed, or interrupted,
@@ -167,6 +168,6 @@ def _send(pipe, message: dict) -> bool:  # a text file object
 
 def _detach_stdio() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1) if logsetup.logs_to_stderr() else (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)

@@ -21,6 +21,9 @@
   itself is also written to the log file, where whoever reads the log later finds why.
 - A redacting filter replaces every known secret value (secret key, session token) in any record,
   as a last line of defence: no code path is supposed to log one.
+- ``--log-file -`` (``STDERR``) logs to standard error instead of a file, in the file's format and
+  level, and the daemon keeps its stderr for it once ready: a container's log (``kubectl logs``)
+  or a service's journal then holds the mounts' warnings, and nothing is left in the container.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from .config import shared_dir
 from .errors import ConfigError
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+STDERR = Path("-")  # --log-file -: the log goes to standard error, kept by the daemon
+_STDERR_LOG = "stderr-log"  # the handler's name
 _CHATTY = ("botocore", "boto3", "urllib3", "s3transfer", "pyfuse3")
 
 
@@ -200,15 +205,21 @@ def setup(
     redactor = _redactor = RedactSecrets(secrets)
 
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
-    console.setFormatter(_ConsoleFormatter(tracebacks=debug))
+    if log_file == STDERR:  # the log itself: its format and level, kept once detached
+        console.setLevel(logging.DEBUG if debug else logging.INFO)
+        console.setFormatter(logging.Formatter(_FORMAT))
+        console.set_name(_STDERR_LOG)
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    else:
+        console.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+        console.setFormatter(_ConsoleFormatter(tracebacks=debug))
+        console.set_name("console")
     console.addFilter(redactor)
     console.addFilter(_not_said_again_by_the_error)
-    console.addFilter(_not_for_the_terminal)
-    console.set_name("console")
+    console.addFilter(_not_for_the_terminal)  # what the command prints itself, said once
     root.addHandler(console)
 
-    if log_file is not None:
+    if log_file is not None and log_file != STDERR:
         # No symlink of another user on the way, no directory others may swap: a root daemon
         # would create its log wherever they chose. The directory may be shared if sticky (a
         # --log-file in /tmp): the file is opened with O_NOFOLLOW and must be this user's.
@@ -230,8 +241,13 @@ def setup(
         fuse_logger.addFilter(_not_a_refused_answer)
 
 
+def logs_to_stderr() -> bool:
+    """Whether the log is standard error (``--log-file -``): the daemon keeps it open then."""
+    return any(handler.get_name() == _STDERR_LOG for handler in logging.getLogger().handlers)
+
+
 def detach_console() -> None:
-    """Stop logging to stderr (the daemon is about to close it)."""
+    """Stop logging to the terminal (the daemon is about to close it; see ``logs_to_stderr``)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if handler.get_name() == "console":

@@ -31,6 +31,7 @@ from .fingerprint import is_fingerprint
 from .model import ObjectRef, ObjectSource
 from .resolve import Pins, resolve
 from .snapshot import load_snapshot
+from .units import counted
 from .uri import S3Uri
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def pin(
             single_object=resolution.single_object,
             as_of=resolution.as_of,
         )
-    log.info("pinned %d objects in %.2fs", summary.object_count, time.monotonic() - started)
+    log.info("pinned %s in %.2fs", counted(summary.object_count, "object"),
+             time.monotonic() - started)
     return summary
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -551,4 +552,19 @@ def test_a_sigterm_to_run_as_pid_1_before_it_is_ready_stops_it_before_anything_m
             process.wait()
         process.stderr.close()
     assert not marker.exists(), "the job ran"
+    assert_all_unmounted(cli)
+
+
+def test_log_file_dash_logs_to_standard_error_for_the_whole_life_of_the_mounts(
+    cli: Cli, spec: str
+) -> None:
+    """A container's log is its stderr (``kubectl logs``); a log file inside it is lost with it.
+    The daemons keep the command's stderr once ready: their last words come after the job's."""
+    done = run(cli, spec, "--log-file", "-", "--", "sh", "-c", "echo job done >&2")
+    assert done.returncode == 0, done.stderr
+    job_line = done.stderr.splitlines().index("job done")
+    after = done.stderr.splitlines()[job_line + 1:]
+    assert any(re.search(r" INFO s3datafs\.mount\[\d+\]: unmounted .*/mnist$", line)
+               for line in after), done.stderr
+    assert not cli.log_dir.exists() or not any(cli.log_dir.iterdir())
     assert_all_unmounted(cli)

@@ -145,7 +145,8 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
 def add_process_options(mount: argparse.ArgumentParser) -> None:
     process = mount.add_argument_group("process")
     process.add_argument("-f", "--foreground", action="store_true", help="stay attached")
-    process.add_argument("--log-file", type=Path, help="daemon log (default: LOG_DIR/NAME.log)")
+    process.add_argument("--log-file", type=Path,
+                         help="daemon log (default: LOG_DIR/NAME.log; - for standard error)")
     process.add_argument("-v", "--verbose", action="store_true", help="log progress")
     process.add_argument("--debug", action="store_true", help="log everything, show tracebacks")
 
@@ -180,7 +181,8 @@ def build_plan(args: argparse.Namespace, *, mounting: bool = True) -> MountPlan:
     )
     pins, as_of = source_pins(args)
     default_log = None if args.foreground else config.default_log_dir() / f"{name}.log"
-    log_file = _absolute(args.log_file) or default_log
+    log_file = (logsetup.STDERR if args.log_file == logsetup.STDERR
+                else _absolute(args.log_file) or default_log)
     return MountPlan(
         uri=uri,
         name=name,
@@ -409,7 +411,9 @@ def _start_mount(
             if foreground:
                 _serve_in_foreground(plan, on_ready or (lambda _summary: None))
                 return {}
-            hint = f"see {plan.log_file}" if plan.log_file else "run with --foreground to see why"
+            hint = ("see its log above" if plan.log_file == logsetup.STDERR
+                    else f"see {plan.log_file}" if plan.log_file
+                    else "run with --foreground to see why")
             command = os.getpid()
 
             def remove_created_mountpoint() -> None:
