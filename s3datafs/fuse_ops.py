@@ -111,8 +111,9 @@ class Operations(pyfuse3.Operations):
     def init(self) -> None:
         self.on_init()
 
-    def abandon_requests(self) -> None:
-        """End every request in progress, and any that arrives from now on, with ``EIO``.
+    def abandon_requests(self) -> int:
+        """End every request in progress, and any that arrives from now on, with ``EIO``;
+        return how many were in progress.
 
         For when no answer matters any more: the kernel has ended the connection (an unmount),
         or the daemon is stopping. Their flights go on in the mount's nursery, which is
@@ -121,6 +122,7 @@ class Operations(pyfuse3.Operations):
         self._abandoned = True
         for scope in self._in_progress:
             scope.cancel()
+        return len(self._in_progress)
 
     async def _unless_abandoned(self, request: Awaitable[T]) -> T:
         """Await ``request``; ``EIO`` if ``abandon_requests`` comes first (or came before)."""

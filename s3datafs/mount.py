@@ -497,8 +497,10 @@ async def _main_loop(
 async def _abandon_requests_when_disconnected(operations: Operations, session_fd: int) -> None:
     """Once the kernel ends the connection (unmounted), drop the requests still in progress."""
     await connection.wait_disconnected(session_fd)
-    log.info("the kernel ended the connection: abandoning requests in progress")
-    operations.abandon_requests()
+    # Every unmount ends the connection: worth a line only when requests were waiting.
+    if abandoned := operations.abandon_requests():
+        log.info("the kernel ended the connection: %s in progress abandoned",
+                 counted(abandoned, "request"))
 
 
 async def _terminate_on_signal(operations: Operations, mountpoint: Path,
