@@ -117,6 +117,8 @@ def test_the_kubernetes_example_is_consistent() -> None:
     assert env["S3DATAFS_DATASETS_FILE"] == f"{mounts['datasets']}/datasets.yaml"
     assert env["S3DATAFS_CREDENTIALS_FILE"] == f"{mounts['credentials']}/credentials"
     assert container["securityContext"]["privileged"] is True
+    run = build_parser().parse_args(["run", *env["S3DATAFS_OPTIONS"].split(), "--", "job"])
+    assert run.log_file == Path("-")  # the entrypoint splits the options at blanks
 
 
 def test_the_dockerfile_copies_what_exists() -> None:
