@@ -568,3 +568,9 @@ def test_log_file_dash_logs_to_standard_error_for_the_whole_life_of_the_mounts(
                for line in after), done.stderr
     assert not cli.log_dir.exists() or not any(cli.log_dir.iterdir())
     assert_all_unmounted(cli)
+
+
+def test_a_spec_of_no_datasets_runs_the_job_and_says_so(cli: Cli) -> None:
+    done = run(cli, "[]", "--", "sh", "-c", "echo job")
+    assert (done.returncode, done.stdout) == (0, "job\n")
+    assert done.stderr == "s3datafs: the datasets spec lists no datasets: nothing to mount\n"

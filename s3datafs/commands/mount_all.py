@@ -109,7 +109,6 @@ def add_spec_argument(parser: argparse.ArgumentParser, *, positional: bool) -> N
 def run(args: argparse.Namespace) -> int:
     planned = load_plans(args)
     if not planned:
-        print("s3datafs: the datasets spec lists no datasets: nothing to mount", file=sys.stderr)
         return 0
     with supervisor.DeferredSignals() as deferred:
         mounted = mount_datasets(planned, args, deferred, outlive_command=not args.foreground)
@@ -164,6 +163,8 @@ def load_plans(args: argparse.Namespace) -> list[PlannedDataset]:
     if ignored:
         log.warning("$%s is set but not used: the datasets come from %s", datasets.ENV_VAR,
                     "stdin" if args.spec == "-" else args.spec)
+    if not specs:  # a job's platform that passes "[]" (run goes on to the job)
+        print("s3datafs: the datasets spec lists no datasets: nothing to mount", file=sys.stderr)
     return plan_datasets(specs, args)
 
 
