@@ -348,6 +348,19 @@ _SERVING_SIGNALS = (*_STOP_SIGNALS, PARENT_GONE)
 _FUSE_DEVICE = "/dev/fuse"
 _FUSE_HELP = ("FUSE must be usable here: install fuse3 (Debian: apt-get install fuse3), and run a "
               "container with --device /dev/fuse --cap-add SYS_ADMIN")
+# libfuse's reasons that no install or container flag mends: what does, instead.
+_FUSE_REMEDIES = (
+    ("user_allow_other", "add user_allow_other to /etc/fuse.conf, or mount without --allow-other"),
+    ("failed to open /dev/fuse: Permission denied",
+     "this user may not open /dev/fuse: mount as root, or give the user access to the device"),
+    ("fusermount3: mount failed: Operation not permitted",
+     "fusermount3 must be setuid root for a mount by another user than root (as Debian's fuse3 "
+     "installs it), or mount as root"),
+)
+
+
+def _fuse_remedy(reason: str) -> str:
+    return next((remedy for said, remedy in _FUSE_REMEDIES if said in reason), _FUSE_HELP)
 
 
 @contextlib.contextmanager
@@ -367,7 +380,8 @@ def _check_fuse_device() -> None:
     try:
         fd = os.open(_FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(f"cannot open {_FUSE_DEVICE} ({exc.strerror}): {_FUSE_HELP}") from None
+        remedy = _fuse_remedy(f"failed to open {_FUSE_DEVICE}: {exc.strerror}")
+        raise ConfigError(f"cannot open {_FUSE_DEVICE} ({exc.strerror}): {remedy}") from None
     try:
         is_device = stat.S_ISCHR(os.fstat(fd).st_mode)
     finally:
@@ -473,7 +487,8 @@ def _init(operations: Operations, mountpoint: Path, options: Iterable[str]) -> N
             if not os.path.lexists(mountpoint):  # not FUSE's fault: removed meanwhile
                 raise ConfigError(f"cannot mount {mountpoint}: it was removed while mounting "
                                   "(by another process?): try again") from None
-            raise ConfigError(f"cannot mount {mountpoint} ({reason}): {_FUSE_HELP}") from None
+            raise ConfigError(
+                f"cannot mount {mountpoint} ({reason}): {_fuse_remedy(reason)}") from None
 
 
 async def _main_loop(

@@ -891,3 +891,20 @@ def test_each_refresh_ends_the_failure_windows_and_a_refused_one_is_told_once(
     assert all(state["stats"] == {"reads": 7} for state in written)
     warnings = [r for r in caplog.records if "cannot refresh the counters" in r.getMessage()]
     assert len(warnings) == 1
+
+
+@pytest.mark.parametrize(
+    ("libfuse_said", "remedy"),
+    [
+        ("fusermount3: option allow_other only allowed if 'user_allow_other' is set in "
+         "/etc/fuse.conf", "add user_allow_other to /etc/fuse.conf"),
+        ("fuse: failed to open /dev/fuse: Permission denied", "mount as root, or give the user"),
+        ("fusermount3: mount failed: Operation not permitted", "must be setuid root"),
+        ("fuse: device not found, try 'modprobe fuse' first", "install fuse3"),
+    ],
+)
+def test_a_failed_fuse_mount_names_the_remedy_for_what_libfuse_said(
+    libfuse_said: str, remedy: str
+) -> None:
+    """A user's mount fails in ways installing fuse3 or a container's flags do not mend."""
+    assert remedy in mount._fuse_remedy(libfuse_said)
