@@ -163,9 +163,10 @@ def load_plans(args: argparse.Namespace) -> list[PlannedDataset]:
     if ignored:
         log.warning("$%s is set but not used: the datasets come from %s", datasets.ENV_VAR,
                     "stdin" if args.spec == "-" else args.spec)
-    if not specs:  # a job's platform that passes "[]" (run goes on to the job)
+    planned = plan_datasets(specs, args)  # the command's options are checked even so
+    if not planned:  # a job's platform that passes "[]" (run goes on to the job)
         print("s3datafs: the datasets spec lists no datasets: nothing to mount", file=sys.stderr)
-    return plan_datasets(specs, args)
+    return planned
 
 
 def plan_datasets(specs: list[DatasetSpec], args: argparse.Namespace) -> list[PlannedDataset]:
