@@ -17,6 +17,11 @@
 - Failed reads are logged as ``failurelog`` allows: never a line per read.
 - botocore's warning that temporary credentials could not be refreshed (an STS call for a role
   failed) goes to the log file only: the error it raises then says what failed, in one line.
+- botocore's own warnings (a refresh of temporary keys that failed, with a traceback each time;
+  the metadata service's "expiration extension") come on every use of the keys while the cause
+  lasts: an STS outage wrote 3 MB a minute with no read failing. Each kind is logged at most
+  once per ``REPEAT_SECONDS``, in one line (the exception's type and message for its
+  traceback), and the next one says how many were held back.
 - A record logged with ``extra=FILE_ONLY`` skips the terminal: a failure the command prints
   itself is also written to the log file, where whoever reads the log later finds why.
 - A redacting filter replaces every known secret value (secret key, session token) in any record,
@@ -36,6 +41,8 @@ import os
 import signal
 import stat
 import sys
+import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -66,13 +73,64 @@ def _with_message(record: logging.LogRecord) -> logging.LogRecord:
     return record
 
 
+REPEAT_SECONDS = 60.0  # botocore's warnings of one kind: at most one line per this
+
+
+class _RepeatedWarnings(logging.Filter):
+    """botocore's records, each kind (logger and message template) at most once per
+    ``REPEAT_SECONDS``, in one line (see the module docstring). One instance serves every
+    handler: the first to see a record decides for all (the answer is kept on the record)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = time.monotonic  # looked up now: a test puts its own clock there first
+        self._lock = threading.Lock()  # botocore logs from the GET worker threads
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("botocore"):
+            return True
+        decided = getattr(record, "s3datafs_shown", None)
+        if decided is not None:
+            return decided
+        kind = (record.name, str(record.msg))
+        with self._lock:
+            now, last = self._clock(), self._last.get(kind)
+            shown = last is None or now - last >= REPEAT_SECONDS
+            if shown:
+                self._last[kind] = now
+                held = self._held.pop(kind, 0)
+            else:
+                self._held[kind] = self._held.get(kind, 0) + 1
+        if shown:
+            line = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                error = record.exc_info[1]
+                line += f" ({type(error).__name__}: {' '.join(str(error).split())})"
+            if held:
+                line += f" [{held} more like it in the last {REPEAT_SECONDS:.0f} s not logged]"
+            record.msg, record.args, record.exc_info, record.exc_text = line, None, None, None
+        record.s3datafs_shown = shown
+        return shown
+
+
 class RedactSecrets(logging.Filter):
+    """Replaces known secrets in every record: those given at ``setup`` for good, and the last
+    ``ADDED_KEPT`` added later (a credentials file renewed every 15 minutes for a month added
+    5,760, and each record then cost 0.36 ms; a key renewed long ago is used nowhere now)."""
+
+    ADDED_KEPT = 32
+
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self._secrets = [s for s in secrets if s]
+        self._given = [s for s in secrets if s]
+        self._secrets = self._given
 
     def add(self, secrets: Iterable[str | None]) -> None:
-        self._secrets = [*self._secrets, *(s for s in secrets if s and s not in self._secrets)]
+        added = self._secrets[len(self._given):]
+        added += [s for s in secrets if s and s not in self._secrets and s not in added]
+        self._secrets = [*self._given, *added[-self.ADDED_KEPT:]]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self._secrets:
@@ -214,6 +272,8 @@ def setup(
         console.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
         console.setFormatter(_ConsoleFormatter(tracebacks=debug))
         console.set_name("console")
+    repeated = _RepeatedWarnings()
+    console.addFilter(repeated)
     console.addFilter(redactor)
     console.addFilter(_not_said_again_by_the_error)
     console.addFilter(_not_for_the_terminal)  # what the command prints itself, said once
@@ -232,6 +292,7 @@ def setup(
                 f"cannot write log file {log_file}: {exc.strerror}: choose another with --log-file"
             ) from None
         handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.addFilter(repeated)
         handler.addFilter(redactor)
         root.addHandler(handler)
     for name in _CHATTY:

@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import botocore.config
+import botocore.credentials
 import botocore.exceptions
 import botocore.loaders
 import botocore.model
@@ -493,7 +494,28 @@ def _client(session: botocore.session.Session, settings: S3Settings, for_reads: 
     )
     if settings.requester_pays:
         client.meta.events.register("before-parameter-build.s3", _requester_pays)
+    _refresh_closer_to_expiry(getattr(client._request_signer, "_credentials", None))
     return client
+
+
+# botocore renews temporary keys in their last 15 minutes, on every use and keeping the old
+# keys when that fails ("advisory"), and must renew them in their last 10 ("mandatory"). A role
+# session of 900 s, the shortest and a common one, is always in its last 15 minutes: every use
+# of the keys called STS again (measured: 3 AssumeRole per GET, 47 a second with 8 readers),
+# and a failing STS filled the log. The AWS SDKs for Java and JavaScript renew 5 minutes ahead.
+ADVISORY_REFRESH_SECONDS = 5 * 60
+MANDATORY_REFRESH_SECONDS = 2 * 60
+
+
+def _refresh_closer_to_expiry(credentials: object) -> None:
+    """Renew ``credentials`` (botocore's, if refreshable) 5 minutes ahead, must 2 minutes ahead;
+    windows a provider chose itself are kept."""
+    if not isinstance(credentials, botocore.credentials.RefreshableCredentials):
+        return
+    chosen = vars(credentials)  # botocore's class defaults are not in the instance's dict
+    if "_advisory_refresh_timeout" not in chosen and "_mandatory_refresh_timeout" not in chosen:
+        credentials._advisory_refresh_timeout = ADVISORY_REFRESH_SECONDS
+        credentials._mandatory_refresh_timeout = MANDATORY_REFRESH_SECONDS
 
 
 def _requester_pays(params: dict, model: botocore.model.OperationModel, **kwargs: object) -> None:

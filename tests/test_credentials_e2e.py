@@ -276,3 +276,31 @@ def test_a_requester_pays_bucket_is_mounted_and_read_with_requester_pays(
     assert snapshot.returncode == 0, snapshot.stderr
     assert len(proxy.injected) == injected  # none refused
     assert proxy.requests["GetObject"] >= 2
+
+
+def test_a_900_second_role_session_is_not_renewed_on_every_read(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    """botocore renews keys in their last 15 minutes on every use: a session of 900 s (the
+    shortest STS grants, and a common one) is always there, and each GET called STS again
+    (3 calls per GET measured). We renew 5 minutes ahead: one session serves these reads."""
+    bucket = make_bucket()
+    data = os.urandom(4 * MiB)
+    s3.put_object(Bucket=bucket, Key="d/a.bin", Body=data)
+    script, registry = tmp_path / "lease.py", tmp_path / "registry"
+    script.write_text(_PROCESS)
+    registry.touch()
+    config = tmp_path / "aws-config"
+    config.write_text(
+        f"[profile role]\ncredential_process = {sys.executable} {script} {registry} 900\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        cli.env.pop(name)
+    cli.env.update(AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "x"))
+    mountpoint = cli.mount(f"s3://{bucket}/d/", "--profile", "role", "--no-cache")
+    with open(mountpoint / "a.bin", "rb", buffering=0) as file:
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        for block in range(32):
+            offset = block * 128 * 1024
+            assert os.pread(file.fileno(), 4096, offset) == data[offset : offset + 4096]
+    # One session for the mount command's settings check, one for the daemon's reads.
+    assert len(registry.read_text().splitlines()) == 2

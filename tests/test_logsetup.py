@@ -129,3 +129,54 @@ def test_a_closed_log_file_leaves_no_stack_dump_on_its_descriptor(
     root.removeHandler(handler)
     handler.close()
     assert not faulthandler.unregister(signal.SIGUSR1)  # nothing was registered any more
+
+
+def test_a_warning_botocore_repeats_is_logged_once_a_minute_in_one_line(
+    tmp_path: Path, restored_logging: None, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An STS outage: botocore warns, with a traceback, on every use of the keys (3 MB a minute
+    with 8 readers, no read failing). Each kind: one line a minute, then how many were held."""
+    now = [1000.0]
+    monkeypatch.setattr(logsetup.time, "monotonic", lambda: now[0])
+    log_file = tmp_path / "d.log"
+    logsetup.setup(debug=False, verbose=False, log_file=log_file, secrets=())
+    botocore_log = logging.getLogger("botocore.credentials")
+    ours = logging.getLogger("s3datafs.test")
+
+    def refresh_fails() -> None:
+        try:
+            raise ConnectionError("Connection was closed before we\nreceived a valid response")
+        except ConnectionError:
+            botocore_log.warning("Refreshing temporary credentials failed during %s refresh "
+                                 "period.", "advisory", exc_info=True)
+
+    for _ in range(500):
+        refresh_fails()
+        ours.warning("ours, always")
+    now[0] += logsetup.REPEAT_SECONDS
+    refresh_fails()
+    lines = log_file.read_text().splitlines()
+    assert "Traceback" not in log_file.read_text()
+    theirs = [line for line in lines if "botocore.credentials" in line]
+    assert [line.partition("]: ")[2] for line in theirs] == [
+        "Refreshing temporary credentials failed during advisory refresh period. "
+        "(ConnectionError: Connection was closed before we received a valid response)",
+        "Refreshing temporary credentials failed during advisory refresh period. "
+        "(ConnectionError: Connection was closed before we received a valid response) "
+        "[499 more like it in the last 60 s not logged]",
+    ]
+    assert sum("ours, always" in line for line in lines) == 500
+    assert capsys.readouterr().err.count("Refreshing temporary credentials") == 2
+
+
+def test_secrets_added_later_are_redacted_the_last_32_of_them_and_those_given_always() -> None:
+    """A credentials file renewed every 15 minutes for a month added 5,760 secrets to check
+    every record against."""
+    redactor = logsetup.RedactSecrets(["given-secret"])
+    for rotation in range(100):
+        redactor.add([f"secret-{rotation:03}", f"token-{rotation:03}", "given-secret"])
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s %s %s %s", (
+        "given-secret", "token-099", "secret-084", "secret-083"), None)
+    redactor.filter(record)
+    assert record.getMessage() == "*** *** *** secret-083"
