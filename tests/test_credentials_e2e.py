@@ -57,6 +57,22 @@ def _expired(registry: Path):
     return expired
 
 
+def _leasing_profile(cli: Cli, tmp_path: Path, lease: float) -> Path:
+    """Profile ``lease`` in the mount's only AWS config: keys from ``_PROCESS``, each valid for
+    ``lease`` seconds; the registry it returns gets a line per call."""
+    script, registry = tmp_path / "lease.py", tmp_path / "registry"
+    script.write_text(_PROCESS)
+    registry.touch()
+    config = tmp_path / "aws-config"
+    config.write_text(
+        f"[profile lease]\ncredential_process = {sys.executable} {script} {registry} {lease}\n"
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        cli.env.pop(name)
+    cli.env.update(AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "x"))
+    return registry
+
+
 def _gets(proxy: FaultProxy) -> list[str]:
     return [key for op, _, key in proxy.signed if op == "GetObject"]
 
@@ -67,16 +83,7 @@ def test_keys_botocore_renews_are_used_and_expired_ones_never_sent(
     bucket = make_bucket()
     data = os.urandom(8 * MiB)
     s3.put_object(Bucket=bucket, Key="d/a.bin", Body=data)
-    script, registry = tmp_path / "lease.py", tmp_path / "registry"
-    script.write_text(_PROCESS)
-    registry.touch()
-    config = tmp_path / "aws-config"
-    config.write_text(
-        f"[profile lease]\ncredential_process = {sys.executable} {script} {registry} {LEASE}\n"
-    )
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        cli.env.pop(name)
-    cli.env.update(AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "x"))
+    registry = _leasing_profile(cli, tmp_path, LEASE)
     proxy.inject("error", status=403, code="InvalidAccessKeyId", times=None,
                  signed_with=_expired(registry))
     mountpoint = cli.mount(f"s3://{bucket}/d/", "--endpoint-url", proxy.endpoint,
@@ -287,16 +294,8 @@ def test_a_900_second_role_session_is_not_renewed_on_every_read(
     bucket = make_bucket()
     data = os.urandom(4 * MiB)
     s3.put_object(Bucket=bucket, Key="d/a.bin", Body=data)
-    script, registry = tmp_path / "lease.py", tmp_path / "registry"
-    script.write_text(_PROCESS)
-    registry.touch()
-    config = tmp_path / "aws-config"
-    config.write_text(
-        f"[profile role]\ncredential_process = {sys.executable} {script} {registry} 900\n")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        cli.env.pop(name)
-    cli.env.update(AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "x"))
-    mountpoint = cli.mount(f"s3://{bucket}/d/", "--profile", "role", "--no-cache")
+    registry = _leasing_profile(cli, tmp_path, 900)
+    mountpoint = cli.mount(f"s3://{bucket}/d/", "--profile", "lease", "--no-cache")
     with open(mountpoint / "a.bin", "rb", buffering=0) as file:
         os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         for block in range(32):
