@@ -245,10 +245,10 @@ def _not_for_the_terminal(record: logging.LogRecord) -> bool:
 
 def _not_said_again_by_the_error(record: logging.LogRecord) -> bool:
     """False for botocore's "Refreshing temporary credentials failed during mandatory refresh
-    period", which an exception always follows (see above)."""
-    return not (
-        record.name == "botocore.credentials" and "mandatory refresh" in record.getMessage()
-    )
+    period" and "... the refreshed credentials are still expired", which an exception always
+    follows (see above)."""
+    return not (record.name == "botocore.credentials" and any(
+        said in record.getMessage() for said in ("mandatory refresh", "still expired")))
 
 
 def setup(

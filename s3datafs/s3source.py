@@ -208,7 +208,7 @@ class S3Source:
             if _code(exc) in _VERSIONING_UNKNOWN:  # ETag pinning needs no versioning state
                 return None
             raise _map_client_error(exc, f"s3://{bucket}") from None
-        except botocore.exceptions.BotoCoreError as exc:
+        except (botocore.exceptions.BotoCoreError, RuntimeError) as exc:
             raise _map_botocore_error(exc, f"s3://{bucket}") from None
         return response.get("Status") in ("Enabled", "Suspended")
 
@@ -225,7 +225,7 @@ class S3Source:
                 what = f"version {version_id} of {uri}" if version_id else uri
                 raise NotFoundError(f"no such object: {what}") from None
             raise _map_client_error(exc, uri) from None
-        except botocore.exceptions.BotoCoreError as exc:
+        except (botocore.exceptions.BotoCoreError, RuntimeError) as exc:
             raise _map_botocore_error(exc, uri) from None
         return ObjectRef(
             bucket=bucket,
@@ -249,7 +249,7 @@ class S3Source:
             ref = select_key(bucket, key, pages, Selection(True, as_of))
         except botocore.exceptions.ClientError as exc:
             raise _map_client_error(exc, uri) from None
-        except botocore.exceptions.BotoCoreError as exc:
+        except (botocore.exceptions.BotoCoreError, RuntimeError) as exc:
             raise _map_botocore_error(exc, uri) from None
         if ref is None:
             raise NotFoundError(f"no such object at that time: {uri}")
@@ -264,7 +264,7 @@ class S3Source:
             )
         except botocore.exceptions.ClientError as exc:
             raise _map_client_error(exc, uri) from None
-        except botocore.exceptions.BotoCoreError as exc:
+        except (botocore.exceptions.BotoCoreError, RuntimeError) as exc:
             raise _map_botocore_error(exc, uri) from None
 
     def _pages(
@@ -328,7 +328,7 @@ class S3Source:
                     f"{_code(exc)}; {_SEE_CURRENT}"
                 ) from None
             raise _map_client_error(exc, ref.uri) from None
-        except botocore.exceptions.BotoCoreError as exc:
+        except (botocore.exceptions.BotoCoreError, RuntimeError) as exc:
             raise _map_botocore_error(exc, ref.uri) from None
         except _BODY_ERRORS as exc:  # anything botocore let through while the body streamed
             raise TransientS3Error(f"lost the connection reading {ref.uri}: {exc}") from None
@@ -625,7 +625,20 @@ def _map_client_error(exc: botocore.exceptions.ClientError, uri: str) -> S3DataF
     return S3RequestError(f"S3 error on {uri}: {code}: {message}")
 
 
-def _map_botocore_error(exc: botocore.exceptions.BotoCoreError, uri: str) -> S3DataFSError:
+_EXPIRED_ON_ARRIVAL = "refreshed credentials are still expired"  # botocore's RuntimeError
+
+
+def _map_botocore_error(
+    exc: botocore.exceptions.BotoCoreError | RuntimeError, uri: str
+) -> S3DataFSError:
+    """Ours for ``exc``; a ``RuntimeError`` is botocore's only for keys that came expired
+    (any other is not botocore's to map, and is raised again)."""
+    if not isinstance(exc, botocore.exceptions.BotoCoreError):
+        if _EXPIRED_ON_ARRIVAL not in str(exc):
+            raise exc
+        return AccessDeniedError(
+            f"cannot use the AWS credentials for {uri}: the credential service gave keys that "
+            "had expired already: check this machine's clock, and the service")
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return AccessDeniedError(
             "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, use "

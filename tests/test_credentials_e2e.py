@@ -303,3 +303,20 @@ def test_a_900_second_role_session_is_not_renewed_on_every_read(
             assert os.pread(file.fileno(), 4096, offset) == data[offset : offset + 4096]
     # One session for the mount command's settings check, one for the daemon's reads.
     assert len(registry.read_text().splitlines()) == 2
+
+
+def test_keys_that_come_expired_fail_the_mount_in_one_line_naming_the_clock(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    """botocore raises a plain RuntimeError for keys its provider handed out expired (a wrong
+    clock, here or at the service): it was an "internal error", and at read time an
+    "unexpected error" that no counter saw."""
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="d/a.bin", Body=b"a")
+    _leasing_profile(cli, tmp_path, -60)
+    cli.expect_log("the refreshed credentials are still expired")  # botocore's, the file only
+    result = cli.run("mount", f"s3://{bucket}/d/", "--profile", "lease")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"s3datafs: cannot use the AWS credentials for s3://{bucket}: the credential service "
+        "gave keys that had expired already: check this machine's clock, and the service\n")
