@@ -3,8 +3,9 @@
 - The mount table (``/proc/self/mountinfo``) is the truth about what is mounted; our mounts have
   filesystem type ``fuse.s3datafs``.
 - Each daemon writes a small JSON state file (mount point, URI, counts, pid, log file) into the
-  runtime directory when it is ready and removes it when it exits. A state file whose mount is
-  gone, or whose pid is dead, is stale; ``status`` and ``unmount`` say so and clean up.
+  runtime directory when it is ready and removes it when it exits. A state file whose daemon
+  is dead is stale: ``unmount`` removes it with the dead mount, ``status`` once the mount is
+  gone too (``remove_stale_states``).
 - State files are written atomically (temp file + ``os.replace``) and never hold secrets.
 """
 
@@ -179,6 +180,22 @@ def all_states() -> list[dict]:
         with contextlib.suppress(OSError, ValueError):
             states.append(json.loads(path.read_text(encoding="utf-8")))
     return states
+
+
+def remove_stale_states(states: list[dict], mounted: set[str]) -> None:
+    """Remove the state files of daemons that are dead and whose mount is gone: killed, then
+    unmounted by hand (``umount -l``), they would pile up, one per mount point. A dead daemon's
+    mount still in the table keeps its file (``unmount`` clears both); a live daemon's is its
+    own (a lazily detached one serves its open files). Each is checked again under the mount
+    point's lock: a command mounting there meanwhile writes a new one."""
+    for state in states:
+        mountpoint, pid = state.get("mountpoint"), state.get("pid")
+        if not isinstance(mountpoint, str) or mountpoint in mounted or pid_alive(pid):
+            continue
+        with contextlib.suppress(ConfigError, OSError), mounting(mountpoint):
+            again = read_state(mountpoint)
+            if again is not None and again.get("pid") == pid:
+                remove_state(mountpoint)
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -519,6 +519,24 @@ def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make
     assert not os.path.ismount(mountpoint)
 
 
+def test_status_removes_the_state_of_a_killed_daemon_unmounted_by_hand(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """A daemon killed outright, its dead mount taken off with ``umount -l`` (not ours): one
+    state file per such mount point piled up, forever."""
+    live = mount_one_file(cli, s3, make_bucket)
+    bucket = make_bucket()
+    put_all(s3, bucket, {"k.bin": b"k"})
+    killed = cli.mount(f"s3://{bucket}/", str(cli.root / "killed"))
+    os.kill(cli.daemon_pid(killed), signal.SIGKILL)
+    time.sleep(0.2)
+    subprocess.run(["umount", "-l", str(killed)], check=True)
+    assert len(list((cli.root / "run").glob("*.json"))) == 2
+    assert cli.run("status").returncode == 0
+    assert [json.loads(p.read_text())["mountpoint"] for p in (cli.root / "run").glob("*.json")] \
+        == [str(live)]
+
+
 def test_unmount_refuses_while_another_file_system_is_mounted_over_ours(
     cli: Cli, s3, make_bucket
 ) -> None:

@@ -38,9 +38,12 @@ def _state_of(mountpoint: str, state: dict | None, pid: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    states = {state.get("mountpoint"): state for state in runtime.all_states()}
+    found = runtime.all_states()
+    states = {state.get("mountpoint"): state for state in found}
+    mounts = runtime.our_mounts()
+    runtime.remove_stale_states(found, {entry.mountpoint for entry in mounts})
     rows = []
-    for entry in runtime.our_mounts():
+    for entry in mounts:
         state = states.get(entry.mountpoint)
         pid = None if state is None else state.get("pid")
         rows.append(
