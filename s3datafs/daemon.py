@@ -24,7 +24,8 @@ Protocol:
   listening once ready; one that is not (``run``, ``mount-all --foreground``: their datasets
   are the command's, for as long as it lives) keeps the signal, and its serving loop unmounts
   on it (see ``mount.serve``): a ``run`` killed with SIGKILL leaves no mount behind, nor
-  the mount point directories it made (each daemon removes its own, see ``commands.mount``). The
+  the mount point directories it made (a daemon removes what was made for its mount when it
+  ends, see ``commands.mount``). The
   kernel's notice is of the end of the *thread* that forked: ``spawn`` is called from the main
   thread, which lives as long as the command.
 """

@@ -519,6 +519,21 @@ def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make
     assert not os.path.ismount(mountpoint)
 
 
+def test_a_mount_point_the_mount_made_goes_when_it_is_unmounted_one_that_was_there_stays(
+    cli: Cli, s3, make_bucket
+) -> None:
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    made = cli.mount(f"s3://{bucket}/p/")  # /data/p under a data root that was not there
+    assert cli.unmount(made).returncode == 0
+    assert not cli.data_root.exists(), "the directories made for the mount were left"
+    there = cli.root / "there"
+    there.mkdir()
+    mountpoint = cli.mount(f"s3://{bucket}/p/", str(there))
+    assert cli.unmount(mountpoint).returncode == 0
+    assert there.is_dir()
+
+
 def test_status_removes_the_state_of_a_killed_daemon_unmounted_by_hand(
     cli: Cli, s3, make_bucket
 ) -> None:

@@ -410,27 +410,22 @@ def _start_mount(
         try:
             if foreground:
                 _serve_in_foreground(plan, on_ready or (lambda _summary: None))
+                config.remove_created(plan.mountpoint, created)  # unmounted: made for it, gone
                 return {}
             hint = ("see its log above" if plan.log_file == logsetup.STDERR
                     else f"see {plan.log_file}" if plan.log_file
                     else "run with --foreground to see why")
-            command = os.getpid()
-
-            def remove_created_mountpoint() -> None:
-                # This process is gone, and cannot clean up any more; its lock on the mount
-                # point went with it: the next command may be preparing the very directory
-                # there (it keeps it, if so).
-                with contextlib.suppress(ConfigError), runtime.mounting(str(plan.mountpoint)):
-                    config.remove_created(plan.mountpoint, created)
 
             def serve_in_daemon(report: daemon.Report) -> None:
                 try:
                     mount_dataset(plan, lambda summary: report(summary.as_dict()))
-                except daemon.Abandoned:
-                    remove_created_mountpoint()
-                    raise
-                if not outlive_command and os.getppid() != command:
-                    remove_created_mountpoint()  # unmounted because the command was killed
+                finally:  # unmounted (or abandoned): what was made for the mount goes with it
+                    # Under the lock, taken again: the command that took it is gone or done,
+                    # and the next one may be preparing the very directory (it keeps it, if
+                    # so). While this command still waits (a failed start) it holds the lock,
+                    # and removes the directory itself.
+                    with contextlib.suppress(ConfigError), runtime.mounting(str(plan.mountpoint)):
+                        config.remove_created(plan.mountpoint, created)
 
             verdict = daemon.spawn(serve_in_daemon, log_hint=hint, outlive_command=outlive_command)
             if not verdict["ok"]:
