@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from s3datafs.cli import build_parser
+from s3datafs.config import default_log_dir
 from s3datafs.datasets import parse_specs
 from s3datafs.mount_helper import translate_options
 
@@ -210,3 +211,19 @@ def test_the_container_entrypoint_refuses_datasets_given_twice(
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == (f"s3datafs: datasets given twice, by {config}/datasets.yaml and by "
                            "$S3DATAFS_DATASETS: keep one of them\n")
+
+
+def test_the_logrotate_file_rotates_the_default_logs_and_sends_no_signal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGHUP unmounts: a postrotate copied from another daemon's file took the mount away.
+    The daemon follows its file by itself (see logsetup)."""
+    monkeypatch.delenv("S3DATAFS_LOG_DIR", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # root's daemons: the packaged ones
+    text = (PACKAGING / "logrotate" / "s3datafs").read_text()
+    rules = [line.split("#")[0].strip() for line in text.splitlines()]
+    rules = [rule for rule in rules if rule]
+    assert rules[0] == f"{default_log_dir()}/*.log {{"
+    assert rules[-1] == "}"
+    assert not {"postrotate", "copytruncate", "sharedscripts"} & {rule.split()[0] for rule in rules}
+    assert "delaycompress" in rules
