@@ -59,6 +59,7 @@ import random
 import re
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -628,11 +629,21 @@ def _map_client_error(exc: botocore.exceptions.ClientError, uri: str) -> S3DataF
 _EXPIRED_ON_ARRIVAL = "refreshed credentials are still expired"  # botocore's RuntimeError
 
 
+def _while_getting_credentials(exc: BaseException) -> bool:
+    """Whether ``exc`` came up through botocore's credential providers (an STS or metadata
+    service call, made while signing): its traceback passes through ``botocore.credentials``.
+    The failing URL cannot tell: S3's own host changes with the bucket's region."""
+    frames = traceback.walk_tb(exc.__traceback__)
+    return any(frame.f_globals.get("__name__") == "botocore.credentials" for frame, _ in frames)
+
+
 def _map_botocore_error(
     exc: botocore.exceptions.BotoCoreError | RuntimeError, uri: str
 ) -> S3DataFSError:
     """Ours for ``exc``; a ``RuntimeError`` is botocore's only for keys that came expired
-    (any other is not botocore's to map, and is raised again)."""
+    (any other is not botocore's to map, and is raised again). A network failure met while
+    getting credentials (STS, for a role's keys, called while signing) is not blamed on S3
+    and ``--endpoint-url``."""
     if not isinstance(exc, botocore.exceptions.BotoCoreError):
         if _EXPIRED_ON_ARRIVAL not in str(exc):
             raise exc
@@ -657,6 +668,10 @@ def _map_botocore_error(
         return TransientS3Error(
             f"cannot reach S3 for {uri}: the HTTP client failed ({type(inner).__name__})")
     if isinstance(exc, _TRANSIENT_BOTOCORE):
+        if _while_getting_credentials(exc):
+            return TransientS3Error(
+                f"cannot get AWS credentials for {uri}: {exc}: the credential service (STS, for "
+                "a role's keys) cannot be reached: check the network and the role's settings")
         return TransientS3Error(
             f"cannot reach S3 for {uri}: {exc}: check the endpoint (--endpoint-url) and network")
     return S3RequestError(f"S3 request for {uri} failed: {exc}")

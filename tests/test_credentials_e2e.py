@@ -192,6 +192,8 @@ def test_a_role_whose_sts_cannot_be_reached_fails_the_mount_in_one_line(
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert "http://127.0.0.1:9" in result.stderr
+    assert f"cannot get AWS credentials for s3://{bucket}" in result.stderr  # not S3's fault
+    assert "--endpoint-url" not in result.stderr
     assert not (cli.data_root / bucket).exists()
 
 
