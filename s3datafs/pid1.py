@@ -5,8 +5,9 @@ of a default action). ``s3datafs run`` is PID 1 of job containers, and the inter
 its first half second or more importing before ``run`` installs ``supervisor.DeferredSignals``:
 a ``docker stop`` or a pod deleted in that window was lost, the datasets were mounted and the
 job ran until the grace period's SIGKILL. So importing the package as PID 1 installs
-``record`` at once (``s3datafs/__init__``); ``DeferredSignals`` takes over what it recorded,
-and ``run`` stops before mounting anything (exit 128+N).
+``record`` at once (``s3datafs/__init__``); ``DeferredSignals`` (``run``, ``mount-all``) and a
+foreground mount's own handler (a sidecar's ``mount --foreground``) take over what it
+recorded, and the command stops before mounting anything (exit 128+N).
 
 Invariants: only PID 1 records (elsewhere a stop signal before the command is ready ends the
 process, as it always did); a signal ignored from the start (nohup) stays ignored; a process

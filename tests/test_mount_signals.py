@@ -374,3 +374,57 @@ def test_a_failed_start_of_the_service_leaves_a_live_mount_there_alone(
     assert (left.returncode, left.stdout) == (
         0, f"s3datafs: {target} is served by a live daemon: left as it is\n")
     assert (target / "a.txt").read_bytes() == b"a\n"
+
+
+_WAITING_KEYS = """\
+import json, pathlib, sys, time
+pathlib.Path(sys.argv[1]).touch()
+while not pathlib.Path(sys.argv[2]).exists():
+    time.sleep(0.02)
+print(json.dumps({"Version": 1, "AccessKeyId": "testing", "SecretAccessKey": "testing"}))
+"""
+
+
+def test_a_foreground_mount_as_pid_1_stopped_while_it_starts_mounts_nothing(
+    cli: Cli, bucket: str, tmp_path: Path
+) -> None:
+    """``mount --foreground`` as a container's PID 1 (a sidecar): a SIGTERM before the command
+    has a handler of its own (importing, getting keys) was dropped by the kernel, and the
+    mount then served until the grace period's SIGKILL left a dead mount. Here the keys come
+    from a ``credential_process`` that waits, and the signal comes meanwhile."""
+    script, asked, answer = tmp_path / "keys.py", tmp_path / "asked", tmp_path / "answer"
+    script.write_text(_WAITING_KEYS)
+    config = tmp_path / "aws-config"
+    config.write_text(f"[profile slow]\ncredential_process = {sys.executable} {script} {asked} "
+                      f"{answer}\n")
+    env = {**cli.env, "AWS_CONFIG_FILE": str(config)}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(name)
+    target = cli.root / "made" / "mnt"
+    command = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "s3datafs", "mount",
+         "--foreground", "--profile", "slow", f"s3://{bucket}/p/", str(target)],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not asked.exists():
+            assert command.poll() is None, command.communicate()
+            assert time.monotonic() < deadline, "the keys were never asked for"
+            time.sleep(0.02)
+        (init,) = [int(pid) for pid in
+                   Path(f"/proc/{command.pid}/task/{command.pid}/children").read_text().split()]
+        os.kill(init, signal.SIGTERM)
+        answer.touch()
+        command.communicate(timeout=30)
+        assert command.returncode == 128 + signal.SIGTERM
+        assert not mounted_at(target)
+        assert not (cli.root / "made").exists()
+    finally:
+        answer.touch()
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+        if mounted_at(target):
+            subprocess.run(["fusermount3", "-u", "-z", str(target)], check=False)

@@ -23,7 +23,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .. import config, daemon, logsetup, pinning, runtime, s3source, sdnotify, snapshot, startup
+from .. import (
+    config,
+    daemon,
+    logsetup,
+    pid1,
+    pinning,
+    runtime,
+    s3source,
+    sdnotify,
+    snapshot,
+    startup,
+)
 from ..archive.index import parse_archive_mode
 from ..errors import ConfigError, MountFailed, S3DataFSError, UsageError
 from ..fuse_ops import FsSettings
@@ -454,14 +465,17 @@ def _serve_in_foreground(plan: MountPlan, on_ready: Callable[[dict], None]) -> N
 @contextlib.contextmanager
 def _stop_signals_raise() -> Iterator[None]:
     """SIGTERM or SIGHUP before serving (while pinning, say) ends the command like Ctrl-C does,
-    through the cleanup that removes a mount point it created, instead of killing it outright.
-    (While serving, the loop's own receiver takes them and unmounts.)"""
+    through the cleanup that removes a mount point it created, instead of killing it outright;
+    so does one ``pid1`` recorded before. (While serving, the loop's own receiver takes them
+    and unmounts.)"""
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        if early := pid1.take():  # as a container's PID 1, asked to stop while it started
+            stop(early[0], None)
         yield
     finally:
         for signum, handler in previous.items():
