@@ -283,8 +283,7 @@ def setup(
         # No symlink of another user on the way, no directory others may swap: a root daemon
         # would create its log wherever they chose. The directory may be shared if sticky (a
         # --log-file in /tmp): the file is opened with O_NOFOLLOW and must be this user's.
-        shared_dir(log_file.parent, "log directory",
-                   "choose another with --log-file or S3DATAFS_LOG_DIR")
+        check_log_directory(log_file.parent)
         try:
             handler = _LogFile(log_file)
         except OSError as exc:
@@ -300,6 +299,11 @@ def setup(
     fuse_logger = logging.getLogger("pyfuse3")
     if _not_a_refused_answer not in fuse_logger.filters:
         fuse_logger.addFilter(_not_a_refused_answer)
+
+
+def check_log_directory(directory: Path) -> None:
+    """Make or check a directory of log files (``config.shared_dir``), or say what to do."""
+    shared_dir(directory, "log directory", "choose another with --log-file or S3DATAFS_LOG_DIR")
 
 
 def logs_to_stderr() -> bool:

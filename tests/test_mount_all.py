@@ -249,6 +249,21 @@ def test_bad_specs_mount_nothing_and_contact_nothing(
     assert sum(s3server.ops().values()) == before, "a bad spec reached S3"
 
 
+def test_an_unusable_log_directory_is_the_commands_problem_not_a_datasets(
+    cli: Cli, s3server: S3Server, three: Three
+) -> None:
+    """Every dataset logs into the one directory: said once, before anything is mounted (it
+    was said as the first dataset's, 'dataset 'mnist': cannot use log directory ...')."""
+    before = sum(s3server.ops().values())
+    result = run_cli(cli, "mount-all", "-", stdin=json.dumps(three.spec),
+                     env={**cli.env, "S3DATAFS_LOG_DIR": "/proc/nope"})
+    assert (result.returncode, result.stderr) == (1, (
+        "s3datafs: cannot use log directory /proc/nope: No such file or directory: choose "
+        "another with --log-file or S3DATAFS_LOG_DIR\n"))
+    assert_nothing_left(cli)
+    assert sum(s3server.ops().values()) == before
+
+
 def in_a_private_mount_namespace(cli: Cli, script: str) -> dict:
     """Run ``script`` (Python that prints one JSON line) in a mount namespace of its own, so
     ``unmount --all`` there sees only its mounts; its report."""

@@ -174,6 +174,11 @@ def plan_datasets(specs: list[DatasetSpec], args: argparse.Namespace) -> list[Pl
     _refuse_per_dataset_options(args)
     planned = [PlannedDataset(spec, _plan(spec, args)) for spec in specs]
     _refuse_shared_mountpoints(planned)
+    # The datasets' logs share a directory: a problem there is the command's, said once (it was
+    # said as the first dataset's when that one was mounted).
+    for directory in sorted({item.plan.log_file.parent for item in planned
+                             if item.plan.log_file not in (None, logsetup.STDERR)}):
+        logsetup.check_log_directory(directory)
     return planned
 
 
