@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -44,6 +45,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from s3datafs import runtime
 
 from . import peers, report, workloads
 from .env import (
@@ -108,8 +111,13 @@ class ProfileRun:
         path.mkdir(parents=True)
         return path
 
-    def measure(self, pid: int, run: Callable[[], Done], value: Callable[[Done], float]) -> Figure:
-        """Run one workload between server-counter and CPU readings."""
+    def measure(
+        self, pid: int, run: Callable[[], Done], value: Callable[[Done], float],
+        root: Path | None = None,
+    ) -> Figure:
+        """Run one workload between server-counter, CPU and (our mount at ``root``) daemon
+        counter readings."""
+        counters0 = daemon_counters(root)
         self.counter.reset()
         cpu0 = cpu_seconds(pid) if pid else None
         try:
@@ -117,6 +125,7 @@ class ProfileRun:
         except Exception as exc:  # a contender failing a read is a result, not a crash
             return Figure(None, error=f"{type(exc).__name__}: {exc}")
         s3 = self.counter.read()
+        counters = daemon_counters(root)
         return Figure(
             value(done),
             seconds=done.seconds,
@@ -128,6 +137,7 @@ class ProfileRun:
             cpu_s=None if cpu0 is None else cpu_seconds(pid) - cpu0,
             rss_kib=status_kib(pid, "VmHWM") if pid else None,
             capped=done.capped,
+            daemon={name: count - counters0.get(name, 0) for name, count in counters.items()},
         )
 
     @contextlib.contextmanager
@@ -196,16 +206,17 @@ class ProfileRun:
         try:
             with self.mounted(c, self.s.dataset.big_prefix, cache) as m:
                 path = m.path / self.big
-                self.put("cold_seq", c.name, self._seq(m.pid, path))
-                self.put("reread_same", c.name, self._seq(m.pid, path))
+                self.put("cold_seq", c.name, self._seq(m, path))
+                self.put("reread_same", c.name, self._seq(m, path))
             with self.mounted(c, self.s.dataset.big_prefix, cache) as m:
-                self.put("reread_remount", c.name, self._seq(m.pid, m.path / self.big))
+                self.put("reread_remount", c.name, self._seq(m, m.path / self.big))
         finally:
             shutil.rmtree(cache, ignore_errors=True)
 
-    def _seq(self, pid: int, path: Path) -> Figure:
+    def _seq(self, m: peers.Mounted, path: Path) -> Figure:
         deadline = self.deadline(self.s.seq_cap)
-        return self.measure(pid, lambda: workloads.sequential(path, deadline), Done.mbps)
+        return self.measure(m.pid, lambda: workloads.sequential(path, deadline), Done.mbps,
+                            root=m.path)
 
     def random_plan(self, key: str) -> tuple[list[list[int]], int]:
         """Offsets over the whole big file, the same for every contender and the ceiling."""
@@ -225,7 +236,7 @@ class ProfileRun:
                     size,
                     self.deadline(self.s.random_cap),
                 )
-                self.put(key, c.name, self.measure(m.pid, run, Done.ops_per_s))
+                self.put(key, c.name, self.measure(m.pid, run, Done.ops_per_s, root=m.path))
 
     def scattered_offsets(self) -> list[int]:
         return workloads.scattered_plan(7, self.s.dataset.big_size, self.s.scattered_fraction)
@@ -235,20 +246,20 @@ class ProfileRun:
         with self.mounted(c, self.s.dataset.big_prefix) as m:
             path, deadline = m.path / self.big, self.deadline(self.s.seq_cap)
             run = functools.partial(workloads.scattered, path, offsets, deadline)
-            self.put("scattered", c.name, self.measure(m.pid, run, _seconds))
+            self.put("scattered", c.name, self.measure(m.pid, run, _seconds, root=m.path))
 
     def scattered_8t(self, c: peers.Contender) -> None:
         offsets = self.scattered_offsets()
         with self.mounted(c, self.s.dataset.big_prefix) as m:
             path, deadline = m.path / self.big, self.deadline(self.s.seq_cap)
             run = functools.partial(workloads.scattered_parallel, path, offsets, 8, deadline)
-            self.put("scattered_8t", c.name, self.measure(m.pid, run, _seconds))
+            self.put("scattered_8t", c.name, self.measure(m.pid, run, _seconds, root=m.path))
 
     def readers8(self, c: peers.Contender) -> None:
         with self.mounted(c, self.s.dataset.big_prefix) as m:
             path, deadline = m.path / self.big, self.deadline(self.s.seq_cap)
             run = functools.partial(workloads.parallel_sequential, path, 8, deadline)
-            fig = self.measure(m.pid, run, Done.mbps)
+            fig = self.measure(m.pid, run, Done.mbps, root=m.path)
             # Whose peak this is: the row has shown a second, higher mode (see RESULTS.md).
             log(f"  {self.profile} {c.name}: readers8 peak RSS {fig.rss_kib} KiB of pid {m.pid} "
                 f"(now {status_kib(m.pid, 'VmRSS')} KiB, {status_kib(m.pid, 'Threads')} threads)")
@@ -259,14 +270,14 @@ class ProfileRun:
     def find(self, c: peers.Contender) -> None:
         with self.mounted(c, self.s.dataset.small_prefix) as m:
             run = functools.partial(workloads.find_stat, m.path, self.s.seq_cap * 2)
-            self.put("find", c.name, self.measure(m.pid, run, _seconds))
+            self.put("find", c.name, self.measure(m.pid, run, _seconds, root=m.path))
 
     def small_files(self, c: peers.Contender) -> None:
         names = self.s.dataset.small_names()
         with self.mounted(c, self.s.dataset.small_prefix) as m:
             paths, deadline = [m.path / n for n in names], self.deadline(self.s.files_cap)
             run = functools.partial(workloads.read_files, paths, 8, deadline)
-            self.put("small_files", c.name, self.measure(m.pid, run, Done.ops_per_s))
+            self.put("small_files", c.name, self.measure(m.pid, run, Done.ops_per_s, root=m.path))
 
     # ------------------------------------------------------------ ceilings
 
@@ -345,7 +356,23 @@ def _brief(fig: Figure, workload: str) -> str:
         return f"ERROR {fig.error}"
     unit = report.BY_KEY[workload].unit
     value = "-" if fig.value is None else f"{fig.value:,.3f}"
-    return f"{value} {unit}  s3={fig.s3_requests} req/{report.human_bytes(fig.s3_bytes)}"
+    brief = f"{value} {unit}  s3={fig.s3_requests} req/{report.human_bytes(fig.s3_bytes)}"
+    if skipped := fig.daemon.get("cache_writes_skipped"):
+        brief += f"  ({skipped} blocks left uncached: the cache disk fell behind)"
+    return brief
+
+
+def daemon_counters(root: Path | None) -> dict[str, int]:
+    """Our daemon's counters (the mount root's ``user.s3datafs.stats``); {} for a peer's mount,
+    which is not asked (s3fs would ask S3 for an attribute, and the server counts that)."""
+    if root is None or not any(entry.mountpoint == str(root) for entry in runtime.our_mounts()):
+        return {}
+    try:
+        counters = json.loads(os.getxattr(root, "user.s3datafs.stats"))
+    except (OSError, ValueError):  # a peer's mount has no such attribute
+        return {}
+    return {name: count for name, count in counters.items()
+            if isinstance(count, int) and not name.endswith("_per_second")}  # counters, no rates
 
 
 _T0 = time.monotonic()

@@ -35,6 +35,9 @@ class Figure:
     rss_kib: int | None = None
     capped: bool = False
     error: str | None = None
+    # Our daemon's counters over the workload (``user.s3datafs.stats`` of the mount root, after
+    # less before): what it fetched, found cached, left uncached. Empty for the peers.
+    daemon: dict[str, int] = field(default_factory=dict)
 
     @property
     def amplification(self) -> float | None:
