@@ -205,6 +205,8 @@ class BlockReader:
         # The write budget shrinks to what the disk writes in a second where it is slow (``pace``).
         self._pace = WritePace(self._request_blocks * block_size, self._write_budget.capacity)
         self._write_budget.capacity = self._pace.allowance
+        # One run a reader waited for may wait for the disk beyond the budget (``_write_behind``).
+        self._write_reserve = ByteBudget(self._request_blocks * block_size)
         self._write_waiting = 0  # bytes fetched and waiting for room in the write budget
         self._waited_flights = 0  # flights a reader waits for (``_Flight.waited``), in progress
         self._writes_may_go = trio.Event()  # set (and renewed) when write-behind may stop yielding
@@ -686,17 +688,22 @@ class BlockReader:
         readahead pauses meanwhile: ``prefetch``), so they go at the disk's pace; so does
         readahead a reader caught up with (``_join``), which is as bounded as any readahead. A
         run a reader waited for from the start never does (nor does it queue behind the writes
-        for its disk lookup, see ``_fill``): if there is no room, its blocks are not cached
-        (counted, and logged at most once a minute). Waiting, it would hold its blocks while its
-        reader, served already, sent the next read: as many runs as reads, without bound (a
-        try measured 590-650 MiB with 8 readers). A cache disk slower than S3 (a network volume
-        out of burst credits) then costs the reads their readahead, not their speed. Measured
-        by a review, before: 8 readers at 1/32 of their speed with the cache disk at 10 MB/s,
-        1 MiB reads 6.5 s.
+        for its disk lookup, see ``_fill``): if there is no room, it takes the reserve of one
+        run, and if that is taken too its blocks are not cached (counted, and logged at most
+        once a minute). Waiting, it would hold its blocks while its reader, served already, sent
+        the next read: as many runs as reads, without bound (a try measured 590-650 MiB with 8
+        readers). A cache disk slower than S3 (a network volume out of burst credits) then costs
+        the reads their readahead, not their speed. Measured by a review, before: 8 readers at
+        1/32 of their speed with the cache disk at 10 MB/s, 1 MiB reads 6.5 s. The reserve is
+        for a disk that falls behind for a moment: a cold read of 1 GiB on a busy VM left one
+        run of 16 blocks uncached without it, and the remount read them from S3.
         """
         cost = sum(map(len, blocks))
-        if self._write_budget.try_take(cost):
+        budget = self._write_budget
+        if budget.try_take(cost):
             pass
+        elif waited and self._write_reserve.try_take(cost):
+            budget = self._write_reserve
         elif waited:
             self.stats.cache_writes_skipped += len(blocks)
             self._trouble.warn(
@@ -711,11 +718,13 @@ class BlockReader:
             finally:
                 self._write_waiting -= cost
         if self._write_nursery is None:
-            await self._write(ref, first, blocks, cost)
+            await self._write(ref, first, blocks, cost, budget)
         else:
-            self._write_nursery.start_soon(self._write, ref, first, blocks, cost)
+            self._write_nursery.start_soon(self._write, ref, first, blocks, cost, budget)
 
-    async def _write(self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int) -> None:
+    async def _write(
+        self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int, budget: ByteBudget
+    ) -> None:
         """Write fetched blocks to the disk cache, after the reads waiting on S3 (at most
         ``WRITE_YIELD`` seconds, and only while no fetched run waits for the write budget).
 
@@ -740,7 +749,7 @@ class BlockReader:
             self._write_failed(exc)
         finally:
             self._write_budget.capacity = self._pace.allowance
-            self._write_budget.give(cost)
+            budget.give(cost)  # the write budget's share, or the reserve
 
     def _paced_write(
         self, ref: ObjectRef, digest: str, first: int, blocks: list[bytes], cost: int

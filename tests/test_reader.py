@@ -1178,18 +1178,22 @@ def stuck_disk_reader(tmp_path) -> tuple[FakeSource, StuckDisk, BlockReader]:
 async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) -> None:
     source, disk, reader = stuck_disk_reader(tmp_path)
     data = bytes(range(256)) * (LONG_RUN // 256)
-    first, second, third = (source.put(BUCKET, f"{i}.bin", data) for i in range(3))
+    reserved = reader._write_reserve.capacity // LONG_RUN  # runs the reserve of 8 MiB holds
+    first, *kept, left, left_too = (
+        source.put(BUCKET, f"{i}.bin", data) for i in range(reserved + 3))
     async with trio.open_nursery() as mount_tasks:
         reader.attach(mount_tasks)
         assert await reader.read(first, 0, len(data)) == data  # its write holds the budget
         with trio.fail_after(2):  # the disk is stuck: these do not wait for it
-            assert await reader.read(second, 0, len(data)) == data
-            assert await reader.read(third, 0, len(data)) == data
-        assert reader.stats.cache_writes_skipped == 600  # left uncached
+            for ref in (*kept, left, left_too):  # the reserve first, then uncached
+                assert await reader.read(ref, 0, len(data)) == data
+        assert reader.stats.cache_writes_skipped == 600  # the last two: left uncached
         assert reader._write_waiting == 0  # so readahead goes on
         disk.unstuck.set()
-    assert disk.blocks_written == 300
-    assert disk.read_run(object_digest(second), second.size, range(300)) == {}
+    assert disk.blocks_written == 300 * (1 + reserved)  # the reserve's once the disk went on
+    assert all(len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
+               for ref in kept)
+    assert disk.read_run(object_digest(left), left.size, range(300)) == {}
 
 
 @trio_test
