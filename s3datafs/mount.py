@@ -52,6 +52,7 @@ from .errors import ConfigError
 from .fuse_ops import FsSettings, Operations
 from .linkrate import LinkRate
 from .model import ObjectSource
+from .pid1 import STOP_SIGNALS
 from .reader import BlockReader, ByteBudget
 from .resolve import Pins
 from .s3source import S3Settings, S3Source
@@ -341,8 +342,7 @@ def _sweep_dead_catalogs(directory: Path) -> None:
                 path.unlink()
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_SERVING_SIGNALS = (*_STOP_SIGNALS, PARENT_GONE)
+_SERVING_SIGNALS = (*STOP_SIGNALS, PARENT_GONE)
 
 
 _FUSE_DEVICE = "/dev/fuse"

@@ -33,10 +33,10 @@ from typing import Any
 
 from . import pid1
 from .errors import S3DataFSError
+from .pid1 import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = pid1.STOP_SIGNALS
 SI_KERNEL = 0x80  # si_code of signals the kernel generates, e.g. the terminal's Ctrl-C
 _RESET_IN_JOB = (signal.SIGPIPE, signal.SIGXFSZ)
 # Also reap without a SIGCHLD now and then: a thread that does not block SIGCHLD (none of ours;
