@@ -196,8 +196,11 @@ def _parse_document(text: str, origin: str, fmt: str | None) -> Any:
         except SpecError as json_error:
             try:
                 return _parse_yaml(text, origin)
-            except SpecError as yaml_error:  # report the parser that got further: its format
-                raise max(yaml_error, json_error, key=lambda e: e.position) from None
+            except SpecError as yaml_error:
+                # The parser that got further speaks: its format is the one the text is in. On
+                # a tie (most slips in JSON, a missing comma, stop both at the same place) JSON
+                # does: the text looks like JSON, and "invalid YAML" would puzzle its writer.
+                raise max(json_error, yaml_error, key=lambda e: e.position) from None
     return _parse_yaml(text, origin)
 
 

@@ -195,7 +195,16 @@ def bad(id_: str, text: str, fragment: str, fmt: str | None = None):
 
 BAD_SPECS = [
     bad("json", '[{"uri": "s3://b-1/a",}]', "line 1, column 23: invalid JSON", "json"),
-    bad("json-guess", '[\n  {"uri": "s3://b-1/a"\n  "name": "x"}\n]', "line 3, column 3"),
+    bad(  # both parsers stop at the same place: the text looks like JSON, so JSON speaks
+        "json-guess",
+        '[\n  {"uri": "s3://b-1/a"\n  "name": "x"}\n]',
+        "line 3, column 3: invalid JSON: Expecting ',' delimiter",
+    ),
+    bad(  # YAML's flow style gets further: its error is the one that helps
+        "yaml-flow-guess",
+        "[{uri: s3://b-1/a, name: [x}]",
+        "line 1, column 28: invalid YAML",
+    ),
     bad(  # a tab is JSON's whitespace, and YAML's error: the parser that got further speaks
         "json-guess-with-tab",
         '[{"uri": "s3://b-1/a",\t"name": "x"}, {"uri": "s3://b-1/b" "name": "y"}]',
