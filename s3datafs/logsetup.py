@@ -46,7 +46,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from .config import shared_dir
+from .config import prepare_cache_dir, shared_dir
 from .errors import ConfigError
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
@@ -252,9 +252,15 @@ def _not_said_again_by_the_error(record: logging.LogRecord) -> bool:
 
 
 def setup(
-    *, debug: bool, verbose: bool, log_file: Path | None, secrets: Iterable[str] = ()
+    *,
+    debug: bool,
+    verbose: bool,
+    log_file: Path | None,
+    secrets: Iterable[str] = (),
+    cache_dir: Path | None = None,
 ) -> None:
-    """Configure the root logger: stderr always, plus ``log_file`` when given."""
+    """Configure the root logger: stderr always, plus ``log_file`` when given (``cache_dir``:
+    see ``check_log_directory``)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -283,7 +289,7 @@ def setup(
         # No symlink of another user on the way, no directory others may swap: a root daemon
         # would create its log wherever they chose. The directory may be shared if sticky (a
         # --log-file in /tmp): the file is opened with O_NOFOLLOW and must be this user's.
-        check_log_directory(log_file.parent)
+        check_log_directory(log_file.parent, cache_dir=cache_dir)
         try:
             handler = _LogFile(log_file)
         except OSError as exc:
@@ -301,8 +307,18 @@ def setup(
         fuse_logger.addFilter(_not_a_refused_answer)
 
 
-def check_log_directory(directory: Path) -> None:
-    """Make or check a directory of log files (``config.shared_dir``), or say what to do."""
+def check_log_directory(directory: Path, *, cache_dir: Path | None = None) -> None:
+    """Make or check a directory of log files (``config.shared_dir``), or say what to do.
+
+    A log directory in ``cache_dir`` (one volume for both) comes after the cache directory is
+    made ready: on a fresh volume (0777, made private at its first use) it was made first, in a
+    directory others could still write, and refused; and the volume, no longer empty, was then
+    never made private, so every later start was refused too.
+    """
+    if cache_dir is not None and Path(os.path.abspath(directory)).is_relative_to(
+        os.path.abspath(cache_dir)
+    ):
+        prepare_cache_dir(cache_dir)
     shared_dir(directory, "log directory", "choose another with --log-file or S3DATAFS_LOG_DIR")
 
 

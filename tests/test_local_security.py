@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,34 @@ def test_an_empty_cache_directory_others_may_write_is_made_private(
     mountpoint = cli.mount(uri, "--cache-dir", str(cache))
     assert (mountpoint / "f.bin").read_bytes() == b"f"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+def test_a_log_directory_inside_a_fresh_cache_volume_works_at_the_first_start(
+    cli: Cli, s3, make_bucket, tmp_path: Path
+) -> None:
+    """One volume for the cache and the logs (S3DATAFS_LOG_DIR=<volume>/logs). The log came
+    first: its directory was made in a volume others may still write, and refused; and the
+    volume, no longer empty, was then refused as a cache for good."""
+    uri = one_file(s3, make_bucket)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    volume.chmod(0o777)
+    cli.log_dir = volume / "logs"
+    env = {**cli.env, "S3DATAFS_CACHE_DIR": str(volume), "S3DATAFS_LOG_DIR": str(cli.log_dir)}
+    for command in (["mount", uri, str(tmp_path / "mnt")], ["mount-all", "-"]):
+        spec = f"- uri: {uri}\n  name: again\n" if command[0] == "mount-all" else None
+        result = subprocess.run(
+            [sys.executable, "-m", "s3datafs", *command], env=env, input=spec, text=True,
+            capture_output=True, timeout=60, check=False,
+        )
+        assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(volume.stat().st_mode) == 0o700
+    assert sorted(p.name for p in cli.log_dir.iterdir()) == ["again.log", "p.log"]
+    for mountpoint in (tmp_path / "mnt", cli.data_root / "again"):
+        try:
+            assert (mountpoint / "f.bin").read_bytes() == b"f"
+        finally:
+            cli.unmount(mountpoint)
 
 
 def test_a_cache_volume_of_a_pod_with_an_fs_group_is_used_at_every_start(

@@ -375,7 +375,11 @@ def _read_timeout(text: str | None) -> float:
 def run(args: argparse.Namespace) -> int:
     plan = build_plan(args)
     logsetup.setup(
-        debug=args.debug, verbose=args.verbose, log_file=plan.log_file, secrets=plan.s3.secrets()
+        debug=args.debug,
+        verbose=args.verbose,
+        log_file=plan.log_file,
+        secrets=plan.s3.secrets(),
+        cache_dir=plan.cache_dir,
     )
     if args.foreground:
         start_mount(plan, foreground=True, on_ready=lambda summary: _announce(plan, summary))

@@ -176,9 +176,11 @@ def plan_datasets(specs: list[DatasetSpec], args: argparse.Namespace) -> list[Pl
     _refuse_shared_mountpoints(planned)
     # The datasets' logs share a directory: a problem there is the command's, said once (it was
     # said as the first dataset's when that one was mounted).
-    for directory in sorted({item.plan.log_file.parent for item in planned
-                             if item.plan.log_file not in (None, logsetup.STDERR)}):
-        logsetup.check_log_directory(directory)
+    for directory, cache_dir in sorted({
+        (item.plan.log_file.parent, item.plan.cache_dir) for item in planned
+        if item.plan.log_file not in (None, logsetup.STDERR)
+    }):
+        logsetup.check_log_directory(directory, cache_dir=cache_dir)
     return planned
 
 
