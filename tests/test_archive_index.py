@@ -250,7 +250,8 @@ def test_zip_under_another_name_is_detected(world: World, key: str) -> None:
 
 
 @pytest.mark.parametrize("key", ["weights.npz", "models/resnet.PT", "ckpt/model.pth",
-                                 "pkg/lib-1.0-py3-none-any.whl", "report.docx"])
+                                 "pkg/lib-1.0-py3-none-any.whl", "report.docx",
+                                 "epoch=9-step=100.ckpt"])
 def test_files_of_zip_based_formats_stay_files_unless_archive_zip(world: World, key: str) -> None:
     """A model or array file is opened whole by its reader (torch.load, np.load): unpacking it
     would leave the job a directory where it expects its file."""
@@ -261,6 +262,59 @@ def test_files_of_zip_based_formats_stay_files_unless_archive_zip(world: World, 
     members = world.members(ref, "zip")
     assert members is not None
     assert set(tree(members)) == {"a.npy", "b.npy"}
+
+
+# What torch.save (2.x) and torch.jit.save write, and an older torch.save (top = file stem).
+TORCH_SAVE = ["archive/data.pkl", "archive/.format_version", "archive/.storage_alignment",
+              "archive/byteorder", "archive/data/0", "archive/version",
+              "archive/.data/serialization_id"]
+TORCH_JIT = ["archive/data/0", "archive/data.pkl", "archive/code/__torch__/m.py",
+             "archive/constants.pkl", "archive/.data/version", "archive/byteorder"]
+TORCH_OLD = ["epoch9/data.pkl", "epoch9/data/94351", "epoch9/version"]
+
+
+@pytest.mark.parametrize("key", ["pytorch_model.bin", "checkpoint.pth.tar", "state.pkl",
+                                 "model"])
+@pytest.mark.parametrize("names", [TORCH_SAVE, TORCH_JIT, TORCH_OLD],
+                         ids=["torch-save", "torch-jit", "torch-old"])
+def test_a_pytorch_file_under_any_name_stays_a_file(
+    world: World, key: str, names: list[str]
+) -> None:
+    """torch.save writes a zip: a checkpoint named as Hugging Face or torchvision name theirs
+    (or Lightning, ``.ckpt``: known by its name) was unpacked, and torch.load met a directory
+    (review, session 25)."""
+    ref = world.put(key, make_zip({name: b"p" for name in names}))
+    world.reset()
+    assert world.members(ref) is None
+    assert world.source.ranges == [(ref, 0, ref.size)]  # the look at its end, no more
+    world.reset()
+    assert world.members(ref) is None  # remembered for that pin: no GET
+    assert world.source.calls["get_range"] == 0
+    members = world.members(ref, "zip")
+    assert members is not None
+    assert set(names) <= set(tree(members))
+
+
+@pytest.mark.parametrize("marker", ["[Content_Types].xml", "mimetype", "META-INF/MANIFEST.MF",
+                                    "AndroidManifest.xml"])
+def test_packages_and_documents_under_another_name_stay_files(world: World, marker: str) -> None:
+    ref = world.put("download-17", make_zip({marker: b"m", "word/document.xml": b"<w/>"}))
+    assert world.members(ref) is None
+
+
+@pytest.mark.parametrize("names", [
+    ["archive/data.pkl", "archive/labels.csv"],  # no version: a dataset with a pickle
+    ["a/data.pkl", "a/version", "b/images/0.png"],  # two tops: a dataset of several things
+    ["data.pkl", "version"],  # at the top: not torch's layout
+    ["train/mimetype", "train/0.png"],  # a marker below the top says nothing
+])
+def test_zips_of_data_that_only_resemble_a_format_are_unpacked(
+    world: World, names: list[str]
+) -> None:
+    ref = world.put("dataset.bin", make_zip({name: b"d" for name in names}))
+    members = world.members(ref)
+    assert members is not None
+    assert set(names) <= set(tree(members))
 
 
 def test_archive_zip_on_an_object_that_is_no_zip_fails_even_when_auto_knew(world: World) -> None:

@@ -135,6 +135,21 @@ def test_zip_bytes_under_another_name_are_detected(cli: Cli, s3, make_bucket) ->
     assert (unpacked / "a.npy").read_bytes() == b"x" * 100
 
 
+def test_a_pytorch_checkpoint_under_any_name_is_a_file_torch_load_can_open(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """torch.save writes a zip; a checkpoint named pytorch_model.bin was mounted as the
+    directory of its records, and torch.load failed with IsADirectoryError."""
+    bucket = make_bucket()
+    checkpoint = make_zip({"archive/data.pkl": b"pickle", "archive/byteorder": b"little",
+                           "archive/data/0": b"\0" * 64, "archive/.data/version": b"3"})
+    put(s3, bucket, "hf/pytorch_model.bin", checkpoint)
+    mountpoint = cli.mount(f"s3://{bucket}/hf/pytorch_model.bin")
+    assert (mountpoint / "pytorch_model.bin").read_bytes() == checkpoint
+    assert "pytorch_model.bin is a PyTorch file, a zip inside: mounted as one file" in (
+        cli.log_dir / "pytorch_model.log").read_text()
+
+
 def test_zip64_archive(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket()
     many = {f"d{i % 17}/f{i}.txt": b"%d\n" % i for i in range(70_000)}  # > 65,535 members

@@ -2,11 +2,14 @@
 
 ``archive_catalog`` is called by a mount once its dataset is pinned. A single-object dataset is
 mounted as the tree of its members when ``--archive=auto`` (the default) and the key ends in
-``.zip``, or the object's last bytes hold a zip end record and its name is not that of a file
-format built on zip (``ZIP_BASED_FORMATS``: ``model.pt``, ``arrays.npz`` and ``app.jar`` are
-files their readers open whole, not datasets to unpack); ``--archive=zip`` unpacks any single
-object, ``--archive=file`` keeps it a plain file. A ``.zip`` key (or any, with ``zip``) that is
-not a readable zip fails the mount, naming the way out.
+``.zip``, or the object's last bytes hold a zip end record and it is not a file of a format
+built on zip: ``model.pt``, ``arrays.npz`` and ``app.jar`` are files their readers open whole,
+not datasets to unpack. Such a file is known by its name (``ZIP_BASED_FORMATS``: no GET at
+all) or, under any other name, by its members (``zip_based_format``: a PyTorch checkpoint is
+``epoch=9.ckpt``, ``pytorch_model.bin`` or ``checkpoint.pth.tar`` as often as ``model.pt``).
+``--archive=zip`` unpacks any single object, ``--archive=file`` keeps it a plain file. A
+``.zip`` key (or any, with ``zip``) that is not a readable zip fails the mount, naming the way
+out.
 
 Reading the index costs ranged GETs of the archive's end, pinned like every read (VersionId and
 If-Match travel with them, through ``ObjectSource.get_range``): one GET of the last ``TAIL_BYTES``
@@ -19,8 +22,9 @@ Persistence: the member tree is an archive catalog (see ``catalog``) stored as
 changes once there (a pinned archive never changes), so any later mount of the same pin, by any
 process, opens it and reads no index at all. A file that cannot be opened, or that describes
 another object, is rebuilt. Concurrent builders each replace the file with identical content.
-A single object found *not* to be a zip leaves ``<digest>.plain`` (its URI inside, for
-``cache clear URI``), so the next mount of that pin sends no detection GET either.
+A single object found *not* to be a zip, or to be a zip-based file, leaves ``<digest>.plain``
+(its URI inside, for ``cache clear URI``), so the next mount of that pin sends no detection GET
+either.
 """
 
 from __future__ import annotations
@@ -50,8 +54,15 @@ _ZIP_SUFFIX = ".zip"
 ZIP_BASED_FORMATS = frozenset({
     ".pt", ".pth", ".npz", ".keras", ".mar", ".whl", ".egg", ".jar", ".war", ".ear", ".aar",
     ".apk", ".xapk", ".ipa", ".nupkg", ".vsix", ".xpi", ".docx", ".xlsx", ".pptx", ".odt",
-    ".ods", ".odp", ".epub", ".kmz", ".3mf", ".usdz",
+    ".ods", ".odp", ".epub", ".kmz", ".3mf", ".usdz", ".ckpt", ".pt2", ".ptl",
 })
+# Members that say what a zip under another name is (``zip_based_format``); a file at the top.
+_MARKER_MEMBERS = (
+    ("[Content_Types].xml", "an Office Open XML package"),  # .docx .xlsx .3mf .nupkg .vsix
+    ("mimetype", "an OpenDocument or EPUB file"),
+    ("META-INF/MANIFEST.MF", "a Java archive"),  # .jar .war .ear .apk
+    ("AndroidManifest.xml", "an Android package"),
+)
 
 
 def parse_archive_mode(text: str | None) -> str:
@@ -85,14 +96,36 @@ def archive_catalog(
         log.info("member index of %s from %s: no index read", ref.uri, path)
         return catalog
     if mode == "zip" or ref.key.lower().endswith(_ZIP_SUFFIX):
-        tail = None
+        index = None
     else:  # any other single object: a zip only if its end says so (one small GET)
         tail = _tail(source, ref, min(ref.size, zipformat.END_SEARCH))
         if not zipformat.looks_like_zip(tail, ref.size):
             _remember_plain(plain, ref)
             return None
-    build_index(source, ref, path, pinned.meta.fingerprint, tail=tail)
+        index = read_index(source, ref, tail=tail)
+        if (kind := zip_based_format(index[0])) is not None:
+            log.info("%s is %s, a zip inside: mounted as one file (--archive=zip unpacks it)",
+                     ref.uri, kind)
+            _remember_plain(plain, ref)
+            return None
+    build_index(source, ref, path, pinned.meta.fingerprint, index=index)
     return Catalog.open(path)
+
+
+def zip_based_format(members: list[zipformat.Member]) -> str | None:
+    """What file format built on zip ``members`` make, or None for a zip of files to unpack.
+
+    A PyTorch file (``torch.save``, ``torch.jit.save``) holds one directory with ``data.pkl``
+    and ``version`` (``.data/version`` in newer releases) in it; packages and documents have a
+    member at the top that names their kind. A zip of datasets' files has neither.
+    """
+    names = {member.name.rstrip("/") for member in members}
+    tops = {name.partition("/")[0] for name in names}
+    if len(tops) == 1:
+        (top,) = tops
+        if f"{top}/data.pkl" in names and names & {f"{top}/version", f"{top}/.data/version"}:
+            return "a PyTorch file"
+    return next((kind for marker, kind in _MARKER_MEMBERS if marker in names), None)
 
 
 def single_object(pinned: Catalog) -> ObjectRef | None:
@@ -104,11 +137,12 @@ def single_object(pinned: Catalog) -> ObjectRef | None:
 
 def build_index(
     source: ObjectSource, ref: ObjectRef, path: Path, fingerprint: str, *,
-    tail: bytes | None = None,
+    index: tuple[list[zipformat.Member], list[zipformat.Skipped]] | None = None,
 ) -> None:
-    """Read the central directory of ``ref`` and store its member catalog at ``path``."""
+    """Store the member catalog of ``ref`` at ``path``: its central directory (``index``, as
+    ``read_index`` gives it, when already read)."""
     started = time.monotonic()
-    members, skipped = read_index(source, ref, tail=tail)
+    members, skipped = index if index is not None else read_index(source, ref)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with CatalogBuilder(
         path, uri=ref.uri, bucket=ref.bucket, prefix="", versioned=ref.version_id is not None,
