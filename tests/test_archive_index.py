@@ -557,3 +557,25 @@ def test_parse_archive_mode() -> None:
     assert parse_archive_mode("ZIP") == "zip"
     with pytest.raises(UsageError, match="--archive 'tar' is not one of auto, zip, file"):
         parse_archive_mode("tar")
+
+
+def test_an_index_replaced_between_its_build_and_its_open_is_built_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two releases side by side share a cache dir, and their member catalogs differ in format:
+    the other's build landing between ours and our open refused the mount (a review, with the
+    rename held by strace)."""
+    ref = world.put("d.zip", make_zip(MEMBERS))
+    real_build, builds = index.build_index, []
+
+    def build_then_replaced(*args, **kwargs) -> None:
+        real_build(*args, **kwargs)
+        builds.append(args[2])
+        if len(builds) == 1:
+            args[2].write_bytes(b"a member catalog of another format")
+
+    monkeypatch.setattr(index, "build_index", build_then_replaced)
+    members = world.members(ref)
+    assert members is not None
+    assert set(tree(members)) >= set(MEMBERS)
+    assert len(builds) == 2

@@ -109,7 +109,15 @@ def archive_catalog(
             _remember_plain(plain, ref)
             return None
     build_index(source, ref, path, pinned.meta.fingerprint, index=index)
-    return Catalog.open(path)
+    try:
+        return Catalog.open(path)
+    except CatalogError:
+        # Replaced between our rename and this open by a process of another release, whose
+        # member catalogs have another format (two versions side by side during an upgrade,
+        # sharing the cache dir): build ours again, once; its build is no more ours to open.
+        log.info("the member index %s was replaced meanwhile: building it again", path)
+        build_index(source, ref, path, pinned.meta.fingerprint, index=index)
+        return Catalog.open(path)
 
 
 def zip_based_format(members: list[zipformat.Member]) -> str | None:
