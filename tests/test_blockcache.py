@@ -8,6 +8,7 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -324,6 +325,40 @@ def test_a_region_file_of_another_format_version_is_a_quiet_miss(tmp_path: Path,
     assert not region.exists()
 
 
+def swept() -> None:
+    """Until the thread removing what earlier formats left has ended."""
+    if disk._earlier_remover is not None:
+        disk._earlier_remover.join(timeout=30)
+        assert not disk._earlier_remover.is_alive()
+
+
+def test_what_earlier_formats_left_goes_in_a_thread_the_scan_does_not_wait_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgraded host's cache of 100,000 objects held the scan's lock for 47 s while it was
+    removed, and every mount of the cache waited, unmounts too. Other block sizes' leftovers
+    were never removed at all."""
+    cache = make_cache(tmp_path)
+    other_block_size = cache.root.parent / "1048576"
+    leftovers = [cache.root / "ab" / ("ab" * 32), other_block_size / "cd" / ("cd" * 32)]
+    for old in leftovers:
+        old.mkdir(parents=True)
+        (old / "meta.json").write_bytes(b"{}")
+    may_go, real_rmtree = threading.Event(), shutil.rmtree
+
+    def slow_rmtree(path, ignore_errors=False) -> None:
+        assert may_go.wait(timeout=30)
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(disk.shutil, "rmtree", slow_rmtree)
+    cache.sync()  # returns while the removal waits
+    cache.sync()  # and a second scan starts no second remover
+    assert all(old.exists() for old in leftovers)
+    may_go.set()
+    swept()
+    assert not any(old.exists() for old in leftovers)
+
+
 def test_what_earlier_formats_left_is_counted_then_swept(tmp_path: Path, caplog) -> None:
     """Formats 1-3 kept a directory per object (meta.json, block or region files, temps)."""
     cache = make_cache(tmp_path, dataset="s3://bkt/")
@@ -338,6 +373,7 @@ def test_what_earlier_formats_left_is_counted_then_swept(tmp_path: Path, caplog)
     assert usage.blocks == 1  # ours only
     with caplog.at_level("INFO"):
         cache.sync()
+        swept()
     assert "removed 1 cached objects of an earlier cache format" in caplog.text
     assert not old.exists()
     assert files_of(cache, kept) == ["r0"]
