@@ -363,8 +363,18 @@ def _checked_dir(path: Path, what: str, remedy: str, *, shared: bool) -> None:
     if problem is not None:
         raise ConfigError(
             f"{what} {path} is not private: {problem}, and s3datafs trusts what it finds "
-            f"there: {remedy}"
+            f"there: {remedy}{_or_chmod(resolved, shared)}"
         )
+
+
+def _or_chmod(directory: Path, shared: bool) -> str:
+    """The other way out for a directory of ours that others may write (one an earlier release
+    used as it was): the user knows whether anyone else has written there; s3datafs does not."""
+    with contextlib.suppress(OSError):
+        info = os.stat(directory)
+        if not shared and info.st_uid == os.geteuid() and _writable_by_others(info):
+            return f", or, if no one else has written there, chmod 700 {directory}"
+    return ""
 
 
 def _tighten_if_empty(directory: Path) -> None:

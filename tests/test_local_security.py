@@ -82,6 +82,9 @@ def test_a_cache_directory_others_may_change_is_refused(
     message = refused(cli, "mount", uri, "--cache-dir", str(cache))
     assert f"cache directory {cache} is not private: {cache} {problem}" in message
     assert "choose another with --cache-dir" in message
+    ours_but_open = "belongs to" not in problem  # ours, and others may write it
+    assert message.endswith(f", or, if no one else has written there, chmod 700 {cache}\n") == (
+        ours_but_open)
     assert [p.name for p in cache.iterdir()] == ["blocks"]
     assert "is not private" in refused(cli, "cache", "clear", "--cache-dir", str(cache))
 
