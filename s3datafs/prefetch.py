@@ -8,7 +8,12 @@ Readahead rules (after Mountpoint's and the kernel's readahead):
 - A read that starts near where the previous one ended is sequential. "Near" tolerates the
   kernel's own reordering: its async readahead may deliver neighbouring requests slightly out of
   order, so anything within one window of the expected offset counts.
-- On a sequential read the window doubles, from ``initial`` up to ``maximum``. As soon as a
+- On a sequential read the window grows with what the streak has read: to ``AHEAD_FACTOR``
+  times its bytes, up to ``maximum`` (from ``initial`` at the start of a file, from nothing
+  after a seek). So a reader that stops (a tensor, a header, a few MiB of a large file) has
+  had at most about as much again fetched ahead; the window doubled at each read before, and
+  a review measured 5 MiB read in 1 MiB reads fetch 20 MiB, 10 MiB fetch 55 MiB, and a tensor
+  of 5.2 MB mapped by ``torch.load(mmap=True)`` fetch 34 MB. As soon as a
   whole ``step`` (the reader's GET size) fits between what was already requested and the read's
   end plus the window, the range ``[max(read end, already requested), read end + window)`` is
   asked for, its end rounded down to a multiple of ``step``: the reader keeps about
@@ -20,7 +25,9 @@ Readahead rules (after Mountpoint's and the kernel's readahead):
   (``fell_short``), and the rest is asked for again on the next read rather than left as a hole
   for the reader to fetch in the foreground.
 - Readahead starts at the beginning of a file, or after two sequential reads in a row: a random
-  reader whose next offset lands near the last one by chance must not pull a window.
+  reader whose next offset lands near the last one by chance must not pull a window. After a
+  seek it starts small: page faults of 4 KiB through a mapping with ``MADV_RANDOM``, a few in a
+  row per slice read, pulled 1 MiB each (a review: 83 MB fetched for 3.3 MB of random slices).
 - Any other read (a seek) resets the window: random readers fetch only what they read.
 - The window is per handle, so its memory is bounded per handle by ``maximum``; the reader bounds
   the total across handles with its prefetch budget, and shares it: with several streams reading
@@ -33,6 +40,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+AHEAD_FACTOR = 2  # the window grows to this many times what the streak has read
+
 
 @dataclass
 class Readahead:
@@ -42,6 +51,7 @@ class Readahead:
     _expected: int = field(default=0, init=False)  # where a sequential reader reads next
     _requested_until: int = field(default=0, init=False)
     _streak: int = field(default=0, init=False)  # sequential reads in a row
+    _streak_bytes: int = field(default=0, init=False)  # what they read
 
     def __post_init__(self) -> None:
         if not 0 < self.initial <= self.maximum:
@@ -58,19 +68,20 @@ class Readahead:
         asked for stays within ``limit`` of the read, though the window keeps its size.
         """
         end = min(offset + length, size)
-        sequential = abs(offset - self._expected) <= self.window
+        sequential = abs(offset - self._expected) <= max(self.window, self.initial)
         self._expected = max(end, self._expected) if sequential else end
         if not sequential:
-            self.window = self.initial
+            self.window = 0
             self._requested_until = end
-            self._streak = 0
+            self._streak = self._streak_bytes = 0
             return None
         self._streak += 1
+        self._streak_bytes += max(0, end - offset)
         self._requested_until = max(self._requested_until, end)  # the read fetches its own range
         if offset > 0:
             if self._streak < 2:
                 return None
-            self.window = min(self.window * 2, self.maximum)
+            self.window = min(max(self.window, AHEAD_FACTOR * self._streak_bytes), self.maximum)
         window, unit = self.window, min(step, self.window // 2) if step else self.window // 2
         if limit and limit < window:  # a share of the budget: whole GETs, at least one ahead
             window, unit = limit, min(step, limit) if step else limit // 2
