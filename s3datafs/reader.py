@@ -560,8 +560,11 @@ class BlockReader:
         otherwise it looks on disk in its GET's call, so it never queues behind the writes of
         the runs before it (measured: 8 readers of scattered 1 MiB chunks at 20 ms waited 5-6 ms
         there per chunk). Its memory stays bounded: such runs are as many as the reads the
-        kernel has in flight. A flight's run is at most one GET long, and the disk cache answers
-        with a prefix of it, so the rest is one range.
+        kernel has in flight. A flight's run is at most one GET long; the disk cache answers
+        with the blocks it has, and one GET fetches from the first missing block to the last
+        (``_uncached``): cached blocks at either end are not fetched again (a review saw a run
+        whose first block was missing GET all of it, blocks the disk held included), and those
+        between are, as splitting the GET would cost a round trip per hole.
         """
         ref, run = flight.ref, flight.run
         disk = self._disk if self._on_disk(ref) else None
@@ -577,8 +580,9 @@ class BlockReader:
                 )
             flight.queued = None
             if not queued.cancelled_caught:  # else the GET's call looks on disk
+                run, hits = _uncached(run, hits)
                 self._took_from_disk(flight, hits)
-                run, disk = range(run.start + len(hits), run.stop), None
+                disk = None
                 if not run:
                     return
         # The hard bound of --read-timeout: it counts the wait for a connection slot, and a GET
@@ -610,12 +614,12 @@ class BlockReader:
                 f"no answer from S3 for {ref.uri} bytes {start}-{end - 1} within "
                 f"{self._read_timeout:g}s (--read-timeout)"
             )
+        rest, hits = _uncached(run, hits)
         self._took_from_disk(flight, hits)
         if write_error is not None:
             self._write_failed(write_error)
         if blocks is None:
             return
-        rest = range(run.start + len(hits), run.stop)
         self.stats.misses += len(rest)
         if not _source_keeps(ref):
             self.stats.s3_requests += 1
@@ -649,17 +653,19 @@ class BlockReader:
     def _load_blocking(
         self, ref: ObjectRef, run: range, disk: DiskCache | None, write: DiskCache | None
     ) -> tuple[dict[int, bytes], list[memoryview] | None, Exception | None]:
-        """In a worker thread: the run's cached prefix in ``disk``, the rest as blocks of one GET
-        (None: no rest), and, with ``write``, that rest written to it (the error if it refused).
+        """In a worker thread: the run's blocks cached in ``disk``, the rest (``_uncached``) as
+        blocks of one GET (None: no rest), and, with ``write``, that rest written to it (the
+        error if it refused).
 
         The blocks are zero-copy views of the response body: the body lives as long as one of
         its blocks is cached or in flight, and no 8 MiB copy is made per GET.
         """
         hits = self._read_cached(ref, run, disk) if disk is not None else {}
-        first = run.start + len(hits)
-        if first >= run.stop:
+        rest, _ = _uncached(run, hits)
+        if not rest:
             return hits, None, None
-        end = min(run.stop * self.block_size, ref.size)
+        first = rest.start
+        end = min(rest.stop * self.block_size, ref.size)
         body = memoryview(self._source.get_range(ref, first * self.block_size, end))
         size = self.block_size
         blocks = [body[o : o + size] for o in range(0, len(body), size)]
@@ -672,7 +678,7 @@ class BlockReader:
         return hits, blocks, None
 
     def _read_cached(self, ref: ObjectRef, run: range, disk: DiskCache) -> dict[int, bytes]:
-        """In a worker thread: the cached prefix of ``run``; a disk that fails is passed over."""
+        """In a worker thread: the cached blocks of ``run``; a disk that fails is passed over."""
         try:
             return disk.read_run(object_digest(ref), ref.size, run)
         except OSError as exc:
@@ -855,6 +861,16 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
             yield from _leaves(inner)
     else:
         yield exc
+
+
+def _uncached(run: range, hits: dict[int, bytes]) -> tuple[range, dict[int, bytes]]:
+    """What of ``run`` one GET fetches given the cached ``hits`` - from its first missing block
+    to its last - and the hits outside that range (those inside come again with the GET)."""
+    missing = [index for index in run if index not in hits]
+    if not missing:
+        return range(run.stop, run.stop), hits
+    rest = range(missing[0], missing[-1] + 1)
+    return rest, {index: block for index, block in hits.items() if index not in rest}
 
 
 def _runs(indices: list[int], longest: int) -> list[range]:

@@ -931,6 +931,27 @@ async def test_a_short_run_costs_one_worker_call_with_its_cache_write(
     assert b"".join(found.values()) == data
 
 
+@pytest.mark.parametrize("blocks", [16, 300])  # a short run (one worker call), a long one
+@trio_test
+async def test_a_run_gets_only_from_its_first_uncached_block_to_its_last(
+    tmp_path, blocks: int
+) -> None:
+    """Random reads cached blocks here and there; a later run over them GET everything from
+    its first missing block on, the cached ones after it included (a review: blocks 100 and
+    102 on disk, a read of 99-102 fetched all four). Blocks cached at either end are not
+    fetched; those between are, in the same GET (a GET per hole would cost a round trip)."""
+    data, source, ref, disk = object_and_disk(tmp_path, blocks)
+    digest, last = object_digest(ref), blocks - 1
+    for index in (0, 1, 5, last - 1, last):  # cached before: by random reads of another mount
+        disk.write(ref, digest, index, [data[index * PAGE_BLOCK : (index + 1) * PAGE_BLOCK]])
+    reader = make_disk_reader(source, disk)
+    assert await reader.read(ref, 0, len(data)) == data
+    assert [(start, end) for _, start, end in source.ranges] == [
+        (2 * PAGE_BLOCK, (last - 1) * PAGE_BLOCK)]
+    assert reader.stats.disk_hits == 4  # block 5 came again with the GET
+    assert reader.stats.misses == blocks - 4
+
+
 @pytest.mark.parametrize("who", ["reader, disk behind", "prefetch command"])
 @trio_test
 async def test_only_a_long_run_nobody_waits_for_looks_on_disk_behind_the_writes(

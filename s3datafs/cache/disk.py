@@ -213,17 +213,16 @@ class DiskCache:
     # -- reads ----------------------------------------------------------------------------------
 
     def read_run(self, digest: str, object_size: int, indices: range) -> dict[int, bytes]:
-        """Cached blocks of ``indices``, in order, up to the first one that is not cached.
+        """Every cached block of ``indices``, in order (a run may have holes: random reads
+        cached blocks here and there, and a later run over them needs only the rest).
 
-        Only the blocks asked for are read (and verified), one region file at a time.
+        Only the blocks asked for are read (and verified), one region file at a time, one read
+        per stretch of cached blocks.
         """
         found: dict[int, bytes] = {}
         stop = min(indices.stop, -(-object_size // self.block_size))
         for run in self.layout.runs(indices.start, stop):
-            got = self._read_region(digest, object_size, run)
-            found.update(got)
-            if len(got) < len(run):
-                break
+            found.update(self._read_region(digest, object_size, run))
         return found
 
     def may_hold(self, digest: str, run: range) -> bool:
@@ -238,7 +237,7 @@ class DiskCache:
             return self._index.partial or any(relative in self._index for relative in relatives)
 
     def _read_region(self, digest: str, object_size: int, run: range) -> dict[int, bytes]:
-        """Blocks of ``run`` (within one region) from its file, up to the first not there."""
+        """The blocks of ``run`` (within one region) that its file holds, checked."""
         layout, size = self.layout, self.block_size
         region = layout.region_of(run.start)
         relative = _region_name(digest, region)
@@ -248,7 +247,7 @@ class DiskCache:
         except FileNotFoundError:
             return {}
         found: dict[int, bytes] = {}
-        damaged: int | None = None
+        damaged: list[int] = []
         try:
             head = os.pread(fd, layout.entry_offset(run.stop - 1) + blockfile.ENTRY_SIZE, 0)
             state = blockfile.check_header(head, digest, region, layout)
@@ -256,33 +255,45 @@ class DiskCache:
                 if state is not blockfile.HeaderState.ABSENT:
                     self._discard(relative, state)
                 return found
-            present: list[tuple[int, int, int]] = []  # (index, length, crc) in a row
+            stretch: list[tuple[int, int, int]] = []  # (index, length, crc) in a row
             for index in run:
                 at = layout.entry_offset(index)
                 entry = blockfile.parse_entry(head[at : at + blockfile.ENTRY_SIZE], digest, index)
-                if entry is None:
-                    break
-                if entry is False or entry[0] != min(size, object_size - index * size):
-                    damaged = index
-                    break
-                present.append((index, *entry))
-            if present:
-                low = layout.slot_offset(present[0][0])
-                data = memoryview(os.pread(fd, (len(present) - 1) * size + present[-1][1], low))
-                for number, (index, length, crc) in enumerate(present):
-                    block = data[number * size : number * size + length]
-                    if len(block) != length or zlib.crc32(block) != crc:
-                        damaged = index
-                        break
-                    found[index] = block  # a view of the read: no copy
+                if entry is not None and (entry is False or entry[0] != min(
+                        size, object_size - index * size)):
+                    damaged.append(index)
+                    entry = None
+                if entry is not None:
+                    stretch.append((index, *entry))
+                elif stretch:
+                    self._read_stretch(fd, stretch, found, damaged)
+                    stretch = []
+            if stretch:
+                self._read_stretch(fd, stretch, found, damaged)
             info = os.fstat(fd)
         finally:
             os.close(fd)
-        if damaged is not None:
-            self._drop_block(relative, damaged)
+        if damaged:
+            self._drop_blocks(relative, damaged)
         if found:
             self._used(relative, info)
         return found
+
+    def _read_stretch(
+        self, fd: int, stretch: list[tuple[int, int, int]], found: dict[int, bytes],
+        damaged: list[int],
+    ) -> None:
+        """Read consecutive slots in one ``pread``; the blocks whose checksum holds go to
+        ``found`` (views of the read: no copy), the others to ``damaged``."""
+        size = self.block_size
+        low = self.layout.slot_offset(stretch[0][0])
+        data = memoryview(os.pread(fd, (len(stretch) - 1) * size + stretch[-1][1], low))
+        for number, (index, length, crc) in enumerate(stretch):
+            block = data[number * size : number * size + length]
+            if len(block) != length or zlib.crc32(block) != crc:
+                damaged.append(index)
+            else:
+                found[index] = block
 
     def _used(self, relative: str, info: os.stat_result) -> None:
         """A file was read: most recently used here, and (once a minute) for other processes."""
@@ -305,16 +316,22 @@ class DiskCache:
             log.warning("discarding corrupt cache file %s", path)
         self._forget(relative, unlink=True)
 
-    def _drop_block(self, relative: str, index: int) -> None:
-        """A damaged block: its entry is zeroed, so it is a miss until it is written again."""
+    def _drop_blocks(self, relative: str, indices: list[int]) -> None:
+        """Damaged blocks: their entries are zeroed, so they are misses until written again.
+        One line for them all (a truncated file damages every block past its end)."""
         path = self.root / relative
-        log.warning("discarding corrupt cache block %d of %s", index, path)
+        if len(indices) == 1:
+            log.warning("discarding corrupt cache block %d of %s", indices[0], path)
+        else:
+            log.warning("discarding %d corrupt cache blocks (%d-%d) of %s", len(indices),
+                        indices[0], indices[-1], path)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return
         try:
-            os.pwrite(fd, bytes(blockfile.ENTRY_SIZE), self.layout.entry_offset(index))
+            for index in indices:
+                os.pwrite(fd, bytes(blockfile.ENTRY_SIZE), self.layout.entry_offset(index))
         finally:
             os.close(fd)
 
