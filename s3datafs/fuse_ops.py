@@ -211,6 +211,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         readahead = Readahead(self._settings.readahead_initial, self._settings.readahead_max)
         self._open_files[fh] = (entry.ref, readahead, inode)
+        self._reader.opened(entry.ref)
         if not isinstance(entry.ref, MemberRef):  # members: the archive's spans are read ahead
             self._prefetch_after(entry)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -288,7 +289,9 @@ class Operations(pyfuse3.Operations):
                 "stale_reads": self.stale_reads}
 
     async def release(self, fh: int) -> None:
-        self._open_files.pop(fh, None)
+        handle = self._open_files.pop(fh, None)
+        if handle is not None:
+            self._reader.closed(handle[0])
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         return None  # nothing is ever dirty

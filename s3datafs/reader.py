@@ -32,8 +32,13 @@ Design:
   waiting to be read, so readahead went first and was fetched again). Readahead unread for
   ``_STAGED_TTL`` moves to the LRU when another stream needs the budget. When the budget is
   spent, prefetch is skipped, never waited for (the ``Readahead`` asks again on the next read),
-  so foreground reads never queue behind readahead. While several streams read ahead at once,
-  each asks for at most an even share of the budget (``_share``, in whole GETs).
+  so foreground reads never queue behind readahead. Readahead of a file that was opened and is
+  closed again by everyone (``opened``/``closed``) gives its budget back at once, landed or
+  landing: nobody will read it (a review: header probes at offset 0, each pulling 1 MiB ahead,
+  held the budget for ``_STAGED_TTL`` and slowed a sequential reader beside them 1.7-2x),
+  unless it is asked for again (prefetch across files of a second pass). While several streams
+  read ahead at once, each asks for at most an even share of the budget (``_share``, in whole
+  GETs).
 - Memory: the budgets count blocks - ``prefetch_budget`` of staged readahead, the LRU's size,
   ``write_budget`` of blocks waiting for the disk - but blocks are views of their GET bodies,
   and a body stays whole while any of its blocks is held. So a readahead body half read (its
@@ -87,6 +92,7 @@ BlockKey = tuple[ObjectRef, int]
 ONE_HOP_BYTES = 256 * 1024
 _FAILED_TTL = 1.0  # seconds a slow failure is repeated at once (covers the kernel's own retry)
 _STAGED_TTL = 5.0  # seconds readahead may wait unread before others may take its budget
+_CLOSED_REMEMBERED = 1024  # objects closed by all whose readahead is known to be nobody's
 _STREAM_IDLE = 1.0  # seconds after its last readahead a stream stops counting for the shares
 WRITE_YIELD = 0.1  # seconds a cache write-behind may wait for reads waiting on S3 (see ``_write``)
 JOINED_QUEUE_SECONDS = 0.25  # readahead a reader waits for waits no longer behind the writes
@@ -216,6 +222,11 @@ class BlockReader:
         # budget bounds readahead in flight *and* waiting, and the memory LRU cannot evict it
         # before its reader comes: evicting it there is what made readahead refetch itself.
         self._staged: OrderedDict[BlockKey, tuple[bytes, float]] = OrderedDict()
+        self._open_refs: dict[ObjectRef, int] = {}  # open handles per object
+        # Objects opened and then closed by all, most recent last (bounded): their readahead is
+        # nobody's (``_keep``, ``_reclaim_closed``). ``_closed_staged``: some of it is staged.
+        self._closed: OrderedDict[ObjectRef, None] = OrderedDict()
+        self._closed_staged = False
         self._streams: dict[int, float] = {}  # id(Readahead) -> when it last read ahead
         self._streams_pruned = 0.0
         self._nursery: trio.Nursery | None = None
@@ -242,6 +253,23 @@ class BlockReader:
         if self._link is not None:
             counts["link_bytes_per_second"] = self._link.bytes_per_second
         return counts
+
+    def opened(self, ref: ObjectRef) -> None:
+        """A handle of ``ref`` was opened (FUSE ``open``)."""
+        self._open_refs[ref] = self._open_refs.get(ref, 0) + 1
+        self._closed.pop(ref, None)
+
+    def closed(self, ref: ObjectRef) -> None:
+        """A handle of ``ref`` was released: once none is left, its readahead is nobody's."""
+        left = self._open_refs.get(ref, 1) - 1
+        if left > 0:
+            self._open_refs[ref] = left
+            return
+        self._open_refs.pop(ref, None)
+        self._closed[ref] = None
+        if len(self._closed) > _CLOSED_REMEMBERED:
+            self._closed.popitem(last=False)
+        self._closed_staged = bool(self._staged)
 
     def attach(self, tasks: trio.Nursery, writes: trio.Nursery | None = None) -> None:
         """Give the reader the mount's nurseries: flights and prefetch, and cache writes."""
@@ -311,6 +339,7 @@ class BlockReader:
         """
         if self._nursery is None or self._write_waiting:
             return start  # no readahead while the disk cache falls behind: memory stays bounded
+        self._closed.pop(ref, None)  # wanted again (a second pass fetches files ahead)
         index, last = start // self.block_size, (end - 1) // self.block_size
         while index <= last:  # runs are found lazily: a spent budget costs one run's scan
             if not self._absent(ref, index):
@@ -322,7 +351,7 @@ class BlockReader:
             run, cost = range(index, stop), (stop - index) * self.block_size
             if not self._prefetch_budget.try_take(cost) and not (
                 self._reclaim_stale() and self._prefetch_budget.try_take(cost)
-            ):
+            ) and not (self._reclaim_closed() and self._prefetch_budget.try_take(cost)):
                 self.stats.prefetch_skipped += len(run)
                 return max(start, index * self.block_size)
             flight = self._register(ref, run, cost)
@@ -401,6 +430,20 @@ class BlockReader:
                 self._memory[key] = block
             reclaimed = True
         return reclaimed
+
+    def _reclaim_closed(self) -> bool:
+        """Staged readahead of files closed by all gives its budget back (moves to the LRU).
+        A scan of the staged blocks, made only when files were closed since the last one."""
+        if not self._closed_staged:
+            return False
+        self._closed_staged = False
+        gone = [key for key in self._staged if key[0] in self._closed]
+        for key in gone:
+            block, _landed = self._staged.pop(key)
+            self._prefetch_budget.give(len(block))
+            if len(block) <= self._memory.maxsize:
+                self._memory[key] = block
+        return bool(gone)
 
     async def _load(
         self,
@@ -532,9 +575,10 @@ class BlockReader:
     def _keep(self, flight: _Flight) -> None:
         """Put a landed flight's blocks where reads find them: readahead staged, the rest LRU."""
         now = time.monotonic()
+        nobodys = flight.ref in self._closed  # its file was closed while it flew
         for index, block in flight.blocks.items():
             key = (flight.ref, index)
-            if flight.budget >= len(block) and index in flight.run:
+            if flight.budget >= len(block) and index in flight.run and not nobodys:
                 self._staged[key] = (block, now)
                 flight.budget -= len(block)
             elif len(block) <= self._memory.maxsize:
