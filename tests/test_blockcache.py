@@ -106,6 +106,22 @@ def test_digest_names_the_pinned_version() -> None:
     assert blockfile.object_digest(make_ref(1)) != blockfile.object_digest(make_ref(1, key="x"))
 
 
+def test_a_run_reads_its_cached_ends_not_what_lies_between_its_misses(tmp_path: Path) -> None:
+    """A GET fetches from a run's first missing block to its last, so blocks cached between
+    them would be read and checked for nothing (a review: 6.4 MiB read, 6.3 MiB of it
+    discarded, in a run of 128 blocks a tenth cached by random reads)."""
+    size = (2 * REGION_BLOCKS + 3) * BLOCK
+    data = os.urandom(size)
+    ref, cache = make_ref(size), make_cache(tmp_path)
+    last = size // BLOCK - 1
+    for index in (0, 1, 5, REGION_BLOCKS + 7, last - 1, last):
+        stored(cache, ref, data, index, 1)
+    assert sorted(read_all(cache, ref, range(0, last + 1))) == [0, 1, last - 1, last]
+    assert sorted(cache.read_run(blockfile.object_digest(ref), size, range(0, last + 1),
+                                 ends=False)) == [0, 1]
+    assert sorted(read_all(cache, ref, range(5, 6))) == [5]  # still there, when asked for
+
+
 def test_runs_and_scattered_blocks_share_their_region_files(tmp_path: Path) -> None:
     size = (2 * REGION_BLOCKS + 3) * BLOCK + 100  # two whole regions, then a short one
     data = os.urandom(size)

@@ -14,6 +14,7 @@ from test_zip_members import archive
 from zipcraft import make_zip, patch, sample_bytes
 
 from s3datafs.archive import members, spans
+from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache, is_region_file
 from s3datafs.errors import ArchiveError, TransientS3Error
 from s3datafs.model import MemberRef, ObjectRef
@@ -808,3 +809,25 @@ def test_failed_spans_give_their_room_back() -> None:
             table.read(archive, at + 100, at + 200)  # continues it: a span, which fails
     assert table._bytes == sum(s.end - s.start for s in table._spans)
     table.close()
+
+
+def test_a_span_with_a_hole_in_the_disk_cache_is_one_get_and_no_disk_hit(tmp_path) -> None:
+    """Blocks on disk that a GET fetches again anyway are not hits: the span is one GET of all
+    its blocks (joined with those at hand, it would be a copy held beside the GET's views)."""
+    source = FakeSource()
+    source.create_bucket("b")
+    archive_ref = source.put("b", "a.zip", sample_bytes(3, 1 << 20))
+    data = source.get_range(archive_ref, 0, archive_ref.size)
+    block = 64 * 1024
+    disk = DiskCache(tmp_path, block_size=block, capacity=1 << 30)
+    disk.write(archive_ref, object_digest(archive_ref), 0, [data[:block]])  # block 0 only
+    source.ranges.clear()
+    blocks = spans.ArchiveBlocks(source, disk)
+    try:
+        assert blocks.get_range(archive_ref, 0, 4 * block) == data[: 4 * block]
+        assert [(s, e) for _, s, e in source.ranges] == [(0, 4 * block)]
+        assert blocks.stats.disk_hits == 0
+        assert blocks.get_range(archive_ref, block, 3 * block) == data[block : 3 * block]
+        assert blocks.stats.disk_hits == 2  # all at hand now: a hit saves the GET
+    finally:
+        blocks.close()

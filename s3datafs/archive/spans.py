@@ -105,7 +105,7 @@ class ArchiveBlocks:
             found = {i: b for i in blocks if (b := self._pending.get((digest, i))) is not None}
         if len(found) < len(blocks):
             try:
-                on_disk = disk.read_run(digest, archive.size, blocks)
+                on_disk = disk.read_run(digest, archive.size, blocks, ends=False)
             except OSError as exc:
                 self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3")
                 on_disk = {}

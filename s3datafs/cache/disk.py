@@ -212,17 +212,36 @@ class DiskCache:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def read_run(self, digest: str, object_size: int, indices: range) -> dict[int, bytes]:
-        """Every cached block of ``indices``, in order (a run may have holes: random reads
-        cached blocks here and there, and a later run over them needs only the rest).
+    def read_run(
+        self, digest: str, object_size: int, indices: range, *, ends: bool = True
+    ) -> dict[int, bytes]:
+        """The cached blocks at the ends of ``indices``: from its start up to the first block
+        that is not cached, and (``ends``) from its end back to the last one.
 
-        Only the blocks asked for are read (and verified), one region file at a time, one read
-        per stretch of cached blocks.
+        The blocks between are not read: one GET fetches from the first missing block to the
+        last (``reader._uncached``), those between included, so reading them would be wasted
+        (random reads cache blocks here and there; before, a run stopped at its first miss and
+        fetched all the rest, cached blocks at its end included). Only the blocks asked for are
+        read (and verified), one region file at a time, in one read per stretch.
         """
         found: dict[int, bytes] = {}
         stop = min(indices.stop, -(-object_size // self.block_size))
-        for run in self.layout.runs(indices.start, stop):
-            found.update(self._read_region(digest, object_size, run))
+        regions = list(self.layout.runs(indices.start, stop))
+        short = 0  # the first region not whole
+        while short < len(regions):
+            got = self._read_region(digest, object_size, regions[short])
+            found.update(got)
+            if len(got) < len(regions[short]):
+                break
+            short += 1
+        else:
+            return found  # all of it
+        if ends:
+            for run in reversed(regions[short:]):
+                got = self._read_region(digest, object_size, run, from_end=True)
+                found.update(got)
+                if len(got) < len(run):
+                    break
         return found
 
     def may_hold(self, digest: str, run: range) -> bool:
@@ -236,8 +255,11 @@ class DiskCache:
         with self._lock:
             return self._index.partial or any(relative in self._index for relative in relatives)
 
-    def _read_region(self, digest: str, object_size: int, run: range) -> dict[int, bytes]:
-        """The blocks of ``run`` (within one region) that its file holds, checked."""
+    def _read_region(
+        self, digest: str, object_size: int, run: range, *, from_end: bool = False
+    ) -> dict[int, bytes]:
+        """The blocks of ``run`` (within one region) from its start up to the first that its
+        file does not hold (``from_end``: from its end back), checked."""
         layout, size = self.layout, self.block_size
         region = layout.region_of(run.start)
         relative = _region_name(digest, region)
@@ -255,45 +277,39 @@ class DiskCache:
                 if state is not blockfile.HeaderState.ABSENT:
                     self._discard(relative, state)
                 return found
-            stretch: list[tuple[int, int, int]] = []  # (index, length, crc) in a row
-            for index in run:
+            present: list[tuple[int, int, int]] = []  # (index, length, crc) in a row
+            for index in reversed(run) if from_end else run:
                 at = layout.entry_offset(index)
                 entry = blockfile.parse_entry(head[at : at + blockfile.ENTRY_SIZE], digest, index)
-                if entry is not None and (entry is False or entry[0] != min(
-                        size, object_size - index * size)):
+                if entry is None:
+                    break
+                if entry is False or entry[0] != min(size, object_size - index * size):
                     damaged.append(index)
-                    entry = None
-                if entry is not None:
-                    stretch.append((index, *entry))
-                elif stretch:
-                    self._read_stretch(fd, stretch, found, damaged)
-                    stretch = []
-            if stretch:
-                self._read_stretch(fd, stretch, found, damaged)
+                    break
+                present.append((index, *entry))
+            if present:
+                present.sort()
+                low = layout.slot_offset(present[0][0])
+                data = memoryview(os.pread(fd, (len(present) - 1) * size + present[-1][1], low))
+                for number, (index, length, crc) in enumerate(present):
+                    block = data[number * size : number * size + length]
+                    if len(block) != length or zlib.crc32(block) != crc:
+                        damaged.append(index)
+                    else:
+                        found[index] = block  # a view of the read: no copy
             info = os.fstat(fd)
         finally:
             os.close(fd)
         if damaged:
-            self._drop_blocks(relative, damaged)
+            self._drop_blocks(relative, sorted(damaged))
+            # What lies beyond a damaged block (seen from where the read began) is not a hit.
+            if from_end:
+                found = {index: block for index, block in found.items() if index > max(damaged)}
+            else:
+                found = {index: block for index, block in found.items() if index < min(damaged)}
         if found:
             self._used(relative, info)
         return found
-
-    def _read_stretch(
-        self, fd: int, stretch: list[tuple[int, int, int]], found: dict[int, bytes],
-        damaged: list[int],
-    ) -> None:
-        """Read consecutive slots in one ``pread``; the blocks whose checksum holds go to
-        ``found`` (views of the read: no copy), the others to ``damaged``."""
-        size = self.block_size
-        low = self.layout.slot_offset(stretch[0][0])
-        data = memoryview(os.pread(fd, (len(stretch) - 1) * size + stretch[-1][1], low))
-        for number, (index, length, crc) in enumerate(stretch):
-            block = data[number * size : number * size + length]
-            if len(block) != length or zlib.crc32(block) != crc:
-                damaged.append(index)
-            else:
-                found[index] = block
 
     def _used(self, relative: str, info: os.stat_result) -> None:
         """A file was read: most recently used here, and (once a minute) for other processes."""
@@ -323,8 +339,8 @@ class DiskCache:
         if len(indices) == 1:
             log.warning("discarding corrupt cache block %d of %s", indices[0], path)
         else:
-            log.warning("discarding %d corrupt cache blocks (%d-%d) of %s", len(indices),
-                        indices[0], indices[-1], path)
+            log.warning("discarding %d corrupt cache blocks, between %d and %d, of %s",
+                        len(indices), min(indices), max(indices), path)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
