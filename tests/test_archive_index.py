@@ -293,6 +293,13 @@ def test_a_pytorch_file_under_any_name_stays_a_file(
     members = world.members(ref, "zip")
     assert members is not None
     assert set(names) <= set(tree(members))
+    members.close()
+    (world.cache_dir / "archives" / f"{object_digest(ref)}.plain").unlink()
+    world.reset()
+    # Its member index stored (by --archive=zip, or by a release that unpacked such files):
+    # auto still mounts the file, from the stored names, with no GET.
+    assert world.members(ref) is None
+    assert world.source.calls.get("get_range", 0) == 0
 
 
 @pytest.mark.parametrize("marker", ["[Content_Types].xml", "mimetype", "META-INF/MANIFEST.MF",

@@ -34,12 +34,13 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from ..cache.blockfile import object_digest
 from ..catalog import Catalog, CatalogBuilder, CatalogError
 from ..errors import ArchiveError, UsageError
-from ..model import ObjectRef, ObjectSource
+from ..model import MemberRef, ObjectRef, ObjectSource
 from ..uri import S3Uri, parse_s3_uri
 from . import zipformat
 
@@ -92,6 +93,15 @@ def archive_catalog(
     if plain.exists() and mode == "auto":
         return None  # this very pin was found not to be a zip before
     catalog = _open_existing(path, ref)
+    # Stored by --archive=zip, or by a release that unpacked such files: asked again.
+    kind = (zip_based_format(member.path for member in catalog.files()
+                             if isinstance(member, MemberRef))
+            if catalog is not None and mode == "auto"
+            and not ref.key.lower().endswith(_ZIP_SUFFIX) else None)
+    if catalog is not None and kind is not None:
+        catalog.close()
+        _a_file(ref, kind, plain)
+        return None
     if catalog is not None:
         log.info("member index of %s from %s: no index read", ref.uri, path)
         return catalog
@@ -103,10 +113,8 @@ def archive_catalog(
             _remember_plain(plain, ref)
             return None
         index = read_index(source, ref, tail=tail)
-        if (kind := zip_based_format(index[0])) is not None:
-            log.info("%s is %s, a zip inside: mounted as one file (--archive=zip unpacks it)",
-                     ref.uri, kind)
-            _remember_plain(plain, ref)
+        if (kind := zip_based_format(member.name for member in index[0])) is not None:
+            _a_file(ref, kind, plain)
             return None
     build_index(source, ref, path, pinned.meta.fingerprint, index=index)
     try:
@@ -120,14 +128,21 @@ def archive_catalog(
         return Catalog.open(path)
 
 
-def zip_based_format(members: list[zipformat.Member]) -> str | None:
-    """What file format built on zip ``members`` make, or None for a zip of files to unpack.
+def _a_file(ref: ObjectRef, kind: str, plain: Path) -> None:
+    log.info("%s is %s, a zip inside: mounted as one file (--archive=zip unpacks it)",
+             ref.uri, kind)
+    _remember_plain(plain, ref)
+
+
+def zip_based_format(members: Iterable[str]) -> str | None:
+    """What file format built on zip the member names make, or None for a zip of files to
+    unpack.
 
     A PyTorch file (``torch.save``, ``torch.jit.save``) holds one directory with ``data.pkl``
     and ``version`` (``.data/version`` in newer releases) in it; packages and documents have a
     member at the top that names their kind. A zip of datasets' files has neither.
     """
-    names = {member.name.rstrip("/") for member in members}
+    names = {name.rstrip("/") for name in members}
     tops = {name.partition("/")[0] for name in names}
     if len(tops) == 1:
         (top,) = tops
