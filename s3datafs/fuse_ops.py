@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -48,6 +49,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_CREAT  # O_APPEND alo
 _XATTR_PREFIX = b"user.s3datafs."
 _NAME_MAX = 255
 _DOT_ENTRIES = 2  # "." and ".." open every directory listing
+_FORGETTING_SECONDS = 60.0  # how long a start read twice says the kernel forgets pages
 T = TypeVar("T")
 
 
@@ -99,7 +101,7 @@ class Operations(pyfuse3.Operations):
         self._open_files: dict[int, tuple[PinnedRef, Readahead, int]] = {}  # ref, ..., inode
         self._file_prefetch = FilePrefetch(maximum=settings.prefetch_files)
         self._started = bytearray()  # bit per inode: its first bytes were read in this mount
-        self._kernel_forgets = False  # a file's first bytes were asked for twice (see read)
+        self._kernel_forgot_at = -_FORGETTING_SECONDS  # a file's start was last read twice
         self._next_fh = 1
         self.failures = FailureLog()  # what the log is told of failed requests
         self.failed_reads = 0  # reads answered with an error, of which:
@@ -217,19 +219,24 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def _mark_started(self, inode: int) -> None:
-        """A read from the start of ``inode`` came: the kernel has its first page now (or has
-        forgotten it, if it asks a second time)."""
+        """The start of ``inode`` was served: the kernel has its first page now (and has
+        forgotten it, if it was served before: memory pressure, ``drop_caches``, a reader with
+        ``O_DIRECT``, whose reads all reach us)."""
         byte = inode >> 3
         if byte >= len(self._started):
             self._started.extend(bytes(byte + 1 - len(self._started) + 1024))
         elif self._started[byte] & (1 << (inode & 7)):
-            self._kernel_forgets = True
+            self._kernel_forgot_at = time.monotonic()
         self._started[byte] |= 1 << (inode & 7)
 
     def _kernel_has(self, inode: int) -> bool:
-        """Whether the kernel may still keep the first page of ``inode`` (``keep_cache``)."""
+        """Whether the kernel may still keep the first page of ``inode`` (``keep_cache``): its
+        start was served, and no start was served twice in the last ``_FORGETTING_SECONDS`` (a
+        second epoch of a dataset larger than memory keeps saying so; one ``drop_caches`` is
+        forgotten after a minute)."""
         byte = inode >> 3
-        return not self._kernel_forgets and byte < len(self._started) and bool(
+        forgets = time.monotonic() - self._kernel_forgot_at < _FORGETTING_SECONDS
+        return not forgets and byte < len(self._started) and bool(
             self._started[byte] & (1 << (inode & 7)))
 
     def _prefetch_after(self, entry: Entry) -> None:
@@ -273,15 +280,16 @@ class Operations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         ref, readahead, inode = handle
-        if off == 0:
-            self._mark_started(inode)
         try:
-            return await self._unless_abandoned(self._reader.read(ref, off, size, readahead))
+            data = await self._unless_abandoned(self._reader.read(ref, off, size, readahead))
         except S3DataFSError as exc:  # reported per object: a failed read is retried at once
             self.failed_reads += 1
             self.stale_reads += exc.errno == errno.ESTALE
             self._report(exc, subject=ref.uri)
             raise pyfuse3.FUSEError(exc.errno) from None
+        if off == 0:  # served: the kernel has the page now (a failed read is retried at once)
+            self._mark_started(inode)
+        return data
 
     def counters(self) -> dict[str, int]:
         """The mount's counters: the reader's, and the reads that failed."""

@@ -733,14 +733,29 @@ async def test_zip_members_opened_in_order_are_left_to_the_archive_spans() -> No
         await ops.release((await ops.open(inode, os.O_RDONLY)).fh)
 
 
+# A pass over the directory: "read" (every read reaches the daemon), "cached" (the kernel has
+# the pages: only opens do), "flaky" (as "read", the first file's first read failing once);
+# then whether files were fetched ahead. "later": a minute passes first.
+PASSES = {
+    "pages-kept": [("read", True), ("cached", False)],
+    "pages-forgotten": [("read", True), ("read", True)],
+    "forgotten-once-a-minute-ago": [("read", True), ("read", True), ("later", False)],
+    "a-failed-read-retried": [("flaky", True), ("cached", False)],
+}
+
+
 @trio_test
-@pytest.mark.parametrize("kernel_forgets", [False, True])
+@pytest.mark.parametrize("passes", PASSES.values(), ids=PASSES.keys())
 async def test_a_second_pass_over_a_directory_fetches_ahead_only_what_the_kernel_forgot(
-    tmp_path: Path, kernel_forgets: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passes: list[tuple[str, bool]]
 ) -> None:
     """The kernel keeps the pages of files read before (keep_cache): fetching them again ahead
     would only fill the prefetch budget with bytes nobody reads. Unless it forgets them (a
-    dataset larger than memory): then the second pass waited a round trip per file."""
+    dataset larger than memory): then the second pass waited a round trip per file. A start
+    served twice says so for a minute; a failed read, retried, does not."""
+    clock = [1000.0]
+    monkeypatch.setattr("s3datafs.fuse_ops.time", type("Clock", (), {
+        "monotonic": staticmethod(lambda: clock[0])}))
     source = FakeSource()
     source.create_bucket("again")
     for index in range(20):
@@ -755,12 +770,17 @@ async def test_a_second_pass_over_a_directory_fetches_ahead_only_what_the_kernel
         ops = Operations(catalog, reader, FsSettings(uid=UID, gid=GID))
         async with trio.open_nursery() as nursery:
             reader.attach(nursery)
-            for pass_number in range(2):
+            for mode, fetched_ahead in passes:
                 before = reader.stats.prefetched_blocks
+                if mode == "later":
+                    clock[0] += 61.0
+                if mode == "flaky":
+                    source.fail_next(1, TransientS3Error("a moment's trouble"))
+                    with pytest.raises(pyfuse3.FUSEError):
+                        await _open_read_close(ops, 0)
                 for index in range(20):
-                    await _open_read_close(
-                        ops, index, kernel_has_pages=pass_number == 1 and not kernel_forgets)
+                    await _open_read_close(ops, index, kernel_has_pages=mode in ("cached", "later"))
                 await _gets_settled(source)
                 ahead = reader.stats.prefetched_blocks - before
-                assert ahead > 0 if pass_number == 0 or kernel_forgets else ahead == 0
+                assert ahead > 0 if fetched_ahead else ahead == 0, mode
             nursery.cancel_scope.cancel()
