@@ -363,17 +363,16 @@ def _checked_dir(path: Path, what: str, remedy: str, *, shared: bool) -> None:
     if problem is not None:
         raise ConfigError(
             f"{what} {path} is not private: {problem}, and s3datafs trusts what it finds "
-            f"there: {remedy}{_or_chmod(resolved, shared)}"
+            f"there: {remedy}{_or_chmod(resolved, problem)}"
         )
 
 
-def _or_chmod(directory: Path, shared: bool) -> str:
-    """The other way out for a directory of ours that others may write (one an earlier release
-    used as it was): the user knows whether anyone else has written there; s3datafs does not."""
-    with contextlib.suppress(OSError):
-        info = os.stat(directory)
-        if not shared and info.st_uid == os.geteuid() and _writable_by_others(info):
-            return f", or, if no one else has written there, chmod 700 {directory}"
+def _or_chmod(directory: Path, problem: str) -> str:
+    """The other way out when the problem is that others may write the directory itself, ours
+    (one an earlier release used as it was): the user knows whether anyone else has written
+    there; s3datafs does not."""
+    if problem.startswith(f"{directory} may be written by others"):
+        return f", or, if no one else has written there, chmod 700 {directory}"
     return ""
 
 

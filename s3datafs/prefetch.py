@@ -7,13 +7,16 @@ ahead (or None). The reader turns that range into background fetches under the p
 Readahead rules (after Mountpoint's and the kernel's readahead):
 - A read that starts near where the previous one ended is sequential. "Near" tolerates the
   kernel's own reordering: its async readahead may deliver neighbouring requests slightly out of
-  order, so anything within one window of the expected offset counts.
+  order, so anything within one window of the expected offset counts (one ``initial`` window
+  while the window is smaller: after a seek it starts from nothing).
 - On a sequential read the window grows with what the streak has read: to ``AHEAD_FACTOR``
   times its bytes, up to ``maximum`` (from ``initial`` at the start of a file, from nothing
   after a seek). So a reader that stops (a tensor, a header, a few MiB of a large file) has
-  had at most about as much again fetched ahead; the window doubled at each read before, and
-  a review measured 5 MiB read in 1 MiB reads fetch 20 MiB, 10 MiB fetch 55 MiB, and a tensor
-  of 5.2 MB mapped by ``torch.load(mmap=True)`` fetch 34 MB. As soon as a
+  had at most twice what it read fetched ahead, give or take a GET; the window doubled at each
+  read before, and a review measured 5 MiB read in 1 MiB reads fetch 20 MiB, 10 MiB fetch 55
+  MiB, and a tensor of 5.2 MB mapped by ``torch.load(mmap=True)`` fetch 34 MB. The price: the
+  window reaches 64 MiB after 32 MiB read, not after 6 reads, and a cold read of 1 GiB at
+  S3-like latency was ~5 % slower (A/B in ``bench/RESULTS.md``, session 25). As soon as a
   whole ``step`` (the reader's GET size) fits between what was already requested and the read's
   end plus the window, the range ``[max(read end, already requested), read end + window)`` is
   asked for, its end rounded down to a multiple of ``step``: the reader keeps about

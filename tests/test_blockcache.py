@@ -343,10 +343,14 @@ def test_a_region_file_of_another_format_version_is_a_quiet_miss(tmp_path: Path,
 
 
 def swept() -> None:
-    """Until the thread removing what earlier formats left has ended."""
-    if disk._earlier_remover is not None:
-        disk._earlier_remover.join(timeout=30)
-        assert not disk._earlier_remover.is_alive()
+    """Until the threads removing what earlier formats left have ended."""
+    for remover in list(disk._earlier_removers.values()):
+        remover.join(timeout=30)
+        assert not remover.is_alive()
+
+
+def removers() -> int:
+    return sum(thread.name == "cache-format-sweep" for thread in threading.enumerate())
 
 
 def test_what_earlier_formats_left_goes_in_a_thread_the_scan_does_not_wait_for(
@@ -368,8 +372,14 @@ def test_what_earlier_formats_left_goes_in_a_thread_the_scan_does_not_wait_for(
         real_rmtree(path, ignore_errors=ignore_errors)
 
     monkeypatch.setattr(disk.shutil, "rmtree", slow_rmtree)
+    swept()
     cache.sync()  # returns while the removal waits
     cache.sync()  # and a second scan starts no second remover
+    assert removers() == 1
+    other = make_cache(tmp_path / "other")  # another cache of the process has its own
+    (other.root / "ef" / ("ef" * 32)).mkdir(parents=True)
+    other.sync()
+    assert removers() == 2
     assert all(old.exists() for old in leftovers)
     may_go.set()
     swept()

@@ -634,22 +634,23 @@ def _scan_blocks(root: Path, earlier: list[int]) -> Iterator[tuple[str, int, flo
                 yield f"{fan}/{entry.name}", info.st_blocks * 512, info.st_mtime
 
 
-_earlier_remover: threading.Thread | None = None  # at most one per process
-_earlier_remover_lock = threading.Lock()
+_earlier_removers: dict[Path, threading.Thread] = {}  # at most one per cache per process
+_earlier_removers_lock = threading.Lock()
 
 
 def _remove_earlier_formats(blocks: Path) -> None:
     """Start removing, in a thread of its own, what earlier formats left under every block
     size's root of ``blocks`` (unless this process is at it already). A daemon thread: an
-    unmount does not wait for it, and what it had not removed yet is found by the next scan."""
-    global _earlier_remover
-    with _earlier_remover_lock:
-        if _earlier_remover is not None and _earlier_remover.is_alive():
+    unmount does not wait for it, and what it had not removed yet is found by the next scan.
+    Until it is gone it is not counted against the bound (it was not before either)."""
+    with _earlier_removers_lock:
+        running = _earlier_removers.get(blocks)
+        if running is not None and running.is_alive():
             return
-        _earlier_remover = threading.Thread(
+        remover = _earlier_removers[blocks] = threading.Thread(
             target=_remove_earlier_format_dirs, args=(blocks,), name="cache-format-sweep",
             daemon=True)
-        _earlier_remover.start()
+        remover.start()
 
 
 def _remove_earlier_format_dirs(blocks: Path) -> None:
