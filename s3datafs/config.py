@@ -28,6 +28,8 @@ DEFAULT_CACHE_MIN_FREE = 0.05  # never fill the cache filesystem beyond 95 %
 DEFAULT_MAX_PREFETCH = 64 * 1024 * 1024  # readahead bytes in flight, all handles together
 DEFAULT_MAX_REQUEST = 8 * 1024 * 1024  # bytes per GET at most (a readahead step is one GET)
 DEFAULT_WRITE_BEHIND = 64 * 1024 * 1024  # fetched bytes being written to the disk cache, at most
+DEFAULT_KERNEL_READAHEAD = 1024 * 1024  # the kernel's readahead on a mount (FUSE's is 128K)
+MAX_KERNEL_READAHEAD = 16 * 1024 * 1024
 
 
 def _is_root() -> bool:

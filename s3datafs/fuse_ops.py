@@ -63,6 +63,7 @@ class FsSettings:
     readahead_initial: int = 1024 * 1024  # first window of a sequential reader (as Mountpoint)
     readahead_max: int = 64 * 1024 * 1024  # per handle (~8 GETs in flight); reader bounds total
     prefetch_files: int = config.DEFAULT_PREFETCH_FILES  # ahead of a directory read in order
+    kernel_readahead: int = config.DEFAULT_KERNEL_READAHEAD  # set by the daemon (``mount``)
 
 
 def _translate_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:

@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 _COMM_BYTES = 15  # TASK_COMM_LEN less its NUL
 STATS_INTERVAL = 2.0  # seconds between refreshes of the counters in the state file
-KERNEL_READAHEAD_KB = 1024
 KERNEL_BACKGROUND = 64  # readahead requests the kernel may send at once (above the S3 pool's 32)
 FUSECTL = "/sys/fs/fuse/connections"
 # A disk that refuses the catalogs' writes: full, over quota, read-only.
@@ -163,7 +162,8 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                 reader.attach(tasks, writes)
                 initialized = trio.Event()
                 operations.on_init = initialized.set
-                tasks.start_soon(tune_kernel_readahead, plan.mountpoint, initialized)
+                tasks.start_soon(tune_kernel_readahead, plan.mountpoint, initialized,
+                                 plan.fs.kernel_readahead)
                 if disk is not None:  # learn what others cached; evict down to the bound
                     tasks.start_soon(
                         partial(trio.to_thread.run_sync, disk.sync, abandon_on_cancel=True)
@@ -260,8 +260,11 @@ def _refresh_state(mountpoint: str, state: dict) -> None:
         runtime.write_state(mountpoint, state)
 
 
-async def tune_kernel_readahead(mountpoint: Path, initialized: trio.Event) -> None:
-    """Let the kernel read ahead ``KERNEL_READAHEAD_KB`` (FUSE's default is 128 KiB).
+async def tune_kernel_readahead(
+    mountpoint: Path, initialized: trio.Event, readahead: int = config.DEFAULT_KERNEL_READAHEAD
+) -> None:
+    """Let the kernel read ahead ``readahead`` bytes (``--kernel-readahead``, 1 MiB by
+    default; FUSE's own is 128 KiB).
 
     Larger kernel readahead means fewer, larger FUSE reads (1 MiB instead of 128 KiB) for
     sequential readers. It is set through the mount's backing device in sysfs, and only after the
@@ -280,7 +283,7 @@ async def tune_kernel_readahead(mountpoint: Path, initialized: trio.Event) -> No
     try:
         if knob is None:
             raise OSError(f"{mountpoint} is not in the mount table")
-        Path(knob).write_text(str(KERNEL_READAHEAD_KB), encoding="ascii")  # noqa: ASYNC240
+        Path(knob).write_text(str(readahead // 1024), encoding="ascii")  # noqa: ASYNC240
     except OSError as exc:
         log.debug("kernel readahead left as is: %s", exc)
     if device:  # in a thread: where fusectl is not mounted, this runs a command

@@ -319,6 +319,16 @@ SIZES_AND_NUMBERS = [
         USAGE,
         "from 0 to 1024",
     ),
+    case(
+        "kernel-readahead-not-pages",
+        ["mount", "s3://{b}/p/", "--kernel-readahead", "3K"],
+        USAGE,
+        "--kernel-readahead '3K' must be a multiple of 4K from 0 to 16M",
+    ),
+    case("kernel-readahead-huge", ["mount", "s3://{b}/p/", "--kernel-readahead", "1G"], USAGE,
+         "from 0 to 16M, such as 1M (the default) or 128K"),
+    case("kernel-readahead-word", ["mount", "s3://{b}/p/", "--kernel-readahead", "lots"], USAGE,
+         "'lots' is not a size"),
     case("uid-negative", ["mount", "s3://{b}/p/", "--uid=-5"], USAGE, "--uid '-5'"),
     case(
         "cache-min-free-over-100",

@@ -126,6 +126,10 @@ def add_filesystem_options(mount: argparse.ArgumentParser) -> None:
                     help="permission bits of directories (default 0555)")
     fs.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     fs.add_argument("--noexec", action="store_true", help="no file of the mount may be executed")
+    fs.add_argument("--kernel-readahead", metavar="SIZE",
+                    help="how far the kernel reads ahead of a reader, and around each page "
+                    "fault of a mapped file (default 1M; 128K or 0 for random reads through "
+                    "mmap: LMDB, numpy.memmap, fancy indexing; at most 16M)")
     fs.add_argument("--archive", metavar="MODE", help="a single zip object: auto = show the "
                     "members of a .zip, or of one whose bytes are a zip unless its name is a "
                     "zip-based format (.pt, .npz, .jar, ...) (default); zip = always show the "
@@ -189,6 +193,7 @@ def build_plan(args: argparse.Namespace, *, mounting: bool = True) -> MountPlan:
         file_mode=config.parse_mode(args.file_mode, "--file-mode"),
         dir_mode=config.parse_mode(args.dir_mode, "--dir-mode"),
         prefetch_files=config.parse_prefetch_files(args.prefetch_files, "--prefetch-files"),
+        kernel_readahead=_kernel_readahead(getattr(args, "kernel_readahead", None)),
     )
     pins, as_of = source_pins(args)
     default_log = None if args.foreground else config.default_log_dir() / f"{name}.log"
@@ -274,6 +279,17 @@ def writable_file(path: Path | None, option: str) -> Path | None:
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {target}: directory {target.parent} is not writable")
     return target
+
+
+def _kernel_readahead(text: str | None) -> int:
+    """``--kernel-readahead``: 0 to 16M, in whole 4K pages (the kernel counts KiB and pages)."""
+    if text is None:
+        return FsSettings.kernel_readahead
+    size = parse_size(text, "--kernel-readahead")
+    if not 0 <= size <= config.MAX_KERNEL_READAHEAD or size % 4096:
+        raise UsageError(f"--kernel-readahead {text!r} must be a multiple of 4K from 0 to 16M, "
+                         "such as 1M (the default) or 128K")
+    return size
 
 
 def _absolute(path: Path | None) -> Path | None:
