@@ -1239,13 +1239,41 @@ async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) ->
         with trio.fail_after(2):  # the disk is stuck: these do not wait for it
             for ref in (*kept, left, left_too):  # the reserve first, then uncached
                 assert await reader.read(ref, 0, len(data)) == data
-        assert reader.stats.cache_writes_skipped == 600  # the last two: left uncached
+        assert reader.stats.cache_writes_skipped == 600  # the last two: left uncached, for now
         assert reader._write_waiting == 0  # so readahead goes on
+        assert disk.read_run(object_digest(left), left.size, range(300)) == {}
+        gets = source.calls["get_range"]
         disk.unstuck.set()
-    assert disk.blocks_written == 300 * (1 + reserved)  # the reserve's once the disk went on
+    # Once the disk went on: the reserve's, and the two left uncached, from memory (no GET).
+    assert disk.blocks_written == 300 * (3 + reserved)
+    assert reader.stats.cache_refills == 600
+    assert source.calls["get_range"] == gets
     assert all(len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
-               for ref in kept)
-    assert disk.read_run(object_digest(left), left.size, range(300)) == {}
+               for ref in (first, *kept, left, left_too))
+
+
+@trio_test
+async def test_runs_left_uncached_and_no_longer_in_memory_are_fetched_again_later(
+    tmp_path,
+) -> None:
+    """A remount fetched from S3 what a busy disk had left uncached (0-2,432 blocks of 16,384
+    with 8 readers at 0 ms): once the disk has room, such runs are cached, fetched again
+    (pinned) where memory no longer holds them."""
+    source, disk, reader = stuck_disk_reader(tmp_path)
+    data = bytes(range(256)) * (LONG_RUN // 256)
+    reserved = reader._write_reserve.capacity // LONG_RUN
+    refs = [source.put(BUCKET, f"{i}.bin", data) for i in range(reserved + 2)]
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        for ref in refs:
+            assert await reader.read(ref, 0, len(data)) == data
+        assert reader.stats.cache_writes_skipped == 300
+        reader._memory.clear()  # gone from memory meanwhile
+        disk.unstuck.set()
+    assert reader.stats.cache_refills == 300
+    assert source.calls["get_range"] == len(refs) + 1  # the one left uncached, once more
+    assert all(len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
+               for ref in refs)
 
 
 @trio_test
