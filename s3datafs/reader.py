@@ -799,19 +799,20 @@ class BlockReader:
         Why: several readers on a busy machine leave runs uncached (the disk falls behind for a
         moment, and a reader's run never waits for it), and a remount then fetched them from S3
         again (0-2,432 blocks of 16,384 with 8 readers at 0 ms). "Room": no write waits for
-        the write budget, none is pending and no reader waits on S3. A run's blocks still in
-        memory are written from there; the rest are fetched again, as readahead is (pinned, at
-        the disk's pace, looked for on disk first). Ends when none is left; a mount that ends
-        first leaves the rest uncached, as before.
+        the write budget, it is at most half full, and no reader waits on S3. Runs left one
+        after another are cached together, one GET's worth at a time (``_next_skipped``). A
+        run's blocks still in memory are written from there; the rest are fetched again, as
+        readahead is (pinned, at the disk's pace, looked for on disk first). Ends when none is
+        left; a mount that ends first leaves the rest uncached, as before.
         """
         try:
             while self._skipped:
-                # A look every _REFILL_POLL: room is four conditions that change in many
+                # A look every _REFILL_POLL: room is three conditions that change in many
                 # places, and a refill may well wait a moment longer than it must.
                 while (self._waited_flights or self._write_waiting  # noqa: ASYNC110
-                       or self._write_budget.used or self._write_reserve.used):
+                       or self._write_budget.used > self._write_budget.capacity // 2):
                     await trio.sleep(_REFILL_POLL)
-                (ref, first), count = self._skipped.popitem(last=False)
+                ref, first, count = self._next_skipped()
                 try:
                     await self._refill_run(ref, range(first, first + count))
                 except Exception as exc:  # S3 trouble: the blocks stay uncached, as they were
@@ -821,6 +822,18 @@ class BlockReader:
                     self.stats.cache_refills += count
         finally:
             self._refilling = False
+
+    def _next_skipped(self) -> tuple[ObjectRef, int, int]:
+        """The oldest run left uncached, with the runs that follow it in its object, up to one
+        GET (a sequential reader's runs are left one after another: one GET each, not 16)."""
+        (ref, first), count = self._skipped.popitem(last=False)
+        while count < self._request_blocks and (ref, first + count) in self._skipped:
+            more = self._skipped[(ref, first + count)]
+            if count + more > self._request_blocks:
+                break
+            del self._skipped[(ref, first + count)]
+            count += more
+        return ref, first, count
 
     async def _refill_run(self, ref: ObjectRef, run: range) -> None:
         held = {index: block for index in run

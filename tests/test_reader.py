@@ -1252,6 +1252,24 @@ async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) ->
                for ref in (first, *kept, left, left_too))
 
 
+def test_runs_left_uncached_one_after_another_are_cached_together() -> None:
+    """A sequential reader's runs are left one after another: refilled one GET each, 16 of
+    them took seconds (one wait for room each); together, up to one GET's length."""
+    source, ref = make_source()
+    other = source.put(BUCKET, "other.bin", DATA)
+    reader = make_reader(source, max_request_bytes=40 * BLOCK)
+    for key, count in (((ref, 0), 16), ((other, 0), 8), ((ref, 16), 16), ((ref, 48), 8),
+                       ((ref, 32), 16)):
+        reader._skipped[key] = count
+    assert [reader._next_skipped() for _ in range(4)] == [
+        (ref, 0, 32),  # 16 + 16 blocks; the next 16 would pass 40
+        (other, 0, 8),
+        (ref, 48, 8),
+        (ref, 32, 16),
+    ]
+    assert not reader._skipped
+
+
 @trio_test
 async def test_runs_left_uncached_and_no_longer_in_memory_are_fetched_again_later(
     tmp_path,
