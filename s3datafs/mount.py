@@ -270,7 +270,8 @@ async def tune_kernel_readahead(
     sequential readers. It is set through the mount's backing device in sysfs, and only after the
     kernel's INIT has been answered: that answer clamps it back to 128 KiB. The device comes from
     the mount table (a stat() of the mount point could wait on this very daemon). Only root may
-    change it, so failure is logged at debug level and otherwise ignored.
+    change it: a failure is logged at debug level for the default, as a warning for a value
+    asked for, and otherwise ignored (the mount works with FUSE's 128 KiB).
 
     No sleep and no thread (a sysfs write is instant): this task wakes only after the INIT handler
     has returned, and libfuse writes INIT's reply in that same step (the kernel applies it within
@@ -284,8 +285,9 @@ async def tune_kernel_readahead(
         if knob is None:
             raise OSError(f"{mountpoint} is not in the mount table")
         Path(knob).write_text(str(readahead // 1024), encoding="ascii")  # noqa: ASYNC240
-    except OSError as exc:
-        log.debug("kernel readahead left as is: %s", exc)
+    except OSError as exc:  # said if asked for (--kernel-readahead): else FUSE's 128K is fine
+        level = logging.DEBUG if readahead == config.DEFAULT_KERNEL_READAHEAD else logging.WARNING
+        log.log(level, "kernel readahead left as it is (--kernel-readahead not applied): %s", exc)
     if device:  # in a thread: where fusectl is not mounted, this runs a command
         await trio.to_thread.run_sync(_tune_background, device.partition(":")[2])
 

@@ -1240,16 +1240,32 @@ async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) ->
             for ref in (*kept, left, left_too):  # the reserve first, then uncached
                 assert await reader.read(ref, 0, len(data)) == data
         assert reader.stats.cache_writes_skipped == 600  # the last two: left uncached, for now
-        assert reader._write_waiting == 0  # so readahead goes on
+        await trio.sleep(3 * reader_module._REFILL_POLL)  # a refill waiting for room ...
+        assert reader._write_waiting == 0  # ... waits apart: readahead goes on
+        other = source.put(BUCKET, "other.bin", data)
+        assert reader.prefetch(other, 0, BLOCK) == BLOCK
         assert disk.read_run(object_digest(left), left.size, range(300)) == {}
-        gets = source.calls["get_range"]
         disk.unstuck.set()
     # Once the disk went on: the reserve's, and the two left uncached, from memory (no GET).
-    assert disk.blocks_written == 300 * (3 + reserved)
+    assert disk.blocks_written >= 300 * (3 + reserved)  # and other.bin's readahead
     assert reader.stats.cache_refills == 600
-    assert source.calls["get_range"] == gets
+    assert source.calls["get_range"] == reserved + 4  # one a file, other.bin's readahead too
     assert all(len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
                for ref in (first, *kept, left, left_too))
+
+
+def test_readahead_of_closed_files_given_back_leaves_the_runs_to_refill_alone() -> None:
+    """A stray copy of the refill queue's initialisation in _reclaim_closed emptied it whenever
+    closed files' readahead was reclaimed; a refill waiting for room then met an empty queue
+    and its KeyError ended the mount (code review)."""
+    source, ref = make_source()
+    reader = make_reader(source)
+    reader._skipped[(ref, 0)] = 4
+    reader._staged[(ref, 8)] = (b"x" * BLOCK, 0.0)
+    reader._prefetch_budget.try_take(BLOCK)
+    reader.closed(ref)
+    assert reader._reclaim_closed()
+    assert reader._skipped == {(ref, 0): 4}
 
 
 def test_runs_left_uncached_one_after_another_are_cached_together() -> None:

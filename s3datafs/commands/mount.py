@@ -128,8 +128,9 @@ def add_filesystem_options(mount: argparse.ArgumentParser) -> None:
     fs.add_argument("--noexec", action="store_true", help="no file of the mount may be executed")
     fs.add_argument("--kernel-readahead", metavar="SIZE",
                     help="how far the kernel reads ahead of a reader, and around each page "
-                    "fault of a mapped file (default 1M; 128K or 0 for random reads through "
-                    "mmap: LMDB, numpy.memmap, fancy indexing; at most 16M)")
+                    "fault of a mapped file (default 1M; 128K for random reads through mmap: "
+                    "LMDB, numpy.memmap, fancy indexing; 0 sends every read in 4K pieces; at "
+                    "most 16M)")
     fs.add_argument("--archive", metavar="MODE", help="a single zip object: auto = show the "
                     "members of a .zip, or of one whose bytes are a zip unless its name is a "
                     "zip-based format (.pt, .npz, .jar, ...) (default); zip = always show the "
