@@ -776,6 +776,13 @@ class BlockReader:
                 await self._write_budget.take(cost)
             finally:
                 self._write_waiting -= cost
+        await self._start_write(ref, first, blocks, cost, budget)
+
+    async def _start_write(
+        self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int, budget: ByteBudget
+    ) -> None:
+        """``_write`` in the write nursery (here, without one); ``cost`` is taken from
+        ``budget`` already, and given back when the write is done."""
         if self._write_nursery is None:
             await self._write(ref, first, blocks, cost, budget)
         else:
@@ -818,8 +825,7 @@ class BlockReader:
                 except TransientS3Error as exc:
                     log.debug("cannot cache %s blocks %d-%d yet: %s", ref.uri, first,
                               run[-1], exc)
-                    self._skipped[(ref, first)] = count
-                    self._skipped.move_to_end((ref, first), last=False)
+                    self._put_back(ref, first, count)
                     await trio.sleep(_REFILL_BACKOFF)
                 except Exception as exc:  # changed or gone: never cacheable; or a bug
                     log.debug("cannot cache %s blocks %d-%d later: %s", ref.uri, first,
@@ -827,11 +833,15 @@ class BlockReader:
                 else:
                     if done:
                         self.stats.cache_refills += count
-                    else:  # the room went meanwhile: the run goes back, first in line
-                        self._skipped[(ref, first)] = count
-                        self._skipped.move_to_end((ref, first), last=False)
+                    else:  # the room went meanwhile
+                        self._put_back(ref, first, count)
         finally:
             self._refilling = False
+
+    def _put_back(self, ref: ObjectRef, first: int, count: int) -> None:
+        """A run to refill goes back, first in line."""
+        self._skipped[(ref, first)] = count
+        self._skipped.move_to_end((ref, first), last=False)
 
     def _room_for(self, cost: int) -> bool:
         budget = self._write_budget
@@ -861,12 +871,7 @@ class BlockReader:
         if not self._write_budget.try_take(cost):
             return False
         for first, blocks in stretches:
-            share = sum(map(len, blocks))
-            if self._write_nursery is None:
-                await self._write(ref, first, blocks, share, self._write_budget)
-            else:
-                self._write_nursery.start_soon(
-                    self._write, ref, first, blocks, share, self._write_budget)
+            await self._start_write(ref, first, blocks, sum(map(len, blocks)), self._write_budget)
         if len(held) < len(run):
             await self._load(ref, run, held, waited=False)
         return True

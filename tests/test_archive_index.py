@@ -322,6 +322,10 @@ def test_zips_of_data_that_only_resemble_a_format_are_unpacked(
     members = world.members(ref)
     assert members is not None
     assert set(names) <= set(tree(members))
+    members.close()
+    again = world.members(ref)  # from the stored index, asked the same question
+    assert again is not None
+    assert set(names) <= set(tree(again))
 
 
 def test_archive_zip_on_an_object_that_is_no_zip_fails_even_when_auto_knew(world: World) -> None:

@@ -30,17 +30,18 @@ either.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from ..cache.blockfile import object_digest
-from ..catalog import Catalog, CatalogBuilder, CatalogError
+from ..catalog import ROOT_INODE, Catalog, CatalogBuilder, CatalogError
 from ..errors import ArchiveError, UsageError
-from ..model import MemberRef, ObjectRef, ObjectSource
+from ..model import ObjectRef, ObjectSource
 from ..uri import S3Uri, parse_s3_uri
 from . import zipformat
 
@@ -94,8 +95,7 @@ def archive_catalog(
         return None  # this very pin was found not to be a zip before
     catalog = _open_existing(path, ref)
     # Stored by --archive=zip, or by a release that unpacked such files: asked again.
-    kind = (zip_based_format(member.path for member in catalog.files()
-                             if isinstance(member, MemberRef))
+    kind = (_stored_zip_based_format(catalog)
             if catalog is not None and mode == "auto"
             and not ref.key.lower().endswith(_ZIP_SUFFIX) else None)
     if catalog is not None and kind is not None:
@@ -113,7 +113,9 @@ def archive_catalog(
             _remember_plain(plain, ref)
             return None
         index = read_index(source, ref, tail=tail)
-        if (kind := zip_based_format(member.name for member in index[0])) is not None:
+        names = {member.name.rstrip("/") for member in index[0]}
+        tops = {name.partition("/")[0] for name in names}
+        if (kind := zip_based_format(names.__contains__, tops)) is not None:
             _a_file(ref, kind, plain)
             return None
     build_index(source, ref, path, pinned.meta.fingerprint, index=index)
@@ -134,21 +136,37 @@ def _a_file(ref: ObjectRef, kind: str, plain: Path) -> None:
     _remember_plain(plain, ref)
 
 
-def zip_based_format(members: Iterable[str]) -> str | None:
-    """What file format built on zip the member names make, or None for a zip of files to
-    unpack.
+def zip_based_format(has: Callable[[str], bool], tops: set[str]) -> str | None:
+    """What file format built on zip an archive is, or None for a zip of files to unpack;
+    ``has(path)``: whether it holds that member, ``tops``: the names at its top (two at most
+    are needed).
 
     A PyTorch file (``torch.save``, ``torch.jit.save``) holds one directory with ``data.pkl``
     and ``version`` (``.data/version`` in newer releases) in it; packages and documents have a
     member at the top that names their kind. A zip of datasets' files has neither.
     """
-    names = {name.rstrip("/") for name in members}
-    tops = {name.partition("/")[0] for name in names}
     if len(tops) == 1:
         (top,) = tops
-        if f"{top}/data.pkl" in names and names & {f"{top}/version", f"{top}/.data/version"}:
+        if has(f"{top}/data.pkl") and (has(f"{top}/version") or has(f"{top}/.data/version")):
             return "a PyTorch file"
-    return next((kind for marker, kind in _MARKER_MEMBERS if marker in names), None)
+    return next((kind for marker, kind in _MARKER_MEMBERS if has(marker)), None)
+
+
+def _stored_zip_based_format(catalog: Catalog) -> str | None:
+    """``zip_based_format`` of a stored member catalog: a few lookups, not a walk of all its
+    members at every mount."""
+
+    def has(path: str) -> bool:
+        inode = ROOT_INODE
+        for name in path.split("/"):
+            entry = catalog.lookup(inode, name)
+            if entry is None:
+                return False
+            inode = entry.inode
+        return True
+
+    tops = {entry.name for entry in itertools.islice(catalog.children(ROOT_INODE), 2)}
+    return zip_based_format(has, tops)
 
 
 def single_object(pinned: Catalog) -> ObjectRef | None:

@@ -561,12 +561,25 @@ class DiskCache:
 
     def _region_files(self) -> Iterator[tuple[float, int, str, str | None]]:
         """(mtime, allocated bytes, path, name in our index or None for another block size's
-        file) of every region file under the cache directory."""
-        earlier = [0]
-        for name, size, mtime in _scan_blocks(self.root, earlier):
-            yield mtime, size, str(self.root / name), name
-        yield from _other_block_sizes(self.root, earlier)
-        if earlier[0]:
+        file) of every region file under the cache directory, every block size's root.
+
+        What the earlier formats left, which this version never reads (a directory per object:
+        format 3's ``meta.json`` and region files; formats 1 and 2's file per block or per chunk,
+        and their temps), is not counted: once the walk has met some, ``_remove_earlier_formats``
+        removes it all (in every root: other block sizes' leftovers were never removed nor
+        counted, a review found 200 MiB beyond the bound)."""
+        leftovers = False
+        for block_root in _subdirs(self.root.parent):
+            ours = block_root.path == str(self.root)
+            for fan, entry in _fan_entries(Path(block_root.path)):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_dir(follow_symlinks=False):
+                        leftovers = True
+                    elif is_region_file(entry.name):
+                        info = entry.stat(follow_symlinks=False)
+                        name = f"{fan}/{entry.name}" if ours else None
+                        yield info.st_mtime, info.st_blocks * 512, entry.path, name
+        if leftovers:
             _remove_earlier_formats(self.root.parent)
 
     def _oldest_worth(self, excess: int) -> list[str]:
@@ -620,20 +633,6 @@ def _locked(root: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _scan_blocks(root: Path, earlier: list[int]) -> Iterator[tuple[str, int, float]]:
-    """(relative name, allocated bytes, mtime) of every region file; what the earlier formats
-    left, which this version never reads, is counted in ``earlier[0]``: a directory per object
-    (format 3: ``meta.json`` and region files; formats 1 and 2: a file per block or per chunk,
-    and their temps)."""
-    for fan, entry in _fan_entries(root):
-        with contextlib.suppress(FileNotFoundError):
-            if entry.is_dir(follow_symlinks=False):
-                earlier[0] += 1
-            elif is_region_file(entry.name):
-                info = entry.stat(follow_symlinks=False)
-                yield f"{fan}/{entry.name}", info.st_blocks * 512, info.st_mtime
-
-
 _earlier_removers: dict[Path, threading.Thread] = {}  # at most one per cache per process
 _earlier_removers_lock = threading.Lock()
 
@@ -664,25 +663,6 @@ def _remove_earlier_format_dirs(blocks: Path) -> None:
                     removed += 1
     log.info("removed %d cached objects of an earlier cache format from %s in %.1fs", removed,
              blocks, time.monotonic() - started)
-
-
-def _other_block_sizes(
-    root: Path, earlier: list[int]
-) -> Iterator[tuple[float, int, str, None]]:
-    """(mtime, allocated bytes, path, None) of the region files of the other block sizes'
-    roots (None: no name in this root's index); their earlier formats' leftovers are counted in
-    ``earlier[0]`` (they were never removed, nor counted: a review found 200 MiB beyond the
-    bound)."""
-    for other in _subdirs(root.parent):
-        if other.path == str(root):
-            continue
-        for _fan, entry in _fan_entries(Path(other.path)):
-            if entry.is_dir(follow_symlinks=False):
-                earlier[0] += 1
-            elif is_region_file(entry.name):
-                with contextlib.suppress(FileNotFoundError):
-                    info = entry.stat(follow_symlinks=False)
-                    yield info.st_mtime, info.st_blocks * 512, entry.path, None
 
 
 def _fan_entries(root: Path) -> Iterator[tuple[str, os.DirEntry]]:
