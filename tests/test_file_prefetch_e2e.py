@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from conftest import Cli
@@ -73,6 +75,39 @@ def test_a_shuffled_reader_and_prefetch_files_0_fetch_only_what_they_read(
     s3server.reset_stats()
     read_in_turn(mountpoint, in_order, sorted(in_order)[:20])
     assert gets_once_settled(s3server) == 20
+
+
+def test_readers_each_reading_their_own_slice_in_order_get_their_next_files_ahead(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    """A data loader's workers: each reads its own slice of the directory in order, the two
+    taking turns, so the directory's opens jump between slices at every open. Each reader's
+    own opens are in order (FUSE says which thread opens), and its next files come ahead."""
+    bucket = make_bucket()
+    files = put_tree(s3, bucket, "slices/")
+    names = sorted(files)
+    slices = [names[: COUNT // 2], names[COUNT // 2 :]]
+    mountpoint = cli.mount(f"s3://{bucket}/slices/")
+    s3server.reset_stats()
+    turns = [threading.Semaphore(1), threading.Semaphore(0)]
+
+    def worker(number: int, first: int, last: int) -> None:
+        for name in slices[number][first:last]:
+            turns[number].acquire()
+            try:
+                read_in_turn(mountpoint, files, [name])
+            finally:
+                turns[1 - number].release()
+
+    def both(first: int, last: int) -> None:
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(worker, number, first, last) for number in (0, 1)]:
+                done.result()
+
+    both(0, 6)
+    assert gets_once_settled(s3server) > 12  # files of either slice nobody has opened yet
+    both(6, COUNT // 2)
+    assert gets_once_settled(s3server) == COUNT  # every file once, none twice
 
 
 def drop_pages(mountpoint: Path, names: list[str]) -> None:
