@@ -17,14 +17,12 @@ Design:
 - Slow links: a run a reader waits for of ``SPLIT_BYTES`` or more is two flights, two GETs sent
   at once, once the link has shown itself slow (``linkrate``; see ``_runs_for``).
 - Fetched blocks go to memory at once and to the disk cache behind the reader's back
-  (write-behind, in the mount's nursery, bounded by ``write_budget`` bytes pending, or by what
-  the disk writes in a second where it is slower (``cache.pace``); while fetched runs wait for
-  room there, readahead pauses, and longer flights wait for the disk limiter before their GET,
-  unless a reader joins them: ``_join``). Write-behind lets the reads a reader waits for go
-  first, for at most ``WRITE_YIELD`` seconds and never while fetched runs wait for the budget
-  (see ``_write``). A short run is written by the worker thread that fetched it, before it
-  returns: the write costs less than the thread hop it saves (see ``_fill``). A cache failure
-  is logged (rate-limited) and never fails a read.
+  (``writebehind``: bounded by ``write_budget`` and the disk's pace, after the reads a reader
+  waits for; runs it leaves uncached are cached later). While fetched runs wait for room there,
+  readahead pauses, and longer flights wait for the disk limiter before their GET, unless a
+  reader joins them: ``_join``. A short run is written by the worker thread that fetched it,
+  before it returns: the write costs less than the thread hop it saves (see ``_fill``). A cache
+  failure is logged (rate-limited) and never fails a read.
 - Prefetch flights run in the mount's nursery under ``prefetch_budget``: bytes of readahead in
   flight *or landed and not read yet*, total across handles. Landed readahead is *staged* (kept
   apart from the LRU) until a read takes it, so the budget bounds its memory and nothing can
@@ -57,14 +55,16 @@ Design:
   (S3 has stopped answering) until a thread ends.
 
 Threading: everything here runs on the trio thread except ``_load_blocking`` (disk lookup, GET
-and, for short runs, the cache write, under the S3 limiter), ``_read_cached`` and write-behind
-(under the disk limiter), which run in worker threads. Shared state (LRU, flight table,
-counters) is touched by the trio thread only, so it needs no lock; ``TroubleLog`` is thread-safe,
-and the count of abandoned loads has its own lock (their threads end it).
+and, for short runs, the cache write, under the S3 limiter) and ``_read_cached`` (under the disk
+limiter, which write-behind's writes share), which run in worker threads. Shared state (LRU,
+flight table, counters) is touched by the trio thread only, so it needs no lock; ``TroubleLog``
+is thread-safe, and the count of abandoned loads has its own lock (their threads end it). The
+``WriteBehind`` the reader owns keeps the same rule for its own state.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -78,12 +78,12 @@ import trio
 
 from .cache.blockfile import object_digest
 from .cache.disk import DiskCache, TroubleLog
-from .cache.pace import WritePace
-from .config import DEFAULT_MAX_REQUEST, DEFAULT_WRITE_BEHIND
+from .config import DEFAULT_MAX_REQUEST
 from .errors import S3DataFSError, TransientS3Error
 from .linkrate import LinkRate
 from .model import MemberRef, ObjectRef, ObjectSource, PinnedRef
 from .prefetch import Readahead
+from .writebehind import ByteBudget, WriteBehind, consecutive_runs
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,7 @@ ONE_HOP_BYTES = 256 * 1024
 _FAILED_TTL = 1.0  # seconds a slow failure is repeated at once (covers the kernel's own retry)
 _STAGED_TTL = 5.0  # seconds readahead may wait unread before others may take its budget
 _CLOSED_REMEMBERED = 1024  # objects closed by all whose readahead is known to be nobody's
-_SKIPPED_REMEMBERED = 1024  # runs left uncached, to be cached later (``_refill``)
-_REFILL_POLL = 0.2  # seconds between looks for a moment the disk has room for a refill
-_REFILL_BACKOFF = 5.0  # seconds before a refill that met S3 trouble is tried again
 _STREAM_IDLE = 1.0  # seconds after its last readahead a stream stops counting for the shares
-WRITE_YIELD = 0.1  # seconds a cache write-behind may wait for reads waiting on S3 (see ``_write``)
 JOINED_QUEUE_SECONDS = 0.25  # readahead a reader waits for waits no longer behind the writes
 SPLIT_BYTES = 1024 * 1024  # a waited run this long is two GETs on a slow link (``_runs_for``)
 
@@ -117,35 +113,11 @@ class ReadStats:
     cache_write_errors: int = 0
     bytes_served: int = 0
     split_reads: int = 0  # waited runs fetched as two GETs (a slow link: ``linkrate``)
-    cache_writes_skipped: int = 0  # blocks left uncached: the disk fell behind (``_write_behind``)
-    cache_refills: int = 0  # of those, cached later, once the disk had room (``_refill``)
+    cache_writes_skipped: int = 0  # blocks left uncached: the disk fell behind (``writebehind``)
+    cache_refills: int = 0  # of those, cached later, once the disk had room (``writebehind``)
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
-
-
-class ByteBudget:
-    """An async semaphore counted in bytes (for bytes in flight or pending writes)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self._changed = trio.Event()
-
-    def try_take(self, amount: int) -> bool:
-        if self.used + amount > self.capacity and self.used > 0:
-            return False
-        self.used += amount
-        return True
-
-    async def take(self, amount: int) -> None:
-        while not self.try_take(amount):
-            await self._changed.wait()
-
-    def give(self, amount: int) -> None:
-        self.used -= amount
-        self._changed.set()
-        self._changed = trio.Event()
 
 
 class _Call:
@@ -193,6 +165,7 @@ class BlockReader:
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         self.block_size = block_size
+        self.stats = stats or ReadStats()
         self._source = source
         # Optional: a source that can tell bytes at hand without I/O (``MemberSource``) serves
         # them on this thread, skipping flights and the worker-thread hop (see ``read``).
@@ -208,18 +181,16 @@ class BlockReader:
         self._link = link
         self._split_blocks = max(2, split_bytes // block_size)
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
-        # Room for two runs at least: with one (--block-size 64M, runs of one block) a run a
-        # reader waited for found the one before still being written, and was left uncached.
-        self._write_budget = write_budget or ByteBudget(
-            max(DEFAULT_WRITE_BEHIND, 2 * self._request_blocks * block_size))
-        # The write budget shrinks to what the disk writes in a second where it is slow (``pace``).
-        self._pace = WritePace(self._request_blocks * block_size, self._write_budget.capacity)
-        self._write_budget.capacity = self._pace.allowance
-        # One run a reader waited for may wait for the disk beyond the budget (``_write_behind``).
-        self._write_reserve = ByteBudget(self._request_blocks * block_size)
-        self._write_waiting = 0  # bytes fetched and waiting for room in the write budget
-        self._waited_flights = 0  # flights a reader waits for (``_Flight.waited``), in progress
-        self._writes_may_go = trio.Event()  # set (and renewed) when write-behind may stop yielding
+        self._trouble = TroubleLog()  # cache trouble: a warning a minute at most
+        # Fetched blocks go to the disk cache behind the reads, and the runs left uncached are
+        # cached later: from memory (read, not written to), or loaded again by flights nobody
+        # waits for, whose own write-behind writes them.
+        self._writes = WriteBehind(
+            disk, disk_limiter=self._disk_limiter, block_size=block_size,
+            request_blocks=self._request_blocks, write_budget=write_budget, stats=self.stats,
+            trouble=self._trouble, memory=self._memory,
+            load=functools.partial(self._load, waited=False),
+        )
         self._inflight: dict[BlockKey, _Flight] = {}
         # Readahead that has landed and not been read yet, in landing order, with landing times.
         # It holds its prefetch budget until read (or given up, see ``_reclaim_stale``), so the
@@ -231,16 +202,9 @@ class BlockReader:
         # nobody's (``_keep``, ``_reclaim_closed``). ``_closed_staged``: some of it is staged.
         self._closed: OrderedDict[ObjectRef, None] = OrderedDict()
         self._closed_staged = False
-        # Runs a reader waited for that were left uncached (the disk fell behind), oldest first:
-        # (object, first block) -> blocks. ``_refill`` caches them once the disk has room.
-        self._skipped: OrderedDict[tuple[ObjectRef, int], int] = OrderedDict()
-        self._refilling = False
         self._streams: dict[int, float] = {}  # id(Readahead) -> when it last read ahead
         self._streams_pruned = 0.0
         self._nursery: trio.Nursery | None = None
-        self._write_nursery: trio.Nursery | None = None
-        self._syncing = False  # a disk cache sync due after a short run's write is under way
-        self._trouble = TroubleLog()  # cache trouble: a warning a minute at most
         self._read_timeout = read_timeout
         # Loads given up on (--read-timeout) whose threads still wait on S3, holding a slot.
         self._abandoned = 0
@@ -249,7 +213,6 @@ class BlockReader:
         self._failed: cachetools.TTLCache[BlockKey, BaseException] = cachetools.TTLCache(
             maxsize=4096, ttl=_FAILED_TTL, timer=time.monotonic
         )
-        self.stats = stats or ReadStats()
 
     def counters(self) -> dict[str, int]:
         """``stats``, plus what the source counted itself (a ``MemberSource``: archive GETs)."""
@@ -280,9 +243,9 @@ class BlockReader:
         self._closed_staged = bool(self._staged)
 
     def attach(self, tasks: trio.Nursery, writes: trio.Nursery | None = None) -> None:
-        """Give the reader the mount's nurseries: flights and prefetch, and cache writes."""
+        """Give the reader the mount's nurseries: flights, prefetch and refills; cache writes."""
         self._nursery = tasks
-        self._write_nursery = writes or tasks
+        self._writes.attach(tasks, writes)
 
     # -- public reads ---------------------------------------------------------------------------
 
@@ -345,7 +308,7 @@ class BlockReader:
         Returns how far that is: ``end``, or the start of the first run the budget had no room
         for (that run and the rest are skipped, never queued).
         """
-        if self._nursery is None or self._write_waiting:
+        if self._nursery is None or self._writes.falls_behind:
             return start  # no readahead while the disk cache falls behind: memory stays bounded
         self._closed.pop(ref, None)  # wanted again (a second pass fetches files ahead)
         index, last = start // self.block_size, (end - 1) // self.block_size
@@ -522,7 +485,7 @@ class BlockReader:
         decompresses a member's data in one piece. Nor is a run the disk cache may hold (its
         region file is known): two flights would then be two disk lookups, not two GETs.
         """
-        runs = _runs(missing, self._request_blocks)
+        runs = consecutive_runs(missing, self._request_blocks)
         if not waited or self._link is None or not self._link.slow or _source_keeps(ref):
             return runs
         disk = self._disk
@@ -553,7 +516,8 @@ class BlockReader:
         """
         fetched: list[tuple[int, list[bytes]]] = []
         waited = flight.waited
-        self._waited_flights += waited
+        if waited:
+            self._writes.reader_waits()
         try:
             await self._fill(flight, fetched)
             self._keep(flight)
@@ -569,12 +533,11 @@ class BlockReader:
                 self._prefetch_budget.give(flight.budget)
                 flight.budget = 0
             flight.done.set()
-            self._waited_flights -= waited
-            if waited and not self._waited_flights:
-                self._let_writes_go()
+            if waited:
+                self._writes.reader_served()
         if self._on_disk(flight.ref):
             for first, blocks in fetched:
-                await self._write_behind(flight.ref, first, blocks, waited=waited)
+                await self._writes.write_behind(flight.ref, first, blocks, waited=waited)
 
     def _on_disk(self, ref: PinnedRef) -> bool:
         """Whether ``ref``'s blocks go to the disk cache (see ``_source_keeps``)."""
@@ -669,7 +632,7 @@ class BlockReader:
         rest, hits = _uncached(run, hits)
         self._took_from_disk(flight, hits)
         if write_error is not None:
-            self._write_failed(write_error)
+            self._writes.write_failed(write_error)
         if blocks is None:
             return
         self.stats.misses += len(rest)
@@ -679,8 +642,8 @@ class BlockReader:
         flight.blocks.update(zip(rest, blocks, strict=True))
         if write is None:
             fetched.append((rest.start, blocks))
-        elif write.sync_due and not self._syncing:  # the worker thread wrote the run, not this
-            await self._sync_behind(write)
+        else:  # the worker thread wrote the run, not the sync that fell due
+            await self._writes.sync_if_due(write)
 
     def _took_from_disk(self, flight: _Flight, hits: dict[int, bytes]) -> None:
         flight.blocks.update(hits)
@@ -723,7 +686,7 @@ class BlockReader:
         blocks = [body[o : o + size] for o in range(0, len(body), size)]
         if write is None:
             return hits, blocks, None
-        try:  # a sync that falls due is left to ``_sync_behind``: the run's readers wait here
+        try:  # a sync that falls due is left to ``sync_if_due``: the run's readers wait here
             write.write(ref, object_digest(ref), first, blocks, sync=False)
         except Exception as exc:  # the bytes are good: a cache fault (or bug) must not fail them
             return hits, blocks, exc
@@ -736,205 +699,6 @@ class BlockReader:
         except OSError as exc:
             self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3")
             return {}
-
-    async def _write_behind(
-        self, ref: ObjectRef, first: int, blocks: list[bytes], *, waited: bool = False
-    ) -> None:
-        """Hand fetched blocks to a cache write once the write budget has room for them.
-
-        Backpressure when the disk falls behind: readahead and ``warm`` wait here for room (and
-        readahead pauses meanwhile: ``prefetch``), so they go at the disk's pace; so does
-        readahead a reader caught up with (``_join``), which is as bounded as any readahead. A
-        run a reader waited for from the start never does (nor does it queue behind the writes
-        for its disk lookup, see ``_fill``): if there is no room, it takes the reserve of one
-        run, and if that is taken too its blocks are not cached (counted, and logged at most
-        once a minute). Waiting, it would hold its blocks while its reader, served already, sent
-        the next read: as many runs as reads, without bound (a try measured 590-650 MiB with 8
-        readers). A cache disk slower than S3 (a network volume out of burst credits) then costs
-        the reads their readahead, not their speed. Measured by a review, before: 8 readers at
-        1/32 of their speed with the cache disk at 10 MB/s, 1 MiB reads 6.5 s. The reserve is
-        for a disk that falls behind for a moment: a cold read of 1 GiB on a busy VM left one
-        run of 16 blocks uncached without it, and the remount read them from S3.
-        """
-        cost = sum(map(len, blocks))
-        budget = self._write_budget
-        if budget.try_take(cost):
-            pass
-        elif waited and self._write_reserve.try_take(cost):
-            budget = self._write_reserve
-        elif waited:
-            self.stats.cache_writes_skipped += len(blocks)
-            self._trouble.warn(
-                "the block cache's disk falls behind S3: blocks a reader waited for are left "
-                "uncached for now rather than make it wait (cache_writes_skipped in the stats)")
-            self._remember_skipped(ref, first, len(blocks))
-            return
-        else:
-            self._write_waiting += cost  # while it waits here, readahead pauses (``prefetch``)
-            try:
-                self._let_writes_go()  # and writes stop yielding to reads: the bound comes first
-                await self._write_budget.take(cost)
-            finally:
-                self._write_waiting -= cost
-        await self._start_write(ref, first, blocks, cost, budget)
-
-    async def _start_write(
-        self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int, budget: ByteBudget
-    ) -> None:
-        """``_write`` in the write nursery (here, without one); ``cost`` is taken from
-        ``budget`` already, and given back when the write is done."""
-        if self._write_nursery is None:
-            await self._write(ref, first, blocks, cost, budget)
-        else:
-            self._write_nursery.start_soon(self._write, ref, first, blocks, cost, budget)
-
-    def _remember_skipped(self, ref: ObjectRef, first: int, count: int) -> None:
-        """A run left uncached: to be cached once the disk has room (bounded: the oldest go)."""
-        self._skipped[(ref, first)] = count
-        if len(self._skipped) > _SKIPPED_REMEMBERED:
-            self._skipped.popitem(last=False)
-        if not self._refilling and self._nursery is not None:
-            self._refilling = True
-            self._nursery.start_soon(self._refill)
-
-    async def _refill(self) -> None:
-        """Cache the runs left uncached, one at a time, whenever the disk has room.
-
-        Why: several readers on a busy machine leave runs uncached (the disk falls behind for a
-        moment, and a reader's run never waits for it), and a remount then fetched them from S3
-        again (118-180 MB after 8 readers of 1 GiB at 0 ms). "Room": no reader waits on S3, no
-        write waits for the write budget, and the run's bytes fit in it now, so a refill never
-        waits for the budget itself (which would pause every stream's readahead: ``prefetch``).
-        Runs left one after another are cached together, one GET's worth at a time
-        (``_next_skipped``). A run's blocks still in memory are written from there; the rest are
-        fetched again, as readahead is (pinned, looked for on disk first). S3 trouble puts the
-        run back, tried again ``_REFILL_BACKOFF`` later; an object changed or gone drops it.
-        Ends when none is left; a mount that ends first leaves the rest uncached, as before.
-        Never raises into the mount's nursery: a bug here must not end the mount.
-        """
-        try:
-            while self._skipped:
-                ref, first, count = self._next_skipped()
-                run = range(first, first + count)
-                # A look every _REFILL_POLL: room is conditions that change in many places,
-                # and a refill may well wait a moment longer than it must.
-                while not self._room_for(len(run) * self.block_size):  # noqa: ASYNC110
-                    await trio.sleep(_REFILL_POLL)
-                try:
-                    done = await self._refill_run(ref, run)
-                except TransientS3Error as exc:
-                    log.debug("cannot cache %s blocks %d-%d yet: %s", ref.uri, first,
-                              run[-1], exc)
-                    self._put_back(ref, first, count)
-                    await trio.sleep(_REFILL_BACKOFF)
-                except Exception as exc:  # changed or gone: never cacheable; or a bug
-                    log.debug("cannot cache %s blocks %d-%d later: %s", ref.uri, first,
-                              run[-1], exc)
-                else:
-                    if done:
-                        self.stats.cache_refills += count
-                    else:  # the room went meanwhile
-                        self._put_back(ref, first, count)
-        finally:
-            self._refilling = False
-
-    def _put_back(self, ref: ObjectRef, first: int, count: int) -> None:
-        """A run to refill goes back, first in line."""
-        self._skipped[(ref, first)] = count
-        self._skipped.move_to_end((ref, first), last=False)
-
-    def _room_for(self, cost: int) -> bool:
-        budget = self._write_budget
-        return (not self._waited_flights and not self._write_waiting
-                and budget.capacity - budget.used >= cost)
-
-    def _next_skipped(self) -> tuple[ObjectRef, int, int]:
-        """The oldest run left uncached, with the runs that follow it in its object, up to one
-        GET (a sequential reader's runs are left one after another: one GET each, not 16)."""
-        (ref, first), count = self._skipped.popitem(last=False)
-        while count < self._request_blocks and (ref, first + count) in self._skipped:
-            more = self._skipped[(ref, first + count)]
-            if count + more > self._request_blocks:
-                break
-            del self._skipped[(ref, first + count)]
-            count += more
-        return ref, first, count
-
-    async def _refill_run(self, ref: ObjectRef, run: range) -> bool:
-        """Write what memory holds of ``run`` and load the rest with flights, which write what
-        they fetch; False if the write budget had no room after all (nothing was done)."""
-        held = {index: block for index in run
-                if (block := self._memory.get((ref, index))) is not None}
-        stretches = [(stretch.start, [held[index] for index in stretch])
-                     for stretch in _runs(sorted(held), len(run))]
-        cost = sum(len(block) for _, blocks in stretches for block in blocks)
-        if not self._write_budget.try_take(cost):
-            return False
-        for first, blocks in stretches:
-            await self._start_write(ref, first, blocks, sum(map(len, blocks)), self._write_budget)
-        if len(held) < len(run):
-            await self._load(ref, run, held, waited=False)
-        return True
-
-    async def _write(
-        self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int, budget: ByteBudget
-    ) -> None:
-        """Write fetched blocks to the disk cache, after the reads waiting on S3 (at most
-        ``WRITE_YIELD`` seconds, and only while no fetched run waits for the write budget).
-
-        Why wait: a write (checksums, the aligned copy, often a new file) takes the CPU that the
-        reads in flight need to take their GET bodies in and answer the kernel. Measured: 8
-        readers of scattered 1 MiB chunks at 20 ms took 66-76 ms with the writes right after
-        each GET, 61-68 ms with them after the reads, and 63-65 ms with no disk cache at all.
-        Readahead and ``warm`` (the prefetch command) are nobody's wait and make no write
-        wait, so the writes of a sequential reader and of ``s3datafs prefetch`` keep pace as
-        before. Memory stays bounded: a waiting write holds its share of the write budget, and
-        once a fetched run has to wait for that budget, the writes go.
-        """
-        try:
-            digest = object_digest(ref)
-            with trio.move_on_after(WRITE_YIELD):
-                while self._waited_flights and not self._write_waiting:
-                    await self._writes_may_go.wait()
-            await trio.to_thread.run_sync(
-                self._paced_write, ref, digest, first, blocks, cost, limiter=self._disk_limiter
-            )
-        except Exception as exc:  # a cache fault (or bug) must not end the mount
-            self._write_failed(exc)
-        finally:
-            self._write_budget.capacity = self._pace.allowance
-            budget.give(cost)  # the write budget's share, or the reserve
-
-    def _paced_write(
-        self, ref: ObjectRef, digest: str, first: int, blocks: list[bytes], cost: int
-    ) -> None:
-        """In a worker thread: a write-behind, timed for the disk's pace (``cache.pace``)."""
-        with self._pace.writing(cost):
-            self._disk.write(ref, digest, first, blocks)
-
-    def _let_writes_go(self) -> None:
-        self._writes_may_go.set()
-        self._writes_may_go = trio.Event()
-
-    async def _sync_behind(self, disk: DiskCache) -> None:
-        """Run the disk cache's due sync (a scan of the whole cache) in the write nursery."""
-        self._syncing = True
-        if self._write_nursery is None:
-            await self._sync(disk)
-        else:
-            self._write_nursery.start_soon(self._sync, disk)
-
-    async def _sync(self, disk: DiskCache) -> None:
-        try:
-            await trio.to_thread.run_sync(disk.sync, limiter=self._disk_limiter)
-        except OSError as exc:
-            self._trouble.warn(f"cannot scan the block cache ({exc}); it may overshoot its bound")
-        finally:
-            self._syncing = False
-
-    def _write_failed(self, exc: Exception) -> None:
-        self.stats.cache_write_errors += 1
-        self._trouble.write_failed(exc)
 
     def _remember_slow_failure(self, flight: _Flight) -> None:
         """Fail the same blocks at once for ``_FAILED_TTL`` after a load failed *slowly*.
@@ -962,10 +726,10 @@ def _join(flight: _Flight) -> None:
     in that queue waited for the writes before it: 4-5 s per 1 MiB read with the cache disk at
     10 MB/s (session 19's review). Such a flight leaves the queue after a bound and looks on
     disk in its GET's call. Nothing else changes: its cache write waits for room as any
-    readahead's does (``_write_behind``; left uncached, its blocks made a remount read them from
-    S3 again), and cache writes do not yield to it (``_write``). Not at once: on a disk that
-    keeps up the queue is short, and it is what paces readahead to the writes; leaving it at
-    once, 8 readers fell back to three times the GETs, a quarter slower.
+    readahead's does (``WriteBehind.write_behind``; left uncached, its blocks made a remount read
+    them from S3 again), and cache writes do not yield to it (``WriteBehind._write``). Not at
+    once: on a disk that keeps up the queue is short, and it is what paces readahead to the
+    writes; leaving it at once, 8 readers fell back to three times the GETs, a quarter slower.
     """
     flight.joined = True
     if flight.queued is not None:
@@ -1019,18 +783,3 @@ def _uncached(run: range, hits: dict[int, bytes]) -> tuple[range, dict[int, byte
         return range(run.stop, run.stop), hits
     rest = range(missing[0], missing[-1] + 1)
     return rest, {index: block for index, block in hits.items() if index not in rest}
-
-
-def _runs(indices: list[int], longest: int) -> list[range]:
-    """Split sorted block indices into runs of consecutive numbers, each at most ``longest``."""
-    runs: list[range] = []
-    if not indices:
-        return runs
-    run_start = previous = indices[0]
-    for index in indices[1:]:
-        if index != previous + 1 or index - run_start >= longest:
-            runs.append(range(run_start, previous + 1))
-            run_start = index
-        previous = index
-    runs.append(range(run_start, previous + 1))
-    return runs

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from s3datafs import reader as reader_module
+from s3datafs import writebehind as writebehind_module
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import StaleObjectError, TransientS3Error
@@ -771,9 +772,9 @@ async def test_readahead_pauses_while_the_disk_cache_falls_behind() -> None:
     reader = make_streaming_reader(source, ByteBudget(1 << 20), memory=1 << 20)
     async with trio.open_nursery() as mount_tasks:
         reader.attach(mount_tasks)
-        reader._write_waiting = BLOCK  # a fetched run waits for room in the write budget
+        reader._writes._write_waiting = BLOCK  # a fetched run waits for room in the write budget
         assert reader.prefetch(ref, 0, 10 * BLOCK) == 0
-        reader._write_waiting = 0
+        reader._writes._write_waiting = 0
         assert reader.prefetch(ref, 0, 10 * BLOCK) == 10 * BLOCK
         mount_tasks.cancel_scope.cancel()
 
@@ -996,7 +997,8 @@ async def test_only_a_long_run_nobody_waits_for_looks_on_disk_behind_the_writes(
         await reader.warm(ref)
         assert worker_calls == ["_read_cached", "_load_watched", "_paced_write"]
     else:
-        reader._write_waiting = PAGE_BLOCK  # fetched blocks wait for room: the disk is behind
+        # Fetched blocks wait for room: the disk is behind.
+        reader._writes._write_waiting = PAGE_BLOCK
         assert await reader.read(ref, 0, len(data)) == data
         assert worker_calls == ["_load_watched", "_paced_write"]
     assert len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
@@ -1136,8 +1138,8 @@ async def yielding_setup(
     write_budget: int = 64 << 20,
 ) -> tuple[HeldSource, WatchedDisk, BlockReader, bytes, list[ObjectRef]]:
     """A mounted reader with a read waiting on S3, and objects ``names`` of ``LONG_RUN`` bytes;
-    its cache writes may wait ``write_yield`` seconds for reads (``reader.WRITE_YIELD``)."""
-    monkeypatch.setattr(reader_module, "WRITE_YIELD", write_yield)
+    its cache writes may wait ``write_yield`` seconds for reads (``writebehind.WRITE_YIELD``)."""
+    monkeypatch.setattr(writebehind_module, "WRITE_YIELD", write_yield)
     source = HeldSource()
     source.create_bucket(BUCKET)
     data = bytes(range(256)) * (LONG_RUN // 256)
@@ -1196,9 +1198,9 @@ async def test_cache_writes_stop_waiting_for_reads_once_the_write_budget_is_spen
         assert await trio.to_thread.run_sync(disk.wait_for, 300)
         assert len(disk.read_run(object_digest(first), first.size, range(300))) == 300
         await trio.testing.wait_all_tasks_blocked()  # the second took the budget back
-        assert reader._write_budget.used == LONG_RUN
+        assert reader._writes._write_budget.used == LONG_RUN
         # ... and waits for room no more: readahead, paused while a run waited, may go on.
-        assert reader._write_waiting == 0
+        assert reader._writes._write_waiting == 0
         assert reader.prefetch(first, 0, BLOCK) == BLOCK
         source.release.set()
     assert disk.blocks_written == 600 + 1
@@ -1230,7 +1232,7 @@ def stuck_disk_reader(tmp_path) -> tuple[FakeSource, StuckDisk, BlockReader]:
 async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) -> None:
     source, disk, reader = stuck_disk_reader(tmp_path)
     data = bytes(range(256)) * (LONG_RUN // 256)
-    reserved = reader._write_reserve.capacity // LONG_RUN  # runs the reserve of 8 MiB holds
+    reserved = reader._writes._write_reserve.capacity // LONG_RUN  # runs the reserve of 8 MiB holds
     first, *kept, left, left_too = (
         source.put(BUCKET, f"{i}.bin", data) for i in range(reserved + 3))
     async with trio.open_nursery() as mount_tasks:
@@ -1240,8 +1242,8 @@ async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) ->
             for ref in (*kept, left, left_too):  # the reserve first, then uncached
                 assert await reader.read(ref, 0, len(data)) == data
         assert reader.stats.cache_writes_skipped == 600  # the last two: left uncached, for now
-        await trio.sleep(3 * reader_module._REFILL_POLL)  # a refill waiting for room ...
-        assert reader._write_waiting == 0  # ... waits apart: readahead goes on
+        await trio.sleep(3 * writebehind_module._REFILL_POLL)  # a refill waiting for room ...
+        assert reader._writes._write_waiting == 0  # ... waits apart: readahead goes on
         other = source.put(BUCKET, "other.bin", data)
         assert reader.prefetch(other, 0, BLOCK) == BLOCK
         assert disk.read_run(object_digest(left), left.size, range(300)) == {}
@@ -1260,12 +1262,12 @@ def test_readahead_of_closed_files_given_back_leaves_the_runs_to_refill_alone() 
     and its KeyError ended the mount (code review)."""
     source, ref = make_source()
     reader = make_reader(source)
-    reader._skipped[(ref, 0)] = 4
+    reader._writes._skipped[(ref, 0)] = 4
     reader._staged[(ref, 8)] = (b"x" * BLOCK, 0.0)
     reader._prefetch_budget.try_take(BLOCK)
     reader.closed(ref)
     assert reader._reclaim_closed()
-    assert reader._skipped == {(ref, 0): 4}
+    assert reader._writes._skipped == {(ref, 0): 4}
 
 
 def test_runs_left_uncached_one_after_another_are_cached_together() -> None:
@@ -1276,14 +1278,14 @@ def test_runs_left_uncached_one_after_another_are_cached_together() -> None:
     reader = make_reader(source, max_request_bytes=40 * BLOCK)
     for key, count in (((ref, 0), 16), ((other, 0), 8), ((ref, 16), 16), ((ref, 48), 8),
                        ((ref, 32), 16)):
-        reader._skipped[key] = count
-    assert [reader._next_skipped() for _ in range(4)] == [
+        reader._writes._skipped[key] = count
+    assert [reader._writes._next_skipped() for _ in range(4)] == [
         (ref, 0, 32),  # 16 + 16 blocks; the next 16 would pass 40
         (other, 0, 8),
         (ref, 48, 8),
         (ref, 32, 16),
     ]
-    assert not reader._skipped
+    assert not reader._writes._skipped
 
 
 @trio_test
@@ -1295,7 +1297,7 @@ async def test_runs_left_uncached_and_no_longer_in_memory_are_fetched_again_late
     (pinned) where memory no longer holds them."""
     source, disk, reader = stuck_disk_reader(tmp_path)
     data = bytes(range(256)) * (LONG_RUN // 256)
-    reserved = reader._write_reserve.capacity // LONG_RUN
+    reserved = reader._writes._write_reserve.capacity // LONG_RUN
     refs = [source.put(BUCKET, f"{i}.bin", data) for i in range(reserved + 2)]
     async with trio.open_nursery() as mount_tasks:
         reader.attach(mount_tasks)
@@ -1328,7 +1330,7 @@ async def test_a_reader_that_catches_up_with_readahead_queued_behind_the_writes_
         await trio.testing.wait_all_tasks_blocked()  # queued for the disk, behind the write
         with trio.fail_after(reader_module.JOINED_QUEUE_SECONDS + 1):  # then its GET's call
             assert await reader.read(read_ahead, 0, len(data)) == data
-        assert reader._waited_flights == 0
+        assert reader._writes._waited_flights == 0
         disk.unstuck.set()
     assert reader.stats.cache_writes_skipped == 0  # it waited for room, as readahead does
     assert disk.blocks_written == 600
@@ -1353,12 +1355,13 @@ async def test_what_may_wait_for_the_disk_follows_its_pace(tmp_path, seconds, bu
     disk = SlowDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
     disk.seconds = seconds  # 0.5 s for 1.2 MB: 2.5 MB/s, less than one GET's run a second
     reader = make_disk_reader(source, disk, ByteBudget(64 << 20))
-    assert reader._write_budget.capacity == 64 << 20  # all of it, until the disk shows its pace
+    # All of it, until the disk shows its pace.
+    assert reader._writes._write_budget.capacity == 64 << 20
     ref = source.put(BUCKET, "a.bin", b"x" * LONG_RUN)
     async with trio.open_nursery() as mount_tasks:
         reader.attach(mount_tasks)
         await reader.warm(ref)
-    assert reader._write_budget.capacity == budget_mib << 20
+    assert reader._writes._write_budget.capacity == budget_mib << 20
 
 
 @trio_test
@@ -1387,12 +1390,12 @@ async def test_only_a_readers_loads_make_cache_writes_wait(tmp_path) -> None:
         reader.attach(mount_tasks)
         mount_tasks.start_soon(reader.warm, warmed)  # the prefetch command: nobody waits
         assert await trio.to_thread.run_sync(source.holding.wait, 5)
-        assert reader._waited_flights == 0
+        assert reader._writes._waited_flights == 0
         mount_tasks.start_soon(reader.read, read, 0, 10)
         await trio.testing.wait_all_tasks_blocked()
-        assert reader._waited_flights == 1
+        assert reader._writes._waited_flights == 1
         source.release.set()
-    assert reader._waited_flights == 0
+    assert reader._writes._waited_flights == 0
 
 
 @trio_test

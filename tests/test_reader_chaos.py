@@ -117,8 +117,8 @@ def test_random_reads_under_faults_and_cancellation_are_exact_and_leave_nothing_
     trio.run(storm)
     assert wrong == []
     assert reader._inflight == {}
-    assert reader._waited_flights == 0
-    assert reader._write_waiting == 0
+    assert reader._writes._waited_flights == 0
+    assert reader._writes._write_waiting == 0
     assert write_budget.used == 0
     assert prefetch_budget.used == sum(len(block) for block, _ in reader._staged.values())
 
