@@ -97,6 +97,7 @@ from .listing import (
 )
 from .model import ObjectRef, http_range, normalize_etag
 from .signedget import Fetched, SignedGets, object_params
+from .slowanswer import SlowAnswers
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +465,10 @@ def _make_clients(settings: S3Settings, *, for_reads: tuple[bool, ...]) -> list:
         ) from None
 
 
+CONTROL_ATTEMPTS = 3  # of every request but reads (HEAD, LIST, ...): botocore's standard mode
+SLOW_ANSWER_NOTICE = 5.0  # seconds without an answer before the log says so (slowanswer)
+
+
 def _client(session: botocore.session.Session, settings: S3Settings, for_reads: bool):
     """A client; ``for_reads``: one attempt per call, timeouts within the read deadline."""
     bound = settings.read_deadline if for_reads else float("inf")
@@ -471,7 +476,7 @@ def _client(session: botocore.session.Session, settings: S3Settings, for_reads: 
         max_pool_connections=settings.max_connections,
         connect_timeout=min(settings.connect_timeout, bound),
         read_timeout=min(settings.request_timeout, bound),
-        retries={"mode": "standard", "total_max_attempts": 1 if for_reads else 3},
+        retries={"mode": "standard", "total_max_attempts": 1 if for_reads else CONTROL_ATTEMPTS},
         signature_version=UNSIGNED if settings.no_sign_request else None,
         s3={"addressing_style": "path"} if settings.endpoint_url else None,
         user_agent_extra="s3datafs",
@@ -495,6 +500,9 @@ def _client(session: botocore.session.Session, settings: S3Settings, for_reads: 
     )
     if settings.requester_pays:
         client.meta.events.register("before-parameter-build.s3", _requester_pays)
+    if not for_reads:  # reads have --read-timeout and their own log lines (reader.py)
+        SlowAnswers(after=SLOW_ANSWER_NOTICE, per_attempt=settings.request_timeout,
+                    attempts=CONTROL_ATTEMPTS).watch(client)
     _refresh_closer_to_expiry(getattr(client._request_signer, "_credentials", None))
     return client
 

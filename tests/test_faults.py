@@ -18,6 +18,7 @@ What is proven here (the FUSE-level twins are in ``test_faults_e2e.py``):
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
@@ -36,7 +37,7 @@ from faultproxy import FaultProxy
 
 from devtools.s3server import S3Server
 from s3datafs import reader as reader_module
-from s3datafs import s3source
+from s3datafs import s3source, slowanswer
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import (
@@ -478,3 +479,53 @@ def test_a_socket_error_while_a_body_streams_is_retried(monkeypatch: pytest.Monk
     monkeypatch.setattr(s3source.time, "sleep", waits.append)
     assert source.get_range(ref, 0, 10) == bytes(10)
     assert len(waits) == 1  # one retry
+
+
+# -- saying so while S3 does not answer ------------------------------------------------------------
+
+
+@pytest.fixture
+def quick_notice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(s3source, "SLOW_ANSWER_NOTICE", 0.3)
+    monkeypatch.setattr(slowanswer, "_LOOK_EVERY", 0.05)
+
+
+def notices(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "s3datafs.slowanswer"]
+
+
+def test_a_request_s3_does_not_answer_is_warned_of_once_while_it_waits(
+    proxy: FaultProxy, objects: dict[str, ObjectRef], quick_notice: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hung endpoint: the wait is said once (not again for each retry), naming the endpoint
+    and the operation, and nothing but the endpoint of the URL (no bucket, key or query)."""
+    caplog.set_level(logging.WARNING, logger="s3datafs.slowanswer")
+    source = source_for(proxy, request_timeout=0.6)
+    proxy.inject("stall", op="*", times=None)
+    result, _ = bounded(lambda: source.head(objects["big.bin"].bucket, "big.bin"))
+    assert isinstance(result, TransientS3Error), result
+    assert proxy.injected_count("stall") == 3  # three attempts
+    (said,) = notices(caplog)
+    assert said.startswith(f"no answer from S3 at {proxy.endpoint.rstrip('/')} for ")
+    assert "(HeadObject)" in said
+    assert "up to 1 s per attempt, 3 attempts" in said
+    assert "big.bin" not in said
+    assert objects["big.bin"].bucket not in said
+
+
+def test_an_answer_after_the_warning_is_said_and_a_quick_one_says_nothing(
+    proxy: FaultProxy, objects: dict[str, ObjectRef], quick_notice: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="s3datafs.slowanswer")
+    source = source_for(proxy)
+    proxy.inject("delay", op="*", seconds=0.8, times=1)
+    ref = source.head(objects["big.bin"].bucket, "big.bin")
+    assert ref.size == len(BIG)
+    said = notices(caplog)
+    assert len(said) == 2, said
+    assert said[1].endswith("answered after 1 s (HeadObject)")
+    caplog.clear()
+    assert source.head(objects["big.bin"].bucket, "big.bin").size == len(BIG)
+    assert notices(caplog) == []
