@@ -14,11 +14,11 @@ import errno
 import os
 import re
 import stat
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, UsageError
+from .quietthread import start_quiet_thread
 
 DEFAULT_BLOCK_SIZE = 64 * 1024  # cache granularity: why 64K, see README "Caching and reads"
 DEFAULT_MEMORY_CACHE = 32 * 1024 * 1024  # a staging area: the page cache keeps what was read
@@ -273,8 +273,7 @@ def statfs_errno(path: str | Path, timeout: float = MOUNT_ANSWER_SECONDS) -> int
         except OSError as exc:
             answer.append(exc.errno or errno.EIO)
 
-    probe = threading.Thread(target=ask, name="statfs-probe", daemon=True)
-    probe.start()
+    probe = start_quiet_thread(ask, name="statfs-probe")
     probe.join(timeout)
     return answer[0] if answer else None
 

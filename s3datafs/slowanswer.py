@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .quietthread import start_quiet_thread
+
 log = logging.getLogger(__name__)
 
 _LOOK_EVERY = 1.0  # seconds between looks at the requests in progress
@@ -66,9 +68,7 @@ class SlowAnswers:
         with self._lock:
             self._waiting[threading.get_ident()] = _Waiting(operation, endpoint, time.monotonic())
             if self._watcher is None or not self._watcher.is_alive():  # none in a forked child
-                self._watcher = threading.Thread(
-                    target=self._look, name="s3datafs-slow-answers", daemon=True)
-                self._watcher.start()
+                self._watcher = start_quiet_thread(self._look, name="s3datafs-slow-answers")
 
     def _answered(self, exception: BaseException | None = None, **_: Any) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ from conftest import Cli
 from zipcraft import make_zip
 
 from s3datafs import runtime
+from s3datafs.quietthread import start_quiet_thread
 from s3datafs.runtime import mount_table, pid_alive
 
 pytestmark = pytest.mark.fuse
@@ -428,3 +429,15 @@ def test_a_foreground_mount_as_pid_1_stopped_while_it_starts_mounts_nothing(
             command.communicate()
         if mounted_at(target):
             subprocess.run(["fusermount3", "-u", "-z", str(target)], check=False)
+
+
+def test_our_background_threads_never_take_the_process_s_signals() -> None:
+    """A stop signal goes to any thread that does not block it: the daemon's start window and
+    the supervisor's waits rely on every thread of ours blocking them (a watcher thread that
+    did not made a daemon stopped right after the kernel mount die, leaving a dead mount)."""
+    seen: list[set[int]] = []
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    start_quiet_thread(lambda: seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+                       name="t").join(5)
+    assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1} <= seen[0]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the caller's mask is back

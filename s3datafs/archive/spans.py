@@ -25,6 +25,7 @@ from ..cache.disk import DiskCache, TroubleLog
 from ..cache.pace import WritePace
 from ..config import DEFAULT_WRITE_BEHIND
 from ..model import ObjectRef, ObjectSource
+from ..quietthread import start_quiet_thread
 from ..reader import ONE_HOP_BYTES, ReadStats
 
 _MIN_SPAN = 512 * 1024  # archive-order reads: first span, doubling up to
@@ -253,10 +254,8 @@ class _Ahead:
             if self._closed:
                 failure = RuntimeError("closed")
             elif self._threads < _AHEAD_THREADS:
-                thread = threading.Thread(target=self._work, daemon=True,
-                                          name=f"s3datafs-zip_{self._threads + 1}")
                 try:
-                    thread.start()
+                    start_quiet_thread(self._work, name=f"s3datafs-zip_{self._threads + 1}")
                 except RuntimeError as exc:  # "can't start new thread": try again next time
                     if not self._threads:
                         failure = exc

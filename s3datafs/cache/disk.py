@@ -94,6 +94,7 @@ import cachetools
 
 from ..config import make_private_dirs
 from ..model import PinnedRef
+from ..quietthread import start_quiet_thread
 from ..units import human_size
 from ..uri import S3Uri
 from . import blockfile
@@ -646,10 +647,8 @@ def _remove_earlier_formats(blocks: Path) -> None:
         running = _earlier_removers.get(blocks)
         if running is not None and running.is_alive():
             return
-        remover = _earlier_removers[blocks] = threading.Thread(
-            target=_remove_earlier_format_dirs, args=(blocks,), name="cache-format-sweep",
-            daemon=True)
-        remover.start()
+        _earlier_removers[blocks] = start_quiet_thread(
+            _remove_earlier_format_dirs, args=(blocks,), name="cache-format-sweep")
 
 
 def _remove_earlier_format_dirs(blocks: Path) -> None:

@@ -1,0 +1,35 @@
+"""Background threads that never take the process's signals.
+
+Why: a signal sent to a process goes to any one of its threads that does not block it. The
+daemon blocks its stop signals while a stop would leave a dead mount (from the kernel mount
+until its signal receiver is in place, and from the loop's end until the unmount), and the
+supervisor blocks the signals it waits for (``sigtimedwait``); both rely on no other thread
+taking them, where the default action ends the process. A thread started earlier with the
+signals unblocked did take them: a daemon stopped right after the kernel mount left a dead
+mount once the slow-answer watcher (``slowanswer``) was running.
+
+Invariant: threads of our own that outlive the call that starts them are started here, with
+every signal blocked (a thread keeps the mask it was started with; the starting thread's own
+mask is put back at once).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+def start_quiet_thread(
+    target: Callable[..., object], *, name: str, args: tuple[Any, ...] = ()
+) -> threading.Thread:
+    """Start a daemon thread running ``target(*args)`` with every signal blocked; raises what
+    ``Thread.start`` raises (``RuntimeError`` when no thread can be started)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return thread
