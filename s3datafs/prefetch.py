@@ -116,13 +116,23 @@ class _Walk:
     streak: int = 1  # opens in order, in a row
     window: int = 0  # inodes ahead to have asked for
     requested_until: int = 0  # inodes up to this one (inclusive) were asked for
+    recent: set[int] = field(default_factory=set)  # opened, within the lag's reach
 
-    def behind(self, tolerance: int) -> int:
-        """The lowest inode an open may have to go on with this stream: ``tolerance`` before
-        the next one expected, or farther back within what the stream covers (a worker late
-        with its file), up to ``LAG_FACTOR`` times that; farther back is a new pass."""
-        lagging = max(self.low, self.expected - LAG_FACTOR * tolerance)
-        return min(lagging, self.expected - tolerance)
+    def goes_on(self, inode: int, tolerance: int) -> bool:
+        """Whether an open of ``inode`` goes on with this stream: within ``tolerance`` of the
+        next one expected, or farther back but within what the stream covers, up to
+        ``LAG_FACTOR`` times that, and not opened yet (a worker late with its file). A file
+        opened again there is a new pass over the directory (the next epoch of a small one)."""
+        if abs(inode - self.expected) <= tolerance:
+            return True
+        reach = max(self.low, self.expected - LAG_FACTOR * tolerance)
+        return reach <= inode < self.expected and inode not in self.recent
+
+    def opened(self, inode: int, tolerance: int) -> None:
+        self.recent.add(inode)
+        if len(self.recent) > 2 * LAG_FACTOR * tolerance:  # bounded: only the reach matters
+            reach = self.expected - LAG_FACTOR * tolerance
+            self.recent = {opened for opened in self.recent if opened >= reach}
 
 
 @dataclass
@@ -138,11 +148,12 @@ class FilePrefetch:
     - An open is in order if its inode is within ``tolerance`` of the one after the highest
       opened in order in its directory; several threads taking files from one ordered queue
       open them slightly out of order, and subdirectories leave gaps in a directory's inodes.
-      Also in order: an open farther behind, within what the stream has covered and at most
-      ``LAG_FACTOR`` tolerances back (a worker late with its file: a data loader's workers
-      taking one file each in turn, one of them slow, reset the stream at each late open, and
-      8 workers had 482 of 2,000 files fetched ahead, in a simulation of its dealing; now
-      2,000). Farther back is a new pass over the directory.
+      Also in order: an open farther behind, of a file not opened yet, within what the stream
+      has covered and at most ``LAG_FACTOR`` tolerances back (a worker late with its file: a
+      data loader's workers taking one file each in turn, one of them slow, reset the stream at
+      each late open, and 8 workers had 482 of 2,000 files fetched ahead, in a simulation of
+      its dealing; now 1,997). Farther back, or a file opened again, is a new pass over the
+      directory (the next epoch of a small directory, whose files are all within reach).
     - Prefetch starts at the third open in order in a row, with ``initial`` inodes ahead, and
       the window doubles up to ``maximum`` each time it is topped up, while the opens stay
       *dense*: the inodes they cover span at most their number plus half the tolerance (files
@@ -194,13 +205,13 @@ class FilePrefetch:
     ) -> tuple[int, int] | None:
         """Advance the stream ``walks[key]`` by an open of ``inode``; its range to fetch."""
         walk = walks.pop(key, None)
-        if walk is None or not walk.behind(self.tolerance) <= inode <= (
-                walk.expected + self.tolerance):
+        if walk is None or not walk.goes_on(inode, self.tolerance):
             walk = _Walk(expected=inode + 1, low=inode, requested_until=inode)
         else:
             walk.streak += 1
             walk.expected = max(walk.expected, inode + 1)
             walk.low = min(walk.low, inode)
+        walk.opened(inode, self.tolerance)
         walks[key] = walk  # most recently opened last
         while len(walks) > bound:
             walks.popitem(last=False)

@@ -337,6 +337,14 @@ def test_a_second_pass_over_a_directory_is_in_order_again() -> None:
     assert again[:1] == [(102, 107)]
 
 
+def test_a_second_pass_over_a_small_directory_is_a_new_pass_not_a_late_worker() -> None:
+    """In a directory of 20 files every file is within a late worker's reach of the end: the
+    start opened again is the next pass (its files were opened), and it prefetches again."""
+    policy = FilePrefetch(initial=4, maximum=32)
+    assert opens(policy, list(range(100, 120)))
+    assert opens(policy, list(range(100, 105)))[:1] == [(102, 107)]
+
+
 def test_the_directory_opened_last_is_the_last_forgotten() -> None:
     """Directories are forgotten least recently *opened* first: one being read in order keeps
     its walk while directories opened once come and go."""
