@@ -697,7 +697,8 @@ class BlockReader:
         try:
             return disk.read_run(object_digest(ref), ref.size, run)
         except OSError as exc:
-            self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3")
+            self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3",
+                               kind="read")
             return {}
 
     def _remember_slow_failure(self, flight: _Flight) -> None:

@@ -18,11 +18,13 @@ Design:
   count them), for at most ``WRITE_YIELD`` seconds and never while fetched runs wait for the
   budget (see ``_write``). A cache failure is logged (rate-limited, by the ``TroubleLog`` the
   reader shares) and never fails a read.
-- Refill: runs left uncached, up to ``_SKIPPED_REMEMBERED`` of them (the oldest go), are cached
-  by one task in the mount's nursery whenever the disk has room, from the reader's memory or
-  loaded again by flights nobody waits for (the ``load`` the reader gives, whose flights write
-  what they fetch through ``write_behind`` again); ``cache_refills`` counts them (see
-  ``_refill``). The refill never waits for the budget itself and never raises into the mount.
+- Refill: runs left uncached, up to ``_SKIPPED_REMEMBERED`` of them and half the disk cache's
+  bound (the oldest go), are cached by one task in the mount's nursery whenever the disk has
+  room, from the reader's memory or loaded again by flights nobody waits for (the ``load`` the
+  reader gives, whose flights write what they fetch through ``write_behind`` again, which knows
+  them by ``_refilling_run``); ``cache_refills`` counts the blocks written (see ``_refill``).
+  The refill never waits for the budget itself and never raises into the mount; S3 trouble
+  puts a run behind the others, three times at most; a refused write ends the refills.
 
 Invariants: every byte taken from the write budget or the reserve is given back when its write
 ends, written or failed (``_write``); ``_write_waiting`` is the bytes of fetched runs waiting for
@@ -63,6 +65,8 @@ log = logging.getLogger("s3datafs.reader")  # the records keep the name they alw
 _SKIPPED_REMEMBERED = 1024  # runs left uncached, to be cached later (``_refill``)
 _REFILL_POLL = 0.2  # seconds between looks for a moment the disk has room for a refill
 _REFILL_BACKOFF = 5.0  # seconds before a refill that met S3 trouble is tried again
+_REFILL_TRIES = 3  # S3 failures after which a run is left uncached for good
+_REFILL_SHARE = 2  # runs left uncached are remembered up to 1/this of the disk cache's bound
 WRITE_YIELD = 0.1  # seconds a cache write-behind may wait for reads waiting on S3 (see ``_write``)
 
 # Loads the blocks of a run nobody waits for, given those at hand (``BlockReader._load``).
@@ -132,7 +136,9 @@ class WriteBehind:
         # Runs a reader waited for that were left uncached (the disk fell behind), oldest first:
         # (object, first block) -> blocks. ``_refill`` caches them once the disk has room.
         self._skipped: OrderedDict[tuple[ObjectRef, int], int] = OrderedDict()
+        self._refill_failures: dict[tuple[ObjectRef, int], int] = {}  # S3 failures per run
         self._refilling = False
+        self._refilling_run: tuple[ObjectRef, range] | None = None  # the run being refilled
         self._nursery: trio.Nursery | None = None
         self._write_nursery: trio.Nursery | None = None
         self._syncing = False  # a disk cache sync due after a short run's write is under way
@@ -187,7 +193,8 @@ class WriteBehind:
             self._stats.cache_writes_skipped += len(blocks)
             self._trouble.warn(
                 "the block cache's disk falls behind S3: blocks a reader waited for are left "
-                "uncached for now rather than make it wait (cache_writes_skipped in the stats)")
+                "uncached for now rather than make it wait (cache_writes_skipped in the stats)",
+                kind="behind")
             self._remember_skipped(ref, first, len(blocks))
             return
         else:
@@ -197,7 +204,9 @@ class WriteBehind:
                 await self._write_budget.take(cost)
             finally:
                 self._write_waiting -= cost
-        await self._start_write(ref, first, blocks, cost, budget)
+        refilling = self._refilling_run
+        refilled = refilling is not None and refilling[0] == ref and first in refilling[1]
+        await self._start_write(ref, first, blocks, cost, budget, refilled=refilled)
 
     async def sync_if_due(self, disk: DiskCache) -> None:
         """After a short run's write by its GET's thread: the sync that fell due, behind."""
@@ -212,17 +221,19 @@ class WriteBehind:
     # -- writing --------------------------------------------------------------------------------
 
     async def _start_write(
-        self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int, budget: ByteBudget
+        self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int, budget: ByteBudget,
+        *, refilled: bool = False,
     ) -> None:
         """``_write`` in the write nursery (here, without one); ``cost`` is taken from
         ``budget`` already, and given back when the write is done."""
         if self._write_nursery is None:
-            await self._write(ref, first, blocks, cost, budget)
+            await self._write(ref, first, blocks, cost, budget, refilled)
         else:
-            self._write_nursery.start_soon(self._write, ref, first, blocks, cost, budget)
+            self._write_nursery.start_soon(self._write, ref, first, blocks, cost, budget, refilled)
 
     async def _write(
-        self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int, budget: ByteBudget
+        self, ref: ObjectRef, first: int, blocks: list[bytes], cost: int, budget: ByteBudget,
+        refilled: bool = False,
     ) -> None:
         """Write fetched blocks to the disk cache, after the reads waiting on S3 (at most
         ``WRITE_YIELD`` seconds, and only while no fetched run waits for the write budget).
@@ -246,6 +257,10 @@ class WriteBehind:
             )
         except Exception as exc:  # a cache fault (or bug) must not end the mount
             self.write_failed(exc)
+            if refilled:  # the disk refuses: fetching the other runs again would be for nothing
+                self._skipped.clear()
+        else:
+            self._stats.cache_refills += len(blocks) if refilled else 0
         finally:
             self._write_budget.capacity = self._pace.allowance
             budget.give(cost)  # the write budget's share, or the reserve
@@ -273,17 +288,25 @@ class WriteBehind:
         try:
             await trio.to_thread.run_sync(disk.sync, limiter=self._disk_limiter)
         except OSError as exc:
-            self._trouble.warn(f"cannot scan the block cache ({exc}); it may overshoot its bound")
+            self._trouble.warn(f"cannot scan the block cache ({exc}); it may overshoot its bound",
+                               kind="scan")
         finally:
             self._syncing = False
 
     # -- refill ---------------------------------------------------------------------------------
 
     def _remember_skipped(self, ref: ObjectRef, first: int, count: int) -> None:
-        """A run left uncached: to be cached once the disk has room (bounded: the oldest go)."""
-        self._skipped[(ref, first)] = count
-        if len(self._skipped) > _SKIPPED_REMEMBERED:
-            self._skipped.popitem(last=False)
+        """A run left uncached: to be cached once the disk has room. Bounded, the oldest go:
+        ``_SKIPPED_REMEMBERED`` runs, and blocks worth 1/``_REFILL_SHARE`` of the disk cache
+        (more would be fetched again only to evict each other: a review measured 222 MB fetched
+        again for a cache of 16 MB). A run left again from the same block keeps the longer
+        count (the shorter one overwrote it, and the blocks past it were never cached)."""
+        key = (ref, first)
+        self._skipped[key] = max(count, self._skipped.get(key, 0))
+        room = self._disk.capacity // _REFILL_SHARE // self._block_size if self._disk else 0
+        while self._skipped and (len(self._skipped) > _SKIPPED_REMEMBERED
+                                 or sum(self._skipped.values()) > room):
+            self._refill_failures.pop(self._skipped.popitem(last=False)[0], None)
         if not self._refilling and self._nursery is not None:
             self._refilling = True
             self._nursery.start_soon(self._refill)
@@ -299,7 +322,11 @@ class WriteBehind:
         Runs left one after another are cached together, one GET's worth at a time
         (``_next_skipped``). A run's blocks still in memory are written from there; the rest are
         fetched again, as readahead is (pinned, looked for on disk first). S3 trouble puts the
-        run back, tried again ``_REFILL_BACKOFF`` later; an object changed or gone drops it.
+        run back behind the others, tried again ``_REFILL_BACKOFF`` later, and left uncached
+        after ``_REFILL_TRIES`` failures (an object S3 keeps refusing held up every other run
+        and was asked for every 5 s for as long as the mount lived); an object changed or gone
+        drops it, and so does a disk that refuses the writes (``_write``). ``cache_refills``
+        counts the blocks written (a short run written by its GET's own thread is not counted).
         Ends when none is left; a mount that ends first leaves the rest uncached, as before.
         Never raises into the mount's nursery: a bug here must not end the mount.
         """
@@ -311,28 +338,43 @@ class WriteBehind:
                 # and a refill may well wait a moment longer than it must.
                 while not self._room_for(len(run) * self._block_size):  # noqa: ASYNC110
                     await trio.sleep(_REFILL_POLL)
+                self._refilling_run = (ref, run)
                 try:
                     done = await self._refill_run(ref, run)
                 except TransientS3Error as exc:
                     log.debug("cannot cache %s blocks %d-%d yet: %s", ref.uri, first,
                               run[-1], exc)
-                    self._put_back(ref, first, count)
+                    self._failed_again(ref, first, count)
                     await trio.sleep(_REFILL_BACKOFF)
                 except Exception as exc:  # changed or gone: never cacheable; or a bug
                     log.debug("cannot cache %s blocks %d-%d later: %s", ref.uri, first,
                               run[-1], exc)
+                    self._refill_failures.pop((ref, first), None)
                 else:
-                    if done:
-                        self._stats.cache_refills += count
-                    else:  # the room went meanwhile
+                    self._refill_failures.pop((ref, first), None)
+                    if not done:  # the room went meanwhile
                         self._put_back(ref, first, count)
+                finally:
+                    self._refilling_run = None
         finally:
             self._refilling = False
 
     def _put_back(self, ref: ObjectRef, first: int, count: int) -> None:
-        """A run to refill goes back, first in line."""
-        self._skipped[(ref, first)] = count
-        self._skipped.move_to_end((ref, first), last=False)
+        """A run to refill goes back, first in line (it keeps the longer count)."""
+        key = (ref, first)
+        self._skipped[key] = max(count, self._skipped.get(key, 0))
+        self._skipped.move_to_end(key, last=False)
+
+    def _failed_again(self, ref: ObjectRef, first: int, count: int) -> None:
+        """S3 refused a run's refill: behind the others, until it has failed too often."""
+        key = (ref, first)
+        failures = self._refill_failures[key] = self._refill_failures.get(key, 0) + 1
+        if failures >= _REFILL_TRIES:
+            del self._refill_failures[key]
+            log.debug("%s blocks %d-%d are left uncached: S3 refused them %d times", ref.uri,
+                      first, first + count - 1, failures)
+            return
+        self._skipped[key] = max(count, self._skipped.get(key, 0))
 
     def _room_for(self, cost: int) -> bool:
         budget = self._write_budget
@@ -362,7 +404,8 @@ class WriteBehind:
         if not self._write_budget.try_take(cost):
             return False
         for first, blocks in stretches:
-            await self._start_write(ref, first, blocks, sum(map(len, blocks)), self._write_budget)
+            await self._start_write(ref, first, blocks, sum(map(len, blocks)), self._write_budget,
+                                    refilled=True)
         if len(held) < len(run):
             await self._load(ref, run, held)
         return True

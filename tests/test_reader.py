@@ -1220,12 +1220,32 @@ class StuckDisk(WatchedDisk):
         super().write(*args, **kwargs)
 
 
-def stuck_disk_reader(tmp_path) -> tuple[FakeSource, StuckDisk, BlockReader]:
+def stuck_disk_reader(
+    tmp_path, disk_type: type[StuckDisk] = StuckDisk, capacity: int = 1 << 30,
+    source: FakeSource | None = None,
+) -> tuple[FakeSource, StuckDisk, BlockReader]:
     """A reader with a write budget of one ``LONG_RUN`` over a stuck disk cache."""
-    source = FakeSource()
+    source = source or FakeSource()
     source.create_bucket(BUCKET)
-    disk = StuckDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    disk = disk_type(tmp_path, block_size=PAGE_BLOCK, capacity=capacity)
     return source, disk, make_disk_reader(source, disk, write_budget=ByteBudget(LONG_RUN))
+
+
+RUN_DATA = bytes(range(256)) * (LONG_RUN // 256)
+
+
+def objects_past_the_reserve(reader: BlockReader, source: FakeSource, left: int) -> list:
+    """Objects of one ``LONG_RUN`` of ``RUN_DATA`` each, read in turn over a stuck disk: the
+    first takes the write budget, the next ones the reserve, and the ``left`` last are left
+    uncached."""
+    reserved = reader._writes._write_reserve.capacity // LONG_RUN
+    return [source.put(BUCKET, f"{i}.bin", RUN_DATA) for i in range(1 + reserved + left)]
+
+
+async def read_each(reader: BlockReader, refs: list) -> None:
+    """Read each of ``refs`` whole, in turn, checking its bytes (``RUN_DATA``)."""
+    for ref in refs:
+        assert await reader.read(ref, 0, LONG_RUN) == RUN_DATA
 
 
 @trio_test
@@ -1296,13 +1316,10 @@ async def test_runs_left_uncached_and_no_longer_in_memory_are_fetched_again_late
     with 8 readers at 0 ms): once the disk has room, such runs are cached, fetched again
     (pinned) where memory no longer holds them."""
     source, disk, reader = stuck_disk_reader(tmp_path)
-    data = bytes(range(256)) * (LONG_RUN // 256)
-    reserved = reader._writes._write_reserve.capacity // LONG_RUN
-    refs = [source.put(BUCKET, f"{i}.bin", data) for i in range(reserved + 2)]
+    refs = objects_past_the_reserve(reader, source, left=1)
     async with trio.open_nursery() as mount_tasks:
         reader.attach(mount_tasks)
-        for ref in refs:
-            assert await reader.read(ref, 0, len(data)) == data
+        await read_each(reader, refs)
         assert reader.stats.cache_writes_skipped == 300
         reader._memory.clear()  # gone from memory meanwhile
         disk.unstuck.set()

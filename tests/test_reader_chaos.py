@@ -55,6 +55,16 @@ def slow_link() -> LinkRate:
     return link
 
 
+
+def assert_settled(reader: BlockReader, prefetch_budget: ByteBudget) -> None:
+    """Once everything has landed: no flight, nobody waiting, the write budget whole, and the
+    prefetch budget holding exactly the readahead staged and not read yet."""
+    assert reader._inflight == {}
+    assert reader._writes._waited_flights == 0
+    assert reader._writes._write_waiting == 0
+    assert reader._writes._write_budget.used == 0
+    assert prefetch_budget.used == sum(len(block) for block, _ in reader._staged.values())
+
 @pytest.mark.parametrize("seed", range(16))
 @pytest.mark.parametrize("with_disk", [False, True], ids=["memory", "disk"])
 def test_random_reads_under_faults_and_cancellation_are_exact_and_leave_nothing_behind(
@@ -116,11 +126,7 @@ def test_random_reads_under_faults_and_cancellation_are_exact_and_leave_nothing_
 
     trio.run(storm)
     assert wrong == []
-    assert reader._inflight == {}
-    assert reader._writes._waited_flights == 0
-    assert reader._writes._write_waiting == 0
-    assert write_budget.used == 0
-    assert prefetch_budget.used == sum(len(block) for block, _ in reader._staged.values())
+    assert_settled(reader, prefetch_budget)
 
     source.failing = 0.0
     reader._read_timeout = None

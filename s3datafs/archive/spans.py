@@ -108,7 +108,8 @@ class ArchiveBlocks:
             try:
                 on_disk = disk.read_run(digest, archive.size, blocks, ends=False)
             except OSError as exc:
-                self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3")
+                self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3",
+                                   kind="read")
                 on_disk = {}
             found.update(on_disk)
             if len(found) == len(blocks):  # else all are fetched: none of them is a hit
@@ -191,7 +192,8 @@ class ArchiveBlocks:
         try:
             disk.sync()
         except OSError as exc:
-            self._trouble.warn(f"cannot scan the block cache ({exc}); it may overshoot its bound")
+            self._trouble.warn(f"cannot scan the block cache ({exc}); it may overshoot its bound",
+                               kind="scan")
         finally:
             with self._room:
                 self._sync_queued = False

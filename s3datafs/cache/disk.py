@@ -149,30 +149,34 @@ class CacheUsage:
 
 
 class TroubleLog:
-    """Cache trouble is logged at most once per ``interval``: it must never flood the log.
+    """Cache trouble is logged at most once per ``interval`` for each ``kind`` of it: it must
+    never flood the log, and one kind must not hide another (a disk that falls behind, warned
+    of, then turns read-only: its refusals went unsaid for a minute, and a short mount never
+    said them at all).
 
     Thread-safe: the block reader warns from the trio thread, ``MemberSource`` from workers.
     """
 
     def __init__(self, interval: float = 60.0) -> None:
         self._interval = interval
-        self._last = -interval
+        self._last: dict[str, float] = {}  # by kind
         self._lock = threading.Lock()
         self._told_a_bug = False
 
-    def warn(self, message: str) -> None:
+    def warn(self, message: str, *, kind: str) -> None:
         now = time.monotonic()
         with self._lock:
-            if now - self._last < self._interval:
+            if now - self._last.get(kind, -self._interval) < self._interval:
                 return
-            self._last = now
+            self._last[kind] = now
         log.warning("%s", message)
 
     def write_failed(self, exc: Exception) -> None:
         """A cache write failed; the bytes were good, so reads go on from S3. The disk's refusal
         is warned of as above; anything else is a bug: its traceback, once."""
         if isinstance(exc, OSError):
-            self.warn(f"cannot write to the block cache ({exc}); reads continue from S3")
+            self.warn(f"cannot write to the block cache ({exc}); reads continue from S3",
+                      kind="write")
             return
         with self._lock:
             told, self._told_a_bug = self._told_a_bug, True
@@ -210,6 +214,11 @@ class DiskCache:
         self.sync_every = max(capacity // 10, 16 * 1024 * 1024)
         self._direct = AlignedBuffers() if direct_io and direct_io_supported() else None
         make_private_dirs(self.root)
+
+    @property
+    def capacity(self) -> int:
+        """The bound, in bytes (``--cache-size``)."""
+        return self._capacity
 
     # -- reads ----------------------------------------------------------------------------------
 

@@ -1,0 +1,156 @@
+"""The refill of runs a busy cache disk left uncached (``writebehind``), as a chaos review of it
+found it wanting (session 26): each of these failed before its fix; then the refills under
+chaos, every byte checked and every block S3 sent cached in the end."""
+
+from __future__ import annotations
+
+import errno
+
+import trio
+from fakes import FakeSource, trio_test
+from test_reader import (
+    BUCKET,
+    LONG_RUN,
+    PAGE_BLOCK,
+    RUN_DATA,
+    StuckDisk,
+    make_disk_reader,
+    objects_past_the_reserve,
+    read_each,
+    stuck_disk_reader,
+)
+
+from s3datafs import writebehind
+from s3datafs.cache.blockfile import object_digest
+from s3datafs.errors import TransientS3Error
+
+BLOCKS = LONG_RUN // PAGE_BLOCK  # 300
+SHORTER = 260  # more than the reserve has left after the runs before (248 blocks)
+
+
+@trio_test
+async def test_a_run_left_uncached_twice_from_the_same_block_is_refilled_whole(tmp_path) -> None:
+    """A run left uncached (blocks 0-299) and, after memory forgot it, a shorter one from the
+    same block (0-259) left uncached again: the refill queue keeps (object, first block) ->
+    count, and the second overwrote 300 with 260, so blocks 260-299 were never cached (a
+    remount fetched them from S3 again)."""
+    source, disk, reader = stuck_disk_reader(tmp_path)
+    data = RUN_DATA
+    first, *kept, other, target = objects_past_the_reserve(reader, source, left=2)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        for ref in (first, *kept):  # the write budget, then the reserve, are taken
+            assert await reader.read(ref, 0, len(data)) == data
+        assert await reader.read(other, 0, len(data)) == data  # left uncached: the refill
+        await trio.sleep(0.1)  # took it, and waits for room
+        assert await reader.read(target, 0, len(data)) == data  # left uncached: 0-299, queued
+        reader._memory.clear()  # memory forgets it
+        assert await reader.read(target, 0, SHORTER * PAGE_BLOCK) == data[: SHORTER * PAGE_BLOCK]
+        assert reader.stats.cache_writes_skipped == 2 * BLOCKS + SHORTER  # 0-259 left again
+        disk.unstuck.set()  # the disk has room again: the refills run, then the nursery ends
+    digest = object_digest(target)
+    uncached = [i for i in range(BLOCKS) if not disk.read_run(digest, target.size, range(i, i + 1))]
+    assert uncached == [], f"{len(uncached)} blocks never cached, {uncached[0]}-{uncached[-1]}"
+
+
+@trio_test
+async def test_refills_fetch_no_more_from_s3_than_the_cache_can_hold(tmp_path) -> None:
+    """Runs left uncached were fetched from S3 again to be cached however many there were
+    against the cache's bound: 12 runs of 1.2 MB (14.7 MB) fetched again for a cache of 2.7 MB,
+    which keeps two of them (the refills evict each other). A mount with --cache-size 16M after
+    8 readers of 300 MB over a slow disk fetched 222 MB again. Now the runs remembered are
+    bounded by half the cache."""
+    capacity = 2 * LONG_RUN + 64 * PAGE_BLOCK
+    source, disk, reader = stuck_disk_reader(tmp_path, capacity=capacity)
+    refs = objects_past_the_reserve(reader, source, left=12)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        await read_each(reader, refs)
+        assert reader.stats.cache_writes_skipped == 12 * BLOCKS
+        reader._memory.clear()  # memory no longer holds them (its 4 MiB hold 3 runs anyway)
+        fetched_before = sum(end - start for _ref, start, end in source.ranges)
+        disk.unstuck.set()
+    fetched_again = sum(end - start for _ref, start, end in source.ranges) - fetched_before
+    assert fetched_again <= capacity, (
+        f"refills fetched {fetched_again / 1e6:.1f} MB again "
+        f"for a cache of {capacity / 1e6:.1f} MB")
+
+
+class ThrottledSource(FakeSource):
+    """S3 that answers SlowDown (503) for every GET of one key: a throttled prefix."""
+
+    throttled: str | None = None
+
+    def get_range(self, ref, start, end):
+        if ref.key == self.throttled:
+            with self._lock:
+                self.calls["throttled"] += 1
+            raise TransientS3Error(f"S3 error on {ref.uri}: SlowDown")
+        return super().get_range(ref, start, end)
+
+
+@trio_test
+async def test_a_run_whose_object_keeps_failing_does_not_stop_the_other_refills(
+    tmp_path, monkeypatch
+) -> None:
+    """A refill that met S3 trouble was put back *first in line* and tried again after the
+    back-off: an object S3 keeps refusing (a throttled prefix, a key that times out) was
+    retried every 5 s for as long as the mount lived, and no run queued behind it, of any
+    other object, was ever cached. Now it goes behind the others, three times at most."""
+    monkeypatch.setattr(writebehind, "_REFILL_BACKOFF", 0.05)
+    source, disk, reader = stuck_disk_reader(tmp_path, source=ThrottledSource())
+    *taken, throttled, fine = objects_past_the_reserve(reader, source, left=2)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        await read_each(reader, [*taken, throttled, fine])
+        assert reader.stats.cache_writes_skipped == 2 * BLOCKS  # throttled.bin, then fine.bin
+        reader._memory.clear()
+        source.throttled = throttled.key  # from now on S3 throttles it
+        disk.unstuck.set()
+        await trio.sleep(2)  # 40 back-offs
+        mount_tasks.cancel_scope.cancel()
+    retried = source.calls["throttled"]
+    cached = len(disk.read_run(object_digest(fine), fine.size, range(BLOCKS)))
+    assert cached == BLOCKS, (
+        f"fine.bin: {cached} of {BLOCKS} blocks cached; throttled.bin was tried {retried} times")
+
+
+class ReadOnlyAfterStuck(StuckDisk):
+    """Stuck, then read-only (the cache filesystem remounted ro, or full: every write fails)."""
+
+    def write(self, *args, **kwargs) -> None:
+        self.entered.set()
+        assert self.unstuck.wait(10), "the test never let the disk go on"
+        raise OSError(errno.EROFS, "Read-only file system")
+
+
+@trio_test
+async def test_refills_that_could_not_be_written_are_not_counted_as_cached(tmp_path) -> None:
+    """cache_refills counted a run as cached once its writes were started: on a disk that
+    refuses them (read-only, full) every refill failed and was still counted (a real mount
+    whose cache tmpfs went read-only: cache_refills 675, nothing cached), and each was fetched
+    from S3 again first. Now only written blocks count, and a refused write ends the refills."""
+    source, disk, reader = stuck_disk_reader(tmp_path, ReadOnlyAfterStuck)
+    refs = objects_past_the_reserve(reader, source, left=2)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        await read_each(reader, refs)
+        assert reader.stats.cache_writes_skipped == 2 * BLOCKS
+        disk.unstuck.set()
+    assert reader.stats.cache_write_errors >= len(refs)  # every write failed ...
+    assert reader.stats.cache_refills == 0  # ... refills included
+
+
+def test_a_cache_disk_that_refuses_writes_is_told_even_after_a_falls_behind_warning(
+    caplog,
+) -> None:
+    """One TroubleLog per reader, one minute for all its messages: the "falls behind" warning
+    (a slow disk) silenced the warning that the disk refuses writes for a minute. A real mount
+    whose cache went read-only 2 s after a "falls behind" warning failed 79 writes and ended
+    without a word of it in its log. Now each kind of trouble has its own minute."""
+    source = FakeSource()
+    source.create_bucket(BUCKET)
+    reader = make_disk_reader(source, None)
+    reader._trouble.warn("the block cache's disk falls behind S3: ...", kind="behind")
+    reader._writes.write_failed(OSError(errno.EROFS, "Read-only file system"))
+    assert "cannot write to the block cache" in caplog.text
