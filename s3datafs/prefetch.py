@@ -173,9 +173,10 @@ class FilePrefetch:
       the directory in order (PyTorch's ``DataLoader`` deals batches of consecutive indices to
       its workers in turn): together they jump between slices, which resets the directory's
       stream (4 workers read an in-order directory half as fast as one at 20 ms, 147-150
-      against 271-332 files/s; ``bench.loader_workers``). Streams told apart by *where* they are were tried instead:
-      with 8 streams of +-8 inodes, random opens in a directory of 200 files joined one so
-      often that a shuffled half-epoch fetched 45 files it had not asked for (one stream: 0.3);
+      against 271-332 files/s; ``bench.loader_workers``). Streams told apart by *where* they
+      are were tried instead: with 8 streams of +-8 inodes, random opens in a directory of 200
+      files joined one so often that a shuffled half-epoch fetched 45 files it had not asked
+      for (one stream: 0.3);
       a reader's stream sees only its own opens, so a shuffled worker is as random as before.
     - At most ``directories`` directories and ``readers`` (directory, reader) pairs are tracked
       (least recently opened forgotten first), so memory stays bounded whatever the tree and
