@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -95,6 +95,9 @@ class MountPlan:
     expect_fingerprint: str | None = None  # refuse to mount other data
     archive: str = "auto"  # --archive: a zip single object as its members (auto) or as a file
     noexec: bool = False  # --noexec (fstab noexec; mount(8) adds it for user mounts)
+    # The command line's options as given (argparse dest -> value; no secret is ever an
+    # option): kept in the state file, so that a remount can tell which options it changes.
+    options: dict[str, str | int | float | bool | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -334,6 +337,7 @@ def _state(plan: MountPlan, summary: MountSummary) -> dict:
         "name": plan.name,
         "log_file": str(plan.log_file) if plan.log_file else None,
         "mounted_at": time.time(),
+        "options": plan.options,
         **summary.as_dict(),
     }
 

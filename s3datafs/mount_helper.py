@@ -24,8 +24,9 @@ How ``-o`` is read:
   whatever it says; ``-v`` says so.
 - ``remount`` (``mount -o remount DIR``, ``systemctl reload`` of a ``.mount`` unit) changes
   nothing: a mount keeps the pins and settings it was mounted with. It succeeds when DIR is an
-  s3datafs mount; options of ``s3datafs mount`` in it get a warning that they were not applied
-  (unmount and mount again for that), ``rw`` is ignored as for a mount (mount(8) passes it on
+  s3datafs mount; options of ``s3datafs mount`` in it whose values differ from the mount's own
+  (its state file records them) get a warning that they were not applied (unmount and mount
+  again for that), ``rw`` is ignored as for a mount (mount(8) passes it on
   remount too, for an fstab line that does not say ``ro``), and the options the kernel reports for
   a FUSE mount (``user_id=``, ``group_id=``, ``default_permissions``, ...), which mount(8) passes
   back, are ignored; ``noexec`` or ``exec`` against what the mount is, is refused.
@@ -304,14 +305,32 @@ def remount(call: HelperCall, items: list[str]) -> None:
     translation = translate_options(",".join(kept), sloppy=call.sloppy)
     for warning in translation.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    if translation.args:
-        names = ", ".join(arg.partition("=")[0] for arg in translation.args)
+    changed = _options_changed(call, translation.args, runtime.read_state(target))
+    if changed:
+        names = ", ".join(changed)
         print(
             f"{PROG}: warning: remount of {call.directory} changes nothing ({names} not applied): "
             "unmount and mount again to change a mount's settings",
             file=sys.stderr,
         )
     _say(call, f"{PROG}: {call.directory} remounted: nothing to change")
+
+
+def _options_changed(call: HelperCall, args: list[str], state: dict | None) -> list[str]:
+    """The options of ``args`` (``s3datafs mount`` long options) whose value differs from what
+    the mount at ``call.directory`` was started with (its state file says): ``systemctl
+    reload`` passes the fstab line's options again, and the same values were warned of as
+    not applied at every reload. All of them when the mount did not record its options (an
+    earlier release's daemon)."""
+    parser = _mount_parser()
+    given = parser.parse_args([call.source, call.directory, *args])
+    running = state.get("options") if isinstance(state, dict) else None
+    changed = []
+    for option in dict.fromkeys(arg.partition("=")[0] for arg in args):  # the last value wins
+        dest = parser._option_string_actions[option].dest  # argparse: no public lookup
+        if not isinstance(running, dict) or running.get(dest) != getattr(given, dest):
+            changed.append(option)
+    return changed
 
 
 def _items(options: str) -> list[str]:

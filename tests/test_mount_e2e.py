@@ -928,7 +928,8 @@ def test_each_refresh_ends_the_failure_windows_and_a_refused_one_is_told_once(
 
     monkeypatch.setattr(mount, "STATS_INTERVAL", 0)
     monkeypatch.setattr(mount.runtime, "write_state", write_state)
-    plan = SimpleNamespace(mountpoint=Path("/m"), uri="s3://bucket/p/", name="p", log_file=None)
+    plan = SimpleNamespace(mountpoint=Path("/m"), uri="s3://bucket/p/", name="p", log_file=None,
+                           options={})
     operations = SimpleNamespace(failures=SimpleNamespace(flush=lambda: flushed.append(None)),
                                  counters=lambda: {"reads": 7})
     summary = mount.MountSummary(1, 1, 0, 1)

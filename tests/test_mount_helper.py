@@ -376,6 +376,24 @@ def test_remount_changes_nothing_and_the_mount_keeps_serving(
     assert "ro" in _mount_options(target)
 
 
+def test_a_remount_with_the_options_the_mount_has_warns_of_nothing(
+    cli: Cli, s3, make_bucket, installed_helper: Path
+) -> None:
+    """``systemctl reload`` of a unit passes the fstab line's options again: the same values
+    are no change (they were warned of as not applied at every reload); another value is."""
+    uri = csv_dataset(s3, make_bucket)
+    target = cli.root / "reloaded"
+    target.mkdir()
+    fstab = cli.root / "fstab"
+    fstab.write_text(f"{uri}  {target}  s3datafs  ro,read_timeout=5,cache_size=64M  0 0\n")
+    assert _mount8("-T", str(fstab), str(target), env=cli.env).returncode == 0
+    again = _mount8("-T", str(fstab), "-o", "remount", str(target), env=cli.env)
+    assert (again.returncode, again.stderr) == (0, "")
+    other = _mount8("-T", str(fstab), "-o", "remount,cache_size=128M", str(target), env=cli.env)
+    assert other.returncode == 0
+    assert "changes nothing (--cache-size not applied)" in other.stderr
+
+
 def test_remount_of_an_fstab_line_without_ro_succeeds(
     cli: Cli, s3, make_bucket, installed_helper: Path
 ) -> None:

@@ -218,6 +218,8 @@ def build_plan(args: argparse.Namespace, *, mounting: bool = True) -> MountPlan:
         save_snapshot=writable_file(getattr(args, "save_snapshot", None), "--save-snapshot"),
         expect_fingerprint=pinning.parse_expected(getattr(args, "expect_fingerprint", None)),
         archive=parse_archive_mode(getattr(args, "archive", None)),
+        options={dest: value for dest, value in vars(args).items()
+                 if isinstance(value, str | int | float | bool | None)},
     )
 
 
