@@ -10,7 +10,9 @@ mount once the slow-answer watcher (``slowanswer``) was running.
 
 Invariant: threads of our own that outlive the call that starts them are started here, with
 every signal blocked (a thread keeps the mask it was started with; the starting thread's own
-mask is put back at once).
+mask is put back at once), or are a ``QuietThreadPool``'s, which block them first thing (a pool
+starts its threads in whichever thread submits work, with that thread's mask: a review found
+the zip cache's writer taking SIGTERM after the serving loop's end).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
@@ -33,3 +36,16 @@ def start_quiet_thread(
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return thread
+
+
+def block_every_signal() -> None:
+    """Block every signal in the calling thread (a pool's threads, as they start)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
+class QuietThreadPool(ThreadPoolExecutor):
+    """A ``ThreadPoolExecutor`` whose threads block every signal before any work."""
+
+    def __init__(self, max_workers: int, *, thread_name_prefix: str) -> None:
+        super().__init__(max_workers, thread_name_prefix=thread_name_prefix,
+                         initializer=block_every_signal)

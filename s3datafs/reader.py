@@ -181,7 +181,7 @@ class BlockReader:
         self._link = link
         self._split_blocks = max(2, split_bytes // block_size)
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
-        self._trouble = TroubleLog()  # cache trouble: a warning a minute at most
+        self._trouble = TroubleLog()  # cache trouble: a warning a minute per kind at most
         # Fetched blocks go to the disk cache behind the reads, and the runs left uncached are
         # cached later: from memory (read, not written to), or loaded again by flights nobody
         # waits for, whose own write-behind writes them.

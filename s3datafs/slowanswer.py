@@ -12,10 +12,12 @@ that ends the wait says the rest). An answer that comes after the warning is log
 log does not end on a false alarm, and a later hang is warned of again.
 
 Invariants: the events' handlers only touch a dict under a lock and never raise (a notice must
-not change a request's outcome); one daemon thread, started at the first request (again in a
-forked child, which has none), looks once a second and dies with the process; the URL is
-logged as its scheme and host only (a request's path and query name keys, and a presigned one
-would carry a signature).
+not change a request's outcome: a watcher that cannot start, for want of a thread, is done
+without). One daemon thread per process watches every client's requests (a process may make
+many clients: one each would pile up sleeping threads), started at the first request, again in
+a forked child, which has none; it looks once a second, blocks every signal (``quietthread``)
+and dies with the process. The URL is logged as its scheme and host only (a request's path and
+query name keys, and a presigned one would carry a signature).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,11 +55,11 @@ class SlowAnswers:
         self._lock = threading.Lock()
         self._waiting: dict[int, _Waiting] = {}  # by the thread that sent the request
         self._warned = False  # since S3 last answered
-        self._watcher: threading.Thread | None = None
 
     def watch(self, client: Any) -> None:
         client.meta.events.register("before-send.s3", self._sent)
         client.meta.events.register("response-received.s3", self._answered)
+        _WATCHER.follow(self)
 
     def _sent(self, request: Any = None, event_name: str = "", **_: Any) -> None:
         try:
@@ -67,8 +70,7 @@ class SlowAnswers:
         operation = event_name.rsplit(".", 1)[-1]
         with self._lock:
             self._waiting[threading.get_ident()] = _Waiting(operation, endpoint, time.monotonic())
-            if self._watcher is None or not self._watcher.is_alive():  # none in a forked child
-                self._watcher = start_quiet_thread(self._look, name="s3datafs-slow-answers")
+        _WATCHER.ensure_running()
 
     def _answered(self, exception: BaseException | None = None, **_: Any) -> None:
         with self._lock:
@@ -80,19 +82,60 @@ class SlowAnswers:
             log.warning("S3 at %s answered after %.0f s (%s)", waiting.endpoint,
                         time.monotonic() - waiting.since, waiting.operation)
 
+    def look(self, now: float) -> None:
+        """Warn of a request unanswered for ``after`` seconds, unless warned since S3 last
+        answered (called by the watcher thread)."""
+        with self._lock:
+            due = [w for w in self._waiting.values() if now - w.since >= self._after]
+            for waiting in due:
+                waiting.told = True
+            if self._warned or not due:
+                return
+            self._warned, waiting = True, due[0]
+        log.warning(
+            "no answer from S3 at %s for %.0f s (%s): still waiting, up to %.0f s per "
+            "attempt, %d attempts; check --endpoint-url and the network",
+            waiting.endpoint, now - waiting.since, waiting.operation, self._per_attempt,
+            self._attempts)
+
+
+class _Watcher:
+    """The process's one thread that looks at every ``SlowAnswers`` (held weakly: a client
+    dropped is no longer looked at)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._followed: weakref.WeakSet[SlowAnswers] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+        self._starting = False
+
+    def follow(self, answers: SlowAnswers) -> None:
+        with self._lock:
+            self._followed.add(answers)
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            alive = self._thread is not None and self._thread.is_alive()  # none in a fork
+            start = not alive and not self._starting
+            self._starting |= start
+        if not start:
+            return
+        try:  # outside the lock: starting a thread may take a while, or fail
+            thread = start_quiet_thread(self._look, name="s3datafs-slow-answers")
+        except RuntimeError as exc:  # no thread to be had (a pids limit): no notices, then
+            log.debug("cannot watch for slow answers: %s", exc)
+            thread = None
+        with self._lock:
+            self._thread, self._starting = thread, False
+
     def _look(self) -> None:
         while True:
             time.sleep(_LOOK_EVERY)
-            now = time.monotonic()
             with self._lock:
-                due = [w for w in self._waiting.values() if now - w.since >= self._after]
-                for waiting in due:
-                    waiting.told = True
-                if self._warned or not due:
-                    continue
-                self._warned, waiting = True, due[0]
-            log.warning(
-                "no answer from S3 at %s for %.0f s (%s): still waiting, up to %.0f s per "
-                "attempt, %d attempts; check --endpoint-url and the network",
-                waiting.endpoint, now - waiting.since, waiting.operation, self._per_attempt,
-                self._attempts)
+                followed = list(self._followed)
+            now = time.monotonic()
+            for answers in followed:
+                answers.look(now)
+
+
+_WATCHER = _Watcher()

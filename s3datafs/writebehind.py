@@ -118,7 +118,7 @@ class WriteBehind:
         self._block_size = block_size
         self._request_blocks = request_blocks
         self._stats = stats
-        self._trouble = trouble  # the reader's: one warning a minute for all cache trouble
+        self._trouble = trouble  # the reader's: one warning a minute per kind of cache trouble
         self._memory = memory  # the reader's LRU, read by refills (``_refill_run``)
         self._load = load
         # Room for two runs at least: with one (--block-size 64M, runs of one block) a run a
@@ -136,7 +136,8 @@ class WriteBehind:
         # Runs a reader waited for that were left uncached (the disk fell behind), oldest first:
         # (object, first block) -> blocks. ``_refill`` caches them once the disk has room.
         self._skipped: OrderedDict[tuple[ObjectRef, int], int] = OrderedDict()
-        self._refill_failures: dict[tuple[ObjectRef, int], int] = {}  # S3 failures per run
+        # S3 failures per queued run (or the run being refilled): keys are in ``_skipped``
+        self._refill_failures: dict[tuple[ObjectRef, int], int] = {}
         self._refilling = False
         self._refilling_run: tuple[ObjectRef, range] | None = None  # the run being refilled
         self._nursery: trio.Nursery | None = None
@@ -259,6 +260,7 @@ class WriteBehind:
             self.write_failed(exc)
             if refilled:  # the disk refuses: fetching the other runs again would be for nothing
                 self._skipped.clear()
+                self._refill_failures.clear()
         else:
             self._stats.cache_refills += len(blocks) if refilled else 0
         finally:
@@ -390,6 +392,11 @@ class WriteBehind:
             if count + more > self._request_blocks:
                 break
             del self._skipped[(ref, first + count)]
+            # A run merged in brings its failures along: they stay bounded, and nothing
+            # remembers a run no longer queued (a review found such counts kept for good).
+            if failed := self._refill_failures.pop((ref, first + count), 0):
+                self._refill_failures[(ref, first)] = max(
+                    failed, self._refill_failures.get((ref, first), 0))
             count += more
         return ref, first, count
 

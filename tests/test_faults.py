@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import stat
 import threading
 import time
@@ -488,6 +489,7 @@ def test_a_socket_error_while_a_body_streams_is_retried(monkeypatch: pytest.Monk
 def quick_notice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(s3source, "SLOW_ANSWER_NOTICE", 0.3)
     monkeypatch.setattr(slowanswer, "_LOOK_EVERY", 0.05)
+    monkeypatch.setattr(slowanswer, "_WATCHER", slowanswer._Watcher())  # one that looks often
 
 
 def notices(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -529,3 +531,42 @@ def test_an_answer_after_the_warning_is_said_and_a_quick_one_says_nothing(
     caplog.clear()
     assert source.head(objects["big.bin"].bucket, "big.bin").size == len(BIG)
     assert notices(caplog) == []
+
+
+def test_a_watcher_that_cannot_start_fails_no_request(
+    proxy: FaultProxy, objects: dict[str, ObjectRef], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notice must not change a request's outcome: with no thread to be had (a pids limit)
+    the request goes on without a watcher (the thread's RuntimeError failed every HEAD and
+    LIST, and so the mount)."""
+
+    def no_thread(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(slowanswer, "start_quiet_thread", no_thread)
+    monkeypatch.setattr(slowanswer, "_WATCHER", slowanswer._Watcher())  # none running yet
+    source = source_for(proxy)
+    for _ in range(2):  # and again: it is tried again, and fails no request either
+        assert source.head(objects["big.bin"].bucket, "big.bin").size == len(BIG)
+
+
+def test_one_watcher_thread_for_every_client_and_it_takes_no_signal(
+    proxy: FaultProxy, objects: dict[str, ObjectRef], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It runs in the daemon from before its start window, where a stop signal it took would
+    end the process and leave a dead mount (see quietthread)."""
+    monkeypatch.setattr(slowanswer, "_WATCHER", slowanswer._Watcher())
+    before = {t for t in threading.enumerate() if t.name == "s3datafs-slow-answers"}
+    for _ in range(3):
+        source_for(proxy).head(objects["big.bin"].bucket, "big.bin")
+    started = {t for t in threading.enumerate() if t.name == "s3datafs-slow-answers"} - before
+    assert started == {slowanswer._WATCHER._thread}
+    assert signal.SIGTERM in blocked_signals(slowanswer._WATCHER._thread.native_id)
+
+
+def blocked_signals(thread_id: int) -> set[int]:
+    """The signals thread ``thread_id`` of this process blocks (its SigBlk in /proc)."""
+    status = Path(f"/proc/self/task/{thread_id}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigBlk:"))
+               .split()[1], 16)
+    return {number for number in range(1, 65) if mask & (1 << (number - 1))}

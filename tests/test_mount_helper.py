@@ -376,17 +376,24 @@ def test_remount_changes_nothing_and_the_mount_keeps_serving(
     assert "ro" in _mount_options(target)
 
 
+def mounted_from_fstab(cli: Cli, uri: str, name: str, options: str) -> tuple[Path, Path]:
+    """``mount -T FSTAB DIR`` of a line mounting ``uri`` at a new ``DIR`` with ``options``;
+    (DIR, FSTAB)."""
+    target = cli.root / name
+    target.mkdir()
+    fstab = cli.root / "fstab"
+    fstab.write_text(f"{uri}  {target}  s3datafs  {options}  0 0\n")
+    assert _mount8("-T", str(fstab), str(target), env=cli.env).returncode == 0
+    return target, fstab
+
+
 def test_a_remount_with_the_options_the_mount_has_warns_of_nothing(
     cli: Cli, s3, make_bucket, installed_helper: Path
 ) -> None:
     """``systemctl reload`` of a unit passes the fstab line's options again: the same values
     are no change (they were warned of as not applied at every reload); another value is."""
-    uri = csv_dataset(s3, make_bucket)
-    target = cli.root / "reloaded"
-    target.mkdir()
-    fstab = cli.root / "fstab"
-    fstab.write_text(f"{uri}  {target}  s3datafs  ro,read_timeout=5,cache_size=64M  0 0\n")
-    assert _mount8("-T", str(fstab), str(target), env=cli.env).returncode == 0
+    target, fstab = mounted_from_fstab(cli, csv_dataset(s3, make_bucket), "reloaded",
+                                       "ro,read_timeout=5,cache_size=64M")
     again = _mount8("-T", str(fstab), "-o", "remount", str(target), env=cli.env)
     assert (again.returncode, again.stderr) == (0, "")
     other = _mount8("-T", str(fstab), "-o", "remount,cache_size=128M", str(target), env=cli.env)
@@ -399,12 +406,8 @@ def test_remount_of_an_fstab_line_without_ro_succeeds(
 ) -> None:
     """mount(8) passes ``rw`` for a line that does not say ``ro`` (``defaults``) on remount too,
     as on mount: ``systemctl reload`` of such a mount must not fail for it."""
-    uri = csv_dataset(s3, make_bucket)
-    target = cli.root / "from-fstab"
-    target.mkdir()
-    fstab = cli.root / "fstab"
-    fstab.write_text(f"{uri}  {target}  s3datafs  defaults,_netdev  0 0\n")
-    assert _mount8("-T", str(fstab), str(target), env=cli.env).returncode == 0
+    target, fstab = mounted_from_fstab(cli, csv_dataset(s3, make_bucket), "from-fstab",
+                                       "defaults,_netdev")
     again = _mount8("-T", str(fstab), "-o", "remount", str(target), env=cli.env)
     assert (again.returncode, again.stderr) == (0, "")
     assert "ro" in _mount_options(target)

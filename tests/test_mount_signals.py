@@ -23,7 +23,7 @@ from conftest import Cli
 from zipcraft import make_zip
 
 from s3datafs import runtime
-from s3datafs.quietthread import start_quiet_thread
+from s3datafs.quietthread import QuietThreadPool, start_quiet_thread
 from s3datafs.runtime import mount_table, pid_alive
 
 pytestmark = pytest.mark.fuse
@@ -44,15 +44,26 @@ def start(cli: Cli, *args: str, env: dict | None = None) -> subprocess.Popen:
 
 
 def children(pid: int) -> list[int]:
-    """The mount daemons ``pid`` forked: its children running s3datafs (importing trio runs
-    ``ldconfig`` in a child of its own, which is no daemon)."""
+    """The mount daemons ``pid`` forked: its children running s3datafs that lead a session of
+    their own (a daemon's first step). Importing trio runs ``ldconfig`` in a child of its own,
+    which is no daemon, and which runs s3datafs too until it has exec'd (a review saw a test
+    kill that child instead of the daemon)."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
         try:
             found += [int(child) for child in task.read_text().split()]
         except OSError:
             continue
-    return [child for child in found if b"s3datafs" in _cmdline(child)]
+    return [child for child in found
+            if b"s3datafs" in _cmdline(child) and _session_of(child) == child]
+
+
+def _session_of(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(")") + 2 :].split()[3])  # after the name: state ppid pgrp sid
 
 
 def _cmdline(pid: int) -> bytes:
@@ -441,3 +452,10 @@ def test_our_background_threads_never_take_the_process_s_signals() -> None:
                        name="t").join(5)
     assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1} <= seen[0]
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the caller's mask is back
+
+
+def test_a_pool_of_ours_takes_no_signal() -> None:
+    """A pool starts its threads in whichever thread submits work, with that thread's mask."""
+    with QuietThreadPool(1, thread_name_prefix="t") as pool:
+        blocked = pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result(5)
+    assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= blocked

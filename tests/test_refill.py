@@ -15,6 +15,8 @@ from test_reader import (
     RUN_DATA,
     StuckDisk,
     make_disk_reader,
+    make_reader,
+    make_source,
     objects_past_the_reserve,
     read_each,
     stuck_disk_reader,
@@ -136,9 +138,23 @@ async def test_refills_that_could_not_be_written_are_not_counted_as_cached(tmp_p
         reader.attach(mount_tasks)
         await read_each(reader, refs)
         assert reader.stats.cache_writes_skipped == 2 * BLOCKS
+        reader._memory.clear()  # the refills must fetch them again
         disk.unstuck.set()
-    assert reader.stats.cache_write_errors >= len(refs)  # every write failed ...
-    assert reader.stats.cache_refills == 0  # ... refills included
+    assert reader.stats.cache_refills == 0  # every write failed, the first refill's too ...
+    assert reader.stats.cache_write_errors == len(refs) - 1  # ... and the second was not tried:
+    assert source.calls["get_range"] == len(refs) + 1  # nor fetched again
+    assert not reader._writes._skipped
+
+
+def test_failure_counts_go_with_the_runs_they_count() -> None:
+    """A run S3 refused, merged into the run before it (one GET for both), brings its count
+    along; a count whose run is no longer queued was kept for the mount's life (a review)."""
+    source, ref = make_source()
+    writes = make_reader(source, max_request_bytes=64 * 1024 * 1024)._writes
+    writes._skipped[(ref, 0)] = 16  # left uncached first
+    writes._failed_again(ref, 16, 16)  # the next run met SlowDown: behind, counted once
+    assert writes._next_skipped() == (ref, 0, 32)  # merged: one GET for both
+    assert writes._refill_failures == {(ref, 0): 1}
 
 
 def test_a_cache_disk_that_refuses_writes_is_told_even_after_a_falls_behind_warning(

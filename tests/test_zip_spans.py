@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 import tracemalloc
@@ -831,3 +832,14 @@ def test_a_span_with_a_hole_in_the_disk_cache_is_one_get_and_no_disk_hit(tmp_pat
         assert blocks.stats.disk_hits == 2  # all at hand now: a hit saves the GET
     finally:
         blocks.close()
+
+
+def test_the_writer_of_archive_blocks_takes_no_signal(tmp_path) -> None:
+    """It outlives the serving loop (closed after the unmount), where a stop signal it took
+    would end the daemon and leave a dead mount (a review; see quietthread)."""
+    blocks = spans.ArchiveBlocks(FakeSource(), DiskCache(tmp_path, block_size=4096,
+                                                          capacity=1 << 30))
+    pool = blocks._writer_pool()
+    blocked = pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result(5)
+    blocks.close()
+    assert signal.SIGTERM in blocked

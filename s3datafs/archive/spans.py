@@ -25,7 +25,7 @@ from ..cache.disk import DiskCache, TroubleLog
 from ..cache.pace import WritePace
 from ..config import DEFAULT_WRITE_BEHIND
 from ..model import ObjectRef, ObjectSource
-from ..quietthread import start_quiet_thread
+from ..quietthread import QuietThreadPool, start_quiet_thread
 from ..reader import ONE_HOP_BYTES, ReadStats
 
 _MIN_SPAN = 512 * 1024  # archive-order reads: first span, doubling up to
@@ -61,7 +61,7 @@ class ArchiveBlocks:
     before it returns: handing it to the writer costs a thread wake-up and GIL hand-offs, more
     than the write (as for the block reader's short runs, see ``reader.BlockReader._fill``).
     ``close`` drains what is pending (a remount right after finds everything read). Cache
-    trouble is logged at most once a minute and never fails a read.
+    trouble is logged at most once a minute for each kind and never fails a read.
     """
 
     def __init__(
@@ -178,7 +178,7 @@ class ArchiveBlocks:
     def _writer_pool(self) -> ThreadPoolExecutor:
         with self._room:
             if self._writer is None:
-                self._writer = ThreadPoolExecutor(1, thread_name_prefix="s3datafs-zip-cache")
+                self._writer = QuietThreadPool(1, thread_name_prefix="s3datafs-zip-cache")
             return self._writer
 
     def _sync_behind(self, disk: DiskCache) -> None:
