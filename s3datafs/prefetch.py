@@ -163,7 +163,7 @@ class FilePrefetch:
       opens land next to each other (simulated, half an epoch in random order: 0.2 files
       fetched unasked per 1,000 read in a directory of 2,000, 0.3 per 100 in one of 200, 4 per
       20 in one of 40).
-    - Returned are inode ranges; the caller fetches the *files* in it (each up to the first
+    - Returned are inode ranges; the caller fetches the *files* in them (each up to the first
       window its own readahead would fetch, 1 MiB) under the reader's prefetch budget (skipped,
       never queued, when it is spent: ``fell_short``).
     - Two kinds of stream per directory, each with the rules above: one of all its opens, and
@@ -176,8 +176,10 @@ class FilePrefetch:
       against 271-332 files/s; ``bench.loader_workers``). Streams told apart by *where* they
       are were tried instead: with 8 streams of +-8 inodes, random opens in a directory of 200
       files joined one so often that a shuffled half-epoch fetched 45 files it had not asked
-      for (one stream: 0.3);
-      a reader's stream sees only its own opens, so a shuffled worker is as random as before.
+      for (one stream: 0.3); a reader's stream sees only its own opens, so a shuffled worker is
+      as random as before (a review simulated shuffled half-epochs: 0.54 -> 1.12 files fetched
+      unasked per 100 read in a directory of 200 with 8 workers, 1.9 -> 3.1 per 20 in one of
+      40).
     - At most ``directories`` directories and ``readers`` (directory, reader) pairs are tracked
       (least recently opened forgotten first), so memory stays bounded whatever the tree and
       however many threads open files.

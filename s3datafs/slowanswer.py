@@ -5,7 +5,7 @@ black-holed network, a proxy that hangs) is given up after ``request_timeout`` s
 attempt, three attempts: ``s3datafs mount`` then sat silent for 90 s before its error, and a
 user could not tell a hung endpoint from a slow listing. ``SlowAnswers`` watches the requests
 of a client (botocore's ``before-send`` and ``response-received`` events, which bracket every
-attempt, failed ones included) and logs one warning per attempt still unanswered after
+attempt, failed ones included) and logs a warning when an attempt is still unanswered after
 ``after`` seconds, naming the endpoint and how long the wait may last: once, until S3 answers
 again (retries and parallel requests of a listing that all hang say nothing more; the error
 that ends the wait says the rest). An answer that comes after the warning is logged too, so the
