@@ -437,6 +437,7 @@ def serve(
             trio.run(_main_loop, operations, ours, mountpoint, device, start)
         finally:
             signal.pthread_sigmask(signal.SIG_BLOCK, _SERVING_SIGNALS)
+            _stop_signals_moot()
             # libfuse unmounts by path: that takes off whatever is mounted on top of ours.
             covered = _covered_by(mountpoint, device)
             if covered:
@@ -446,6 +447,22 @@ def serve(
             log.info("unmounted %s", mountpoint)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SERVING_SIGNALS)
+
+
+def _stop_signals_moot() -> None:
+    """From the serving loop's end on, a stop signal changes nothing: the mount is ending.
+
+    The main thread blocks them again, but trio's worker threads, started once the loop's
+    signal receiver was in place, do not; one of them taking a stop signal ran its default
+    action (the receiver's end put it back), which ended the process before the unmount and
+    left a dead mount (a review). A handler of ours makes it a no-op in any thread.
+    """
+    for signum in _SERVING_SIGNALS:
+        signal.signal(signum, _ending_anyway)
+
+
+def _ending_anyway(signum: int, _frame: object) -> None:
+    log.debug("%s while the mount ends: nothing more to do", signal.Signals(signum).name)
 
 
 def _device_at(mountpoint: Path) -> str | None:

@@ -459,3 +459,41 @@ def test_a_pool_of_ours_takes_no_signal() -> None:
     with QuietThreadPool(1, thread_name_prefix="t") as pool:
         blocked = pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result(5)
     assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= blocked
+
+
+SERVED_TO_THE_END = """
+import signal, sys, threading, time
+from pathlib import Path
+from s3datafs import mount
+
+worker = None
+
+def serving_loop(*_args):
+    # trio's receiver unblocks the stop signals in the main thread; its worker threads,
+    # started then, keep them unblocked
+    global worker
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, mount._SERVING_SIGNALS)
+    worker = threading.Thread(target=threading.Event().wait, daemon=True)
+    worker.start()
+
+def unmount(unmount):  # between the loop's end and the unmount: a SIGTERM to that worker
+    signal.pthread_kill(worker.ident, signal.SIGTERM)
+    time.sleep(0.2)
+
+mount._init = lambda *_args: None
+mount._device_at = lambda _mountpoint: None
+mount._covered_by = lambda *_args: None
+mount.connection.fuse_descriptors = lambda: set()
+mount.trio.run = serving_loop
+mount.pyfuse3.close = unmount
+mount.serve(object(), Path("/nowhere"), [], on_ready=lambda: None)
+print("served to the end")
+"""
+
+
+def test_a_stop_signal_after_the_serving_loop_ends_the_process_no_more() -> None:
+    """From the loop's end to the unmount, a stop signal taken by one of trio's workers (its
+    signals unblocked) ran the default action: the daemon died before unmounting."""
+    done = subprocess.run([sys.executable, "-c", SERVED_TO_THE_END], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout) == (0, "served to the end\n"), done.stderr
