@@ -303,8 +303,7 @@ class WriteBehind:
         (more would be fetched again only to evict each other: a review measured 222 MB fetched
         again for a cache of 16 MB). A run left again from the same block keeps the longer
         count (the shorter one overwrote it, and the blocks past it were never cached)."""
-        key = (ref, first)
-        self._skipped[key] = max(count, self._skipped.get(key, 0))
+        self._queue(ref, first, count)
         room = self._disk.capacity // _REFILL_SHARE // self._block_size if self._disk else 0
         while self._skipped and (len(self._skipped) > _SKIPPED_REMEMBERED
                                  or sum(self._skipped.values()) > room):
@@ -363,9 +362,7 @@ class WriteBehind:
 
     def _put_back(self, ref: ObjectRef, first: int, count: int) -> None:
         """A run to refill goes back, first in line (it keeps the longer count)."""
-        key = (ref, first)
-        self._skipped[key] = max(count, self._skipped.get(key, 0))
-        self._skipped.move_to_end(key, last=False)
+        self._skipped.move_to_end(self._queue(ref, first, count), last=False)
 
     def _failed_again(self, ref: ObjectRef, first: int, count: int) -> None:
         """S3 refused a run's refill: behind the others, until it has failed too often."""
@@ -376,7 +373,14 @@ class WriteBehind:
             log.debug("%s blocks %d-%d are left uncached: S3 refused them %d times", ref.uri,
                       first, first + count - 1, failures)
             return
+        self._queue(ref, first, count)
+
+    def _queue(self, ref: ObjectRef, first: int, count: int) -> tuple[ObjectRef, int]:
+        """Queue a run to refill (last in line if new); a run queued from the same block
+        keeps the longer count. Its key."""
+        key = (ref, first)
         self._skipped[key] = max(count, self._skipped.get(key, 0))
+        return key
 
     def _room_for(self, cost: int) -> bool:
         budget = self._write_budget

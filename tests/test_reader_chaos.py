@@ -56,6 +56,18 @@ def slow_link() -> LinkRate:
 
 
 
+
+async def read_checked(reader: BlockReader, ref: ObjectRef, data: bytes, offset: int,
+                       length: int, readahead: Readahead | None, wrong: list[str]) -> None:
+    """One read of ``ref`` (whose bytes are ``data``): a failure is an answer, wrong bytes
+    never are (noted in ``wrong``)."""
+    try:
+        got = await reader.read(ref, offset, length, readahead)
+    except TransientS3Error:
+        return
+    if got != data[offset : offset + length]:
+        wrong.append(f"{ref.key} [{offset}, +{length}) of {len(data)}")
+
 def assert_settled(reader: BlockReader, prefetch_budget: ByteBudget) -> None:
     """Once everything has landed: no flight, nobody waiting, the write budget whole, and the
     prefetch budget holding exactly the readahead staged and not read yet."""
@@ -102,13 +114,7 @@ def test_random_reads_under_faults_and_cancellation_are_exact_and_leave_nothing_
                 offset = rng.randint(0, len(data) + 5)
             length = rng.randint(1, 12 * block)
             with trio.move_on_after(rng.choice([1e9, 1e9, 0.001, 0.003])):  # some are cancelled
-                try:
-                    got = await reader.read(ref, offset, length, readahead)
-                except TransientS3Error:
-                    pass  # a failure is an answer; wrong bytes never are
-                else:
-                    if got != data[offset : offset + length]:
-                        wrong.append(f"{ref.key} [{offset}, +{length}) of {len(data)}")
+                await read_checked(reader, ref, data, offset, length, readahead, wrong)
             offset += length
 
     async def storm() -> None:

@@ -115,6 +115,8 @@ async def test_a_run_whose_object_keeps_failing_does_not_stop_the_other_refills(
     cached = len(disk.read_run(object_digest(fine), fine.size, range(BLOCKS)))
     assert cached == BLOCKS, (
         f"fine.bin: {cached} of {BLOCKS} blocks cached; throttled.bin was tried {retried} times")
+    assert retried == writebehind._REFILL_TRIES  # and then it was left uncached
+    assert not reader._writes._refill_failures  # nothing remembered of it
 
 
 class ReadOnlyAfterStuck(StuckDisk):

@@ -14,13 +14,12 @@ import time
 
 import pytest
 import trio
-from test_reader_chaos import FlakySource, assert_settled
+from test_reader_chaos import FlakySource, assert_settled, read_checked
 
 from s3datafs import writebehind
 from s3datafs.cache import disk as disk_module
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache
-from s3datafs.errors import TransientS3Error
 from s3datafs.model import ObjectRef
 from s3datafs.prefetch import Readahead
 from s3datafs.reader import BlockReader, ByteBudget
@@ -100,13 +99,7 @@ def test_refills_and_closed_readahead_under_chaos(tmp_path, monkeypatch, seed: i
                     offset = rng.randint(0, len(data))
                 length = rng.randint(1, 20 * BLOCK)
                 with trio.move_on_after(rng.choice([1e9, 1e9, 1e9, 0.002])):
-                    try:
-                        got = await reader.read(ref, offset, length, readahead)
-                    except TransientS3Error:
-                        pass
-                    else:
-                        if got != data[offset : offset + length]:
-                            wrong.append(f"{ref.key} [{offset}, +{length})")
+                    await read_checked(reader, ref, data, offset, length, readahead, wrong)
                 offset += length
         finally:
             reader.closed(ref)
