@@ -140,6 +140,7 @@ class WriteBehind:
         self._refill_failures: dict[tuple[ObjectRef, int], int] = {}
         self._refilling = False
         self._refilling_run: tuple[ObjectRef, range] | None = None  # the run being refilled
+        self._refusals = 0  # refill writes the disk refused (each ends the refills queued)
         self._nursery: trio.Nursery | None = None
         self._write_nursery: trio.Nursery | None = None
         self._syncing = False  # a disk cache sync due after a short run's write is under way
@@ -261,6 +262,7 @@ class WriteBehind:
             if refilled:  # the disk refuses: fetching the other runs again would be for nothing
                 self._skipped.clear()
                 self._refill_failures.clear()
+                self._refusals += 1  # and the run a refill has taken already is dropped too
         else:
             self._stats.cache_refills += len(blocks) if refilled else 0
         finally:
@@ -334,11 +336,13 @@ class WriteBehind:
         try:
             while self._skipped:
                 ref, first, count = self._next_skipped()
-                run = range(first, first + count)
+                run, refusals = range(first, first + count), self._refusals
                 # A look every _REFILL_POLL: room is conditions that change in many places,
                 # and a refill may well wait a moment longer than it must.
                 while not self._room_for(len(run) * self._block_size):  # noqa: ASYNC110
                     await trio.sleep(_REFILL_POLL)
+                if self._refusals != refusals:  # the disk refused a refill's write meanwhile
+                    continue
                 self._refilling_run = (ref, run)
                 try:
                     done = await self._refill_run(ref, run)
