@@ -75,7 +75,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .archive.zipformat import Member, member_path_problem
+from .archive.zipformat import NO_TIME, Member, member_path_problem
 from .errors import ConfigError
 from .fingerprint import Fingerprinter
 from .keypath import Unsafe, split_key, strip_prefix
@@ -85,7 +85,7 @@ log = logging.getLogger(__name__)
 
 # 2: markers, fingerprint, single_object, as_of; 3: members, archive; 4: a name twice in an
 # archive shows the later member (stored member catalogs of 3 showed the first: rebuilt)
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5  # 5: a member with no time of its own has the archive's
 ROOT_INODE = 1  # == pyfuse3.ROOT_INODE; not imported: pyfuse3 stays in the FUSE ring
 _BATCH = 10_000  # rows per executemany: amortises the call, keeps the batch a few MiB at most
 _FIRST_PAGE = 128  # children(): a readdir buffer holds roughly this many names
@@ -263,6 +263,8 @@ class CatalogBuilder:
         """Add one central directory entry of the archive; skips (WARNING) what cannot be shown."""
         if self._archive is None:
             raise RuntimeError("add_member() is for archive catalogs")
+        # A member whose zip records no valid time has the archive's (not 1970).
+        mtime = member.mtime if member.mtime != NO_TIME else self._archive.last_modified
         if (problem := member_path_problem(member.name)) is not None:
             self._skip(member.name, problem)
             return
@@ -270,7 +272,7 @@ class CatalogBuilder:
         if isinstance(split, Unsafe):
             self._skip(member.name, split.reason)
         elif split.is_dir:
-            marker = ObjectRef(self._archive.bucket, member.name, None, "", 0, member.mtime)
+            marker = ObjectRef(self._archive.bucket, member.name, None, "", 0, mtime)
             self._add_marker(marker, split.path)
         elif split.path in self._dirs:
             self._skip(member.name, "a directory has the same name")
@@ -284,8 +286,8 @@ class CatalogBuilder:
             self._pending_files[(parent, name)] = len(self._pending)
             self._members[inode] = (member.header_offset, member.data_limit, member.method,
                                     member.flags, member.compressed_size, member.crc32)
-            self._append((inode, parent, name, 0, member.size, member.mtime, member.name,
-                          None, None))
+            self._append((inode, parent, name, 0, member.size, mtime, member.name, None,
+                          None))
             self._objects += 1
             self._bytes += member.size
 

@@ -152,6 +152,22 @@ def test_directory_entries_are_directories_with_their_zip_time(world: World) -> 
     assert list(members.objects()) == [ref]
 
 
+def test_entries_with_no_valid_time_have_the_archives(world: World) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(zipfile.ZipInfo("timeless/", (1980, 0, 0, 0, 0, 0)), b"")  # month 0
+        archive.writestr(zipfile.ZipInfo("timeless.txt", (1980, 13, 1, 0, 0, 0)), b"t")
+        archive.writestr(zipfile.ZipInfo("dated.txt", (2021, 5, 6, 7, 8, 10)), b"d")
+    ref = world.put("d.zip", buffer.getvalue())
+    assert ref.last_modified > FILE_TIME
+    members = world.members(ref)
+    assert members is not None
+    found = tree(members)
+    assert found["timeless.txt"].mtime == ref.last_modified  # not 1970
+    assert found["timeless/"].mtime == ref.last_modified
+    assert found["dated.txt"].mtime == FILE_TIME
+
+
 # -- persistence -----------------------------------------------------------------------------------
 
 

@@ -23,7 +23,8 @@ Invariants and rules:
   catalog's job (``keypath``); ``member_path_problem`` adds the archive-only rules (drive
   letters, backslashes).
 - Times: the extended timestamp extra field (0x5455, UTC seconds) when present, else the DOS
-  date and time read as UTC (it carries no zone; UTC makes every machine show the same mtime).
+  date and time read as UTC (it carries no zone; UTC makes every machine show the same mtime);
+  ``NO_TIME`` when neither is valid (the catalog then shows the archive's LastModified).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..errors import ArchiveError
 
 # Compression methods (APPNOTE 4.4.5).
 STORED, DEFLATED, BZIP2, LZMA, ZSTD = 0, 8, 12, 14, 93
+NO_TIME = 0.0  # ``Member.mtime`` of an entry whose DOS date and time are not valid
 METHOD_NAMES = {STORED: "stored", DEFLATED: "deflate", 9: "deflate64", BZIP2: "bzip2",
                 LZMA: "lzma", ZSTD: "zstd", 95: "xz", 98: "ppmd", 99: "AES-encrypted"}
 FLAG_ENCRYPTED = 0x1
@@ -360,7 +362,7 @@ def _mtime(dos_date: int, dos_time: int, timestamp_field: bytes | None) -> float
     year, month, day = 1980 + (dos_date >> 9), (dos_date >> 5) & 0xF, dos_date & 0x1F
     hour, minute, second = dos_time >> 11, (dos_time >> 5) & 0x3F, (dos_time & 0x1F) * 2
     if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 62):
-        return 0.0  # no valid time recorded: the epoch, as an unknown LastModified would be
+        return NO_TIME  # no valid time recorded: the catalog gives the member the archive's
     return float(calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)))
 
 
