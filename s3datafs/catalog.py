@@ -558,6 +558,20 @@ class Catalog:
             after_inode = rows[-1][0]
             page = min(page * 2, _MAX_PAGE)
 
+    def first_file(self) -> ObjectRef | None:
+        """The file added first (the lowest inode): of a snapshot, whose keys come in order, the
+        first file in key order. None without files, and for an archive catalog."""
+        if self._archive is not None:
+            return None
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key, version_id, etag, size, mtime FROM entries WHERE is_dir = 0 "
+                "ORDER BY inode LIMIT 1").fetchone()
+        if row is None:
+            return None
+        key, version_id, etag, size, mtime = row
+        return ObjectRef(self._bucket, key, version_id, etag, size, mtime or 0.0)
+
     def objects(self) -> Iterator[ObjectRef]:
         """Every object shown (files and directory markers), in key order (UTF-8 bytes).
 

@@ -50,6 +50,7 @@ from .catalog import Catalog
 from .daemon import PARENT_GONE
 from .errors import ConfigError
 from .fuse_ops import FsSettings, Operations
+from .keptcatalogs import KeptCatalogs
 from .linkrate import LinkRate
 from .model import ObjectSource
 from .pid1 import STOP_SIGNALS
@@ -126,7 +127,7 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
             _sweep_dead_catalogs(catalogs)
             built = pinning.pin(
                 source, catalog_path, uri=plan.uri, pins=plan.pins, as_of=plan.as_of,
-                snapshot=plan.snapshot,
+                snapshot=plan.snapshot, kept=KeptCatalogs(plan.cache_dir, plan.disk_cache_bytes),
             )
         with contextlib.ExitStack() as closing:
             pinned = closing.enter_context(contextlib.closing(Catalog.open(catalog_path)))

@@ -28,6 +28,7 @@ from . import progress
 from .catalog import CatalogMeta, CatalogSummary, build_catalog
 from .errors import NotFoundError, PinMismatchError, UsageError
 from .fingerprint import is_fingerprint
+from .keptcatalogs import KeptCatalogs, snapshot_identity
 from .model import ObjectRef, ObjectSource
 from .resolve import Pins, resolve
 from .snapshot import load_snapshot
@@ -45,14 +46,18 @@ def pin(
     pins: Pins | None = None,
     as_of: float | None = None,
     snapshot: Path | None = None,
+    kept: KeptCatalogs | None = None,
 ) -> CatalogSummary:
-    """Build the catalog at ``catalog_path`` from ``snapshot`` if given, else from S3."""
+    """Build the catalog at ``catalog_path`` from ``snapshot`` if given, else from S3.
+
+    With ``kept``, a snapshot's catalog is the one kept from an earlier build of the same file
+    when there is one (no parse), and one built is kept for the next (``keptcatalogs``).
+    """
     started = time.monotonic()
     if snapshot is not None:
-        loaded = load_snapshot(snapshot, catalog_path)
-        if loaded.first_file is not None:
-            check_still_there(source, loaded.first_file, snapshot)
-        summary = loaded.summary
+        summary, first_file = _from_snapshot(snapshot, catalog_path, str(uri), kept)
+        if first_file is not None:
+            check_still_there(source, first_file, snapshot)
     else:
         resolution = resolve(source, uri, pins or Pins(), as_of)
         summary = build_catalog(
@@ -68,6 +73,20 @@ def pin(
     log.info("pinned %s in %.2fs", counted(summary.object_count, "object"),
              time.monotonic() - started)
     return summary
+
+
+def _from_snapshot(
+    snapshot: Path, catalog_path: Path, uri: str, kept: KeptCatalogs | None
+) -> tuple[CatalogSummary, ObjectRef | None]:
+    identity = snapshot_identity(snapshot) if kept is not None else None
+    if kept is not None and identity is not None:
+        reused = kept.reuse(identity, catalog_path, uri)
+        if reused is not None:
+            return reused.summary, reused.first_file
+    loaded = load_snapshot(snapshot, catalog_path)
+    if kept is not None and identity is not None and snapshot_identity(snapshot) == identity:
+        kept.keep(identity, catalog_path)  # the file did not change while it was read
+    return loaded.summary, loaded.first_file
 
 
 @contextlib.contextmanager

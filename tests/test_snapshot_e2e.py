@@ -75,6 +75,32 @@ def test_snapshot_then_mount_from_file_is_identical_with_zero_lists(
     assert state["uri"] == f"s3://{bucket}/train/"
 
 
+def test_a_remount_of_the_same_snapshot_uses_the_catalog_kept_from_the_first(
+    cli: Cli, s3, s3server: S3Server, make_bucket
+) -> None:
+    bucket = make_bucket(versioned=True)
+    put_all(s3, bucket, NESTED)
+    file = cli.root / "train.snapshot.gz"
+    snapshot(cli, f"s3://{bucket}/train/", "-o", str(file))
+    cache = cli.root / "cache"
+    first = cli.mount("--snapshot", str(file), str(cli.root / "m1"), "--cache-dir", str(cache))
+    expected = tree(first)
+    assert cli.unmount(first).returncode == 0
+    (kept,) = (cache / "catalogs" / "snapshots").glob("*.db")
+    assert kept.stat().st_nlink == 1  # the mount's own link went with it
+    s3server.reset_stats()
+    second = cli.mount("--snapshot", str(file), str(cli.root / "m2"), "--cache-dir", str(cache))
+    assert kept.stat().st_nlink == 2  # the mount serves the kept catalog itself
+    assert s3server.ops() == {"HeadObject": 1}
+    assert tree(second) == expected == expected_tree(NESTED, "train/")
+    stats = cli.run("cache", "stats", "--cache-dir", str(cache))
+    assert "catalogs of snapshot files kept for the next mount: " in stats.stdout
+    assert " in 1 catalog" in stats.stdout
+    cleared = cli.run("cache", "clear", "--cache-dir", str(cache))
+    assert cleared.stdout.rstrip().endswith(" and 1 snapshot catalog"), cleared.stdout
+    assert tree(second) == expected  # a mount serving it goes on
+
+
 def test_a_snapshot_serves_the_old_bytes_after_overwrites(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket(versioned=True)
     put_all(s3, bucket, NESTED)

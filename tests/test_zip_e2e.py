@@ -305,7 +305,7 @@ def test_prefetch_warms_members_and_cache_clear_forgets_the_index(
     assert "GetObject" not in s3server.ops()  # index and every member came from the cache
     assert cli.unmount(mountpoint).returncode == 0
     result = cli.run("cache", "clear", f"s3://{bucket}/d.zip")
-    assert "and 1 zip member indexes" in result.stdout
+    assert "and 1 zip member index" in result.stdout
     s3server.reset_stats()
     mountpoint = cli.mount(f"s3://{bucket}/d.zip")
     assert s3server.ops()["GetObject"] == 1  # the index again: one GET of the archive's end

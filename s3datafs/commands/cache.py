@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from .. import config
+from .. import config, keptcatalogs
 from ..archive.index import clear_indexes
 from ..cache import disk
 from ..errors import ConfigError
@@ -38,10 +38,12 @@ def run_stats(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or config.default_cache_dir()
     with _cache_errors(cache_dir):
         usage = disk.usage(cache_dir)
+        kept = keptcatalogs.usage(cache_dir)
     if args.json:
         print(
             json.dumps(
-                {"bytes": usage.bytes, "blocks": usage.blocks, "by_dataset": usage.by_dataset}
+                {"bytes": usage.bytes, "blocks": usage.blocks, "by_dataset": usage.by_dataset,
+                 "snapshot_catalogs": {"count": kept.catalogs, "bytes": kept.bytes}}
             )
         )
         return 0
@@ -49,6 +51,9 @@ def run_stats(args: argparse.Namespace) -> int:
     print(f"cache: {human_size(usage.bytes)} in {counted(usage.blocks, 'block')}{absent}")
     for dataset, size in sorted(usage.by_dataset.items(), key=lambda item: -item[1]):
         print(f"  {human_size(size):>10}  {dataset}")
+    if kept.catalogs:
+        print(f"catalogs of snapshot files kept for the next mount: {human_size(kept.bytes)} in "
+              f"{counted(kept.catalogs, 'catalog')}")
     return 0
 
 
@@ -73,6 +78,12 @@ def run_clear(args: argparse.Namespace) -> int:
             config.prepare_cache_dir(cache_dir)
         removed = disk.clear(cache_dir, under)
         indexes = clear_indexes(cache_dir, under)
-    print(f"s3datafs: removed the cached blocks of {counted(removed, 'object')}"
-          + (f" and {indexes} zip member indexes" if indexes else ""))
+        catalogs = keptcatalogs.clear(cache_dir, under)
+    removed_parts = [f"the cached blocks of {counted(removed, 'object')}"]
+    if indexes:
+        removed_parts.append(f"{indexes} zip member index{'' if indexes == 1 else 'es'}")
+    if catalogs:
+        removed_parts.append(counted(catalogs, "snapshot catalog"))
+    *first, last = removed_parts
+    print(f"s3datafs: removed {', '.join(first) + ' and ' if first else ''}{last}")
     return 0

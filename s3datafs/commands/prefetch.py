@@ -28,6 +28,7 @@ from ..archive.index import archive_catalog
 from ..cache.disk import DiskCache
 from ..catalog import Catalog
 from ..errors import ConfigError, UsageError
+from ..keptcatalogs import KeptCatalogs
 from ..model import PinnedRef
 from ..reader import BlockReader
 from ..units import counted, human_size
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             pins=plan.pins,
             as_of=plan.as_of,
             snapshot=plan.snapshot,
+            kept=KeptCatalogs(plan.cache_dir, plan.disk_cache_bytes),  # the job's mount uses it
         )
         disk = DiskCache(
             plan.cache_dir,
