@@ -25,13 +25,12 @@ order-dependent digest by mistake. It is a plain object: one thread at a time.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
+from json.encoder import encode_basestring  # json.dumps's own string encoder (C), no escaping
 
 HEX_LENGTH = 64
 _HEX = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would also match before a final "\n"
 _FLUSH_BYTES = 1 << 16  # hash in chunks: one update() per line would dominate for 1M objects
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # == json.dumps(...)
 
 
 class OrderError(ValueError):
@@ -39,9 +38,16 @@ class OrderError(ValueError):
 
 
 def canonical_line(key: str, version_id: str | None, etag: str, size: int) -> bytes:
-    """The canonical encoding of one object (``etag`` with or without quotes)."""
-    record = [key, version_id, etag.strip('"'), size]
-    return (_ENCODER.encode(record) + "\n").encode("utf-8")
+    """The canonical encoding of one object (``etag`` with or without quotes).
+
+    Exactly the definition's ``json.dumps`` (its string encoder, and ``int``'s repr as JSON
+    writes it), assembled by hand: ``json.dumps`` of a list sets up an encoder per call, 4.9 us
+    per object against 2.2 us here (checking a snapshot of a million objects fingerprints it
+    twice; listing one, once).
+    """
+    version = "null" if version_id is None else encode_basestring(version_id)
+    unquoted_etag = encode_basestring(etag.strip('"'))
+    return f"[{encode_basestring(key)},{version},{unquoted_etag},{size:d}]\n".encode()
 
 
 class Fingerprinter:

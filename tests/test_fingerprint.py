@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from s3datafs.catalog import Catalog, build_catalog
 from s3datafs.fingerprint import Fingerprinter, OrderError, canonical_line, is_fingerprint
@@ -40,6 +43,17 @@ def fingerprint_of(tmp_path: Path, refs: list[ObjectRef], name: str = "c.db") ->
 def test_canonical_line_is_the_documented_json() -> None:
     line = canonical_line("p/é x", None, '"d41d8cd98f00b204e9800998ecf8427e"', 0)
     assert line == '["p/é x",null,"d41d8cd98f00b204e9800998ecf8427e",0]\n'.encode()
+
+
+@settings(max_examples=500, deadline=None)
+@given(key=st.text(min_size=1), version_id=st.none() | st.text(), etag=st.text(),
+       size=st.integers(0, 2**63 - 1))
+def test_canonical_line_is_json_dumps_for_any_text(
+    key: str, version_id: str | None, etag: str, size: int
+) -> None:
+    record = [key, version_id, etag.strip('"'), size]
+    expected = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+    assert canonical_line(key, version_id, etag, size) == expected.encode()
 
 
 def test_fingerprint_is_sha256_of_the_sorted_lines(tmp_path: Path) -> None:
