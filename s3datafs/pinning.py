@@ -11,6 +11,8 @@ catalog (hence the same fingerprint) for the same data.
   the pinned data is still there and that we may read it, so a dataset whose versions were
   deleted (or a wrong endpoint or credentials) fails before mounting rather than on first read.
   Only that one object is checked: any other pin that is gone shows up as ``ESTALE`` on read.
+  A mount (and ``prefetch``) of a file whose catalog was built before uses that catalog, kept
+  under the cache directory (``keptcatalogs``): no parse, and the same one HEAD.
 - ``check_fingerprint`` refuses data whose fingerprint is not the expected one, naming both.
 """
 
