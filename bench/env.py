@@ -85,9 +85,9 @@ def s3_client(endpoint: str, *, pool: int = 32) -> Any:
 class Backend:
     """The S3 server process for a whole run; a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         env = {"MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(8 << 30)}
-        self.server = S3Server(env=env)
+        self.server = S3Server(env=env, port=port)
 
     def __enter__(self) -> Backend:
         self.server.start()

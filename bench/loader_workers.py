@@ -86,14 +86,18 @@ def main() -> None:
     parser.add_argument("--profiles", default="0ms,20ms")
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--port", type=int, default=0, help="server port (proxy: port + 1)")
+    parser.add_argument("--scratch", default="/var/tmp", help="where mounts and caches go")
     args = parser.parse_args()
     dataset = Dataset(big_size=1 << 20, small_count=args.files, small_dirs=1)
     plans = [(1, args.batch, False), (4, args.batch, False), (8, args.batch, False),
              (8, 1, False), (8, args.batch, True)]
-    with Backend() as backend, tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
+    with Backend(port=args.port) as backend, \
+            tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         backend.upload(dataset)
         for profile in args.profiles.split(","):
-            with NetProxy(backend.endpoint, delay_ms=PROFILES[profile]) as proxy:
+            proxy_port = args.port + 1 if args.port else 0
+            with NetProxy(backend.endpoint, delay_ms=PROFILES[profile], port=proxy_port) as proxy:
                 for workers, batch, shuffled in plans:
                     line = one(backend, proxy.endpoint, dataset, Path(scratch), workers, batch,
                                shuffled)

@@ -202,8 +202,10 @@ def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
 class NetProxy:
     """The proxy script as a subprocess; a context manager. ``endpoint`` is its URL."""
 
-    def __init__(self, upstream_url: str, *, delay_ms: float = 0.0, rate_mbps: float = 0.0):
+    def __init__(self, upstream_url: str, *, delay_ms: float = 0.0, rate_mbps: float = 0.0,
+                 port: int = 0):
         self.upstream = upstream_url.split("://", 1)[-1].rstrip("/")
+        self.port = port  # 0: any free port
         self.delay_ms, self.rate_mbps = delay_ms, rate_mbps
         self.endpoint = ""
         self.proc: subprocess.Popen[str] | None = None
@@ -211,6 +213,7 @@ class NetProxy:
     def __enter__(self) -> NetProxy:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--upstream", self.upstream]
         cmd += ["--delay-ms", str(self.delay_ms), "--rate-mbps", str(self.rate_mbps)]
+        cmd += ["--listen", f"127.0.0.1:{self.port}"]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
         )

@@ -648,10 +648,11 @@ class S3Server(ControlledServer):
 
     def __init__(
         self, *, fast_ranges: bool = True, env: dict[str, str] | None = None,
-        fast_listing: bool = True,
+        fast_listing: bool = True, port: int = 0,
     ) -> None:
         super().__init__()
         self.fast_ranges, self.extra_env = fast_ranges, dict(env or {})
+        self.port = port  # 0: any free port; a fixed one on a machine shared with other runs
         self.fast_listing = fast_listing
         self.log_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -665,7 +666,8 @@ class S3Server(ControlledServer):
         self._tmpdir = tempfile.mkdtemp(prefix="s3server-")
         self.log_path = Path(self._tmpdir) / "server.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--host", "127.0.0.1", "--port", "0"]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port)]
         cmd += [] if self.fast_ranges else ["--no-fast-ranges"]
         cmd += [] if self.fast_listing else ["--no-fast-listing"]
         self._proc = subprocess.Popen(
