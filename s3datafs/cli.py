@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from . import __version__, commands, daemon, startup
+from . import __version__, commands, daemon, startup, undumpable
 from .errors import S3DataFSError, UsageError
 
 
@@ -48,6 +48,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    undumpable.refuse_core_dumps()  # before any key is read
     debug = "--debug" in argv
     daemon.note_inherited_descriptors()
     startup.begin()  # until the command runs; ``mount`` settles once the mount is usable

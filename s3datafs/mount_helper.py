@@ -51,7 +51,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import daemon
+from . import daemon, undumpable
 from .errors import MountFailed, S3DataFSError, UsageError
 
 PROG = "mount.s3datafs"
@@ -344,6 +344,7 @@ def _say(call: HelperCall, message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    undumpable.refuse_core_dumps()  # before any key is read
     daemon.note_inherited_descriptors()
     call: HelperCall | None = None
     try:
