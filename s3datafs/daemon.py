@@ -28,6 +28,15 @@ Protocol:
   ends, see ``commands.mount``). The
   kernel's notice is of the end of the *thread* that forked: ``spawn`` is called from the main
   thread, which lives as long as the command.
+- A mount *held* until released (``held=True``: each of ``mount-all``'s datasets, all or
+  nothing) is to outlive its command only once the command says so (``release``), after every
+  dataset has mounted: a command killed outright before that (SIGKILL, the OOM killer, a time
+  limit) leaves no mount behind either. The word comes over a pipe of its own, not a signal: the
+  command writes one byte and may exit at once; the daemon, which stopped listening to the
+  kernel's notice when ready, reads the byte before the pipe's end, so a release is never taken
+  for a death. The pipe's end without the byte (the command died) is ``PARENT_GONE`` to the
+  serving loop. Daemons forked later close the write ends of the earlier ones' pipes, which
+  they inherit, so each pipe ends with the command.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from collections.abc import Callable
 
 from . import logsetup, startup
 from .errors import S3DataFSError
+from .quietthread import start_quiet_thread
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,8 @@ Report = Callable[[dict], None]
 PARENT_GONE = signal.SIGUSR2
 _PR_SET_PDEATHSIG = 1
 _INHERITED: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode) at start
+_HELD: dict[int, int] = {}  # pid of a daemon held until released -> write end of its pipe
+_RELEASE = b"r"
 
 
 def note_inherited_descriptors() -> None:
@@ -75,21 +87,29 @@ def _close_inherited(keep: int) -> None:
 
 
 def spawn(
-    child_main: Callable[[Report], None], *, log_hint: str, outlive_command: bool = True
+    child_main: Callable[[Report], None], *, log_hint: str, outlive_command: bool = True,
+    held: bool = False,
 ) -> dict:
     """Fork; run ``child_main(report)`` in a detached child; return the child's report.
 
     ``outlive_command``: the mount stays when this process ends (else see the module
-    docstring)."""
+    docstring); ``held``: only once ``release``d (see the module docstring)."""
     command = os.getpid()
     read_fd, write_fd = os.pipe()
+    release_fd, hold_fd = os.pipe() if held else (-1, -1)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, observed through the tests' mounts
         os.close(read_fd)
-        os._exit(_child(child_main, write_fd, command, outlive_command))
+        for fd in (hold_fd, *_HELD.values()):  # the command's ends: each pipe ends with it
+            if fd >= 0:
+                os.close(fd)
+        os._exit(_child(child_main, write_fd, command, outlive_command, release_fd))
     os.close(write_fd)
+    if held:
+        os.close(release_fd)
+        _HELD[pid] = hold_fd
     with os.fdopen(read_fd, "rb") as pipe:
         line = pipe.readline()
     try:
@@ -101,11 +121,32 @@ def spawn(
         return {"ok": False, "exit": 1, "error": f"the mount daemon died during start: {log_hint}"}
     if not verdict["ok"]:
         os.waitpid(pid, 0)  # it exits right after reporting; reap it
+        let_go(pid)
     return verdict
 
 
+def release(pid: int) -> None:
+    """Let the daemon ``pid``, held until now, outlive this command."""
+    fd = _HELD.pop(pid)
+    try:
+        os.write(fd, _RELEASE)
+    except OSError:  # it is gone already (unmounted meanwhile): nothing to release
+        pass
+    finally:
+        os.close(fd)
+
+
+def let_go(pid: int) -> None:
+    """Close the pipe of a held daemon that was unmounted (or failed): nothing more to say. If
+    it still serves (detached lazily, or an unmount that failed) it hears the command died."""
+    fd = _HELD.pop(pid, None)
+    if fd is not None:
+        os.close(fd)
+
+
 def _child(
-    child_main: Callable[[Report], None], write_fd: int, command: int, outlive_command: bool
+    child_main: Callable[[Report], None], write_fd: int, command: int, outlive_command: bool,
+    release_fd: int,
 ) -> int:
     os.setsid()
     os.chdir("/")
@@ -113,7 +154,10 @@ def _child(
     pipe = os.fdopen(write_fd, "w", encoding="utf-8")
 
     def report_ready(summary: dict) -> None:
-        if outlive_command:  # from now on the command's end is no news to this mount
+        if release_fd >= 0:  # held: from now on the pipe tells whether the command let go
+            _signal_when_parent_dies(0)
+            start_quiet_thread(_await_release, name="release", args=(release_fd,))
+        elif outlive_command:  # from now on the command's end is no news to this mount
             _signal_when_parent_dies(0)
             signal.signal(PARENT_GONE, signal.SIG_IGN)  # which drops one sent already
         if not _send(pipe, {"ok": True, **summary}):  # the mount command was stopped meanwhile
@@ -140,6 +184,18 @@ def _child(
         log.exception("mount daemon failed")
         _send(pipe, {"ok": False, "exit": 1, "error": f"internal error: {type(exc).__name__}"})
     return 1
+
+
+def _await_release(release_fd: int) -> None:
+    """In a held daemon: the pipe's end before the release byte means the command died."""
+    try:
+        released = os.read(release_fd, 1) == _RELEASE
+    except OSError:
+        released = False
+    finally:
+        os.close(release_fd)
+    if not released:
+        os.kill(os.getpid(), PARENT_GONE)  # the serving loop unmounts (see mount.serve)
 
 
 class Abandoned(BaseException):  # an interruption, never to be handled as an error on the way

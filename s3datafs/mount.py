@@ -565,7 +565,7 @@ async def _terminate_on_signal(operations: Operations, mountpoint: Path,
                 continue
             else:
                 log.warning("the command that mounted this (s3datafs run, or mount-all "
-                            "--foreground) is gone: unmounting")
+                            "before all its datasets were mounted) is gone: unmounting")
             operations.abandon_requests()
             pyfuse3.terminate()
             return

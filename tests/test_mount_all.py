@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -199,6 +200,43 @@ def test_a_stop_signal_during_the_last_mount_unmounts_everything(
     assert command.returncode == 128 + signal.SIGTERM, err
     assert err.splitlines()[-1] == "s3datafs: interrupted by SIGTERM: nothing left mounted"
     assert out == ""
+    assert_nothing_left(cli)
+
+
+def test_a_command_killed_outright_while_mounting_leaves_nothing_mounted(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy
+) -> None:
+    """All or nothing holds when the command cannot undo what it did (SIGKILL, the OOM killer, a
+    time limit): the daemons are held until every dataset has mounted, and unmount themselves
+    when the command dies first, taking the directories made for them too."""
+    cli.expect_log("the command that mounted this .* is gone: unmounting")  # the first's
+    cli.expect_log("the mount command is gone: unmounting what nobody waits for")  # the second's
+    bucket = make_bucket()
+    for key in ("a/x.bin", "b/y.bin"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    proxy.inject("delay", op="ListObjectsV2", seconds=0, times=1)  # the first dataset's list
+    proxy.inject("stall", op="ListObjectsV2", times=1)  # the second's, until released
+    spec = cli.root / "datasets.json"
+    spec.write_text(json.dumps([{"uri": f"s3://{bucket}/a/"}, {"uri": f"s3://{bucket}/b/"}]))
+    command = subprocess.Popen(
+        [sys.executable, "-m", "s3datafs", "mount-all", str(spec)], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint},
+    )
+    try:
+        proxy.wait_injected(2, timeout=30)  # the first is mounted, the second under way
+        assert os.path.ismount(cli.data_root / "a")
+        command.kill()
+        command.wait()
+        proxy.clear()
+        cli.wait_until_nothing_is_mounted(timeout=30)
+    finally:
+        command.kill()
+        command.wait()
+    deadline = time.monotonic() + 10  # each daemon removes its directories as it ends
+    while cli.data_root.exists() and any(cli.data_root.iterdir()):
+        assert time.monotonic() < deadline, list(cli.data_root.iterdir())
+        time.sleep(0.05)
     assert_nothing_left(cli)
 
 

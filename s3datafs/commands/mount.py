@@ -414,6 +414,7 @@ def start_mount(
     foreground: bool,
     on_ready: Callable[[dict], None] | None = None,
     outlive_command: bool = True,
+    held: bool = False,
 ) -> dict:
     """Mount ``plan``; return the daemon's summary once the mount is usable.
 
@@ -421,10 +422,11 @@ def start_mount(
     it is ready; in the foreground it serves in this process and returns only after unmount
     (``on_ready`` is called when it is usable). On failure it raises, having removed any mount
     point directory it created; nothing is left mounted. ``outlive_command=False``: the daemon
-    unmounts when this process dies, however it dies (see ``daemon``).
+    unmounts when this process dies, however it dies (see ``daemon``); ``held=True``: likewise
+    until ``daemon.release`` lets it outlive this process.
     """
     try:
-        return _start_mount(plan, foreground, on_ready, outlive_command)
+        return _start_mount(plan, foreground, on_ready, outlive_command, held)
     except S3DataFSError as exc:  # the command says it on stderr; the log keeps it
         log.error("cannot mount %s at %s: %s", plan.uri, plan.mountpoint, exc,
                   extra=logsetup.FILE_ONLY)
@@ -436,6 +438,7 @@ def _start_mount(
     foreground: bool,
     on_ready: Callable[[dict], None] | None,
     outlive_command: bool,
+    held: bool,
 ) -> dict:
     s3source.check_settings(plan.s3)
     config.prepare_cache_dir(plan.cache_dir)
@@ -461,7 +464,8 @@ def _start_mount(
                     with contextlib.suppress(ConfigError), runtime.mounting(str(plan.mountpoint)):
                         config.remove_created(plan.mountpoint, created)
 
-            verdict = daemon.spawn(serve_in_daemon, log_hint=hint, outlive_command=outlive_command)
+            verdict = daemon.spawn(serve_in_daemon, log_hint=hint,
+                                   outlive_command=outlive_command, held=held)
             if not verdict["ok"]:
                 raise MountFailed(verdict["error"], int(verdict.get("exit", 1)))
         except BaseException:

@@ -16,7 +16,9 @@ dataset -> ``start_mount`` for each, in spec order.
   every log) or a file we write.
 - **All or nothing.** If a dataset fails to mount, or a stop signal arrives while mounting, the
   datasets already mounted are unmounted (newest first) and the mount point directories this
-  command created are removed; the error names the dataset.
+  command created are removed; the error names the dataset. If the command is killed outright
+  while mounting (SIGKILL, the OOM killer), its daemons unmount themselves: each is held until
+  every dataset has mounted (``daemon.release``).
 - ``--foreground`` mounts everything, tells the service manager READY=1, and unmounts everything
   on SIGTERM/SIGINT/SIGHUP (or stops once every mount is gone).
 """
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .. import config, datasets, envblock, logsetup, sdnotify, supervisor
+from .. import config, daemon, datasets, envblock, logsetup, sdnotify, supervisor
 from ..datasets import DatasetError, DatasetSpec
 from ..errors import ConfigError, S3DataFSError, UsageError
 from ..mount import MountPlan
@@ -267,7 +269,8 @@ def mount_datasets(
     """Mount every plan in order, or none: on failure or a stop signal, undo and raise.
 
     ``outlive_command=False``: the mounts are this process's, unmounted when it ends however it
-    ends (SIGKILL too: their daemons learn of it from the kernel)."""
+    ends (SIGKILL too: their daemons learn of it from the kernel). Else they outlive it once
+    all are mounted; until then they are held, and unmount if it dies."""
     secrets = [secret for item in planned for secret in item.spec.secrets()]
     mounted: list[MountedDataset] = []
     try:
@@ -279,11 +282,17 @@ def mount_datasets(
             raise Interrupted(deferred.received[0])
     except BaseException as exc:
         problems = unmount_datasets(mounted)
+        if outlive_command:
+            for done in mounted:
+                daemon.let_go(int(done.summary["pid"]))
         if isinstance(exc, S3DataFSError) and not isinstance(exc, Interrupted):
             raise DatasetError(_failure(item, exc, mounted, problems), exc.exit_code) from None
         raise
     finally:
         _log_to(None, args, secrets)
+    if outlive_command:  # all mounted: from now on they outlive this command
+        for done in mounted:
+            daemon.release(int(done.summary["pid"]))
     return mounted
 
 
@@ -292,7 +301,8 @@ def _mount_one(
 ) -> MountedDataset:
     _log_to(item.plan.log_file, args, secrets)  # the daemon forked next inherits this
     created = _highest_missing(item.plan.mountpoint)
-    summary = start_mount(item.plan, foreground=False, outlive_command=outlive_command)
+    summary = start_mount(item.plan, foreground=False, outlive_command=outlive_command,
+                          held=outlive_command)
     return MountedDataset(item, summary, created)
 
 
