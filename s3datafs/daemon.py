@@ -156,7 +156,12 @@ def _child(
     def report_ready(summary: dict) -> None:
         if release_fd >= 0:  # held: from now on the pipe tells whether the command let go
             _signal_when_parent_dies(0)
-            start_quiet_thread(_await_release, name="release", args=(release_fd,))
+            try:
+                start_quiet_thread(_await_release, name="release", args=(release_fd,))
+            except RuntimeError:  # no thread to be had: this mount outlives the command at once
+                log.warning("cannot wait for mount-all to finish (no thread): this mount stays "
+                            "even if a later dataset fails")
+                signal.signal(PARENT_GONE, signal.SIG_IGN)
         elif outlive_command:  # from now on the command's end is no news to this mount
             _signal_when_parent_dies(0)
             signal.signal(PARENT_GONE, signal.SIG_IGN)  # which drops one sent already
