@@ -172,11 +172,12 @@ def test_two_snapshots_of_one_name_are_refused_before_anything_mounts(
     assert sum(s3server.ops().values()) == before
 
 
-def test_a_stop_signal_during_the_last_mount_unmounts_everything(
-    cli: Cli, s3, make_bucket, proxy: FaultProxy
-) -> None:
-    """Signals wait while a daemon mounts; one that came during the last mount is still
-    honoured once it is ready: all unmounted again, and 128 + the signal's number."""
+def mount_two_stalling_the_second(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy, **popen
+) -> subprocess.Popen:
+    """``mount-all`` of two datasets, started; the second's listing stalls until
+    ``proxy.clear()``, so once ``proxy.wait_injected(2)`` the first is mounted and the second
+    under way."""
     bucket = make_bucket()
     for key in ("a/x.bin", "b/y.bin"):
         s3.put_object(Bucket=bucket, Key=key, Body=b"x")
@@ -184,11 +185,19 @@ def test_a_stop_signal_during_the_last_mount_unmounts_everything(
     proxy.inject("stall", op="ListObjectsV2", times=1)  # the second's, until released
     spec = cli.root / "datasets.json"
     spec.write_text(json.dumps([{"uri": f"s3://{bucket}/a/"}, {"uri": f"s3://{bucket}/b/"}]))
-    command = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "s3datafs", "mount-all", str(spec)], stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint},
+        env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint}, **popen,
     )
+
+
+def test_a_stop_signal_during_the_last_mount_unmounts_everything(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy
+) -> None:
+    """Signals wait while a daemon mounts; one that came during the last mount is still
+    honoured once it is ready: all unmounted again, and 128 + the signal's number."""
+    command = mount_two_stalling_the_second(cli, s3, make_bucket, proxy, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True)
     try:
         proxy.wait_injected(2, timeout=30)  # the second mount is under way
         command.send_signal(signal.SIGTERM)
@@ -211,18 +220,8 @@ def test_a_command_killed_outright_while_mounting_leaves_nothing_mounted(
     when the command dies first, taking the directories made for them too."""
     cli.expect_log("the command that mounted this .* is gone: unmounting")  # the first's
     cli.expect_log("the mount command is gone: unmounting what nobody waits for")  # the second's
-    bucket = make_bucket()
-    for key in ("a/x.bin", "b/y.bin"):
-        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
-    proxy.inject("delay", op="ListObjectsV2", seconds=0, times=1)  # the first dataset's list
-    proxy.inject("stall", op="ListObjectsV2", times=1)  # the second's, until released
-    spec = cli.root / "datasets.json"
-    spec.write_text(json.dumps([{"uri": f"s3://{bucket}/a/"}, {"uri": f"s3://{bucket}/b/"}]))
-    command = subprocess.Popen(
-        [sys.executable, "-m", "s3datafs", "mount-all", str(spec)], stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint},
-    )
+    command = mount_two_stalling_the_second(cli, s3, make_bucket, proxy,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         proxy.wait_injected(2, timeout=30)  # the first is mounted, the second under way
         assert os.path.ismount(cli.data_root / "a")

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import Cli
@@ -52,13 +53,19 @@ def overwrite_everything(s3, bucket: str) -> None:
     s3.put_object(Bucket=bucket, Key="train/added-later.txt", Body=b"late")
 
 
-def test_snapshot_then_mount_from_file_is_identical_with_zero_lists(
-    cli: Cli, s3, s3server: S3Server, make_bucket
-) -> None:
+def snapshot_of_nested(cli: Cli, s3, make_bucket) -> tuple[str, Path, str]:
+    """A versioned bucket holding ``NESTED`` and a snapshot file of its ``train/``: the bucket,
+    the file, and the fingerprint ``snapshot`` printed."""
     bucket = make_bucket(versioned=True)
     put_all(s3, bucket, NESTED)
     file = cli.root / "train.snapshot.gz"
-    printed = snapshot(cli, f"s3://{bucket}/train/", "-o", str(file))
+    return bucket, file, snapshot(cli, f"s3://{bucket}/train/", "-o", str(file))
+
+
+def test_snapshot_then_mount_from_file_is_identical_with_zero_lists(
+    cli: Cli, s3, s3server: S3Server, make_bucket
+) -> None:
+    bucket, file, printed = snapshot_of_nested(cli, s3, make_bucket)
     s3server.reset_stats()
     mountpoint = cli.mount(
         "--snapshot", str(file), str(cli.root / "m"), "--cache-dir", str(cli.root / "fresh-cache")
@@ -78,10 +85,7 @@ def test_snapshot_then_mount_from_file_is_identical_with_zero_lists(
 def test_a_remount_of_the_same_snapshot_uses_the_catalog_kept_from_the_first(
     cli: Cli, s3, s3server: S3Server, make_bucket
 ) -> None:
-    bucket = make_bucket(versioned=True)
-    put_all(s3, bucket, NESTED)
-    file = cli.root / "train.snapshot.gz"
-    snapshot(cli, f"s3://{bucket}/train/", "-o", str(file))
+    _, file, _ = snapshot_of_nested(cli, s3, make_bucket)
     cache = cli.root / "cache"
     first = cli.mount("--snapshot", str(file), str(cli.root / "m1"), "--cache-dir", str(cache))
     expected = tree(first)
