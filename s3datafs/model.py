@@ -87,7 +87,56 @@ class MemberRef:
         return "\0".join((self.archive.cache_identity, "zip", str(self.header_offset), self.path))
 
 
+@dataclass(frozen=True, slots=True)
+class UnzippedRef:
+    """A zip member's bytes decompressed, as the block cache names them (``archive.decompressed``).
+
+    Derived from the archive's pin and what fixes the member's bytes in it (header offset,
+    sizes, CRC-32, method), so it names bytes that never change. ``attempt`` names one
+    decompression's blocks; ``""`` names the member's marker, which points to a verified attempt.
+    ``bucket``/``key``/``version_id``/``etag`` are the archive's: ``cache stats`` counts these
+    blocks with the archive's dataset and ``cache clear s3://bucket/archive.zip`` deletes them.
+    """
+
+    archive: ObjectRef
+    header_offset: int
+    compressed_size: int
+    size: int
+    crc32: int
+    method: int
+    attempt: str = ""
+
+    @classmethod
+    def of(cls, member: MemberRef, attempt: str = "") -> UnzippedRef:
+        return cls(member.archive, member.header_offset, member.compressed_size, member.size,
+                   member.crc32, member.method, attempt)
+
+    @property
+    def bucket(self) -> str:
+        return self.archive.bucket
+
+    @property
+    def key(self) -> str:
+        return self.archive.key
+
+    @property
+    def version_id(self) -> str | None:
+        return self.archive.version_id
+
+    @property
+    def etag(self) -> str:
+        return self.archive.etag
+
+    @property
+    def cache_identity(self) -> str:
+        # "unzipped" keeps it apart from the member's own identity ("zip") and from any S3 key.
+        return "\0".join((self.archive.cache_identity, "unzipped", str(self.header_offset),
+                          str(self.compressed_size), str(self.size), f"{self.crc32:08x}",
+                          str(self.method), self.attempt))
+
+
 PinnedRef = ObjectRef | MemberRef  # what the block reader and cache serve bytes of
+CachedRef = PinnedRef | UnzippedRef  # what the disk cache keeps blocks of
 
 
 def normalize_etag(etag: str) -> str:

@@ -115,6 +115,7 @@ class ReadStats:
     split_reads: int = 0  # waited runs fetched as two GETs (a slow link: ``linkrate``)
     cache_writes_skipped: int = 0  # blocks left uncached: the disk fell behind (``writebehind``)
     cache_refills: int = 0  # of those, cached later, once the disk had room (``writebehind``)
+    decompressions: int = 0  # zip members decompressed from their start (``archive.members``)
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))

@@ -30,6 +30,12 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   ``_checkpoint_interval`` output bytes, so a random read decompresses from the nearest saved
   position at or before it instead of from the start. Positions are bounded in total
   (``max_positions``, LRU over members); one lock per member serialises its decompression.
+- Kept decompressed: bzip2 and LZMA decompressors cannot be copied, so a random read before the
+  live position would start over from the member's start. With a disk cache, such a large
+  member is instead decompressed once, whole, into the disk cache (``decompressed.KeptMembers``:
+  single-flight, served only once its CRC is verified), and every later read is a disk read,
+  across remounts too. Reads the live position serves (a sequential reader, from a first read
+  at the member's start) still go that way. Without a disk cache, as before.
 - Verification: decompression never produces more than the declared size: a member that would
   inflate further (a zip bomb), ends early or fails to decompress is an ``ArchiveError`` (EIO),
   and so is a CRC-32 mismatch. A compressed member's CRC is checked whenever decompression
@@ -49,6 +55,7 @@ from __future__ import annotations
 import bisect
 import bz2
 import contextlib
+import functools
 import lzma
 import threading
 import time
@@ -65,6 +72,7 @@ from ..model import MemberRef, ObjectRef, ObjectSource, PinnedRef
 from ..reader import ReadStats
 from . import zipformat
 from .crc import Coverage
+from .decompressed import KeptMembers
 from .spans import ArchiveBlocks, Spans
 
 _HEADER_GUESS = 30 + 128  # local header + name and extra fields, as most writers make them
@@ -79,6 +87,7 @@ _NOTHING = memoryview(b"")
 _MAX_CHUNK = 8 * 1024 * 1024
 _MIN_INTERVAL = 4 * 1024 * 1024
 _SAVED_PER_MEMBER = 32  # so the interval grows with the member: size / 32
+_OUT_STEP = 1024 * 1024  # output bytes per decompressor call: a whole member is never one piece
 
 
 class _Decompressor(Protocol):
@@ -180,6 +189,7 @@ class _MemberState:
         self.lock = threading.Lock()
         self.live: _Position | None = None
         self.saved: list[_Position] = []  # copies, by out_pos
+        self.begun = False  # read here before: a read at 0 now is a re-read, not a first read
 
     @property
     def positions(self) -> int:
@@ -212,6 +222,7 @@ class MemberSource:
         self.stats = ReadStats()
         self._blocks = ArchiveBlocks(inner, disk, self.stats)
         self._spans = Spans(self._blocks, max_bytes=span_memory)
+        self._kept = KeptMembers(disk, self._blocks.count) if disk is not None else None
 
     def close(self) -> None:
         """Stop reading ahead; finish the disk cache writes still pending."""
@@ -226,9 +237,17 @@ class MemberSource:
         with self._failing(ref):
             if ref.method == zipformat.STORED:
                 return self._stored(ref, start, self._data(ref, start, end))
-            if (start == 0 and end == ref.size) or ref.size <= self._whole_max:
+            if ref.size <= self._whole_max:
                 return self._inflated(ref, start, end, self._data)
-            return self._inflate_range(ref, start, end)
+            kept = self._keeping(ref)
+            if kept is not None and (data := kept.read(ref, start, end)) is not None:
+                return data
+            if start == 0 and end == ref.size:
+                if kept is not None and (data := kept.fill(
+                        ref, start, end, functools.partial(self._whole_pieces, ref))) is not None:
+                    return data
+                return self._inflated(ref, start, end, self._data)
+            return self._inflate_range(ref, start, end, kept)
 
     def get_range_now(self, ref: PinnedRef, start: int, end: int) -> bytes | None:
         """``get_range``'s answer if it is at hand, without I/O or waiting; else None.
@@ -277,6 +296,8 @@ class MemberSource:
                 self._states.pop(ref, None)
                 self._coverage.pop(ref, None)
             self._spans.forget(ref.archive, ref.header_offset, ref.data_limit)
+            if self._kept is not None:
+                self._kept.forget(ref)
             raise
 
     def bucket_versioning(self, bucket: str) -> bool | None:
@@ -377,16 +398,46 @@ class MemberSource:
         return kept if whole else kept[start:end]
 
     def _inflate_whole(self, ref: MemberRef, compressed: bytes) -> bytes:
-        position = _Position(0, 0, _new_decompressor(ref), 0)
-        return b"".join(self._run(ref, position, 0, ref.size, compressed))
+        return b"".join(self._run(ref, self._fresh(ref), 0, ref.size, compressed))
 
-    def _inflate_range(self, ref: MemberRef, start: int, end: int) -> bytes:
+    def _fresh(self, ref: MemberRef) -> _Position:
+        """A position at the member's start: a decompression from the start (counted)."""
+        self._blocks.count(decompressions=1)
+        return _Position(0, 0, _new_decompressor(ref), 0)
+
+    def _whole_pieces(self, ref: MemberRef) -> Iterator[bytes]:
+        """The member decompressed from its start, in pieces; checked at its end."""
+        return self._run(ref, self._fresh(ref), 0, ref.size, None)
+
+    def _keeping(self, ref: MemberRef) -> KeptMembers | None:
+        """The kept members, if ``ref`` (a large compressed member) is one: its method's
+        decompressor cannot be copied (bzip2, LZMA: deflate's saved positions serve it
+        instead, ``_Inflate.copy``), and it fits their bound."""
+        kept = self._kept
+        if kept is None or ref.method == zipformat.DEFLATED or not kept.keeps(ref):
+            return None
+        return kept
+
+    def _inflate_range(
+        self, ref: MemberRef, start: int, end: int, kept: KeptMembers | None = None
+    ) -> bytes:
         with self._lock:
             state = self._states.get(ref)
             if state is None:
                 state = _MemberState()
                 self._states[ref] = state
+        if kept is not None:
+            with state.lock:
+                live = state.live
+                restarts = not (live is not None and live.out_pos <= start) and (
+                    start > 0 or state.begun)
+            # A read the live position cannot serve: decompress the member once, into the disk
+            # cache, rather than from its start for this read and again for the next ones.
+            if restarts and (data := kept.fill(
+                    ref, start, end, functools.partial(self._whole_pieces, ref))) is not None:
+                return data
         with state.lock:
+            state.begun = True
             position = self._resume(ref, state, start)
             pieces = list(self._run(ref, position, start, end, None, state))
             state.live = position if position.out_pos < ref.size else None
@@ -400,17 +451,15 @@ class MemberSource:
 
     def _resume(self, ref: MemberRef, state: _MemberState, start: int) -> _Position:
         """The best position to decompress ``start`` from: the live one, a saved copy, or 0."""
-        live = state.live
+        live, best = state.live, None
         if live is not None and live.out_pos <= start:
             state.live = None
             best = live
-        else:
-            best = _Position(0, 0, _new_decompressor(ref), 0)
         at = bisect.bisect_right([p.out_pos for p in state.saved], start) - 1
-        if at >= 0 and state.saved[at].out_pos > best.out_pos:
+        if at >= 0 and (best is None or state.saved[at].out_pos > best.out_pos):
             saved = state.saved[at]
             best = _Position(saved.out_pos, saved.next_in, saved.decompressor.copy(), saved.crc)
-        return best
+        return best if best is not None else self._fresh(ref)
 
     def _run(
         self, ref: MemberRef, position: _Position, start: int, end: int,
@@ -442,7 +491,7 @@ class MemberSource:
                     taken = len(pending) if feed is None else min(feed, len(pending))
                     data, pending = pending[:taken], pending[taken:]
                     position.next_in += taken
-                goal = end
+                goal = min(end, position.out_pos + _OUT_STEP)
                 if state is not None and _copyable(decompressor):
                     goal = min(end, (position.out_pos // interval + 1) * interval)
                 out = decompressor.decompress(data, goal - position.out_pos)

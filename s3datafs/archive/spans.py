@@ -135,6 +135,13 @@ class ArchiveBlocks:
             self._store(archive, digest, blocks.start, parts)
         return data, start - low
 
+    def count(self, **increments: int) -> None:
+        """Add to ``stats`` counters: ``stats`` is shared with ``MemberSource`` and its kept
+        members (``archive.decompressed``), and this lock guards it for all of them."""
+        with self._room:
+            for name, value in increments.items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+
     def forget(self, archive: ObjectRef, start: int, end: int) -> None:
         """``[start, end)`` of ``archive`` decoded to damage: its blocks are fetched anew."""
         disk = self._disk

@@ -49,7 +49,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..model import PinnedRef
+from ..model import CachedRef
 
 MAGIC = b"S3DR"
 FORMAT_VERSION = 4  # 1, 2: a file per block or chunk; 3: a directory and meta.json per object
@@ -72,7 +72,7 @@ def _raw(digest: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)  # asked for on every cache read and write of an object
-def object_digest(ref: PinnedRef) -> str:
+def object_digest(ref: CachedRef) -> str:
     """Hex digest naming one pinned object version (or archive member): stable across mounts."""
     return hashlib.sha256(ref.cache_identity.encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -135,7 +135,7 @@ def check_header(data: bytes, digest: str, region: int, layout: Layout) -> Heade
 
 
 @functools.lru_cache(maxsize=4096)  # written with every header: encode each object's once
-def identity(ref: PinnedRef, dataset: str) -> bytes:
+def identity(ref: CachedRef, dataset: str) -> bytes:
     """The identity record of ``ref`` as cached by ``dataset`` (at most IDENTITY_SIZE bytes).
 
     Fields too long to fit (S3 keys reach 1,024 bytes, zip member names more) are shortened,

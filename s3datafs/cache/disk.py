@@ -93,7 +93,7 @@ from pathlib import Path
 import cachetools
 
 from ..config import make_private_dirs
-from ..model import PinnedRef
+from ..model import CachedRef
 from ..quietthread import start_quiet_thread
 from ..units import human_size
 from ..uri import S3Uri
@@ -376,11 +376,19 @@ class DiskCache:
             finally:
                 os.close(fd)
 
+    def drop(self, digest: str, object_size: int) -> None:
+        """Delete every region file of the object ``digest`` (``object_size`` bytes): blocks
+        written for bytes found bad before anything could read them (``archive.decompressed``)
+        give their room back at once instead of ageing out of the LRU."""
+        last = max(0, -(-object_size // self.block_size) - 1)
+        for region in range(self.layout.region_of(last) + 1):
+            self._forget(_region_name(digest, region), unlink=True)
+
     # -- writes ---------------------------------------------------------------------------------
 
     def write(
         self,
-        ref: PinnedRef,
+        ref: CachedRef,
         digest: str,
         first_index: int,
         payloads: Sequence[bytes],

@@ -1,0 +1,369 @@
+"""Large bzip2 and LZMA members kept decompressed in the disk cache (``archive.decompressed``).
+
+Against FakeSource and a real ``DiskCache`` in ``tmp_path``, with region files of 1 MiB so a
+member of a few MiB spans several. Decompressions are ``MemberSource.stats.decompressions``
+(every decompression that starts at a member's start); GETs are counted from the FakeSource.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import threading
+import tracemalloc
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from test_zip_members import KIB, MIB, Archive, archive
+from zipcraft import make_zip, patch, sample_bytes
+
+from s3datafs.archive import decompressed as decompressed_module
+from s3datafs.archive import members as members_module
+from s3datafs.archive.members import MemberSource
+from s3datafs.cache import disk as disk_module
+from s3datafs.cache.blockfile import object_digest
+from s3datafs.cache.disk import DiskCache
+from s3datafs.errors import ArchiveError
+from s3datafs.model import UnzippedRef
+from s3datafs.uri import parse_s3_uri
+
+BLOCK = 64 * KIB
+KEPT = {"bzip2": zipfile.ZIP_BZIP2, "lzma": zipfile.ZIP_LZMA}
+each_kept_method = pytest.mark.parametrize("method", KEPT.values(), ids=KEPT.keys())
+
+
+@pytest.fixture(autouse=True)
+def small_regions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(disk_module, "REGION_BYTES", MIB)
+
+
+@functools.cache
+def content() -> bytes:
+    return sample_bytes(41, 3 * MIB + 4321)  # more than _WHOLE_MAX, four region files
+
+
+@functools.cache
+def zip_bytes(method: int) -> bytes:
+    return make_zip({"big.bin": content(), "after.txt": b"after"}, methods=(method,))
+
+
+def zipped(method: int, **fields: int) -> Archive:
+    data = zip_bytes(method)
+    return archive(patch(data, "big.bin", **fields) if fields else data)
+
+
+def cache(directory: Path, capacity: int = 1 << 30) -> DiskCache:
+    return DiskCache(directory, block_size=BLOCK, capacity=capacity, dataset="s3://bkt/d.zip")
+
+
+def random_ranges(size: int, seed: int, count: int = 30) -> list[tuple[int, int]]:
+    """Scattered ranges, none at the member's start (a first read there is a sequential one)."""
+    rng = random.Random(seed)
+    starts = [rng.randrange(1, size) for _ in range(count)]
+    return [(start, min(size, start + rng.choice([1, 4 * KIB, BLOCK, 300 * KIB])))
+            for start in starts]
+
+
+def kept_files(directory: Path, ref: members_module.MemberRef) -> list[Path]:
+    """Region files of the member's verified copy (its marker's attempt) and of the marker."""
+    marker = object_digest(UnzippedRef.of(ref))
+    return [p for p in directory.rglob("*.r*") if p.name.startswith(marker)]
+
+
+@each_kept_method
+def test_random_reads_decompress_a_large_member_once(tmp_path: Path, method: int) -> None:
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    for number, (start, end) in enumerate(random_ranges(ref.size, seed=1)):
+        assert source.get_range(ref, start, end) == expected[start:end], (start, end)
+        if number == 0:
+            gets = archived.source.calls["get_range"]
+    assert source.stats.decompressions == 1
+    assert archived.source.calls["get_range"] == gets  # every read after the first: the disk
+    # The whole member too, and the member's end.
+    assert source.get_range(ref, 0, ref.size) == expected
+    assert source.get_range(ref, ref.size - 1, ref.size) == expected[-1:]
+    assert source.stats.decompressions == 1
+
+
+@each_kept_method
+def test_a_remount_decompresses_and_fetches_nothing(tmp_path: Path, method: int) -> None:
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    first = MemberSource(archived.source, disk=cache(tmp_path))
+    assert first.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
+    first.close()
+    archived.reset()
+    again = MemberSource(archived.source, disk=cache(tmp_path))  # another process, say
+    for start, end in [(0, BLOCK), *random_ranges(ref.size, seed=2)]:
+        assert again.get_range(ref, start, end) == expected[start:end], (start, end)
+    assert again.stats.decompressions == 0
+    assert archived.source.calls["get_range"] == 0
+
+
+@each_kept_method
+def test_a_sequential_reader_keeps_the_live_position(tmp_path: Path, method: int) -> None:
+    """From a first read at the member's start, in order: no whole decompression ahead of the
+    reader, no copy written; one decompression, as before."""
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    for start in range(0, ref.size, 128 * KIB):
+        end = min(ref.size, start + 128 * KIB)
+        assert source.get_range(ref, start, end) == expected[start:end]
+    assert source.stats.decompressions == 1
+    assert kept_files(tmp_path, ref) == []
+    # A second pass starts over: that member is then kept, and the pass after reads the disk.
+    assert source.get_range(ref, 0, BLOCK) == expected[:BLOCK]
+    assert source.stats.decompressions == 2
+    assert kept_files(tmp_path, ref) != []
+    assert source.get_range(ref, 5 * BLOCK, 6 * BLOCK) == expected[5 * BLOCK: 6 * BLOCK]
+    assert source.stats.decompressions == 2
+
+
+@each_kept_method
+def test_concurrent_random_readers_decompress_once(tmp_path: Path, method: int) -> None:
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    ranges = random_ranges(ref.size, seed=3, count=48)
+    barrier = threading.Barrier(8)  # every thread's first read starts at once
+    started: set[str] = set()
+
+    def read(job: tuple[int, int]) -> bytes:
+        if threading.current_thread().name not in started:
+            started.add(threading.current_thread().name)
+            barrier.wait(timeout=10)
+        return source.get_range(ref, *job)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(read, ranges))
+    for (start, end), got in zip(ranges, results, strict=True):
+        assert got == expected[start:end], (start, end)
+    assert source.stats.decompressions == 1
+
+
+@each_kept_method
+def test_a_member_failing_its_crc_is_never_kept_nor_served(
+    tmp_path: Path, method: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archived = zipped(method, crc=0x12345678)
+    ref = archived.members["big.bin"]
+    disk = cache(tmp_path)
+    source = MemberSource(archived.source, disk=disk)
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+        source.get_range(ref, MIB, MIB + BLOCK)
+    assert kept_files(tmp_path, ref) == []
+    # The attempt's blocks are gone too: only the archive's own region files are left.
+    archive_digest = object_digest(archived.ref)
+    assert all(p.name.startswith(archive_digest) for p in tmp_path.rglob("*.r*"))
+    monkeypatch.setattr(members_module, "_RETRY_BAD", 0.0)  # tried again: still bad
+    # (A first read at its start would go the live way: its pieces are served before its CRC
+    # can be known, as ever. Here every read needs the member from its start.)
+    for start, end in [(2 * MIB, 2 * MIB + 1), (0, ref.size)]:
+        with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+            source.get_range(ref, start, end)
+    assert kept_files(tmp_path, ref) == []
+    remounted = MemberSource(archived.source, disk=cache(tmp_path))
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+        remounted.get_range(ref, MIB, MIB + BLOCK)
+
+
+@each_kept_method
+def test_readers_waiting_for_a_bad_member_fail_too(tmp_path: Path, method: int) -> None:
+    archived = zipped(method, crc=0x12345678)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    barrier = threading.Barrier(6)
+
+    def read(start: int) -> BaseException | bytes:
+        barrier.wait(timeout=10)
+        try:
+            return source.get_range(ref, start, start + BLOCK)
+        except ArchiveError as exc:
+            return exc
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(read, [MIB * k // 2 + 1 for k in range(1, 7)]))
+    assert all(isinstance(result, ArchiveError) for result in results), results
+    assert source.stats.decompressions == 1
+
+
+@each_kept_method
+def test_damage_in_transit_leaves_nothing_and_the_next_try_is_kept(
+    tmp_path: Path, method: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte flipped on its way fails the CRC: nothing kept; tried again, the member is."""
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    real_get = archived.source.get_range
+    flips = [True]
+
+    def flipping_once(archive_ref, start: int, end: int) -> bytes:
+        data = bytearray(real_get(archive_ref, start, end))
+        at = ref.header_offset + 200_000
+        if flips and start <= at < end:
+            flips.clear()
+            data[at - start] ^= 0x55
+        return bytes(data)
+
+    monkeypatch.setattr(archived.source, "get_range", flipping_once)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    with pytest.raises(ArchiveError):
+        source.get_range(ref, MIB, MIB + BLOCK)
+    assert kept_files(tmp_path, ref) == []
+    monkeypatch.setattr(members_module, "_RETRY_BAD", 0.0)
+    for start, end in random_ranges(ref.size, seed=4, count=10):
+        assert source.get_range(ref, start, end) == expected[start:end]
+    assert kept_files(tmp_path, ref) != []
+
+
+@each_kept_method
+def test_evicted_blocks_are_decompressed_again(tmp_path: Path, method: int) -> None:
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    disk = cache(tmp_path)
+    source = MemberSource(archived.source, disk=disk)
+    assert source.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
+    # One region file of the copy goes (eviction, another mount's scan): reads in it decompress
+    # again, right; reads elsewhere were and stay disk reads.
+    attempt = source._kept._attempts[ref]
+    copy = object_digest(UnzippedRef.of(ref, attempt))
+    (region,) = [p for p in tmp_path.rglob(f"{copy}.r2")]
+    region.unlink()
+    start = 2 * MIB + 5
+    assert source.get_range(ref, start, start + 5000) == expected[start: start + 5000]
+    assert source.stats.decompressions == 2
+    for start, end in random_ranges(ref.size, seed=5):
+        assert source.get_range(ref, start, end) == expected[start:end]
+    assert source.stats.decompressions == 2
+    # The marker goes: the same.
+    for marker in kept_files(tmp_path, ref):
+        marker.unlink()
+    remounted = MemberSource(archived.source, disk=cache(tmp_path))
+    assert remounted.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
+    assert remounted.stats.decompressions == 1
+
+
+@each_kept_method
+def test_a_small_cache_evicts_and_reads_stay_right(tmp_path: Path, method: int) -> None:
+    """The real eviction: a bound that holds the copy and little more, then other data."""
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    disk = cache(tmp_path, capacity=16 * MIB)
+    source = MemberSource(archived.source, disk=disk)
+    assert source.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
+    other = archived.source.put("bkt", "other.bin", sample_bytes(1, 16 * MIB))
+    disk.write(other, object_digest(other), 0,
+               [bytes(BLOCK)] * (16 * MIB // BLOCK))  # pushes out everything older
+    for start, end in random_ranges(ref.size, seed=6, count=10):
+        assert source.get_range(ref, start, end) == expected[start:end]
+    assert source.stats.decompressions == 2
+
+
+def test_a_member_over_a_quarter_of_the_bound_is_not_kept(tmp_path: Path) -> None:
+    expected = content()
+    archived = zipped(zipfile.ZIP_BZIP2)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path, capacity=ref.size * 4 - 1))
+    for start, end in random_ranges(ref.size, seed=7, count=5):
+        assert source.get_range(ref, start, end) == expected[start:end]
+    assert kept_files(tmp_path, ref) == []
+
+
+@pytest.mark.parametrize("with_disk", [False, True], ids=["no-disk-cache", "deflate"])
+def test_without_a_disk_cache_or_with_deflate_reads_go_as_before(
+    tmp_path: Path, with_disk: bool
+) -> None:
+    expected = content()
+    archived = zipped(zipfile.ZIP_DEFLATED if with_disk else zipfile.ZIP_BZIP2)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path) if with_disk else None)
+    for start, end in random_ranges(ref.size, seed=8, count=10):
+        assert source.get_range(ref, start, end) == expected[start:end]
+    assert kept_files(tmp_path, ref) == []
+
+
+@each_kept_method
+def test_a_disk_that_refuses_the_writes_serves_the_bytes_the_old_way(
+    tmp_path: Path, method: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    disk = cache(tmp_path)
+    source = MemberSource(archived.source, disk=disk)
+    real_write = disk.write
+    writes = []
+
+    def refusing(written_ref, *args, **kwargs) -> None:
+        if isinstance(written_ref, UnzippedRef):
+            writes.append(written_ref)
+            if len(writes) == 2:
+                raise OSError(28, "No space left on device")
+        real_write(written_ref, *args, **kwargs)
+
+    monkeypatch.setattr(disk, "write", refusing)
+    for start, end in random_ranges(ref.size, seed=9, count=6):
+        assert source.get_range(ref, start, end) == expected[start:end]
+    assert len(writes) == 2  # then the member is read the old way, not tried on every read
+    assert [p for p in tmp_path.rglob("*.r*")
+            if not p.name.startswith(object_digest(archived.ref))] == []
+    assert source.stats.cache_write_errors == 1
+
+
+def test_a_member_is_written_a_region_at_a_time_never_held_whole(tmp_path: Path) -> None:
+    """24 MiB of text (1.5 MiB compressed) decompressed whole for one read: the memory the read
+    takes at its peak is a few regions (1 MiB here), never the member."""
+    lines = (b"record %d: label %d, weight %d\n" % (i, i % 7, i * 31 % 1000) for i in range(10**6))
+    expected = b"".join(lines)[: 24 * MIB]
+    archived = archive(make_zip({"huge.bin": expected}, methods=(zipfile.ZIP_BZIP2,)))
+    ref = archived.members["huge.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    tracemalloc.start()
+    try:
+        assert source.get_range(ref, 20 * MIB, 20 * MIB + BLOCK) == \
+            expected[20 * MIB: 20 * MIB + BLOCK]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert kept_files(tmp_path, ref) != []
+    assert peak < 8 * MIB, peak  # measured: ~6.5 MiB, the compressed archive included
+
+
+def test_cache_stats_and_clear_count_the_copy_with_its_archive(tmp_path: Path) -> None:
+    archived = zipped(zipfile.ZIP_LZMA)
+    ref = archived.members["big.bin"]
+    disk = cache(tmp_path)
+    source = MemberSource(archived.source, disk=disk)
+    source.get_range(ref, MIB, MIB + BLOCK)
+    source.close()
+    usage = disk_module.usage(tmp_path)
+    assert set(usage.by_dataset) == {"s3://bkt/d.zip"}
+    assert usage.bytes >= ref.size  # the copy (and the archive's blocks)
+    assert disk_module.clear(tmp_path, parse_s3_uri("s3://bkt/other.zip")) == 0
+    assert disk_module.clear(tmp_path, parse_s3_uri("s3://bkt/d.zip")) >= 2
+    assert list(tmp_path.rglob("*.r*")) == []
+
+
+def test_marker_of_another_kind_is_not_taken_for_one(tmp_path: Path) -> None:
+    """A marker block must start with the magic: anything else is a miss, never an attempt."""
+    expected = content()
+    archived = zipped(zipfile.ZIP_BZIP2)
+    ref = archived.members["big.bin"]
+    disk = cache(tmp_path)
+    marker = UnzippedRef.of(ref)
+    disk.write(marker, object_digest(marker), 0, [b"X" * decompressed_module.MARKER_SIZE])
+    source = MemberSource(archived.source, disk=disk)
+    assert source.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
+    assert source.stats.decompressions == 1
