@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import random
 import warnings
 import zipfile
 from pathlib import Path
@@ -98,6 +99,45 @@ def test_remount_reads_no_index_and_no_data(cli: Cli, s3, s3server, make_bucket)
     stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
     assert (stats["s3_requests"], stats["s3_bytes"]) == (0, 0)
     assert stats["disk_bytes"] >= len(s3.get_object(Bucket=bucket, Key="d.zip")["Body"].read()) // 2
+
+
+def test_random_reads_in_large_bzip2_and_lzma_members_decompress_each_once(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    """Their decompressors cannot be copied: each member is decompressed once, into the disk
+    cache, and every later read, after a remount too, is a disk read (no GET, no decompression).
+    ``cache stats`` counts the copies with the archive's dataset; ``cache clear`` deletes them."""
+    bucket = make_bucket()
+    members = {"big-bzip2.bin": sample_bytes(51, 6 * MiB + 123),
+               "big-lzma.bin": sample_bytes(52, 5 * MiB + 456)}
+    put(s3, bucket, "d.zip", make_zip(members, methods=(zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)))
+    rng = random.Random(5)
+    # Past the first block: a read of the member's start would be a sequential reader's first.
+    reads = [(name, rng.randrange(64 * 1024, len(data))) for name, data in members.items()
+             for _ in range(25)]
+    rng.shuffle(reads)
+
+    def read_at_random(mountpoint: Path) -> dict[str, int]:
+        for name, offset in reads:
+            with open(mountpoint / name, "rb", buffering=0) as member:
+                got = os.pread(member.fileno(), 64 * 1024, offset)
+            assert got == members[name][offset: offset + 64 * 1024], (name, offset)
+        return json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    assert read_at_random(mountpoint)["decompressions"] == 2
+    assert cli.unmount(mountpoint).returncode == 0
+    s3server.reset_stats()
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    stats = read_at_random(mountpoint)
+    assert (stats["decompressions"], stats["s3_requests"]) == (0, 0)
+    assert "GetObject" not in s3server.ops()
+    assert cli.unmount(mountpoint).returncode == 0
+    usage = json.loads(cli.run("cache", "stats", "--json").stdout)
+    assert list(usage["by_dataset"]) == [f"s3://{bucket}/d.zip"]
+    assert usage["bytes"] >= sum(map(len, members.values()))
+    cli.run("cache", "clear", f"s3://{bucket}/d.zip")
+    assert json.loads(cli.run("cache", "stats", "--json").stdout)["bytes"] == 0
 
 
 def test_archive_file_keeps_the_object(cli: Cli, s3, make_bucket) -> None:
