@@ -163,14 +163,17 @@ class _ZipLzma:
         return self._inner.decompress(data, max_length)
 
 
+# The methods read, each with its decompressor's maker (called late: tests may replace them).
+_DECOMPRESSORS: dict[int, Callable[[], _Decompressor]] = {
+    zipformat.DEFLATED: lambda: _Inflate(),
+    zipformat.BZIP2: lambda: bz2.BZ2Decompressor(),
+    zipformat.LZMA: lambda: _ZipLzma(),
+}
+
+
 def _decompressor(method: int) -> _Decompressor | None:
-    if method == zipformat.DEFLATED:
-        return _Inflate()
-    if method == zipformat.BZIP2:
-        return bz2.BZ2Decompressor()
-    if method == zipformat.LZMA:
-        return _ZipLzma()
-    return None
+    make = _DECOMPRESSORS.get(method)
+    return None if make is None else make()
 
 
 @dataclass
@@ -579,7 +582,8 @@ def _check_readable(ref: MemberRef) -> None:
     if ref.method == zipformat.STORED and ref.size != ref.compressed_size:
         raise ArchiveError(f"{_what(ref)} is stored, yet its sizes disagree ({ref.size} and "
                            f"{ref.compressed_size} bytes): a corrupt archive; not served")
-    if ref.method != zipformat.STORED and _decompressor(ref.method) is None:
+    # Checked on every read: by the table, not by making a decompressor (bzip2 allocates one).
+    if ref.method != zipformat.STORED and ref.method not in _DECOMPRESSORS:
         name = zipformat.METHOD_NAMES.get(ref.method, f"method {ref.method}")
         raise ArchiveError(f"{_what(ref)} is compressed with {name}, which s3datafs does not "
                            "support (stored, deflate, bzip2 and lzma are)")
