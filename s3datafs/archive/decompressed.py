@@ -8,17 +8,25 @@ nothing of the decompressed bytes outlived the memory cache or the mount.
 
 ``KeptMembers`` is asked by ``MemberSource`` for such members (``keeps``): a read first looks
 here (``read``: disk only); a read the live decompressor cannot serve (it would start over)
-decompresses the member once, whole, here (``fill``), writing its bytes as blocks of the disk
-cache as decompression produces them. Every later read of the member, by any mount of the same
-pinned archive, after remounts too, is a disk read: no decompression, no S3 byte.
+has the member decompressed once, whole, here (``fill``), in a thread of its own that writes
+its bytes as blocks of the disk cache as decompression produces them. Every later read of the
+member, by any mount of the same pinned archive, after remounts too, is a disk read: no
+decompression, no S3 byte.
+
+Readers do not wait for the whole member: one whose range the output has not passed yet is
+given it from the output as it passes (memory only; the first reader always is), so it waits
+no longer than a decompression from the start would have made it (a 1 GiB member takes
+minutes to decompress, past ``--read-timeout``); one behind the output waits for the end and
+reads the disk. Such bytes are served before the CRC is known, as the live position serves a
+large member's pieces; a range that reaches the member's end is served only once checked.
 
 Names (``model.UnzippedRef``): the archive's pin (its cache identity) plus the member's header
 offset, sizes, CRC-32 and method, so the blocks name bytes that never change. Their bookkeeping
 identity is the archive's, so ``cache stats`` counts them with the archive's dataset and
 ``cache clear`` of the archive (or a prefix above it) deletes them.
 
-The CRC is known only at the end, and bytes of a member whose CRC fails must never be served.
-So each decompression is an *attempt* with a random name, and its blocks go under that name
+The CRC is known only at the end, and the disk copy of a member whose CRC fails must never be
+served. So each decompression is an *attempt* with a random name, and its blocks go under that name
 (a region, 8 MiB of output, at a time). Nothing reads an attempt's blocks until the member's
 *marker* - one small block under the member's own name, holding the attempt's name - is
 written, and it is written only after the CRC and the declared size were checked (the pieces
@@ -29,22 +37,27 @@ Two processes decompressing one member at once write two attempts; the last mark
 other attempt ages out.
 
 Invariants:
-- Bytes are served only through a marker; every block is also checked against its table entry
-  by ``DiskCache`` (a damaged block is a miss).
+- Bytes are served from the disk only through a marker; every block is also checked against
+  its table entry by ``DiskCache`` (a damaged block is a miss).
 - Single flight: one decompression per member per process; other readers of the member wait for
-  it and then read the disk (a failure is theirs too: the same error, nothing served).
-- Memory: a region of output and the range the first reader asked for, never the member.
+  it (served from its output, or from the disk after it; a failure is theirs too: the same
+  error). A member found bad is reported (``found_bad``) even if no reader waits any more.
+- Its thread is a daemon thread: ``close`` (unmount) makes it stop at its next piece and keep
+  nothing; nothing waits for it (a GET stalled on S3 would hold up the unmount).
+- Memory: a region of output and the ranges readers wait for, never the member.
 - Bound: only members of at most ``1/_KEEP_SHARE`` of the cache's bound are kept (a larger one
   would evict its own first regions before its end, and most of everything else). Eviction of
   any block or of the marker is a miss: the next read decompresses again, a new attempt.
 - A disk that refuses the writes: decompression goes on (the CRC is checked), the reader gets
   its bytes, the attempt is deleted, and the member is read the old way (``keeps`` says no) for
   ``_REFUSED_SECONDS``; its waiters find nothing on disk and go the old way at once.
-- Threads: called from worker threads; one lock guards the tables, never held during I/O.
+- Threads: called from worker threads; one lock guards the tables, never held during I/O;
+  each flight's condition guards its output position and the ranges waiting on it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import secrets
 import threading
@@ -57,6 +70,7 @@ from ..cache.blockfile import object_digest
 from ..cache.disk import DiskCache, TroubleLog
 from ..errors import ArchiveError
 from ..model import MemberRef, UnzippedRef
+from ..quietthread import start_quiet_thread
 from ..units import human_size
 
 log = logging.getLogger(__name__)
@@ -69,20 +83,80 @@ _REFUSED_SECONDS = 60.0  # after a refused write, the member is read the old way
 _REMEMBERED = 4096  # verified attempts known without reading their marker
 
 
-class _Flight:
-    """One member's decompression in progress; ``error`` is set if it found the member bad."""
+class _Want:
+    """A reader's range, filled from the decompression's output as it passes (memory only)."""
 
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.error: str | None = None
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.parts: list[bytes] = []
+        self.filled = False
+
+
+class _Flight:
+    """One member's decompression, in a thread of its own; readers wait on ``changed``.
+
+    A range that reaches the member's end is filled only once the decompression has ended
+    well: its last bytes come before the checks (CRC, nothing more to inflate), and a member
+    read to its end is always checked first, as the live position does.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.changed = threading.Condition()  # guards everything below
+        self.produced = 0  # output bytes so far
+        self.wants: list[_Want] = []  # ranges not passed yet
+        self.done = False
+        self.error: BaseException | None = None  # what ended it, if not its end
+
+    def want(self, start: int, end: int) -> _Want | None:
+        """Register ``[start, end)`` to be filled as output passes it; None if passed already."""
+        with self.changed:
+            if self.done or start < self.produced:
+                return None
+            want = _Want(start, end)
+            self.wants.append(want)
+            return want
+
+    def passed(self, at: int, piece: bytes) -> None:
+        """``piece`` is the output from ``at``: fill the wants it covers."""
+        end = at + len(piece)
+        with self.changed:
+            for want in self.wants:
+                low, high = max(want.start, at), min(want.end, end)
+                if low < high:
+                    want.parts.append(piece[low - at: high - at])
+                want.filled = want.end <= end < self.size
+            if any(want.filled for want in self.wants):
+                self.wants = [want for want in self.wants if not want.filled]
+                self.changed.notify_all()
+            self.produced = end
+
+    def wait(self, want: _Want | None) -> bool:
+        """Until ``want`` is filled (True) or the decompression ended (False)."""
+        with self.changed:
+            while not (want is not None and want.filled) and not self.done:
+                self.changed.wait()
+            return want is not None and want.filled
+
+    def end(self, error: BaseException | None) -> None:
+        with self.changed:
+            for want in self.wants if error is None else ():
+                want.filled = want.end <= self.produced
+            self.error, self.done = error, True
+            self.changed.notify_all()
 
 
 class KeptMembers:
     """Decompressed members in the disk cache (see the module docstring)."""
 
-    def __init__(self, disk: DiskCache, count: Callable[..., None]) -> None:
+    def __init__(
+        self, disk: DiskCache, count: Callable[..., None],
+        found_bad: Callable[[MemberRef, ArchiveError], None],
+    ) -> None:
         self._disk = disk
         self._count = count  # ReadStats increments (``ArchiveBlocks.count``: one lock for all)
+        self._found_bad = found_bad  # ``MemberSource``: fail its reads a while, drop its bytes
+        self._closed = False
         self._trouble = TroubleLog()
         self._lock = threading.Lock()  # guards the tables below, never held during I/O
         self._flights: dict[MemberRef, _Flight] = {}
@@ -124,33 +198,49 @@ class KeptMembers:
     def fill(
         self, ref: MemberRef, start: int, end: int, decompress: Callable[[], Iterable[bytes]]
     ) -> bytes | None:
-        """``[start, end)`` of ``ref``, decompressing it whole into the disk cache first unless
-        another thread is at it (then waiting for that) or it is there already.
+        """``[start, end)`` of ``ref``; the member is decompressed whole into the disk cache,
+        once (a thread of its own), unless that is under way already (then it is waited for).
 
-        ``decompress`` yields the member's bytes from its start, checked at its end (CRC,
-        declared size) by raising ``ArchiveError``. None: the disk did not keep it (refused),
-        so the caller reads the old way.
+        A reader whose range the output has not passed yet gets it from the output, as the
+        live position would (the CRC is not known yet: a large member's pieces are served
+        before it is, as ever; the disk copy waits for it); the others read the copy once it
+        is verified. ``decompress`` yields the member's bytes from its start, checked at its
+        end (CRC, declared size) by raising ``ArchiveError``. None: the disk did not keep it
+        (refused, evicted at once), so the caller reads the old way.
         """
         with self._lock:
             flight = self._flights.get(ref)
             mine = flight is None
             if flight is None:
-                flight = self._flights[ref] = _Flight()
-        if not mine:
-            flight.done.wait()
-            if flight.error is not None:  # a new error: a shared one's traceback would grow
-                raise ArchiveError(flight.error)
-            return self.read(ref, start, end)
-        try:
-            data = self.read(ref, start, end)  # kept meanwhile (a flight that just ended)
-            return data if data is not None else self._decompress(ref, start, end, decompress)
-        except ArchiveError as exc:
-            flight.error = str(exc)
-            raise
-        finally:
+                flight = self._flights[ref] = _Flight(ref.size)
+        want = flight.want(start, end)  # before its thread starts: the first reader's is met
+        if mine:
+            self._start(ref, flight, decompress)
+        if flight.wait(want):
+            return b"".join(want.parts) if want is not None else b""
+        if flight.error is not None:
+            raise _again(flight.error)
+        return self.read(ref, start, end)
+
+    def close(self) -> None:
+        """Decompressions under way stop at their next piece, keeping nothing (unmount)."""
+        self._closed = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no decompression is under way (at most ``timeout`` s); whether none is."""
+        deadline = time.monotonic() + timeout
+        while True:
             with self._lock:
-                del self._flights[ref]
-            flight.done.set()
+                flights = list(self._flights.values())
+            if not flights:
+                return True
+            for flight in flights:
+                with flight.changed:
+                    while not flight.done:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return False
+                        flight.changed.wait(left)
 
     def forget(self, ref: MemberRef) -> None:
         """``ref`` was found bad: no copy of it is served from here any more."""
@@ -183,24 +273,51 @@ class KeptMembers:
             self._attempts[ref] = attempt
         return attempt
 
+    def _start(
+        self, ref: MemberRef, flight: _Flight, decompress: Callable[[], Iterable[bytes]]
+    ) -> None:
+        try:
+            start_quiet_thread(self._fly, args=(ref, flight, decompress), name="s3datafs-unzip")
+        except RuntimeError as exc:  # no thread could be started (a pids limit): fail the read
+            self._landed(ref, flight, exc)
+
+    def _fly(
+        self, ref: MemberRef, flight: _Flight, decompress: Callable[[], Iterable[bytes]]
+    ) -> None:
+        """The decompression's thread: ``_decompress``, then its readers told how it ended."""
+        error: BaseException | None = None
+        try:
+            self._decompress(ref, flight, decompress)
+        except ArchiveError as exc:
+            error = exc
+            self._found_bad(ref, exc)  # readers served before the end are told no more
+        except Exception as exc:  # S3 trouble (stale, timeout): the waiting readers' error
+            error = exc
+        self._landed(ref, flight, error)
+
+    def _landed(self, ref: MemberRef, flight: _Flight, error: BaseException | None) -> None:
+        with self._lock:
+            del self._flights[ref]
+        flight.end(error)
+
     def _decompress(
-        self, ref: MemberRef, start: int, end: int, decompress: Callable[[], Iterable[bytes]]
-    ) -> bytes | None:
-        """Decompress ``ref`` whole into a new attempt; mark it once verified; ``[start, end)``."""
+        self, ref: MemberRef, flight: _Flight, decompress: Callable[[], Iterable[bytes]]
+    ) -> None:
+        """Decompress ``ref`` whole into a new attempt, a region at a time, feeding ``flight``'s
+        readers on the way; mark the attempt once verified."""
         began = time.monotonic()
         attempt = secrets.token_hex(_ATTEMPT_CHARS // 2)
         target = UnzippedRef.of(ref, attempt)
         digest = object_digest(target)
         region = self._disk.layout.blocks * self._disk.block_size  # one write per region file
-        wanted: list[bytes] = []
         pending = bytearray()
         at = written = 0  # output bytes seen, and written to disk
         writing = True
         try:
             for piece in decompress():
-                low, high = max(start, at), min(end, at + len(piece))
-                if low < high:
-                    wanted.append(piece[low - at: high - at])
+                if self._closed:
+                    raise _Closed(f"{ref.uri}: the mount is ending")
+                flight.passed(at, piece)
                 at += len(piece)
                 if not writing:
                     continue
@@ -213,9 +330,9 @@ class KeptMembers:
             if writing and pending:
                 writing = self._write(target, digest, written, bytes(pending))
             if writing:
-                marker = _MAGIC + attempt.encode("ascii")
-                writing = self._write(UnzippedRef.of(ref), object_digest(UnzippedRef.of(ref)), 0,
-                                      marker)
+                marker = UnzippedRef.of(ref)
+                writing = self._write(marker, object_digest(marker), 0,
+                                      _MAGIC + attempt.encode("ascii"))
         except BaseException:
             self._drop(digest, ref.size)
             raise
@@ -223,12 +340,11 @@ class KeptMembers:
             self._drop(digest, ref.size)
             with self._lock:
                 self._refused[ref] = True
-            return b"".join(wanted)
+            return
         with self._lock:
             self._attempts[ref] = attempt
         log.info("member %r of %s: kept decompressed in the block cache (%s in %.1fs)",
                  ref.path, ref.archive.uri, human_size(ref.size), time.monotonic() - began)
-        return b"".join(wanted)
 
     def _write(self, ref: UnzippedRef, digest: str, offset: int, data: bytes) -> bool:
         """``data`` (output from ``offset``, block aligned) as blocks; False if the disk refused."""
@@ -248,3 +364,15 @@ class KeptMembers:
             self._disk.drop(digest, size)
         except OSError as exc:
             self._trouble.write_failed(exc)
+
+
+class _Closed(Exception):
+    """The mount ends: a decompression under way stops, keeping nothing."""
+
+
+def _again(error: BaseException) -> BaseException:
+    """``error`` for one more reader: a copy, as one exception raised in many threads would
+    grow one traceback. An ``ArchiveError`` is made anew (its message is all it carries)."""
+    if isinstance(error, ArchiveError):
+        return ArchiveError(str(error))
+    return copy.copy(error)

@@ -225,10 +225,14 @@ class MemberSource:
         self.stats = ReadStats()
         self._blocks = ArchiveBlocks(inner, disk, self.stats)
         self._spans = Spans(self._blocks, max_bytes=span_memory)
-        self._kept = KeptMembers(disk, self._blocks.count) if disk is not None else None
+        self._kept = None if disk is None else KeptMembers(
+            disk, self._blocks.count, self._found_bad)
 
     def close(self) -> None:
-        """Stop reading ahead; finish the disk cache writes still pending."""
+        """Stop reading ahead and decompressing into the disk cache; finish the disk cache
+        writes still pending."""
+        if self._kept is not None:
+            self._kept.close()
         self._spans.close()
         self._blocks.close()
 
@@ -293,15 +297,19 @@ class MemberSource:
         try:
             yield
         except ArchiveError as exc:
-            with self._lock:
-                self._failed[ref] = (str(exc), time.monotonic())
-                self._whole.pop(ref, None)
-                self._states.pop(ref, None)
-                self._coverage.pop(ref, None)
-            self._spans.forget(ref.archive, ref.header_offset, ref.data_limit)
-            if self._kept is not None:
-                self._kept.forget(ref)
+            self._found_bad(ref, exc)
             raise
+
+    def _found_bad(self, ref: MemberRef, exc: ArchiveError) -> None:
+        """``ref`` failed a check: its reads fail a while, its bytes leave every cache."""
+        with self._lock:
+            self._failed[ref] = (str(exc), time.monotonic())
+            self._whole.pop(ref, None)
+            self._states.pop(ref, None)
+            self._coverage.pop(ref, None)
+        self._spans.forget(ref.archive, ref.header_offset, ref.data_limit)
+        if self._kept is not None:
+            self._kept.forget(ref)
 
     def bucket_versioning(self, bucket: str) -> bool | None:
         return self._inner.bucket_versioning(bucket)
