@@ -132,7 +132,8 @@ class _Flight:
             self.produced = end
 
     def wait(self, want: _Want | None) -> bool:
-        """Until ``want`` is filled (True) or the decompression ended (False)."""
+        """Until ``want`` is filled (True) or the decompression ended (False; always, for no
+        ``want``)."""
         with self.changed:
             while not (want is not None and want.filled) and not self.done:
                 self.changed.wait()
@@ -216,8 +217,8 @@ class KeptMembers:
         want = flight.want(start, end)  # before its thread starts: the first reader's is met
         if mine:
             self._start(ref, flight, decompress)
-        if flight.wait(want):
-            return b"".join(want.parts) if want is not None else b""
+        if flight.wait(want):  # filled from the output (``want`` is not None)
+            return b"".join(want.parts)
         if flight.error is not None:
             raise _again(flight.error)
         return self.read(ref, start, end)

@@ -437,27 +437,32 @@ class MemberSource:
             if state is None:
                 state = _MemberState()
                 self._states[ref] = state
-        if kept is not None:
-            with state.lock:
-                live = state.live
-                restarts = not (live is not None and live.out_pos <= start) and (
-                    start > 0 or state.begun)
-            # A read the live position cannot serve: decompress the member once, into the disk
-            # cache, rather than from its start for this read and again for the next ones.
-            if restarts and (data := kept.fill(
-                    ref, start, end, functools.partial(self._whole_pieces, ref))) is not None:
-                return data
+        # Decided under the member's lock with the read that follows: another reader may move
+        # the live position past ``start`` meanwhile (concurrent readahead), and this read
+        # would then start over after all.
         with state.lock:
-            state.begun = True
-            position = self._resume(ref, state, start)
-            pieces = list(self._run(ref, position, start, end, None, state))
-            state.live = position if position.out_pos < ref.size else None
-            with self._lock:
-                try:
-                    self._states[ref] = state  # re-sized: the bound counts positions
-                except ValueError:  # more positions than the whole bound: keep the live one
-                    state.saved.clear()
-                    self._states[ref] = state
+            if kept is None or not _restarts(state, start):
+                return self._continue(ref, state, start, end)
+        # A read the live position cannot serve: decompress the member once, into the disk
+        # cache, rather than from its start for this read and again for the next ones.
+        data = kept.fill(ref, start, end, functools.partial(self._whole_pieces, ref))
+        if data is not None:
+            return data
+        with state.lock:  # the disk did not keep it: the old way
+            return self._continue(ref, state, start, end)
+
+    def _continue(self, ref: MemberRef, state: _MemberState, start: int, end: int) -> bytes:
+        """``[start, end)`` from the best position (``_resume``); ``state.lock`` is held."""
+        state.begun = True
+        position = self._resume(ref, state, start)
+        pieces = list(self._run(ref, position, start, end, None, state))
+        state.live = position if position.out_pos < ref.size else None
+        with self._lock:
+            try:
+                self._states[ref] = state  # re-sized: the bound counts positions
+            except ValueError:  # more positions than the whole bound: keep the live one
+                state.saved.clear()
+                self._states[ref] = state
         return b"".join(pieces)
 
     def _resume(self, ref: MemberRef, state: _MemberState, start: int) -> _Position:
@@ -571,6 +576,14 @@ def _first_end(ref: MemberRef, start: int, end: int) -> int:
     """
     return min(ref.header_offset + _HEADER_GUESS + (end if start <= _JOINED_MAX else 0),
                ref.data_limit)
+
+
+def _restarts(state: _MemberState, start: int) -> bool:
+    """Whether a read from ``start`` would decompress the member from its start again: the
+    live position is past it or gone, and it is not a first read at the start (a sequential
+    reader's, which the live position then serves on)."""
+    live = state.live
+    return not (live is not None and live.out_pos <= start) and (start > 0 or state.begun)
 
 
 def _copyable(decompressor: _Decompressor) -> bool:
