@@ -13,6 +13,7 @@ import os
 import random
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -104,9 +105,10 @@ def test_remount_reads_no_index_and_no_data(cli: Cli, s3, s3server, make_bucket)
 def test_random_reads_in_large_bzip2_and_lzma_members_decompress_each_once(
     cli: Cli, s3, s3server, make_bucket
 ) -> None:
-    """Their decompressors cannot be copied: each member is decompressed once, into the disk
-    cache, and every later read, after a remount too, is a disk read (no GET, no decompression).
-    ``cache stats`` counts the copies with the archive's dataset; ``cache clear`` deletes them."""
+    """Their decompressors cannot be copied: each member is decompressed once (4 readers at
+    once), into the disk cache, and every later read, after a remount too, is a disk read (no
+    GET, no decompression). ``cache stats`` counts the copies with the archive's dataset;
+    ``cache clear`` deletes them."""
     bucket = make_bucket()
     members = {"big-bzip2.bin": sample_bytes(51, 6 * MiB + 123),
                "big-lzma.bin": sample_bytes(52, 5 * MiB + 456)}
@@ -118,10 +120,14 @@ def test_random_reads_in_large_bzip2_and_lzma_members_decompress_each_once(
     rng.shuffle(reads)
 
     def read_at_random(mountpoint: Path) -> dict[str, int]:
-        for name, offset in reads:
+        def read(job: tuple[str, int]) -> None:
+            name, offset = job
             with open(mountpoint / name, "rb", buffering=0) as member:
                 got = os.pread(member.fileno(), 64 * 1024, offset)
             assert got == members[name][offset: offset + 64 * 1024], (name, offset)
+
+        with ThreadPoolExecutor(4) as readers:  # a shuffling loader's workers
+            list(readers.map(read, reads))
         return json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
 
     mountpoint = cli.mount(f"s3://{bucket}/d.zip")
