@@ -20,7 +20,7 @@ and the mount's S3 GETs and bytes
 
     python -m bench.zip_random [--size-mib 40] [--reads 200] [--methods bzip2,lzma]
                                [--baseline DIR] [--no-baseline-remount] [--sequential-repeats 3]
-                               [--work DIR] [--port 18610]
+                               [--phases random,remount,sequential] [--work DIR] [--port 18610]
 
 Every mount is unmounted in a ``finally`` (lazily if it must be).
 """
@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--methods", default="bzip2,lzma")
     parser.add_argument("--baseline", type=Path, help="another s3datafs tree to compare with")
     parser.add_argument("--sequential-repeats", type=int, default=3)
+    parser.add_argument("--phases", default="random,remount,sequential")
     parser.add_argument("--baseline-remount", action=argparse.BooleanOptionalAction,
                         default=True)
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/zip-random"))
@@ -199,6 +200,7 @@ def main() -> None:
                          for n in range(args.sequential_repeats)]
                 if name == "before" and not args.baseline_remount:
                     runs.pop(1)
+                runs = [run for run in runs if run[0] in args.phases.split(",")]
                 for what, cache, job in runs:
                     result = {"method": method, **mounts.run(key, cache, what, job)}
                     results.append(result)
