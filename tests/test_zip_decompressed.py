@@ -137,6 +137,30 @@ def test_a_sequential_reader_keeps_the_live_position(tmp_path: Path, method: int
 
 
 @each_kept_method
+def test_readahead_runs_arriving_out_of_order_are_served_from_the_trail(
+    tmp_path: Path, method: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sequential reader's readahead runs reach the member out of order (worker threads): a
+    run behind the live position, by no more than the trail, is served from its latest
+    output, neither by starting over nor by decompressing the member into the cache."""
+    monkeypatch.setattr(members_module, "_TRAIL", 512 * KIB)
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    for start, end in [(0, 256 * KIB), (768 * KIB, MIB), (256 * KIB, 768 * KIB),
+                       (MIB, 1536 * KIB), (2 * MIB, 3 * MIB), (1536 * KIB, 2 * MIB)]:
+        assert source.get_range(ref, start, end) == expected[start:end], (start, end)
+    assert source.stats.decompressions == 1
+    assert kept_files(tmp_path, ref) == []
+    # Further behind than the trail: the member goes to the cache, once.
+    assert source.get_range(ref, 0, BLOCK) == expected[:BLOCK]
+    settled(source)
+    assert source.stats.decompressions == 2
+    assert kept_files(tmp_path, ref) != []
+
+
+@each_kept_method
 def test_concurrent_random_readers_decompress_once(tmp_path: Path, method: int) -> None:
     expected = content()
     archived = zipped(method)

@@ -30,6 +30,9 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   ``_checkpoint_interval`` output bytes, so a random read decompresses from the nearest saved
   position at or before it instead of from the start. Positions are bounded in total
   (``max_positions``, LRU over members); one lock per member serialises its decompression.
+  The live position's latest output (up to ``_TRAIL`` before the read, ``_TRAILS_KEPT`` for
+  all members) serves reads just behind it: a sequential reader's readahead runs arrive out
+  of order, and one that came after the run beyond it started over from the member's start.
 - Kept decompressed: bzip2 and LZMA decompressors cannot be copied, so a random read before the
   live position would start over from the member's start. With a disk cache, such a large
   member is instead decompressed once, whole, into the disk cache (``decompressed.KeptMembers``:
@@ -88,6 +91,12 @@ _MAX_CHUNK = 8 * 1024 * 1024
 _MIN_INTERVAL = 4 * 1024 * 1024
 _SAVED_PER_MEMBER = 32  # so the interval grows with the member: size / 32
 _OUT_STEP = 1024 * 1024  # output bytes per decompressor call: a whole member is never one piece
+# The live position's latest output kept for reads just behind it: a sequential reader's
+# readahead runs (up to 8 MiB each) reach a member out of order, and one that came after the
+# run beyond it would start over from the member's start. All members' trails together are
+# bounded (LRU): a few members read in order at once.
+_TRAIL = _MAX_CHUNK
+_TRAILS_KEPT = 32 * 1024 * 1024
 
 
 class _Decompressor(Protocol):
@@ -217,6 +226,9 @@ class MemberSource:
             maxsize=max_positions, getsizeof=lambda state: max(1, state.positions))
         self._whole: cachetools.LRUCache[MemberRef, bytes] = cachetools.LRUCache(
             maxsize=_WHOLE_KEPT, getsizeof=len)
+        # (where it starts, bytes): the live positions' latest output (``_TRAIL``)
+        self._trails: cachetools.LRUCache[MemberRef, tuple[int, bytes]] = cachetools.LRUCache(
+            maxsize=_TRAILS_KEPT, getsizeof=lambda trail: max(1, len(trail[1])))
         # Members found bad: (why, when). Their bytes were dropped from the caches; after
         # ``_RETRY_BAD`` seconds the next read fetches them again (damage met in transit, over
         # plain HTTP, is not the archive's), until then every read fails at once.
@@ -307,6 +319,7 @@ class MemberSource:
             self._whole.pop(ref, None)
             self._states.pop(ref, None)
             self._coverage.pop(ref, None)
+            self._trails.pop(ref, None)
         self._spans.forget(ref.archive, ref.header_offset, ref.data_limit)
         if self._kept is not None:
             self._kept.forget(ref)
@@ -441,6 +454,8 @@ class MemberSource:
         # the live position past ``start`` meanwhile (concurrent readahead), and this read
         # would then start over after all.
         with state.lock:
+            if (behind := self._behind(ref, start, end)) is not None:
+                return behind
             if kept is None or not _restarts(state, start):
                 return self._continue(ref, state, start, end)
         # A read the live position cannot serve: decompress the member once, into the disk
@@ -451,19 +466,35 @@ class MemberSource:
         with state.lock:  # the disk did not keep it: the old way
             return self._continue(ref, state, start, end)
 
+    def _behind(self, ref: MemberRef, start: int, end: int) -> bytes | None:
+        """``[start, end)`` from the live position's trail, if it holds all of it."""
+        with self._lock:
+            trail = self._trails.get(ref)
+        if trail is None or not trail[0] <= start < end <= trail[0] + len(trail[1]):
+            return None
+        return trail[1][start - trail[0]: end - trail[0]]
+
     def _continue(self, ref: MemberRef, state: _MemberState, start: int, end: int) -> bytes:
-        """``[start, end)`` from the best position (``_resume``); ``state.lock`` is held."""
+        """``[start, end)`` from the best position (``_resume``); ``state.lock`` is held.
+
+        The output from up to ``_TRAIL`` before ``start`` to ``end`` is kept as the trail (not
+        a copy: the read's own bytes are the same object), so a read of a run it passed (a
+        readahead run that came late) is served from it.
+        """
         state.begun = True
         position = self._resume(ref, state, start)
-        pieces = list(self._run(ref, position, start, end, None, state))
+        low = max(position.out_pos, start - _TRAIL)
+        output = b"".join(self._run(ref, position, low, end, None, state))
         state.live = position if position.out_pos < ref.size else None
+        with self._lock, contextlib.suppress(ValueError):  # larger than all trails: not kept
+            self._trails[ref] = (low, output)
         with self._lock:
             try:
                 self._states[ref] = state  # re-sized: the bound counts positions
             except ValueError:  # more positions than the whole bound: keep the live one
                 state.saved.clear()
                 self._states[ref] = state
-        return b"".join(pieces)
+        return output[start - low:]
 
     def _resume(self, ref: MemberRef, state: _MemberState, start: int) -> _Position:
         """The best position to decompress ``start`` from: the live one, a saved copy, or 0."""
