@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import random
 import threading
+import time
 import tracemalloc
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -158,6 +159,42 @@ def test_readahead_runs_arriving_out_of_order_are_served_from_the_trail(
     settled(source)
     assert source.stats.decompressions == 2
     assert kept_files(tmp_path, ref) != []
+
+
+@each_kept_method
+def test_a_first_read_behind_the_first_readahead_run_joins_its_decompression(
+    tmp_path: Path, method: int
+) -> None:
+    """The first readahead run of a sequential reader can reach a member before its first read
+    (worker threads): the run starts the decompression into the cache, and the first read
+    joins it rather than decompressing the member a second time beside it."""
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    archived.source.gate = threading.Event()  # the decompression waits for its first GET
+    flights = source._kept._flights
+
+    def waiting(count: int) -> bool:
+        """Until ``count`` reads wait for the member's decompression (False after 5 s)."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if ref in flights and len(flights[ref].wants) >= count:
+                return True
+            time.sleep(0.01)
+        return False
+
+    with ThreadPoolExecutor(2) as pool:
+        run = pool.submit(source.get_range, ref, MIB, 2 * MIB)
+        assert waiting(1)
+        first = pool.submit(source.get_range, ref, 0, MIB)
+        joined = waiting(2)
+        archived.source.gate.set()
+        assert joined, "the first read did not join the decompression under way"
+        assert first.result() == expected[:MIB]
+        assert run.result() == expected[MIB: 2 * MIB]
+    settled(source)
+    assert source.stats.decompressions == 1
 
 
 @each_kept_method

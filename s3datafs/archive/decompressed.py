@@ -223,6 +223,12 @@ class KeptMembers:
             raise _again(flight.error)
         return self.read(ref, start, end)
 
+    def produced(self, ref: MemberRef) -> int | None:
+        """How far the decompression of ``ref`` under way has come; None if there is none."""
+        with self._lock:
+            flight = self._flights.get(ref)
+        return None if flight is None else flight.produced
+
     def close(self) -> None:
         """Decompressions under way stop at their next piece, keeping nothing (unmount)."""
         self._closed = True

@@ -456,7 +456,7 @@ class MemberSource:
         with state.lock:
             if (behind := self._behind(ref, start, end)) is not None:
                 return behind
-            if kept is None or not _restarts(state, start):
+            if kept is None or not _to_kept(kept, ref, state, start):
                 return self._continue(ref, state, start, end)
         # A read the live position cannot serve: decompress the member once, into the disk
         # cache, rather than from its start for this read and again for the next ones.
@@ -607,6 +607,18 @@ def _first_end(ref: MemberRef, start: int, end: int) -> int:
     """
     return min(ref.header_offset + _HEADER_GUESS + (end if start <= _JOINED_MAX else 0),
                ref.data_limit)
+
+
+def _to_kept(kept: KeptMembers, ref: MemberRef, state: _MemberState, start: int) -> bool:
+    """Whether a read from ``start`` goes to the kept members: it would start over (see
+    ``_restarts``), or their decompression under way reaches it sooner than the live position
+    (a sequential reader's first readahead run can reach a member before its first read:
+    that run started the decompression, and the first read must join it, not start another)."""
+    live, under_way = state.live, kept.produced(ref)
+    if under_way is not None and under_way <= start and (
+            live is None or not live.out_pos <= start or start - under_way < start - live.out_pos):
+        return True
+    return _restarts(state, start)
 
 
 def _restarts(state: _MemberState, start: int) -> bool:
