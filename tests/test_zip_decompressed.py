@@ -37,7 +37,10 @@ each_kept_method = pytest.mark.parametrize("method", KEPT.values(), ids=KEPT.key
 
 @pytest.fixture(autouse=True)
 def small_regions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Region files of 1 MiB, and a trail of 128 KiB (``members._TRAIL``, 8 MiB: a first read
+    within it goes the live way), so a member of 3 MiB is like one of many MiB."""
     monkeypatch.setattr(disk_module, "REGION_BYTES", MIB)
+    monkeypatch.setattr(members_module, "_TRAIL", 128 * KIB)
 
 
 @functools.cache
@@ -66,9 +69,10 @@ def settled(source: MemberSource) -> None:
 
 
 def random_ranges(size: int, seed: int, count: int = 30) -> list[tuple[int, int]]:
-    """Scattered ranges, none at the member's start (a first read there is a sequential one)."""
+    """Scattered ranges, none near the member's start (a first read there goes the live way,
+    as a sequential reader's would: see ``members._restarts``)."""
     rng = random.Random(seed)
-    starts = [rng.randrange(1, size) for _ in range(count)]
+    starts = [rng.randrange(256 * KIB, size) for _ in range(count)]
     return [(start, min(size, start + rng.choice([1, 4 * KIB, BLOCK, 300 * KIB])))
             for start in starts]
 
@@ -159,6 +163,23 @@ def test_readahead_runs_arriving_out_of_order_are_served_from_the_trail(
     settled(source)
     assert source.stats.decompressions == 2
     assert kept_files(tmp_path, ref) != []
+
+
+@each_kept_method
+def test_a_first_readahead_run_near_the_start_goes_the_live_way(
+    tmp_path: Path, method: int
+) -> None:
+    """Within the trail of the start, a first read is a sequential reader's (or its first
+    readahead run, ahead of its first read): the live position serves it, and the trail the
+    read before it; nothing goes to the cache, one decompression."""
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    for start, end in [(64 * KIB, 128 * KIB), (0, 64 * KIB), (128 * KIB, 256 * KIB)]:
+        assert source.get_range(ref, start, end) == expected[start:end], (start, end)
+    assert source.stats.decompressions == 1
+    assert kept_files(tmp_path, ref) == []
 
 
 @each_kept_method
