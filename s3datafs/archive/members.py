@@ -36,9 +36,11 @@ wrapped source, so each carries the archive's VersionId and If-Match.
 - Kept decompressed: bzip2 and LZMA decompressors cannot be copied, so a random read before the
   live position would start over from the member's start. With a disk cache, such a large
   member is instead decompressed once, whole, into the disk cache (``decompressed.KeptMembers``:
-  single-flight, served only once its CRC is verified), and every later read is a disk read,
-  across remounts too. Reads the live position serves (a sequential reader, from a first read
-  at the member's start) still go that way. Without a disk cache, as before.
+  single-flight, in a thread of its own whose output serves the reads ahead of it; the copy is
+  read only once its CRC is verified), and every later read is a disk read, across remounts
+  too. Reads the live position or its trail serve (a sequential reader, from a first read
+  within ``_TRAIL`` of the member's start) still go that way (``_to_kept``). Without a disk
+  cache, or for a member over a quarter of its bound, as before.
 - Verification: decompression never produces more than the declared size: a member that would
   inflate further (a zip bomb), ends early or fails to decompress is an ``ArchiveError`` (EIO),
   and so is a CRC-32 mismatch. A compressed member's CRC is checked whenever decompression
