@@ -451,7 +451,7 @@ def test_a_member_is_written_a_region_at_a_time_never_held_whole(tmp_path: Path)
     finally:
         tracemalloc.stop()
     assert kept_files(tmp_path, ref) != []
-    assert peak < 8 * MIB, peak  # measured: ~6.5 MiB, the compressed archive included
+    assert peak < 12 * MIB, peak  # measured ~7 MiB (the compressed archive included): not 24
 
 
 def test_cache_stats_and_clear_count_the_copy_with_its_archive(tmp_path: Path) -> None:
