@@ -21,8 +21,9 @@ Protocol:
   child stuck on its way to the mount (S3 not answering) gives up at once rather than after
   its retries: before the mount is ready the signal raises ``Abandoned`` wherever the child
   is. A mount that is to outlive its command (``s3datafs mount``) stops listening once
-  ready (``mount-all``'s are held first: below); one that is not (``run``, ``mount-all --foreground``: their datasets
-  are the command's, for as long as it lives) keeps the signal, and its serving loop unmounts
+  ready (``mount-all``'s are held first: below); one that is not (``run``, ``mount-all
+  --foreground``: their datasets are the command's, for as long as it lives) keeps the signal,
+  and its serving loop unmounts
   on it (see ``mount.serve``): a ``run`` killed with SIGKILL leaves no mount behind, nor
   the mount point directories it made (a daemon removes what was made for its mount when it
   ends, see ``commands.mount``). The
