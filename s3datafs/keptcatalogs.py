@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,7 @@ class KeptCatalogs:
                                    meta.skipped_count),
                     catalog.first_file(),
                 )
-        except CatalogError as exc:
+        except (CatalogError, sqlite3.Error) as exc:  # damage past the meta table: the query's
             log.info("the kept catalog %s is not usable (%s): building it again", kept, exc)
             for path in (catalog_path, kept):
                 with contextlib.suppress(OSError):

@@ -169,6 +169,24 @@ def test_a_damaged_kept_catalog_is_built_again(
     assert catalog_tree(kept) == expected
 
 
+def test_a_kept_catalog_damaged_past_its_meta_is_built_again(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Damage that ``Catalog.open`` does not read (it reads the meta table only) but the first
+    file's query does: the root page of the entries table (page 2, the first table made)."""
+    snapshot = world.snapshot(extra=300)
+    expected = catalog_tree(world.mount(snapshot))
+    (kept,) = world.kept()
+    with open(kept, "r+b") as file:
+        file.seek(4096)  # page 2: SQLite's default page size is 4 KiB
+        file.write(b"\xff" * 4096)
+    with caplog.at_level(logging.INFO, "s3datafs.keptcatalogs"):
+        again = world.mount(snapshot)
+    assert world.builds == 2
+    assert "is not usable" in caplog.text
+    assert catalog_tree(again) == expected
+
+
 def kept_as(world: World, snapshot: Path) -> Path:
     identity = keptcatalogs.snapshot_identity(snapshot)
     return keptcatalogs.directory(world.cache_dir) / f"{identity}.db"
