@@ -242,6 +242,46 @@ def test_concurrent_random_readers_decompress_once(tmp_path: Path, method: int) 
 
 
 @each_kept_method
+def test_a_read_that_found_no_copy_as_the_decompression_ended_reads_its_copy(
+    tmp_path: Path, method: int
+) -> None:
+    """A read looks at the disk first (no copy yet: the decompression is under way), and that
+    decompression ends before the read gets to join it: the read finds the copy it left, and
+    does not decompress the member a second time."""
+    expected = content()
+    archived = zipped(method)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    kept = source._kept
+    assert kept is not None
+    last_piece = threading.Event()  # the decompression waits before its last piece
+    pieces = source._whole_pieces
+
+    def held_pieces(member: members_module.MemberRef):
+        for piece in pieces(member):
+            if not last_piece.is_set() and kept.produced(member) + len(piece) >= member.size:
+                assert last_piece.wait(10)
+            yield piece
+
+    source._whole_pieces = held_pieces
+    looked = kept.read
+
+    def look_then_let_it_end(member, start, end):
+        found = looked(member, start, end)
+        if found is None and kept.produced(member) is not None:  # one under way: let it end
+            last_piece.set()
+            assert kept.wait_idle(30)
+        return found
+
+    assert source.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
+    kept.read = look_then_let_it_end
+    start = 2 * MIB
+    assert source.get_range(ref, start, start + BLOCK) == expected[start: start + BLOCK]
+    settled(source)
+    assert source.stats.decompressions == 1
+
+
+@each_kept_method
 def test_a_member_failing_its_crc_is_never_kept_nor_read_to_its_end(
     tmp_path: Path, method: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -211,6 +211,12 @@ class KeptMembers:
         """
         with self._lock:
             flight = self._flights.get(ref)
+        # None under way: one may have ended since the caller looked at the disk (its marker
+        # is written before it ends), and would be started again for nothing.
+        if flight is None and (data := self.read(ref, start, end)) is not None:
+            return data
+        with self._lock:
+            flight = self._flights.get(ref)
             mine = flight is None
             if flight is None:
                 flight = self._flights[ref] = _Flight(ref.size)
