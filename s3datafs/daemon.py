@@ -119,6 +119,7 @@ def spawn(
         verdict = None
     if not isinstance(verdict, dict) or "ok" not in verdict:
         os.waitpid(pid, 0)
+        let_go(pid)
         return {"ok": False, "exit": 1, "error": f"the mount daemon died during start: {log_hint}"}
     if not verdict["ok"]:
         os.waitpid(pid, 0)  # it exits right after reporting; reap it

@@ -30,7 +30,7 @@ from faultproxy import FaultProxy
 from zipcraft import make_zip
 
 from devtools.s3server import S3Server
-from s3datafs import runtime
+from s3datafs import daemon, runtime
 from s3datafs.cli import build_parser, main
 from s3datafs.commands import mount_all, unmount
 from s3datafs.datasets import DatasetSpec
@@ -237,6 +237,17 @@ def test_a_command_killed_outright_while_mounting_leaves_nothing_mounted(
         assert time.monotonic() < deadline, list(cli.data_root.iterdir())
         time.sleep(0.05)
     assert_nothing_left(cli)
+
+
+def test_a_held_daemon_that_dies_during_start_leaves_no_pipe_open() -> None:
+    """A held daemon's pipe is closed however its start ends: a failure it reports, or its
+    death before any report (the command would hold the pipe's end to the end otherwise, and
+    ``mount-all`` run in process - the tests - gathered one per such death)."""
+    before = dict(daemon._HELD)
+    verdict = daemon.spawn(lambda report: os._exit(0), log_hint="(test)", held=True)
+    assert not verdict["ok"]
+    assert "died during start" in verdict["error"]
+    assert before == daemon._HELD
 
 
 def test_snapshot_and_as_of_fields_reach_the_mount(cli: Cli, s3, make_bucket) -> None:
