@@ -281,6 +281,44 @@ def test_a_read_that_found_no_copy_as_the_decompression_ended_reads_its_copy(
     assert source.stats.decompressions == 1
 
 
+def test_decompressions_into_the_cache_under_way_at_once_are_bounded(tmp_path: Path) -> None:
+    """A random reader over many large members starts a decompression per member it reaches,
+    and each runs on, in a thread of its own holding a region of output and a chunk of input,
+    after its reader was served and moved on: their number is bounded, and a read beyond the
+    bound goes the old way (from the member's start, in the reader's thread)."""
+    count = decompressed_module._FLIGHTS + 3
+    files = {f"m{number}.bin": sample_bytes(50 + number, MIB + 300 * KIB)
+             for number in range(count)}
+    archived = archive(make_zip(files, methods=(zipfile.ZIP_BZIP2,)))
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    kept = source._kept
+    assert kept is not None
+    go_on = threading.Event()  # each decompression waits after its first piece (1 MiB)
+    pieces = source._whole_pieces
+
+    def held_pieces(member: members_module.MemberRef):
+        for number, piece in enumerate(pieces(member)):
+            if number == 1:
+                assert go_on.wait(30)
+            yield piece
+
+    source._whole_pieces = held_pieces
+    most = 0
+    try:
+        for name, data in files.items():
+            ref = archived.members[name]
+            start = 256 * KIB  # past the trail: a read the live position cannot serve
+            assert source.get_range(ref, start, start + BLOCK) == data[start: start + BLOCK]
+            most = max(most, len(kept._flights))
+    finally:
+        go_on.set()
+    settled(source)
+    assert most <= decompressed_module._FLIGHTS
+    for name, data in files.items():
+        ref = archived.members[name]
+        assert source.get_range(ref, 0, ref.size) == data
+
+
 @each_kept_method
 def test_a_member_failing_its_crc_is_never_kept_nor_read_to_its_end(
     tmp_path: Path, method: int, monkeypatch: pytest.MonkeyPatch

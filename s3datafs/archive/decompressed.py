@@ -44,7 +44,8 @@ Invariants:
   error). A member found bad is reported (``found_bad``) even if no reader waits any more.
 - Its thread is a daemon thread: ``close`` (unmount) makes it stop at its next piece and keep
   nothing; nothing waits for it (a GET stalled on S3 would hold up the unmount).
-- Memory: a region of output and the ranges readers wait for, never the member.
+- Memory: a region of output and the ranges readers wait for, never the member; at most
+  ``_FLIGHTS`` decompressions at once.
 - Bound: only members of at most ``1/_KEEP_SHARE`` of the cache's bound are kept (a larger one
   would evict its own first regions before its end, and most of everything else). Eviction of
   any block or of the marker is a miss: the next read decompresses again, a new attempt.
@@ -81,6 +82,10 @@ _ATTEMPT_CHARS = 32  # secrets.token_hex(16)
 MARKER_SIZE = len(_MAGIC) + _ATTEMPT_CHARS  # the marker block's length
 _REFUSED_SECONDS = 60.0  # after a refused write, the member is read the old way this long
 _REMEMBERED = 4096  # verified attempts known without reading their marker
+# Decompressions under way at once, each a thread holding a region of output and a chunk of
+# input (~16 MiB) and a core: each runs on after its reader was served, so a random reader over
+# many large members started one per member it reached, without bound. Beyond: the old way.
+_FLIGHTS = 4
 
 
 class _Want:
@@ -207,7 +212,8 @@ class KeptMembers:
         before it is, as ever; the disk copy waits for it); the others read the copy once it
         is verified. ``decompress`` yields the member's bytes from its start, checked at its
         end (CRC, declared size) by raising ``ArchiveError``. None: the disk did not keep it
-        (refused, evicted at once), so the caller reads the old way.
+        (refused, evicted at once), or ``_FLIGHTS`` decompressions are under way: the caller
+        reads the old way.
         """
         with self._lock:
             flight = self._flights.get(ref)
@@ -219,6 +225,8 @@ class KeptMembers:
             flight = self._flights.get(ref)
             mine = flight is None
             if flight is None:
+                if len(self._flights) >= _FLIGHTS:
+                    return None  # enough under way: this read goes the old way
                 flight = self._flights[ref] = _Flight(ref.size)
         want = flight.want(start, end)  # before its thread starts: the first reader's is met
         if mine:
