@@ -275,7 +275,7 @@ class BlockReader:
                 if (reached := self.prefetch(ref, start_ahead, end_ahead)) < end_ahead:
                     readahead.fell_short(reached)  # budget spent: ask again on the next read
         blocks = await self._load(ref, range(first, last + 1), taken)
-        self._consumed(ref, blocks, taken)
+        self._consumed(ref, blocks)
         start = offset - first * self.block_size
         if first == last:
             result = bytes(blocks[first][start : start + (end - offset)])
@@ -365,25 +365,33 @@ class BlockReader:
         )
 
     def _take_staged(self, ref: ObjectRef, first: int, last: int) -> dict[int, bytes]:
-        """Staged readahead of blocks ``first`` .. ``last``, taken out: it is being read."""
+        """Staged readahead of blocks ``first`` .. ``last``, taken out: it is being read. Its
+        budget is back, and it joins the LRU at once, not when the read ends: the read may wait
+        for a later block's flight, and another read of a block taken here must find it
+        meanwhile (out of staging and not in the LRU yet, it was fetched again: a review saw
+        ``torch.load(mmap=True)``'s page faults do it, single-flight's one gap)."""
         taken: dict[int, bytes] = {}
         if self._staged:
             for index in range(first, last + 1):
-                if (entry := self._staged.pop((ref, index), None)) is not None:
-                    self._prefetch_budget.give(len(entry[0]))
-                    taken[index] = entry[0]
+                key = (ref, index)
+                if (entry := self._staged.pop(key, None)) is not None:
+                    block = taken[index] = entry[0]
+                    self._prefetch_budget.give(len(block))
+                    if len(block) <= self._memory.maxsize:
+                        self._memory[key] = block
             self.stats.memory_hits += len(taken)
         return taken
 
-    def _consumed(self, ref: ObjectRef, blocks: dict[int, bytes], taken: dict[int, bytes]) -> None:
-        """Readahead a read was served from is read now: its budget is back, it joins the LRU."""
+    def _consumed(self, ref: ObjectRef, blocks: dict[int, bytes]) -> None:
+        """Readahead that landed while a read waited for it is read now: its budget is back, it
+        joins the LRU (what the read took before it waited is there already)."""
         for index, block in blocks.items():
             key = (ref, index)
-            staged = self._staged.pop(key, None)  # landed while this read waited for it
+            staged = self._staged.pop(key, None)
             if staged is not None:
                 self._prefetch_budget.give(len(staged[0]))
-            if (staged is not None or index in taken) and len(block) <= self._memory.maxsize:
-                self._memory[key] = block
+                if len(block) <= self._memory.maxsize:
+                    self._memory[key] = block
 
     def _reclaim_stale(self) -> bool:
         """Readahead unread for ``_STAGED_TTL`` gives its budget back (moves to the LRU).

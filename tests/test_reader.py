@@ -673,6 +673,38 @@ async def test_a_read_that_takes_readahead_and_ends_inside_a_block_fetches_none_
 
 
 @trio_test
+async def test_readahead_taken_by_a_read_that_waits_for_more_is_not_fetched_again() -> None:
+    """A read takes the readahead it covers out of staging, then waits for its next block's
+    flight; meanwhile another read of a block it took must find that block, not GET it again
+    (a review: ``torch.load(mmap=True)``'s page faults, two threads in one tensor, fetched a
+    block twice this way: a 1 MiB read took it and waited for the next GET, and a 4 KiB fault
+    in it came while that read waited)."""
+    data = DATA * 10
+    source, ref = make_source(data)
+    reader = make_streaming_reader(source, ByteBudget(1 << 20), memory=1 << 20)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        assert reader.prefetch(ref, 0, 2 * BLOCK) == 2 * BLOCK  # blocks 0-1, staged
+        await settle(reader)
+        source.gate = gate = threading.Event()
+        results = {}
+
+        async def read(name: str, offset: int, length: int) -> None:
+            results[name] = await reader.read(ref, offset, length)
+
+        async with trio.open_nursery() as readers:
+            readers.start_soon(read, "long", BLOCK, 2 * BLOCK)  # takes block 1, GETs block 2
+            assert await trio.to_thread.run_sync(inside_get_range, source, 1)
+            readers.start_soon(read, "fault", BLOCK, 4)  # block 1, while "long" waits
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+        mount_tasks.cancel_scope.cancel()
+    assert results == {"long": data[BLOCK : 3 * BLOCK], "fault": data[BLOCK : BLOCK + 4]}
+    assert [(start, end) for _, start, end in source.ranges] == [(0, 2 * BLOCK),
+                                                                (2 * BLOCK, 3 * BLOCK)]
+
+
+@trio_test
 async def test_a_block_read_again_does_not_keep_its_whole_get_body_alive() -> None:
     """The LRU counts a block's own bytes; a block that is a view of an 8-block GET body and is
     read again while the rest of that body is evicted must not hold the whole body."""
