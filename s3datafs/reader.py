@@ -96,6 +96,7 @@ _CLOSED_REMEMBERED = 1024  # objects closed by all whose readahead is known to b
 _STREAM_IDLE = 1.0  # seconds after its last readahead a stream stops counting for the shares
 JOINED_QUEUE_SECONDS = 0.25  # readahead a reader waits for waits no longer behind the writes
 SPLIT_BYTES = 1024 * 1024  # a waited run this long is two GETs on a slow link (``_runs_for``)
+MAX_PIECES = 4  # GETs of one readahead run around what the disk cache holds (``_pieces``)
 
 
 @dataclass
@@ -588,27 +589,63 @@ class BlockReader:
         with the blocks it has, and one GET fetches from the first missing block to the last
         (``_uncached``): cached blocks at either end are not fetched again (a review saw a run
         whose first block was missing GET all of it, blocks the disk held included), and those
-        between are, as splitting the GET would cost a round trip per hole.
+        between are too when a reader waits for the run, as splitting its GET would cost it a
+        round trip per hole. Readahead (and ``warm``), which looks on disk before its GET, GETs
+        around the cached stretches instead, up to ``MAX_PIECES`` GETs sent at once
+        (``_pieces``): nobody waits for them, so more GETs cost requests, not time.
         """
         ref, run = flight.ref, flight.run
         disk = self._disk if self._on_disk(ref) else None
         long_run = disk is not None and len(run) * self.block_size > ONE_HOP_BYTES
         write = None if long_run else disk  # a long run is written behind
+        pieces = [run]
         if long_run and not flight.waited:
             with trio.CancelScope() as queued:
                 flight.queued = queued  # a reader that joins bounds the wait (``_join``)
                 if flight.joined:
                     queued.deadline = trio.current_time() + JOINED_QUEUE_SECONDS
                 hits = await trio.to_thread.run_sync(
-                    self._read_cached, ref, run, disk, limiter=self._disk_limiter
+                    self._read_cached, ref, run, disk, True, limiter=self._disk_limiter
                 )
             flight.queued = None
             if not queued.cancelled_caught:  # else the GET's call looks on disk
-                run, hits = _uncached(run, hits)
+                pieces, hits = _pieces(run, hits)
                 self._took_from_disk(flight, hits)
                 disk = None
-                if not run:
+                if not pieces:
                     return
+        if len(pieces) == 1:
+            got = [await self._get(ref, pieces[0], disk, write)]
+        else:
+            got = [({}, None, None)] * len(pieces)
+
+            async def get(number: int) -> None:
+                got[number] = await self._get(ref, pieces[number], None, None)
+
+            async with trio.open_nursery() as gets:
+                for number in range(len(pieces)):
+                    gets.start_soon(get, number)
+        for piece, (hits, blocks, write_error) in zip(pieces, got, strict=True):
+            rest, hits = _uncached(piece, hits)
+            self._took_from_disk(flight, hits)
+            if write_error is not None:
+                self._writes.write_failed(write_error)
+            if blocks is None:
+                continue
+            self.stats.misses += len(rest)
+            if not _source_keeps(ref):
+                self.stats.s3_requests += 1
+                self.stats.s3_bytes += sum(map(len, blocks))
+            flight.blocks.update(zip(rest, blocks, strict=True))
+            if write is None:
+                fetched.append((rest.start, blocks))
+            else:  # the worker thread wrote the run, not the sync that fell due
+                await self._writes.sync_if_due(write)
+
+    async def _get(
+        self, ref: ObjectRef, run: range, disk: DiskCache | None, write: DiskCache | None
+    ) -> tuple[dict[int, bytes], list[memoryview] | None, Exception | None]:
+        """``_load_blocking`` in a worker thread, within --read-timeout."""
         # The hard bound of --read-timeout: it counts the wait for a connection slot, and a GET
         # that outlives it is abandoned (its thread ends on its own socket timeout and deadline,
         # and only then gives its slot back), so no reader ever waits on S3 longer than this.
@@ -638,21 +675,7 @@ class BlockReader:
                 f"no answer from S3 for {ref.uri} bytes {start}-{end - 1} within "
                 f"{self._read_timeout:g}s (--read-timeout)"
             )
-        rest, hits = _uncached(run, hits)
-        self._took_from_disk(flight, hits)
-        if write_error is not None:
-            self._writes.write_failed(write_error)
-        if blocks is None:
-            return
-        self.stats.misses += len(rest)
-        if not _source_keeps(ref):
-            self.stats.s3_requests += 1
-            self.stats.s3_bytes += sum(map(len, blocks))
-        flight.blocks.update(zip(rest, blocks, strict=True))
-        if write is None:
-            fetched.append((rest.start, blocks))
-        else:  # the worker thread wrote the run, not the sync that fell due
-            await self._writes.sync_if_due(write)
+        return hits, blocks, write_error
 
     def _took_from_disk(self, flight: _Flight, hits: dict[int, bytes]) -> None:
         flight.blocks.update(hits)
@@ -701,10 +724,13 @@ class BlockReader:
             return hits, blocks, exc
         return hits, blocks, None
 
-    def _read_cached(self, ref: ObjectRef, run: range, disk: DiskCache) -> dict[int, bytes]:
-        """In a worker thread: the cached blocks of ``run``; a disk that fails is passed over."""
+    def _read_cached(
+        self, ref: ObjectRef, run: range, disk: DiskCache, every: bool = False
+    ) -> dict[int, bytes]:
+        """In a worker thread: the cached blocks of ``run`` (at its ends, or ``every`` one); a
+        disk that fails is passed over."""
         try:
-            return disk.read_run(object_digest(ref), ref.size, run)
+            return disk.read_run(object_digest(ref), ref.size, run, every=every)
         except OSError as exc:
             self._trouble.warn(f"cannot read the block cache ({exc}); reading from S3",
                                kind="read")
@@ -783,6 +809,26 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
             yield from _leaves(inner)
     else:
         yield exc
+
+
+def _pieces(
+    run: range, hits: dict[int, bytes], most: int = 0
+) -> tuple[list[range], dict[int, bytes]]:
+    """The GETs of readahead over ``run`` given *every* cached block of it (``hits``): its
+    uncached stretches, at most ``most`` (``MAX_PIECES``) of them - those across the shortest
+    cached stretches between are one GET - and the hits outside them.
+
+    At most ``MAX_PIECES`` so a run cached here and there by random reads costs a few requests,
+    not one per hole; the longest cached stretches are the ones left out.
+    """
+    pieces = consecutive_runs([index for index in run if index not in hits], len(run))
+    while len(pieces) > (most or MAX_PIECES):
+        number = min(range(len(pieces) - 1), key=lambda n: pieces[n + 1].start - pieces[n].stop)
+        pieces[number : number + 2] = [range(pieces[number].start, pieces[number + 1].stop)]
+    if not pieces:
+        return [], hits
+    return pieces, {index: block for index, block in hits.items()
+                    if not any(index in piece for piece in pieces)}
 
 
 def _uncached(run: range, hits: dict[int, bytes]) -> tuple[range, dict[int, bytes]]:

@@ -122,6 +122,25 @@ def test_a_run_reads_its_cached_ends_not_what_lies_between_its_misses(tmp_path: 
     assert sorted(read_all(cache, ref, range(5, 6))) == [5]  # still there, when asked for
 
 
+def test_a_run_read_for_readahead_gives_every_cached_block_and_skips_damaged_ones(
+    tmp_path: Path, caplog
+) -> None:
+    """Readahead GETs around the cached stretches of its run (``reader._pieces``), so it asks
+    for every one of them, across regions; a damaged block is a miss, and the rest stand."""
+    size = (2 * REGION_BLOCKS + 3) * BLOCK
+    data = os.urandom(size)
+    ref, cache = make_ref(size), make_cache(tmp_path)
+    last = size // BLOCK - 1
+    cached = [0, 1, 5, 6, 7, REGION_BLOCKS + 7, last - 1, last]
+    for index in cached:
+        stored(cache, ref, data, index, 1)
+    damage(region_file(cache, ref), LAYOUT.slot_offset(6) + 3)
+    found = cache.read_run(blockfile.object_digest(ref), size, range(0, last + 1), every=True)
+    assert found == {index: data[index * BLOCK : (index + 1) * BLOCK]
+                     for index in cached if index != 6}
+    assert "discarding corrupt cache block 6" in caplog.text
+
+
 def test_runs_and_scattered_blocks_share_their_region_files(tmp_path: Path) -> None:
     size = (2 * REGION_BLOCKS + 3) * BLOCK + 100  # two whole regions, then a short one
     data = os.urandom(size)

@@ -223,20 +223,28 @@ class DiskCache:
     # -- reads ----------------------------------------------------------------------------------
 
     def read_run(
-        self, digest: str, object_size: int, indices: range, *, ends: bool = True
+        self, digest: str, object_size: int, indices: range, *, ends: bool = True,
+        every: bool = False,
     ) -> dict[int, bytes]:
         """The cached blocks at the ends of ``indices``: from its start up to the first block
-        that is not cached, and (``ends``) from its end back to the last one.
+        that is not cached, and (``ends``) from its end back to the last one; with ``every``,
+        all of its cached blocks.
 
         The blocks between are not read: one GET fetches from the first missing block to the
         last (``reader._uncached``), those between included, so reading them would be wasted
         (random reads cache blocks here and there; before, a run stopped at its first miss and
         fetched all the rest, cached blocks at its end included). Only the blocks asked for are
-        read (and verified), one region file at a time, in one read per stretch.
+        read (and verified), one region file at a time, in one read per stretch. ``every`` is
+        for readahead, whose GETs leave out the cached stretches between (``reader._pieces``):
+        the region's table, read anyway, tells where they are.
         """
         found: dict[int, bytes] = {}
         stop = min(indices.stop, -(-object_size // self.block_size))
         regions = list(self.layout.runs(indices.start, stop))
+        if every:
+            for run in regions:
+                found.update(self._read_region(digest, object_size, run, every=True))
+            return found
         short = 0  # the first region not whole
         while short < len(regions):
             got = self._read_region(digest, object_size, regions[short])
@@ -266,10 +274,11 @@ class DiskCache:
             return self._index.partial or any(relative in self._index for relative in relatives)
 
     def _read_region(
-        self, digest: str, object_size: int, run: range, *, from_end: bool = False
+        self, digest: str, object_size: int, run: range, *, from_end: bool = False,
+        every: bool = False,
     ) -> dict[int, bytes]:
         """The blocks of ``run`` (within one region) from its start up to the first that its
-        file does not hold (``from_end``: from its end back), checked."""
+        file does not hold (``from_end``: from its end back; ``every``: all it holds), checked."""
         layout, size = self.layout, self.block_size
         region = layout.region_of(run.start)
         relative = _region_name(digest, region)
@@ -292,16 +301,20 @@ class DiskCache:
                 at = layout.entry_offset(index)
                 entry = blockfile.parse_entry(head[at : at + blockfile.ENTRY_SIZE], digest, index)
                 if entry is None:
+                    if every:
+                        continue
                     break
                 if entry is False or entry[0] != min(size, object_size - index * size):
                     damaged.append(index)
+                    if every:
+                        continue
                     break
                 present.append((index, *entry))
-            if present:
-                present.sort()
-                low = layout.slot_offset(present[0][0])
-                data = memoryview(os.pread(fd, (len(present) - 1) * size + present[-1][1], low))
-                for number, (index, length, crc) in enumerate(present):
+            present.sort()
+            for stretch in _stretches(present):  # one read each (one, unless ``every``)
+                low = layout.slot_offset(stretch[0][0])
+                data = memoryview(os.pread(fd, (len(stretch) - 1) * size + stretch[-1][1], low))
+                for number, (index, length, crc) in enumerate(stretch):
                     block = data[number * size : number * size + length]
                     if len(block) != length or zlib.crc32(block) != crc:
                         damaged.append(index)
@@ -312,10 +325,11 @@ class DiskCache:
             os.close(fd)
         if damaged:
             self._drop_blocks(relative, sorted(damaged))
-            # What lies beyond a damaged block (seen from where the read began) is not a hit.
+            # What lies beyond a damaged block (seen from where the read began) is not a hit;
+            # with ``every``, each block stands alone.
             if from_end:
                 found = {index: block for index, block in found.items() if index > max(damaged)}
-            else:
+            elif not every:
                 found = {index: block for index, block in found.items() if index < min(damaged)}
         if found:
             self._used(relative, info)
@@ -626,6 +640,15 @@ class DiskCache:
         """Bytes of the files the index knows (all of them unless it is partial)."""
         with self._lock:
             return int(self._index.currsize)
+
+
+def _stretches(present: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
+    """``present`` (sorted ``(index, length, crc)``) cut where the indices are not consecutive."""
+    start = 0
+    for number in range(1, len(present) + 1):
+        if number == len(present) or present[number][0] != present[number - 1][0] + 1:
+            yield present[start:number]
+            start = number
 
 
 def _region_name(digest: str, region: int) -> str:
