@@ -812,17 +812,17 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _pieces(
-    run: range, hits: dict[int, bytes], most: int = 0
+    run: range, hits: dict[int, bytes], most: int = MAX_PIECES
 ) -> tuple[list[range], dict[int, bytes]]:
     """The GETs of readahead over ``run`` given *every* cached block of it (``hits``): its
-    uncached stretches, at most ``most`` (``MAX_PIECES``) of them - those across the shortest
-    cached stretches between are one GET - and the hits outside them.
+    uncached stretches, at most ``most`` of them - those across the shortest cached stretches
+    between are one GET - and the hits outside them.
 
     At most ``MAX_PIECES`` so a run cached here and there by random reads costs a few requests,
     not one per hole; the longest cached stretches are the ones left out.
     """
     pieces = consecutive_runs([index for index in run if index not in hits], len(run))
-    while len(pieces) > (most or MAX_PIECES):
+    while len(pieces) > most:
         number = min(range(len(pieces) - 1), key=lambda n: pieces[n + 1].start - pieces[n].stop)
         pieces[number : number + 2] = [range(pieces[number].start, pieces[number + 1].stop)]
     if not pieces:
