@@ -39,8 +39,28 @@ class ObjectRef:
         return "\0".join((self.bucket, self.key, self.version_id or "", self.etag))
 
 
+class _InArchive:
+    """What a ref of bytes inside a pinned archive tells the block cache's bookkeeping: the
+    archive's bucket, version and ETag (its ``key`` is its own)."""
+
+    __slots__ = ()
+    archive: ObjectRef
+
+    @property
+    def bucket(self) -> str:
+        return self.archive.bucket
+
+    @property
+    def version_id(self) -> str | None:
+        return self.archive.version_id
+
+    @property
+    def etag(self) -> str:
+        return self.archive.etag
+
+
 @dataclass(frozen=True, slots=True)
-class MemberRef:
+class MemberRef(_InArchive):
     """One member of a pinned zip archive: bytes that never change, like an ``ObjectRef``'s.
 
     ``size`` is the member's uncompressed size (what a reader sees); ``compressed_size`` bytes
@@ -62,20 +82,8 @@ class MemberRef:
     last_modified: float
 
     @property
-    def bucket(self) -> str:
-        return self.archive.bucket
-
-    @property
     def key(self) -> str:
         return f"{self.archive.key}!/{self.path}"
-
-    @property
-    def version_id(self) -> str | None:
-        return self.archive.version_id
-
-    @property
-    def etag(self) -> str:
-        return self.archive.etag
 
     @property
     def uri(self) -> str:
@@ -88,7 +96,7 @@ class MemberRef:
 
 
 @dataclass(frozen=True, slots=True)
-class UnzippedRef:
+class UnzippedRef(_InArchive):
     """A zip member's bytes decompressed, as the block cache names them (``archive.decompressed``).
 
     Derived from the archive's pin and what fixes the member's bytes in it (header offset,
@@ -112,20 +120,8 @@ class UnzippedRef:
                    member.crc32, member.method, attempt)
 
     @property
-    def bucket(self) -> str:
-        return self.archive.bucket
-
-    @property
     def key(self) -> str:
         return self.archive.key
-
-    @property
-    def version_id(self) -> str | None:
-        return self.archive.version_id
-
-    @property
-    def etag(self) -> str:
-        return self.archive.etag
 
     @property
     def cache_identity(self) -> str:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_zip_members import KIB, MIB, Archive, archive
+from test_zip_members import KIB, MIB, Archive, archive, read_at_once
 from zipcraft import make_zip, patch, sample_bytes
 
 from s3datafs.archive import decompressed as decompressed_module
@@ -58,6 +58,12 @@ def zipped(method: int, **fields: int) -> Archive:
     return archive(patch(data, "big.bin", **fields) if fields else data)
 
 
+def big_member(method: int) -> tuple[bytes, Archive, members_module.MemberRef]:
+    """The test member's bytes, an archive holding it compressed with ``method``, its ref."""
+    archived = zipped(method)
+    return content(), archived, archived.members["big.bin"]
+
+
 def cache(directory: Path, capacity: int = 1 << 30) -> DiskCache:
     return DiskCache(directory, block_size=BLOCK, capacity=capacity, dataset="s3://bkt/d.zip")
 
@@ -85,9 +91,7 @@ def kept_files(directory: Path, ref: members_module.MemberRef) -> list[Path]:
 
 @each_kept_method
 def test_random_reads_decompress_a_large_member_once(tmp_path: Path, method: int) -> None:
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     source = MemberSource(archived.source, disk=cache(tmp_path))
     for number, (start, end) in enumerate(random_ranges(ref.size, seed=1)):
         assert source.get_range(ref, start, end) == expected[start:end], (start, end)
@@ -104,9 +108,7 @@ def test_random_reads_decompress_a_large_member_once(tmp_path: Path, method: int
 
 @each_kept_method
 def test_a_remount_decompresses_and_fetches_nothing(tmp_path: Path, method: int) -> None:
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     first = MemberSource(archived.source, disk=cache(tmp_path))
     assert first.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
     settled(first)
@@ -119,13 +121,23 @@ def test_a_remount_decompresses_and_fetches_nothing(tmp_path: Path, method: int)
     assert archived.source.calls["get_range"] == 0
 
 
+def starting_over_keeps_it(
+    source: MemberSource, ref: members_module.MemberRef, expected: bytes, directory: Path
+) -> None:
+    """A read at the member's start, behind the live position: one more decompression, and the
+    member is kept."""
+    decompressions = source.stats.decompressions
+    assert source.get_range(ref, 0, BLOCK) == expected[:BLOCK]
+    settled(source)
+    assert source.stats.decompressions == decompressions + 1
+    assert kept_files(directory, ref) != []
+
+
 @each_kept_method
 def test_a_sequential_reader_keeps_the_live_position(tmp_path: Path, method: int) -> None:
     """From a first read at the member's start, in order: no whole decompression ahead of the
     reader, no copy written; one decompression, as before."""
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     source = MemberSource(archived.source, disk=cache(tmp_path))
     for start in range(0, ref.size, 128 * KIB):
         end = min(ref.size, start + 128 * KIB)
@@ -133,10 +145,7 @@ def test_a_sequential_reader_keeps_the_live_position(tmp_path: Path, method: int
     assert source.stats.decompressions == 1
     assert kept_files(tmp_path, ref) == []
     # A second pass starts over: that member is then kept, and the pass after reads the disk.
-    assert source.get_range(ref, 0, BLOCK) == expected[:BLOCK]
-    settled(source)
-    assert source.stats.decompressions == 2
-    assert kept_files(tmp_path, ref) != []
+    starting_over_keeps_it(source, ref, expected, tmp_path)
     assert source.get_range(ref, 5 * BLOCK, 6 * BLOCK) == expected[5 * BLOCK: 6 * BLOCK]
     assert source.stats.decompressions == 2
 
@@ -149,9 +158,7 @@ def test_readahead_runs_arriving_out_of_order_are_served_from_the_trail(
     run behind the live position, by no more than the trail, is served from its latest
     output, neither by starting over nor by decompressing the member into the cache."""
     monkeypatch.setattr(members_module, "_TRAIL", 512 * KIB)
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     source = MemberSource(archived.source, disk=cache(tmp_path))
     for start, end in [(0, 256 * KIB), (768 * KIB, MIB), (256 * KIB, 768 * KIB),
                        (MIB, 1536 * KIB), (2 * MIB, 3 * MIB), (1536 * KIB, 2 * MIB)]:
@@ -159,10 +166,7 @@ def test_readahead_runs_arriving_out_of_order_are_served_from_the_trail(
     assert source.stats.decompressions == 1
     assert kept_files(tmp_path, ref) == []
     # Further behind than the trail: the member goes to the cache, once.
-    assert source.get_range(ref, 0, BLOCK) == expected[:BLOCK]
-    settled(source)
-    assert source.stats.decompressions == 2
-    assert kept_files(tmp_path, ref) != []
+    starting_over_keeps_it(source, ref, expected, tmp_path)
 
 
 @each_kept_method
@@ -172,9 +176,7 @@ def test_a_first_readahead_run_near_the_start_goes_the_live_way(
     """Within the trail of the start, a first read is a sequential reader's (or its first
     readahead run, ahead of its first read): the live position serves it, and the trail the
     read before it; nothing goes to the cache, one decompression."""
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     source = MemberSource(archived.source, disk=cache(tmp_path))
     for start, end in [(64 * KIB, 128 * KIB), (0, 64 * KIB), (128 * KIB, 256 * KIB)]:
         assert source.get_range(ref, start, end) == expected[start:end], (start, end)
@@ -189,9 +191,7 @@ def test_a_first_read_behind_the_first_readahead_run_joins_its_decompression(
     """The first readahead run of a sequential reader can reach a member before its first read
     (worker threads): the run starts the decompression into the cache, and the first read
     joins it rather than decompressing the member a second time beside it."""
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     source = MemberSource(archived.source, disk=cache(tmp_path))
     archived.source.gate = threading.Event()  # the decompression waits for its first GET
     flights = source._kept._flights
@@ -220,22 +220,10 @@ def test_a_first_read_behind_the_first_readahead_run_joins_its_decompression(
 
 @each_kept_method
 def test_concurrent_random_readers_decompress_once(tmp_path: Path, method: int) -> None:
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     source = MemberSource(archived.source, disk=cache(tmp_path))
     ranges = random_ranges(ref.size, seed=3, count=48)
-    barrier = threading.Barrier(8)  # every thread's first read starts at once
-    started: set[str] = set()
-
-    def read(job: tuple[int, int]) -> bytes:
-        if threading.current_thread().name not in started:
-            started.add(threading.current_thread().name)
-            barrier.wait(timeout=10)
-        return source.get_range(ref, *job)
-
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(read, ranges))
+    results = read_at_once(source, ref, ranges)
     for (start, end), got in zip(ranges, results, strict=True):
         assert got == expected[start:end], (start, end)
     assert source.stats.decompressions == 1
@@ -248,9 +236,7 @@ def test_a_read_that_found_no_copy_as_the_decompression_ended_reads_its_copy(
     """A read looks at the disk first (no copy yet: the decompression is under way), and that
     decompression ends before the read gets to join it: the read finds the copy it left, and
     does not decompress the member a second time."""
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     source = MemberSource(archived.source, disk=cache(tmp_path))
     kept = source._kept
     assert kept is not None
@@ -384,9 +370,7 @@ def test_damage_in_transit_leaves_nothing_and_the_next_try_is_kept(
     tmp_path: Path, method: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A byte flipped on its way fails the CRC: nothing kept; tried again, the member is."""
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     real_get = archived.source.get_range
     flips = [True]
 
@@ -413,9 +397,7 @@ def test_damage_in_transit_leaves_nothing_and_the_next_try_is_kept(
 
 @each_kept_method
 def test_evicted_blocks_are_decompressed_again(tmp_path: Path, method: int) -> None:
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     disk = cache(tmp_path)
     source = MemberSource(archived.source, disk=disk)
     assert source.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
@@ -445,9 +427,7 @@ def test_evicted_blocks_are_decompressed_again(tmp_path: Path, method: int) -> N
 @each_kept_method
 def test_a_small_cache_evicts_and_reads_stay_right(tmp_path: Path, method: int) -> None:
     """The real eviction: a bound that holds the copy and little more, then other data."""
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     disk = cache(tmp_path, capacity=16 * MIB)
     source = MemberSource(archived.source, disk=disk)
     assert source.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
@@ -462,9 +442,7 @@ def test_a_small_cache_evicts_and_reads_stay_right(tmp_path: Path, method: int) 
 
 
 def test_a_member_over_a_quarter_of_the_bound_is_not_kept(tmp_path: Path) -> None:
-    expected = content()
-    archived = zipped(zipfile.ZIP_BZIP2)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
     source = MemberSource(archived.source, disk=cache(tmp_path, capacity=ref.size * 4 - 1))
     for start, end in random_ranges(ref.size, seed=7, count=5):
         assert source.get_range(ref, start, end) == expected[start:end]
@@ -475,9 +453,7 @@ def test_a_member_over_a_quarter_of_the_bound_is_not_kept(tmp_path: Path) -> Non
 def test_without_a_disk_cache_or_with_deflate_reads_go_as_before(
     tmp_path: Path, with_disk: bool
 ) -> None:
-    expected = content()
-    archived = zipped(zipfile.ZIP_DEFLATED if with_disk else zipfile.ZIP_BZIP2)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(zipfile.ZIP_DEFLATED if with_disk else zipfile.ZIP_BZIP2)
     source = MemberSource(archived.source, disk=cache(tmp_path) if with_disk else None)
     for start, end in random_ranges(ref.size, seed=8, count=10):
         assert source.get_range(ref, start, end) == expected[start:end]
@@ -488,9 +464,7 @@ def test_without_a_disk_cache_or_with_deflate_reads_go_as_before(
 def test_a_disk_that_refuses_the_writes_serves_the_bytes_the_old_way(
     tmp_path: Path, method: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    expected = content()
-    archived = zipped(method)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(method)
     disk = cache(tmp_path)
     source = MemberSource(archived.source, disk=disk)
     real_write = disk.write
@@ -550,9 +524,7 @@ def test_cache_stats_and_clear_count_the_copy_with_its_archive(tmp_path: Path) -
 
 def test_marker_of_another_kind_is_not_taken_for_one(tmp_path: Path) -> None:
     """A marker block must start with the magic: anything else is a miss, never an attempt."""
-    expected = content()
-    archived = zipped(zipfile.ZIP_BZIP2)
-    ref = archived.members["big.bin"]
+    expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
     disk = cache(tmp_path)
     marker = UnzippedRef.of(ref)
     disk.write(marker, object_digest(marker), 0, [b"X" * decompressed_module.MARKER_SIZE])

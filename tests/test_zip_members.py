@@ -316,6 +316,22 @@ def test_evicted_positions_still_give_the_right_bytes(small_interval: int) -> No
         assert source.get_range(ref, start, end) == expected[name][start:end], (name, start)
 
 
+def read_at_once(source: MemberSource, ref: MemberRef, ranges: list[tuple[int, int]],
+                 threads: int = 8) -> list[bytes]:
+    """``ranges`` of ``ref`` read by ``threads`` threads, whose first reads start at once."""
+    barrier = threading.Barrier(threads)
+    started: set[str] = set()
+
+    def read(job: tuple[int, int]) -> bytes:
+        if threading.current_thread().name not in started:
+            started.add(threading.current_thread().name)
+            barrier.wait(timeout=10)
+        return source.get_range(ref, *job)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(read, ranges))
+
+
 def test_threads_reading_one_deflated_member(small_interval: int) -> None:
     expected, data = big()
     zipped = archive(data)
@@ -326,17 +342,7 @@ def test_threads_reading_one_deflated_member(small_interval: int) -> None:
     for _ in range(48):
         start = rng.randrange(ref.size)
         ranges.append((start, min(ref.size, start + rng.randrange(1, 400_000))))
-    barrier = threading.Barrier(8)  # every thread's first read starts at once
-    started: set[str] = set()
-
-    def read(job: tuple[int, int]) -> bytes:
-        if threading.current_thread().name not in started:
-            started.add(threading.current_thread().name)
-            barrier.wait(timeout=10)
-        return source.get_range(ref, *job)
-
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(read, ranges))
+    results = read_at_once(source, ref, ranges)
     for (start, end), got in zip(ranges, results, strict=True):
         assert got == expected[start:end], (start, end)
 
