@@ -20,15 +20,14 @@ Protocol:
 - The command's death is also sent to the child as ``PARENT_GONE`` (``PR_SET_PDEATHSIG``), so a
   child stuck on its way to the mount (S3 not answering) gives up at once rather than after
   its retries: before the mount is ready the signal raises ``Abandoned`` wherever the child
-  is. A mount that is to outlive its command (``s3datafs mount``) stops listening once
-  ready (``mount-all``'s are held first: below); one that is not (``run``, ``mount-all
+  is. A mount that is to outlive its command (``s3datafs mount``) stops listening once ready
+  (``mount-all``'s are held first: below); one that is not (``run``, ``mount-all
   --foreground``: their datasets are the command's, for as long as it lives) keeps the signal,
-  and its serving loop unmounts
-  on it (see ``mount.serve``): a ``run`` killed with SIGKILL leaves no mount behind, nor
-  the mount point directories it made (a daemon removes what was made for its mount when it
-  ends, see ``commands.mount``). The
-  kernel's notice is of the end of the *thread* that forked: ``spawn`` is called from the main
-  thread, which lives as long as the command.
+  and its serving loop unmounts on it (see ``mount.serve``): a ``run`` killed with SIGKILL
+  leaves no mount behind, nor the mount point directories it made (a daemon removes what was
+  made for its mount when it ends, see ``commands.mount``). The kernel's notice is of the end
+  of the *thread* that forked: ``spawn`` is called from the main thread, which lives as long
+  as the command.
 - A mount *held* until released (``held=True``: each of ``mount-all``'s datasets, all or
   nothing) is to outlive its command only once the command says so (``release``), after every
   dataset has mounted: a command killed outright before that (SIGKILL, the OOM killer, a time
