@@ -279,10 +279,11 @@ def _field_problem(
     """Why one object record is malformed, or None."""
     if not isinstance(key, str) or not key:
         return "the key is not a non-empty string"
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
+    if not _utf8(key):
         return "the key is not valid UTF-8"
+    for what, text in (("a version id", version_id), ("an ETag", etag)):
+        if isinstance(text, str) and not _utf8(text):  # a lone surrogate: "\ud800" in the JSON
+            return f"{key!r} has {what} that is not valid UTF-8"
     if versioned and not (isinstance(version_id, str) and version_id):
         return f"{key!r} has no version id, but the bucket is versioned"
     if not versioned and version_id is not None:
@@ -294,6 +295,14 @@ def _field_problem(
     if isinstance(mtime, bool) or not isinstance(mtime, int | float) or not 0 <= mtime < _MAX_TIME:
         return f"{key!r} has an invalid last_modified {mtime!r}"
     return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_header(path: Path, line: str, rest: Iterator[str]) -> Header:

@@ -191,6 +191,9 @@ BAD_EDITS = {
     "version-on-unversioned": (edit_header(versioned=False, as_of=None),
                                "has a version id, but the bucket is not versioned"),
     "boolean-size": (edit_line(2, 3, True), "invalid size"),  # JSON true is no size
+    # "\ud800" in JSON is a lone surrogate, no text UTF-8 can carry (a hand edit, a bad tool).
+    "surrogate-version": (edit_line(2, 1, "\ud800"), "has a version id that is not valid UTF-8"),
+    "surrogate-etag": (edit_line(2, 2, "\ud800"), "has an ETag that is not valid UTF-8"),
     "fields-reordered": (edit_header(fields=["key", "etag", "version_id", "size",
                                              "last_modified"]), "lists fields"),
     "single-object-of-another-key": (
