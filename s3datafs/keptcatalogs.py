@@ -80,10 +80,13 @@ class KeptCatalogs:
         self._directory = directory(cache_dir)
         self._budget = cache_bytes // SHARE_OF_CACHE
 
+    @property
+    def enabled(self) -> bool:
+        """Whether catalogs are kept at all (not with ``--no-cache``): else nothing is hashed."""
+        return self._budget > 0
+
     def reuse(self, identity: str, catalog_path: Path, uri: str) -> Reused | None:
         """Link the catalog kept as ``identity`` at ``catalog_path``; None if none is usable."""
-        if self._budget <= 0:
-            return None
         kept = self._directory / f"{identity}{_SUFFIX}"
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -118,8 +121,6 @@ class KeptCatalogs:
     def keep(self, identity: str, catalog_path: Path) -> None:
         """Keep the catalog just built at ``catalog_path`` as ``identity``; evict down to the
         bound. Never fails the mount: a catalog that cannot be kept is built next time."""
-        if self._budget <= 0:
-            return
         try:
             if catalog_path.stat().st_size > self._budget:
                 log.info("the catalog %s is larger than the share of --cache-size kept for "

@@ -80,14 +80,14 @@ def pin(
 def _from_snapshot(
     snapshot: Path, catalog_path: Path, uri: str, kept: KeptCatalogs | None
 ) -> tuple[CatalogSummary, ObjectRef | None]:
-    identity = snapshot_identity(snapshot) if kept is not None else None
-    if kept is not None and identity is not None:
-        reused = kept.reuse(identity, catalog_path, uri)
-        if reused is not None:
-            return reused.summary, reused.first_file
+    if kept is None or not kept.enabled or (identity := snapshot_identity(snapshot)) is None:
+        loaded = load_snapshot(snapshot, catalog_path)
+        return loaded.summary, loaded.first_file
+    if (reused := kept.reuse(identity, catalog_path, uri)) is not None:
+        return reused.summary, reused.first_file
     loaded = load_snapshot(snapshot, catalog_path)
-    if kept is not None and identity is not None and snapshot_identity(snapshot) == identity:
-        kept.keep(identity, catalog_path)  # the file did not change while it was read
+    if snapshot_identity(snapshot) == identity:  # the file did not change while it was read
+        kept.keep(identity, catalog_path)
     return loaded.summary, loaded.first_file
 
 

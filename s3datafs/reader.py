@@ -833,9 +833,7 @@ def _pieces(
 
 def _uncached(run: range, hits: dict[int, bytes]) -> tuple[range, dict[int, bytes]]:
     """What of ``run`` one GET fetches given the cached ``hits`` - from its first missing block
-    to its last - and the hits outside that range (those inside come again with the GET)."""
-    missing = [index for index in run if index not in hits]
-    if not missing:
-        return range(run.stop, run.stop), hits
-    rest = range(missing[0], missing[-1] + 1)
-    return rest, {index: block for index, block in hits.items() if index not in rest}
+    to its last (``_pieces`` with one piece) - and the hits outside that range (those inside
+    come again with the GET)."""
+    pieces, outside = _pieces(run, hits, most=1)
+    return (pieces[0] if pieces else range(run.stop, run.stop)), outside
