@@ -58,6 +58,7 @@ FIELDS: dict[str, str] = {
     "noSignRequest": "no_sign_request",
     "requesterPays": "requester_pays",
     "archive": "archive",
+    "kernelReadahead": "kernel_readahead",
 }
 # Gradient SDK / snake_case spelling -> canonical field
 ALIASES: dict[str, str] = {
@@ -69,6 +70,7 @@ ALIASES: dict[str, str] = {
     "aws_session_token": "awsSessionToken",
     "no_sign_request": "noSignRequest",
     "requester_pays": "requesterPays",
+    "kernel_readahead": "kernelReadahead",
 }
 _SPELLINGS = {**{name: name for name in FIELDS}, **ALIASES}
 _TRUE = frozenset({"true", "yes", "on", "1"})
@@ -112,6 +114,7 @@ class DatasetSpec:
     requester_pays: bool | None = None  # None: not said, the command's default applies
     name_given: bool = False  # False: ``name`` is derived from the URI (a snapshot may know better)
     archive: str | None = None  # "auto", "zip" or "file" (``mount --archive``); None: the command's
+    kernel_readahead: str | None = None  # "128K" (``mount --kernel-readahead``); None: as archive
 
     @property
     def label(self) -> str:
@@ -361,6 +364,7 @@ def _check_item(item: Any, index: int, origin: str, base_dir: Path | None) -> Da
         requester_pays=values.get("requesterPays"),
         name_given="name" in values,
         archive=values.get("archive"),
+        kernel_readahead=values.get("kernelReadahead"),
     )
     _refuse_conflicts(spec, where)
     return spec
@@ -409,6 +413,8 @@ def _checked_value(canonical: str, key: str, value: Any, where: str) -> Any:
         return None
     if canonical in ("noSignRequest", "requesterPays"):
         return _boolean(key, value, where)
+    if canonical == "kernelReadahead" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # bytes, as JSON gives a number; checked as the mount option is
     if not isinstance(value, str):
         raise SpecError(f"{where}: {key!r} must be a string, not {_kind(value)}")
     return value

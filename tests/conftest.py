@@ -161,6 +161,12 @@ def files_below(root: Path, *, besides: Iterable[Path] = ()) -> Iterator[tuple[P
             continue
 
 
+def kernel_readahead_kb(mountpoint: Path) -> str:
+    """A mount's kernel readahead in KiB, from its backing device (``--kernel-readahead``)."""
+    device = next(e.device for e in mount_table() if e.mountpoint == str(mountpoint))
+    return Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip()
+
+
 def errno_of(action: Callable[[], object]) -> int:
     """The errno of the OSError ``action`` raises; fails the test if it raises none."""
     try:

@@ -93,6 +93,15 @@ def test_snake_case_aliases_mean_the_same() -> None:
     assert parse_one(uri="s3://b-1/p/", no_sign_request=True).no_sign_request is True
     assert parse_one(uri="s3://b-1/p/", requester_pays="yes").requester_pays is True
     assert parse_one(uri="s3://b-1/p/", requesterPays=False).requester_pays is False
+    assert parse_one(uri="s3://b-1/p/", kernel_readahead="128K").kernel_readahead == "128K"
+
+
+def test_kernel_readahead_is_a_size_as_text_or_a_json_number_of_bytes() -> None:
+    """Checked as ``mount --kernel-readahead`` is, when the dataset's mount is planned."""
+    assert parse_one(uri="s3://b-1/p/", kernelReadahead="128K").kernel_readahead == "128K"
+    assert parse_one(uri="s3://b-1/p/", kernelReadahead=131072).kernel_readahead == "131072"
+    with pytest.raises(SpecError, match="'kernelReadahead' must be a string, not"):
+        parse_one(uri="s3://b-1/p/", kernelReadahead=True)
 
 
 def test_names_follow_the_gradient_rule_and_secrets_stay_out_of_repr() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import Cli, CliResult, files_below
+from conftest import Cli, CliResult, files_below, kernel_readahead_kb
 from faultproxy import FaultProxy
 from zipcraft import make_zip
 
@@ -250,6 +250,24 @@ def test_a_held_daemon_that_dies_during_start_leaves_no_pipe_open() -> None:
     assert before == daemon._HELD
 
 
+def test_each_dataset_gets_the_kernel_readahead_its_spec_asks_for(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """A dataset read through ``mmap`` at random wants 128K, one read in order 1M or more: one
+    spec, one ``mount-all``, each mount's backing device set as its dataset says."""
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="db/data.mdb", Body=b"lmdb")
+    s3.put_object(Bucket=bucket, Key="shards/0.tar", Body=b"tar")
+    spec_file = cli.root / "datasets.yaml"
+    spec_file.write_text(f"- {{uri: s3://{bucket}/db/, kernelReadahead: 128K}}\n"
+                         f"- {{uri: s3://{bucket}/shards/}}\n")
+    result = run_cli(cli, "mount-all", "--kernel-readahead", "4M", str(spec_file))
+    assert result.returncode == 0, result.stderr
+    assert kernel_readahead_kb(cli.data_root / "db") == "128"
+    assert kernel_readahead_kb(cli.data_root / "shards") == "4096"  # the command's, as default
+    assert (cli.data_root / "db" / "data.mdb").read_bytes() == b"lmdb"
+
+
 def test_snapshot_and_as_of_fields_reach_the_mount(cli: Cli, s3, make_bucket) -> None:
     bucket = make_bucket(versioned=True)
     s3.put_object(Bucket=bucket, Key="p/a.txt", Body=b"recorded\n")
@@ -280,6 +298,8 @@ BAD_SPECS = [
     pytest.param(("--etag", "abc"), "[]", "--etag describes a single dataset", id="global-etag"),
     pytest.param(("--uid", "x"), "- uri: s3://b-1/x", "dataset 'x': --uid 'x' is not", id="uid"),
     pytest.param((), "[{uri: s3://b-1/x", "line 1, column 18", id="syntax"),
+    pytest.param((), "- {uri: s3://b-1/x, kernelReadahead: 3K}",
+                 "dataset 'x': --kernel-readahead '3K' must be a multiple of 4K", id="readahead"),
 ]
 
 
@@ -604,17 +624,20 @@ def test_a_datasets_own_fields_win_over_the_commands_options() -> None:
     args = build_parser(["mount-all"]).parse_args(
         ["mount-all", "spec.json", "--region", "eu-west-1", "--endpoint-url", "http://all",
          "--archive", "file", "--as-of", "1h", "--profile", "p", "--no-sign-request",
-         "--requester-pays"])
+         "--requester-pays", "--kernel-readahead", "4M"])
     own = DatasetSpec(1, parse_s3_uri("s3://my-bucket/x.zip"), "x", version_id="v1",
                       endpoint_url="http://own", region="us-east-2", archive="zip",
-                      access_key_id="AKID", secret_access_key="secret", requester_pays=False)
+                      access_key_id="AKID", secret_access_key="secret", requester_pays=False,
+                      kernel_readahead="128K")
     got = mount_all.dataset_args(own, args)
     assert (got.region, got.endpoint_url, got.archive) == ("us-east-2", "http://own", "zip")
+    assert got.kernel_readahead == "128K"
     assert (got.version_id, got.as_of) == ("v1", None)  # its own pin, not the command's time
     assert (got.profile, got.no_sign_request) == (None, False)  # its own keys, signed
     assert got.requester_pays is False
     plain = mount_all.dataset_args(DatasetSpec(2, parse_s3_uri("s3://my-bucket/y/"), "y"), args)
     assert (plain.region, plain.endpoint_url, plain.archive) == ("eu-west-1", "http://all", "file")
+    assert plain.kernel_readahead == "4M"
     assert (plain.as_of, plain.profile, plain.no_sign_request) == ("1h", "p", True)
     assert plain.requester_pays is True
     pinned = DatasetSpec(3, parse_s3_uri("s3://my-bucket/z/"), "z", snapshot=Path("z.snap"))

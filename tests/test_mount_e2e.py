@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
-from conftest import Cli, errno_of, files_below, sha256
+from conftest import Cli, errno_of, files_below, kernel_readahead_kb, sha256
 
 from s3datafs import config, mount
 from s3datafs.errors import ConfigError
@@ -355,11 +355,6 @@ def test_without_fusectl_mounted_root_still_lets_the_kernel_send_more_requests(
         time.sleep(0.05)
     assert seen.split() == ["64", "48"]
     assert not [e for e in mount_table() if e.fstype == "fusectl"]
-
-
-def kernel_readahead_kb(mountpoint: Path) -> str:
-    device = next(e.device for e in mount_table() if e.mountpoint == str(mountpoint))
-    return Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip()
 
 
 def test_the_kernel_reads_ahead_1_mib_or_what_kernel_readahead_says(

@@ -234,6 +234,7 @@ def dataset_args(spec: DatasetSpec, defaults: argparse.Namespace) -> argparse.Na
     args.endpoint_url = spec.endpoint_url or args.endpoint_url
     args.region = spec.region or args.region
     args.archive = spec.archive or getattr(args, "archive", None)
+    args.kernel_readahead = spec.kernel_readahead or getattr(args, "kernel_readahead", None)
     for spec_field, (attribute, option) in OPTIONAL_FIELDS.items():
         value = getattr(spec, attribute)
         if value is not None and not hasattr(args, attribute):
