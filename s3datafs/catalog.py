@@ -274,10 +274,10 @@ class CatalogBuilder:
         elif split.is_dir:
             marker = ObjectRef(self._archive.bucket, member.name, None, "", 0, mtime)
             self._add_marker(marker, split.path)
-        elif split.path in self._dirs:
+        elif (path := split.path) in self._dirs:
             self._skip(member.name, "a directory has the same name")
         else:
-            parent_path, _, name = split.path.rpartition("/")
+            parent_path, _, name = path.rpartition("/")
             parent = self._ensure_dir(parent_path)
             if (earlier := self._pending_files.get((parent, name))) is not None:
                 self._drop(self._pending[earlier], _SUPERSEDED)

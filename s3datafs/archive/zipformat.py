@@ -35,6 +35,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ArchiveError
 
@@ -53,6 +54,8 @@ _LOCATOR_SIG = b"PK\x06\x07"
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")  # zip64 end of central directory record, 56 bytes
 _EOCD64_SIG = b"PK\x06\x06"
 _CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header, 46 bytes
+_EXTRA_HEADER = struct.Struct("<2H")  # an extra field's id and length
+_NO_EXTRAS: dict[int, bytes] = {}  # never written to: the extras of an entry that has none
 _CENTRAL_SIG = b"PK\x01\x02"
 _LOCAL = struct.Struct("<4s2B4HL2L2H")  # local file header, 30 bytes
 _LOCAL_SIG = b"PK\x03\x04"
@@ -75,9 +78,12 @@ class Directory:
     zip64: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
-    """One central directory entry, checked; ``name`` as decoded (``/``-separated)."""
+class Member(NamedTuple):
+    """One central directory entry, checked; ``name`` as decoded (``/``-separated).
+
+    A named tuple, not a frozen dataclass: an archive of a million members makes a million of
+    them at mount, and a frozen dataclass takes four times as long to make (3.2 against 0.8 us).
+    """
 
     name: str
     is_dir: bool
@@ -202,7 +208,7 @@ def parse_central_directory(
 
     Members come back in directory order; ``data_limit`` is filled from archive order.
     """
-    entries = list(_entries(data, directory, what))
+    entries = list(_entries(data, directory, what, {}))
     if len(entries) != directory.entries and (
         directory.zip64 or len(entries) % 0x10000 != directory.entries
     ):  # without ZIP64 the count is 16 bits: some writers let it wrap
@@ -226,9 +232,15 @@ class _Entry:
     crc32: int
     mtime: float
     problem: str | None
+    data_limit: int = 0  # set by ``_check_layout``
+    kept: bool = False  # by ``_check_layout``: placed and overlapping no member before it
 
 
-def _entries(data: bytes, directory: Directory, what: str) -> Iterator[_Entry]:
+def _entries(
+    data: bytes, directory: Directory, what: str, times: dict[tuple[int, int], float]
+) -> Iterator[_Entry]:
+    """The directory's entries in order; ``times`` memoizes DOS times (an archive written at
+    once holds few distinct ones, and ``calendar.timegm`` is the slowest step of an entry)."""
     at = 0
     while at < len(data):
         if len(data) - at < _CENTRAL.size or not data.startswith(_CENTRAL_SIG, at):
@@ -244,7 +256,8 @@ def _entries(data: bytes, directory: Directory, what: str) -> Iterator[_Entry]:
         if end > len(data):
             raise ArchiveError(f"{what} is corrupt: a central directory entry runs past its end")
         raw_name = data[name_at:extra_at]
-        extras = dict(_extra_fields(data[extra_at: extra_at + extra_length]))
+        extras = (dict(_extra_fields(data[extra_at: extra_at + extra_length]))
+                  if extra_length else _NO_EXTRAS)
         problem = None
         zip64 = extras.get(0x0001, b"")
         try:
@@ -259,10 +272,16 @@ def _entries(data: bytes, directory: Directory, what: str) -> Iterator[_Entry]:
         if compressed_size > max_compressed_size(size) and problem is None:
             problem = (f"its compressed size ({compressed_size} bytes) is far beyond what its "
                        f"{size} bytes can take (a zip bomb or a corrupt archive)")
+        timestamp_field = extras.get(0x5455)
+        if timestamp_field is None:
+            mtime = times.get((dos_date, dos_time))
+            if mtime is None:
+                mtime = times[dos_date, dos_time] = _mtime(dos_date, dos_time, None)
+        else:
+            mtime = _mtime(dos_date, dos_time, timestamp_field)
         yield _Entry(
             name, len(raw_name), name.endswith("/"), header_offset + directory.shift, method,
-            flags, compressed_size, size, crc, _mtime(dos_date, dos_time, extras.get(0x5455)),
-            problem,
+            flags, compressed_size, size, crc, mtime, problem,
         )
         at = end
 
@@ -293,9 +312,7 @@ def _check_layout(
                                                "(a corrupt or truncated archive)"))
         else:
             placed.append(entry)
-    limits: dict[int, int] = {}
     by_offset = sorted(placed, key=lambda e: e.header_offset)
-    kept: set[int] = set()
     previous: _Entry | None = None
     for entry in by_offset:
         if previous is not None:
@@ -305,13 +322,13 @@ def _check_layout(
                 skipped.append(Skipped(entry.name, f"its data overlaps member {previous.name!r} "
                                                    "(a zip bomb or a corrupt archive)"))
                 continue
-            limits[id(previous)] = entry.header_offset
-        kept.add(id(entry))
+            previous.data_limit = entry.header_offset
+        entry.kept, entry.data_limit = True, directory.start
         previous = entry
     members = [
-        Member(e.name, e.is_dir, e.header_offset, limits.get(id(e), directory.start), e.method,
-               e.flags, e.compressed_size, e.size, e.crc32, e.mtime)
-        for e in placed if id(e) in kept
+        Member(e.name, e.is_dir, e.header_offset, e.data_limit, e.method, e.flags,
+               e.compressed_size, e.size, e.crc32, e.mtime)
+        for e in placed if e.kept
     ]
     return members, skipped
 
@@ -319,7 +336,7 @@ def _check_layout(
 def _extra_fields(extra: bytes) -> Iterator[tuple[int, bytes]]:
     at = 0
     while at + 4 <= len(extra):
-        field_id, length = struct.unpack_from("<2H", extra, at)
+        field_id, length = _EXTRA_HEADER.unpack_from(extra, at)
         yield field_id, extra[at + 4: at + 4 + length]
         at += 4 + length
 
@@ -328,9 +345,9 @@ def _apply_zip64(
     field: bytes, size: int, compressed_size: int, header_offset: int, disk: int
 ) -> tuple[int, int, int, int]:
     """Replace the 0xFFFFFFFF placeholders with the ZIP64 extra field's values, in its order."""
+    if size != _U32 and compressed_size != _U32 and header_offset != _U32 and disk != _U16:
+        return size, compressed_size, header_offset, disk  # the common case, and the quickest
     values = [size == _U32, compressed_size == _U32, header_offset == _U32, disk == _U16]
-    if not any(values):
-        return size, compressed_size, header_offset, disk
     at = 0
     result = [size, compressed_size, header_offset, disk]
     for slot, wanted in enumerate(values):
@@ -353,6 +370,8 @@ def _decode_name(raw: bytes, flags: int, unicode_field: bytes | None) -> tuple[s
             return raw.decode("utf-8"), None
         except UnicodeDecodeError:
             return raw.decode("utf-8", "backslashreplace"), "its name is not valid UTF-8"
+    if raw.isascii():  # the same in code page 437, and decoded 7x faster
+        return raw.decode("ascii"), None
     return raw.decode("cp437"), None
 
 
