@@ -494,6 +494,34 @@ def test_sync_counts_files_of_others(tmp_path: Path) -> None:
     assert len(list(first.root.rglob("*.r0"))) == 2  # the oldest file (k0) went
 
 
+def test_files_written_again_after_another_mount_evicted_them_count_towards_the_bound(
+    tmp_path: Path,
+) -> None:
+    """Mount X still lists files that mount Y's scans evicted; X writes them again (its job
+    reads them again). That growth must count towards X's next scan: counted against X's stale
+    index entries it was nothing, no scan fell due, and the directory held both mounts' bounds
+    (found by the model, tests/test_blockcache_model.py)."""
+    size = 2 * BLOCK
+    probe = make_cache(tmp_path / "probe")
+    stored(probe, make_ref(size), bytes(size))
+    one_file = probe.used_bytes
+    shared = tmp_path / "shared"
+    x, y = (make_cache(shared, capacity=4 * one_file) for _ in range(2))
+    for cache in (x, y):
+        cache.sync_every = one_file
+    data = os.urandom(size)
+    xs, ys = [[make_ref(size, key=f"{m}{i}") for i in range(4)] for m in "xy"]
+    for age, ref in enumerate(xs):
+        stored(x, ref, data)
+        os.utime(region_file(x, ref), (time.time() - 600 + age,) * 2)  # the oldest
+    for ref in ys:  # each write falls due for a scan: X's files go, oldest first
+        stored(y, ref, data)
+    assert not any(files_of(x, ref) for ref in xs)
+    for ref in xs:
+        stored(x, ref, data)
+    assert disk.usage(shared).bytes <= 4 * one_file + x.sync_every + y.sync_every
+
+
 def test_a_write_runs_a_due_sync_unless_asked_to_leave_it_to_the_caller(tmp_path: Path) -> None:
     cache = make_cache(tmp_path)
     cache.sync_every = 2 * BLOCK

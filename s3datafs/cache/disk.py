@@ -57,7 +57,9 @@ Invariants:
   scan under the ``.lock`` flock rebuilds the view from the disk, ordered by mtime (disk hits
   refresh mtime at most once a minute), and evicts down to the capacity. Between scans the
   total can overshoot by at most ``sync_every`` per process (a little more while a scan that
-  ``write(sync=False)`` left to its caller waits to run).
+  ``write(sync=False)`` left to its caller waits to run). What counts is what each write
+  added to its file on disk (``st_blocks`` before and after), not what the index says the file
+  held: the index's entry for a file another process evicted is stale.
 - Memory does not grow with the cache: the index holds at most ``INDEX_ENTRIES`` files (the
   most recently used; a 20 GiB cache of 4 KiB objects is 2.6 million files, 0.7 GiB indexed
   whole). Past that it is *partial*: files it forgot are still found by reads (``may_hold``
@@ -437,15 +439,17 @@ class DiskCache:
             relative = _region_name(digest, region)
             path = self.root / relative
             try:
-                allocated = self._write_region(path, digest, identity, region, run.start, parts)
+                grown, allocated = self._write_region(
+                    path, digest, identity, region, run.start, parts)
             except FileNotFoundError:  # a new fan directory, or removed under us (rm -rf)
                 make_private_dirs(path.parent)
-                allocated = self._write_region(path, digest, identity, region, run.start, parts)
+                grown, allocated = self._write_region(
+                    path, digest, identity, region, run.start, parts)
             with self._lock:
-                before = self._index.pop(relative, 0)  # popped, not evicted: no unlink
+                self._index.pop(relative, None)  # popped, not evicted: no unlink
                 if allocated <= self._capacity:
                     self._index[relative] = allocated
-                    self._written_since_sync += max(0, allocated - before)
+                    self._written_since_sync += grown
             if allocated > self._capacity:  # larger than the whole cache (a tiny --cache-size)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -463,17 +467,26 @@ class DiskCache:
         region: int,
         first: int,
         parts: Sequence[bytes],
-    ) -> int:
-        """Write blocks ``first`` ... into region file ``path``; its allocated bytes after."""
+    ) -> tuple[int, int]:
+        """Write blocks ``first`` ... into region file ``path``; the bytes the file grew by on
+        disk, and its allocated bytes after.
+
+        The growth is the file's own, not the index's idea of it: an entry may be stale (the
+        file evicted by another process's scan, or cleared, then written again here), and
+        counted against such an entry a mount wrote back what others' scans had evicted without
+        a scan ever falling due (two mounts held twice the bound; the model test found it).
+        """
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
+            before = os.fstat(fd).st_blocks * 512
             # Header and identity go with every write, not only the first: the header is the
             # same 64 bytes for every writer, and a file its creator left without one (a crash,
             # ENOSPC) would otherwise stay a miss for good.
             os.pwrite(fd, blockfile.header(digest, region, self.layout) + identity, 0)
             self._write_payload(fd, parts, self.layout.slot_offset(first))
             os.pwrite(fd, blockfile.entries(digest, first, parts), self.layout.entry_offset(first))
-            return os.fstat(fd).st_blocks * 512
+            after = os.fstat(fd).st_blocks * 512
+            return max(0, after - before), after
         finally:
             os.close(fd)
 
