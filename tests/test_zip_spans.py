@@ -467,6 +467,27 @@ def read_into_a_streak(table: spans.Spans, archive: ObjectRef) -> int:
     return at
 
 
+def test_a_forgotten_range_whose_write_lands_afterwards_is_not_served_from_the_disk(
+    tmp_path,
+) -> None:
+    """The write-behind of blocks that decoded to damage may land after ``forget`` zeroed their
+    entries: they stay forgotten (they were served from the disk again, and the member failed
+    once more before S3 was asked), and the blocks written with them stay."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    block = 64 * 1024
+    disk = HeldDisk(tmp_path, block_size=block, capacity=1 << 30)  # writes wait: all pending
+    blocks = spans.ArchiveBlocks(source, disk, write_inline=0)
+    try:
+        blocks.get_range(archive, 0, 4 * block)
+        blocks.forget(archive, block + 10, 2 * block + 20)  # blocks 1 and 2
+    finally:
+        disk.release.set()
+        blocks.close()  # the write lands, after the forget
+    on_disk = disk.read_run(object_digest(archive), archive.size, range(4), every=True)
+    assert sorted(on_disk) == [0, 3]
+
+
 def test_spans_planned_ahead_by_a_peek_that_finds_nothing_are_fetched_all_the_same() -> None:
     # A member crossing from a landed span into one still in flight is not at hand; the peek
     # had planned the spans after it, and a reader that later finds one waits for it to land

@@ -180,7 +180,7 @@ class ArchiveBlocks:
         try:
             self._writer_pool().submit(self._write, archive, digest, first, blocks, cost)
         except RuntimeError:  # closed (a span read ahead landed as the mount ends): not written
-            self._written(digest, first, len(blocks), cost)
+            self._written(digest, first, blocks, cost)
 
     def _writer_pool(self) -> ThreadPoolExecutor:
         with self._room:
@@ -210,15 +210,32 @@ class ArchiveBlocks:
         try:
             self._write_now(archive, digest, first, blocks)
         finally:
-            self._written(digest, first, len(blocks), cost)
+            self._written(digest, first, blocks, cost)
 
-    def _written(self, digest: str, first: int, count: int, cost: int) -> None:
-        """Blocks stored with ``_store`` are no longer pending: their room is free again."""
+    def _written(
+        self, digest: str, first: int, blocks: list[memoryview], cost: int
+    ) -> None:
+        """Blocks stored with ``_store`` are no longer pending: their room is free again.
+
+        Those ``forget`` took from the pending blocks meanwhile are forgotten on disk again: their
+        write landed after ``forget`` zeroed their entries, and the bytes that decoded to damage
+        were served from the disk once more (the member failed again before S3 was asked).
+        """
+        forgotten: list[int] = []
         with self._room:
-            for index in range(first, first + count):
-                self._pending.pop((digest, index), None)
+            for index, block in enumerate(blocks, first):
+                pending = self._pending.get((digest, index))
+                if pending is None:
+                    forgotten.append(index)
+                elif pending is block:  # not a later fetch's, still to be written
+                    del self._pending[(digest, index)]
             self._pending_bytes -= cost
             self._room.notify_all()
+        try:
+            for run in _runs(forgotten):
+                self._disk.forget_blocks(digest, run)
+        except OSError as exc:
+            self._write_failed(exc)
 
     def _write_now(self, archive: ObjectRef, digest: str, first: int,
                    blocks: list[memoryview], *, sync: bool = True) -> None:
@@ -235,6 +252,17 @@ class ArchiveBlocks:
         with self._room:
             self.stats.cache_write_errors += 1
         self._trouble.write_failed(exc)
+
+
+def _runs(indices: list[int]) -> list[range]:
+    """Sorted ``indices`` as ranges of consecutive ones."""
+    runs: list[range] = []
+    for index in indices:
+        if runs and runs[-1].stop == index:
+            runs[-1] = range(runs[-1].start, index + 1)
+        else:
+            runs.append(range(index, index + 1))
+    return runs
 
 
 class _Ahead:
