@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import random
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import tracemalloc
 import zipfile
+from pathlib import Path
 
 import pytest
 from fakes import FakeSource
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 from test_zip_members import archive
 from zipcraft import make_zip, patch, sample_bytes
 
@@ -864,3 +870,104 @@ def test_the_writer_of_archive_blocks_takes_no_signal(tmp_path) -> None:
     blocked = pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result(5)
     blocks.close()
     assert signal.SIGTERM in blocked
+
+
+# -- ArchiveBlocks against a model ---------------------------------------------------------------
+
+MODEL_BLOCK = 4096
+MODEL_ARCHIVE = 12 * MODEL_BLOCK + 123
+
+
+class GatedDisk(DiskCache):
+    """A disk cache whose write-behind (the writer thread's writes) waits for ``gate``: what is
+    pending when is the test's choice, not the scheduler's. The test thread writes at once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+
+    def write(self, *args, **kwargs) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            assert self.gate.wait(30), "the test never let the writes land"
+        super().write(*args, **kwargs)
+
+
+class ArchiveBlocksModel(RuleBasedStateMachine):
+    """``ArchiveBlocks`` over a real ``DiskCache`` (small, so it evicts) and its write-behind:
+    every range read is the archive's bytes, whichever of pending blocks, disk and S3 served it,
+    and a block forgotten (``forget``: it decoded to damage) comes from S3 at its next read once
+    the writes under way have landed, never from a write that landed after the forget."""
+
+    def __init__(self, base) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(dir=base))
+        self.source = FakeSource()
+        self.source.create_bucket("bkt")
+        self.body = random.Random(5).randbytes(MODEL_ARCHIVE)
+        self.archive = self.source.put("bkt", "a.zip", self.body)
+        self.disk = GatedDisk(self.tmp, block_size=MODEL_BLOCK, capacity=64 * MODEL_BLOCK)
+        self.blocks = spans.ArchiveBlocks(self.source, self.disk, write_inline=2 * MODEL_BLOCK)
+        self.forgetting: set[int] = set()  # forgotten, while a write of them may land
+        self.forgotten: set[int] = set()  # forgotten, no write under way: to come from S3
+
+    def teardown(self) -> None:
+        self.disk.gate.set()
+        self.blocks.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _range(self, data: st.DataObject) -> tuple[int, int]:
+        start = data.draw(st.integers(0, MODEL_ARCHIVE - 1), label="start")
+        return start, data.draw(st.integers(start + 1, min(MODEL_ARCHIVE, start + 6 * MODEL_BLOCK)),
+                                label="end")
+
+    @rule(data=st.data(), shared=st.booleans())
+    def read(self, data: st.DataObject, shared: bool) -> None:
+        start, end = self._range(data)
+        touched = set(range(start // MODEL_BLOCK, (end - 1) // MODEL_BLOCK + 1))
+        gets = self.source.calls["get_range"]
+        read = self.blocks.get_shared if shared else self.blocks.get_range
+        assert bytes(read(self.archive, start, end)) == self.body[start:end]
+        if touched & self.forgotten:
+            assert self.source.calls["get_range"] > gets, "a forgotten block served from a cache"
+        if self.source.calls["get_range"] > gets:  # fetched afresh: fine to serve from now on
+            self.forgetting -= touched
+            self.forgotten -= touched
+
+    @rule(data=st.data())
+    def forget(self, data: st.DataObject) -> None:
+        start, end = self._range(data)
+        self.blocks.forget(self.archive, start, end)
+        self.forgetting |= set(range(start // MODEL_BLOCK, (end - 1) // MODEL_BLOCK + 1))
+
+    @rule()
+    def writes_land(self) -> None:
+        """Every write pending lands (the write-behind is one thread, in order)."""
+        self.disk.gate.set()
+        self.blocks._writer_pool().submit(lambda: None).result(timeout=30)
+        self.disk.gate.clear()
+        self.forgotten |= self.forgetting
+        self.forgetting.clear()
+
+    @rule(choice=st.integers(0, 2**20))
+    def damage(self, choice: int) -> None:
+        """A byte flipped in a region file: the disk cache turns it into a miss. (What is on
+        disk depends on the write-behind's timing: the choice is drawn blind of it.)"""
+        files = sorted(p for p in self.disk.root.rglob("*") if is_region_file(p.name))
+        if not files:
+            return
+        path = files[choice % len(files)]
+        at = choice % max(1, path.stat().st_size)
+        with open(path, "r+b") as handle:
+            handle.seek(at)
+            old = handle.read(1) or b"\0"
+            handle.seek(at)
+            handle.write(bytes([old[0] ^ 0xFF]))
+
+
+def test_archive_blocks_serve_exact_bytes_and_keep_forgotten_blocks_forgotten(tmp_path) -> None:
+    run_state_machine_as_test(
+        lambda: ArchiveBlocksModel(tmp_path),
+        settings=settings(max_examples=40, stateful_step_count=30, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow],
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]),
+    )
