@@ -6,6 +6,8 @@ import heapq
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from s3datafs.prefetch import AHEAD_FACTOR, FilePrefetch, Readahead
 
@@ -135,6 +137,72 @@ def test_a_share_of_the_budget_bounds_what_is_asked_in_whole_gets() -> None:
             assert ahead[1] - ahead[0] >= step  # whole GETs ...
             assert ahead[1] % step == 0  # ... aligned
     assert alone.window == shared.window == 64 * MiB  # the window itself keeps growing
+
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("next"), st.integers(1, 40)),  # where the last read ended
+        st.tuples(st.just("near"), st.integers(-16, 16), st.integers(1, 40)),  # reordered
+        st.tuples(st.just("seek"), st.integers(0, 4000), st.integers(1, 40)),
+        st.tuples(st.just("short"), st.floats(0, 1)),  # the budget fetched part of the last ask
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_ops, step=st.sampled_from([0, 8, 32]), limit=st.sampled_from([0, 24, 64]),
+       size=st.integers(1, 4000))
+def test_any_reads_get_bounded_requests_ahead_of_them_never_asked_twice(
+    ops: list[tuple], step: int, limit: int, size: int
+) -> None:
+    """Whatever the reads (runs, the kernel's reordering within the start's window, seeks, a
+    budget that fetched only part of an ask): each request starts at or after its read's end,
+    ends within the file, the maximum and the budget's share, on a step boundary unless it holds
+    none, overlaps nothing asked since the last seek (but what ``fell_short`` gave back), and
+    reaches at most AHEAD_FACTOR times what the streak read (the start's window at a file's
+    start) past its farthest read."""
+    initial, maximum = 16, 128
+    readahead = Readahead(initial=initial, maximum=maximum)
+    expected = 0  # where the next sequential read goes
+    asked: list[tuple[int, int]] = []  # since the last seek
+    farthest = streak_bytes = 0
+    from_start = True  # no seek yet: the start's window
+    for op in ops:
+        if op[0] == "short":
+            if asked:
+                start, stop = asked[-1]
+                until = start + int(op[1] * (stop - start))
+                readahead.fell_short(until)
+                asked = [(a, min(b, until)) for a, b in asked if a < until]
+            continue
+        if op[0] == "seek":
+            offset, length = op[1], op[2]
+            if abs(offset - expected) <= maximum + initial:
+                continue  # not surely a seek
+        elif op[0] == "near":
+            offset, length = max(0, expected + op[1]), op[2]
+        else:
+            offset, length = expected, op[1]
+        end = min(offset + length, size)
+        ahead = readahead.on_read(offset, length, size, step, limit)
+        if op[0] == "seek":
+            expected, asked, farthest, streak_bytes, from_start = end, [], end, 0, False
+            assert ahead is None  # a seek fetches only what it reads
+            continue
+        expected, farthest = max(expected, end), max(farthest, end)
+        streak_bytes += max(0, end - offset)
+        if ahead is None:
+            continue
+        start, stop = ahead
+        assert end <= start < stop <= size
+        assert stop - end <= (limit or maximum)
+        if step and stop % step and stop != size:
+            assert stop - start < step  # unaligned only when it holds no step boundary
+        assert all(stop <= a or b <= start for a, b in asked), (ahead, asked)
+        window = max(initial if from_start else 0, AHEAD_FACTOR * streak_bytes)
+        assert stop <= farthest + min(maximum, window)
+        asked.append(ahead)
 
 
 # -- across files: a directory read in order ---------------------------------------------------
