@@ -1045,6 +1045,42 @@ async def test_readahead_gets_leave_out_the_stretches_the_disk_cache_holds(tmp_p
     assert reader.stats.misses == 100 - 9
 
 
+@pytest.mark.parametrize("failing", ["every GET", "one GET"])
+@trio_test
+async def test_readahead_in_pieces_that_fail_gives_its_reader_the_typed_error(
+    tmp_path, failing: str
+) -> None:
+    """Readahead around cached stretches is several GETs in one nursery, so their failure
+    arrives as an exception group: the reader that waits for that readahead must still get the
+    error S3 gave (ESTALE for an object changed after mount), not a group the FUSE layer would
+    turn into EIO and an "unexpected error" traceback."""
+    data, source, ref, disk = object_and_disk(tmp_path, 100)
+    digest = object_digest(ref)
+    for first, count in ((10, 3), (30, 2), (50, 4)):  # cached by reads of before: four pieces
+        blocks = [data[i * PAGE_BLOCK : (i + 1) * PAGE_BLOCK] for i in range(first, first + count)]
+        disk.write(ref, digest, first, blocks)
+    reader = make_disk_reader(source, disk)
+    source.gate = gate = threading.Event()
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        assert reader.prefetch(ref, 0, ref.size) == ref.size
+        assert await trio.to_thread.run_sync(inside_get_range, source, 4)
+        if failing == "every GET":
+            source.put(BUCKET, ref.key, b"changed after mount")
+        else:
+            source.fail_next(1, StaleObjectError(f"{ref.uri} changed or was deleted after mount"))
+
+        async def land() -> None:
+            await trio.testing.wait_all_tasks_blocked()  # the read waits for the readahead
+            gate.set()
+
+        mount_tasks.start_soon(land)
+        with pytest.raises(StaleObjectError, match="changed or was deleted after mount"):
+            await reader.read(ref, 0, ref.size)
+        mount_tasks.cancel_scope.cancel()
+    assert len(source.ranges) == 4  # the readahead's pieces: the reader sent no GET of its own
+
+
 @pytest.mark.parametrize("who", ["reader, disk behind", "prefetch command"])
 @trio_test
 async def test_only_a_long_run_nobody_waits_for_looks_on_disk_behind_the_writes(
