@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_zip_members import KIB, MIB, Archive, archive, read_at_once
+from test_zip_members import BUCKET, KIB, MIB, Archive, archive, read_at_once
 from zipcraft import make_zip, patch, sample_bytes
 
 from s3datafs.archive import decompressed as decompressed_module
@@ -26,7 +26,7 @@ from s3datafs.archive.members import MemberSource
 from s3datafs.cache import disk as disk_module
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache
-from s3datafs.errors import ArchiveError
+from s3datafs.errors import ArchiveError, StaleObjectError
 from s3datafs.model import UnzippedRef
 from s3datafs.uri import parse_s3_uri
 
@@ -363,6 +363,37 @@ def test_readers_of_a_bad_member_get_its_bytes_before_its_end_or_its_error(
     assert source.stats.decompressions == 1
     with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
         source.get_range(ref, starts[0], starts[0] + BLOCK)
+
+
+@each_kept_method
+def test_readers_of_a_member_whose_archive_changed_after_mount_all_get_estale(
+    tmp_path: Path, method: int
+) -> None:
+    """The archive replaced in S3 after mount: the decompression into the cache (a thread of
+    its own) fails on its first GET. Every reader waiting for it gets that error, typed
+    (ESTALE), each its own copy; nothing is kept, and nothing is left waiting."""
+    _expected, archived, ref = big_member(method)
+    archived.source.put(BUCKET, archived.ref.key, b"another archive now")
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    barrier = threading.Barrier(4)
+
+    def read(start: int) -> BaseException | bytes:
+        barrier.wait(timeout=10)
+        try:
+            return source.get_range(ref, start, start + BLOCK)
+        except StaleObjectError as exc:
+            return exc
+
+    starts = [MIB * k // 2 + 1 for k in range(1, 5)]  # far from the start: the kept way
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(read, starts))
+    settled(source)
+    assert all(isinstance(result, StaleObjectError) for result in results), results
+    assert all("changed or was deleted after mount" in str(result) for result in results)
+    assert len({id(result) for result in results}) == len(results)  # one exception per reader
+    assert kept_files(tmp_path, ref) == []
+    with pytest.raises(StaleObjectError):
+        source.get_range(ref, MIB, MIB + BLOCK)
 
 
 @each_kept_method
