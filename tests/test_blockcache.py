@@ -307,6 +307,26 @@ def test_a_damaged_block_is_a_miss_and_is_written_again(tmp_path: Path, caplog) 
     assert b"".join(found[i] for i in range(16)) == data
 
 
+def test_a_damaged_block_met_reading_a_run_from_its_end_is_a_miss_and_so_is_what_lies_before(
+    tmp_path: Path, caplog
+) -> None:
+    """A run whose start is cached up to a miss is read from its end back too (``read_run``):
+    a block found damaged there is a miss, and so are the blocks before it, which that read
+    reached only past the damage; the blocks after it are exact hits."""
+    size = 16 * BLOCK
+    data = os.urandom(size)
+    ref, cache = make_ref(size), make_cache(tmp_path)
+    stored(cache, ref, data, 0, 4)
+    stored(cache, ref, data, 5)  # block 4 was never fetched
+    damage(region_file(cache, ref), LAYOUT.slot_offset(13) + 3)  # one flipped payload bit
+    found = read_all(cache, ref, range(0, 16))
+    assert found == {i: data[i * BLOCK : (i + 1) * BLOCK] for i in (0, 1, 2, 3, 14, 15)}
+    assert "discarding corrupt cache block 13" in caplog.text
+    assert read_all(cache, ref, range(13, 14)) == {}  # its entry zeroed: a plain miss now
+    assert read_all(cache, ref, range(5, 13)) == {i: data[i * BLOCK : (i + 1) * BLOCK]
+                                                  for i in range(5, 13)}
+
+
 @pytest.mark.parametrize("harm", ["truncate", "header", "swap", "empty"])
 def test_a_file_that_is_not_its_region_is_a_miss(tmp_path: Path, harm: str) -> None:
     size = 16 * BLOCK
@@ -609,6 +629,24 @@ def test_min_free_counts_writes_that_have_not_landed_yet(
     fs.free -= first  # the first write landed
     cache._free_checked_at = -1e9
     assert cache._make_room(4 * MiB) == 4 * MiB  # leaves 8 MiB
+
+
+def test_min_free_evicts_our_oldest_files_to_make_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--cache-min-free on a filesystem that others fill: the write goes on once this cache
+    has given back enough of its own oldest region files; the newer ones stay."""
+    fs = FakeFs(free=50 * MiB)
+    monkeypatch.setattr(disk.os, "statvfs", fs)
+    cache = make_cache(tmp_path, min_free_ratio=0.05)  # keep 5 MiB free
+    refs = [make_ref(BLOCK, key=f"k{number}") for number in range(4)]
+    for ref in refs[:3]:  # oldest first
+        stored(cache, ref, b"o" * BLOCK)
+    fs.free = 5 * MiB + BLOCK - 1024  # someone else filled the disk: 1 KiB short for a block
+    cache._free_checked_at = -1e9  # the next write checks the filesystem again
+    digest = stored(cache, refs[3], b"n" * BLOCK)
+    assert [bool(files_of(cache, ref)) for ref in refs] == [False, True, True, True]
+    assert cache.read_run(digest, BLOCK, range(1)) == {0: b"n" * BLOCK}
 
 
 def test_usage_and_clear_by_uri(tmp_path: Path) -> None:
