@@ -14,6 +14,7 @@ import pytest
 from fakes import FakeSource
 
 from s3datafs import pinning
+from s3datafs import snapshot as snapshot_module
 from s3datafs.catalog import Catalog, build_catalog
 from s3datafs.errors import PinMismatchError
 from s3datafs.model import ObjectRef
@@ -200,6 +201,16 @@ BAD_EDITS = {
         edit_header(single_object=True, uri="s3://bkt/data/a.bin"),
         "is not the single object its uri names",
     ),
+    # Header fields of the wrong kind or out of range (a hand edit, another tool's file).
+    "versioned-not-a-bool": (edit_header(versioned="yes"), "header is invalid: versioned is not"),
+    "negative-total": (edit_header(total_bytes=-1), "header is invalid: total_bytes is not a"),
+    "short-fingerprint": (edit_header(fingerprint="abc"), "fingerprint is not 64 hex digits"),
+    "uri-not-s3": (edit_header(uri="http://bkt/data/"), "header is invalid: uri: "),
+    "created-not-a-time": (edit_header(created="yesterday"), "a time is not ISO 8601"),
+    "header-line-too-long": (lambda lines: ["x" * ((1 << 20) + 1), *lines[1:]], "no header line"),
+    "empty-key": (edit_line(2, 0, ""), "line 3: the key is not a non-empty string"),
+    "surrogate-key": (edit_line(2, 0, "data/\ud800"), "the key is not valid UTF-8"),
+    "empty-etag": (edit_line(2, 2, ""), "'data/a.bin' has no ETag"),
     "header-missing-field": (
         lambda lines: [
             json.dumps({k: v for k, v in json.loads(lines[0]).items() if k != "bucket"}),
@@ -215,6 +226,35 @@ def test_edited_files_are_refused(tmp_path: Path, snapshot_file: Path, case: str
     edit, fragment = BAD_EDITS[case]
     rewrite(snapshot_file, edit)
     assert_refused(tmp_path, snapshot_file, fragment)
+
+
+def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path, snapshot_file: Path) -> None:
+    lines = gzip.decompress(snapshot_file.read_bytes()).split(b"\n")
+    lines[2] = b'["data/\xff.bin", "v1"]'  # raw bytes no UTF-8 text holds
+    snapshot_file.write_bytes(gzip.compress(b"\n".join(lines)))
+    assert_refused(tmp_path, snapshot_file, "it is corrupted (not UTF-8)")
+
+
+def test_a_snapshot_written_in_many_pieces_round_trips(
+    tmp_path: Path, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records are joined and written ``_WRITE_CHUNK`` lines at a time (2,048: more objects
+    than any other test lists): the file is the same whatever the pieces."""
+    whole = tmp_path / "whole.jsonl.gz"
+    write_snapshot(catalog, whole, name="train")
+    monkeypatch.setattr(snapshot_module, "_WRITE_CHUNK", 2)
+    pieces = tmp_path / "pieces.jsonl.gz"
+    write_snapshot(catalog, pieces, name="train")
+    assert _records(pieces) == _records(whole)
+    loaded = load_snapshot(pieces, tmp_path / "copy.db")
+    with Catalog.open(tmp_path / "copy.db") as copy:
+        assert list(copy.objects()) == list(catalog.objects())
+    assert loaded.header.fingerprint == catalog.meta.fingerprint
+
+
+def _records(path: Path) -> list[str]:
+    """The object lines of a snapshot (the header names the time it was written)."""
+    return gzip.decompress(path.read_bytes()).decode().split("\n")[1:]
 
 
 def test_a_truncated_file_is_refused(tmp_path: Path, snapshot_file: Path) -> None:
