@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import Cli
 from test_bad_input import Case, run_case
+from test_faults_e2e import fill, tmpfs
 from test_mount_e2e import NESTED, expected_tree, put_all, tree
 
 from devtools.s3server import S3Server
@@ -309,6 +310,31 @@ def test_a_bad_snapshot_file_mounts_nothing(
     setup, fragment = SNAPSHOT_CASES[case]
     bad = Case(tuple(MOUNT), 1, fragment, setup=setup)
     run_case(cli, bad, values={"root": str(cli.root)}, world=good_snapshot, s3server=s3server)
+
+
+@pytest.mark.parametrize("command", ["mount", "snapshot"])
+def test_a_snapshot_written_onto_a_full_disk_is_one_line_and_leaves_nothing(
+    cli: Cli, s3, make_bucket, command: str
+) -> None:
+    """``mount --save-snapshot`` and ``snapshot -o`` onto a disk that fills up while the file is
+    written: one line naming the file, no temporary file left, and nothing mounted."""
+    bucket = make_bucket(versioned=True)
+    put_all(s3, bucket, NESTED)
+    target = cli.root / "m"
+    with tmpfs(cli.root / "full", "16k") as full:
+        fill(full)
+        saved = full / "saved.gz"
+        if command == "mount":
+            result = cli.run("mount", f"s3://{bucket}/train/", str(target),
+                             "--save-snapshot", str(saved))
+        else:
+            result = cli.run("snapshot", f"s3://{bucket}/train/", "-o", str(saved))
+        assert (result.returncode, result.stdout) == (1, "")
+        said = f"s3datafs: cannot write snapshot {saved}: No space left on device\n"
+        assert result.stderr == said
+        assert os.listdir(full) == ["filler"]  # the temporary file is gone
+    assert cli.mounts_below_root() == []
+    assert not target.exists()
 
 
 def test_a_snapshot_whose_pinned_version_is_gone_fails_at_the_one_head(
