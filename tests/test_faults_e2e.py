@@ -20,6 +20,7 @@ mount lets the kernel keep pages, which would otherwise hide the daemon.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import functools
 import hashlib
@@ -234,6 +235,44 @@ def test_permanent_errors_reach_the_reader_at_once_and_are_not_retried(
     assert stats["stale_reads"] == (stats["failed_reads"] if expected == errno.ESTALE else 0)
     proxy.clear()
     assert uncached_read(mountpoint / "f.bin") == body  # nothing was remembered as broken
+
+
+@pytest.mark.parametrize(
+    ("what", "versioned", "fault", "said"),
+    [
+        ("p/", False, {"action": "reset", "op": "ListObjectsV2"},
+         "cannot reach S3 for s3://{bucket}/p/: "),
+        ("p/", True, {"action": "error", "op": "ListObjectVersions", "status": 503,
+                      "code": "SlowDown"}, "S3 error on s3://{bucket}/p/: SlowDown: "),
+        ("p/a.bin --as-of", True, {"action": "reset", "op": "ListObjectVersions"},
+         "cannot reach S3 for s3://{bucket}/p/a.bin: "),
+        ("p/a.bin --as-of", True, {"action": "error", "op": "ListObjectVersions", "status": 403,
+                                   "code": "AccessDenied"},
+         "access denied to s3://{bucket}/p/a.bin (AccessDenied): "),
+    ],
+    ids=["list-reset", "versions-503", "as-of-key-reset", "as-of-key-denied"],
+)
+def test_a_listing_that_fails_at_mount_is_one_line_and_nothing_is_mounted(
+    cli: Cli, s3, make_bucket, proxy: FaultProxy, what: str, versioned: bool, fault: dict,
+    said: str,
+) -> None:
+    """S3 fails every listing request (after botocore's own retries): the mount fails with one
+    line that names the dataset, and leaves no mount and no mount point behind."""
+    bucket = make_bucket(versioned=versioned)
+    put(s3, bucket, {"p/a.bin": b"a", "p/b.bin": b"b"})
+    key, *options = what.split()
+    if options:
+        options.append(datetime.datetime.now(datetime.UTC).isoformat())
+    proxy.inject(**fault, times=None)
+    target = cli.root / "m"
+    result = cli.run("mount", f"s3://{bucket}/{key}", str(target), *options,
+                     "--endpoint-url", proxy.endpoint)
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    assert result.stderr.startswith("s3datafs: " + said.format(bucket=bucket)), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert proxy.injected  # the listing was refused, not the mount for another reason
+    assert cli.mounts_below_root() == []
+    assert not target.exists()
 
 
 @pytest.mark.parametrize("readers", [4, 16])
