@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shlex
+import stat
 import subprocess
 import sys
 import tempfile
@@ -464,6 +466,7 @@ def test_the_table_is_large_enough() -> None:
 @pytest.mark.parametrize(
     ("device", "said"),
     [("a file", "cannot open /dev/fuse (not a device): "),
+     ("a device nobody drives", "cannot open /dev/fuse (No such device or address): "),
      ("/dev/null", "cannot mount {mountpoint} (fuse: ")],  # libfuse's own reason
 )
 def test_a_machine_without_a_usable_fuse_device_gets_one_line(
@@ -475,6 +478,9 @@ def test_a_machine_without_a_usable_fuse_device_gets_one_line(
     if device == "a file":
         device = str(cli.root / "not-fuse")
         Path(device).write_bytes(b"")
+    elif device == "a device nobody drives":  # opening it fails, as a container's cgroup does
+        device = str(cli.root / "no-driver")
+        os.mknod(device, stat.S_IFCHR | 0o600, os.makedev(240, 0))  # 240: local use, unassigned
     mountpoint = cli.root / "m"
     command = [sys.executable, "-m", "s3datafs", "mount", f"s3://{bucket}/p/", str(mountpoint),
                *(["--foreground"] if foreground else [])]
