@@ -353,6 +353,8 @@ def _checked_dir(path: Path, what: str, remedy: str, *, shared: bool) -> None:
         if problem is None and not resolved.is_dir():  # made below what was checked, and checked
             make_private_dirs(resolved)
             resolved, problem = _resolved(resolved)
+        if problem is None and not resolved.is_dir():  # a file there: not "Permission denied"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         if problem is None:
             _tighten_if_empty(resolved)
         if problem is None:

@@ -396,7 +396,7 @@ FILES = [
         "cache-dir-is-a-file",
         ["mount", "s3://{b}/p/", "--cache-dir", "{root}/afile"],
         FAILURE,
-        "cannot use cache directory {root}/afile",
+        "cannot use cache directory {root}/afile: Not a directory: choose another",
         setup=make_file("afile"),
     ),
     case(
