@@ -186,3 +186,36 @@ def test_mount_all_foreground_says_when_a_daemon_dies_and_serves_the_others(
     assert (f"s3datafs: WARNING: dataset 'a': its daemon (pid {victim}) died (killed by "
             f"SIGKILL): {cli.data_root / 'a'} is a dead mount") in said
     assert cli.mounts_below_root() == []  # the dead one too
+
+
+@pytest.mark.fuse
+def test_mount_all_foreground_serves_the_others_when_one_dataset_is_unmounted(
+    cli: Cli, s3, make_bucket, abstract_socket
+) -> None:
+    """An operator unmounts one dataset of a running service: its daemon exits 0, which is
+    said as an unmount (not a death), the others serve on, and the stop is still clean."""
+    sock, address = abstract_socket
+    bucket = make_bucket()
+    for name in ("a", "b"):
+        s3.put_object(Bucket=bucket, Key=f"{name}.bin", Body=name.encode())
+    spec = f'[{{"uri": "s3://{bucket}/a.bin"}}, {{"uri": "s3://{bucket}/b.bin"}}]'
+    process = mount_all_in_foreground(cli, address, spec)
+    try:
+        assert sock.recv(4096).startswith(b"READY=1")
+        assert cli.unmount(cli.data_root / "a").returncode == 0
+        assert sock.recv(4096) == b"STATUS=serving 1 of 2 datasets; a unmounted"
+        assert (cli.data_root / "b" / "b.bin").read_bytes() == b"b"
+        process.terminate()
+        assert sock.recv(4096) == b"STOPPING=1"
+        assert process.wait(timeout=30) == 0
+        said = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert "WARNING" not in said, said
+    assert "died" not in said, said
+    assert cli.mounts_below_root() == []
+    assert not (cli.data_root / "a").exists()  # the mount points mount-all made are gone
+    assert not (cli.data_root / "b").exists()
