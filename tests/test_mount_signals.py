@@ -94,7 +94,7 @@ def test_a_mount_command_stopped_while_it_waits_leaves_no_mount(
     command = start(cli, "mount", f"s3://{bucket}/p/", str(target),
                     env={**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint})
     try:
-        time.sleep(1.0)  # the daemon is listing
+        proxy.wait_injected(1, timeout=30)  # the daemon is listing (each list waits 2 s)
         daemons = children(command.pid)
         assert daemons, "no daemon yet"
         command.send_signal(signum)
@@ -226,7 +226,7 @@ def test_a_foreground_mount_stopped_while_it_pins_removes_the_mount_point_it_mad
         while not target.is_dir():
             assert time.monotonic() < deadline, "the mount point was never made"
             time.sleep(0.05)
-        time.sleep(0.3)
+        proxy.wait_injected(1, timeout=30)  # it pins: its listing waits 3 s
         command.send_signal(signal.SIGTERM)
         command.communicate(timeout=30)
         assert command.returncode == 128 + signal.SIGTERM
@@ -244,7 +244,7 @@ def test_two_mounts_at_one_place_at_once_make_one_mount(cli: Cli, proxy, bucket:
     target = cli.root / "shared"
     first = start(cli, "mount", f"s3://{bucket}/p/", str(target), env=env)
     try:
-        time.sleep(0.7)
+        proxy.wait_injected(1, timeout=30)  # the first lists (2 s), holding the place
         second = cli.run("mount", f"s3://{bucket}/p/", str(target), "--name", "other", env=env)
         assert second.returncode == 1
         assert second.stderr == (f"s3datafs: {target}: another s3datafs mount there is under "
