@@ -580,6 +580,33 @@ def test_unmount_refuses_while_another_file_system_is_mounted_over_ours(
     assert not os.path.ismount(mountpoint)
 
 
+def test_sigterm_while_another_file_system_covers_the_mount_leaves_that_one_alone(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """A stop signal asks the daemon to unmount, but libfuse unmounts by path: with a tmpfs on
+    top, that would take the tmpfs off instead. The daemon leaves it (a warning), exits, and its
+    dead mount below is cleared by ``unmount`` once the tmpfs is gone."""
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    daemon = cli.daemon_pid(mountpoint)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mountpoint)], check=True)
+    try:
+        (mountpoint / "kept.txt").write_text("on the tmpfs")
+        os.kill(daemon, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while pid_alive(daemon):
+            assert time.monotonic() < deadline, "the daemon did not exit"
+            time.sleep(0.05)
+        assert [e.fstype for e in mount_table() if e.mountpoint == str(mountpoint)] == [
+            "fuse.s3datafs", "tmpfs"]
+        assert (mountpoint / "kept.txt").read_text() == "on the tmpfs"
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+    assert errno_of(lambda: os.listdir(mountpoint)) == errno.ENOTCONN  # dead below, now bare
+    assert cli.unmount(mountpoint).returncode == 0
+    assert not os.path.ismount(mountpoint)
+    cli.expect_log(f"a tmpfs file system is mounted over {mountpoint}: it is left as it is")
+
+
 def test_unmount_names_a_mount_inside_ours_as_what_keeps_it_busy(
     cli: Cli, s3, make_bucket
 ) -> None:
