@@ -517,6 +517,27 @@ def test_a_disk_that_refuses_the_writes_serves_the_bytes_the_old_way(
     assert source.stats.cache_write_errors == 1
 
 
+@each_kept_method
+def test_a_disk_that_fails_its_reads_serves_the_bytes_from_s3(
+    tmp_path: Path, method: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache disk that fails every read (EIO: a dying disk, a yanked volume) costs a warning:
+    the archive's blocks come from S3 and the member is decompressed, never a failed read."""
+    expected, archived, ref = big_member(method)
+    disk = cache(tmp_path)
+
+    def failing(*_args: object, **_kwargs: object) -> dict:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(disk, "read_run", failing)
+    source = MemberSource(archived.source, disk=disk)
+    for start, end in [(0, BLOCK), *random_ranges(ref.size, seed=11, count=6), (0, ref.size)]:
+        assert source.get_range(ref, start, end) == expected[start:end], (start, end)
+    settled(source)
+    assert "cannot read the block cache ([Errno 5] Input/output error)" in caplog.text
+    assert source.stats.cache_write_errors == 0
+
+
 def test_a_member_is_written_a_region_at_a_time_never_held_whole(tmp_path: Path) -> None:
     """24 MiB of text (1.5 MiB compressed) decompressed whole for one read: the memory the read
     takes at its peak is a few regions (1 MiB here), never the member."""
