@@ -607,6 +607,29 @@ def test_sigterm_while_another_file_system_covers_the_mount_leaves_that_one_alon
     cli.expect_log(f"a tmpfs file system is mounted over {mountpoint}: it is left as it is")
 
 
+@pytest.mark.parametrize("tools", ["fusermount3", "umount2"])
+def test_unmount_of_a_mount_with_a_file_open_says_busy_and_lazy_detaches_it(
+    cli: Cli, s3, make_bucket, tools: str
+) -> None:
+    """With fuse3's tools, and without them (root's own umount2: a container without fuse3),
+    a mount in use is refused in the same one line, and ``--lazy`` then detaches it."""
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    daemon = cli.daemon_pid(mountpoint)
+    env = cli.env if tools == "fusermount3" else {**cli.env, "PATH": "/nonexistent"}
+    with open(mountpoint / "x.bin", "rb") as held:
+        refused = cli.run("unmount", str(mountpoint), env=env)
+        assert (refused.returncode, refused.stderr) == (
+            1, f"s3datafs: {mountpoint} is busy: close the files using it, or use --lazy\n")
+        assert os.path.ismount(mountpoint)
+        assert cli.run("unmount", "--lazy", str(mountpoint), env=env).returncode == 0
+        assert not os.path.ismount(mountpoint)
+        assert held.read() == b"x"  # a file open before the detach is served to its end
+    deadline = time.monotonic() + 30
+    while pid_alive(daemon):  # closed: the detached mount ends, and its daemon with it
+        assert time.monotonic() < deadline, "the detached daemon did not exit"
+        time.sleep(0.05)
+
+
 def test_unmount_names_a_mount_inside_ours_as_what_keeps_it_busy(
     cli: Cli, s3, make_bucket
 ) -> None:
