@@ -119,6 +119,30 @@ async def test_a_run_whose_object_keeps_failing_does_not_stop_the_other_refills(
     assert not reader._writes._refill_failures  # nothing remembered of it
 
 
+@trio_test
+async def test_a_run_whose_object_changed_after_mount_is_dropped_and_the_others_refilled(
+    tmp_path,
+) -> None:
+    """The object changed in S3 (ESTALE) by the time its run is fetched again for the cache:
+    those pinned bytes can never be cached, so the run is dropped at once, not tried again as
+    S3 trouble is, and the runs queued behind it are cached."""
+    source, disk, reader = stuck_disk_reader(tmp_path)
+    *taken, changed, fine = objects_past_the_reserve(reader, source, left=2)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        await read_each(reader, [*taken, changed, fine])
+        assert reader.stats.cache_writes_skipped == 2 * BLOCKS  # changed.bin, then fine.bin
+        reader._memory.clear()
+        source.put(BUCKET, changed.key, b"changed after mount")
+        before = len(source.ranges)
+        disk.unstuck.set()  # the refills run, then the nursery ends
+    again = [ref.key for ref, _start, _end in source.ranges[before:]]
+    assert again.count(changed.key) == 1  # one GET, refused: not retried
+    assert len(disk.read_run(object_digest(fine), fine.size, range(BLOCKS))) == BLOCKS
+    assert disk.read_run(object_digest(changed), changed.size, range(BLOCKS)) == {}
+    assert not reader._writes._refill_failures  # nothing remembered of it
+
+
 class ReadOnlyAfterStuck(StuckDisk):
     """Stuck, then read-only (the cache filesystem remounted ro, or full: every write fails)."""
 
