@@ -340,6 +340,10 @@ SIZES_AND_NUMBERS = [
     ),
     case("read-timeout-negative", ["mount", "s3://{b}/p/", "--read-timeout=-3"], USAGE, "'-3'"),
     case("read-timeout-nan", ["mount", "s3://{b}/p/", "--read-timeout", "nan"], USAGE, "'nan'"),
+    case("read-timeout-words", ["mount", "s3://{b}/p/", "--read-timeout", "5 min"], USAGE,
+         "--read-timeout '5 min' is not a number of seconds"),
+    case("read-timeout-minutes", ["mount", "s3://{b}/p/", "--read-timeout", "5m"], USAGE,
+         "--read-timeout '5m' is not a number of seconds"),
 ]
 
 FILES = [
