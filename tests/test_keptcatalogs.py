@@ -7,6 +7,7 @@ build happened is told by counting ``load_snapshot`` calls. The end-to-end remou
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -112,6 +113,29 @@ def test_a_mounts_catalog_removed_at_unmount_leaves_the_kept_one(world: World) -
     assert len(world.kept()) == 1
     world.mount(snapshot)
     assert world.builds == 1
+
+
+def test_a_cache_filesystem_without_hard_links_builds_every_mount_and_fails_none(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept catalogs are shared by hard links; on a cache filesystem that has none (some
+    network and FUSE filesystems, exFAT: EPERM), or a catalog kept on another one (EXDEV),
+    every mount builds its catalog as before, and gets the same tree."""
+    snapshot = world.snapshot()
+    first = world.mount(snapshot)  # kept, with links
+    assert len(world.kept()) == 1
+
+    def no_links(*_args: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(keptcatalogs.os, "link", no_links)
+    second = world.mount(snapshot)  # the kept one cannot be linked in: built
+    third = world.mount(world.snapshot("other.gz", extra=3))  # and cannot be kept
+    assert world.builds == 3
+    assert catalog_tree(second) == catalog_tree(first)
+    assert catalog_tree(third) != catalog_tree(first)
+    assert len(world.kept()) == 1  # only the first
+    assert not list(keptcatalogs.directory(world.cache_dir).glob(".keep-*"))
 
 
 def test_another_file_or_a_changed_one_is_built(world: World) -> None:
