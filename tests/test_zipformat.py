@@ -342,6 +342,16 @@ def test_synthetic_short_zip64_extra_and_data_past_the_member_area() -> None:
 PLAIN = make_zip({"a.txt": b"a" * 500, "b.txt": b"b" * 500, "c.txt": b"c" * 500})
 
 
+def _central_field(data: bytes, name: str, offset: int, value: int) -> bytes:
+    """``data`` with the 16-bit field at ``offset`` of ``name``'s central directory entry set."""
+    out = bytearray(data)
+    struct.pack_into("<H", out, central_entries(data)[name] + offset, value)
+    return bytes(out)
+
+
+_C_NAME_LENGTH, _C_DISK = 28, 34  # APPNOTE 4.3.12: file name length, disk number start
+
+
 def _bad_entry_signature(data: bytes) -> bytes:
     out = bytearray(data)
     at = central_entries(data)["b.txt"]
@@ -364,10 +374,12 @@ def _bad_entry_signature(data: bytes) -> bytes:
         (patch_end(PLAIN, cd_disk=2), "multi-part"),
         (patch_end(PLAIN, cd_offset=_U32), "ZIP64 values without a ZIP64 end record"),
         (_bad_entry_signature(PLAIN), "bad central directory entry at offset"),
+        (_central_field(PLAIN, "c.txt", _C_NAME_LENGTH, 0xFFFF),
+         "is corrupt: a central directory entry runs past its end"),
         (b"", "is not a zip archive"),
     ],
     ids=["not-a-zip", "truncated-end", "directory-cut", "count-high", "count-low", "disk",
-         "cd-disk", "zip64-placeholder", "bad-entry", "empty"],
+         "cd-disk", "zip64-placeholder", "bad-entry", "entry-past-the-end", "empty"],
 )
 def test_archive_damage_fails_the_index(data: bytes, message: str) -> None:
     with pytest.raises(ArchiveError, match=message) as raised:
@@ -391,6 +403,12 @@ def test_zip64_record_before_the_archive_start() -> None:
 
 
 # -- entry-level damage: that entry is skipped -----------------------------------------------------
+
+
+def test_a_member_on_another_disk_of_a_multi_part_archive_is_skipped() -> None:
+    _, members, skipped = index(_central_field(PLAIN, "b.txt", _C_DISK, 1))
+    assert [m.name for m in members] == ["a.txt", "c.txt"]
+    assert skipped == [Skipped("b.txt", "it starts on another disk of a multi-part archive")]
 
 
 def test_overlapping_member_is_skipped_keeping_the_first_in_archive_order() -> None:
