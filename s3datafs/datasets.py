@@ -413,11 +413,24 @@ def _checked_value(canonical: str, key: str, value: Any, where: str) -> Any:
         return None
     if canonical in ("noSignRequest", "requesterPays"):
         return _boolean(key, value, where)
-    if canonical == "kernelReadahead" and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)  # bytes, as JSON gives a number; checked as the mount option is
+    if canonical == "kernelReadahead" and isinstance(value, (int, float)) \
+            and not isinstance(value, bool):
+        return _byte_count(key, value, where)
     if not isinstance(value, str):
         raise SpecError(f"{where}: {key!r} must be a string, not {_kind(value)}")
     return value
+
+
+def _byte_count(key: str, value: int | float, where: str) -> str:
+    """A size given as a JSON/YAML number: bytes, as text the mount option's check takes. A
+    whole float (``131072.0``, as Python's ``json`` writes a float) is one too; a fraction is
+    refused here (``parse_size`` would cut ``4096.5`` to 4096 and ``1e-05`` to 0)."""
+    if isinstance(value, float):
+        if not value.is_integer():  # NaN and infinities too
+            raise SpecError(f"{where}: {key!r} must be a size such as 128K or a whole number "
+                            f"of bytes, not {value!r}")
+        value = int(value)
+    return str(value)
 
 
 def _boolean(key: str, value: Any, where: str) -> bool:

@@ -104,6 +104,17 @@ def test_kernel_readahead_is_a_size_as_text_or_a_json_number_of_bytes() -> None:
         parse_one(uri="s3://b-1/p/", kernelReadahead=True)
 
 
+def test_kernel_readahead_as_a_json_float_is_bytes_when_whole_and_refused_as_one_if_not() -> None:
+    """A generated spec may write a byte count as ``131072.0`` (Python's ``json`` does for a
+    float): still a number of bytes. A fraction of a byte is refused naming what is wanted, not
+    with "must be a string", which a number of bytes need not be."""
+    assert parse_one(uri="s3://b-1/p/", kernelReadahead=131072.0).kernel_readahead == "131072"
+    for value in (4096.5, 1e-05):
+        with pytest.raises(SpecError, match="'kernelReadahead' must be a size such as 128K or a "
+                                            "whole number of bytes, not "):
+            parse_one(uri="s3://b-1/p/", kernelReadahead=value)
+
+
 def test_names_follow_the_gradient_rule_and_secrets_stay_out_of_repr() -> None:
     specs = parse(
         "- uri: s3://my-bucket/mnist.zip\n"
