@@ -558,6 +558,34 @@ def test_a_write_runs_a_due_sync_unless_asked_to_leave_it_to_the_caller(tmp_path
     assert not cache.sync_due
 
 
+class _BlocksReportedLate:
+    """``os.fstat`` of a filesystem that reports a file's blocks only once its writes commit
+    (ZFS: ``st_blocks`` is 1 until the transaction group is written, seconds later)."""
+
+    def __init__(self, real: os.stat_result) -> None:
+        self._real = real
+        self.st_blocks = 1
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+def test_writes_make_a_scan_fall_due_where_the_filesystem_reports_blocks_late(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a write adds is counted towards the next scan even when ``st_blocks`` lags behind
+    the write: counted by ``st_blocks`` alone, a cache on ZFS never fell due for a scan between
+    mounts and grew past its bound by all it wrote (held back only by --cache-min-free)."""
+    real_fstat = os.fstat
+    monkeypatch.setattr(disk.os, "fstat", lambda fd: _BlocksReportedLate(real_fstat(fd)))
+    cache = make_cache(tmp_path)
+    cache.sync_every = 8 * BLOCK
+    for number in range(4):  # a new region file each, two blocks written into it
+        ref = make_ref(2 * BLOCK, key=f"k{number}")
+        cache.write(ref, blockfile.object_digest(ref), 0, [bytes(BLOCK)] * 2, sync=False)
+    assert cache.sync_due
+
+
 def _write_every_other_block(cache_dir: str, parity: int, data: bytes) -> None:
     cache = DiskCache(Path(cache_dir), block_size=BLOCK, capacity=64 * disk.REGION_BYTES)
     blocks = blocks_of(data)

@@ -59,7 +59,10 @@ Invariants:
   total can overshoot by at most ``sync_every`` per process (a little more while a scan that
   ``write(sync=False)`` left to its caller waits to run). What counts is what each write
   added to its file on disk (``st_blocks`` before and after), not what the index says the file
-  held: the index's entry for a file another process evicted is stale.
+  held: the index's entry for a file another process evicted is stale. And it is at least the
+  payload written: ZFS reports a file's blocks only once its transaction group commits
+  (``st_blocks`` is 1 right after the write), and counted by ``st_blocks`` alone its writes
+  never made a scan fall due (a block written again counts again: an early scan, no more).
 - Memory does not grow with the cache: the index holds at most ``INDEX_ENTRIES`` files (the
   most recently used; a 20 GiB cache of 4 KiB objects is 2.6 million files, 0.7 GiB indexed
   whole). Past that it is *partial*: files it forgot are still found by reads (``may_hold``
@@ -449,7 +452,9 @@ class DiskCache:
                 self._index.pop(relative, None)  # popped, not evicted: no unlink
                 if allocated <= self._capacity:
                     self._index[relative] = allocated
-                    self._written_since_sync += grown
+                    # At least the payload: ``st_blocks`` may lag behind the write (ZFS
+                    # counts a file's blocks once its transaction group commits, seconds later).
+                    self._written_since_sync += max(grown, sum(map(len, parts)))
             if allocated > self._capacity:  # larger than the whole cache (a tiny --cache-size)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
