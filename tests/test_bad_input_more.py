@@ -331,6 +331,8 @@ SIZES_AND_NUMBERS = [
          "from 0 to 16M, such as 1M (the default) or 128K"),
     case("kernel-readahead-word", ["mount", "s3://{b}/p/", "--kernel-readahead", "lots"], USAGE,
          "'lots' is not a size"),
+    case("kernel-readahead-half-byte", ["mount", "s3://{b}/p/", "--kernel-readahead", "0.5"],
+         USAGE, "--kernel-readahead '0.5' is not a whole number of bytes: give a unit"),
     case("uid-negative", ["mount", "s3://{b}/p/", "--uid=-5"], USAGE, "--uid '-5'"),
     case(
         "cache-min-free-over-100",
