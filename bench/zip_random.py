@@ -1,25 +1,28 @@
-"""Random reads inside one large bzip2 or LZMA zip member, through a real mount.
+"""Random reads inside one large compressed zip member (bzip2, LZMA, deflate), through a mount.
 
 A zip of one member (``--size-mib``, records of text: ~3x compressible) per method is put on the
 S3 server (direct, 0 ms; a fixed ``--port``), then for each method and each contender (this
 tree, and ``--baseline DIR``: another ``s3datafs`` package, e.g. a ``git worktree`` of an
 earlier commit) on a fresh cache directory:
 
-- ``random``: a fresh mount, ``--reads`` reads of 64 KiB at random offsets (one seed for all);
+- ``random``: a fresh mount, ``--reads`` reads of ``--read-kib`` (64) KiB at random offsets
+  (one seed for all);
 - ``remount``: unmounted and mounted again on the same cache, the same reads (not for the
   baseline with ``--baseline-remount`` off: its mounts keep nothing decompressed, so it repeats
   ``random``, minutes of it);
 - ``sequential``: a fresh mount and cache, the member read whole in 1 MiB reads
   (``--sequential-repeats`` times: on a shared machine one time says little).
 
-Each line gives the wall time, the decompressor objects the daemon made (counted by a
-``sitecustomize`` put on the daemon's ``PYTHONPATH`` that wraps ``bz2.BZ2Decompressor`` and
-``lzma.LZMADecompressor`` and counts those that decompress: the same count for any version),
-and the mount's S3 GETs and bytes
-(``user.s3datafs.stats``)::
+Each line gives the wall time, the daemon's CPU seconds over the job (``/proc``: what runs on
+after it, a decompression into the cache finishing, is not counted), the decompressions from a
+member's start the daemon made (``decompressions`` of ``user.s3datafs.stats``; a tree older than
+that counter is counted by a ``sitecustomize`` put on the daemon's ``PYTHONPATH`` that wraps
+``bz2.BZ2Decompressor`` and ``lzma.LZMADecompressor``: bzip2 and LZMA only), and the mount's S3
+GETs and bytes (``user.s3datafs.stats``)::
 
-    python -m bench.zip_random [--size-mib 40] [--reads 200] [--methods bzip2,lzma]
-                               [--baseline DIR] [--no-baseline-remount] [--sequential-repeats 3]
+    python -m bench.zip_random [--size-mib 40] [--reads 200] [--read-kib 64]
+                               [--methods bzip2,lzma,deflate] [--baseline DIR]
+                               [--no-baseline-remount] [--sequential-repeats 3]
                                [--phases random,remount,sequential] [--work DIR] [--port 18610]
 
 Every mount is unmounted in a ``finally`` (lazily if it must be).
@@ -38,12 +41,11 @@ import time
 import zipfile
 from pathlib import Path
 
-from .env import ROOT, S3Server, child_env, s3_client
+from .env import ROOT, S3Server, child_env, cpu_seconds, s3_client
 
 BUCKET = "zip-random"
-READ = 64 * 1024
 MiB = 1 << 20
-METHODS = {"bzip2": zipfile.ZIP_BZIP2, "lzma": zipfile.ZIP_LZMA}
+METHODS = {"bzip2": zipfile.ZIP_BZIP2, "lzma": zipfile.ZIP_LZMA, "deflate": zipfile.ZIP_DEFLATED}
 COUNTER = '''"""Counts decompressors that decompress into $ZIP_RANDOM_COUNT (bench.zip_random).
 
 Counted at their first decompress() call: a version that makes one only to check a method is
@@ -131,24 +133,35 @@ class Mounts:
         if mounted.returncode != 0:
             raise RuntimeError(f"{self.name}: mount failed: {mounted.stderr}")
         try:
+            pid = self.daemon_pid(mountpoint)
             member = mountpoint / "member.bin"
+            cpu = cpu_seconds(pid)
             started = time.perf_counter()
             job(member)
             wall = time.perf_counter() - started
+            cpu = cpu_seconds(pid) - cpu
             stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
         finally:
             if self.cli("unmount", str(mountpoint)).returncode != 0:
                 subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
         return {"contender": self.name, "what": what, "seconds": round(wall, 2),
-                "decompressors": self.made(), "gets": stats.get("s3_requests", 0),
+                "cpu_s": round(cpu, 2),
+                "decompressions": stats.get("decompressions", self.made()),
+                "gets": stats.get("s3_requests", 0),
                 "get_mib": round(stats.get("s3_bytes", 0) / MiB, 1)}
 
+    def daemon_pid(self, mountpoint: Path) -> int:
+        """The mount's daemon, from ``s3datafs status --json`` (0: not found)."""
+        rows = json.loads(self.cli("status", "--json").stdout or "[]")
+        return next((int(row.get("pid") or 0) for row in rows
+                     if row.get("mountpoint") == str(mountpoint)), 0)
 
-def random_reads(data: bytes, offsets: list[int]):
+
+def random_reads(data: bytes, offsets: list[int], length: int):
     def job(member: Path) -> None:
         with open(member, "rb", buffering=0) as handle:
             for offset in offsets:
-                if os.pread(handle.fileno(), READ, offset) != data[offset: offset + READ]:
+                if os.pread(handle.fileno(), length, offset) != data[offset: offset + length]:
                     raise AssertionError(f"wrong bytes at {offset}")
     return job
 
@@ -166,6 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=float, default=40)
     parser.add_argument("--reads", type=int, default=200)
+    parser.add_argument("--read-kib", type=int, default=64, help="bytes per random read, KiB")
     parser.add_argument("--methods", default="bzip2,lzma")
     parser.add_argument("--baseline", type=Path, help="another s3datafs tree to compare with")
     parser.add_argument("--sequential-repeats", type=int, default=3)
@@ -179,7 +193,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     contenders = [("after", ROOT)] + ([("before", args.baseline)] if args.baseline else [])
     rng = random.Random(11)
-    offsets = [rng.randrange(READ, size - READ) for _ in range(args.reads)]
+    length = args.read_kib * 1024
+    offsets = [rng.randrange(64 * 1024, size - 64 * 1024) for _ in range(args.reads)]
     results = []
     with S3Server(port=args.port, env={"MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(1 << 30)}) as server:
         client = s3_client(server.endpoint)
@@ -194,8 +209,8 @@ def main() -> None:
                 root = args.work / f"{name}-{method}"
                 shutil.rmtree(root, ignore_errors=True)  # cold: no cache of an earlier run
                 mounts = Mounts(name, package, root, server.endpoint)
-                runs = [("random", "cache-1", random_reads(data, offsets)),
-                        ("remount", "cache-1", random_reads(data, offsets))]
+                runs = [("random", "cache-1", random_reads(data, offsets, length)),
+                        ("remount", "cache-1", random_reads(data, offsets, length))]
                 runs += [("sequential", f"cache-{2 + n}", sequential(data))
                          for n in range(args.sequential_repeats)]
                 if name == "before" and not args.baseline_remount:
