@@ -1,8 +1,11 @@
-"""Large bzip2 and LZMA members kept decompressed in the disk cache (``archive.decompressed``).
+"""Large compressed members kept decompressed in the disk cache (``archive.decompressed``).
 
 Against FakeSource and a real ``DiskCache`` in ``tmp_path``, with region files of 1 MiB so a
 member of a few MiB spans several. Decompressions are ``MemberSource.stats.decompressions``
 (every decompression that starts at a member's start); GETs are counted from the FakeSource.
+bzip2 and LZMA members are kept when a read would start over; deflated ones when a read would
+also inflate ``members._TRAIL`` bytes or more from the nearest saved position (the test member
+is smaller than ``members._MIN_INTERVAL``: it has none unless a test makes the interval small).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from s3datafs.model import UnzippedRef
 from s3datafs.uri import parse_s3_uri
 
 BLOCK = 64 * KIB
-KEPT = {"bzip2": zipfile.ZIP_BZIP2, "lzma": zipfile.ZIP_LZMA}
+KEPT = {"bzip2": zipfile.ZIP_BZIP2, "lzma": zipfile.ZIP_LZMA, "deflate": zipfile.ZIP_DEFLATED}
 each_kept_method = pytest.mark.parametrize("method", KEPT.values(), ids=KEPT.keys())
 
 
@@ -122,12 +125,13 @@ def test_a_remount_decompresses_and_fetches_nothing(tmp_path: Path, method: int)
 
 
 def starting_over_keeps_it(
-    source: MemberSource, ref: members_module.MemberRef, expected: bytes, directory: Path
+    source: MemberSource, ref: members_module.MemberRef, expected: bytes, directory: Path,
+    start: int = 0,
 ) -> None:
-    """A read at the member's start, behind the live position: one more decompression, and the
-    member is kept."""
+    """A read at ``start`` behind the live position: one more decompression, and the member is
+    kept."""
     decompressions = source.stats.decompressions
-    assert source.get_range(ref, 0, BLOCK) == expected[:BLOCK]
+    assert source.get_range(ref, start, start + BLOCK) == expected[start: start + BLOCK]
     settled(source)
     assert source.stats.decompressions == decompressions + 1
     assert kept_files(directory, ref) != []
@@ -144,6 +148,15 @@ def test_a_sequential_reader_keeps_the_live_position(tmp_path: Path, method: int
         assert source.get_range(ref, start, end) == expected[start:end]
     assert source.stats.decompressions == 1
     assert kept_files(tmp_path, ref) == []
+    if method == zipfile.ZIP_DEFLATED:
+        # A second pass starts over from the member's start, as before: inflating from there
+        # is what a read from the cache would save, and no copy is written.
+        for start in range(0, ref.size, 128 * KIB):
+            end = min(ref.size, start + 128 * KIB)
+            assert source.get_range(ref, start, end) == expected[start:end]
+        assert source.stats.decompressions == 2
+        assert kept_files(tmp_path, ref) == []
+        return
     # A second pass starts over: that member is then kept, and the pass after reads the disk.
     starting_over_keeps_it(source, ref, expected, tmp_path)
     assert source.get_range(ref, 5 * BLOCK, 6 * BLOCK) == expected[5 * BLOCK: 6 * BLOCK]
@@ -165,8 +178,9 @@ def test_readahead_runs_arriving_out_of_order_are_served_from_the_trail(
         assert source.get_range(ref, start, end) == expected[start:end], (start, end)
     assert source.stats.decompressions == 1
     assert kept_files(tmp_path, ref) == []
-    # Further behind than the trail: the member goes to the cache, once.
-    starting_over_keeps_it(source, ref, expected, tmp_path)
+    # Further behind than the trail (and from the member's start): the member goes to the
+    # cache, once.
+    starting_over_keeps_it(source, ref, expected, tmp_path, start=MIB)
 
 
 @each_kept_method
@@ -472,22 +486,92 @@ def test_a_small_cache_evicts_and_reads_stay_right(tmp_path: Path, method: int) 
     assert source.stats.decompressions == 2
 
 
-def test_a_member_over_a_quarter_of_the_bound_is_not_kept(tmp_path: Path) -> None:
-    expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
+@each_kept_method
+def test_a_member_over_a_quarter_of_the_bound_is_not_kept(tmp_path: Path, method: int) -> None:
+    expected, archived, ref = big_member(method)
     source = MemberSource(archived.source, disk=cache(tmp_path, capacity=ref.size * 4 - 1))
     for start, end in random_ranges(ref.size, seed=7, count=5):
         assert source.get_range(ref, start, end) == expected[start:end]
     assert kept_files(tmp_path, ref) == []
 
 
-@pytest.mark.parametrize("with_disk", [False, True], ids=["no-disk-cache", "deflate"])
-def test_without_a_disk_cache_or_with_deflate_reads_go_as_before(
-    tmp_path: Path, with_disk: bool
-) -> None:
-    expected, archived, ref = big_member(zipfile.ZIP_DEFLATED if with_disk else zipfile.ZIP_BZIP2)
-    source = MemberSource(archived.source, disk=cache(tmp_path) if with_disk else None)
+@each_kept_method
+def test_without_a_disk_cache_reads_go_as_before(tmp_path: Path, method: int) -> None:
+    expected, archived, ref = big_member(method)
+    source = MemberSource(archived.source, disk=None)
     for start, end in random_ranges(ref.size, seed=8, count=10):
         assert source.get_range(ref, start, end) == expected[start:end]
+    assert source._kept is None
+
+
+@pytest.fixture
+def small_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deflate positions saved every 96 KiB of the 3 MiB member (``size / 32``), closer than
+    the trail (128 KiB here) to any read once a pass has saved them."""
+    monkeypatch.setattr(members_module, "_MIN_INTERVAL", 64 * KIB)
+
+
+@pytest.mark.usefixtures("small_interval")
+def test_deflate_reads_near_saved_positions_are_not_kept(tmp_path: Path) -> None:
+    """After a pass saved positions all along a deflated member, reads at random resume from
+    the nearest (under the trail's worth of inflating each): no copy is written. Without the
+    saved positions (another mount), the first read far from the start keeps the member."""
+    expected, archived, ref = big_member(zipfile.ZIP_DEFLATED)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    for start in range(0, ref.size, 256 * KIB):
+        end = min(ref.size, start + 256 * KIB)
+        assert source.get_range(ref, start, end) == expected[start:end]
+    assert len(source._states[ref].saved) >= 30
+    for start, end in random_ranges(ref.size, seed=10):
+        assert source.get_range(ref, start, end) == expected[start:end], (start, end)
+    settled(source)
+    assert source.stats.decompressions == 1
+    assert kept_files(tmp_path, ref) == []
+    remounted = MemberSource(archived.source, disk=cache(tmp_path))
+    start = 2 * MIB
+    assert remounted.get_range(ref, start, start + BLOCK) == expected[start: start + BLOCK]
+    settled(remounted)
+    assert kept_files(tmp_path, ref) != []
+
+
+def test_a_deflated_member_read_whole_is_not_kept(tmp_path: Path) -> None:
+    """Read whole in one range (``prefetch``, or a reader asking for all of it): inflated as
+    before, no copy written for reads that may never come; once kept, it is read from there."""
+    expected, archived, ref = big_member(zipfile.ZIP_DEFLATED)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    assert source.get_range(ref, 0, ref.size) == expected
+    assert kept_files(tmp_path, ref) == []
+    start = 2 * MIB
+    assert source.get_range(ref, start, start + BLOCK) == expected[start: start + BLOCK]
+    settled(source)
+    assert source.stats.decompressions == 2
+    assert kept_files(tmp_path, ref) != []
+    assert source.get_range(ref, 0, ref.size) == expected
+    assert source.stats.decompressions == 2
+
+
+@each_kept_method
+def test_a_zip_bomb_is_never_kept(tmp_path: Path, method: int) -> None:
+    """Declared smaller than it inflates: reads ahead of the decompression into the cache get
+    their bytes as it passes them (as from the live position: the end is not known yet), a
+    read of its end fails, nothing is kept, and every read fails at once after that."""
+    declared = 3 * MIB  # 4,321 bytes short: the read at 1 MiB is passed well before the end
+    archived = zipped(method, size=declared)
+    ref = archived.members["big.bin"]
+    assert ref.size == declared
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    start = MIB
+    assert source.get_range(ref, start, start + BLOCK) == content()[start: start + BLOCK]
+    with pytest.raises(ArchiveError, match="inflates past its declared size"):
+        source.get_range(ref, declared - BLOCK, declared)
+    settled(source)
+    assert kept_files(tmp_path, ref) == []
+    with pytest.raises(ArchiveError, match="inflates past its declared size"):
+        source.get_range(ref, start, start + BLOCK)
+    remounted = MemberSource(archived.source, disk=cache(tmp_path))
+    with pytest.raises(ArchiveError, match="inflates past its declared size"):
+        remounted.get_range(ref, declared - BLOCK, declared)
+    settled(remounted)
     assert kept_files(tmp_path, ref) == []
 
 

@@ -27,20 +27,30 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   at once); when read in pieces it is kept a while (``_whole``) for the next piece. A larger
   member read in pieces keeps *positions*: the decompressor paused where the last range ended
   (so a sequential reader continues where it stopped) and, for deflate, copies of it saved every
-  ``_checkpoint_interval`` output bytes, so a random read decompresses from the nearest saved
-  position at or before it instead of from the start. Positions are bounded in total
+  max(``_MIN_INTERVAL``, size / ``_SAVED_PER_MEMBER``) output bytes, so a random read
+  decompresses from the nearest saved position at or before it instead of from the start
+  (with a disk cache, a random reader of a large member goes to the disk: below). Positions
+  are bounded in total
   (``max_positions``, LRU over members); one lock per member serialises its decompression.
   The live position's latest output (up to ``_TRAIL`` before the read, ``_TRAILS_KEPT`` for
   all members) serves reads just behind it: a sequential reader's readahead runs arrive out
   of order, and one that came after the run beyond it started over from the member's start.
 - Kept decompressed: bzip2 and LZMA decompressors cannot be copied, so a random read before the
-  live position would start over from the member's start. With a disk cache, such a large
-  member is instead decompressed once, whole, into the disk cache (``decompressed.KeptMembers``:
-  single-flight, in a thread of its own whose output serves the reads ahead of it; the copy is
-  read only once its CRC is verified), and every later read is a disk read, across remounts
-  too. Reads the live position or its trail serve (a sequential reader, from a first read
-  within ``_TRAIL`` of the member's start) still go that way (``_to_kept``). Without a disk
-  cache, or for a member over a quarter of its bound, as before.
+  live position would start over from the member's start. Deflate's saved copies spare that,
+  but a random read still inflates half an interval on average from the nearest (8 MiB, ~45
+  ms of CPU, in a 512 MiB member: 200 random reads took 12-20 s), and the copies are memory
+  only, gone at unmount. With a disk cache, such a large member is instead decompressed once,
+  whole, into the disk cache (``decompressed.KeptMembers``: single-flight, in a thread of its
+  own whose output serves the reads ahead of it; the copy is read only once its CRC is
+  verified), and every later read is a disk read, across remounts too. Which reads go there
+  (``_to_kept``): those that would start over, but not those the live position or its trail
+  serve (a sequential reader, from a first read within ``_TRAIL`` of the member's start); for
+  deflate, only those that would also inflate ``_TRAIL`` bytes or more from the nearest saved
+  position or the member's start (``_far_from_saved``: a random reader's, or the first after
+  a remount), so a sequential reader's late readahead run or second pass resumes from a copy
+  or the start, as before. A deflate member read whole in one range is inflated, not kept
+  (bzip2 and LZMA are: decompressing them again is slow). Without a disk cache, or for a
+  member over a quarter of its bound, as before.
 - Verification: decompression never produces more than the declared size: a member that would
   inflate further (a zip bomb), ends early or fails to decompress is an ``ArchiveError`` (EIO),
   and so is a CRC-32 mismatch. A compressed member's CRC is checked whenever decompression
@@ -174,6 +184,8 @@ class _ZipLzma:
         return self._inner.decompress(data, max_length)
 
 
+# Methods whose decompressor can be copied (``_Inflate.copy``): saved positions serve reads.
+_COPYABLE = frozenset({zipformat.DEFLATED})
 # The methods read, each with its decompressor's maker (called late: tests may replace them).
 _DECOMPRESSORS: dict[int, Callable[[], _Decompressor]] = {
     zipformat.DEFLATED: lambda: _Inflate(),
@@ -264,7 +276,10 @@ class MemberSource:
             if kept is not None and (data := kept.read(ref, start, end)) is not None:
                 return data
             if start == 0 and end == ref.size:
-                if kept is not None and (data := kept.fill(
+                # Read whole: bzip2 and LZMA are kept for the next reads (decompressing them again
+                # is slow); deflate, ~10x faster, as before (a copy would be bytes written for
+                # nothing if nobody reads the member at random).
+                if kept is not None and ref.method not in _COPYABLE and (data := kept.fill(
                         ref, start, end, functools.partial(self._whole_pieces, ref))) is not None:
                     return data
                 return self._inflated(ref, start, end, self._data)
@@ -436,11 +451,10 @@ class MemberSource:
         return self._run(ref, self._fresh(ref), 0, ref.size, None)
 
     def _keeping(self, ref: MemberRef) -> KeptMembers | None:
-        """The kept members, if ``ref`` (a large compressed member) is one: its method's
-        decompressor cannot be copied (bzip2, LZMA: deflate's saved positions serve it
-        instead, ``_Inflate.copy``), and it fits their bound."""
+        """The kept members, if ``ref`` (a large compressed member) may be one: it fits their
+        bound (and the disk took such writes). Which reads go there: ``_to_kept``."""
         kept = self._kept
-        if kept is None or ref.method == zipformat.DEFLATED or not kept.keeps(ref):
+        if kept is None or not kept.keeps(ref):
             return None
         return kept
 
@@ -613,14 +627,31 @@ def _first_end(ref: MemberRef, start: int, end: int) -> int:
 
 def _to_kept(kept: KeptMembers, ref: MemberRef, state: _MemberState, start: int) -> bool:
     """Whether a read from ``start`` goes to the kept members: it would start over (see
-    ``_restarts``), or their decompression under way reaches it sooner than the live position
-    (a sequential reader's first readahead run can reach a member before its first read:
-    that run started the decompression, and the first read must join it, not start another)."""
+    ``_restarts``; for deflate, only if it would also inflate ``_TRAIL`` bytes or more before
+    it: ``_far_from_saved``), or their decompression under way reaches it sooner than the
+    live position (a sequential reader's first readahead run can reach a member before its
+    first read: that run started the decompression, and the first read must join it, not
+    start another)."""
     live, under_way = state.live, kept.produced(ref)
     if under_way is not None and under_way <= start and (
             live is None or not live.out_pos <= start or start - under_way < start - live.out_pos):
         return True
-    return _restarts(state, start)
+    return _restarts(state, start) and (
+        ref.method not in _COPYABLE or _far_from_saved(state, start))
+
+
+def _far_from_saved(state: _MemberState, start: int) -> bool:
+    """Whether a deflate read from ``start`` would inflate ``_TRAIL`` bytes or more before it:
+    no saved position, nor the member's start, lies within ``_TRAIL`` before it.
+
+    A read that near costs at most ~8 MiB of inflating (~25 ms), as a late readahead run
+    resuming from a saved copy does: that stays the old way (a sequential reader, a second
+    pass from the member's start). A read further from any is a random reader's (or the first
+    after a remount, when the saved copies are gone): the member is inflated once into the
+    disk cache, and its reads from then on are disk reads, the next mount's too."""
+    at = bisect.bisect_right([saved.out_pos for saved in state.saved], start) - 1
+    nearest = state.saved[at].out_pos if at >= 0 else 0
+    return start - nearest >= _TRAIL
 
 
 def _restarts(state: _MemberState, start: int) -> bool:
