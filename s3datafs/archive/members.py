@@ -539,8 +539,11 @@ class MemberSource:
         # with ``state`` (positions that are kept) it is fed ``_FEED`` bytes at a time, so a
         # saved copy holds no more of a chunk of up to ``_MAX_CHUNK``. The rest of the chunk
         # stays with the live position only (``pending``; ``next_in`` counts what was fed).
+        # zlib also copies the input it has not used yet at every call (``unconsumed_tail``:
+        # most of a chunk per ``_OUT_STEP`` of output), so deflate is always fed ``_FEED`` bytes
+        # at a time (a 64 MiB member of text inflated whole: 0.21 -> 0.19 s of CPU, min of 9).
         pending, position.pending = position.pending, _NOTHING
-        feed = _FEED if state is not None else None
+        feed = _FEED if state is not None or _copyable(decompressor) else None
         try:
             while position.out_pos < end:
                 data: bytes | memoryview = b""
