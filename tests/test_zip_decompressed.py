@@ -3,9 +3,10 @@
 Against FakeSource and a real ``DiskCache`` in ``tmp_path``, with region files of 1 MiB so a
 member of a few MiB spans several. Decompressions are ``MemberSource.stats.decompressions``
 (every decompression that starts at a member's start); GETs are counted from the FakeSource.
-bzip2 and LZMA members are kept when a read would start over; deflated ones when a read would
-also inflate ``members._TRAIL`` bytes or more from the nearest saved position (the test member
-is smaller than ``members._MIN_INTERVAL``: it has none unless a test makes the interval small).
+bzip2 and LZMA members are kept when a read would start over; deflated ones (larger than
+``members._TRAIL``) when a read would also inflate ``members._NEAR_SAVED`` bytes or more from the
+nearest saved position (the test member is smaller than ``members._MIN_INTERVAL``: it has none
+unless a test makes the interval small).
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ each_kept_method = pytest.mark.parametrize("method", KEPT.values(), ids=KEPT.key
 
 @pytest.fixture(autouse=True)
 def small_regions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Region files of 1 MiB, and a trail of 128 KiB (``members._TRAIL``, 8 MiB: a first read
-    within it goes the live way), so a member of 3 MiB is like one of many MiB."""
+    """Region files of 1 MiB, a trail of 128 KiB (``members._TRAIL``, 8 MiB: a first read
+    within it goes the live way) and ``members._NEAR_SAVED`` of 16 KiB (1 MiB), so a member of
+    3 MiB is like one of many MiB."""
     monkeypatch.setattr(disk_module, "REGION_BYTES", MIB)
     monkeypatch.setattr(members_module, "_TRAIL", 128 * KIB)
+    monkeypatch.setattr(members_module, "_NEAR_SAVED", 16 * KIB)
 
 
 @functools.cache
@@ -504,34 +507,52 @@ def test_without_a_disk_cache_reads_go_as_before(tmp_path: Path, method: int) ->
     assert source._kept is None
 
 
-@pytest.fixture
-def small_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Deflate positions saved every 96 KiB of the 3 MiB member (``size / 32``), closer than
-    the trail (128 KiB here) to any read once a pass has saved them."""
+@pytest.mark.parametrize("other_mount", [False, True], ids=["same-mount", "remounted"])
+def test_deflate_reads_near_a_saved_position_are_not_kept_far_ones_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other_mount: bool
+) -> None:
+    """After a pass saved positions along a deflated member (every 96 KiB here: ``size / 32``),
+    reads just after one (within ``_NEAR_SAVED``) resume from it: no copy. The first read
+    further from any (a random reader's) has the member kept; in another mount, where the
+    saved positions are gone, so does the first read far from the member's start."""
     monkeypatch.setattr(members_module, "_MIN_INTERVAL", 64 * KIB)
-
-
-@pytest.mark.usefixtures("small_interval")
-def test_deflate_reads_near_saved_positions_are_not_kept(tmp_path: Path) -> None:
-    """After a pass saved positions all along a deflated member, reads at random resume from
-    the nearest (under the trail's worth of inflating each): no copy is written. Without the
-    saved positions (another mount), the first read far from the start keeps the member."""
     expected, archived, ref = big_member(zipfile.ZIP_DEFLATED)
     source = MemberSource(archived.source, disk=cache(tmp_path))
     for start in range(0, ref.size, 256 * KIB):
         end = min(ref.size, start + 256 * KIB)
         assert source.get_range(ref, start, end) == expected[start:end]
-    assert len(source._states[ref].saved) >= 30
-    for start, end in random_ranges(ref.size, seed=10):
+    saved = [position.out_pos for position in source._states[ref].saved
+             if position.out_pos + 12 * KIB <= ref.size]
+    assert len(saved) >= 30
+    for at in reversed(saved[4:]):  # backwards: each read is behind the one before
+        start = at + 8 * KIB
+        assert source.get_range(ref, start, start + 4 * KIB) == expected[start: start + 4 * KIB]
+    settled(source)
+    assert (source.stats.decompressions, kept_files(tmp_path, ref)) == (1, [])
+    if other_mount:
+        source = MemberSource(archived.source, disk=cache(tmp_path))
+        far = saved[3] + 8 * KIB  # near a position the first mount saved: far from 0 here
+    else:
+        far = saved[3] + 48 * KIB  # behind the last read, half an interval from a position
+    assert source.get_range(ref, far, far + BLOCK) == expected[far: far + BLOCK]
+    settled(source)
+    assert kept_files(tmp_path, ref) != []
+
+
+@each_kept_method
+def test_a_deflated_member_no_larger_than_the_trail_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: int
+) -> None:
+    """A deflated member of up to ``_TRAIL`` (8 MiB): its random reads inflate at most a
+    saved interval each, and the caches hold much of it anyway: as before, no copy on disk per
+    member. bzip2 and LZMA ones, whose reads would start over, are kept."""
+    monkeypatch.setattr(members_module, "_TRAIL", 4 * MIB)  # the member is 3 MiB
+    expected, archived, ref = big_member(method)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    for start, end in [(2 * MIB, 2 * MIB + BLOCK), *random_ranges(ref.size, seed=11, count=8)]:
         assert source.get_range(ref, start, end) == expected[start:end], (start, end)
     settled(source)
-    assert source.stats.decompressions == 1
-    assert kept_files(tmp_path, ref) == []
-    remounted = MemberSource(archived.source, disk=cache(tmp_path))
-    start = 2 * MIB
-    assert remounted.get_range(ref, start, start + BLOCK) == expected[start: start + BLOCK]
-    settled(remounted)
-    assert kept_files(tmp_path, ref) != []
+    assert (kept_files(tmp_path, ref) == []) == (method == zipfile.ZIP_DEFLATED)
 
 
 def test_a_deflated_member_read_whole_is_not_kept(tmp_path: Path) -> None:

@@ -45,10 +45,11 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   verified), and every later read is a disk read, across remounts too. Which reads go there
   (``_to_kept``): those that would start over, but not those the live position or its trail
   serve (a sequential reader, from a first read within ``_TRAIL`` of the member's start); for
-  deflate, only those that would also inflate ``_TRAIL`` bytes or more from the nearest saved
-  position or the member's start (``_far_from_saved``: a random reader's, or the first after
-  a remount), so a sequential reader's late readahead run or second pass resumes from a copy
-  or the start, as before. A deflate member read whole in one range is inflated, not kept
+  deflate, only those of a member larger than ``_TRAIL`` that would also inflate
+  ``_NEAR_SAVED`` bytes or more from the nearest saved position or the member's start
+  (``_far_from_saved``: a random reader's, or the first after a remount), so a second pass
+  from the member's start still inflates from there. A deflate member read whole in one range
+  is inflated, not kept
   (bzip2 and LZMA are: decompressing them again is slow). Without a disk cache, or for a
   member over a quarter of its bound, as before.
 - Verification: decompression never produces more than the declared size: a member that would
@@ -109,6 +110,15 @@ _OUT_STEP = 1024 * 1024  # output bytes per decompressor call: a whole member is
 # bounded (LRU): a few members read in order at once.
 _TRAIL = _MAX_CHUNK
 _TRAILS_KEPT = 32 * 1024 * 1024
+# A deflate read that would start over (``_restarts``) resumes from a saved position or the
+# member's start within this before it (a second pass from the start; a readahead run later
+# than the trail, right after a saved copy); one further away goes to the kept members
+# (``_far_from_saved``), if the member is larger than ``_TRAIL``. Resuming costs ~8 ms per MiB
+# inflated through a mount, a read of the kept copy under 1 ms: 200 random 64 KiB reads took
+# 1.2-1.5 s the old way, 0.4-0.7 s kept in a 16 MiB member (a copy every 4 MiB, as up to 128
+# MiB); in one of 4 MiB, which the caches mostly hold anyway, 0.18-0.26 s and 0.12-0.14 s: not
+# worth a copy on disk per member (``bench/zip_random.py``).
+_NEAR_SAVED = 1024 * 1024
 
 
 class _Decompressor(Protocol):
@@ -630,31 +640,25 @@ def _first_end(ref: MemberRef, start: int, end: int) -> int:
 
 def _to_kept(kept: KeptMembers, ref: MemberRef, state: _MemberState, start: int) -> bool:
     """Whether a read from ``start`` goes to the kept members: it would start over (see
-    ``_restarts``; for deflate, only if it would also inflate ``_TRAIL`` bytes or more before
-    it: ``_far_from_saved``), or their decompression under way reaches it sooner than the
-    live position (a sequential reader's first readahead run can reach a member before its
-    first read: that run started the decompression, and the first read must join it, not
-    start another)."""
+    ``_restarts``; for deflate, only in a member larger than ``_TRAIL``, and if it would also
+    inflate ``_NEAR_SAVED`` bytes or more before it: ``_far_from_saved``), or their
+    decompression under way reaches it sooner than the live position (a sequential reader's
+    first readahead run can reach a member before its first read: that run started the
+    decompression, and the first read must join it, not start another)."""
     live, under_way = state.live, kept.produced(ref)
     if under_way is not None and under_way <= start and (
             live is None or not live.out_pos <= start or start - under_way < start - live.out_pos):
         return True
     return _restarts(state, start) and (
-        ref.method not in _COPYABLE or _far_from_saved(state, start))
+        ref.method not in _COPYABLE or (ref.size > _TRAIL and _far_from_saved(state, start)))
 
 
 def _far_from_saved(state: _MemberState, start: int) -> bool:
-    """Whether a deflate read from ``start`` would inflate ``_TRAIL`` bytes or more before it:
-    no saved position, nor the member's start, lies within ``_TRAIL`` before it.
-
-    A read that near costs at most ~8 MiB of inflating (~25 ms), as a late readahead run
-    resuming from a saved copy does: that stays the old way (a sequential reader, a second
-    pass from the member's start). A read further from any is a random reader's (or the first
-    after a remount, when the saved copies are gone): the member is inflated once into the
-    disk cache, and its reads from then on are disk reads, the next mount's too."""
+    """Whether a deflate read from ``start`` would inflate ``_NEAR_SAVED`` bytes or more before
+    it: no saved position, nor the member's start, lies within that before it."""
     at = bisect.bisect_right([saved.out_pos for saved in state.saved], start) - 1
     nearest = state.saved[at].out_pos if at >= 0 else 0
-    return start - nearest >= _TRAIL
+    return start - nearest >= _NEAR_SAVED
 
 
 def _restarts(state: _MemberState, start: int) -> bool:
