@@ -689,3 +689,38 @@ def test_marker_of_another_kind_is_not_taken_for_one(tmp_path: Path) -> None:
     assert source.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
     settled(source)
     assert source.stats.decompressions == 1
+
+
+@each_kept_method
+def test_keep_decompresses_a_member_before_its_reads(tmp_path: Path, method: int) -> None:
+    """``s3datafs prefetch``: a bzip2 or LZMA member is decompressed into the cache ahead of
+    any read, and a later mount's reads are disk reads (no decompression, no GET). Deflate is
+    not kept ahead: only a random reader gains from its copy, and a mount keeps it then."""
+    expected, archived, ref = big_member(method)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    ahead = method != zipfile.ZIP_DEFLATED
+    assert source.keeps_ahead(ref) is ahead
+    assert source.keep(ref) is ahead
+    assert (kept_files(tmp_path, ref) != []) is ahead
+    if not ahead:
+        assert source.stats.decompressions == 0
+        return
+    assert source.keep(ref)  # kept already: nothing more done
+    assert source.stats.decompressions == 1
+    source.close()
+    archived.reset()
+    again = MemberSource(archived.source, disk=cache(tmp_path))
+    for start, end in [(0, BLOCK), (0, ref.size), *random_ranges(ref.size, seed=12)]:
+        assert again.get_range(ref, start, end) == expected[start:end], (start, end)
+    assert again.stats.decompressions == 0
+    assert archived.source.calls["get_range"] == 0
+
+
+def test_keep_of_a_bad_member_raises_and_keeps_nothing(tmp_path: Path) -> None:
+    archived = zipped(zipfile.ZIP_BZIP2, crc=0x12345678)
+    ref = archived.members["big.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+        source.keep(ref)
+    assert kept_files(tmp_path, ref) == []
+    assert not MemberSource(archived.source, disk=None).keeps_ahead(ref)  # --no-cache

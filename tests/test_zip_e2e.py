@@ -416,6 +416,38 @@ def test_prefetch_warms_members_and_cache_clear_forgets_the_index(
     assert s3server.ops()["GetObject"] == 1  # the index again: one GET of the archive's end
 
 
+def test_prefetch_keeps_large_bzip2_and_lzma_members_decompressed(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    """A job's first random reads of them are then disk reads: no decompression, no GET. A
+    deflated member is not kept ahead; a bad one is a warning, and its reads still fail."""
+    bucket = make_bucket()
+    members = {"a.bz2.bin": sample_bytes(61, 10 * MiB + 1), "b.xz.bin": sample_bytes(62, 10 * MiB),
+               "c.deflate.bin": sample_bytes(63, 10 * MiB), "d.bad.bin": sample_bytes(64, 3 * MiB)}
+    body = make_zip(members, methods=(zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA, zipfile.ZIP_DEFLATED,
+                                      zipfile.ZIP_BZIP2))
+    put(s3, bucket, "d.zip", patch(body, "d.bad.bin", crc=0x12345678))
+    result = cli.run("prefetch", f"s3://{bucket}/d.zip")
+    assert result.returncode == 0, result.stderr
+    assert "; 2 members kept decompressed (20.0 MiB)" in result.stdout
+    (warning,) = result.stderr.splitlines()  # one line, no traceback
+    assert "d.bad.bin" in warning
+    assert "CRC-32 mismatch" in warning
+    cli.expect_log(r"CRC-32 mismatch")
+    s3server.reset_stats()
+    mountpoint = cli.mount(f"s3://{bucket}/d.zip")
+    rng = random.Random(7)
+    for name in ("a.bz2.bin", "b.xz.bin"):
+        with open(mountpoint / name, "rb", buffering=0) as member:
+            for offset in [rng.randrange(len(members[name])) for _ in range(20)]:
+                got = os.pread(member.fileno(), 64 * 1024, offset)
+                assert got == members[name][offset: offset + 64 * 1024], (name, offset)
+    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    assert (stats["decompressions"], stats["s3_requests"]) == (0, 0)
+    assert "GetObject" not in s3server.ops()
+    assert errno_of((mountpoint / "d.bad.bin").read_bytes) == errno.EIO
+
+
 def test_max_prefetch_memory_bounds_the_spans_a_zip_is_read_in(
     cli: Cli, s3, s3server, make_bucket
 ) -> None:

@@ -296,6 +296,32 @@ class MemberSource:
                 return self._inflated(ref, start, end, self._data)
             return self._inflate_range(ref, start, end, kept)
 
+    def keep(self, ref: MemberRef) -> bool:
+        """Decompress ``ref`` into the disk cache now, as a mount does at its first read that
+        would start over (``s3datafs prefetch``): a bzip2 or LZMA member over ``whole_max``
+        within the kept members' bound. Whether it is kept afterwards (at once if it was).
+
+        Deflate is not kept ahead: only a random reader gains from its copy (a sequential one
+        inflates as fast as it reads). The read waited for is the member's last byte, so no
+        more of it is held than a mount's decompression holds; it returns once the copy is
+        verified. A bad member raises ``ArchiveError``, as its reads would.
+        """
+        if not self.keeps_ahead(ref):
+            return False
+        with self._failing(ref):
+            kept = self._keeping(ref)
+            if kept is None:
+                return False
+            last = (ref.size - 1, ref.size)
+            if kept.read(ref, *last) is None:
+                kept.fill(ref, *last, functools.partial(self._whole_pieces, ref))
+            return kept.read(ref, *last) is not None
+
+    def keeps_ahead(self, ref: MemberRef) -> bool:
+        """Whether ``keep`` would decompress ``ref`` into the disk cache (see there)."""
+        return (ref.method in _DECOMPRESSORS and ref.method not in _COPYABLE
+                and ref.size > self._whole_max and self._keeping(ref) is not None)
+
     def get_range_now(self, ref: PinnedRef, start: int, end: int) -> bytes | None:
         """``get_range``'s answer if it is at hand, without I/O or waiting; else None.
 

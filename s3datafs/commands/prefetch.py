@@ -6,7 +6,14 @@ uses, so the blocks it stores are the ones the mount will look for. A zip datase
 the archive object itself: a mount keeps members on disk as the archive's own blocks
 (``archive.spans.ArchiveBlocks``), so those are what it stores, with no member inflated or held in
 memory (warming member by member peaked at 343 MiB for a 346 MiB zip); its member index is stored
-as a mount would store it. Up to ``PARALLEL_OBJECTS`` objects are warmed at once, each with
+as a mount would store it. Then its bzip2 and LZMA members over 1 MiB are decompressed into the
+cache (``MemberSource.keep``, ``KEEPING`` at a time), as a mount does at a random read: a job's
+first reads of them are disk reads too, not a wait for a whole decompression (a 128 MiB bzip2
+member: 200 random reads 8.9 s without, 0.17 s with; a sequential read, 6.9 s of bzip2 at ~19
+MB/s, becomes disk reads), paid here instead (8.7 s of CPU for that member). Only as many as
+fit beside the archive in the cache's bound (more would evict the archive's own blocks);
+deflate members are not (only a random reader gains: a mount keeps them at its first such
+read). Up to ``PARALLEL_OBJECTS`` objects are warmed at once, each with
 an even share of ``PARALLEL_RUNS`` request-sized GETs in flight, at least 2 (``_warm_all``), so
 the bytes in flight are bounded by the reader's request size times 16. On a terminal a
 progress line shows bytes, rate and ETA; otherwise only the final summary is printed.
@@ -16,26 +23,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import logging
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import trio
 
 from .. import config, logsetup, pinning, s3source
 from ..archive.index import archive_catalog
+from ..archive.members import MemberSource
 from ..cache.disk import DiskCache
 from ..catalog import Catalog
-from ..errors import ConfigError, UsageError
+from ..errors import ArchiveError, ConfigError, UsageError
 from ..keptcatalogs import KeptCatalogs
-from ..model import PinnedRef
+from ..model import MemberRef, PinnedRef
 from ..reader import BlockReader
 from ..units import counted, human_size
 from . import mount as mount_command
 
 PARALLEL_OBJECTS = 8
 PARALLEL_RUNS = 8  # request-sized GETs in flight in all: a mount's readahead budget (64M) of them
+KEEPING = 2  # members decompressed into the cache at once: a core each (a mount allows 4)
+
+log = logging.getLogger(__name__)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -119,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
                     raise
                 progress.finish()
                 raise KeyboardInterrupt from None
-    progress.finish()
+            progress.finish()
+            kept = (0, 0) if members is None else _keep_decompressed(
+                source, disk, members.files(), room=disk.capacity - stored)
     failed = reader.counters()["cache_write_errors"]
     if failed:
         raise ConfigError(f"{failed} runs of {plan.uri} could not be written to the cache (see "
@@ -127,12 +143,49 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     what = counted(count, "object" if members is None else "member")
     archived = "" if members is None else f" (an archive of {human_size(stored)})"
+    decompressed = "" if not kept[0] else (
+        f"; {counted(kept[0], 'member')} kept decompressed ({human_size(kept[1])})")
     print(
         f"s3datafs: prefetched {what} of {plan.uri}, "
         f"{human_size(total)}{archived} in {elapsed:.1f}s "
-        f"({human_size(reader.counters()['s3_bytes'])} from S3)"
+        f"({human_size(reader.counters()['s3_bytes'])} from S3){decompressed}"
     )
     return 0
+
+
+def _keep_decompressed(
+    source: s3source.S3Source, disk: DiskCache, members: Iterator[PinnedRef], room: int
+) -> tuple[int, int]:
+    """Decompress the archive's bzip2 and LZMA members into the cache (``MemberSource.keep``),
+    ``KEEPING`` at a time, as many as ``room`` holds in archive order; (count, bytes) kept.
+
+    The archive's blocks are on disk by now: no GET. A bad member is one warning (its reads in
+    a mount fail as they would have), and the rest go on.
+    """
+    unzip = MemberSource(source, disk=disk)
+    wanted: list[MemberRef] = []
+    for ref in members:
+        if isinstance(ref, MemberRef) and unzip.keeps_ahead(ref):
+            if ref.size > room:
+                break
+            wanted.append(ref)
+            room -= ref.size
+    pool = ThreadPoolExecutor(KEEPING, thread_name_prefix="s3datafs-keep")
+    try:
+        done = list(pool.map(functools.partial(_keep_one, unzip), wanted))
+    finally:
+        unzip.close()  # first: on Ctrl-C, decompressions under way stop at their next piece
+        pool.shutdown(cancel_futures=True)
+    kept = [ref for ref, ok in zip(wanted, done, strict=True) if ok]
+    return len(kept), sum(ref.size for ref in kept)
+
+
+def _keep_one(unzip: MemberSource, ref: MemberRef) -> bool:
+    try:
+        return unzip.keep(ref)
+    except ArchiveError as exc:
+        log.warning("%s; not kept decompressed", exc)
+        return False
 
 
 async def _warm_all(
