@@ -13,6 +13,9 @@ earlier commit) on a fresh cache directory:
 - ``sequential``: a fresh mount and cache, the member read whole in 1 MiB reads
   (``--sequential-repeats`` times: on a shared machine one time says little).
 
+With ``--prefetch``, ``s3datafs prefetch`` warms the cache of ``random`` first (its own line:
+wall and CPU seconds, and what it printed), so ``random`` is a job's first epoch after it.
+
 Each line gives the wall time, the daemon's CPU seconds over the job (``/proc``: what runs on
 after it, a decompression into the cache finishing, is not counted), the decompressions from a
 member's start the daemon made (``decompressions`` of ``user.s3datafs.stats``; a tree older than
@@ -23,7 +26,8 @@ GETs and bytes (``user.s3datafs.stats``)::
     python -m bench.zip_random [--size-mib 40] [--reads 200] [--read-kib 64]
                                [--methods bzip2,lzma,deflate] [--baseline DIR]
                                [--no-baseline-remount] [--sequential-repeats 3]
-                               [--phases random,remount,sequential] [--work DIR] [--port 18610]
+                               [--phases random,remount,sequential] [--prefetch]
+                               [--work DIR] [--port 18610]
 
 Every mount is unmounted in a ``finally`` (lazily if it must be).
 """
@@ -34,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -150,6 +155,20 @@ class Mounts:
                 "gets": stats.get("s3_requests", 0),
                 "get_mib": round(stats.get("s3_bytes", 0) / MiB, 1)}
 
+    def prefetch(self, key: str, cache: str) -> dict:
+        """``s3datafs prefetch`` of ``key`` into cache dir ``cache``: its wall and CPU time."""
+        self.env["S3DATAFS_CACHE_DIR"] = str(self.root / cache)
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        done = self.cli("prefetch", f"s3://{BUCKET}/{key}")
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise RuntimeError(f"{self.name}: prefetch failed: {done.stderr}")
+        return {"contender": self.name, "what": "prefetch", "seconds": round(wall, 2),
+                "cpu_s": round(after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, 2),
+                "printed": done.stdout.strip().split(" in ")[-1]}
+
     def daemon_pid(self, mountpoint: Path) -> int:
         """The mount's daemon, from ``s3datafs status --json`` (0: not found)."""
         rows = json.loads(self.cli("status", "--json").stdout or "[]")
@@ -184,6 +203,8 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another s3datafs tree to compare with")
     parser.add_argument("--sequential-repeats", type=int, default=3)
     parser.add_argument("--phases", default="random,remount,sequential")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="s3datafs prefetch the random phase's cache first")
     parser.add_argument("--baseline-remount", action=argparse.BooleanOptionalAction,
                         default=True)
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/zip-random"))
@@ -216,6 +237,10 @@ def main() -> None:
                 if name == "before" and not args.baseline_remount:
                     runs.pop(1)
                 runs = [run for run in runs if run[0] in args.phases.split(",")]
+                if args.prefetch and "random" in args.phases.split(","):
+                    result = {"method": method, **mounts.prefetch(key, "cache-1")}
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
                 for what, cache, job in runs:
                     result = {"method": method, **mounts.run(key, cache, what, job)}
                     results.append(result)
