@@ -8,9 +8,11 @@ the archive object itself: a mount keeps members on disk as the archive's own bl
 memory (warming member by member peaked at 343 MiB for a 346 MiB zip); its member index is stored
 as a mount would store it. Then its bzip2 and LZMA members over 1 MiB are decompressed into the
 cache (``MemberSource.keep``, ``KEEPING`` at a time), as a mount does at a random read: a job's
-first reads of them are disk reads too, not a wait for a whole decompression (a 128 MiB bzip2
-member: 200 random reads 8.9 s without, 0.17 s with; a sequential read, 6.9 s of bzip2 at ~19
-MB/s, becomes disk reads), paid here instead (8.7 s of CPU for that member). Only as many as
+first reads of them are disk reads too, not a wait for a whole decompression, which is paid
+here instead (``bench/zip_random.py --prefetch``, a 128 MiB member, 200 random 64 KiB reads
+after prefetch: bzip2 6.2-16.4 s before, 0.24-0.38 s now, for a prefetch of 10-18 s, not 0.7 s;
+LZMA 3.2-3.3 s, 0.18-0.21 s, 3.6-4.1 s and 0.6 s; a sequential reader gains too: bzip2 decodes
+~19 MB/s). Only as many as
 fit beside the archive in the cache's bound (more would evict the archive's own blocks);
 deflate members are not (only a random reader gains: a mount keeps them at its first such
 read). Up to ``PARALLEL_OBJECTS`` objects are warmed at once, each with
