@@ -12,13 +12,13 @@ first reads of them are disk reads too, not a wait for a whole decompression, wh
 here instead (``bench/zip_random.py --prefetch``, a 128 MiB member, 200 random 64 KiB reads
 after prefetch: bzip2 6.2-16.4 s before, 0.24-0.38 s now, for a prefetch of 10-18 s, not 0.7 s;
 LZMA 3.2-3.3 s, 0.18-0.21 s, 3.6-4.1 s and 0.6 s; a sequential reader gains too: bzip2 decodes
-~19 MB/s). Only as many as
-fit beside the archive in the cache's bound (more would evict the archive's own blocks);
-deflate members are not (only a random reader gains: a mount keeps them at its first such
-read). Up to ``PARALLEL_OBJECTS`` objects are warmed at once, each with
-an even share of ``PARALLEL_RUNS`` request-sized GETs in flight, at least 2 (``_warm_all``), so
-the bytes in flight are bounded by the reader's request size times 16. On a terminal a
-progress line shows bytes, rate and ETA; otherwise only the final summary is printed.
+~19 MB/s). Only as many as fit beside the archive in the cache's bound (more would evict the
+archive's own blocks); deflate members are not (only a random reader gains: a mount keeps them
+at its first such read). No progress line is shown meanwhile. Up to ``PARALLEL_OBJECTS``
+objects are warmed at once, each with an even share of ``PARALLEL_RUNS`` request-sized GETs in
+flight, at least 2 (``_warm_all``), so the bytes in flight are bounded by the reader's request
+size times 16. On a terminal a progress line shows bytes, rate and ETA; otherwise only the
+final summary is printed.
 """
 
 from __future__ import annotations
