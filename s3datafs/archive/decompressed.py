@@ -10,11 +10,12 @@ memory cache or the mount.
 
 ``KeptMembers`` is asked by ``MemberSource`` for such members (``keeps``): a read first looks
 here (``read``: disk only); a read the live decompressor cannot serve (it would start over;
-for deflate, also far from every saved copy: ``members._to_kept``) has the member
-decompressed once, whole, here (``fill``), in a thread of its own that writes
-its bytes as blocks of the disk cache as decompression produces them. Every later read of the
-member, by any mount of the same pinned archive, after remounts too, is a disk read: no
-decompression, no S3 byte.
+for deflate, also far from every saved copy: ``members._to_kept``), or ``s3datafs prefetch``
+for a bzip2 or LZMA member (``MemberSource.keep``: a read of its last byte), has the member
+decompressed once, whole, here (``fill``), in a thread of its own that writes its bytes as
+blocks of the disk cache as decompression produces them. Every later read of the member, by
+any mount of the same pinned archive, after remounts too, is a disk read: no decompression,
+no S3 byte.
 
 Readers do not wait for the whole member: one whose range the output has not passed yet is
 given it from the output as it passes (memory only; the first reader always is), so it waits
