@@ -596,6 +596,26 @@ class Catalog:
             with self._lock:
                 cursor.close()
 
+    def files(self) -> Iterator[PinnedRef]:
+        """The ref of every file shown, in inode order (an archive catalog's are its members).
+
+        Fetched in pages under the lock, holding no cursor between them; for ``prefetch``.
+        """
+        after = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {self._columns} FROM entries{self._join} "
+                    "WHERE inode > ? AND is_dir = 0 ORDER BY inode LIMIT ?",
+                    (after, _MAX_PAGE)).fetchall()
+            for row in rows:
+                ref = self._entry(row).ref
+                if ref is not None:
+                    yield ref
+            if len(rows) < _MAX_PAGE:
+                return
+            after = rows[-1][0]
+
     def close(self) -> None:
         """Close the database; the catalog must not be used afterwards."""
         with self._lock, contextlib.suppress(sqlite3.Error):
