@@ -83,7 +83,7 @@ def test_the_progress_line_shows_the_share_done_the_rate_and_the_time_left(
 ) -> None:
     """25 MiB a second since the start, whenever the line was last drawn; an empty dataset is
     all done."""
-    clock = iter([0.0, 1.0, 2.0, 10.0, 11.0])
+    clock = iter([0.0, 1.0, 2.0, 10.0, 11.0, 20.0, 21.0])
     monkeypatch.setattr(prefetch, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     terminal = Terminal()
     monkeypatch.setattr(prefetch.sys, "stderr", terminal)
@@ -99,3 +99,6 @@ def test_the_progress_line_shows_the_share_done_the_rate_and_the_time_left(
     empty = prefetch._Progress(0)
     empty.advance(0)
     assert terminal.getvalue().endswith("prefetch: 0 B / 0 B (100%) 0 B/s ETA 0s   ")
+    named = prefetch._Progress(0, "decompressing")  # the line of prefetch's second step
+    named.advance(0)
+    assert terminal.getvalue().endswith("\rdecompressing: 0 B / 0 B (100%) 0 B/s ETA 0s   ")
