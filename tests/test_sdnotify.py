@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -104,6 +105,24 @@ def mount_all_in_foreground(cli: Cli, address: str, spec: str) -> subprocess.Pop
     return process
 
 
+@contextlib.contextmanager
+def datasets_a_and_b_served(cli: Cli, s3, make_bucket, address: str) -> Iterator[subprocess.Popen]:
+    """``mount-all --foreground`` of two single-object datasets, ``a`` (a.bin) and ``b``
+    (b.bin); killed and reaped at the end if the test did not stop it."""
+    bucket = make_bucket()
+    for name in ("a", "b"):
+        s3.put_object(Bucket=bucket, Key=f"{name}.bin", Body=name.encode())
+    spec = f'[{{"uri": "s3://{bucket}/a.bin"}}, {{"uri": "s3://{bucket}/b.bin"}}]'
+    process = mount_all_in_foreground(cli, address, spec)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+
+
 @pytest.mark.fuse
 @pytest.mark.parametrize("daemons_too", [False, True], ids=["command", "control-group"])
 def test_mount_all_foreground_says_ready_once_all_are_mounted_and_stops_cleanly(
@@ -164,12 +183,7 @@ def test_mount_all_foreground_says_when_a_daemon_dies_and_serves_the_others(
     cli: Cli, s3, make_bucket, abstract_socket
 ) -> None:
     sock, address = abstract_socket
-    bucket = make_bucket()
-    for name in ("a", "b"):
-        s3.put_object(Bucket=bucket, Key=f"{name}.bin", Body=name.encode())
-    spec = f'[{{"uri": "s3://{bucket}/a.bin"}}, {{"uri": "s3://{bucket}/b.bin"}}]'
-    process = mount_all_in_foreground(cli, address, spec)
-    try:
+    with datasets_a_and_b_served(cli, s3, make_bucket, address) as process:
         assert sock.recv(4096).startswith(b"READY=1")
         victim = cli.daemon_pid(cli.data_root / "a")
         os.kill(victim, signal.SIGKILL)
@@ -178,11 +192,6 @@ def test_mount_all_foreground_says_when_a_daemon_dies_and_serves_the_others(
         process.terminate()
         assert process.wait(timeout=30) == 0
         said = process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
     assert (f"s3datafs: WARNING: dataset 'a': its daemon (pid {victim}) died (killed by "
             f"SIGKILL): {cli.data_root / 'a'} is a dead mount") in said
     assert cli.mounts_below_root() == []  # the dead one too
@@ -195,12 +204,7 @@ def test_mount_all_foreground_serves_the_others_when_one_dataset_is_unmounted(
     """An operator unmounts one dataset of a running service: its daemon exits 0, which is
     said as an unmount (not a death), the others serve on, and the stop is still clean."""
     sock, address = abstract_socket
-    bucket = make_bucket()
-    for name in ("a", "b"):
-        s3.put_object(Bucket=bucket, Key=f"{name}.bin", Body=name.encode())
-    spec = f'[{{"uri": "s3://{bucket}/a.bin"}}, {{"uri": "s3://{bucket}/b.bin"}}]'
-    process = mount_all_in_foreground(cli, address, spec)
-    try:
+    with datasets_a_and_b_served(cli, s3, make_bucket, address) as process:
         assert sock.recv(4096).startswith(b"READY=1")
         assert cli.unmount(cli.data_root / "a").returncode == 0
         assert sock.recv(4096) == b"STATUS=serving 1 of 2 datasets; a unmounted"
@@ -209,11 +213,6 @@ def test_mount_all_foreground_serves_the_others_when_one_dataset_is_unmounted(
         assert sock.recv(4096) == b"STOPPING=1"
         assert process.wait(timeout=30) == 0
         said = process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
     assert "WARNING" not in said, said
     assert "died" not in said, said
     assert cli.mounts_below_root() == []

@@ -361,18 +361,9 @@ def test_readers_of_a_bad_member_get_its_bytes_before_its_end_or_its_error(
     archived = zipped(method, crc=0x12345678)
     ref = archived.members["big.bin"]
     source = MemberSource(archived.source, disk=cache(tmp_path))
-    barrier = threading.Barrier(6)
-
-    def read(start: int) -> BaseException | bytes:
-        barrier.wait(timeout=10)
-        try:
-            return source.get_range(ref, start, start + BLOCK)
-        except ArchiveError as exc:
-            return exc
-
     starts = [MIB * k // 2 + 1 for k in range(1, 7)]
-    with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(read, starts))
+    results = read_at_once(source, ref, [(start, start + BLOCK) for start in starts],
+                           threads=len(starts), catching=(ArchiveError,))
     for start, result in zip(starts, results, strict=True):
         assert result == content()[start: start + BLOCK] or (
             isinstance(result, ArchiveError) and "CRC-32 mismatch" in str(result)), start
@@ -392,18 +383,9 @@ def test_readers_of_a_member_whose_archive_changed_after_mount_all_get_estale(
     _expected, archived, ref = big_member(method)
     archived.source.put(BUCKET, archived.ref.key, b"another archive now")
     source = MemberSource(archived.source, disk=cache(tmp_path))
-    barrier = threading.Barrier(4)
-
-    def read(start: int) -> BaseException | bytes:
-        barrier.wait(timeout=10)
-        try:
-            return source.get_range(ref, start, start + BLOCK)
-        except StaleObjectError as exc:
-            return exc
-
     starts = [MIB * k // 2 + 1 for k in range(1, 5)]  # far from the start: the kept way
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(read, starts))
+    results = read_at_once(source, ref, [(start, start + BLOCK) for start in starts],
+                           threads=len(starts), catching=(StaleObjectError,))
     settled(source)
     assert all(isinstance(result, StaleObjectError) for result in results), results
     assert all("changed or was deleted after mount" in str(result) for result in results)

@@ -317,16 +317,21 @@ def test_evicted_positions_still_give_the_right_bytes(small_interval: int) -> No
 
 
 def read_at_once(source: MemberSource, ref: MemberRef, ranges: list[tuple[int, int]],
-                 threads: int = 8) -> list[bytes]:
-    """``ranges`` of ``ref`` read by ``threads`` threads, whose first reads start at once."""
+                 threads: int = 8, catching: tuple[type[Exception], ...] = ()
+                 ) -> list[bytes | Exception]:
+    """``ranges`` of ``ref`` read by ``threads`` threads, whose first reads start at once; an
+    exception of a type in ``catching`` is that read's result, any other is raised."""
     barrier = threading.Barrier(threads)
     started: set[str] = set()
 
-    def read(job: tuple[int, int]) -> bytes:
+    def read(job: tuple[int, int]) -> bytes | Exception:
         if threading.current_thread().name not in started:
             started.add(threading.current_thread().name)
             barrier.wait(timeout=10)
-        return source.get_range(ref, *job)
+        try:
+            return source.get_range(ref, *job)
+        except catching as exc:
+            return exc
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(read, ranges))
