@@ -30,8 +30,8 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   max(``_MIN_INTERVAL``, size / ``_SAVED_PER_MEMBER``) output bytes, so a random read
   decompresses from the nearest saved position at or before it instead of from the start
   (with a disk cache, a random reader of a large member goes to the disk: below). Positions
-  are bounded in total
-  (``max_positions``, LRU over members); one lock per member serialises its decompression.
+  are bounded in total (``max_positions``, LRU over members); one lock per member serialises
+  its decompression.
   The live position's latest output (up to ``_TRAIL`` before the read, ``_TRAILS_KEPT`` for
   all members) serves reads just behind it: a sequential reader's readahead runs arrive out
   of order, and one that came after the run beyond it started over from the member's start.
