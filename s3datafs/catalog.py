@@ -56,9 +56,14 @@ leaves nothing behind. A builder belongs to the thread that created it.
 Reading (``Catalog``): the file is opened read-only and ``immutable`` (it never changes once in
 place; a rebuild replaces the file, and an open catalog keeps reading the old one). Every method is
 one short query run under a lock, so a ``Catalog`` may be shared by the trio thread and worker
-threads. ``children()`` fetches pages (growing from ``_FIRST_PAGE`` to ``_MAX_PAGE`` rows) and
-holds no cursor between them, so a readdir that stops early costs at most one page and a huge
-directory is never materialised at once.
+threads. Opening reads the ``meta`` table only; damage deeper in the file (SQLite keeps no page
+checksums: a disk that lost or garbled writes) shows when a query meets it, as
+``CatalogDamaged``, which a mount answers with EIO (and logs once). The first time,
+``on_damage`` (set by the mount) removes the copy kept in the cache, so that the next mount
+builds the catalog again instead of meeting the same damage. ``children()`` fetches pages
+(growing from ``_FIRST_PAGE`` to ``_MAX_PAGE`` rows) and holds no cursor between them, so a
+readdir that stops early costs at most one page and a huge directory is never materialised at
+once.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +130,16 @@ _OBJECTS_FETCH = 4096
 
 class CatalogError(ConfigError):
     """The catalog file is missing, unreadable, or from another format version: rebuild it."""
+
+
+class CatalogDamaged(CatalogError):
+    """SQLite found the catalog's file damaged past what ``Catalog.open`` reads (bit rot, a
+    disk that lost writes): the names it holds cannot be served."""
+
+
+# SQLite's answers for a damaged file (a page that is not what it must be, a file cut short):
+# every other error (a closed connection, I/O) keeps its own meaning.
+_DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 class UnshowableKey(ValueError):
@@ -480,10 +495,18 @@ def build_catalog(
 class Catalog:
     """Read-only view of a built catalog; see the module docstring for threading."""
 
-    def __init__(self, db: sqlite3.Connection, meta: CatalogMeta) -> None:
+    def __init__(
+        self, db: sqlite3.Connection, meta: CatalogMeta, path: Path | None = None,
+        file_id: tuple[int, int] | None = None,
+    ) -> None:
         self._db = db
         self._lock = threading.Lock()
         self.meta = meta
+        self.path = path
+        self.file_id = file_id  # (st_dev, st_ino) of the file opened: its hard links share it
+        # Told once, when a query first meets damage: removes the kept copies (``_damaged``).
+        self.on_damage: Callable[[], list[Path]] = list
+        self._damage_note: str | None = None  # what the damage errors say to do, once met
         self._bucket = meta.bucket
         self._archive = meta.archive
         # Every entry query reads FROM this: an archive catalog joins where each member lies.
@@ -496,23 +519,25 @@ class Catalog:
         uri = Path(path).absolute().as_uri() + "?mode=ro&immutable=1"
         db: sqlite3.Connection | None = None
         try:
+            info = os.stat(path)  # before the open: a file replaced meanwhile is not removed
             db = sqlite3.connect(uri, uri=True, check_same_thread=False)
             meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
             if meta.get("format_version") != FORMAT_VERSION:
                 raise CatalogError(f"catalog {path} has format {meta.get('format_version')!r}, "
                                    f"expected {FORMAT_VERSION}: rebuild it")
             fields = {k: meta[k] for k in CatalogMeta.__dataclass_fields__}
-        except (sqlite3.Error, KeyError, CatalogError) as exc:
+        except (OSError, sqlite3.Error, KeyError, CatalogError) as exc:
             if db is not None:
                 db.close()
             if isinstance(exc, CatalogError):
                 raise
-            raise CatalogError(f"cannot read catalog {path}: {exc}") from exc
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise CatalogError(f"cannot read catalog {path}: {reason}") from exc
         fields["versioned"] = bool(fields["versioned"])
         fields["single_object"] = bool(fields["single_object"])
         if fields["archive"] is not None:
             fields["archive"] = _ref_from_json(fields["archive"])
-        return cls(db, CatalogMeta(**fields))
+        return cls(db, CatalogMeta(**fields), Path(path), (info.st_dev, info.st_ino))
 
     def __enter__(self) -> Catalog:
         return self
@@ -522,8 +547,8 @@ class Catalog:
 
     def get(self, inode: int) -> Entry | None:
         """The entry with inode number ``inode``, or ``None``."""
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 f"SELECT {self._columns} FROM entries{self._join} WHERE inode = ?", (inode,)
             ).fetchone()
         return None if row is None else self._entry(row)
@@ -533,8 +558,8 @@ class Catalog:
         if not name:
             return None  # the root is named "" and is its own parent: never a child of itself
         try:
-            with self._lock:
-                row = self._db.execute(
+            with self._reading() as db:
+                row = db.execute(
                     f"SELECT {self._columns} FROM entries{self._join} "
                     "WHERE parent = ? AND name = ?", (parent, name)).fetchone()
         except UnicodeEncodeError:  # a name that is not valid UTF-8 cannot be in the catalog
@@ -545,8 +570,8 @@ class Catalog:
         """The entries of directory ``parent`` with inode > ``after_inode``, by inode."""
         page = _FIRST_PAGE
         while True:
-            with self._lock:
-                rows = self._db.execute(
+            with self._reading() as db:
+                rows = db.execute(
                     f"SELECT {self._columns} FROM entries INDEXED BY entries_by_parent"
                     f"{self._join} WHERE parent = ? AND inode > ? AND inode != ? "
                     "ORDER BY inode LIMIT ?",
@@ -563,8 +588,8 @@ class Catalog:
         first file in key order. None without files, and for an archive catalog."""
         if self._archive is not None:
             return None
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT key, version_id, etag, size, mtime FROM entries WHERE is_dir = 0 "
                 "ORDER BY inode LIMIT 1").fetchone()
         if row is None:
@@ -582,18 +607,18 @@ class Catalog:
         if self._archive is not None:
             yield self._archive
             return
-        with self._lock:
-            cursor = self._db.execute(_OBJECTS_BY_KEY)
+        with self._reading() as db:
+            cursor = db.execute(_OBJECTS_BY_KEY)
         try:
             while True:
-                with self._lock:
+                with self._reading():
                     rows = cursor.fetchmany(_OBJECTS_FETCH)
                 if not rows:
                     return
                 for key, version_id, etag, size, mtime in rows:
                     yield ObjectRef(self._bucket, key, version_id, etag, size, mtime or 0.0)
         finally:
-            with self._lock:
+            with self._reading():
                 cursor.close()
 
     def files(self) -> Iterator[PinnedRef]:
@@ -603,8 +628,8 @@ class Catalog:
         """
         after = 0
         while True:
-            with self._lock:
-                rows = self._db.execute(
+            with self._reading() as db:
+                rows = db.execute(
                     f"SELECT {self._columns} FROM entries{self._join} "
                     "WHERE inode > ? AND is_dir = 0 ORDER BY inode LIMIT ?",
                     (after, _MAX_PAGE)).fetchall()
@@ -620,6 +645,40 @@ class Catalog:
         """Close the database; the catalog must not be used afterwards."""
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.close()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock; a query that meets damage raises ``CatalogDamaged``."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.DatabaseError as exc:
+                if getattr(exc, "sqlite_errorcode", None) not in _DAMAGE_CODES:
+                    raise
+                raise self._damaged(exc) from None
+
+    def _damaged(self, exc: sqlite3.DatabaseError) -> CatalogDamaged:
+        """The error for damage SQLite met; the first time, ``on_damage`` is told."""
+        if self._damage_note is None:
+            removed = self.on_damage()
+            self._damage_note = ("its copy kept in the cache was removed: " if removed else ""
+                                 ) + "unmount and mount again to build it anew"
+        what = f"the catalog {self.path}" if self.path is not None else "the catalog"
+        return CatalogDamaged(f"{what} is damaged ({exc}): {self._damage_note}")
+
+    def remove_copies(self, paths: Iterable[Path]) -> list[Path]:
+        """Unlink those of ``paths`` that are this catalog's own file (a hard link of it, or the
+        file itself); which were. A file replaced since the open is another file: left."""
+        removed = []
+        for path in paths:
+            try:
+                info = path.stat()
+                if (info.st_dev, info.st_ino) == self.file_id:
+                    path.unlink()
+                    removed.append(path)
+            except OSError:
+                continue
+        return removed
 
     def _entry(self, row: tuple) -> Entry:
         inode, parent, name, is_dir, size, mtime, key, version_id, etag = row[:9]

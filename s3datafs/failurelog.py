@@ -5,8 +5,9 @@ samples goes on to the next file: in an outage (a revoked role, a deleted bucket
 mount would otherwise write a line per file tried, hundreds of MB a day, for days.
 
 Rules (``FailureLog.report``):
-- A stale object or a bad archive member (the same answer for the mount's life) is logged once
-  per message; any other failure once per subject (the object read) per ``REPEAT_QUIET``.
+- A stale object, a bad archive member or a damaged catalog (the same answer for the mount's
+  life) is logged once per message; any other failure once per subject (the object read) per
+  ``REPEAT_QUIET``.
 - On top of that, each kind of failure (its errno: EIO, EACCES, ESTALE, ...) gets at most
   ``BURST`` lines per ``WINDOW``. What is held back is counted, and one line says how many when
   the window ends (``flush``, called every few seconds by the daemon, or the next report).

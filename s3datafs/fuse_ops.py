@@ -36,7 +36,7 @@ import pyfuse3
 import trio
 
 from . import config
-from .catalog import Catalog, Entry
+from .catalog import Catalog, CatalogDamaged, Entry
 from .errors import ArchiveError, S3DataFSError, StaleObjectError
 from .failurelog import FailureLog
 from .model import MemberRef, PinnedRef
@@ -391,5 +391,5 @@ class Operations(pyfuse3.Operations):
     def _report(self, exc: S3DataFSError, subject: str | None = None) -> None:
         """Tell the log of a failure, as much as ``failurelog`` allows."""
         message = str(exc)
-        permanent = isinstance(exc, StaleObjectError | ArchiveError)
+        permanent = isinstance(exc, StaleObjectError | ArchiveError | CatalogDamaged)
         self.failures.report(message, exc.errno, subject=subject or message, permanent=permanent)

@@ -17,7 +17,9 @@ Invariants:
   evicted while mounts use it stays readable by them (the inode lives on). Keeping is a link to a
   temporary name and a rename: no reader sees half a file.
 - **Checked when used.** A kept catalog that cannot be opened, is of another format, or is not of
-  this snapshot's dataset (URI, fingerprint, counts) is removed and the file built again.
+  this snapshot's dataset (URI, fingerprint, counts) is removed and the file built again. Damage
+  deeper in the file, which a mount meets only when a name leads it there, is answered with EIO
+  and the kept copy is removed then (``catalog``: ``on_damage``): the next mount builds it.
 - **Bounded.** The kept catalogs of one cache directory take at most an eighth of
   ``--cache-size`` together, least recently used first out (a use touches the file); none is kept
   without a disk cache (``--no-cache``), nor one larger than the whole share. They are not
@@ -166,6 +168,11 @@ class KeptCatalogs:
 class KeptUsage:
     catalogs: int
     bytes: int
+
+
+def kept_files(cache_dir: Path) -> list[Path]:
+    """The kept catalogs' files (a catalog that meets damage removes its copy among them)."""
+    return sorted(directory(cache_dir).glob(f"*{_SUFFIX}"))
 
 
 def usage(cache_dir: Path) -> KeptUsage:

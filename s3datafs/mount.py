@@ -50,7 +50,7 @@ from .catalog import Catalog
 from .daemon import PARENT_GONE
 from .errors import ConfigError
 from .fuse_ops import FsSettings, Operations
-from .keptcatalogs import KeptCatalogs
+from .keptcatalogs import KeptCatalogs, kept_files
 from .linkrate import LinkRate
 from .model import ObjectSource
 from .pid1 import STOP_SIGNALS
@@ -131,6 +131,8 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
             )
         with contextlib.ExitStack() as closing:
             pinned = closing.enter_context(contextlib.closing(Catalog.open(catalog_path)))
+            # Damage met while serving: the copy kept for the next mount goes (``Catalog``).
+            pinned.on_damage = lambda: pinned.remove_copies(kept_files(plan.cache_dir))
             pinning.check_fingerprint(pinned.meta, plan.expect_fingerprint)
             if plan.save_snapshot is not None:
                 write_snapshot(pinned, plan.save_snapshot, name=plan.name)
@@ -139,6 +141,8 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                 members = archive_catalog(source, pinned, plan.archive, plan.cache_dir)
             catalog = pinned if members is None else closing.enter_context(
                 contextlib.closing(members))
+            if members is not None:
+                members.on_damage = lambda: members.remove_copies([members.path])
             summary = MountSummary(
                 catalog.meta.object_count, catalog.meta.total_bytes,
                 built.skipped_count + (members.meta.skipped_count if members else 0),

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -165,6 +166,18 @@ def kernel_readahead_kb(mountpoint: Path) -> str:
     """A mount's kernel readahead in KiB, from its backing device (``--kernel-readahead``)."""
     device = next(e.device for e in mount_table() if e.mountpoint == str(mountpoint))
     return Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip()
+
+
+def garble_root_page(catalog: Path, name: str) -> None:
+    """Overwrite the root page of the table or index ``name`` in a catalog file: damage that
+    ``Catalog.open`` (the meta table only) does not meet, and every query through ``name`` does."""
+    with contextlib.closing(sqlite3.connect(catalog)) as conn:
+        (page,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                               (name,)).fetchone()
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+    with open(catalog, "r+b") as file:
+        file.seek((page - 1) * page_size)
+        file.write(b"\xa5" * page_size)
 
 
 def errno_of(action: Callable[[], object]) -> int:

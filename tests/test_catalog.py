@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sqlite3
 import tempfile
@@ -20,6 +21,7 @@ from s3datafs.catalog import (
     ROOT_INODE,
     Catalog,
     CatalogBuilder,
+    CatalogDamaged,
     CatalogError,
     CatalogSummary,
     Entry,
@@ -527,3 +529,55 @@ def test_scale_smoke_200k_keys(db: Path) -> None:
         entry = resolve(cat, "train/shard-0123/sample-0123456.tar")
         assert entry is not None
         assert entry.mtime == 1.7e9 + 123456
+
+
+# --- damage past the meta table: met by a query, not by the open ---
+
+
+def garble_all_but_the_meta(path: Path) -> None:
+    """Overwrite every page but the schema's (page 1) and the meta table's root: ``open`` still
+    reads the file, every other query meets damage."""
+    with sqlite3.connect(path) as conn:
+        (meta_page,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'meta'").fetchone()
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = path.stat().st_size // page_size
+    with open(path, "r+b") as file:
+        for page in range(2, pages + 1):
+            if page != meta_page:
+                file.seek((page - 1) * page_size)
+                file.write(b"\xa5" * page_size)
+
+
+def test_damage_past_the_meta_fails_each_query_and_tells_once(db: Path) -> None:
+    build(db, [f"d{i % 20}/f{i}" for i in range(3000)])[1].close()
+    garble_all_but_the_meta(db)
+    told: list[int] = []
+    with Catalog.open(db) as cat:
+        cat.on_damage = lambda: told.append(1) or []
+        assert cat.meta.object_count == 3000
+        for query in (lambda: cat.lookup(ROOT_INODE, "d1"), lambda: list(cat.children(1)),
+                      lambda: cat.get(5), lambda: list(cat.objects()), cat.first_file,
+                      lambda: list(cat.files())):
+            with pytest.raises(CatalogDamaged, match=r"is damaged \(database disk image is "
+                               r"malformed\): unmount and mount again to build it anew"):
+                query()
+    assert told == [1]
+
+
+def test_remove_copies_removes_the_catalogs_own_links_only(tmp_path: Path, db: Path) -> None:
+    build(db, ["a"])[1].close()
+    link, other = tmp_path / "link.db", tmp_path / "other.db"
+    os.link(db, link)
+    build(other, ["a"])[1].close()  # the same content in another file
+    with Catalog.open(link) as cat:
+        assert cat.remove_copies([db, other, tmp_path / "missing.db"]) == [db]
+        assert cat.get(ROOT_INODE) is not None  # its own open file reads on
+    assert [p.exists() for p in (link, other, db)] == [True, True, False]
+
+
+def test_errors_that_are_not_damage_keep_their_meaning(db: Path) -> None:
+    cat = build(db, ["a"])[1]
+    cat._db.close()  # as after close(): a caller's mistake, not the file's
+    with pytest.raises(sqlite3.ProgrammingError):
+        cat.get(ROOT_INODE)

@@ -8,6 +8,7 @@ S3 request unless the case needs S3 to find the problem).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Cli
+from conftest import Cli, errno_of, garble_root_page
 from test_bad_input import Case, run_case
 from test_faults_e2e import fill, tmpfs
 from test_mount_e2e import NESTED, expected_tree, put_all, tree
@@ -104,6 +105,29 @@ def test_a_remount_of_the_same_snapshot_uses_the_catalog_kept_from_the_first(
     cleared = cli.run("cache", "clear", "--cache-dir", str(cache))
     assert cleared.stdout.rstrip().endswith(" and 1 snapshot catalog"), cleared.stdout
     assert tree(second) == expected  # a mount serving it goes on
+
+
+def test_a_kept_catalog_damaged_past_what_a_mount_checks_fails_with_eio_and_goes(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """Damage to the name index only: the kept catalog passes the remount's checks (meta, first
+    file), then every name fails with EIO; the kept copy goes, so the next mount builds anew."""
+    _, file, _ = snapshot_of_nested(cli, s3, make_bucket)
+    cache = cli.root / "cache"
+    args = ("--snapshot", str(file), "--cache-dir", str(cache))
+    first = cli.mount(*args, str(cli.root / "m1"))
+    expected = tree(first)
+    assert cli.unmount(first).returncode == 0
+    (kept,) = (cache / "catalogs" / "snapshots").glob("*.db")
+    garble_root_page(kept, "entries_by_name")
+    cli.expect_log(r"the catalog .* is damaged \(database disk image is malformed\): its copy")
+    second = cli.mount(*args, str(cli.root / "m2"))
+    assert errno_of(lambda: os.stat(second / "a")) == errno.EIO
+    assert not kept.exists()
+    assert cli.unmount(second).returncode == 0
+    third = cli.mount(*args, str(cli.root / "m3"))
+    assert tree(third) == expected == expected_tree(NESTED, "train/")
+    assert kept.exists()  # built and kept again
 
 
 def test_a_snapshot_serves_the_old_bytes_after_overwrites(cli: Cli, s3, make_bucket) -> None:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Cli, errno_of, sha256
+from conftest import Cli, errno_of, garble_root_page, sha256
 from test_mount_e2e import tree
 from zipcraft import header_offset, make_zip, patch, sample_bytes
 
@@ -477,3 +477,30 @@ def test_max_prefetch_memory_bounds_the_spans_a_zip_is_read_in(
 
     assert largest_get() > 4 * MiB  # default 64M: spans grow to 8 MiB
     assert largest_get("--max-prefetch-memory", "1M") <= 512 * 1024  # the smallest span
+
+
+def test_a_member_index_damaged_on_disk_fails_with_eio_once_and_is_built_again(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """Damage the open does not see (SQLite keeps no page checksums): names fail with EIO and
+    one log line, the kept index goes, and the next mount reads the index again."""
+    bucket = make_bucket()
+    put(s3, bucket, "d.zip", make_zip(MEMBERS, methods=METHODS))
+    uri = f"s3://{bucket}/d.zip"
+    mountpoint = cli.mount(uri)
+    assert cli.unmount(mountpoint).returncode == 0
+    (index,) = (cli.root / "cache" / "archives").glob("*.db")
+    garble_root_page(index, "entries_by_name")
+    cli.expect_log(r"the catalog .* is damaged \(database disk image is malformed\)")
+    mountpoint = cli.mount(uri)
+    for _ in range(2):
+        assert errno_of(lambda: os.stat(mountpoint / "labels.csv")) == errno.EIO
+    assert not index.exists()  # removed at once: the next mount builds it
+    logged = "".join(path.read_text() for path in cli.log_dir.glob("*.log"))
+    assert logged.count("is damaged") == 1
+    assert ("is damaged (database disk image is malformed): its copy kept in the cache was "
+            "removed: unmount and mount again to build it anew") in logged
+    assert cli.unmount(mountpoint).returncode == 0
+    mountpoint = cli.mount(uri)
+    assert tree(mountpoint) == expected(MEMBERS)
+    assert index.exists()

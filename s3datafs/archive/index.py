@@ -21,7 +21,9 @@ Persistence: the member tree is an archive catalog (see ``catalog``) stored as
 (``blockfile.object_digest``), built to a temporary file and moved into place. The file never
 changes once there (a pinned archive never changes), so any later mount of the same pin, by any
 process, opens it and reads no index at all. A file that cannot be opened, or that describes
-another object, is rebuilt. Concurrent builders each replace the file with identical content.
+another object, is rebuilt; one that a mount finds damaged deeper in (``catalog``: names fail
+with EIO) is removed by that mount, so the next one rebuilds it. Concurrent builders each
+replace the file with identical content.
 A single object found *not* to be a zip, or to be a zip-based file, leaves ``<digest>.plain``
 (its URI inside, for ``cache clear URI``), so the next mount of that pin sends no detection GET
 either.
