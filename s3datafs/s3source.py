@@ -37,17 +37,19 @@ Design:
 - Errors leave this module typed (``errors.*``), with messages that name the S3 URI and never a
   credential.
 - Start-up cost (issue 4, mount to first read): a client on a fresh botocore session parses
-  botocore's JSON data (endpoints, the S3 model and endpoint rules: ~80 ms) and first scans all
-  ~450 service directories to check that ``s3`` exists (~10 ms, ~50 ms with a cold page cache).
-  So an ``S3Source`` makes its two clients from one fresh session (credentials and config read
-  as before), and every session shares one process-wide data loader (``_shared_loader``): the
-  data is parsed once per process, and a forked daemon inherits it from the ``check_settings``
-  its parent ran. The loader knows that ``s3`` exists without scanning (other services, which
-  credential providers load, after the scan).
+  botocore's JSON data (endpoints, the S3 model and endpoint rules: ~80 ms) and first scans all ~450
+  service directories to check that ``s3`` exists (~10 ms, ~50 ms with a cold page cache). So an
+  ``S3Source`` makes its two clients from one session (credentials and config read as before), and
+  every session shares one process-wide data loader (``_shared_loader``): the data is parsed once
+  per process, and a forked daemon inherits it from the ``check_settings`` its parent ran. That
+  session, and the client it checked with, serve the ``S3Source`` made next with the same settings
+  within seconds (the mount's daemon): only the client for reads is new. The loader knows that
+  ``s3`` exists without scanning (other services, which credential providers load, after the scan).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import functools
@@ -194,7 +196,12 @@ class S3Source:
 
     def __init__(self, settings: S3Settings) -> None:
         self._settings = settings
-        self._client, self._reads = _make_clients(settings, for_reads=(False, True))
+        checked = _take_checked(settings)
+        if checked is None:
+            self._client, self._reads = _make_clients(settings, for_reads=(False, True))
+        else:  # the session and client check_settings made: only the reads' client is new
+            session, self._client = checked
+            (self._reads,) = _make_clients(settings, for_reads=(True,), session=session)
         self._signed = SignedGets.for_client(self._reads)  # GETs from per-object templates
         self._lock = threading.Lock()
         self._verify_md5 = True  # off once the store shows ETags that are not MD5 digests
@@ -429,14 +436,38 @@ def check_settings(settings: S3Settings) -> None:
     """Reject settings botocore itself refuses (profile, endpoint, region) without any request.
 
     The CLI calls this before it forks, so such mistakes are usage errors with no daemon started;
-    it also loads botocore's data, which the daemon (a fork) then finds loaded.
+    it also loads botocore's data, which the daemon (a fork) then finds loaded, and leaves its
+    session and client to the ``S3Source`` made next with the same settings (``_take_checked``).
     """
-    _make_clients(settings, for_reads=(False,))
+    global _checked
+    session = _session(settings)
+    (client,) = _make_clients(settings, for_reads=(False,), session=session)
+    _checked = (settings, time.monotonic(), session, client)
 
 
-def _make_clients(settings: S3Settings, *, for_reads: tuple[bool, ...]) -> list:  # no static type
-    """Clients of one session, one per ``for_reads`` flag (see ``_client``)."""
-    try:
+# check_settings' session and client, for the S3Source that the same command makes next, most
+# often in the daemon it forks: a session and a client less to make on the way to a mount's
+# first read (~5-13 and ~4-10 ms). Taken once, and only soon after: an S3Source made later (a
+# remount by a long-lived process) reads credentials and config afresh.
+_checked: tuple[S3Settings, float, botocore.session.Session, object] | None = None
+CHECKED_REUSE_SECONDS = 10.0
+
+
+def _take_checked(settings: S3Settings) -> tuple[botocore.session.Session, object] | None:
+    """check_settings' session and client if it just checked these very ``settings``."""
+    global _checked
+    checked, _checked = _checked, None
+    if checked is None:
+        return None
+    checked_settings, at, session, client = checked
+    if checked_settings != settings or time.monotonic() - at > CHECKED_REUSE_SECONDS:
+        return None
+    return session, client
+
+
+def _session(settings: S3Settings) -> botocore.session.Session:
+    """A fresh botocore session for ``settings`` (credentials and config read anew)."""
+    with _refused_settings(settings):
         session = botocore.session.Session(profile=settings.profile)
         session.register_component(
             "data_loader", _shared_loader(session.get_config_variable("data_path"))
@@ -449,7 +480,25 @@ def _make_clients(settings: S3Settings, *, for_reads: tuple[bool, ...]) -> list:
             session.get_component("credential_provider").insert_before(
                 "env", CredentialsFile(path, section)
             )
+    return session
+
+
+def _make_clients(
+    settings: S3Settings, *, for_reads: tuple[bool, ...],
+    session: botocore.session.Session | None = None,
+) -> list:  # no static type
+    """Clients of one session (a fresh one unless given), one per ``for_reads`` flag (see
+    ``_client``)."""
+    with _refused_settings(settings):
+        session = session or _session(settings)
         return [_client(session, settings, reads) for reads in for_reads]
+
+
+@contextlib.contextmanager
+def _refused_settings(settings: S3Settings) -> Iterator[None]:
+    """botocore's refusals of a profile, region or endpoint, as our errors."""
+    try:
+        yield
     except botocore.exceptions.ProfileNotFound:
         raise ConfigError(
             f"AWS profile {settings.profile!r} not found: check ~/.aws/config, "

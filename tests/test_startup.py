@@ -62,6 +62,27 @@ def test_botocore_data_is_loaded_once_per_process() -> None:
     assert first._reads.meta.service_model.service_name == "s3"
 
 
+def test_the_next_source_of_the_same_settings_takes_the_checked_session_and_client_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = S3Settings(region="us-east-1", endpoint_url="http://127.0.0.1:9")
+    s3source.check_settings(settings)
+    checked_client = s3source._checked[3]
+    source = S3Source(settings)
+    assert source._client is checked_client
+    assert source._reads is not checked_client
+    assert S3Source(settings)._client is not checked_client  # once only
+    s3source.check_settings(settings)
+    other = S3Settings(region="eu-west-1", endpoint_url="http://127.0.0.1:9")
+    assert S3Source(other)._client.meta.region_name == "eu-west-1"  # other settings: fresh
+    assert s3source._checked is None  # and the check's are gone
+    s3source.check_settings(settings)
+    (_, at, _, checked_client) = s3source._checked
+    monkeypatch.setattr(s3source.time, "monotonic",
+                        lambda: at + s3source.CHECKED_REUSE_SECONDS + 1)
+    assert S3Source(settings)._client is not checked_client  # too late: read afresh
+
+
 def test_the_s3_data_loader_knows_s3_without_a_scan_and_finds_other_services(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
