@@ -494,6 +494,48 @@ def test_a_forgotten_range_whose_write_lands_afterwards_is_not_served_from_the_d
     assert sorted(on_disk) == [0, 3]
 
 
+class EnteredDisk(DiskCache):
+    """A disk cache whose writes say when they begin (``entered``), then wait for ``release``:
+    a write in flight, held where the test wants it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, *args, **kwargs) -> None:
+        self.entered.set()
+        assert self.release.wait(10), "the test never released the write"
+        super().write(*args, **kwargs)
+
+
+def test_a_range_forgotten_while_a_short_fetch_writes_it_is_not_served_from_the_disk(
+    tmp_path,
+) -> None:
+    """A short fetch is written by the thread that fetched it, not behind: a ``forget`` while
+    that write is in flight zeroes entries the write then makes valid again. Those blocks are
+    forgotten once more when it lands (as the write-behind's are), and the others stay."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    block = 64 * 1024
+    disk = EnteredDisk(tmp_path, block_size=block, capacity=1 << 30)
+    blocks = spans.ArchiveBlocks(source, disk, write_inline=4 * block)
+    expected = source.get_range(archive, 0, archive.size)
+    got: list[bytes] = []
+    fetching = threading.Thread(target=lambda: got.append(blocks.get_range(archive, 0, 4 * block)))
+    fetching.start()
+    try:
+        assert disk.entered.wait(10), "the short fetch never began its write"
+        blocks.forget(archive, block + 10, 2 * block + 20)  # blocks 1 and 2, mid-write
+    finally:
+        disk.release.set()
+        fetching.join(10)
+    assert got == [expected[:4 * block]]
+    on_disk = disk.read_run(object_digest(archive), archive.size, range(4), every=True)
+    assert sorted(on_disk) == [0, 3]
+    blocks.close()
+
+
 def test_spans_planned_ahead_by_a_peek_that_finds_nothing_are_fetched_all_the_same() -> None:
     # A member crossing from a landed span into one still in flight is not at hand; the peek
     # had planned the spans after it, and a reader that later finds one waits for it to land

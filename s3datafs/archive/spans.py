@@ -19,6 +19,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from ..cache.blockfile import object_digest
 from ..cache.disk import DiskCache, TroubleLog
@@ -62,6 +63,12 @@ class ArchiveBlocks:
     than the write (as for the block reader's short runs, see ``reader.BlockReader._fill``).
     ``close`` drains what is pending (a remount right after finds everything read). Cache
     trouble is logged at most once a minute for each kind and never fails a read.
+
+    ``forget`` and writes under way: a write, behind or by its fetching thread, may land after
+    ``forget`` zeroed the entries of its blocks, making bytes that decoded to damage valid on
+    disk again (the member then failed once more from the disk before S3 was asked). So every
+    write is noted (``_Write``) from its fetch until it lands, ``forget`` marks the blocks it
+    forgot in the writes under way, and each write forgets those once more when it lands.
     """
 
     def __init__(
@@ -72,9 +79,10 @@ class ArchiveBlocks:
         self._disk = disk
         self.stats = stats or ReadStats()
         self._trouble = TroubleLog()
-        self._room = threading.Condition()  # guards the two below, and ``stats``
+        self._room = threading.Condition()  # guards the three below, and ``stats``
         self._pending: dict[tuple[str, int], bytes] = {}  # (digest, index) -> block to write
         self._pending_bytes = 0
+        self._writing: set[_Write] = set()  # fetched blocks not landed on disk yet
         self._pace = WritePace(_MAX_SPAN, write_behind)  # the pending bound: the disk's pace
         self._write_inline = write_inline
         self._writer: ThreadPoolExecutor | None = None
@@ -128,7 +136,7 @@ class ArchiveBlocks:
         parts = [view[at: at + size] for at in range(0, len(data), size)]
         if len(data) <= self._write_inline:
             # A sync that falls due (a scan of the whole cache) goes to the writer thread.
-            self._write_now(archive, digest, blocks.start, parts, sync=False)
+            self._write_here(archive, digest, blocks.start, parts)
             if disk.sync_due:
                 self._sync_behind(disk)
         else:
@@ -151,7 +159,10 @@ class ArchiveBlocks:
         blocks = range(start // size, (end - 1) // size + 1)
         with self._room:
             for index in blocks:
-                self._pending.pop((digest, index), None)  # its write still lands: then forgotten
+                self._pending.pop((digest, index), None)  # no longer served from memory
+            for write in self._writing:  # forgotten again when they land
+                if write.digest == digest:
+                    write.forgotten.update(_overlap(write.blocks, blocks))
         try:
             disk.forget_blocks(digest, blocks)
         except OSError as exc:
@@ -171,16 +182,31 @@ class ArchiveBlocks:
 
     def _store(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview]) -> None:
         cost = sum(map(len, blocks))
+        write = _Write(digest, range(first, first + len(blocks)))
         with self._room:
             while self._pending_bytes and self._pending_bytes + cost > self._pace.allowance:
                 self._room.wait()
             self._pending_bytes += cost
             for index, block in enumerate(blocks, first):
                 self._pending[(digest, index)] = block
+            self._writing.add(write)
         try:
-            self._writer_pool().submit(self._write, archive, digest, first, blocks, cost)
+            self._writer_pool().submit(self._write, archive, write, blocks, cost)
         except RuntimeError:  # closed (a span read ahead landed as the mount ends): not written
-            self._written(digest, first, blocks, cost)
+            self._written(write, blocks, cost)
+
+    def _write_here(
+        self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview]
+    ) -> None:
+        """A short fetch's write, by the thread that fetched it (its due sync left to the
+        caller); what ``forget`` took meanwhile is forgotten again once it lands."""
+        write = _Write(digest, range(first, first + len(blocks)))
+        with self._room:
+            self._writing.add(write)
+        try:
+            self._write_now(archive, digest, first, blocks, sync=False)
+        finally:
+            self._landed(write)
 
     def _writer_pool(self) -> ThreadPoolExecutor:
         with self._room:
@@ -205,35 +231,32 @@ class ArchiveBlocks:
             with self._room:
                 self._sync_queued = False
 
-    def _write(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview],
+    def _write(self, archive: ObjectRef, write: _Write, blocks: list[memoryview],
                cost: int) -> None:
         try:
-            self._write_now(archive, digest, first, blocks)
+            self._write_now(archive, write.digest, write.blocks.start, blocks)
         finally:
-            self._written(digest, first, blocks, cost)
+            self._written(write, blocks, cost)
 
-    def _written(
-        self, digest: str, first: int, blocks: list[memoryview], cost: int
-    ) -> None:
-        """Blocks stored with ``_store`` are no longer pending: their room is free again.
-
-        Those ``forget`` took from the pending blocks meanwhile are forgotten on disk again: their
-        write landed after ``forget`` zeroed their entries, and the bytes that decoded to damage
-        were served from the disk once more (the member failed again before S3 was asked).
-        """
-        forgotten: list[int] = []
+    def _written(self, write: _Write, blocks: list[memoryview], cost: int) -> None:
+        """Blocks stored with ``_store`` are no longer pending: their room is free again."""
         with self._room:
-            for index, block in enumerate(blocks, first):
-                pending = self._pending.get((digest, index))
-                if pending is None:
-                    forgotten.append(index)
-                elif pending is block:  # not a later fetch's, still to be written
-                    del self._pending[(digest, index)]
+            for index, block in enumerate(blocks, write.blocks.start):
+                if self._pending.get((write.digest, index)) is block:  # not a later fetch's
+                    del self._pending[(write.digest, index)]
             self._pending_bytes -= cost
             self._room.notify_all()
+        self._landed(write)
+
+    def _landed(self, write: _Write) -> None:
+        """``write`` is on disk (or failed): the blocks ``forget`` took meanwhile are forgotten
+        there again, their entries having been made valid after ``forget`` zeroed them."""
+        with self._room:
+            self._writing.discard(write)
+            forgotten = sorted(write.forgotten)
         try:
             for run in _runs(forgotten):
-                self._disk.forget_blocks(digest, run)
+                self._disk.forget_blocks(write.digest, run)
         except OSError as exc:
             self._write_failed(exc)
 
@@ -252,6 +275,21 @@ class ArchiveBlocks:
         with self._room:
             self.stats.cache_write_errors += 1
         self._trouble.write_failed(exc)
+
+
+@dataclass(eq=False)  # one per write, told apart by identity
+class _Write:
+    """Blocks ``blocks`` of the object ``digest`` on their way to the disk cache, and those of
+    them ``forget`` forgot meanwhile (see ``ArchiveBlocks``)."""
+
+    digest: str
+    blocks: range
+    forgotten: set[int] = field(default_factory=set)
+
+
+def _overlap(one: range, other: range) -> range:
+    """The indices in both of two ranges (of step 1)."""
+    return range(max(one.start, other.start), min(one.stop, other.stop))
 
 
 def _runs(indices: list[int]) -> list[range]:
