@@ -368,6 +368,29 @@ def test_a_region_file_left_without_its_header_is_mended_by_the_next_write(
     assert read_all(cache, ref, range(1, 4)) == expected
 
 
+def test_forgetting_blocks_a_region_file_does_not_hold_allocates_nothing(tmp_path: Path) -> None:
+    """``forget_blocks`` zeroes written entries only: zeros written over a hole (an empty file,
+    whose creator died before its header; a page of the table no write reached) took a page the
+    byte bound did not count until the next scan. The blocks it holds are still forgotten."""
+    size = REGION_BLOCKS * BLOCK
+    data = os.urandom(size)
+    ref = make_ref(size)
+    cache = make_cache(tmp_path)
+    digest = stored(cache, ref, data, 0, 1)
+    region = region_file(cache, ref)
+    os.truncate(region, 0)
+    cache.forget_blocks(digest, range(0, 3))
+    assert (region.stat().st_blocks, region.stat().st_size) == (0, 0)
+    stored(cache, ref, data, 0, 2)
+    allocated = region.stat().st_blocks * 512
+    far = (blockfile.PAGE - blockfile.TABLE_OFFSET) // blockfile.ENTRY_SIZE  # on the next page
+    assert LAYOUT.entry_offset(far) // blockfile.PAGE != LAYOUT.entry_offset(1) // blockfile.PAGE
+    cache.forget_blocks(digest, range(far, far + 2))
+    cache.forget_blocks(digest, range(1, far + 2))  # one written block among holes
+    assert region.stat().st_blocks * 512 == allocated == cache.used_bytes
+    assert read_all(cache, ref, range(0, 2)) == {0: data[:BLOCK]}
+
+
 def test_a_region_file_of_another_format_version_is_a_quiet_miss(tmp_path: Path, caplog) -> None:
     ref = make_ref(BLOCK)
     cache = make_cache(tmp_path)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..cache.blockfile import object_digest
-from ..cache.disk import DiskCache, TroubleLog
+from ..cache.disk import DiskCache, TroubleLog, consecutive
 from ..cache.pace import WritePace
 from ..config import DEFAULT_WRITE_BEHIND
 from ..model import ObjectRef, ObjectSource
@@ -255,7 +255,7 @@ class ArchiveBlocks:
             self._writing.discard(write)
             forgotten = sorted(write.forgotten)
         try:
-            for run in _runs(forgotten):
+            for run in consecutive(forgotten):
                 self._disk.forget_blocks(write.digest, run)
         except OSError as exc:
             self._write_failed(exc)
@@ -290,17 +290,6 @@ class _Write:
 def _overlap(one: range, other: range) -> range:
     """The indices in both of two ranges (of step 1)."""
     return range(max(one.start, other.start), min(one.stop, other.stop))
-
-
-def _runs(indices: list[int]) -> list[range]:
-    """Sorted ``indices`` as ranges of consecutive ones."""
-    runs: list[range] = []
-    for index in indices:
-        if runs and runs[-1].stop == index:
-            runs[-1] = range(runs[-1].start, index + 1)
-        else:
-            runs.append(range(index, index + 1))
-    return runs
 
 
 class _Ahead:

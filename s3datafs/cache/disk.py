@@ -382,16 +382,26 @@ class DiskCache:
 
     def forget_blocks(self, digest: str, indices: range) -> None:
         """Blocks that decoded to damage upstream (a zip member's CRC): misses from now on, so
-        the next read fetches them from S3 again instead of the same bytes from here."""
+        the next read fetches them from S3 again instead of the same bytes from here.
+
+        Only the entries written are zeroed: zeros written over a hole (a file whose creator
+        died before its header, a page of the table no write reached) would allocate a page that
+        no write counts towards the bound, until the next scan.
+        """
+        size = blockfile.ENTRY_SIZE
         for run in self.layout.runs(indices.start, indices.stop):
             path = self.root / _region_name(digest, self.layout.region_of(run.start))
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
             except FileNotFoundError:
                 continue
             try:
-                os.pwrite(fd, bytes(blockfile.ENTRY_SIZE * len(run)),
-                          self.layout.entry_offset(run.start))
+                offset = self.layout.entry_offset(run.start)
+                table = os.pread(fd, size * len(run), offset)
+                written = [n for n in range(len(table) // size)
+                           if any(table[n * size : (n + 1) * size])]
+                for stretch in consecutive(written):
+                    os.pwrite(fd, bytes(size * len(stretch)), offset + stretch.start * size)
             finally:
                 os.close(fd)
 
@@ -667,6 +677,17 @@ def _stretches(present: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, 
         if number == len(present) or present[number][0] != present[number - 1][0] + 1:
             yield present[start:number]
             start = number
+
+
+def consecutive(indices: list[int]) -> list[range]:
+    """Sorted ``indices`` as ranges of consecutive ones."""
+    runs: list[range] = []
+    for index in indices:
+        if runs and runs[-1].stop == index:
+            runs[-1] = range(runs[-1].start, index + 1)
+        else:
+            runs.append(range(index, index + 1))
+    return runs
 
 
 def _region_name(digest: str, region: int) -> str:
