@@ -769,6 +769,20 @@ def test_the_index_is_bounded_and_a_partial_one_still_finds_every_file(
     assert all(len(files_of(other, ref)) == 1 for ref in refs)
 
 
+def test_an_empty_run_may_be_held_whatever_the_cache_knows(tmp_path: Path) -> None:
+    """Every block of an empty run is at hand (there is none): yes, as for a run of blocks a
+    known region file may hold, never an IndexError."""
+    cache = make_cache(tmp_path)
+    ref = make_ref(4 * BLOCK)
+    digest = blockfile.object_digest(ref)
+    assert cache.may_hold(digest, range(0))
+    assert cache.may_hold(digest, range(5, 5))
+    assert not cache.may_hold(digest, range(0, 1))
+    stored(cache, ref, bytes(4 * BLOCK))
+    assert cache.may_hold(digest, range(3, 3))
+    assert cache.may_hold(digest, range(0, 4))
+
+
 def test_a_scan_evicts_exactly_the_oldest_files_worth_the_excess(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -272,8 +272,11 @@ class DiskCache:
 
         No I/O, for callers on the trio thread: only this process's index is asked, which the
         last scan and this process's own writes filled. A region another mount wrote since the
-        last scan is not known yet (a cache hit still finds it, a moment later).
+        last scan is not known yet (a cache hit still finds it, a moment later). An empty run
+        is held: every block of it is at hand (there is none).
         """
+        if not run:
+            return True
         relatives = [_region_name(digest, self.layout.region_of(i)) for i in (run[0], run[-1])]
         with self._lock:
             return self._index.partial or any(relative in self._index for relative in relatives)
