@@ -145,6 +145,28 @@ def test_every_method_whole_and_in_shuffled_chunks(method: int, force_zip64: boo
                 assert source.get_range(ref, start, end) == expected[start:end], (name, start)
 
 
+@pytest.mark.parametrize("whole_max", [members_module._WHOLE_MAX, 0], ids=["whole", "pieces"])
+@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
+def test_a_range_past_the_members_end_is_answered_to_its_end_and_marks_nothing_bad(
+    method: int, whole_max: int
+) -> None:
+    """As a file read past its end: the bytes up to it, or none. FUSE clamps reads to the size
+    first, but a range past the end is no evidence of a bad member: a stored one answered the
+    archive's next bytes, a compressed one in pieces failed, and failed every read after."""
+    zipped = archive(make_zip(CONTENT, methods=(method,)))
+    ref = zipped.members["mixed.bin"]
+    expected = CONTENT["mixed.bin"]
+    size = ref.size
+    source = MemberSource(zipped.source, whole_max=whole_max)
+    for start, end in [(size - 10, size + 100), (size, size + 1), (size + 5, size + 50),
+                       (0, size + 4096)]:
+        assert source.get_range(ref, start, end) == expected[start:end], (start, end)
+        now = source.get_range_now(ref, start, end)
+        assert now is None or now == expected[start:end], (start, end)
+    assert source.get_range(ref, 0, size) == expected
+    assert not source._failed
+
+
 def test_first_read_is_one_get_when_the_header_guess_holds() -> None:
     zipped = archive(make_zip(CONTENT, methods=(zipfile.ZIP_STORED,)))
     source = MemberSource(zipped.source)

@@ -62,7 +62,8 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   for ``_RETRY_BAD`` seconds (``_failing``), and its archive bytes are dropped from the caches,
   so the read after that, or a remount, fetches them again: damage met in transit (plain HTTP)
   is not taken for the archive's for good. Encrypted members and unsupported methods fail every
-  read with an error naming the member.
+  read with an error naming the member. A range past a member's end is cut there, as a read of
+  a file is (``_within``): it is no evidence of damage.
 - Disk writes (``spans.ArchiveBlocks``): a short fetch is written by the thread that fetched it,
   spans behind the reads (bounded, drained by ``close``).
 """
@@ -278,6 +279,9 @@ class MemberSource:
     def get_range(self, ref: PinnedRef, start: int, end: int) -> bytes:
         if not isinstance(ref, MemberRef):
             return self._inner.get_range(ref, start, end)
+        start, end = _within(ref, start, end)
+        if start == end:
+            return b""
         with self._failing(ref):
             if ref.method == zipformat.STORED:
                 return self._stored(ref, start, self._data(ref, start, end))
@@ -333,6 +337,9 @@ class MemberSource:
         """
         if not isinstance(ref, MemberRef):
             return None
+        start, end = _within(ref, start, end)
+        if start == end:
+            return b""
         with self._failing(ref):
             if ref.method == zipformat.STORED:
                 data = self._data_now(ref, start, end)
@@ -652,6 +659,14 @@ class MemberSource:
             if not data and decompressor.needs_input is False:
                 break  # no progress possible without input
         _check_crc(ref, position.crc)
+
+
+def _within(ref: MemberRef, start: int, end: int) -> tuple[int, int]:
+    """``[start, end)`` cut at the member's end, as a read of a file is: a range past it is no
+    evidence of a bad member (it made a compressed one fail, and a stored one answered the
+    archive's bytes after it). FUSE clamps reads to the size before they get here."""
+    end = min(end, ref.size)
+    return min(start, end), end
 
 
 def _first_end(ref: MemberRef, start: int, end: int) -> int:
