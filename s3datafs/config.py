@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, SettingError, UsageError
 from .quietthread import start_quiet_thread
 
 DEFAULT_BLOCK_SIZE = 64 * 1024  # cache granularity: why 64K, see README "Caching and reads"
@@ -129,11 +129,11 @@ def parse_as_of(text: str, now: float) -> float:
         try:
             when = parse_time(text.strip())
         except ValueError:
-            raise UsageError(f"--as-of {text!r} is not a time: use {AS_OF_FORMS}") from None
+            raise SettingError("--as-of", text, f"is not a time: use {AS_OF_FORMS}") from None
     if when > now:
-        raise UsageError(
-            f"--as-of {text!r} is in the future ({format_time(when)}, now {format_time(now)}): "
-            f"a view of the future could still change"
+        raise SettingError(
+            "--as-of", text, f"is in the future ({format_time(when)}, now {format_time(now)}): "
+            "a view of the future could still change"
         )
     return parse_time(format_time(when))  # whole milliseconds, exactly as recorded in files
 

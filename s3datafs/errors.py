@@ -26,6 +26,19 @@ class UsageError(S3DataFSError):
     exit_code = 2
 
 
+class SettingError(UsageError):
+    """The value given for one setting is refused: ``setting`` names it as the command line
+    does (``--kernel-readahead``), and ``named`` says the same under another name (the field of
+    a datasets spec that gave the value: ``'kernelReadahead'``)."""
+
+    def __init__(self, setting: str, value: str, problem: str) -> None:
+        super().__init__(f"{setting} {value!r} {problem}")
+        self.setting, self.value, self.problem = setting, value, problem
+
+    def named(self, name: str) -> SettingError:
+        return SettingError(name, self.value, self.problem)
+
+
 class ConfigError(S3DataFSError):
     """A file or setting the command relies on is unusable (credentials file mode, mount point)."""
 

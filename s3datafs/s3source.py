@@ -83,9 +83,9 @@ from .errors import (
     NotFoundError,
     S3DataFSError,
     S3RequestError,
+    SettingError,
     StaleObjectError,
     TransientS3Error,
-    UsageError,
 )
 from .linkrate import LinkRate
 from .listing import (
@@ -505,13 +505,12 @@ def _refused_settings(settings: S3Settings) -> Iterator[None]:
             f"~/.aws/credentials or --profile"
         ) from None
     except botocore.exceptions.InvalidRegionError:
-        raise UsageError(
-            f"invalid --region {settings.region!r}: use a name such as us-east-1"
-        ) from None
+        raise SettingError("--region", str(settings.region),
+                           "is not a region name: use one such as us-east-1") from None
     except ValueError as exc:  # botocore's message for a malformed endpoint URL
-        raise UsageError(
-            f"invalid --endpoint-url {settings.endpoint_url!r}: {exc}; use e.g. https://host:port"
-        ) from None
+        raise SettingError("--endpoint-url", str(settings.endpoint_url),
+                           f"is not an endpoint URL ({exc}): use one such as https://host:port"
+                           ) from None
 
 
 CONTROL_ATTEMPTS = 3  # of every request but reads (HEAD, LIST, ...): botocore's standard mode

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import UsageError
+from .errors import SettingError, UsageError
 
 
 def human_size(size: int) -> str:
@@ -34,10 +34,10 @@ def parse_size(text: str, option: str) -> int:
     except ValueError:
         size = -1.0
     if not number or size < 0 or size != size or size == float("inf"):
-        raise UsageError(f"{option} {text!r} is not a size such as 512M, 20G or 0")
+        raise SettingError(option, text, "is not a size such as 512M, 20G or 0")
     if not unit and not size.is_integer():  # "0.5" would be 0: readahead off, no cache
-        raise UsageError(f"{option} {text!r} is not a whole number of bytes: give a unit "
-                         "(0.5M) or whole bytes")
+        raise SettingError(option, text, "is not a whole number of bytes: give a unit (0.5M) "
+                           "or whole bytes")
     return int(size * _UNITS[unit])
 
 

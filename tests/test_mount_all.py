@@ -298,8 +298,30 @@ BAD_SPECS = [
     pytest.param(("--etag", "abc"), "[]", "--etag describes a single dataset", id="global-etag"),
     pytest.param(("--uid", "x"), "- uri: s3://b-1/x", "dataset 'x': --uid 'x' is not", id="uid"),
     pytest.param((), "[{uri: s3://b-1/x", "line 1, column 18", id="syntax"),
+    # A value the spec gives is refused by its field's name, not by the option's (the
+    # command's own option, the default of every dataset, is named as the option).
     pytest.param((), "- {uri: s3://b-1/x, kernelReadahead: 3K}",
-                 "dataset 'x': --kernel-readahead '3K' must be a multiple of 4K", id="readahead"),
+                 "dataset 'x': 'kernelReadahead' '3K' must be a multiple of 4K", id="readahead"),
+    pytest.param((), "- {uri: s3://b-1/x, kernel_readahead: lots}",
+                 "dataset 'x': 'kernelReadahead' 'lots' is not a size", id="readahead-size"),
+    pytest.param(("--kernel-readahead", "3K"), "- {uri: s3://b-1/x}",
+                 "dataset 'x': --kernel-readahead '3K' must be", id="readahead-option"),
+    pytest.param((), "- {uri: s3://b-1/x, archive: tar}",
+                 "dataset 'x': 'archive' 'tar' is not one of auto, zip, file", id="archive"),
+    pytest.param((), "- {uri: s3://b-1/x, asOf: yesterday}",
+                 "dataset 'x': 'asOf' 'yesterday' is not a time: use ISO 8601", id="as-of"),
+    pytest.param((), "- {uri: s3://b-1/x, asOf: '2999-01-01'}",
+                 "dataset 'x': 'asOf' '2999-01-01' is in the future", id="as-of-future"),
+    pytest.param((), "- {uri: s3://b-1/x, region: 'us east'}",
+                 "dataset 'x': 'region' 'us east' is not a region name: use one such as us-east-1",
+                 id="region"),
+    pytest.param((), "[{uri: s3://b-1/x}, {uri: s3://b-1/y, region: 'us east'}]",  # plans first:
+                 "dataset 'y': 'region' 'us east'", id="region-second"),  # x is not mounted
+    pytest.param((), "- {uri: s3://b-1/x, endpointUrl: 'no url'}",
+                 "dataset 'x': 'endpointUrl' 'no url' is not an endpoint URL", id="endpoint"),
+    pytest.param(("--endpoint-url", "no url"), "- {uri: s3://b-1/x}",
+                 "dataset 'x': --endpoint-url 'no url' is not an endpoint URL",
+                 id="endpoint-option"),
 ]
 
 

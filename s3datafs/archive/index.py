@@ -42,7 +42,7 @@ from pathlib import Path, PurePosixPath
 
 from ..cache.blockfile import object_digest
 from ..catalog import ROOT_INODE, Catalog, CatalogBuilder, CatalogError
-from ..errors import ArchiveError, UsageError
+from ..errors import ArchiveError, SettingError, UsageError
 from ..model import ObjectRef, ObjectSource
 from ..uri import S3Uri, parse_s3_uri
 from . import zipformat
@@ -73,7 +73,7 @@ def parse_archive_mode(text: str | None) -> str:
     """``--archive``: ``auto`` (default), ``zip`` or ``file``."""
     mode = (text or "auto").strip().lower()
     if mode not in ARCHIVE_MODES:
-        raise UsageError(f"--archive {text!r} is not one of {', '.join(ARCHIVE_MODES)}")
+        raise SettingError("--archive", str(text), f"is not one of {', '.join(ARCHIVE_MODES)}")
     return mode
 
 

@@ -36,7 +36,7 @@ from .. import (
     startup,
 )
 from ..archive.index import parse_archive_mode
-from ..errors import ConfigError, MountFailed, S3DataFSError, UsageError
+from ..errors import ConfigError, MountFailed, S3DataFSError, SettingError, UsageError
 from ..fuse_ops import FsSettings
 from ..model import normalize_etag
 from ..mount import MountPlan, MountSummary, mount_dataset
@@ -290,8 +290,8 @@ def _kernel_readahead(text: str | None) -> int:
         return FsSettings.kernel_readahead
     size = parse_size(text, "--kernel-readahead")
     if not 0 <= size <= config.MAX_KERNEL_READAHEAD or size % 4096:
-        raise UsageError(f"--kernel-readahead {text!r} must be a multiple of 4K from 0 to 16M, "
-                         "such as 1M (the default) or 128K")
+        raise SettingError("--kernel-readahead", text, "must be a multiple of 4K from 0 to 16M, "
+                           "such as 1M (the default) or 128K")
     return size
 
 

@@ -4,7 +4,9 @@ Flow (``run`` shares it): spec -> ``DatasetSpec``s (``datasets``) -> one ``Mount
 dataset -> ``start_mount`` for each, in spec order.
 
 - **Plans first.** Every plan is built (and so checked locally: names, modes, credentials files,
-  options) before anything is mounted; a mistake in the last dataset mounts nothing.
+  options, endpoint and region) before anything is mounted; a mistake in the last dataset mounts
+  nothing. A value a dataset's field gave is refused by the field's name (``'kernelReadahead'``),
+  not by the option's.
 - **Options as defaults.** The command takes ``mount``'s options; each applies to every dataset
   unless the dataset's own field says otherwise (``endpointUrl``, ``region``, keys or
   ``noSignRequest`` over ``--profile``/``--credentials-file``/``--no-sign-request``, ``versionId``
@@ -36,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .. import config, daemon, datasets, envblock, logsetup, sdnotify, supervisor
+from .. import config, daemon, datasets, envblock, logsetup, s3source, sdnotify, supervisor
 from ..datasets import DatasetError, DatasetSpec
-from ..errors import ConfigError, S3DataFSError, UsageError
+from ..errors import ConfigError, S3DataFSError, SettingError, UsageError
 from ..mount import MountPlan
 from .mount import _announce as announce_mount
 from .mount import add_mount_options, build_plan, hide_options, start_mount
@@ -57,6 +59,14 @@ PER_DATASET_OPTIONS = (
 )
 # spec fields that map onto options other commands own: field -> (attribute, option)
 OPTIONAL_FIELDS = {"asOf": ("as_of", "--as-of"), "snapshot": ("snapshot", "--snapshot")}
+# spec fields whose values are checked as these options are: option -> field
+CHECKED_AS_OPTIONS = {
+    "--kernel-readahead": "kernelReadahead",
+    "--archive": "archive",
+    "--as-of": "asOf",
+    "--endpoint-url": "endpointUrl",
+    "--region": "region",
+}
 
 
 @dataclass(frozen=True)
@@ -210,18 +220,30 @@ def _refuse_per_dataset_options(args: argparse.Namespace) -> None:
 def _plan(spec: DatasetSpec, args: argparse.Namespace) -> MountPlan:
     try:
         plan = build_plan(dataset_args(spec, args))
+        if spec.has_keys:
+            keys = dataclasses.replace(
+                plan.s3,
+                profile=None,
+                access_key_id=spec.access_key_id,
+                secret_access_key=spec.secret_access_key,
+                session_token=spec.session_token,
+            )
+            plan = dataclasses.replace(plan, s3=keys)
+        s3source.check_settings(plan.s3)  # endpoint and region, as mounting would: plans first
+    except SettingError as exc:
+        raise DatasetError(f"{spec.label}: {_as_given(exc, spec)}", exc.exit_code) from None
     except S3DataFSError as exc:
         raise DatasetError(f"{spec.label}: {exc}", exc.exit_code) from None
-    if not spec.has_keys:
-        return plan
-    keys = dataclasses.replace(
-        plan.s3,
-        profile=None,
-        access_key_id=spec.access_key_id,
-        secret_access_key=spec.secret_access_key,
-        session_token=spec.session_token,
-    )
-    return dataclasses.replace(plan, s3=keys)
+    return plan
+
+
+def _as_given(exc: SettingError, spec: DatasetSpec) -> SettingError:
+    """``exc`` naming the spec's field if the dataset gave the value refused (else the option
+    gave it, the default of every dataset)."""
+    field = CHECKED_AS_OPTIONS.get(exc.setting)
+    if field is None or getattr(spec, datasets.FIELDS[field]) is None:
+        return exc
+    return exc.named(repr(field))
 
 
 def dataset_args(spec: DatasetSpec, defaults: argparse.Namespace) -> argparse.Namespace:
