@@ -395,6 +395,47 @@ print(json.dumps({{"mount": mounted.returncode, "stderr": mounted.stderr + resul
     assert not list((cli.root / "run").glob("*.json")), "unmount --all left a daemon's state"
 
 
+def test_unmount_all_reports_a_busy_mount_and_unmounts_the_others(cli: Cli, three: Three) -> None:
+    """A file held open on the mount ``--all`` meets first: that one is said to be busy (and
+    what to do), the command goes on to the others and exits 1, and nothing waits. In a private
+    mount namespace: ``--all`` there sees ours, and copies of the machine's that only the
+    namespace loses (only our lines are looked at)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare for a private mount namespace")
+    points = [str(cli.data_root / name) for name in ("mnist", "train", "weights-v1")]
+    spec = json.dumps(three.spec)
+    script = f"""
+import json, os, subprocess, sys, time
+def s3datafs(*args):
+    return subprocess.run([sys.executable, "-m", "s3datafs", *args], input={spec!r},
+                          capture_output=True, text=True, timeout=60)
+points = {points!r}
+mounted = s3datafs("mount-all", "-")
+held = open(os.path.join(points[-1], "weights.bin"), "rb")  # the newest: --all meets it first
+try:
+    began = time.monotonic()
+    result = s3datafs("unmount", "--all")
+    took = time.monotonic() - began
+    left = [os.path.ismount(p) for p in points]
+    read = held.read()
+finally:
+    held.close()
+    for path in points:
+        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+print(json.dumps({{"mount": mounted.returncode, "stderr": mounted.stderr + result.stderr,
+                  "unmount": result.returncode, "took": took, "left": left,
+                  "read": read.decode()}}))
+"""
+    report = in_a_private_mount_namespace(cli, script)
+    assert report["mount"] == 0, report["stderr"]
+    ours = [line for line in report["stderr"].splitlines() if str(cli.root) in line]
+    assert ours == [f"s3datafs: {points[-1]} is busy: close the files using it, or use --lazy"]
+    assert report["unmount"] == 1
+    assert report["left"] == [False, False, True]  # the others unmounted, the busy one served
+    assert report["read"] == "version one"
+    assert report["took"] < 20  # no wait for the busy one's daemon (the command waits 30 s)
+
+
 def test_unmount_all_if_dead_clears_the_dead_mounts_and_leaves_the_live_ones(
     cli: Cli, three: Three
 ) -> None:
