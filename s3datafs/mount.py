@@ -173,8 +173,8 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                 tasks.start_soon(tune_kernel_readahead, plan.mountpoint, initialized,
                                  plan.fs.kernel_readahead)
                 if disk is not None:  # learn what others cached; evict down to the bound
-                    tasks.start_soon(
-                        partial(trio.to_thread.run_sync, disk.sync, abandon_on_cancel=True)
+                    tasks.start_soon(  # a scan that fails is said, and tried again later
+                        partial(trio.to_thread.run_sync, disk.try_sync, abandon_on_cancel=True)
                     )
                 tasks.start_soon(_publish_stats, plan, summary, operations)
 

@@ -290,10 +290,7 @@ class WriteBehind:
 
     async def _sync(self, disk: DiskCache) -> None:
         try:
-            await trio.to_thread.run_sync(disk.sync, limiter=self._disk_limiter)
-        except OSError as exc:
-            self._trouble.warn(f"cannot scan the block cache ({exc}); it may overshoot its bound",
-                               kind="scan")
+            await trio.to_thread.run_sync(disk.try_sync, limiter=self._disk_limiter)
         finally:
             self._syncing = False
 

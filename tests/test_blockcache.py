@@ -581,6 +581,42 @@ def test_a_write_runs_a_due_sync_unless_asked_to_leave_it_to_the_caller(tmp_path
     assert not cache.sync_due
 
 
+def test_a_scan_that_fails_is_said_once_fails_no_write_and_is_tried_again_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mount's scan may fail (the cache directory unreadable, its lock refused, an I/O
+    error): the write it fell due after is not failed for it, one warning says so, and the next
+    scan falls due after ``sync_every`` more bytes (not at every write: a scan failing half way
+    would walk the cache again each time). ``.lock`` made a directory makes it fail, root or not.
+    """
+    cache = make_cache(tmp_path)
+    cache.sync_every = 2 * BLOCK
+    lock = cache.root / ".lock"
+    lock.mkdir()
+    scans: list[int] = []
+    scan = cache.sync
+    cache.sync = lambda: (scans.append(1), scan())  # type: ignore[method-assign]
+    ref = make_ref(8 * BLOCK)
+    digest = blockfile.object_digest(ref)
+    cache.write(ref, digest, 0, [bytes(BLOCK)] * 2)  # falls due: the scan fails
+    assert scans == [1]
+    assert not cache.sync_due
+    cache.write(ref, digest, 2, [bytes(BLOCK)])  # not due again yet
+    assert scans == [1]
+    cache.try_sync()  # due or not, as a mount's start does
+    assert scans == [1, 1]
+    cache.write(ref, digest, 3, [bytes(BLOCK)] * 2)
+    assert scans == [1, 1, 1]
+    warnings = [r.getMessage() for r in caplog.records if "cannot scan" in r.getMessage()]
+    assert len(warnings) == 1  # once a minute at most
+    assert "Is a directory" in warnings[0]
+    lock.rmdir()
+    cache.write(ref, digest, 5, [bytes(BLOCK)] * 2)
+    assert scans == [1, 1, 1, 1]
+    assert lock.is_file()  # this scan took the lock: it ran
+    assert read_all(cache, ref, range(0, 7)) == {i: bytes(BLOCK) for i in range(7)}
+
+
 class _BlocksReportedLate:
     """``os.fstat`` of a filesystem that reports a file's blocks only once its writes commit
     (ZFS: ``st_blocks`` is 1 until the transaction group is written, seconds later)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,38 @@ def test_a_mount_evicts_a_cache_over_its_bound_at_start_before_any_read(
     while cache_bytes_on_disk(cli) > 4 * MiB:
         assert time.monotonic() < deadline, "the cache was not evicted down to its bound"
         time.sleep(0.05)
+
+
+def test_a_mount_whose_cache_scans_fail_keeps_serving_and_scans_again_later(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """The scan at start failed with the cache's ``.lock`` a directory (a failure root meets
+    too): the daemon ended a moment after it mounted. Now it serves, says so in one line, and
+    the scans due later (every 16 MiB written, for this bound) run once they can."""
+    bucket = make_bucket()
+    one, two = os.urandom(20 * MiB), os.urandom(20 * MiB)
+    s3.put_object(Bucket=bucket, Key="p/one.bin", Body=one)
+    s3.put_object(Bucket=bucket, Key="p/two.bin", Body=two)
+    lock = cli.root / "cache" / "blocks" / str(64 * 1024) / ".lock"
+    lock.mkdir(parents=True)
+    cli.expect_log(r"WARNING .*cannot scan the block cache \(\[Errno 21\] Is a directory: '"
+                   + re.escape(str(lock)))
+    mountpoint = cli.mount(f"s3://{bucket}/p/", "--cache-size", "100M")
+    log_file = cli.log_dir / "p.log"
+    deadline = time.monotonic() + 10
+    while "cannot scan" not in log_file.read_text():  # the scan at start has run, and failed
+        assert time.monotonic() < deadline, "the scan at start was never tried"
+        time.sleep(0.05)
+    assert sha256((mountpoint / "one.bin").read_bytes()) == sha256(one)  # a scan falls due
+    lock.rmdir()
+    assert sha256((mountpoint / "two.bin").read_bytes()) == sha256(two)  # and one more
+    while not lock.is_file():  # a later scan took the lock: it ran
+        assert time.monotonic() < deadline + 20, "no scan ran once it could"
+        time.sleep(0.05)
+    assert os.path.ismount(mountpoint)
+    assert log_file.read_text().count("cannot scan") == 1
+    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    assert stats["cache_write_errors"] == 0
 
 
 def cache_bytes_on_disk(cli: Cli) -> int:

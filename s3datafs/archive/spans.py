@@ -223,10 +223,7 @@ class ArchiveBlocks:
 
     def _sync(self, disk: DiskCache) -> None:
         try:
-            disk.sync()
-        except OSError as exc:
-            self._trouble.warn(f"cannot scan the block cache ({exc}); it may overshoot its bound",
-                               kind="scan")
+            disk.try_sync()
         finally:
             with self._room:
                 self._sync_queued = False

@@ -63,6 +63,8 @@ Invariants:
   payload written: ZFS reports a file's blocks only once its transaction group commits
   (``st_blocks`` is 1 right after the write), and counted by ``st_blocks`` alone its writes
   never made a scan fall due (a block written again counts again: an early scan, no more).
+  A mount's scan that fails (``try_sync``) is warned of, ends nothing, and is tried again
+  ``sync_every`` bytes later; until one succeeds only this process's own files are counted.
 - Memory does not grow with the cache: the index holds at most ``INDEX_ENTRIES`` files (the
   most recently used; a 20 GiB cache of 4 KiB objects is 2.6 million files, 0.7 GiB indexed
   whole). Past that it is *partial*: files it forgot are still found by reads (``may_hold``
@@ -216,6 +218,7 @@ class DiskCache:
         self._reserved = 0  # bytes of writes under way that passed ``_make_room``
         self._written_since_sync = 0
         self._synced = False  # the first sync is the start-up scan
+        self._trouble = TroubleLog()  # scans that fail (``try_sync``)
         self.sync_every = max(capacity // 10, 16 * 1024 * 1024)
         self._direct = AlignedBuffers() if direct_io and direct_io_supported() else None
         make_private_dirs(self.root)
@@ -431,9 +434,9 @@ class DiskCache:
 
         Each region's part of the run is written in place into that region's file: payloads
         first, then their table entries (see ``blockfile``). A ``sync`` that falls due runs
-        here, unless ``sync=False``: then the caller runs it when ``sync_due`` says so, off the
-        path of a reader waiting for this write (a scan of a full cache takes seconds: 0.1-0.3 s
-        for 20,000 region files).
+        here (``try_sync``: its failure is not this write's), unless ``sync=False``: then the
+        caller runs it when ``sync_due`` says so, off the path of a reader waiting for this write
+        (a scan of a full cache takes seconds: 0.1-0.3 s for 20,000 region files).
         """
         identity = blockfile.identity(ref, self._dataset)
         reserved = self._make_room(sum(len(p) for p in payloads))
@@ -443,7 +446,7 @@ class DiskCache:
             with self._lock:
                 self._reserved -= reserved
         if sync and self.sync_due:
-            self.sync()
+            self.try_sync()
 
     def _write_runs(
         self, digest: str, identity: bytes, first_index: int, payloads: Sequence[bytes]
@@ -621,6 +624,22 @@ class DiskCache:
             with self._lock:
                 self._index = fresh
                 self._written_since_sync = 0
+
+    def try_sync(self) -> None:
+        """``sync`` for a mount, which a scan that fails must not end (the cache directory
+        unreadable, its lock refused, an I/O error): warned of at most once a minute, and tried
+        again once ``sync_every`` more bytes are written, not at every write (a scan failing half
+        way would walk the cache again each time). Until one succeeds, what other processes
+        cached is not counted, so the directory may hold more than the bound; this process's own
+        files still are (its index evicts them).
+        """
+        try:
+            self.sync()
+        except OSError as exc:
+            with self._lock:
+                self._written_since_sync = 0
+            self._trouble.warn(f"cannot scan the block cache ({exc}); reads go on, and it may "
+                               "overshoot its bound until a later scan succeeds", kind="scan")
 
     def _region_files(self) -> Iterator[tuple[float, int, str, str | None]]:
         """(mtime, allocated bytes, path, name in our index or None for another block size's
