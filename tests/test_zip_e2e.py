@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import Cli, errno_of, garble_root_page, sha256
 from test_mount_e2e import tree
-from zipcraft import header_offset, make_zip, patch, sample_bytes
+from zipcraft import header_offset, lzma_zip_without_end_marker, make_zip, patch, sample_bytes
 
 pytestmark = pytest.mark.fuse
 
@@ -67,6 +67,20 @@ def test_zip_mounts_as_its_members_byte_identical(
     assert info.st_mtime == pytest.approx(1620284890)  # 2021-05-06 07:08:10 UTC
     assert os.getxattr(mountpoint / "labels.csv", "user.s3datafs.member") == b"labels.csv"
     assert os.getxattr(mountpoint, "user.s3datafs.object_count") == str(len(MEMBERS)).encode()
+
+
+def test_an_lzma_member_without_an_end_marker_reads_as_its_header_says(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """As 7-Zip writes LZMA members: no end marker (flag bit 1 unset), the header's size alone
+    ends the stream. It read as a zip bomb (EIO): fed its last bytes, the decoder made up a
+    byte past the member's end from the range coder's flush."""
+    bucket = make_bucket()
+    body = sample_bytes(61, 100_000)
+    put(s3, bucket, "seven.zip", lzma_zip_without_end_marker("m.bin", body))
+    mountpoint = cli.mount(f"s3://{bucket}/seven.zip")
+    assert os.stat(mountpoint / "m.bin").st_size == len(body)
+    assert (mountpoint / "m.bin").read_bytes() == body
 
 
 def test_random_ranges_inside_members_match(cli: Cli, s3, make_bucket) -> None:

@@ -18,7 +18,14 @@ import trio
 from fakes import FakeSource, trio_test
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zipcraft import header_offset, make_zip, patch, sample_bytes, set_local_extra_length
+from zipcraft import (
+    header_offset,
+    lzma_zip_without_end_marker,
+    make_zip,
+    patch,
+    sample_bytes,
+    set_local_extra_length,
+)
 
 from s3datafs.archive import members as members_module
 from s3datafs.archive import spans as spans_module
@@ -569,6 +576,65 @@ def test_data_that_ends_early(method: int) -> None:
         MemberSource(zipped.source).get_range(ref, 0, ref.size)
     with pytest.raises(ArchiveError, match=message):
         MemberSource(zipped.source).get_range(ref, 49_000, 51_000)
+
+
+@functools.cache
+def unmarked() -> bytes:
+    """The member of ``lzma_unmarked``: half text, half random, 100 KB."""
+    return sample_bytes(61, 100_000)
+
+
+def lzma_unmarked(declared: int | None = None) -> tuple[Archive, MemberRef]:
+    """An archive of one LZMA member whose stream has no end marker (7-Zip writes them so,
+    flag bit 1 unset): its header's size alone says where it ends."""
+    zipped = archive(_lzma_unmarked_zip(declared))
+    ref = zipped.members["m.bin"]
+    assert (ref.method, ref.flags & 0x2) == (zipfile.ZIP_LZMA, 0)
+    return zipped, ref
+
+
+@functools.cache
+def _lzma_unmarked_zip(declared: int | None) -> bytes:
+    return lzma_zip_without_end_marker("m.bin", unmarked(), declared=declared)
+
+
+@pytest.mark.parametrize("whole_max", [members_module._WHOLE_MAX, 0], ids=["whole", "pieces"])
+def test_an_lzma_member_without_an_end_marker_is_read_to_its_declared_size(whole_max: int) -> None:
+    zipped, ref = lzma_unmarked()
+    expected = unmarked()
+    source = MemberSource(zipped.source, whole_max=whole_max)
+    assert source.get_range(ref, 0, ref.size) == expected
+    for start, end in pieces(ref.size, seed=5):  # in any order: from the start again each time
+        assert source.get_range(ref, start, end) == expected[start:end], (start, end)
+    assert source.get_range(ref, ref.size - 1, ref.size) == expected[-1:]
+    assert not source._failed
+
+
+def test_an_lzma_member_without_an_end_marker_is_kept_decompressed(tmp_path) -> None:
+    """The disk cache's copy (``s3datafs prefetch``, random reads) is written to the declared
+    size, checked, and served."""
+    zipped, ref = lzma_unmarked()
+    source = MemberSource(zipped.source, disk=DiskCache(tmp_path, block_size=64 * KIB,
+                                                        capacity=1 << 30), whole_max=0)
+    assert source.keep(ref)
+    zipped.reset()
+    for start, end in [(0, ref.size), (50_000, 50_001), (ref.size - 10, ref.size)]:
+        assert source.get_range(ref, start, end) == unmarked()[start:end]
+    assert zipped.source.calls["get_range"] == 0
+    source.close()
+
+
+@pytest.mark.parametrize("whole_max", [members_module._WHOLE_MAX, 0], ids=["whole", "pieces"])
+def test_an_lzma_member_without_an_end_marker_is_what_its_header_says(whole_max: int) -> None:
+    """With no end marker the header's size alone ends the member, and its CRC checks it: a
+    stream that goes on past that size is read to it (what follows cannot be told from the
+    symbols a decoder makes up of the range coder's flush), one that stops short of it fails."""
+    short_zip, short = lzma_unmarked(declared=80_000)
+    source = MemberSource(short_zip.source, whole_max=whole_max)
+    assert source.get_range(short, 0, short.size) == unmarked()[:80_000]
+    long_zip, long = lzma_unmarked(declared=100_001)
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch|its data ends after 100000 of"):
+        MemberSource(long_zip.source, whole_max=whole_max).get_range(long, 0, long.size)
 
 
 def test_corrupt_deflate_stream() -> None:

@@ -11,6 +11,7 @@ import random
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterable
 
 _CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
@@ -148,3 +149,72 @@ def to_zip64(data: bytes) -> bytes:
     locator = _LOCATOR.pack(b"PK\x06\x07", 0, at, 1)
     end = _EOCD.pack(b"PK\x05\x06", disk, cd_disk, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
     return data[:at] + record + locator + end
+
+
+# -- LZMA without an end marker ------------------------------------------------------------------
+
+_LZMA_PROPERTIES = (3, 0, 2)  # lc, lp, pb: what LZMA encoders use unless told otherwise
+
+
+def lzma_literals(data: bytes) -> bytes:
+    """``data`` as raw LZMA1 (``_LZMA_PROPERTIES``), every byte coded as a literal, with no end
+    marker: the stream stops after its last symbol, as 7-Zip writes zip members unless asked
+    for the marker (Python's ``lzma`` always writes one). A plain range coder (LZMA SDK's
+    ``RangeEnc``); no matches, so it compresses little, but any LZMA decoder reads it."""
+    lc, lp, pb = _LZMA_PROPERTIES
+    out = bytearray()
+    low, span, cache, pending = 0, 0xFFFFFFFF, 0, 1  # pending: bytes held back for a carry
+
+    def shift_low() -> None:
+        nonlocal low, cache, pending
+        if low < 0xFF000000 or low >= 1 << 32:
+            carry, held = low >> 32, cache
+            for _ in range(pending):
+                out.append((held + carry) & 0xFF)
+                held = 0xFF
+            pending, cache = 0, (low >> 24) & 0xFF
+        pending += 1
+        low = (low & 0x00FFFFFF) << 8
+
+    def encode(probabilities: list[int], at: int, bit: int) -> None:
+        nonlocal low, span
+        probability = probabilities[at]
+        bound = (span >> 11) * probability
+        if bit:
+            low, span = low + bound, span - bound
+            probabilities[at] = probability - (probability >> 5)
+        else:
+            span = bound
+            probabilities[at] = probability + ((2048 - probability) >> 5)
+        while span < 1 << 24:
+            span <<= 8
+            shift_low()
+
+    is_match = [1024] * (12 << 4)  # by state and position; literals only: state 0 throughout
+    literal = [1024] * (0x300 << (lc + lp))
+    previous = 0
+    for position, byte in enumerate(data):
+        encode(is_match, position & ((1 << pb) - 1), 0)
+        base = 0x300 * (((position & ((1 << lp) - 1)) << lc) + (previous >> (8 - lc)))
+        symbol = 1
+        for shift in range(7, -1, -1):
+            bit = (byte >> shift) & 1
+            encode(literal, base + symbol, bit)
+            symbol = (symbol << 1) | bit
+        previous = byte
+    for _ in range(5):  # the range coder's flush
+        shift_low()
+    return bytes(out)
+
+
+def lzma_zip_without_end_marker(name: str, data: bytes, *, declared: int | None = None) -> bytes:
+    """An archive of one LZMA member ``name`` whose stream has no end marker (general purpose
+    flag bit 1 unset), so only its header's size (``declared``, else ``len(data)``) says where
+    it ends. Made as a stored member of the zip LZMA payload, then relabelled."""
+    lc, lp, pb = _LZMA_PROPERTIES
+    properties = bytes([(pb * 5 + lp) * 9 + lc]) + (1 << 16).to_bytes(4, "little")
+    payload = b"\x09\x14" + len(properties).to_bytes(2, "little") + properties
+    archive = make_zip({name: payload + lzma_literals(data)})
+    size = len(data) if declared is None else declared
+    return patch(archive, name, method=zipfile.ZIP_LZMA, flags=0, size=size,
+                 crc=zlib.crc32(data[:size]))

@@ -55,15 +55,16 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   -> 0.16 s after a remount; a 16 MiB one 1.1-1.5 s -> 0.35 s; sequential reads unchanged.
 - Verification: decompression never produces more than the declared size: a member that would
   inflate further (a zip bomb), ends early or fails to decompress is an ``ArchiveError`` (EIO),
-  and so is a CRC-32 mismatch. A compressed member's CRC is checked whenever decompression
-  reaches its end (always from its start); a stored member's whenever its pieces, fetched in any
-  order and overlapping at will, have covered it (``crc.Coverage``; the pieces of the 65,536
-  stored members last read in part are remembered). A member found bad fails every read at once
-  for ``_RETRY_BAD`` seconds (``_failing``), and its archive bytes are dropped from the caches,
-  so the read after that, or a remount, fetches them again: damage met in transit (plain HTTP)
-  is not taken for the archive's for good. Encrypted members and unsupported methods fail every
-  read with an error naming the member. A range past a member's end is cut there, as a read of
-  a file is (``_within``): it is no evidence of damage.
+  and so is a CRC-32 mismatch (an LZMA stream without an end marker ends at the declared size,
+  which nothing else can show: ``_finish``). A compressed member's CRC is checked whenever
+  decompression reaches its end (always from its start); a stored member's whenever its pieces,
+  fetched in any order and overlapping at will, have covered it (``crc.Coverage``; the pieces of
+  the 65,536 stored members last read in part are remembered). A member found bad fails every
+  read at once for ``_RETRY_BAD`` seconds (``_failing``), and its archive bytes are dropped from
+  the caches, so the read after that, or a remount, fetches them again: damage met in transit
+  (plain HTTP) is not taken for the archive's for good. Encrypted members and unsupported
+  methods fail every read with an error naming the member. A range past a member's end is cut
+  there, as a read of a file is (``_within``): it is no evidence of damage.
 - Disk writes (``spans.ArchiveBlocks``): a short fetch is written by the thread that fetched it,
   spans behind the reads (bounded, drained by ``close``).
 """
@@ -640,7 +641,17 @@ class MemberSource:
     def _finish(
         self, ref: MemberRef, position: _Position, compressed: bytes | None, pending: memoryview
     ) -> None:
-        """At the declared size: nothing may follow (a zip bomb), and the CRC must match."""
+        """At the declared size: nothing may follow (a zip bomb), and the CRC must match.
+
+        An LZMA stream without an end marker (flag bit 1 unset, as 7-Zip writes them) ends
+        where the declared size says, and nothing shows that it does: fed its last bytes, a
+        decoder makes up symbols from the range coder's flush (an LZMA member of 100,000 bytes
+        decoded to 100,001). So nothing is asked of it past that size: the CRC checks it, as
+        zipfile and 7-Zip read it.
+        """
+        if ref.method == zipformat.LZMA and not ref.flags & zipformat.FLAG_LZMA_END_MARKER:
+            _check_crc(ref, position.crc)
+            return
         decompressor = position.decompressor
         while not decompressor.eof:
             data: bytes | memoryview = b""

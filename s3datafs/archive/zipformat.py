@@ -45,6 +45,7 @@ NO_TIME = 0.0  # ``Member.mtime`` of an entry whose DOS date and time are not va
 METHOD_NAMES = {STORED: "stored", DEFLATED: "deflate", 9: "deflate64", BZIP2: "bzip2",
                 LZMA: "lzma", ZSTD: "zstd", 95: "xz", 98: "ppmd", 99: "AES-encrypted"}
 FLAG_ENCRYPTED = 0x1
+FLAG_LZMA_END_MARKER = 0x2  # an LZMA member's stream ends with a marker (APPNOTE 4.4.4)
 FLAG_UTF8 = 0x800
 
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record, 22 bytes
