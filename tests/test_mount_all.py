@@ -129,7 +129,17 @@ def test_a_failing_fourth_dataset_leaves_nothing_mounted(cli: Cli, three: Three)
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith("s3datafs: dataset 'broken': ETag mismatch")
+    # The spec's own words for the pin it gave; the one it did not give stays the option.
+    assert "the object changed, or 'etag'/--version-id is wrong" in line
     assert "unmounted 'mnist', 'train', 'weights-v1' again" in line
+    assert_nothing_left(cli)
+
+
+def test_a_pin_that_s3_refuses_is_named_as_the_spec_names_it(cli: Cli, three: Three) -> None:
+    missing = {"uri": three.spec[2]["uri"], "name": "gone", "versionId": "no-such-version"}
+    result = run_cli(cli, "mount-all", "-", stdin=json.dumps([missing]))
+    assert result.returncode == 1
+    assert result.stderr.endswith("does not exist: check 'versionId'\n"), result.stderr
     assert_nothing_left(cli)
 
 

@@ -6,7 +6,7 @@ dataset -> ``start_mount`` for each, in spec order.
 - **Plans first.** Every plan is built (and so checked locally: names, modes, credentials files,
   options, endpoint and region) before anything is mounted; a mistake in the last dataset mounts
   nothing. A value a dataset's field gave is refused by the field's name (``'kernelReadahead'``),
-  not by the option's.
+  not by the option's; so is a pin S3 refuses (``check 'versionId'``, once mounting began).
 - **Options as defaults.** The command takes ``mount``'s options; each applies to every dataset
   unless the dataset's own field says otherwise (``endpointUrl``, ``region``, keys or
   ``noSignRequest`` over ``--profile``/``--credentials-file``/``--no-sign-request``, ``versionId``
@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ PER_DATASET_OPTIONS = (
 )
 # spec fields that map onto options other commands own: field -> (attribute, option)
 OPTIONAL_FIELDS = {"asOf": ("as_of", "--as-of"), "snapshot": ("snapshot", "--snapshot")}
+# the options S3's refusals of a dataset's pins name (``resolve``: "check --version-id"): ->
+# the spec's field, which a dataset that gave the value is told of instead
+PINNED_AS_OPTIONS = {"--version-id": "versionId", "--etag": "etag", "--as-of": "asOf"}
 # spec fields whose values are checked as these options are: option -> field
 CHECKED_AS_OPTIONS = {
     "--kernel-readahead": "kernelReadahead",
@@ -332,12 +336,21 @@ def _mount_one(
 def _failure(
     item: PlannedDataset, exc: S3DataFSError, mounted: list[MountedDataset], problems: list[str]
 ) -> str:
-    message = f"{item.spec.label}: {exc}"
+    message = f"{item.spec.label}: {_in_spec_words(str(exc), item.spec)}"
     if mounted:
         names = ", ".join(repr(done.plan.name) for done in mounted)
         message += f" (unmounted {names} again)"
     if problems:
         message += f"; but: {'; '.join(problems)}"
+    return message
+
+
+def _in_spec_words(message: str, spec: DatasetSpec) -> str:
+    """``message`` naming the spec's field instead of the option for each pin the dataset gave
+    itself (``'versionId'``, not ``--version-id``); the command's own options keep their names."""
+    for option, field in PINNED_AS_OPTIONS.items():
+        if getattr(spec, datasets.FIELDS[field]) is not None:
+            message = re.sub(rf"(?<![\w-]){re.escape(option)}(?![\w-])", repr(field), message)
     return message
 
 
