@@ -88,6 +88,7 @@ import errno
 import fcntl
 import heapq
 import logging
+import math
 import os
 import shutil
 import threading
@@ -214,6 +215,7 @@ class DiskCache:
         self._lock = threading.Lock()
         self._index = _UnlinkingLRU(capacity, self.root)
         self._free_checked_at = -_FREE_CHECK_SECONDS  # --cache-min-free: see ``_make_room``
+        self._made_room_at = -math.inf  # when ``_make_room`` last evicted files
         self._free_estimate = self._wanted_free = 0.0
         self._reserved = 0  # bytes of writes under way that passed ``_make_room``
         self._written_since_sync = 0
@@ -415,9 +417,18 @@ class DiskCache:
         """Delete every region file of the object ``digest`` (``object_size`` bytes): blocks
         written for bytes found bad before anything could read them (``archive.decompressed``)
         give their room back at once instead of ageing out of the LRU."""
+        for name in self._region_names(digest, object_size):
+            self._forget(name, unlink=True)
+
+    def holds_files(self, digest: str, object_size: int) -> bool:
+        """Whether every region file of the object ``digest`` (``object_size`` bytes) is on disk:
+        none was evicted (reads still check their blocks)."""
+        return all((self.root / name).exists()
+                   for name in self._region_names(digest, object_size))
+
+    def _region_names(self, digest: str, object_size: int) -> list[str]:
         last = max(0, -(-object_size // self.block_size) - 1)
-        for region in range(self.layout.region_of(last) + 1):
-            self._forget(_region_name(digest, region), unlink=True)
+        return [_region_name(digest, region) for region in range(self.layout.region_of(last) + 1)]
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -560,6 +571,8 @@ class DiskCache:
                 self._free_checked_at, self._wanted_free = now, wanted_free
                 self._free_estimate = fs.f_bavail * fs.f_frsize - self._reserved
                 shortfall = wanted_free - self._free_estimate
+                if shortfall > 0 and self._index:
+                    self._made_room_at = now
                 while shortfall > 0 and self._index:
                     shortfall -= self._index.popitem()[1]
             if shortfall > 0:
@@ -570,6 +583,11 @@ class DiskCache:
                 self._reserved -= incoming
             raise
         return incoming
+
+    def made_room_since(self, moment: float) -> bool:
+        """Whether --cache-min-free evicted files since ``moment`` (``time.monotonic()``)."""
+        with self._lock:
+            return self._made_room_at >= moment
 
     def _statvfs(self) -> os.statvfs_result:
         try:
