@@ -11,7 +11,11 @@ bytes, and no reader waits forever. The attacks:
   another member's or another region's, a marker naming another member's verified copy;
 - the same member fields in another version of the archive: its copy is not this one's;
 - readers joining a decompression at known places (behind its output, ahead of it, at the end)
-  as it fails: S3, a corrupt stream, data that ends early, its CRC, a zip bomb, the unmount.
+  as it fails: S3, a corrupt stream, data that ends early, its CRC, a zip bomb, the unmount;
+- two processes decompressing one member at once; ``cache clear`` under a decompression and
+  its readers; another mount's scans evicting a copy as it is read; a reader given up on
+  (--read-timeout) as it waits;
+- --cache-min-free leaving less room than the member.
 
 Against FakeSource and real ``DiskCache`` directories in ``tmp_path``, with the small regions of
 ``test_zip_decompressed`` (1 MiB), so a member of 3 MiB spans four region files.
@@ -37,7 +41,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
-from fakes import FakeSource
+import trio
+from fakes import FakeSource, trio_test
 from test_zip_decompressed import (  # noqa: F401 - small_regions: an autouse fixture
     BLOCK,
     big_member,
@@ -49,19 +54,22 @@ from test_zip_decompressed import (  # noqa: F401 - small_regions: an autouse fi
     zip_bytes,
     zipped,
 )
-from test_zip_members import BUCKET, KIB, MIB, Archive, archive
+from test_zip_members import BUCKET, KIB, MIB, Archive, archive, read_at_once
 from zipcraft import make_zip, sample_bytes
 
+from s3datafs import reader as reader_module
 from s3datafs.archive import decompressed as decompressed_module
 from s3datafs.archive import members as members_module
 from s3datafs.archive.members import MemberSource
 from s3datafs.cache import blockfile
+from s3datafs.cache import disk as disk_module
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache
 from s3datafs.errors import ArchiveError, TransientS3Error
 from s3datafs.model import MemberRef, UnzippedRef
+from s3datafs.reader import BlockReader
 
-DEFLATED = 8  # zipfile.ZIP_DEFLATED
+DEFLATED = zipfile.ZIP_DEFLATED
 
 
 # -- a byte damaged before the decompressor ----------------------------------------------------
@@ -684,3 +692,160 @@ def test_a_copy_the_free_space_cannot_hold_is_not_made_again_at_every_read(
     last = ref.size - BLOCK  # in the copy's last region, which is left
     assert source.get_range(ref, last, ref.size) == expected[last:]
     assert source.stats.decompressions == decompressions
+
+
+# -- two processes, cache clear, eviction, a reader given up on ---------------------------------
+
+
+def decompress_beside_another(
+    archived: Archive, ref: MemberRef, directory: Path, both: threading.Barrier, seed: int
+) -> None:
+    """In a forked child: ``ref`` decompressed into the cache by a random read, the
+    decompression held after its first piece until the other process's is there too, then
+    random reads checked (an assertion fails the child)."""
+    source = MemberSource(archived.source, disk=cache(directory))
+    pieces = source._whole_pieces
+
+    def met(member: MemberRef) -> Iterator[bytes]:
+        for number, piece in enumerate(pieces(member)):
+            if number == 1:
+                both.wait(timeout=20)
+            yield piece
+
+    source._whole_pieces = met
+    for start, end in [(2 * MIB, 2 * MIB + BLOCK), *random_ranges(ref.size, seed=seed)]:
+        assert source.get_range(ref, start, end) == content()[start:end], start
+    settled(source)
+    assert source.stats.decompressions == 1
+
+
+def test_two_processes_decompressing_one_member_at_once(tmp_path: Path) -> None:
+    """Two mounts (processes) sharing a cache directory decompress one member into it at the
+    same time: two attempts, each verified; the marker, written by both, names one of them;
+    both read exact bytes, and a third mount reads from the disk (no decompression)."""
+    expected, archived, ref = big_member(zipfile.ZIP_LZMA)
+    context = multiprocessing.get_context("fork")
+    both = context.Barrier(2)
+    children = [context.Process(target=decompress_beside_another,
+                                args=(archived, ref, tmp_path, both, seed)) for seed in (31, 32)]
+    for child in children:
+        child.start()
+    try:
+        for child in children:
+            child.join(timeout=60)
+            assert child.exitcode == 0
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()
+                child.join()
+    marker = UnzippedRef.of(ref)
+    copies = {path.name.partition(".")[0] for path in tmp_path.rglob("*.r*")} - {
+        object_digest(archived.ref), object_digest(marker)}
+    assert len(copies) == 2  # an attempt each
+    archived.reset()
+    third = MemberSource(archived.source, disk=cache(tmp_path))
+    for start, end in [(0, ref.size), *random_ranges(ref.size, seed=33)]:
+        assert third.get_range(ref, start, end) == expected[start:end]
+    assert (third.stats.decompressions, archived.source.calls["get_range"]) == (0, 0)
+    assert third._kept is not None
+    assert object_digest(UnzippedRef.of(ref, third._kept._attempts[ref])) in copies
+
+
+def test_cache_clear_under_a_decompression_and_its_readers(tmp_path: Path) -> None:
+    """``cache clear`` (all of it) as a decompression into the cache has written two of its four
+    regions: its readers, ahead and behind, get their exact bytes, the copy is marked with
+    regions missing, and reads in those decompress the member again, into a whole copy."""
+    expected, archived, ref = big_member(zipfile.ZIP_LZMA)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    kept = source._kept
+    assert kept is not None
+    stepped = Stepped(source)
+    with ThreadPoolExecutor(4) as pool:
+        ahead = pool.submit(source.get_range, ref, 2 * MIB + 3, 2 * MIB + 3 + BLOCK)
+        until(lambda: ref in kept._flights, "the decompression")
+        while (produced := kept.produced(ref) or 0) < 2 * MIB + 4 * BLOCK:
+            stepped.let(1)
+            until(lambda produced=produced: (kept.produced(ref) or 0) > produced, "a piece")
+        behind = pool.submit(source.get_range, ref, MIB + 5, MIB + 5 + BLOCK)
+        until(lambda: ahead.done(), "the reader ahead")
+        assert disk_module.clear(tmp_path) >= 2  # the archive's blocks and the copy's
+        stepped.let(1000)
+        assert ahead.result(timeout=10) == expected[2 * MIB + 3: 2 * MIB + 3 + BLOCK]
+        assert behind.result(timeout=10) == expected[MIB + 5: MIB + 5 + BLOCK]
+    settled(source)
+    decompressions = source.stats.decompressions
+    for start, end in [(5, 5 + BLOCK), *random_ranges(ref.size, seed=34), (0, ref.size)]:
+        assert source.get_range(ref, start, end) == expected[start:end], start
+        settled(source)
+    assert source.stats.decompressions <= decompressions + 1
+
+
+def test_reads_of_a_copy_stay_exact_while_another_mount_evicts_it(tmp_path: Path) -> None:
+    """A mount with a bound too small for the copy shares the directory and scans it again and
+    again (evicting the copy's files and the marker, oldest first) while this mount reads the
+    member at random from its copy, from 4 threads: every read is exact, and every one made
+    the copy again at most once."""
+    expected, archived, ref = big_member(zipfile.ZIP_LZMA)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    assert source.keep(ref)
+    small = DiskCache(tmp_path, block_size=BLOCK, capacity=2 * MIB)
+    reading = threading.Event()
+    scans = [0]
+
+    def evicting() -> None:
+        while not reading.is_set():
+            small.sync()
+            scans[0] += 1
+            time.sleep(0.002)
+
+    ranges = random_ranges(ref.size, seed=35, count=120)
+    evictor = threading.Thread(target=evicting)
+    evictor.start()
+    try:
+        results = read_at_once(source, ref, ranges, threads=4)
+    finally:
+        reading.set()
+        evictor.join(timeout=10)
+    for (start, end), got in zip(ranges, results, strict=True):
+        assert got == expected[start:end], start
+    settled(source)
+    assert scans[0] >= 10
+    assert source.stats.decompressions <= len(ranges) + 1
+
+
+@trio_test
+async def test_a_reader_given_up_on_while_it_waits_leaves_nothing_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of a member waits for its decompression into the cache longer than
+    --read-timeout: the reader gives it up (EIO), the worker thread goes on waiting, abandoned.
+    Once the decompression ends that thread is done, the connection slot it held counts as
+    answering again, no range waits on the decompression, and the next read is exact (once
+    the kernel's retry of the failed read has been failed at once: ``reader._FAILED_TTL``)."""
+    monkeypatch.setattr(reader_module, "_FAILED_TTL", 0.05)
+    expected, archived, ref = big_member(zipfile.ZIP_LZMA)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    kept = source._kept
+    assert kept is not None
+    stepped = Stepped(source)
+    reader = BlockReader(source, block_size=BLOCK, memory_cache_bytes=8 * MIB,
+                         s3_limiter=trio.CapacityLimiter(4), read_timeout=0.3)
+    far = 2 * MIB + 5
+    async with trio.open_nursery() as tasks:
+        reader.attach(tasks)
+        with pytest.raises(TransientS3Error, match="--read-timeout"):
+            await reader.read(ref, far, BLOCK)
+        assert reader._abandoned == 1
+        flight = kept._flights[ref]
+        assert len(flight.wants) == 1
+        stepped.let(1000)
+        await trio.to_thread.run_sync(settled, source)
+        assert flight.done
+        assert flight.wants == []
+        await trio.to_thread.run_sync(until, lambda: reader._abandoned == 0, "its thread")
+        await trio.sleep(0.05)  # reader._FAILED_TTL
+        assert await reader.read(ref, far, BLOCK) == expected[far: far + BLOCK]
+        assert await reader.read(ref, 0, ref.size) == expected
+        assert source.stats.decompressions == 1
+        tasks.cancel_scope.cancel()
