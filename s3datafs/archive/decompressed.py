@@ -38,7 +38,11 @@ written, and it is written only after the CRC and the declared size were checked
 crash cut short is named by no marker and ages out of the LRU. An attempt's name is never
 reused, so the blocks under a marker's attempt are the ones that attempt wrote, all verified.
 Two processes decompressing one member at once write two attempts; the last marker wins and the
-other attempt ages out.
+other attempt ages out. The marker is the one block of the cache whose writers write different
+bytes (``cache.blockfile`` counts on the same bytes): a slot torn between two of them fails its
+entry's CRC (a miss), and every name a marker can hold is a verified attempt's. Tested by killing
+a process at each step of a decompression, damaging each file, and a model
+(``tests/test_zip_kept_faults.py``).
 
 Invariants:
 - Bytes are served from the disk only through a marker; every block is also checked against
