@@ -8,13 +8,13 @@ Schema (one file per snapshot)::
             is_dir INTEGER NOT NULL,     -- 1 directory, 0 regular file
             size INTEGER NOT NULL,       -- bytes; 0 for directories
             mtime REAL,                  -- seconds since the epoch (LastModified / newest child)
-            key TEXT, version_id TEXT, etag TEXT)   -- the pinned object; NULL for directories
+            key TEXT, version_id TEXT, etag TEXT,   -- the pinned object; NULL for directories
+            header_offset, data_limit, method,      -- archive catalogs only: where a file's
+            flags, compressed_size, crc32)          -- bytes are in the zip; NULL for directories
     UNIQUE INDEX entries_by_name(parent, name)      -- lookup()
     INDEX entries_by_parent(parent)                 -- children(): (parent, rowid) order, paged
     markers(inode INTEGER PRIMARY KEY,   -- the directory a "dir/" marker object made
             key, version_id, etag, size, mtime)     -- the marker object itself, as pinned
-    members(inode INTEGER PRIMARY KEY,   -- archive catalogs only: where a file's bytes are
-            header_offset, data_limit, method, flags, compressed_size, crc32)
     meta(name TEXT PRIMARY KEY, value)              -- format_version, uri, bucket, prefix, ...
                                                     -- fingerprint, single_object, as_of, ...
                                                     -- archive (JSON of the pinned zip, or NULL)
@@ -39,8 +39,8 @@ Building (``CatalogBuilder`` / ``build_catalog``) streams: rows are inserted in 
 An *archive catalog* (``archive=`` the pinned zip object) holds the members of one zip instead
 of objects: ``add_member`` takes central directory entries (``archive.zipformat.Member``), with
 the same path rules plus the archive-only ones (drive letters, backslashes); a member's row keeps
-its name in ``key`` and its place in the archive in ``members``, and ``Entry.ref`` is then a
-``MemberRef``. Its identity is the archive's: ``objects()`` yields the archive object alone and
+its name in ``key`` and its place in the archive in the member columns, and ``Entry.ref`` is then
+a ``MemberRef``. Its identity is the archive's: ``objects()`` yields the archive object alone and
 the fingerprint is the archive's (given to the builder), so snapshots and ``--expect-fingerprint``
 pin the archive. Archive catalogs are persistent (``archive.index``): a remount needs no index read.
 
@@ -89,8 +89,9 @@ from .model import MemberRef, ObjectRef, PinnedRef
 log = logging.getLogger(__name__)
 
 # 2: markers, fingerprint, single_object, as_of; 3: members, archive; 4: a name twice in an
-# archive shows the later member (stored member catalogs of 3 showed the first: rebuilt)
-FORMAT_VERSION = 5  # 5: a member with no time of its own has the archive's
+# archive shows the later member (stored member catalogs of 3 showed the first: rebuilt); 5: a
+# member with no time of its own has the archive's
+FORMAT_VERSION = 6  # 6: a member's place in the zip in its entries row (was a members table)
 ROOT_INODE = 1  # == pyfuse3.ROOT_INODE; not imported: pyfuse3 stays in the FUSE ring
 _BATCH = 10_000  # rows per executemany: amortises the call, keeps the batch a few MiB at most
 _FIRST_PAGE = 128  # children(): a readdir buffer holds roughly this many names
@@ -100,26 +101,28 @@ _COLUMNS = "inode, parent, name, is_dir, size, mtime, key, version_id, etag"
 # A zip may hold one name twice (appending to an archive adds, never replaces): extracting it
 # leaves the later member on disk (unzip, zipfile, bsdtar), so the mount shows that one.
 _SUPERSEDED = "a later member has the same name"
+_MEMBER_COLUMNS = "header_offset, data_limit, method, flags, compressed_size, crc32"
+# An archive catalog's entries rows carry their member's place in the zip, inserted with the row:
+# a members table filled at finish from a dict of every member took 2-4 s more for a million, and
+# +160 MiB of RSS; and reads need no join.
+_MEMBER_SCHEMA = (", header_offset INTEGER, data_limit INTEGER, method INTEGER, flags INTEGER, "
+                  "compressed_size INTEGER, crc32 INTEGER")
 _SCHEMA = """
 CREATE TABLE entries (
     inode INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL,
     is_dir INTEGER NOT NULL, size INTEGER NOT NULL, mtime REAL,
-    key TEXT, version_id TEXT, etag TEXT);
+    key TEXT, version_id TEXT, etag TEXT{member_columns});
 CREATE UNIQUE INDEX entries_by_name ON entries(parent, name);
 CREATE TABLE markers (
     inode INTEGER PRIMARY KEY, key TEXT NOT NULL, version_id TEXT, etag TEXT NOT NULL,
     size INTEGER NOT NULL, mtime REAL);
-CREATE TABLE members (
-    inode INTEGER PRIMARY KEY, header_offset INTEGER NOT NULL, data_limit INTEGER NOT NULL,
-    method INTEGER NOT NULL, flags INTEGER NOT NULL, compressed_size INTEGER NOT NULL,
-    crc32 INTEGER NOT NULL);
 CREATE TABLE meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
-INSERT INTO entries VALUES (1, 1, '', 1, 0, NULL, NULL, NULL, NULL);  -- the root, ROOT_INODE
+INSERT INTO entries (inode, parent, name, is_dir, size) VALUES (1, 1, '', 1, 0);  -- ROOT_INODE
 """
 
-_MEMBER_COLUMNS = "header_offset, data_limit, method, flags, compressed_size, crc32"
-_Row = tuple[int, int, str, int, int, float | None, str | None, str | None, str | None]
-_MemberRow = tuple[int, int, int, int, int, int]
+# An entries row as inserted: _COLUMNS, then an archive catalog's _MEMBER_COLUMNS.
+_Row = tuple[int | float | str | None, ...]
+_NO_MEMBER = (None,) * 6  # the member columns of an archive catalog's directory row
 # Every object shown (files and directory markers) in key order: fingerprint and snapshots.
 _OBJECTS_BY_KEY = """
 SELECT key, version_id, etag, size, mtime FROM entries WHERE is_dir = 0
@@ -213,7 +216,10 @@ class CatalogBuilder:
         self._strict = strict
         self._archive = archive
         self._fingerprint = fingerprint
-        self._members: dict[int, _MemberRow] = {}  # file inode -> where it is in the archive
+        columns = _row_columns(archive is not None)
+        values = ", ".join("?" * len(columns.split(",")))
+        self._insert = f"INSERT INTO entries ({columns}) VALUES ({values})"
+        self._dir_tail = () if archive is None else _NO_MEMBER
         self._path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{self._path.name}.", suffix=".tmp",
                                    dir=self._path.parent)
@@ -232,11 +238,12 @@ class CatalogBuilder:
         self._next_inode = ROOT_INODE + 1
         self._objects = self._bytes = self._skipped = 0
         self._db: sqlite3.Connection | None = None
+        schema = _SCHEMA.format(member_columns="" if archive is None else _MEMBER_SCHEMA)
         try:
             self._db = sqlite3.connect(self._tmp, isolation_level=None)
             self._db.executescript(
                 f"PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA locking_mode=EXCLUSIVE;"
-                f"PRAGMA cache_size=-{_BUILD_CACHE_KIB}; {_SCHEMA} BEGIN;")
+                f"PRAGMA cache_size=-{_BUILD_CACHE_KIB}; {schema} BEGIN;")
         except BaseException:
             self.abort()
             raise
@@ -297,12 +304,10 @@ class CatalogBuilder:
             if (earlier := self._pending_files.get((parent, name))) is not None:
                 self._drop(self._pending[earlier], _SUPERSEDED)
                 self._pending[earlier] = None
-            inode = self._next_inode
             self._pending_files[(parent, name)] = len(self._pending)
-            self._members[inode] = (member.header_offset, member.data_limit, member.method,
-                                    member.flags, member.compressed_size, member.crc32)
-            self._append((inode, parent, name, 0, member.size, mtime, member.name, None,
-                          None))
+            self._append((self._next_inode, parent, name, 0, member.size, mtime, member.name,
+                          None, None, member.header_offset, member.data_limit, member.method,
+                          member.flags, member.compressed_size, member.crc32))
             self._objects += 1
             self._bytes += member.size
 
@@ -314,10 +319,6 @@ class CatalogBuilder:
         db.executemany("INSERT INTO markers VALUES (?, ?, ?, ?, ?, ?)",
                        ((inode, r.key, r.version_id, r.etag, r.size, r.last_modified)
                         for inode, r in self._markers.items()))
-        # Members whose file row lost to a directory or a duplicate have no entry: not stored.
-        db.executemany(f"INSERT INTO members (inode, {_MEMBER_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ? "
-                       "WHERE EXISTS (SELECT 1 FROM entries WHERE inode = ?1)",
-                       ((inode, *row) for inode, row in self._members.items()))
         self._set_dir_mtimes(db)
         summary = CatalogSummary(self._objects, self._bytes, len(self._dirs) - 1, self._skipped)
         meta = {**self._meta, "object_count": summary.object_count, "dir_count": summary.dir_count,
@@ -392,7 +393,7 @@ class CatalogBuilder:
             name = dir_path.rpartition("/")[2]
             self._evict_file(parent, name)
             inode = self._next_inode
-            self._append((inode, parent, name, 1, 0, None, None, None, None))
+            self._append((inode, parent, name, 1, 0, None, None, None, None, *self._dir_tail))
             self._dirs[dir_path] = parent = inode
         return parent
 
@@ -425,9 +426,8 @@ class CatalogBuilder:
         if not rows:
             return
         db = self._connection()
-        changed = db.executemany(
-            f"INSERT OR IGNORE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
-        ).rowcount
+        insert = self._insert.replace("INSERT", "INSERT OR IGNORE", 1)
+        changed = db.executemany(insert, rows).rowcount
         if changed != len(rows):
             self._forget_duplicates(db, rows)
 
@@ -448,7 +448,7 @@ class CatalogBuilder:
                                  (row[1], row[2])).fetchone()
             db.execute("DELETE FROM entries WHERE inode = ?", (earlier[0],))
             self._drop(earlier, _SUPERSEDED)
-            db.execute(f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            db.execute(self._insert, row)
 
     def _set_dir_mtimes(self, db: sqlite3.Connection) -> None:
         """Give every directory the newest mtime of its direct children, deepest first."""
@@ -460,6 +460,11 @@ class CatalogBuilder:
             "entries_by_parent WHERE parent = ?1 AND inode != ?2), mtime, ?3) WHERE inode = ?1",
             ((inode, ROOT_INODE, self._meta["created"]) for _, inode in by_depth),
         )
+
+
+def _row_columns(archive: bool) -> str:
+    """The columns of an entries row: an archive catalog's also say where the member lies."""
+    return f"{_COLUMNS}, {_MEMBER_COLUMNS}" if archive else _COLUMNS
 
 
 def _ref_to_json(ref: ObjectRef) -> str:
@@ -509,9 +514,7 @@ class Catalog:
         self._damage_note: str | None = None  # what the damage errors say to do, once met
         self._bucket = meta.bucket
         self._archive = meta.archive
-        # Every entry query reads FROM this: an archive catalog joins where each member lies.
-        self._columns = _COLUMNS if meta.archive is None else f"{_COLUMNS}, {_MEMBER_COLUMNS}"
-        self._join = "" if meta.archive is None else " LEFT JOIN members USING (inode)"
+        self._columns = _row_columns(meta.archive is not None)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Catalog:
@@ -549,7 +552,7 @@ class Catalog:
         """The entry with inode number ``inode``, or ``None``."""
         with self._reading() as db:
             row = db.execute(
-                f"SELECT {self._columns} FROM entries{self._join} WHERE inode = ?", (inode,)
+                f"SELECT {self._columns} FROM entries WHERE inode = ?", (inode,)
             ).fetchone()
         return None if row is None else self._entry(row)
 
@@ -560,7 +563,7 @@ class Catalog:
         try:
             with self._reading() as db:
                 row = db.execute(
-                    f"SELECT {self._columns} FROM entries{self._join} "
+                    f"SELECT {self._columns} FROM entries "
                     "WHERE parent = ? AND name = ?", (parent, name)).fetchone()
         except UnicodeEncodeError:  # a name that is not valid UTF-8 cannot be in the catalog
             return None
@@ -572,8 +575,8 @@ class Catalog:
         while True:
             with self._reading() as db:
                 rows = db.execute(
-                    f"SELECT {self._columns} FROM entries INDEXED BY entries_by_parent"
-                    f"{self._join} WHERE parent = ? AND inode > ? AND inode != ? "
+                    f"SELECT {self._columns} FROM entries INDEXED BY entries_by_parent "
+                    "WHERE parent = ? AND inode > ? AND inode != ? "
                     "ORDER BY inode LIMIT ?",
                     (parent, after_inode, ROOT_INODE, page)).fetchall()
             for row in rows:
@@ -630,7 +633,7 @@ class Catalog:
         while True:
             with self._reading() as db:
                 rows = db.execute(
-                    f"SELECT {self._columns} FROM entries{self._join} "
+                    f"SELECT {self._columns} FROM entries "
                     "WHERE inode > ? AND is_dir = 0 ORDER BY inode LIMIT ?",
                     (after, _MAX_PAGE)).fetchall()
             for row in rows:

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from s3datafs import catalog as catalog_module
+from s3datafs.archive.zipformat import Member
 from s3datafs.catalog import (
     ROOT_INODE,
     Catalog,
@@ -27,7 +28,7 @@ from s3datafs.catalog import (
     Entry,
     build_catalog,
 )
-from s3datafs.model import ObjectRef
+from s3datafs.model import MemberRef, ObjectRef
 
 BUCKET = "bkt"
 
@@ -529,6 +530,38 @@ def test_scale_smoke_200k_keys(db: Path) -> None:
         entry = resolve(cat, "train/shard-0123/sample-0123456.tar")
         assert entry is not None
         assert entry.mtime == 1.7e9 + 123456
+
+
+def test_scale_smoke_archive_of_200k_members(db: Path) -> None:
+    """A member's place in the zip goes into the database with its row, as the build goes: the
+    builder keeps nothing per member (it held them all until the end: +76 MiB here)."""
+    n = 200_000
+    archive = ObjectRef(BUCKET, "train.zip", None, '"e"', 10**9, 1.7e9)
+
+    def members() -> Iterator[Member]:
+        for i in range(n):
+            name = f"train/n{i // 1000:08d}/n{i // 1000:08d}_{i:07d}.JPEG"
+            yield Member(name, False, 100 * i, 100 * i + 90, 0, 0, 10, 10, i, 1.7e9 + i)
+
+    before = _rss_kib("VmRSS")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    exact = _reset_peak_rss()
+    with CatalogBuilder(db, uri=archive.uri, bucket=BUCKET, prefix="", versioned=False,
+                        single_object=True, archive=archive, fingerprint="f" * 64) as builder:
+        for member in members():
+            builder.add_member(member)
+        summary = builder.finish()
+    if exact:
+        growth_kib = _rss_kib("VmHWM") - before
+    else:  # ru_maxrss only shows growth beyond the process's earlier peak
+        growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    assert summary == CatalogSummary(n, 10 * n, 201, 0)
+    assert growth_kib < 40 * 1024, growth_kib  # ~22 MiB: the page cache, one batch
+    with Catalog.open(db) as cat:
+        entry = resolve(cat, "train/n00000123/n00000123_0123456.JPEG")
+        assert entry is not None
+        assert entry.ref == MemberRef(archive, "train/n00000123/n00000123_0123456.JPEG",
+                                      12345600, 12345690, 0, 0, 10, 10, 123456, 1.7e9 + 123456)
 
 
 # --- damage past the meta table: met by a query, not by the open ---
