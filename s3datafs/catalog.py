@@ -83,7 +83,7 @@ from pathlib import Path
 from .archive.zipformat import NO_TIME, Member, member_path_problem
 from .errors import ConfigError
 from .fingerprint import Fingerprinter
-from .keypath import Unsafe, split_key, strip_prefix
+from .keypath import Unsafe, segment_problem, split_key, strip_prefix
 from .model import MemberRef, ObjectRef, PinnedRef
 
 log = logging.getLogger(__name__)
@@ -262,24 +262,27 @@ class CatalogBuilder:
             self._skip(ref.key, "outside the mounted prefix")
             return
         rel = ref.key[len(self._prefix) :]
-        split = split_key(rel)
-        if isinstance(split, Unsafe):
-            self._skip(ref.key, split.reason)
-        elif split.is_dir:
-            self._add_marker(ref, split.path)
-        elif rel in self._dirs:
-            self._skip(ref.key, "a directory has the same name")
-        else:
-            parent_path, _, name = rel.rpartition("/")
-            parent = self._ensure_dir(parent_path)
-            if (parent, name) in self._pending_files:
-                self._skip(ref.key, "key listed twice")
+        if (file := self._in_known_directory(rel)) is None or rel in self._dirs:
+            split = split_key(rel)
+            if isinstance(split, Unsafe):
+                self._skip(ref.key, split.reason)
                 return
-            self._pending_files[(parent, name)] = len(self._pending)
-            self._append((self._next_inode, parent, name, 0, ref.size, ref.last_modified,
-                          ref.key, ref.version_id, ref.etag))
-            self._objects += 1
-            self._bytes += ref.size
+            if split.is_dir:
+                self._add_marker(ref, split.path)
+                return
+            if rel in self._dirs:
+                self._skip(ref.key, "a directory has the same name")
+                return
+            parent_path, _, name = rel.rpartition("/")
+            file = (self._ensure_dir(parent_path), name)
+        if file in self._pending_files:
+            self._skip(ref.key, "key listed twice")
+            return
+        self._pending_files[file] = len(self._pending)
+        self._append((self._next_inode, *file, 0, ref.size, ref.last_modified, ref.key,
+                      ref.version_id, ref.etag))
+        self._objects += 1
+        self._bytes += ref.size
 
     def add_member(self, member: Member) -> None:
         """Add one central directory entry of the archive; skips (WARNING) what cannot be shown."""
@@ -290,26 +293,30 @@ class CatalogBuilder:
         if (problem := member_path_problem(member.name)) is not None:
             self._skip(member.name, problem)
             return
-        split = split_key(member.name)
-        if isinstance(split, Unsafe):
-            self._skip(member.name, split.reason)
-        elif split.is_dir:
-            marker = ObjectRef(self._archive.bucket, member.name, None, "", 0, mtime)
-            self._add_marker(marker, split.path)
-        elif (path := split.path) in self._dirs:
-            self._skip(member.name, "a directory has the same name")
-        else:
-            parent_path, _, name = path.rpartition("/")
-            parent = self._ensure_dir(parent_path)
-            if (earlier := self._pending_files.get((parent, name))) is not None:
-                self._drop(self._pending[earlier], _SUPERSEDED)
-                self._pending[earlier] = None
-            self._pending_files[(parent, name)] = len(self._pending)
-            self._append((self._next_inode, parent, name, 0, member.size, mtime, member.name,
-                          None, None, member.header_offset, member.data_limit, member.method,
-                          member.flags, member.compressed_size, member.crc32))
-            self._objects += 1
-            self._bytes += member.size
+        name = member.name
+        if (file := self._in_known_directory(name)) is None or name in self._dirs:
+            split = split_key(name)
+            if isinstance(split, Unsafe):
+                self._skip(name, split.reason)
+                return
+            if split.is_dir:
+                marker = ObjectRef(self._archive.bucket, name, None, "", 0, mtime)
+                self._add_marker(marker, split.path)
+                return
+            if name in self._dirs:  # a file's split.path is its name
+                self._skip(name, "a directory has the same name")
+                return
+            parent_path, _, base = name.rpartition("/")
+            file = (self._ensure_dir(parent_path), base)
+        if (earlier := self._pending_files.get(file)) is not None:
+            self._drop(self._pending[earlier], _SUPERSEDED)
+            self._pending[earlier] = None
+        self._pending_files[file] = len(self._pending)
+        self._append((self._next_inode, *file, 0, member.size, mtime, name, None, None,
+                      member.header_offset, member.data_limit, member.method, member.flags,
+                      member.compressed_size, member.crc32))
+        self._objects += 1
+        self._bytes += member.size
 
     def finish(self) -> CatalogSummary:
         """Complete the catalog, move it into place, and return its totals."""
@@ -362,6 +369,21 @@ class CatalogBuilder:
         else:
             log.warning("skipping key %r: %s", key, reason)
         self._skipped += 1
+
+    def _in_known_directory(self, path: str) -> tuple[int, str] | None:
+        """``(parent inode, name)`` of the file ``path`` if its directory exists and ``name`` is a
+        safe segment, else ``None`` (``split_key`` must decide).
+
+        The fast path of a build: a directory's segments were checked when it was made, so then
+        ``split_key(path)`` is that file, and only the last segment needs checking.
+        """
+        parent_path, slash, name = path.rpartition("/")
+        if slash and not parent_path:  # "/name": an empty first segment
+            return None
+        parent = self._dirs.get(parent_path)
+        if parent is None or segment_problem(name) is not None:
+            return None
+        return parent, name
 
     def _add_marker(self, ref: ObjectRef, path: str) -> None:
         if ref.size > 0:

@@ -152,6 +152,43 @@ def test_unsafe_keys_are_skipped_with_a_warning(
     assert reason in caplog.records[-1].getMessage()
 
 
+@pytest.mark.parametrize("archive", [False, True])
+def test_names_under_a_directory_already_made_are_checked_the_same(
+    db: Path, caplog: pytest.LogCaptureFixture, archive: bool
+) -> None:
+    """A key under a directory that exists is checked by its last segment alone (the build's
+    fast path): the same keys are skipped, for the same reasons, as split_key would."""
+    names = ["d/e/ok", "d/e/..", "d/e/.", "d/e/" + "n" * 256, "d/e/nul\0", "d/e/" + "é" * 128,
+             "d/e/" + "é" * 127, "d/e//x", "d/e/\ud800", "d/e/back\\slash", "d", "d/e", "x",
+             "/x", "x/y", "d/e/ok"]
+    with CatalogBuilder(db, uri="s3://bkt/", bucket=BUCKET, prefix="", versioned=False,
+                        archive=ref("a.zip") if archive else None,
+                        fingerprint="f" * 64 if archive else None) as builder:
+        for i, name in enumerate(names):
+            if archive:
+                builder.add_member(Member(name, False, i, i + 1, 0, 0, 1, 1, 0, 9.0))
+            else:
+                builder.add(ref(name))
+        builder.finish()
+    skipped = [(r.args[0], r.args[-1]) for r in caplog.records if r.levelno == logging.WARNING]
+    expected = [("d/e/..", "'..' path segment"), ("d/e/.", "'.' path segment"),
+                ("d/e/" + "n" * 256, "path segment of 256 bytes (limit 255)"),
+                ("d/e/nul\0", "NUL character in path segment"),
+                ("d/e/" + "é" * 128, "path segment of 256 bytes (limit 255)"),
+                ("d/e//x", "empty path segment"),
+                ("d/e/\ud800", "path segment is not valid UTF-8"),
+                *([("d/e/back\\slash", "its name holds a backslash (a Windows path separator)")]
+                  if archive else []),
+                ("d", "a directory has the same name"), ("d/e", "a directory has the same name"),
+                ("/x", "its name is an absolute path" if archive else "empty path segment"),
+                ("x", "a directory has the same name"),
+                ("d/e/ok", "a later member has the same name" if archive else "key listed twice")]
+    assert skipped == expected
+    with Catalog.open(db) as cat:
+        shown = {"d/", "d/e/", "d/e/ok", "d/e/" + "é" * 127, "x/", "x/y"}
+        assert set(tree(cat)) == shown | (set() if archive else {"d/e/back\\slash"})
+
+
 def test_keys_outside_prefix_are_skipped(db: Path, caplog: pytest.LogCaptureFixture) -> None:
     summary, cat = build(db, ["data/in", "database", "other/x"], prefix="data/")
     assert summary.skipped_count == 2
