@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from s3datafs import catalog as catalog_module
 from s3datafs.catalog import Catalog, build_catalog
 from s3datafs.fingerprint import Fingerprinter, OrderError, canonical_line, is_fingerprint
 from s3datafs.model import ObjectRef
@@ -105,6 +106,32 @@ def test_adding_or_removing_an_object_or_marker_changes_it(tmp_path: Path) -> No
 def test_skipped_keys_are_not_covered(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     unsafe = [ref("p/a//b"), ref("p/../x")]
     assert fingerprint_of(tmp_path, [*DATA, *unsafe], "u.db") == fingerprint_of(tmp_path, DATA)
+
+
+@pytest.mark.parametrize("batch", [1, 10_000])
+@pytest.mark.parametrize(
+    ("keys", "shown"),
+    [
+        (["p/", "p/a", "p/b/", "p/b/c", "p/é"], 5),  # in key order, all shown: fed as they come
+        (["p/a", "p/a-x", "p/a/b", "p/c"], 3),  # in order, but p/a, fed, loses to directory a
+        (["p/a", "p/a!", "p/a/"], 2),  # ... or to the marker of a
+        (["p/a", "p/b", "p/b", "p/c"], 3),  # a repeat, not stored twice
+        (["p/b", "p/a", "p/c/"], 3),  # out of order
+    ],
+)
+def test_the_fingerprint_covers_what_is_stored_however_it_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int, keys: list[str], shown: int
+) -> None:
+    """The builder feeds the fingerprint as objects come while it can (in key order, nothing
+    dropped afterwards), else sorts what it stored: the same digest either way."""
+    monkeypatch.setattr(catalog_module, "_BATCH", batch)
+    fingerprint = fingerprint_of(tmp_path, [ref(key, size=i) for i, key in enumerate(keys)])
+    stored = Fingerprinter()
+    with Catalog.open(tmp_path / "c.db") as catalog:
+        for obj in catalog.objects():
+            stored.add(obj.key, obj.version_id, obj.etag, obj.size)
+    assert stored.count == shown
+    assert fingerprint == stored.hexdigest()
 
 
 def test_fingerprinter_refuses_keys_out_of_order() -> None:
