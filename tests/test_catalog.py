@@ -285,6 +285,41 @@ def test_conflicts_and_duplicates_across_batches(
     assert c.size == 4  # the first listing of a repeated key is kept
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3, 10_000])
+def test_archive_names_repeated_across_batches(
+    db: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    """A name met again in a later batch is resolved when the build finishes: the last member
+    of a name wins, and a directory wins over every member of its name, whatever the batches."""
+    monkeypatch.setattr(catalog_module, "_BATCH", batch)
+    names = ["a", "b", "a", "c/x", "b", "a", "a/y", "b", "d", "d", "d/"]
+    archive = ref("z.zip")
+    with CatalogBuilder(db, uri=archive.uri, bucket=BUCKET, prefix="", versioned=False,
+                        single_object=True, archive=archive, fingerprint="f" * 64) as builder:
+        for i, name in enumerate(names):
+            builder.add_member(Member(name, name.endswith("/"), 10 * i, 10 * i + 5, 0, 0, i, i,
+                                      i, 100.0 + i))
+        summary = builder.finish()
+    warned = [r.args for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sorted(name for name, _, _ in warned) == ["a", "a", "a", "b", "b", "d", "d"]
+    again, directory = "a later member has the same name", "a directory has the same name"
+    assert {reason for _, _, reason in warned} == {again, directory}  # which: as batches fall
+    assert {reason for name, _, reason in warned if name == "b"} == {again}
+    assert summary == CatalogSummary(object_count=3, total_bytes=3 + 6 + 7, dir_count=3,
+                                     skipped_count=7)
+    with Catalog.open(db) as cat:
+        shown = tree(cat)
+        assert set(shown) == {"a/", "a/y", "b", "c/", "c/x", "d/"}
+        member = shown["b"].ref
+        assert isinstance(member, MemberRef)
+        assert (member.header_offset, member.size) == (70, 7)  # the last "b"
+        assert [e.name for e in cat.children(ROOT_INODE)] == ["c", "a", "b", "d"]  # by inode
+    with sqlite3.connect(db) as raw:  # the index by name is unique, as in every catalog
+        (index,) = raw.execute("SELECT sql FROM sqlite_master WHERE name = 'entries_by_name'")
+        assert index[0].startswith("CREATE UNIQUE INDEX")
+        assert raw.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
 def test_directory_mtimes_are_newest_child_bottom_up(db: Path) -> None:
     refs = [ref("x/old", 1, 10.0), ref("x/y/new", 1, 30.0), ref("x/y/mid", 1, 20.0),
             ref("z/", 0, 5.0), ref("top", 1, 15.0)]
