@@ -36,7 +36,13 @@ from pathlib import Path
 import pytest
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+CHECKOUT = Path(__file__).resolve().parent.parent  # the s3datafs under test
+sys.path.insert(0, str(CHECKOUT))
+# ... and in every command the tests start (the CLI, its daemons, inner pytest runs), whatever
+# their working directory: a clone that shares another checkout's venv, whose editable install
+# points there, would otherwise test that checkout's code wherever a test changes directory.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
 
 from faultproxy import FaultProxy  # noqa: E402
 from watchdog import Watchdog  # noqa: E402
