@@ -52,7 +52,9 @@ Design:
   fails again at once, so the kernel's immediate retry of a failed read does not double the wait.
   The abandoned GET keeps its limiter slot until its thread ends, so a stalled S3 cannot make the
   daemon start unbounded threads; and while every slot is held by one, new loads fail at once
-  (S3 has stopped answering) until a thread ends.
+  (S3 has stopped answering) until a thread ends. A load that would wait for the source's own
+  work (a zip member being decompressed into the disk cache: ``decompressing``) takes a slot of
+  a limiter of its own instead, and is never counted as an S3 call given up.
 
 Threading: everything here runs on the trio thread except ``_load_blocking`` (disk lookup, GET
 and, for short runs, the cache write, under the S3 limiter) and ``_read_cached`` (under the disk
@@ -173,6 +175,11 @@ class BlockReader:
         # them on this thread, skipping flights and the worker-thread hop (see ``read``).
         self._source_now: Callable[[ObjectRef, int, int], bytes | None] | None = getattr(
             source, "get_range_now", None)
+        # Optional: a source that can tell a load would wait on its own work, not on S3
+        # (``MemberSource``: a member being decompressed into the disk cache); see ``_get``.
+        self._source_busy: Callable[[PinnedRef], bool] = getattr(
+            source, "decompressing", lambda _ref: False)
+        self._busy_limiter = trio.CapacityLimiter(s3_limiter.total_tokens)
         self._memory: cachetools.LRUCache[BlockKey, bytes] = cachetools.LRUCache(
             maxsize=max(memory_cache_bytes, 1), getsizeof=len
         )
@@ -652,8 +659,13 @@ class BlockReader:
         # Once every slot is held by such a GET, S3 has stopped answering: a new load fails at
         # once instead of waiting its whole bound for a slot (hundreds of readers of a stalled
         # S3 got their EIO after 16x --read-timeout: the kernel sends their reads in waves).
+        # A load that would wait for a decompression under way waits for this process, not for
+        # S3: it holds no S3 connection slot while it waits (32 readers of a bzip2 member that
+        # takes minutes to decompress held them all, and every other file's reads then failed
+        # as if S3 had stopped answering), and is not counted as an S3 call given up.
+        busy = self._source_busy(ref)
         slots = int(self._s3_limiter.total_tokens)
-        if self._abandoned >= slots:
+        if self._abandoned >= slots and not busy:
             raise TransientS3Error(
                 f"no answer from S3 for {ref.uri}: all {slots} connections wait on S3 for reads "
                 f"given up after {self._read_timeout:g}s (--read-timeout); failing at once until "
@@ -662,15 +674,20 @@ class BlockReader:
         call = _Call()
         with trio.move_on_after(self._read_timeout or math.inf) as bound:
             hits, blocks, write_error = await trio.to_thread.run_sync(
-                self._load_watched, call, ref, run, disk, write, limiter=self._s3_limiter,
-                abandon_on_cancel=True,
+                self._load_watched, call, ref, run, disk, write,
+                limiter=self._busy_limiter if busy else self._s3_limiter, abandon_on_cancel=True,
             )
         if bound.cancelled_caught:
+            start, end = run.start * self.block_size, min(run.stop * self.block_size, ref.size)
+            if busy:
+                raise TransientS3Error(
+                    f"{ref.uri}: its decompression did not reach bytes {start}-{end - 1} within "
+                    f"{self._read_timeout:g}s (--read-timeout)"
+                )
             with self._abandoned_lock:
                 if call.started and not call.ended:
                     call.abandoned = True
                     self._abandoned += 1
-            start, end = run.start * self.block_size, min(run.stop * self.block_size, ref.size)
             raise TransientS3Error(
                 f"no answer from S3 for {ref.uri} bytes {start}-{end - 1} within "
                 f"{self._read_timeout:g}s (--read-timeout)"

@@ -860,6 +860,38 @@ async def test_a_reader_given_up_on_while_it_waits_leaves_nothing_waiting(
         tasks.cancel_scope.cancel()
 
 
+@trio_test
+async def test_readers_waiting_on_a_decompression_hold_no_s3_slot(tmp_path: Path) -> None:
+    """Readers that join a decompression into the cache wait for this process, not for S3: past
+    --read-timeout they fail saying so, holding no S3 connection slot, and are not counted as
+    S3 calls given up; another object is still read. (With as many of them as slots, every
+    other read failed at once with "no answer from S3", though S3 answered.)"""
+    expected, archived, ref = big_member(zipfile.ZIP_LZMA)
+    other = archived.source.put(BUCKET, "other.bin", b"o" * 5000)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    stepped = Stepped(source)
+    slots = 3
+    reader = BlockReader(source, block_size=BLOCK, memory_cache_bytes=8 * MIB,
+                         s3_limiter=trio.CapacityLimiter(slots), read_timeout=0.3)
+    far = 2 * MIB + 5
+    async with trio.open_nursery() as tasks:
+        reader.attach(tasks)
+        with pytest.raises(TransientS3Error, match="--read-timeout"):
+            await reader.read(ref, far, BLOCK)  # starts the decompression: an S3 slot, as ever
+        for joined in range(1, slots + 1):  # blocks of their own: flights of their own
+            with pytest.raises(TransientS3Error, match="--read-timeout") as failed:
+                await reader.read(ref, far + joined * 4 * BLOCK, BLOCK)
+        assert reader._abandoned == 1
+        assert await reader.read(other, 0, other.size) == b"o" * 5000
+        assert "its decompression did not reach bytes" in str(failed.value)  # not S3's doing
+        stepped.let(10**6)
+        await trio.to_thread.run_sync(settled, source)
+        await trio.to_thread.run_sync(  # the waiting threads read the copy, and end
+            until, lambda: reader._busy_limiter.borrowed_tokens == 0, "the waiting threads")
+        assert await reader.read(ref, 3 * MIB, BLOCK) == expected[3 * MIB:]  # no read failed
+        tasks.cancel_scope.cancel()
+
+
 # -- a model: everything at once ----------------------------------------------------------------
 
 MODEL_BLOCK = 16 * KIB  # regions of 4 blocks (``model_regions``): a member of ~300 KiB spans 5

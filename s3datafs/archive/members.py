@@ -301,6 +301,12 @@ class MemberSource:
                 return self._inflated(ref, start, end, self._data)
             return self._inflate_range(ref, start, end, kept)
 
+    def decompressing(self, ref: PinnedRef) -> bool:
+        """Whether ``ref`` is a member being decompressed into the disk cache now: a read of it
+        waits for this process, not for S3 (the block reader holds no S3 slot for it)."""
+        return (isinstance(ref, MemberRef) and self._kept is not None
+                and self._kept.produced(ref) is not None)
+
     def keep(self, ref: MemberRef) -> bool:
         """Decompress ``ref`` into the disk cache now, as a mount does at its first read that
         would start over (``s3datafs prefetch``): a bzip2 or LZMA member over ``whole_max``
