@@ -226,6 +226,7 @@ class CatalogBuilder:
         columns = _row_columns(archive is not None)
         values = ", ".join("?" * len(columns.split(",")))
         self._insert = f"INSERT INTO entries ({columns}) VALUES ({values})"
+        self._insert_new = f"INSERT OR IGNORE INTO entries ({columns}) VALUES ({values})"
         self._dir_tail = () if archive is None else _NO_MEMBER
         self._path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{self._path.name}.", suffix=".tmp",
@@ -276,20 +277,9 @@ class CatalogBuilder:
         if not ref.key.startswith(self._prefix):
             self._skip(ref.key, "outside the mounted prefix")
             return
-        rel = ref.key[len(self._prefix) :]
-        if (file := self._in_known_directory(rel)) is None or rel in self._dirs:
-            split = split_key(rel)
-            if isinstance(split, Unsafe):
-                self._skip(ref.key, split.reason)
-                return
-            if split.is_dir:
-                self._add_marker(ref, split.path)
-                return
-            if rel in self._dirs:
-                self._skip(ref.key, "a directory has the same name")
-                return
-            parent_path, _, name = rel.rpartition("/")
-            file = (self._ensure_dir(parent_path), name)
+        file = self._place(ref.key[len(self._prefix) :], ref.key, lambda: ref)
+        if file is None:
+            return
         if file in self._pending_files:
             self._skip(ref.key, "key listed twice")
             return
@@ -310,20 +300,10 @@ class CatalogBuilder:
             self._skip(member.name, problem)
             return
         name = member.name
-        if (file := self._in_known_directory(name)) is None or name in self._dirs:
-            split = split_key(name)
-            if isinstance(split, Unsafe):
-                self._skip(name, split.reason)
-                return
-            if split.is_dir:
-                marker = ObjectRef(self._archive.bucket, name, None, "", 0, mtime)
-                self._add_marker(marker, split.path)
-                return
-            if name in self._dirs:  # a file's split.path is its name
-                self._skip(name, "a directory has the same name")
-                return
-            parent_path, _, base = name.rpartition("/")
-            file = (self._ensure_dir(parent_path), base)
+        archive = self._archive
+        file = self._place(name, name, lambda: ObjectRef(archive.bucket, name, None, "", 0, mtime))
+        if file is None:
+            return
         if (earlier := self._pending_files.get(file)) is not None:
             self._drop(self._pending[earlier], _SUPERSEDED)
             self._pending[earlier] = None
@@ -387,6 +367,27 @@ class CatalogBuilder:
         else:
             log.warning("skipping key %r: %s", key, reason)
         self._skipped += 1
+
+    def _place(
+        self, path: str, key: str, marker: Callable[[], ObjectRef]
+    ) -> tuple[int, str] | None:
+        """``(parent inode, name)`` of the file ``path`` (``key`` in warnings), its parent
+        directories made; None if it is no file to store: unsafe, or the name of a directory
+        (skipped), or a directory marker (``marker()`` added)."""
+        if (file := self._in_known_directory(path)) is not None and path not in self._dirs:
+            return file
+        split = split_key(path)
+        if isinstance(split, Unsafe):
+            self._skip(key, split.reason)
+            return None
+        if split.is_dir:
+            self._add_marker(marker(), split.path)
+            return None
+        if path in self._dirs:  # a file's split.path is its path
+            self._skip(key, "a directory has the same name")
+            return None
+        parent_path, _, name = path.rpartition("/")
+        return self._ensure_dir(parent_path), name
 
     def _in_known_directory(self, path: str) -> tuple[int, str] | None:
         """``(parent inode, name)`` of the file ``path`` if its directory exists and ``name`` is a
@@ -484,8 +485,7 @@ class CatalogBuilder:
         if not rows:
             return
         db = self._connection()
-        insert = self._insert.replace("INSERT", "INSERT OR IGNORE", 1)
-        changed = db.executemany(insert, rows).rowcount
+        changed = db.executemany(self._insert_new, rows).rowcount
         if changed != len(rows):
             self._forget_duplicates(db, rows)
 

@@ -27,16 +27,12 @@ class UsageError(S3DataFSError):
 
 
 class SettingError(UsageError):
-    """The value given for one setting is refused: ``setting`` names it as the command line
-    does (``--kernel-readahead``), and ``named`` says the same under another name (the field of
-    a datasets spec that gave the value: ``'kernelReadahead'``)."""
+    """The value given for one setting is refused; the message starts with the setting as the
+    command line names it (``--kernel-readahead '3K' must be ...``), which ``mount-all`` turns
+    into the field of a datasets spec that gave the value (``'kernelReadahead'``)."""
 
     def __init__(self, setting: str, value: str, problem: str) -> None:
         super().__init__(f"{setting} {value!r} {problem}")
-        self.setting, self.value, self.problem = setting, value, problem
-
-    def named(self, name: str) -> SettingError:
-        return SettingError(name, self.value, self.problem)
 
 
 class ConfigError(S3DataFSError):

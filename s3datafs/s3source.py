@@ -489,8 +489,8 @@ def _make_clients(
 ) -> list:  # no static type
     """Clients of one session (a fresh one unless given), one per ``for_reads`` flag (see
     ``_client``)."""
+    session = session or _session(settings)
     with _refused_settings(settings):
-        session = session or _session(settings)
         return [_client(session, settings, reads) for reads in for_reads]
 
 

@@ -41,7 +41,7 @@ from typing import TextIO
 
 from .. import config, daemon, datasets, envblock, logsetup, s3source, sdnotify, supervisor
 from ..datasets import DatasetError, DatasetSpec
-from ..errors import ConfigError, S3DataFSError, SettingError, UsageError
+from ..errors import ConfigError, S3DataFSError, UsageError
 from ..mount import MountPlan
 from .mount import _announce as announce_mount
 from .mount import add_mount_options, build_plan, hide_options, start_mount
@@ -60,16 +60,17 @@ PER_DATASET_OPTIONS = (
 )
 # spec fields that map onto options other commands own: field -> (attribute, option)
 OPTIONAL_FIELDS = {"asOf": ("as_of", "--as-of"), "snapshot": ("snapshot", "--snapshot")}
-# the options S3's refusals of a dataset's pins name (``resolve``: "check --version-id"): ->
-# the spec's field, which a dataset that gave the value is told of instead
-PINNED_AS_OPTIONS = {"--version-id": "versionId", "--etag": "etag", "--as-of": "asOf"}
-# spec fields whose values are checked as these options are: option -> field
-CHECKED_AS_OPTIONS = {
+# Options whose values a dataset's field may give instead: option -> field. An error about such
+# a value (checked as the option's is when planned, or refused by S3 when mounted: "check
+# --version-id") names the field when the dataset gave it (``_in_spec_words``).
+SPEC_FIELDS_OF_OPTIONS = {
     "--kernel-readahead": "kernelReadahead",
     "--archive": "archive",
     "--as-of": "asOf",
     "--endpoint-url": "endpointUrl",
     "--region": "region",
+    "--version-id": "versionId",
+    "--etag": "etag",
 }
 
 
@@ -234,20 +235,10 @@ def _plan(spec: DatasetSpec, args: argparse.Namespace) -> MountPlan:
             )
             plan = dataclasses.replace(plan, s3=keys)
         s3source.check_settings(plan.s3)  # endpoint and region, as mounting would: plans first
-    except SettingError as exc:
-        raise DatasetError(f"{spec.label}: {_as_given(exc, spec)}", exc.exit_code) from None
     except S3DataFSError as exc:
-        raise DatasetError(f"{spec.label}: {exc}", exc.exit_code) from None
+        raise DatasetError(f"{spec.label}: {_in_spec_words(str(exc), spec)}",
+                           exc.exit_code) from None
     return plan
-
-
-def _as_given(exc: SettingError, spec: DatasetSpec) -> SettingError:
-    """``exc`` naming the spec's field if the dataset gave the value refused (else the option
-    gave it, the default of every dataset)."""
-    field = CHECKED_AS_OPTIONS.get(exc.setting)
-    if field is None or getattr(spec, datasets.FIELDS[field]) is None:
-        return exc
-    return exc.named(repr(field))
 
 
 def dataset_args(spec: DatasetSpec, defaults: argparse.Namespace) -> argparse.Namespace:
@@ -346,9 +337,10 @@ def _failure(
 
 
 def _in_spec_words(message: str, spec: DatasetSpec) -> str:
-    """``message`` naming the spec's field instead of the option for each pin the dataset gave
-    itself (``'versionId'``, not ``--version-id``); the command's own options keep their names."""
-    for option, field in PINNED_AS_OPTIONS.items():
+    """``message`` naming the spec's field instead of the option for each value the dataset gave
+    itself (``'versionId'``, not ``--version-id``); the command's own options, every dataset's
+    defaults, keep their names."""
+    for option, field in SPEC_FIELDS_OF_OPTIONS.items():
         if getattr(spec, datasets.FIELDS[field]) is not None:
             message = re.sub(rf"(?<![\w-]){re.escape(option)}(?![\w-])", repr(field), message)
     return message
