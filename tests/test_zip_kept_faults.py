@@ -703,6 +703,46 @@ def test_a_copy_the_free_space_cannot_hold_is_not_made_again_at_every_read(
     assert source.stats.decompressions == decompressions
 
 
+def test_prefetch_reports_a_copy_the_free_space_cannot_hold_as_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``keep`` (``s3datafs prefetch``) said "kept" when the copy's last byte was on disk, though
+    --cache-min-free had evicted its first regions to write its last: the prefetch counted a
+    member as kept that a job would decompress again. Kept now means whole on disk."""
+    expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
+    disk = DiskCache(tmp_path, block_size=BLOCK, capacity=1 << 30, min_free_ratio=0.5,
+                     dataset="s3://bkt/d.zip")
+    filesystem = NearlyFull(tmp_path, total=100 * MIB, others=48 * MIB)  # room for 2 MiB of 3
+    monkeypatch.setattr(disk, "_statvfs", lambda: filesystem)
+    source = MemberSource(archived.source, disk=disk)
+    assert source.keeps_ahead(ref)
+    assert source.keep(ref) is False
+    assert source.get_range(ref, 0, ref.size) == expected
+
+
+def test_prefetch_makes_a_copy_that_lost_regions_whole_again(tmp_path: Path) -> None:
+    """A copy kept by an earlier prefetch, since evicted in part (its first region file), is
+    decompressed again by the next prefetch, not reported kept as it is."""
+    expected, archived, ref = big_member(zipfile.ZIP_LZMA)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    assert source.keep(ref)
+    assert source._kept is not None
+    assert source._kept.holds(ref)
+    attempt = source._kept._verified(ref)
+    assert attempt is not None
+    [first_region] = tmp_path.rglob(f"{object_digest(UnzippedRef.of(ref, attempt))}.r0")
+    first_region.unlink()
+    again = MemberSource(archived.source, disk=cache(tmp_path))
+    assert again.keep(ref)
+    assert again.stats.decompressions == 1
+    assert again._kept is not None
+    assert again._kept.holds(ref)
+    archived.reset()
+    third = MemberSource(archived.source, disk=cache(tmp_path))
+    assert third.get_range(ref, 0, ref.size) == expected
+    assert (third.stats.decompressions, archived.source.calls["get_range"]) == (0, 0)
+
+
 # -- two processes, cache clear, eviction, a reader given up on ---------------------------------
 
 

@@ -254,6 +254,13 @@ class KeptMembers:
             raise _again(flight.error)
         return self.read(ref, start, end)
 
+    def holds(self, ref: MemberRef) -> bool:
+        """Whether a verified copy of ``ref`` is on disk whole: its marker names an attempt, and
+        none of that attempt's region files was evicted (each read still checks its blocks)."""
+        attempt = self._verified(ref)
+        return attempt is not None and self._disk.holds_files(
+            object_digest(UnzippedRef.of(ref, attempt)), ref.size)
+
     def produced(self, ref: MemberRef) -> int | None:
         """How far the decompression of ``ref`` under way has come; None if there is none."""
         with self._lock:
@@ -281,7 +288,7 @@ class KeptMembers:
                         flight.changed.wait(left)
 
     def forget(self, ref: MemberRef) -> None:
-        """``ref`` was found bad: no copy of it is served from here any more."""
+        """No copy of ``ref`` is served from here any more: it was found bad, or lost regions."""
         with self._lock:
             self._attempts.pop(ref, None)
         try:

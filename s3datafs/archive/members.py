@@ -316,6 +316,10 @@ class MemberSource:
         inflates as fast as it reads). The read waited for is the member's last byte, so no
         more of it is held than a mount's decompression holds; it returns once the copy is
         verified. A bad member raises ``ArchiveError``, as its reads would.
+
+        Kept means whole on disk: a copy that lost regions to eviction (an earlier prefetch's,
+        or this one's, when the free space left by --cache-min-free cannot hold the member) is
+        not reported kept; an earlier one is made again first.
         """
         if not self.keeps_ahead(ref):
             return False
@@ -323,10 +327,11 @@ class MemberSource:
             kept = self._keeping(ref)
             if kept is None:
                 return False
-            last = (ref.size - 1, ref.size)
-            if kept.read(ref, *last) is None:
-                kept.fill(ref, *last, functools.partial(self._whole_pieces, ref))
-            return kept.read(ref, *last) is not None
+            if kept.holds(ref):
+                return True
+            kept.forget(ref)  # a copy with regions gone: its last byte would pass for all of it
+            kept.fill(ref, ref.size - 1, ref.size, functools.partial(self._whole_pieces, ref))
+            return kept.holds(ref)
 
     def keeps_ahead(self, ref: MemberRef) -> bool:
         """Whether ``keep`` would decompress ``ref`` into the disk cache (see there)."""
