@@ -6,8 +6,9 @@ mount, path, state file, catalog or daemon left, and no S3 request unless the ca
 Covered here: ``status``, ``unmount``, ``cache``, ``prefetch``, ``snapshot``, ``diff``,
 ``mount-all`` and ``run`` (whose command must not run when mounting fails); sizes with bad units,
 negative or non-finite numbers (``--cache-size 10X``, ``--cache-size=-5G``, ``1e400``,
-``--read-timeout nan``); and files that are binary garbage, empty, truncated, directories or
-dangling symlinks where a credentials file, a snapshot or a datasets spec is expected.
+``--read-timeout nan``); files that are binary garbage, empty, truncated, directories or
+dangling symlinks where a credentials file, a snapshot or a datasets spec is expected; and a FIFO
+(or a link to one) where a snapshot file is to be written.
 (As root every file is readable, so "unreadable" is a directory or a dangling symlink here.)
 """
 
@@ -65,6 +66,18 @@ def make_bytes(relative: str, data: bytes, mode: int = 0o600):
 def make_link(relative: str, target: str = "/nonexistent/target"):
     def setup(cli: Cli, state: World) -> None:
         (cli.root / relative).symlink_to(target)
+
+    return setup
+
+
+def make_fifo(relative: str, *, linked_as: str | None = None):
+    """A FIFO at ``relative`` (a stand-in for /dev/null or /dev/stdout, which a test must not
+    touch), and a symbolic link to it at ``linked_as``, as /dev/stdout is one."""
+
+    def setup(cli: Cli, state: World) -> None:
+        os.mkfifo(cli.root / relative)
+        if linked_as is not None:
+            (cli.root / linked_as).symlink_to(cli.root / relative)
 
     return setup
 
@@ -151,6 +164,13 @@ SNAPSHOT = [
         FAILURE,
         "--output {root}/adir is a directory",
         setup=make_dir("adir"),
+    ),
+    case(  # as root, replacing /dev/null with a regular file would break the machine
+        "snapshot-output-is-a-device-or-fifo",
+        ["snapshot", "s3://{b}/p/", "-o", "{root}/fifo"],
+        FAILURE,
+        "--output {root}/fifo is not a regular file",
+        setup=make_fifo("fifo"),
     ),
     case(
         "snapshot-as-of-not-a-time",
@@ -418,6 +438,13 @@ FILES = [
         FAILURE,
         "--save-snapshot {root}/adir is a directory",
         setup=make_dir("adir"),
+    ),
+    case(  # /dev/stdout is a symbolic link: the file it names is what counts
+        "save-snapshot-links-to-a-fifo",
+        ["mount", "s3://{b}/p/", "--save-snapshot", "{root}/stdout"],
+        FAILURE,
+        "--save-snapshot {root}/stdout is not a regular file",
+        setup=make_fifo("fifo", linked_as="stdout"),
     ),
 ]
 

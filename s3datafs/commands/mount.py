@@ -277,6 +277,11 @@ def writable_file(path: Path | None, option: str) -> Path | None:
         return None
     if target.is_dir():
         raise ConfigError(f"{option} {target} is a directory: name a file")
+    # The file is replaced whole (a temporary file renamed over it): over /dev/null, or the
+    # /dev/stdout link, that would leave a regular file there, for every process as root.
+    if target.exists() and not target.is_file():
+        raise ConfigError(f"{option} {target} is not a regular file (a device, a FIFO or a "
+                          "socket): the snapshot replaces FILE whole, so name a file")
     if not target.parent.is_dir():
         raise ConfigError(f"{option} {target}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK | os.X_OK):
