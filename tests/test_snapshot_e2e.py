@@ -26,6 +26,7 @@ from test_faults_e2e import fill, tmpfs
 from test_mount_e2e import NESTED, expected_tree, put_all, tree
 
 from devtools.s3server import S3Server
+from s3datafs import snapshot as snapshot_module
 
 pytestmark = pytest.mark.fuse
 
@@ -62,6 +63,25 @@ def snapshot_of_nested(cli: Cli, s3, make_bucket) -> tuple[str, Path, str]:
     put_all(s3, bucket, NESTED)
     file = cli.root / "train.snapshot.gz"
     return bucket, file, snapshot(cli, f"s3://{bucket}/train/", "-o", str(file))
+
+
+def test_a_snapshot_through_a_link_replaces_the_file_it_names_and_the_link_stays(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """FILE a symbolic link (as /dev/stdout is, with stdout redirected to a file): the snapshot
+    replaces the file the link names. Replacing the link instead turned it into a regular
+    file (as root, /dev/stdout for every process) and left the named file as it was."""
+    bucket = make_bucket(versioned=True)
+    put_all(s3, bucket, NESTED)
+    named = cli.root / "snapshots" / "v1.snapshot.gz"
+    named.parent.mkdir()
+    named.write_bytes(b"an older file")
+    link = cli.root / "latest.snapshot.gz"
+    link.symlink_to(os.path.relpath(named, link.parent))
+    printed = snapshot(cli, f"s3://{bucket}/train/", "-o", str(link))
+    assert link.is_symlink()
+    assert link.resolve() == named.resolve()
+    assert snapshot_module.read_header(named).fingerprint == printed
 
 
 def test_snapshot_then_mount_from_file_is_identical_with_zero_lists(

@@ -269,7 +269,8 @@ def _from_snapshot(args: argparse.Namespace, path: Path) -> tuple[snapshot.Heade
 
 
 def writable_file(path: Path | None, option: str) -> Path | None:
-    """``path`` made absolute (the daemon runs in /), if a file can be created there."""
+    """``path`` made absolute (the daemon runs in /), if a file can be created there; a
+    symbolic link is followed to the file it names, which the snapshot replaces."""
     if path is not None and str(path) == "-":  # a file named "-" is never what was meant
         raise UsageError(f"{option} -: snapshot files are written to files only: name one")
     target = _absolute(path)
@@ -286,7 +287,9 @@ def writable_file(path: Path | None, option: str) -> Path | None:
         raise ConfigError(f"{option} {target}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {target}: directory {target.parent} is not writable")
-    return target
+    # A link's file is what is replaced, not the link: replacing the link /dev/stdout (stdout
+    # redirected to a file) made it a regular file, and the redirected file stayed empty.
+    return Path(os.path.realpath(target))
 
 
 def _kernel_readahead(text: str | None) -> int:
