@@ -129,8 +129,8 @@ def test_a_failing_fourth_dataset_leaves_nothing_mounted(cli: Cli, three: Three)
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith("s3datafs: dataset 'broken': ETag mismatch")
-    # The spec's own words for the pin it gave; the one it did not give stays the option.
-    assert "the object changed, or 'etag'/--version-id is wrong" in line
+    # The spec's words for its pins, the one it did not give too: mount-all has no such option.
+    assert "the object changed, or 'etag'/'versionId' is wrong" in line
     assert "unmounted 'mnist', 'train', 'weights-v1' again" in line
     assert_nothing_left(cli)
 

@@ -72,6 +72,8 @@ SPEC_FIELDS_OF_OPTIONS = {
     "--version-id": "versionId",
     "--etag": "etag",
 }
+# Those a spec alone sets: mount-all and run have no such option, so it is never their name.
+_SPEC_ONLY_OPTIONS = frozenset({"--version-id", "--etag"})
 
 
 @dataclass(frozen=True)
@@ -338,10 +340,10 @@ def _failure(
 
 def _in_spec_words(message: str, spec: DatasetSpec) -> str:
     """``message`` naming the spec's field instead of the option for each value the dataset gave
-    itself (``'versionId'``, not ``--version-id``); the command's own options, every dataset's
-    defaults, keep their names."""
+    itself (``'versionId'``, not ``--version-id``), and for what only a spec can give; the
+    command's own options, every dataset's defaults, keep their names."""
     for option, field in SPEC_FIELDS_OF_OPTIONS.items():
-        if getattr(spec, datasets.FIELDS[field]) is not None:
+        if option in _SPEC_ONLY_OPTIONS or getattr(spec, datasets.FIELDS[field]) is not None:
             message = re.sub(rf"(?<![\w-]){re.escape(option)}(?![\w-])", repr(field), message)
     return message
 
