@@ -96,6 +96,8 @@ REMOUNT_IGNORED = frozenset(
 )
 REMOUNT_IGNORED_PREFIXES = ("user_id=", "group_id=", "rootmode=", "max_read=", "blksize=")
 IGNORED_PREFIXES = ("x-", "comment=")
+# Options of mount(8) that would lift what every s3datafs mount keeps: refused, saying so.
+LIFTING = {"suid": "nosuid", "dev": "nodev"}
 NOT_OPTIONS = frozenset({"help", "foreground", "data_root"})  # the helper's own business
 SECRET_OPTIONS = frozenset(
     {
@@ -196,6 +198,9 @@ def _translate_one(
     if name in IGNORED:  # a flag of mount(8)'s with a value: ``user=bob``
         raise UsageError(f"option {name!r} takes no value: write just {name}")
     spec = table.get(key)
+    if spec is None and key in LIFTING:  # not "did you mean 'uid'?": a different thing
+        raise UsageError(f"option {name!r} refused: every s3datafs mount is {LIFTING[key]}; "
+                         f"remove {name}")
     if spec is None and key in NOT_OPTIONS:
         raise UsageError(f"option {name!r} is not for -o: the helper mounts in the background, "
                          "at the mount point mount(8) gives it")

@@ -87,8 +87,9 @@ def test_every_mount_option_but_the_helpers_own_is_an_o_option() -> None:
         ("Secret_Access_Key=s3cr3t", "refused: credentials"),
         ("noatime=5", "option 'noatime' takes no value"),  # ignored as a flag only
         ("user=bob", "option 'user' takes no value: write just user"),
-        ("suid", "unknown option 'suid'"),  # would lift the nosuid every mount has
-        ("dev", "unknown option 'dev'"),
+        # They would lift the nosuid and nodev every mount has ("did you mean 'uid'?" before).
+        ("suid", "option 'suid' refused: every s3datafs mount is nosuid; remove suid"),
+        ("dev", "option 'dev' refused: every s3datafs mount is nodev; remove dev"),
         ("_netdve", "unknown option '_netdve': did you mean '_netdev'?"),
     ],
 )
