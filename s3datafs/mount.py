@@ -113,8 +113,13 @@ class MountSummary:
         return dict(vars(self))
 
 
-def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> None:
-    """Resolve, pin, catalog and serve ``plan`` until unmounted; ``on_ready`` once it is usable."""
+def mount_dataset(
+    plan: MountPlan, on_ready: Callable[[MountSummary], None], created: Path | None = None
+) -> None:
+    """Resolve, pin, catalog and serve ``plan`` until unmounted; ``on_ready`` once it is usable.
+
+    ``created``: the highest directory made for the mount point, recorded in the state file so
+    that ``unmount`` of a mount whose daemon was killed removes it as the daemon would have."""
     _check_fuse_device()  # before S3 is asked anything: a container without FUSE fails at once
     _limit_malloc_arenas()
     _name_process(plan.name)
@@ -157,8 +162,10 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
             options = fuse_options(fsname=mount_table_source(plan.uri),
                                    allow_other=plan.allow_other, noexec=plan.noexec)
 
+            state = _state(plan, summary, created)
+
             def ready() -> None:
-                runtime.write_state(str(plan.mountpoint), _state(plan, summary))
+                runtime.write_state(str(plan.mountpoint), state)
                 # The log's first word on this mount: which data, where, pinned how.
                 log.info("mounted %s at %s: %s, %s, fingerprint %s%s",
                          plan.uri, plan.mountpoint, counted(summary.object_count, "object"),
@@ -176,7 +183,7 @@ def mount_dataset(plan: MountPlan, on_ready: Callable[[MountSummary], None]) -> 
                     tasks.start_soon(  # a scan that fails is said, and tried again later
                         partial(trio.to_thread.run_sync, disk.try_sync, abandon_on_cancel=True)
                     )
-                tasks.start_soon(_publish_stats, plan, summary, operations)
+                tasks.start_soon(_publish_stats, plan.mountpoint, state, operations)
 
             try:
                 serve(operations, plan.mountpoint, options, ready, start)
@@ -242,10 +249,9 @@ def _reader(
     )
 
 
-async def _publish_stats(
-    plan: MountPlan, summary: MountSummary, operations: Operations
-) -> None:
-    """Refresh the state file's counters so ``s3datafs status`` can show them; log how many
+async def _publish_stats(mountpoint: Path, state: dict, operations: Operations) -> None:
+    """Refresh the counters in the state file (``state``, as the mount wrote it when it became
+    ready) so ``s3datafs status`` can show them; log how many
     failures were held back (``failurelog``); reopen a log file rotated away, so that a stack
     dump (SIGUSR1) goes to the new one even when nothing was logged since."""
     told = False
@@ -253,9 +259,9 @@ async def _publish_stats(
         await trio.sleep(STATS_INTERVAL)
         operations.failures.flush()
         logsetup.follow_rotation()
-        state = {**_state(plan, summary), "stats": operations.counters()}
+        refreshed = {**state, "stats": operations.counters()}
         try:
-            await trio.to_thread.run_sync(_refresh_state, str(plan.mountpoint), state)
+            await trio.to_thread.run_sync(_refresh_state, str(mountpoint), refreshed)
         except (OSError, ConfigError) as exc:  # the counters are not worth the mount
             if not told:
                 log.warning("cannot refresh the counters in the state file: %s", exc)
@@ -335,9 +341,10 @@ def _tune_background(connection: str) -> None:
         log.debug("FUSE background requests left as they are: %s", exc)
 
 
-def _state(plan: MountPlan, summary: MountSummary) -> dict:
+def _state(plan: MountPlan, summary: MountSummary, created: Path | None) -> dict:
     return {
         "mountpoint": str(plan.mountpoint),
+        "created": str(created) if created else None,
         "uri": str(plan.uri),
         "name": plan.name,
         "log_file": str(plan.log_file) if plan.log_file else None,

@@ -463,7 +463,7 @@ def _start_mount(
 
             def serve_in_daemon(report: daemon.Report) -> None:
                 try:
-                    mount_dataset(plan, lambda summary: report(summary.as_dict()))
+                    mount_dataset(plan, lambda summary: report(summary.as_dict()), created)
                 finally:  # unmounted (or abandoned): what was made for the mount goes with it
                     # Under the lock, taken again: the command that took it is gone or done,
                     # and the next one may be preparing the very directory (it keeps it, if
