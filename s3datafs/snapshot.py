@@ -52,7 +52,7 @@ from .catalog import Catalog, CatalogBuilder, CatalogSummary, UnshowableKey
 from .config import format_time, parse_time
 from .errors import ConfigError, UsageError
 from .fingerprint import Fingerprinter, OrderError, is_fingerprint
-from .model import ObjectRef, normalize_etag
+from .model import ObjectRef
 from .uri import parse_s3_uri
 
 FORMAT = "s3datafs-snapshot/1"
@@ -270,7 +270,10 @@ class _Checker:
             problem = f"key {key!r} is not the single object its uri names"
         if problem is not None:
             raise _bad(self._path, f"line {number}: {problem}")
-        return ObjectRef(header.bucket, key, version_id, normalize_etag(etag), size, float(mtime))
+        # The writer's inverse, not normalize_etag: that also strips white space, which a store
+        # may send inside the quotes, and the ETag the mount pinned and fingerprinted keeps it.
+        quoted = '"' + etag.strip('"') + '"'
+        return ObjectRef(header.bucket, key, version_id, quoted, size, float(mtime))
 
 
 def _field_problem(
