@@ -52,10 +52,10 @@ file row and every marker, in key order (SQLite's BINARY collation compares UTF-
 the fingerprint is defined in); ``objects()`` streams the same rows in the same order, which is
 what a snapshot file is written from. So the fingerprint, a snapshot and the mount always describe
 the same objects: exactly those that are shown. While keys arrive in strictly increasing order (a
-listing's and a snapshot's do) and no file added is dropped afterwards (by a directory of its
-name, or as a repeat from an earlier batch), the builder feeds each object stored to the
-fingerprint as it comes, which is then that same digest; otherwise ``finish()`` computes it from
-the stored rows sorted by key (a million keys: ~1 s more).
+listing's and a snapshot's do; a strict builder refuses any other) and no file added is dropped
+afterwards (by a directory of its name, or as a repeat from an earlier batch), the builder feeds
+each object stored to the fingerprint as it comes, which is then that same digest; otherwise
+``finish()`` computes it from the stored rows sorted by key (a million keys: ~1 s more).
 The database is written to a temporary file next to ``path`` and moved into place with
 ``os.replace`` only when complete: a reader never sees a half-built catalog, and a failed build
 leaves nothing behind. A builder belongs to the thread that created it.
@@ -153,7 +153,8 @@ _DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 class UnshowableKey(ValueError):
-    """A strict builder was given a key it would have skipped (the message says why)."""
+    """A strict builder was given a key it would have skipped, or one out of key order (the
+    message says why)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,11 +205,12 @@ class CatalogBuilder:
 
     ``prefix`` ("" or ending in "/") is stripped from every key; a single-object mount passes the
     key's parent and ``single_object=True``; ``as_of`` records a point-in-time listing. A
-    ``strict`` builder raises ``UnshowableKey`` instead of skipping a key with a warning (a
-    snapshot file lists only keys that can be shown, so a skip there means an edited file). An
-    archive catalog passes ``archive`` (the pinned zip) and its ``fingerprint``, and is filled with
-    ``add_member`` instead of ``add``. Use it
-    as a context manager (it aborts on exit unless ``finish()`` succeeded), or call ``abort()``
+    ``strict`` builder raises ``UnshowableKey`` instead of skipping a key with a warning, and for
+    a key that does not sort after the one before (a snapshot file lists only keys that can be
+    shown, in key order, so either means an edited file); ``fingerprint_so_far()`` is then the
+    fingerprint ``finish()`` will store. An archive catalog passes ``archive`` (the pinned zip)
+    and its ``fingerprint``, and is filled with ``add_member`` instead of ``add``. Use it as a
+    context manager (it aborts on exit unless ``finish()`` succeeded), or call ``abort()``
     yourself if ``add()`` or ``finish()`` raises.
     """
 
@@ -460,12 +462,23 @@ class CatalogBuilder:
             self._drop(row)
 
     def _stored(self, ref: ObjectRef) -> None:
-        """Feed an object just stored to the running fingerprint; out of key order, give it up."""
+        """Feed an object just stored to the running fingerprint; out of key order, give it up
+        (a strict builder refuses the key instead)."""
         if self._digest is not None:
             try:
                 self._digest.add(ref.key, ref.version_id, ref.etag, ref.size)
-            except OrderError:
+            except OrderError as exc:
+                if self._strict:
+                    raise UnshowableKey(f"keys out of order: {exc}") from None
                 self._digest = None
+
+    def fingerprint_so_far(self) -> str:
+        """A strict builder's fingerprint of the objects added so far: what ``finish()`` stores
+        if no more are added (its keys come in order and it drops none: the running one holds).
+        """
+        if not self._strict or self._digest is None:
+            raise RuntimeError("fingerprint_so_far() is for strict builders that refused nothing")
+        return self._digest.hexdigest()
 
     def _digest_of(self, db: sqlite3.Connection) -> str:
         """The fingerprint of what the catalog stores: the running one if it held, else sorted."""

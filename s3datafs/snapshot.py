@@ -29,9 +29,9 @@ Invariants:
 - Reading streams too, feeding a strict ``CatalogBuilder`` line by line, and checks everything
   against the header before the catalog counts: key order, the type of every field, that each
   key is under the prefix and can be shown, and at the end count, markers, bytes and the
-  fingerprint (recomputed, and the built catalog's own). A truncated, corrupted, hand-edited or
-  unknown-format file is refused with one ``SnapshotError`` line naming the file and the first
-  problem; nothing is built.
+  fingerprint (the built catalog's own, which the builder computes as it stores the objects: each
+  is hashed once). A truncated, corrupted, hand-edited or unknown-format file is refused with one
+  ``SnapshotError`` line naming the file and the first problem; nothing is built.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from typing import IO, Any
 from .catalog import Catalog, CatalogBuilder, CatalogSummary, UnshowableKey
 from .config import format_time, parse_time
 from .errors import ConfigError, UsageError
-from .fingerprint import Fingerprinter, OrderError, is_fingerprint
+from .fingerprint import Fingerprinter, is_fingerprint, out_of_order
 from .model import ObjectRef
 from .uri import parse_s3_uri
 
@@ -208,7 +208,7 @@ def load_snapshot(path: Path, catalog_path: Path) -> Loaded:
                 for _ in lines:  # report a corrupted stream as such (see _parse_header)
                     pass
                 raise
-            check.finish()
+            check.finish(builder.fingerprint_so_far())
             summary = builder.finish()
     if summary.object_count != header.object_count or summary.total_bytes != header.total_bytes:
         raise _bad(path, "its objects do not form the tree its header describes")
@@ -216,12 +216,12 @@ def load_snapshot(path: Path, catalog_path: Path) -> Loaded:
 
 
 class _Checker:
-    """Parses object lines and checks them, and their totals, against the header."""
+    """Parses object lines and checks them, their order and their totals against the header."""
 
     def __init__(self, path: Path, header: Header) -> None:
         self._path = path
         self._header = header
-        self._digest = Fingerprinter()
+        self._last_key: str | None = None
         self._files = self._markers = self._bytes = 0
         self.first_file: ObjectRef | None = None
         # A single-object file lists its uri's key alone (the header was checked: it parses).
@@ -229,10 +229,10 @@ class _Checker:
 
     def add(self, number: int, line: str) -> ObjectRef:
         ref = self._parse(number, line)
-        try:
-            self._digest.add(ref.key, ref.version_id, ref.etag, ref.size)
-        except OrderError as exc:
-            raise _bad(self._path, f"line {number}: keys out of order: {exc}") from None
+        if self._last_key is not None and ref.key <= self._last_key:  # as Fingerprinter compares
+            problem = out_of_order(ref.key, self._last_key)
+            raise _bad(self._path, f"line {number}: keys out of order: {problem}")
+        self._last_key = ref.key
         if ref.key.endswith("/"):
             self._markers += 1
         else:
@@ -241,7 +241,8 @@ class _Checker:
             self.first_file = self.first_file or ref
         return ref
 
-    def finish(self) -> None:
+    def finish(self, fingerprint: str) -> None:
+        """Check the totals, then ``fingerprint`` (the built catalog's), against the header."""
         header = self._header
         found = (self._files, self._markers, self._bytes)
         expected = (header.object_count, header.marker_count, header.total_bytes)
@@ -250,11 +251,10 @@ class _Checker:
         ):
             if got != want:
                 raise _bad(self._path, f"it lists {got} {what}, its header says {want}")
-        actual = self._digest.hexdigest()
-        if actual != header.fingerprint:
+        if fingerprint != header.fingerprint:
             raise _bad(
                 self._path,
-                f"its objects have fingerprint {actual}, its header says {header.fingerprint}",
+                f"its objects have fingerprint {fingerprint}, its header says {header.fingerprint}",
             )
 
     def _parse(self, number: int, line: str) -> ObjectRef:

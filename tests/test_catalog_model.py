@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from s3datafs import catalog as catalog_module
+from s3datafs import fingerprint as fingerprint_module
 from s3datafs.archive.zipformat import NO_TIME, Member
 from s3datafs.catalog import ROOT_INODE, Catalog, CatalogBuilder, CatalogSummary, UnshowableKey
 from s3datafs.model import MemberRef, ObjectRef, normalize_etag
@@ -433,7 +434,8 @@ def test_a_strict_build_refuses_what_a_lenient_one_skips(
 ) -> None:
     """The builder on its own (no snapshot checker in front): keys that a lenient build shows
     all of, in strictly increasing order, build the same catalog; any other sequence is
-    refused with UnshowableKey before the catalog is in place."""
+    refused with UnshowableKey before the catalog is in place (out of order too: its running
+    fingerprint is then the catalog's, which a snapshot's is checked against)."""
     model = model_of([(_relative(r.key), r) for r in refs], keep_last=False)
     in_order = all(a.key < b.key for a, b in zip(refs, refs[1:], strict=False))
     showable = model.skipped == 0
@@ -450,6 +452,7 @@ def test_a_strict_build_refuses_what_a_lenient_one_skips(
                 assert not path.exists()
                 return
         assert showable
+        assert in_order
         check_listing(path, model, summary)
 
 
@@ -491,3 +494,34 @@ def test_out_of_order_lines_are_refused_at_the_first_even_when_sorted_they_are_t
     assert "line 4: keys out of order: key 'p/b' does not sort after 'p/c'; " in str(refused.value)
     _write_snapshot(tmp_path / "s.gz", sorted(refs, key=lambda r: r.key))
     assert load_snapshot(tmp_path / "s.gz", tmp_path / "c.db").summary.object_count == 4
+
+
+def test_a_snapshot_is_hashed_once_and_its_fingerprint_is_the_catalogs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each object line is encoded for the fingerprint once, by the builder as it stores it (the
+    checker hashed every line again: ~0.9 s a million); a header naming another fingerprint is
+    refused naming the catalog's, which is the model's."""
+    refs = [_ref("p/", 0), *(_ref(f"p/d{i % 3}/f{i}", i) for i in range(10))]
+    refs.sort(key=lambda r: r.key)
+    _write_snapshot(tmp_path / "s.gz", refs)
+    encoded: list[str] = []
+    real = fingerprint_module.canonical_line
+
+    def counted(key: str, version_id: str | None, etag: str, size: int) -> bytes:
+        encoded.append(key)
+        return real(key, version_id, etag, size)
+
+    monkeypatch.setattr(fingerprint_module, "canonical_line", counted)
+    loaded = load_snapshot(tmp_path / "s.gz", tmp_path / "c.db")
+    assert encoded == [r.key for r in refs]
+    model = model_of([(_relative(r.key), r) for r in refs], keep_last=False)
+    with Catalog.open(tmp_path / "c.db") as cat:
+        assert cat.meta.fingerprint == loaded.header.fingerprint == model.fingerprint()
+    lines = _snapshot_lines(refs, model, fingerprint="0" * 64)
+    (tmp_path / "s.gz").write_bytes(gzip.compress("\n".join(lines).encode("utf-8")))
+    with pytest.raises(SnapshotError) as refused:
+        load_snapshot(tmp_path / "s.gz", tmp_path / "other.db")
+    assert (f"its objects have fingerprint {model.fingerprint()}, its header says {'0' * 64}; "
+            in str(refused.value))
+    assert not (tmp_path / "other.db").exists()
