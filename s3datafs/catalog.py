@@ -27,9 +27,12 @@ file lost to a directory of the same name.
 Building (``CatalogBuilder`` / ``build_catalog``) streams: rows are inserted in batches with
 ``executemany`` in a transaction; the only per-key state kept in memory is a dict
 ``directory path -> inode`` (directories are few) and the current batch. The unique index by
-name is created at finish, one sort (a strict builder keeps it from the start: it must refuse a
-name as it meets it); a name that comes again in a later batch than its first is resolved then,
-by the same rules, so its warning comes at finish rather than as it was met. Rules:
+name is created at finish, one sort; a name that comes again in a later batch than its first is
+resolved then, by the same rules, so its warning comes at finish rather than as it was met. A
+strict builder must refuse a name as it meets it, and needs no index to: its keys come in strictly
+increasing order, so the one name it can meet twice is a file's that a later key makes a directory
+(``keypath`` maps other keys to other paths), and that file is among the few every key since has
+begun with (``_open_files``). Rules:
 - unsafe keys (``keypath.split_key``) and keys outside the prefix are skipped, one WARNING each;
 - a key ending in ``"/"`` is a directory marker (any size; a non-zero size is warned about and
   its bytes are not shown); parent directories are created implicitly;
@@ -228,7 +231,6 @@ class CatalogBuilder:
         columns = _row_columns(archive is not None)
         values = ", ".join("?" * len(columns.split(",")))
         self._insert = f"INSERT INTO entries ({columns}) VALUES ({values})"
-        self._insert_new = f"INSERT OR IGNORE INTO entries ({columns}) VALUES ({values})"
         self._dir_tail = () if archive is None else _NO_MEMBER
         self._path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{self._path.name}.", suffix=".tmp",
@@ -250,13 +252,13 @@ class CatalogBuilder:
         # The fingerprint of the objects stored so far, while it can be had in arrival order (see
         # the module docstring); None once it cannot, and finish() sorts the stored rows instead.
         self._digest: Fingerprinter | None = Fingerprinter() if archive is None else None
-        # A strict builder (a snapshot file) must refuse a name it meets twice when it meets it,
-        # so its index by name is kept from the start; another creates it at finish (_index_names).
-        self._indexed = strict
+        # A strict builder's files that a later key could still make a directory of, as (path,
+        # key): each is a prefix of every key added since, so they are a chain of prefixes of the
+        # last key (once a key does not begin with a file's path, no later key does: it sorts
+        # after all that do). It finds a stored file a directory beats here, not by its name.
+        self._open_files: list[tuple[str, str]] = []
         self._db: sqlite3.Connection | None = None
         schema = _SCHEMA.format(member_columns="" if archive is None else _MEMBER_SCHEMA)
-        if strict:
-            schema += f"{_NAME_INDEX};"
         try:
             self._db = sqlite3.connect(self._tmp, isolation_level=None)
             self._db.executescript(
@@ -279,7 +281,12 @@ class CatalogBuilder:
         if not ref.key.startswith(self._prefix):
             self._skip(ref.key, "outside the mounted prefix")
             return
-        file = self._place(ref.key[len(self._prefix) :], ref.key, lambda: ref)
+        path = ref.key[len(self._prefix) :]
+        if self._strict:
+            open_files = self._open_files
+            while open_files and not path.startswith(open_files[-1][0]):
+                open_files.pop()
+        file = self._place(path, ref.key, lambda: ref)
         if file is None:
             return
         if file in self._pending_files:
@@ -291,6 +298,8 @@ class CatalogBuilder:
         self._objects += 1
         self._bytes += ref.size
         self._stored(ref)
+        if self._strict:
+            self._open_files.append((path, ref.key))
 
     def add_member(self, member: Member) -> None:
         """Add one central directory entry of the archive; skips (WARNING) what cannot be shown."""
@@ -320,8 +329,7 @@ class CatalogBuilder:
         """Complete the catalog, move it into place, and return its totals."""
         db = self._connection()
         self._flush()
-        if not self._indexed:
-            self._index_names(db)
+        self._index_names(db)
         db.execute("CREATE INDEX entries_by_parent ON entries(parent)")
         db.executemany("INSERT INTO markers VALUES (?, ?, ?, ?, ?, ?)",
                        ((inode, r.key, r.version_id, r.etag, r.size, r.last_modified)
@@ -435,31 +443,25 @@ class CatalogBuilder:
         parent = self._dirs[parent_path]
         for dir_path in reversed(missing):
             name = dir_path.rpartition("/")[2]
-            self._evict_file(parent, name)
+            self._evict_file(parent, name, dir_path)
             inode = self._next_inode
             self._append((inode, parent, name, 1, 0, None, None, None, None, *self._dir_tail))
             self._dirs[dir_path] = parent = inode
         return parent
 
-    def _evict_file(self, parent: int, name: str) -> None:
-        """Remove the file ``name`` in ``parent`` (pending or stored), if any: a directory wins.
-
-        Without the index by name yet, a stored one is left to ``_index_names``."""
+    def _evict_file(self, parent: int, name: str, path: str) -> None:
+        """Remove the file ``name`` in ``parent`` (at ``path``) if one is pending: a directory
+        wins. One already stored is left to ``_index_names``; a strict builder refuses it now."""
+        self._connection()  # refuses a builder that finished or aborted
         index = self._pending_files.pop((parent, name), None)
         pending = None if index is None else self._pending[index]
         if pending is not None:
             self._pending[index] = None
             self._drop(pending)
-        db = self._connection()  # (which also refuses a builder that finished or aborted)
-        if not self._indexed:
-            return
-        # Also look in the database: a key listed twice may sit in both places.
-        row = db.execute(
-            f"SELECT {_COLUMNS} FROM entries WHERE parent = ? AND name = ? AND is_dir = 0",
-            (parent, name)).fetchone()
-        if row is not None:
-            db.execute("DELETE FROM entries WHERE inode = ?", (row[0],))
-            self._drop(row)
+        elif self._strict:
+            for file_path, key in self._open_files:
+                if file_path == path:
+                    self._skip(key, "a directory has the same name")
 
     def _stored(self, ref: ObjectRef) -> None:
         """Feed an object just stored to the running fingerprint; out of key order, give it up
@@ -497,29 +499,7 @@ class CatalogBuilder:
         self._pending_files.clear()
         if not rows:
             return
-        db = self._connection()
-        changed = db.executemany(self._insert_new, rows).rowcount
-        if changed != len(rows):
-            self._forget_duplicates(db, rows)
-
-    def _forget_duplicates(self, db: sqlite3.Connection, rows: list[_Row]) -> None:
-        """Account for file rows the unique index refused: the same name seen in an earlier batch.
-
-        A listing keeps the first (S3 keys are unique: a repeat is the listing's fault); an
-        archive keeps the later member, the one extracting the archive leaves on disk."""
-        for row in rows:
-            if db.execute("SELECT 1 FROM entries WHERE inode = ?", (row[0],)).fetchone():
-                continue
-            if row[3]:
-                raise RuntimeError(f"catalog invariant broken: directory {row[2]!r} not stored")
-            if self._archive is None:
-                self._drop(row, "key listed twice")
-                continue
-            earlier = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE parent = ? AND name = ?",
-                                 (row[1], row[2])).fetchone()
-            db.execute("DELETE FROM entries WHERE inode = ?", (earlier[0],))
-            self._drop(earlier, _SUPERSEDED)
-            db.execute(self._insert, row)
+        self._connection().executemany(self._insert, rows)
 
     def _index_names(self, db: sqlite3.Connection) -> None:
         """Create the unique index by name over the rows stored, resolving any name stored twice.
@@ -527,10 +507,11 @@ class CatalogBuilder:
         One sort at the end costs less than keeping the index while inserting (a million rows:
         0.3-0.5 s less, and a packed index 3-4 MiB smaller). A batch never holds a name twice, but
         a name may come again in a later batch: a file listed or archived again, or a file and
-        then a directory of that name. Each such name is resolved here as the indexed build
-        resolves it when it meets the repeat: of its files, a listing keeps the first and an
-        archive the last (``_forget_duplicates``), and a directory beats the one kept
-        (``_evict_file``; a directory comes after them all: a file after it is never stored).
+        then a directory of that name. Each such name is resolved here as a batch resolves it:
+        of its files, a listing keeps the first (S3 keys are unique: a repeat is the listing's
+        fault) and an archive the last (the member extracting it leaves on disk), and a directory
+        beats the one kept (``_evict_file``; a directory comes after them all: a file after it is
+        never stored). A strict builder has refused every such name as it met it.
         """
         # Without a journal a statement that fails cannot be undone (the schema is left broken):
         # this one has a journal in memory, which holds next to nothing (the index's pages are
@@ -548,6 +529,8 @@ class CatalogBuilder:
         db.execute("BEGIN")
         if unique:
             return
+        if self._strict:
+            raise RuntimeError("catalog invariant broken: a strict build stored a name twice")
         # Found with a plain index and streamed through a temporary table: any number of them
         # costs disk, not RAM (a zip may hold a million names twice).
         db.execute("CREATE INDEX entries_by_name ON entries(parent, name)")
