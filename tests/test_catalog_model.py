@@ -154,12 +154,13 @@ def walk(cat: Catalog) -> dict[tuple[str, ...], catalog_module.Entry]:
     return out
 
 
-def mtimes(model: Model, mtime_of: dict[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:
-    """A directory's mtime is its newest direct child's (bottom up), else its marker's."""
+def mtimes(model: Model) -> dict[tuple[str, ...], float]:
+    """A file's mtime is its ref's; a directory's its newest direct child's (bottom up), else
+    its marker's."""
     children: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
     for path in [*model.dirs, *model.files]:
         children.setdefault(path[:-1], []).append(path)
-    out = {path: mtime_of[path] for path in model.files}
+    out = {path: ref.last_modified for path, (_, ref) in model.files.items()}
     for path in sorted(model.dirs, key=len, reverse=True):
         if path in children:
             out[path] = max(out[child] for child in children[path])
@@ -174,19 +175,24 @@ def row_count(path: Path) -> int:
         return raw.execute("SELECT count(*) FROM entries").fetchone()[0]
 
 
-def check_listing(path: Path, model: Model, summary: CatalogSummary) -> None:
+def check_tree(
+    cat: Catalog, path: Path, model: Model, summary: CatalogSummary
+) -> dict[tuple[str, ...], catalog_module.Entry]:
+    """What every catalog must show of its model: totals, rows, names, mtimes; the entries."""
     assert summary == model.summary()
     assert row_count(path) == 1 + len(model.dirs) + len(model.files)
+    shown = walk(cat)
+    assert set(shown) == model.dirs | set(model.files)
+    assert all(shown[segments].is_dir for segments in model.dirs)
+    assert {segments: entry.mtime for segments, entry in shown.items()} == mtimes(model)
+    return shown
+
+
+def check_listing(path: Path, model: Model, summary: CatalogSummary) -> None:
     with Catalog.open(path) as cat:
-        shown = walk(cat)
-        assert set(shown) == model.dirs | set(model.files)
+        shown = check_tree(cat, path, model, summary)
         for segments, (_, ref) in model.files.items():
             assert shown[segments].ref == ref
-            assert not shown[segments].is_dir
-        assert all(shown[segments].is_dir for segments in model.dirs)
-        mtime_of = {segments: ref.last_modified for segments, (_, ref) in model.files.items()}
-        expected_mtimes = mtimes(model, mtime_of)
-        assert {path: entry.mtime for path, entry in shown.items()} == expected_mtimes
         assert list(cat.objects()) == model.shown()
         files = list(cat.files())
         by_key = sorted((r for _, r in model.files.values()), key=lambda r: r.key)
@@ -305,11 +311,8 @@ def test_an_archive_shows_what_the_model_shows(entries: list[Member], batch: int
             for member in entries:
                 builder.add_member(member)
             summary = builder.finish()
-        assert summary == model.summary()
-        assert row_count(path) == 1 + len(model.dirs) + len(model.files)
         with Catalog.open(path) as cat:
-            shown = walk(cat)
-            assert set(shown) == model.dirs | set(model.files)
+            shown = check_tree(cat, path, model, summary)
             for segments, (arrival, ref) in model.files.items():
                 member = entries[arrival]
                 got = shown[segments].ref
@@ -319,8 +322,6 @@ def test_an_archive_shows_what_the_model_shows(entries: list[Member], batch: int
                                         member.compressed_size, member.size, member.crc32,
                                         ref.last_modified)
                 assert by_offset[got.header_offset] is member
-            mtime_of = {segments: ref.last_modified for segments, (_, ref) in model.files.items()}
-            assert {p: e.mtime for p, e in shown.items()} == mtimes(model, mtime_of)
             assert list(cat.objects()) == [ARCHIVE]
             assert cat.first_file() is None
             assert sorted(r.header_offset for r in cat.files()) == sorted(
