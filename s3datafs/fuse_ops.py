@@ -29,17 +29,16 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
-from . import config
 from .catalog import Catalog, CatalogDamaged, Entry
 from .errors import ArchiveError, S3DataFSError, StaleObjectError
 from .failurelog import FailureLog
 from .model import MemberRef, PinnedRef
+from .plan import FsSettings
 from .prefetch import FilePrefetch, Readahead
 from .reader import BlockReader
 
@@ -51,19 +50,6 @@ _NAME_MAX = 255
 _DOT_ENTRIES = 2  # "." and ".." open every directory listing
 _FORGETTING_SECONDS = 60.0  # how long a start read twice says the kernel forgets pages
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class FsSettings:
-    uid: int
-    gid: int
-    file_mode: int = 0o444
-    dir_mode: int = 0o555
-    cache_timeout: float = 24 * 3600.0  # immutable data: let the kernel keep what it learns
-    readahead_initial: int = 1024 * 1024  # first window of a sequential reader (as Mountpoint)
-    readahead_max: int = 64 * 1024 * 1024  # per handle (~8 GETs in flight); reader bounds total
-    prefetch_files: int = config.DEFAULT_PREFETCH_FILES  # ahead of a directory read in order
-    kernel_readahead: int = config.DEFAULT_KERNEL_READAHEAD  # set by the daemon (``mount``)
 
 
 def _translate_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:

@@ -1,9 +1,7 @@
 """Lifecycle of one mount: pyfuse3 init, the trio main loop, signals, and an always-complete close.
 
-Before anything is mounted the dataset is pinned into a catalog (``pinning.pin``: from S3, or
-from a ``--snapshot`` file), checked against ``--expect-fingerprint`` and, with
-``--save-snapshot``, written down; a zip single object is then swapped for the catalog of its
-members (``archive.index``). A failure in any of these leaves nothing mounted.
+What is served is a catalog pinned and checked before (``mounting``, which imports this module
+in a thread of its own while it waits on S3: ``serve_pinned`` is where it hands over).
 
 Order (and why):
 1. ``pyfuse3.init`` mounts; from here on the kernel may queue requests.
@@ -22,19 +20,14 @@ Background tasks belong to the nursery opened here; nothing else starts tasks.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import logging
 import os
 import shutil
 import signal
-import sqlite3
-import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -42,184 +35,77 @@ from typing import IO
 import pyfuse3
 import trio
 
-from . import config, connection, logsetup, pinning, runtime
-from .archive.index import archive_catalog
+from . import config, connection, logsetup, runtime
 from .archive.members import MemberSource
 from .cache.disk import DiskCache
 from .catalog import Catalog
 from .daemon import PARENT_GONE
 from .errors import ConfigError
-from .fuse_ops import FsSettings, Operations
-from .keptcatalogs import KeptCatalogs, kept_files
+from .fuse_ops import Operations
 from .linkrate import LinkRate
 from .model import ObjectSource
+from .mounting import fuse_remedy
 from .pid1 import STOP_SIGNALS
+from .plan import MountPlan, MountSummary
 from .reader import BlockReader, ByteBudget
-from .resolve import Pins
-from .s3source import S3Settings, S3Source
-from .snapshot import write_snapshot
+from .s3source import S3Source
 from .units import counted, human_size
-from .uri import S3Uri, mount_table_source
+from .uri import mount_table_source
 
 log = logging.getLogger(__name__)
 
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number
-_COMM_BYTES = 15  # TASK_COMM_LEN less its NUL
 STATS_INTERVAL = 2.0  # seconds between refreshes of the counters in the state file
 KERNEL_BACKGROUND = 64  # readahead requests the kernel may send at once (above the S3 pool's 32)
 FUSECTL = "/sys/fs/fuse/connections"
-# A disk that refuses the catalogs' writes: full, over quota, read-only.
-_DISK_TROUBLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
 
-@dataclass(frozen=True)
-class MountPlan:
-    """Everything one mount needs, validated by the CLI before any network or fork."""
-
-    uri: S3Uri
-    name: str
-    mountpoint: Path
-    pins: Pins
-    s3: S3Settings
-    fs: FsSettings
-    cache_dir: Path
-    block_size: int
-    memory_cache_bytes: int
-    allow_other: bool
-    log_file: Path | None
-    disk_cache_bytes: int = config.DEFAULT_DISK_CACHE
-    cache_min_free: float = config.DEFAULT_CACHE_MIN_FREE
-    max_prefetch_bytes: int = config.DEFAULT_MAX_PREFETCH
-    as_of: float | None = None  # --as-of: the dataset as it was then (epoch seconds)
-    snapshot: Path | None = None  # --snapshot: mount what this file lists (absolute; no LIST)
-    save_snapshot: Path | None = None  # --save-snapshot: write what was pinned (absolute)
-    expect_fingerprint: str | None = None  # refuse to mount other data
-    archive: str = "auto"  # --archive: a zip single object as its members (auto) or as a file
-    noexec: bool = False  # --noexec (fstab noexec; mount(8) adds it for user mounts)
-    # The command line's options as given (argparse dest -> value; no secret is ever an
-    # option): kept in the state file, so that a remount can tell which options it changes.
-    options: dict[str, str | int | float | bool | None] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MountSummary:
-    object_count: int
-    total_bytes: int
-    skipped_count: int
-    pid: int
-    fingerprint: str = ""
-
-    def as_dict(self) -> dict[str, int | str]:
-        return dict(vars(self))
-
-
-def mount_dataset(
-    plan: MountPlan, on_ready: Callable[[MountSummary], None], created: Path | None = None
+def serve_pinned(
+    plan: MountPlan, source: S3Source, catalog: Catalog, summary: MountSummary,
+    on_ready: Callable[[MountSummary], None], created: Path | None,
+    closing: contextlib.ExitStack,
 ) -> None:
-    """Resolve, pin, catalog and serve ``plan`` until unmounted; ``on_ready`` once it is usable.
+    """Serve ``catalog`` (pinned and checked by ``mounting``) at the plan's mount point until it
+    is unmounted; ``on_ready`` once it is usable. What must be closed goes on ``closing``.
 
     ``created``: the highest directory made for the mount point, recorded in the state file so
     that ``unmount`` of a mount whose daemon was killed removes it as the daemon would have."""
-    _check_fuse_device()  # before S3 is asked anything: a container without FUSE fails at once
-    _limit_malloc_arenas()
-    _name_process(plan.name)
-    source = S3Source(plan.s3)
-    catalogs = plan.cache_dir / "catalogs"
-    catalog_path = catalogs / f"{runtime.state_path(str(plan.mountpoint)).stem}-{os.getpid()}.db"
+    disk = _disk_cache(plan)
+    # A zip's spans are its readahead: --max-prefetch-memory bounds them too.
+    members_source = closing.enter_context(contextlib.closing(
+        MemberSource(source, disk=disk, span_memory=plan.max_prefetch_bytes)))
+    reader = _reader(plan, members_source, disk, source.link)
+    operations = Operations(catalog, reader, plan.fs)
+    options = fuse_options(fsname=mount_table_source(plan.uri),
+                           allow_other=plan.allow_other, noexec=plan.noexec)
+
+    state = _state(plan, summary, created)
+
+    def ready() -> None:
+        runtime.write_state(str(plan.mountpoint), state)
+        # The log's first word on this mount: which data, where, pinned how.
+        log.info("mounted %s at %s: %s, %s, fingerprint %s%s",
+                 plan.uri, plan.mountpoint, counted(summary.object_count, "object"),
+                 human_size(summary.total_bytes), summary.fingerprint or "-",
+                 f", endpoint {plan.s3.endpoint_url}" if plan.s3.endpoint_url else "")
+        on_ready(summary)
+
+    def start(tasks: trio.Nursery, writes: trio.Nursery) -> None:
+        reader.attach(tasks, writes)
+        initialized = trio.Event()
+        operations.on_init = initialized.set
+        tasks.start_soon(tune_kernel_readahead, plan.mountpoint, initialized,
+                         plan.fs.kernel_readahead)
+        if disk is not None:  # learn what others cached; evict down to the bound
+            tasks.start_soon(  # a scan that fails is said, and tried again later
+                partial(trio.to_thread.run_sync, disk.try_sync, abandon_on_cancel=True)
+            )
+        tasks.start_soon(_publish_stats, plan.mountpoint, state, operations)
+
     try:
-        with _writing_catalogs(plan.cache_dir):
-            catalogs.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _sweep_dead_catalogs(catalogs)
-            built = pinning.pin(
-                source, catalog_path, uri=plan.uri, pins=plan.pins, as_of=plan.as_of,
-                snapshot=plan.snapshot, kept=KeptCatalogs(plan.cache_dir, plan.disk_cache_bytes),
-            )
-        with contextlib.ExitStack() as closing:
-            pinned = closing.enter_context(contextlib.closing(Catalog.open(catalog_path)))
-            # Damage met while serving: the copy kept for the next mount goes (``Catalog``).
-            pinned.on_damage = lambda: pinned.remove_copies(kept_files(plan.cache_dir))
-            pinning.check_fingerprint(pinned.meta, plan.expect_fingerprint)
-            if plan.save_snapshot is not None:
-                write_snapshot(pinned, plan.save_snapshot, name=plan.name)
-            # A zip single object is mounted as its members, from its persistent member catalog.
-            with _writing_catalogs(plan.cache_dir):
-                members = archive_catalog(source, pinned, plan.archive, plan.cache_dir)
-            catalog = pinned if members is None else closing.enter_context(
-                contextlib.closing(members))
-            if members is not None:
-                members.on_damage = lambda: members.remove_copies([members.path])
-            summary = MountSummary(
-                catalog.meta.object_count, catalog.meta.total_bytes,
-                built.skipped_count + (members.meta.skipped_count if members else 0),
-                os.getpid(), catalog.meta.fingerprint,
-            )
-            disk = _disk_cache(plan)
-            # A zip's spans are its readahead: --max-prefetch-memory bounds them too.
-            members_source = closing.enter_context(contextlib.closing(
-                MemberSource(source, disk=disk, span_memory=plan.max_prefetch_bytes)))
-            reader = _reader(plan, members_source, disk, source.link)
-            operations = Operations(catalog, reader, plan.fs)
-            options = fuse_options(fsname=mount_table_source(plan.uri),
-                                   allow_other=plan.allow_other, noexec=plan.noexec)
-
-            state = _state(plan, summary, created)
-
-            def ready() -> None:
-                runtime.write_state(str(plan.mountpoint), state)
-                # The log's first word on this mount: which data, where, pinned how.
-                log.info("mounted %s at %s: %s, %s, fingerprint %s%s",
-                         plan.uri, plan.mountpoint, counted(summary.object_count, "object"),
-                         human_size(summary.total_bytes), summary.fingerprint or "-",
-                         f", endpoint {plan.s3.endpoint_url}" if plan.s3.endpoint_url else "")
-                on_ready(summary)
-
-            def start(tasks: trio.Nursery, writes: trio.Nursery) -> None:
-                reader.attach(tasks, writes)
-                initialized = trio.Event()
-                operations.on_init = initialized.set
-                tasks.start_soon(tune_kernel_readahead, plan.mountpoint, initialized,
-                                 plan.fs.kernel_readahead)
-                if disk is not None:  # learn what others cached; evict down to the bound
-                    tasks.start_soon(  # a scan that fails is said, and tried again later
-                        partial(trio.to_thread.run_sync, disk.try_sync, abandon_on_cancel=True)
-                    )
-                tasks.start_soon(_publish_stats, plan.mountpoint, state, operations)
-
-            try:
-                serve(operations, plan.mountpoint, options, ready, start)
-            finally:
-                if runtime.owns_state(str(plan.mountpoint), os.getpid()):
-                    runtime.remove_state(str(plan.mountpoint))
+        serve(operations, plan.mountpoint, options, ready, start)
     finally:
-        try:
-            catalog_path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:  # a cache dir gone read-only: the next mount sweeps the file
-            log.info("cannot remove the catalog %s: %s", catalog_path, exc.strerror)
-
-
-def _limit_malloc_arenas() -> None:
-    """Keep glibc to two malloc arenas in the daemon (must run before worker threads start).
-
-    glibc gives threads their own arenas (up to eight per core) and keeps what is freed in them;
-    the GET worker threads each pass megabytes through, so the daemon's RSS settled far above what
-    it used. Measured on the CI-sized load test: 228 MiB settled RSS with the default, 195 MiB
-    with two arenas (same as ``MALLOC_ARENA_MAX=2``, which cannot be set after the process starts).
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 2)
-
-
-def _name_process(dataset: str) -> None:
-    """Name the serving process ``s3datafs/<dataset>``, before worker threads (which inherit it).
-
-    The daemons of one ``mount-all`` or ``run`` share a command line; their names tell them apart
-    in ``top``, ``ps -o comm`` and ``pgrep s3datafs``. The kernel keeps 15 bytes of a name.
-    """
-    name = f"s3datafs/{dataset}".encode()[:_COMM_BYTES].decode(errors="ignore")
-    with contextlib.suppress(OSError), open("/proc/thread-self/comm", "w") as comm:
-        comm.write(name)
+        if runtime.owns_state(str(plan.mountpoint), os.getpid()):
+            runtime.remove_state(str(plan.mountpoint))
 
 
 def _disk_cache(plan: MountPlan) -> DiskCache | None:
@@ -354,34 +240,7 @@ def _state(plan: MountPlan, summary: MountSummary, created: Path | None) -> dict
     }
 
 
-def _sweep_dead_catalogs(directory: Path) -> None:
-    """Remove catalogs left by daemons that died without cleaning up (the pid ends the name)."""
-    for path in directory.glob("*-*.db"):
-        pid = path.stem.rsplit("-", 1)[-1]
-        if pid.isdigit() and not runtime.pid_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-
 _SERVING_SIGNALS = (*STOP_SIGNALS, PARENT_GONE)
-
-
-_FUSE_DEVICE = "/dev/fuse"
-_FUSE_HELP = ("FUSE must be usable here: install fuse3 (Debian: apt-get install fuse3), and run a "
-              "container with --device /dev/fuse --cap-add SYS_ADMIN")
-# libfuse's reasons that no install or container flag mends: what does, instead.
-_FUSE_REMEDIES = (
-    ("user_allow_other", "add user_allow_other to /etc/fuse.conf, or mount without --allow-other"),
-    ("failed to open /dev/fuse: Permission denied",
-     "this user may not open /dev/fuse: mount as root, or give the user access to the device"),
-    ("fusermount3: mount failed: Operation not permitted",
-     "fusermount3 must be setuid root for a mount by another user than root (as Debian's fuse3 "
-     "installs it), or mount as root"),
-)
-
-
-def _fuse_remedy(reason: str) -> str:
-    return next((remedy for said, remedy in _FUSE_REMEDIES if said in reason), _FUSE_HELP)
 
 
 @contextlib.contextmanager
@@ -395,20 +254,6 @@ def _stderr_to(file: IO[bytes]) -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-def _check_fuse_device() -> None:
-    try:
-        fd = os.open(_FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        remedy = _fuse_remedy(f"failed to open {_FUSE_DEVICE}: {exc.strerror}")
-        raise ConfigError(f"cannot open {_FUSE_DEVICE} ({exc.strerror}): {remedy}") from None
-    try:
-        is_device = stat.S_ISCHR(os.fstat(fd).st_mode)
-    finally:
-        os.close(fd)
-    if not is_device:
-        raise ConfigError(f"cannot open {_FUSE_DEVICE} (not a device): {_FUSE_HELP}")
 
 
 def fuse_options(*, fsname: str, allow_other: bool, noexec: bool = False) -> set[str]:
@@ -493,22 +338,6 @@ def _covered_by(mountpoint: Path, device: str | None) -> str | None:
     return entries[-1].fstype
 
 
-@contextlib.contextmanager
-def _writing_catalogs(cache_dir: Path) -> Iterator[None]:
-    """The dataset's catalogs are written under the cache directory: a full or read-only disk
-    there is the user's to fix, said in one line (was "internal error: OperationalError")."""
-    try:
-        yield
-    except (sqlite3.OperationalError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.errno not in _DISK_TROUBLE:
-            raise
-        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-        raise ConfigError(
-            f"cannot write the dataset's catalog under {cache_dir} ({reason}): free space "
-            "there, or choose another --cache-dir"
-        ) from None
-
-
 def _init(operations: Operations, mountpoint: Path, options: Iterable[str]) -> None:
     """``pyfuse3.init``; its failure as one line with libfuse's own reason.
 
@@ -526,7 +355,7 @@ def _init(operations: Operations, mountpoint: Path, options: Iterable[str]) -> N
                 raise ConfigError(f"cannot mount {mountpoint}: it was removed while mounting "
                                   "(by another process?): try again") from None
             raise ConfigError(
-                f"cannot mount {mountpoint} ({reason}): {_fuse_remedy(reason)}") from None
+                f"cannot mount {mountpoint} ({reason}): {fuse_remedy(reason)}") from None
 
 
 async def _main_loop(

@@ -28,8 +28,9 @@ from fakes import FakeSource, trio_test
 from s3datafs.catalog import Catalog, Entry, build_catalog
 from s3datafs.errors import AccessDeniedError, ArchiveError, TransientS3Error
 from s3datafs.failurelog import REPEAT_QUIET, FailureLog
-from s3datafs.fuse_ops import FsSettings, Operations
+from s3datafs.fuse_ops import Operations
 from s3datafs.model import MemberRef, ObjectRef
+from s3datafs.plan import FsSettings
 from s3datafs.reader import BlockReader
 from s3datafs.resolve import resolve
 from s3datafs.uri import parse_s3_uri

@@ -25,7 +25,7 @@ import pytest
 import trio
 from conftest import Cli, errno_of, files_below, kernel_readahead_kb, sha256
 
-from s3datafs import config, mount
+from s3datafs import config, mount, mounting
 from s3datafs.errors import ConfigError
 from s3datafs.runtime import mount_table, pid_alive
 
@@ -1001,4 +1001,4 @@ def test_a_failed_fuse_mount_names_the_remedy_for_what_libfuse_said(
     libfuse_said: str, remedy: str
 ) -> None:
     """A user's mount fails in ways installing fuse3 or a container's flags do not mend."""
-    assert remedy in mount._fuse_remedy(libfuse_said)
+    assert remedy in mounting.fuse_remedy(libfuse_said)

@@ -8,14 +8,14 @@ import contextlib
 import gc
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import botocore.exceptions
 import botocore.loaders
 import pytest
 
-from s3datafs import cli, s3source, startup
+from s3datafs import cli, mounting, s3source, startup
 from s3datafs.s3source import S3Settings, S3Source
 
 HEAVY = ("boto3", "botocore", "pyfuse3", "trio")
@@ -48,6 +48,63 @@ def test_commands_that_need_no_s3_or_fuse_import_neither(tmp_path: Path) -> None
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     ).stdout
     assert out.splitlines()[-1] == "0 []"
+
+
+def test_the_mount_commands_leave_pyfuse3_and_trio_to_their_daemons() -> None:
+    """A daemon imports them while it waits on S3 for its pins (``mounting``); the command that
+    forks it, and the commands that share its options, never need them."""
+    code = (
+        "import sys\n"
+        "from s3datafs.commands import diff, mount, mount_all, run, snapshot\n"
+        "print(sorted(m for m in ('pyfuse3', 'trio', 's3datafs.fuse_ops') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.splitlines()[-1] == "[]"
+
+
+@pytest.fixture
+def module_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], str]]:
+    """Write a module of the given source under a name of its own; forget it afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names: list[str] = []
+
+    def write(source: str) -> str:
+        name = f"loaded_{len(names)}_{tmp_path.name.replace('-', '_')}"
+        (tmp_path / f"{name}.py").write_text(source)
+        names.append(name)
+        return name
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def test_a_module_loads_in_a_thread_of_its_own(module_file: Callable[[str], str]) -> None:
+    name = module_file("import threading\nLOADED_IN = threading.current_thread().name\n")
+    assert mounting._Loading(name).module().LOADED_IN == "s3datafs-load"
+
+
+def test_without_a_thread_the_module_loads_when_it_is_wanted(
+    module_file: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_thread(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(mounting, "start_quiet_thread", no_thread)
+    name = module_file("import threading\nLOADED_IN = threading.current_thread().name\n")
+    loading = mounting._Loading(name)
+    assert name not in sys.modules
+    assert loading.module().LOADED_IN == "MainThread"
+
+
+def test_a_module_that_fails_to_load_fails_where_it_is_wanted(
+    module_file: Callable[[str], str]
+) -> None:
+    name = module_file("raise ImportError('libfuse3.so.3: cannot open shared object file')\n")
+    loading = mounting._Loading(name)
+    with pytest.raises(ImportError, match="libfuse3"):
+        loading.module()
 
 
 def test_botocore_data_is_loaded_once_per_process() -> None:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from s3datafs import mount, undumpable
+from s3datafs import mounting, undumpable
 
 NOBODY = 65534
 GET_DUMPABLE = "import ctypes; print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
@@ -72,7 +72,7 @@ def test_the_command_run_starts_is_dumpable_again() -> None:
 def test_an_undumpable_users_process_still_names_itself_and_lists_its_descriptors() -> None:
     def work() -> list[str]:
         undumpable.refuse_core_dumps()
-        mount._name_process("imagenet-train")  # as a daemon names itself
+        mounting._name_process("imagenet-train")  # as a daemon names itself
         with open("/proc/self/comm") as comm:
             name = comm.read().strip()
         dumpable = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE

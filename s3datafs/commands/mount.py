@@ -37,9 +37,9 @@ from .. import (
 )
 from ..archive.index import parse_archive_mode
 from ..errors import ConfigError, MountFailed, S3DataFSError, SettingError, UsageError
-from ..fuse_ops import FsSettings
 from ..model import normalize_etag
-from ..mount import MountPlan, MountSummary, mount_dataset
+from ..mounting import mount_dataset
+from ..plan import FsSettings, MountPlan, MountSummary
 from ..resolve import Pins
 from ..s3source import S3Settings
 from ..units import counted, human_size, parse_percent, parse_size

@@ -42,7 +42,7 @@ from typing import TextIO
 from .. import config, daemon, datasets, envblock, logsetup, s3source, sdnotify, supervisor
 from ..datasets import DatasetError, DatasetSpec
 from ..errors import ConfigError, S3DataFSError, UsageError
-from ..mount import MountPlan
+from ..plan import MountPlan
 from .mount import _announce as announce_mount
 from .mount import add_mount_options, build_plan, hide_options, start_mount
 from .unmount import NotMountedError, unmount_path
