@@ -63,6 +63,9 @@ def test_refills_and_closed_readahead_under_chaos(tmp_path, monkeypatch, seed: i
     rng = random.Random(seed)
     monkeypatch.setattr(disk_module, "REGION_BYTES", rng.choice([3, 5, 16, 2048]) * BLOCK)
     monkeypatch.setattr(writebehind, "_REFILL_BACKOFF", 0.05)
+    # A refill looks for room every _REFILL_POLL (0.2 s): with 40-170 runs to refill, those
+    # looks were 90 % of the test's time. Looked for oftener, the same refills happen.
+    monkeypatch.setattr(writebehind, "_REFILL_POLL", 0.01)
     # S3 fails here at random, not one run it keeps refusing (that giving up: test_refill)
     monkeypatch.setattr(writebehind, "_REFILL_TRIES", 1000)
     monkeypatch.setattr("s3datafs.reader.ONE_HOP_BYTES", rng.choice([BLOCK, 3 * BLOCK]))
