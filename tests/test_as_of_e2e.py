@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import datetime
 import time
+import uuid
 
 import pytest
 from conftest import Cli, sha256
 from test_mount_e2e import tree
+
+from devtools.s3server import S3Server
 
 pytestmark = pytest.mark.fuse
 
@@ -61,9 +64,19 @@ def write_rounds(s3, bucket: str) -> list[str]:
     return [stamp.astimezone(datetime.UTC).isoformat() for stamp in stamps]
 
 
-def test_as_of_shows_each_round_exactly(cli: Cli, s3, make_bucket) -> None:
-    bucket = make_bucket(versioned=True)
-    times = write_rounds(s3, bucket)
+@pytest.fixture(scope="module")
+def rounds(s3server: S3Server) -> tuple[str, list[str]]:
+    """A versioned bucket with the rounds written (``write_rounds``), and their times: written
+    once, in 2-3 s of waits for the next second, for the tests here, which only read it."""
+    s3 = s3server.client()
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    return bucket, write_rounds(s3, bucket)
+
+
+def test_as_of_shows_each_round_exactly(cli: Cli, rounds: tuple[str, list[str]]) -> None:
+    bucket, times = rounds
     for number, when in enumerate(times):
         mountpoint = cli.mount(f"s3://{bucket}/k/", str(cli.root / f"r{number}"), "--as-of", when)
         assert tree(mountpoint) == expected(number), f"as of round {number + 1} ({when})"
@@ -72,9 +85,10 @@ def test_as_of_shows_each_round_exactly(cli: Cli, s3, make_bucket) -> None:
     assert tree(again) == expected(0)
 
 
-def test_as_of_single_object_and_snapshot_record_the_time(cli: Cli, s3, make_bucket) -> None:
-    bucket = make_bucket(versioned=True)
-    times = write_rounds(s3, bucket)
+def test_as_of_single_object_and_snapshot_record_the_time(
+    cli: Cli, rounds: tuple[str, list[str]]
+) -> None:
+    bucket, times = rounds
     single = cli.mount(f"s3://{bucket}/k/a", str(cli.root / "a"), "--as-of", times[1])
     assert (single / "a").read_bytes() == b"A2"
     said = cli.run("mount", f"s3://{bucket}/k/", str(cli.root / "k"), "--as-of", times[1])
