@@ -49,12 +49,11 @@ def new_bucket(s3, *, versioned: bool = False) -> str:
     return name
 
 
-def stored(s3server: S3Server, key: str, *, versioned: bool = False):
-    """A client, and a new bucket holding ``OLD`` at ``key``."""
-    s3 = s3server.client()
+def stored(s3, key: str, *, versioned: bool = False) -> str:
+    """A new bucket holding ``OLD`` at ``key``."""
     bucket = new_bucket(s3, versioned=versioned)
     s3.put_object(Bucket=bucket, Key=key, Body=OLD)
-    return s3, bucket
+    return bucket
 
 
 def pinned(s3, bucket: str, key: str) -> ObjectRef:
@@ -85,9 +84,9 @@ def body_sub(pattern: bytes, replace) -> object:
 
 @pytest.mark.parametrize("botocore_only", [False, True])
 def test_a_store_that_ignores_if_match_never_gets_another_objects_bytes_served(
-    s3server: S3Server, proxy: FaultProxy, botocore_only: bool
+    s3, proxy: FaultProxy, botocore_only: bool
 ) -> None:
-    s3, bucket = stored(s3server, "d.bin")
+    bucket = stored(s3, "d.bin")
     ref = pinned(s3, bucket, "d.bin")
     s3.put_object(Bucket=bucket, Key="d.bin", Body=NEW)  # overwritten after the "mount"
     proxy.inject("rewrite", drop=("if-match",), times=None)
@@ -99,9 +98,9 @@ def test_a_store_that_ignores_if_match_never_gets_another_objects_bytes_served(
 
 
 def test_a_versioned_store_that_ignores_version_id_never_serves_another_version(
-    s3server: S3Server, proxy: FaultProxy
+    s3, proxy: FaultProxy
 ) -> None:
-    s3, bucket = stored(s3server, "d.bin", versioned=True)
+    bucket = stored(s3, "d.bin", versioned=True)
     ref = pinned(s3, bucket, "d.bin")
     s3.put_object(Bucket=bucket, Key="d.bin", Body=OLD)  # the same bytes, a newer version
     proxy.inject("rewrite", drop=("versionId", "if-match"), times=None)
@@ -111,9 +110,9 @@ def test_a_versioned_store_that_ignores_version_id_never_serves_another_version(
 
 
 def test_an_unquoted_or_missing_etag_on_a_get_is_not_another_object(
-    s3server: S3Server, proxy: FaultProxy
+    s3, proxy: FaultProxy
 ) -> None:
-    s3, bucket = stored(s3server, "d.bin")
+    bucket = stored(s3, "d.bin")
     ref = pinned(s3, bucket, "d.bin")
     source = source_for(proxy)
     proxy.inject("rewrite", edit=unquoted_etag)
@@ -127,9 +126,9 @@ def test_an_unquoted_or_missing_etag_on_a_get_is_not_another_object(
 
 @pytest.mark.parametrize("listed_delta", [-1000, +1000])
 def test_an_object_that_is_not_its_pinned_size_fails_at_once_and_for_good(
-    s3server: S3Server, proxy: FaultProxy, listed_delta: int
+    s3, proxy: FaultProxy, listed_delta: int
 ) -> None:
-    s3, bucket = stored(s3server, "p/d.bin")
+    bucket = stored(s3, "p/d.bin")
     proxy.inject("rewrite", op="ListObjectsV2", times=None, edit=body_sub(
         rb"<Size>(\d+)</Size>", lambda m: b"<Size>%d</Size>" % (int(m[1]) + listed_delta)))
     source = source_for(proxy)
@@ -142,9 +141,8 @@ def test_an_object_that_is_not_its_pinned_size_fails_at_once_and_for_good(
 
 @pytest.mark.parametrize("versioned", [False, True])
 def test_a_page_that_says_more_follow_without_a_token_refuses_the_listing(
-    s3server: S3Server, proxy: FaultProxy, versioned: bool
+    s3, proxy: FaultProxy, versioned: bool
 ) -> None:
-    s3 = s3server.client()
     bucket = new_bucket(s3, versioned=versioned)
     for i in range(10):
         s3.put_object(Bucket=bucket, Key=f"p/k{i:02d}", Body=b"x")
@@ -157,9 +155,8 @@ def test_a_page_that_says_more_follow_without_a_token_refuses_the_listing(
 
 
 def test_continuation_tokens_that_come_back_refuse_the_listing(
-    s3server: S3Server, proxy: FaultProxy
+    s3, proxy: FaultProxy
 ) -> None:
-    s3 = s3server.client()
     bucket = new_bucket(s3)
     for i in range(10):
         s3.put_object(Bucket=bucket, Key=f"p/k{i:02d}", Body=b"x")
@@ -183,8 +180,8 @@ def test_continuation_tokens_that_come_back_refuse_the_listing(
     assert proxy.requests["ListObjectsV2"] < 10
 
 
-def test_a_head_without_etag_is_a_clear_error(s3server: S3Server, proxy: FaultProxy) -> None:
-    s3, bucket = stored(s3server, "d.bin")
+def test_a_head_without_etag_is_a_clear_error(s3, proxy: FaultProxy) -> None:
+    bucket = stored(s3, "d.bin")
     proxy.inject("rewrite", op="HeadObject", edit=without(b"etag"))
     with pytest.raises(S3RequestError, match="S3 sent no ETag for it"):
         source_for(proxy).head(bucket, "d.bin")
@@ -204,9 +201,9 @@ def uncached(path: Path, offset: int = 0, size: int = 4096) -> bytes:
 
 @pytest.mark.fuse
 def test_a_mount_on_a_store_that_ignores_if_match_fails_reads_of_an_overwritten_object(
-    cli: Cli, s3server: S3Server, proxy: FaultProxy
+    cli: Cli, s3, proxy: FaultProxy
 ) -> None:
-    s3, bucket = stored(s3server, "p/d.bin")
+    bucket = stored(s3, "p/d.bin")
     s3.put_object(Bucket=bucket, Key="p/e.bin", Body=OLD)
     proxy.inject("rewrite", drop=("if-match",), times=None)
     mountpoint = cli.mount(f"s3://{bucket}/p/", "--endpoint-url", proxy.endpoint, "--no-cache")
@@ -235,9 +232,9 @@ def test_a_listing_cut_short_by_the_store_mounts_nothing(
 
 @pytest.mark.fuse
 def test_a_store_without_get_bucket_versioning_mounts_pinned_by_etag(
-    cli: Cli, s3server: S3Server, proxy: FaultProxy
+    cli: Cli, s3, proxy: FaultProxy
 ) -> None:
-    s3, bucket = stored(s3server, "p/d.bin")
+    bucket = stored(s3, "p/d.bin")
     proxy.inject("error", op="GetBucketVersioning", status=501, code="NotImplemented", times=None)
     cli.expect_log("cannot read the versioning state")
     mountpoint = cli.mount(f"s3://{bucket}/p/", "--endpoint-url", proxy.endpoint)
@@ -246,9 +243,9 @@ def test_a_store_without_get_bucket_versioning_mounts_pinned_by_etag(
 
 @pytest.mark.fuse
 def test_a_versioned_store_whose_head_names_no_version_is_pinned_by_etag(
-    cli: Cli, s3server: S3Server, proxy: FaultProxy, tmp_path: Path
+    cli: Cli, s3, proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    s3, bucket = stored(s3server, "d.bin", versioned=True)
+    bucket = stored(s3, "d.bin", versioned=True)
     proxy.inject("rewrite", op="HeadObject", times=None, edit=without(b"x-amz-version-id"))
     cli.expect_log("names no version of .* pinned by its ETag alone")
     snapshot = tmp_path / "d.snap.gz"
@@ -265,9 +262,9 @@ def test_a_versioned_store_whose_head_names_no_version_is_pinned_by_etag(
 
 @pytest.mark.fuse
 def test_a_store_that_sends_unquoted_etags_is_pinned_and_read(
-    cli: Cli, s3server: S3Server, proxy: FaultProxy, tmp_path: Path
+    cli: Cli, s3, proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    s3, bucket = stored(s3server, "p/d.bin")
+    bucket = stored(s3, "p/d.bin")
     etag = s3.head_object(Bucket=bucket, Key="p/d.bin")["ETag"].strip('"')
     snapshot = tmp_path / "p.snap.gz"
     assert cli.run("snapshot", f"s3://{bucket}/p/", "-o", str(snapshot)).returncode == 0
@@ -282,9 +279,9 @@ def test_a_store_that_sends_unquoted_etags_is_pinned_and_read(
 
 @pytest.mark.fuse
 def test_a_head_without_etag_refuses_the_mount_in_one_line(
-    cli: Cli, s3server: S3Server, proxy: FaultProxy
+    cli: Cli, s3, proxy: FaultProxy
 ) -> None:
-    s3, bucket = stored(s3server, "d.bin")
+    bucket = stored(s3, "d.bin")
     proxy.inject("rewrite", op="HeadObject", times=None, edit=without(b"etag"))
     result = cli.run("mount", f"s3://{bucket}/d.bin", "--endpoint-url", proxy.endpoint)
     assert result.returncode != 0
@@ -329,11 +326,11 @@ def test_the_etag_of_an_encrypted_object_is_no_md5_to_check(
 
 
 def test_a_stalled_server_is_not_retried_by_botocore_past_the_deadline(
-    proxy: FaultProxy, s3server: S3Server
+    proxy: FaultProxy, s3
 ) -> None:
     """GETs botocore sends itself make one attempt each: its own retries (three timeouts of
     the deadline each) would outlast the deadline that bounds the whole read."""
-    ref = pinned(*stored(s3server, "stalled.bin"), "stalled.bin")
+    ref = pinned(s3, stored(s3, "stalled.bin"), "stalled.bin")
     source = source_for(proxy, botocore_only=True, read_deadline=1.5, request_timeout=30.0)
     proxy.inject("stall", times=None)
     started = time.monotonic()
