@@ -245,7 +245,7 @@ def test_prefetch_interrupted_says_so_in_one_line(cli: Cli, s3, proxy, make_buck
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        time.sleep(1.5)  # listed, GETs waiting
+        proxy.wait_injected(1, timeout=30)  # listed, and a GET waits
         command.send_signal(signal.SIGINT)
         _out, err = command.communicate(timeout=30)
         assert command.returncode == 130
