@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import shutil
 import signal
@@ -34,8 +35,14 @@ def archive_members(
     methods: tuple[int, ...], body: bytes | None = None
 ) -> tuple[FakeSource, list[MemberRef]]:
     """DATA zipped (or ``body``) in a FakeSource, its members in archive order; no GET counted."""
-    zipped = archive(body if body is not None else make_zip(DATA, methods=methods))
+    zipped = archive(body if body is not None else data_zipped(methods))
     return zipped.source, sorted(zipped.members.values(), key=lambda r: r.header_offset)
+
+
+@functools.cache
+def data_zipped(methods: tuple[int, ...]) -> bytes:
+    """DATA zipped with ``methods``: made once (bytes cannot change; 25 tests ask for 3 kinds)."""
+    return make_zip(DATA, methods=methods)
 
 
 def test_reading_every_member_in_archive_order_takes_few_gets() -> None:
