@@ -10,11 +10,11 @@ Why two modules: start-up (issue 4, "mount command start to first read"). Pinnin
 (GetBucketVersioning, then a listing or a HEAD: two round trips or more), and importing pyfuse3,
 trio and the serving modules costs ~70 ms of CPU. The mount command does not import them
 (``plan`` holds the data it needs), so a daemon imports them in a thread of its own (``_Loading``)
-while its main thread waits on S3: the two overlap instead of adding up. Pinning itself needs
-none of them, so the main thread never waits for an import the loading thread holds (what is
-imported there is pyfuse3, trio and our serving modules, which nothing here imports). A thread
-that cannot be started, or an import that fails, costs nothing but the overlap: the import is
-then made (and fails, if it must) on the main thread.
+while its main thread waits on S3: the two overlap instead of adding up. Pinning needs none of
+what that thread imports (pyfuse3, trio, our serving modules; everything pinning uses came with
+this module), so the two threads do not wait on each other's imports. A thread that cannot be
+started, or an import that fails, costs nothing but the overlap: the import is then made (and
+fails, if it must) on the main thread, where the module is wanted.
 """
 
 from __future__ import annotations
