@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import private_dir, runtime_dir
+from .config import private_dir, remove_created, runtime_dir
 from .errors import ConfigError
 
 FSTYPE = "fuse.s3datafs"
@@ -184,7 +184,8 @@ def all_states() -> list[dict]:
 
 def remove_stale_states(states: list[dict], mounted: set[str]) -> None:
     """Remove the state files of daemons that are dead and whose mount is gone: killed, then
-    unmounted by hand (``umount -l``), they would pile up, one per mount point. A dead daemon's
+    unmounted by hand (``umount -l``), they would pile up, one per mount point (and the mount
+    point directories their mounts made go too: ``remove_made_for``). A dead daemon's
     mount still in the table keeps its file (``unmount`` clears both); a live daemon's is its
     own (a lazily detached one serves its open files). Each is checked again under the mount
     point's lock: a command mounting there meanwhile writes a new one."""
@@ -196,6 +197,17 @@ def remove_stale_states(states: list[dict], mounted: set[str]) -> None:
             again = read_state(mountpoint)
             if again is not None and again.get("pid") == pid:
                 remove_state(mountpoint)
+                remove_made_for(mountpoint, again)
+
+
+def remove_made_for(mountpoint: str, state: dict) -> None:
+    """Remove the directories made for ``mountpoint`` by the mount ``state`` describes (its
+    ``created``), as its daemon does when it ends, which a killed one could not: empty ones
+    only, up to the recorded one. Call it holding the mount point's lock (``mounting``): a
+    command mounting there meanwhile may be keeping the directory."""
+    created = state.get("created")
+    if isinstance(created, str) and Path(mountpoint).is_relative_to(created):
+        remove_created(Path(mountpoint), Path(created))
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -561,6 +561,7 @@ def test_status_removes_the_state_of_a_killed_daemon_unmounted_by_hand(
     assert cli.run("status").returncode == 0
     assert [json.loads(p.read_text())["mountpoint"] for p in (cli.root / "run").glob("*.json")] \
         == [str(live)]
+    assert not killed.exists(), "the mount point the killed mount made was left"
 
 
 def test_unmount_refuses_while_another_file_system_is_mounted_over_ours(

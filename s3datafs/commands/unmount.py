@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import config, runtime
+from .. import runtime
 from ..config import is_dead_mount
 from ..errors import ConfigError, UsageError
 
@@ -100,18 +100,10 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool, only_dead: bool = 
     if state is not None and not lazy:
         _wait_for_exit(int(state.get("pid") or 0))
     if state is not None and not runtime.pid_alive(int(state.get("pid") or 0)):
-        _remove_created(mountpoint, state.get("created"))
+        # Its daemon removes what was made for the mount when it ends; a killed one could not.
+        with contextlib.suppress(ConfigError), runtime.mounting(mountpoint):
+            runtime.remove_made_for(mountpoint, state)
     runtime.remove_state(mountpoint)
-
-
-def _remove_created(mountpoint: str, created: object) -> None:
-    """Remove the directories made for the mount point, as its daemon does when it ends: one
-    killed (``kill -9``) could not. Only empty ones, only up to the recorded one, and not while
-    another command mounts there (it may be keeping the directory)."""
-    if not isinstance(created, str) or not Path(mountpoint).is_relative_to(created):
-        return
-    with contextlib.suppress(ConfigError), runtime.mounting(mountpoint):
-        config.remove_created(Path(mountpoint), Path(created))
 
 
 def _as_the_mount_table_names(path: str | os.PathLike[str]) -> str:
