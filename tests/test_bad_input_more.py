@@ -165,6 +165,13 @@ SNAPSHOT = [
         "--output {root}/adir is a directory",
         setup=make_dir("adir"),
     ),
+    case(  # the file a link names is what is written: in a directory that must exist
+        "snapshot-output-links-to-a-missing-directory",
+        ["snapshot", "s3://{b}/p/", "-o", "{root}/link"],
+        FAILURE,
+        "--output /nonexistent/target: directory /nonexistent does not exist",
+        setup=make_link("link"),
+    ),
     case(  # as root, replacing /dev/null with a regular file would break the machine
         "snapshot-output-is-a-device-or-fifo",
         ["snapshot", "s3://{b}/p/", "-o", "{root}/fifo"],

@@ -283,13 +283,14 @@ def writable_file(path: Path | None, option: str) -> Path | None:
     if target.exists() and not target.is_file():
         raise ConfigError(f"{option} {target} is not a regular file (a device, a FIFO or a "
                           "socket): the snapshot replaces FILE whole, so name a file")
+    # A link's file is what is replaced, not the link: replacing the link /dev/stdout (stdout
+    # redirected to a file) made it a regular file, and the redirected file stayed empty.
+    target = Path(os.path.realpath(target))
     if not target.parent.is_dir():
         raise ConfigError(f"{option} {target}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {target}: directory {target.parent} is not writable")
-    # A link's file is what is replaced, not the link: replacing the link /dev/stdout (stdout
-    # redirected to a file) made it a regular file, and the redirected file stayed empty.
-    return Path(os.path.realpath(target))
+    return target
 
 
 def _kernel_readahead(text: str | None) -> int:
