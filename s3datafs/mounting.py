@@ -92,8 +92,8 @@ def mount_dataset(
                 built.skipped_count + (members.meta.skipped_count if members else 0),
                 os.getpid(), catalog.meta.fingerprint,
             )
-            serving.module().serve_pinned(plan, source, catalog, summary, on_ready, created,
-                                          closing)
+            _serving(serving).serve_pinned(plan, source, catalog, summary, on_ready, created,
+                                           closing)
     finally:
         try:
             catalog_path.unlink()
@@ -122,6 +122,17 @@ class _Loading:
         # A failure is left to ``module``: importing again there raises it where it belongs.
         with contextlib.suppress(BaseException):
             importlib.import_module(self._name)
+
+
+def _serving(loading: _Loading) -> types.ModuleType:
+    """The serving modules; pyfuse3 that cannot load (libfuse3 missing, or another one) is told
+    as what to install, in one line, not as an internal error."""
+    try:
+        return loading.module()
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "pyfuse3":
+            raise
+        raise ConfigError(f"cannot load pyfuse3 ({exc}): {_FUSE_HELP}") from None
 
 
 def _limit_malloc_arenas() -> None:

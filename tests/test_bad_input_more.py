@@ -536,6 +536,33 @@ def test_a_machine_without_a_usable_fuse_device_gets_one_line(
     cli.expect_log("cannot open /dev/fuse|cannot mount")
 
 
+@pytest.mark.parametrize("foreground", [False, True], ids=["background", "foreground"])
+def test_a_machine_whose_fuse_library_cannot_load_gets_one_line(
+    cli: Cli, s3, make_bucket, foreground: bool
+) -> None:
+    """pyfuse3 installed, libfuse3 not (or another one): its import fails where the daemon loads
+    it, while S3 answers the pins (``mounting``). The user gets what to install, not "internal
+    error: ImportError"; nothing is mounted and the mount point made for it goes."""
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="p/a.txt", Body=b"a")
+    broken = cli.root / "broken" / "pyfuse3"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        "raise ImportError('libfuse3.so.3: cannot open shared object file: No such file or "
+        "directory', name='pyfuse3._pyfuse3')\n")
+    env = {**cli.env, "PYTHONPATH": os.pathsep.join([str(broken.parent), cli.env["PYTHONPATH"]])}
+    mountpoint = cli.root / "m"
+    result = cli.run("mount", f"s3://{bucket}/p/", str(mountpoint),
+                     *(["--foreground"] if foreground else []), env=env)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(
+        "s3datafs: cannot load pyfuse3 (libfuse3.so.3: cannot open shared object file")
+    assert result.stderr.rstrip("\n").endswith("--device /dev/fuse --cap-add SYS_ADMIN")
+    assert result.stderr.count("\n") == 1
+    assert not mountpoint.exists()
+    cli.expect_log("cannot load pyfuse3")
+
+
 # -- sizes as people write them ------------------------------------------------------------------
 
 
