@@ -254,6 +254,17 @@ class KeptMembers:
             raise _again(flight.error)
         return self.read(ref, start, end)
 
+    def keep(self, ref: MemberRef, decompress: Callable[[], Iterable[bytes]]) -> bool:
+        """Have ``ref`` decompressed whole into the disk cache now (``s3datafs prefetch``) unless
+        a verified copy is there whole; whether one is afterwards. A copy that lost regions to
+        eviction is made again: its last byte would pass for all of it."""
+        if self.holds(ref):
+            return True
+        if self._verified(ref) is not None:
+            self.forget(ref)
+        self.fill(ref, ref.size - 1, ref.size, decompress)
+        return self.holds(ref)
+
     def holds(self, ref: MemberRef) -> bool:
         """Whether a verified copy of ``ref`` is on disk whole: its marker names an attempt, and
         none of that attempt's region files was evicted (each read still checks its blocks)."""

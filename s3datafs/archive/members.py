@@ -327,11 +327,7 @@ class MemberSource:
             kept = self._keeping(ref)
             if kept is None:
                 return False
-            if kept.holds(ref):
-                return True
-            kept.forget(ref)  # a copy with regions gone: its last byte would pass for all of it
-            kept.fill(ref, ref.size - 1, ref.size, functools.partial(self._whole_pieces, ref))
-            return kept.holds(ref)
+            return kept.keep(ref, functools.partial(self._whole_pieces, ref))
 
     def keeps_ahead(self, ref: MemberRef) -> bool:
         """Whether ``keep`` would decompress ``ref`` into the disk cache (see there)."""

@@ -97,9 +97,10 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool, only_dead: bool = 
                                   "unmount that first, or use --lazy")
             raise ConfigError(f"{mountpoint} is busy: close the files using it, or use --lazy")
         raise ConfigError(f"cannot unmount {mountpoint}: {reason}")
+    pid = int(state.get("pid") or 0) if state is not None else 0
     if state is not None and not lazy:
-        _wait_for_exit(int(state.get("pid") or 0))
-    if state is not None and not runtime.pid_alive(int(state.get("pid") or 0)):
+        _wait_for_exit(pid)
+    if state is not None and not runtime.pid_alive(pid):
         # Its daemon removes what was made for the mount when it ends; a killed one could not.
         with contextlib.suppress(ConfigError), runtime.mounting(mountpoint):
             runtime.remove_made_for(mountpoint, state)
