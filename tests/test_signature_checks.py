@@ -1,0 +1,125 @@
+"""GETs from signed templates against a server that checks every signature (moto with IAM auth).
+
+``signedget`` signs a template per object (the bucket's first through botocore, the rest
+derived from its base) and adds ``Range`` and ``If-Match`` unsigned. The rest of the suite runs
+moto with auth off, where any signature passes, and a refused template falls back to botocore
+quietly (by design: a new signature may cure it). So a template S3 would refuse is invisible
+there. Here moto enforces IAM auth, and each read must be exactly one GET answered 206: no 403,
+no botocore retry; for awkward keys, versioned objects, requester-pays and session tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+from test_signedget import AWKWARD_KEYS, count_botocore_gets
+
+from devtools.s3server import S3Server
+from s3datafs.errors import AccessDeniedError
+from s3datafs.model import ObjectRef
+from s3datafs.s3source import S3Settings, S3Source
+
+ALLOW_ALL = json.dumps({
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+})
+
+
+@dataclass(frozen=True)
+class Keys:
+    key_id: str
+    secret: str
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckedWorld:
+    server: S3Server
+    user: Keys  # an IAM user allowed everything
+    role: Keys  # temporary credentials of a role allowed everything (a session token)
+    objects: list[tuple[ObjectRef, bytes]]  # under AWKWARD_KEYS, in a versioned bucket
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[CheckedWorld]:
+    """The three unauthenticated requests moto allows make the admin; everything after is
+    signed and checked."""
+    with S3Server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as server:
+        setup = {"endpoint_url": server.endpoint, "region_name": "us-east-1"}
+        anonymous = boto3.client(
+            "iam", aws_access_key_id="testing", aws_secret_access_key="testing", **setup
+        )
+        anonymous.create_user(UserName="admin")
+        anonymous.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=ALLOW_ALL)
+        made = anonymous.create_access_key(UserName="admin")["AccessKey"]
+        admin = {"aws_access_key_id": made["AccessKeyId"],
+                 "aws_secret_access_key": made["SecretAccessKey"], **setup}
+        iam, s3, sts = (boto3.client(name, **admin) for name in ("iam", "s3", "sts"))
+        role = iam.create_role(RoleName="reader", AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"},
+                           "Action": "sts:AssumeRole"}],
+        }))["Role"]
+        iam.put_role_policy(RoleName="reader", PolicyName="all", PolicyDocument=ALLOW_ALL)
+        lease = sts.assume_role(RoleArn=role["Arn"], RoleSessionName="job")["Credentials"]
+        bucket = f"t-{uuid.uuid4().hex[:16]}"
+        s3.create_bucket(Bucket=bucket)
+        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        objects = []
+        for number, key in enumerate(AWKWARD_KEYS):
+            body = f"{number}: {key}\n".encode() * (number + 50)
+            put = s3.put_object(Bucket=bucket, Key=key, Body=body)
+            objects.append(
+                (ObjectRef(bucket, key, put["VersionId"], put["ETag"], len(body), 0.0), body))
+        yield CheckedWorld(
+            server,
+            Keys(made["AccessKeyId"], made["SecretAccessKey"]),
+            Keys(lease["AccessKeyId"], lease["SecretAccessKey"], lease["SessionToken"]),
+            objects,
+        )
+
+
+def source_with(world: CheckedWorld, keys: Keys, **settings: Any) -> S3Source:
+    return S3Source(S3Settings(
+        region="us-east-1", endpoint_url=world.server.endpoint, access_key_id=keys.key_id,
+        secret_access_key=keys.secret, session_token=keys.token, read_deadline=10.0,
+        request_timeout=5.0, **settings,
+    ))
+
+
+def answers(world: CheckedWorld) -> collections.Counter[tuple[str, int]]:
+    return collections.Counter(
+        (record["op"], record["status"]) for record in world.server.stats()["requests"])
+
+
+@pytest.mark.parametrize(
+    ("who", "settings"),
+    [("user", {}), ("role", {}), ("user", {"requester_pays": True})],
+    ids=["user-keys", "session-token", "requester-pays"],
+)
+def test_every_template_get_passes_a_server_that_checks_signatures(
+    world: CheckedWorld, who: str, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = source_with(world, getattr(world, who), **settings)
+    calls = count_botocore_gets(source, monkeypatch)
+    world.server.reset_stats()
+    for ref, body in world.objects:
+        assert source.get_range(ref, 0, ref.size) == body
+        assert source.get_range(ref, 3, 40) == body[3:40]
+    assert len(calls) == 1  # the first object's capture; every other template was derived
+    assert answers(world) == {("GetObject", 206): 2 * len(world.objects)}  # none refused
+
+
+def test_the_check_is_real_a_wrong_secret_is_refused(world: CheckedWorld) -> None:
+    """Without this, the test above could pass against a server that checks nothing."""
+    source = source_with(world, Keys(world.user.key_id, "not-the-secret"))
+    ref, _body = world.objects[0]
+    with pytest.raises(AccessDeniedError, match="SignatureDoesNotMatch"):
+        source.get_range(ref, 0, 4)
