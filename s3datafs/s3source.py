@@ -329,6 +329,8 @@ class S3Source:
             fetched = self._signed.get(ref, start, end) if self._signed is not None else None
             if fetched is None:  # no template here, or an error botocore handles better
                 fetched = self._get_with_botocore(ref, start, end)
+                if self._signed is not None:
+                    self._signed.cured()
         except botocore.exceptions.ClientError as exc:
             if _code(exc) in _GONE:
                 raise StaleObjectError(

@@ -38,6 +38,11 @@ Invariants:
   token) drops the template and answers ``None``: the caller repeats the attempt with a plain
   botocore call, which handles it as before. Any other error becomes the ``ClientError``
   botocore would have raised (code and message from S3's XML), so errors map exactly as before.
+  ``REFUSALS_TO_GIVE_UP`` such errors in a row, each followed by a botocore GET that succeeded
+  (``cured``), and templates are given up for good (one warning): a store that wants ``Range``
+  or ``If-Match`` signed refuses every one, and would cost a refused GET per read. A template's
+  success starts the count again, so refusals now and then (credentials replaced, a redirect)
+  change nothing.
 - Integrity as botocore's: when S3 sends a whole-object checksum (it does for whole-object GETs
   of objects uploaded with one; never for a range, nor a multipart "-N" one), the body must
   match it: CRC32, SHA-1, SHA-256 and SHA-512 always, CRC32C and CRC64NVME when ``awscrt`` is
@@ -95,6 +100,10 @@ _NOT_IN_BASE = frozenset({
 # Errors a fresh botocore attempt may cure: redirects to the bucket's region, signature, clock
 # and token trouble (botocore corrects clock skew and refreshes credentials itself).
 _REDO_STATUS = {301, 307}
+# Templates refused this many times in a row, each time cured by botocore's own GET, are given
+# up: a store (or a proxy before it) that wants every header signed refuses them all, and each
+# read would pay a refused GET before botocore's, for as long as the mount lives.
+REFUSALS_TO_GIVE_UP = 3
 _REDO_CODES = {
     "PermanentRedirect",
     "TemporaryRedirect",
@@ -183,6 +192,7 @@ class SignedGets:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._unusable = False
+        self._refusals = 0  # in a row, each cured by botocore (``cured``); a template's 2xx: 0
         client.meta.events.register_first("before-send.s3.GetObject", self._capture)
 
     @classmethod
@@ -197,6 +207,7 @@ class SignedGets:
 
         Raises what botocore's ``get_object`` and its body's ``read`` would.
         """
+        self._local.refused = None
         template = None if self._unusable else self._template(ref)
         if template is None:
             return None
@@ -213,6 +224,7 @@ class SignedGets:
         status, answered = response.status_code, response.headers
         if status not in (200, 206):
             return self._failed(ref, status, body)
+        self._refusals = 0
         _check_checksum(answered, body)
         return Fetched(
             body,
@@ -223,6 +235,22 @@ class SignedGets:
             answered.get("ETag"),
             answered.get("x-amz-version-id"),
         )
+
+    def cured(self) -> None:
+        """botocore's GET, made because ``get`` answered None on this thread, succeeded. If a
+        template had been refused there, count it (see ``REFUSALS_TO_GIVE_UP``)."""
+        refused, self._local.refused = getattr(self._local, "refused", None), None
+        if refused is None:
+            return
+        with self._lock:
+            self._refusals += 1
+            if self._refusals < REFUSALS_TO_GIVE_UP or self._unusable:
+                return
+            self._unusable = True
+        log.warning("S3 refused %d GETs from signed templates in a row (%s) that botocore's "
+                    "own GETs then got: this store wants headers signed that s3datafs adds "
+                    "unsigned (Range, If-Match); plain botocore calls from now on (slower, as "
+                    "correct)", REFUSALS_TO_GIVE_UP, refused)
 
     def forget(self, ref: ObjectRef) -> None:
         """Drop the object's template and its bucket's base: botocore makes the next one."""
@@ -327,6 +355,7 @@ class SignedGets:
         code, message = _error_of(body)
         if status in _REDO_STATUS or code in _REDO_CODES:
             self.forget(ref)
+            self._local.refused = code or str(status)
             return None
         raise botocore.exceptions.ClientError(
             {"Error": {"Code": code or str(status), "Message": message},

@@ -301,6 +301,52 @@ def offline_source() -> S3Source:
                                access_key_id="testing", secret_access_key="testing"))
 
 
+def refuse_unsigned_ranges(proxy: FaultProxy, times: int | None = None) -> None:
+    """A store (or a proxy before it) that wants ``Range`` signed, as botocore signs it: GETs
+    from templates, which add it unsigned, are refused as S3 refuses a bad signature."""
+    proxy.inject("error", status=403, code="SignatureDoesNotMatch", unsigned="range",
+                 times=times)
+
+
+def test_a_store_that_refuses_every_template_gets_plain_botocore_gets_after_three(
+    s3, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refusal costs a GET before botocore's own: after three in a row, each cured by
+    botocore, reads stop trying templates (one warning) instead of paying twice for good."""
+    ref = pinned(s3, stored(s3, "d.bin"), "d.bin")
+    refuse_unsigned_ranges(proxy)
+    source = source_for(proxy)
+    for number in range(8):
+        assert source.get_range(ref, number * KiB, (number + 1) * KiB) == OLD[
+            number * KiB: (number + 1) * KiB]
+    assert proxy.injected_count("error") == 3
+    assert proxy.requests["GetObject"] == 8 + 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "(SignatureDoesNotMatch)" in warnings[0]
+    assert "plain botocore calls from now on" in warnings[0]
+
+
+def test_refusals_a_new_signature_cures_now_and_then_keep_the_templates(
+    s3, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As when credentials are replaced, or a redirect names the bucket's region: a refused
+    template between ones that work is no reason to give them up."""
+    ref = pinned(s3, stored(s3, "d.bin"), "d.bin")
+    source = source_for(proxy)
+    for number in range(8):
+        if number % 2 == 0:
+            refuse_unsigned_ranges(proxy, times=1)
+        assert source.get_range(ref, number * KiB, (number + 1) * KiB) == OLD[
+            number * KiB: (number + 1) * KiB]
+    assert proxy.injected_count("error") == 4
+    assert proxy.requests["GetObject"] == 8 + 4
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    refuse_unsigned_ranges(proxy, times=1)
+    assert source.get_range(ref, 0, 4) == OLD[:4]
+    assert proxy.injected_count("error") == 5  # templates still tried
+
+
 def test_a_server_that_ignores_range_fails_at_once_not_after_retries() -> None:
     """The whole object for a part of it, again on every retry: an error, not a transient one
     (retrying would only wait out the deadline on every read)."""
