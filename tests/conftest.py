@@ -155,6 +155,30 @@ def make_bucket(s3):
     return make
 
 
+ALLOW_ALL = json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+)
+
+
+@contextlib.contextmanager
+def checking_server() -> Iterator[tuple[S3Server, dict[str, str]]]:
+    """A moto server that checks every request's signature and its IAM permissions, and the
+    boto3 client arguments of an admin allowed everything (made with the three unchecked
+    requests it allows first). moto checks nothing in the other tests."""
+    import boto3  # only here: most of conftest's users never need it
+
+    with S3Server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as server:
+        setup = {"endpoint_url": server.endpoint, "region_name": "us-east-1"}
+        anonymous = boto3.client(
+            "iam", aws_access_key_id="testing", aws_secret_access_key="testing", **setup
+        )
+        anonymous.create_user(UserName="admin")
+        anonymous.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=ALLOW_ALL)
+        made = anonymous.create_access_key(UserName="admin")["AccessKey"]
+        yield server, {"aws_access_key_id": made["AccessKeyId"],
+                       "aws_secret_access_key": made["SecretAccessKey"], **setup}
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

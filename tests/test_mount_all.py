@@ -25,7 +25,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import Cli, CliResult, files_below, kernel_readahead_kb
+from conftest import Cli, CliResult, checking_server, files_below, kernel_readahead_kb
 from faultproxy import FaultProxy
 from zipcraft import make_zip
 
@@ -574,28 +574,7 @@ def _policy(bucket: str) -> str:
 @pytest.fixture(scope="module")
 def iam_world() -> Iterator[IamWorld]:
     """An admin bootstraps in the three unauthenticated requests; then two users, a bucket each."""
-    with S3Server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as server:
-        setup = {"endpoint_url": server.endpoint, "region_name": "us-east-1"}
-        anonymous_iam = boto3.client(
-            "iam", aws_access_key_id="testing", aws_secret_access_key="testing", **setup
-        )
-        anonymous_iam.create_user(UserName="admin")
-        anonymous_iam.put_user_policy(
-            UserName="admin",
-            PolicyName="all",
-            PolicyDocument=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
-                }  # noqa: E501
-            ),
-        )
-        admin_key = anonymous_iam.create_access_key(UserName="admin")["AccessKey"]
-        admin = {
-            "aws_access_key_id": admin_key["AccessKeyId"],
-            "aws_secret_access_key": admin_key["SecretAccessKey"],
-            **setup,
-        }
+    with checking_server() as (server, admin):
         iam, s3 = boto3.client("iam", **admin), boto3.client("s3", **admin)
         buckets, keys = {}, {}
         for user in ("alice", "bob"):

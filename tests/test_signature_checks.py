@@ -19,17 +19,13 @@ from typing import Any
 
 import boto3
 import pytest
+from conftest import ALLOW_ALL, checking_server
 from test_signedget import AWKWARD_KEYS, count_botocore_gets
 
 from devtools.s3server import S3Server
 from s3datafs.errors import AccessDeniedError
 from s3datafs.model import ObjectRef
 from s3datafs.s3source import S3Settings, S3Source
-
-ALLOW_ALL = json.dumps({
-    "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
-})
 
 
 @dataclass(frozen=True)
@@ -49,18 +45,8 @@ class CheckedWorld:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[CheckedWorld]:
-    """The three unauthenticated requests moto allows make the admin; everything after is
-    signed and checked."""
-    with S3Server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as server:
-        setup = {"endpoint_url": server.endpoint, "region_name": "us-east-1"}
-        anonymous = boto3.client(
-            "iam", aws_access_key_id="testing", aws_secret_access_key="testing", **setup
-        )
-        anonymous.create_user(UserName="admin")
-        anonymous.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=ALLOW_ALL)
-        made = anonymous.create_access_key(UserName="admin")["AccessKey"]
-        admin = {"aws_access_key_id": made["AccessKeyId"],
-                 "aws_secret_access_key": made["SecretAccessKey"], **setup}
+    """A role with a lease, and a versioned bucket of awkward keys, made by the admin."""
+    with checking_server() as (server, admin):
         iam, s3, sts = (boto3.client(name, **admin) for name in ("iam", "s3", "sts"))
         role = iam.create_role(RoleName="reader", AssumeRolePolicyDocument=json.dumps({
             "Version": "2012-10-17",
@@ -80,7 +66,7 @@ def world() -> Iterator[CheckedWorld]:
                 (ObjectRef(bucket, key, put["VersionId"], put["ETag"], len(body), 0.0), body))
         yield CheckedWorld(
             server,
-            Keys(made["AccessKeyId"], made["SecretAccessKey"]),
+            Keys(admin["aws_access_key_id"], admin["aws_secret_access_key"]),
             Keys(lease["AccessKeyId"], lease["SecretAccessKey"], lease["SessionToken"]),
             objects,
         )
