@@ -26,7 +26,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .config import format_time
-from .errors import NotFoundError, PinMismatchError, UnsupportedError, UsageError
+from .errors import (
+    AccessDeniedError,
+    NotFoundError,
+    PinMismatchError,
+    UnsupportedError,
+    UsageError,
+)
 from .model import ObjectRef, ObjectSource, normalize_etag
 from .uri import S3Uri
 
@@ -78,7 +84,14 @@ def resolve(
             return Resolution(uri, versioned, uri.parent_prefix(), True, iter([ref]))
     prefix = uri.as_prefix()
     refs = source.list_latest(uri.bucket, prefix, versioned=versioned)
-    first = next(refs, None)
+    try:
+        first = next(refs, None)
+    except AccessDeniedError as exc:
+        if uri.is_explicit_prefix:
+            raise
+        # Its HEAD found no object: say so, or the error names only a prefix nobody asked for.
+        raise AccessDeniedError(f"{uri} is no object (check the key), and listing it as a "
+                                f"prefix was refused: {exc}") from None
     if first is None:
         raise NotFoundError(f"no such object or prefix: {uri}: check the key (a prefix must hold "
                             "objects; keys are case-sensitive)")

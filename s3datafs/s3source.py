@@ -233,7 +233,7 @@ class S3Source:
             if code in ("404", "NoSuchKey", "NoSuchVersion", "400", "InvalidArgument"):
                 what = f"version {version_id} of {uri}" if version_id else uri
                 raise NotFoundError(f"no such object: {what}") from None
-            raise _map_client_error(exc, uri) from None
+            raise _map_client_error(exc, uri, version_id) from None
         except (botocore.exceptions.BotoCoreError, RuntimeError) as exc:
             raise _map_botocore_error(exc, uri) from None
         return ObjectRef(
@@ -338,7 +338,7 @@ class S3Source:
                     f"(pinned ETag {ref.etag}, version {ref.version_id or '-'}): "
                     f"{_code(exc)}; {_SEE_CURRENT}"
                 ) from None
-            raise _map_client_error(exc, ref.uri) from None
+            raise _map_client_error(exc, ref.uri, ref.version_id) from None
         except (botocore.exceptions.BotoCoreError, RuntimeError) as exc:
             raise _map_botocore_error(exc, ref.uri) from None
         except _BODY_ERRORS as exc:  # anything botocore let through while the body streamed
@@ -658,7 +658,37 @@ def _code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _map_client_error(exc: botocore.exceptions.ClientError, uri: str) -> S3DataFSError:
+# What a denied request needed granted, by operation; a version's HEAD or GET needs more.
+_PERMISSION_NEEDED = {
+    "ListObjectsV2": "listing needs s3:ListBucket",
+    "ListObjectVersions": "listing a versioned bucket needs s3:ListBucketVersions",
+    "HeadObject": "reading it needs s3:GetObject",
+    "GetObject": "reading it needs s3:GetObject",
+}
+_VERSION_PERMISSION = "reading a pinned version needs s3:GetObjectVersion"
+# Only a policy can cure these: the keys themselves were accepted.
+_POLICY_DENIED = {"AccessDenied", "403"}
+
+
+def _denied(code: str, operation: str | None, uri: str, version_id: str | None) -> str:
+    """The line for a request S3 refused: what it needed, and where to look."""
+    needed = ""
+    if code in _POLICY_DENIED and operation in _PERMISSION_NEEDED:
+        reads = operation in ("HeadObject", "GetObject")
+        needed = _VERSION_PERMISSION if reads and version_id else _PERMISSION_NEEDED[operation]
+        if operation == "HeadObject" and code == "403":  # a HEAD's 403 has no body to say more
+            needed += (", and S3 answers 403 for a key that does not exist to whom may not "
+                       "list the bucket (s3:ListBucket): check the key")
+        needed += "; "
+    return (f"access denied to {uri} ({code}): {needed}check the credentials and their policy, "
+            f"--profile or --credentials-file; a public bucket needs --no-sign-request, a "
+            f"Requester Pays one --requester-pays")
+
+
+def _map_client_error(
+    exc: botocore.exceptions.ClientError, uri: str, version_id: str | None = None
+) -> S3DataFSError:
+    """Our error for ``exc``, a request about ``uri`` (of ``version_id``, if it named one)."""
     code = _code(exc)
     message = exc.response.get("Error", {}).get("Message") or code
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -674,11 +704,7 @@ def _map_client_error(exc: botocore.exceptions.ClientError, uri: str) -> S3DataF
             f"bucket {bucket!r} does not exist: check the name, --endpoint-url and --region"
         )
     if code in _ACCESS_DENIED:
-        return AccessDeniedError(
-            f"access denied to {uri} ({code}): check the credentials, --profile or "
-            f"--credentials-file; a public bucket needs --no-sign-request, a Requester Pays "
-            f"one --requester-pays"
-        )
+        return AccessDeniedError(_denied(code, exc.operation_name, uri, version_id))
     if transient:
         return TransientS3Error(f"S3 error on {uri}: {code}: {message}")
     return S3RequestError(f"S3 error on {uri}: {code}: {message}")

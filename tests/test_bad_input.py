@@ -17,6 +17,7 @@ reached the S3 server (usage errors are found before any network).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
@@ -25,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+import botocore.exceptions
 import pytest
-from conftest import Cli, CliResult
+from conftest import Cli, CliResult, checking_server
 
 from devtools.s3server import S3Server
-from s3datafs import config
+from s3datafs import config, s3source
+from s3datafs.errors import AccessDeniedError
 
 pytestmark = pytest.mark.fuse
 
@@ -718,6 +721,92 @@ def test_access_denied(cli: Cli, auth_world: AuthWorld, uri: str, keys: str, fra
         },
     )
     run_case(cli, bad, values={"root": str(cli.root)}, world=None, s3server=None)
+
+
+@dataclass(frozen=True)
+class PolicyWorld:
+    server: S3Server
+    versioned: str  # a versioned bucket holding data/x.bin
+    plain: str  # an unversioned bucket holding data/x.bin
+    env: dict[str, str]  # the reader's keys: GetObject, ListBucket, GetBucketVersioning only
+
+
+@pytest.fixture(scope="module")
+def policy_world() -> Iterator[PolicyWorld]:
+    """A reader with the read-only policy people write by hand (no version permissions), and
+    no ListBucket on the unversioned bucket."""
+    with checking_server() as (server, admin):
+        s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
+        versioned, plain = (f"{kind}-{uuid.uuid4().hex[:12]}" for kind in ("versioned", "plain"))
+        for bucket in (versioned, plain):
+            s3.create_bucket(Bucket=bucket)
+        s3.put_bucket_versioning(Bucket=versioned,
+                                 VersioningConfiguration={"Status": "Enabled"})
+        for bucket in (versioned, plain):
+            s3.put_object(Bucket=bucket, Key="data/x.bin", Body=b"x" * 100)
+        statements = [
+            {"Effect": "Allow", "Action": "s3:GetObject",
+             "Resource": [f"arn:aws:s3:::{versioned}/*", f"arn:aws:s3:::{plain}/*"]},
+            {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetBucketVersioning"],
+             "Resource": f"arn:aws:s3:::{versioned}"},
+        ]
+        iam.create_user(UserName="reader")
+        iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": statements}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        yield PolicyWorld(server, versioned, plain, {
+            "AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]})
+
+
+@pytest.mark.parametrize(
+    ("uri", "fragment"),
+    [
+        pytest.param("s3://{versioned}/data/x.bin", "access denied to s3://{versioned}/data/x.bin "
+                     "(AccessDenied): reading a pinned version needs s3:GetObjectVersion; ",
+                     id="object-version"),
+        pytest.param("s3://{versioned}/data/", "access denied to s3://{versioned}/data/ "
+                     "(AccessDenied): listing a versioned bucket needs s3:ListBucketVersions; ",
+                     id="versions-listing"),
+        pytest.param("s3://{plain}/data/typo.bin", "s3://{plain}/data/typo.bin is no object "
+                     "(check the key), and listing it as a prefix was refused: access denied to "
+                     "s3://{plain}/data/typo.bin/ (AccessDenied): listing needs s3:ListBucket; ",
+                     id="no-object-no-listing"),
+    ],
+)
+def test_access_denied_names_the_permission_missing(
+    cli: Cli, policy_world: PolicyWorld, uri: str, fragment: str
+) -> None:
+    names = {"versioned": policy_world.versioned, "plain": policy_world.plain}
+    bad = Case(("mount", uri.format(**names)), FAILURE, fragment.format(**names), s3=True,
+               env=policy_world.env)
+    run_case(cli, bad, values={"root": str(cli.root)}, world=None, s3server=None)
+
+
+@pytest.mark.parametrize(
+    ("operation", "code", "version_id", "needed"),
+    [
+        ("HeadObject", "403", None, "reading it needs s3:GetObject, and S3 answers 403 for a key "
+         "that does not exist to whom may not list the bucket (s3:ListBucket): check the key; "),
+        ("HeadObject", "403", "v1", "reading a pinned version needs s3:GetObjectVersion, and S3 "
+         "answers 403 for a key"),
+        ("GetObject", "AccessDenied", None, "(AccessDenied): reading it needs s3:GetObject; "),
+        ("ListObjectsV2", "AccessDenied", None, "(AccessDenied): listing needs s3:ListBucket; "),
+        ("GetObject", "InvalidAccessKeyId", None, "(InvalidAccessKeyId): check the credentials"),
+        ("GetObject", "SignatureDoesNotMatch", "v1", "(SignatureDoesNotMatch): check the cred"),
+    ],
+)
+def test_a_denied_request_says_what_it_needed(
+    operation: str, code: str, version_id: str | None, needed: str
+) -> None:
+    """Policies that are missing a permission name it; keys S3 did not accept do not (it is
+    the keys then, not the policy)."""
+    error = botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+        operation)
+    mapped = s3source._map_client_error(error, "s3://b-1/k", version_id)
+    assert isinstance(mapped, AccessDeniedError)
+    assert needed in str(mapped)
 
 
 def test_a_failed_mount_removes_only_the_directories_it_made(tmp_path: Path) -> None:
