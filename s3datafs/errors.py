@@ -51,6 +51,14 @@ class AccessDeniedError(S3DataFSError):
     errno = _errno.EACCES
 
 
+class MissingPermissionError(AccessDeniedError):
+    """The keys were accepted, but their policy does not grant ``permission`` (an IAM action)."""
+
+    def __init__(self, message: str, permission: str) -> None:
+        super().__init__(message)
+        self.permission = permission
+
+
 class PinMismatchError(S3DataFSError):
     """The data in S3 is not the data the user pinned (ETag or version)."""
 

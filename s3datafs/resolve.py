@@ -8,7 +8,8 @@ Rules (issue: core mount):
 - A versioned bucket (versioning Enabled or Suspended) is listed with ListObjectVersions so every
   ref carries its VersionId (``"null"`` for objects written before versioning); an unversioned
   bucket is listed with ListObjectsV2 and pinned by ETag alone. When we may not ask for the
-  bucket's versioning state we fall back to ETag pinning and say so.
+  bucket's versioning state, or may not list its versions, we fall back to ETag pinning and say
+  so.
 - ``as_of`` (epoch seconds) resolves the URI as it was then: the object (or every key under the
   prefix) in the version current at that time, deleted keys absent, later keys absent. It needs
   a versioned bucket and is refused, before any listing, on one that is not (or whose
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from .config import format_time
 from .errors import (
     AccessDeniedError,
+    MissingPermissionError,
     NotFoundError,
     PinMismatchError,
     UnsupportedError,
@@ -83,9 +85,8 @@ def resolve(
             versioned = versioned or ref.version_id is not None
             return Resolution(uri, versioned, uri.parent_prefix(), True, iter([ref]))
     prefix = uri.as_prefix()
-    refs = source.list_latest(uri.bucket, prefix, versioned=versioned)
     try:
-        first = next(refs, None)
+        first, refs, listed_versioned = _first_listed(source, uri, prefix, versioned)
     except AccessDeniedError as exc:
         if uri.is_explicit_prefix:
             raise
@@ -97,7 +98,35 @@ def resolve(
                             "objects; keys are case-sensitive)")
     _refuse_pins_on_prefix(uri, pins)  # only now do we know it is a prefix, not nothing
     _warn_if_versioning_unknown(versioning, uri, None)
-    return Resolution(uri, versioned, prefix, False, itertools.chain([first], refs))
+    if versioned and not listed_versioned:  # said once the mount goes ahead, as above
+        log.warning("may not list the versions of bucket %r (s3:ListBucketVersions is not "
+                    "granted): pinning %s by ETag only", uri.bucket, uri)
+    return Resolution(uri, listed_versioned, prefix, False, itertools.chain([first], refs))
+
+
+def _first_listed(
+    source: ObjectSource, uri: S3Uri, prefix: str, versioned: bool
+) -> tuple[ObjectRef | None, Iterator[ObjectRef], bool]:
+    """The listing's first ref, the listing, and whether its refs carry versions.
+
+    A versioned bucket whose versions we may not list (no s3:ListBucketVersions: a read-only
+    policy written by hand) is listed as an unversioned one and pinned by ETag alone, with a
+    warning, as when its versioning state is denied: If-Match still makes every read the pinned
+    bytes or an error; only an object overwritten after the mount reads ``ESTALE``, not its old
+    version. Its GETs then name no version, so s3:GetObject will do. The caller warns.
+    """
+    try:
+        refs = source.list_latest(uri.bucket, prefix, versioned=versioned)
+        return next(refs, None), refs, versioned
+    except MissingPermissionError as exc:
+        if not versioned or exc.permission != "s3:ListBucketVersions":
+            raise
+        try:
+            refs = source.list_latest(uri.bucket, prefix, versioned=False)
+            first = next(refs, None)
+        except AccessDeniedError:
+            raise exc from None  # neither listing: the versioned one is what this bucket needs
+    return first, refs, False
 
 
 def _resolve_as_of(

@@ -80,6 +80,7 @@ from .credfile import CredentialsFile
 from .errors import (
     AccessDeniedError,
     ConfigError,
+    MissingPermissionError,
     NotFoundError,
     S3DataFSError,
     S3RequestError,
@@ -660,29 +661,32 @@ def _code(exc: botocore.exceptions.ClientError) -> str:
 
 # What a denied request needed granted, by operation; a version's HEAD or GET needs more.
 _PERMISSION_NEEDED = {
-    "ListObjectsV2": "listing needs s3:ListBucket",
-    "ListObjectVersions": "listing a versioned bucket needs s3:ListBucketVersions",
-    "HeadObject": "reading it needs s3:GetObject",
-    "GetObject": "reading it needs s3:GetObject",
+    "ListObjectsV2": ("listing needs", "s3:ListBucket"),
+    "ListObjectVersions": ("listing a versioned bucket needs", "s3:ListBucketVersions"),
+    "HeadObject": ("reading it needs", "s3:GetObject"),
+    "GetObject": ("reading it needs", "s3:GetObject"),
 }
-_VERSION_PERMISSION = "reading a pinned version needs s3:GetObjectVersion"
+_VERSION_PERMISSION = ("reading a pinned version needs", "s3:GetObjectVersion")
 # Only a policy can cure these: the keys themselves were accepted.
 _POLICY_DENIED = {"AccessDenied", "403"}
+_CHECK_KEYS = ("check the credentials and their policy, --profile or --credentials-file; a "
+               "public bucket needs --no-sign-request, a Requester Pays one --requester-pays")
 
 
-def _denied(code: str, operation: str | None, uri: str, version_id: str | None) -> str:
-    """The line for a request S3 refused: what it needed, and where to look."""
-    needed = ""
-    if code in _POLICY_DENIED and operation in _PERMISSION_NEEDED:
-        reads = operation in ("HeadObject", "GetObject")
-        needed = _VERSION_PERMISSION if reads and version_id else _PERMISSION_NEEDED[operation]
-        if operation == "HeadObject" and code == "403":  # a HEAD's 403 has no body to say more
-            needed += (", and S3 answers 403 for a key that does not exist to whom may not "
-                       "list the bucket (s3:ListBucket): check the key")
-        needed += "; "
-    return (f"access denied to {uri} ({code}): {needed}check the credentials and their policy, "
-            f"--profile or --credentials-file; a public bucket needs --no-sign-request, a "
-            f"Requester Pays one --requester-pays")
+def _denied(code: str, operation: str | None, uri: str, version_id: str | None
+            ) -> AccessDeniedError:
+    """The error for a request S3 refused: what it needed, and where to look."""
+    if code not in _POLICY_DENIED or operation not in _PERMISSION_NEEDED:
+        return AccessDeniedError(f"access denied to {uri} ({code}): {_CHECK_KEYS}")
+    reads = operation in ("HeadObject", "GetObject")
+    what, permission = (_VERSION_PERMISSION if reads and version_id
+                        else _PERMISSION_NEEDED[operation])
+    hint = ""
+    if operation == "HeadObject" and code == "403":  # a HEAD's 403 has no body to say more
+        hint = (", and S3 answers 403 for a key that does not exist to whom may not list the "
+                "bucket (s3:ListBucket): check the key")
+    return MissingPermissionError(
+        f"access denied to {uri} ({code}): {what} {permission}{hint}; {_CHECK_KEYS}", permission)
 
 
 def _map_client_error(
@@ -704,7 +708,7 @@ def _map_client_error(
             f"bucket {bucket!r} does not exist: check the name, --endpoint-url and --region"
         )
     if code in _ACCESS_DENIED:
-        return AccessDeniedError(_denied(code, exc.operation_name, uri, version_id))
+        return _denied(code, exc.operation_name, uri, version_id)
     if transient:
         return TransientS3Error(f"S3 error on {uri}: {code}: {message}")
     return S3RequestError(f"S3 error on {uri}: {code}: {message}")

@@ -726,35 +726,38 @@ def test_access_denied(cli: Cli, auth_world: AuthWorld, uri: str, keys: str, fra
 @dataclass(frozen=True)
 class PolicyWorld:
     server: S3Server
-    versioned: str  # a versioned bucket holding data/x.bin
-    plain: str  # an unversioned bucket holding data/x.bin
-    env: dict[str, str]  # the reader's keys: GetObject, ListBucket, GetBucketVersioning only
+    versioned: str  # a versioned bucket holding data/x.bin; ListBucket, GetBucketVersioning
+    unlisted: str  # a versioned bucket holding data/x.bin; GetBucketVersioning, no listing
+    plain: str  # an unversioned bucket holding data/x.bin; no listing
+    env: dict[str, str]  # the reader's keys: GetObject everywhere, and the above
 
 
 @pytest.fixture(scope="module")
 def policy_world() -> Iterator[PolicyWorld]:
-    """A reader with the read-only policy people write by hand (no version permissions), and
-    no ListBucket on the unversioned bucket."""
+    """A reader with the read-only policies people write by hand (no version permissions)."""
     with checking_server() as (server, admin):
         s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
-        versioned, plain = (f"{kind}-{uuid.uuid4().hex[:12]}" for kind in ("versioned", "plain"))
-        for bucket in (versioned, plain):
+        versioned, unlisted, plain = (
+            f"{kind}-{uuid.uuid4().hex[:12]}" for kind in ("versioned", "unlisted", "plain"))
+        for bucket in (versioned, unlisted, plain):
             s3.create_bucket(Bucket=bucket)
-        s3.put_bucket_versioning(Bucket=versioned,
-                                 VersioningConfiguration={"Status": "Enabled"})
-        for bucket in (versioned, plain):
+            if bucket != plain:
+                s3.put_bucket_versioning(Bucket=bucket,
+                                         VersioningConfiguration={"Status": "Enabled"})
             s3.put_object(Bucket=bucket, Key="data/x.bin", Body=b"x" * 100)
         statements = [
             {"Effect": "Allow", "Action": "s3:GetObject",
-             "Resource": [f"arn:aws:s3:::{versioned}/*", f"arn:aws:s3:::{plain}/*"]},
+             "Resource": [f"arn:aws:s3:::{bucket}/*" for bucket in (versioned, unlisted, plain)]},
             {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetBucketVersioning"],
              "Resource": f"arn:aws:s3:::{versioned}"},
+            {"Effect": "Allow", "Action": "s3:GetBucketVersioning",
+             "Resource": f"arn:aws:s3:::{unlisted}"},
         ]
         iam.create_user(UserName="reader")
         iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps(
             {"Version": "2012-10-17", "Statement": statements}))
         key = iam.create_access_key(UserName="reader")["AccessKey"]
-        yield PolicyWorld(server, versioned, plain, {
+        yield PolicyWorld(server, versioned, unlisted, plain, {
             "AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
             "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]})
 
@@ -765,9 +768,9 @@ def policy_world() -> Iterator[PolicyWorld]:
         pytest.param("s3://{versioned}/data/x.bin", "access denied to s3://{versioned}/data/x.bin "
                      "(AccessDenied): reading a pinned version needs s3:GetObjectVersion; ",
                      id="object-version"),
-        pytest.param("s3://{versioned}/data/", "access denied to s3://{versioned}/data/ "
+        pytest.param("s3://{unlisted}/data/", "access denied to s3://{unlisted}/data/ "
                      "(AccessDenied): listing a versioned bucket needs s3:ListBucketVersions; ",
-                     id="versions-listing"),
+                     id="no-listing"),
         pytest.param("s3://{plain}/data/typo.bin", "s3://{plain}/data/typo.bin is no object "
                      "(check the key), and listing it as a prefix was refused: access denied to "
                      "s3://{plain}/data/typo.bin/ (AccessDenied): listing needs s3:ListBucket; ",
@@ -777,10 +780,29 @@ def policy_world() -> Iterator[PolicyWorld]:
 def test_access_denied_names_the_permission_missing(
     cli: Cli, policy_world: PolicyWorld, uri: str, fragment: str
 ) -> None:
-    names = {"versioned": policy_world.versioned, "plain": policy_world.plain}
+    names = {"versioned": policy_world.versioned, "unlisted": policy_world.unlisted,
+             "plain": policy_world.plain}
     bad = Case(("mount", uri.format(**names)), FAILURE, fragment.format(**names), s3=True,
                env=policy_world.env)
     run_case(cli, bad, values={"root": str(cli.root)}, world=None, s3server=None)
+
+
+def test_a_versioned_prefix_without_version_listing_mounts_pinned_by_etag(
+    cli: Cli, policy_world: PolicyWorld
+) -> None:
+    """s3:GetObject and s3:ListBucket are enough for a prefix: its GETs then name no version."""
+    env = {**cli.env, **policy_world.env}
+    result = cli.run("mount", f"s3://{policy_world.versioned}/data/", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (f"s3datafs: WARNING: may not list the versions of bucket "
+                             f"'{policy_world.versioned}' (s3:ListBucketVersions is not granted): "
+                             f"pinning s3://{policy_world.versioned}/data/ by ETag only\n")
+    cli.expect_log("may not list the versions of bucket")
+    mountpoint = Path(result.stdout.rsplit(" at ", 1)[1].split(" (", 1)[0])
+    try:
+        assert (mountpoint / "x.bin").read_bytes() == b"x" * 100
+    finally:
+        assert cli.run("unmount", str(mountpoint), env=env).returncode == 0
 
 
 @pytest.mark.parametrize(

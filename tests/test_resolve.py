@@ -12,7 +12,7 @@ import logging
 import pytest
 from fakes import FakeSource
 
-from s3datafs.errors import NotFoundError, PinMismatchError, UsageError
+from s3datafs.errors import MissingPermissionError, NotFoundError, PinMismatchError, UsageError
 from s3datafs.model import ObjectRef
 from s3datafs.resolve import Pins, Resolution, resolve
 from s3datafs.uri import parse_s3_uri
@@ -352,6 +352,45 @@ def test_denied_versioning_state_on_a_single_object(
         assert refs[0].version_id is None
         assert len(warnings) == 1
         assert "ETag only" in warnings[0]
+
+
+def versions_denied(permission: str = "s3:ListBucketVersions") -> MissingPermissionError:
+    return MissingPermissionError(f"access denied: listing needs {permission}", permission)
+
+
+def test_versions_we_may_not_list_fall_back_to_etag_pinning_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A read-only policy without s3:ListBucketVersions: pinned by ETag, as when the bucket's
+    versioning state is denied, rather than no mount at all."""
+    source = make_source(versioned=True)
+    source.put(BUCKET, "p/a", b"x")
+    source.fail_next(1, versions_denied(), "list_latest")
+    with caplog.at_level(logging.WARNING, logger="s3datafs.resolve"):
+        resolution, refs = run(source, "s3://bkt/p/")
+    assert not resolution.versioned
+    assert [ref.version_id for ref in refs] == [None]
+    assert source.get_range(refs[0], 0, 1) == b"x"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["may not list the versions of bucket 'bkt' (s3:ListBucketVersions is not "
+                        "granted): pinning s3://bkt/p/ by ETag only"]
+
+
+@pytest.mark.parametrize("case", ["neither-listing", "other-permission", "unversioned"])
+def test_a_denied_listing_with_no_fallback_raises_the_first_error(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = make_source(versioned=case != "unversioned")
+    source.put(BUCKET, "p/a", b"x")
+    first = versions_denied("s3:ListBucket" if case == "other-permission" else
+                            "s3:ListBucketVersions")
+    source.fail_next(1, first, "list_latest")
+    if case == "neither-listing":
+        source.fail_next(1, versions_denied("s3:ListBucket"), "list_latest")
+    with pytest.raises(MissingPermissionError) as raised:
+        run(source, "s3://bkt/p/")
+    assert raised.value is first
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_a_missing_bucket_is_not_found() -> None:
