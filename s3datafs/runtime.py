@@ -37,6 +37,12 @@ class MountEntry:
     source: str
     device: str = ""  # "major:minor", as the kernel names the mount's backing device
     options: frozenset[str] = frozenset()  # per-mount options: ro, nosuid, noexec, ...
+    mounted_by: int | None = None  # a FUSE mount's user_id: the uid that mounted it
+
+    def is_another_users(self) -> bool:
+        """Whether another user than this one mounted it: without ``allow_other`` only that
+        user may look into it (root neither), and only they or root may unmount it."""
+        return self.mounted_by not in (None, os.getuid())
 
 
 def mount_table() -> list[MountEntry]:
@@ -46,6 +52,7 @@ def mount_table() -> list[MountEntry]:
         for line in table:
             fields = line.split()
             separator = fields.index("-")
+            super_options = fields[separator + 3].split(",") if len(fields) > separator + 3 else []
             entries.append(
                 MountEntry(
                     mountpoint=_unescape(fields[4]),
@@ -53,9 +60,19 @@ def mount_table() -> list[MountEntry]:
                     source=_unescape(fields[separator + 2]),
                     device=fields[2],
                     options=frozenset(fields[5].split(",")),
+                    mounted_by=_user_id(super_options),
                 )
             )
     return entries
+
+
+def _user_id(super_options: list[str]) -> int | None:
+    """The ``user_id=N`` of a FUSE mount's options (the kernel shows it for every one)."""
+    for option in super_options:
+        name, _, value = option.partition("=")
+        if name == "user_id" and value.isascii() and value.isdigit():
+            return int(value)
+    return None
 
 
 def our_mounts() -> list[MountEntry]:

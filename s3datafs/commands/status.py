@@ -19,21 +19,26 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def _state_of(mountpoint: str, state: dict | None, pid: object) -> str:
+def _state_of(entry: runtime.MountEntry, state: dict | None, pid: object) -> str:
     """"mounted", "dead: ...", "not answering": a state file's daemon that is gone is dead;
     otherwise the mount itself is asked, with statfs (``config.statfs_errno``: not stat, which
     the kernel may answer from its cache after the daemon died; bounded in time, so a daemon
     that is stopped or stuck cannot hang status). Without a state file here, the mount is
-    another user's or another runtime directory's."""
+    another user's or another runtime directory's. One in a directory this user may not enter
+    (another user's 0700 temporary directory) cannot be asked: whose it is is said, not
+    "Permission denied" (the kernel answers statfs itself, with success, for anyone but the
+    user of a FUSE mount without ``allow_other``)."""
     if state is not None and not runtime.pid_alive(pid):
         return "dead: run s3datafs unmount"
-    code = statfs_errno(mountpoint)
+    code = statfs_errno(entry.mountpoint)
     if code is None:
         return f"not answering (for {MOUNT_ANSWER_SECONDS:g} s)"
     if code == 0:
         return "mounted" if state is not None else "mounted (not by this user or runtime directory)"
     if code == errno.ENOTCONN:
         return "dead: run s3datafs unmount"
+    if code == errno.EACCES and entry.is_another_users():
+        return f"mounted by uid {entry.mounted_by}, where you may not look"
     return f"unknown: {os.strerror(code)}"
 
 
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                 "fingerprint": (state or {}).get("fingerprint"),
                 "stats": (state or {}).get("stats", {}),
                 "pid": pid,
-                "state": _state_of(entry.mountpoint, state, pid),
+                "state": _state_of(entry, state, pid),
             }
         )
     if args.json:

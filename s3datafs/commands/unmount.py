@@ -84,6 +84,9 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool, only_dead: bool = 
             raise ConfigError(f"a {entry.fstype} file system is mounted over the s3datafs mount "
                               f"at {mountpoint}: unmount it first")
         raise ConfigError(f"{mountpoint} is not an s3datafs mount (it is {entry.fstype})")
+    if entry.is_another_users() and os.geteuid() != 0:  # fusermount3: "not found in /etc/mtab"
+        raise ConfigError(f"{mountpoint} was mounted by uid {entry.mounted_by}: only that user "
+                          "or root may unmount it")
     if only_dead and not is_dead_mount(mountpoint):
         print(f"s3datafs: {mountpoint} is served by a live daemon: left as it is")
         return

@@ -1,0 +1,253 @@
+"""A developer's own mounts, made by hand by an ordinary user: the paths under ``$HOME``,
+fusermount3, ``/etc/fuse.conf``, and what another user is told.
+
+Every other test mounts as root. Here the real command runs as uid 1000 (and as ``nobody``, a
+second user) through ``runuser``, with a clean environment, keys in ``~/.aws/credentials`` and
+a Python that user may run: the one running the tests, or, where that one lies below a
+directory closed to others (pyenv under ``/root``), the system's of the same version, given
+the tests' site-packages. A machine without udev leaves ``/dev/fuse`` 0600, which no user may
+open (libfuse opens it before it turns to fusermount3); udev makes it 0666 on a dev box, and so
+does this module while it runs, restoring the mode after. Every mount is taken off in a
+``finally`` (as root, ``fusermount3 -u -z`` unmounts a user's mount).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from s3datafs.runtime import mount_table, pid_alive
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+DEVELOPER_UID = 1000
+NOBODY_UID = 65534
+FUSE_DEVICE = Path("/dev/fuse")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None,
+                                reason="needs root and runuser to run commands as other users")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        pytest.skip(f"no user with uid {uid} on this machine")
+
+
+@dataclass
+class User:
+    """Runs commands as one user, in a clean environment of this test's."""
+
+    name: str
+    uid: int
+    python: str
+    env: dict[str, str]
+
+    def run(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        variables = [f"{name}={value}" for name, value in self.env.items()]
+        return subprocess.run(
+            ["runuser", "-u", self.name, "--", "env", "-i", *variables, *argv],
+            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            check=False, cwd="/",
+        )
+
+    def s3datafs(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(self.python, "-m", "s3datafs", *args)
+
+    def python_code(self, code: str, *args: str) -> str:
+        result = self.run(self.python, "-c", code, *args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+
+def _search_path() -> str:
+    """This checkout first, then the packages of the Python running the tests."""
+    paths = sysconfig.get_paths()
+    return os.pathsep.join(dict.fromkeys([str(CHECKOUT), paths["purelib"], paths["platlib"]]))
+
+
+_PYTHONS: dict[str, str | None] = {}
+
+
+def _python_for(name: str) -> str | None:
+    """A Python of this version that user ``name`` may run and that imports s3datafs, pyfuse3
+    and boto3 from the test's packages; None if there is none."""
+    if name in _PYTHONS:
+        return _PYTHONS[name]
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    check = f"import sys, s3datafs, pyfuse3, boto3; assert sys.version.startswith('{version}.')"
+    _PYTHONS[name] = None
+    for candidate in (sys.executable, f"/usr/bin/python{version}", "/usr/local/bin/python3"):
+        if not os.path.exists(candidate):
+            continue
+        tried = subprocess.run(
+            ["runuser", "-u", name, "--", "env", "-i", f"PYTHONPATH={_search_path()}",
+             candidate, "-c", check], capture_output=True, timeout=60, check=False, cwd="/")
+        if tried.returncode == 0:
+            _PYTHONS[name] = candidate
+            break
+    return _PYTHONS[name]
+
+
+@pytest.fixture(scope="module")
+def fuse_for_users() -> Iterator[None]:
+    """``/dev/fuse`` open to every user, as udev makes it, for this module's tests."""
+    mode = stat.S_IMODE(FUSE_DEVICE.stat().st_mode)
+    try:
+        if mode & 0o666 != 0o666:
+            FUSE_DEVICE.chmod(mode | 0o666)
+        yield
+    finally:
+        FUSE_DEVICE.chmod(mode)
+
+
+@pytest.fixture
+def place() -> Iterator[Path]:
+    """A directory in ``/tmp`` (pytest's own is closed to other users); on the way out nothing
+    below it is left mounted, running or on disk."""
+    base = Path(tempfile.mkdtemp(prefix="s3datafs-nonroot-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        below = str(base) + "/"
+        for entry in reversed(mount_table()):
+            if entry.mountpoint.startswith(below):
+                subprocess.run(["fusermount3", "-u", "-z", entry.mountpoint], check=False)
+        for state in base.glob("*/run/s3datafs/*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                os.kill(int(json.loads(state.read_text())["pid"]), signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _user(uid: int, place: Path, endpoint: str) -> User:
+    """User ``uid`` with a home of its own below ``place`` (0700, as homes are made), keys in
+    ``~/.aws/credentials`` (0600) and ``XDG_RUNTIME_DIR`` there too, as a login gives one."""
+    name = _user_name(uid)
+    python = _python_for(name)
+    if python is None:
+        pytest.skip(f"no Python {sys.version_info.major}.{sys.version_info.minor} that user "
+                    f"{name} may run")
+    home = place / name
+    (home / ".aws").mkdir(parents=True)
+    (home / "run").mkdir()
+    credentials = home / ".aws" / "credentials"
+    credentials.write_text("[default]\naws_access_key_id = testing\n"
+                           "aws_secret_access_key = testing\n")
+    credentials.chmod(0o600)
+    for path in (home, home / ".aws", home / "run"):
+        path.chmod(0o700)
+    for path in (home, *home.rglob("*")):
+        os.chown(path, uid, uid if uid != NOBODY_UID else pwd.getpwuid(uid).pw_gid)
+    env = {
+        "HOME": str(home), "USER": name, "LOGNAME": name, "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PYTHONPATH": _search_path(), "XDG_RUNTIME_DIR": str(home / "run"),
+        "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    return User(name, uid, python, env)
+
+
+@pytest.fixture
+def developer(fuse_for_users: None, place: Path, s3server) -> User:
+    return _user(DEVELOPER_UID, place, s3server.endpoint)
+
+
+@pytest.fixture
+def nobody(fuse_for_users: None, place: Path, s3server) -> User:
+    return _user(NOBODY_UID, place, s3server.endpoint)
+
+
+def _bucket_with(s3, make_bucket, objects: dict[str, bytes]) -> str:
+    bucket = make_bucket()
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    return bucket
+
+
+READ_FILES = """
+import hashlib, json, os, sys
+root = sys.argv[1]
+found = {}
+for folder, _dirs, files in os.walk(root):
+    for name in files:
+        path = os.path.join(folder, name)
+        info = os.stat(path)
+        with open(path, "rb") as file:
+            digest = hashlib.sha256(file.read()).hexdigest()
+        found[os.path.relpath(path, root)] = [digest, info.st_uid, oct(info.st_mode & 0o7777)]
+print(json.dumps(found))
+"""
+
+
+def test_a_user_mounts_reads_and_unmounts_leaving_nothing(s3, make_bucket, developer) -> None:
+    """The README's by-hand flow as an ordinary user: the defaults land under ``$HOME`` and
+    ``XDG_RUNTIME_DIR``, private; the files are the user's and hold the bytes; status knows the
+    mount; unmount leaves no mount, daemon, mount point, state or lock behind."""
+    objects = {"train/a.bin": os.urandom(200_000), "train/b.bin": b"b" * 70_000,
+               "train/sub/c.txt": b"hello\n"}
+    bucket = _bucket_with(s3, make_bucket, objects)
+    home = Path(developer.env["HOME"])
+    mounted = developer.s3datafs("mount", f"s3://{bucket}/train/", "--data-root",
+                                 str(home / "data"))
+    assert mounted.returncode == 0, mounted.stderr
+    mountpoint = home / "data" / "train"
+    entry = next(e for e in mount_table() if e.mountpoint == str(mountpoint))
+    assert entry.mounted_by == DEVELOPER_UID
+
+    seen = json.loads(developer.python_code(READ_FILES, str(mountpoint)))
+    assert seen == {key.removeprefix("train/"): [hashlib.sha256(body).hexdigest(), DEVELOPER_UID,
+                                                 "0o444"] for key, body in objects.items()}
+    rows = json.loads(developer.s3datafs("status", "--json").stdout)
+    (row,) = [row for row in rows if row["mountpoint"] == str(mountpoint)]
+    assert (row["state"], row["object_count"]) == ("mounted", 3)
+
+    unmounted = developer.s3datafs("unmount", str(mountpoint))
+    assert unmounted.returncode == 0, unmounted.stderr
+    assert all(e.mountpoint != str(mountpoint) for e in mount_table())
+    assert not pid_alive(row["pid"])
+    assert not mountpoint.exists()
+    assert list((home / "run" / "s3datafs").iterdir()) == []
+    cache, log = home / ".cache" / "s3datafs", home / ".local" / "state" / "s3datafs" / "train.log"
+    for path, mode in ((cache, 0o700), (log, 0o600)):
+        info = path.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (DEVELOPER_UID, mode), path
+    logged = log.read_text()
+    assert " WARNING " not in logged
+    assert " ERROR " not in logged
+
+
+def test_another_user_is_told_whose_mount_it_is(s3, make_bucket, developer, nobody) -> None:
+    """A second user's ``status`` and ``unmount`` of the first one's mount: status said
+    "unknown: Permission denied" of a mount in a directory closed to them, and unmount passed
+    on fusermount3's "entry for ... not found in /etc/mtab"."""
+    bucket = _bucket_with(s3, make_bucket, {"train/a.bin": b"a" * 1000})
+    data_root = Path(developer.env["HOME"]) / "data"  # in a home of 0700
+    assert developer.s3datafs("mount", f"s3://{bucket}/train/", "--data-root",
+                              str(data_root)).returncode == 0
+    mountpoint = str(data_root / "train")
+    rows = json.loads(nobody.s3datafs("status", "--json").stdout)
+    (row,) = [row for row in rows if row["mountpoint"] == mountpoint]
+    assert row["state"] == f"mounted by uid {DEVELOPER_UID}, where you may not look"
+
+    refused = nobody.s3datafs("unmount", mountpoint)
+    assert (refused.returncode, refused.stderr) == (1, (
+        f"s3datafs: {mountpoint} was mounted by uid {DEVELOPER_UID}: only that user or root "
+        "may unmount it\n"))
+    assert any(e.mountpoint == mountpoint for e in mount_table())
+    assert developer.s3datafs("unmount", mountpoint).returncode == 0
