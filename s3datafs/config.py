@@ -250,7 +250,25 @@ def prepare_mountpoint(path: Path) -> Path | None:
         raise ConfigError(f"{path} is already a mount point: unmount it or choose another")
     if any(os.scandir(path)):
         raise ConfigError(f"mount point {path} is not empty: choose an empty directory")
+    _check_fusermount_allows(path, info)
     return None
+
+
+def _check_fusermount_allows(path: Path, info: os.stat_result) -> None:
+    """Refuse, before S3 is asked anything, a mount point that fusermount3 (which mounts for
+    every user but root) would refuse once the dataset is pinned: one the user may not write,
+    or a sticky one of another user's (its ``check_perm``, on the real uid). Its own words,
+    "user has no write access to mountpoint", read as a FUSE install problem."""
+    if _is_root():
+        return
+    remedy = "choose a directory of your own with --data-root or a MOUNTPOINT argument"
+    if info.st_mode & stat.S_ISVTX and info.st_uid != os.getuid():
+        raise ConfigError(f"cannot mount on {path}: it is sticky and belongs to uid "
+                          f"{info.st_uid}, and fusermount3 mounts a user's FUSE file system "
+                          f"only on a sticky directory of their own: {remedy}")
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"cannot mount on {path}: this user may not write it, and fusermount3 "
+                          f"mounts a user's FUSE file system only where they may: {remedy}")
 
 
 MOUNT_ANSWER_SECONDS = 2.0  # how long a mount may take to answer statfs before it "hangs"

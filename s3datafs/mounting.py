@@ -175,6 +175,10 @@ _FUSE_REMEDIES = (
     ("user_allow_other", "add user_allow_other to /etc/fuse.conf, or mount without --allow-other"),
     ("failed to open /dev/fuse: Permission denied",
      "this user may not open /dev/fuse: mount as root, or give the user access to the device"),
+    ("no write access to mountpoint",
+     "a user's mount point must be a directory that user may write: choose one of your own"),
+    ("not owned by user",
+     "a user's mount point, if sticky, must be their own: choose a directory of your own"),
     ("fusermount3: mount failed: Operation not permitted",
      "fusermount3 must be setuid root for a mount by another user than root (as Debian's fuse3 "
      "installs it), or mount as root"),

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from s3datafs import mounting
 from s3datafs.runtime import mount_table, pid_alive
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -173,6 +174,12 @@ def nobody(fuse_for_users: None, place: Path, s3server) -> User:
     return _user(NOBODY_UID, place, s3server.endpoint)
 
 
+def _requests_to(s3server, bucket: str) -> list[dict]:
+    """What was asked of ``bucket`` besides the test's own making of it."""
+    return [r for r in s3server.stats()["requests"]
+            if r["bucket"] == bucket and r["op"] not in ("CreateBucket", "PutObject")]
+
+
 def _bucket_with(s3, make_bucket, objects: dict[str, bytes]) -> str:
     bucket = make_bucket()
     for key, body in objects.items():
@@ -251,3 +258,35 @@ def test_another_user_is_told_whose_mount_it_is(s3, make_bucket, developer, nobo
         "may unmount it\n"))
     assert any(e.mountpoint == mountpoint for e in mount_table())
     assert developer.s3datafs("unmount", mountpoint).returncode == 0
+
+def test_a_mount_point_the_user_may_not_write_is_refused_before_s3_is_asked(
+    s3, make_bucket, s3server, developer, place: Path
+) -> None:
+    """fusermount3 mounts a user's file system only on a directory the user may write; it said
+    so after the whole dataset was pinned, and was answered "install fuse3"."""
+    bucket = _bucket_with(s3, make_bucket, {"train/a.bin": b"a"})
+    closed, sticky = place / "closed", place / "sticky"
+    closed.mkdir(mode=0o755)  # root's, as /mnt or /data are
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # root's and sticky, as /tmp is: writable, and yet refused
+    for mountpoint in (closed, sticky):
+        result = developer.s3datafs("mount", f"s3://{bucket}/train/", str(mountpoint))
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"s3datafs: cannot mount on {mountpoint}: ")
+        assert "choose a directory of your own" in result.stderr
+    assert "may not write it" in developer.s3datafs(
+        "mount", f"s3://{bucket}/train/", str(closed)).stderr
+    assert _requests_to(s3server, bucket) == []
+    assert all(not e.mountpoint.startswith(str(place) + "/") for e in mount_table())
+
+
+@pytest.mark.parametrize(
+    ("fusermount_said", "remedy"),
+    [("fusermount3: user has no write access to mountpoint /mnt/x", "choose one of your own"),
+     ("fusermount3: mountpoint /tmp/x not owned by user", "choose a directory of your own")],
+)
+def test_fusermounts_refusal_of_a_mount_point_names_the_remedy(
+    fusermount_said: str, remedy: str
+) -> None:
+    """Should a mount point change between the check and the mount: not "install fuse3"."""
+    assert remedy in mounting.fuse_remedy(fusermount_said)
