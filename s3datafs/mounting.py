@@ -59,6 +59,7 @@ def mount_dataset(
     ``created``: the highest directory made for the mount point, recorded in the state file so
     that ``unmount`` of a mount whose daemon was killed removes it as the daemon would have."""
     _check_fuse_device()  # before S3 is asked anything: a container without FUSE fails at once
+    _check_allow_other(plan.allow_other)  # and a user's --allow-other that fusermount3 refuses
     _limit_malloc_arenas()
     _name_process(plan.name)
     serving = _Loading(_SERVING)  # after the two above: its thread inherits what they set
@@ -168,6 +169,7 @@ def _sweep_dead_catalogs(directory: Path) -> None:
 
 
 _FUSE_DEVICE = "/dev/fuse"
+_FUSE_CONF = "/etc/fuse.conf"  # where fusermount3 looks (Debian's, and libfuse's default)
 _FUSE_HELP = ("FUSE must be usable here: install fuse3 (Debian: apt-get install fuse3), and run a "
               "container with --device /dev/fuse --cap-add SYS_ADMIN")
 # libfuse's reasons that no install or container flag mends: what does, instead.
@@ -201,6 +203,24 @@ def _check_fuse_device() -> None:
         os.close(fd)
     if not is_device:
         raise ConfigError(f"cannot open {_FUSE_DEVICE} (not a device): {_FUSE_HELP}")
+
+
+def _check_allow_other(allow_other: bool) -> None:
+    """Refuse a user's ``--allow-other`` that fusermount3 would refuse, but only after the
+    dataset is pinned (minutes for a million keys): it wants a line ``user_allow_other`` in
+    ``/etc/fuse.conf``. Read as fusermount3 reads it, as the user (a file they may not read
+    allows nothing), line by line up to the last newline, less a ``#`` comment and blanks."""
+    if not allow_other or os.geteuid() == 0:
+        return
+    try:
+        with open(_FUSE_CONF, encoding="utf-8", errors="replace") as conf:
+            lines = conf.read().split("\n")[:-1]
+    except OSError:
+        lines = []
+    if not any(line.partition("#")[0].strip() == "user_allow_other" for line in lines):
+        raise ConfigError(f"cannot mount with --allow-other: {_FUSE_CONF} has no line "
+                          "user_allow_other, without which only root may: "
+                          f"{fuse_remedy('user_allow_other')}")
 
 
 @contextlib.contextmanager

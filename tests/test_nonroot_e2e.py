@@ -38,6 +38,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 DEVELOPER_UID = 1000
 NOBODY_UID = 65534
 FUSE_DEVICE = Path("/dev/fuse")
+FUSE_CONF = Path("/etc/fuse.conf")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None,
                                 reason="needs root and runuser to run commands as other users")
@@ -290,3 +291,38 @@ def test_fusermounts_refusal_of_a_mount_point_names_the_remedy(
 ) -> None:
     """Should a mount point change between the check and the mount: not "install fuse3"."""
     assert remedy in mounting.fuse_remedy(fusermount_said)
+
+def test_allow_other_needs_user_allow_other_said_before_s3_is_asked(
+    s3, make_bucket, s3server, developer, nobody
+) -> None:
+    """Without ``user_allow_other`` in /etc/fuse.conf a user's ``--allow-other`` is refused at
+    once (fusermount3 refused it only once the dataset was pinned: minutes for a big prefix);
+    with it, another user reads the mount."""
+    body = os.urandom(50_000)
+    bucket = _bucket_with(s3, make_bucket, {"shared/x.bin": body})
+    uri, data_root = f"s3://{bucket}/shared/", str(Path(developer.env["HOME"]) / "data")
+    original = FUSE_CONF.read_bytes() if FUSE_CONF.exists() else None
+    without = b"".join(line for line in (original or b"").splitlines(keepends=True)
+                       if line.split(b"#")[0].strip() != b"user_allow_other")
+    try:
+        FUSE_CONF.write_bytes(without + b"# user_allow_other\nuser_allow_other")  # no newline
+        refused = developer.s3datafs("mount", uri, "--data-root", data_root, "--allow-other")
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "s3datafs: cannot mount with --allow-other: /etc/fuse.conf has no line "
+            "user_allow_other, without which only root may: add user_allow_other to "
+            "/etc/fuse.conf, or mount without --allow-other\n")
+        assert _requests_to(s3server, bucket) == []
+
+        FUSE_CONF.write_bytes(without + b"  user_allow_other  # for s3datafs\n")
+        Path(developer.env["HOME"]).chmod(0o755)  # the other user must reach the mount point
+        mounted = developer.s3datafs("mount", uri, "--data-root", data_root, "--allow-other")
+        assert mounted.returncode == 0, mounted.stderr
+        seen = json.loads(nobody.python_code(READ_FILES, f"{data_root}/shared"))
+        assert seen == {"x.bin": [hashlib.sha256(body).hexdigest(), DEVELOPER_UID, "0o444"]}
+        assert developer.s3datafs("unmount", f"{data_root}/shared").returncode == 0
+    finally:
+        if original is None:
+            FUSE_CONF.unlink(missing_ok=True)
+        else:
+            FUSE_CONF.write_bytes(original)
