@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import progress
 from .catalog import CatalogMeta, CatalogSummary, build_catalog
-from .errors import NotFoundError, PinMismatchError, UsageError
+from .errors import MissingPermissionError, NotFoundError, PinMismatchError, UsageError
 from .fingerprint import is_fingerprint
 from .keptcatalogs import KeptCatalogs, snapshot_identity
 from .model import ObjectRef, ObjectSource
@@ -108,7 +108,7 @@ def check_still_there(source: ObjectSource, ref: ObjectRef, snapshot: Path) -> N
     """The one HEAD of a snapshot mount: the first pinned file must still be readable as pinned."""
     what = f"version {ref.version_id} of {ref.uri}" if ref.version_id else ref.uri
     try:
-        found = source.head(ref.bucket, ref.key, ref.version_id)
+        found = _head_pinned(source, ref)
     except NotFoundError:
         raise NotFoundError(
             f"snapshot {snapshot} pins {what}, which is gone from S3: the data it recorded "
@@ -119,6 +119,21 @@ def check_still_there(source: ObjectSource, ref: ObjectRef, snapshot: Path) -> N
             f"snapshot {snapshot} pins {what} with ETag {ref.etag} and {ref.size} bytes, but S3 "
             f"has ETag {found.etag} and {found.size} bytes: the object changed since"
         )
+
+
+def _head_pinned(source: ObjectSource, ref: ObjectRef) -> ObjectRef:
+    """The HEAD of ``ref``'s version; of the current object where versions may not be read
+    (no s3:GetObjectVersion: reads then go by ETag alone, see ``s3source``), which is the
+    pinned one if its ETag and size are."""
+    try:
+        return source.head(ref.bucket, ref.key, ref.version_id)
+    except MissingPermissionError as exc:
+        if ref.version_id is None or exc.permission != "s3:GetObjectVersion":
+            raise
+    log.warning("may not read object versions in bucket %r (s3:GetObjectVersion is not "
+                "granted): checking the current object against the snapshot's ETag and size",
+                ref.bucket)
+    return source.head(ref.bucket, ref.key)
 
 
 def parse_expected(text: str | None) -> str | None:

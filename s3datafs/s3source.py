@@ -6,7 +6,12 @@ Design:
   ``S3Settings.max_connections`` and callers bound their own concurrency to that number.
 - Every GET is pinned: ``Range`` always, ``VersionId`` when the object has one, ``IfMatch`` with the
   pinned ETag always. A 412, a vanished version or a vanished key is a ``StaleObjectError``: the
-  pinned bytes no longer exist, and no other bytes are ever returned in their place.
+  pinned bytes no longer exist, and no other bytes are ever returned in their place. A GET that
+  names a version needs s3:GetObjectVersion, which read-only policies written by hand often
+  lack: once one is refused for it (``MissingPermissionError``) and the same GET without the
+  version succeeds, the bucket's objects are read by ETag alone, with one warning; ``IfMatch``
+  still makes that the pinned bytes or an error, and only an overwritten object is lost.
+- A refused request's error names the permission it needed (``_denied``).
 - The body is read inside the retried call and checked: its length and ``Content-Range`` must be
   exactly what was asked, otherwise it is treated like a dropped connection (retried, never
   served). Transient failures (connection refused/reset, timeouts, truncated bodies, 5xx, 429,
@@ -50,6 +55,7 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import email.utils
 import functools
@@ -207,6 +213,7 @@ class S3Source:
         self._lock = threading.Lock()
         self._verify_md5 = True  # off once the store shows ETags that are not MD5 digests
         self._md5_mismatch: dict[ObjectRef, str] = {}  # the last bad MD5 per object
+        self._versions_unreadable: set[str] = set()  # buckets read by ETag alone (``_fetch``)
         self.link = LinkRate()  # body rates of the GETs: the reader splits waited reads by it
 
     # -- resolution (mount time) -------------------------------------------------------------
@@ -325,7 +332,41 @@ class S3Source:
         return data
 
     def _fetch(self, ref: ObjectRef, start: int, end: int) -> Fetched:
-        """One GET of ``[start, end)``, its errors mapped to ours."""
+        """One GET of ``[start, end)``, its errors mapped to ours; by ETag alone where this
+        bucket's versions may not be read (``_by_etag``)."""
+        if ref.version_id is None:
+            return self._fetch_as_named(ref, start, end)
+        if ref.bucket not in self._versions_unreadable:
+            try:
+                return self._fetch_as_named(ref, start, end)
+            except MissingPermissionError as exc:
+                if exc.permission != _VERSION_PERMISSION[1]:
+                    raise
+                fetched = self._by_etag(ref, start, end)
+                self._read_versions_by_etag(ref.bucket)  # once that worked
+                return fetched
+        return self._by_etag(ref, start, end)
+
+    def _by_etag(self, ref: ObjectRef, start: int, end: int) -> Fetched:
+        """The GET of a version without naming it: with ``If-Match`` it is the pinned bytes or
+        an error all the same. The version S3 then says it sent is the current one, which is
+        no pin's business (the same ETag is the same bytes), so it is not passed on."""
+        fetched = self._fetch_as_named(dataclasses.replace(ref, version_id=None), start, end)
+        return dataclasses.replace(fetched, version_id=None)
+
+    def _read_versions_by_etag(self, bucket: str) -> None:
+        """A read-only policy without s3:GetObjectVersion: read ``bucket``'s objects by ETag,
+        as the pins of a bucket whose versions may not be listed are (``resolve``)."""
+        with self._lock:
+            if bucket in self._versions_unreadable:
+                return
+            self._versions_unreadable.add(bucket)
+        log.warning("may not read object versions in bucket %r (s3:GetObjectVersion is not "
+                    "granted): reading them by ETag alone (If-Match): the pinned bytes, or "
+                    "ESTALE once an object is overwritten", bucket)
+
+    def _fetch_as_named(self, ref: ObjectRef, start: int, end: int) -> Fetched:
+        """One GET of ``[start, end)`` of ``ref`` as it names itself, its errors mapped to ours."""
         try:
             fetched = self._signed.get(ref, start, end) if self._signed is not None else None
             if fetched is None:  # no template here, or an error botocore handles better

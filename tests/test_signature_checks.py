@@ -1,4 +1,4 @@
-"""GETs from signed templates against a server that checks every signature (moto with IAM auth).
+"""GETs against a server that checks every signature and permission (moto with IAM auth).
 
 ``signedget`` signs a template per object (the bucket's first through botocore, the rest
 derived from its base) and adds ``Range`` and ``If-Match`` unsigned. The rest of the suite runs
@@ -6,12 +6,16 @@ moto with auth off, where any signature passes, and a refused template falls bac
 quietly (by design: a new signature may cure it). So a template S3 would refuse is invisible
 there. Here moto enforces IAM auth, and each read must be exactly one GET answered 206: no 403,
 no botocore retry; for awkward keys, versioned objects, requester-pays and session tokens.
+
+And a reader whose policy grants s3:GetObject but not s3:GetObjectVersion, which every GET of a
+pinned version needs: its reads go by ETag alone, still the pinned bytes or an error.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from conftest import ALLOW_ALL, checking_server
 from test_signedget import AWKWARD_KEYS, count_botocore_gets
 
 from devtools.s3server import S3Server
-from s3datafs.errors import AccessDeniedError
+from s3datafs.errors import AccessDeniedError, StaleObjectError
 from s3datafs.model import ObjectRef
 from s3datafs.s3source import S3Settings, S3Source
 
@@ -40,6 +44,8 @@ class CheckedWorld:
     server: S3Server
     user: Keys  # an IAM user allowed everything
     role: Keys  # temporary credentials of a role allowed everything (a session token)
+    reader: Keys  # s3:GetObject alone
+    s3: Any  # the admin's boto3 client
     objects: list[tuple[ObjectRef, bytes]]  # under AWKWARD_KEYS, in a versioned bucket
 
 
@@ -64,10 +70,19 @@ def world() -> Iterator[CheckedWorld]:
             put = s3.put_object(Bucket=bucket, Key=key, Body=body)
             objects.append(
                 (ObjectRef(bucket, key, put["VersionId"], put["ETag"], len(body), 0.0), body))
+        iam.create_user(UserName="getter")
+        iam.put_user_policy(UserName="getter", PolicyName="get", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:GetObject",
+                           "Resource": f"arn:aws:s3:::{bucket}/*"}],
+        }))
+        getter = iam.create_access_key(UserName="getter")["AccessKey"]
         yield CheckedWorld(
             server,
             Keys(admin["aws_access_key_id"], admin["aws_secret_access_key"]),
             Keys(lease["AccessKeyId"], lease["SecretAccessKey"], lease["SessionToken"]),
+            Keys(getter["AccessKeyId"], getter["SecretAccessKey"]),
+            s3,
             objects,
         )
 
@@ -109,3 +124,40 @@ def test_the_check_is_real_a_wrong_secret_is_refused(world: CheckedWorld) -> Non
     ref, _body = world.objects[0]
     with pytest.raises(AccessDeniedError, match="SignatureDoesNotMatch"):
         source.get_range(ref, 0, 4)
+
+
+def test_without_s3_get_object_version_reads_go_by_etag_alone(
+    world: CheckedWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first GET naming a version is refused, then made without it (one warning); every
+    read after is one GET. An object overwritten since reads StaleObjectError, as If-Match
+    has it, never the new bytes."""
+    source = source_with(world, world.reader)
+    world.server.reset_stats()
+    with caplog.at_level(logging.WARNING, logger="s3datafs.s3source"):
+        for ref, body in world.objects[:4]:
+            assert source.get_range(ref, 0, ref.size) == body
+            assert source.get_range(ref, 2, 9) == body[2:9]
+    assert answers(world) == {("GetObject", 403): 1, ("GetObject", 206): 8}
+    bucket = world.objects[0][0].bucket
+    assert [r.getMessage() for r in caplog.records] == [
+        f"may not read object versions in bucket '{bucket}' (s3:GetObjectVersion is not "
+        "granted): reading them by ETag alone (If-Match): the pinned bytes, or ESTALE once an "
+        "object is overwritten"]
+    put = world.s3.put_object(Bucket=bucket, Key="overwritten.bin", Body=b"old bytes")
+    ref = ObjectRef(bucket, "overwritten.bin", put["VersionId"], put["ETag"], 9, 0.0)
+    world.s3.put_object(Bucket=bucket, Key="overwritten.bin", Body=b"new bytes")
+    with pytest.raises(StaleObjectError):
+        source.get_range(ref, 0, 4)
+
+
+def test_a_version_may_be_read_by_etag_only_for_want_of_that_permission(
+    world: CheckedWorld,
+) -> None:
+    """Refused keys are not a missing permission: no second GET."""
+    source = source_with(world, Keys(world.reader.key_id, "not-the-secret"))
+    world.server.reset_stats()
+    ref, _body = world.objects[1]
+    with pytest.raises(AccessDeniedError, match="SignatureDoesNotMatch"):
+        source.get_range(ref, 0, 4)
+    assert sum(answers(world).values()) == 1 + 1  # the template's refusal, botocore's redo

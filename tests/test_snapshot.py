@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from fakes import FakeSource
 from s3datafs import pinning
 from s3datafs import snapshot as snapshot_module
 from s3datafs.catalog import Catalog, build_catalog
-from s3datafs.errors import PinMismatchError
+from s3datafs.errors import MissingPermissionError, PinMismatchError
 from s3datafs.model import ObjectRef
 from s3datafs.resolve import Pins
 from s3datafs.snapshot import FORMAT, SnapshotError, load_snapshot, read_header, write_snapshot
@@ -319,3 +320,27 @@ def test_the_snapshot_mounts_head_refuses_an_object_of_another_size_under_the_sa
     source.put("bkt", "a.bin", b"hello, world", etag='"gateway-etag"')
     with pytest.raises(PinMismatchError, match="5 bytes, but S3 has ETag .* and 12 bytes"):
         pinning.check_still_there(source, pinned, tmp_path / "snap")
+
+
+def test_where_versions_may_not_be_read_the_snapshot_mounts_head_checks_the_current_object(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No s3:GetObjectVersion (S3 refuses a HEAD naming a version): the current object is
+    checked against the pinned ETag and size instead, as reads then go by ETag alone."""
+    source = FakeSource()
+    source.create_bucket("bkt", versioned=True)
+    pinned = source.put("bkt", "a.bin", b"hello")
+    denied = MissingPermissionError("reading a pinned version needs it", "s3:GetObjectVersion")
+    source.fail_next(1, denied, "head")
+    with caplog.at_level(logging.WARNING):
+        pinning.check_still_there(source, pinned, tmp_path / "snap")
+    assert "checking the current object against the snapshot's ETag" in caplog.text
+    source.put("bkt", "a.bin", b"hello, world")  # the current object is another one now
+    source.fail_next(1, denied, "head")
+    with pytest.raises(PinMismatchError, match="the object changed since"):
+        pinning.check_still_there(source, pinned, tmp_path / "snap")
+    other = MissingPermissionError("listing needs it", "s3:ListBucket")
+    source.fail_next(1, other, "head")
+    with pytest.raises(MissingPermissionError) as raised:
+        pinning.check_still_there(source, pinned, tmp_path / "snap")
+    assert raised.value is other
