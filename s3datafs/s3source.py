@@ -54,6 +54,7 @@ Design:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -244,6 +245,7 @@ class S3Source:
             raise _map_client_error(exc, uri, version_id) from None
         except (botocore.exceptions.BotoCoreError, RuntimeError) as exc:
             raise _map_botocore_error(exc, uri) from None
+        _warn_if_archived(response, uri)
         return ObjectRef(
             bucket=bucket,
             key=key,
@@ -274,7 +276,10 @@ class S3Source:
 
     def _list(self, bucket: str, prefix: str, selection: Selection) -> Iterator[ObjectRef]:
         uri = f"s3://{bucket}/{prefix}"
-        fetch = functools.partial(self._pages, bucket, selection.versioned)
+        # The current objects' archive classes (the listing's workers count); not as of a time,
+        # whose versions are other than the current ones.
+        archived = collections.Counter() if selection.as_of is None else None
+        fetch = functools.partial(self._pages, bucket, selection.versioned, archived=archived)
         try:
             yield from list_ordered(
                 fetch, bucket, prefix, selection, workers=self._settings.list_workers
@@ -283,18 +288,39 @@ class S3Source:
             raise _map_client_error(exc, uri) from None
         except (botocore.exceptions.BotoCoreError, RuntimeError) as exc:
             raise _map_botocore_error(exc, uri) from None
+        if archived:
+            classes = ", ".join(f"{name}: {count}" for name, count in sorted(archived.items()))
+            log.warning("%d of the objects listed under %s are archived (%s): reading one fails "
+                        "until it is restored (aws s3api restore-object)",
+                        archived.total(), uri, classes)
 
     def _pages(
-        self, bucket: str, versioned: bool, prefix: str, delimiter: str | None
+        self, bucket: str, versioned: bool, prefix: str, delimiter: str | None,
+        archived: collections.Counter[str] | None = None,
     ) -> Iterable[Page]:
-        """Listing pages, from ListObjectVersions (versioned) or ListObjectsV2."""
+        """Listing pages, from ListObjectVersions (versioned) or ListObjectsV2; with
+        ``archived``, the current objects in an archive class are counted there by class."""
         operation = "list_object_versions" if versioned else "list_objects_v2"
         kwargs = {"Bucket": bucket, "Prefix": prefix,
                   "PaginationConfig": {"PageSize": self._settings.list_page_size}}
         if delimiter is not None:
             kwargs["Delimiter"] = delimiter
         pages = self._client.get_paginator(operation).paginate(**kwargs)
-        return checked_pages(pages, f"s3://{bucket}/{prefix}", versioned=versioned)
+        pages = checked_pages(pages, f"s3://{bucket}/{prefix}", versioned=versioned)
+        return pages if archived is None else self._counting_archived(pages, archived)
+
+    def _counting_archived(
+        self, pages: Iterable[Page], archived: collections.Counter[str]
+    ) -> Iterator[Page]:
+        for page in pages:
+            found = [item["StorageClass"] for item in (*page.get("Contents", ()),
+                                                       *page.get("Versions", ()))
+                     if item.get("StorageClass") in _ARCHIVE_CLASSES
+                     and item.get("IsLatest", True)]
+            if found:
+                with self._lock:  # the listing's workers share the counter
+                    archived.update(found)
+            yield page
 
     # -- reads (after mount) -----------------------------------------------------------------
 
@@ -454,6 +480,21 @@ def _check_body(
         )
     if (first, last + 1) != (start, end):
         raise TransientS3Error(f"{ref.uri}: Content-Range {content_range!r} is not what was asked")
+
+
+def _warn_if_archived(head: dict, uri: str) -> None:
+    """Say so when a HEAD shows an object S3 will not read until it is restored: an archive
+    class whose restored copy is missing or not ready yet (``Restore``), or an
+    Intelligent-Tiering archive tier."""
+    archive = head.get("ArchiveStatus")
+    if head.get("StorageClass") in _ARCHIVE_CLASSES:
+        if 'ongoing-request="false"' in head.get("Restore", ""):
+            return  # a restored copy is there to read
+        archive = head["StorageClass"]
+    elif archive not in _ARCHIVE_STATUSES:
+        return
+    log.warning("%s is archived (%s) and not restored: reading it fails until it is "
+                "(aws s3api restore-object)", uri, archive)
 
 
 def _check_pin(ref: ObjectRef, fetched: Fetched) -> None:
@@ -700,6 +741,11 @@ def _code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+# Storage classes S3 reads only once restored (Glacier Flexible Retrieval, Deep Archive); the
+# Intelligent-Tiering archive tiers say so in a HEAD's ArchiveStatus, not in a listing.
+_ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+_ARCHIVE_STATUSES = frozenset({"ARCHIVE_ACCESS", "DEEP_ARCHIVE_ACCESS"})
+
 # What a denied request needed granted, by operation; a version's HEAD or GET needs more.
 _PERMISSION_NEEDED = {
     "ListObjectsV2": ("listing needs", "s3:ListBucket"),
@@ -750,6 +796,10 @@ def _map_client_error(
         )
     if code in _ACCESS_DENIED:
         return _denied(code, exc.operation_name, uri, version_id)
+    if code == "InvalidObjectState":
+        return S3RequestError(f"{uri} is archived and not restored, so S3 will not read it "
+                              "(InvalidObjectState): restore it (aws s3api restore-object), then "
+                              "read it again")
     if transient:
         return TransientS3Error(f"S3 error on {uri}: {code}: {message}")
     return S3RequestError(f"S3 error on {uri}: {code}: {message}")
