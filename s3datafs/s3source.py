@@ -368,7 +368,10 @@ class S3Source:
             except MissingPermissionError as exc:
                 if exc.permission != _VERSION_PERMISSION[1]:
                     raise
-                fetched = self._by_etag(ref, start, end)
+                try:
+                    fetched = self._by_etag(ref, start, end)
+                except AccessDeniedError:  # not for want of that permission alone, then
+                    raise exc from None
                 self._read_versions_by_etag(ref.bucket)  # once that worked
                 return fetched
         return self._by_etag(ref, start, end)
@@ -760,20 +763,31 @@ _CHECK_KEYS = ("check the credentials and their policy, --profile or --credentia
                "public bucket needs --no-sign-request, a Requester Pays one --requester-pays")
 
 
-def _denied(code: str, operation: str | None, uri: str, version_id: str | None
-            ) -> AccessDeniedError:
-    """The error for a request S3 refused: what it needed, and where to look."""
+def _denied(
+    code: str, message: str, operation: str | None, uri: str, version_id: str | None
+) -> AccessDeniedError:
+    """The error for a request S3 refused: what it needed, and where to look. S3's own message
+    is kept when it says more than "Access Denied" (AWS names the action and the policy that
+    refused it, for requests within an account)."""
+    said = message.strip()
+    if said.lower() in ("access denied", "forbidden", code.lower()):  # says nothing more
+        said = ""
     if code not in _POLICY_DENIED or operation not in _PERMISSION_NEEDED:
-        return AccessDeniedError(f"access denied to {uri} ({code}): {_CHECK_KEYS}")
+        said = f" (S3 said: {said})" if said else ""
+        return AccessDeniedError(f"access denied to {uri} ({code}){said}: {_CHECK_KEYS}")
     reads = operation in ("HeadObject", "GetObject")
     what, permission = (_VERSION_PERMISSION if reads and version_id
                         else _PERMISSION_NEEDED[operation])
+    if reads and "kms" in said.lower():  # the object's key, not the object, refused us
+        what, permission = "its KMS key needs", "kms:Decrypt"
     hint = ""
     if operation == "HeadObject" and code == "403":  # a HEAD's 403 has no body to say more
         hint = (", and S3 answers 403 for a key that does not exist to whom may not list the "
                 "bucket (s3:ListBucket): check the key")
+    said = f" (S3 said: {said})" if said else ""
     return MissingPermissionError(
-        f"access denied to {uri} ({code}): {what} {permission}{hint}; {_CHECK_KEYS}", permission)
+        f"access denied to {uri} ({code}){said}: {what} {permission}{hint}; {_CHECK_KEYS}",
+        permission)
 
 
 def _map_client_error(
@@ -795,7 +809,7 @@ def _map_client_error(
             f"bucket {bucket!r} does not exist: check the name, --endpoint-url and --region"
         )
     if code in _ACCESS_DENIED:
-        return _denied(code, exc.operation_name, uri, version_id)
+        return _denied(code, message, exc.operation_name, uri, version_id)
     if code == "InvalidObjectState":
         return S3RequestError(f"{uri} is archived and not restored, so S3 will not read it "
                               "(InvalidObjectState): restore it (aws s3api restore-object), then "

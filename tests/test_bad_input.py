@@ -845,30 +845,48 @@ def test_a_snapshot_of_versions_mounts_for_a_reader_who_may_not_read_versions(
     assert f"may not read object versions in bucket '{bucket}'" in logged
 
 
+AWS_SAYS = ('User: arn:aws:iam::123456789012:user/job is not authorized to perform: '
+            's3:GetObject on resource: "arn:aws:s3:::b-1/k" because no identity-based policy '
+            'allows the s3:GetObject action')
+KMS_SAYS = ('User: arn:aws:iam::123456789012:user/job is not authorized to perform: kms:Decrypt '
+            'on resource: arn:aws:kms:us-east-1:123456789012:key/1234 because no identity-based '
+            'policy allows the kms:Decrypt action')
+
+
 @pytest.mark.parametrize(
-    ("operation", "code", "version_id", "needed"),
+    ("operation", "code", "message", "version_id", "needed"),
     [
-        ("HeadObject", "403", None, "reading it needs s3:GetObject, and S3 answers 403 for a key "
-         "that does not exist to whom may not list the bucket (s3:ListBucket): check the key; "),
-        ("HeadObject", "403", "v1", "reading a pinned version needs s3:GetObjectVersion, and S3 "
-         "answers 403 for a key"),
-        ("GetObject", "AccessDenied", None, "(AccessDenied): reading it needs s3:GetObject; "),
-        ("ListObjectsV2", "AccessDenied", None, "(AccessDenied): listing needs s3:ListBucket; "),
-        ("GetObject", "InvalidAccessKeyId", None, "(InvalidAccessKeyId): check the credentials"),
-        ("GetObject", "SignatureDoesNotMatch", "v1", "(SignatureDoesNotMatch): check the cred"),
+        ("HeadObject", "403", "Forbidden", None, "(403): reading it needs "
+         "s3:GetObject, and S3 answers 403 for a key that does not exist to whom may not list "
+         "the bucket (s3:ListBucket): check the key; "),
+        ("HeadObject", "403", "", "v1", "(403): reading a pinned version needs "
+         "s3:GetObjectVersion, and S3 answers 403 for a key"),
+        ("GetObject", "AccessDenied", "Access Denied", None,
+         "(AccessDenied): reading it needs s3:GetObject; "),
+        ("GetObject", "AccessDenied", AWS_SAYS, None,
+         f"(AccessDenied) (S3 said: {AWS_SAYS}): reading it needs s3:GetObject; "),
+        ("GetObject", "AccessDenied", KMS_SAYS, "v1",
+         f"(AccessDenied) (S3 said: {KMS_SAYS}): its KMS key needs kms:Decrypt; "),
+        ("ListObjectsV2", "AccessDenied", "", None,
+         "(AccessDenied): listing needs s3:ListBucket; "),
+        ("GetObject", "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist "
+         "in our records.", None, "(InvalidAccessKeyId) (S3 said: The AWS Access Key Id you "
+         "provided does not exist in our records.): check the credentials"),
+        ("GetObject", "SignatureDoesNotMatch", "", "v1", "(SignatureDoesNotMatch): check the cred"),
     ],
 )
 def test_a_denied_request_says_what_it_needed(
-    operation: str, code: str, version_id: str | None, needed: str
+    operation: str, code: str, message: str, version_id: str | None, needed: str
 ) -> None:
     """Policies that are missing a permission name it; keys S3 did not accept do not (it is
-    the keys then, not the policy)."""
+    the keys then, not the policy). What S3 said is kept unless it is a bare "Access Denied"."""
     error = botocore.exceptions.ClientError(
-        {"Error": {"Code": code, "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+        {"Error": {"Code": code, "Message": message},
+         "ResponseMetadata": {"HTTPStatusCode": 403}},
         operation)
     mapped = s3source._map_client_error(error, "s3://b-1/k", version_id)
     assert isinstance(mapped, AccessDeniedError)
-    assert needed in str(mapped)
+    assert f"access denied to s3://b-1/k {needed}" in str(mapped)
 
 
 def test_a_failed_mount_removes_only_the_directories_it_made(tmp_path: Path) -> None:

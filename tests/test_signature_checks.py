@@ -74,7 +74,9 @@ def world() -> Iterator[CheckedWorld]:
         iam.put_user_policy(UserName="getter", PolicyName="get", PolicyDocument=json.dumps({
             "Version": "2012-10-17",
             "Statement": [{"Effect": "Allow", "Action": "s3:GetObject",
-                           "Resource": f"arn:aws:s3:::{bucket}/*"}],
+                           "Resource": f"arn:aws:s3:::{bucket}/*"},
+                          {"Effect": "Deny", "Action": "s3:GetObject",
+                           "Resource": f"arn:aws:s3:::{bucket}/denied.bin"}],
         }))
         getter = iam.create_access_key(UserName="getter")["AccessKey"]
         yield CheckedWorld(
@@ -161,3 +163,20 @@ def test_a_version_may_be_read_by_etag_only_for_want_of_that_permission(
     with pytest.raises(AccessDeniedError, match="SignatureDoesNotMatch"):
         source.get_range(ref, 0, 4)
     assert sum(answers(world).values()) == 1 + 1  # the template's refusal, botocore's redo
+
+
+def test_an_object_denied_by_etag_too_keeps_its_first_error_and_the_versions(
+    world: CheckedWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused without its version as well (a policy that denies the object): the error is the
+    first one, and the bucket's versions are not given up for it."""
+    bucket = world.objects[0][0].bucket
+    put = world.s3.put_object(Bucket=bucket, Key="denied.bin", Body=b"secret")
+    ref = ObjectRef(bucket, "denied.bin", put["VersionId"], put["ETag"], 6, 0.0)
+    source = source_with(world, world.reader)
+    first = "reading a pinned version needs s3:GetObjectVersion"
+    with caplog.at_level(logging.WARNING, logger="s3datafs.s3source"), pytest.raises(
+            AccessDeniedError, match=first):
+        source.get_range(ref, 0, 6)
+    assert not caplog.records
+    assert not source._versions_unreadable
