@@ -366,7 +366,7 @@ class S3Source:
             try:
                 return self._fetch_as_named(ref, start, end)
             except MissingPermissionError as exc:
-                if exc.permission != _VERSION_PERMISSION[1]:
+                if exc.permission != _GET_VERSION:
                     raise
                 try:
                     fetched = self._by_etag(ref, start, end)
@@ -756,7 +756,8 @@ _PERMISSION_NEEDED = {
     "HeadObject": ("reading it needs", "s3:GetObject"),
     "GetObject": ("reading it needs", "s3:GetObject"),
 }
-_VERSION_PERMISSION = ("reading a pinned version needs", "s3:GetObjectVersion")
+_GET_VERSION = "s3:GetObjectVersion"  # which reads by ETag alone may do without (``_fetch``)
+_VERSION_PERMISSION = ("reading a pinned version needs", _GET_VERSION)
 # Only a policy can cure these: the keys themselves were accepted.
 _POLICY_DENIED = {"AccessDenied", "403"}
 _CHECK_KEYS = ("check the credentials and their policy, --profile or --credentials-file; a "
