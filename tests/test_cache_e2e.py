@@ -222,6 +222,68 @@ def test_prefetch_says_what_it_skipped_as_the_mount_command_does(
     assert "prefetched 1 object of" in result.stdout
 
 
+def test_prefetch_warms_what_it_can_and_names_what_it_could_not(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    """An object S3 will not serve (archived, or deleted since the listing) is that object's
+    failure: the others are warmed, and the command says which failed, in lines, and exits 1."""
+    bucket = make_bucket()
+    for number in range(6):
+        s3.put_object(Bucket=bucket, Key=f"p/{number}.bin", Body=bytes([number]) * 100_000,
+                      StorageClass="GLACIER" if number in (1, 4) else "STANDARD")
+    result = cli.run("prefetch", f"s3://{bucket}/p/")
+    assert result.returncode == 1
+    assert "prefetched 4 of 6 objects" in result.stdout
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("s3datafs: WARNING: 2 of the objects listed under")
+    assert sorted(lines[1:3]) == [
+        f"s3datafs: WARNING: not prefetched: s3://{bucket}/p/{number}.bin is archived and not "
+        "restored, so S3 will not read it (InvalidObjectState): restore it (aws s3api "
+        "restore-object), then read it again" for number in (1, 4)]
+    assert lines[3:] == [f"s3datafs: 2 of 6 objects of s3://{bucket}/p/ could not be "
+                         "prefetched (see above); the rest are in the cache"]
+    mountpoint = cli.mount(f"s3://{bucket}/p/")
+    cli.expect_log("are archived")
+    s3server.reset_stats()
+    for number in (0, 2, 3, 5):
+        assert (mountpoint / f"{number}.bin").read_bytes() == bytes([number]) * 100_000
+    assert s3server.stats()["get_bytes"] == 0
+
+
+def test_prefetch_gives_up_when_no_object_at_all_can_be_read(
+    cli: Cli, s3, s3server, make_bucket
+) -> None:
+    """Twenty failures and not one object warmed: every object would fail (a policy without
+    s3:GetObject, say); the run stops rather than ask S3 for each of them."""
+    bucket = make_bucket()
+    for number in range(40):
+        s3.put_object(Bucket=bucket, Key=f"p/{number:02}.bin", Body=b"x", StorageClass="GLACIER")
+    s3server.reset_stats()
+    result = cli.run("prefetch", f"s3://{bucket}/p/")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len([line for line in lines if "WARNING: not prefetched: s3://" in line]) == 20
+    assert lines[-1] == ("s3datafs: the first 20 objects could not be prefetched, and none "
+                         "could: giving up (see above)")
+    assert s3server.ops().get("GetObject", 0) < 40
+
+
+def test_prefetch_stops_at_a_failure_that_is_not_the_objects_own(
+    cli: Cli, s3, proxy, make_bucket
+) -> None:
+    """S3 not answering is every object's trouble: one line, not an object's wait each."""
+    bucket = make_bucket()
+    for number in range(3):
+        s3.put_object(Bucket=bucket, Key=f"p/{number}.bin", Body=b"x" * 1000)
+    proxy.inject("error", status=503, code="SlowDown", times=None)
+    env = {**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint}
+    result = cli.run("prefetch", f"s3://{bucket}/p/", "--read-timeout", "1", env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("s3datafs: giving up on s3://"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "internal error" not in result.stderr
+
+
 def test_prefetch_of_more_than_the_cache_holds_is_refused_before_any_get(
     cli: Cli, s3, s3server, make_bucket
 ) -> None:

@@ -51,7 +51,8 @@ async def test_the_objects_warmed_at_once_share_the_gets_in_flight(
     count: int, each: int, most: int
 ) -> None:
     reader = CountingReader()
-    await prefetch._warm_all(reader, iter(range(count)), count, Progress())  # type: ignore[arg-type]
+    await prefetch._warm_all(reader, iter(range(count)), count, Progress(),  # type: ignore[arg-type]
+                             prefetch._Failures())
     assert reader.parallel == [each] * count
     assert reader.most == most
 

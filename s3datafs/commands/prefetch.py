@@ -19,6 +19,11 @@ to ``PARALLEL_OBJECTS`` objects are warmed at once, each with an even share of
 ``PARALLEL_RUNS`` request-sized GETs in flight, at least 2 (``_warm_all``), so the bytes in
 flight are bounded by the reader's request size times 16. On a terminal a progress line
 shows bytes, rate and ETA; otherwise only the final summary is printed.
+
+Failures: an object S3 will not serve for reasons of its own (``OBJECTS_OWN``: archived, gone,
+denied) is a warning, and the others are warmed; the summary then counts it and the command
+fails (``_Failures``). Anything else stops the run with its own one-line error, out of the
+nurseries' exception groups (``_first_of``): never an "internal error".
 """
 
 from __future__ import annotations
@@ -40,7 +45,16 @@ from ..archive.index import archive_catalog
 from ..archive.members import MemberSource
 from ..cache.disk import DiskCache
 from ..catalog import Catalog
-from ..errors import ArchiveError, ConfigError, UsageError
+from ..errors import (
+    AccessDeniedError,
+    ArchiveError,
+    ConfigError,
+    NotFoundError,
+    S3DataFSError,
+    S3RequestError,
+    StaleObjectError,
+    UsageError,
+)
 from ..keptcatalogs import KeptCatalogs
 from ..model import MemberRef, PinnedRef
 from ..reader import BlockReader
@@ -50,6 +64,10 @@ from . import mount as mount_command
 PARALLEL_OBJECTS = 8
 PARALLEL_RUNS = 8  # request-sized GETs in flight in all: a mount's readahead budget (64M) of them
 KEEPING = 2  # members decompressed into the cache at once: a core each (a mount allows 4)
+# Errors of one object (archived, deleted since it was pinned, denied, refused by the store):
+# the others are warmed all the same. Anything else (S3 not answering, the cache's disk) would
+# be every object's: it stops the run.
+OBJECTS_OWN = (StaleObjectError, NotFoundError, AccessDeniedError, S3RequestError)
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +145,17 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"{plan.uri} takes {human_size(stored)}, more than the cache holds "
                     f"(--cache-size {human_size(plan.disk_cache_bytes)}): raise --cache-size")
-            progress = _Progress(stored)
+            progress, failures = _Progress(stored), _Failures()
             try:
-                trio.run(_warm_all, reader, refs, warmed, progress)
-            except BaseExceptionGroup as group:  # Ctrl-C arrives inside the nurseries
-                if group.subgroup(KeyboardInterrupt) is None:
-                    raise
+                trio.run(_warm_all, reader, refs, warmed, progress, failures)
+            except BaseExceptionGroup as group:  # what stopped it, from inside the nurseries
                 progress.finish()
-                raise KeyboardInterrupt from None
+                if group.subgroup(KeyboardInterrupt) is not None:  # Ctrl-C
+                    raise KeyboardInterrupt from None
+                raise _first_of(group) from None
             progress.finish()
+            if members is not None and failures.first is not None:
+                raise failures.first  # the archive itself: nothing of it was warmed
             kept = (0, 0) if members is None else _keep_decompressed(
                 source, disk, members.files(), room=disk.capacity - stored)
     failed = reader.counters()["cache_write_errors"]
@@ -144,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
                           "above): it is not warm")
     elapsed = time.monotonic() - started
     what = counted(count, "object" if members is None else "member")
+    if failures.count and members is None:
+        what = f"{count - failures.count} of {what}"
     archived = "" if members is None else f" (an archive of {human_size(stored)})"
     decompressed = "" if not kept[0] else (
         f"; {counted(kept[0], 'member')} kept decompressed ({human_size(kept[1])})")
@@ -152,7 +174,43 @@ def run(args: argparse.Namespace) -> int:
         f"{human_size(total)}{archived} in {elapsed:.1f}s "
         f"({human_size(reader.counters()['s3_bytes'])} from S3){decompressed}"
     )
+    if failures.count:
+        raise S3RequestError(f"{failures.count} of {counted(warmed, 'object')} of {plan.uri} "
+                             "could not be prefetched (see above); the rest are in the cache")
     return 0
+
+
+def _first_of(group: BaseExceptionGroup) -> BaseException:
+    """The first of the errors in ``group`` (nurseries within nurseries) that is ours, for its
+    one line; else the group as it is (an internal error)."""
+    ours = group.subgroup(lambda exc: isinstance(exc, S3DataFSError))
+    while ours is not None and isinstance(ours, BaseExceptionGroup):
+        ours = ours.exceptions[0]
+    return ours if ours is not None else group
+
+
+class _Failures:
+    """Objects that could not be warmed for reasons of their own (``OBJECTS_OWN``): each is
+    one warning (the first ``SHOWN``), and the run goes on with the others - unless the first
+    ``SHOWN`` all failed with none warmed: then every object probably would (a policy without
+    s3:GetObject), and the run stops rather than ask S3 for each."""
+
+    SHOWN = 20
+
+    def __init__(self) -> None:
+        self.count = self.warmed = 0
+        self.first: S3DataFSError | None = None
+
+    def add(self, error: S3DataFSError) -> None:
+        self.count += 1
+        self.first = self.first or error
+        if self.count <= self.SHOWN:
+            log.warning("not prefetched: %s", error)
+        elif self.count == self.SHOWN + 1:
+            log.warning("not prefetched: more objects; only the first %d are named", self.SHOWN)
+        if self.count >= self.SHOWN and not self.warmed:
+            raise S3RequestError(f"the first {self.count} objects could not be prefetched, and "
+                                 "none could: giving up (see above)")
 
 
 def _keep_decompressed(
@@ -201,7 +259,8 @@ def _keep_one(unzip: MemberSource, ref: MemberRef) -> bool:
 
 
 async def _warm_all(
-    reader: BlockReader, refs: Iterator[PinnedRef], count: int, progress: _Progress
+    reader: BlockReader, refs: Iterator[PinnedRef], count: int, progress: _Progress,
+    failures: _Failures,
 ) -> None:
     """Warm the ``count`` objects of ``refs``, ``PARALLEL_OBJECTS`` at a time, each with an even
     share of ``PARALLEL_RUNS`` GETs in flight, at least 2: one large object (a zip's archive)
@@ -215,14 +274,21 @@ async def _warm_all(
         async with trio.open_nursery() as workers:
             for ref in refs:
                 await slots.acquire()
-                workers.start_soon(_warm_one, reader, ref, runs_each, slots, progress)
+                workers.start_soon(_warm_one, reader, ref, runs_each, slots, progress, failures)
 
 
 async def _warm_one(
-    reader: BlockReader, ref: PinnedRef, runs: int, slots: trio.Semaphore, progress: _Progress
+    reader: BlockReader, ref: PinnedRef, runs: int, slots: trio.Semaphore, progress: _Progress,
+    failures: _Failures,
 ) -> None:
     try:
         await reader.warm(ref, parallel=runs, loaded=progress.advance)
+        failures.warmed += 1
+    except BaseExceptionGroup as group:  # from the object's own runs
+        own, other = group.split(OBJECTS_OWN)
+        if other is not None or own is None:
+            raise
+        failures.add(_first_of(own))
     finally:
         slots.release()
 
