@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, commands, daemon, startup, undumpable
-from .errors import S3DataFSError, UsageError
+from .errors import S3DataFSError, UsageError, first_ours
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, where a reader gone away is seen (below), not at exit
         return status
     except S3DataFSError as exc:
+        print(f"s3datafs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ExceptionGroup as group:  # from trio's nurseries: their first error of ours, if any
+        if debug or (exc := first_ours(group)) is None:
+            raise
         print(f"s3datafs: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -91,3 +91,11 @@ class MountFailed(S3DataFSError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_ours(group: BaseExceptionGroup) -> S3DataFSError | None:
+    """The first of our errors in ``group`` (nurseries within nurseries), for its one line."""
+    ours = group.subgroup(lambda exc: isinstance(exc, S3DataFSError))
+    while isinstance(ours, BaseExceptionGroup):
+        ours = ours.exceptions[0]
+    return ours

@@ -32,8 +32,9 @@ import pytest
 from conftest import Cli, CliResult, checking_server
 
 from devtools.s3server import S3Server
-from s3datafs import config, s3source
-from s3datafs.errors import AccessDeniedError
+from s3datafs import cli, config, s3source
+from s3datafs.commands import mount as mount_command
+from s3datafs.errors import AccessDeniedError, StaleObjectError
 
 pytestmark = pytest.mark.fuse
 
@@ -899,3 +900,27 @@ def test_a_failed_mount_removes_only_the_directories_it_made(tmp_path: Path) -> 
     config.remove_created(mountpoint, highest)
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
     assert not any((tmp_path / "a").iterdir())
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_our_error_inside_trios_exception_groups_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], debug: bool
+) -> None:
+    """A command whose nurseries end with one of our errors says that error, as if raised
+    alone (``--debug``: the whole group, for its traceback); any other group is internal."""
+    stale = StaleObjectError("s3://b-1/k changed after mount")
+
+    def failing(_args: object) -> int:
+        raise ExceptionGroup("nursery", [ExceptionGroup("nursery", [stale])])
+
+    monkeypatch.setattr(mount_command, "run", failing)
+    argv = ["mount", "s3://b-1/k", *(["--debug"] if debug else [])]
+    if debug:
+        with pytest.raises(ExceptionGroup):
+            cli.main(argv)
+        return
+    assert cli.main(argv) == stale.exit_code
+    assert capsys.readouterr().err == "s3datafs: s3://b-1/k changed after mount\n"
+    monkeypatch.setattr(mount_command, "run", lambda _args: [][0])
+    assert cli.main(["mount", "s3://b-1/k"]) == 1
+    assert "internal error" in capsys.readouterr().err

@@ -23,7 +23,7 @@ shows bytes, rate and ETA; otherwise only the final summary is printed.
 Failures: an object S3 will not serve for reasons of its own (``OBJECTS_OWN``: archived, gone,
 denied) is a warning, and the others are warmed; the summary then counts it and the command
 fails (``_Failures``). Anything else stops the run with its own one-line error, out of the
-nurseries' exception groups (``_first_of``): never an "internal error".
+nurseries' exception groups (``errors.first_ours``): never an "internal error".
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from ..errors import (
     S3RequestError,
     StaleObjectError,
     UsageError,
+    first_ours,
 )
 from ..keptcatalogs import KeptCatalogs
 from ..model import MemberRef, PinnedRef
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                 progress.finish()
                 if group.subgroup(KeyboardInterrupt) is not None:  # Ctrl-C
                     raise KeyboardInterrupt from None
-                raise _first_of(group) from None
+                raise first_ours(group) or group from None
             progress.finish()
             if members is not None and failures.first is not None:
                 raise failures.first  # the archive itself: nothing of it was warmed
@@ -178,15 +179,6 @@ def run(args: argparse.Namespace) -> int:
         raise S3RequestError(f"{failures.count} of {counted(warmed, 'object')} of {plan.uri} "
                              "could not be prefetched (see above); the rest are in the cache")
     return 0
-
-
-def _first_of(group: BaseExceptionGroup) -> BaseException:
-    """The first of the errors in ``group`` (nurseries within nurseries) that is ours, for its
-    one line; else the group as it is (an internal error)."""
-    ours = group.subgroup(lambda exc: isinstance(exc, S3DataFSError))
-    while ours is not None and isinstance(ours, BaseExceptionGroup):
-        ours = ours.exceptions[0]
-    return ours if ours is not None else group
 
 
 class _Failures:
@@ -288,7 +280,7 @@ async def _warm_one(
         own, other = group.split(OBJECTS_OWN)
         if other is not None or own is None:
             raise
-        failures.add(_first_of(own))
+        failures.add(first_ours(own))
     finally:
         slots.release()
 
