@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import S3RequestError
+from .errors import S3RequestError, UnsupportedError
 from .model import ObjectRef, normalize_etag
 
 Page = dict[str, Any]
@@ -171,6 +171,12 @@ def checked_pages(pages: Iterable[Page], uri: str, *, versioned: bool) -> Iterat
         keys = [item["Key"] for name in _ITEM_LISTS for item in page.get(name, ())]
         keys += [common["Prefix"] for common in page.get("CommonPrefixes", ())]
         if keys and min(keys) < last:
+            if _is_directory_bucket(uri):
+                raise UnsupportedError(
+                    f"listing {uri}: an S3 Express One Zone directory bucket lists its keys in "
+                    "no particular order, and s3datafs cannot mount one of its prefixes yet: "
+                    "copy the dataset to a general purpose bucket, or mount single objects"
+                )
             raise S3RequestError(
                 f"listing {uri}: S3 sent a page of keys that goes back before the page it "
                 "followed: this store's listing cannot be trusted, so nothing is mounted"
@@ -191,6 +197,11 @@ def checked_pages(pages: Iterable[Page], uri: str, *, versioned: bool) -> Iterat
                 )
             tokens.add(token)
         yield page
+
+
+def _is_directory_bucket(uri: str) -> bool:
+    """Whether ``uri`` (``s3://bucket/...``) is in a directory bucket (``name--zone--x-s3``)."""
+    return uri.removeprefix("s3://").partition("/")[0].endswith("--x-s3")
 
 
 def pin_pages(

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from s3datafs.errors import S3RequestError
+from s3datafs.errors import S3RequestError, UnsupportedError
 from s3datafs.listing import (
     Selection,
     checked_pages,
@@ -312,6 +312,16 @@ def test_a_page_starting_before_the_greatest_key_of_the_one_before_is_refused() 
     back = {"Contents": [version("p/bz", 1, "bz")], "IsTruncated": False}
     with pytest.raises(S3RequestError, match="goes back"):
         list(checked_pages([first, back], "s3://bkt/p/", versioned=False))
+
+
+def test_a_directory_buckets_listing_out_of_order_is_named_as_unsupported() -> None:
+    """S3 Express One Zone lists in no particular order: not a store to distrust, but one we
+    cannot list in key order yet, said so."""
+    first = {"Contents": [version("p/c", 1, "c")], "IsTruncated": True,
+             "NextContinuationToken": "t1"}
+    back = {"Contents": [version("p/a", 1, "a")], "IsTruncated": False}
+    with pytest.raises(UnsupportedError, match="S3 Express One Zone directory bucket"):
+        list(checked_pages([first, back], "s3://data--use1-az4--x-s3/p/", versioned=False))
 
 
 @pytest.mark.parametrize("etag", [None, "", '""', " "])
