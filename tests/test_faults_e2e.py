@@ -248,7 +248,8 @@ def test_permanent_errors_reach_the_reader_at_once_and_are_not_retried(
          "cannot reach S3 for s3://{bucket}/p/a.bin: "),
         ("p/a.bin --as-of", True, {"action": "error", "op": "ListObjectVersions", "status": 403,
                                    "code": "AccessDenied"},
-         "access denied to s3://{bucket}/p/a.bin (AccessDenied): "),
+         "access denied to s3://{bucket}/p/a.bin (AccessDenied) (S3 said: injected by the "
+         "fault proxy): listing a versioned bucket needs s3:ListBucketVersions; "),
     ],
     ids=["list-reset", "versions-503", "as-of-key-reset", "as-of-key-denied"],
 )
