@@ -260,6 +260,24 @@ def test_another_user_is_told_whose_mount_it_is(s3, make_bucket, developer, nobo
     assert any(e.mountpoint == mountpoint for e in mount_table())
     assert developer.s3datafs("unmount", mountpoint).returncode == 0
 
+
+def test_unmount_all_as_a_user_unmounts_their_own_and_no_other(
+    s3, make_bucket, developer, nobody
+) -> None:
+    """``--all`` of a user who is not root: their mounts, and not a word of anyone else's
+    (which they may not unmount): it said 'was mounted by uid ...' of each, and exited 1."""
+    bucket = _bucket_with(s3, make_bucket, {"train/a.bin": b"a" * 1000})
+    theirs, mine = (Path(user.env["HOME"]) / "data" for user in (developer, nobody))
+    for user, root in ((developer, theirs), (nobody, mine)):
+        mounted = user.s3datafs("mount", f"s3://{bucket}/train/", "--data-root", str(root))
+        assert mounted.returncode == 0, mounted.stderr
+    done = nobody.s3datafs("unmount", "--all")
+    assert (done.returncode, done.stderr) == (0, "")
+    mounted = {e.mountpoint for e in mount_table()}
+    assert str(theirs / "train") in mounted
+    assert str(mine / "train") not in mounted
+    assert developer.s3datafs("unmount", str(theirs / "train")).returncode == 0
+
 def test_a_mount_point_the_user_may_not_write_is_refused_before_s3_is_asked(
     s3, make_bucket, s3server, developer, place: Path
 ) -> None:

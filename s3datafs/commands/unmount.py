@@ -28,7 +28,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("unmount", aliases=["umount"], help="unmount and wait")
     parser.add_argument("mountpoint", type=Path, nargs="?", help="the mount point (or --all)")
     parser.add_argument("--lazy", action="store_true", help="detach now even if busy")
-    parser.add_argument("--all", action="store_true", help="unmount every s3datafs mount")
+    parser.add_argument("--all", action="store_true",
+                        help="unmount every s3datafs mount (a user's own, unless root)")
     parser.add_argument("--if-dead", action="store_true",
                         help="only a dead mount (its daemon gone), else leave it: what a "
                         "service's stop runs, so a failed start never takes another's mount")
@@ -55,9 +56,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def unmount_all(*, lazy: bool, only_dead: bool = False) -> int:
-    """Unmount every s3datafs mount of this mount namespace; 1 if any could not be unmounted."""
+    """Unmount every s3datafs mount of this mount namespace (for a user other than root, every
+    one of theirs: they may unmount no other); 1 if any could not be unmounted."""
     status = 0
     for entry in reversed(runtime.our_mounts()):  # the newest first, so nested mounts go first
+        if entry.is_another_users() and os.geteuid() != 0:
+            continue
         try:
             unmount_path(entry.mountpoint, lazy=lazy, only_dead=only_dead)
         except ConfigError as exc:
