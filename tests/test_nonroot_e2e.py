@@ -344,3 +344,21 @@ def test_allow_other_needs_user_allow_other_said_before_s3_is_asked(
             FUSE_CONF.unlink(missing_ok=True)
         else:
             FUSE_CONF.write_bytes(original)
+
+
+def test_kernel_readahead_asked_of_a_users_mount_is_said_to_need_root(
+    s3, make_bucket, developer
+) -> None:
+    """Only root may write sysfs: the mount goes ahead and says so on the terminal, not only in
+    its log once mounted."""
+    bucket = _bucket_with(s3, make_bucket, {"train/a.bin": b"a" * 1000})
+    root = Path(developer.env["HOME"]) / "data"
+    mounted = developer.s3datafs("mount", f"s3://{bucket}/train/", "--data-root", str(root),
+                                 "--kernel-readahead", "128K")
+    assert mounted.returncode == 0, mounted.stderr
+    assert mounted.stderr == ("s3datafs: WARNING: --kernel-readahead is set through sysfs, which "
+                              "only root may write: the kernel reads ahead as it would without "
+                              "it\n")
+    log = Path(developer.env["HOME"]) / ".local" / "state" / "s3datafs" / "train.log"
+    assert developer.s3datafs("unmount", str(root / "train")).returncode == 0
+    assert log.read_text().count("kernel-readahead") == 1  # not again from the daemon

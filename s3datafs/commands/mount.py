@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -434,12 +435,24 @@ def start_mount(
     unmounts when this process dies, however it dies (see ``daemon``); ``held=True``: likewise
     until ``daemon.release`` lets it outlive this process.
     """
+    plan = _without_root_knobs(plan)
     try:
         return _start_mount(plan, foreground, on_ready, outlive_command, held)
     except S3DataFSError as exc:  # the command says it on stderr; the log keeps it
         log.error("cannot mount %s at %s: %s", plan.uri, plan.mountpoint, exc,
                   extra=logsetup.FILE_ONLY)
         raise
+
+
+def _without_root_knobs(plan: MountPlan) -> MountPlan:
+    """``plan`` without a ``--kernel-readahead`` that only root may set (sysfs), said here, on
+    the terminal: the daemon would find it out after the mount, in its log alone."""
+    if os.geteuid() == 0 or plan.fs.kernel_readahead == FsSettings.kernel_readahead:
+        return plan
+    log.warning("--kernel-readahead is set through sysfs, which only root may write: the "
+                "kernel reads ahead as it would without it")
+    return dataclasses.replace(
+        plan, fs=dataclasses.replace(plan.fs, kernel_readahead=FsSettings.kernel_readahead))
 
 
 def _start_mount(
