@@ -14,6 +14,8 @@
   ``copytruncate``; a daemon cannot take SIGHUP for it, SIGHUP unmounts). ``faulthandler``
   writes to its own duplicate of the file's descriptor, renewed with the file, so a dump never
   lands in whatever file reuses a closed descriptor number.
+- What UTF-8 cannot encode (a mount point or key that is not UTF-8, held as ``surrogateescape``)
+  is written to the file backslash-escaped, as stderr writes it.
 - Failed reads are logged as ``failurelog`` allows: never a line per read.
 - botocore's warning that temporary credentials could not be refreshed (an STS call for a role
   failed) goes to the log file only: the error it raises then says what failed, in one line.
@@ -156,7 +158,9 @@ class _LogFile(logging.handlers.WatchedFileHandler):
     def __init__(self, path: Path) -> None:
         self._dump_fd = -1
         self._told = False  # of a record that could not be written
-        super().__init__(path, encoding="utf-8")
+        # A path may hold any byte (``surrogateescape``): escaped, as on stderr, not a record
+        # lost with "cannot write log file".
+        super().__init__(path, encoding="utf-8", errors="backslashreplace")
 
     def _open(self):  # type: ignore[no-untyped-def]  # logging's own signature
         # Never through a symlink, never into someone else's file, always 0600: a log directory

@@ -48,6 +48,18 @@ def test_a_log_file_that_cannot_be_made_again_loses_records_not_the_caller(
     assert "before" in (tmp_path / "d.log.1").read_text()
 
 
+def test_a_path_that_is_not_utf8_is_written_to_the_log_file_escaped(
+    tmp_path: Path, restored_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mount point or a key may hold any byte (``surrogateescape``): such a record was lost,
+    and stderr said "cannot write log file ...: 'utf-8' codec can't encode"."""
+    log_file = tmp_path / "d.log"
+    logsetup.setup(debug=False, verbose=False, log_file=log_file, secrets=())
+    logging.getLogger("s3datafs.test").warning("mounted at /data/caf\udce9")
+    assert "mounted at /data/caf\\udce9\n" in log_file.read_text()
+    assert "cannot write log file" not in capsys.readouterr().err
+
+
 def test_a_log_file_found_readable_by_others_is_made_private(
     tmp_path: Path, restored_logging: None
 ) -> None:
