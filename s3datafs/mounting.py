@@ -154,9 +154,14 @@ def _name_process(dataset: str) -> None:
     The daemons of one ``mount-all`` or ``run`` share a command line; their names tell them apart
     in ``top``, ``ps -o comm`` and ``pgrep s3datafs``. The kernel keeps 15 bytes of a name.
     """
-    name = f"s3datafs/{dataset}".encode()[:_COMM_BYTES].decode(errors="ignore")
-    with contextlib.suppress(OSError), open("/proc/thread-self/comm", "w") as comm:
-        comm.write(name)
+    # The name's bytes as given: a --name, or a key, that is not UTF-8 failed the mount with
+    # "internal error: UnicodeEncodeError". A character cut in two at the end is left out.
+    whole = f"s3datafs/{dataset}".encode(errors="surrogateescape")
+    cut = _COMM_BYTES
+    while cut < len(whole) and whole[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+        cut -= 1
+    with contextlib.suppress(OSError), open("/proc/thread-self/comm", "wb") as comm:
+        comm.write(whole[:cut])
 
 
 def _sweep_dead_catalogs(directory: Path) -> None:

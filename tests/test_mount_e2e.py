@@ -684,9 +684,12 @@ def test_a_mount_detached_lazily_leaves_the_state_file_to_the_next_mount_there(
         put_all(s3, bucket, {"p/y.bin": b"y"})
         assert cli.run("mount", f"s3://{bucket}/p/", str(mountpoint)).returncode == 0
         new = cli.daemon_pid(mountpoint)
-        for _ in range(4):  # two refreshes of each daemon's counters (every 2 s)
-            time.sleep(mount.STATS_INTERVAL / 2)
-            assert cli.daemon_pid(mountpoint) == new
+        # Over two refreshes of each daemon's counters (every 2 s), read often: the newer
+        # daemon's refresh may follow the older one's within a moment.
+        deadline = time.monotonic() + 2 * mount.STATS_INTERVAL + 0.5
+        while time.monotonic() < deadline:
+            assert _state_pids(cli, mountpoint) == [new]
+            time.sleep(0.02)
         assert held.read() == b"x"  # the old daemon still serves what was open
     deadline = time.monotonic() + 10
     while pid_alive(old):  # its last file closed: it ends, and leaves the new state alone
@@ -696,6 +699,17 @@ def test_a_mount_detached_lazily_leaves_the_state_file_to_the_next_mount_there(
     started = time.monotonic()
     assert cli.unmount(mountpoint).returncode == 0
     assert time.monotonic() - started < 10  # it waited for the new daemon, which exits
+
+
+def _state_pids(cli: Cli, mountpoint: Path) -> list[int]:
+    """The pids the runtime directory's state files name for ``mountpoint`` (read directly: a
+    ``status`` command takes a few hundred milliseconds)."""
+    pids = []
+    for path in (cli.root / "run").glob("*.json"):
+        state = json.loads(path.read_text())
+        if state["mountpoint"] == str(mountpoint):
+            pids.append(state["pid"])
+    return pids
 
 
 def test_a_lazy_unmount_serves_open_files_until_they_close_then_the_daemon_exits(
@@ -1003,3 +1017,45 @@ def test_a_failed_fuse_mount_names_the_remedy_for_what_libfuse_said(
 ) -> None:
     """A user's mount fails in ways installing fuse3 or a container's flags do not mend."""
     assert remedy in mounting.fuse_remedy(libfuse_said)
+
+
+def _process_name_of(dataset: str) -> bytes:
+    """What ``mounting._name_process`` names a thread (one of its own: not pytest's)."""
+    named: list[bytes] = []
+
+    def name_and_read() -> None:
+        mounting._name_process(dataset)
+        with open("/proc/thread-self/comm", "rb") as comm:
+            named.append(comm.read().rstrip(b"\n"))
+
+    thread = threading.Thread(target=name_and_read)
+    thread.start()
+    thread.join()
+    return named[0]
+
+
+@pytest.mark.parametrize(
+    ("dataset", "named"),
+    [("imagenet-train", b"s3datafs/imagen"),
+     ("a\u00f1\u00f1\u00f1", b"s3datafs/a\xc3\xb1\xc3\xb1"),  # the third cut in two: left out
+     ("caf\udce9", b"s3datafs/caf\xe9")],  # not UTF-8 (Latin-1): its bytes as given
+)
+def test_a_daemon_is_named_by_its_datasets_bytes_cut_between_characters(
+    dataset: str, named: bytes
+) -> None:
+    assert _process_name_of(dataset) == named
+
+
+def test_a_dataset_name_that_is_not_utf8_mounts(cli: Cli, s3, make_bucket) -> None:
+    """--name is bytes on a command line, as a mount point is: one that is not UTF-8 (a shell
+    in a Latin-1 locale) failed the mount with "internal error: UnicodeEncodeError"."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/", str(cli.root / "m"), "--name", "caf\udce9")
+    try:
+        assert (mountpoint / "x.bin").read_bytes() == b"x"
+        comm = Path(f"/proc/{cli.daemon_pid(mountpoint)}/comm").read_bytes()
+        assert comm == b"s3datafs/caf\xe9\n"
+        assert "mounted s3://" in (cli.log_dir / "caf\udce9.log").read_text(errors="replace")
+    finally:
+        assert cli.unmount(mountpoint).returncode == 0
