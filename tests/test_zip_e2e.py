@@ -22,6 +22,8 @@ from conftest import Cli, errno_of, garble_root_page, sha256
 from test_mount_e2e import tree
 from zipcraft import header_offset, lzma_zip_without_end_marker, make_zip, patch, sample_bytes
 
+from s3datafs.units import human_size
+
 pytestmark = pytest.mark.fuse
 
 MiB = 1024 * 1024
@@ -67,6 +69,25 @@ def test_zip_mounts_as_its_members_byte_identical(
     assert info.st_mtime == pytest.approx(1620284890)  # 2021-05-06 07:08:10 UTC
     assert os.getxattr(mountpoint / "labels.csv", "user.s3datafs.member") == b"labels.csv"
     assert os.getxattr(mountpoint, "user.s3datafs.object_count") == str(len(MEMBERS)).encode()
+
+
+def test_a_zip_mount_reports_its_members_not_the_archive(cli: Cli, s3, make_bucket) -> None:
+    """The mount's line and ``status`` count the members and their bytes, as ``ls`` and ``du``
+    of the mount do, not the one archive object (4 MiB of zeros deflate to a few KiB)."""
+    bucket = make_bucket()
+    members = {"zeros.bin": bytes(4 * MiB), "a/one.txt": b"one\n"}
+    put(s3, bucket, "z.zip", make_zip(members, methods=(zipfile.ZIP_DEFLATED,)))
+    mounted = cli.run("mount", f"s3://{bucket}/z.zip")
+    mountpoint = cli.data_root / "z"
+    try:
+        assert mounted.returncode == 0, mounted.stderr
+        total = sum(map(len, members.values()))
+        assert f" (2 objects, {human_size(total)}, fingerprint " in mounted.stdout
+        rows = json.loads(cli.run("status", "--json").stdout)
+        (row,) = [row for row in rows if row["mountpoint"] == str(mountpoint)]
+        assert (row["object_count"], row["total_bytes"]) == (2, total)
+    finally:
+        assert cli.unmount(mountpoint).returncode == 0
 
 
 def test_an_lzma_member_without_an_end_marker_reads_as_its_header_says(
