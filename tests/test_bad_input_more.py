@@ -14,6 +14,7 @@ dangling symlinks where a credentials file, a snapshot or a datasets spec is exp
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -42,7 +43,7 @@ from test_bad_input import (  # noqa: F401 - ``world`` is a fixture used by name
 
 from devtools.s3server import S3Server
 from s3datafs import cli as s3datafs_cli
-from s3datafs import config, mount
+from s3datafs import config, mount, mounting
 from s3datafs.commands import mount as mount_command
 from s3datafs.errors import ConfigError, UsageError
 from s3datafs.units import counted, human_size, parse_size
@@ -534,6 +535,26 @@ def test_a_machine_without_a_usable_fuse_device_gets_one_line(
     assert result.stderr.count("\n") == 1
     assert not mountpoint.exists()  # made for the mount, removed again
     cli.expect_log("cannot open /dev/fuse|cannot mount")
+
+
+def test_a_fuse_device_this_user_may_not_open_names_that_remedy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not "install fuse3": it is installed, the device is there, this user may not open it (a
+    user outside the group a distribution gives /dev/fuse to; root here, so refused by a fake)."""
+    opened = os.open
+
+    def refused(path: str, *args: int) -> int:
+        if path == "/dev/fuse":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return opened(path, *args)
+
+    monkeypatch.setattr(mounting.os, "open", refused)
+    with pytest.raises(ConfigError) as refusal:
+        mounting._check_fuse_device()
+    assert str(refusal.value) == (
+        "cannot open /dev/fuse (Permission denied): this user may not open /dev/fuse: mount as "
+        "root, or give the user access to the device")
 
 
 @pytest.mark.parametrize("foreground", [False, True], ids=["background", "foreground"])

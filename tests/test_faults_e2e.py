@@ -606,6 +606,29 @@ def test_cache_dir_trouble_while_mounted_never_fails_a_read(
             assert cli.unmount(mountpoint).returncode == 0
 
 
+def test_cache_min_free_reaches_the_mounts_disk_cache(cli: Cli, s3, make_bucket) -> None:
+    """With 99 % of a cache filesystem to keep free, and 6 % of it taken by another file,
+    nothing is cached; every read is still served."""
+    bucket = make_bucket()
+    body = os.urandom(2 * MiB)
+    put(s3, bucket, {"p/f.bin": body})
+    with tmpfs(cli.root / "cachefs", "16m") as filesystem:
+        (filesystem / "other").write_bytes(bytes(MiB))  # not the cache's: never evicted
+        cache_dir = filesystem / "cache"
+        mountpoint = cli.mount(f"s3://{bucket}/p/", "--cache-dir", str(cache_dir),
+                               "--cache-min-free", "99%")
+        try:
+            cli.expect_log(CACHE_WARNING)
+            assert uncached_read(mountpoint / "f.bin") == body
+            deadline = time.monotonic() + 10  # write-behind: the errors come after the reads
+            while stats_of(mountpoint)["cache_write_errors"] == 0:
+                assert time.monotonic() < deadline, stats_of(mountpoint)
+                time.sleep(0.05)
+        finally:
+            assert cli.unmount(mountpoint).returncode == 0
+        assert block_files(cache_dir) == []
+
+
 def test_prefetch_into_a_full_cache_disk_says_it_is_not_warm(cli: Cli, s3, make_bucket) -> None:
     """A mount reads on when the cache cannot be written; prefetch exists only to fill it, so
     it fails, in one line, rather than report a warm cache that is not."""

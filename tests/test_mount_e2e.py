@@ -10,6 +10,7 @@ import argparse
 import errno
 import fcntl
 import json
+import logging
 import os
 import signal
 import stat
@@ -1059,3 +1060,57 @@ def test_a_dataset_name_that_is_not_utf8_mounts(cli: Cli, s3, make_bucket) -> No
         assert "mounted s3://" in (cli.log_dir / "caf\udce9.log").read_text(errors="replace")
     finally:
         assert cli.unmount(mountpoint).returncode == 0
+
+
+def test_a_failure_writing_the_catalogs_is_the_users_only_when_the_disk_refuses(
+    tmp_path: Path,
+) -> None:
+    """Full, over quota, read-only or refused: one line saying what to do. Any other error is
+    not the disk's to blame: it goes on as it is (an internal error, with its traceback)."""
+    said = r"\(No space left on device\): free space there"
+    with pytest.raises(ConfigError, match=said), mounting._writing_catalogs(tmp_path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(FileNotFoundError), mounting._writing_catalogs(tmp_path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+
+@pytest.mark.parametrize(("asked", "level"), [(128 * 1024, "WARNING"), (None, "DEBUG")])
+def test_a_kernel_readahead_not_applied_is_a_warning_only_if_asked_for(
+    caplog: pytest.LogCaptureFixture, asked: int | None, level: str
+) -> None:
+    """Only root may set it: for the default, FUSE's 128K is fine; a value asked for is said."""
+
+    async def tune() -> None:
+        initialized = trio.Event()
+        initialized.set()
+        readahead = config.DEFAULT_KERNEL_READAHEAD if asked is None else asked
+        await mount.tune_kernel_readahead(Path("/not/a/mount"), initialized, readahead)
+
+    with caplog.at_level(logging.DEBUG, "s3datafs.mount"):
+        trio.run(tune)
+    said = [r for r in caplog.records if "--kernel-readahead not applied" in r.getMessage()]
+    assert [r.levelname for r in said] == [level]
+
+
+def test_cache_writes_under_way_when_the_serving_loop_ends_are_finished_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The background tasks are cancelled once the kernel ends the session; the cache writes
+    behind reads are not: a remount right after finds everything that was read."""
+    finished: list[str] = []
+
+    async def session_ends() -> None:  # pyfuse3.main: the kernel ended the session at once
+        await trio.lowlevel.checkpoint()
+
+    async def cache_write() -> None:
+        await trio.sleep(0.05)
+        finished.append("written")
+
+    def start(tasks: trio.Nursery, writes: trio.Nursery) -> None:
+        tasks.start_soon(trio.sleep_forever)
+        writes.start_soon(cache_write)
+
+    monkeypatch.setattr(mount.pyfuse3, "main", session_ends)
+    operations = SimpleNamespace(abandon_requests=lambda: 0)
+    trio.run(mount._main_loop, operations, set(), Path("/m"), None, start)
+    assert finished == ["written"]
