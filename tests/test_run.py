@@ -22,7 +22,7 @@ from conftest import Cli
 from zipcraft import make_zip
 
 from s3datafs import supervisor
-from s3datafs.runtime import pid_alive
+from s3datafs.runtime import mount_table, pid_alive
 
 pytestmark = pytest.mark.fuse
 
@@ -210,6 +210,57 @@ def test_run_killed_with_sigkill_leaves_no_mount(cli: Cli, spec: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(job_pid, signal.SIGKILL)
     cli.expect_log("the command that mounted this .* is gone: unmounting")
+
+
+def test_run_killed_while_a_dataset_is_covered_leaves_that_mount_serving(
+    cli: Cli, spec: str
+) -> None:
+    """The daemon hears that its run is gone, but another file system is mounted over its
+    dataset (by the job): unmounting by path would take that one off instead. What to do is the
+    user's to say: the mount is left as it is, and its daemon serves on."""
+    mountpoint, marker = cli.data_root / "mnist", cli.root / "job-pid"
+    job = (f"mount -t tmpfs tmpfs {mountpoint} && echo $$ > {marker}.new && "
+           f"mv {marker}.new {marker} && exec sleep 60")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "s3datafs", "run", "--datasets", "-", "--", "sh", "-c", job],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=cli.env, text=True,
+    )
+    job_pid = None
+    try:
+        process.stdin.write(spec)
+        process.stdin.close()
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert process.poll() is None, "run ended early"
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.05)
+        job_pid = int(marker.read_text())
+        daemon = cli.daemon_pid(mountpoint)
+        process.kill()
+        process.wait(timeout=10)
+        log = cli.log_dir / "mnist.log"
+        deadline = time.monotonic() + 10
+        while " is gone" not in log.read_text():
+            assert time.monotonic() < deadline, "the daemon did not hear that run is gone"
+            time.sleep(0.05)
+        assert "but a tmpfs file system is mounted over" in log.read_text()
+        assert [e.fstype for e in mount_table() if e.mountpoint == str(mountpoint)] == [
+            "fuse.s3datafs", "tmpfs"]
+        subprocess.run(["umount", str(mountpoint)], check=True)
+        assert pid_alive(daemon)
+        assert (mountpoint / "mnist.bin").read_bytes() == BODY  # served on
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if job_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(job_pid, signal.SIGKILL)
+        if [e for e in mount_table() if e.mountpoint == str(mountpoint) and e.fstype == "tmpfs"]:
+            subprocess.run(["umount", str(mountpoint)], check=False)
+    assert cli.unmount(mountpoint).returncode == 0
+    cli.expect_log("the command that mounted this is gone, but a tmpfs file system is mounted")
 
 
 def test_a_job_that_unmounts_a_dataset_itself_is_not_a_failure(cli: Cli, spec: str) -> None:
