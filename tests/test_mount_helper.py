@@ -136,6 +136,27 @@ def test_helper_errors_are_one_line_with_mount8_exit_codes(
     assert "would mount s3://b-1/x" in capsys.readouterr().out
 
 
+def test_an_option_that_only_mentions_remount_mounts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Only the option ``remount`` asks for a remount: an fstab comment naming it does not."""
+    options = "ro,comment=no-remount,x-remount-never"
+    assert main(["s3://b-1/x", str(tmp_path), "-f", "-v", "-o", options]) == 0
+    assert "would mount s3://b-1/x" in capsys.readouterr().out
+
+
+def test_rw_mounts_read_only_and_verbose_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """mount(8) passes ``rw`` for every line that does not say ``ro``: accepted, and ``-v``
+    tells that the mount is read-only whatever it says (quiet without ``-v``)."""
+    assert main(["s3://b-1/x", str(tmp_path), "-f", "-v", "-o", "rw"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == "mount.s3datafs: rw ignored: s3datafs mounts are read-only"
+    assert main(["s3://b-1/x", str(tmp_path), "-f", "-o", "rw"]) == 0
+    assert capsys.readouterr().out == ""
+
+
 # -- remount, against a mount table made up for the test ---------------------------------------
 
 
@@ -165,6 +186,31 @@ def test_remount_judges_noexec_by_the_mount_on_top(
     _mount_table(monkeypatch, tmp_path, ("fuse.s3datafs", "ro,noexec"), ("fuse.s3datafs", "ro"))
     assert main(["s3://b-1/x", str(tmp_path), "-o", "remount,noexec"]) == 32
     assert f"cannot remount {tmp_path} noexec" in capsys.readouterr().err
+
+
+def test_remount_finds_the_mount_through_a_symbolic_link(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The mount table names mount points without links (/data may be a link to a larger
+    disk): DIR given through one is the same mount."""
+    target = tmp_path / "disk"
+    target.mkdir()
+    (tmp_path / "data").symlink_to(target)
+    _mount_table(monkeypatch, target, ("fuse.s3datafs", "ro"))
+    link = tmp_path / "data"
+    assert main(["s3://b-1/x", str(link), "-v", "-o", "remount"]) == 0
+    assert capsys.readouterr().out == f"mount.s3datafs: {link} remounted: nothing to change\n"
+
+
+def test_remount_of_a_mount_that_recorded_no_options_warns_of_every_option(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A daemon of an earlier release kept no options in its state file: whether a value
+    differs cannot be told, so none is taken for applied."""
+    _mount_table(monkeypatch, tmp_path, ("fuse.s3datafs", "ro"))
+    monkeypatch.setattr(runtime, "read_state", lambda _mountpoint: {"pid": 1})
+    assert main(["s3://b-1/x", str(tmp_path), "-o", "remount,cache_size=1G"]) == 0
+    assert "changes nothing (--cache-size not applied)" in capsys.readouterr().err
 
 
 # -- the real mount(8) ---------------------------------------------------------------------------
