@@ -213,6 +213,19 @@ def test_remount_of_a_mount_that_recorded_no_options_warns_of_every_option(
     assert "changes nothing (--cache-size not applied)" in capsys.readouterr().err
 
 
+def test_remount_ignores_what_the_kernel_reports_for_a_fuse_mount(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """mount(8) passes the mount's options back on remount, the kernel's for FUSE among them:
+    none is an option to refuse or warn of, even for a mount that recorded no options."""
+    _mount_table(monkeypatch, tmp_path, ("fuse.s3datafs", "ro"))
+    monkeypatch.setattr(runtime, "read_state", lambda _mountpoint: {"pid": 1})
+    kernels = ("rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,"
+               "max_read=131072,blksize=4096,relatime,nosymfollow")
+    assert main(["s3://b-1/x", str(tmp_path), "-o", f"remount,{kernels}"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 # -- the real mount(8) ---------------------------------------------------------------------------
 
 
@@ -265,6 +278,30 @@ def _mount8(*args: str, env: dict) -> subprocess.CompletedProcess:
 def _without_endpoint(cli: Cli) -> dict:
     """The endpoint must come from ``-o`` in these tests, to prove the translation."""
     return {k: v for k, v in cli.env.items() if not k.startswith("AWS_ENDPOINT_URL")}
+
+
+def test_the_helpers_daemon_keeps_no_descriptor_its_caller_gave(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """``flock job.lock mount /data/x``: the lock is the caller's, not the mount's."""
+    bucket = make_bucket()
+    s3.put_object(Bucket=bucket, Key="p/a.txt", Body=b"a")
+    target, lock = cli.root / "mnt", cli.root / "job.lock"
+    target.mkdir()
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        mounted = subprocess.run(
+            [sys.executable, "-m", "s3datafs.mount_helper", f"s3://{bucket}/p/", str(target)],
+            env=cli.env, pass_fds=(held.fileno(),), capture_output=True, text=True, timeout=60,
+            check=False)
+    try:
+        assert mounted.returncode == 0, mounted.stderr
+        with open(lock) as again:  # the caller let go: nobody may hold it now
+            fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        daemon = cli.daemon_pid(target)
+        assert str(lock) not in {os.readlink(fd) for fd in Path(f"/proc/{daemon}/fd").iterdir()}
+    finally:
+        assert cli.unmount(target).returncode == 0
 
 
 def test_mount_t_s3datafs_mounts_reads_and_umount_stops_the_daemon(
