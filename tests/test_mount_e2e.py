@@ -28,7 +28,7 @@ from conftest import Cli, errno_of, files_below, kernel_readahead_kb, sha256
 
 from s3datafs import config, mount, mounting
 from s3datafs.errors import ConfigError
-from s3datafs.runtime import mount_table, pid_alive
+from s3datafs.runtime import MountEntry, mount_table, pid_alive
 
 pytestmark = pytest.mark.fuse
 
@@ -1114,3 +1114,18 @@ def test_cache_writes_under_way_when_the_serving_loop_ends_are_finished_first(
     operations = SimpleNamespace(abandon_requests=lambda: 0)
     trio.run(mount._main_loop, operations, set(), Path("/m"), None, start)
     assert finished == ["written"]
+
+
+def test_a_mount_bound_again_on_top_of_itself_is_not_covered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Covered means another file system on top of ours: our own mount bound again onto the
+    mount point (``mount --bind /data/x /data/x``) is ours on top, which a stop unmounts."""
+    ours = MountEntry("/data/x", "fuse.s3datafs", "s3://b/x/", device="0:50")
+    table = [ours, ours]
+    monkeypatch.setattr(mount.runtime, "mount_table", lambda: table)
+    assert mount._covered_by(Path("/data/x"), "0:50") is None
+    table.insert(1, MountEntry("/data/x", "tmpfs", "tmpfs", device="0:60"))
+    assert mount._covered_by(Path("/data/x"), "0:50") is None
+    table.pop()
+    assert mount._covered_by(Path("/data/x"), "0:50") == "tmpfs"
