@@ -31,7 +31,7 @@ from s3datafs.failurelog import REPEAT_QUIET, FailureLog
 from s3datafs.fuse_ops import Operations
 from s3datafs.model import MemberRef, ObjectRef
 from s3datafs.plan import FsSettings
-from s3datafs.reader import BlockReader
+from s3datafs.reader import BlockReader, ByteBudget
 from s3datafs.resolve import resolve
 from s3datafs.uri import parse_s3_uri
 
@@ -443,7 +443,7 @@ async def test_abandoning_requests_ends_a_read_waiting_on_s3_and_every_later_one
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_and_record)
             await trio.testing.wait_all_tasks_blocked()  # the read waits on its GET's thread
-            fs.ops.abandon_requests()
+            assert fs.ops.abandon_requests() == 1  # how many: what the unmount's log line says
         assert outcomes == [errno.EIO]
         with trio.fail_after(5):  # a request that arrives later does not wait either
             await read_and_record()
@@ -703,6 +703,38 @@ async def test_files_opened_in_order_get_their_siblings_fetched_ahead(
             assert set(keys[gets:]) == {f"d/f{index:02d}" for index in range(8, 15)}
             assert len(keys) == len(set(keys))  # each file fetched once, f03-f05 ahead of time
             assert [(s, e) for ref, s, e in source.ranges if ref.key == "d/f08"] == [(0, 256)]
+            nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_files_the_prefetch_budget_had_no_room_for_are_fetched_ahead_at_later_opens(
+    tmp_path: Path,
+) -> None:
+    """A budget of three files: the rest of the window is skipped, and asked for again as the
+    files fetched ahead are read and give their share back, so none is read before it came."""
+    source = FakeSource()
+    source.create_bucket("walk")
+    for index in range(16):
+        source.put("walk", f"d/f{index:02d}", bytes([index]) * 100)
+    resolution = resolve(source, parse_s3_uri("s3://walk/d/"))
+    path = tmp_path / "walk.catalog"
+    build_catalog(path, list(resolution.refs), uri=str(resolution.uri), bucket="walk",
+                  prefix=resolution.prefix, versioned=False)
+    with Catalog.open(path) as catalog:
+        reader = BlockReader(source, block_size=64, memory_cache_bytes=1 << 20,
+                             s3_limiter=trio.CapacityLimiter(4),
+                             prefetch_budget=ByteBudget(3 * 128))  # a file: two blocks
+        ops = Operations(catalog, reader, FsSettings(uid=UID, gid=GID, prefetch_files=8))
+        async with trio.open_nursery() as nursery:
+            reader.attach(nursery)
+            late = []
+            for index in range(16):
+                await _gets_settled(source)
+                if index >= 3 and f"d/f{index:02d}" not in {ref.key for ref, *_ in source.ranges}:
+                    late.append(index)
+                await _open_read_close(ops, index)
+            assert reader.stats.prefetch_skipped > 0  # the budget did fall short
+            assert late == []
             nursery.cancel_scope.cancel()
 
 
