@@ -49,6 +49,7 @@ def test_times_are_kept_to_the_millisecond_and_round_trip() -> None:
     parsed = parse_as_of("2024-05-01T11:00:00.123456Z", NOW)
     assert format_time(parsed) == "2024-05-01T11:00:00.123Z"
     assert parse_time(format_time(parsed)) == parsed
+    assert format_time(parse_as_of("2024-05-01T11:00:00Z", NOW)) == "2024-05-01T11:00:00Z"
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from s3datafs import credfile, logsetup
+from s3datafs import config, credfile, logsetup
 from s3datafs.config import Credentials
 from s3datafs.errors import ConfigError
 
@@ -144,3 +144,15 @@ def test_a_file_rewritten_while_it_is_read_is_read_again(
     monkeypatch.setattr(credfile, "read_credentials_file", read_then_rewritten)
     credentials = provider.load()
     assert credentials.get_frozen_credentials().access_key == "KEY2"
+
+
+@pytest.mark.parametrize("value", ["AKIA EXAMPLE", "AKIA\tEXAMPLE", "AKIA\nEXAMPLE", "AKIA\u00a0X"])
+def test_a_key_with_a_space_or_any_character_no_aws_key_has_is_refused_unnamed(
+    value: str,
+) -> None:
+    """Inside a key, such a character would reach an HTTP header, whose refusal quotes it."""
+    with pytest.raises(ConfigError) as refused:
+        config.credential_value(value, "credentials file k [p] aws_access_key_id")
+    assert str(refused.value).startswith("credentials file k [p] aws_access_key_id is empty or")
+    assert value not in str(refused.value)
+    assert config.credential_value(" AKIA!~EXAMPLE\n", "key") == "AKIA!~EXAMPLE"

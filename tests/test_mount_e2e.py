@@ -1129,3 +1129,18 @@ def test_a_mount_bound_again_on_top_of_itself_is_not_covered(
     assert mount._covered_by(Path("/data/x"), "0:50") is None
     table.pop()
     assert mount._covered_by(Path("/data/x"), "0:50") == "tmpfs"
+
+
+class _DeadMountPoint(type(Path())):
+    """A mount point whose daemon is gone, the kernel's attributes of it expired (they are kept
+    a day): a stat reaches the daemon and fails."""
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+
+
+def test_a_dead_mount_point_whose_stat_fails_is_named_a_dead_mount() -> None:
+    with pytest.raises(ConfigError) as refused:
+        config.prepare_mountpoint(_DeadMountPoint("/data/x"))
+    assert str(refused.value) == ("/data/x is a dead mount (transport endpoint is not "
+                                  "connected): run 's3datafs unmount /data/x' first")
