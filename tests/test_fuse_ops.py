@@ -25,7 +25,7 @@ import trio
 import trio.testing
 from fakes import FakeSource, trio_test
 
-from s3datafs.catalog import Catalog, Entry, build_catalog
+from s3datafs.catalog import Catalog, CatalogDamaged, Entry, build_catalog
 from s3datafs.errors import AccessDeniedError, ArchiveError, TransientS3Error
 from s3datafs.failurelog import REPEAT_QUIET, FailureLog
 from s3datafs.fuse_ops import Operations
@@ -356,6 +356,9 @@ async def test_read_of_an_overwritten_object_is_estale_and_logged_once(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert "s3://plain/dir/file.csv" in errors[0].getMessage()
+    # Counted where ``status`` and the root's xattr show them.
+    stats = json.loads((await xattrs(plain_fs, ROOT))["user.s3datafs.stats"])
+    assert (stats["failed_reads"], stats["stale_reads"]) == (3, 3)
 
 
 @trio_test
@@ -406,17 +409,18 @@ async def test_failures_of_one_object_are_logged_once_whatever_each_says(
 
 
 @trio_test
+@pytest.mark.parametrize("error", [ArchiveError, CatalogDamaged])
 async def test_a_bad_archive_member_is_logged_once_for_the_mounts_life(
-    fs: Mounted, caplog: pytest.LogCaptureFixture
+    fs: Mounted, caplog: pytest.LogCaptureFixture, error: type[Exception]
 ) -> None:
     """An ``ArchiveError`` is the same answer every time, like a stale object: one line ever,
-    not one per ``REPEAT_QUIET``."""
+    not one per ``REPEAT_QUIET``. So is a catalog damaged on disk (a member index)."""
     clock = [1000.0]
     fs.ops.failures = FailureLog(lambda: clock[0])
     fh = await fs.open("a.txt")
     with caplog.at_level(logging.ERROR, logger="s3datafs.fuse_ops"):
         for _ in range(3):
-            fs.source.fail_next(1, ArchiveError("data.zip!/m: bad CRC"))
+            fs.source.fail_next(1, error("data.zip!/m: bad CRC"))
             with pytest.raises(pyfuse3.FUSEError):
                 await fs.ops.read(fh, 0, 10)
             clock[0] += REPEAT_QUIET
@@ -707,11 +711,14 @@ async def test_files_opened_in_order_get_their_siblings_fetched_ahead(
 
 
 @trio_test
+@pytest.mark.parametrize("read", [True, False], ids=["read", "opened-only"])
 async def test_files_the_prefetch_budget_had_no_room_for_are_fetched_ahead_at_later_opens(
-    tmp_path: Path,
+    tmp_path: Path, read: bool
 ) -> None:
     """A budget of three files: the rest of the window is skipped, and asked for again as the
-    files fetched ahead are read and give their share back, so none is read before it came."""
+    files fetched ahead give their share back, so none is opened before it came. They give it
+    back once read, or once closed unread (the kernel had their pages, or the reader wanted
+    none of it): what was fetched for them is nobody's then."""
     source = FakeSource()
     source.create_bucket("walk")
     for index in range(16):
@@ -732,7 +739,7 @@ async def test_files_the_prefetch_budget_had_no_room_for_are_fetched_ahead_at_la
                 await _gets_settled(source)
                 if index >= 3 and f"d/f{index:02d}" not in {ref.key for ref, *_ in source.ranges}:
                     late.append(index)
-                await _open_read_close(ops, index)
+                await _open_read_close(ops, index, kernel_has_pages=not read)
             assert reader.stats.prefetch_skipped > 0  # the budget did fall short
             assert late == []
             nursery.cancel_scope.cancel()
