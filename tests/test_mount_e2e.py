@@ -652,19 +652,27 @@ def test_unmount_names_a_mount_inside_ours_as_what_keeps_it_busy(
     assert cli.unmount(mountpoint).returncode == 0
 
 
+@pytest.mark.parametrize("given_as", ["its own number", "3"])
 def test_the_daemon_keeps_no_descriptor_its_command_was_given(
-    cli: Cli, s3, make_bucket
+    cli: Cli, s3, make_bucket, given_as: str
 ) -> None:
-    """``flock job.lock s3datafs mount ...``: the lock is the caller's, not the mount's."""
+    """``flock job.lock s3datafs mount ...``: the lock is the caller's, not the mount's. As 3:
+    a shell's ``exec 3>job.lock; flock 3``, the first number past stdin, stdout and stderr."""
     bucket = make_bucket()
     put_all(s3, bucket, {"p/x.bin": b"x"})
     lock = cli.root / "job.lock"
-    with open(lock, "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    command = [sys.executable, "-m", "s3datafs", "mount", f"s3://{bucket}/p/"]
+    if given_as == "3":
         mounted = subprocess.run(
-            [sys.executable, "-m", "s3datafs", "mount", f"s3://{bucket}/p/"], env=cli.env,
-            pass_fds=(held.fileno(),), capture_output=True, text=True, timeout=60, check=False)
-        assert mounted.returncode == 0, mounted.stderr
+            ["sh", "-c", 'exec 3>"$0" && flock 3 && exec "$@"', str(lock), *command],
+            env=cli.env, capture_output=True, text=True, timeout=60, check=False)
+    else:
+        with open(lock, "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            mounted = subprocess.run(
+                command, env=cli.env, pass_fds=(held.fileno(),), capture_output=True, text=True,
+                timeout=60, check=False)
+    assert mounted.returncode == 0, mounted.stderr
     with open(lock) as again:  # the caller let go: nobody may hold it now
         fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
     daemon = cli.daemon_pid(cli.data_root / "p")
