@@ -466,6 +466,22 @@ def test_a_stopped_daemon_is_told_by_status_and_unmounted_without_a_hang(
     assert not pid_alive(pid)
 
 
+def test_a_daemon_slow_to_answer_is_waited_for_by_status(cli: Cli, s3, make_bucket) -> None:
+    """Up to ``MOUNT_ANSWER_SECONDS``: a daemon busy (here: stopped) for a second is mounted,
+    not "not answering"."""
+    mountpoint = mount_one_file(cli, s3, make_bucket)
+    pid = cli.daemon_pid(mountpoint)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status = subprocess.Popen([sys.executable, "-m", "s3datafs", "status", "--json"],
+                                  env=cli.env, stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)  # status asks the stopped daemon meanwhile
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    rows = json.loads(status.communicate(timeout=20)[0])
+    assert [row["state"] for row in rows if row["mountpoint"] == str(mountpoint)] == ["mounted"]
+
+
 def test_status_shows_what_the_state_file_says_and_no_mount_is_no_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
