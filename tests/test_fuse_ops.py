@@ -710,6 +710,20 @@ async def test_files_opened_in_order_get_their_siblings_fetched_ahead(
             nursery.cancel_scope.cancel()
 
 
+def _directory_of_files(tmp_path: Path, count: int) -> tuple[FakeSource, Path]:
+    """A source holding ``count`` files ``d/f00``... of 100 bytes (each of its index), as
+    ``_open_read_close`` reads them, and the catalog of ``s3://walk/d/`` (its path)."""
+    source = FakeSource()
+    source.create_bucket("walk")
+    for index in range(count):
+        source.put("walk", f"d/f{index:02d}", bytes([index]) * 100)
+    resolution = resolve(source, parse_s3_uri("s3://walk/d/"))
+    path = tmp_path / "walk.catalog"
+    build_catalog(path, list(resolution.refs), uri=str(resolution.uri), bucket="walk",
+                  prefix=resolution.prefix, versioned=False)
+    return source, path
+
+
 @trio_test
 @pytest.mark.parametrize("read", [True, False], ids=["read", "opened-only"])
 async def test_files_the_prefetch_budget_had_no_room_for_are_fetched_ahead_at_later_opens(
@@ -719,14 +733,7 @@ async def test_files_the_prefetch_budget_had_no_room_for_are_fetched_ahead_at_la
     files fetched ahead give their share back, so none is opened before it came. They give it
     back once read, or once closed unread (the kernel had their pages, or the reader wanted
     none of it): what was fetched for them is nobody's then."""
-    source = FakeSource()
-    source.create_bucket("walk")
-    for index in range(16):
-        source.put("walk", f"d/f{index:02d}", bytes([index]) * 100)
-    resolution = resolve(source, parse_s3_uri("s3://walk/d/"))
-    path = tmp_path / "walk.catalog"
-    build_catalog(path, list(resolution.refs), uri=str(resolution.uri), bucket="walk",
-                  prefix=resolution.prefix, versioned=False)
+    source, path = _directory_of_files(tmp_path, 16)
     with Catalog.open(path) as catalog:
         reader = BlockReader(source, block_size=64, memory_cache_bytes=1 << 20,
                              s3_limiter=trio.CapacityLimiter(4),
@@ -796,14 +803,7 @@ async def test_a_second_pass_over_a_directory_fetches_ahead_only_what_the_kernel
     clock = [1000.0]
     monkeypatch.setattr("s3datafs.fuse_ops.time", type("Clock", (), {
         "monotonic": staticmethod(lambda: clock[0])}))
-    source = FakeSource()
-    source.create_bucket("again")
-    for index in range(20):
-        source.put("again", f"d/f{index:02d}", bytes([index]) * 100)
-    resolution = resolve(source, parse_s3_uri("s3://again/d/"))
-    path = tmp_path / "again.catalog"
-    build_catalog(path, list(resolution.refs), uri=str(resolution.uri), bucket="again",
-                  prefix=resolution.prefix, versioned=False)
+    source, path = _directory_of_files(tmp_path, 20)
     with Catalog.open(path) as catalog:
         reader = BlockReader(source, block_size=64, memory_cache_bytes=1,
                              s3_limiter=trio.CapacityLimiter(4))

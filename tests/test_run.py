@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -174,11 +175,12 @@ def test_a_mount_kept_busy_by_a_leftover_process_is_detached(cli: Cli, spec: str
     assert read.read_text().split() == [str(len(BODY))]
 
 
-def test_run_killed_with_sigkill_leaves_no_mount(cli: Cli, spec: str) -> None:
-    """No cleanup can run in a process killed outright (an OOM kill, a CI runner's timeout):
-    the kernel tells the daemons that the run is gone, and they unmount."""
+@contextlib.contextmanager
+def run_in_the_background(cli: Cli, spec: str, setup: str = "") -> Iterator[subprocess.Popen]:
+    """``s3datafs run`` whose job runs the shell commands ``setup``, then sleeps: yielded once
+    the job runs, killed with its job on the way out."""
     marker = cli.root / "job-pid"
-    job = f"echo $$ > {marker}.new && mv {marker}.new {marker} && exec sleep 60"
+    job = f"{setup}echo $$ > {marker}.new && mv {marker}.new {marker} && exec sleep 60"
     process = subprocess.Popen(
         [sys.executable, "-m", "s3datafs", "run", "--datasets", "-", "--", "sh", "-c", job],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -194,6 +196,20 @@ def test_run_killed_with_sigkill_leaves_no_mount(cli: Cli, spec: str) -> None:
             assert time.monotonic() < deadline, "the job never started"
             time.sleep(0.05)
         job_pid = int(marker.read_text())
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if job_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(job_pid, signal.SIGKILL)
+
+
+def test_run_killed_with_sigkill_leaves_no_mount(cli: Cli, spec: str) -> None:
+    """No cleanup can run in a process killed outright (an OOM kill, a CI runner's timeout):
+    the kernel tells the daemons that the run is gone, and they unmount."""
+    with run_in_the_background(cli, spec) as process:
         assert len(cli.mounts_below_root()) == 1
         process.kill()
         process.wait(timeout=10)
@@ -202,13 +218,6 @@ def test_run_killed_with_sigkill_leaves_no_mount(cli: Cli, spec: str) -> None:
         while cli.data_root.exists():
             assert time.monotonic() < deadline, "the mount point directories were left"
             time.sleep(0.05)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if job_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(job_pid, signal.SIGKILL)
     cli.expect_log("the command that mounted this .* is gone: unmounting")
 
 
@@ -218,45 +227,24 @@ def test_run_killed_while_a_dataset_is_covered_leaves_that_mount_serving(
     """The daemon hears that its run is gone, but another file system is mounted over its
     dataset (by the job): unmounting by path would take that one off instead. What to do is the
     user's to say: the mount is left as it is, and its daemon serves on."""
-    mountpoint, marker = cli.data_root / "mnist", cli.root / "job-pid"
-    job = (f"mount -t tmpfs tmpfs {mountpoint} && echo $$ > {marker}.new && "
-           f"mv {marker}.new {marker} && exec sleep 60")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "s3datafs", "run", "--datasets", "-", "--", "sh", "-c", job],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=cli.env, text=True,
-    )
-    job_pid = None
+    mountpoint = cli.data_root / "mnist"
     try:
-        process.stdin.write(spec)
-        process.stdin.close()
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert process.poll() is None, "run ended early"
-            assert time.monotonic() < deadline, "the job never started"
-            time.sleep(0.05)
-        job_pid = int(marker.read_text())
-        daemon = cli.daemon_pid(mountpoint)
-        process.kill()
-        process.wait(timeout=10)
-        log = cli.log_dir / "mnist.log"
-        deadline = time.monotonic() + 10
-        while " is gone" not in log.read_text():
-            assert time.monotonic() < deadline, "the daemon did not hear that run is gone"
-            time.sleep(0.05)
-        assert "but a tmpfs file system is mounted over" in log.read_text()
-        assert [e.fstype for e in mount_table() if e.mountpoint == str(mountpoint)] == [
-            "fuse.s3datafs", "tmpfs"]
-        subprocess.run(["umount", str(mountpoint)], check=True)
-        assert pid_alive(daemon)
-        assert (mountpoint / "mnist.bin").read_bytes() == BODY  # served on
+        with run_in_the_background(cli, spec, f"mount -t tmpfs tmpfs {mountpoint} && ") as run:
+            daemon = cli.daemon_pid(mountpoint)
+            run.kill()
+            run.wait(timeout=10)
+            log = cli.log_dir / "mnist.log"
+            deadline = time.monotonic() + 10
+            while " is gone" not in log.read_text():
+                assert time.monotonic() < deadline, "the daemon did not hear that run is gone"
+                time.sleep(0.05)
+            assert "but a tmpfs file system is mounted over" in log.read_text()
+            assert [e.fstype for e in mount_table() if e.mountpoint == str(mountpoint)] == [
+                "fuse.s3datafs", "tmpfs"]
+            subprocess.run(["umount", str(mountpoint)], check=True)
+            assert pid_alive(daemon)
+            assert (mountpoint / "mnist.bin").read_bytes() == BODY  # served on
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if job_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(job_pid, signal.SIGKILL)
         if [e for e in mount_table() if e.mountpoint == str(mountpoint) and e.fstype == "tmpfs"]:
             subprocess.run(["umount", str(mountpoint)], check=False)
     assert cli.unmount(mountpoint).returncode == 0
