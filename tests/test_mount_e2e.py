@@ -823,6 +823,7 @@ def test_foreground_mount_stays_attached(cli: Cli, s3, make_bucket) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+    assert not list(cli.log_dir.glob("*.log"))  # its log is the terminal, unless --log-file
 
 
 def test_credentials_file_is_used_and_must_be_private(cli: Cli, s3, make_bucket) -> None:
@@ -1168,3 +1169,17 @@ def test_a_dead_mount_point_whose_stat_fails_is_named_a_dead_mount() -> None:
         config.prepare_mountpoint(_DeadMountPoint("/data/x"))
     assert str(refused.value) == ("/data/x is a dead mount (transport endpoint is not "
                                   "connected): run 's3datafs unmount /data/x' first")
+
+
+def test_a_mount_point_with_a_space_is_found_in_the_mount_table(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """The kernel's table writes a space as ``\\040``: status and unmount read it back."""
+    bucket = make_bucket()
+    put_all(s3, bucket, {"p/x.bin": b"x"})
+    mountpoint = cli.mount(f"s3://{bucket}/p/", str(cli.root / "with space"))
+    try:
+        assert cli.daemon_pid(mountpoint) > 0
+    finally:
+        assert cli.unmount(mountpoint).returncode == 0
+    assert not os.path.ismount(mountpoint)
