@@ -1183,3 +1183,20 @@ def test_a_mount_point_with_a_space_is_found_in_the_mount_table(
     finally:
         assert cli.unmount(mountpoint).returncode == 0
     assert not os.path.ismount(mountpoint)
+
+
+def test_a_daemon_whose_name_holds_a_parenthesis_is_alive() -> None:
+    """/proc/PID/stat puts the process name, which a dataset's name makes, in parentheses:
+    ``--name 'x) Z y'`` must not read as a zombie (the state is after the last one)."""
+    named = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "open('/proc/self/comm', 'w').write('s3datafs/x) Z y')\n"
+         "print('named', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert named.stdout.readline() == "named\n"
+        assert pid_alive(named.pid)
+    finally:
+        named.kill()
+        named.wait()
+    assert not pid_alive(named.pid)
