@@ -752,6 +752,27 @@ async def test_files_the_prefetch_budget_had_no_room_for_are_fetched_ahead_at_la
             nursery.cancel_scope.cancel()
 
 
+@trio_test
+async def test_every_range_the_file_prefetch_asks_for_is_fetched(tmp_path: Path) -> None:
+    """``FilePrefetch`` answers an open with up to two ranges (the directory's stream and the
+    opening reader's, apart when readers share a directory): the files of both are fetched."""
+    source, path = _directory_of_files(tmp_path, 12)
+    with Catalog.open(path) as catalog:
+        reader = BlockReader(source, block_size=64, memory_cache_bytes=1 << 20,
+                             s3_limiter=trio.CapacityLimiter(4))
+        ops = Operations(catalog, reader, FsSettings(uid=UID, gid=GID))
+        first = (await ops.lookup(ROOT, b"f00")).st_ino  # inodes in name order from here
+        ops._file_prefetch.on_open = lambda *_args: [(first + 1, first + 3),
+                                                     (first + 7, first + 9)]
+        async with trio.open_nursery() as nursery:
+            reader.attach(nursery)
+            await ops.release((await ops.open(first, os.O_RDONLY)).fh)
+            await _gets_settled(source)
+            fetched = sorted({ref.key for ref, _start, _end in source.ranges})
+            assert fetched == ["d/f02", "d/f03", "d/f08", "d/f09"]
+            nursery.cancel_scope.cancel()
+
+
 class _MembersCatalog:
     """Zip members 2..21 of one directory; listing it again is a failure (see the test)."""
 

@@ -34,6 +34,7 @@ from s3datafs import daemon, runtime
 from s3datafs.cli import build_parser, main
 from s3datafs.commands import mount_all, unmount
 from s3datafs.datasets import DatasetSpec
+from s3datafs.errors import S3DataFSError
 from s3datafs.uri import parse_s3_uri
 
 pytestmark = pytest.mark.fuse
@@ -247,6 +248,26 @@ def test_a_command_killed_outright_while_mounting_leaves_nothing_mounted(
         assert time.monotonic() < deadline, list(cli.data_root.iterdir())
         time.sleep(0.05)
     assert_nothing_left(cli)
+
+
+def test_a_daemon_that_fails_after_its_ready_report_exits() -> None:
+    """The report went out (its pipe is closed): the failure is the log's, and the daemon ends
+    (a second report on the closed pipe raised out of the forked child, which then ran on in
+    its command's code)."""
+
+    def ready_then_fail(report: daemon.Report) -> None:
+        report({"pid": os.getpid()})
+        raise S3DataFSError("failed while serving")
+
+    command = os.getpid()
+    try:
+        verdict = daemon.spawn(ready_then_fail, log_hint="(test)")
+    finally:
+        if os.getpid() != command:  # the daemon must never go on in pytest's code
+            os._exit(3)
+    assert verdict["ok"]
+    _pid, status = os.waitpid(verdict["pid"], 0)
+    assert os.waitstatus_to_exitcode(status) == 1
 
 
 def test_a_held_daemon_that_dies_during_start_leaves_no_pipe_open() -> None:
