@@ -6,12 +6,14 @@ import faulthandler
 import logging
 import os
 import signal
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from s3datafs import logsetup
+from s3datafs.errors import ConfigError
 
 
 @pytest.fixture
@@ -168,18 +170,29 @@ def test_a_warning_botocore_repeats_is_logged_once_a_minute_in_one_line(
         ours.warning("ours, always")
     now[0] += logsetup.REPEAT_SECONDS
     refresh_fails()
+    now[0] += logsetup.REPEAT_SECONDS  # a minute with no more of them: nothing was held back
+    refresh_fails()
     lines = log_file.read_text().splitlines()
     assert "Traceback" not in log_file.read_text()
     theirs = [line for line in lines if "botocore.credentials" in line]
+    said = ("Refreshing temporary credentials failed during advisory refresh period. "
+            "(ConnectionError: Connection was closed before we received a valid response)")
     assert [line.partition("]: ")[2] for line in theirs] == [
-        "Refreshing temporary credentials failed during advisory refresh period. "
-        "(ConnectionError: Connection was closed before we received a valid response)",
-        "Refreshing temporary credentials failed during advisory refresh period. "
-        "(ConnectionError: Connection was closed before we received a valid response) "
-        "[499 more like it in the last 60 s not logged]",
-    ]
+        said, f"{said} [499 more like it in the last 60 s not logged]", said]
     assert sum("ours, always" in line for line in lines) == 500
-    assert capsys.readouterr().err.count("Refreshing temporary credentials") == 2
+    assert capsys.readouterr().err.count("Refreshing temporary credentials") == 3
+
+
+def test_a_log_file_that_is_not_a_regular_file_is_refused_and_left_as_it_is(
+    tmp_path: Path, restored_logging: None
+) -> None:
+    """A device there (/dev/null, say) would have been made 0600 for every user."""
+    device = tmp_path / "null"
+    os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    device.chmod(0o666)
+    with pytest.raises(ConfigError, match=f"log file {device} is not a file of uid"):
+        logsetup.setup(debug=False, verbose=False, log_file=device, secrets=())
+    assert stat.S_IMODE(device.stat().st_mode) == 0o666
 
 
 def test_secrets_added_later_are_redacted_the_last_32_of_them_and_those_given_always() -> None:
