@@ -645,6 +645,8 @@ def test_mount_options_reach_the_plan_at_their_documented_bounds(
     assert planned("--read-timeout", "86400").s3.read_deadline == 86400.0  # "at most a day"
     assert planned("--kernel-readahead", "16M").fs.kernel_readahead == 16 * 1024**2  # "at most"
     assert planned("--kernel-readahead", "0").fs.kernel_readahead == 0
+    assert planned("--cache-size", "64K").disk_cache_bytes == 64 * 1024  # one block holds
+    assert planned("--no-cache", "--cache-size", "1K").disk_cache_bytes == 0  # no cache at all
     options = planned("--cache-min-free", "10%", "--no-cache", "--allow-other", "--noexec")
     assert (options.cache_min_free, options.disk_cache_bytes) == (0.10, 0)
     assert (options.allow_other, options.noexec) == (True, True)
