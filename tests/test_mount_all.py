@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -691,6 +692,30 @@ def test_help_leaves_out_the_options_a_command_refuses_or_ignores(
     assert not [option for option in hidden if f"{option} " in shown or f"{option}\n" in shown]
 
 
+def test_log_file_dash_leaves_the_working_directory_unchecked(cli: Cli, three: Three) -> None:
+    """``--log-file -``: the log is standard error, and the directory the command runs in is
+    no log directory (a job's working directory may be one others can write)."""
+    work = cli.root / "shared-work"
+    work.mkdir()
+    work.chmod(0o777)
+    (work / "input.txt").write_text("the job's")
+    spec = cli.root / "one.json"
+    spec.write_text(json.dumps(three.spec[1:2]))
+    log = cli.root / "stderr.log"  # the daemon keeps it: no pipe, whose end would wait for it
+    with open(log, "w") as stderr:
+        result = subprocess.run(
+            [sys.executable, "-m", "s3datafs", "mount-all", str(spec), "--log-file", "-"],
+            env=cli.env, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=stderr, timeout=60, check=False)
+    try:
+        assert result.returncode == 0, log.read_text()
+        assert os.path.ismount(cli.data_root / "train")
+        assert stat.S_IMODE(work.stat().st_mode) == 0o777  # left as it is
+    finally:
+        for point in cli.mounts_below_root():
+            assert cli.unmount(Path(point)).returncode == 0
+
+
 def test_a_datasets_own_fields_win_over_the_commands_options() -> None:
     """What a dataset says for itself (region, endpoint, archive, a version pin, its own keys)
     wins; the command's options are the defaults of every dataset that says nothing."""
@@ -715,6 +740,8 @@ def test_a_datasets_own_fields_win_over_the_commands_options() -> None:
     assert plain.requester_pays is True
     pinned = DatasetSpec(3, parse_s3_uri("s3://my-bucket/z/"), "z", snapshot=Path("z.snap"))
     assert mount_all.dataset_args(pinned, args).name is None  # the file's own name applies
+    signed = DatasetSpec(4, parse_s3_uri("s3://my-bucket/w/"), "w", no_sign_request=False)
+    assert mount_all.dataset_args(signed, args).no_sign_request is False  # without keys too
 
 
 def test_a_spec_that_lists_no_datasets_mounts_nothing_and_is_no_error(cli: Cli) -> None:
