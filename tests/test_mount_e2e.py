@@ -561,6 +561,14 @@ def test_a_mount_point_the_mount_made_goes_when_it_is_unmounted_one_that_was_the
     mountpoint = cli.mount(f"s3://{bucket}/p/", str(there))
     assert cli.unmount(mountpoint).returncode == 0
     assert there.is_dir()
+    made = cli.mount(f"s3://{bucket}/p/")  # unmounted by hand: the daemon removes it itself
+    daemon = cli.daemon_pid(made)
+    subprocess.run(["fusermount3", "-u", str(made)], check=True)
+    deadline = time.monotonic() + 10
+    while pid_alive(daemon):
+        assert time.monotonic() < deadline, "the daemon did not end"
+        time.sleep(0.05)
+    assert not cli.data_root.exists(), "the directories made for the mount were left"
 
 
 def test_status_removes_the_state_of_a_killed_daemon_unmounted_by_hand(
@@ -825,6 +833,7 @@ def test_foreground_mount_stays_attached(cli: Cli, s3, make_bucket) -> None:
             process.kill()
             process.wait()
     assert not list(cli.log_dir.glob("*.log"))  # its log is the terminal, unless --log-file
+    assert not mountpoint.exists()  # made for the mount: gone with it
 
 
 def test_credentials_file_is_used_and_must_be_private(cli: Cli, s3, make_bucket) -> None:

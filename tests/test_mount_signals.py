@@ -214,8 +214,9 @@ def test_a_daemon_stopped_right_after_the_kernel_mount_leaves_no_dead_mount(
             command.communicate()
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_foreground_mount_stopped_while_it_pins_removes_the_mount_point_it_made(
-    cli: Cli, proxy, bucket: str
+    cli: Cli, proxy, bucket: str, stop: signal.Signals
 ) -> None:
     proxy.inject("delay", op="ListObjectsV2", seconds=3.0, times=None)
     target = cli.root / "new" / "mnt"
@@ -227,9 +228,9 @@ def test_a_foreground_mount_stopped_while_it_pins_removes_the_mount_point_it_mad
             assert time.monotonic() < deadline, "the mount point was never made"
             time.sleep(0.05)
         proxy.wait_injected(1, timeout=30)  # it pins: its listing waits 3 s
-        command.send_signal(signal.SIGTERM)
+        command.send_signal(stop)
         command.communicate(timeout=30)
-        assert command.returncode == 128 + signal.SIGTERM
+        assert command.returncode == 128 + stop
         assert not (cli.root / "new").exists()
     finally:
         if command.poll() is None:
