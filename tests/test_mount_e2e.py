@@ -1210,3 +1210,20 @@ def test_a_daemon_whose_name_holds_a_parenthesis_is_alive() -> None:
         named.kill()
         named.wait()
     assert not pid_alive(named.pid)
+
+
+def test_unmount_of_what_is_not_mounted_removes_its_state_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state file left for a mount point where nothing is mounted (its mount gone by hand)
+    goes with the unmount that finds nothing there."""
+    from s3datafs import runtime
+    from s3datafs.commands import unmount
+
+    monkeypatch.setenv("S3DATAFS_RUNTIME_DIR", str(tmp_path / "run"))
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    runtime.write_state(str(gone), {"mountpoint": str(gone), "pid": 99999999})
+    with pytest.raises(unmount.NotMountedError, match="is not mounted"):
+        unmount.unmount_path(gone, lazy=False)
+    assert runtime.read_state(str(gone)) is None
