@@ -297,6 +297,11 @@ def test_a_mount_point_below_a_symlink_is_one_mount_for_status_and_unmount(
     unmounted = cli.unmount(given)
     assert unmounted.returncode == 0, unmounted.stderr
     assert not os.path.ismount(real / "p")
+    assert cli.run("mount", f"s3://{bucket}/p/", str(given)).returncode == 0
+    (cli.root / "to-the-mount").symlink_to(given)  # a link to the mount point itself
+    unmounted = cli.unmount(cli.root / "to-the-mount")
+    assert unmounted.returncode == 0, unmounted.stderr
+    assert not os.path.ismount(real / "p")
 
 
 @pytest.fixture
@@ -544,6 +549,7 @@ def test_unmount_waits_for_the_daemon_and_cleans_a_dead_mount(cli: Cli, s3, make
     result = cli.unmount(mountpoint)
     assert result.returncode == 0, result.stderr
     assert not os.path.ismount(mountpoint)
+    assert not list((cli.root / "run").glob("*.json")), "the killed daemon's state was left"
     # What the mount made for its mount point goes too, as when its daemon ends on its own.
     assert not cli.data_root.exists(), "the directories made for the killed mount were left"
 
