@@ -199,6 +199,7 @@ def test_prefetch_warms_the_cache_so_a_mount_reads_nothing_from_s3(
     result = cli.run("prefetch", f"s3://{bucket}/p/")
     assert result.returncode == 0, result.stderr
     assert "prefetched 2 objects" in result.stdout
+    assert result.stderr == ""  # no progress line, nor its end, where stderr is no terminal
     stats = cli.run("cache", "stats", "--json")
     assert json.loads(stats.stdout)["by_dataset"] == {
         f"s3://{bucket}/p/": pytest.approx(len(body) + 5, rel=0.01)
