@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -240,3 +242,36 @@ def test_a_command_other_than_mount_runs_with_the_collector_settled(
     monkeypatch.setattr(status, "run", lambda _args: seen.append(gc.get_threshold()) or 0)
     assert cli.main(["status"]) == 0
     assert seen == [found]
+
+
+class ThreadRunAtOnce:
+    """Stands in for ``threading.Thread``: runs its target in ``start``, and notes its name."""
+
+    names: list[str] = []
+
+    def __init__(self, *, target, args, name: str, daemon: bool) -> None:
+        self.target, self.args = target, args
+        self.names.append(name)
+
+    def start(self) -> None:
+        self.target(*self.args)
+
+
+def test_a_mount_has_the_files_it_loads_read_ahead_and_other_commands_do_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Advice only (``posix_fadvise(WILLNEED)``), of the packages a mount imports and of
+    botocore's S3 model, from a thread; nothing for a command that mounts nothing."""
+    advised: list[str] = []
+    monkeypatch.setattr(startup.os, "posix_fadvise",
+                        lambda fd, *_: advised.append(os.readlink(f"/proc/self/fd/{fd}")))
+    monkeypatch.setattr(threading, "Thread", ThreadRunAtOnce)
+    monkeypatch.setattr(ThreadRunAtOnce, "names", [])
+    startup.read_ahead(["status"])
+    assert (ThreadRunAtOnce.names, advised) == ([], [])
+    startup.read_ahead(["mount", "s3://b/p/"])
+    assert ThreadRunAtOnce.names == ["s3datafs-read-ahead"]
+    botocore_data = Path(botocore.loaders.__file__).parent / "data"
+    assert str(botocore_data / "endpoints.json") in advised
+    assert any(path.startswith(str(botocore_data / "s3")) for path in advised)
+    assert not [path for path in advised if path.endswith(".py") or "/tests/" in path]
