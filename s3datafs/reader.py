@@ -190,6 +190,10 @@ class BlockReader:
         self._link = link
         self._split_blocks = max(2, split_bytes // block_size)
         self._prefetch_budget = prefetch_budget or ByteBudget(64 * 1024 * 1024)
+        # Readahead GETs no larger than the budget: an empty budget lets any one amount through
+        # (so a large read is never refused), which would let one GET pass a small bound.
+        self._ahead_blocks = max(1, min(self._request_blocks,
+                                        self._prefetch_budget.capacity // block_size))
         self._trouble = TroubleLog()  # cache trouble: a warning a minute per kind at most
         # Fetched blocks go to the disk cache behind the reads, and the runs left uncached are
         # cached later: from memory (read, not written to), or loaded again by flights nobody
@@ -272,7 +276,7 @@ class BlockReader:
         first, last = offset // self.block_size, (end - 1) // self.block_size
         taken = self._take_staged(ref, first, last)  # read now: their budget goes to readahead
         if readahead is not None:
-            step = self._request_blocks * self.block_size  # readahead in whole GETs
+            step = self._ahead_blocks * self.block_size  # readahead in whole GETs
             limit = self._share(readahead, step)
             ahead = readahead.on_read(offset, end - offset, ref.size, step, limit)
             if ahead:
@@ -326,7 +330,7 @@ class BlockReader:
                 index += 1
                 continue
             stop = index + 1
-            while stop <= last and stop - index < self._request_blocks and self._absent(ref, stop):
+            while stop <= last and stop - index < self._ahead_blocks and self._absent(ref, stop):
                 stop += 1
             run, cost = range(index, stop), (stop - index) * self.block_size
             if not self._prefetch_budget.try_take(cost) and not (

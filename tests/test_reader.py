@@ -612,6 +612,27 @@ async def test_prefetch_in_flight_stays_within_the_budget_across_many_open_files
     assert budget.used == 0  # read: every byte of the budget is back
 
 
+@trio_test
+async def test_a_budget_smaller_than_a_get_bounds_readahead_in_gets_of_its_size() -> None:
+    """--max-prefetch-memory below the GET size: readahead runs shrink to the budget, so the
+    bytes in flight never pass it (a whole 1 MiB GET went out under a budget of 3 blocks,
+    because an empty budget lets any one amount through)."""
+    source, ref = make_source()
+    budget = ByteBudget(3 * BLOCK)
+    reader = BlockReader(source, block_size=BLOCK, memory_cache_bytes=1 << 20,
+                         s3_limiter=trio.CapacityLimiter(8), max_request_bytes=1 << 20,
+                         prefetch_budget=budget)
+    source.gate = threading.Event()  # hold every GET: nothing in flight can finish
+    async with trio.open_nursery() as nursery:
+        reader.attach(nursery)
+        reader.prefetch(ref, 0, ref.size)
+        assert 0 < budget.used <= budget.capacity
+        assert [end - start for _ref, start, end in source.ranges] in ([], [3 * BLOCK])
+        source.gate.set()
+        assert await reader.read(ref, 0, len(DATA)) == DATA
+        nursery.cancel_scope.cancel()
+
+
 # -- readahead memory ----------------------------------------------------------------------------
 
 
