@@ -805,27 +805,26 @@ def mount_as_reader(
         assert cli.run("unmount", str(mountpoint), env=env).returncode == 0
 
 
-def test_a_versioned_prefix_without_version_listing_mounts_pinned_by_etag(
-    cli: Cli, policy_world: PolicyWorld
+@pytest.mark.parametrize(
+    ("path", "warning"),
+    [
+        pytest.param("data/", "may not list the versions of bucket '{bucket}' "
+                     "(s3:ListBucketVersions is not granted): pinning s3://{bucket}/data/ by ETag "
+                     "only", id="prefix"),
+        pytest.param("data/x.bin", "may not read object versions in bucket '{bucket}' "
+                     "(s3:GetObjectVersion is not granted): reading them by ETag alone "
+                     "(If-Match): the pinned bytes, or ESTALE once an object is overwritten",
+                     id="object"),
+    ],
+)
+def test_a_versioned_dataset_mounts_by_etag_without_the_version_permissions(
+    cli: Cli, policy_world: PolicyWorld, path: str, warning: str
 ) -> None:
-    """s3:GetObject and s3:ListBucket are enough for a prefix: its GETs then name no version."""
+    """s3:GetObject and s3:ListBucket are enough: a prefix is listed without versions (its GETs
+    then name none), and one object's HEAD names its version but its GETs may go without."""
     bucket = policy_world.versioned
-    cli.expect_log("may not list the versions of bucket")
-    mount_as_reader(cli, policy_world, f"s3://{bucket}/data/", (
-        f"may not list the versions of bucket '{bucket}' (s3:ListBucketVersions is not granted): "
-        f"pinning s3://{bucket}/data/ by ETag only"))
-
-
-def test_a_versioned_object_without_version_reads_mounts_read_by_etag(
-    cli: Cli, policy_world: PolicyWorld
-) -> None:
-    """s3:GetObject is enough for one object: its HEAD names the version, its GETs may not."""
-    bucket = policy_world.versioned
-    cli.expect_log("may not read object versions in bucket")
-    mount_as_reader(cli, policy_world, f"s3://{bucket}/data/x.bin", (
-        f"may not read object versions in bucket '{bucket}' (s3:GetObjectVersion is not "
-        f"granted): reading them by ETag alone (If-Match): the pinned bytes, or ESTALE once an "
-        f"object is overwritten"))
+    cli.expect_log(warning.split(" '")[0])
+    mount_as_reader(cli, policy_world, f"s3://{bucket}/{path}", warning.format(bucket=bucket))
 
 
 def test_a_snapshot_of_versions_mounts_for_a_reader_who_may_not_read_versions(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import boto3
 import pytest
 from conftest import ALLOW_ALL, checking_server
-from test_signedget import AWKWARD_KEYS, count_botocore_gets
+from test_signedget import count_botocore_gets, put_awkward
 
 from devtools.s3server import S3Server
 from s3datafs.errors import AccessDeniedError, StaleObjectError
@@ -61,15 +60,8 @@ def world() -> Iterator[CheckedWorld]:
         }))["Role"]
         iam.put_role_policy(RoleName="reader", PolicyName="all", PolicyDocument=ALLOW_ALL)
         lease = sts.assume_role(RoleArn=role["Arn"], RoleSessionName="job")["Credentials"]
-        bucket = f"t-{uuid.uuid4().hex[:16]}"
-        s3.create_bucket(Bucket=bucket)
-        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-        objects = []
-        for number, key in enumerate(AWKWARD_KEYS):
-            body = f"{number}: {key}\n".encode() * (number + 50)
-            put = s3.put_object(Bucket=bucket, Key=key, Body=body)
-            objects.append(
-                (ObjectRef(bucket, key, put["VersionId"], put["ETag"], len(body), 0.0), body))
+        objects = put_awkward(s3, lines=50)
+        bucket = objects[0][0].bucket
         iam.create_user(UserName="getter")
         iam.put_user_policy(UserName="getter", PolicyName="get", PolicyDocument=json.dumps({
             "Version": "2012-10-17",

@@ -262,19 +262,23 @@ AWKWARD_KEYS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def awkward(s3server: S3Server) -> list[tuple[ObjectRef, bytes]]:
-    """Objects under awkward keys in a versioned bucket, each with its own bytes."""
-    s3 = s3server.client()
+def put_awkward(s3, *, lines: int = 1) -> list[tuple[ObjectRef, bytes]]:
+    """Objects under awkward keys in a new versioned bucket, each with its own bytes (``lines``
+    more lines each than the one before)."""
     bucket = f"t-{uuid.uuid4().hex[:16]}"
     s3.create_bucket(Bucket=bucket)
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     made = []
     for number, key in enumerate(AWKWARD_KEYS):
-        body = f"{number}: {key}\n".encode() * (number + 1)
+        body = f"{number}: {key}\n".encode() * (number + lines)
         put = s3.put_object(Bucket=bucket, Key=key, Body=body)
         made.append((ObjectRef(bucket, key, put["VersionId"], put["ETag"], len(body), 0.0), body))
     return made
+
+
+@pytest.fixture(scope="module")
+def awkward(s3server: S3Server) -> list[tuple[ObjectRef, bytes]]:
+    return put_awkward(s3server.client())
 
 
 def test_a_buckets_objects_share_one_capture_and_read_their_own_bytes(
