@@ -7,6 +7,7 @@ every GET is held until the test has lined up all its readers.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import threading
 import time
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from s3datafs import reader as reader_module
 from s3datafs import writebehind as writebehind_module
 from s3datafs.cache.blockfile import object_digest
-from s3datafs.cache.disk import DiskCache
+from s3datafs.cache.disk import DiskCache, TroubleLog
 from s3datafs.errors import StaleObjectError, TransientS3Error
 from s3datafs.linkrate import MIN_SAMPLES, LinkRate
 from s3datafs.model import MemberRef, ObjectRef
@@ -1183,6 +1184,26 @@ async def test_a_sync_due_after_a_short_run_runs_behind_its_readers(tmp_path) ->
     assert [len(disk.read_run(digest, ref.size, range(i, i + 1))) for i in range(3)] == [1, 0, 1]
 
 
+@trio_test
+async def test_a_sync_that_falls_due_after_the_last_one_ended_runs_too(tmp_path) -> None:
+    """Once a sync behind the readers has ended, the next one that falls due runs as well (the
+    cache's bound is kept by them: a sync left as under way for good ran no other)."""
+    data = bytes(range(256)) * 5 * (PAGE_BLOCK // 256)
+    source, ref = make_source(data)
+    disk = HeldSyncDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    disk.sync_every = 1  # every write makes one due
+    disk.release.set()
+    reader = make_disk_reader(source, disk)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        for index in (0, 2, 4):
+            assert await reader.read(ref, index * PAGE_BLOCK, 10) == data[index * PAGE_BLOCK:][:10]
+            with trio.fail_after(5):
+                while reader._writes._syncing:  # noqa: ASYNC110 - the sync runs in a thread
+                    await trio.sleep(0.01)
+    assert disk.syncs == 3
+
+
 # -- cache writes yield to reads waiting on S3 ---------------------------------------------------
 
 
@@ -1392,6 +1413,167 @@ async def test_reads_do_not_wait_for_a_cache_disk_that_falls_behind(tmp_path) ->
     assert source.calls["get_range"] == reserved + 4  # one a file, other.bin's readahead too
     assert all(len(disk.read_run(object_digest(ref), ref.size, range(300))) == 300
                for ref in (first, *kept, left, left_too))
+
+
+class HeldDisk:
+    """What ``WriteBehind`` asks of a disk cache, with writes held until ``go`` is set; with
+    ``refuse``, each write then fails as a read-only filesystem's does."""
+
+    capacity = 1 << 40
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.go = threading.Event()
+        self.refuse = refuse
+        self.written: list[int] = []  # first block of each write, as it ends
+
+    def write(self, ref: ObjectRef, digest: str, first: int, blocks: list[bytes]) -> None:
+        assert self.go.wait(10), "the test never let the disk go on"
+        if self.refuse:
+            raise OSError(errno.EROFS, "Read-only file system")
+        self.written.append(first)
+
+
+def held_disk_writes(disk: HeldDisk, size: int, request_blocks: int = 1) -> tuple[
+        writebehind_module.WriteBehind, reader_module.ReadStats, list[tuple[ObjectRef, range]]]:
+    """A ``WriteBehind`` over ``disk`` with blocks of ``size``, its default write budget and no
+    memory; its stats, and the runs its refills loaded (fetched again)."""
+    stats, loaded = reader_module.ReadStats(), []
+
+    async def load(ref: ObjectRef, run: range, _held: dict[int, bytes]) -> None:
+        loaded.append((ref, run))
+
+    return writebehind_module.WriteBehind(
+        disk, disk_limiter=trio.CapacityLimiter(4), block_size=size,
+        request_blocks=request_blocks, write_budget=None, stats=stats, trouble=TroubleLog(),
+        memory={}, load=load), stats, loaded
+
+
+@trio_test
+async def test_the_default_write_budget_holds_two_runs_of_a_large_block_beside_the_reserve(
+) -> None:
+    """Runs of one 40 MiB block (--block-size 40M): the default write budget (64 MiB) would
+    hold one of them, and a reader's run met the one before still being written. It holds two,
+    so three runs readers waited for are all cached while the disk is busy with the first (two
+    in the budget, the third in the reserve)."""
+    size = 40 << 20
+    block = bytes(size)  # one buffer for every run
+    disk = HeldDisk()
+    writes, stats, _loaded = held_disk_writes(disk, size)
+    _source, ref = make_source()
+    async with trio.open_nursery() as mount_tasks:
+        writes.attach(mount_tasks)
+        for index in range(3):
+            await writes.write_behind(ref, index, [block], waited=True)
+        assert stats.cache_writes_skipped == 0
+        disk.go.set()
+    assert sorted(disk.written) == [0, 1, 2]
+
+
+@trio_test
+async def test_a_write_of_another_part_of_an_object_being_refilled_is_no_refill() -> None:
+    """While blocks 0-3 of an object are refilled, readahead's write of its blocks 8-11 is not
+    counted in ``cache_refills`` (nor would the disk's refusal of it end the refills)."""
+    disk = HeldDisk()
+    disk.go.set()
+    writes, stats, _loaded = held_disk_writes(disk, BLOCK, request_blocks=4)
+    _source, ref = make_source()
+    writes._refilling_run = (ref, range(0, 4))
+    await writes.write_behind(ref, 8, [DATA[:BLOCK]] * 4)
+    await writes.write_behind(ref, 2, [DATA[:BLOCK]] * 2)
+    assert disk.written == [8, 2]
+    assert stats.cache_refills == 2
+
+
+async def refused_refill_write(writes: writebehind_module.WriteBehind, ref: ObjectRef) -> None:
+    """A refill's write of one block of ``ref``, which the disk refuses."""
+    assert writes._write_budget.try_take(BLOCK)
+    await writes._write(ref, 0, [DATA[:BLOCK]], BLOCK, writes._write_budget, refilled=True)
+
+
+@trio_test
+async def test_a_refill_write_the_disk_refuses_drops_the_runs_queued() -> None:
+    """A refused refill write (a read-only or full cache filesystem) ends the refills: the runs
+    queued are not fetched again from S3 only to be refused too."""
+    disk = HeldDisk(refuse=True)
+    disk.go.set()
+    writes, stats, loaded = held_disk_writes(disk, BLOCK, request_blocks=4)
+    source, ref = make_source()
+    other = source.put(BUCKET, "other.bin", DATA)
+    writes._queue(ref, 0, 4)
+    writes._failed_again(other, 0, 4)  # S3 refused its refill once: queued again, counted
+    await refused_refill_write(writes, ref)
+    assert stats.cache_write_errors == 1
+    assert not writes._skipped
+    assert not writes._refill_failures  # nothing remembered of runs no longer queued
+    assert loaded == []
+
+
+@trio_test
+async def test_a_refill_write_the_disk_refuses_drops_the_run_a_refill_has_taken_already(
+) -> None:
+    """The refill took the next run and waits for room when another refill's write is refused:
+    that run is dropped too, not fetched again from S3 once there is room."""
+    disk = HeldDisk(refuse=True)
+    disk.go.set()
+    writes, _stats, loaded = held_disk_writes(disk, BLOCK, request_blocks=4)
+    _source, ref = make_source()
+    writes.reader_waits()  # a reader waits on S3: no room for a refill
+    async with trio.open_nursery() as mount_tasks:
+        writes.attach(mount_tasks)
+        writes._remember_skipped(ref, 0, 4)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not writes._skipped  # taken by the refill, which waits for room
+        await refused_refill_write(writes, ref)
+        writes.reader_served()  # room again
+    assert loaded == []
+
+
+def test_runs_left_uncached_past_the_bound_forget_the_oldest() -> None:
+    """Runs left uncached are remembered up to half the cache: past it the oldest are
+    forgotten, the newest kept (a reader's latest runs are the likeliest to be read again)."""
+    disk = HeldDisk()
+    disk.capacity = 2 * 8 * BLOCK * 2  # room for two runs of 8 blocks
+    writes, _stats, _loaded = held_disk_writes(disk, BLOCK, request_blocks=8)
+    source, ref = make_source()
+    newer, newest = (source.put(BUCKET, f"{name}.bin", DATA) for name in ("newer", "newest"))
+    for each in (ref, newer, newest):
+        writes._remember_skipped(each, 0, 8)
+    assert list(writes._skipped) == [(newer, 0), (newest, 0)]
+
+
+def test_runs_left_uncached_that_make_up_one_get_exactly_are_cached_together() -> None:
+    """Runs one after another whose blocks add up to one GET's length are one GET."""
+    source, ref = make_source()
+    reader = make_reader(source, max_request_bytes=32 * BLOCK)
+    reader._writes._skipped.update({(ref, 0): 16, (ref, 16): 16})
+    assert reader._writes._next_skipped() == (ref, 0, 32)
+
+
+@pytest.mark.parametrize("busy", ["a reader waits on S3", "a fetched run waits for room"])
+@trio_test
+async def test_a_refill_waits_while_a_reader_waits_on_s3_or_a_run_waits_for_room(
+    busy: str,
+) -> None:
+    """A refill goes only when the disk has room: no reader waits on S3 (the refill's GET and
+    write would take from it) and no fetched run waits for the write budget."""
+    disk = HeldDisk()
+    disk.go.set()
+    writes, _stats, loaded = held_disk_writes(disk, BLOCK, request_blocks=4)
+    _source, ref = make_source()
+    if busy == "a reader waits on S3":
+        writes.reader_waits()
+    else:
+        writes._write_waiting += BLOCK
+    async with trio.open_nursery() as mount_tasks:
+        writes.attach(mount_tasks)
+        writes._remember_skipped(ref, 0, 4)
+        await trio.sleep(3 * writebehind_module._REFILL_POLL)
+        assert loaded == []
+        if busy == "a reader waits on S3":
+            writes.reader_served()
+        else:
+            writes._write_waiting -= BLOCK
+    assert loaded == [(ref, range(0, 4))]
 
 
 def test_readahead_of_closed_files_given_back_leaves_the_runs_to_refill_alone() -> None:
