@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,93 @@ def test_cache_clear_and_usage(world: World) -> None:
     assert keptcatalogs.clear(world.cache_dir, parse_s3_uri(f"s3://{BUCKET}/data/a.bin")) == 1
     assert keptcatalogs.clear(world.cache_dir, None) == 1
     assert keptcatalogs.usage(world.cache_dir) == keptcatalogs.KeptUsage(0, 0)
+
+
+def test_another_catalog_format_builds_its_own(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = world.snapshot()
+    world.mount(snapshot)
+    monkeypatch.setattr(keptcatalogs, "FORMAT_VERSION", keptcatalogs.FORMAT_VERSION + 1)
+    world.mount(snapshot)
+    assert world.builds == 2
+    assert len(world.kept()) == 2
+
+
+def test_a_mount_without_a_disk_cache_uses_no_kept_catalog(world: World) -> None:
+    """--no-cache: nothing is kept, nothing is hashed, and a catalog kept by an earlier mount
+    with a cache is not used either (the mount leaves the cache directory alone)."""
+    snapshot = world.snapshot()
+    world.mount(snapshot)
+    world.mount(snapshot, cache_bytes=0)
+    assert world.builds == 2
+
+
+def test_a_catalog_larger_than_the_share_evicts_no_other(world: World) -> None:
+    kept = world.snapshot()
+    world.mount(kept)
+    world.mount(world.snapshot("larger.gz", extra=50), cache_bytes=8 * 1024)  # share: 1 KiB
+    assert world.kept() == [kept_as(world, kept)]
+
+
+def test_a_catalog_as_large_as_the_share_is_kept(world: World) -> None:
+    snapshot = world.snapshot()
+    world.mount(snapshot)
+    size = kept_as(world, snapshot).stat().st_size
+    keptcatalogs.clear(world.cache_dir, None)
+    world.mount(snapshot, cache_bytes=keptcatalogs.SHARE_OF_CACHE * size)  # the share: size
+    assert world.kept() == [kept_as(world, snapshot)]
+
+
+def test_leftovers_at_the_mounts_path_or_the_temporary_name_do_not_stop_the_catalog(
+    world: World,
+) -> None:
+    """A file left at the mount's catalog path is replaced by the kept catalog's link; one
+    left at this process's temporary name (a keep that failed) by the next keep's link."""
+    snapshot = world.snapshot()
+    identity = keptcatalogs.snapshot_identity(snapshot)
+    assert identity is not None
+    directory = keptcatalogs.directory(world.cache_dir)
+    directory.mkdir(parents=True)
+    (directory / f".keep-{os.getpid()}-{identity[:16]}.tmp").write_bytes(b"left by a keep")
+    world.mount(snapshot)
+    assert world.kept() == [kept_as(world, snapshot)]
+    (world.cache_dir / "catalogs" / "mount-2.db").write_bytes(b"left by a mount")
+    world.mount(snapshot)
+    assert world.builds == 1
+
+
+def test_temporaries_of_keeps_that_died_are_swept_after_an_hour(world: World) -> None:
+    directory = keptcatalogs.directory(world.cache_dir)
+    directory.mkdir(parents=True)
+    dead, busy = directory / ".keep-1-dead.tmp", directory / ".keep-2-busy.tmp"
+    for path in (dead, busy):
+        path.write_bytes(b"")
+    os.utime(dead, (time.time() - 3700, time.time() - 3700))
+    world.mount(world.snapshot())
+    assert not dead.exists()
+    assert busy.exists()  # another process keeps a catalog now
+
+
+def test_a_damaged_kept_catalog_is_removed_even_when_its_new_build_is_not_kept(
+    world: World,
+) -> None:
+    snapshot = world.snapshot()
+    world.mount(snapshot)
+    (kept,) = world.kept()
+    with open(kept, "r+b") as file:
+        file.truncate(100)
+    world.mount(snapshot, cache_bytes=8 * 1024)  # a share of 1 KiB: the new build is not kept
+    assert world.builds == 2
+    assert world.kept() == []
+
+
+def test_cache_clear_of_a_uri_above_a_dataset_or_of_one_it_cannot_read(world: World) -> None:
+    """A URI above a dataset's prefix clears its kept catalog; one that cannot be read (of no
+    dataset we can tell) is cleared with any URI."""
+    world.mount(world.snapshot())
+    assert keptcatalogs.clear(world.cache_dir, parse_s3_uri(f"s3://{BUCKET}/")) == 1
+    world.mount(world.snapshot("again.gz"))
+    (kept,) = world.kept()
+    kept.write_bytes(b"not a catalog")
+    assert keptcatalogs.clear(world.cache_dir, parse_s3_uri("s3://other-bucket/x/")) == 1
