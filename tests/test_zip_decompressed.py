@@ -235,6 +235,58 @@ def test_a_first_read_behind_the_first_readahead_run_joins_its_decompression(
     assert source.stats.decompressions == 1
 
 
+def test_a_read_that_ends_where_a_piece_of_output_ends_is_served_with_that_piece(
+    tmp_path: Path,
+) -> None:
+    """A reader waits for the output no longer than it must: a range that ends exactly where
+    a piece of the decompression's output ends is served with that piece, not once the next
+    one comes (the next piece may wait for the member's next chunk from S3)."""
+    expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    go_on = threading.Event()
+
+    def held_pieces(_member: members_module.MemberRef):
+        yield expected[:MIB]
+        assert go_on.wait(30)
+        yield expected[MIB:]
+
+    source._whole_pieces = held_pieces
+    with ThreadPoolExecutor(1) as pool:
+        read = pool.submit(source.get_range, ref, MIB - BLOCK, MIB)  # past the trail: kept
+        try:
+            assert read.result(timeout=5) == expected[MIB - BLOCK: MIB]
+        finally:
+            go_on.set()
+    settled(source)
+
+
+def test_a_member_is_decompressing_only_while_its_copy_is_being_made(tmp_path: Path) -> None:
+    """``decompressing`` tells the block reader that a read waits for this process, not for S3
+    (it then holds no S3 slot): true of a member only while its copy is being made."""
+    expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    go_on = threading.Event()
+    pieces = source._whole_pieces
+
+    def held_pieces(member: members_module.MemberRef):
+        for number, piece in enumerate(pieces(member)):
+            if number == 1:
+                assert go_on.wait(30)
+            yield piece
+
+    source._whole_pieces = held_pieces
+    assert not source.decompressing(ref)
+    try:
+        assert source.get_range(ref, MIB // 2, MIB // 2 + BLOCK) == expected[
+            MIB // 2: MIB // 2 + BLOCK]  # served from the first piece
+        assert source.decompressing(ref)
+    finally:
+        go_on.set()
+    settled(source)
+    assert not source.decompressing(ref)
+    assert not source.decompressing(archived.members["after.txt"])
+
+
 @each_kept_method
 def test_concurrent_random_readers_decompress_once(tmp_path: Path, method: int) -> None:
     expected, archived, ref = big_member(method)
@@ -454,6 +506,28 @@ def test_evicted_blocks_are_decompressed_again(tmp_path: Path, method: int) -> N
     assert remounted.stats.decompressions == 1
 
 
+def test_a_mount_whose_copy_was_evicted_reads_the_copy_another_mount_made_since(
+    tmp_path: Path,
+) -> None:
+    """A mount remembers the attempt its marker named; once that attempt's blocks are gone
+    (evicted), it reads the marker again and finds the copy another mount made meanwhile,
+    rather than decompressing the member once more."""
+    expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
+    first = MemberSource(archived.source, disk=cache(tmp_path))
+    assert first.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
+    settled(first)
+    attempt = object_digest(UnzippedRef.of(ref, first._kept._attempts[ref]))
+    for path in tmp_path.rglob(f"{attempt}.r*"):  # evicted by another mount's scan
+        path.unlink()
+    other = MemberSource(archived.source, disk=cache(tmp_path))
+    assert other.get_range(ref, 2 * MIB, 2 * MIB + BLOCK) == expected[2 * MIB: 2 * MIB + BLOCK]
+    settled(other)
+    assert other.stats.decompressions == 1  # a new copy, a new attempt in the marker
+    start = MIB + 4 * BLOCK
+    assert first.get_range(ref, start, start + BLOCK) == expected[start: start + BLOCK]
+    assert first.stats.decompressions == 1  # the other mount's copy
+
+
 @each_kept_method
 def test_a_small_cache_evicts_and_reads_stay_right(tmp_path: Path, method: int) -> None:
     """The real eviction: a bound that holds the copy and little more, then other data."""
@@ -480,6 +554,29 @@ def test_a_member_over_a_quarter_of_the_bound_is_not_kept(tmp_path: Path, method
     assert kept_files(tmp_path, ref) == []
 
 
+def test_a_member_of_a_quarter_of_the_bound_is_kept(tmp_path: Path) -> None:
+    expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
+    source = MemberSource(archived.source, disk=cache(tmp_path, capacity=ref.size * 4))
+    assert source.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
+    settled(source)
+    assert kept_files(tmp_path, ref) != []
+
+
+def test_a_member_of_whole_blocks_is_read_to_its_end_from_its_copy(tmp_path: Path) -> None:
+    """A member whose size is a whole number of blocks: a read that ends at a block's end, its
+    last one's too, reads its blocks from the copy, no decompression again."""
+    data = sample_bytes(43, 3 * MIB)
+    archived = archive(make_zip({"whole.bin": data}, methods=(zipfile.ZIP_BZIP2,)))
+    ref = archived.members["whole.bin"]
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    assert source.get_range(ref, MIB, MIB + BLOCK) == data[MIB: MIB + BLOCK]
+    settled(source)
+    for start in (2 * MIB, ref.size - BLOCK):
+        assert source.get_range(ref, start, start + BLOCK) == data[start: start + BLOCK]
+    assert source.stats.decompressions == 1
+    assert (source.stats.disk_hits, source.stats.disk_bytes) == (2, 2 * BLOCK)  # counted
+
+
 @each_kept_method
 def test_without_a_disk_cache_reads_go_as_before(tmp_path: Path, method: int) -> None:
     expected, archived, ref = big_member(method)
@@ -487,6 +584,22 @@ def test_without_a_disk_cache_reads_go_as_before(tmp_path: Path, method: int) ->
     for start, end in random_ranges(ref.size, seed=8, count=10):
         assert source.get_range(ref, start, end) == expected[start:end]
     assert source._kept is None
+
+
+def saved_positions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
+        bytes, Archive, members_module.MemberRef, MemberSource, list[int]]:
+    """The test member deflated, read once in order by a source that saved a position every
+    96 KiB on the way (``size / 32``); those positions, but the last ones near its end."""
+    monkeypatch.setattr(members_module, "_MIN_INTERVAL", 64 * KIB)
+    expected, archived, ref = big_member(zipfile.ZIP_DEFLATED)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    for start in range(0, ref.size, 256 * KIB):
+        end = min(ref.size, start + 256 * KIB)
+        assert source.get_range(ref, start, end) == expected[start:end]
+    saved = [position.out_pos for position in source._states[ref].saved
+             if position.out_pos + 12 * KIB <= ref.size]
+    assert len(saved) >= 30
+    return expected, archived, ref, source, saved
 
 
 @pytest.mark.parametrize("other_mount", [False, True], ids=["same-mount", "remounted"])
@@ -497,15 +610,7 @@ def test_deflate_reads_near_a_saved_position_are_not_kept_far_ones_are(
     reads just after one (within ``_NEAR_SAVED``) resume from it: no copy. The first read
     further from any (a random reader's) has the member kept; in another mount, where the
     saved positions are gone, so does the first read far from the member's start."""
-    monkeypatch.setattr(members_module, "_MIN_INTERVAL", 64 * KIB)
-    expected, archived, ref = big_member(zipfile.ZIP_DEFLATED)
-    source = MemberSource(archived.source, disk=cache(tmp_path))
-    for start in range(0, ref.size, 256 * KIB):
-        end = min(ref.size, start + 256 * KIB)
-        assert source.get_range(ref, start, end) == expected[start:end]
-    saved = [position.out_pos for position in source._states[ref].saved
-             if position.out_pos + 12 * KIB <= ref.size]
-    assert len(saved) >= 30
+    expected, archived, ref, source, saved = saved_positions(tmp_path, monkeypatch)
     for at in reversed(saved[4:]):  # backwards: each read is behind the one before
         start = at + 8 * KIB
         assert source.get_range(ref, start, start + 4 * KIB) == expected[start: start + 4 * KIB]
@@ -517,6 +622,22 @@ def test_deflate_reads_near_a_saved_position_are_not_kept_far_ones_are(
     else:
         far = saved[3] + 48 * KIB  # behind the last read, half an interval from a position
     assert source.get_range(ref, far, far + BLOCK) == expected[far: far + BLOCK]
+    settled(source)
+    assert kept_files(tmp_path, ref) != []
+
+
+def test_a_deflate_read_as_far_from_a_saved_position_as_near_reaches_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_NEAR_SAVED`` (16 KiB here) is as far as a deflate read resumes from a saved position:
+    one byte nearer it resumes, that far the member is kept."""
+    expected, _archived, ref, source, saved = saved_positions(tmp_path, monkeypatch)
+    near = saved[3] + 16 * KIB - 1
+    assert source.get_range(ref, near, near + 4 * KIB) == expected[near: near + 4 * KIB]
+    settled(source)
+    assert kept_files(tmp_path, ref) == []
+    far = saved[2] + 16 * KIB  # behind the last read
+    assert source.get_range(ref, far, far + 4 * KIB) == expected[far: far + 4 * KIB]
     settled(source)
     assert kept_files(tmp_path, ref) != []
 

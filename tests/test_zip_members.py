@@ -536,6 +536,69 @@ def test_damage_met_in_transit_is_not_kept_a_member_is_fetched_again_after_a_whi
     assert source.get_range(ref, 0, ref.size) == BAD["m1.bin"]
 
 
+def test_bytes_a_member_found_bad_decompressed_before_are_not_served_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A byte flipped on its way in a large deflated member's stored block is served before its
+    CRC fails at the member's end, as a large member's pieces are. Once it failed, the output
+    kept for reads just behind the live position (its trail) goes with the rest: after the
+    wait, a read of those bytes decompresses the member again, from bytes fetched again."""
+    data = sample_bytes(44, 3 * MIB)  # its second half random: deflate stores it as it is
+    zipped = archive(make_zip({"big.bin": data}, methods=(zipfile.ZIP_DEFLATED,)))
+    ref = zipped.members["big.bin"]
+    real_get = zipped.source.get_range
+    flipped = ref.data_limit - 50_000
+    flips = [True]
+
+    def flipping_once(archive_ref: ObjectRef, start: int, end: int) -> bytes:
+        chunk = bytearray(real_get(archive_ref, start, end))
+        if flips and start <= flipped < end:
+            flips.clear()
+            chunk[flipped - start] ^= 0x55
+        return bytes(chunk)
+
+    monkeypatch.setattr(zipped.source, "get_range", flipping_once)
+    source = MemberSource(zipped.source)
+    served = b"".join(source.get_range(ref, start, min(start + 128 * KIB, ref.size - 1))
+                      for start in range(0, ref.size - 1, 128 * KIB))
+    damaged = next(at for at, got in enumerate(served) if got != data[at])
+    with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+        source.get_range(ref, ref.size - 1, ref.size)
+    monkeypatch.setattr(members_module, "_RETRY_BAD", 0.0)
+    assert source.get_range(ref, damaged - 10, damaged + 10) == data[damaged - 10: damaged + 10]
+
+
+def test_a_read_far_into_a_member_keeps_one_trail_of_output_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read 7 MiB into a member decompresses it from its start, but keeps (and joins) only
+    up to ``_TRAIL`` of the output before it, for reads just behind: not all 7 MiB."""
+    monkeypatch.setattr(members_module, "_TRAIL", 128 * KIB)
+    data = sample_bytes(45, 8 * MIB)
+    zipped = archive(make_zip({"big.bin": data}, methods=(zipfile.ZIP_DEFLATED,)))
+    ref = zipped.members["big.bin"]
+    source = MemberSource(zipped.source)
+    start = 7 * MIB
+    assert source.get_range(ref, start, start + 4 * KIB) == data[start: start + 4 * KIB]
+    trail_start, trail = source._trails[ref]
+    assert (trail_start, len(trail)) == (start - 128 * KIB, 132 * KIB)
+    behind = start - 100 * KIB
+    assert source.get_range(ref, behind, behind + 4 * KIB) == data[behind: behind + 4 * KIB]
+    assert source.stats.decompressions == 1
+
+
+def test_a_member_read_to_its_end_keeps_no_live_position() -> None:
+    """At its end a member's decompressor serves no read any more: it is let go (a bzip2 or
+    LZMA decompressor holds megabytes, and the positions kept count against their bound)."""
+    data = sample_bytes(46, 3 * MIB)
+    zipped = archive(make_zip({"big.bin": data}, methods=(zipfile.ZIP_BZIP2,)))
+    ref = zipped.members["big.bin"]
+    source = MemberSource(zipped.source)
+    for start in range(0, ref.size, MIB):
+        assert source.get_range(ref, start, start + MIB) == data[start: start + MIB]
+    assert source._states[ref].positions == 0
+
+
 @each_compression
 def test_zip_bomb_inflates_past_its_declared_size(method: int) -> None:
     # Declared no smaller than its compressed size (~28 KB): smaller would be skipped at mount.
