@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import mmap
 import multiprocessing
 import os
@@ -120,6 +121,37 @@ def test_a_run_reads_its_cached_ends_not_what_lies_between_its_misses(tmp_path: 
     assert sorted(cache.read_run(blockfile.object_digest(ref), size, range(0, last + 1),
                                  ends=False)) == [0, 1]
     assert sorted(read_all(cache, ref, range(5, 6))) == [5]  # still there, when asked for
+
+
+def test_a_runs_cached_end_stops_at_its_last_miss_across_regions(tmp_path: Path) -> None:
+    """Read from its end back, a run stops at the first block missing there, even where that
+    block is in its last region and the region before ends with cached blocks."""
+    size = (2 * REGION_BLOCKS + 3) * BLOCK
+    data = os.urandom(size)
+    ref, cache = make_ref(size), make_cache(tmp_path)
+    last = size // BLOCK - 1
+    for index in (0, 2 * REGION_BLOCKS - 1, last):
+        stored(cache, ref, data, index, 1)
+    assert sorted(read_all(cache, ref, range(0, last + 1))) == [0, last]
+
+
+def test_a_run_with_two_damaged_blocks_stops_at_the_nearer_one_from_where_it_is_read(
+    tmp_path: Path,
+) -> None:
+    """Blocks 2 and 5 of eight damaged: read from its start, a run is blocks 0-1; blocks 3-4,
+    between the two, are no part of it. Read from its end (its first block missing), 6-7."""
+    size = 8 * BLOCK
+    data = os.urandom(size)
+    cache = make_cache(tmp_path)
+    from_start, from_end = make_ref(size, key="start"), make_ref(size, key="end")
+    stored(cache, from_start, data, 0, 8)
+    stored(cache, from_end, data, 1, 7)
+    for ref in (from_start, from_end):
+        for index in (2, 5):
+            damage(region_file(cache, ref), LAYOUT.slot_offset(index) + 3)
+    assert sorted(cache.read_run(blockfile.object_digest(from_start), size, range(8),
+                                 ends=False)) == [0, 1]
+    assert sorted(read_all(cache, from_end, range(8))) == [6, 7]
 
 
 def test_a_run_read_for_readahead_gives_every_cached_block_and_skips_damaged_ones(
@@ -391,6 +423,33 @@ def test_forgetting_blocks_a_region_file_does_not_hold_allocates_nothing(tmp_pat
     assert read_all(cache, ref, range(0, 2)) == {0: data[:BLOCK]}
 
 
+def test_forgetting_blocks_forgets_those_written_past_the_start_of_the_range(
+    tmp_path: Path,
+) -> None:
+    size = 8 * BLOCK
+    data = os.urandom(size)
+    ref, cache = make_ref(size), make_cache(tmp_path)
+    digest = stored(cache, ref, data, 0, 1)
+    stored(cache, ref, data, 4, 2)
+    cache.forget_blocks(digest, range(2, 8))  # blocks 4 and 5 written, 2 and 3 holes
+    assert read_all(cache, ref, range(4, 6)) == {}
+    assert read_all(cache, ref, range(0, 1)) == {0: data[:BLOCK]}
+
+
+def test_dropping_an_object_deletes_its_last_region_of_one_block(tmp_path: Path) -> None:
+    """An object whose last block is alone in a region file: ``holds_files`` asks for that
+    file too, and ``drop`` deletes it with the others."""
+    size = (REGION_BLOCKS + 1) * BLOCK
+    data = os.urandom(size)
+    ref, cache = make_ref(size), make_cache(tmp_path)
+    digest = stored(cache, ref, data, 0, REGION_BLOCKS)
+    assert not cache.holds_files(digest, size)
+    stored(cache, ref, data, REGION_BLOCKS, 1)
+    assert cache.holds_files(digest, size)
+    cache.drop(digest, size)
+    assert files_of(cache, ref) == []
+
+
 def test_a_region_file_of_another_format_version_is_a_quiet_miss(tmp_path: Path, caplog) -> None:
     ref = make_ref(BLOCK)
     cache = make_cache(tmp_path)
@@ -446,6 +505,20 @@ def test_what_earlier_formats_left_goes_in_a_thread_the_scan_does_not_wait_for(
     may_go.set()
     swept()
     assert not any(old.exists() for old in leftovers)
+
+
+def test_what_earlier_formats_left_after_a_sweep_ended_is_swept_by_the_next_scan(
+    tmp_path: Path,
+) -> None:
+    """A sweep that has ended leaves the next one to the next scan that meets leftovers (a
+    host that ran an older release again meanwhile)."""
+    cache = make_cache(tmp_path)
+    for name in ("ab", "cd"):
+        old = cache.root / name / (name * 32)
+        old.mkdir(parents=True)
+        cache.sync()
+        swept()
+        assert not old.exists()
 
 
 def test_what_earlier_formats_left_is_counted_then_swept(tmp_path: Path, caplog) -> None:
@@ -736,6 +809,26 @@ def test_min_free_evicts_our_oldest_files_to_make_room(
     assert cache.read_run(digest, BLOCK, range(1)) == {0: b"n" * BLOCK}
 
 
+def test_made_room_since_tells_evictions_for_min_free_from_that_moment_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``made_room_since`` (``archive.decompressed``: a copy that lost its first regions to
+    --cache-min-free) is true of evictions made at the moment given or after it, not before."""
+    fs = FakeFs(free=50 * MiB)
+    monkeypatch.setattr(disk.os, "statvfs", fs)
+    cache = make_cache(tmp_path, min_free_ratio=0.05)  # keep 5 MiB free
+    refs = [make_ref(BLOCK, key=f"k{number}") for number in range(2)]
+    stored(cache, refs[0], b"o" * BLOCK)
+    monkeypatch.setattr(disk.time, "monotonic", lambda: 100.0)
+    assert not cache.made_room_since(100.0)
+    fs.free = 5 * MiB + BLOCK - 1024  # 1 KiB short for a block: the oldest file goes
+    cache._free_checked_at = -1e9
+    stored(cache, refs[1], b"n" * BLOCK)
+    assert files_of(cache, refs[0]) == []
+    assert cache.made_room_since(100.0)
+    assert not cache.made_room_since(100.5)
+
+
 def test_usage_and_clear_by_uri(tmp_path: Path) -> None:
     cache = make_cache(tmp_path, dataset="s3://bkt/")
     for key in ("a/1", "a/2", "a", "a2.csv", "ab/1", "b/1"):
@@ -819,6 +912,19 @@ def test_an_empty_run_may_be_held_whatever_the_cache_knows(tmp_path: Path) -> No
     assert cache.may_hold(digest, range(0, 4))
 
 
+def test_a_run_across_two_regions_may_be_held_when_either_region_is_known(
+    tmp_path: Path,
+) -> None:
+    size = 2 * REGION_BLOCKS * BLOCK
+    data = os.urandom(size)
+    ref, cache = make_ref(size), make_cache(tmp_path)
+    digest = blockfile.object_digest(ref)
+    across = range(REGION_BLOCKS - 2, REGION_BLOCKS + 2)
+    assert not cache.may_hold(digest, across)
+    stored(cache, ref, data, REGION_BLOCKS + 1, 1)  # in its second region only
+    assert cache.may_hold(digest, across)
+
+
 def test_a_scan_evicts_exactly_the_oldest_files_worth_the_excess(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -838,6 +944,42 @@ def test_a_scan_evicts_exactly_the_oldest_files_worth_the_excess(
     assert list(cache._index) == [disk._region_name(blockfile.object_digest(ref), 0)
                                   for ref in refs[8:]]  # the newest 4, oldest first
     assert cache._index.partial
+
+
+def test_a_scan_that_evicts_indexes_exactly_the_files_it_left(tmp_path: Path) -> None:
+    """The oldest files are this block size's, the excess another block size's newer files: the
+    scan evicts ours, and its index holds none of them (nor counts their bytes)."""
+    probe = make_cache(tmp_path / "probe")
+    stored(probe, make_ref(100), bytes(100))
+    one_object = probe.used_bytes
+    ours = make_cache(tmp_path / "cache")
+    theirs = DiskCache(tmp_path / "cache", block_size=2 * BLOCK, capacity=1 << 30)
+    refs = [make_ref(100, key=f"small/{i}") for i in range(8)]
+    for age, ref in zip(range(8, 0, -1), refs, strict=True):  # refs[0] is the oldest
+        writer = ours if age > 5 else theirs
+        digest = stored(writer, ref, bytes(100))
+        path = writer.root / disk._region_name(digest, 0)
+        os.utime(path, (time.time() - age * 60,) * 2)
+    cache = make_cache(tmp_path / "cache", capacity=5 * one_object)
+    cache.sync()  # evicts our 3
+    assert [ref.key for ref in refs if files_of(cache, ref)] == []
+    assert (list(cache._index), cache.used_bytes) == ([], 0)
+
+
+def test_a_mounts_own_writes_before_its_first_scan_are_no_cache_over_its_bound(
+    tmp_path: Path, caplog
+) -> None:
+    """The first scan warns of a cache that held more than the mount's bound before it (other
+    datasets' blocks are evicted too), not of what the mount wrote itself before that scan:
+    another mount's files and this one's are over the bound together, each alone is not."""
+    other, cache = (make_cache(tmp_path, capacity=16 * BLOCK) for _ in range(2))
+    refs = [make_ref(BLOCK, key=f"k{number}") for number in range(12)]
+    for writer, ref in zip([other] * 6 + [cache] * 6, refs, strict=True):
+        stored(writer, ref, os.urandom(BLOCK))
+    assert other.used_bytes + cache.used_bytes > cache.capacity >= other.used_bytes
+    with caplog.at_level(logging.WARNING, "s3datafs.cache.disk"):
+        cache.sync()
+    assert "more than this mount's bound" not in caplog.text
 
 
 def test_a_region_file_that_is_a_symlink_is_never_followed(tmp_path: Path) -> None:
