@@ -287,6 +287,48 @@ def test_a_member_is_decompressing_only_while_its_copy_is_being_made(tmp_path: P
     assert not source.decompressing(archived.members["after.txt"])
 
 
+def test_a_read_joins_the_decompression_under_way_nearer_than_the_live_position(
+    tmp_path: Path,
+) -> None:
+    """A sequential reader's live position is at 512 KiB and a decompression into the cache
+    (a read behind it started one) has passed 1 MiB: a read at 1.1 MiB waits for that
+    decompression's output rather than decompress 600 KiB more from the live position."""
+    expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
+    source = MemberSource(archived.source, disk=cache(tmp_path))
+    for start in range(0, 512 * KIB, BLOCK):  # from the member's start: the live way
+        assert source.get_range(ref, start, start + BLOCK) == expected[start: start + BLOCK]
+    state = source._states[ref]
+    assert state.live.out_pos == 512 * KIB
+    go_on = threading.Event()  # the decompression waits after its first piece (1 MiB)
+    pieces = source._whole_pieces
+
+    def held_pieces(member: members_module.MemberRef):
+        for number, piece in enumerate(pieces(member)):
+            if number == 1:
+                assert go_on.wait(30)
+            yield piece
+
+    source._whole_pieces = held_pieces
+    behind = 200 * KIB  # behind the live position: the member is kept
+    try:
+        assert source.get_range(ref, behind, behind + BLOCK) == expected[
+            behind: behind + BLOCK]
+        assert source._kept.produced(ref) >= MIB
+        with ThreadPoolExecutor(1) as pool:
+            start = MIB + 100 * KIB
+            read = pool.submit(source.get_range, ref, start, start + BLOCK)
+            deadline = time.monotonic() + 5
+            while not read.done() and not source._kept._flights[ref].wants:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            go_on.set()
+            assert read.result() == expected[start: start + BLOCK]
+    finally:
+        go_on.set()
+    settled(source)
+    assert state.live.out_pos == 512 * KIB
+
+
 @each_kept_method
 def test_concurrent_random_readers_decompress_once(tmp_path: Path, method: int) -> None:
     expected, archived, ref = big_member(method)
@@ -783,11 +825,15 @@ def test_cache_stats_and_clear_count_the_copy_with_its_archive(tmp_path: Path) -
 
 
 def test_marker_of_another_kind_is_not_taken_for_one(tmp_path: Path) -> None:
-    """A marker block must start with the magic: anything else is a miss, never an attempt."""
+    """A marker block must start with the magic: anything else is a miss, never an attempt,
+    even where the rest of it names an attempt whose blocks are there."""
     expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
     disk = cache(tmp_path)
+    first = MemberSource(archived.source, disk=disk)
+    assert first.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
+    settled(first)
     marker = UnzippedRef.of(ref)
-    disk.write(marker, object_digest(marker), 0, [b"X" * decompressed_module.MARKER_SIZE])
+    disk.write(marker, object_digest(marker), 0, [b"XXXX" + first._kept._attempts[ref].encode()])
     source = MemberSource(archived.source, disk=disk)
     assert source.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
     settled(source)

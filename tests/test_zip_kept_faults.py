@@ -671,6 +671,31 @@ class NearlyFull:
         return self.total - self.others - cached
 
 
+def test_a_copy_whole_after_min_free_evicted_other_files_is_no_copy_without_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--cache-min-free evicted an older object's file to make room during the decompression,
+    and the copy is whole: no warning that it lost its first part, and the member is not
+    marked as one the cache has no room for."""
+    expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
+    disk = DiskCache(tmp_path, block_size=BLOCK, capacity=1 << 30, min_free_ratio=0.5,
+                     dataset="s3://bkt/d.zip")
+    # Half of 100 MiB kept free, 46 MiB used by others: 4 MiB for the cache, which holds
+    # 1.5 MiB and is given a member of 3 MiB.
+    filesystem = NearlyFull(tmp_path, total=100 * MIB, others=46 * MIB)
+    monkeypatch.setattr(disk, "_statvfs", lambda: filesystem)
+    older = archived.ref  # any object: its 1.5 MiB are what min-free evicts
+    disk.write(older, object_digest(older), 0, [bytes(BLOCK)] * 24)
+    source = MemberSource(archived.source, disk=disk)
+    with caplog.at_level("WARNING"):
+        assert source.get_range(ref, MIB, MIB + BLOCK) == expected[MIB: MIB + BLOCK]
+        settled(source)
+    assert disk.read_run(object_digest(older), older.size, range(1)) == {}  # evicted
+    assert source._kept.holds(ref)
+    assert ref not in source._kept._no_room
+    assert "evicted the first part" not in caplog.text
+
+
 def test_a_copy_the_free_space_cannot_hold_is_not_made_again_at_every_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
