@@ -80,6 +80,22 @@ def settled(source: MemberSource) -> None:
     assert source._kept.wait_idle(30)
 
 
+def held_after_first_piece(source: MemberSource) -> threading.Event:
+    """Make each decompression of ``source`` into the cache wait after its first piece of
+    output (1 MiB) until the event returned is set."""
+    go_on = threading.Event()
+    pieces = source._whole_pieces
+
+    def held_pieces(member: members_module.MemberRef):
+        for number, piece in enumerate(pieces(member)):
+            if number == 1:
+                assert go_on.wait(30)
+            yield piece
+
+    source._whole_pieces = held_pieces
+    return go_on
+
+
 def random_ranges(size: int, seed: int, count: int = 30) -> list[tuple[int, int]]:
     """Scattered ranges, none near the member's start (a first read there goes the live way,
     as a sequential reader's would: see ``members._restarts``)."""
@@ -265,16 +281,7 @@ def test_a_member_is_decompressing_only_while_its_copy_is_being_made(tmp_path: P
     (it then holds no S3 slot): true of a member only while its copy is being made."""
     expected, archived, ref = big_member(zipfile.ZIP_BZIP2)
     source = MemberSource(archived.source, disk=cache(tmp_path))
-    go_on = threading.Event()
-    pieces = source._whole_pieces
-
-    def held_pieces(member: members_module.MemberRef):
-        for number, piece in enumerate(pieces(member)):
-            if number == 1:
-                assert go_on.wait(30)
-            yield piece
-
-    source._whole_pieces = held_pieces
+    go_on = held_after_first_piece(source)
     assert not source.decompressing(ref)
     try:
         assert source.get_range(ref, MIB // 2, MIB // 2 + BLOCK) == expected[
@@ -299,16 +306,7 @@ def test_a_read_joins_the_decompression_under_way_nearer_than_the_live_position(
         assert source.get_range(ref, start, start + BLOCK) == expected[start: start + BLOCK]
     state = source._states[ref]
     assert state.live.out_pos == 512 * KIB
-    go_on = threading.Event()  # the decompression waits after its first piece (1 MiB)
-    pieces = source._whole_pieces
-
-    def held_pieces(member: members_module.MemberRef):
-        for number, piece in enumerate(pieces(member)):
-            if number == 1:
-                assert go_on.wait(30)
-            yield piece
-
-    source._whole_pieces = held_pieces
+    go_on = held_after_first_piece(source)
     behind = 200 * KIB  # behind the live position: the member is kept
     try:
         assert source.get_range(ref, behind, behind + BLOCK) == expected[
@@ -390,16 +388,7 @@ def test_decompressions_into_the_cache_under_way_at_once_are_bounded(tmp_path: P
     source = MemberSource(archived.source, disk=cache(tmp_path))
     kept = source._kept
     assert kept is not None
-    go_on = threading.Event()  # each decompression waits after its first piece (1 MiB)
-    pieces = source._whole_pieces
-
-    def held_pieces(member: members_module.MemberRef):
-        for number, piece in enumerate(pieces(member)):
-            if number == 1:
-                assert go_on.wait(30)
-            yield piece
-
-    source._whole_pieces = held_pieces
+    go_on = held_after_first_piece(source)  # each decompression waits after 1 MiB
     most = 0
     try:
         for name, data in files.items():
