@@ -789,6 +789,17 @@ async def test_stale_readahead_gives_its_budget_to_other_streams(monkeypatch) ->
     assert source.calls["get_range"] == calls
 
 
+def files_read_ahead(count: int, budget_blocks: int) -> tuple[
+        FakeSource, list[ObjectRef], ByteBudget, BlockReader]:
+    """``count`` files of ``DATA`` (7 blocks each) and a streaming reader whose prefetch
+    budget is ``budget_blocks``."""
+    source = FakeSource()
+    source.create_bucket(BUCKET)
+    files = [source.put(BUCKET, f"f{i}", DATA) for i in range(count)]
+    budget = ByteBudget(budget_blocks * BLOCK)
+    return source, files, budget, make_streaming_reader(source, budget, memory=1 << 20)
+
+
 @pytest.mark.parametrize("landed", [True, False], ids=["landed", "landing"])
 @trio_test
 async def test_readahead_of_a_file_closed_by_all_gives_its_budget_back_at_once(
@@ -796,11 +807,7 @@ async def test_readahead_of_a_file_closed_by_all_gives_its_budget_back_at_once(
 ) -> None:
     """A header probe (open, read the start, close) pulled a window ahead that held the budget
     for _STAGED_TTL: a sequential reader beside such probes ran 1.7-2x slower (a review)."""
-    source = FakeSource()
-    source.create_bucket(BUCKET)
-    probed, streamed = (source.put(BUCKET, f"f{i}", DATA) for i in range(2))
-    budget = ByteBudget(7 * BLOCK)  # one whole file of readahead
-    reader = make_streaming_reader(source, budget, memory=1 << 20)
+    source, (probed, streamed), budget, reader = files_read_ahead(2, 7)  # a file's readahead
     async with trio.open_nursery() as mount_tasks:
         reader.attach(mount_tasks)
         reader.opened(probed)
@@ -818,6 +825,50 @@ async def test_readahead_of_a_file_closed_by_all_gives_its_budget_back_at_once(
     calls = source.calls["get_range"]
     assert await reader.read(probed, 0, len(DATA)) == DATA  # still cached, in the LRU now
     assert source.calls["get_range"] == calls
+
+
+@trio_test
+async def test_readahead_of_a_file_opened_again_after_all_closed_it_is_wanted_again() -> None:
+    _source, (reopened, streamed), _budget, reader = files_read_ahead(2, 7)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        reader.opened(reopened)
+        assert reader.prefetch(reopened, 0, reopened.size) == reopened.size
+        await settle(reader)
+        reader.closed(reopened)
+        reader.opened(reopened)  # its readahead is someone's again: it keeps its budget
+        assert reader.prefetch(streamed, 0, streamed.size) == 0
+        mount_tasks.cancel_scope.cancel()
+
+
+@trio_test
+async def test_readahead_asked_for_a_file_all_closed_is_wanted_again() -> None:
+    """Readahead of a file closed by all, asked for again (the prefetch of a second pass over
+    files), keeps its budget while staged: it is someone's again."""
+    _source, (ahead,), budget, reader = files_read_ahead(1, 7)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        reader.opened(ahead)
+        reader.closed(ahead)
+        assert reader.prefetch(ahead, 0, ahead.size) == ahead.size
+        await settle(reader)
+        assert budget.used == ahead.size
+        mount_tasks.cancel_scope.cancel()
+
+
+@trio_test
+async def test_only_the_readahead_of_files_closed_by_all_gives_way() -> None:
+    _source, (still_open, closed, third, fourth), _budget, reader = files_read_ahead(4, 14)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        for ref in (still_open, closed):
+            reader.opened(ref)
+            assert reader.prefetch(ref, 0, ref.size) == ref.size
+        await settle(reader)
+        reader.closed(closed)
+        assert reader.prefetch(third, 0, third.size) == third.size  # in the closed one's place
+        assert reader.prefetch(fourth, 0, fourth.size) == 0  # the open one's stays
+        mount_tasks.cancel_scope.cancel()
 
 
 @trio_test
