@@ -1296,6 +1296,27 @@ async def test_once_every_connection_waits_on_a_stalled_s3_new_reads_fail_at_onc
     assert await reader.read(refs[3], 0, 10) == b"x" * 10
 
 
+class DecompressingSource(FakeSource):
+    """A source whose every object is being made by its own work (a zip member decompressed
+    into the disk cache): a read of it waits for this process, not for S3."""
+
+    def decompressing(self, ref: ObjectRef) -> bool:
+        return True
+
+
+@trio_test
+async def test_once_every_connection_waits_on_a_stalled_s3_a_read_of_the_sources_own_work_goes_on(
+) -> None:
+    """Reads given up on a stalled S3 hold every connection: a new S3 read fails at once, but
+    one that waits for the source's own work (a decompression) holds no S3 slot and goes on."""
+    source = DecompressingSource()
+    source.create_bucket(BUCKET)
+    ref = source.put(BUCKET, "member.bin", DATA)
+    reader = make_reader(source, connections=2)
+    reader._abandoned = 2  # both connections wait on S3 for reads given up
+    assert await reader.read(ref, 0, len(DATA)) == DATA
+
+
 class WatchedDisk(DiskCache):
     """A disk cache that counts the blocks written to it, and can wait for a count."""
 
