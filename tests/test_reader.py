@@ -1701,10 +1701,12 @@ async def test_runs_left_uncached_and_no_longer_in_memory_are_fetched_again_late
                for ref in refs)
 
 
+@pytest.mark.parametrize("queued", [True, False], ids=["queued", "before-it-queues"])
 @trio_test
 async def test_a_reader_that_catches_up_with_readahead_queued_behind_the_writes_does_not_wait(
-    tmp_path,
+    tmp_path, queued: bool,
 ) -> None:
+    """Also when the reader joins the readahead before it has queued for the disk."""
     source = FakeSource()
     source.create_bucket(BUCKET)
     disk = StuckDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
@@ -1716,7 +1718,8 @@ async def test_a_reader_that_catches_up_with_readahead_queued_behind_the_writes_
         mount_tasks.start_soon(reader.warm, written)  # its write holds the disk: stuck
         assert await trio.to_thread.run_sync(disk.entered.wait, 5)
         assert reader.prefetch(read_ahead, 0, LONG_RUN) == LONG_RUN
-        await trio.testing.wait_all_tasks_blocked()  # queued for the disk, behind the write
+        if queued:
+            await trio.testing.wait_all_tasks_blocked()  # queued for the disk, behind the write
         with trio.fail_after(reader_module.JOINED_QUEUE_SECONDS + 1):  # then its GET's call
             assert await reader.read(read_ahead, 0, len(data)) == data
         assert reader._writes._waited_flights == 0
