@@ -22,9 +22,12 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import botocore.credentials
 import pytest
 from conftest import Cli
 from faultproxy import FaultProxy
+
+from s3datafs import s3source
 
 pytestmark = pytest.mark.fuse
 
@@ -305,6 +308,24 @@ def test_a_900_second_role_session_is_not_renewed_on_every_read(
             assert os.pread(file.fileno(), 4096, offset) == data[offset : offset + 4096]
     # One session: the mount command's settings check, whose keys the daemon goes on using.
     assert len(registry.read_text().splitlines()) == 1
+
+
+def test_renewal_windows_a_credential_provider_chose_are_kept() -> None:
+    """Keys renewed 5 minutes ahead (2 at the latest) unless their provider chose its own
+    windows (botocore's class defaults are not a choice)."""
+
+    def credentials() -> botocore.credentials.RefreshableCredentials:
+        return botocore.credentials.RefreshableCredentials(
+            "AKID", "SECRET", "TOKEN", datetime.datetime.now(datetime.UTC),
+            refresh_using=dict, method="test")
+
+    defaults, chosen = credentials(), credentials()
+    chosen._advisory_refresh_timeout, chosen._mandatory_refresh_timeout = 60, 30
+    for each in (defaults, chosen):
+        s3source._refresh_closer_to_expiry(each)
+    assert (defaults._advisory_refresh_timeout, defaults._mandatory_refresh_timeout) == (
+        s3source.ADVISORY_REFRESH_SECONDS, s3source.MANDATORY_REFRESH_SECONDS)
+    assert (chosen._advisory_refresh_timeout, chosen._mandatory_refresh_timeout) == (60, 30)
 
 
 def test_keys_that_come_expired_fail_the_mount_in_one_line_naming_the_clock(
