@@ -462,6 +462,29 @@ def test_an_http_client_failure_is_named_by_its_kind_never_by_its_text() -> None
     assert "(RuntimeError)" in str(mapped)
 
 
+def test_keys_that_come_expired_at_a_read_fail_it_naming_the_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """botocore's RuntimeError for keys handed out expired, met while a GET is signed, is ours
+    (access denied, naming the clock); any other RuntimeError is not botocore's to map: it is
+    raised as it is (a bug must not pass for expired keys)."""
+    source = S3Source(S3Settings(region="us-east-1", endpoint_url="http://127.0.0.1:1",
+                                 access_key_id="testing", secret_access_key="testing"))
+    ref = ObjectRef("b-1", "k", None, '"e"', 100, 0.0)
+    raised = [RuntimeError("Credentials were refreshed, but the refreshed credentials are "
+                           "still expired.")]
+
+    def get(ref: ObjectRef, start: int, end: int) -> Fetched:
+        raise raised[0]
+
+    monkeypatch.setattr(source, "_signed", type("Gets", (), {"get": staticmethod(get)})())
+    with pytest.raises(AccessDeniedError, match="had expired already: check this machine's"):
+        source.get_range(ref, 0, 10)
+    raised[0] = RuntimeError("can't start new thread")
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        source.get_range(ref, 0, 10)
+
+
 def test_a_socket_error_while_a_body_streams_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     """Below botocore (urllib3, the socket) a reset is an ``OSError``: a transient failure,
     retried, not an unexpected error failing the read."""
