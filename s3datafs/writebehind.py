@@ -342,7 +342,7 @@ class WriteBehind:
                     continue
                 self._refilling_run = (ref, run)
                 try:
-                    done = await self._refill_run(ref, run)
+                    await self._refill_run(ref, run)  # no await since the room was seen
                 except TransientS3Error as exc:
                     log.debug("cannot cache %s blocks %d-%d yet: %s", ref.uri, first,
                               run[-1], exc)
@@ -354,16 +354,10 @@ class WriteBehind:
                     self._refill_failures.pop((ref, first), None)
                 else:
                     self._refill_failures.pop((ref, first), None)
-                    if not done:  # the room went meanwhile
-                        self._put_back(ref, first, count)
                 finally:
                     self._refilling_run = None
         finally:
             self._refilling = False
-
-    def _put_back(self, ref: ObjectRef, first: int, count: int) -> None:
-        """A run to refill goes back, first in line (it keeps the longer count)."""
-        self._skipped.move_to_end(self._queue(ref, first, count), last=False)
 
     def _failed_again(self, ref: ObjectRef, first: int, count: int) -> None:
         """S3 refused a run's refill: behind the others, until it has failed too often."""
@@ -405,22 +399,22 @@ class WriteBehind:
             count += more
         return ref, first, count
 
-    async def _refill_run(self, ref: ObjectRef, run: range) -> bool:
+    async def _refill_run(self, ref: ObjectRef, run: range) -> None:
         """Write what memory holds of ``run`` and load the rest with flights, which write what
-        they fetch; False if the write budget had no room after all (nothing was done)."""
+        they fetch. Called right after ``_room_for`` saw room for the whole run, with no await
+        between: what memory holds of it costs no more, so the write budget takes it."""
         held = {index: block for index in run
                 if (block := self._memory.get((ref, index))) is not None}
         stretches = [(stretch.start, [held[index] for index in stretch])
                      for stretch in consecutive_runs(sorted(held), len(run))]
         cost = sum(len(block) for _, blocks in stretches for block in blocks)
-        if not self._write_budget.try_take(cost):
-            return False
+        taken = self._write_budget.try_take(cost)
+        assert taken, "a refill found no room that _room_for had just seen"
         for first, blocks in stretches:
             await self._start_write(ref, first, blocks, sum(map(len, blocks)), self._write_budget,
                                     refilled=True)
         if len(held) < len(run):
             await self._load(ref, run, held)
-        return True
 
 
 def consecutive_runs(indices: list[int], longest: int) -> list[range]:
