@@ -66,8 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"s3datafs: {exc}", file=sys.stderr)
         return exc.exit_code
     except ExceptionGroup as group:  # from trio's nurseries: their first error of ours, if any
-        if debug or (exc := first_ours(group)) is None:
+        if debug:
             raise
+        if (exc := first_ours(group)) is None:
+            return _internal_error(group)
         print(f"s3datafs: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -79,10 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        print(f"s3datafs: internal error: {exc!r} (run with --debug for details)", file=sys.stderr)
-        return 1
+        return _internal_error(exc)
     finally:  # however it ended (--help, a usage error): the thresholds back, for a caller that
         startup.settle()  # stays in this process, as the tests do (a settled one: no change)
+
+
+def _internal_error(exc: Exception) -> int:
+    print(f"s3datafs: internal error: {exc!r} (run with --debug for details)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
