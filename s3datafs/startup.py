@@ -44,7 +44,7 @@ START_THRESHOLD = 50_000  # young collections every 50,000 net allocations (defa
 
 # The commands that mount (``read_ahead``), and the packages their processes import: the mount
 # command, then its daemon (trio, pyfuse3). The standard library's modules are not asked for:
-# few of its files are large, and which it loads changes with every Python.
+# advising them as well measured no better (bench/RESULTS.md, session 31).
 MOUNTING_COMMANDS = frozenset({"mount", "mount-all", "run"})
 MOUNTING_PACKAGES = ("s3datafs", "botocore", "urllib3", "dateutil", "jmespath", "cachetools",
                      "trio", "outcome", "sniffio", "sortedcontainers", "idna", "attr", "pyfuse3")
