@@ -104,6 +104,7 @@ _REDO_STATUS = {301, 307}
 # up: a store (or a proxy before it) that wants every header signed refuses them all, and each
 # read would pay a refused GET before botocore's, for as long as the mount lives.
 REFUSALS_TO_GIVE_UP = 3
+_SIGNATURE_CODES = frozenset({"SignatureDoesNotMatch", "AuthorizationHeaderMalformed"})
 _REDO_CODES = {
     "PermanentRedirect",
     "TemporaryRedirect",
@@ -247,10 +248,11 @@ class SignedGets:
             if self._refusals < REFUSALS_TO_GIVE_UP or self._unusable:
                 return
             self._unusable = True
+        why = (": this store wants headers signed that s3datafs adds unsigned (Range, If-Match)"
+               if refused in _SIGNATURE_CODES else "")
         log.warning("S3 refused %d GETs from signed templates in a row (%s) that botocore's "
-                    "own GETs then got: this store wants headers signed that s3datafs adds "
-                    "unsigned (Range, If-Match); plain botocore calls from now on (slower, as "
-                    "correct)", REFUSALS_TO_GIVE_UP, refused)
+                    "own GETs then got%s; plain botocore calls from now on (slower, as correct)",
+                    REFUSALS_TO_GIVE_UP, refused, why)
 
     def forget(self, ref: ObjectRef) -> None:
         """Drop the object's template and its bucket's base: botocore makes the next one."""

@@ -324,7 +324,22 @@ def test_a_store_that_refuses_every_template_gets_plain_botocore_gets_after_thre
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
     assert "(SignatureDoesNotMatch)" in warnings[0]
+    assert "this store wants headers signed that s3datafs adds unsigned" in warnings[0]
     assert "plain botocore calls from now on" in warnings[0]
+
+
+def test_templates_given_up_for_another_reason_say_only_what_s3_said(
+    s3, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clock skew or a token botocore cures and our templates do not is not a store that
+    wants more signed: the warning names the error, and guesses nothing."""
+    ref = pinned(s3, stored(s3, "d.bin"), "d.bin")
+    proxy.inject("error", status=403, code="RequestTimeTooSkewed", unsigned="range", times=None)
+    source = source_for(proxy)
+    for number in range(4):
+        assert source.get_range(ref, number, number + 1) == OLD[number:number + 1]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "(RequestTimeTooSkewed) that botocore's own GETs then got; plain botocore" in warning
 
 
 def test_refusals_a_new_signature_cures_now_and_then_keep_the_templates(
