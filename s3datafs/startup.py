@@ -48,6 +48,7 @@ START_THRESHOLD = 50_000  # young collections every 50,000 net allocations (defa
 MOUNTING_COMMANDS = frozenset({"mount", "mount-all", "run"})
 MOUNTING_PACKAGES = ("s3datafs", "botocore", "urllib3", "dateutil", "jmespath", "cachetools",
                      "trio", "outcome", "sniffio", "sortedcontainers", "idna", "attr", "pyfuse3")
+_NOT_LOADED = frozenset({"tests", "_tests", "testing", "data"})  # botocore's data: below
 BOTOCORE_DATA = ("endpoints.json", "partitions.json", "sdk-default-configuration.json",
                  "_retry.json", "s3")  # of botocore/data: what an S3 client loads
 
@@ -114,7 +115,7 @@ def mounting_files() -> Iterator[str]:
             continue
         for root in spec.submodule_search_locations:
             for folder, subfolders, names in os.walk(root):
-                subfolders[:] = [sub for sub in subfolders if sub not in ("tests", "data")]
+                subfolders[:] = [sub for sub in subfolders if sub not in _NOT_LOADED]
                 yield from (os.path.join(folder, file) for file in names
                             if file.endswith((suffix, ".so")))
             if name == "botocore":
