@@ -211,7 +211,7 @@ def _check_fuse_device() -> None:
 
 
 def _check_allow_other(allow_other: bool) -> None:
-    """Refuse a user's ``--allow-other`` that fusermount3 would refuse, but only after the
+    """Refuse now a user's ``--allow-other`` that fusermount3 would refuse only once the
     dataset is pinned (minutes for a million keys): it wants a line ``user_allow_other`` in
     ``/etc/fuse.conf``. Read as fusermount3 reads it, as the user (a file they may not read
     allows nothing), line by line up to the last newline, less a ``#`` comment and blanks."""

@@ -362,19 +362,19 @@ class S3Source:
         bucket's versions may not be read (``_by_etag``)."""
         if ref.version_id is None:
             return self._fetch_as_named(ref, start, end)
-        if ref.bucket not in self._versions_unreadable:
+        if ref.bucket in self._versions_unreadable:
+            return self._by_etag(ref, start, end)
+        try:
+            return self._fetch_as_named(ref, start, end)
+        except MissingPermissionError as exc:
+            if exc.permission != _GET_VERSION:
+                raise
             try:
-                return self._fetch_as_named(ref, start, end)
-            except MissingPermissionError as exc:
-                if exc.permission != _GET_VERSION:
-                    raise
-                try:
-                    fetched = self._by_etag(ref, start, end)
-                except AccessDeniedError:  # not for want of that permission alone, then
-                    raise exc from None
-                self._read_versions_by_etag(ref.bucket)  # once that worked
-                return fetched
-        return self._by_etag(ref, start, end)
+                fetched = self._by_etag(ref, start, end)
+            except AccessDeniedError:  # not for want of that permission alone, then
+                raise exc from None
+        self._read_versions_by_etag(ref.bucket)  # once that worked
+        return fetched
 
     def _by_etag(self, ref: ObjectRef, start: int, end: int) -> Fetched:
         """The GET of a version without naming it: with ``If-Match`` it is the pinned bytes or

@@ -105,27 +105,34 @@ def mounting_files() -> Iterator[str]:
     package by package in the order they are imported (lazily: walked by the thread)."""
     import importlib.util
 
-    suffix = f".{sys.implementation.cache_tag}.pyc"
     for name in MOUNTING_PACKAGES:
         try:
             spec = importlib.util.find_spec(name)  # finds, imports nothing
         except (ImportError, ValueError):
             continue
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        for root in spec.submodule_search_locations:
-            for folder, subfolders, names in os.walk(root):
-                subfolders[:] = [sub for sub in subfolders if sub not in _NOT_LOADED]
-                yield from (os.path.join(folder, file) for file in names
-                            if file.endswith((suffix, ".so")))
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            yield from _compiled_below(root)
             if name == "botocore":
-                for entry in BOTOCORE_DATA:
-                    path = os.path.join(root, "data", entry)
-                    if os.path.isdir(path):
-                        for folder, _subfolders, names in os.walk(path):
-                            yield from (os.path.join(folder, file) for file in names)
-                    else:
-                        yield path
+                yield from _botocore_data(os.path.join(root, "data"))
+
+
+def _compiled_below(root: str) -> Iterator[str]:
+    """The compiled modules and extensions below ``root``, but of what a mount never loads."""
+    suffix = f".{sys.implementation.cache_tag}.pyc"
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [sub for sub in subfolders if sub not in _NOT_LOADED]
+        yield from (os.path.join(folder, name) for name in names
+                    if name.endswith((suffix, ".so")))
+
+
+def _botocore_data(data: str) -> Iterator[str]:
+    for entry in BOTOCORE_DATA:
+        path = os.path.join(data, entry)
+        if not os.path.isdir(path):
+            yield path
+            continue
+        for folder, _subfolders, names in os.walk(path):
+            yield from (os.path.join(folder, name) for name in names)
 
 
 def _advise(paths: Iterator[str]) -> None:

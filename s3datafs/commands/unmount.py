@@ -60,7 +60,7 @@ def unmount_all(*, lazy: bool, only_dead: bool = False) -> int:
     one of theirs: they may unmount no other); 1 if any could not be unmounted."""
     status = 0
     for entry in reversed(runtime.our_mounts()):  # the newest first, so nested mounts go first
-        if entry.is_another_users() and os.geteuid() != 0:
+        if _not_ours_to_unmount(entry):
             continue
         try:
             unmount_path(entry.mountpoint, lazy=lazy, only_dead=only_dead)
@@ -68,6 +68,11 @@ def unmount_all(*, lazy: bool, only_dead: bool = False) -> int:
             print(f"s3datafs: {exc}", file=sys.stderr)
             status = 1
     return status
+
+
+def _not_ours_to_unmount(entry: runtime.MountEntry) -> bool:
+    """Whether another user mounted it and this one is not root, who alone may unmount it."""
+    return entry.is_another_users() and os.geteuid() != 0
 
 
 class NotMountedError(ConfigError):
@@ -88,7 +93,7 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool, only_dead: bool = 
             raise ConfigError(f"a {entry.fstype} file system is mounted over the s3datafs mount "
                               f"at {mountpoint}: unmount it first")
         raise ConfigError(f"{mountpoint} is not an s3datafs mount (it is {entry.fstype})")
-    if entry.is_another_users() and os.geteuid() != 0:  # fusermount3: "not found in /etc/mtab"
+    if _not_ours_to_unmount(entry):  # fusermount3 would say "not found in /etc/mtab"
         raise ConfigError(f"{mountpoint} was mounted by uid {entry.mounted_by}: only that user "
                           "or root may unmount it")
     if only_dead and not is_dead_mount(mountpoint):
