@@ -15,6 +15,7 @@ import pytest
 from conftest import Cli, errno_of
 
 from devtools.s3server import S3Server
+from s3datafs import s3source
 from s3datafs.errors import S3RequestError
 from s3datafs.s3source import S3Settings, S3Source
 
@@ -103,3 +104,27 @@ def test_a_mount_with_archived_objects_serves_the_others(
         assert cli.unmount(mountpoint).returncode == 0
     logged = "".join(path.read_text() for path in cli.log_dir.glob("*.log"))
     assert "b.bin is archived and not restored" in logged
+
+
+@pytest.mark.parametrize(
+    ("head", "warned"),
+    [
+        ({"StorageClass": "GLACIER", "Restore": 'ongoing-request="false", expiry-date="x"'}, ""),
+        ({"StorageClass": "GLACIER", "Restore": 'ongoing-request="true"'}, "GLACIER"),
+        ({"StorageClass": "INTELLIGENT_TIERING", "ArchiveStatus": "DEEP_ARCHIVE_ACCESS"},
+         "DEEP_ARCHIVE_ACCESS"),
+        ({"StorageClass": "INTELLIGENT_TIERING"}, ""),
+        ({"StorageClass": "GLACIER_IR"}, ""),
+    ],
+    ids=["restored", "restoring", "tiering-archive", "tiering", "instant-retrieval"],
+)
+def test_a_head_warns_only_of_what_cannot_be_read_now(
+    head: dict, warned: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What moto cannot show: a restored copy is read as any object; one being restored, or
+    an Intelligent-Tiering archive tier, is not read until it is done."""
+    with caplog.at_level(logging.WARNING, logger="s3datafs.s3source"):
+        s3source._warn_if_archived(head, "s3://b-1/k")
+    assert [r.getMessage() for r in caplog.records] == ([
+        f"s3://b-1/k is archived ({warned}) and not restored: reading it fails until it is "
+        "(aws s3api restore-object)"] if warned else [])
