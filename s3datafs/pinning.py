@@ -28,11 +28,11 @@ from pathlib import Path
 
 from . import progress
 from .catalog import CatalogMeta, CatalogSummary, build_catalog
-from .errors import MissingPermissionError, NotFoundError, PinMismatchError, UsageError
+from .errors import NotFoundError, PinMismatchError, UsageError
 from .fingerprint import is_fingerprint
 from .keptcatalogs import KeptCatalogs, snapshot_identity
 from .model import ObjectRef, ObjectSource
-from .resolve import Pins, resolve
+from .resolve import Pins, head_version_or_current, resolve
 from .snapshot import load_snapshot
 from .units import counted
 from .uri import S3Uri
@@ -122,18 +122,14 @@ def check_still_there(source: ObjectSource, ref: ObjectRef, snapshot: Path) -> N
 
 
 def _head_pinned(source: ObjectSource, ref: ObjectRef) -> ObjectRef:
-    """The HEAD of ``ref``'s version; of the current object where versions may not be read
-    (no s3:GetObjectVersion: reads then go by ETag alone, see ``s3source``), which is the
-    pinned one if its ETag and size are."""
-    try:
-        return source.head(ref.bucket, ref.key, ref.version_id)
-    except MissingPermissionError as exc:
-        if ref.version_id is None or exc.permission != "s3:GetObjectVersion":
-            raise
-    log.warning("may not read object versions in bucket %r (s3:GetObjectVersion is not "
-                "granted): checking the current object against the snapshot's ETag and size",
-                ref.bucket)
-    return source.head(ref.bucket, ref.key)
+    """The HEAD of ``ref``'s version; of the current object where versions may not be read,
+    which is the pinned one if its ETag and size are (the caller checks)."""
+    found = head_version_or_current(source, ref.bucket, ref.key, ref.version_id)
+    if found.denied is not None:
+        log.warning("may not read object versions in bucket %r (s3:GetObjectVersion is not "
+                    "granted): checking the current object against the snapshot's ETag and "
+                    "size", ref.bucket)
+    return found.ref
 
 
 def parse_expected(text: str | None) -> str | None:

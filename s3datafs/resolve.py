@@ -191,13 +191,56 @@ def _refuse_pins_on_prefix(uri: S3Uri, pins: Pins) -> None:
 
 def _head_or_none(source: ObjectSource, uri: S3Uri, pins: Pins) -> ObjectRef | None:
     try:
-        return source.head(uri.bucket, uri.key, pins.version_id)
+        found = head_version_or_current(source, uri.bucket, uri.key, pins.version_id)
     except NotFoundError:
         if pins.version_id is not None:
             raise NotFoundError(
                 f"version {pins.version_id!r} of {uri} does not exist: check --version-id"
             ) from None
         return None
+    if found.denied is None:
+        return found.ref
+    if found.ref.version_id != pins.version_id:  # only the current version is read by ETag
+        now = f"version {found.ref.version_id!r}" if found.ref.version_id else "one unnamed"
+        raise MissingPermissionError(
+            f"access denied to version {pins.version_id!r} of {uri}: it is not the current "
+            f"one ({now}), and reading another version needs s3:GetObjectVersion, which the "
+            f"credentials' policy does not grant: grant it, or drop --version-id to mount the "
+            f"current one", found.denied.permission,
+        )
+    log.warning("may not read object versions in bucket %r (s3:GetObjectVersion is not "
+                "granted): version %r of %s is the current one, so it is read by its ETag",
+                uri.bucket, pins.version_id, uri)
+    return found.ref
+
+
+@dataclass(frozen=True)
+class Headed:
+    """A HEAD's answer: of the version asked for, or of the current object when that version's
+    HEAD was ``denied`` for want of s3:GetObjectVersion (the caller decides whether the current
+    object is the one it pinned)."""
+
+    ref: ObjectRef
+    denied: MissingPermissionError | None = None
+
+
+def head_version_or_current(
+    source: ObjectSource, bucket: str, key: str, version_id: str | None
+) -> Headed:
+    """The HEAD of ``version_id`` of ``key``; of the current object where versions may not be
+    read: a read-only policy written by hand grants s3:GetObject but not s3:GetObjectVersion,
+    and reads of the current version then go by ETag alone (``s3source``). Any other refusal,
+    or a current object that is gone too, raises the first error."""
+    try:
+        return Headed(source.head(bucket, key, version_id))
+    except MissingPermissionError as exc:
+        if version_id is None or exc.permission != "s3:GetObjectVersion":
+            raise
+        denied = exc
+    try:
+        return Headed(source.head(bucket, key), denied)
+    except (AccessDeniedError, NotFoundError):
+        raise denied from None
 
 
 def _check_etag(ref: ObjectRef, pins: Pins) -> None:

@@ -393,6 +393,61 @@ def test_a_denied_listing_with_no_fallback_raises_the_first_error(
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
+def test_a_version_whose_head_is_refused_is_pinned_if_it_is_the_current_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No s3:GetObjectVersion: S3 refuses a HEAD naming the version, so the current object's
+    HEAD decides. Its reads then go by ETag alone (``s3source``), so the version stays the pin
+    (a snapshot of the mount records it) and the bytes are the pinned ones."""
+    source = make_source(versioned=True)
+    source.put(BUCKET, "model.pt", b"v1")
+    current = source.put(BUCKET, "model.pt", b"v2 is longer")
+    source.fail_next(1, versions_denied("s3:GetObjectVersion"), "head")
+    with caplog.at_level(logging.WARNING, logger="s3datafs.resolve"):
+        resolution, refs = run(source, "s3://bkt/model.pt", Pins(version_id=current.version_id))
+    assert resolution.versioned
+    assert refs == [current]
+    assert [r.getMessage() for r in caplog.records] == [
+        "may not read object versions in bucket 'bkt' (s3:GetObjectVersion is not granted): "
+        f"version {current.version_id!r} of s3://bkt/model.pt is the current one, so it is read "
+        "by its ETag"]
+
+
+def test_an_older_version_whose_head_is_refused_is_refused_with_what_to_do() -> None:
+    source = make_source(versioned=True)
+    old = source.put(BUCKET, "model.pt", b"v1")
+    current = source.put(BUCKET, "model.pt", b"v2 is longer")
+    source.fail_next(1, versions_denied("s3:GetObjectVersion"), "head")
+    with pytest.raises(MissingPermissionError) as raised:
+        run(source, "s3://bkt/model.pt", Pins(version_id=old.version_id))
+    assert str(raised.value) == (
+        f"access denied to version {old.version_id!r} of s3://bkt/model.pt: it is not the "
+        f"current one (version {current.version_id!r}), and reading another version needs "
+        "s3:GetObjectVersion, which the credentials' policy does not grant: grant it, or drop "
+        "--version-id to mount the current one")
+    assert raised.value.permission == "s3:GetObjectVersion"
+
+
+@pytest.mark.parametrize("then", ["gone", "denied", "other-permission"])
+def test_a_refused_version_head_keeps_its_error_when_the_current_one_cannot_tell(
+    then: str,
+) -> None:
+    """The key is deleted now, or its HEAD is refused as well, or the first refusal was for
+    another permission (no second HEAD): the first error stands."""
+    source = make_source(versioned=True)
+    pinned = source.put(BUCKET, "model.pt", b"v1")
+    if then == "gone":
+        source.delete(BUCKET, "model.pt")
+    first = versions_denied("s3:ListBucket" if then == "other-permission" else
+                            "s3:GetObjectVersion")
+    source.fail_next(1, first, "head")
+    if then == "denied":
+        source.fail_next(1, versions_denied("s3:GetObject"), "head")
+    with pytest.raises(MissingPermissionError) as raised:
+        run(source, "s3://bkt/model.pt", Pins(version_id=pinned.version_id))
+    assert raised.value is first
+
+
 def test_a_missing_bucket_is_not_found() -> None:
     with pytest.raises(NotFoundError, match="nobucket"):
         resolve(FakeSource(), parse_s3_uri("s3://nobucket/a"))
