@@ -269,6 +269,29 @@ def test_prefetch_gives_up_when_no_object_at_all_can_be_read(
     assert s3server.ops().get("GetObject", 0) < 40
 
 
+def test_prefetch_gives_up_when_the_keys_stop_working_midway(
+    cli: Cli, s3, proxy, make_bucket
+) -> None:
+    """Twenty objects refused in a row after others were warmed: the keys expired (or were
+    revoked) midway, and every object left would be refused too; the run stops."""
+    bucket = make_bucket()
+    for number in range(80):
+        s3.put_object(Bucket=bucket, Key=f"p/{number:02}.bin", Body=b"x" * 1000)
+    for number in range(10, 80):
+        proxy.inject("error", key=f"p/{number:02}.bin", status=403, code="ExpiredToken",
+                     times=None)
+    env = {**cli.env, "AWS_ENDPOINT_URL": proxy.endpoint}
+    result = cli.run("prefetch", f"s3://{bucket}/p/", env=env)
+    assert result.returncode == 1
+    # after the first 10, give or take one still in flight when the 20th refusal came
+    assert re.fullmatch(
+        r"s3datafs: S3 refused the last 20 objects in a row, after (9|10) objects had been "
+        r"prefetched: the credentials may have expired or been revoked, or their policy "
+        r"changed; giving up: prefetch again with valid credentials \(what is warm stays in "
+        r"the cache\)", result.stderr.splitlines()[-1]), result.stderr
+    assert proxy.requests["GetObject"] < 2 * 50  # a template's refusal and botocore's, each
+
+
 def test_prefetch_stops_at_a_failure_that_is_not_the_objects_own(
     cli: Cli, s3, proxy, make_bucket
 ) -> None:

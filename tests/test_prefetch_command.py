@@ -14,6 +14,12 @@ from fakes import trio_test
 
 from s3datafs import cli
 from s3datafs.commands import prefetch
+from s3datafs.errors import (
+    AccessDeniedError,
+    MissingPermissionError,
+    S3RequestError,
+    StaleObjectError,
+)
 
 
 class CountingReader:
@@ -55,6 +61,25 @@ async def test_the_objects_warmed_at_once_share_the_gets_in_flight(
                              prefetch._Failures())
     assert reader.parallel == [each] * count
     assert reader.most == most
+
+
+def test_only_refusals_in_a_row_after_some_were_warmed_stop_a_prefetch() -> None:
+    """Archived or deleted objects come in runs (a lifecycle rule, a removed folder) and the
+    rest are warmed; refusals in a row mean the keys stopped working. One warmed object between
+    refusals starts the count again."""
+    failures = prefetch._Failures()
+    failures.done()
+    for _ in range(3 * prefetch._Failures.SHOWN):
+        failures.add(S3RequestError("archived"))
+        failures.add(StaleObjectError("deleted since"))
+    for _ in range(prefetch._Failures.SHOWN - 1):
+        failures.add(AccessDeniedError("refused"))
+    failures.done()
+    for _ in range(prefetch._Failures.SHOWN - 1):
+        failures.add(AccessDeniedError("refused"))
+    with pytest.raises(AccessDeniedError, match="refused the last 20 objects in a row, after 2 "
+                       "objects had been prefetched"):
+        failures.add(MissingPermissionError("refused", "s3:GetObject"))
 
 
 @pytest.mark.parametrize("key", ["mnist.zip", "x" * 300])

@@ -183,15 +183,24 @@ def run(args: argparse.Namespace) -> int:
 
 class _Failures:
     """Objects that could not be warmed for reasons of their own (``OBJECTS_OWN``): each is
-    one warning (the first ``SHOWN``), and the run goes on with the others - unless the first
-    ``SHOWN`` all failed with none warmed: then every object probably would (a policy without
-    s3:GetObject), and the run stops rather than ask S3 for each."""
+    one warning (the first ``SHOWN``), and the run goes on with the others - unless it looks
+    like every object's trouble, when the run stops rather than ask S3 for each of the rest:
+    - the first ``SHOWN`` all failed, with none warmed (a policy without s3:GetObject);
+    - ``SHOWN`` in a row were refused (``AccessDeniedError``) after others were warmed: the keys
+      expired or were revoked midway, or their policy changed. Objects archived or deleted since
+      the pin come in runs of their own (a lifecycle rule, a removed folder) and do not count.
+    """
 
     SHOWN = 20
 
     def __init__(self) -> None:
         self.count = self.warmed = 0
+        self.refused_in_a_row = 0
         self.first: S3DataFSError | None = None
+
+    def done(self) -> None:
+        self.warmed += 1
+        self.refused_in_a_row = 0
 
     def add(self, error: S3DataFSError) -> None:
         self.count += 1
@@ -203,6 +212,14 @@ class _Failures:
         if self.count >= self.SHOWN and not self.warmed:
             raise S3RequestError(f"the first {self.count} objects could not be prefetched, and "
                                  "none could: giving up (see above)")
+        self.refused_in_a_row = self.refused_in_a_row + 1 if isinstance(
+            error, AccessDeniedError) else 0
+        if self.refused_in_a_row >= self.SHOWN:
+            raise AccessDeniedError(
+                f"S3 refused the last {self.refused_in_a_row} objects in a row, after "
+                f"{counted(self.warmed, 'object')} had been prefetched: the credentials may have "
+                f"expired or been revoked, or their policy changed; giving up: "
+                f"prefetch again with valid credentials (what is warm stays in the cache)")
 
 
 def _keep_decompressed(
@@ -275,7 +292,7 @@ async def _warm_one(
 ) -> None:
     try:
         await reader.warm(ref, parallel=runs, loaded=progress.advance)
-        failures.warmed += 1
+        failures.done()
     except BaseExceptionGroup as group:  # from the object's own runs
         own, other = group.split(OBJECTS_OWN)
         if other is not None or own is None:
