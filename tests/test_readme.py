@@ -25,7 +25,7 @@ import pytest
 from s3datafs import config, datasets, mount_helper
 from s3datafs.archive.index import parse_archive_mode
 from s3datafs.cli import build_parser
-from s3datafs.errors import UsageError
+from s3datafs.errors import ConfigError, UsageError
 from s3datafs.plan import FsSettings
 from s3datafs.s3source import S3Settings
 from s3datafs.units import parse_size
@@ -125,6 +125,25 @@ def test_the_filesystem_defaults_are_the_programs() -> None:
     mount = subcommand("mount")
     assert mount.get_default("file_mode") == f"{FsSettings.file_mode:04o}"
     assert mount.get_default("dir_mode") == f"{FsSettings.dir_mode:04o}"
+
+
+def test_the_credentials_file_modes_said_to_do_are_the_ones_that_do(tmp_path: Path) -> None:
+    """The README's modes are read; a file its group may change, or others read, is refused;
+    and ``--help`` names the same modes (it used to say 0600 alone)."""
+    cell = mount_table_cell("--credentials-file")
+    modes = re.findall(r"\b0[0-7]{3}\b", cell[cell.index("refused"):])
+    assert len(modes) == 4
+    keys = tmp_path / "credentials"
+    keys.write_text("[default]\naws_access_key_id = AKIDEXAMPLE\naws_secret_access_key = s\n")
+    for mode in modes:
+        keys.chmod(int(mode, 8))
+        assert config.read_credentials_file(keys, None).access_key_id == "AKIDEXAMPLE"
+    for mode in (0o660, 0o620, 0o604, 0o602):
+        keys.chmod(mode)
+        with pytest.raises(ConfigError, match="open to other users"):
+            config.read_credentials_file(keys, None)
+    in_help = re.findall(r"\b0[0-7]{3}\b", help_of(subcommand("mount"), "--credentials-file"))
+    assert set(in_help) == set(modes)
 
 
 def readme_command_lines() -> list[str]:

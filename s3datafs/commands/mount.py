@@ -101,7 +101,9 @@ def add_s3_access_options(mount: argparse.ArgumentParser) -> None:
     s3.add_argument("--no-sign-request", action="store_true", help="anonymous (public bucket)")
     s3.add_argument("--requester-pays", action="store_true",
                     help="a Requester Pays bucket: requests are billed to the credentials used")
-    s3.add_argument("--credentials-file", type=Path, help="AWS-style credentials file, mode 0600")
+    s3.add_argument("--credentials-file", type=Path,
+                    help="AWS-style credentials file only its owner may change, and only its "
+                    "owner and group read (0600, 0400, 0640 or 0440)")
     s3.add_argument(
         "--read-timeout",
         metavar="SECONDS",
