@@ -225,3 +225,27 @@ def test_every_long_option_of_mount_but_two_is_an_o_option() -> None:
     expected = {option for option in visible_long_options(subcommand("mount"))
                 if option not in ("--foreground", "--data-root")}
     assert {spec.long for spec in table.values()} == expected
+
+
+def test_cache_clears_help_names_what_the_readme_says_it_deletes() -> None:
+    """It said "delete cached blocks"; the README: blocks, zip member indexes and the catalogs
+    kept of snapshot files."""
+    cache_section = section("### `s3datafs cache stats [--json]`, `s3datafs cache clear [URI]`")
+    deletes = cache_section[cache_section.index("`clear` deletes"):]
+    actions = next(action for action in subcommand("cache")._actions
+                   if isinstance(action, argparse._SubParsersAction))
+    clear_help = next(choice.help for choice in actions._choices_actions
+                      if choice.dest == "clear")
+    for what in ("block", "member indexes", "snapshot"):
+        assert what in deletes
+        assert what in clear_help
+
+
+def test_prefetch_archive_help_agrees_with_the_readme() -> None:
+    """The README: a zip is warmed as the archive object itself (its blocks are what a mount
+    reads members from); the help said ``--archive`` chose to "warm its members"."""
+    prefetch_section = section("### `s3datafs prefetch URI|--snapshot FILE [options]`")
+    assert "is warmed as the archive object itself" in prefetch_section
+    archive_help = help_of(subcommand("prefetch"), "--archive")
+    assert "warm its members" not in archive_help
+    assert "warmed either way" in archive_help

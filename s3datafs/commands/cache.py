@@ -28,7 +28,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     stats.add_argument("--cache-dir", type=Path, help="default: the mount default")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(handler=run_stats)
-    clear = actions.add_parser("clear", help="delete cached blocks (all, or of one URI prefix)")
+    clear = actions.add_parser("clear", help="delete cached blocks, zip member indexes and "
+                               "kept snapshot catalogs (all, or those under one URI)")
     clear.add_argument("uri", nargs="?", help="only objects under this s3:// URI")
     clear.add_argument("--cache-dir", type=Path, help="default: the mount default")
     clear.set_defaults(handler=run_clear)

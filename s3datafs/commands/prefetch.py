@@ -79,8 +79,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     mount_command.add_source_options(parser)
     parser.add_argument("--snapshot", type=Path, metavar="FILE", help="warm what this file pins")
     parser.add_argument("--archive", metavar="MODE",
-                        help="a zip single object: warm its members or the object as one file, "
-                        "as mount --archive (auto, zip or file) shows it")
+                        help="a single zip object: auto, zip or file, as for mount; its bytes "
+                        "are warmed either way, and shown as members, their index too")
     mount_command.add_cache_options(parser)
     mount_command.hide_options(parser, "name", "data_root", "prefetch_files")  # nothing is mounted
     parser.set_defaults(
