@@ -164,6 +164,17 @@ def test_relative_snapshot_paths_are_relative_to_the_spec_file(tmp_path: Path) -
     assert absolute.snapshot == Path("/x/p.gz")
 
 
+def test_relative_snapshot_paths_of_stdin_and_the_variable_start_in_the_working_directory(
+) -> None:
+    """There is no spec file to start from: the path stays relative, and the command makes it
+    absolute from where it runs (``commands.mount._absolute``), as for ``--snapshot``."""
+    text = "- {uri: s3://b-1/p/, snapshot: snaps/p.jsonl.gz}"
+    for source, given in (("-", {"stdin": io.StringIO(text)}),
+                          (None, {"environ": {"S3DATAFS_DATASETS": text}})):
+        (spec,) = load_specs(source, **given)
+        assert spec.snapshot == Path("snaps/p.jsonl.gz")
+
+
 def test_relative_paths_start_beside_the_spec_file_as_named_not_where_its_link_points(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
