@@ -29,7 +29,8 @@ How ``-o`` is read:
   again for that), ``rw`` is ignored as for a mount (mount(8) passes it on
   remount too, for an fstab line that does not say ``ro``), and the options the kernel reports for
   a FUSE mount (``user_id=``, ``group_id=``, ``default_permissions``, ...), which mount(8) passes
-  back, are ignored; ``noexec`` or ``exec`` against what the mount is, is refused.
+  back, are ignored (``allow_other`` where the mount has it: asked of one without, it is an
+  option not applied); ``noexec`` or ``exec`` against what the mount is, is refused.
 - Anything else is refused in one line, unless ``-s`` (sloppy) asks to ignore it with a warning.
 - Credentials are never option values: the options are visible in ``ps`` and, for mount(8), the
   fstab. Keys come from the environment, a profile, a role or ``credentials_file=FILE`` (e.g. 0600);
@@ -90,10 +91,9 @@ IGNORED = frozenset(
         "loud",
     }
 )
-# What the kernel reports for a FUSE mount, passed back by mount(8) on ``remount``.
-REMOUNT_IGNORED = frozenset(
-    {"remount", "default_permissions", "allow_other", "relatime", "nosymfollow"}
-)
+# What the kernel reports for a FUSE mount, passed back by mount(8) on ``remount``; and
+# ``allow_other`` where the mount has it (``remount``: asked of one without, it is not applied).
+REMOUNT_IGNORED = frozenset({"remount", "default_permissions", "relatime", "nosymfollow"})
 REMOUNT_IGNORED_PREFIXES = ("user_id=", "group_id=", "rootmode=", "max_read=", "blksize=")
 IGNORED_PREFIXES = ("x-", "comment=")
 # Options of mount(8) that would lift what every s3datafs mount keeps: refused, saying so.
@@ -301,11 +301,14 @@ def remount(call: HelperCall, items: list[str]) -> None:
             f"cannot remount {call.directory} {wrong}: a remount changes nothing; unmount and "
             f"mount again with {wrong}"
         )
+    # allow_other as the mount already is, which the kernel lists and mount(8) passes back, is
+    # no change; asked of a mount without it, it is an option of ours not applied (warned of).
+    passed_back = {"allow_other"} & ours[-1].super_options
     kept = [
         item
         for item in items
         if item not in REMOUNT_IGNORED and not item.startswith(REMOUNT_IGNORED_PREFIXES)
-        and item not in ("exec", "noexec")
+        and item not in ("exec", "noexec", *passed_back)
     ]
     translation = translate_options(",".join(kept), sloppy=call.sloppy)
     for warning in translation.warnings:

@@ -38,6 +38,9 @@ class MountEntry:
     device: str = ""  # "major:minor", as the kernel names the mount's backing device
     options: frozenset[str] = frozenset()  # per-mount options: ro, nosuid, noexec, ...
     mounted_by: int | None = None  # a FUSE mount's user_id: the uid that mounted it
+    # the filesystem's own options, as the kernel lists them: a FUSE mount's user_id=,
+    # default_permissions, allow_other, ...
+    super_options: frozenset[str] = frozenset()
 
     def is_another_users(self) -> bool:
         """Whether another user than this one mounted it: without ``allow_other`` only that
@@ -61,6 +64,7 @@ def mount_table() -> list[MountEntry]:
                     device=fields[2],
                     options=frozenset(fields[5].split(",")),
                     mounted_by=_user_id(super_options),
+                    super_options=frozenset(super_options),
                 )
             )
     return entries

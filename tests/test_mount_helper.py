@@ -160,10 +160,14 @@ def test_rw_mounts_read_only_and_verbose_says_so(
 # -- remount, against a mount table made up for the test ---------------------------------------
 
 
-def _mount_table(monkeypatch: pytest.MonkeyPatch, target: Path, *entries: tuple[str, str]) -> None:
+def _mount_table(
+    monkeypatch: pytest.MonkeyPatch, target: Path, *entries: tuple[str, str],
+    super_options: str = "",
+) -> None:
     """``runtime.mount_table`` lists ``entries`` (fstype, options), all mounted at ``target``,
-    the last one on top."""
-    table = [MountEntry(str(target), fstype, "src", options=frozenset(options.split(",")))
+    the last one on top; ``super_options``: the filesystem's own, as the kernel lists them."""
+    table = [MountEntry(str(target), fstype, "src", options=frozenset(options.split(",")),
+                        super_options=frozenset(super_options.split(",")))
              for fstype, options in entries]
     monkeypatch.setattr(runtime, "mount_table", lambda: table)
 
@@ -218,12 +222,27 @@ def test_remount_ignores_what_the_kernel_reports_for_a_fuse_mount(
 ) -> None:
     """mount(8) passes the mount's options back on remount, the kernel's for FUSE among them:
     none is an option to refuse or warn of, even for a mount that recorded no options."""
-    _mount_table(monkeypatch, tmp_path, ("fuse.s3datafs", "ro"))
-    monkeypatch.setattr(runtime, "read_state", lambda _mountpoint: {"pid": 1})
     kernels = ("rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,"
-               "max_read=131072,blksize=4096,relatime,nosymfollow")
-    assert main(["s3://b-1/x", str(tmp_path), "-o", f"remount,{kernels}"]) == 0
+               "max_read=131072,blksize=4096")
+    _mount_table(monkeypatch, tmp_path, ("fuse.s3datafs", "ro,relatime,nosymfollow"),
+                 super_options=kernels)
+    monkeypatch.setattr(runtime, "read_state", lambda _mountpoint: {"pid": 1})
+    assert main(["s3://b-1/x", str(tmp_path), "-o", f"remount,{kernels},relatime,nosymfollow"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_remount_asking_allow_other_of_a_mount_without_it_says_it_is_not_applied(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """allow_other is the kernel's to list only where the mount has it: asked of a mount without
+    it, it is an option of ours whose value differs, as the README says (it was ignored
+    silently, as if the mount had it)."""
+    _mount_table(monkeypatch, tmp_path, ("fuse.s3datafs", "ro"),
+                 super_options="rootmode=40000,user_id=0,group_id=0,default_permissions")
+    monkeypatch.setattr(runtime, "read_state",
+                        lambda _mountpoint: {"pid": 1, "options": {"allow_other": False}})
+    assert main(["s3://b-1/x", str(tmp_path), "-o", "remount,allow_other"]) == 0
+    assert "changes nothing (--allow-other not applied)" in capsys.readouterr().err
 
 
 # -- the real mount(8) ---------------------------------------------------------------------------
@@ -483,6 +502,25 @@ def test_a_remount_with_the_options_the_mount_has_warns_of_nothing(
     other = _mount8("-T", str(fstab), "-o", "remount,cache_size=128M", str(target), env=cli.env)
     assert other.returncode == 0
     assert "changes nothing (--cache-size not applied)" in other.stderr
+
+
+def test_remount_asking_allow_other_that_the_mount_lacks_warns_and_changes_nothing(
+    cli: Cli, s3, make_bucket, installed_helper: Path
+) -> None:
+    """Where the mount has allow_other mount(8) passes it back: no change, nothing said; where
+    it has not, asking for it is an option not applied (it used to pass without a word, and a
+    container's user then met EACCES with nothing to say why)."""
+    uri = csv_dataset(s3, make_bucket)
+    plain, shared = cli.root / "plain", cli.root / "shared"
+    mounted_by_mount8(cli, uri, plain, "-o", "ro")
+    mounted_by_mount8(cli, uri, shared, "-o", "ro,allow_other")
+    asked = _mount8("-o", "remount,allow_other", str(plain), env=cli.env)
+    assert asked.returncode == 0
+    assert "changes nothing (--allow-other not applied)" in asked.stderr
+    (entry,) = (entry for entry in runtime.mount_table() if entry.mountpoint == str(plain))
+    assert "allow_other" not in entry.super_options
+    again = _mount8("-o", "remount", str(shared), env=cli.env)
+    assert (again.returncode, again.stderr) == (0, "")
 
 
 def test_remount_of_an_fstab_line_without_ro_succeeds(
