@@ -405,7 +405,7 @@ class S3Source:
         except botocore.exceptions.ClientError as exc:
             if _code(exc) in _GONE:
                 raise StaleObjectError(
-                    f"{ref.uri} changed or was deleted after mount "
+                    f"{ref.uri} changed or was deleted since it was pinned "
                     f"(pinned ETag {ref.etag}, version {ref.version_id or '-'}): "
                     f"{_code(exc)}; {_SEE_CURRENT}"
                 ) from None
@@ -510,12 +510,12 @@ def _check_pin(ref: ObjectRef, fetched: Fetched) -> None:
     etag, version = fetched.etag, fetched.version_id
     if etag is not None and normalize_etag(etag) != ref.etag:
         raise StaleObjectError(
-            f"{ref.uri} changed after mount: S3 sent ETag {normalize_etag(etag)} for pinned ETag "
-            f"{ref.etag} (this store ignores If-Match); {_SEE_CURRENT}"
+            f"{ref.uri} changed since it was pinned: S3 sent ETag {normalize_etag(etag)} for "
+            f"pinned ETag {ref.etag} (this store ignores If-Match); {_SEE_CURRENT}"
         )
     if version is not None and ref.version_id is not None and version != ref.version_id:
         raise StaleObjectError(
-            f"{ref.uri} changed after mount: S3 sent version {version} for pinned version "
+            f"{ref.uri} changed since it was pinned: S3 sent version {version} for pinned version "
             f"{ref.version_id} (this store ignores versionId); {_SEE_CURRENT}"
         )
 

@@ -202,7 +202,8 @@ class FakeSource:
                 version = self._select(ref.bucket, ref.key, ref.version_id)
                 if version is None or version.etag != ref.etag:
                     raise StaleObjectError(
-                        f"{ref.uri} changed or was deleted after mount (pinned ETag {ref.etag})"
+                        f"{ref.uri} changed or was deleted since it was pinned "
+                        f"(pinned ETag {ref.etag})"
                     )
                 assert version.data is not None
                 if not 0 <= start < end <= len(version.data):

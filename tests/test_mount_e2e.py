@@ -164,7 +164,7 @@ def test_unversioned_overwrite_fails_reads_and_never_returns_new_bytes(
     bucket = make_bucket()
     s3.put_object(Bucket=bucket, Key="p/f.bin", Body=b"A" * 5000)
     mountpoint = cli.mount(f"s3://{bucket}/p/")
-    cli.expect_log(r"changed or was deleted after mount")
+    cli.expect_log(r"changed or was deleted since it was pinned")
     s3.put_object(Bucket=bucket, Key="p/f.bin", Body=b"B" * 5000)
     assert errno_of((mountpoint / "f.bin").read_bytes) in (errno.EIO, errno.ESTALE)
     assert not any(n.endswith("version_id") for n in os.listxattr(mountpoint / "f.bin"))
@@ -935,9 +935,9 @@ def test_a_log_file_rotated_away_is_made_again_and_stack_dumps_follow_it(
     rotated = log_file.with_suffix(".log.1")
     log_file.rename(rotated)
     s3.delete_object(Bucket=bucket, Key="p/x.bin")  # a read now fails, and logs why
-    cli.expect_log("changed or was deleted after mount")
+    cli.expect_log("changed or was deleted since it was pinned")
     assert errno_of(lambda: (mountpoint / "x.bin").read_bytes()) == errno.ESTALE
-    assert "changed or was deleted after mount" in log_file.read_text()
+    assert "changed or was deleted since it was pinned" in log_file.read_text()
     assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
     os.kill(cli.daemon_pid(mountpoint), signal.SIGUSR1)
     deadline = time.monotonic() + 10

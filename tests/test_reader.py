@@ -1141,14 +1141,15 @@ async def test_readahead_in_pieces_that_fail_gives_its_reader_the_typed_error(
         if failing == "every GET":
             source.put(BUCKET, ref.key, b"changed after mount")
         else:
-            source.fail_next(1, StaleObjectError(f"{ref.uri} changed or was deleted after mount"))
+            source.fail_next(
+                1, StaleObjectError(f"{ref.uri} changed or was deleted since it was pinned"))
 
         async def land() -> None:
             await trio.testing.wait_all_tasks_blocked()  # the read waits for the readahead
             gate.set()
 
         mount_tasks.start_soon(land)
-        with pytest.raises(StaleObjectError, match="changed or was deleted after mount"):
+        with pytest.raises(StaleObjectError, match="changed or was deleted since it was pinned"):
             await reader.read(ref, 0, ref.size)
         mount_tasks.cancel_scope.cancel()
     assert len(source.ranges) == 4  # the readahead's pieces: the reader sent no GET of its own

@@ -209,7 +209,7 @@ def test_a_mount_on_a_store_that_ignores_if_match_fails_reads_of_an_overwritten_
     mountpoint = cli.mount(f"s3://{bucket}/p/", "--endpoint-url", proxy.endpoint, "--no-cache")
     assert uncached(mountpoint / "e.bin") == OLD[:4096]
     s3.put_object(Bucket=bucket, Key="p/d.bin", Body=NEW)  # overwritten while mounted
-    cli.expect_log("changed after mount: S3 sent ETag")
+    cli.expect_log("changed since it was pinned: S3 sent ETag")
     with pytest.raises(OSError, match="Stale file handle") as caught:
         uncached(mountpoint / "d.bin", 65536)
     assert caught.value.errno == errno.ESTALE

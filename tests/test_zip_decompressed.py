@@ -471,7 +471,7 @@ def test_readers_of_a_member_whose_archive_changed_after_mount_all_get_estale(
                            threads=len(starts), catching=(StaleObjectError,))
     settled(source)
     assert all(isinstance(result, StaleObjectError) for result in results), results
-    assert all("changed or was deleted after mount" in str(result) for result in results)
+    assert all("changed or was deleted since it was pinned" in str(result) for result in results)
     assert len({id(result) for result in results}) == len(results)  # one exception per reader
     assert kept_files(tmp_path, ref) == []
     with pytest.raises(StaleObjectError):

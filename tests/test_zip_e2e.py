@@ -342,7 +342,7 @@ def test_overwritten_unversioned_archive_fails_reads_never_new_bytes(
     bucket = make_bucket()
     put(s3, bucket, "d.zip", make_zip(MEMBERS, methods=METHODS))
     mountpoint = cli.mount(f"s3://{bucket}/d.zip")
-    cli.expect_log(r"changed or was deleted after mount")
+    cli.expect_log(r"changed or was deleted since it was pinned")
     changed = {name: data.replace(b"e", b"E") for name, data in MEMBERS.items()}
     put(s3, bucket, "d.zip", make_zip(changed, methods=METHODS))
     for name in ("labels.csv", "train/a/2.bin"):
