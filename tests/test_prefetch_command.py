@@ -57,7 +57,8 @@ async def test_the_objects_warmed_at_once_share_the_gets_in_flight(
     count: int, each: int, most: int
 ) -> None:
     reader = CountingReader()
-    await prefetch._warm_all(reader, iter(range(count)), count, Progress(),  # type: ignore[arg-type]
+    refs = iter([SimpleNamespace(size=1)] * count)
+    await prefetch._warm_all(reader, refs, count, Progress(),  # type: ignore[arg-type]
                              prefetch._Failures())
     assert reader.parallel == [each] * count
     assert reader.most == most
@@ -68,13 +69,13 @@ def test_only_refusals_in_a_row_after_some_were_warmed_stop_a_prefetch() -> None
     rest are warmed; refusals in a row mean the keys stopped working. One warmed object between
     refusals starts the count again."""
     failures = prefetch._Failures()
-    failures.done()
+    failures.done(1)
     for _ in range(3 * prefetch._Failures.SHOWN):
         failures.add(S3RequestError("archived"))
         failures.add(StaleObjectError("deleted since"))
     for _ in range(prefetch._Failures.SHOWN - 1):
         failures.add(AccessDeniedError("refused"))
-    failures.done()
+    failures.done(1)
     for _ in range(prefetch._Failures.SHOWN - 1):
         failures.add(AccessDeniedError("refused"))
     with pytest.raises(AccessDeniedError, match="refused the last 20 objects in a row, after 2 "

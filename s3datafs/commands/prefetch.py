@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     what = counted(count, "object" if members is None else "member")
     if failures.count and members is None:
-        what = f"{count - failures.count} of {what}"
+        what, total = f"{count - failures.count} of {what}", failures.warmed_bytes
     archived = "" if members is None else f" (an archive of {human_size(stored)})"
     decompressed = "" if not kept[0] else (
         f"; {counted(kept[0], 'member')} kept decompressed ({human_size(kept[1])})")
@@ -194,12 +194,13 @@ class _Failures:
     SHOWN = 20
 
     def __init__(self) -> None:
-        self.count = self.warmed = 0
+        self.count = self.warmed = self.warmed_bytes = 0
         self.refused_in_a_row = 0
         self.first: S3DataFSError | None = None
 
-    def done(self) -> None:
+    def done(self, size: int) -> None:
         self.warmed += 1
+        self.warmed_bytes += size
         self.refused_in_a_row = 0
 
     def add(self, error: S3DataFSError) -> None:
@@ -292,7 +293,7 @@ async def _warm_one(
 ) -> None:
     try:
         await reader.warm(ref, parallel=runs, loaded=progress.advance)
-        failures.done()
+        failures.done(ref.size)
     except BaseExceptionGroup as group:  # from the object's own runs
         own, other = group.split(OBJECTS_OWN)
         if other is not None or own is None:
