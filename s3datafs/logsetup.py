@@ -36,6 +36,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import faulthandler
 import logging
 import logging.handlers
@@ -297,8 +298,10 @@ def setup(
         try:
             handler = _LogFile(log_file)
         except OSError as exc:
+            why = ("it is a symbolic link, which is never followed" if exc.errno == errno.ELOOP
+                   else exc.strerror)
             raise ConfigError(
-                f"cannot write log file {log_file}: {exc.strerror}: choose another with --log-file"
+                f"cannot write log file {log_file}: {why}: choose another with --log-file"
             ) from None
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler.addFilter(repeated)

@@ -101,6 +101,15 @@ def case(id_: str, argv: list[str], exit_code: int, fragment: str, **options: ob
     return pytest.param(Case(tuple(argv), exit_code, fragment, **options), id=id_)
 
 
+def make_symlink(relative: str, target: str) -> Setup:
+    def setup(cli: Cli, world: World) -> None:
+        path = cli.root / relative
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.symlink_to(target)
+
+    return setup
+
+
 def make_file(relative: str, text: str = "x", mode: int = 0o600) -> Setup:
     def setup(cli: Cli, world: World) -> None:
         path = cli.root / relative
@@ -419,6 +428,14 @@ LOCAL_CASES = [
         ["mount", "s3://{b}/p/", "--log-file", "/proc/nope/x.log"],
         FAILURE,
         "/proc/nope",
+    ),
+    case(
+        "log-file-symlink",
+        ["mount", "s3://{b}/p/", "--log-file", "{root}/logs/link.log"],
+        FAILURE,
+        "cannot write log file {root}/logs/link.log: it is a symbolic link, which is never "
+        "followed: choose another with --log-file",
+        setup=make_symlink("logs/link.log", "real.log"),
     ),
     case(
         "cache-dir-uncreatable",
