@@ -113,11 +113,13 @@ def parse_prefetch_files(text: str | None, option: str) -> int:
 
 _RELATIVE_TIME = re.compile(r"^(\d+)([smhdw])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-AS_OF_FORMS = "ISO 8601 (2024-05-01, 2024-05-01T12:00:00Z, naive means UTC) or 30m, 12h, 7d"
+AS_OF_FORMS = ("ISO 8601 (2024-05-01, 2024-05-01T12:00:00Z, naive means UTC) or a time ago in "
+               "s, m, h, d or w (30m, 12h, 7d)")
 
 
 def parse_as_of(text: str, now: float) -> float:
-    """``--as-of``: an ISO 8601 time (naive = UTC) or a time ago (``30m``, ``12h``, ``7d``).
+    """``--as-of``: an ISO 8601 time (naive = UTC) or a time ago (``90s``, ``30m``, ``12h``,
+    ``7d``, ``2w``).
 
     Returns seconds since the epoch. A time after ``now`` is refused: the view it names could
     still change, so it would not be a point in time.

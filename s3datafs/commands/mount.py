@@ -85,7 +85,7 @@ def add_source_options(mount: argparse.ArgumentParser) -> None:
     what.add_argument("--version-id", help="pin this version of a single object")
     what.add_argument("--etag", help="require this ETag of a single object (quotes optional)")
     what.add_argument("--as-of", metavar="TIME", help="as it was at TIME (versioned buckets): "
-                      "ISO 8601, naive = UTC, or 30m, 12h, 7d ago")
+                      "ISO 8601, naive = UTC, or a time ago: 90s, 30m, 12h, 7d, 2w")
     what.add_argument("--expect-fingerprint", metavar="F",
                       help="refuse unless the data has this fingerprint")
     add_s3_access_options(mount)
