@@ -16,13 +16,21 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__, commands, daemon, startup, undumpable
 from .errors import S3DataFSError, UsageError, first_ours
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in one line (and exit 2), as the CLI promises."""
+    """argparse that reports usage errors in one line (and exit 2), as the CLI promises, and
+    takes options by their whole names only: an abbreviation written in a script, a systemd
+    unit or a spec today (``--arch``) could name another option, or none, once a later release
+    adds one that starts the same; fstab's ``-o`` options are whole names already."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see '{self.prog} --help')")

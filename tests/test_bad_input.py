@@ -204,6 +204,8 @@ OPTION_CASES = [
         USAGE,
         "unrecognized arguments: --bogus",
     ),
+    case("abbreviated-option", ["mount", "s3://{b}/p/", "--arch", "file"], USAGE,
+         "unrecognized arguments: --arch file (see 's3datafs mount --help')"),
     case(
         "extra-argument",
         ["mount", "s3://{b}/p/", "{root}/m", "extra"],
