@@ -3,9 +3,10 @@
 Protocol:
 - The parent forks *before* trio, threads or any connection exist (forking a threaded process is
   unsafe). What it has loaded (modules, botocore's parsed data from its settings check) the
-  child inherits rather than loads again; pyfuse3, trio and the serving modules the parent never
-  loads, and the child loads them while S3 answers its pins (``mounting``). The child starts a
-  new session and does all the work: resolve, catalog, mount.
+  child inherits rather than loads again; pyfuse3, trio and the serving modules the parent of
+  one daemon never loads, and the child loads them while S3 answers its pins (``mounting``); a
+  command about to fork several loads them first, for all to share. The child starts a new
+  session and does all the work: resolve, catalog, mount.
 - The child writes exactly one JSON line to the pipe: ``{"ok": true, ...summary}`` once the mount
   is usable, or ``{"ok": false, "error": "...", "exit": N}`` when it failed. It then closes the pipe
   and, on success, points stdin/stdout/stderr at /dev/null so that whoever ran ``s3datafs mount``

@@ -124,6 +124,22 @@ def test_mount_all_mounts_every_dataset_at_its_name(cli: Cli, three: Three) -> N
                      "weights-v1": "s3datafs/weight"}
 
 
+def test_the_daemons_share_the_serving_modules_their_command_loaded(
+    cli: Cli, three: Three
+) -> None:
+    """Three daemons, one import of pyfuse3 and trio: the command's, before its first fork
+    (``mounting.load_serving_modules``), which each daemon inherits instead of importing them
+    again (it was once per daemon). ``-X importtime`` has every process say what it imports."""
+    env = {**cli.env, "PYTHONPROFILEIMPORTTIME": "1"}
+    result = run_cli(cli, "mount-all", "-", stdin=json.dumps(three.spec), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert [imported.count(name) for name in ("pyfuse3", "trio", "s3datafs.fuse_ops")] == [1] * 3
+    for name, files in three.expected.items():
+        assert read_tree(cli.data_root / name) == files
+
+
 def test_a_failing_fourth_dataset_leaves_nothing_mounted(cli: Cli, three: Three) -> None:
     broken = {"uri": three.spec[0]["uri"], "name": "broken", "etag": "0" * 32}
     result = run_cli(cli, "mount-all", "-", stdin=json.dumps([*three.spec, broken]))

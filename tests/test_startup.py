@@ -53,8 +53,9 @@ def test_commands_that_need_no_s3_or_fuse_import_neither(tmp_path: Path) -> None
 
 
 def test_the_mount_commands_leave_pyfuse3_and_trio_to_their_daemons() -> None:
-    """A daemon imports them while it waits on S3 for its pins (``mounting``); the command that
-    forks it, and the commands that share its options, never need them."""
+    """A daemon imports them while it waits on S3 for its pins (``mounting``); importing the
+    commands that fork daemons, and those that share their options, loads neither (a command
+    about to fork several daemons loads them itself then: ``mounting.load_serving_modules``)."""
     code = (
         "import sys\n"
         "from s3datafs.commands import diff, mount, mount_all, run, snapshot\n"
@@ -107,6 +108,33 @@ def test_a_module_that_fails_to_load_fails_where_it_is_wanted(
     loading = mounting._Loading(name)
     with pytest.raises(ImportError, match="libfuse3"):
         loading.module()
+
+
+def test_a_module_loaded_already_takes_no_thread(
+    module_file: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon of mount-all finds the serving modules loaded by its command."""
+    name = module_file("VALUE = 1\n")
+    __import__(name)
+
+    def no_thread_wanted(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a thread was started for a module loaded already")
+
+    monkeypatch.setattr(mounting, "start_quiet_thread", no_thread_wanted)
+    assert mounting._Loading(name).module().VALUE == 1
+
+
+def test_serving_modules_that_fail_to_load_are_left_to_each_daemon(
+    module_file: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command loading them for its daemons says nothing; a daemon then fails to load them
+    again, and says why (pyfuse3 without libfuse3: what to install)."""
+    name = module_file("raise ImportError('libfuse3.so.3: cannot open shared object file')\n")
+    monkeypatch.setattr(mounting, "_SERVING", name)
+    mounting.load_serving_modules()
+    assert name not in sys.modules
+    with pytest.raises(ImportError, match="libfuse3"):
+        mounting._Loading(name).module()
 
 
 def test_botocore_data_is_loaded_once_per_process() -> None:

@@ -39,7 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .. import config, daemon, datasets, envblock, logsetup, s3source, sdnotify, supervisor
+from .. import (
+    config,
+    daemon,
+    datasets,
+    envblock,
+    logsetup,
+    mounting,
+    s3source,
+    sdnotify,
+    supervisor,
+)
 from ..datasets import DatasetError, DatasetSpec
 from ..errors import ConfigError, S3DataFSError, UsageError
 from ..plan import MountPlan
@@ -292,6 +302,8 @@ def mount_datasets(
     ends (SIGKILL too: their daemons learn of it from the kernel). Else they outlive it once
     all are mounted; until then they are held, and unmount if it dies."""
     secrets = [secret for item in planned for secret in item.spec.secrets()]
+    if len(planned) > 1:  # one copy for every daemon, shared (``mounting`` says why)
+        mounting.load_serving_modules()
     mounted: list[MountedDataset] = []
     try:
         for item in planned:
