@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ import stat
 import subprocess
 import sys
 import time
+import types
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ from faultproxy import FaultProxy
 from zipcraft import make_zip
 
 from devtools.s3server import S3Server
-from s3datafs import daemon, runtime
+from s3datafs import daemon, mounting, runtime
 from s3datafs.cli import build_parser, main
 from s3datafs.commands import mount_all, unmount
 from s3datafs.datasets import DatasetSpec
@@ -138,6 +141,29 @@ def test_the_daemons_share_the_serving_modules_their_command_loaded(
     assert [imported.count(name) for name in ("pyfuse3", "trio", "s3datafs.fuse_ops")] == [1] * 3
     for name, files in three.expected.items():
         assert read_tree(cli.data_root / name) == files
+
+
+def test_what_the_command_made_is_frozen_before_each_daemon_is_forked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A collection, in the command or in a daemon, would write to every object the command
+    made since its last freeze, and the daemons would share those pages no more."""
+    made = [["made by the command"]]
+    collectable_at_fork: list[bool] = []
+
+    def mount_one(item: mount_all.PlannedDataset, *_args: object) -> mount_all.MountedDataset:
+        collectable_at_fork.append(any(obj is made[-1] for obj in gc.get_objects()))
+        made.append([item.spec.name])  # made after this fork, before the next
+        return mount_all.MountedDataset(item, {"pid": 0}, None)
+
+    monkeypatch.setattr(mount_all, "_mount_one", mount_one)
+    monkeypatch.setattr(mount_all, "_log_to", lambda *_args: None)
+    monkeypatch.setattr(mounting, "load_serving_modules", lambda: None)  # not this test's
+    specs = [DatasetSpec(n, parse_s3_uri(f"s3://my-bucket/{n}/"), f"d{n}") for n in (1, 2)]
+    planned = [mount_all.PlannedDataset(spec, plan=None) for spec in specs]
+    mount_all.mount_datasets(planned, argparse.Namespace(), types.SimpleNamespace(received=[]),
+                             outlive_command=False)
+    assert collectable_at_fork == [False, False]
 
 
 def test_a_failing_fourth_dataset_leaves_nothing_mounted(cli: Cli, three: Three) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import re
@@ -309,6 +310,13 @@ def mount_datasets(
         for item in planned:
             if deferred.received:
                 raise Interrupted(deferred.received[0])
+            # What this command made since its last freeze (botocore's data, the serving
+            # modules, the plans, their garbage) is left out of collections, here and in the
+            # daemon forked next: a collection writes to every object it looks at, and a page
+            # written to is shared no more. (Measured, 20 datasets: without it the 19th daemon,
+            # then the command, ran a full collection; the 19th and 20th daemons each held
+            # 12.5 MiB more of their own than the others.)
+            gc.freeze()
             mounted.append(_mount_one(item, args, secrets, outlive_command))
         if deferred.received:
             raise Interrupted(deferred.received[0])
