@@ -6,7 +6,11 @@ Protocol:
   child inherits rather than loads again; pyfuse3, trio and the serving modules the parent of
   one daemon never loads, and the child loads them while S3 answers its pins (``mounting``); a
   command about to fork several loads them first, for all to share. The child starts a new
-  session and does all the work: resolve, catalog, mount.
+  session and does all the work: resolve, catalog, mount. One thread may exist at a fork:
+  ``startup.read_ahead``'s, were it still advising files (it takes ~10 ms; the first fork comes
+  ~300 ms after the start). The child has no copy of it; the one lock it takes, the import lock
+  (to find a package), a fork takes first and hands the child free; at worst the child keeps
+  the read-only descriptor of a module file it had open.
 - The child writes exactly one JSON line to the pipe: ``{"ok": true, ...summary}`` once the mount
   is usable, or ``{"ok": false, "error": "...", "exit": N}`` when it failed. It then closes the pipe
   and, on success, points stdin/stdout/stderr at /dev/null so that whoever ran ``s3datafs mount``
