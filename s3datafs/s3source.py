@@ -48,7 +48,8 @@ Design:
   every session shares one process-wide data loader (``_shared_loader``): the data is parsed once
   per process, and a forked daemon inherits it from the ``check_settings`` its parent ran. That
   session, and the client it checked with, serve the ``S3Source`` made next with the same settings
-  within seconds (the mount's daemon): only the client for reads is new. The loader knows that
+  within seconds (the mount's daemon; each daemon of a ``mount-all`` whose datasets share their
+  settings, from one check): only the client for reads is new. The loader knows that
   ``s3`` exists without scanning (other services, which credential providers load, after the scan).
 """
 
@@ -526,8 +527,14 @@ def check_settings(settings: S3Settings) -> None:
     The CLI calls this before it forks, so such mistakes are usage errors with no daemon started;
     it also loads botocore's data, which the daemon (a fork) then finds loaded, and leaves its
     session and client to the ``S3Source`` made next with the same settings (``_take_checked``).
+    The same settings checked again soon after (``mount-all``: each dataset when planned, and
+    again before its daemon is forked) are not made anew: every daemon forked meanwhile takes a
+    copy of that one session and client, pages it shares with the others until it writes them.
     """
     global _checked
+    if (_checked is not None and _checked[0] == settings
+            and time.monotonic() - _checked[1] <= CHECK_AGAIN_SECONDS):
+        return
     session = _session(settings)
     (client,) = _make_clients(settings, for_reads=(False,), session=session)
     _checked = (settings, time.monotonic(), session, client)
@@ -539,6 +546,7 @@ def check_settings(settings: S3Settings) -> None:
 # remount by a long-lived process) reads credentials and config afresh.
 _checked: tuple[S3Settings, float, botocore.session.Session, object] | None = None
 CHECKED_REUSE_SECONDS = 10.0
+CHECK_AGAIN_SECONDS = CHECKED_REUSE_SECONDS / 2  # older, made anew: fresh for the next daemon
 
 
 def _take_checked(settings: S3Settings) -> tuple[botocore.session.Session, object] | None:

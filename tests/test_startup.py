@@ -170,6 +170,30 @@ def test_the_next_source_of_the_same_settings_takes_the_checked_session_and_clie
     assert S3Source(settings)._client is not checked_client  # too late: read afresh
 
 
+def test_the_same_settings_checked_again_soon_keep_their_session_and_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mount-all checks each dataset's settings when it plans it and again before forking its
+    daemon: settings it has just checked keep the session and client made then, which every
+    daemon forked meanwhile takes a copy of, instead of one pair made per check."""
+    settings = S3Settings(region="us-east-1", endpoint_url="http://127.0.0.1:9")
+    s3source.check_settings(settings)
+    (_, at, session, client) = s3source._checked
+    s3source.check_settings(S3Settings(region="us-east-1", endpoint_url="http://127.0.0.1:9"))
+    assert s3source._checked == (settings, at, session, client)
+    other = S3Settings(region="eu-west-1", endpoint_url="http://127.0.0.1:9")
+    s3source.check_settings(other)
+    assert s3source._checked[3] is not client  # other settings: checked anew
+    s3source.check_settings(settings)
+    (_, at, _, client) = s3source._checked
+    monkeypatch.setattr(s3source.time, "monotonic",
+                        lambda: at + s3source.CHECK_AGAIN_SECONDS + 1)
+    s3source.check_settings(settings)
+    renewed = s3source._checked[3]
+    assert renewed is not client  # no longer fresh enough for the next daemon: made anew
+    assert S3Source(settings)._client is renewed
+
+
 def test_the_s3_data_loader_knows_s3_without_a_scan_and_finds_other_services(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
