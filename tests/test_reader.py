@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from s3datafs import reader as reader_module
 from s3datafs import writebehind as writebehind_module
+from s3datafs.cache import pace as pace_module
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache, TroubleLog
 from s3datafs.errors import StaleObjectError, TransientS3Error
@@ -1730,23 +1731,43 @@ async def test_a_reader_that_catches_up_with_readahead_queued_behind_the_writes_
     assert source.calls["get_range"] == 2
 
 
-class SlowDisk(DiskCache):
-    """A cache disk that takes ``seconds`` for every write."""
+class PaceClock:
+    """The clock ``cache.pace`` times writes by, which only a ``SlowDisk`` write moves on."""
 
-    seconds = 0.0
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class SlowDisk(DiskCache):
+    """A cache disk whose every write takes ``seconds`` of ``clock`` (the pace's), however long
+    it takes in fact: a busy machine that stalls a write is not a slow disk to the test."""
+
+    def __init__(self, *args, seconds: float, clock: PaceClock, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seconds, self.clock = seconds, clock
 
     def write(self, *args, **kwargs) -> None:
-        time.sleep(self.seconds)
         super().write(*args, **kwargs)
+        self.clock.now += self.seconds
 
 
 @pytest.mark.parametrize(("seconds", "budget_mib"), [(0.0, 64), (0.5, 8)])
 @trio_test
-async def test_what_may_wait_for_the_disk_follows_its_pace(tmp_path, seconds, budget_mib) -> None:
+async def test_what_may_wait_for_the_disk_follows_its_pace(
+    tmp_path, monkeypatch, seconds, budget_mib
+) -> None:
+    # A wall clock made this fast disk (64 MiB/s is 18 ms for its 1.2 MB write) look slow
+    # whenever the write's thread was stalled that long: 4 runs of 50 on two loaded cores.
+    clock = PaceClock()
+    monkeypatch.setattr(pace_module, "time", clock)
     source = FakeSource()
     source.create_bucket(BUCKET)
-    disk = SlowDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
-    disk.seconds = seconds  # 0.5 s for 1.2 MB: 2.5 MB/s, less than one GET's run a second
+    # 0.5 s for 1.2 MB: 2.5 MB/s, less than one GET's run a second
+    disk = SlowDisk(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30, seconds=seconds,
+                    clock=clock)
     reader = make_disk_reader(source, disk, ByteBudget(64 << 20))
     # All of it, until the disk shows its pace.
     assert reader._writes._write_budget.capacity == 64 << 20
