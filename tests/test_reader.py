@@ -1410,6 +1410,11 @@ async def test_cache_writes_stop_waiting_for_reads_once_the_write_budget_is_spen
         # holds the budget and waits in turn.
         assert await trio.to_thread.run_sync(disk.wait_for, 300)
         assert len(disk.read_run(object_digest(first), first.size, range(300))) == 300
+        # Its thread counted the blocks before it returned: its write ends (and gives the
+        # budget back) once that thread's disk limiter slot is back, not when the disk has them.
+        with trio.fail_after(5):
+            while reader._disk_limiter.borrowed_tokens:  # noqa: ASYNC110 - a thread ends it
+                await trio.sleep(0.001)
         await trio.testing.wait_all_tasks_blocked()  # the second took the budget back
         assert reader._writes._write_budget.used == LONG_RUN
         # ... and waits for room no more: readahead, paused while a run waited, may go on.
