@@ -452,10 +452,10 @@ class BlockReader:
             wanted = []
             for index, flight in waiting.items():
                 await flight.done.wait()
-                if flight.error is not None:
-                    raise flight.error
-                if index in flight.blocks:
+                if index in flight.blocks:  # landed, though another piece may have failed
                     found[index] = flight.blocks[index]
+                elif flight.error is not None:
+                    raise flight.error
                 else:
                     wanted.append(index)
         return found
@@ -533,8 +533,9 @@ class BlockReader:
         """Fill ``flight`` from disk and S3, then cache what S3 sent - a failed flight too: the
         pieces of readahead that landed beside one that failed (``_fill``).
 
-        Never raises: waiters get ``flight.error``. ``done`` is set before any write-behind (a
-        short run was written already, by the worker thread of its GET: see ``_fill``).
+        Never raises: waiters get ``flight.error`` - or their blocks, where a piece that landed
+        holds them (``_load``). ``done`` is set before any write-behind (a short run was written
+        already, by the worker thread of its GET: see ``_fill``).
         """
         fetched: list[tuple[int, list[bytes]]] = []
         waited = flight.waited

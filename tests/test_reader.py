@@ -1200,6 +1200,46 @@ async def test_readahead_in_pieces_caches_what_s3_sent_though_another_piece_fail
     assert reader.stats.s3_requests == 1  # the GET that failed is no request S3 answered
 
 
+@trio_test
+async def test_a_reader_of_a_piece_that_landed_gets_it_though_another_piece_failed(
+    tmp_path,
+) -> None:
+    """A read that joined readahead in pieces gets its blocks from the piece that landed: the
+    failure of another piece (S3 trouble with other bytes) is not its failure. Blocks of the
+    failed piece still fail; every GET's bytes were checked on their own, so what landed is
+    the pinned bytes."""
+    source = OnePieceFailsFirst()
+    source.create_bucket(BUCKET)
+    data = bytes(range(256)) * 100 * (PAGE_BLOCK // 256)
+    ref = source.put(BUCKET, "obj.bin", data)
+    disk = DiskCache(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    disk.write(ref, object_digest(ref), 2, [data[2 * PAGE_BLOCK : 3 * PAGE_BLOCK]])
+    source.failing = 3  # readahead of 0-99 GETs 0-1 and 3-99: 3-99 fails first
+    reader = make_disk_reader(source, disk)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        assert reader.prefetch(ref, 0, ref.size) == ref.size  # one run, two pieces
+        landed, failed = await join_both(reader, ref)
+    assert landed == data[:PAGE_BLOCK]
+    assert isinstance(failed, TransientS3Error)
+
+
+async def join_both(reader: BlockReader, ref: ObjectRef) -> tuple[bytes, BaseException]:
+    """Read block 0 and block 50 while the readahead of both is in flight."""
+    results: dict[str, object] = {}
+
+    async def read(name: str, index: int) -> None:
+        try:
+            results[name] = await reader.read(ref, index * PAGE_BLOCK, PAGE_BLOCK)
+        except TransientS3Error as exc:
+            results[name] = exc
+
+    async with trio.open_nursery() as readers:
+        readers.start_soon(read, "landed", 0)
+        readers.start_soon(read, "failed", 50)
+    return results["landed"], results["failed"]  # type: ignore[return-value]
+
+
 @pytest.mark.parametrize("who", ["reader, disk behind", "prefetch command"])
 @trio_test
 async def test_only_a_long_run_nobody_waits_for_looks_on_disk_behind_the_writes(
