@@ -37,10 +37,18 @@ class MountEntry:
     source: str
     device: str = ""  # "major:minor", as the kernel names the mount's backing device
     options: frozenset[str] = frozenset()  # per-mount options: ro, nosuid, noexec, ...
-    mounted_by: int | None = None  # a FUSE mount's user_id: the uid that mounted it
     # the filesystem's own options, as the kernel lists them: a FUSE mount's user_id=,
     # default_permissions, allow_other, ...
     super_options: frozenset[str] = frozenset()
+
+    @property
+    def mounted_by(self) -> int | None:
+        """A FUSE mount's ``user_id=N`` (the kernel shows it for every one): who mounted it."""
+        for option in self.super_options:
+            name, _, value = option.partition("=")
+            if name == "user_id" and value.isascii() and value.isdigit():
+                return int(value)
+        return None
 
     def is_another_users(self) -> bool:
         """Whether another user than this one mounted it: without ``allow_other`` only that
@@ -63,20 +71,10 @@ def mount_table() -> list[MountEntry]:
                     source=_unescape(fields[separator + 2]),
                     device=fields[2],
                     options=frozenset(fields[5].split(",")),
-                    mounted_by=_user_id(super_options),
                     super_options=frozenset(super_options),
                 )
             )
     return entries
-
-
-def _user_id(super_options: list[str]) -> int | None:
-    """The ``user_id=N`` of a FUSE mount's options (the kernel shows it for every one)."""
-    for option in super_options:
-        name, _, value = option.partition("=")
-        if name == "user_id" and value.isascii() and value.isdigit():
-            return int(value)
-    return None
 
 
 def our_mounts() -> list[MountEntry]:

@@ -188,7 +188,8 @@ class _Failures:
     - the first ``SHOWN`` all failed, with none warmed (a policy without s3:GetObject);
     - ``SHOWN`` in a row were refused (``AccessDeniedError``) after others were warmed: the keys
       expired or were revoked midway, or their policy changed. Objects archived or deleted since
-      the pin come in runs of their own (a lifecycle rule, a removed folder) and do not count.
+      the pin come in runs of their own (a lifecycle rule, a removed folder): one of them, like
+      a warmed object, ends a run of refusals.
     """
 
     SHOWN = 20
@@ -213,8 +214,8 @@ class _Failures:
         if self.count >= self.SHOWN and not self.warmed:
             raise S3RequestError(f"the first {self.count} objects could not be prefetched, and "
                                  "none could: giving up (see above)")
-        self.refused_in_a_row = self.refused_in_a_row + 1 if isinstance(
-            error, AccessDeniedError) else 0
+        refused = isinstance(error, AccessDeniedError)
+        self.refused_in_a_row = self.refused_in_a_row + 1 if refused else 0
         if self.refused_in_a_row >= self.SHOWN:
             raise AccessDeniedError(
                 f"S3 refused the last {self.refused_in_a_row} objects in a row, after "
