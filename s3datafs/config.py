@@ -13,7 +13,9 @@ import datetime
 import errno
 import os
 import re
+import signal
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,14 +278,23 @@ def _check_fusermount_allows(path: Path, info: os.stat_result) -> None:
 MOUNT_ANSWER_SECONDS = 2.0  # how long a mount may take to answer statfs before it "hangs"
 
 
-def statfs_errno(path: str | Path, timeout: float = MOUNT_ANSWER_SECONDS) -> int | None:
+def statfs_errno(
+    path: str | Path, timeout: float = MOUNT_ANSWER_SECONDS, as_owner: tuple[int, int] | None = None
+) -> int | None:
     """0 if statfs of ``path`` succeeds, its errno if it fails, None without an answer in time.
 
     How to ask a FUSE mount whether its daemon lives: stat may be answered from the kernel's
     attribute cache long after the daemon died, statfs always reaches the daemon (ENOTCONN once
     it is gone). Asked in a thread of its own, so a daemon that no longer answers costs
     ``timeout``, not a hang (the thread ends with the process).
+
+    ``as_owner`` (uid, gid): ask as that user, from a child process (root only). The kernel
+    passes statfs on to the daemon only for the user who mounted (or anyone, with
+    ``allow_other``), and answers anyone else, root too, itself, with success: root could not
+    tell another user's dead mount from a live one (``MountEntry.owner_to_ask_as``).
     """
+    if as_owner is not None:
+        return _statfs_errno_as(path, *as_owner, timeout=timeout)
     answer: list[int] = []
 
     def ask() -> None:
@@ -298,9 +309,43 @@ def statfs_errno(path: str | Path, timeout: float = MOUNT_ANSWER_SECONDS) -> int
     return answer[0] if answer else None
 
 
-def is_dead_mount(path: str | Path) -> bool:
+_ASKED_TOO_LATE = 255  # a child's exit status that no errno has
+
+
+def _statfs_errno_as(path: str | Path, uid: int, gid: int, timeout: float) -> int | None:
+    """``statfs_errno`` of ``path`` asked by a child process that became ``uid``:``gid``. A
+    child that gets no answer in ``timeout`` is killed (a FUSE request waits killably), so a
+    stopped daemon leaves no process of ours behind. The child runs only system calls between
+    fork and exit, so the parent's threads cannot leave it a lock it would wait on."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child; its exit status is the answer
+        code = _ASKED_TOO_LATE
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.statvfs(path)
+            code = 0
+        except OSError as exc:
+            code = min(exc.errno or errno.EIO, _ASKED_TOO_LATE - 1)
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            return code if 0 <= code < _ASKED_TOO_LATE else None
+        if time.monotonic() >= deadline:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            return None
+        time.sleep(0.005)
+
+
+def is_dead_mount(path: str | Path, as_owner: tuple[int, int] | None = None) -> bool:
     """Whether ``path`` is a FUSE mount whose daemon is gone (ENOTCONN; ``statfs_errno``)."""
-    return statfs_errno(path) == errno.ENOTCONN
+    return statfs_errno(path, as_owner=as_owner) == errno.ENOTCONN
 
 
 def _dead_mount(path: Path) -> ConfigError:

@@ -285,7 +285,7 @@ def remount(call: HelperCall, items: list[str]) -> None:
     ]
     if not ours:
         raise MountFailed(f"{call.directory} is not an s3datafs mount: nothing to remount")
-    if is_dead_mount(target):
+    if is_dead_mount(target, ours[-1].owner_to_ask_as()):
         raise MountFailed(f"{call.directory} is a dead mount (its daemon is gone): unmount it "
                           "and mount again")
     # noexec or exec as the mount already is: mount(8) passes the mount's options back, noexec

@@ -44,11 +44,29 @@ class MountEntry:
     @property
     def mounted_by(self) -> int | None:
         """A FUSE mount's ``user_id=N`` (the kernel shows it for every one): who mounted it."""
+        return self._super_number("user_id")
+
+    @property
+    def mounted_by_group(self) -> int | None:
+        """A FUSE mount's ``group_id=N``: the group of who mounted it."""
+        return self._super_number("group_id")
+
+    def _super_number(self, wanted: str) -> int | None:
         for option in self.super_options:
             name, _, value = option.partition("=")
-            if name == "user_id" and value.isascii() and value.isdigit():
+            if name == wanted and value.isascii() and value.isdigit():
                 return int(value)
         return None
+
+    def owner_to_ask_as(self) -> tuple[int, int] | None:
+        """(uid, gid) to ask this mount's daemon as (``config.statfs_errno``), where the kernel
+        would answer us itself: we are root and another user mounted it without
+        ``allow_other``. None where asking as ourselves reaches the daemon, or cannot be
+        helped (a user who is not root may not become another)."""
+        uid, gid = self.mounted_by, self.mounted_by_group
+        if os.geteuid() != 0 or uid in (None, 0) or gid is None:
+            return None
+        return None if "allow_other" in self.super_options else (uid, gid)
 
     def is_another_users(self) -> bool:
         """Whether another user than this one mounted it: without ``allow_other`` only that

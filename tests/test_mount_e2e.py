@@ -503,7 +503,7 @@ def test_status_shows_what_the_state_file_says_and_no_mount_is_no_error(
                        "stale_reads": 3}}
     monkeypatch.setattr(status.runtime, "our_mounts", lambda: [entry])
     monkeypatch.setattr(status.runtime, "all_states", lambda: [state])
-    monkeypatch.setattr(status, "statfs_errno", lambda path: 0)  # the mount answers
+    monkeypatch.setattr(status, "statfs_errno", lambda path, as_owner: 0)  # the mount answers
     assert status.run(argparse.Namespace(json=False)) == 0
     _header, row, counters = capsys.readouterr().out.splitlines()
     assert row.split() == ["/data/mnist", "s3://b/mnist/", "2", "3.0", "MiB", str(os.getpid()),

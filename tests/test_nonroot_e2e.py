@@ -25,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,3 +363,51 @@ def test_kernel_readahead_asked_of_a_users_mount_is_said_to_need_root(
     log = Path(developer.env["HOME"]) / ".local" / "state" / "s3datafs" / "train.log"
     assert developer.s3datafs("unmount", str(root / "train")).returncode == 0
     assert log.read_text().count("kernel-readahead") == 1  # not again from the daemon
+
+
+def _pids_of(uid: int) -> list[int]:
+    return sorted(int(name) for name in os.listdir("/proc")
+                  if name.isdigit() and _owner(f"/proc/{name}") == uid)
+
+
+def _owner(path: str) -> int | None:
+    try:
+        return os.stat(path).st_uid
+    except FileNotFoundError:
+        return None
+
+
+def test_root_sees_a_users_dead_mount_as_dead_and_may_clean_it_up(
+    s3, make_bucket, developer, cli
+) -> None:
+    """Without ``allow_other`` the kernel answers root's statfs of a user's mount itself, with
+    success, so a user's mount whose daemon was killed looked "mounted" to root's ``status``
+    and ``unmount --if-dead`` left it. Root asks as the user who mounted it."""
+    bucket = _bucket_with(s3, make_bucket, {"train/a.bin": b"a" * 1000})
+    data_root = Path(developer.env["HOME"]) / "data"
+    mountpoint = str(data_root / "train")
+    assert developer.s3datafs("mount", f"s3://{bucket}/train/", "--data-root",
+                              str(data_root)).returncode == 0
+    (theirs,) = [row for row in json.loads(developer.s3datafs("status", "--json").stdout)
+                 if row["mountpoint"] == mountpoint]
+    rows = json.loads(cli.run("status", "--json").stdout)
+    (alive,) = [row for row in rows if row["mountpoint"] == mountpoint]
+    assert alive["state"] == "mounted (not by this user or runtime directory)"
+    assert "served by a live daemon" in cli.run("unmount", "--if-dead", mountpoint).stdout
+
+    os.kill(theirs["pid"], signal.SIGSTOP)  # a daemon that answers nothing, not even root's ask
+    try:
+        rows = json.loads(cli.run("status", "--json").stdout)
+        (stopped,) = [row for row in rows if row["mountpoint"] == mountpoint]
+        assert stopped["state"] == "not answering (for 2 s)"
+        assert _pids_of(DEVELOPER_UID) == [theirs["pid"]]  # the asking child was killed
+    finally:
+        os.kill(theirs["pid"], signal.SIGKILL)
+    while pid_alive(theirs["pid"]):
+        time.sleep(0.01)
+    rows = json.loads(cli.run("status", "--json").stdout)
+    (dead,) = [row for row in rows if row["mountpoint"] == mountpoint]
+    assert dead["state"] == "dead: run s3datafs unmount"
+    cleaned = cli.run("unmount", "--if-dead", mountpoint)
+    assert (cleaned.returncode, cleaned.stderr) == (0, "")
+    assert all(e.mountpoint != mountpoint for e in mount_table())

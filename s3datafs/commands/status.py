@@ -27,10 +27,10 @@ def _state_of(entry: runtime.MountEntry, state: dict | None, pid: object) -> str
     another user's or another runtime directory's. One in a directory this user may not enter
     (another user's 0700 temporary directory) cannot be asked: whose it is is said, not
     "Permission denied" (the kernel answers statfs itself, with success, for anyone but the
-    user of a FUSE mount without ``allow_other``)."""
+    user of a FUSE mount without ``allow_other``; root asks as that user)."""
     if state is not None and not runtime.pid_alive(pid):
         return "dead: run s3datafs unmount"
-    code = statfs_errno(entry.mountpoint)
+    code = statfs_errno(entry.mountpoint, as_owner=entry.owner_to_ask_as())
     if code is None:
         return f"not answering (for {MOUNT_ANSWER_SECONDS:g} s)"
     if code == 0:

@@ -96,7 +96,7 @@ def unmount_path(path: str | os.PathLike[str], *, lazy: bool, only_dead: bool = 
     if _not_ours_to_unmount(entry):  # fusermount3 would say "not found in /etc/mtab"
         raise ConfigError(f"{mountpoint} was mounted by uid {entry.mounted_by}: only that user "
                           "or root may unmount it")
-    if only_dead and not is_dead_mount(mountpoint):
+    if only_dead and not is_dead_mount(mountpoint, entry.owner_to_ask_as()):
         print(f"s3datafs: {mountpoint} is served by a live daemon: left as it is")
         return
     reason = _unmount(mountpoint, lazy)
