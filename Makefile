@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := fuse3 libfuse3-dev pkg-config
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint system-deps install-helper bench bench-deps bench-zip bench-zip-deps clean
+.PHONY: demo test fuzz lint system-deps install-helper bench bench-deps bench-zip bench-zip-deps clean
 
 demo: $(STAMP)
 	$(VENV)/bin/python devtools/demo.py
@@ -18,6 +18,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m compileall -q s3datafs devtools
 	$(VENV)/bin/python -m pytest tests
+
+# The property tests with examples no run has drawn before (`make test` draws the same ones each
+# time, so that CI repeats itself): FUZZ_RUNS rounds; a failure prints the blob that replays it.
+FUZZ_RUNS ?= 3
+fuzz: $(STAMP)
+	$(VENV)/bin/python -m compileall -q s3datafs devtools
+	for round in $$(seq $(FUZZ_RUNS)); do \
+	  HYPOTHESIS_PROFILE=explore $(VENV)/bin/python -m pytest -q \
+	    $$(grep -l '^from hypothesis\|^import hypothesis' tests/test_*.py) || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check s3datafs tests devtools bench

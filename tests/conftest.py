@@ -45,10 +45,17 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
 
 from faultproxy import FaultProxy  # noqa: E402
+from hypothesis import settings  # noqa: E402
 from watchdog import Watchdog  # noqa: E402
 
 from devtools.s3server import S3Server, clean_aws_env  # noqa: E402
 from s3datafs.runtime import mount_table  # noqa: E402
+
+# Property tests draw the same examples at every run, so a failure in CI reproduces from the
+# commit alone (and the report's blob replays it); ``make fuzz`` draws new ones.
+settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
