@@ -829,6 +829,43 @@ def test_made_room_since_tells_evictions_for_min_free_from_that_moment_on(
     assert not cache.made_room_since(100.5)
 
 
+@pytest.mark.parametrize("evicts", ["a write", "a read", "--cache-min-free"])
+def test_files_evicted_are_deleted_once_the_index_lock_is_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, evicts: str
+) -> None:
+    """The index's lock guards no file I/O: the trio thread takes it (``may_hold``), and so
+    does every disk hit, which would otherwise wait for the unlinks of a whole eviction."""
+    size = REGION_BLOCKS * BLOCK
+    probe = make_cache(tmp_path / "probe")
+    stored(probe, make_ref(size), bytes(size))
+    one_region = probe.used_bytes
+    fs = FakeFs(free=50 * MiB)
+    monkeypatch.setattr(disk.os, "statvfs", fs)
+    bound = 2 * one_region if evicts != "--cache-min-free" else 64 * MiB
+    cache = make_cache(tmp_path / "cache", capacity=bound, min_free_ratio=0.05)
+    refs = [make_ref(size, key=f"k{number}") for number in range(3)]
+    for ref in refs[:2]:
+        stored(cache, ref, b"o" * size)
+    unlinked_under_lock: list[bool] = []
+    real_unlink = os.unlink
+
+    def unlink(path: object, *args: object, **kwargs: object) -> None:
+        unlinked_under_lock.append(cache._lock.locked())
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    if evicts == "a read":  # written by a mount with a larger bound, then read here
+        digest = stored(make_cache(tmp_path / "cache"), refs[2], b"n" * size)
+        assert len(cache.read_run(digest, size, range(REGION_BLOCKS))) == REGION_BLOCKS
+    else:
+        if evicts == "--cache-min-free":
+            fs.free = 5 * MiB + BLOCK  # room for less than a region
+            cache._free_checked_at = -1e9
+        stored(cache, refs[2], b"n" * size)
+    assert files_of(cache, refs[0]) == []  # the oldest went
+    assert unlinked_under_lock == [False]
+
+
 def test_usage_and_clear_by_uri(tmp_path: Path) -> None:
     cache = make_cache(tmp_path, dataset="s3://bkt/")
     for key in ("a/1", "a/2", "a", "a2.csv", "ab/1", "b/1"):

@@ -73,7 +73,8 @@ Invariants:
   make up the excess, as many as it deletes (measured over 300,000 files: peak 50 MiB instead
   of 231, index 36 MiB instead of 86).
 - Threads: every public method may be called from worker threads; the index is guarded by one
-  ``threading.Lock``; file I/O happens outside it.
+  ``threading.Lock``; file I/O happens outside it (the files an eviction deletes too: once the
+  lock is let go, ``_unlink_evicted``).
 - What earlier formats left (a directory per object) is never read, and is removed by a thread
   of its own (``_remove_earlier_formats``), not by the scan that finds it: outside the ``.lock``
   (no file of this format is touched) and unwaited for by an unmount. Removed in the scan, a
@@ -127,14 +128,16 @@ INDEX_ENTRIES = 131_072
 
 class _UnlinkingLRU(cachetools.LRUCache):
     """Maps a region file's relative path to its size on disk; evicting an entry deletes the
-    file. At most ``INDEX_ENTRIES`` entries: past that the least recently used are forgotten
-    (not deleted) and the index is ``partial``: it no longer knows every file (see ``DiskCache``).
+    file, once its caller has let go of the index's lock: the entry goes to ``evicted``, which
+    ``DiskCache._unlink_evicted`` empties. At most ``INDEX_ENTRIES`` entries: past that the least
+    recently used are forgotten (not deleted) and the index is ``partial``: it no longer knows
+    every file (see ``DiskCache``).
     """
 
-    def __init__(self, capacity: int, root: Path) -> None:
+    def __init__(self, capacity: int) -> None:
         super().__init__(maxsize=capacity, getsizeof=lambda size: size)
-        self._root = root
         self.partial = False
+        self.evicted: list[str] = []  # files to delete (relative paths)
 
     def __setitem__(self, name: str, size: int) -> None:
         super().__setitem__(name, size)
@@ -144,8 +147,7 @@ class _UnlinkingLRU(cachetools.LRUCache):
 
     def popitem(self) -> tuple[str, int]:
         name, size = super().popitem()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._root / name)
+        self.evicted.append(name)
         return name, size
 
 
@@ -213,7 +215,7 @@ class DiskCache:
         self._min_free_ratio = min_free_ratio
         self._dataset = dataset
         self._lock = threading.Lock()
-        self._index = _UnlinkingLRU(capacity, self.root)
+        self._index = _UnlinkingLRU(capacity)
         self._free_checked_at = -_FREE_CHECK_SECONDS  # --cache-min-free: see ``_make_room``
         self._made_room_at = -math.inf  # when ``_make_room`` last evicted files
         self._free_estimate = self._wanted_free = 0.0
@@ -356,6 +358,7 @@ class DiskCache:
                 self._index[relative]  # noqa: B018 - a lookup refreshes the LRU position
             elif 0 < allocated <= self._capacity:
                 self._index[relative] = allocated
+        self._unlink_evicted()
         if time.time() - info.st_mtime > _TOUCH_AFTER_SECONDS:
             with contextlib.suppress(OSError):
                 os.utime(self.root / relative)
@@ -482,6 +485,7 @@ class DiskCache:
                     # At least the payload: ``st_blocks`` may lag behind the write (ZFS
                     # counts a file's blocks once its transaction group commits, seconds later).
                     self._written_since_sync += max(grown, sum(map(len, parts)))
+            self._unlink_evicted()
             if allocated > self._capacity:  # larger than the whole cache (a tiny --cache-size)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -575,6 +579,7 @@ class DiskCache:
                     self._made_room_at = now
                 while shortfall > 0 and self._index:
                     shortfall -= self._index.popitem()[1]
+            self._unlink_evicted()
             if shortfall > 0:
                 raise OSError(
                     28, f"less than {self._min_free_ratio:.0%} free on the cache filesystem")
@@ -634,14 +639,16 @@ class DiskCache:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
                     evicted.add(path)
-            fresh = _UnlinkingLRU(self._capacity, self.root)
+            fresh = _UnlinkingLRU(self._capacity)
             for _mtime, size, name in sorted(newest):  # the newest end up most recently used
                 if str(self.root / name) not in evicted:
                     fresh[name] = size
             fresh.partial = ours > INDEX_ENTRIES
             with self._lock:
+                fresh.evicted += self._index.evicted  # evicted by writes, not deleted yet
                 self._index = fresh
                 self._written_since_sync = 0
+            self._unlink_evicted()
 
     def try_sync(self) -> None:
         """``sync`` for a mount, which a scan that fails must not end (the cache directory
@@ -700,6 +707,18 @@ class DiskCache:
         with self._lock:
             self._index.pop(name, None)
         if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / name)
+
+    def _unlink_evicted(self) -> None:
+        """Delete the files the index evicted (by any thread), outside its lock. Every thread
+        that evicts calls this once it has let go of the lock, so a look without the lock that
+        finds nothing misses only names whose own thread deletes them."""
+        if not self._index.evicted:
+            return
+        with self._lock:
+            names, self._index.evicted = self._index.evicted, []
+        for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.root / name)
 
