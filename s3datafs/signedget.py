@@ -255,9 +255,13 @@ class SignedGets:
                     REFUSALS_TO_GIVE_UP, refused, why)
 
     def forget(self, ref: ObjectRef) -> None:
-        """Drop the object's template and its bucket's base: botocore makes the next one."""
+        """Drop the bucket's base and all the bucket's templates, signed alike: botocore makes
+        the next one. Kept, each would be sent to be refused in turn, and ``REFUSALS_TO_GIVE_UP``
+        refusals in a row give templates up for good. Rare: a scan of ``_TEMPLATES_KEPT`` names
+        at most."""
         with self._lock:
-            self._templates.pop(_name(ref), None)
+            for name in [name for name in self._templates if name[0] == ref.bucket]:
+                del self._templates[name]
             self._bases.pop(ref.bucket, None)
 
     def _template(self, ref: ObjectRef) -> _Template | None:

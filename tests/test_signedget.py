@@ -338,3 +338,20 @@ def test_a_failure_a_new_signature_may_cure_drops_the_buckets_base(
     assert [("Range" in call) for call in calls] == [False, True]
     assert source.get_range(awkward[2][0], 0, 4) == awkward[2][1][:4]  # botocore makes the next
     assert len(calls) == 3
+
+
+def test_a_failure_a_new_signature_may_cure_drops_every_template_of_the_bucket(
+    source: S3Source, objects: dict[str, ObjectRef], awkward: list[tuple[ObjectRef, bytes]],
+    proxy: FaultProxy,
+) -> None:
+    """The bucket's templates were signed from the base that failed: sent, each would be
+    refused in turn, and ``REFUSALS_TO_GIVE_UP`` of them in a row give templates up for good.
+    Another bucket's stay."""
+    elsewhere = objects["small.txt"]
+    assert source.get_range(elsewhere, 0, 4) == SMALL[:4]
+    for ref, body in awkward[:3]:
+        assert source.get_range(ref, 0, ref.size) == body
+    first, first_body = awkward[0]
+    proxy.inject("error", status=403, code="SignatureDoesNotMatch", times=1)
+    assert source.get_range(first, 0, first.size) == first_body  # refused, redone by botocore
+    assert list(source._signed._templates) == [signedget._name(elsewhere)]
