@@ -29,10 +29,11 @@ Invariants:
 - A template is only sent while it is signed with the credentials the client holds now (its
   access key and session token, read from its own headers, against the signer's credentials,
   which botocore refreshes as for any call). Expiring credentials (STS, ``credential_process``,
-  a container or instance role) are replaced by botocore 10-15 minutes before their end, or
-  before every call when a lease is shorter than that; a template signed with the old ones is
-  made again instead of being sent to fail (``ExpiredToken``), or, for a key deleted at the end
-  of its lease, to fail the read (``InvalidAccessKeyId``).
+  a container or instance role) are replaced by botocore 2-5 minutes before their end
+  (``s3source._refresh_closer_to_expiry``), or before every call when a lease is shorter than
+  that; a template signed with the old ones is made again instead of being sent to fail
+  (``ExpiredToken``), or, for a key deleted at the end of its lease, to fail the read
+  (``InvalidAccessKeyId``).
 - Only a 200/206 is handled here. An error that a new signature or botocore's own handling
   could cure (a redirect to another region, a clock skew, an expired or rejected signature or
   token) drops the template and answers ``None``: the caller repeats the attempt with a plain
