@@ -12,15 +12,16 @@ Design:
   thread; no block, flight or worker thread is involved. Every other read goes the block way.
 - Single-flight: every missing block belongs to at most one ``_Flight`` at a time. A flight
   looks in the disk cache, then GETs what is still missing (``_fill``: one worker-thread call
-  for both when the run is short, or when a reader waits for it and the disk keeps up).
+  for both when the run is short, or when a reader waits for it).
   Readers of a block that is in flight wait on that flight; they never send their own GET.
 - Slow links: a run a reader waits for of ``SPLIT_BYTES`` or more is two flights, two GETs sent
   at once, once the link has shown itself slow (``linkrate``; see ``_runs_for``).
 - Fetched blocks go to memory at once and to the disk cache behind the reader's back
   (``writebehind``: bounded by ``write_budget`` and the disk's pace, after the reads a reader
   waits for; runs it leaves uncached are cached later). While fetched runs wait for room there,
-  readahead pauses, and longer flights wait for the disk limiter before their GET, unless a
-  reader joins them: ``_join``. A short run is written by the worker thread that fetched it,
+  readahead pauses; longer readahead flights look on disk under the disk limiter the writes
+  share, so they queue behind the writes before their GET, unless a reader joins them
+  (``_join``). A short run is written by the worker thread that fetched it,
   before it returns: the write costs less than the thread hop it saves (see ``_fill``). A cache
   failure is logged (rate-limited) and never fails a read.
 - Prefetch flights run in the mount's nursery under ``prefetch_budget``: bytes of readahead in
@@ -593,22 +594,22 @@ class BlockReader:
         the disk falls behind. With one hop for every run, 8 sequential readers were 20-40 %
         slower and the daemon's RSS passed 500 MiB; a gate on the write backlog instead bounded
         memory only in part and cost as much speed. A reader's own long run (a 1 MiB read
-        nothing read ahead for) waits there only while fetched runs wait for the write budget;
-        otherwise it looks on disk in its GET's call, so it never queues behind the writes of
-        the runs before it (measured: 8 readers of scattered 1 MiB chunks at 20 ms waited 5-6 ms
-        there per chunk). Its memory stays bounded: such runs are as many as the reads the
-        kernel has in flight. A flight's run is at most one GET long; the disk cache answers
-        with the blocks it has, and one GET fetches from the first missing block to the last
-        (``_uncached``): cached blocks at either end are not fetched again (a review saw a run
-        whose first block was missing GET all of it, blocks the disk held included), and those
-        between are too when a reader waits for the run, as splitting its GET would cost it a
-        round trip per hole. Readahead (and ``warm``), which looks on disk before its GET, GETs
-        around the cached stretches instead, up to ``MAX_PIECES`` GETs sent at once
-        (``_pieces``): nobody waits for them, so more GETs cost requests, not time. A piece that
-        fails leaves the others be: cancelled, their GETs went on in their threads all the same
-        (a GET is abandoned, not stopped) and what S3 sent was thrown away, neither kept nor
-        cached (the refill chaos test: 1-6 blocks S3 sent never cached, in 1 run of 300 on two
-        busy cores). The flight fails once all have landed, and what they fetched is cached.
+        nothing read ahead for) never waits there: it looks on disk in its GET's call, so it
+        never queues behind the writes of the runs before it (measured: 8 readers of scattered
+        1 MiB chunks at 20 ms waited 5-6 ms there per chunk). Its memory stays bounded: such runs
+        are as many as the reads the kernel has in flight. A flight's run is at most one GET
+        long; the disk cache answers with the blocks it has, and one GET fetches from the first
+        missing block to the last (``_uncached``): cached blocks at either end are not fetched
+        again (a review saw a run whose first block was missing GET all of it, blocks the disk
+        held included), and those between are too when a reader waits for the run, as splitting
+        its GET would cost it a round trip per hole. Readahead (and ``warm``), which looks on
+        disk before its GET, GETs around the cached stretches instead, up to ``MAX_PIECES`` GETs
+        sent at once (``_pieces``): nobody waits for them, so more GETs cost requests, not time.
+        A piece that fails leaves the others be (cancelled, as they were before, their GETs went
+        on in their threads all the same - a GET is abandoned, not stopped - and what S3 sent
+        was thrown away, neither kept nor cached: the refill chaos test saw 1-6 blocks S3 sent
+        never cached, in 1 run of 300 on two busy cores). The flight fails once all have landed,
+        and what they fetched is cached.
         """
         ref, run = flight.ref, flight.run
         disk = self._disk if self._on_disk(ref) else None
