@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import queue
 import random
 import shutil
 import signal
@@ -593,6 +594,39 @@ def test_spans_ahead_that_no_thread_can_be_started_for_fail_and_reading_goes_on(
     wait_until(lambda: all(s.done.is_set() for s in table._spans), "no span ahead landed")
     assert table.read(archive, 60 * mib, 61 * mib) == bytes(mib)
     table.close()
+
+
+def test_a_span_submitted_as_readahead_closes_is_fetched_or_failed_never_left_queued() -> None:
+    """``close`` may come between ``submit``'s look at ``_closed`` and its queueing: the span
+    went in behind the threads' stop signals, no thread ever took it, and a reader waiting for
+    it waited for good. Here ``close`` runs at that moment (or, when it cannot, a second later).
+    """
+    archive = ObjectRef("b", "a.zip", None, '"e"', 1 << 20, 0.0)
+
+    def fail(span: spans._Span, error: BaseException) -> None:
+        span.error = error
+        span.done.set()
+
+    ahead = spans._Ahead(lambda span: span.done.set(), fail)
+
+    class ClosedBeforeThePut:
+        def __init__(self) -> None:
+            self.inner: queue.SimpleQueue[spans._Span | None] = queue.SimpleQueue()
+
+        def put(self, item: spans._Span | None) -> None:
+            if item is not None and not ahead._closed:
+                closing = threading.Thread(target=ahead.close, daemon=True)
+                closing.start()
+                closing.join(1.0)
+            self.inner.put(item)
+
+        def get(self) -> spans._Span | None:
+            return self.inner.get()
+
+    ahead._queue = ClosedBeforeThePut()
+    span = spans._Span(archive, 0, 1 << 20)
+    ahead.submit(span)
+    assert span.done.wait(5), "a span queued behind the stop signals: its readers wait for good"
 
 
 def test_a_short_range_of_large_blocks_keeps_only_its_own_bytes(tmp_path) -> None:

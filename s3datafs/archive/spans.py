@@ -322,10 +322,10 @@ class _Ahead:
                         failure = exc
                 else:
                     self._threads += 1
+            if failure is None:  # under the lock: never behind the stop signals of ``close``
+                self._queue.put(span)
         if failure is not None:
             self._fail(span, failure)
-        else:
-            self._queue.put(span)
 
     def close(self) -> None:
         with self._lock:
