@@ -521,6 +521,31 @@ def test_what_earlier_formats_left_after_a_sweep_ended_is_swept_by_the_next_scan
         assert not old.exists()
 
 
+def test_a_scan_that_cannot_start_the_sweep_fails_nothing_and_the_next_scan_sweeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a pids limit no thread can be started: the ``RuntimeError`` went up through
+    ``try_sync`` into the mount's nursery (its start-up scan, a due scan behind the writes),
+    which it ended, and ``s3datafs prefetch`` failed. Now the scan is done all the same, and
+    the next one sweeps."""
+    cache = make_cache(tmp_path)
+    old = cache.root / "ab" / ("ab" * 32)
+    old.mkdir(parents=True)
+    real_start = disk.start_quiet_thread
+
+    def no_thread(*args: object, **kwargs: object) -> threading.Thread:
+        raise RuntimeError("can't start new thread")
+
+    swept()
+    monkeypatch.setattr(disk, "start_quiet_thread", no_thread)
+    cache.sync()
+    assert old.exists()
+    monkeypatch.setattr(disk, "start_quiet_thread", real_start)
+    cache.sync()
+    swept()
+    assert not old.exists()
+
+
 def test_what_earlier_formats_left_is_counted_then_swept(tmp_path: Path, caplog) -> None:
     """Formats 1-3 kept a directory per object (meta.json, block or region files, temps)."""
     cache = make_cache(tmp_path, dataset="s3://bkt/")

@@ -779,14 +779,19 @@ _earlier_removers_lock = threading.Lock()
 def _remove_earlier_formats(blocks: Path) -> None:
     """Start removing, in a thread of its own, what earlier formats left under every block
     size's root of ``blocks`` (unless this process is at it already). A daemon thread: an
-    unmount does not wait for it, and what it had not removed yet is found by the next scan.
-    Until it is gone it is not counted against the bound (it was not before either)."""
+    unmount does not wait for it, and what it had not removed yet is found by the next scan,
+    as is all of it when no thread can be started. Until it is gone it is not counted against
+    the bound (it was not before either)."""
     with _earlier_removers_lock:
         running = _earlier_removers.get(blocks)
         if running is not None and running.is_alive():
             return
-        _earlier_removers[blocks] = start_quiet_thread(
-            _remove_earlier_format_dirs, args=(blocks,), name="cache-format-sweep")
+        try:
+            _earlier_removers[blocks] = start_quiet_thread(
+                _remove_earlier_format_dirs, args=(blocks,), name="cache-format-sweep")
+        except RuntimeError as exc:  # no thread to be had (a pids limit): not the scan's failure
+            log.info("cannot start removing an earlier cache format from %s (%s): the next "
+                     "scan tries again", blocks, exc)
 
 
 def _remove_earlier_format_dirs(blocks: Path) -> None:
