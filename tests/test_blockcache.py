@@ -619,6 +619,28 @@ def test_a_cache_smaller_than_a_region_stays_within_its_bound(tmp_path: Path) ->
     assert files_of(cache, ref) == []
 
 
+def test_a_disk_hit_keeps_its_file_from_other_mounts_evictions_touching_it_once_a_minute(
+    tmp_path: Path,
+) -> None:
+    """Other mounts' scans evict the oldest files by mtime: a file read here must look recent
+    to them, or the hot file goes before the cold. A minute of slack spares a utime per hit."""
+    cache = make_cache(tmp_path)
+    hot, cold = make_ref(BLOCK, key="hot"), make_ref(BLOCK, key="cold")
+    hour_ago = time.time() - 3600
+    for ref in (cold, hot):
+        stored(cache, ref, os.urandom(BLOCK))
+        os.utime(region_file(cache, ref), (hour_ago, hour_ago))
+    assert len(read_all(cache, hot, range(1))) == 1
+    assert region_file(cache, hot).stat().st_mtime > time.time() - 60
+    assert region_file(cache, cold).stat().st_mtime == pytest.approx(hour_ago)
+    half_a_minute_ago = time.time() - 30
+    os.utime(region_file(cache, hot), (half_a_minute_ago, half_a_minute_ago))
+    assert len(read_all(cache, hot, range(1))) == 1
+    assert region_file(cache, hot).stat().st_mtime == pytest.approx(half_a_minute_ago)
+    make_cache(tmp_path, capacity=cache.used_bytes // 2).sync()  # room for one of the two
+    assert (files_of(cache, hot), files_of(cache, cold)) == (["r0"], [])
+
+
 def test_sync_counts_files_of_others(tmp_path: Path) -> None:
     size = REGION_BLOCKS * BLOCK
     probe = make_cache(tmp_path / "probe")
