@@ -24,7 +24,8 @@ Design:
   reader gives, whose flights write what they fetch through ``write_behind`` again, which knows
   them by ``_refilling_run``); ``cache_refills`` counts the blocks written (see ``_refill``).
   The refill never waits for the budget itself and never raises into the mount; S3 trouble
-  puts a run behind the others, three times at most; a refused write ends the refills.
+  puts a run behind the others, and after three failures it is left uncached; a refused write
+  ends the refills.
 
 Invariants: every byte taken from the write budget or the reserve is given back when its write
 ends, written or failed (``_write``); ``_write_waiting`` is the bytes of fetched runs waiting for

@@ -32,8 +32,8 @@ Invariants:
   entry holds the payload's crc32 and a check naming the object and the block, so a crash or a
   torn write leaves a miss, never bytes (``blockfile``). Every block is verified on every read;
   a damaged block's entry is zeroed (a miss, fetched and written again), a file whose header
-  is not its own is deleted. Files and object directories of the earlier formats are deleted
-  by the next scan.
+  is not its own (damaged, another format version) is deleted. The object directories of the
+  earlier formats are removed by a thread the next scan starts (the last point below).
 - Sharing: processes write the same bytes for the same object (the digest names one pinned
   version), each block in its own slot and entry, so concurrent writers of one region never
   need a lock and never mix blocks. Every write opens its region file with ``O_CREAT`` and
