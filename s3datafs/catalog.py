@@ -100,8 +100,10 @@ log = logging.getLogger(__name__)
 
 # 2: markers, fingerprint, single_object, as_of; 3: members, archive; 4: a name twice in an
 # archive shows the later member (stored member catalogs of 3 showed the first: rebuilt); 5: a
-# member with no time of its own has the archive's
-FORMAT_VERSION = 6  # 6: a member's place in the zip in its entries row (was a members table)
+# member with no time of its own has the archive's; 6: a member's place in the zip in its entries
+# row (was a members table); 7: member names as unzip reads them: a Unix writer's UTF-8 without
+# the flag (6 showed it as CP437), a Windows writer's backslashes as separators (6 skipped them)
+FORMAT_VERSION = 7
 ROOT_INODE = 1  # == pyfuse3.ROOT_INODE; not imported: pyfuse3 stays in the FUSE ring
 _BATCH = 10_000  # rows per executemany: amortises the call, keeps the batch a few MiB at most
 _FIRST_PAGE = 128  # children(): a readdir buffer holds roughly this many names

@@ -11,6 +11,7 @@ import calendar
 import io
 import random
 import struct
+import unicodedata
 import zipfile
 import zlib
 
@@ -18,11 +19,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from zipcraft import (
+    HOST_FAT,
+    HOST_NTFS,
+    RawMember,
     central_entries,
     header_offset,
     make_zip,
     patch,
     patch_end,
+    raw_zip,
     replace_name,
     sample_bytes,
     to_zip64,
@@ -513,6 +518,40 @@ def test_name_without_the_utf8_flag_is_code_page_437() -> None:
     _, kept, _ = index(data)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert [m.name for m in kept] == archive.namelist() == ["bad-\u00e9\u00fc.txt"]
+
+
+def test_a_unix_writers_utf8_name_without_the_flag_is_utf8() -> None:
+    """Info-ZIP ``zip`` (Linux, macOS) and macOS Finder write the file system's UTF-8 bytes
+    without the flag: read so, as unzip extracts them (zipfile's CP437 made "caf\u251c\u2310").
+    Bytes that are not UTF-8 stay CP437; a Windows writer's UTF-8-looking bytes too (its code
+    page is never UTF-8 without the flag)."""
+    data = raw_zip([
+        RawMember("caf\u00e9.txt".encode()),
+        RawMember(unicodedata.normalize("NFD", "cr\u00e8me").encode(), host=19),  # OS X
+        RawMember(b"latin-\xe9.txt"),
+        RawMember("fat-\u00e9.txt".encode(), host=HOST_FAT),
+    ])
+    _, kept, skipped = index(data)
+    assert skipped == []
+    assert [m.name for m in kept] == [
+        "caf\u00e9.txt", unicodedata.normalize("NFD", "cr\u00e8me"), "latin-\u0398.txt",
+        "fat-\u251c\u2310.txt"]
+
+
+@pytest.mark.parametrize("host", [HOST_FAT, 6, 10, HOST_NTFS, 14])
+def test_a_windows_writers_backslashes_are_path_separators(host: int) -> None:
+    """Old Windows tools wrote ``dir\\file``; unzip extracts it into ``dir/``. On a Unix
+    writer's name a backslash is no separator: ``member_path_problem`` skips it."""
+    data = raw_zip([
+        RawMember(b"images\\", host=host, external=0x10),
+        RawMember(b"images\\2023\\caf\x82.txt", b"x", host=host),
+        RawMember(b"..\\escape.txt", b"x", host=host),
+        RawMember(b"unix\\name.txt", b"x"),
+    ])
+    _, kept, _ = index(data)
+    assert [(m.name, m.is_dir) for m in kept] == [
+        ("images/", True), ("images/2023/caf\u00e9.txt", False), ("../escape.txt", False),
+        ("unix\\name.txt", False)]  # the last two then fail the path rules
 
 
 def _unicode_path(raw: bytes, name: str, crc: int | None = None) -> bytes:

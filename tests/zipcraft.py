@@ -1,7 +1,8 @@
 """Zip archives for tests, made with ``zipfile``, and surgery to make them bad in known ways.
 
 The surgery edits fields of central directory entries (and the matching local headers) found by
-walking the structures with ``struct`` here, independently of the code under test.
+walking the structures with ``struct`` here, independently of the code under test. ``raw_zip``
+writes an archive field by field, as tools other than ``zipfile`` write theirs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 _CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
 # Field offsets inside a central directory entry / a local header.
@@ -251,3 +253,100 @@ def lzma_zip_without_end_marker(name: str, data: bytes, *, declared: int | None 
     size = len(data) if declared is None else declared
     return patch(archive, name, method=zipfile.ZIP_LZMA, flags=0, size=size,
                  crc=zlib.crc32(data[:size]))
+
+
+# -- archives byte by byte, as other tools write them -------------------------------------------
+
+# "version made by", high byte (APPNOTE 4.4.2); NTFS as Info-ZIP and 7-Zip write it (APPNOTE: 10)
+HOST_FAT, HOST_UNIX, HOST_NTFS = 0, 3, 11
+_LOCAL = struct.Struct("<4s5H3L2H")
+_DESCRIPTOR = struct.Struct("<4s3L")  # with its optional signature, as most writers add it
+_DESCRIPTOR64 = struct.Struct("<4sL2Q")
+
+
+def dos_time(year: int, month: int, day: int, hour: int, minute: int, second: int
+             ) -> tuple[int, int]:
+    """(time, date) as a zip header stores them: 2-second steps, no zone."""
+    return (hour << 11) | (minute << 5) | (second // 2), ((year - 1980) << 9) | (month << 5) | day
+
+
+@dataclass
+class RawMember:
+    """One member as ``raw_zip`` writes it: every header field as given, nothing decided for it.
+
+    ``descriptor``: sizes and CRC follow the data (flag bit 3 set, zeros in the local header), as
+    streaming writers (``zip - dir``, ``jar``, Finder) do; ``zip64_local``: the local header's
+    sizes are 0xFFFFFFFF with a ZIP64 extra field, and the descriptor has 8-byte sizes, as
+    Info-ZIP writes a member of unknown size (``zip - -``). ``local_*`` make the local header
+    disagree with the central directory.
+    """
+
+    name: bytes
+    data: bytes = b""
+    method: int = zipfile.ZIP_STORED  # or ZIP_DEFLATED: compressed here
+    flags: int = 0
+    host: int = HOST_UNIX
+    version: int = 30  # of the writer, low byte of "version made by"
+    external: int = 0o100644 << 16  # Unix mode in the high 16 bits; MS-DOS attributes low
+    time: tuple[int, int] = dos_time(2023, 7, 8, 9, 10, 12)
+    extra: bytes = b""  # in both headers
+    central_extra: bytes | None = None  # the central directory's, when it differs
+    descriptor: bool = False
+    zip64_local: bool = False
+    local_name: bytes | None = None
+    local_method: int | None = None
+    local_sizes: tuple[int, int] | None = None  # (compressed, uncompressed)
+
+
+def extra_field(field_id: int, payload: bytes) -> bytes:
+    return struct.pack("<2H", field_id, len(payload)) + payload
+
+
+def raw_zip(members: Iterable[RawMember], *, before: bytes = b"", comment: bytes = b"",
+            adjusted: bool = False) -> bytes:
+    """An archive written field by field (``RawMember``), after ``before`` (a self-extractor's
+    stub). ``adjusted``: offsets count from the start of the file, stub included (``zip -A``);
+    else from the start of the archive, as ``cat stub archive.zip`` leaves them."""
+    out = bytearray(before)
+    base = 0 if adjusted else len(before)
+    central = bytearray()
+    count = 0
+    for member in members:
+        count += 1
+        crc = zlib.crc32(member.data)
+        if member.method == zipfile.ZIP_DEFLATED:
+            packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+            payload = packer.compress(member.data) + packer.flush()
+        else:
+            payload = member.data
+        flags = member.flags | (0x08 if member.descriptor else 0)
+        local_extra = member.extra
+        if member.zip64_local:
+            local_extra = extra_field(0x0001, struct.pack("<2Q", 0, 0)) + local_extra
+            local_sizes = (0xFFFFFFFF, 0xFFFFFFFF)
+        elif member.descriptor:
+            local_sizes = (0, 0)
+        else:
+            local_sizes = (len(payload), len(member.data))
+        local_sizes = member.local_sizes or local_sizes
+        local_name = member.name if member.local_name is None else member.local_name
+        offset = len(out) - base
+        method = member.method if member.local_method is None else member.local_method
+        out += _LOCAL.pack(b"PK\x03\x04", 45 if member.zip64_local else 20, flags, method,
+                           *member.time, 0 if member.descriptor else crc, *local_sizes,
+                           len(local_name), len(local_extra))
+        out += local_name + local_extra + payload
+        if member.zip64_local:
+            out += _DESCRIPTOR64.pack(b"PK\x07\x08", crc, len(payload), len(member.data))
+        elif member.descriptor:
+            out += _DESCRIPTOR.pack(b"PK\x07\x08", crc, len(payload), len(member.data))
+        extra = member.extra if member.central_extra is None else member.central_extra
+        central += _CENTRAL.pack(
+            b"PK\x01\x02", member.version, member.host, 20, 0, flags, member.method,
+            *member.time, crc, len(payload), len(member.data), len(member.name), len(extra), 0,
+            0, 0, member.external, offset)
+        central += member.name + extra
+    start = len(out) - base
+    out += central
+    out += _EOCD.pack(b"PK\x05\x06", 0, 0, count, count, len(central), start, len(comment))
+    return bytes(out + comment)

@@ -19,9 +19,14 @@ Invariants and rules:
   so is an entry whose compressed size no data of its size could take
   (``max_compressed_size``).
 - Names: UTF-8 when flag bit 11 says so (or the Info-ZIP Unicode path extra field 0x7075 with a
-  matching CRC gives one), else code page 437, as zipfile decodes them. Path safety is the
-  catalog's job (``keypath``); ``member_path_problem`` adds the archive-only rules (drive
-  letters, backslashes).
+  matching CRC gives one); else code page 437, as zipfile decodes them, except a name written on
+  Unix (``_UNIX_HOSTS``) that is valid UTF-8: Info-ZIP ``zip`` and macOS Finder write the file
+  system's UTF-8 names without the flag, and ``unzip`` extracts them as they are (zipfile's CP437
+  turns ``café`` into ``caf├⌐``). In a name written on a Windows file system
+  (``_WINDOWS_HOSTS``) a backslash can only be a path separator (old Windows tools, PowerShell's
+  Compress-Archive among them, wrote them so): it is read as ``/``, as unzip does. Path safety
+  is the catalog's job (``keypath``); ``member_path_problem`` adds the archive-only rules (drive
+  letters, a backslash in a name from anywhere else).
 - Times: the extended timestamp extra field (0x5455, UTC seconds) when present, else the DOS
   date and time read as UTC (it carries no zone; UTC makes every machine show the same mtime);
   ``NO_TIME`` when neither is valid (the catalog then shows the archive's LastModified).
@@ -47,6 +52,12 @@ METHOD_NAMES = {STORED: "stored", DEFLATED: "deflate", 9: "deflate64", BZIP2: "b
 FLAG_ENCRYPTED = 0x1
 FLAG_LZMA_END_MARKER = 0x2  # an LZMA member's stream ends with a marker (APPNOTE 4.4.4)
 FLAG_UTF8 = 0x800
+# Hosts ("version made by", high byte: APPNOTE 4.4.2) whose names are the file system's bytes:
+# Unix and OS X, where they are UTF-8 today.
+_UNIX_HOSTS = frozenset({3, 19})
+# Hosts whose file systems separate paths with a backslash: MS-DOS FAT, OS/2 HPFS, NTFS (10 in
+# APPNOTE, 11 as Info-ZIP and 7-Zip number it), VFAT.
+_WINDOWS_HOSTS = frozenset({0, 6, 10, 11, 14})
 
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record, 22 bytes
 _EOCD_SIG = b"PK\x05\x06"
@@ -248,7 +259,7 @@ def _entries(
             raise ArchiveError(
                 f"{what} is corrupt: bad central directory entry at offset {directory.start + at}"
             )
-        (_sig, _made, _system, _needed, _needed_system, flags, method, dos_time, dos_date, crc,
+        (_sig, _made, host, _needed, _needed_system, flags, method, dos_time, dos_date, crc,
          compressed_size, size, name_length, extra_length, comment_length, disk, _internal,
          _external, header_offset) = _CENTRAL.unpack_from(data, at)
         name_at = at + _CENTRAL.size
@@ -266,7 +277,7 @@ def _entries(
                 zip64, size, compressed_size, header_offset, disk)
         except ValueError:
             problem = "its ZIP64 extra field is too short"
-        name, name_problem = _decode_name(raw_name, flags, extras.get(0x7075))
+        name, name_problem = _decode_name(raw_name, flags, host, extras.get(0x7075))
         problem = problem or name_problem
         if disk not in (0, _U16) and problem is None:
             problem = "it starts on another disk of a multi-part archive"
@@ -362,18 +373,29 @@ def _apply_zip64(
     return result[0], result[1], result[2], result[3]
 
 
-def _decode_name(raw: bytes, flags: int, unicode_field: bytes | None) -> tuple[str, str | None]:
+def _decode_name(
+    raw: bytes, flags: int, host: int, unicode_field: bytes | None
+) -> tuple[str, str | None]:
     if unicode_field and len(unicode_field) > 5 and unicode_field[0] == 1 \
             and int.from_bytes(unicode_field[1:5], "little") == zlib.crc32(raw):
         raw, flags = unicode_field[5:], flags | FLAG_UTF8
     if flags & FLAG_UTF8:
         try:
-            return raw.decode("utf-8"), None
+            name = raw.decode("utf-8")
         except UnicodeDecodeError:
             return raw.decode("utf-8", "backslashreplace"), "its name is not valid UTF-8"
-    if raw.isascii():  # the same in code page 437, and decoded 7x faster
-        return raw.decode("ascii"), None
-    return raw.decode("cp437"), None
+    elif raw.isascii():  # the same in code page 437, and decoded 7x faster
+        name = raw.decode("ascii")
+    elif host in _UNIX_HOSTS:
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:  # another code page of the writer's: CP437 shows every byte
+            name = raw.decode("cp437")
+    else:
+        name = raw.decode("cp437")
+    if "\\" in name and host in _WINDOWS_HOSTS:
+        name = name.replace("\\", "/")
+    return name, None
 
 
 def _mtime(dos_date: int, dos_time: int, timestamp_field: bytes | None) -> float:
