@@ -102,8 +102,9 @@ log = logging.getLogger(__name__)
 # archive shows the later member (stored member catalogs of 3 showed the first: rebuilt); 5: a
 # member with no time of its own has the archive's; 6: a member's place in the zip in its entries
 # row (was a members table); 7: member names as unzip reads them: a Unix writer's UTF-8 without
-# the flag (6 showed it as CP437), a Windows writer's backslashes as separators (6 skipped them)
-FORMAT_VERSION = 7
+# the flag (6 showed it as CP437), a Windows writer's backslashes as separators (6 skipped them);
+# 8: a member's time from its NTFS extra field (7 showed the DOS time, the writer's local time)
+FORMAT_VERSION = 8
 ROOT_INODE = 1  # == pyfuse3.ROOT_INODE; not imported: pyfuse3 stays in the FUSE ring
 _BATCH = 10_000  # rows per executemany: amortises the call, keeps the batch a few MiB at most
 _FIRST_PAGE = 128  # children(): a readdir buffer holds roughly this many names

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Cli, errno_of, isolated_cli
-from zipcraft import HOST_FAT, RawMember, dos_time, extra_field, raw_zip
+from zipcraft import HOST_FAT, HOST_NTFS, RawMember, dos_time, extra_field, raw_zip
 
 pytestmark = [
     pytest.mark.fuse,
@@ -316,6 +316,23 @@ def test_windows_compressed_folder(tools_cli: Cli, bucket, workdir) -> None:
     archive = workdir / "windows.zip"
     archive.write_bytes(raw_zip(members))
     compare(tools_cli, bucket, "windows.zip", archive, workdir)
+
+
+def test_seven_zip_ntfs_times(tools_cli: Cli, bucket, workdir) -> None:
+    """7-Zip on Windows: NTFS host (11, as 7-Zip and Info-ZIP number it), the UTF-8 flag, DOS
+    times in the writer's zone (here UTC+2) and the exact times in the NTFS extra field
+    (0x000a, 100 ns since 1601, UTC). unzip ignores that field (it shows 09:10:12, the DOS
+    time read as UTC); the mount shows the NTFS time, 07:10:13.5 UTC."""
+    exact = TREE_TIME - 2 * 3600 + 1.5
+    ticks = round((exact + 11_644_473_600) * 10_000_000)
+    ntfs = extra_field(0x000A, bytes(4) + extra_field(1, ticks.to_bytes(8, "little") * 3))
+    members = [RawMember("d\u00e9j\u00e0 vu.txt".encode(), b"seven\n", host=HOST_NTFS,
+                         version=63, flags=0x800, external=0x20, extra=ntfs)]
+    archive = workdir / "seven.zip"
+    archive.write_bytes(raw_zip(members))
+    sha = hashlib.sha256(b"seven\n").hexdigest()
+    compare(tools_cli, bucket, "seven.zip", archive, workdir,
+            **{"d\u00e9j\u00e0 vu.txt": ("file", 6, sha, exact, False)})
 
 
 def test_unicode_path_extra_field(tools_cli: Cli, bucket, workdir) -> None:

@@ -594,6 +594,30 @@ def test_extended_timestamp_wins_over_dos_time() -> None:
                                        1620284890.0]
 
 
+def test_ntfs_times_win_over_dos_time() -> None:
+    """7-Zip and WinRAR write the exact UTC time in the NTFS extra field (0x000A), the DOS time
+    in the writer's zone. The extended timestamp, where both are, still wins; a field without
+    times (only another tag), or with a zero time, leaves the DOS time."""
+    def ntfs(*attributes: tuple[int, bytes]) -> bytes:
+        body = bytes(4) + b"".join(struct.pack("<2H", tag, len(value)) + value
+                                   for tag, value in attributes)
+        return struct.pack("<2H", 0x000A, len(body)) + body
+
+    exact = 1_688_800_213.5  # 2023-07-08 07:10:13.5 UTC
+    ticks = struct.pack("<Q", round((exact + 11_644_473_600) * 10_000_000)) * 3
+    stamped = struct.pack("<2HBl", 0x5455, 5, 1, 1_234_567_891)
+    data = raw_zip([
+        RawMember(b"ntfs.txt", host=HOST_NTFS, extra=ntfs((1, ticks))),
+        RawMember(b"after-another-tag.txt", host=HOST_NTFS, extra=ntfs((2, b"xy"), (1, ticks))),
+        RawMember(b"both.txt", extra=ntfs((1, ticks)) + stamped),
+        RawMember(b"other-tag.txt", host=HOST_NTFS, extra=ntfs((2, bytes(24)))),
+        RawMember(b"zero.txt", host=HOST_NTFS, extra=ntfs((1, bytes(24)))),
+        RawMember(b"short.txt", host=HOST_NTFS, extra=ntfs((1, bytes(8)))),
+    ])
+    dos = dos_utc((2023, 7, 8, 9, 10, 12))
+    assert [m.mtime for m in index(data)[1]] == [exact, exact, 1_234_567_891.0, dos, dos, dos]
+
+
 def test_invalid_dos_time_is_the_epoch() -> None:
     entry = central(b"x.txt", size=1, csize=1, offset=0, method=0, dos=(0, 0))  # month 0
     tail = big_tail([entry], 1000)

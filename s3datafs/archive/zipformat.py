@@ -27,9 +27,11 @@ Invariants and rules:
   Compress-Archive among them, wrote them so): it is read as ``/``, as unzip does. Path safety
   is the catalog's job (``keypath``); ``member_path_problem`` adds the archive-only rules (drive
   letters, a backslash in a name from anywhere else).
-- Times: the extended timestamp extra field (0x5455, UTC seconds) when present, else the DOS
+- Times: the extended timestamp extra field (0x5455, UTC seconds, as Info-ZIP writes it) when
+  present, else the NTFS extra field's (0x000A, UTC in 100 ns steps, as 7-Zip and WinRAR write
+  it; unzip ignores it and shows the DOS time, which is the writer's local time), else the DOS
   date and time read as UTC (it carries no zone; UTC makes every machine show the same mtime);
-  ``NO_TIME`` when neither is valid (the catalog then shows the archive's LastModified).
+  ``NO_TIME`` when none is valid (the catalog then shows the archive's LastModified).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ MAX_COMMENT = 0xFFFF
 # The longest tail that can hold the end records: comment, end record, zip64 locator.
 END_SEARCH = MAX_COMMENT + _EOCD.size + _LOCATOR.size
 _U16, _U32 = 0xFFFF, 0xFFFFFFFF
+_NTFS_EPOCH = 116_444_736_000_000_000  # 1970-01-01 in NTFS time: 100 ns steps since 1601
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -284,13 +287,13 @@ def _entries(
         if compressed_size > max_compressed_size(size) and problem is None:
             problem = (f"its compressed size ({compressed_size} bytes) is far beyond what its "
                        f"{size} bytes can take (a zip bomb or a corrupt archive)")
-        timestamp_field = extras.get(0x5455)
-        if timestamp_field is None:
+        timestamp_field, ntfs_field = extras.get(0x5455), extras.get(0x000A)
+        if timestamp_field is None and ntfs_field is None:
             mtime = times.get((dos_date, dos_time))
             if mtime is None:
-                mtime = times[dos_date, dos_time] = _mtime(dos_date, dos_time, None)
+                mtime = times[dos_date, dos_time] = _mtime(dos_date, dos_time, None, None)
         else:
-            mtime = _mtime(dos_date, dos_time, timestamp_field)
+            mtime = _mtime(dos_date, dos_time, timestamp_field, ntfs_field)
         yield _Entry(
             name, len(raw_name), name.endswith("/"), header_offset + directory.shift, method,
             flags, compressed_size, size, crc, mtime, problem,
@@ -398,14 +401,31 @@ def _decode_name(
     return name, None
 
 
-def _mtime(dos_date: int, dos_time: int, timestamp_field: bytes | None) -> float:
+def _mtime(
+    dos_date: int, dos_time: int, timestamp_field: bytes | None, ntfs_field: bytes | None
+) -> float:
     if timestamp_field and len(timestamp_field) >= 5 and timestamp_field[0] & 1:
         return float(int.from_bytes(timestamp_field[1:5], "little", signed=True))
+    if ntfs_field is not None and (ntfs := _ntfs_mtime(ntfs_field)) is not None:
+        return ntfs
     year, month, day = 1980 + (dos_date >> 9), (dos_date >> 5) & 0xF, dos_date & 0x1F
     hour, minute, second = dos_time >> 11, (dos_time >> 5) & 0x3F, (dos_time & 0x1F) * 2
     if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 62):
         return NO_TIME  # no valid time recorded: the catalog gives the member the archive's
     return float(calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)))
+
+
+def _ntfs_mtime(field: bytes) -> float | None:
+    """The mtime of an NTFS extra field (0x000A: 4 reserved bytes, then tagged attributes; tag
+    1 holds mtime, atime and ctime in 100 ns steps since 1601, UTC), if it holds one."""
+    at = 4
+    while at + 4 <= len(field):
+        tag, length = _EXTRA_HEADER.unpack_from(field, at)
+        if tag == 1 and length >= 24 and at + 12 <= len(field):
+            ticks = int.from_bytes(field[at + 4: at + 12], "little")
+            return (ticks - _NTFS_EPOCH) / 10_000_000 if ticks else None
+        at += 4 + length
+    return None
 
 
 def member_path_problem(name: str) -> str | None:
