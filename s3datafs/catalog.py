@@ -10,7 +10,9 @@ Schema (one file per snapshot)::
             mtime REAL,                  -- seconds since the epoch (LastModified / newest child)
             key TEXT, version_id TEXT, etag TEXT,   -- the pinned object; NULL for directories
             header_offset, data_limit, method,      -- archive catalogs only: where a file's
-            flags, compressed_size, crc32)          -- bytes are in the zip; NULL for directories
+            flags, compressed_size, crc32,          -- bytes are in the zip, and the Unix mode
+            mode)                                   -- its writer recorded (0: none); NULL for
+                                                    -- directories
     UNIQUE INDEX entries_by_name(parent, name)      -- lookup()
     INDEX entries_by_parent(parent)                 -- children(): (parent, rowid) order, paged
     markers(inode INTEGER PRIMARY KEY,   -- the directory a "dir/" marker object made
@@ -45,10 +47,11 @@ begun with (``_open_files``). Rules:
 An *archive catalog* (``archive=`` the pinned zip object) holds the members of one zip instead
 of objects: ``add_member`` takes central directory entries (``archive.zipformat.Member``), with
 the same path rules plus the archive-only ones (drive letters, backslashes); a member's row keeps
-its name in ``key`` and its place in the archive in the member columns, and ``Entry.ref`` is then
-a ``MemberRef``. Its identity is the archive's: ``objects()`` yields the archive object alone and
-the fingerprint is the archive's (given to the builder), so snapshots and ``--expect-fingerprint``
-pin the archive. Archive catalogs are persistent (``archive.index``): a remount needs no index read.
+its name in ``key`` and its place in the archive (and the Unix mode its writer recorded) in the
+member columns, and ``Entry.ref`` is then a ``MemberRef`` (``Entry.mode`` that mode). Its
+identity is the archive's: ``objects()`` yields the archive object alone and the fingerprint is
+the archive's (given to the builder), so snapshots and ``--expect-fingerprint`` pin the archive.
+Archive catalogs are persistent (``archive.index``): a remount needs no index read.
 
 The catalog stores the dataset ``fingerprint`` (see ``fingerprint``) of what it stores: every
 file row and every marker, in key order (SQLite's BINARY collation compares UTF-8 bytes, the order
@@ -103,8 +106,9 @@ log = logging.getLogger(__name__)
 # member with no time of its own has the archive's; 6: a member's place in the zip in its entries
 # row (was a members table); 7: member names as unzip reads them: a Unix writer's UTF-8 without
 # the flag (6 showed it as CP437), a Windows writer's backslashes as separators (6 skipped them);
-# 8: a member's time from its NTFS extra field (7 showed the DOS time, the writer's local time)
-FORMAT_VERSION = 8
+# 8: a member's time from its NTFS extra field (7 showed the DOS time, the writer's local time);
+# 9: a member's Unix mode (the mode column)
+FORMAT_VERSION = 9
 ROOT_INODE = 1  # == pyfuse3.ROOT_INODE; not imported: pyfuse3 stays in the FUSE ring
 _BATCH = 10_000  # rows per executemany: amortises the call, keeps the batch a few MiB at most
 _FIRST_PAGE = 128  # children(): a readdir buffer holds roughly this many names
@@ -114,12 +118,12 @@ _COLUMNS = "inode, parent, name, is_dir, size, mtime, key, version_id, etag"
 # A zip may hold one name twice (appending to an archive adds, never replaces): extracting it
 # leaves the later member on disk (unzip, zipfile, bsdtar), so the mount shows that one.
 _SUPERSEDED = "a later member has the same name"
-_MEMBER_COLUMNS = "header_offset, data_limit, method, flags, compressed_size, crc32"
+_MEMBER_COLUMNS = "header_offset, data_limit, method, flags, compressed_size, crc32, mode"
 # An archive catalog's entries rows carry their member's place in the zip, inserted with the row:
 # a members table filled at finish from a dict of every member took 2-4 s more for a million, and
 # +160 MiB of RSS; and reads need no join.
 _MEMBER_SCHEMA = (", header_offset INTEGER, data_limit INTEGER, method INTEGER, flags INTEGER, "
-                  "compressed_size INTEGER, crc32 INTEGER")
+                  "compressed_size INTEGER, crc32 INTEGER, mode INTEGER")
 _SCHEMA = """
 CREATE TABLE entries (
     inode INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL,
@@ -135,7 +139,7 @@ INSERT INTO entries (inode, parent, name, is_dir, size) VALUES (1, 1, '', 1, 0);
 _NAME_INDEX = "CREATE UNIQUE INDEX entries_by_name ON entries(parent, name)"
 # An entries row as inserted: _COLUMNS, then an archive catalog's _MEMBER_COLUMNS.
 _Row = tuple[int | float | str | None, ...]
-_NO_MEMBER = (None,) * 6  # the member columns of an archive catalog's directory row
+_NO_MEMBER = (None,) * 7  # the member columns of an archive catalog's directory row
 # Every object shown (files and directory markers) in key order: fingerprint and snapshots.
 _OBJECTS_BY_KEY = """
 SELECT key, version_id, etag, size, mtime FROM entries WHERE is_dir = 0
@@ -204,6 +208,7 @@ class Entry:
     size: int
     mtime: float
     ref: PinnedRef | None
+    mode: int = 0  # a member's Unix mode as its writer recorded it (type, permissions); 0: none
 
 
 class CatalogBuilder:
@@ -324,7 +329,7 @@ class CatalogBuilder:
         self._pending_files[file] = len(self._pending)
         self._append((self._next_inode, *file, 0, member.size, mtime, name, None, None,
                       member.header_offset, member.data_limit, member.method, member.flags,
-                      member.compressed_size, member.crc32))
+                      member.compressed_size, member.crc32, member.mode))
         self._objects += 1
         self._bytes += member.size
 
@@ -788,12 +793,13 @@ class Catalog:
     def _entry(self, row: tuple) -> Entry:
         inode, parent, name, is_dir, size, mtime, key, version_id, etag = row[:9]
         ref: PinnedRef | None = None
+        mode = 0
         if is_dir:
             pass
         elif self._archive is None:
             ref = ObjectRef(self._bucket, key, version_id, etag, size, mtime)
         else:
-            header_offset, data_limit, method, flags, compressed_size, crc32 = row[9:]
+            header_offset, data_limit, method, flags, compressed_size, crc32, mode = row[9:]
             ref = MemberRef(self._archive, key, header_offset, data_limit, method, flags,
                             compressed_size, size, crc32, mtime or 0.0)
-        return Entry(inode, parent, name, bool(is_dir), size, mtime or 0.0, ref)
+        return Entry(inode, parent, name, bool(is_dir), size, mtime or 0.0, ref, mode)

@@ -354,7 +354,12 @@ class Operations(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | settings.dir_mode
             attrs.st_nlink = 2
         else:
-            attrs.st_mode = stat.S_IFREG | settings.file_mode
+            mode = settings.file_mode
+            # A member its writer made executable: x wherever r is. Writers may leave the type
+            # out (zipfile's writestr); a link's bits are all set, and it is no executable.
+            if entry.mode & 0o111 and stat.S_IFMT(entry.mode) in (0, stat.S_IFREG):
+                mode |= (mode & 0o444) >> 2
+            attrs.st_mode = stat.S_IFREG | mode
             attrs.st_nlink = 1
         attrs.st_size = entry.size
         attrs.st_blksize = 128 * 1024

@@ -189,6 +189,21 @@ def test_names_under_a_directory_already_made_are_checked_the_same(
         assert set(tree(cat)) == shown | (set() if archive else {"d/e/back\\slash"})
 
 
+def test_a_members_unix_mode_is_kept(db: Path) -> None:
+    """What its writer recorded (an executable, a symbolic link), 0 where it recorded none."""
+    modes = {"run.sh": 0o100755, "link": 0o120777, "dos.txt": 0}
+    with CatalogBuilder(db, uri="s3://bkt/a.zip", bucket=BUCKET, prefix="", versioned=False,
+                        archive=ref("a.zip"), fingerprint="f" * 64) as builder:
+        for i, (name, mode) in enumerate(modes.items()):
+            builder.add_member(Member(name, False, 10 * i, 10 * i + 5, 0, 0, 1, 1, 0, 9.0, mode))
+        builder.add_member(Member("dir/", True, 40, 45, 0, 0, 0, 0, 0, 9.0, 0o40755))
+        builder.finish()
+    with Catalog.open(db) as cat:
+        assert {name: cat.lookup(ROOT_INODE, name).mode for name in [*modes, "dir"]} == {
+            **modes, "dir": 0}
+        assert [entry.mode for entry in cat.children(ROOT_INODE)] == [*modes.values(), 0]
+
+
 def test_keys_outside_prefix_are_skipped(db: Path, caplog: pytest.LogCaptureFixture) -> None:
     summary, cat = build(db, ["data/in", "database", "other/x"], prefix="data/")
     assert summary.skipped_count == 2

@@ -615,6 +615,40 @@ async def test_member_xattrs_name_its_path_in_the_archive_and_its_crc_in_eight_d
     assert values["user.s3datafs.uri"] == catalog.entry.ref.uri
 
 
+class _ModesCatalog:
+    """Members whose writer recorded a Unix mode: 0755, 0644, 0700, none (a FAT writer), 0755
+    without a type (zipfile's writestr writes none), and a symbolic link's."""
+
+    def __init__(self) -> None:
+        archive = ObjectRef("bkt", "data.zip", None, '"e"', 10_000, 0.0)
+        self.entries = {
+            inode: Entry(inode, ROOT, f"m{inode}", False, 5, 0.0,
+                         MemberRef(archive, f"m{inode}", 0, 100, 0, 0, 5, 5, 0, 0.0), mode)
+            for inode, mode in ((2, 0o100755), (3, 0o100644), (4, 0o100700), (5, 0),
+                                (6, 0o755), (7, 0o120777))}
+
+    def get(self, inode: int) -> Entry | None:
+        return self.entries.get(inode)
+
+
+@pytest.mark.parametrize(("file_mode", "shown"), [(0o444, [0o555, 0o444, 0o555, 0o444, 0o555]),
+                                                  (0o440, [0o550, 0o440, 0o550, 0o440, 0o550])],
+                         ids=["0444", "0440"])
+@trio_test
+async def test_a_member_its_writer_made_executable_is_executable(
+    file_mode: int, shown: list[int]
+) -> None:
+    """Executable wherever it is readable (--file-mode); an archive's other bits change
+    nothing: the mount's modes say who may read."""
+    reader = BlockReader(FakeSource(), block_size=64, memory_cache_bytes=1 << 20,
+                         s3_limiter=trio.CapacityLimiter(4))
+    settings = FsSettings(uid=UID, gid=GID, file_mode=file_mode)
+    ops = Operations(_ModesCatalog(), reader, settings)  # type: ignore[arg-type]
+    modes = [(await ops.getattr(inode)).st_mode for inode in (2, 3, 4, 5, 6)]
+    assert modes == [stat.S_IFREG | mode for mode in shown]
+    assert not (await ops.getattr(7)).st_mode & 0o111  # a link's bits: not an executable
+
+
 @trio_test
 async def test_plain_directories_have_no_xattrs(fs: Mounted) -> None:
     assert await fs.ops.listxattr(await fs.inode("sub")) == []

@@ -198,12 +198,34 @@ def assert_same(shown: dict[str, tuple], expected: dict[str, tuple]) -> None:
 
 # -- Info-ZIP zip -------------------------------------------------------------------------------
 
+def test_info_zip_bzip2(tools_cli: Cli, bucket, trees, workdir) -> None:
+    """``zip -Z bzip2``: every file bzip2 (method 12), however small."""
+    archive = workdir / "bzip2.zip"
+    tool("zip", "-q", "-r", "-Z", "bzip2", str(archive), ".", cwd=trees["plain"])
+    compare(tools_cli, bucket, "bzip2.zip", archive, workdir)
+
+
+def test_info_zip_streamed_to_a_pipe(tools_cli: Cli, bucket, trees, workdir) -> None:
+    """``zip -r - . | cat``: the output cannot be sought back into, so every file's sizes and
+    CRC follow its data in a data descriptor (flag bit 3), its local header holds zeros."""
+    archive = workdir / "streamed.zip"
+    archive.write_bytes(tool("zip", "-q", "-r", "-", ".", cwd=trees["plain"]))
+    compare(tools_cli, bucket, "streamed.zip", archive, workdir)
+
+
 def test_info_zip_of_standard_input(tools_cli: Cli, bucket, trees, workdir) -> None:
     """``... | zip - -``: one member named ``-`` of unknown size when its local header was
     written, so ZIP64 local sizes (0xFFFFFFFF, extra field 0x0001) and an 8-byte descriptor."""
     archive = workdir / "stdin.zip"
     archive.write_bytes(tool("zip", "-q", "-", "-", cwd=workdir, stdin=b"from a pipe\n" * 1000))
     compare(tools_cli, bucket, "stdin.zip", archive, workdir)
+
+
+def test_info_zip_forced_zip64(tools_cli: Cli, bucket, trees, workdir) -> None:
+    """``zip -fz``: ZIP64 end record and locator, ZIP64 extra fields on every entry."""
+    archive = workdir / "zip64.zip"
+    tool("zip", "-q", "-r", "-fz", str(archive), ".", cwd=trees["plain"])
+    compare(tools_cli, bucket, "zip64.zip", archive, workdir)
 
 
 def test_info_zip_forced_zip64_to_a_pipe_is_refused_in_one_line(
@@ -247,6 +269,37 @@ def test_info_zip_encrypted_members_fail_reads_in_one_line(
                  .splitlines() if "rand.bin" in line]
         assert len(lines) == 1, lines
         assert lines[0].endswith("is encrypted; s3datafs cannot decrypt zip members"), lines[0]
+
+
+def test_info_zip_self_extractor_adjusted(tools_cli: Cli, bucket, trees, workdir) -> None:
+    """``cat stub archive.zip > sfx; zip -A sfx``: offsets count from the stub's start."""
+    archive = workdir / "sfx-adjusted.zip"
+    tool("zip", "-q", "-r", str(workdir / "inner.zip"), ".", cwd=trees["plain"])
+    archive.write_bytes(b"#!/bin/sh\nexec unzip \"$0\"\n" + (workdir / "inner.zip").read_bytes())
+    tool("zip", "-q", "-A", str(archive), cwd=workdir)
+    compare(tools_cli, bucket, "sfx-adjusted.zip", archive, workdir)
+
+
+def test_info_zip_with_bytes_prepended(tools_cli: Cli, bucket, trees, workdir) -> None:
+    """``cat stub archive.zip``, not adjusted: every recorded offset is short by the stub."""
+    archive = workdir / "prepended.zip"
+    tool("zip", "-q", "-r", str(workdir / "inner2.zip"), ".", cwd=trees["plain"])
+    archive.write_bytes(os.urandom(3000) + (workdir / "inner2.zip").read_bytes())
+    compare(tools_cli, bucket, "prepended.zip", archive, workdir)
+
+
+def test_info_zip_with_a_comment(tools_cli: Cli, bucket, trees, workdir) -> None:
+    """``zip -z``: an archive comment after the end record, here with an end record's
+    signature in it, which must not be taken for the real one (unzip and zipfile both take it:
+    the reference is unzip's reading of the archive before the comment)."""
+    archive = workdir / "comment.zip"
+    tool("zip", "-q", "-r", str(workdir / "no-comment.zip"), ".", cwd=trees["plain"])
+    shutil.copy(workdir / "no-comment.zip", archive)
+    tool("zip", "-q", "-z", str(archive), cwd=workdir,
+         stdin=b"made for a test\nPK\x05\x06 is the end record's signature\n.\n")
+    assert archive.read_bytes().endswith(b"signature")
+    expected = unzipped(workdir / "no-comment.zip", workdir / "unzipped-comment")
+    compare_with(tools_cli, bucket, "comment.zip", archive.read_bytes(), expected)
 
 
 def test_info_zip_emptied(tools_cli: Cli, bucket, workdir) -> None:

@@ -554,6 +554,19 @@ def test_a_windows_writers_backslashes_are_path_separators(host: int) -> None:
         ("unix\\name.txt", False)]  # the last two then fail the path rules
 
 
+def test_a_unix_writers_mode_is_kept_and_no_other_writers_attributes() -> None:
+    """Info-ZIP, Finder and zipfile (on Unix) write st_mode in the external attributes' high 16
+    bits; a FAT or NTFS writer's hold MS-DOS attributes (0x20: archive), whatever lies above."""
+    data = raw_zip([
+        RawMember(b"run.sh", external=0o100755 << 16),
+        RawMember(b"link", b"run.sh", external=0o120777 << 16),
+        RawMember(b"osx.txt", host=19, external=(0o100600 << 16) | 0x20),
+        RawMember(b"fat.txt", host=HOST_FAT, external=(0o100755 << 16) | 0x20),
+        RawMember(b"ntfs.txt", host=HOST_NTFS, external=0x20),
+    ])
+    assert [m.mode for m in index(data)[1]] == [0o100755, 0o120777, 0o100600, 0, 0]
+
+
 def _unicode_path(raw: bytes, name: str, crc: int | None = None) -> bytes:
     encoded = name.encode("utf-8")
     crc = zlib.crc32(raw) if crc is None else crc

@@ -27,6 +27,10 @@ Invariants and rules:
   Compress-Archive among them, wrote them so): it is read as ``/``, as unzip does. Path safety
   is the catalog's job (``keypath``); ``member_path_problem`` adds the archive-only rules (drive
   letters, a backslash in a name from anywhere else).
+- Modes: a Unix writer's external attributes hold the file's st_mode (``Member.mode``): its
+  permission bits (a script's 0755), and its type (Info-ZIP ``zip -y`` stores a symbolic link
+  as a member of type S_IFLNK whose data is the link's target). Other writers' (MS-DOS
+  attributes) say neither: 0.
 - Times: the extended timestamp extra field (0x5455, UTC seconds, as Info-ZIP writes it) when
   present, else the NTFS extra field's (0x000A, UTC in 100 ns steps, as 7-Zip and WinRAR write
   it; unzip ignores it and shows the DOS time, which is the writer's local time), else the DOS
@@ -54,8 +58,9 @@ METHOD_NAMES = {STORED: "stored", DEFLATED: "deflate", 9: "deflate64", BZIP2: "b
 FLAG_ENCRYPTED = 0x1
 FLAG_LZMA_END_MARKER = 0x2  # an LZMA member's stream ends with a marker (APPNOTE 4.4.4)
 FLAG_UTF8 = 0x800
-# Hosts ("version made by", high byte: APPNOTE 4.4.2) whose names are the file system's bytes:
-# Unix and OS X, where they are UTF-8 today.
+# Hosts ("version made by", high byte: APPNOTE 4.4.2) whose names are the file system's bytes
+# (UTF-8 today), and whose external attributes hold a Unix mode (st_mode) in their high 16 bits:
+# Unix and OS X.
 _UNIX_HOSTS = frozenset({3, 19})
 # Hosts whose file systems separate paths with a backslash: MS-DOS FAT, OS/2 HPFS, NTFS (10 in
 # APPNOTE, 11 as Info-ZIP and 7-Zip number it), VFAT.
@@ -110,6 +115,7 @@ class Member(NamedTuple):
     size: int
     crc32: int
     mtime: float
+    mode: int = 0  # the Unix mode (type and permissions) a Unix writer records; 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +252,7 @@ class _Entry:
     size: int
     crc32: int
     mtime: float
+    mode: int
     problem: str | None
     data_limit: int = 0  # set by ``_check_layout``
     kept: bool = False  # by ``_check_layout``: placed and overlapping no member before it
@@ -264,7 +271,7 @@ def _entries(
             )
         (_sig, _made, host, _needed, _needed_system, flags, method, dos_time, dos_date, crc,
          compressed_size, size, name_length, extra_length, comment_length, disk, _internal,
-         _external, header_offset) = _CENTRAL.unpack_from(data, at)
+         external, header_offset) = _CENTRAL.unpack_from(data, at)
         name_at = at + _CENTRAL.size
         extra_at = name_at + name_length
         end = extra_at + extra_length + comment_length
@@ -296,7 +303,8 @@ def _entries(
             mtime = _mtime(dos_date, dos_time, timestamp_field, ntfs_field)
         yield _Entry(
             name, len(raw_name), name.endswith("/"), header_offset + directory.shift, method,
-            flags, compressed_size, size, crc, mtime, problem,
+            flags, compressed_size, size, crc, mtime,
+            external >> 16 if host in _UNIX_HOSTS else 0, problem,
         )
         at = end
 
@@ -342,7 +350,7 @@ def _check_layout(
         previous = entry
     members = [
         Member(e.name, e.is_dir, e.header_offset, e.data_limit, e.method, e.flags,
-               e.compressed_size, e.size, e.crc32, e.mtime)
+               e.compressed_size, e.size, e.crc32, e.mtime, e.mode)
         for e in placed if e.kept
     ]
     return members, skipped
