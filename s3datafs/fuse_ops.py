@@ -12,6 +12,8 @@ Invariants:
   once each, that is 20,000 requests fewer.
 - Every write-like operation answers ``EROFS`` (the mount is also ``ro``, so the kernel usually
   refuses first; these handlers make the answer the same if it ever asks).
+- A zip member recorded as a symbolic link is a link; ``readlink`` answers its target only if
+  following it stays in the mount (``archive.links`` decides).
 - All handlers run on the trio thread; the open-file table needs no lock.
 - No request outlives the connection: a read (the one handler that waits on S3) runs in a cancel
   scope that ``abandon_requests`` cancels (the kernel ended the connection, or the daemon is
@@ -34,6 +36,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from .archive.links import LinkTargets, is_link
 from .catalog import Catalog, CatalogDamaged, Entry
 from .errors import ArchiveError, S3DataFSError, StaleObjectError
 from .failurelog import FailureLog
@@ -85,6 +88,7 @@ class Operations(pyfuse3.Operations):
         self._catalog = catalog
         self._reader = reader
         self._settings = settings
+        self._links = LinkTargets(catalog, lambda ref: reader.read(ref, 0, ref.size))
         self._open_files: dict[int, tuple[PinnedRef, Readahead, int]] = {}  # ref, ..., inode
         self._file_prefetch = FilePrefetch(maximum=settings.prefetch_files)
         self._started = bytearray()  # bit per inode: its first bytes were read in this mount
@@ -141,6 +145,13 @@ class Operations(pyfuse3.Operations):
     @_translate_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         return self._attributes(self._entry(inode))
+
+    @_translate_errors
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        entry = self._entry(inode)
+        if not is_link(entry):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return await self._unless_abandoned(self._links.target(entry))
 
     @_translate_errors
     async def opendir(self, inode: int, ctx: Any = None) -> int:
@@ -353,6 +364,9 @@ class Operations(pyfuse3.Operations):
         if entry.is_dir:
             attrs.st_mode = stat.S_IFDIR | settings.dir_mode
             attrs.st_nlink = 2
+        elif is_link(entry):  # its size is its target's length, as a link's is
+            attrs.st_mode = stat.S_IFLNK | 0o777
+            attrs.st_nlink = 1
         else:
             mode = settings.file_mode
             # A member its writer made executable: x wherever r is. Writers may leave the type

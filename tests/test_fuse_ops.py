@@ -646,7 +646,22 @@ async def test_a_member_its_writer_made_executable_is_executable(
     ops = Operations(_ModesCatalog(), reader, settings)  # type: ignore[arg-type]
     modes = [(await ops.getattr(inode)).st_mode for inode in (2, 3, 4, 5, 6)]
     assert modes == [stat.S_IFREG | mode for mode in shown]
-    assert not (await ops.getattr(7)).st_mode & 0o111  # a link's bits: not an executable
+
+
+@trio_test
+async def test_a_member_recorded_as_a_symbolic_link_is_one() -> None:
+    """Whatever --file-mode says (a link's own mode means nothing on Linux); its size is its
+    target's length. ``readlink`` of anything else is EINVAL, as the kernel's own answer."""
+    reader = BlockReader(FakeSource(), block_size=64, memory_cache_bytes=1 << 20,
+                         s3_limiter=trio.CapacityLimiter(4))
+    ops = Operations(_ModesCatalog(), reader,  # type: ignore[arg-type]
+                     FsSettings(uid=UID, gid=GID, file_mode=0o440))
+    attrs = await ops.getattr(7)
+    assert (attrs.st_mode, attrs.st_size, attrs.st_nlink) == (stat.S_IFLNK | 0o777, 5, 1)
+    for inode in (2, 5):
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await ops.readlink(inode)
+        assert_errno(caught, errno.EINVAL)
 
 
 @trio_test

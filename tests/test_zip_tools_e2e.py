@@ -43,9 +43,9 @@ TREE_TIME = 1688807412  # 2023-07-08 09:10:12 UTC: every other file's
 
 # -- the trees archived -------------------------------------------------------------------------
 
-def make_tree(root: Path) -> Path:
+def make_tree(root: Path, *, links: bool) -> Path:
     """A small tree: text, a deflatable file, random bytes, an empty file and directory, a
-    0755 script, a non-ASCII name."""
+    0755 script, a non-ASCII name; with ``links``, symbolic links safe and not."""
     rng = random.Random(35)
     files = {
         "a.txt": b"hello\n",
@@ -62,16 +62,36 @@ def make_tree(root: Path) -> Path:
         path.chmod(0o644)
     (root / "run.sh").chmod(0o755)
     (root / "emptydir").mkdir()
+    if links:
+        for name, target in LINKS.items():
+            os.symlink(target, root / name)
     for path in sorted(root.rglob("*"), reverse=True):
         os.utime(path, (TREE_TIME, TREE_TIME), follow_symlinks=False)
     os.utime(root / "a.txt", (A_TIME, A_TIME))
     return root
 
 
+# Targets inside the tree are shown as they are; the others would lead a reader out of the mount.
+LINKS = {
+    "link-a": "a.txt",
+    "dirlink": "sub",
+    "sub/up-link": "../a.txt",
+    "sub/via-dirlink": "../dirlink/deep/seq.txt",
+    "dot": ".",
+    "sub/dangling": "no-such-file",
+}
+ESCAPING_LINKS = {
+    "abs-link": "/etc/passwd",
+    "sub/escape": "../../outside",
+    # Inside by its spelling (sub/.. is the root, dot/.. too), outside as followed: dot is the
+    # root, whose parent is the mount point's directory.
+    "sub/via-dot": "../dot/..",
+}
+
 
 # -- what the mount shows, what unzip extracts ---------------------------------------------------
 
-def listing(root: Path) -> dict[str, tuple]:
+def listing(root: Path, *, unreadable_links: bool = False) -> dict[str, tuple]:
     """Path -> what it is below ``root``, links not followed: ("dir",), ("link", target) or
     ("file", size, sha256, mtime, executable). Names unzip left in ISO-8859-1 (as it writes
     CP437 names) are decoded so."""
@@ -91,7 +111,7 @@ def listing(root: Path) -> dict[str, tuple]:
                     found[path] = ("dir",)
                     walk(Path(entry.path), f"{path}/")
                 elif stat.S_ISLNK(info.st_mode):
-                    found[path] = ("link", os.readlink(entry.path))
+                    found[path] = ("link", _readlink(entry.path, unreadable_links))
                 else:
                     data = Path(entry.path).read_bytes()
                     assert len(data) == info.st_size, path
@@ -100,6 +120,15 @@ def listing(root: Path) -> dict[str, tuple]:
 
     walk(root, "")
     return found
+
+
+def _readlink(path: str, unreadable: bool) -> str | int:
+    try:
+        return os.readlink(path)
+    except OSError as exc:
+        if not unreadable:
+            raise
+        return exc.errno
 
 
 def unzipped(archive: Path, into: Path, *, password: str | None = None) -> dict[str, tuple]:
@@ -141,7 +170,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trees(workdir: Path) -> dict[str, Path]:
-    return {"plain": make_tree(workdir / "plain" / "root")}
+    plain = make_tree(workdir / "plain" / "root", links=False)
+    linked = make_tree(workdir / "linked" / "root", links=True)
+    for name, target in ESCAPING_LINKS.items():
+        os.symlink(target, linked / name)
+        os.utime(linked / name, (TREE_TIME, TREE_TIME), follow_symlinks=False)
+    return {"plain": plain, "linked": linked}
 
 
 def tool(*command: str, cwd: Path, stdin: bytes = b"") -> bytes:
@@ -187,7 +221,7 @@ def compare(cli: Cli, bucket, key: str, archive: Path, workdir: Path, **differen
 
 def compare_with(cli: Cli, bucket, key: str, archive: bytes, expected: dict[str, tuple]) -> None:
     with mounted(cli, bucket, key, archive) as mountpoint:
-        assert_same(listing(mountpoint), expected)
+        assert_same(listing(mountpoint, unreadable_links=True), expected)
 
 
 def assert_same(shown: dict[str, tuple], expected: dict[str, tuple]) -> None:
@@ -197,6 +231,37 @@ def assert_same(shown: dict[str, tuple], expected: dict[str, tuple]) -> None:
 
 
 # -- Info-ZIP zip -------------------------------------------------------------------------------
+
+def test_info_zip_with_symbolic_links_and_modes(tools_cli: Cli, bucket, trees, workdir) -> None:
+    """``zip -r -y``: UT and ux extra fields, Unix modes (a 0755 script), symbolic links stored
+    as links (S_IFLNK, the target as the member's data). A link whose target stays in the
+    mount is shown as unzip makes it; one leading out of the mount (absolute, or climbing past
+    the root, also through another link) is shown, and reading it fails with EIO."""
+    archive = workdir / "info-zip.zip"
+    tool("zip", "-q", "-r", "-y", str(archive), ".", cwd=trees["linked"])
+    expected = {**unzipped(archive, workdir / "unzipped-info-zip"),
+                **{name: ("link", errno.EIO) for name in ESCAPING_LINKS}}
+    tools_cli.expect_log(r"is a symbolic link to .*, which leads out of the archive")
+    with mounted(tools_cli, bucket, "info-zip.zip", archive.read_bytes()) as mountpoint:
+        assert_same(listing(mountpoint, unreadable_links=True), expected)
+        # Followed by the kernel: the archive's own bytes, or nothing at all.
+        seq = (trees["linked"] / "sub/deep/seq.txt").read_bytes()
+        assert (mountpoint / "link-a").read_bytes() == b"hello\n"
+        assert (mountpoint / "sub/via-dirlink").read_bytes() == seq
+        assert (mountpoint / "dot/dirlink/up-link").read_bytes() == b"hello\n"
+        assert errno_of((mountpoint / "sub/dangling").stat) == errno.ENOENT
+        for name in ESCAPING_LINKS:
+            assert errno_of((mountpoint / name).stat) == errno.EIO, name
+        refused = [line for line in (tools_cli.log_dir / "info-zip-zip.log").read_text()
+                   .splitlines() if "leads out of the archive" in line]
+        assert sorted(line.split(": ", 1)[1] for line in refused) == sorted(
+            f"member {name!r} of s3://{bucket[1]}/info-zip.zip is a symbolic link to "
+            f"{target!r}, which leads out of the archive ({why}); not followed"
+            for name, target, why in [
+                ("abs-link", "/etc/passwd", "an absolute path"),
+                ("sub/escape", "../../outside", "it climbs above the archive's top"),
+                ("sub/via-dot", "../dot/..", "it climbs above the archive's top")])
+
 
 def test_info_zip_bzip2(tools_cli: Cli, bucket, trees, workdir) -> None:
     """``zip -Z bzip2``: every file bzip2 (method 12), however small."""
