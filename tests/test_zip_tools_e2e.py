@@ -270,12 +270,15 @@ def test_info_zip_bzip2(tools_cli: Cli, bucket, trees, workdir) -> None:
     compare(tools_cli, bucket, "bzip2.zip", archive, workdir)
 
 
-def test_info_zip_streamed_to_a_pipe(tools_cli: Cli, bucket, trees, workdir) -> None:
+@pytest.mark.parametrize("level", ["-6", "-0"], ids=["deflated", "stored"])
+def test_info_zip_streamed_to_a_pipe(tools_cli: Cli, bucket, trees, workdir, level: str) -> None:
     """``zip -r - . | cat``: the output cannot be sought back into, so every file's sizes and
-    CRC follow its data in a data descriptor (flag bit 3), its local header holds zeros."""
-    archive = workdir / "streamed.zip"
-    archive.write_bytes(tool("zip", "-q", "-r", "-", ".", cwd=trees["plain"]))
-    compare(tools_cli, bucket, "streamed.zip", archive, workdir)
+    CRC follow its data in a data descriptor (flag bit 3), its local header holds zeros; with
+    ``-0`` too, so a stored member's local header does not say where its data ends."""
+    key = f"streamed{level}.zip"
+    archive = workdir / key
+    archive.write_bytes(tool("zip", "-q", level, "-r", "-", ".", cwd=trees["plain"]))
+    compare(tools_cli, bucket, key, archive, workdir)
 
 
 def test_info_zip_of_standard_input(tools_cli: Cli, bucket, trees, workdir) -> None:
