@@ -363,10 +363,8 @@ class Operations(pyfuse3.Operations):
         attrs.st_ino = entry.inode
         if entry.is_dir:
             attrs.st_mode = stat.S_IFDIR | settings.dir_mode
-            attrs.st_nlink = 2
         elif is_link(entry):  # its size is its target's length, as a link's is
             attrs.st_mode = stat.S_IFLNK | 0o777
-            attrs.st_nlink = 1
         else:
             mode = settings.file_mode
             # A member its writer made executable: x wherever r is. Writers may leave the type
@@ -374,7 +372,7 @@ class Operations(pyfuse3.Operations):
             if entry.mode & 0o111 and stat.S_IFMT(entry.mode) in (0, stat.S_IFREG):
                 mode |= (mode & 0o444) >> 2
             attrs.st_mode = stat.S_IFREG | mode
-            attrs.st_nlink = 1
+        attrs.st_nlink = entry.links
         attrs.st_size = entry.size
         attrs.st_blksize = 128 * 1024
         attrs.st_blocks = -(-entry.size // 512)

@@ -109,7 +109,7 @@ def test_nested_tree_and_refs(db: Path) -> None:
 def test_root_entry(db: Path) -> None:
     _, cat = build(db, ["x"])
     root = cat.get(ROOT_INODE)
-    assert root == Entry(ROOT_INODE, ROOT_INODE, "", True, 0, 1000.0, None)
+    assert root == Entry(ROOT_INODE, ROOT_INODE, "", True, 0, 1000.0, None, links=2)
     assert cat.lookup(ROOT_INODE, "") is None
     assert [e.name for e in cat.children(ROOT_INODE)] == ["x"]  # the root is not its own child
 
@@ -345,6 +345,22 @@ def test_directory_mtimes_are_newest_child_bottom_up(db: Path) -> None:
     root = cat.get(ROOT_INODE)
     assert root is not None
     assert root.mtime == 30.0
+
+
+def test_a_directory_has_two_links_and_one_more_for_each_directory_in_it(db: Path) -> None:
+    """As on a local disk (its name, its ".", each subdirectory's ".."): tools that count
+    subdirectories by links (fts's leaf optimisation) must not take a parent for a leaf. A
+    marker's directory, one a file lost to, and one only a deeper key makes all count."""
+    refs = [ref("a/1"), ref("a/b/c/2"), ref("a/d/"), ref("a/e"), ref("a/e/3"), ref("f/4"),
+            ref("top")]
+    _, cat = build(db, refs)
+    links = {path: e.links for path, e in tree(cat).items()}
+    assert links == {"a/": 5, "a/1": 1, "a/b/": 3, "a/b/c/": 2, "a/b/c/2": 1, "a/d/": 2,
+                     "a/e/": 2, "a/e/3": 1, "f/": 2, "f/4": 1, "top": 1}
+    root = cat.get(ROOT_INODE)
+    assert root is not None
+    assert (root.links, root.size) == (4, 0)
+    assert {e.size for e in tree(cat).values() if e.is_dir} == {0}
 
 
 def test_empty_root_mtime(tmp_path: Path) -> None:

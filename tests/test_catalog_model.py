@@ -169,6 +169,15 @@ def mtimes(model: Model) -> dict[tuple[str, ...], float]:
     return out
 
 
+def links(model: Model) -> dict[tuple[str, ...], int]:
+    """A file has one link; a directory two, and one more for each directory in it. The root
+    is ``()``."""
+    out = dict.fromkeys(model.files, 1) | dict.fromkeys([(), *model.dirs], 2)
+    for path in model.dirs:
+        out[path[:-1]] += 1
+    return out
+
+
 def row_count(path: Path) -> int:
     """The rows of the entries table: a row no walk reaches would still answer get()."""
     with contextlib.closing(sqlite3.connect(path)) as raw:
@@ -178,13 +187,17 @@ def row_count(path: Path) -> int:
 def check_tree(
     cat: Catalog, path: Path, model: Model, summary: CatalogSummary
 ) -> dict[tuple[str, ...], catalog_module.Entry]:
-    """What every catalog must show of its model: totals, rows, names, mtimes; the entries."""
+    """What every catalog must show of its model: totals, rows, names, mtimes, links; the
+    entries."""
     assert summary == model.summary()
     assert row_count(path) == 1 + len(model.dirs) + len(model.files)
     shown = walk(cat)
     assert set(shown) == model.dirs | set(model.files)
     assert all(shown[segments].is_dir for segments in model.dirs)
     assert {segments: entry.mtime for segments, entry in shown.items()} == mtimes(model)
+    root = cat.get(ROOT_INODE)
+    assert root is not None
+    assert {(): root.links} | {s: entry.links for s, entry in shown.items()} == links(model)
     return shown
 
 

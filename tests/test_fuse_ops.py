@@ -123,7 +123,9 @@ async def test_lookup_of_a_file_reports_its_pinned_attributes(fs: Mounted) -> No
 
 
 @trio_test
-async def test_directories_are_0555_with_the_newest_child_mtime(fs: Mounted) -> None:
+async def test_directories_are_0555_with_the_newest_child_mtime_and_a_link_per_subdirectory(
+    fs: Mounted,
+) -> None:
     sub = await fs.ops.lookup(ROOT, b"sub")
     assert sub.st_mode == stat.S_IFDIR | 0o555
     assert (sub.st_uid, sub.st_gid) == (UID, GID)
@@ -133,6 +135,7 @@ async def test_directories_are_0555_with_the_newest_child_mtime(fs: Mounted) -> 
     root = await fs.ops.getattr(ROOT)
     assert root.st_mode == stat.S_IFDIR | 0o555
     assert root.st_ino == ROOT
+    assert (root.st_nlink, sub.st_nlink) == (4, 3)  # root: sub/ and many/; sub/: deeper/
 
 
 @trio_test
