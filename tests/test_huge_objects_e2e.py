@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import random
 import time
@@ -211,15 +212,20 @@ def object_bytes(key: str) -> Expected:
     return lambda start, end: pattern(seed, start, min(end, size))
 
 
-def assert_gets_are_whole_blocks_each_fetched_once(gets: list[list], block: int) -> None:
-    """A GET covers a run of whole blocks (the last may be short), and no byte twice."""
+def assert_gets_are_whole_blocks_each_fetched_once(
+    gets: list[list], block: int, refetched_blocks: int = 0
+) -> None:
+    """A GET covers a run of whole blocks (the last may be short), and no byte twice, but for
+    up to ``refetched_blocks`` blocks that the refill fetched again."""
     fetched_until: dict[str, int] = {}
+    twice = 0
     for key, start, end in sorted(gets):
         size = OBJECTS[key][0]
         assert start % block == 0, (key, start, end)
         assert end % block == 0 or end == size, (key, start, end)
-        assert start >= fetched_until.get(key, 0), f"{key} [{start}, {end}) fetched twice"
-        fetched_until[key] = end
+        twice += max(0, min(end, fetched_until.get(key, 0)) - start)
+        fetched_until[key] = max(end, fetched_until.get(key, 0))
+    assert twice <= refetched_blocks * block, f"{twice} bytes fetched twice"
 
 
 def assert_size_everywhere(path: Path, size: int) -> None:
@@ -235,15 +241,36 @@ def assert_size_everywhere(path: Path, size: int) -> None:
         os.close(fd)
 
 
-def read_objects_cold(mountpoint: Path, synth: SynthS3, block: int, keys: list[str]) -> None:
-    """Every boundary read of ``keys`` right, sizes right, and each block fetched once."""
+def read_objects_cold(
+    cli: Cli, mountpoint: Path, synth: SynthS3, block: int, keys: list[str]
+) -> None:
+    """Every boundary read of ``keys`` right, sizes right, and each block fetched once.
+
+    On a loaded machine the disk may fall behind the synthetic store, which answers at memory
+    speed: blocks a read waited for are then left uncached, with a warning, and the refill
+    fetches them again later (``writebehind``). Then this waits for the refill, so that the
+    warm mount still needs no GET, and those blocks may have been fetched twice."""
     synth.reset_stats()
     for key in keys:
         size = OBJECTS[key][0]
         path = mountpoint / Path(key).name
         assert wrong_reads(path, plain_object_reads(size, block), object_bytes(key)) == [], key
         assert_size_everywhere(path, size)
-    assert_gets_are_whole_blocks_each_fetched_once(synth.stats()["gets"], block)
+    skipped = refilled(mountpoint)
+    if skipped:
+        cli.expect_log("the block cache's disk falls behind S3")
+    assert_gets_are_whole_blocks_each_fetched_once(synth.stats()["gets"], block, skipped)
+
+
+def refilled(mountpoint: Path, timeout: float = 60.0) -> int:
+    """Wait until the refill has cached every block left uncached; how many there were."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+        if stats["cache_refills"] >= stats["cache_writes_skipped"]:
+            return stats["cache_writes_skipped"]
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +289,7 @@ def test_big_objects_read_right_at_every_boundary_cold_then_warm(
 ) -> None:
     uri, keys = f"s3://{BUCKET}/o/", list(OBJECTS)
     mountpoint = synth_cli.mount(uri, *KEEP_TIMING_OUT, *options)
-    read_objects_cold(mountpoint, synth, block, keys)
+    read_objects_cold(synth_cli, mountpoint, synth, block, keys)
     assert synth_cli.unmount(mountpoint).returncode == 0  # write-behind drained
 
     mountpoint = synth_cli.mount(uri, *KEEP_TIMING_OUT, *options)
@@ -285,7 +312,7 @@ def test_64m_blocks_read_right_and_a_block_read_in_pieces_is_fetched_once_then_w
     uri, key, options = f"s3://{BUCKET}/o/", "o/4g-plus1.bin", ("--block-size", "64M",
                                                                  "--memory-cache-size", "128M")
     mountpoint = synth_cli.mount(uri, *KEEP_TIMING_OUT, *options)
-    read_objects_cold(mountpoint, synth, 64 * MiB, [key])
+    read_objects_cold(synth_cli, mountpoint, synth, 64 * MiB, [key])
     assert synth_cli.unmount(mountpoint).returncode == 0  # write-behind drained
 
     mountpoint = synth_cli.mount(uri, *KEEP_TIMING_OUT, *options)
