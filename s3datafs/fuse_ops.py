@@ -78,6 +78,19 @@ async def _read_only(*_args: Any) -> None:
     raise pyfuse3.FUSEError(errno.EROFS)
 
 
+_COUNT_WIDTH = len(str(2**64 - 1))
+
+
+def _steady_json(counts: dict[str, int]) -> str:
+    """``counts`` as JSON whose length does not change as they grow: followed by as many spaces
+    (white space JSON allows) as its counts lack digits to the largest 64-bit count's width. C
+    programs (getfattr) ask for an attribute's size, then for its value in a buffer of that
+    size; a count that gained a digit in between would fail the second call with ERANGE."""
+    text = json.dumps(counts, sort_keys=True)
+    lacking = sum(_COUNT_WIDTH - len(str(count)) for count in counts.values())
+    return text + " " * lacking
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -321,7 +334,7 @@ class Operations(pyfuse3.Operations):
                 "uri": meta.uri,
                 "object_count": str(meta.object_count),
                 "fingerprint": meta.fingerprint,
-                "stats": json.dumps(self.counters(), sort_keys=True),
+                "stats": _steady_json(self.counters()),
             }
         elif entry.ref is not None:
             values = {"uri": entry.ref.uri, "etag": entry.ref.etag.strip('"')}

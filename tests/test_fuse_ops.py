@@ -593,6 +593,18 @@ async def test_root_xattrs_describe_the_snapshot(fs: Mounted) -> None:
     assert set(stats) >= {"s3_requests", "bytes_served"}
 
 
+@trio_test
+async def test_the_stats_attribute_keeps_its_length_as_the_counts_grow(fs: Mounted) -> None:
+    """C programs (getfattr) ask for an attribute's size, then for the value in a buffer of
+    that size: a count that gained a digit in between made the second call fail (ERANGE)."""
+    before = await fs.ops.getxattr(ROOT, b"user.s3datafs.stats")
+    fs.ops._reader.stats.s3_bytes = 2**64 - 1
+    fs.ops.failed_reads = 12_345
+    after = await fs.ops.getxattr(ROOT, b"user.s3datafs.stats")
+    assert len(after) == len(before)
+    assert json.loads(after)["s3_bytes"] == 2**64 - 1
+
+
 class _NestedMemberCatalog:
     """One zip member, ``dir/b.csv`` of ``data.zip``, whose CRC-32 has leading zero digits."""
 
