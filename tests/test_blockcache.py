@@ -940,6 +940,32 @@ def test_stats_and_clear_get_past_a_region_file_whose_header_is_damaged(tmp_path
     assert disk.clear(tmp_path) == 1
 
 
+@pytest.mark.parametrize("forged", ["block count", "identity"])
+def test_stats_and_clear_get_past_a_region_file_forged_with_valid_checks(
+    tmp_path: Path, forged: str
+) -> None:
+    """Fields that pass their crc but no writer makes (test_blockcache_fuzz found the first): a
+    header saying 2**32 - 1 blocks, whose table read whole asked for 64 GiB (MemoryError), and
+    an identity nested deeper than ``json`` parses (RecursionError). Both failed ``cache stats``
+    and ``cache clear``; reads never looked at either (the header must be the expected one)."""
+    cache = make_cache(tmp_path, dataset="train")
+    ref = make_ref(2 * BLOCK)
+    digest = stored(cache, ref, os.urandom(ref.size))
+    if forged == "block count":
+        fields = blockfile._HEADER.pack(blockfile.MAGIC, blockfile.FORMAT_VERSION, 0, 0, BLOCK,
+                                        2**32 - 1, bytes.fromhex(digest))
+        raw, at = fields + blockfile._HEADER_CRC.pack(zlib.crc32(fields)), 0
+    else:
+        depth = (blockfile.IDENTITY_SIZE - blockfile._IDENTITY_HEAD.size) // 2
+        body = b"[" * depth + b"]" * depth
+        raw = blockfile._IDENTITY_HEAD.pack(len(body), zlib.crc32(body)) + body
+        at = blockfile.HEADER_SIZE
+    damage(region_file(cache, ref), at, raw)
+    usage = disk.usage(tmp_path)  # what it counts of a forged table is of no matter
+    assert usage.by_dataset == {"train" if forged == "block count" else "?": cache.used_bytes}
+    assert disk.clear(tmp_path) == 1
+
+
 def _allocated_below_fans(root: Path) -> int:
     """Disk taken by everything under the fan directories (files and directories alike)."""
     return sum(p.lstat().st_blocks * 512 for p in root.rglob("*") if p.parent != root)

@@ -176,7 +176,7 @@ def parse_identity(data: bytes) -> dict | None:
         return None
     try:
         fields = json.loads(body.decode("utf-8", "surrogateescape"))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
         return None
     return fields if isinstance(fields, dict) else None
 

@@ -898,11 +898,16 @@ def _found(cache_dir: Path) -> Iterator[_Found]:
                 if entry.is_dir(follow_symlinks=False):
                     yield _Found(path, _allocated_below(path), earlier_format=True)
                 elif is_region_file(entry.name):
-                    allocated = entry.stat(follow_symlinks=False).st_blocks * 512
+                    info = entry.stat(follow_symlinks=False)
                     with open(path, "rb") as handle:
                         head = handle.read(blockfile.TABLE_OFFSET)
-                        table = handle.read(blockfile.ENTRY_SIZE * blockfile.blocks_in_header(head))
-                    yield _Found(path, allocated, blockfile.parse_identity(head), _written(table))
+                        # No more than the file holds: a read allocates what it asks for, and a
+                        # header forged with a valid crc may give any block count (2**32 - 1:
+                        # 64 GiB asked for, and ``cache stats`` failed with MemoryError).
+                        table_size = blockfile.ENTRY_SIZE * blockfile.blocks_in_header(head)
+                        table = handle.read(max(0, min(table_size, info.st_size - len(head))))
+                    yield _Found(path, info.st_blocks * 512, blockfile.parse_identity(head),
+                                 _written(table))
 
 
 def _written(table: bytes) -> int:
