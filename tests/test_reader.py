@@ -1341,6 +1341,42 @@ async def test_a_sync_that_falls_due_after_the_last_one_ended_runs_too(tmp_path)
     assert disk.syncs == 3
 
 
+@trio_test
+async def test_a_bug_in_a_scan_is_said_once_and_ends_neither_reads_nor_the_mount(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """The mount's scans run in its nurseries (at start, and behind the writes when one falls
+    due), and ``try_sync`` caught only OSError: anything else out of ``sync`` (a bug) ended the
+    nursery, and the mount with it, where a write's bug is logged and the reads go on. Now it is
+    logged once, with its traceback, and every due scan is tried again."""
+    data = bytes(range(256)) * 5 * (PAGE_BLOCK // 256)
+    source, ref = make_source(data)
+    disk = DiskCache(tmp_path, block_size=PAGE_BLOCK, capacity=1 << 30)
+    disk.sync_every = 1  # every write makes one due
+    scans = []
+
+    def broken_sync() -> None:
+        scans.append(ValueError("a bug in the scan"))
+        raise scans[-1]
+
+    monkeypatch.setattr(disk, "sync", broken_sync)
+    reader = make_disk_reader(source, disk)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        mount_tasks.start_soon(trio.to_thread.run_sync, disk.try_sync)  # as a mount starts
+        for index in (0, 2, 4):
+            assert await reader.read(ref, index * PAGE_BLOCK, 10) == data[index * PAGE_BLOCK:][:10]
+            with trio.fail_after(5):
+                while reader._writes._syncing:  # noqa: ASYNC110 - the sync runs in a thread
+                    await trio.sleep(0.01)
+    assert len(scans) == 4
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert [record.getMessage().split(";")[0] for record in errors] == [
+        "unexpected error scanning the block cache"]
+    assert errors[0].exc_info[1] in scans
+    assert reader.stats.cache_write_errors == 0  # the writes were not the scans' failure
+
+
 # -- cache writes yield to reads waiting on S3 ---------------------------------------------------
 
 

@@ -63,8 +63,9 @@ Invariants:
   payload written: ZFS reports a file's blocks only once its transaction group commits
   (``st_blocks`` is 1 right after the write), and counted by ``st_blocks`` alone its writes
   never made a scan fall due (a block written again counts again: an early scan, no more).
-  A mount's scan that fails (``try_sync``) is warned of, ends nothing, and is tried again
-  ``sync_every`` bytes later; until one succeeds only this process's own files are counted.
+  A mount's scan that fails (``try_sync``) is warned of (a bug in it: its traceback, once),
+  ends nothing, and is tried again ``sync_every`` bytes later; until one succeeds only this
+  process's own files are counted.
 - Memory does not grow with the cache: the index holds at most ``INDEX_ENTRIES`` files (the
   most recently used; a 20 GiB cache of 4 KiB objects is 2.6 million files, 0.7 GiB indexed
   whole). Past that it is *partial*: files it forgot are still found by reads (``may_hold``
@@ -171,7 +172,7 @@ class TroubleLog:
         self._interval = interval
         self._last: dict[str, float] = {}  # by kind
         self._lock = threading.Lock()
-        self._told_a_bug = False
+        self._bugs_told: set[str] = set()  # kinds
 
     def warn(self, message: str, *, kind: str) -> None:
         now = time.monotonic()
@@ -188,11 +189,17 @@ class TroubleLog:
             self.warn(f"cannot write to the block cache ({exc}); reads continue from S3",
                       kind="write")
             return
+        self.bug("unexpected error writing to the block cache; reads continue from S3", exc,
+                 kind="write")
+
+    def bug(self, message: str, exc: BaseException, *, kind: str) -> None:
+        """Cache trouble that is no disk's refusal (a bug): ``message`` with its traceback, once
+        for each ``kind`` (the same bug would say the same at every write or scan)."""
         with self._lock:
-            told, self._told_a_bug = self._told_a_bug, True
+            told = kind in self._bugs_told
+            self._bugs_told.add(kind)
         if not told:
-            log.error("unexpected error writing to the block cache; reads continue from S3",
-                      exc_info=exc)
+            log.error("%s", message, exc_info=exc)
 
 
 class DiskCache:
@@ -656,13 +663,20 @@ class DiskCache:
         again once ``sync_every`` more bytes are written, not at every write (a scan failing half
         way would walk the cache again each time). Until one succeeds, what other processes
         cached is not counted, so the directory may hold more than the bound; this process's own
-        files still are (its index evicts them).
+        files still are (its index evicts them). Any other exception is a bug, said once with
+        its traceback, and ends nothing either: its callers run it in the mount's nurseries
+        (the scan at start, a due scan behind the writes), which it would end.
         """
         try:
             self.sync()
-        except OSError as exc:
+        except Exception as exc:
             with self._lock:
                 self._written_since_sync = 0
+            if not isinstance(exc, OSError):
+                self._trouble.bug("unexpected error scanning the block cache; reads go on, and "
+                                  "it may overshoot its bound until a later scan succeeds", exc,
+                                  kind="scan")
+                return
             self._trouble.warn(f"cannot scan the block cache ({exc}); reads go on, and it may "
                                "overshoot its bound until a later scan succeeds", kind="scan")
 
