@@ -809,6 +809,57 @@ def test_a_forgotten_range_is_fetched_again_not_served_from_its_span() -> None:
     table.close()
 
 
+class ReadHeldDisk(DiskCache):
+    """A disk cache whose reads, once ``hold`` is set, say they have read (``entered``) and wait
+    for ``release`` before they return: a span in flight with its bytes taken from the disk."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hold, self.entered, self.release = (threading.Event() for _ in range(3))
+
+    def read_run(self, *args, **kwargs) -> dict[int, bytes]:
+        found = super().read_run(*args, **kwargs)
+        if self.hold.is_set():
+            self.entered.set()
+            assert self.release.wait(10), "the test never released the read"
+        return found
+
+
+def test_a_span_in_flight_when_its_range_is_forgotten_is_not_served_afterwards(tmp_path) -> None:
+    """Blocks damaged in transit (plain HTTP) and cached as received: a member read on its own
+    decodes to damage from them while a streak's span over it, which took the same blocks from
+    the disk, has not landed yet. ``forget`` dropped only landed spans, so this one landed after
+    it and served the damage again once the member's minute of failing was over (the member
+    failed a second time, and only the third read fetched it from S3)."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    block = 64 * 1024
+    expected = source.get_range(archive, 0, archive.size)
+    damaged = bytearray(expected[:16 * block])
+    damaged[350] ^= 0xFF  # a byte of the member at 300-400, flipped in transit
+    disk = ReadHeldDisk(tmp_path, block_size=block, capacity=1 << 30)
+    disk.write(archive, object_digest(archive), 0,
+               [bytes(damaged[at:at + block]) for at in range(0, len(damaged), block)])
+    table = spans.Spans(spans.ArchiveBlocks(source, disk), max_bytes=1 << 30)
+    assert table.read(archive, 0, 100) == expected[:100]  # a streak's first read
+    disk.hold.set()
+    streak: list[bytes] = []
+    reading = threading.Thread(target=lambda: streak.append(table.read(archive, 100, 200)))
+    reading.start()  # its span (100 onward: all on disk) is in flight once its disk read is done
+    try:
+        assert disk.entered.wait(10), "the span never read the disk"
+        table.forget(archive, 300, 400)  # as the member found bad is (``MemberSource``)
+    finally:
+        disk.hold.clear()
+        disk.release.set()
+        reading.join(10)
+    assert streak == [expected[100:200]]
+    source.calls.clear()
+    assert table.read(archive, 300, 400) == expected[300:400]  # not the damage again
+    assert source.calls["get_range"] == 1  # fetched anew
+    table.close()
+
+
 def test_a_streak_after_scattered_reads_starts_again_with_the_smallest_span() -> None:
     """Spans grow while a streak lasts; a read that continues nothing starts over: two
     neighbouring reads of a random reader later fetch ``_MIN_SPAN``, not the grown size."""
