@@ -271,6 +271,38 @@ def test_a_fetch_landing_after_close_is_served_and_frees_its_write_room(tmp_path
         assert blocks.get_range(archive, start, start + block) == expected[start:start + block]
 
 
+def zip_cache_writers() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate()
+            if thread.name.startswith("s3datafs-zip-cache")}
+
+
+@pytest.mark.parametrize("writer", ["none yet", "started"])
+def test_fetches_after_close_start_no_writer_and_fail_no_read(tmp_path, writer: str) -> None:
+    """After ``close`` (the mount ends; a span read ahead lands, a read given up on goes on),
+    fetches are served: a long one is not written behind, a short one's due scan is not run.
+    Before, a close with no writer thread to stop let the first long fetch after it start one
+    that nothing stopped (left at unmount, writing after the drain), and after a close that
+    stopped one, a short fetch whose scan fell due failed with RuntimeError (its submit)."""
+    source, refs = archive_members((zipfile.ZIP_STORED,))
+    archive = refs[0].archive
+    block = 64 * 1024
+    disk = DiskCache(tmp_path, block_size=block, capacity=1 << 30)
+    disk.sync_every = 1  # every write makes a scan due
+    blocks = spans.ArchiveBlocks(source, disk, write_inline=2 * block)
+    expected = source.get_range(archive, 0, archive.size)
+    others = zip_cache_writers()  # other tests' that never closed theirs
+    if writer == "started":
+        assert blocks.get_range(archive, 0, 4 * block) == expected[:4 * block]  # written behind
+    blocks.close()
+    assert zip_cache_writers() == others
+    assert blocks.get_range(archive, 8 * block, 12 * block) == expected[8 * block:12 * block]
+    assert blocks.get_range(archive, 16 * block, 16 * block + 10) == \
+        expected[16 * block:16 * block + 10]  # short: written by this thread, its scan left
+    assert zip_cache_writers() == others
+    on_disk = disk.read_run(object_digest(archive), archive.size, range(17), every=True)
+    assert sorted(on_disk) == [*(range(4) if writer == "started" else ()), 16]
+
+
 def test_a_bug_in_the_disk_cache_fails_no_archive_read(tmp_path, caplog) -> None:
     source, refs = archive_members((zipfile.ZIP_STORED,))
     archive = refs[0].archive

@@ -85,7 +85,8 @@ class ArchiveBlocks:
         self._writing: set[_Write] = set()  # fetched blocks not landed on disk yet
         self._pace = WritePace(_MAX_SPAN, write_behind)  # the pending bound: the disk's pace
         self._write_inline = write_inline
-        self._writer: ThreadPoolExecutor | None = None
+        self._writer: ThreadPoolExecutor | None = None  # started by the first write behind
+        self._closed = False  # no writer is started any more (``close``)
         self._sync_queued = False  # a disk cache sync due after a short fetch's write
 
     def get_range(self, archive: ObjectRef, start: int, end: int) -> bytes:
@@ -176,9 +177,15 @@ class ArchiveBlocks:
         return data
 
     def close(self) -> None:
-        """Write what is pending, then stop the writer."""
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
+        """Write what is pending, then stop the writer. Fetches that land later (a span read
+        ahead as the mount ends, a read given up on) are served and not written behind, and no
+        writer is started for them: before, one started after a ``close`` that had none to stop
+        was never stopped (a thread left at unmount, writing after the drain)."""
+        with self._room:
+            self._closed = True
+            writer = self._writer
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     def _store(self, archive: ObjectRef, digest: str, first: int, blocks: list[memoryview]) -> None:
         cost = sum(map(len, blocks))
@@ -209,7 +216,10 @@ class ArchiveBlocks:
             self._landed(write)
 
     def _writer_pool(self) -> ThreadPoolExecutor:
+        """The writer thread's pool; RuntimeError once closed, as a pool shut down raises."""
         with self._room:
+            if self._closed:
+                raise RuntimeError("the archive blocks' writer is closed")
             if self._writer is None:
                 self._writer = QuietThreadPool(1, thread_name_prefix="s3datafs-zip-cache")
             return self._writer
@@ -219,7 +229,11 @@ class ArchiveBlocks:
             if self._sync_queued:
                 return
             self._sync_queued = True
-        self._writer_pool().submit(self._sync, disk)
+        try:
+            self._writer_pool().submit(self._sync, disk)
+        except RuntimeError:  # closed: the scan is left to the next mount (a read must not fail)
+            with self._room:
+                self._sync_queued = False
 
     def _sync(self, disk: DiskCache) -> None:
         try:
