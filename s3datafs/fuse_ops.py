@@ -3,7 +3,8 @@
 Invariants:
 - The namespace is the immutable catalog, so inode numbers are catalog rowids, ``forget`` has
   nothing to do, and the kernel may cache entries, attributes and pages for a long time
-  (``keep_cache`` on open, timeouts of a day), missing names included (a negative entry).
+  (``keep_cache`` on open, timeouts of a day), missing names included (a negative entry). Not
+  the pages of a zip member found bad: an open of it drops them (``BlockReader.found_bad``).
 - Errors cross the FUSE boundary here only: typed ``S3DataFSError``s become their ``errno``;
   anything unexpected is logged once with its traceback and becomes ``EIO``. Only
   ``pyfuse3.FUSEError`` leaves a handler.
@@ -227,7 +228,9 @@ class Operations(pyfuse3.Operations):
         self._reader.opened(entry.ref)
         if not isinstance(entry.ref, MemberRef):  # members: the archive's spans are read ahead
             self._prefetch_after(entry, reader=getattr(ctx, "pid", 0))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # A member found bad: the kernel drops the pages it kept of it (pieces served before
+        # its CRC failed), so a read of it whole reaches the member source whole and is checked.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not self._reader.found_bad(entry.ref))
 
     def _mark_started(self, inode: int) -> None:
         """The start of ``inode`` was served: the kernel has its first page now (and has

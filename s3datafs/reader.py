@@ -56,6 +56,10 @@ Design:
   (S3 has stopped answering) until a thread ends. A load that would wait for the source's own
   work (a zip member being decompressed into the disk cache: ``decompressing``) takes a slot of
   a limiter of its own instead, and is never counted as an S3 call given up.
+- A zip member found bad (its source raises ``ArchiveError``: a CRC-32 that failed) leaves
+  memory, and its flights still in flight fail, so no piece of it served before is served again
+  without its source (``_drop_bad``); the kernel drops its pages of it at each open
+  (``found_bad``).
 
 Threading: everything here runs on the trio thread except ``_load_blocking`` (disk lookup, GET
 and, for short runs, the cache write, under the S3 limiter) and ``_read_cached`` (under the disk
@@ -82,7 +86,7 @@ import trio
 from .cache.blockfile import object_digest
 from .cache.disk import DiskCache, TroubleLog
 from .config import DEFAULT_MAX_REQUEST
-from .errors import S3DataFSError, TransientS3Error
+from .errors import ArchiveError, S3DataFSError, TransientS3Error
 from .linkrate import LinkRate
 from .model import MemberRef, ObjectRef, ObjectSource, PinnedRef
 from .prefetch import Readahead
@@ -96,6 +100,7 @@ ONE_HOP_BYTES = 256 * 1024
 _FAILED_TTL = 1.0  # seconds a slow failure is repeated at once (covers the kernel's own retry)
 _STAGED_TTL = 5.0  # seconds readahead may wait unread before others may take its budget
 _CLOSED_REMEMBERED = 1024  # objects closed by all whose readahead is known to be nobody's
+_BAD_REMEMBERED = 4096  # zip members found bad, whose pages the kernel drops at each open
 _STREAM_IDLE = 1.0  # seconds after its last readahead a stream stops counting for the shares
 JOINED_QUEUE_SECONDS = 0.25  # readahead a reader waits for waits no longer behind the writes
 SPLIT_BYTES = 1024 * 1024  # a waited run this long is two GETs on a slow link (``_runs_for``)
@@ -147,6 +152,7 @@ class _Flight:
         self.blocks: dict[int, bytes] = {}
         self.error: BaseException | None = None
         self.started = time.monotonic()
+        self.bad: ArchiveError | None = None  # its member was found bad meanwhile (``_drop_bad``)
 
 
 class BlockReader:
@@ -216,6 +222,7 @@ class BlockReader:
         # nobody's (``_keep``, ``_reclaim_closed``). ``_closed_staged``: some of it is staged.
         self._closed: OrderedDict[ObjectRef, None] = OrderedDict()
         self._closed_staged = False
+        self._bad: OrderedDict[ObjectRef, None] = OrderedDict()  # members found bad (``found_bad``)
         self._streams: dict[int, float] = {}  # id(Readahead) -> when it last read ahead
         self._streams_pruned = 0.0
         self._nursery: trio.Nursery | None = None
@@ -256,6 +263,12 @@ class BlockReader:
             self._closed.popitem(last=False)
         self._closed_staged = bool(self._staged)
 
+    def found_bad(self, ref: PinnedRef) -> bool:
+        """Whether ``ref`` failed a check in this mount (a zip member's CRC-32): the kernel's
+        pages of it may hold pieces served before, which a read must not take for the member's
+        again (``fuse_ops`` has them dropped at each open: see ``_drop_bad``)."""
+        return ref in self._bad
+
     def attach(self, tasks: trio.Nursery, writes: trio.Nursery | None = None) -> None:
         """Give the reader the mount's nurseries: flights, prefetch and refills; cache writes."""
         self._nursery = tasks
@@ -270,10 +283,16 @@ class BlockReader:
         end = min(offset + length, ref.size)
         if offset < 0 or offset >= end:
             return b""
-        if self._source_now is not None and (data := self._source_now(ref, offset, end)):
-            self.stats.memory_hits += 1
-            self.stats.bytes_served += len(data)
-            return data
+        if self._source_now is not None:
+            try:
+                data = self._source_now(ref, offset, end)
+            except ArchiveError as exc:
+                self._drop_bad(ref, exc)
+                raise
+            if data:
+                self.stats.memory_hits += 1
+                self.stats.bytes_served += len(data)
+                return data
         first, last = offset // self.block_size, (end - 1) // self.block_size
         taken = self._take_staged(ref, first, last)  # read now: their budget goes to readahead
         if readahead is not None:
@@ -365,6 +384,31 @@ class BlockReader:
         async with trio.open_nursery() as nursery:
             for _ in range(parallel):
                 nursery.start_soon(worker)
+
+    def _drop_bad(self, ref: ObjectRef, error: ArchiveError) -> None:
+        """``ref`` failed a check (a zip member's CRC-32, by ``error``): what memory holds of it
+        goes, and its flights still in flight fail with the same error.
+
+        Why: a stored member's CRC is checked once the pieces its source served cover it
+        (``archive.crc``), and the source starts counting again when it finds the member bad.
+        Pieces served before, read again from here (or from the kernel's pages: ``found_bad``),
+        never reached it again, so once the member's minute of failing was over
+        (``members._RETRY_BAD``) a read of it whole completed with no error (through a mount,
+        a stored member of 4 or 20 MB: every time; ``test_zip_e2e``). Flights in flight hold
+        pieces the source served before it found the member bad: kept, they would be served
+        again the same way; failing is what the source does to every read of it now.
+        """
+        self._bad[ref] = None
+        self._bad.move_to_end(ref)
+        if len(self._bad) > _BAD_REMEMBERED:
+            self._bad.popitem(last=False)
+        for key in [key for key in self._memory if key[0] == ref]:
+            del self._memory[key]
+        for key in [key for key in self._staged if key[0] == ref]:
+            self._prefetch_budget.give(len(self._staged.pop(key)[0]))
+        for (flight_ref, _index), flight in self._inflight.items():
+            if flight_ref == ref and flight.bad is None:
+                flight.bad = error
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -544,10 +588,14 @@ class BlockReader:
             self._writes.reader_waits()
         try:
             await self._fill(flight, fetched)
+            if flight.bad is not None:  # what the source served it before: see ``_drop_bad``
+                raise ArchiveError(str(flight.bad))
             self._keep(flight)
         except Exception as exc:  # handed to every waiter; they decide what it means
             flight.error = _root_cause(exc)  # and what S3 sent before it is cached all the same
             self._remember_slow_failure(flight)
+            if isinstance(flight.error, ArchiveError) and flight.bad is None:
+                self._drop_bad(flight.ref, flight.error)
         finally:
             for index in flight.run:
                 if self._inflight.get((flight.ref, index)) is flight:

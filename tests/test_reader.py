@@ -24,7 +24,7 @@ from s3datafs import writebehind as writebehind_module
 from s3datafs.cache import pace as pace_module
 from s3datafs.cache.blockfile import object_digest
 from s3datafs.cache.disk import DiskCache, TroubleLog
-from s3datafs.errors import StaleObjectError, TransientS3Error
+from s3datafs.errors import ArchiveError, StaleObjectError, TransientS3Error
 from s3datafs.linkrate import MIN_SAMPLES, LinkRate
 from s3datafs.model import MemberRef, ObjectRef
 from s3datafs.prefetch import Readahead
@@ -405,6 +405,59 @@ async def test_short_reads_readahead_and_zip_members_are_never_split() -> None:
     member = MemberRef(ref, "m.bin", 0, 1000, 0, 0, 1000, 1000, 0, 0.0)
     assert reader._runs_for(member, list(range(10)), True) == [range(10)]
     assert reader.stats.split_reads == 0
+
+
+class BadMemberSource(FakeSource):
+    """Serves one zip member's ``data``, as ``MemberSource`` would: the range from ``held_at``
+    says so (``entered``) and waits for ``release``; the range from ``bad_at`` raises the
+    ``ArchiveError`` of a CRC found bad."""
+
+    def __init__(self, data: bytes, held_at: int, bad_at: int) -> None:
+        super().__init__()
+        self.data, self.held_at, self.bad_at = data, held_at, bad_at
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def get_range(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        self.ranges.append((ref, start, end))
+        if start == self.held_at:
+            self.entered.set()
+            assert self.release.wait(10), "the test never released the held range"
+        if start == self.bad_at:
+            raise ArchiveError("member 'm.bin': CRC-32 mismatch")
+        return self.data[start:end]
+
+
+@trio_test
+async def test_a_member_found_bad_leaves_nothing_of_it_in_memory_to_be_read_again() -> None:
+    """A stored member's CRC is checked by its source once the pieces served cover it, counted
+    again from nothing once it is found bad. Pieces kept here (read before, or landing from a
+    flight under way) were served again without the source seeing them: after its minute of
+    failing, a whole read of it completed with no error. So the reader drops what it holds of
+    the member, and fails its flights in flight (what they hold was served before the failure)."""
+    data = DATA * 10
+    archive = ObjectRef(BUCKET, "a.zip", "v1", '"etag"', 2000, 0.0)
+    member = MemberRef(archive, "m.bin", 0, 1000, 0, 0, 1000, 1000, 0, 0.0)
+    source = BadMemberSource(data, held_at=4 * BLOCK, bad_at=8 * BLOCK)
+    reader = make_reader(source)
+    async with trio.open_nursery() as mount_tasks:
+        reader.attach(mount_tasks)
+        assert await reader.read(member, 0, 2 * BLOCK) == data[:2 * BLOCK]  # kept in memory
+        reader.prefetch(member, 4 * BLOCK, 6 * BLOCK)  # readahead whose range is held
+        assert await trio.to_thread.run_sync(source.entered.wait, 5)
+        with pytest.raises(ArchiveError, match="CRC-32 mismatch"):
+            await reader.read(member, 8 * BLOCK, BLOCK)
+        source.release.set()  # the readahead lands after its member was found bad
+        with trio.fail_after(5):
+            while reader._inflight:  # noqa: ASYNC110 - its source call ends in a thread
+                await trio.sleep(0.01)
+        assert reader.found_bad(member)
+        assert not reader.found_bad(archive)
+        assert reader._prefetch_budget.used == 0
+        source.ranges.clear()
+        assert await reader.read(member, 0, 2 * BLOCK) == data[:2 * BLOCK]
+        assert await reader.read(member, 4 * BLOCK, 2 * BLOCK) == data[4 * BLOCK:6 * BLOCK]
+    assert [(start, end) for _ref, start, end in source.ranges] == [
+        (0, 2 * BLOCK), (4 * BLOCK, 6 * BLOCK)]  # both from the source again
 
 
 @trio_test

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -540,3 +541,35 @@ def test_a_member_index_damaged_on_disk_fails_with_eio_once_and_is_built_again(
     mountpoint = cli.mount(uri)
     assert tree(mountpoint) == expected(MEMBERS)
     assert index.exists()
+
+
+def test_a_stored_member_whose_crc_fails_fails_every_read_of_it_whole(
+    cli: Cli, s3, make_bucket
+) -> None:
+    """A stored member's CRC is checked once the pieces served cover it; found bad, it fails
+    every read for a minute (``members._RETRY_BAD``, half a second here), then is fetched again
+    and counted from nothing. The pieces served before it failed were still in the reader's
+    memory and the kernel's pages, which no count saw again: the second read of it whole, past
+    that minute, completed with no error. Now each whole read ends in EIO; a piece read alone is
+    the pinned archive's bytes (a CRC says nothing of a piece)."""
+    bucket = make_bucket()
+    member = sample_bytes(1, 4_000_000)
+    body = make_zip({"good.bin": sample_bytes(0, 50_000), "bad.bin": member},
+                    methods=(zipfile.ZIP_STORED,))
+    put(s3, bucket, "bad.zip", patch(body, "bad.bin", crc=0x12345678))
+    cli.expect_log(r"member 'bad.bin' .*: CRC-32 mismatch")
+    # The daemon is forked from the command: what the command's sitecustomize set, it has.
+    hook = cli.root / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import s3datafs.archive.members\ns3datafs.archive.members._RETRY_BAD = 0.5\n")
+    cli.env["PYTHONPATH"] = os.pathsep.join([str(hook), cli.env["PYTHONPATH"]])
+    mountpoint = cli.mount(f"s3://{bucket}/bad.zip")
+    path = mountpoint / "bad.bin"
+    for _ in range(3):  # the first finds it bad, the others each come after its time to fail
+        assert errno_of(path.read_bytes) == errno.EIO
+        time.sleep(0.6)
+    with open(path, "rb") as handle:
+        handle.seek(2_000_000)
+        assert handle.read(10_000) == member[2_000_000:2_010_000]
+    assert (mountpoint / "good.bin").read_bytes() == sample_bytes(0, 50_000)

@@ -62,9 +62,12 @@ wrapped source, so each carries the archive's VersionId and If-Match.
   the 65,536 stored members last read in part are remembered). A member found bad fails every
   read at once for ``_RETRY_BAD`` seconds (``_failing``), and its archive bytes are dropped from
   the caches, so the read after that, or a remount, fetches them again: damage met in transit
-  (plain HTTP) is not taken for the archive's for good. Encrypted members and unsupported
-  methods fail every read with an error naming the member. A range past a member's end is cut
-  there, as a read of a file is (``_within``): it is no evidence of damage.
+  (plain HTTP) is not taken for the archive's for good. The pieces of it served before are
+  dropped too (the block reader's, and the kernel's pages at the next open: see
+  ``reader.BlockReader._drop_bad``), so a read of it whole is checked again, whole. Encrypted
+  members and unsupported methods fail every read with an error naming the member. A range
+  past a member's end is cut there, as a read of a file is (``_within``): it is no evidence of
+  damage.
 - Disk writes (``spans.ArchiveBlocks``): a short fetch is written by the thread that fetched it,
   spans behind the reads (bounded, drained by ``close``).
 """
