@@ -1416,11 +1416,14 @@ async def test_a_bug_in_a_scan_is_said_once_and_ends_neither_reads_nor_the_mount
     reader = make_disk_reader(source, disk)
     async with trio.open_nursery() as mount_tasks:
         reader.attach(mount_tasks)
-        mount_tasks.start_soon(trio.to_thread.run_sync, disk.try_sync)  # as a mount starts
-        for index in (0, 2, 4):
+        await trio.to_thread.run_sync(disk.try_sync)  # as a mount starts
+        # Each read's write makes a scan due; waiting for that scan to have been tried (not only
+        # for no sync to be running: one that has not started yet would be run together with
+        # the next one, on a loaded machine) makes the count exact.
+        for tried, index in enumerate((0, 2, 4), start=2):
             assert await reader.read(ref, index * PAGE_BLOCK, 10) == data[index * PAGE_BLOCK:][:10]
             with trio.fail_after(5):
-                while reader._writes._syncing:  # noqa: ASYNC110 - the sync runs in a thread
+                while len(scans) < tried or reader._writes._syncing:  # noqa: ASYNC110 - a thread
                     await trio.sleep(0.01)
     assert len(scans) == 4
     errors = [record for record in caplog.records if record.levelname == "ERROR"]
