@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fakes import trio_test
 
-from s3datafs.archive.links import MAX_LINKS, PATH_MAX, LinkTargets
+from s3datafs.archive.links import MAX_LINKS, MAX_STEPS, PATH_MAX, LinkTargets
 from s3datafs.archive.zipformat import Member
 from s3datafs.catalog import ROOT_INODE, Catalog, CatalogBuilder, Entry
 from s3datafs.errors import ArchiveError, TransientS3Error
@@ -140,6 +140,24 @@ async def test_a_chain_of_links_is_followed_as_far_as_the_kernel_would(
     tree[f"l{count}"] = "a.txt"
     answer = await Links(db, tree).readlink("l1")
     assert answer == (b"l2" if answered else f"it passes through more than {MAX_LINKS} links")
+
+
+@pytest.mark.parametrize(("extra", "answered"), [("", True), ("/d", False)])
+@trio_test
+async def test_a_link_that_takes_more_than_max_steps_to_follow_is_refused(
+    db: Path, extra: str, answered: bool
+) -> None:
+    """``wide`` climbs in and out of ``d`` 800 times (1,600 steps, 3,999 bytes); ``via-wide``
+    passes it twice and climbs 447 times more: ``MAX_STEPS`` steps in all, one more with
+    ``/d``. The kernel would follow both (three links); the walk would take 0.5 s of the
+    mount's one thread with 40 links of 4 KiB."""
+    wide = "/".join(["d", ".."] * 800)
+    target = "wide/wide/" + "/".join(["d", ".."] * 447) + extra
+    assert MAX_STEPS == 2 + 2 * 1600 + 2 * 447
+    links = Links(db, {"d/f": None, "wide": wide, "via-wide": target})
+    answer = await links.readlink("via-wide")
+    assert answer == (target.encode() if answered
+                      else f"following it takes more than {MAX_STEPS} steps")
 
 
 @trio_test
