@@ -176,6 +176,20 @@ async def test_targets_no_link_may_hold_are_refused(db: Path) -> None:
 
 
 @trio_test
+async def test_a_refusal_shows_the_start_and_end_of_a_long_target(db: Path) -> None:
+    """Refusals are kept (4,096) and logged: a 4 KiB target not UTF-8 took 20 KiB shown whole."""
+    target = b"/" + b"\xff" * 4000 + b"/end"
+    shown_byte = "\\\\xff"  # repr of the byte's backslashreplace: its backslash doubled
+    links = Links(db, {"long": target})
+    with pytest.raises(ArchiveError) as caught:
+        await links.links.target(links.entry("long"))
+    assert str(caught.value) == (
+        "member 'long' of s3://bkt/links.zip is a symbolic link to "
+        f"'/{shown_byte * 99}'...'{shown_byte * 96}/end' (4005 bytes), which leads out of the "
+        "archive (an absolute path); not followed")
+
+
+@trio_test
 async def test_answers_and_refusals_are_kept_errors_reading_a_target_are_not(db: Path) -> None:
     links = Links(db, TREE)
     for _ in range(3):

@@ -42,6 +42,7 @@ MAX_LINKS = 40  # links one path may pass through, as the kernel's MAXSYMLINKS
 MAX_STEPS = 4096  # names looked up and ``..`` taken in following one link: about 30 ms
 PATH_MAX = 4096  # a target of this many bytes or more is no target: the kernel's PATH_MAX
 _KEPT = 4096  # answers (and refusals) kept
+_SHOWN = 200  # bytes of a target a message shows
 
 
 class _Tree(Protocol):
@@ -147,6 +148,12 @@ def _components(target: bytes) -> list[str]:
 
 
 def _shown(target: bytes) -> str:
+    """``target`` for a message; of a long one, its first and last ``_SHOWN // 2`` bytes and its
+    length: a refusal is kept (4,096 of them) and logged, and a target of 4 KiB not UTF-8 took
+    20 KiB shown whole (each byte ``\\xff``, its backslash doubled by ``repr``)."""
+    if len(target) > _SHOWN:
+        half = _SHOWN // 2
+        return f"{_shown(target[:half])}...{_shown(target[-half:])} ({len(target)} bytes)"
     return repr(target.decode("utf-8", "backslashreplace"))
 
 
