@@ -492,3 +492,25 @@ def test_local_headers_that_disagree_with_the_central_directory(
         assert listing(mountpoint) == {
             name: ("file", len(data), sha, mtime, False)
             for name in ("central-name.txt", "method.txt", "sizes.txt")}
+
+
+def test_special_modes_are_plain_files_on_a_nosuid_nodev_mount(tools_cli: Cli, bucket) -> None:
+    """A hostile Unix writer's modes: setuid, setgid and sticky bits, and the types of a device,
+    a FIFO and a socket. Each member is a plain file with its archived bytes (a FIFO would hang
+    its reader, a device node open the host's device): the mount keeps a member's x bits only,
+    and libfuse mounts nosuid and nodev (not asked by s3datafs: guarded here)."""
+    modes = {"setuid": 0o104755, "setgid": 0o102755, "sticky": 0o101755,
+             "char-device": 0o020666, "block-device": 0o060666, "fifo": 0o010666,
+             "socket": 0o140777, "setuid-no-type": 0o004755}
+    archive = raw_zip(RawMember(name.encode(), name.encode(), external=mode << 16)
+                      for name, mode in modes.items())
+    with mounted(tools_cli, bucket, "modes.zip", archive) as mountpoint:
+        (options,) = [line.split()[3] for line in Path("/proc/self/mounts").read_text()
+                      .splitlines() if line.split()[1] == str(mountpoint)]
+        assert {"nosuid", "nodev", "ro"} <= set(options.split(","))
+        for name, mode in modes.items():
+            info = os.lstat(mountpoint / name)
+            executable = 0o555 if mode & 0o111 and stat.S_IFMT(mode) in (0, stat.S_IFREG) else 0
+            assert stat.S_IFMT(info.st_mode) == stat.S_IFREG, name
+            assert stat.S_IMODE(info.st_mode) == 0o444 | executable, name
+            assert (mountpoint / name).read_bytes() == name.encode()
