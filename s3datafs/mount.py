@@ -257,9 +257,12 @@ def _stderr_to(file: IO[bytes]) -> Iterator[None]:
 
 
 def fuse_options(*, fsname: str, allow_other: bool, noexec: bool = False) -> set[str]:
-    """Mount options: read-only, kernel permission checks, our type name, noatime, and optional
-    allow_other and noexec."""
-    options = {"ro", "default_permissions", "subtype=s3datafs", f"fsname={fsname}", "noatime"}
+    """Mount options: read-only, kernel permission checks, our type name, noatime, nosuid and
+    nodev, and optional allow_other and noexec. nosuid and nodev are libfuse's defaults too,
+    asked for here all the same: a dataset is untrusted, and a zip member's mode may say setuid
+    or device (shown as plain files, but the mount says so as well)."""
+    options = {"ro", "default_permissions", "subtype=s3datafs", f"fsname={fsname}", "noatime",
+               "nosuid", "nodev"}
     if allow_other:
         options.add("allow_other")
     if noexec:

@@ -205,7 +205,7 @@ def test_allow_other_is_off_unless_asked(cli: Cli, s3server: S3Server, make_buck
     s3server.populate(bucket, [("p/f.txt", 5)])
     private = cli.mount(f"s3://{bucket}/p/")
     assert "allow_other" not in mount_options(private)
-    assert {"ro", "default_permissions", "noatime"} <= mount_options(private)
+    assert {"ro", "default_permissions", "noatime", "nosuid", "nodev"} <= mount_options(private)
     shared = cli.mount(f"s3://{bucket}/p/", str(cli.root / "shared"), "--allow-other")
     assert "allow_other" in mount_options(shared)
 

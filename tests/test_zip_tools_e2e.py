@@ -498,7 +498,7 @@ def test_special_modes_are_plain_files_on_a_nosuid_nodev_mount(tools_cli: Cli, b
     """A hostile Unix writer's modes: setuid, setgid and sticky bits, and the types of a device,
     a FIFO and a socket. Each member is a plain file with its archived bytes (a FIFO would hang
     its reader, a device node open the host's device): the mount keeps a member's x bits only,
-    and libfuse mounts nosuid and nodev (not asked by s3datafs: guarded here)."""
+    and the mount is nosuid and nodev (``mount.fuse_options``)."""
     modes = {"setuid": 0o104755, "setgid": 0o102755, "sticky": 0o101755,
              "char-device": 0o020666, "block-device": 0o060666, "fifo": 0o010666,
              "socket": 0o140777, "setuid-no-type": 0o004755}
