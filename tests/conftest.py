@@ -225,6 +225,11 @@ def garble_root_page(catalog: Path, name: str) -> None:
         file.write(b"\xa5" * page_size)
 
 
+def mount_stats(mountpoint: Path) -> dict[str, int]:
+    """A mount's read counters, as its root's ``user.s3datafs.stats`` attribute gives them."""
+    return json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+
+
 def errno_of(action: Callable[[], object]) -> int:
     """The errno of the OSError ``action`` raises; fails the test if it raises none."""
     try:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Cli, sha256
+from conftest import Cli, mount_stats, sha256
 
 pytestmark = pytest.mark.fuse
 
@@ -47,7 +47,7 @@ def test_a_remount_starts_warm_with_zero_s3_bytes(cli: Cli, s3, s3server, make_b
     assert sha256((other / "big.bin").read_bytes()) == sha256(body)
     assert s3server.ops().get("GetObject", 0) == 0
     assert s3server.stats()["get_bytes"] == 0
-    stats = json.loads(os.getxattr(other, "user.s3datafs.stats"))
+    stats = mount_stats(other)
     assert stats["disk_bytes"] >= len(body)
     assert stats["s3_bytes"] == 0
 
@@ -171,7 +171,7 @@ def test_a_mount_whose_cache_scans_fail_keeps_serving_and_scans_again_later(
         time.sleep(0.05)
     assert os.path.ismount(mountpoint)
     assert log_file.read_text().count("cannot scan") == 1
-    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    stats = mount_stats(mountpoint)
     assert stats["cache_write_errors"] == 0
 
 
@@ -185,7 +185,7 @@ def test_status_shows_the_mounts_counters(cli: Cli, s3, make_bucket) -> None:
     body = put_big(s3, bucket, MiB)
     mountpoint = cli.mount(f"s3://{bucket}/p/")
     assert (mountpoint / "big.bin").read_bytes() == body
-    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    stats = mount_stats(mountpoint)
     assert stats["s3_bytes"] == len(body)
     assert stats["bytes_served"] >= len(body)
 

@@ -24,7 +24,6 @@ import datetime
 import errno
 import functools
 import hashlib
-import json
 import os
 import random
 import re
@@ -37,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Cli, errno_of, sha256
+from conftest import Cli, errno_of, mount_stats, sha256
 from faultproxy import FaultProxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -126,10 +125,6 @@ def eventually(read: Callable[[], bytes], timeout: float = 10.0) -> bytes:
         except OSError:
             assert time.monotonic() < deadline, "reads did not recover after S3 came back"
             time.sleep(0.05)
-
-
-def stats_of(mountpoint: Path) -> dict[str, int]:
-    return json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
 
 
 def log_lines(cli: Cli, pattern: str) -> list[str]:
@@ -230,7 +225,7 @@ def test_permanent_errors_reach_the_reader_at_once_and_are_not_retried(
     assert took < 2.0
     assert proxy.requests["GetObject"] <= 2  # the read and the kernel's one retry: no backoff
     assert not log_lines(cli, RETRIED)
-    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    stats = mount_stats(mountpoint)
     assert 1 <= stats["failed_reads"] <= 2  # what an operator sees (and status shows)
     assert stats["stale_reads"] == (stats["failed_reads"] if expected == errno.ESTALE else 0)
     proxy.clear()
@@ -467,7 +462,7 @@ def test_on_a_slow_link_large_reads_become_two_gets_of_the_same_bytes(
     # region file is known is not split, as the disk may hold it.
     for offset in (9 * MiB, 41 * MiB, 17 * MiB, 33 * MiB, 1 * MiB):
         assert uncached_read(mountpoint / "big.bin", offset, MiB) == body[offset : offset + MiB]
-    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    stats = mount_stats(mountpoint)
     assert 0 < stats["link_bytes_per_second"] < linkrate.SLOW_BYTES_PER_SECOND
     assert stats["split_reads"] >= 1  # once the first GETs showed the link slow
     assert s3server.stats()["get_bytes"] == 5 * MiB  # halves, never a byte twice
@@ -477,7 +472,7 @@ def test_on_a_slow_link_large_reads_become_two_gets_of_the_same_bytes(
     proxy.inject("throttle", rate=rate, times=None)
     assert uncached_read(mountpoint / "big.bin", 57 * MiB, MiB) == body[57 * MiB : 58 * MiB]
     assert proxy.injected_count("error") == 1
-    stats_after = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    stats_after = mount_stats(mountpoint)
     assert stats_after["split_reads"] == stats["split_reads"] + 1
 
 
@@ -592,14 +587,14 @@ def test_cache_dir_trouble_while_mounted_never_fails_a_read(
                 for name in sorted(files):
                     assert uncached_read(mountpoint / name[2:]) == files[name]
             if trouble == "deleted":
-                assert stats_of(mountpoint)["cache_write_errors"] == 0
+                assert mount_stats(mountpoint)["cache_write_errors"] == 0
                 assert not log_lines(cli, CACHE_WARNING)
                 assert len({p.name.split(".")[0] for p in block_files(cache_dir)}) == len(files)
                 assert_private(cache_dir)
                 return
             deadline = time.monotonic() + 10  # write-behind: the errors come after the reads
-            while stats_of(mountpoint)["cache_write_errors"] < 2:
-                assert time.monotonic() < deadline, stats_of(mountpoint)
+            while mount_stats(mountpoint)["cache_write_errors"] < 2:
+                assert time.monotonic() < deadline, mount_stats(mountpoint)
                 time.sleep(0.05)
             assert len(log_lines(cli, CACHE_WARNING)) == 1  # rate-limited: not one per write
         finally:
@@ -621,8 +616,8 @@ def test_cache_min_free_reaches_the_mounts_disk_cache(cli: Cli, s3, make_bucket)
             cli.expect_log(CACHE_WARNING)
             assert uncached_read(mountpoint / "f.bin") == body
             deadline = time.monotonic() + 10  # write-behind: the errors come after the reads
-            while stats_of(mountpoint)["cache_write_errors"] == 0:
-                assert time.monotonic() < deadline, stats_of(mountpoint)
+            while mount_stats(mountpoint)["cache_write_errors"] == 0:
+                assert time.monotonic() < deadline, mount_stats(mountpoint)
                 time.sleep(0.05)
         finally:
             assert cli.unmount(mountpoint).returncode == 0

@@ -4,7 +4,6 @@ fetch exactly what they read."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import threading
@@ -12,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import Cli
+from conftest import Cli, mount_stats
 
 COUNT = 40
 
@@ -38,7 +37,7 @@ def gets_once_settled(s3server) -> int:
 def prefetched(mountpoint: Path) -> int:
     """Blocks the mount sent for ahead of their readers: counted as each is sent for, at the
     open that asks, so this is final once the opens have returned (unlike the server's count)."""
-    return json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))["prefetched_blocks"]
+    return mount_stats(mountpoint)["prefetched_blocks"]
 
 
 def read_in_turn(mountpoint: Path, files: dict[str, bytes], names: list[str]) -> None:
@@ -60,7 +59,7 @@ def test_a_directory_read_in_order_gets_its_next_files_ahead_each_fetched_once(
     read_in_turn(mountpoint, files, names[10:])
     assert gets_once_settled(s3server) == COUNT  # every file once, none twice
     assert prefetched(mountpoint) >= ahead - 10
-    assert json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))["s3_requests"] == COUNT
+    assert mount_stats(mountpoint)["s3_requests"] == COUNT
 
 
 def test_a_shuffled_reader_and_prefetch_files_0_fetch_only_what_they_read(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 import random
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import synthdata
-from conftest import Cli, errno_of, isolated_cli
+from conftest import Cli, errno_of, isolated_cli, mount_stats
 from synthdata import CHUNK, GiB, KiB, MiB, TiB, pattern, pattern_crc32
 from synths3 import ARCHIVE_KEY, BUCKET, OBJECTS, SynthS3
 
@@ -266,7 +265,7 @@ def refilled(mountpoint: Path, timeout: float = 60.0) -> int:
     """Wait until the refill has cached every block left uncached; how many there were."""
     deadline = time.monotonic() + timeout
     while True:
-        stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+        stats = mount_stats(mountpoint)
         if stats["cache_refills"] >= stats["cache_writes_skipped"]:
             return stats["cache_writes_skipped"]
         assert time.monotonic() < deadline, stats

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Cli, errno_of, garble_root_page, sha256
+from conftest import Cli, errno_of, garble_root_page, mount_stats, sha256
 from test_mount_e2e import tree
 from zipcraft import header_offset, lzma_zip_without_end_marker, make_zip, patch, sample_bytes
 
@@ -124,7 +124,7 @@ def test_remount_reads_no_index_and_no_data(cli: Cli, s3, s3server, make_bucket)
     s3server.reset_stats()
     assert tree(mountpoint) == expected(MEMBERS)
     # The mount's counters are the archive's GETs, as the server counted them.
-    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    stats = mount_stats(mountpoint)
     assert stats["s3_requests"] == s3server.ops()["GetObject"]
     assert stats["s3_bytes"] == s3server.stats()["get_bytes"]
     assert cli.unmount(mountpoint).returncode == 0
@@ -134,7 +134,7 @@ def test_remount_reads_no_index_and_no_data(cli: Cli, s3, s3server, make_bucket)
     # Only the pin is resolved again (HEAD): no index read, no member bytes.
     assert "GetObject" not in s3server.ops()
     assert s3server.ops()["HeadObject"] == 1
-    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    stats = mount_stats(mountpoint)
     assert (stats["s3_requests"], stats["s3_bytes"]) == (0, 0)
     assert stats["disk_bytes"] >= len(s3.get_object(Bucket=bucket, Key="d.zip")["Body"].read()) // 2
 
@@ -181,7 +181,7 @@ def test_random_reads_in_large_bzip2_and_lzma_members_decompress_each_once(
 
         with ThreadPoolExecutor(4) as readers:  # a shuffling loader's workers
             list(readers.map(read, reads))
-        return json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+        return mount_stats(mountpoint)
 
     mountpoint = cli.mount(f"s3://{bucket}/d.zip")
     assert read_at_random(mountpoint)["decompressions"] == 2
@@ -221,7 +221,7 @@ def test_random_reads_in_a_large_deflated_member_inflate_it_once(
             for offset in offsets:
                 got = os.pread(member.fileno(), read, offset)
                 assert got == big[offset: offset + read], offset
-        stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+        stats = mount_stats(mountpoint)
         assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(big)
         return stats
 
@@ -244,7 +244,7 @@ def test_random_reads_in_a_large_deflated_member_inflate_it_once(
     mountpoint = remounted_reads_from_the_disk(
         cli, s3server, f"s3://{bucket}/d.zip", mountpoint, read_big)
     bad_ones_fail(mountpoint)  # decompressed again, not read from the disk
-    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    stats = mount_stats(mountpoint)
     assert stats["decompressions"] >= 2
     assert cli.unmount(mountpoint).returncode == 0
 
@@ -486,7 +486,7 @@ def test_prefetch_keeps_large_bzip2_and_lzma_members_decompressed(
             for offset in [rng.randrange(len(members[name])) for _ in range(20)]:
                 got = os.pread(member.fileno(), 64 * 1024, offset)
                 assert got == members[name][offset: offset + 64 * 1024], (name, offset)
-    stats = json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
+    stats = mount_stats(mountpoint)
     assert (stats["decompressions"], stats["s3_requests"]) == (0, 0)
     assert "GetObject" not in s3server.ops()
     assert errno_of((mountpoint / "d.bad.bin").read_bytes) == errno.EIO

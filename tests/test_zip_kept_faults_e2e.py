@@ -9,7 +9,6 @@ member's own; the in-process attacks are in ``test_zip_kept_faults``.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import signal
@@ -19,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Cli, sha256
+from conftest import Cli, mount_stats, sha256
 from test_zip_e2e import put
 from zipcraft import make_zip, sample_bytes
 
@@ -37,10 +36,6 @@ def big() -> bytes:
 @functools.cache
 def big_zip() -> bytes:
     return make_zip({"big.bin": big(), "small.txt": b"small\n"}, methods=(zipfile.ZIP_BZIP2,))
-
-
-def stats(mountpoint: Path) -> dict[str, int]:
-    return json.loads(os.getxattr(mountpoint, "user.s3datafs.stats"))
 
 
 def read_at_random(mountpoints: list[Path], seed: int, count: int = 24) -> None:
@@ -82,12 +77,13 @@ def test_a_daemon_killed_in_a_decompression_leaves_nothing_served_unverified(
     mountpoint = cli.mount(uri)
     read_at_random([mountpoint], seed=1)
     assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(big())
-    assert stats(mountpoint)["decompressions"] >= 1
+    assert mount_stats(mountpoint)["decompressions"] >= 1
     assert cli.unmount(mountpoint).returncode == 0
     s3server.reset_stats()
     mountpoint = cli.mount(uri)
     read_at_random([mountpoint], seed=2)
-    assert (stats(mountpoint)["decompressions"], stats(mountpoint)["s3_requests"]) == (0, 0)
+    counts = mount_stats(mountpoint)
+    assert (counts["decompressions"], counts["s3_requests"]) == (0, 0)
     assert "GetObject" not in s3server.ops()
     assert cli.unmount(mountpoint).returncode == 0
 
@@ -105,12 +101,13 @@ def test_two_mounts_sharing_a_cache_decompress_one_member_at_once(
     second = cli.mount(uri, str(cli.root / "second"))
     read_at_random([first, second], seed=3, count=40)
     for mountpoint in (first, second):
-        assert 1 <= stats(mountpoint)["decompressions"] <= 2
+        assert 1 <= mount_stats(mountpoint)["decompressions"] <= 2
         assert cli.unmount(mountpoint).returncode == 0
     s3server.reset_stats()
     third = cli.mount(uri)
     read_at_random([third], seed=4)
-    assert (stats(third)["decompressions"], stats(third)["s3_requests"]) == (0, 0)
+    counts = mount_stats(third)
+    assert (counts["decompressions"], counts["s3_requests"]) == (0, 0)
     assert cli.unmount(third).returncode == 0
 
 
@@ -128,7 +125,7 @@ def test_cache_clear_under_a_decompression(cli: Cli, s3, make_bucket) -> None:
     assert cleared.returncode == 0, cleared.stderr
     read_at_random([mountpoint], seed=5, count=40)
     assert sha256((mountpoint / "big.bin").read_bytes()) == sha256(big())
-    assert stats(mountpoint)["decompressions"] <= 3  # the first, after the clear, and whole
+    assert mount_stats(mountpoint)["decompressions"] <= 3  # the first, after the clear, and whole
     assert cli.unmount(mountpoint).returncode == 0
 
 
@@ -153,7 +150,8 @@ def test_prefetch_into_a_cache_too_small_for_every_copy(
             for offset in [rng.randrange(len(members[name])) for _ in range(10)]:
                 got = os.pread(member.fileno(), READ, offset)
                 assert got == members[name][offset: offset + READ], (name, offset)
-    assert (stats(mountpoint)["decompressions"], stats(mountpoint)["s3_requests"]) == (0, 0)
+    counts = mount_stats(mountpoint)
+    assert (counts["decompressions"], counts["s3_requests"]) == (0, 0)
     for name, body in members.items():
         assert (mountpoint / name).read_bytes() == body, name
     assert cli.unmount(mountpoint).returncode == 0
